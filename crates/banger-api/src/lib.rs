@@ -1,0 +1,28 @@
+//! The wire contract between the `banger` CLI and the `bangerd` daemon: JSON-RPC 2.0
+//! envelopes (one JSON object per line), the error kinds every failure is sorted into,
+//! and, for each method, its name, params and result. No I/O lives here, so both sides
+//! (and tests) can share it without dragging in the daemon.
+#![warn(missing_docs)]
+
+pub mod methods;
+pub mod rpc;
+
+pub use methods::*;
+pub use rpc::{ErrorData, ErrorKind, Notification, Progress, Request, Response, RpcError};
+
+/// The version both binaries are built from. The CLI restarts a daemon that reports
+/// another one, so a `cargo install` upgrade never talks to a stale daemon.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Largest request line the daemon reads; a longer one is refused without being buffered.
+pub const MAX_REQUEST_LINE: usize = 1 << 20;
+
+/// A method of the daemon: its wire name and the types of its params and result.
+pub trait Method {
+    /// The JSON-RPC method name, e.g. `image.cache.prune`.
+    const NAME: &'static str;
+    /// What the caller sends.
+    type Params: serde::Serialize + serde::de::DeserializeOwned + Send + 'static;
+    /// What the daemon answers.
+    type Result: serde::Serialize + serde::de::DeserializeOwned + Send + 'static;
+}

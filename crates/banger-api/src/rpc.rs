@@ -1,0 +1,172 @@
+//! JSON-RPC 2.0 envelopes and the error model.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// A request line sent by the client.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Request {
+    /// Always `"2.0"`.
+    pub jsonrpc: String,
+    /// Echoed back in the response. Numbers or strings.
+    pub id: Value,
+    /// Method name, e.g. `daemon.ping`.
+    pub method: String,
+    /// Method parameters; absent means `{}`.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub params: Value,
+}
+
+impl Request {
+    /// A request with the given id, method and params.
+    pub fn new(id: u64, method: &str, params: Value) -> Self {
+        Request { jsonrpc: "2.0".into(), id: Value::from(id), method: method.into(), params }
+    }
+}
+
+/// A response line: exactly one of `result` and `error` is present.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    /// Always `"2.0"`.
+    pub jsonrpc: String,
+    /// The request's id, or null when the request could not be read.
+    pub id: Value,
+    /// The method's result on success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    /// The failure otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<RpcError>,
+}
+
+impl Response {
+    /// A success response.
+    pub fn ok(id: Value, result: Value) -> Self {
+        Response { jsonrpc: "2.0".into(), id, result: Some(result), error: None }
+    }
+    /// A failure response.
+    pub fn err(id: Value, error: RpcError) -> Self {
+        Response { jsonrpc: "2.0".into(), id, result: None, error: Some(error) }
+    }
+}
+
+/// A message without an id, sent by the daemon before a long call's response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Notification {
+    /// Always `"2.0"`.
+    pub jsonrpc: String,
+    /// Notification name; `progress` for now.
+    pub method: String,
+    /// Its payload.
+    pub params: Value,
+}
+
+/// Where a long operation stands. Sent as the params of a `progress` notification.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// What is being worked on: a layer digest, `flatten`, `build`…
+    pub task: String,
+    /// Human wording of the current step.
+    #[serde(default)]
+    pub message: String,
+    /// Units done so far (bytes for downloads).
+    #[serde(default)]
+    pub current: u64,
+    /// Units in all, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<u64>,
+    /// True once this task is finished.
+    #[serde(default)]
+    pub done: bool,
+}
+
+/// What sort of failure an error is; scripts branch on this, people read the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request or its params could not be understood.
+    BadRequest,
+    /// The thing named does not exist.
+    NotFound,
+    /// The thing to be created exists already.
+    AlreadyExists,
+    /// No such method.
+    UnknownMethod,
+    /// The caller may not do this (peer uid, registry credentials).
+    Unauthorized,
+    /// A version does not match: on-disk schema newer than this binary, or similar.
+    BadVersion,
+    /// The request was fine but doing it failed.
+    OperationFailed,
+}
+
+impl ErrorKind {
+    /// The JSON-RPC error code sent for this kind.
+    pub fn code(self) -> i64 {
+        match self {
+            ErrorKind::BadRequest => -32602,
+            ErrorKind::UnknownMethod => -32601,
+            ErrorKind::OperationFailed => -32000,
+            ErrorKind::NotFound => -32001,
+            ErrorKind::AlreadyExists => -32002,
+            ErrorKind::Unauthorized => -32003,
+            ErrorKind::BadVersion => -32004,
+        }
+    }
+
+    /// The snake_case wire name, as it appears in `error.data.kind`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::BadRequest => "bad_request",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::AlreadyExists => "already_exists",
+            ErrorKind::UnknownMethod => "unknown_method",
+            ErrorKind::Unauthorized => "unauthorized",
+            ErrorKind::BadVersion => "bad_version",
+            ErrorKind::OperationFailed => "operation_failed",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The `data` member of every error the daemon sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorData {
+    /// What sort of failure.
+    pub kind: ErrorKind,
+    /// Identifies the call; the daemon log line for the failure carries the same id.
+    pub op_id: String,
+}
+
+/// A JSON-RPC error object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct RpcError {
+    /// JSON-RPC code, derived from the kind.
+    pub code: i64,
+    /// The whole context chain, outermost first.
+    pub message: String,
+    /// Kind and op id.
+    pub data: ErrorData,
+}
+
+impl RpcError {
+    /// An error of `kind` with `message`, for the call `op_id`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>, op_id: impl Into<String>) -> Self {
+        RpcError {
+            code: kind.code(),
+            message: message.into(),
+            data: ErrorData { kind, op_id: op_id.into() },
+        }
+    }
+
+    /// The error's kind.
+    pub fn kind(&self) -> ErrorKind {
+        self.data.kind
+    }
+}

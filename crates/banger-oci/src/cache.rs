@@ -1,0 +1,686 @@
+//! The content-addressed blob cache: `<cache>/oci/blobs/sha256/<hex>`.
+//!
+//! The cache only saves re-downloads: every published image is independent of the blobs
+//! that sourced it, so pruning can never break an image. Three rules keep it honest:
+//!
+//! * A blob becomes visible under its digest only after its sha256 and size matched: it is
+//!   written to an unnamed `O_TMPFILE` inode inside the cache and linked into place once
+//!   verified, so a crash mid-download leaves nothing behind, not even a temp file.
+//! * Every hit records a use by setting the blob's mtime, which selective prunes sort on.
+//! * A pull leases the blobs it is writing or about to read; prunes skip leased blobs. Leases
+//!   live in the daemon's memory because the daemon is the only writer of the cache.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps, UTIME_OMIT, CWD};
+use sha2::Digest as _;
+
+use crate::digest::Digest;
+
+/// Marks the sibling a full prune renames the cache to: `<cache>/oci.pruning-<16 hex>`.
+pub const PRUNING_MARKER: &str = ".pruning-";
+
+/// Errors of cache writes.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// The bytes written do not hash to the digest they were written for.
+    #[error("blob {expected} failed verification: content hashes to {actual}")]
+    DigestMismatch {
+        /// The digest the writer was opened for.
+        expected: Digest,
+        /// What the content actually hashed to.
+        actual: Digest,
+    },
+    /// The number of bytes differs from the size the manifest promised.
+    #[error("blob {digest} has {actual} bytes, expected {expected}")]
+    SizeMismatch {
+        /// The blob.
+        digest: Digest,
+        /// Size from the manifest.
+        expected: u64,
+        /// Bytes actually written.
+        actual: u64,
+    },
+    /// A filesystem operation failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// The step that failed.
+        what: &'static str,
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CacheError + 'a {
+    move |source| CacheError::Io { what, path: path.to_owned(), source }
+}
+
+/// The blob cache rooted at `<cache>/oci`.
+#[derive(Debug)]
+pub struct BlobCache {
+    root: PathBuf,
+    /// Lease counts per blob. The same mutex serialises everything that must not interleave
+    /// with a prune's rename-aside: linking a verified blob into place and opening one.
+    leases: Mutex<HashMap<Digest, usize>>,
+}
+
+/// Blobs held against pruning until this value drops.
+#[derive(Debug)]
+pub struct Lease {
+    cache: Arc<BlobCache>,
+    digests: Vec<Digest>,
+}
+
+impl Lease {
+    /// The leased digests.
+    pub fn digests(&self) -> &[Digest] {
+        &self.digests
+    }
+
+    /// Adds more blobs to this lease (e.g. layers learned after the manifest arrived).
+    pub fn extend(&mut self, digests: impl IntoIterator<Item = Digest>) {
+        let mut leases = self.cache.lock_leases();
+        for digest in digests {
+            *leases.entry(digest.clone()).or_default() += 1;
+            self.digests.push(digest);
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut leases = self.cache.lock_leases();
+        for digest in &self.digests {
+            if let Some(count) = leases.get_mut(digest) {
+                *count -= 1;
+                if *count == 0 {
+                    leases.remove(digest);
+                }
+            }
+        }
+    }
+}
+
+/// What a prune should remove. The default removes every unleased blob.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PruneOptions {
+    /// Count only; remove nothing.
+    pub dry_run: bool,
+    /// Keep the most recently used blobs whose sizes add up to at most this.
+    pub keep_storage_bytes: Option<u64>,
+    /// Remove only blobs whose last use is at least this long ago.
+    pub older_than: Option<Duration>,
+}
+
+impl PruneOptions {
+    fn is_selective(&self) -> bool {
+        self.keep_storage_bytes.is_some() || self.older_than.is_some()
+    }
+}
+
+/// What a prune removed (or, for a dry run, would remove).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PruneTally {
+    /// Sum of the sizes of the removed entries.
+    pub bytes: u64,
+    /// Number of removed non-directory entries.
+    pub blobs: u64,
+}
+
+impl PruneTally {
+    fn add(&mut self, other: PruneTally) {
+        self.bytes += other.bytes;
+        self.blobs += other.blobs;
+    }
+}
+
+/// Errors of a prune, worded after the step that failed (the seed's messages).
+#[derive(Debug, thiserror::Error)]
+pub enum PruneError {
+    /// Walking the cache failed.
+    #[error("inspect oci cache: {0}")]
+    Inspect(#[source] io::Error),
+    /// Renaming the cache aside failed.
+    #[error("rename oci cache aside: {0}")]
+    RenameAside(#[source] io::Error),
+    /// Recreating the empty cache failed; the old one was put back.
+    #[error("recreate oci cache: {0}")]
+    Recreate(#[source] io::Error),
+    /// Recreating failed and so did putting the old cache back.
+    #[error("recreate oci cache: {error} (also failed to restore from {}: {restore_error})", aside.display())]
+    RecreateAndRestore {
+        /// Why recreating failed.
+        error: io::Error,
+        /// Where the old cache now is.
+        aside: PathBuf,
+        /// Why renaming it back failed.
+        restore_error: io::Error,
+    },
+    /// Removing the renamed-aside cache failed part way.
+    #[error("remove old oci cache ({}): {source}", aside.display())]
+    RemoveAside {
+        /// The aside directory.
+        aside: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// Removing a single blob during a selective prune failed.
+    #[error("remove blob {}: {source}", path.display())]
+    RemoveBlob {
+        /// The blob.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+}
+
+/// The filesystem steps a full prune performs that tests need to make fail. Production code
+/// uses [`RealFs`]; nothing else implements this outside tests.
+pub trait PruneFs {
+    /// Creates the empty cache directory (mode 0755) after the old one was renamed aside.
+    fn create_cache_dir(&self, path: &Path) -> io::Result<()>;
+}
+
+/// The real filesystem.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RealFs;
+
+impl PruneFs for RealFs {
+    fn create_cache_dir(&self, path: &Path) -> io::Result<()> {
+        fs::DirBuilder::new().mode(0o755).recursive(true).create(path)
+    }
+}
+
+use std::os::unix::fs::DirBuilderExt;
+
+impl BlobCache {
+    /// A cache rooted at `root` (normally `<cache>/oci`). Nothing is created until needed.
+    pub fn new(root: PathBuf) -> Arc<BlobCache> {
+        Arc::new(BlobCache { root, leases: Mutex::new(HashMap::new()) })
+    }
+
+    /// The cache directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn blobs_dir(&self) -> PathBuf {
+        self.root.join("blobs").join("sha256")
+    }
+
+    /// Where the blob with `digest` lives (whether or not it is there).
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.blobs_dir().join(digest.hex())
+    }
+
+    fn lock_leases(&self) -> MutexGuard<'_, HashMap<Digest, usize>> {
+        // A panic while holding this lock cannot leave the map half-updated in a way that
+        // matters more than losing the daemon, so poisoning is ignored.
+        self.leases.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Holds `digests` against every prune until the returned lease drops.
+    pub fn lease(self: &Arc<Self>, digests: impl IntoIterator<Item = Digest>) -> Lease {
+        let mut lease = Lease { cache: Arc::clone(self), digests: Vec::new() };
+        lease.extend(digests);
+        lease
+    }
+
+    /// Whether `digest` is leased right now.
+    pub fn is_leased(&self, digest: &Digest) -> bool {
+        self.lock_leases().contains_key(digest)
+    }
+
+    /// Whether the blob is cached; a hit counts as a use.
+    pub fn contains(&self, digest: &Digest) -> bool {
+        let _guard = self.lock_leases();
+        let path = self.blob_path(digest);
+        touch(&path).is_ok()
+    }
+
+    /// Opens a cached blob for reading; counts as a use.
+    pub fn open(&self, digest: &Digest) -> io::Result<File> {
+        let _guard = self.lock_leases();
+        let path = self.blob_path(digest);
+        let file = File::open(&path)?;
+        // A failed touch only makes selective prunes think the blob is older than it is.
+        let _ = touch_fd(&file);
+        Ok(file)
+    }
+
+    /// Starts writing the blob `digest`; see [`BlobWriter::commit`].
+    pub fn writer(
+        self: &Arc<Self>,
+        digest: &Digest,
+        expected_size: Option<u64>,
+    ) -> io::Result<BlobWriter> {
+        let dir = self.blobs_dir();
+        fs::DirBuilder::new().mode(0o755).recursive(true).create(&dir)?;
+        let fd = rustix::fs::open(
+            &dir,
+            OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o644),
+        )?;
+        Ok(BlobWriter {
+            cache: Arc::clone(self),
+            file: io::BufWriter::with_capacity(1 << 20, File::from(fd)),
+            hasher: sha2::Sha256::new(),
+            written: 0,
+            digest: digest.clone(),
+            expected_size,
+        })
+    }
+
+    /// Removes blobs as `options` say and returns exactly what was removed. Leased blobs
+    /// always stay. Leftover `<cache>.pruning-*` siblings from a crashed prune are removed
+    /// (and counted) by every prune that is not a dry run, and counted by dry runs.
+    pub fn prune(&self, options: PruneOptions) -> Result<PruneTally, PruneError> {
+        self.prune_with(options, &RealFs)
+    }
+
+    /// [`BlobCache::prune`] with the filesystem steps of `fs`.
+    pub fn prune_with(
+        &self,
+        options: PruneOptions,
+        fs_ops: &dyn PruneFs,
+    ) -> Result<PruneTally, PruneError> {
+        let leftovers = self.leftover_asides().map_err(PruneError::Inspect)?;
+        let mut tally = PruneTally::default();
+        if options.dry_run {
+            for aside in &leftovers {
+                tally.add(tally_tree(aside).map_err(PruneError::Inspect)?);
+            }
+            tally.add(if options.is_selective() {
+                self.selective_dry_run(options).map_err(PruneError::Inspect)?
+            } else {
+                self.full_dry_run().map_err(PruneError::Inspect)?
+            });
+            return Ok(tally);
+        }
+        for aside in leftovers {
+            tally.add(remove_tree_counting(&aside).map_err(|source| PruneError::RemoveAside {
+                aside: aside.clone(),
+                source,
+            })?);
+        }
+        tally.add(if options.is_selective() {
+            self.selective_prune(options)?
+        } else {
+            self.full_prune(fs_ops)?
+        });
+        Ok(tally)
+    }
+
+    /// Removes `<cache>.pruning-*` siblings left by a prune that crashed mid-way. Called at
+    /// daemon start-up; returns what they held.
+    pub fn remove_leftovers(&self) -> Result<PruneTally, PruneError> {
+        let mut tally = PruneTally::default();
+        for aside in self.leftover_asides().map_err(PruneError::Inspect)? {
+            tally.add(remove_tree_counting(&aside).map_err(|source| PruneError::RemoveAside {
+                aside: aside.clone(),
+                source,
+            })?);
+        }
+        Ok(tally)
+    }
+
+    fn leftover_asides(&self) -> io::Result<Vec<PathBuf>> {
+        let (Some(parent), Some(name)) = (self.root.parent(), self.root.file_name()) else {
+            return Ok(Vec::new());
+        };
+        let mut prefix = name.as_bytes().to_vec();
+        prefix.extend_from_slice(PRUNING_MARKER.as_bytes());
+        let entries = match fs::read_dir(parent) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut found = Vec::new();
+        for entry in entries {
+            let entry = entry?;
+            if entry.file_name().as_bytes().starts_with(&prefix) {
+                found.push(entry.path());
+            }
+        }
+        Ok(found)
+    }
+
+    fn full_dry_run(&self) -> io::Result<PruneTally> {
+        let leased = self.leased_paths();
+        tally_tree_skipping(&self.root, &leased)
+    }
+
+    /// The seed's algorithm, reordered so the cache is usable at once and the tally is exact:
+    /// rename the cache aside and recreate it empty first (constant time, under the lease
+    /// lock so no commit or open interleaves), move leased blobs back, then count what is
+    /// deleted while deleting it. A blob that lands mid-prune lands in the new cache and is
+    /// neither removed nor counted.
+    fn full_prune(&self, fs_ops: &dyn PruneFs) -> Result<PruneTally, PruneError> {
+        let aside = {
+            let leases = self.lock_leases();
+            match has_any_entry(&self.root) {
+                Ok(false) => return Ok(PruneTally::default()),
+                Ok(true) => {}
+                Err(e) => return Err(PruneError::Inspect(e)),
+            }
+            let aside = aside_path(&self.root);
+            if let Err(e) = fs::rename(&self.root, &aside) {
+                if e.kind() == io::ErrorKind::NotFound {
+                    return Ok(PruneTally::default());
+                }
+                return Err(PruneError::RenameAside(e));
+            }
+            if let Err(error) = fs_ops.create_cache_dir(&self.root) {
+                return Err(match fs::rename(&aside, &self.root) {
+                    Ok(()) => PruneError::Recreate(error),
+                    Err(restore_error) => {
+                        PruneError::RecreateAndRestore { error, aside, restore_error }
+                    }
+                });
+            }
+            // Leased blobs go back before anyone can notice they were gone: commits and
+            // opens wait on the lock we hold.
+            let aside_blobs = aside.join("blobs").join("sha256");
+            let mut made_blobs_dir = false;
+            for digest in leases.keys() {
+                let from = aside_blobs.join(digest.hex());
+                if fs::symlink_metadata(&from).is_err() {
+                    continue;
+                }
+                if !made_blobs_dir {
+                    fs::DirBuilder::new()
+                        .mode(0o755)
+                        .recursive(true)
+                        .create(self.blobs_dir())
+                        .map_err(PruneError::Recreate)?;
+                    made_blobs_dir = true;
+                }
+                fs::rename(&from, self.blob_path(digest)).map_err(PruneError::Recreate)?;
+            }
+            aside
+        };
+        remove_tree_counting(&aside).map_err(|source| PruneError::RemoveAside { aside, source })
+    }
+
+    fn leased_paths(&self) -> Vec<PathBuf> {
+        self.lock_leases().keys().map(|d| self.blob_path(d)).collect()
+    }
+
+    fn selective_candidates(&self, options: PruneOptions) -> io::Result<Vec<BlobUse>> {
+        let mut blobs = list_blob_uses(&self.root)?;
+        // Oldest first: those go first.
+        blobs.sort_by(|a, b| a.last_used.cmp(&b.last_used).then_with(|| a.path.cmp(&b.path)));
+        let now = SystemTime::now();
+        let mut remaining: u64 = blobs.iter().map(|b| b.size).sum();
+        let leased = self.leased_paths();
+        let mut chosen = Vec::new();
+        for blob in blobs {
+            if leased.contains(&blob.path) {
+                continue;
+            }
+            let old_enough = match options.older_than {
+                Some(age) => now.duration_since(blob.last_used).unwrap_or_default() >= age,
+                None => true,
+            };
+            if !old_enough {
+                continue;
+            }
+            if let Some(keep) = options.keep_storage_bytes {
+                if remaining <= keep {
+                    break;
+                }
+            }
+            remaining -= blob.size;
+            chosen.push(blob);
+        }
+        Ok(chosen)
+    }
+
+    fn selective_dry_run(&self, options: PruneOptions) -> io::Result<PruneTally> {
+        let chosen = self.selective_candidates(options)?;
+        Ok(PruneTally { bytes: chosen.iter().map(|b| b.size).sum(), blobs: chosen.len() as u64 })
+    }
+
+    fn selective_prune(&self, options: PruneOptions) -> Result<PruneTally, PruneError> {
+        let chosen = self.selective_candidates(options).map_err(PruneError::Inspect)?;
+        let mut tally = PruneTally::default();
+        for blob in chosen {
+            // Re-check under the lock: a pull may have leased the blob since we listed it.
+            let leases = self.lock_leases();
+            let leased = blob
+                .path
+                .file_name()
+                .and_then(OsStr::to_str)
+                .and_then(|hex| Digest::from_sha256_hex(hex).ok())
+                .is_some_and(|digest| leases.contains_key(&digest));
+            if leased {
+                continue;
+            }
+            match fs::remove_file(&blob.path) {
+                Ok(()) => tally.add(PruneTally { bytes: blob.size, blobs: 1 }),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => return Err(PruneError::RemoveBlob { path: blob.path, source }),
+            }
+        }
+        Ok(tally)
+    }
+}
+
+/// A blob being written. Bytes are hashed as they pass; [`BlobWriter::commit`] makes the
+/// blob visible only if they match.
+#[derive(Debug)]
+pub struct BlobWriter {
+    cache: Arc<BlobCache>,
+    file: io::BufWriter<File>,
+    hasher: sha2::Sha256,
+    written: u64,
+    digest: Digest,
+    expected_size: Option<u64>,
+}
+
+impl Write for BlobWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl BlobWriter {
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Verifies size and sha256 and links the blob into place. On a mismatch the unnamed
+    /// file is dropped and nothing appears under the digest. A blob that another writer
+    /// committed first is fine: same digest, same bytes.
+    pub fn commit(self) -> Result<PathBuf, CacheError> {
+        let BlobWriter { cache, file, hasher, written, digest, expected_size } = self;
+        if let Some(expected) = expected_size {
+            if expected != written {
+                return Err(CacheError::SizeMismatch { digest, expected, actual: written });
+            }
+        }
+        let actual = Digest::from_sha256_hex(&hex::encode(hasher.finalize()))
+            .expect("sha256 output is 64 hex characters");
+        if actual != digest {
+            return Err(CacheError::DigestMismatch { expected: digest, actual });
+        }
+        let target = cache.blob_path(&digest);
+        let file = file
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .map_err(io_err("write blob", &target))?;
+        // Linking an O_TMPFILE by name needs either CAP_DAC_READ_SEARCH (AT_EMPTY_PATH) or
+        // the /proc magic link; the latter works unprivileged.
+        let proc_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file));
+        let _guard = cache.lock_leases();
+        let link = |target: &Path| {
+            rustix::fs::linkat(CWD, proc_path.as_str(), CWD, target, AtFlags::SYMLINK_FOLLOW)
+        };
+        let result = match link(&target) {
+            Err(rustix::io::Errno::NOENT) => {
+                // A prune recreated the cache without the blobs directory.
+                fs::DirBuilder::new()
+                    .mode(0o755)
+                    .recursive(true)
+                    .create(cache.blobs_dir())
+                    .map_err(io_err("create blob directory", &target))?;
+                link(&target)
+            }
+            other => other,
+        };
+        match result {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => Ok(target),
+            Err(errno) => Err(CacheError::Io {
+                what: "link verified blob",
+                path: target,
+                source: errno.into(),
+            }),
+        }
+    }
+}
+
+struct BlobUse {
+    path: PathBuf,
+    size: u64,
+    last_used: SystemTime,
+}
+
+fn list_blob_uses(root: &Path) -> io::Result<Vec<BlobUse>> {
+    let dir = root.join("blobs").join("sha256");
+    let entries = match fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut uses = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        let meta = match entry.metadata() {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        if meta.is_dir() {
+            continue;
+        }
+        uses.push(BlobUse { path: entry.path(), size: meta.len(), last_used: meta.modified()? });
+    }
+    Ok(uses)
+}
+
+/// Sets mtime to now: the cache's record of a use.
+fn touch(path: &Path) -> io::Result<()> {
+    let times = Timestamps {
+        last_access: Timespec { tv_sec: 0, tv_nsec: UTIME_OMIT },
+        last_modification: Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_NOW },
+    };
+    rustix::fs::utimensat(CWD, path, &times, AtFlags::empty())?;
+    Ok(())
+}
+
+fn touch_fd(file: &File) -> io::Result<()> {
+    let times = Timestamps {
+        last_access: Timespec { tv_sec: 0, tv_nsec: UTIME_OMIT },
+        last_modification: Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_NOW },
+    };
+    rustix::fs::futimens(file.as_fd(), &times)?;
+    Ok(())
+}
+
+fn aside_path(root: &Path) -> PathBuf {
+    let suffix: [u8; 8] = rand::random();
+    let mut name = root.as_os_str().to_owned();
+    name.push(PRUNING_MARKER);
+    name.push(hex::encode(suffix));
+    PathBuf::from(name)
+}
+
+fn has_any_entry(dir: &Path) -> io::Result<bool> {
+    match fs::read_dir(dir) {
+        Ok(mut entries) => Ok(entries.next().transpose()?.is_some()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Counts non-directory entries and their sizes; a missing root counts as empty.
+pub fn tally_tree(root: &Path) -> io::Result<PruneTally> {
+    tally_tree_skipping(root, &[])
+}
+
+fn tally_tree_skipping(root: &Path, skip: &[PathBuf]) -> io::Result<PruneTally> {
+    let mut tally = PruneTally::default();
+    walk(root, &mut |path, meta| {
+        if !skip.iter().any(|s| s == path) {
+            tally.add(PruneTally { bytes: meta.len(), blobs: 1 });
+        }
+        Ok(())
+    })?;
+    Ok(tally)
+}
+
+/// Walks `root` depth-first calling `on_file` for every non-directory entry. A missing root
+/// is empty; entries vanishing mid-walk are skipped.
+fn walk(root: &Path, on_file: &mut dyn FnMut(&Path, &fs::Metadata) -> io::Result<()>) -> io::Result<()> {
+    let entries = match fs::read_dir(root) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let path = entry.path();
+        let meta = match entry.metadata() {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        if meta.is_dir() {
+            walk(&path, on_file)?;
+        } else {
+            on_file(&path, &meta)?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes `root` recursively, counting every non-directory entry removed.
+fn remove_tree_counting(root: &Path) -> io::Result<PruneTally> {
+    let mut tally = PruneTally::default();
+    walk(root, &mut |path, meta| {
+        match fs::remove_file(path) {
+            Ok(()) => tally.add(PruneTally { bytes: meta.len(), blobs: 1 }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        Ok(())
+    })?;
+    remove_dirs(root)?;
+    Ok(tally)
+}
+
+fn remove_dirs(root: &Path) -> io::Result<()> {
+    match fs::remove_dir_all(root) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}

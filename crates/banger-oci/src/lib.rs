@@ -1,0 +1,10 @@
+//! Everything banger knows about OCI images before they become a root filesystem: the
+//! registry protocol, the content-addressed blob cache that makes re-pulls cheap (and that
+//! `image cache prune` empties), and replaying layers into a staging directory.
+#![warn(missing_docs)]
+
+pub mod cache;
+pub mod digest;
+
+pub use cache::{BlobCache, BlobWriter, Lease, PruneOptions, PruneTally};
+pub use digest::Digest;

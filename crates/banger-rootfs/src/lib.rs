@@ -1,0 +1,1 @@
+//! Turns a flattened image tree into a bootable ext4 root filesystem.

@@ -1,0 +1,218 @@
+//! A blocking JSON-RPC client for the daemon's socket, and the logic that starts (or
+//! restarts) `bangerd` when nothing answers.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use banger_api::{
+    DaemonPing, DaemonShutdown, Method, NoParams, Notification, Progress, Request, Response,
+    RpcError,
+};
+use bangerd::layout::{Layout, LayoutKind};
+
+/// How long a freshly started daemon has to answer `daemon.ping`.
+pub const START_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A failed call: the daemon's error, or trouble reaching it.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The daemon answered with an error.
+    #[error("{0}")]
+    Rpc(RpcError),
+    /// The daemon could not be reached or answered nonsense.
+    #[error(transparent)]
+    Transport(#[from] anyhow::Error),
+}
+
+/// One connection to the daemon.
+pub struct Client {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    next_id: u64,
+    socket: PathBuf,
+}
+
+impl Client {
+    /// Connects to `socket` without starting anything.
+    pub fn connect(socket: &Path) -> std::io::Result<Client> {
+        let stream = UnixStream::connect(socket)?;
+        let writer = stream.try_clone()?;
+        Ok(Client { reader: BufReader::new(stream), writer, next_id: 1, socket: socket.into() })
+    }
+
+    /// Calls `M` and waits for its result, handing any progress notifications to `on_progress`.
+    pub fn call_with_progress<M: Method>(
+        &mut self,
+        params: &M::Params,
+        mut on_progress: impl FnMut(Progress),
+    ) -> Result<M::Result, CallError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let params = serde_json::to_value(params).context("encode params")?;
+        let mut line = serde_json::to_string(&Request::new(id, M::NAME, params))
+            .context("encode request")?;
+        line.push('\n');
+        self.writer
+            .write_all(line.as_bytes())
+            .with_context(|| format!("send {} to {}", M::NAME, self.socket.display()))?;
+        loop {
+            let mut reply = String::new();
+            let n = self
+                .reader
+                .read_line(&mut reply)
+                .with_context(|| format!("read reply to {} from {}", M::NAME, self.socket.display()))?;
+            if n == 0 {
+                return Err(anyhow::anyhow!(
+                    "bangerd closed the connection during {} (see its log)",
+                    M::NAME
+                )
+                .into());
+            }
+            let value: serde_json::Value =
+                serde_json::from_str(&reply).context("decode daemon reply")?;
+            if value.get("id").is_none() {
+                let note: Notification =
+                    serde_json::from_value(value).context("decode notification")?;
+                if note.method == "progress" {
+                    if let Ok(progress) = serde_json::from_value(note.params) {
+                        on_progress(progress);
+                    }
+                }
+                continue;
+            }
+            let response: Response = serde_json::from_value(value).context("decode response")?;
+            if let Some(error) = response.error {
+                return Err(CallError::Rpc(error));
+            }
+            let result = response.result.unwrap_or(serde_json::Value::Null);
+            return serde_json::from_value(result)
+                .with_context(|| format!("decode result of {}", M::NAME))
+                .map_err(CallError::from);
+        }
+    }
+
+    /// Calls `M`, ignoring progress.
+    pub fn call<M: Method>(&mut self, params: &M::Params) -> Result<M::Result, CallError> {
+        self.call_with_progress::<M>(params, |_| {})
+    }
+}
+
+/// Connects to the daemon of `layout`, starting it if nothing answers and restarting it if
+/// it runs another version than this CLI.
+pub fn connect_or_start(layout: &Layout) -> anyhow::Result<Client> {
+    let socket = layout.socket();
+    if let Ok(mut client) = Client::connect(&socket) {
+        match client.call::<DaemonPing>(&NoParams {}) {
+            Ok(ping) if ping.version == banger_api::VERSION => return Ok(client),
+            Ok(ping) => {
+                stop_daemon(&mut client, ping.pid).with_context(|| {
+                    format!("stop bangerd {} to replace it with {}", ping.version, banger_api::VERSION)
+                })?;
+            }
+            // A socket that accepts but will not answer is as good as dead: start anew.
+            Err(_) => {}
+        }
+    }
+    start_daemon(layout)?;
+    wait_for_daemon(layout)
+}
+
+/// Asks the daemon to shut down and waits until its process is gone.
+pub fn stop_daemon(client: &mut Client, pid: u32) -> anyhow::Result<()> {
+    match client.call::<DaemonShutdown>(&NoParams {}) {
+        Ok(_) => {}
+        Err(CallError::Rpc(e)) => bail!("daemon.shutdown: {e}"),
+        Err(CallError::Transport(e)) => return Err(e.context("daemon.shutdown")),
+    }
+    let deadline = Instant::now() + bangerd::server::SHUTDOWN_GRACE + Duration::from_secs(5);
+    while process_alive(pid) {
+        if Instant::now() > deadline {
+            bail!("bangerd (pid {pid}) did not exit after daemon.shutdown");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn process_alive(pid: u32) -> bool {
+    let Some(pid) = rustix::process::Pid::from_raw(pid as i32) else { return false };
+    // Signal 0 checks existence. A zombie child would still count, but bangerd is never our
+    // child for long: it detaches with setsid.
+    rustix::process::test_kill_process(pid).is_ok()
+}
+
+fn bangerd_path() -> PathBuf {
+    let sibling = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("bangerd")));
+    match sibling {
+        Some(path) if path.is_file() => path,
+        _ => PathBuf::from("bangerd"),
+    }
+}
+
+fn start_daemon(layout: &Layout) -> anyhow::Result<()> {
+    bangerd::server::create_private_dir(&layout.state_dir)?;
+    // bangerd logs through tracing once it is up; this catches what it prints before that.
+    let early_log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(layout.log_file())
+        .with_context(|| format!("open {}", layout.log_file().display()))?;
+    let program = bangerd_path();
+    let mut command = Command::new(&program);
+    if layout.kind == LayoutKind::System {
+        command.arg("--system");
+    }
+    command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(early_log);
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent; running it
+    // between fork and exec detaches bangerd from our session and terminal, so the daemon
+    // survives the CLI and ^C in the shell.
+    unsafe {
+        command.pre_exec(|| rustix::process::setsid().map(drop).map_err(Into::into));
+    }
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("start {} (is bangerd installed next to banger or on PATH?)", program.display()))?;
+    // Reap it in the background if it exits early so it does not linger as a zombie.
+    std::thread::spawn(move || {
+        let _ = child.wait();
+    });
+    Ok(())
+}
+
+fn wait_for_daemon(layout: &Layout) -> anyhow::Result<Client> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    let socket = layout.socket();
+    loop {
+        if let Ok(mut client) = Client::connect(&socket) {
+            if let Ok(ping) = client.call::<DaemonPing>(&NoParams {}) {
+                if ping.version == banger_api::VERSION {
+                    return Ok(client);
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            let tail = log_tail(&layout.log_file(), 5);
+            bail!(
+                "bangerd did not answer on {} within {}s; last lines of {}:\n{}",
+                socket.display(),
+                START_TIMEOUT.as_secs(),
+                layout.log_file().display(),
+                tail
+            );
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

@@ -1,0 +1,98 @@
+//! The method table: name → decode params → one service call → encode result. Nothing else
+//! belongs here; `docs/api.md` documents the same table and a test keeps them in step.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use banger_api::{
+    DaemonMethods, DaemonPing, DaemonShutdown, ImageCachePrune, Method, MethodsResult,
+};
+use futures::future::BoxFuture;
+use serde_json::Value;
+
+use crate::services::{CallContext, SharedServices};
+use crate::ServiceError;
+
+type Handler = Arc<
+    dyn Fn(SharedServices, CallContext, Value) -> BoxFuture<'static, Result<Value, ServiceError>>
+        + Send
+        + Sync,
+>;
+
+/// Maps method names to handlers.
+#[derive(Clone, Default)]
+pub struct Dispatch {
+    handlers: BTreeMap<&'static str, Handler>,
+}
+
+impl std::fmt::Debug for Dispatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatch").field("methods", &self.methods()).finish()
+    }
+}
+
+impl Dispatch {
+    /// The daemon's full table.
+    pub fn new() -> Self {
+        let mut d = Dispatch::default();
+        d.route::<DaemonPing, _, _>(|s, _, _| async move { Ok(s.daemon.ping()) });
+        d.route::<DaemonShutdown, _, _>(|s, _, _| async move { Ok(s.daemon.shutdown()) });
+        d.route::<ImageCachePrune, _, _>(|s, _, p| async move { s.image.prune_oci_cache(p).await });
+        // Listed last so it sees every other entry, itself included.
+        let mut names: Vec<String> = d.methods().iter().map(|m| m.to_string()).collect();
+        names.push(DaemonMethods::NAME.to_owned());
+        names.sort();
+        d.route::<DaemonMethods, _, _>(move |_, _, _| {
+            let methods = names.clone();
+            async move { Ok(MethodsResult { methods }) }
+        });
+        d
+    }
+
+    fn route<M, F, Fut>(&mut self, handler: F)
+    where
+        M: Method,
+        F: Fn(SharedServices, CallContext, M::Params) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<M::Result, ServiceError>> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        let erased: Handler = Arc::new(move |services, ctx, raw: Value| {
+            let handler = Arc::clone(&handler);
+            Box::pin(async move {
+                // Absent or null params mean "no params": decode them as an empty object so
+                // methods with all-optional fields need no `{}` from the caller.
+                let raw = if raw.is_null() { Value::Object(Default::default()) } else { raw };
+                let params: M::Params = serde_json::from_value(raw).map_err(|e| {
+                    ServiceError::bad_request(format!("invalid params for {}: {e}", M::NAME))
+                })?;
+                let result = handler(services, ctx, params).await?;
+                Ok(serde_json::to_value(result).expect("results serialise"))
+            })
+        });
+        let previous = self.handlers.insert(M::NAME, erased);
+        assert!(previous.is_none(), "method {} routed twice", M::NAME);
+    }
+
+    /// Every method name, sorted.
+    pub fn methods(&self) -> Vec<&'static str> {
+        self.handlers.keys().copied().collect()
+    }
+
+    /// Calls `method`, or fails with `unknown_method` naming it.
+    pub async fn call(
+        &self,
+        services: SharedServices,
+        ctx: CallContext,
+        method: &str,
+        params: Value,
+    ) -> Result<Value, ServiceError> {
+        match self.handlers.get(method) {
+            Some(handler) => handler(services, ctx, params).await,
+            None => Err(ServiceError::new(
+                banger_api::ErrorKind::UnknownMethod,
+                anyhow::anyhow!("unknown method {method:?}"),
+            )),
+        }
+    }
+}

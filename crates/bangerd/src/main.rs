@@ -1,0 +1,105 @@
+//! `bangerd`: wires layout, store and services to the socket server. All behaviour lives
+//! in the library.
+
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use bangerd::layout::Layout;
+use bangerd::server::{create_private_dir, Server};
+use bangerd::services::{DaemonService, ImageService, Services};
+use bangerd::store::Store;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+/// The banger daemon. Normally started by `banger` on first use.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Use the system layout (/etc/banger, /var/lib/banger, /var/cache/banger, /run/banger).
+    #[arg(long)]
+    system: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bangerd: {e:#}");
+            tracing::error!(error = %format!("{e:#}"), "bangerd exiting");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let layout = Layout::resolve(args.system)?;
+    create_private_dir(&layout.state_dir)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(layout.log_file())
+        .with_context(|| format!("open log {}", layout.log_file().display()))?;
+    tracing_subscriber::fmt()
+        .with_writer(Mutex::new(log))
+        .with_ansi(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BANGERD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start async runtime")?;
+    runtime.block_on(serve(layout))
+}
+
+async fn serve(layout: Layout) -> anyhow::Result<()> {
+    let server = Server::bind(&layout)?;
+    let store = Store::open(&layout.database())?;
+    tracing::info!(
+        pid = std::process::id(),
+        version = banger_api::VERSION,
+        socket = %server.socket_path().display(),
+        schema = store.schema_version()?,
+        "bangerd started"
+    );
+    let shutdown = CancellationToken::new();
+    let image = ImageService::new(layout.clone());
+    // A prune that crashed mid-way left its renamed-aside cache behind; reclaim it without
+    // delaying start-up.
+    let cache = Arc::clone(image.cache());
+    tokio::task::spawn_blocking(move || match cache.remove_leftovers() {
+        Ok(tally) if tally.blobs > 0 => {
+            tracing::info!(blobs = tally.blobs, bytes = tally.bytes, "removed leftovers of an interrupted prune")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not remove leftovers of an interrupted prune"),
+    });
+    let services = Arc::new(Services {
+        daemon: DaemonService::new(layout.state_dir.clone(), shutdown.clone()),
+        image,
+    });
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) =
+            (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+        else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+        signals.cancel();
+    });
+    server.run(services, shutdown).await;
+    drop(store);
+    tracing::info!("bangerd stopped");
+    Ok(())
+}

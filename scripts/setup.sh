@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Installs everything banger and its test suite need on a Debian/Ubuntu machine.
+# Idempotent: a second run installs nothing. Needs root or sudo for apt-get.
+set -euo pipefail
+
+packages=(
+  build-essential pkg-config ca-certificates curl git
+  e2fsprogs            # mkfs.ext4 -d and debugfs: building and checking root filesystems
+  docker-registry      # a real registry on 127.0.0.1 for pull tests
+  skopeo umoci         # pushing fixtures; baseline tools for benchmarks
+  apache2-utils        # htpasswd, for the authenticated registry test
+  busybox-static       # cpio and a static shell for initramfs work
+  qemu-system-x86      # the VMM that works everywhere (TCG when KVM is unusable)
+)
+
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Debian's docker-registry package starts a system registry on :5000; tests run their own.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet docker-registry 2>/dev/null; then
+  $sudo systemctl disable --now docker-registry >/dev/null 2>&1 || true
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  if [ -x "$HOME/.cargo/bin/cargo" ]; then
+    echo "setup: cargo is in ~/.cargo/bin; add it to PATH (source ~/.cargo/env)" >&2
+  else
+    echo "setup: installing the Rust toolchain with rustup" >&2
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c clippy,rustfmt
+  fi
+fi
