@@ -20,7 +20,12 @@ pub struct Request {
 impl Request {
     /// A request with the given id, method and params.
     pub fn new(id: u64, method: &str, params: Value) -> Self {
-        Request { jsonrpc: "2.0".into(), id: Value::from(id), method: method.into(), params }
+        Request {
+            jsonrpc: "2.0".into(),
+            id: Value::from(id),
+            method: method.into(),
+            params,
+        }
     }
 }
 
@@ -42,11 +47,21 @@ pub struct Response {
 impl Response {
     /// A success response.
     pub fn ok(id: Value, result: Value) -> Self {
-        Response { jsonrpc: "2.0".into(), id, result: Some(result), error: None }
+        Response {
+            jsonrpc: "2.0".into(),
+            id,
+            result: Some(result),
+            error: None,
+        }
     }
     /// A failure response.
     pub fn err(id: Value, error: RpcError) -> Self {
-        Response { jsonrpc: "2.0".into(), id, result: None, error: Some(error) }
+        Response {
+            jsonrpc: "2.0".into(),
+            id,
+            result: None,
+            error: Some(error),
+        }
     }
 }
 
@@ -161,7 +176,10 @@ impl RpcError {
         RpcError {
             code: kind.code(),
             message: message.into(),
-            data: ErrorData { kind, op_id: op_id.into() },
+            data: ErrorData {
+                kind,
+                op_id: op_id.into(),
+            },
         }
     }
 

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps, UTIME_OMIT, CWD};
+use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps, CWD, UTIME_OMIT};
 use sha2::Digest as _;
 
 use crate::digest::Digest;
@@ -62,7 +62,11 @@ pub enum CacheError {
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CacheError + 'a {
-    move |source| CacheError::Io { what, path: path.to_owned(), source }
+    move |source| CacheError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// The blob cache rooted at `<cache>/oci`.
@@ -197,7 +201,10 @@ pub struct RealFs;
 
 impl PruneFs for RealFs {
     fn create_cache_dir(&self, path: &Path) -> io::Result<()> {
-        fs::DirBuilder::new().mode(0o755).recursive(true).create(path)
+        fs::DirBuilder::new()
+            .mode(0o755)
+            .recursive(true)
+            .create(path)
     }
 }
 
@@ -206,7 +213,10 @@ use std::os::unix::fs::DirBuilderExt;
 impl BlobCache {
     /// A cache rooted at `root` (normally `<cache>/oci`). Nothing is created until needed.
     pub fn new(root: PathBuf) -> Arc<BlobCache> {
-        Arc::new(BlobCache { root, leases: Mutex::new(HashMap::new()) })
+        Arc::new(BlobCache {
+            root,
+            leases: Mutex::new(HashMap::new()),
+        })
     }
 
     /// The cache directory.
@@ -226,12 +236,17 @@ impl BlobCache {
     fn lock_leases(&self) -> MutexGuard<'_, HashMap<Digest, usize>> {
         // A panic while holding this lock cannot leave the map half-updated in a way that
         // matters more than losing the daemon, so poisoning is ignored.
-        self.leases.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.leases
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Holds `digests` against every prune until the returned lease drops.
     pub fn lease(self: &Arc<Self>, digests: impl IntoIterator<Item = Digest>) -> Lease {
-        let mut lease = Lease { cache: Arc::clone(self), digests: Vec::new() };
+        let mut lease = Lease {
+            cache: Arc::clone(self),
+            digests: Vec::new(),
+        };
         lease.extend(digests);
         lease
     }
@@ -265,7 +280,10 @@ impl BlobCache {
         expected_size: Option<u64>,
     ) -> io::Result<BlobWriter> {
         let dir = self.blobs_dir();
-        fs::DirBuilder::new().mode(0o755).recursive(true).create(&dir)?;
+        fs::DirBuilder::new()
+            .mode(0o755)
+            .recursive(true)
+            .create(&dir)?;
         let fd = rustix::fs::open(
             &dir,
             OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC,
@@ -301,17 +319,20 @@ impl BlobCache {
                 tally.add(tally_tree(aside).map_err(PruneError::Inspect)?);
             }
             tally.add(if options.is_selective() {
-                self.selective_dry_run(options).map_err(PruneError::Inspect)?
+                self.selective_dry_run(options)
+                    .map_err(PruneError::Inspect)?
             } else {
                 self.full_dry_run().map_err(PruneError::Inspect)?
             });
             return Ok(tally);
         }
         for aside in leftovers {
-            tally.add(remove_tree_counting(&aside).map_err(|source| PruneError::RemoveAside {
-                aside: aside.clone(),
-                source,
-            })?);
+            tally.add(
+                remove_tree_counting(&aside).map_err(|source| PruneError::RemoveAside {
+                    aside: aside.clone(),
+                    source,
+                })?,
+            );
         }
         tally.add(if options.is_selective() {
             self.selective_prune(options)?
@@ -326,10 +347,12 @@ impl BlobCache {
     pub fn remove_leftovers(&self) -> Result<PruneTally, PruneError> {
         let mut tally = PruneTally::default();
         for aside in self.leftover_asides().map_err(PruneError::Inspect)? {
-            tally.add(remove_tree_counting(&aside).map_err(|source| PruneError::RemoveAside {
-                aside: aside.clone(),
-                source,
-            })?);
+            tally.add(
+                remove_tree_counting(&aside).map_err(|source| PruneError::RemoveAside {
+                    aside: aside.clone(),
+                    source,
+                })?,
+            );
         }
         Ok(tally)
     }
@@ -383,9 +406,11 @@ impl BlobCache {
             if let Err(error) = fs_ops.create_cache_dir(&self.root) {
                 return Err(match fs::rename(&aside, &self.root) {
                     Ok(()) => PruneError::Recreate(error),
-                    Err(restore_error) => {
-                        PruneError::RecreateAndRestore { error, aside, restore_error }
-                    }
+                    Err(restore_error) => PruneError::RecreateAndRestore {
+                        error,
+                        aside,
+                        restore_error,
+                    },
                 });
             }
             // Leased blobs go back before anyone can notice they were gone: commits and
@@ -413,13 +438,20 @@ impl BlobCache {
     }
 
     fn leased_paths(&self) -> Vec<PathBuf> {
-        self.lock_leases().keys().map(|d| self.blob_path(d)).collect()
+        self.lock_leases()
+            .keys()
+            .map(|d| self.blob_path(d))
+            .collect()
     }
 
     fn selective_candidates(&self, options: PruneOptions) -> io::Result<Vec<BlobUse>> {
         let mut blobs = list_blob_uses(&self.root)?;
         // Oldest first: those go first.
-        blobs.sort_by(|a, b| a.last_used.cmp(&b.last_used).then_with(|| a.path.cmp(&b.path)));
+        blobs.sort_by(|a, b| {
+            a.last_used
+                .cmp(&b.last_used)
+                .then_with(|| a.path.cmp(&b.path))
+        });
         let now = SystemTime::now();
         let mut remaining: u64 = blobs.iter().map(|b| b.size).sum();
         let leased = self.leased_paths();
@@ -448,11 +480,16 @@ impl BlobCache {
 
     fn selective_dry_run(&self, options: PruneOptions) -> io::Result<PruneTally> {
         let chosen = self.selective_candidates(options)?;
-        Ok(PruneTally { bytes: chosen.iter().map(|b| b.size).sum(), blobs: chosen.len() as u64 })
+        Ok(PruneTally {
+            bytes: chosen.iter().map(|b| b.size).sum(),
+            blobs: chosen.len() as u64,
+        })
     }
 
     fn selective_prune(&self, options: PruneOptions) -> Result<PruneTally, PruneError> {
-        let chosen = self.selective_candidates(options).map_err(PruneError::Inspect)?;
+        let chosen = self
+            .selective_candidates(options)
+            .map_err(PruneError::Inspect)?;
         let mut tally = PruneTally::default();
         for blob in chosen {
             // Re-check under the lock: a pull may have leased the blob since we listed it.
@@ -467,9 +504,17 @@ impl BlobCache {
                 continue;
             }
             match fs::remove_file(&blob.path) {
-                Ok(()) => tally.add(PruneTally { bytes: blob.size, blobs: 1 }),
+                Ok(()) => tally.add(PruneTally {
+                    bytes: blob.size,
+                    blobs: 1,
+                }),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(source) => return Err(PruneError::RemoveBlob { path: blob.path, source }),
+                Err(source) => {
+                    return Err(PruneError::RemoveBlob {
+                        path: blob.path,
+                        source,
+                    })
+                }
             }
         }
         Ok(tally)
@@ -511,16 +556,30 @@ impl BlobWriter {
     /// file is dropped and nothing appears under the digest. A blob that another writer
     /// committed first is fine: same digest, same bytes.
     pub fn commit(self) -> Result<PathBuf, CacheError> {
-        let BlobWriter { cache, file, hasher, written, digest, expected_size } = self;
+        let BlobWriter {
+            cache,
+            file,
+            hasher,
+            written,
+            digest,
+            expected_size,
+        } = self;
         if let Some(expected) = expected_size {
             if expected != written {
-                return Err(CacheError::SizeMismatch { digest, expected, actual: written });
+                return Err(CacheError::SizeMismatch {
+                    digest,
+                    expected,
+                    actual: written,
+                });
             }
         }
         let actual = Digest::from_sha256_hex(&hex::encode(hasher.finalize()))
             .expect("sha256 output is 64 hex characters");
         if actual != digest {
-            return Err(CacheError::DigestMismatch { expected: digest, actual });
+            return Err(CacheError::DigestMismatch {
+                expected: digest,
+                actual,
+            });
         }
         let target = cache.blob_path(&digest);
         let file = file
@@ -532,7 +591,13 @@ impl BlobWriter {
         let proc_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file));
         let _guard = cache.lock_leases();
         let link = |target: &Path| {
-            rustix::fs::linkat(CWD, proc_path.as_str(), CWD, target, AtFlags::SYMLINK_FOLLOW)
+            rustix::fs::linkat(
+                CWD,
+                proc_path.as_str(),
+                CWD,
+                target,
+                AtFlags::SYMLINK_FOLLOW,
+            )
         };
         let result = match link(&target) {
             Err(rustix::io::Errno::NOENT) => {
@@ -581,7 +646,11 @@ fn list_blob_uses(root: &Path) -> io::Result<Vec<BlobUse>> {
         if meta.is_dir() {
             continue;
         }
-        uses.push(BlobUse { path: entry.path(), size: meta.len(), last_used: meta.modified()? });
+        uses.push(BlobUse {
+            path: entry.path(),
+            size: meta.len(),
+            last_used: meta.modified()?,
+        });
     }
     Ok(uses)
 }
@@ -589,8 +658,14 @@ fn list_blob_uses(root: &Path) -> io::Result<Vec<BlobUse>> {
 /// Sets mtime to now: the cache's record of a use.
 fn touch(path: &Path) -> io::Result<()> {
     let times = Timestamps {
-        last_access: Timespec { tv_sec: 0, tv_nsec: UTIME_OMIT },
-        last_modification: Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_NOW },
+        last_access: Timespec {
+            tv_sec: 0,
+            tv_nsec: UTIME_OMIT,
+        },
+        last_modification: Timespec {
+            tv_sec: 0,
+            tv_nsec: rustix::fs::UTIME_NOW,
+        },
     };
     rustix::fs::utimensat(CWD, path, &times, AtFlags::empty())?;
     Ok(())
@@ -598,8 +673,14 @@ fn touch(path: &Path) -> io::Result<()> {
 
 fn touch_fd(file: &File) -> io::Result<()> {
     let times = Timestamps {
-        last_access: Timespec { tv_sec: 0, tv_nsec: UTIME_OMIT },
-        last_modification: Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_NOW },
+        last_access: Timespec {
+            tv_sec: 0,
+            tv_nsec: UTIME_OMIT,
+        },
+        last_modification: Timespec {
+            tv_sec: 0,
+            tv_nsec: rustix::fs::UTIME_NOW,
+        },
     };
     rustix::fs::futimens(file.as_fd(), &times)?;
     Ok(())
@@ -630,7 +711,10 @@ fn tally_tree_skipping(root: &Path, skip: &[PathBuf]) -> io::Result<PruneTally> 
     let mut tally = PruneTally::default();
     walk(root, &mut |path, meta| {
         if !skip.iter().any(|s| s == path) {
-            tally.add(PruneTally { bytes: meta.len(), blobs: 1 });
+            tally.add(PruneTally {
+                bytes: meta.len(),
+                blobs: 1,
+            });
         }
         Ok(())
     })?;
@@ -639,7 +723,10 @@ fn tally_tree_skipping(root: &Path, skip: &[PathBuf]) -> io::Result<PruneTally> 
 
 /// Walks `root` depth-first calling `on_file` for every non-directory entry. A missing root
 /// is empty; entries vanishing mid-walk are skipped.
-fn walk(root: &Path, on_file: &mut dyn FnMut(&Path, &fs::Metadata) -> io::Result<()>) -> io::Result<()> {
+fn walk(
+    root: &Path,
+    on_file: &mut dyn FnMut(&Path, &fs::Metadata) -> io::Result<()>,
+) -> io::Result<()> {
     let entries = match fs::read_dir(root) {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -667,7 +754,10 @@ fn remove_tree_counting(root: &Path) -> io::Result<PruneTally> {
     let mut tally = PruneTally::default();
     walk(root, &mut |path, meta| {
         match fs::remove_file(path) {
-            Ok(()) => tally.add(PruneTally { bytes: meta.len(), blobs: 1 }),
+            Ok(()) => tally.add(PruneTally {
+                bytes: meta.len(),
+                blobs: 1,
+            }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }

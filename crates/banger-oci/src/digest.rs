@@ -22,7 +22,9 @@ impl Digest {
     /// The digest of `bytes`.
     pub fn of(bytes: &[u8]) -> Digest {
         use sha2::Digest as _;
-        Digest { hex: hex::encode(sha2::Sha256::digest(bytes)) }
+        Digest {
+            hex: hex::encode(sha2::Sha256::digest(bytes)),
+        }
     }
 
     /// Builds a digest from a 64-character lowercase hex sha256.
@@ -34,7 +36,9 @@ impl Digest {
                 reason: "expected 64 lowercase hex characters",
             });
         }
-        Ok(Digest { hex: hex.to_owned() })
+        Ok(Digest {
+            hex: hex.to_owned(),
+        })
     }
 
     /// The hex part, which is also the blob's file name in the cache.
@@ -53,8 +57,14 @@ impl FromStr for Digest {
     fn from_str(s: &str) -> Result<Digest, DigestError> {
         match s.split_once(':') {
             Some(("sha256", hex)) => Digest::from_sha256_hex(hex),
-            Some(_) => Err(DigestError { input: s.to_owned(), reason: "only sha256 is supported" }),
-            None => Err(DigestError { input: s.to_owned(), reason: "missing `sha256:` prefix" }),
+            Some(_) => Err(DigestError {
+                input: s.to_owned(),
+                reason: "only sha256 is supported",
+            }),
+            None => Err(DigestError {
+                input: s.to_owned(),
+                reason: "missing `sha256:` prefix",
+            }),
         }
     }
 }

@@ -42,7 +42,12 @@ impl Client {
     pub fn connect(socket: &Path) -> std::io::Result<Client> {
         let stream = UnixStream::connect(socket)?;
         let writer = stream.try_clone()?;
-        Ok(Client { reader: BufReader::new(stream), writer, next_id: 1, socket: socket.into() })
+        Ok(Client {
+            reader: BufReader::new(stream),
+            writer,
+            next_id: 1,
+            socket: socket.into(),
+        })
     }
 
     /// Calls `M` and waits for its result, handing any progress notifications to `on_progress`.
@@ -54,18 +59,17 @@ impl Client {
         let id = self.next_id;
         self.next_id += 1;
         let params = serde_json::to_value(params).context("encode params")?;
-        let mut line = serde_json::to_string(&Request::new(id, M::NAME, params))
-            .context("encode request")?;
+        let mut line =
+            serde_json::to_string(&Request::new(id, M::NAME, params)).context("encode request")?;
         line.push('\n');
         self.writer
             .write_all(line.as_bytes())
             .with_context(|| format!("send {} to {}", M::NAME, self.socket.display()))?;
         loop {
             let mut reply = String::new();
-            let n = self
-                .reader
-                .read_line(&mut reply)
-                .with_context(|| format!("read reply to {} from {}", M::NAME, self.socket.display()))?;
+            let n = self.reader.read_line(&mut reply).with_context(|| {
+                format!("read reply to {} from {}", M::NAME, self.socket.display())
+            })?;
             if n == 0 {
                 return Err(anyhow::anyhow!(
                     "bangerd closed the connection during {} (see its log)",
@@ -111,7 +115,11 @@ pub fn connect_or_start(layout: &Layout) -> anyhow::Result<Client> {
             Ok(ping) if ping.version == banger_api::VERSION => return Ok(client),
             Ok(ping) => {
                 stop_daemon(&mut client, ping.pid).with_context(|| {
-                    format!("stop bangerd {} to replace it with {}", ping.version, banger_api::VERSION)
+                    format!(
+                        "stop bangerd {} to replace it with {}",
+                        ping.version,
+                        banger_api::VERSION
+                    )
                 })?;
             }
             // A socket that accepts but will not answer is as good as dead: start anew.
@@ -140,7 +148,9 @@ pub fn stop_daemon(client: &mut Client, pid: u32) -> anyhow::Result<()> {
 }
 
 fn process_alive(pid: u32) -> bool {
-    let Some(pid) = rustix::process::Pid::from_raw(pid as i32) else { return false };
+    let Some(pid) = rustix::process::Pid::from_raw(pid as i32) else {
+        return false;
+    };
     // Signal 0 checks existence. A zombie child would still count, but bangerd is never our
     // child for long: it detaches with setsid.
     rustix::process::test_kill_process(pid).is_ok()
@@ -169,16 +179,22 @@ fn start_daemon(layout: &Layout) -> anyhow::Result<()> {
     if layout.kind == LayoutKind::System {
         command.arg("--system");
     }
-    command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(early_log);
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(early_log);
     // SAFETY: setsid is async-signal-safe and touches no memory of the parent; running it
     // between fork and exec detaches bangerd from our session and terminal, so the daemon
     // survives the CLI and ^C in the shell.
     unsafe {
         command.pre_exec(|| rustix::process::setsid().map(drop).map_err(Into::into));
     }
-    let mut child = command
-        .spawn()
-        .with_context(|| format!("start {} (is bangerd installed next to banger or on PATH?)", program.display()))?;
+    let mut child = command.spawn().with_context(|| {
+        format!(
+            "start {} (is bangerd installed next to banger or on PATH?)",
+            program.display()
+        )
+    })?;
     // Reap it in the background if it exits early so it does not linger as a zombie.
     std::thread::spawn(move || {
         let _ = child.wait();

@@ -21,18 +21,24 @@ pub fn format_bytes(bytes: u64) -> String {
 /// Parses a size like `512`, `10k`, `1.5GB`, `2GiB` (binary multiples, as Docker does).
 pub fn parse_size(input: &str) -> Result<u64, String> {
     let text = input.trim();
-    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("invalid size {input:?}: expected a number with an optional unit like 10GiB"))?;
+    let number: f64 = number.parse().map_err(|_| {
+        format!("invalid size {input:?}: expected a number with an optional unit like 10GiB")
+    })?;
     let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
         "t" | "tb" | "tib" => 1 << 40,
-        other => return Err(format!("invalid size {input:?}: unknown unit {other:?} (use B, KiB, MiB, GiB or TiB)")),
+        other => {
+            return Err(format!(
+                "invalid size {input:?}: unknown unit {other:?} (use B, KiB, MiB, GiB or TiB)"
+            ))
+        }
     };
     let bytes = number * multiplier as f64;
     if !bytes.is_finite() || bytes > u64::MAX as f64 {

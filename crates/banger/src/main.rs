@@ -107,17 +107,26 @@ fn report_error(error: &anyhow::Error, json: bool) {
         if json {
             println!("{}", serde_json::json!({ "error": rpc }));
         }
-        eprintln!("banger: {} [{}, {}]", rpc.message, rpc.data.kind, rpc.data.op_id);
+        eprintln!(
+            "banger: {} [{}, {}]",
+            rpc.message, rpc.data.kind, rpc.data.op_id
+        );
     } else {
         if json {
-            println!("{}", serde_json::json!({ "error": { "message": format!("{error:#}") } }));
+            println!(
+                "{}",
+                serde_json::json!({ "error": { "message": format!("{error:#}") } })
+            );
         }
         eprintln!("banger: {error:#}");
     }
 }
 
 fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value).context("encode result")?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).context("encode result")?
+    );
     Ok(())
 }
 
@@ -156,7 +165,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Daemon { command: DaemonCommand::Status } => {
+        Command::Daemon {
+            command: DaemonCommand::Status,
+        } => {
             let layout = layout(cli.system)?;
             let ping = Client::connect(&layout.socket())
                 .ok()
@@ -179,9 +190,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     None => println!("bangerd not running ({})", layout.socket().display()),
                 }
             }
-            Ok(if ping.is_some() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if ping.is_some() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
-        Command::Daemon { command: DaemonCommand::Stop } => {
+        Command::Daemon {
+            command: DaemonCommand::Stop,
+        } => {
             let layout = layout(cli.system)?;
             let mut stopped = None;
             if let Ok(mut client) = Client::connect(&layout.socket()) {
@@ -200,8 +217,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Image { command: ImageCommand::Cache { command } } => match command {
-            CacheCommand::Prune { dry_run, keep_storage, older_than } => {
+        Command::Image {
+            command: ImageCommand::Cache { command },
+        } => match command {
+            CacheCommand::Prune {
+                dry_run,
+                keep_storage,
+                older_than,
+            } => {
                 let params = ImageCachePruneParams {
                     dry_run,
                     keep_storage_bytes: keep_storage,
@@ -214,7 +237,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 } else {
                     println!(
                         "{} {} across {} blob(s) in {}",
-                        if result.dry_run { "would free" } else { "freed" },
+                        if result.dry_run {
+                            "would free"
+                        } else {
+                            "freed"
+                        },
                         format::format_bytes(result.bytes_freed),
                         result.blobs_freed,
                         result.cache_dir
@@ -226,6 +253,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn call<M: banger_api::Method>(client: &mut Client, params: &M::Params) -> anyhow::Result<M::Result> {
+fn call<M: banger_api::Method>(
+    client: &mut Client,
+    params: &M::Params,
+) -> anyhow::Result<M::Result> {
     client.call::<M>(params).map_err(anyhow::Error::from)
 }

@@ -40,7 +40,10 @@ mod tests {
     #[test]
     fn missing_file_is_default() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(Config::load(&dir.path().join("config.toml")).unwrap(), Config::default());
+        assert_eq!(
+            Config::load(&dir.path().join("config.toml")).unwrap(),
+            Config::default()
+        );
     }
 
     #[test]
@@ -56,8 +59,11 @@ mod tests {
     fn system_layout_and_insecure_registries_parse() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.toml");
-        std::fs::write(&path, "layout = \"system\"\ninsecure_registries = [\"reg:5000\"]\n")
-            .unwrap();
+        std::fs::write(
+            &path,
+            "layout = \"system\"\ninsecure_registries = [\"reg:5000\"]\n",
+        )
+        .unwrap();
         let config = Config::load(&path).unwrap();
         assert_eq!(config.layout, Some(LayoutKind::System));
         assert_eq!(config.insecure_registries, vec!["reg:5000".to_string()]);

@@ -28,7 +28,9 @@ pub struct Dispatch {
 
 impl std::fmt::Debug for Dispatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Dispatch").field("methods", &self.methods()).finish()
+        f.debug_struct("Dispatch")
+            .field("methods", &self.methods())
+            .finish()
     }
 }
 
@@ -62,7 +64,11 @@ impl Dispatch {
             Box::pin(async move {
                 // Absent or null params mean "no params": decode them as an empty object so
                 // methods with all-optional fields need no `{}` from the caller.
-                let raw = if raw.is_null() { Value::Object(Default::default()) } else { raw };
+                let raw = if raw.is_null() {
+                    Value::Object(Default::default())
+                } else {
+                    raw
+                };
                 let params: M::Params = serde_json::from_value(raw).map_err(|e| {
                     ServiceError::bad_request(format!("invalid params for {}: {e}", M::NAME))
                 })?;

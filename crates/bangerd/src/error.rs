@@ -15,7 +15,10 @@ pub struct ServiceError {
 impl ServiceError {
     /// A failure of `kind`.
     pub fn new(kind: ErrorKind, error: impl Into<anyhow::Error>) -> Self {
-        ServiceError { kind, error: error.into() }
+        ServiceError {
+            kind,
+            error: error.into(),
+        }
     }
     /// The request could not be understood.
     pub fn bad_request(message: impl std::fmt::Display) -> Self {

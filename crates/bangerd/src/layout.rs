@@ -132,18 +132,32 @@ mod tests {
     use std::collections::HashMap;
 
     fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<OsString> {
-        let map: HashMap<String, OsString> =
-            vars.iter().map(|(k, v)| (k.to_string(), OsString::from(v))).collect();
+        let map: HashMap<String, OsString> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), OsString::from(v)))
+            .collect();
         move |key| map.get(key).cloned()
     }
 
     #[test]
     fn user_layout_defaults_to_home_dot_dirs() {
         let layout = Layout::user(env(&[("HOME", "/home/me")])).unwrap();
-        assert_eq!(layout.config_file(), Path::new("/home/me/.config/banger/config.toml"));
-        assert_eq!(layout.socket(), Path::new("/home/me/.local/state/banger/bangerd.sock"));
-        assert_eq!(layout.database(), Path::new("/home/me/.local/state/banger/banger.db"));
-        assert_eq!(layout.oci_cache_dir(), Path::new("/home/me/.cache/banger/oci"));
+        assert_eq!(
+            layout.config_file(),
+            Path::new("/home/me/.config/banger/config.toml")
+        );
+        assert_eq!(
+            layout.socket(),
+            Path::new("/home/me/.local/state/banger/bangerd.sock")
+        );
+        assert_eq!(
+            layout.database(),
+            Path::new("/home/me/.local/state/banger/banger.db")
+        );
+        assert_eq!(
+            layout.oci_cache_dir(),
+            Path::new("/home/me/.cache/banger/oci")
+        );
     }
 
     #[test]
@@ -157,7 +171,10 @@ mod tests {
         .unwrap();
         assert_eq!(layout.config_dir, Path::new("/x/config/banger"));
         assert_eq!(layout.log_file(), Path::new("/x/state/banger/bangerd.log"));
-        assert_eq!(layout.oci_cache_dir(), Path::new("/home/me/.cache/banger/oci"));
+        assert_eq!(
+            layout.oci_cache_dir(),
+            Path::new("/home/me/.cache/banger/oci")
+        );
     }
 
     #[test]

@@ -58,6 +58,11 @@ fn run(args: Args) -> anyhow::Result<()> {
 }
 
 async fn serve(layout: Layout) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Handlers go in before the socket exists: a SIGTERM sent as soon as the socket answers
+    // must take the graceful path, not the default action.
+    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let server = Server::bind(&layout)?;
     let store = Store::open(&layout.database())?;
     tracing::info!(
@@ -74,7 +79,11 @@ async fn serve(layout: Layout) -> anyhow::Result<()> {
     let cache = Arc::clone(image.cache());
     tokio::task::spawn_blocking(move || match cache.remove_leftovers() {
         Ok(tally) if tally.blobs > 0 => {
-            tracing::info!(blobs = tally.blobs, bytes = tally.bytes, "removed leftovers of an interrupted prune")
+            tracing::info!(
+                blobs = tally.blobs,
+                bytes = tally.bytes,
+                "removed leftovers of an interrupted prune"
+            )
         }
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "could not remove leftovers of an interrupted prune"),
@@ -85,13 +94,6 @@ async fn serve(layout: Layout) -> anyhow::Result<()> {
     });
     let signals = shutdown.clone();
     tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) =
-            (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-        else {
-            tracing::error!("cannot install signal handlers");
-            return;
-        };
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM received"),
             _ = int.recv() => tracing::info!("SIGINT received"),

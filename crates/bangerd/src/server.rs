@@ -87,7 +87,8 @@ impl Server {
             Ok(()) => tracing::info!(socket = %socket_path.display(), "replaced stale socket"),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
-                return Err(e).with_context(|| format!("remove stale socket {}", socket_path.display()))
+                return Err(e)
+                    .with_context(|| format!("remove stale socket {}", socket_path.display()))
             }
         }
         // The umask makes the socket 0600 from birth, so no other user can race the chmod.
@@ -97,7 +98,11 @@ impl Server {
         let listener = bound.with_context(|| format!("listen on {}", socket_path.display()))?;
         std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o600))
             .with_context(|| format!("chmod 0600 {}", socket_path.display()))?;
-        Ok(Server { listener, socket_path, _lock: lock })
+        Ok(Server {
+            listener,
+            socket_path,
+            _lock: lock,
+        })
     }
 
     /// The socket's path.
@@ -135,8 +140,13 @@ impl Server {
         let _ = std::fs::remove_file(&self.socket_path);
         drop(self.listener);
         tracker.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
-            tracing::warn!("running calls did not finish within {SHUTDOWN_GRACE:?}; exiting anyway");
+        if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "running calls did not finish within {SHUTDOWN_GRACE:?}; exiting anyway"
+            );
         }
     }
 }
@@ -197,7 +207,11 @@ async fn read_line_limited<R: AsyncBufRead + Unpin>(
         let consumed = chunk.len() + usize::from(found_newline);
         reader.consume(consumed);
         if found_newline {
-            return Ok(if too_long { Line::TooLong } else { Line::Complete(line) });
+            return Ok(if too_long {
+                Line::TooLong
+            } else {
+                Line::Complete(line)
+            });
         }
     }
 }
@@ -279,14 +293,20 @@ impl Connection {
         let value: Value = match serde_json::from_slice(bytes) {
             Ok(value) => value,
             Err(e) => {
-                return self.refuse(Value::Null, ServiceError::bad_request(format!("parse error: {e}")))
+                return self.refuse(
+                    Value::Null,
+                    ServiceError::bad_request(format!("parse error: {e}")),
+                )
             }
         };
         let id = value.get("id").cloned().unwrap_or(Value::Null);
         let request: Request = match serde_json::from_value(value) {
             Ok(request) => request,
             Err(e) => {
-                return self.refuse(id, ServiceError::bad_request(format!("invalid request: {e}")))
+                return self.refuse(
+                    id,
+                    ServiceError::bad_request(format!("invalid request: {e}")),
+                )
             }
         };
         if request.jsonrpc != "2.0" {
@@ -303,7 +323,12 @@ impl Connection {
         let started = std::time::Instant::now();
         let result = self
             .dispatch
-            .call(Arc::clone(&self.services), ctx, &request.method, request.params)
+            .call(
+                Arc::clone(&self.services),
+                ctx,
+                &request.method,
+                request.params,
+            )
             .await;
         match result {
             Ok(result) => {

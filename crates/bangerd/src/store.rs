@@ -35,7 +35,9 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
 
 /// The database was written by a newer banger; refusing beats corrupting it.
 #[derive(Debug, thiserror::Error)]
-#[error("database schema version {found} is newer than this bangerd knows ({known}); upgrade banger")]
+#[error(
+    "database schema version {found} is newer than this bangerd knows ({known}); upgrade banger"
+)]
 pub struct NewerSchema {
     /// Version in the database.
     pub found: i64,
@@ -57,19 +59,26 @@ impl Store {
 
     /// [`Store::open`] with a given migration list (tests use their own).
     pub fn open_with(path: &Path, migrations: &[Migration]) -> anyhow::Result<Store> {
-        let mut conn = Connection::open(path)
-            .with_context(|| format!("open database {}", path.display()))?;
-        conn.pragma_update(None, "journal_mode", "WAL").context("enable WAL journal")?;
-        conn.pragma_update(None, "foreign_keys", true).context("enable foreign keys")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).context("set busy timeout")?;
+        let mut conn =
+            Connection::open(path).with_context(|| format!("open database {}", path.display()))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .context("enable WAL journal")?;
+        conn.pragma_update(None, "foreign_keys", true)
+            .context("enable foreign keys")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .context("set busy timeout")?;
         migrate(&mut conn, migrations)
             .with_context(|| format!("migrate database {}", path.display()))?;
-        Ok(Store { conn: Mutex::new(conn) })
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
     }
 
     /// The connection, for services' queries. Calls are short; blocking is acceptable.
     pub fn conn(&self) -> MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The schema version in the database.
@@ -80,7 +89,9 @@ impl Store {
 
 fn current_version(conn: &Connection) -> anyhow::Result<i64> {
     let version: Option<i64> = conn
-        .query_row("SELECT MAX(version) FROM schema_migrations", [], |row| row.get(0))
+        .query_row("SELECT MAX(version) FROM schema_migrations", [], |row| {
+            row.get(0)
+        })
         .optional()
         .context("read schema version")?
         .flatten();
@@ -103,14 +114,16 @@ fn migrate(conn: &mut Connection, migrations: &[Migration]) -> anyhow::Result<()
     }
     for migration in migrations.iter().filter(|m| m.version > found) {
         let tx = conn.transaction().context("begin migration")?;
-        tx.execute_batch(migration.sql)
-            .with_context(|| format!("apply migration {} ({})", migration.version, migration.name))?;
+        tx.execute_batch(migration.sql).with_context(|| {
+            format!("apply migration {} ({})", migration.version, migration.name)
+        })?;
         tx.execute(
             "INSERT INTO schema_migrations (version, name) VALUES (?1, ?2)",
             params![migration.version, migration.name],
         )
         .context("record migration")?;
-        tx.commit().with_context(|| format!("commit migration {}", migration.version))?;
+        tx.commit()
+            .with_context(|| format!("commit migration {}", migration.version))?;
     }
     Ok(())
 }
@@ -122,9 +135,11 @@ mod tests {
     fn table_exists(store: &Store, name: &str) -> bool {
         store
             .conn()
-            .query_row("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?1", [name], |_| {
-                Ok(())
-            })
+            .query_row(
+                "SELECT 1 FROM sqlite_master WHERE type='table' AND name=?1",
+                [name],
+                |_| Ok(()),
+            )
             .optional()
             .unwrap()
             .is_some()
@@ -135,7 +150,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("banger.db");
         let store = Store::open(&path).unwrap();
-        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.last().unwrap().version);
+        assert_eq!(
+            store.schema_version().unwrap(),
+            MIGRATIONS.last().unwrap().version
+        );
         assert!(table_exists(&store, "images"));
         drop(store);
         let store = Store::open(&path).unwrap();
@@ -150,15 +168,26 @@ mod tests {
     fn migrations_apply_in_order_and_only_new_ones_run() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("banger.db");
-        let first = [Migration { version: 1, name: "a", sql: "CREATE TABLE a (x INTEGER);" }];
+        let first = [Migration {
+            version: 1,
+            name: "a",
+            sql: "CREATE TABLE a (x INTEGER);",
+        }];
         Store::open_with(&path, &first).unwrap();
         let both = [
             first[0],
-            Migration { version: 2, name: "b", sql: "INSERT INTO a VALUES (7); CREATE TABLE b (y);" },
+            Migration {
+                version: 2,
+                name: "b",
+                sql: "INSERT INTO a VALUES (7); CREATE TABLE b (y);",
+            },
         ];
         let store = Store::open_with(&path, &both).unwrap();
         assert_eq!(store.schema_version().unwrap(), 2);
-        let x: i64 = store.conn().query_row("SELECT x FROM a", [], |r| r.get(0)).unwrap();
+        let x: i64 = store
+            .conn()
+            .query_row("SELECT x FROM a", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(x, 7);
     }
 
@@ -167,8 +196,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("banger.db");
         let broken = [
-            Migration { version: 1, name: "ok", sql: "CREATE TABLE a (x);" },
-            Migration { version: 2, name: "broken", sql: "CREATE TABLE c (z); SELEKT nonsense;" },
+            Migration {
+                version: 1,
+                name: "ok",
+                sql: "CREATE TABLE a (x);",
+            },
+            Migration {
+                version: 2,
+                name: "broken",
+                sql: "CREATE TABLE c (z); SELEKT nonsense;",
+            },
         ];
         let err = format!("{:#}", Store::open_with(&path, &broken).unwrap_err());
         assert!(err.contains("apply migration 2 (broken)"), "{err}");
@@ -182,13 +219,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("banger.db");
         let future = [
-            Migration { version: 1, name: "a", sql: "CREATE TABLE a (x);" },
-            Migration { version: 2, name: "b", sql: "CREATE TABLE b (x);" },
+            Migration {
+                version: 1,
+                name: "a",
+                sql: "CREATE TABLE a (x);",
+            },
+            Migration {
+                version: 2,
+                name: "b",
+                sql: "CREATE TABLE b (x);",
+            },
         ];
         Store::open_with(&path, &future).unwrap();
         let err = Store::open_with(&path, &future[..1]).unwrap_err();
         assert!(err.chain().any(|e| e.is::<NewerSchema>()));
-        assert!(format!("{err:#}").contains("schema version 2 is newer than this bangerd knows (1)"));
+        assert!(
+            format!("{err:#}").contains("schema version 2 is newer than this bangerd knows (1)")
+        );
         let service_error = crate::ServiceError::from(err);
         assert_eq!(service_error.kind, banger_api::ErrorKind::BadVersion);
     }

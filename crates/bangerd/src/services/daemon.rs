@@ -17,7 +17,11 @@ pub struct DaemonService {
 impl DaemonService {
     /// A service whose `shutdown` cancels `shutdown`.
     pub fn new(state_dir: PathBuf, shutdown: CancellationToken) -> Self {
-        DaemonService { started: Instant::now(), state_dir, shutdown }
+        DaemonService {
+            started: Instant::now(),
+            state_dir,
+            shutdown,
+        }
     }
 
     /// Version, pid, state dir and uptime.
@@ -34,6 +38,8 @@ impl DaemonService {
     pub fn shutdown(&self) -> ShutdownResult {
         tracing::info!("shutdown requested over the API");
         self.shutdown.cancel();
-        ShutdownResult { pid: std::process::id() }
+        ShutdownResult {
+            pid: std::process::id(),
+        }
     }
 }

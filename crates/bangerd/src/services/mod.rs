@@ -31,12 +31,18 @@ pub struct CallContext {
 impl CallContext {
     /// A context whose progress goes to `sink` (serialised notification lines).
     pub fn new(op_id: String, sink: Option<mpsc::UnboundedSender<String>>) -> Self {
-        CallContext { op_id, progress: sink }
+        CallContext {
+            op_id,
+            progress: sink,
+        }
     }
 
     /// A context for calls made without a connection (tests, start-up work).
     pub fn detached(op_id: &str) -> Self {
-        CallContext { op_id: op_id.to_owned(), progress: None }
+        CallContext {
+            op_id: op_id.to_owned(),
+            progress: None,
+        }
     }
 
     /// Sends a `progress` notification to the caller, if it is still listening.

@@ -1,0 +1,152 @@
+//! A private banger installation per test: its own XDG dirs, the real binaries, the real
+//! daemon. Dropping it stops the daemon it started.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+pub struct Install {
+    pub dir: tempfile::TempDir,
+}
+
+impl Install {
+    pub fn new() -> Install {
+        let bangerd = bin_dir().join("bangerd");
+        assert!(
+            bangerd.is_file(),
+            "{} is missing: build it first (cargo build --workspace --bins)",
+            bangerd.display()
+        );
+        Install {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state/banger")
+    }
+    pub fn cache_dir(&self) -> PathBuf {
+        self.dir.path().join("cache/banger/oci")
+    }
+    pub fn socket(&self) -> PathBuf {
+        self.state_dir().join("bangerd.sock")
+    }
+
+    fn env(&self, command: &mut Command) {
+        command
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", self.dir.path().join("home"))
+            .env("XDG_STATE_HOME", self.dir.path().join("state"))
+            .env("XDG_CACHE_HOME", self.dir.path().join("cache"))
+            .env("XDG_CONFIG_HOME", self.dir.path().join("config"));
+    }
+
+    pub fn banger(&self, args: &[&str]) -> Output {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_banger"));
+        self.env(&mut command);
+        command.args(args).output().unwrap()
+    }
+
+    /// The `bangerd` binary with this installation's environment, not started.
+    pub fn bangerd_command(&self) -> Command {
+        let mut command = Command::new(bin_dir().join("bangerd"));
+        self.env(&mut command);
+        command
+    }
+
+    pub fn daemon_pid(&self) -> Option<i32> {
+        let text = std::fs::read_to_string(self.state_dir().join("bangerd.lock")).ok()?;
+        text.trim().parse().ok()
+    }
+
+    pub fn connect(&self) -> Conn {
+        Conn::new(&self.socket())
+    }
+
+    /// Writes a blob file of `size` bytes (sparse, so gigabytes cost nothing).
+    pub fn blob(&self, name: &str, size: u64) {
+        let dir = self.cache_dir().join("blobs/sha256");
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = std::fs::File::create(dir.join(name)).unwrap();
+        file.set_len(size).unwrap();
+    }
+}
+
+impl Drop for Install {
+    fn drop(&mut self) {
+        if let Some(pid) = self.daemon_pid() {
+            // SIGTERM is the graceful path; wait so the tempdir can go.
+            let _ = Command::new("kill")
+                .arg(pid.to_string())
+                .stderr(std::process::Stdio::null())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+pub fn bin_dir() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_banger"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A raw line-level connection to the daemon.
+pub struct Conn {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Conn {
+    pub fn new(socket: &Path) -> Conn {
+        let stream = UnixStream::connect(socket).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        Conn {
+            writer: stream.try_clone().unwrap(),
+            reader: BufReader::new(stream),
+        }
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).unwrap();
+    }
+
+    pub fn read_json(&mut self) -> serde_json::Value {
+        let mut line = String::new();
+        let n = self.reader.read_line(&mut line).unwrap();
+        assert!(n > 0, "daemon closed the connection");
+        serde_json::from_str(&line).unwrap()
+    }
+
+    /// Sends one request line and returns the response (skipping notifications).
+    pub fn call(&mut self, request: serde_json::Value) -> serde_json::Value {
+        let mut line = serde_json::to_vec(&request).unwrap();
+        line.push(b'\n');
+        self.send_raw(&line);
+        loop {
+            let value = self.read_json();
+            if value.get("id").is_some() {
+                return value;
+            }
+        }
+    }
+}
