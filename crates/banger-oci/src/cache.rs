@@ -709,68 +709,219 @@ pub fn tally_tree(root: &Path) -> io::Result<PruneTally> {
 
 fn tally_tree_skipping(root: &Path, skip: &[PathBuf]) -> io::Result<PruneTally> {
     let mut tally = PruneTally::default();
-    walk(root, &mut |path, meta| {
-        if !skip.iter().any(|s| s == path) {
+    let skip_names: Vec<(&Path, &OsStr)> = skip
+        .iter()
+        .filter_map(|p| Some((p.parent()?, p.file_name()?)))
+        .collect();
+    walk_tree(root, Visit::Count, &mut |dir, name, size| {
+        let skipped = skip_names.iter().any(|(d, n)| *n == name && *d == dir);
+        if !skipped {
             tally.add(PruneTally {
-                bytes: meta.len(),
+                bytes: size,
                 blobs: 1,
             });
         }
-        Ok(())
     })?;
     Ok(tally)
-}
-
-/// Walks `root` depth-first calling `on_file` for every non-directory entry. A missing root
-/// is empty; entries vanishing mid-walk are skipped.
-fn walk(
-    root: &Path,
-    on_file: &mut dyn FnMut(&Path, &fs::Metadata) -> io::Result<()>,
-) -> io::Result<()> {
-    let entries = match fs::read_dir(root) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    for entry in entries {
-        let entry = entry?;
-        let path = entry.path();
-        let meta = match entry.metadata() {
-            Ok(meta) => meta,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
-        };
-        if meta.is_dir() {
-            walk(&path, on_file)?;
-        } else {
-            on_file(&path, &meta)?;
-        }
-    }
-    Ok(())
 }
 
 /// Removes `root` recursively, counting every non-directory entry removed.
 fn remove_tree_counting(root: &Path) -> io::Result<PruneTally> {
     let mut tally = PruneTally::default();
-    walk(root, &mut |path, meta| {
-        match fs::remove_file(path) {
-            Ok(()) => tally.add(PruneTally {
-                bytes: meta.len(),
-                blobs: 1,
-            }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        Ok(())
+    walk_tree(root, Visit::Remove, &mut |_, _, size| {
+        tally.add(PruneTally {
+            bytes: size,
+            blobs: 1,
+        })
     })?;
-    remove_dirs(root)?;
     Ok(tally)
 }
 
-fn remove_dirs(root: &Path) -> io::Result<()> {
-    match fs::remove_dir_all(root) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Visit {
+    Count,
+    Remove,
+}
+
+/// Walks `root` with directory file descriptors, reporting every non-directory entry's
+/// size, and in [`Visit::Remove`] mode unlinking each one (and then the directories).
+///
+/// Entries are visited in inode order, as GNU `rm` and `du` do for large directories: on a
+/// cold cache it turns 100,000 scattered inode-table reads into a sequential sweep. A missing
+/// root is empty; entries that vanish mid-walk are skipped.
+fn walk_tree(
+    root: &Path,
+    visit: Visit,
+    on_file: &mut dyn FnMut(&Path, &OsStr, u64),
+) -> io::Result<()> {
+    let dir = match rustix::fs::open(
+        root,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::NOENT) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    walk_dir(dir, root, visit, on_file)?;
+    if visit == Visit::Remove {
+        match fs::remove_dir(root) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
     }
+    Ok(())
+}
+
+fn walk_dir(
+    dir: rustix::fd::OwnedFd,
+    path: &Path,
+    visit: Visit,
+    on_file: &mut dyn FnMut(&Path, &OsStr, u64),
+) -> io::Result<()> {
+    use rustix::fs::{FileType, StatxFlags};
+
+    let mut entries: Vec<(u64, FileType, std::ffi::CString)> = Vec::new();
+    for entry in rustix::fs::Dir::read_from(&dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name.to_bytes() == b"." || name.to_bytes() == b".." {
+            continue;
+        }
+        entries.push((entry.ino(), entry.file_type(), name.to_owned()));
+    }
+    entries.sort_unstable_by_key(|(ino, _, _)| *ino);
+    if visit == Visit::Count && entries.len() >= PARALLEL_COUNT_THRESHOLD {
+        return count_entries_in_parallel(&dir, path, entries, on_file);
+    }
+    for (_, file_type, name) in entries {
+        let stat = match rustix::fs::statx(
+            &dir,
+            name.as_c_str(),
+            AtFlags::SYMLINK_NOFOLLOW,
+            StatxFlags::TYPE | StatxFlags::SIZE,
+        ) {
+            Ok(stat) => stat,
+            Err(rustix::io::Errno::NOENT) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let is_dir = if file_type == FileType::Unknown {
+            FileType::from_raw_mode(stat.stx_mode.into()) == FileType::Directory
+        } else {
+            file_type == FileType::Directory
+        };
+        let os_name = OsStr::from_bytes(name.to_bytes());
+        if is_dir {
+            let child = match rustix::fs::openat(
+                &dir,
+                name.as_c_str(),
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+                Mode::empty(),
+            ) {
+                Ok(fd) => fd,
+                Err(rustix::io::Errno::NOENT) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            walk_dir(child, &path.join(os_name), visit, on_file)?;
+            if visit == Visit::Remove {
+                match rustix::fs::unlinkat(&dir, name.as_c_str(), AtFlags::REMOVEDIR) {
+                    Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            continue;
+        }
+        if visit == Visit::Remove {
+            match rustix::fs::unlinkat(&dir, name.as_c_str(), AtFlags::empty()) {
+                Ok(()) => {}
+                Err(rustix::io::Errno::NOENT) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        on_file(path, os_name, stat.stx_size);
+    }
+    Ok(())
+}
+
+/// Directories with at least this many entries are counted by several threads: on a cold
+/// page cache the inode reads dominate, and keeping more than one in flight is what lets a
+/// dry run keep up with `du`.
+const PARALLEL_COUNT_THRESHOLD: usize = 4096;
+
+type DirEntryRecord = (u64, rustix::fs::FileType, std::ffi::CString);
+
+fn count_entries_in_parallel(
+    dir: &rustix::fd::OwnedFd,
+    path: &Path,
+    entries: Vec<DirEntryRecord>,
+    on_file: &mut dyn FnMut(&Path, &OsStr, u64),
+) -> io::Result<()> {
+    use rustix::fs::{FileType, StatxFlags};
+
+    let workers = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(2, 8);
+    // Interleaved chunks keep every thread near the same region of the inode table, so the
+    // reads stay close to sequential.
+    let chunk = 256;
+    let chunks: Vec<&[DirEntryRecord]> = entries.chunks(chunk).collect();
+    let results: Vec<io::Result<Vec<(usize, usize, u64, bool)>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|worker| {
+                let chunks = &chunks;
+                scope.spawn(move || {
+                    let mut found = Vec::new();
+                    for (chunk_index, chunk) in
+                        chunks.iter().enumerate().skip(worker).step_by(workers)
+                    {
+                        for (offset, (_, file_type, name)) in chunk.iter().enumerate() {
+                            let stat = match rustix::fs::statx(
+                                dir,
+                                name.as_c_str(),
+                                AtFlags::SYMLINK_NOFOLLOW,
+                                StatxFlags::TYPE | StatxFlags::SIZE,
+                            ) {
+                                Ok(stat) => stat,
+                                Err(rustix::io::Errno::NOENT) => continue,
+                                Err(e) => return Err(io::Error::from(e)),
+                            };
+                            let is_dir = if *file_type == FileType::Unknown {
+                                FileType::from_raw_mode(stat.stx_mode.into()) == FileType::Directory
+                            } else {
+                                *file_type == FileType::Directory
+                            };
+                            found.push((chunk_index, offset, stat.stx_size, is_dir));
+                        }
+                    }
+                    Ok(found)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("count worker panicked"))
+            .collect()
+    });
+    for result in results {
+        for (chunk_index, offset, size, is_dir) in result? {
+            let name = &chunks[chunk_index][offset].2;
+            let os_name = OsStr::from_bytes(name.to_bytes());
+            if is_dir {
+                let child = match rustix::fs::openat(
+                    dir,
+                    name.as_c_str(),
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+                    Mode::empty(),
+                ) {
+                    Ok(fd) => fd,
+                    Err(rustix::io::Errno::NOENT) => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                walk_dir(child, &path.join(os_name), Visit::Count, on_file)?;
+            } else {
+                on_file(path, os_name, size);
+            }
+        }
+    }
+    Ok(())
 }

@@ -3,8 +3,12 @@
 //! `image cache prune` empties), and replaying layers into a staging directory.
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod cache;
 pub mod digest;
+pub mod flatten;
+pub mod reference;
+pub mod registry;
 
 pub use cache::{BlobCache, BlobWriter, Lease, PruneOptions, PruneTally};
 pub use digest::Digest;

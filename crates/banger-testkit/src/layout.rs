@@ -71,7 +71,10 @@ impl OciLayoutBuilder {
     pub fn new(dir: &Path) -> io::Result<OciLayoutBuilder> {
         fs::create_dir_all(dir.join("blobs/sha256"))?;
         fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
-        let builder = OciLayoutBuilder { dir: dir.to_owned(), tagged: Vec::new() };
+        let builder = OciLayoutBuilder {
+            dir: dir.to_owned(),
+            tagged: Vec::new(),
+        };
         builder.write_index()?;
         Ok(builder)
     }
@@ -151,16 +154,21 @@ impl OciLayoutBuilder {
         layers: &[(Vec<u8>, LayerCompression)],
     ) -> io::Result<BuiltImage> {
         let image = self.build_image("amd64", layers)?;
+        self.tag_image(tag, &image)?;
+        Ok(image)
+    }
+
+    /// Tags a single image (of whatever architecture) `tag`.
+    pub fn tag_image(&mut self, tag: &str, image: &BuiltImage) -> io::Result<()> {
         self.tag(
             tag,
             json!({
                 "mediaType": "application/vnd.oci.image.manifest.v1+json",
                 "digest": image.manifest_digest,
                 "size": image.manifest_size,
-                "platform": { "architecture": "amd64", "os": "linux" },
+                "platform": { "architecture": image.architecture, "os": "linux" },
             }),
-        )?;
-        Ok(image)
+        )
     }
 
     /// Writes an image index over `images` (one per platform) and tags it `tag`; returns the
@@ -190,14 +198,18 @@ impl OciLayoutBuilder {
 
     fn tag(&mut self, tag: &str, mut descriptor: Value) -> io::Result<()> {
         descriptor["annotations"] = json!({ "org.opencontainers.image.ref.name": tag });
-        self.tagged.retain(|d| d["annotations"]["org.opencontainers.image.ref.name"] != tag);
+        self.tagged
+            .retain(|d| d["annotations"]["org.opencontainers.image.ref.name"] != tag);
         self.tagged.push(descriptor);
         self.write_index()
     }
 
     fn write_index(&self) -> io::Result<()> {
         let index = json!({ "schemaVersion": 2, "manifests": self.tagged });
-        fs::write(self.dir.join("index.json"), serde_json::to_vec_pretty(&index)?)
+        fs::write(
+            self.dir.join("index.json"),
+            serde_json::to_vec_pretty(&index)?,
+        )
     }
 }
 
@@ -224,7 +236,9 @@ pub fn tar_with_files(files: &[(&str, &[u8])]) -> Vec<u8> {
         header.set_mode(0o644);
         header.set_mtime(0);
         header.set_entry_type(tar::EntryType::Regular);
-        builder.append_data(&mut header, path, *contents).expect("append to in-memory tar");
+        builder
+            .append_data(&mut header, path, *contents)
+            .expect("append to in-memory tar");
     }
     builder.into_inner().expect("finish in-memory tar")
 }

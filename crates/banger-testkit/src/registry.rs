@@ -30,7 +30,10 @@ impl Registry {
     }
 
     fn start_inner(credentials: Option<(String, String)>) -> Registry {
-        let dir = tempfile::Builder::new().prefix("banger-registry-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("banger-registry-")
+            .tempdir()
+            .expect("tempdir");
         let auth_section = match &credentials {
             Some((user, password)) => {
                 let out = Command::new("htpasswd")
@@ -76,7 +79,12 @@ impl Registry {
                 .spawn()
                 .expect("spawn docker-registry (Debian package docker-registry)");
             if wait_until_ready(&mut child, port, Duration::from_secs(10)) {
-                return Registry { child, port, credentials, dir };
+                return Registry {
+                    child,
+                    port,
+                    credentials,
+                    dir,
+                };
             }
             let _ = child.kill();
             let _ = child.wait();
@@ -102,7 +110,9 @@ impl Registry {
 
     /// The user and password this registry demands, if any.
     pub fn credentials(&self) -> Option<(&str, &str)> {
-        self.credentials.as_ref().map(|(u, p)| (u.as_str(), p.as_str()))
+        self.credentials
+            .as_ref()
+            .map(|(u, p)| (u.as_str(), p.as_str()))
     }
 
     /// The root of the registry's filesystem storage driver.
@@ -167,7 +177,11 @@ fn free_port() -> u16 {
 fn http_get_status(port: u16, path: &str) -> Option<u16> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n").ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n"
+    )
+    .ok()?;
     let mut head = [0u8; 12];
     stream.read_exact(&mut head).ok()?;
     // "HTTP/1.1 200"
@@ -189,9 +203,19 @@ pub struct PushOptions {
     pub all_platforms: bool,
 }
 
-/// Pushes tag `tag` of the OCI layout at `dir` to `registry` as `name:tag`, unchanged.
+/// Pushes tag `tag` of the OCI layout at `dir` to `registry` as `name:tag`, byte for byte
+/// (all platforms, digests preserved).
 pub fn push_oci_layout(dir: &Path, tag: &str, registry: &Registry, name: &str) {
-    push_oci_layout_with(dir, tag, registry, name, &PushOptions { all_platforms: true, ..Default::default() })
+    push_oci_layout_with(
+        dir,
+        tag,
+        registry,
+        name,
+        &PushOptions {
+            all_platforms: true,
+            ..Default::default()
+        },
+    )
 }
 
 /// Like [`push_oci_layout`] with explicit options.
@@ -205,16 +229,23 @@ pub fn push_oci_layout_with(
     let mut cmd = Command::new("skopeo");
     // `--insecure-policy` so the test does not depend on /etc/containers/policy.json;
     // `--dest-tls-verify=false` because the registry speaks plain HTTP.
-    cmd.args(["--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false"]);
+    cmd.args([
+        "--insecure-policy",
+        "copy",
+        "--quiet",
+        "--dest-tls-verify=false",
+    ]);
     // Keep skopeo away from the invoking user's auth files and blob-info cache, which could
     // make it skip uploads it believes the registry already has.
     let scratch = tempfile::tempdir().expect("tempdir");
-    cmd.env("HOME", scratch.path()).env("XDG_RUNTIME_DIR", scratch.path());
+    cmd.env("HOME", scratch.path())
+        .env("XDG_RUNTIME_DIR", scratch.path());
     cmd.env("DOCKER_CONFIG", scratch.path());
-    let credentials = options
-        .credentials
-        .clone()
-        .or_else(|| registry.credentials().map(|(u, p)| (u.to_owned(), p.to_owned())));
+    let credentials = options.credentials.clone().or_else(|| {
+        registry
+            .credentials()
+            .map(|(u, p)| (u.to_owned(), p.to_owned()))
+    });
     if let Some((user, password)) = credentials {
         cmd.arg(format!("--dest-creds={user}:{password}"));
     }
@@ -223,6 +254,11 @@ pub fn push_oci_layout_with(
     }
     if options.docker_v2s2 {
         cmd.args(["--format", "v2s2"]);
+    }
+    if !options.zstd && !options.docker_v2s2 {
+        // Otherwise skopeo gzips uncompressed layers on the way to a registry, and the
+        // digests the test built would not be the ones it pulls.
+        cmd.arg("--preserve-digests");
     }
     if options.all_platforms {
         cmd.args(["--multi-arch", "all"]);

@@ -1,0 +1,677 @@
+//! Layer flattening against crafted layers: semantics (whiteouts, opaque directories,
+//! replacements, metadata) in both privilege modes, and refusal of malicious layers.
+
+mod flatten_support;
+
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+
+use banger_oci::flatten::{
+    EntryKind, EntryProblem, FlattenError, FlattenLimits, FlattenOptions, FlattenedTree, Flattener,
+    LayerProblem, Privilege,
+};
+use flatten_support::*;
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+fn options(privilege: Privilege) -> FlattenOptions {
+    FlattenOptions {
+        privilege,
+        ..FlattenOptions::default()
+    }
+}
+
+/// Flattens `layers` into `dir/staging`.
+fn flatten(
+    dir: &Path,
+    layers: &[(&[u8], &str)],
+    privilege: Privilege,
+) -> Result<FlattenedTree, FlattenError> {
+    let mut f = Flattener::new(dir.join("staging"), options(privilege))?;
+    for (blob, media_type) in layers {
+        f.apply_layer(*blob, media_type, &digest_of(blob))?;
+    }
+    f.finish()
+}
+
+fn refused(dir: &Path, layers: &[(&[u8], &str)]) -> (FlattenError, String) {
+    let err = flatten(dir, layers, Privilege::Detect).expect_err("layer must be refused");
+    let msg = err.to_string();
+    (err, msg)
+}
+
+fn base_layer() -> Vec<u8> {
+    let mut l = Layer::new();
+    l.dir("./", 0o755)
+        .dir("usr/", 0o755)
+        .dir("usr/bin/", 0o755)
+        .file_with("usr/bin/sudo", b"#!sudo\n", 0o4755, 0, 0)
+        .file_with("usr/bin/wall", b"wall", 0o2755, 0, 5)
+        .dir("tmp/", 0o1777)
+        .dir("home/", 0o755)
+        .entry(Spec { path: "home/dev/", kind: tar::EntryType::Directory, mode: 0o750, uid: 1000, gid: 1000, mtime: 1_500_000_000, ..Spec::default() })
+        .file_with("home/dev/notes.txt", b"uid 1000 owns me", 0o600, 1000, 1000)
+        .file("usr/bin/python3.11", b"python")
+        .hardlink("usr/bin/python3", "usr/bin/python3.11")
+        .symlink("usr/bin/python", "python3")
+        .dir("dev/", 0o755)
+        .entry(Spec { path: "dev/null", kind: tar::EntryType::Char, mode: 0o666, dev: (1, 3), ..Spec::default() })
+        .entry(Spec { path: "dev/sda", kind: tar::EntryType::Block, mode: 0o660, gid: 6, dev: (8, 0), ..Spec::default() })
+        .entry(Spec { path: "run/initctl", kind: tar::EntryType::Fifo, mode: 0o600, ..Spec::default() })
+        .entry(Spec {
+            path: "usr/bin/ping",
+            data: b"ping",
+            mode: 0o755,
+            xattrs: &[("security.capability", b"\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"), ("user.foo", b"bar")],
+            ..Spec::default()
+        })
+        .file("file with space", b"spaced");
+    l.gzip()
+}
+
+#[test]
+fn privileged_flatten_applies_ownership_modes_devices_xattrs_and_mtimes() {
+    if !is_root() {
+        eprintln!("skipping: needs root");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let blob = base_layer();
+    let tree = flatten(tmp.path(), &[(&blob, GZIP)], Privilege::Privileged).unwrap();
+    assert!(tree.privileged);
+    let root = &tree.root;
+
+    let sudo = fs::symlink_metadata(root.join("usr/bin/sudo")).unwrap();
+    assert_eq!(sudo.mode() & 0o7777, 0o4755);
+    assert_eq!((sudo.uid(), sudo.gid()), (0, 0));
+    assert_eq!(fs::read(root.join("usr/bin/sudo")).unwrap(), b"#!sudo\n");
+    let wall = fs::symlink_metadata(root.join("usr/bin/wall")).unwrap();
+    assert_eq!((wall.mode() & 0o7777, wall.gid()), (0o2755, 5));
+    assert_eq!(
+        fs::symlink_metadata(root.join("tmp")).unwrap().mode() & 0o7777,
+        0o1777
+    );
+
+    let notes = fs::symlink_metadata(root.join("home/dev/notes.txt")).unwrap();
+    assert_eq!(
+        (notes.uid(), notes.gid(), notes.mode() & 0o7777),
+        (1000, 1000, 0o600)
+    );
+    assert_eq!(notes.mtime(), MTIME as i64);
+    let home = fs::symlink_metadata(root.join("home/dev")).unwrap();
+    assert_eq!(
+        home.mtime(),
+        1_500_000_000,
+        "directory mtime is set after its content"
+    );
+
+    let py = fs::symlink_metadata(root.join("usr/bin/python3")).unwrap();
+    let py311 = fs::symlink_metadata(root.join("usr/bin/python3.11")).unwrap();
+    assert_eq!(py.ino(), py311.ino());
+    assert_eq!(py.nlink(), 2);
+    assert_eq!(
+        fs::read_link(root.join("usr/bin/python")).unwrap(),
+        Path::new("python3")
+    );
+
+    let null = fs::symlink_metadata(root.join("dev/null")).unwrap();
+    assert!(null.file_type().is_char_device());
+    assert_eq!(null.rdev(), rustix::fs::makedev(1, 3));
+    assert_eq!(null.mode() & 0o7777, 0o666);
+    assert!(fs::symlink_metadata(root.join("dev/sda"))
+        .unwrap()
+        .file_type()
+        .is_block_device());
+    assert!(fs::symlink_metadata(root.join("run/initctl"))
+        .unwrap()
+        .file_type()
+        .is_fifo());
+    // Implicit parent of run/initctl: root-owned 0755.
+    assert_eq!(
+        fs::symlink_metadata(root.join("run")).unwrap().mode() & 0o7777,
+        0o755
+    );
+
+    let cap = rustix::fs::getxattr(
+        root.join("usr/bin/ping").as_path(),
+        "security.capability",
+        &mut [0u8; 64],
+    )
+    .unwrap();
+    assert_eq!(cap, 20);
+    let mut buf = [0u8; 16];
+    let n =
+        rustix::fs::getxattr(root.join("usr/bin/ping").as_path(), "user.foo", &mut buf).unwrap();
+    assert_eq!(&buf[..n], b"bar");
+
+    assert!(
+        tree.metadata.is_empty(),
+        "nothing left for the builder: {:?}",
+        tree.metadata
+    );
+    assert_eq!((tree.entries, tree.inodes), (18, 17), "one hard link");
+    tree.remove().unwrap();
+    assert!(!tmp.path().join("staging").exists());
+}
+
+#[test]
+fn unprivileged_flatten_records_true_metadata_in_the_side_table() {
+    let tmp = tempfile::tempdir().unwrap();
+    let blob = base_layer();
+    let tree = flatten(tmp.path(), &[(&blob, GZIP)], Privilege::Unprivileged).unwrap();
+    assert!(!tree.privileged);
+    let meta = |p: &str| {
+        tree.metadata
+            .get(Path::new(p))
+            .unwrap_or_else(|| panic!("no metadata for {p}"))
+            .clone()
+    };
+
+    let sudo = meta("usr/bin/sudo");
+    assert_eq!(
+        (sudo.kind, sudo.uid, sudo.gid, sudo.mode),
+        (EntryKind::File, 0, 0, 0o4755)
+    );
+    let notes = meta("home/dev/notes.txt");
+    assert_eq!((notes.uid, notes.gid, notes.mode), (1000, 1000, 0o600));
+    assert_eq!(meta("home/dev").kind, EntryKind::Directory);
+    assert_eq!(
+        meta("dev/null").kind,
+        EntryKind::CharDevice { major: 1, minor: 3 }
+    );
+    assert_eq!(
+        meta("dev/sda").kind,
+        EntryKind::BlockDevice { major: 8, minor: 0 }
+    );
+    assert_eq!(meta("dev/sda").gid, 6);
+    assert_eq!(meta("run/initctl").kind, EntryKind::Fifo);
+    assert_eq!(meta("run").mode, 0o755);
+    assert_eq!(meta("usr/bin/python").kind, EntryKind::Symlink);
+    assert_eq!(meta("").mode, 0o755, "the root entry");
+    let ping = meta("usr/bin/ping");
+    assert_eq!(ping.xattrs.len(), 2);
+    assert_eq!(ping.xattrs[0].0, "security.capability");
+    assert_eq!(ping.xattrs[1], ("user.foo".to_owned(), b"bar".to_vec()));
+    assert_eq!(
+        meta("usr/bin/python3"),
+        meta("usr/bin/python3.11"),
+        "hard link shares the inode's record"
+    );
+
+    let root = &tree.root;
+    // Devices are staged as placeholders; nothing privileged was applied on disk.
+    assert!(fs::symlink_metadata(root.join("dev/null"))
+        .unwrap()
+        .is_file());
+    assert!(rustix::fs::getxattr(
+        root.join("usr/bin/ping").as_path(),
+        "security.capability",
+        &mut [0u8; 64]
+    )
+    .is_err());
+    // Staged modes keep the tree readable for mkfs; mtimes are still exact.
+    let notes_disk = fs::symlink_metadata(root.join("home/dev/notes.txt")).unwrap();
+    assert_eq!(notes_disk.mode() & 0o777, 0o600);
+    assert_eq!(notes_disk.mtime(), MTIME as i64);
+    assert_eq!(
+        fs::symlink_metadata(root.join("home/dev")).unwrap().mtime(),
+        1_500_000_000
+    );
+}
+
+#[test]
+fn whiteouts_remove_lower_entries_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lower = Layer::new()
+        .file("a/x", b"x")
+        .file("a/y", b"y")
+        .file("b/z", b"z")
+        .file("c", b"c")
+        .tar();
+    let upper = Layer::new()
+        .file("a/.wh.x", b"")
+        .file(".wh.b", b"")
+        // Same-layer entries survive their whiteout, in either order.
+        .file("c", b"new c")
+        .file(".wh.c", b"")
+        .file(".wh.d", b"")
+        .file("d", b"d")
+        .file("a/.wh.missing", b"")
+        .file("nodir/.wh.ghost", b"")
+        .zstd();
+    let tree = flatten(
+        tmp.path(),
+        &[(&lower, TAR), (&upper, ZSTD)],
+        Privilege::Unprivileged,
+    )
+    .unwrap();
+    let r = &tree.root;
+    assert!(!r.join("a/x").exists());
+    assert_eq!(fs::read(r.join("a/y")).unwrap(), b"y");
+    assert!(!r.join("b").exists());
+    assert_eq!(fs::read(r.join("c")).unwrap(), b"new c");
+    assert_eq!(fs::read(r.join("d")).unwrap(), b"d");
+    assert!(!r.join("a/.wh.x").exists() && !r.join(".wh.b").exists());
+    assert!(!r.join("nodir").exists(), "a whiteout creates nothing");
+    assert!(
+        !tree.metadata.contains_key(Path::new("b/z")),
+        "side table follows removals"
+    );
+    assert!(tree.metadata.contains_key(Path::new("a/y")));
+}
+
+#[test]
+fn opaque_directory_hides_lower_content_but_keeps_its_own_layer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lower = Layer::new()
+        .file("d/old", b"old")
+        .file("d/sub/old2", b"old2")
+        .file("d2/keep", b"keep")
+        .gzip();
+    // Entries before and after the marker, and in a subdirectory, all belong to the layer.
+    let upper = Layer::new()
+        .dir("d/", 0o755)
+        .file("d/new", b"new")
+        .file("d/sub/new2", b"new2")
+        .file("d/.wh..wh..opq", b"")
+        .file("d/after", b"after")
+        .gzip();
+    let tree = flatten(
+        tmp.path(),
+        &[(&lower, GZIP), (&upper, DOCKER_GZIP)],
+        Privilege::Detect,
+    )
+    .unwrap();
+    let r = &tree.root;
+    assert!(!r.join("d/old").exists());
+    assert!(!r.join("d/sub/old2").exists());
+    assert_eq!(fs::read(r.join("d/new")).unwrap(), b"new");
+    assert_eq!(fs::read(r.join("d/sub/new2")).unwrap(), b"new2");
+    assert_eq!(fs::read(r.join("d/after")).unwrap(), b"after");
+    assert_eq!(fs::read(r.join("d2/keep")).unwrap(), b"keep");
+    assert!(!r.join("d/.wh..wh..opq").exists());
+}
+
+#[test]
+fn later_layers_replace_dirs_with_files_and_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let l1 = Layer::new()
+        .file("p/inner", b"1")
+        .file("q", b"q")
+        .symlink("s", "q")
+        .gzip();
+    let l2 = Layer::new()
+        .file("p", b"now a file")
+        .dir("q/", 0o700)
+        .file("q/x", b"x")
+        .file("s", b"plain")
+        .gzip();
+    let tree = flatten(
+        tmp.path(),
+        &[(&l1, GZIP), (&l2, GZIP)],
+        Privilege::Unprivileged,
+    )
+    .unwrap();
+    let r = &tree.root;
+    assert_eq!(fs::read(r.join("p")).unwrap(), b"now a file");
+    assert!(fs::symlink_metadata(r.join("q")).unwrap().is_dir());
+    assert_eq!(fs::read(r.join("q/x")).unwrap(), b"x");
+    assert!(
+        fs::symlink_metadata(r.join("s")).unwrap().is_file(),
+        "symlink replaced, not written through"
+    );
+    assert!(!tree.metadata.contains_key(Path::new("p/inner")));
+    assert_eq!(tree.metadata[Path::new("q")].mode, 0o700);
+}
+
+#[test]
+fn writes_through_absolute_symlinks_resolve_inside_the_root() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Debian's /var/run -> /run, and a chain through a relative link.
+    let l1 = Layer::new()
+        .dir("run/", 0o755)
+        .dir("var/", 0o755)
+        .symlink("var/run", "/run")
+        .symlink("lib", "usr/lib")
+        .dir("usr/lib/", 0o755)
+        .tar();
+    let l2 = Layer::new()
+        .file("var/run/app.pid", b"42")
+        .file("lib/libc.so", b"elf")
+        .gzip();
+    let tree = flatten(
+        tmp.path(),
+        &[(&l1, TAR), (&l2, GZIP)],
+        Privilege::Unprivileged,
+    )
+    .unwrap();
+    let r = &tree.root;
+    assert_eq!(fs::read(r.join("run/app.pid")).unwrap(), b"42");
+    assert_eq!(fs::read(r.join("usr/lib/libc.so")).unwrap(), b"elf");
+    // The side table is keyed by the real location, which is what the builder patches.
+    assert!(tree.metadata.contains_key(Path::new("run/app.pid")));
+    assert!(tree.metadata.contains_key(Path::new("usr/lib/libc.so")));
+    assert_eq!(fs::read_link(r.join("var/run")).unwrap(), Path::new("/run"));
+}
+
+#[test]
+fn plain_media_type_sniffs_gzip_and_zstd() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = Layer::new().file("g", b"gz").gzip();
+    let z = Layer::new().file("z", b"zs").zstd();
+    let t = Layer::new().file("t", b"tar").tar();
+    let tree = flatten(
+        tmp.path(),
+        &[(&g, TAR), (&z, "application/octet-stream"), (&t, "")],
+        Privilege::Detect,
+    )
+    .unwrap();
+    for (name, body) in [("g", &b"gz"[..]), ("z", b"zs"), ("t", b"tar")] {
+        assert_eq!(fs::read(tree.root.join(name)).unwrap(), body);
+    }
+}
+
+#[test]
+fn staging_must_be_empty() {
+    let tmp = tempfile::tempdir().unwrap();
+    fs::create_dir(tmp.path().join("staging")).unwrap();
+    fs::write(tmp.path().join("staging/leftover"), b"").unwrap();
+    let err = Flattener::new(tmp.path().join("staging"), FlattenOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("not empty"), "{err}");
+}
+
+/// Asserts the error names the layer digest and the entry, and is of the expected kind.
+fn assert_entry_refusal(err: &FlattenError, msg: &str, blob: &[u8], entry: &str) {
+    assert!(matches!(err, FlattenError::Entry { .. }), "{err:?}");
+    assert!(
+        msg.contains(&digest_of(blob).to_string()),
+        "message lacks the digest: {msg}"
+    );
+    assert!(
+        msg.contains(entry),
+        "message lacks the entry {entry:?}: {msg}"
+    );
+}
+
+#[test]
+fn dot_dot_names_are_refused() {
+    for name in ["../escape", "/../../etc/x", "a/../../x", "./../sibling"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let blob = Layer::new().file("fine", b"ok").file(name, b"pwned").gzip();
+        let (err, msg) = refused(tmp.path(), &[(&blob, GZIP)]);
+        assert_entry_refusal(&err, &msg, &blob, name);
+        assert!(
+            matches!(
+                err,
+                FlattenError::Entry {
+                    problem: EntryProblem::EscapesRoot,
+                    ..
+                }
+            ),
+            "{msg}"
+        );
+        assert!(!tmp.path().join("escape").exists() && !tmp.path().join("sibling").exists());
+    }
+}
+
+#[test]
+fn writing_through_a_symlink_that_leaves_the_root_is_refused() {
+    // staging is TMP/staging; the victim area is TMP/victim, reachable as ../victim.
+    let cases: &[(&str, &str)] = &[
+        ("../../../../../../victim", "evil/pwned"),
+        ("../victim", "evil/pwned"),
+        ("/../victim", "evil/pwned"),
+        ("sub/../../victim", "evil/pwned"),
+    ];
+    for (target, write) in cases {
+        let tmp = tempfile::tempdir().unwrap();
+        let victim = tmp.path().join("victim");
+        fs::create_dir(&victim).unwrap();
+        let l1 = Layer::new()
+            .dir("sub/", 0o755)
+            .symlink("evil", target)
+            .gzip();
+        let l2 = Layer::new().file(write, b"pwned").gzip();
+        let (err, msg) = refused(tmp.path(), &[(&l1, GZIP), (&l2, GZIP)]);
+        assert_entry_refusal(&err, &msg, &l2, write);
+        assert!(
+            matches!(
+                err,
+                FlattenError::Entry {
+                    problem: EntryProblem::SymlinkEscapes { .. },
+                    ..
+                }
+            ),
+            "{msg}"
+        );
+        assert_eq!(
+            fs::read_dir(&victim).unwrap().count(),
+            0,
+            "something was written outside: {target}"
+        );
+    }
+    // Same layer, and through a chain of links, and a directory entry.
+    let tmp = tempfile::tempdir().unwrap();
+    let victim = tmp.path().join("victim");
+    fs::create_dir(&victim).unwrap();
+    let blob = Layer::new()
+        .symlink("one", "two")
+        .symlink("two", "../victim")
+        .dir("one/newdir/", 0o755)
+        .gzip();
+    let (err, msg) = refused(tmp.path(), &[(&blob, GZIP)]);
+    assert_entry_refusal(&err, &msg, &blob, "one/newdir/");
+    assert_eq!(fs::read_dir(&victim).unwrap().count(), 0);
+}
+
+#[test]
+fn symlink_loops_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let blob = Layer::new()
+        .symlink("a", "b")
+        .symlink("b", "a")
+        .file("a/x", b"")
+        .gzip();
+    let (err, msg) = refused(tmp.path(), &[(&blob, GZIP)]);
+    assert!(
+        matches!(
+            err,
+            FlattenError::Entry {
+                problem: EntryProblem::SymlinkLoop,
+                ..
+            }
+        ),
+        "{msg}"
+    );
+}
+
+#[test]
+fn hardlinks_to_outside_the_root_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    fs::write(tmp.path().join("passwd"), b"root:x:0:0").unwrap();
+    for target in ["../passwd", "/../passwd", "/etc/passwd", "escape/passwd"] {
+        let staging = tmp.path().join("staging");
+        let _ = fs::remove_dir_all(&staging);
+        let blob = Layer::new()
+            .symlink("escape", "..")
+            .hardlink("stolen", target)
+            .gzip();
+        let (err, msg) = refused(tmp.path(), &[(&blob, GZIP)]);
+        assert_entry_refusal(&err, &msg, &blob, "stolen");
+        assert!(
+            matches!(
+                err,
+                FlattenError::Entry {
+                    problem: EntryProblem::HardlinkTarget { .. },
+                    ..
+                }
+            ),
+            "{msg}"
+        );
+        assert!(!staging.join("stolen").exists());
+        assert_eq!(fs::metadata(tmp.path().join("passwd")).unwrap().nlink(), 1);
+    }
+}
+
+#[test]
+fn gzip_bomb_over_the_limit_is_cut_off_and_staging_can_be_discarded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let zeros = vec![0u8; 32 << 20];
+    let blob = Layer::new().file("bomb", &zeros).gzip();
+    assert!(blob.len() < 1 << 20, "compresses well: {}", blob.len());
+    let limits = FlattenLimits {
+        max_uncompressed_bytes: 8 << 20,
+        ..FlattenLimits::default()
+    };
+    let staging = tmp.path().join("staging");
+    let mut f = Flattener::new(
+        &staging,
+        FlattenOptions {
+            limits,
+            ..FlattenOptions::default()
+        },
+    )
+    .unwrap();
+    let err = f
+        .apply_layer(&blob[..], GZIP, &digest_of(&blob))
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, FlattenError::Layer { problem: LayerProblem::SizeLimit { limit }, .. } if limit == 8 << 20),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&digest_of(&blob).to_string()) && msg.contains("limit"),
+        "{msg}"
+    );
+    let written = fs::metadata(staging.join("bomb"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    assert!(written <= 8 << 20, "wrote {written} bytes past the limit");
+    f.discard().unwrap();
+    assert!(!staging.exists());
+}
+
+#[test]
+fn limit_counts_across_layers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let blob = Layer::new().file("f", &[7u8; 600 << 10]).gzip();
+    let limits = FlattenLimits {
+        max_uncompressed_bytes: 1 << 20,
+        ..FlattenLimits::default()
+    };
+    let mut f = Flattener::new(
+        tmp.path().join("s"),
+        FlattenOptions {
+            limits,
+            ..FlattenOptions::default()
+        },
+    )
+    .unwrap();
+    f.apply_layer(&blob[..], GZIP, &digest_of(&blob)).unwrap();
+    let err = f
+        .apply_layer(&blob[..], GZIP, &digest_of(&blob))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            FlattenError::Layer {
+                problem: LayerProblem::SizeLimit { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn truncated_or_corrupt_streams_are_errors_naming_the_layer() {
+    let tar_bytes = Layer::new()
+        .file("a", &[1u8; 100_000])
+        .file("b", b"b")
+        .tar();
+    let gz = gzip(&tar_bytes);
+    let zst = zstd::encode_all(&tar_bytes[..], 3).unwrap();
+    let mut flipped = gz.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0xff;
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (gz[..gz.len() / 2].to_vec(), GZIP),
+        // Only the CRC/size trailer missing: the tar itself is complete.
+        (gz[..gz.len() - 8].to_vec(), GZIP),
+        (flipped, GZIP),
+        (zst[..zst.len() - 3].to_vec(), ZSTD),
+        (tar_bytes[..50_000].to_vec(), TAR),
+        (b"definitely not gzip".to_vec(), GZIP),
+    ];
+    for (i, (blob, media_type)) in cases.iter().enumerate() {
+        let tmp = tempfile::tempdir().unwrap();
+        let err = flatten(tmp.path(), &[(blob, media_type)], Privilege::Detect)
+            .expect_err(&format!("case {i} must fail"));
+        let msg = err.to_string();
+        assert_eq!(err.layer(), Some(&digest_of(blob)), "case {i}: {msg}");
+        assert!(
+            msg.contains(&digest_of(blob).to_string()),
+            "case {i}: {msg}"
+        );
+    }
+}
+
+#[test]
+fn inject_file_writes_inside_the_root_through_in_root_symlinks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let blob = Layer::new()
+        .dir("usr/", 0o755)
+        .symlink("etc", "/usr/etc")
+        .gzip();
+    let mut tree = flatten(tmp.path(), &[(&blob, GZIP)], Privilege::Unprivileged).unwrap();
+    tree.inject_file(
+        Path::new("/etc/banger/agent.toml"),
+        b"port = 1",
+        0o600,
+        0,
+        0,
+    )
+    .unwrap();
+    assert_eq!(
+        fs::read(tree.root.join("usr/etc/banger/agent.toml")).unwrap(),
+        b"port = 1"
+    );
+    assert_eq!(
+        tree.metadata[Path::new("usr/etc/banger/agent.toml")].mode,
+        0o600
+    );
+    assert_eq!(
+        tree.metadata[Path::new("usr/etc/banger")].kind,
+        EntryKind::Directory
+    );
+    assert!(tree
+        .inject_file(Path::new("/../x"), b"", 0o600, 0, 0)
+        .is_err());
+}
+
+/// Not a correctness test: prints how long a few-thousand-file layer takes.
+#[test]
+fn timing_many_small_files() {
+    let mut l = Layer::new();
+    let body = vec![b'x'; 2048];
+    for d in 0..50 {
+        l.dir(&format!("usr/share/d{d}/"), 0o755);
+        for f in 0..80 {
+            l.file(&format!("usr/share/d{d}/file{f}"), &body);
+        }
+    }
+    let blob = l.gzip();
+    let tmp = tempfile::tempdir().unwrap();
+    let start = std::time::Instant::now();
+    let tree = flatten(tmp.path(), &[(&blob, GZIP)], Privilege::Detect).unwrap();
+    let took = start.elapsed();
+    assert_eq!(tree.entries, 2 + 50 + 4000);
+    eprintln!(
+        "flattened 4000 files ({} KiB gzip) in {took:?}",
+        blob.len() / 1024
+    );
+}
