@@ -850,6 +850,9 @@ const PARALLEL_COUNT_THRESHOLD: usize = 4096;
 
 type DirEntryRecord = (u64, rustix::fs::FileType, std::ffi::CString);
 
+/// (chunk, offset in chunk, size, is a directory) for one counted entry.
+type CountedEntry = (usize, usize, u64, bool);
+
 fn count_entries_in_parallel(
     dir: &rustix::fd::OwnedFd,
     path: &Path,
@@ -865,7 +868,7 @@ fn count_entries_in_parallel(
     // reads stay close to sequential.
     let chunk = 256;
     let chunks: Vec<&[DirEntryRecord]> = entries.chunks(chunk).collect();
-    let results: Vec<io::Result<Vec<(usize, usize, u64, bool)>>> = std::thread::scope(|scope| {
+    let results: Vec<io::Result<Vec<CountedEntry>>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)
             .map(|worker| {
                 let chunks = &chunks;

@@ -49,7 +49,7 @@ fn age(cache: &BlobCache, digest: &Digest, ago: Duration) {
     };
     rustix::fs::utimensat(
         rustix::fs::CWD,
-        &cache.blob_path(digest),
+        cache.blob_path(digest),
         &times,
         rustix::fs::AtFlags::empty(),
     )
