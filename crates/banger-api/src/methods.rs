@@ -97,6 +97,88 @@ pub struct ImageCachePruneResult {
     pub cache_dir: String,
 }
 
+/// `image.pull`: download an image from a registry and build its root filesystem.
+pub struct ImagePull;
+impl Method for ImagePull {
+    const NAME: &'static str = "image.pull";
+    type Params = ImagePullParams;
+    type Result = ImageInfo;
+}
+
+/// Params of `image.pull`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImagePullParams {
+    /// Image reference: `debian:bookworm`, `ghcr.io/o/i@sha256:…`, `127.0.0.1:5000/x:tag`.
+    pub reference: String,
+    /// Name to publish under; derived from the reference when absent (`debian-bookworm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Size of the root filesystem in bytes; default max(content × 1.5, 1 GiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
+}
+
+/// A published image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageInfo {
+    /// Stable id (16 hex).
+    pub id: String,
+    /// Unique name.
+    pub name: String,
+    /// Where it came from: the reference as pulled, or the imported path.
+    pub reference: String,
+    /// Digest of the image manifest.
+    pub manifest_digest: String,
+    /// Digest of the image configuration.
+    pub config_digest: String,
+    /// Apparent size of `rootfs.ext4` in bytes (it is sparse).
+    pub size_bytes: u64,
+    /// RFC 3339 UTC time of publication.
+    pub created_at: String,
+    /// Path of the root filesystem image.
+    pub rootfs: String,
+}
+
+/// `image.list`: every published image, by name.
+pub struct ImageList;
+impl Method for ImageList {
+    const NAME: &'static str = "image.list";
+    type Params = NoParams;
+    type Result = ImageListResult;
+}
+
+/// Result of `image.list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageListResult {
+    /// Images sorted by name.
+    pub images: Vec<ImageInfo>,
+}
+
+/// Params naming one image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageNameParams {
+    /// The image's name.
+    pub name: String,
+}
+
+/// `image.show`: one image.
+pub struct ImageShow;
+impl Method for ImageShow {
+    const NAME: &'static str = "image.show";
+    type Params = ImageNameParams;
+    type Result = ImageInfo;
+}
+
+/// `image.rm`: delete an image's files and record.
+pub struct ImageRm;
+impl Method for ImageRm {
+    const NAME: &'static str = "image.rm";
+    type Params = ImageNameParams;
+    type Result = ImageInfo;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

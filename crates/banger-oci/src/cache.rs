@@ -280,15 +280,20 @@ impl BlobCache {
         expected_size: Option<u64>,
     ) -> io::Result<BlobWriter> {
         let dir = self.blobs_dir();
-        fs::DirBuilder::new()
-            .mode(0o755)
-            .recursive(true)
-            .create(&dir)?;
-        let fd = rustix::fs::open(
-            &dir,
-            OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o644),
-        )?;
+        // Under the lock: a prune renaming the cache aside between creating the directory
+        // and opening the temp file in it would make the open fail.
+        let fd = {
+            let _guard = self.lock_leases();
+            fs::DirBuilder::new()
+                .mode(0o755)
+                .recursive(true)
+                .create(&dir)?;
+            rustix::fs::open(
+                &dir,
+                OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o644),
+            )?
+        };
         Ok(BlobWriter {
             cache: Arc::clone(self),
             file: io::BufWriter::with_capacity(1 << 20, File::from(fd)),

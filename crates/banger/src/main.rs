@@ -3,11 +3,17 @@
 
 mod client;
 mod format;
+mod progress;
+
+use std::io::IsTerminal;
 
 use std::process::ExitCode;
 
 use anyhow::Context;
-use banger_api::{DaemonPing, ImageCachePrune, ImageCachePruneParams, NoParams};
+use banger_api::{
+    DaemonPing, ImageCachePrune, ImageCachePruneParams, ImageList, ImageNameParams, ImagePull,
+    ImagePullParams, ImageRm, ImageShow, NoParams,
+};
 use clap::{CommandFactory, Parser, Subcommand};
 use clap_complete::Shell;
 use client::{CallError, Client};
@@ -57,6 +63,29 @@ enum CompletionShell {
 
 #[derive(Debug, Subcommand)]
 enum ImageCommand {
+    /// Pull an image from a registry and build its root filesystem.
+    Pull {
+        /// Image reference, e.g. debian:bookworm or 127.0.0.1:5000/x:tag.
+        reference: String,
+        /// Name to publish under (default: derived from the reference, e.g. debian-bookworm).
+        #[arg(long)]
+        name: Option<String>,
+        /// Size of the root filesystem (default: max(content x 1.5, 1 GiB)), e.g. 4GiB.
+        #[arg(long, value_name = "SIZE", value_parser = format::parse_size)]
+        size: Option<u64>,
+    },
+    /// List images.
+    List,
+    /// Show one image.
+    Show {
+        /// The image's name.
+        name: String,
+    },
+    /// Delete an image's root filesystem and record.
+    Rm {
+        /// The image's name.
+        name: String,
+    },
     /// The OCI layer cache.
     Cache {
         #[command(subcommand)]
@@ -218,6 +247,82 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Image {
+            command:
+                ImageCommand::Pull {
+                    reference,
+                    name,
+                    size,
+                },
+        } => {
+            let mut client = client::connect_or_start(&layout(cli.system)?)?;
+            let params = ImagePullParams {
+                reference,
+                name,
+                size_bytes: size,
+            };
+            let mut bars = progress::Bars::new(!cli.json && std::io::stderr().is_terminal());
+            let result = client
+                .call_with_progress::<ImagePull>(&params, |p| bars.update(&p))
+                .map_err(anyhow::Error::from);
+            bars.finish();
+            let info = result?;
+            if cli.json {
+                print_json(&info)?;
+            } else {
+                println!(
+                    "pulled {} as {} ({}, {})",
+                    info.reference,
+                    info.name,
+                    info.manifest_digest,
+                    format::format_bytes(info.size_bytes)
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Image {
+            command: ImageCommand::List,
+        } => {
+            let mut client = client::connect_or_start(&layout(cli.system)?)?;
+            let result = call::<ImageList>(&mut client, &NoParams {})?;
+            if cli.json {
+                print_json(&result)?;
+            } else {
+                print_image_table(&result.images);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Image {
+            command: ImageCommand::Show { name },
+        } => {
+            let mut client = client::connect_or_start(&layout(cli.system)?)?;
+            let info = call::<ImageShow>(&mut client, &ImageNameParams { name })?;
+            if cli.json {
+                print_json(&info)?;
+            } else {
+                println!("name:      {}", info.name);
+                println!("id:        {}", info.id);
+                println!("reference: {}", info.reference);
+                println!("manifest:  {}", info.manifest_digest);
+                println!("config:    {}", info.config_digest);
+                println!("size:      {}", format::format_bytes(info.size_bytes));
+                println!("created:   {}", info.created_at);
+                println!("rootfs:    {}", info.rootfs);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Image {
+            command: ImageCommand::Rm { name },
+        } => {
+            let mut client = client::connect_or_start(&layout(cli.system)?)?;
+            let info = call::<ImageRm>(&mut client, &ImageNameParams { name })?;
+            if cli.json {
+                print_json(&info)?;
+            } else {
+                println!("removed {} ({})", info.name, info.id);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Image {
             command: ImageCommand::Cache { command },
         } => match command {
             CacheCommand::Prune {
@@ -250,6 +355,28 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
         },
+    }
+}
+
+fn print_image_table(images: &[banger_api::ImageInfo]) {
+    let width = images
+        .iter()
+        .map(|i| i.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    println!(
+        "{:<width$}  {:>9}  {:<20}  REFERENCE",
+        "NAME", "SIZE", "CREATED"
+    );
+    for image in images {
+        println!(
+            "{:<width$}  {:>9}  {:<20}  {}",
+            image.name,
+            format::format_bytes(image.size_bytes),
+            image.created_at,
+            image.reference
+        );
     }
 }
 

@@ -6,7 +6,8 @@ use std::future::Future;
 use std::sync::Arc;
 
 use banger_api::{
-    DaemonMethods, DaemonPing, DaemonShutdown, ImageCachePrune, Method, MethodsResult,
+    DaemonMethods, DaemonPing, DaemonShutdown, ImageCachePrune, ImageList, ImageListResult,
+    ImagePull, ImageRm, ImageShow, Method, MethodsResult,
 };
 use futures::future::BoxFuture;
 use serde_json::Value;
@@ -41,6 +42,14 @@ impl Dispatch {
         d.route::<DaemonPing, _, _>(|s, _, _| async move { Ok(s.daemon.ping()) });
         d.route::<DaemonShutdown, _, _>(|s, _, _| async move { Ok(s.daemon.shutdown()) });
         d.route::<ImageCachePrune, _, _>(|s, _, p| async move { s.image.prune_oci_cache(p).await });
+        d.route::<ImagePull, _, _>(|s, ctx, p| async move { s.image.pull(&ctx, p).await });
+        d.route::<ImageList, _, _>(|s, _, _| async move {
+            Ok(ImageListResult {
+                images: s.image.list()?,
+            })
+        });
+        d.route::<ImageShow, _, _>(|s, _, p| async move { s.image.show(&p.name) });
+        d.route::<ImageRm, _, _>(|s, _, p| async move { s.image.remove(&p.name) });
         // Listed last so it sees every other entry, itself included.
         let mut names: Vec<String> = d.methods().iter().map(|m| m.to_string()).collect();
         names.push(DaemonMethods::NAME.to_owned());

@@ -64,7 +64,9 @@ async fn serve(layout: Layout) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let server = Server::bind(&layout)?;
-    let store = Store::open(&layout.database())?;
+    let config = bangerd::config::Config::load(&layout.config_file())
+        .with_context(|| format!("read {}", layout.config_file().display()))?;
+    let store = Arc::new(Store::open(&layout.database())?);
     tracing::info!(
         pid = std::process::id(),
         version = banger_api::VERSION,
@@ -73,7 +75,20 @@ async fn serve(layout: Layout) -> anyhow::Result<()> {
         "bangerd started"
     );
     let shutdown = CancellationToken::new();
-    let image = ImageService::new(layout.clone());
+    let registry = banger_oci::registry::RegistryConfig {
+        insecure_registries: config.insecure_registries.clone(),
+        docker_config: config.docker_config.clone(),
+    };
+    let image = ImageService::new(layout.clone(), Arc::clone(&store), registry);
+    // Before serving: a crash mid-pull or mid-publish left staging trees or an unrecorded
+    // image directory; neither may ever be seen as an image.
+    let repaired = image.recover().context("recover images after a crash")?;
+    if repaired > 0 {
+        tracing::info!(
+            removed = repaired,
+            "removed leftovers of interrupted image builds"
+        );
+    }
     // A prune that crashed mid-way left its renamed-aside cache behind; reclaim it without
     // delaying start-up.
     let cache = Arc::clone(image.cache());

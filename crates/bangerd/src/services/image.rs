@@ -1,27 +1,68 @@
-//! Images and the OCI layer cache.
+//! Images and the OCI layer cache: pull, import, list, show, rm, cache prune.
+//!
+//! An image is built entirely under `<state>/staging/<id>/`, published by one rename to
+//! `<state>/images/<id>/`, and only then recorded in the store. A crash at any point leaves
+//! staging leftovers or an unrecorded directory, both removed by [`ImageService::recover`]
+//! at start-up: there is either no image or a whole one.
 
+use std::io::{BufReader, Write};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use banger_api::{ImageCachePruneParams, ImageCachePruneResult};
+use anyhow::Context;
+use banger_api::{
+    ErrorKind, ImageCachePruneParams, ImageCachePruneResult, ImageInfo, ImagePullParams, Progress,
+};
 use banger_oci::cache::{PruneFs, RealFs};
-use banger_oci::{BlobCache, PruneOptions};
+use banger_oci::flatten::{FlattenOptions, Flattener};
+use banger_oci::reference::{default_image_name, ImageRef};
+use banger_oci::registry::{LayerDescriptor, RegistryClient, RegistryConfig, RegistryError};
+use banger_oci::{BlobCache, Digest, PruneOptions};
+use futures::StreamExt;
+use rusqlite::{params, OptionalExtension};
 
 use crate::layout::Layout;
+use crate::services::CallContext;
+use crate::store::Store;
 use crate::ServiceError;
+
+/// Layers downloaded at once by one pull.
+const PARALLEL_LAYER_FETCHES: usize = 3;
 
 /// Pulls, builds and keeps images; owns the layer cache.
 #[derive(Debug)]
 pub struct ImageService {
     layout: Layout,
     cache: Arc<BlobCache>,
+    registry: RegistryClient,
+    store: Arc<Store>,
+}
+
+/// One layer to replay: where its bytes are and how they are compressed.
+struct LayerSource {
+    digest: Digest,
+    media_type: String,
+    path: Option<PathBuf>,
+}
+
+/// What a finished build hands to publication.
+struct BuiltImage {
+    id: String,
+    dir: PathBuf,
+    size_bytes: u64,
 }
 
 impl ImageService {
-    /// The service for `layout`.
-    pub fn new(layout: Layout) -> Self {
+    /// The service for `layout`, recording images in `store`.
+    pub fn new(layout: Layout, store: Arc<Store>, registry: RegistryConfig) -> Self {
         let cache = BlobCache::new(layout.oci_cache_dir());
-        ImageService { layout, cache }
+        ImageService {
+            layout,
+            cache,
+            registry: RegistryClient::new(registry),
+            store,
+        }
     }
 
     /// The layer cache, shared with pulls.
@@ -32,6 +73,303 @@ impl ImageService {
     /// The installation's paths.
     pub fn layout(&self) -> &Layout {
         &self.layout
+    }
+
+    /// Start-up repair after a crash: removes everything under the staging directory and
+    /// every image directory the store does not record. Returns how many were removed.
+    pub fn recover(&self) -> anyhow::Result<usize> {
+        let mut removed = 0;
+        let staging = self.layout.staging_dir();
+        if let Ok(entries) = std::fs::read_dir(&staging) {
+            for entry in entries {
+                let path = entry.context("read staging dir")?.path();
+                remove_any(&path)
+                    .with_context(|| format!("remove staging leftover {}", path.display()))?;
+                removed += 1;
+            }
+        }
+        let known: Vec<String> = {
+            let conn = self.store.conn();
+            let mut stmt = conn
+                .prepare("SELECT id FROM images")
+                .context("list image ids")?;
+            let ids = stmt
+                .query_map([], |row| row.get(0))
+                .context("list image ids")?;
+            ids.collect::<Result<_, _>>().context("list image ids")?
+        };
+        if let Ok(entries) = std::fs::read_dir(self.layout.images_dir()) {
+            for entry in entries {
+                let entry = entry.context("read images dir")?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !known.contains(&name) {
+                    remove_any(&entry.path()).with_context(|| {
+                        format!("remove unrecorded image {}", entry.path().display())
+                    })?;
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Pulls `params.reference` into the layer cache, flattens it and publishes its root
+    /// filesystem under `params.name` (default: derived from the reference).
+    pub async fn pull(
+        &self,
+        ctx: &CallContext,
+        params: ImagePullParams,
+    ) -> Result<ImageInfo, ServiceError> {
+        let reference = ImageRef::parse(&params.reference).map_err(ServiceError::bad_request)?;
+        let name = params
+            .name
+            .clone()
+            .unwrap_or_else(|| default_image_name(&reference));
+        validate_image_name(&name)?;
+        self.ensure_name_free(&name)?;
+
+        ctx.progress(Progress {
+            task: "resolve".into(),
+            message: format!("resolving {reference}"),
+            ..Default::default()
+        });
+        let image = self
+            .registry
+            .resolve(&reference)
+            .await
+            .map_err(registry_error)?;
+        // Held until the image is published: no prune may delete a layer we still read.
+        let _lease = self
+            .cache
+            .lease(image.layers.iter().map(|l| l.digest.clone()));
+        // Built into a Vec first: a lazy `map` inside the stream makes the future's `Send`
+        // depend on higher-ranked lifetimes rustc cannot prove, and dispatch must spawn it.
+        let fetches: Vec<_> = image
+            .layers
+            .iter()
+            .map(|layer| self.fetch_layer(ctx, &reference, layer))
+            .collect();
+        let results: Vec<Result<(), ServiceError>> = futures::stream::iter(fetches)
+            .buffer_unordered(PARALLEL_LAYER_FETCHES)
+            .collect()
+            .await;
+        results.into_iter().collect::<Result<Vec<()>, _>>()?;
+
+        let layers = image
+            .layers
+            .iter()
+            .map(|l| LayerSource {
+                digest: l.digest.clone(),
+                media_type: l.media_type.clone(),
+                path: None,
+            })
+            .collect();
+        let built = self
+            .build(ctx, layers, &image.raw_config, params.size_bytes)
+            .await?;
+        self.publish(
+            built,
+            &name,
+            &reference.to_string(),
+            &image.manifest_digest.to_string(),
+            &image.config_digest.to_string(),
+        )
+    }
+
+    async fn fetch_layer(
+        &self,
+        ctx: &CallContext,
+        reference: &ImageRef,
+        layer: &LayerDescriptor,
+    ) -> Result<(), ServiceError> {
+        let task = layer.digest.to_string();
+        let total = Some(layer.size);
+        let outcome = self
+            .registry
+            .fetch_blob_into_cache(reference, layer, &self.cache, |bytes| {
+                ctx.progress(Progress {
+                    task: task.clone(),
+                    message: "downloading".into(),
+                    current: bytes,
+                    total,
+                    done: false,
+                })
+            })
+            .await
+            .map_err(registry_error)?;
+        let message = match outcome {
+            banger_oci::registry::FetchOutcome::AlreadyCached => "cached",
+            banger_oci::registry::FetchOutcome::Downloaded { .. } => "downloaded",
+        };
+        ctx.progress(Progress {
+            task,
+            message: message.into(),
+            current: layer.size,
+            total,
+            done: true,
+        });
+        Ok(())
+    }
+
+    /// Flattens `layers` and builds the root filesystem under a fresh staging directory.
+    /// On any failure the staging directory is removed before the error returns.
+    async fn build(
+        &self,
+        ctx: &CallContext,
+        layers: Vec<LayerSource>,
+        raw_config: &[u8],
+        size_bytes: Option<u64>,
+    ) -> Result<BuiltImage, ServiceError> {
+        let id = hex::encode(rand::random::<[u8; 8]>());
+        let staging = self.layout.staging_dir().join(&id);
+        let cache = Arc::clone(&self.cache);
+        let raw_config = raw_config.to_vec();
+        let ctx = ctx.clone();
+        let job_staging = staging.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            build_rootfs(&ctx, &cache, &job_staging, layers, &raw_config, size_bytes)
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("image build task panicked: {e}"));
+        match result {
+            Ok(Ok(size_bytes)) => Ok(BuiltImage {
+                id,
+                dir: staging.join("image"),
+                size_bytes,
+            }),
+            Ok(Err(error)) | Err(error) => {
+                if let Err(cleanup) = remove_any(&staging) {
+                    tracing::warn!(staging = %staging.display(), error = %cleanup, "could not remove staging dir");
+                }
+                Err(error.into())
+            }
+        }
+    }
+
+    /// Renames the finished image directory into place, then records it. A name taken in
+    /// the meantime undoes the rename.
+    fn publish(
+        &self,
+        built: BuiltImage,
+        name: &str,
+        reference: &str,
+        manifest_digest: &str,
+        config_digest: &str,
+    ) -> Result<ImageInfo, ServiceError> {
+        let images = self.layout.images_dir();
+        std::fs::create_dir_all(&images).with_context(|| format!("create {}", images.display()))?;
+        let final_dir = images.join(&built.id);
+        std::fs::rename(&built.dir, &final_dir)
+            .with_context(|| format!("publish image into {}", final_dir.display()))?;
+        sync_dir(&images)?;
+        let _ = std::fs::remove_dir(built.dir.parent().unwrap_or(&built.dir));
+        let info = ImageInfo {
+            id: built.id.clone(),
+            name: name.to_owned(),
+            reference: reference.to_owned(),
+            manifest_digest: manifest_digest.to_owned(),
+            config_digest: config_digest.to_owned(),
+            size_bytes: built.size_bytes,
+            created_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            rootfs: final_dir.join("rootfs.ext4").display().to_string(),
+        };
+        let inserted = self.store.conn().execute(
+            "INSERT INTO images (id, name, reference, manifest_digest, config_digest, size_bytes, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![info.id, info.name, info.reference, info.manifest_digest, info.config_digest, info.size_bytes as i64, info.created_at],
+        );
+        if let Err(e) = inserted {
+            let _ = remove_any(&final_dir);
+            if is_unique_violation(&e) {
+                return Err(ServiceError::already_exists(format!(
+                    "an image named {name:?} already exists"
+                )));
+            }
+            return Err(anyhow::Error::new(e)
+                .context("record image in the store")
+                .into());
+        }
+        tracing::info!(name, id = %info.id, reference, "image published");
+        Ok(info)
+    }
+
+    fn ensure_name_free(&self, name: &str) -> Result<(), ServiceError> {
+        if self.find(name)?.is_some() {
+            return Err(ServiceError::already_exists(format!(
+                "an image named {name:?} already exists (remove it with `banger image rm {name}` or pick --name)"
+            )));
+        }
+        Ok(())
+    }
+
+    fn find(&self, name: &str) -> Result<Option<ImageInfo>, ServiceError> {
+        let conn = self.store.conn();
+        let row = conn
+            .query_row(
+                "SELECT id, name, reference, manifest_digest, config_digest, size_bytes, created_at
+                 FROM images WHERE name = ?1",
+                [name],
+                |row| self.row_to_info(row),
+            )
+            .optional()
+            .context("look up image")?;
+        Ok(row)
+    }
+
+    fn row_to_info(&self, row: &rusqlite::Row<'_>) -> rusqlite::Result<ImageInfo> {
+        let id: String = row.get(0)?;
+        let rootfs = self
+            .layout
+            .images_dir()
+            .join(&id)
+            .join("rootfs.ext4")
+            .display()
+            .to_string();
+        Ok(ImageInfo {
+            id,
+            name: row.get(1)?,
+            reference: row.get(2)?,
+            manifest_digest: row.get(3)?,
+            config_digest: row.get(4)?,
+            size_bytes: row.get::<_, i64>(5)? as u64,
+            created_at: row.get(6)?,
+            rootfs,
+        })
+    }
+
+    /// Every image, by name.
+    pub fn list(&self) -> Result<Vec<ImageInfo>, ServiceError> {
+        let conn = self.store.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT id, name, reference, manifest_digest, config_digest, size_bytes, created_at
+                 FROM images ORDER BY name",
+            )
+            .context("list images")?;
+        let rows = stmt
+            .query_map([], |row| self.row_to_info(row))
+            .context("list images")?;
+        Ok(rows.collect::<Result<_, _>>().context("list images")?)
+    }
+
+    /// The image called `name`.
+    pub fn show(&self, name: &str) -> Result<ImageInfo, ServiceError> {
+        self.find(name)?
+            .ok_or_else(|| ServiceError::not_found(format!("no image named {name:?}")))
+    }
+
+    /// Deletes the image called `name`: its record first (so it stops being listed even if
+    /// removing the files is interrupted; start-up finishes that), then its files.
+    pub fn remove(&self, name: &str) -> Result<ImageInfo, ServiceError> {
+        let info = self.show(name)?;
+        self.store
+            .conn()
+            .execute("DELETE FROM images WHERE id = ?1", [&info.id])
+            .context("delete image record")?;
+        let dir = self.layout.images_dir().join(&info.id);
+        remove_any(&dir).with_context(|| format!("remove {}", dir.display()))?;
+        tracing::info!(name, id = %info.id, "image removed");
+        Ok(info)
     }
 
     /// Removes blobs from the OCI layer cache. The cache only avoids re-downloads (every
@@ -71,5 +409,128 @@ impl ImageService {
             dry_run: params.dry_run,
             cache_dir: self.cache.root().display().to_string(),
         })
+    }
+}
+
+/// The blocking half of a build: replay layers, make the ext4, write the config. Returns
+/// the root filesystem's size.
+fn build_rootfs(
+    ctx: &CallContext,
+    cache: &BlobCache,
+    staging: &Path,
+    layers: Vec<LayerSource>,
+    raw_config: &[u8],
+    size_bytes: Option<u64>,
+) -> anyhow::Result<u64> {
+    let image_dir = staging.join("image");
+    std::fs::create_dir_all(&image_dir)
+        .with_context(|| format!("create {}", image_dir.display()))?;
+    let mut flattener = Flattener::new(staging.join("tree"), FlattenOptions::default())?;
+    let count = layers.len();
+    for (index, layer) in layers.into_iter().enumerate() {
+        ctx.progress(Progress {
+            task: "flatten".into(),
+            message: format!("layer {}/{count} {}", index + 1, layer.digest),
+            current: index as u64,
+            total: Some(count as u64),
+            done: false,
+        });
+        let file = match &layer.path {
+            Some(path) => std::fs::File::open(path)
+                .with_context(|| format!("open layer {}", path.display()))?,
+            None => cache
+                .open(&layer.digest)
+                .with_context(|| format!("open cached layer {}", layer.digest))?,
+        };
+        flattener.apply_layer(
+            BufReader::with_capacity(1 << 20, file),
+            &layer.media_type,
+            &layer.digest,
+        )?;
+    }
+    ctx.progress(Progress {
+        task: "flatten".into(),
+        message: "layers applied".into(),
+        current: count as u64,
+        total: Some(count as u64),
+        done: true,
+    });
+    let mut tree = flattener.finish()?;
+    ctx.progress(Progress {
+        task: "build".into(),
+        message: "building rootfs.ext4".into(),
+        ..Default::default()
+    });
+    let rootfs = image_dir.join("rootfs.ext4");
+    let options = banger_rootfs::BuildOptions {
+        size_bytes,
+        ..Default::default()
+    };
+    let report = banger_rootfs::build_ext4(&mut tree, &rootfs, &options)?;
+    tree.remove()?;
+    let mut config =
+        std::fs::File::create(image_dir.join("config.json")).context("write image config")?;
+    config.write_all(raw_config).context("write image config")?;
+    config.sync_all().context("sync image config")?;
+    std::fs::File::open(&rootfs)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("sync {}", rootfs.display()))?;
+    sync_dir(&image_dir)?;
+    ctx.progress(Progress {
+        task: "build".into(),
+        message: "rootfs.ext4 built".into(),
+        current: report.size_bytes,
+        total: Some(report.size_bytes),
+        done: true,
+    });
+    Ok(report.size_bytes)
+}
+
+fn sync_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("sync directory {}", dir.display()))
+}
+
+/// Image names are used in paths and command lines: keep them boring.
+pub fn validate_image_name(name: &str) -> Result<(), ServiceError> {
+    let mut bytes = name.bytes();
+    let valid = name.len() <= 64
+        && bytes
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && bytes.all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')
+        });
+    if valid {
+        Ok(())
+    } else {
+        Err(ServiceError::bad_request(format!(
+            "invalid image name {name:?}: use 1-64 of a-z 0-9 . _ - starting with a letter or digit"
+        )))
+    }
+}
+
+fn registry_error(error: RegistryError) -> ServiceError {
+    let kind = match &error {
+        RegistryError::Unauthorized { .. } => ErrorKind::Unauthorized,
+        RegistryError::NotFound { .. } | RegistryError::NoMatchingPlatform { .. } => {
+            ErrorKind::NotFound
+        }
+        _ => ErrorKind::OperationFailed,
+    };
+    ServiceError::new(kind, error)
+}
+
+fn is_unique_violation(error: &rusqlite::Error) -> bool {
+    matches!(error, rusqlite::Error::SqliteFailure(e, _) if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE)
+}
+
+fn remove_any(path: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
     }
 }

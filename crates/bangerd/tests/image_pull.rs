@@ -1,0 +1,458 @@
+//! `image.pull` against a real `docker-registry`: crafted layers in, a checked ext4 out.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use banger_api::{ErrorKind, ImageCachePruneParams, ImagePullParams};
+use banger_testkit::{push_oci_layout, LayerCompression, OciLayoutBuilder, Registry};
+use bangerd::layout::{Layout, LayoutKind};
+use bangerd::services::{CallContext, ImageService};
+use bangerd::store::Store;
+
+struct Daemonless {
+    dir: tempfile::TempDir,
+    images: Arc<ImageService>,
+}
+
+fn service() -> Daemonless {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let layout = Layout {
+        kind: LayoutKind::User,
+        config_dir: root.join("config"),
+        state_dir: root.join("state"),
+        cache_dir: root.join("cache"),
+        runtime_dir: root.join("state"),
+    };
+    std::fs::create_dir_all(&layout.state_dir).unwrap();
+    let store = Arc::new(Store::open(&layout.database()).unwrap());
+    let registry = banger_oci::registry::RegistryConfig {
+        insecure_registries: vec![],
+        docker_config: Some(root.join("no-docker-config.json")),
+    };
+    Daemonless {
+        images: Arc::new(ImageService::new(layout, store, registry)),
+        dir,
+    }
+}
+
+fn header(path: &str, kind: tar::EntryType, mode: u32, uid: u64, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_path(path).unwrap();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_uid(uid);
+    h.set_gid(uid);
+    h.set_size(size);
+    h.set_mtime(1_700_000_000);
+    h.set_cksum();
+    h
+}
+
+fn file(b: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32, uid: u64, data: &[u8]) {
+    let h = header(path, tar::EntryType::Regular, mode, uid, data.len() as u64);
+    b.append(&h, data).unwrap();
+}
+
+fn dir(b: &mut tar::Builder<Vec<u8>>, path: &str) {
+    let h = header(path, tar::EntryType::Directory, 0o755, 0, 0);
+    b.append(&h, &[][..]).unwrap();
+}
+
+fn link(b: &mut tar::Builder<Vec<u8>>, kind: tar::EntryType, path: &str, target: &str) {
+    let mut h = header(path, kind, 0o777, 0, 0);
+    h.set_link_name(target).unwrap();
+    h.set_cksum();
+    b.append(&h, &[][..]).unwrap();
+}
+
+/// The base layer: every kind of entry, odd owners and modes.
+fn base_layer() -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for d in ["etc/", "usr/", "usr/bin/", "home/", "run/", "opaque/"] {
+        dir(&mut b, d);
+    }
+    file(&mut b, "etc/hostname", 0o644, 0, b"banger\n");
+    file(&mut b, "usr/bin/sudo", 0o4755, 0, b"#!/bin/sh\necho sudo\n");
+    link(
+        &mut b,
+        tar::EntryType::Link,
+        "usr/bin/sudoedit",
+        "usr/bin/sudo",
+    );
+    link(&mut b, tar::EntryType::Symlink, "usr/bin/su", "sudo");
+    file(&mut b, "home/user-file", 0o600, 1000, b"mine\n");
+    file(&mut b, "etc/deleteme", 0o644, 0, b"gone soon\n");
+    file(&mut b, "opaque/old", 0o644, 0, b"old\n");
+    let fifo = header("run/fifo", tar::EntryType::Fifo, 0o620, 0, 0);
+    b.append(&fifo, &[][..]).unwrap();
+    b.append_pax_extensions([("SCHILY.xattr.user.banger", &b"tagged"[..])])
+        .unwrap();
+    file(&mut b, "usr/bin/ping", 0o755, 0, b"ping\n");
+    b.into_inner().unwrap()
+}
+
+/// The top layer: a whiteout and an opaque directory.
+fn top_layer() -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    dir(&mut b, "etc/");
+    file(&mut b, "etc/.wh.deleteme", 0o644, 0, b"");
+    dir(&mut b, "opaque/");
+    file(&mut b, "opaque/.wh..wh..opq", 0o644, 0, b"");
+    file(&mut b, "opaque/new", 0o644, 0, b"new\n");
+    b.into_inner().unwrap()
+}
+
+fn push_fixture(registry: &Registry, work: &Path, name: &str) -> String {
+    let layout_dir = work.join(format!("layout-{name}"));
+    let mut layout = OciLayoutBuilder::new(&layout_dir).unwrap();
+    let amd64 = layout
+        .build_image(
+            "amd64",
+            &[
+                (base_layer(), LayerCompression::Gzip),
+                (top_layer(), LayerCompression::Zstd),
+            ],
+        )
+        .unwrap();
+    let arm64 = layout
+        .build_image("arm64", &[(b"not a tar".to_vec(), LayerCompression::None)])
+        .unwrap();
+    layout.index("v1", &[amd64, arm64]).unwrap();
+    push_oci_layout(&layout_dir, "v1", registry, name);
+    registry.reference(name, "v1")
+}
+
+fn debugfs(image: &Path, request: &str) -> String {
+    let out = Command::new("debugfs")
+        .args(["-R", request])
+        .arg(image)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn count_entries(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_publishes_an_ext4_with_the_layers_content_owners_and_modes() {
+    let registry = Registry::start();
+    let env = service();
+    let reference = push_fixture(&registry, env.dir.path(), "fixture");
+    let info = env
+        .images
+        .pull(
+            &CallContext::detached("t"),
+            ImagePullParams {
+                reference: reference.clone(),
+                name: None,
+                size_bytes: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(info.name, "fixture-v1");
+    assert_eq!(info.reference, reference);
+    assert!(info.manifest_digest.starts_with("sha256:"));
+    assert_eq!(
+        info.size_bytes,
+        1 << 30,
+        "small content gets the 1 GiB minimum"
+    );
+    let rootfs = PathBuf::from(&info.rootfs);
+    assert_eq!(std::fs::metadata(&rootfs).unwrap().len(), 1 << 30);
+
+    let sudo = debugfs(&rootfs, "stat /usr/bin/sudo");
+    assert!(sudo.contains("Mode:  04755"), "{sudo}");
+    assert!(sudo.contains("User:     0   Group:     0"), "{sudo}");
+    assert!(
+        sudo.contains("Links: 2"),
+        "hardlink must share the inode: {sudo}"
+    );
+    let user_file = debugfs(&rootfs, "stat /home/user-file");
+    assert!(
+        user_file.contains("User:  1000   Group:  1000"),
+        "{user_file}"
+    );
+    assert!(user_file.contains("Mode:  0600"), "{user_file}");
+    assert_eq!(debugfs(&rootfs, "cat /home/user-file"), "mine\n");
+    let su = debugfs(&rootfs, "stat /usr/bin/su");
+    assert!(su.contains("Fast link dest: \"sudo\""), "{su}");
+    let fifo = debugfs(&rootfs, "stat /run/fifo");
+    assert!(fifo.contains("Type: FIFO"), "{fifo}");
+    let ping_xattrs = debugfs(&rootfs, "ea_list /usr/bin/ping");
+    assert!(
+        ping_xattrs.contains("user.banger") && ping_xattrs.contains("tagged"),
+        "{ping_xattrs}"
+    );
+    let etc = debugfs(&rootfs, "ls /etc");
+    assert!(
+        etc.contains("hostname") && !etc.contains("deleteme"),
+        "whiteout ignored: {etc}"
+    );
+    let opaque = debugfs(&rootfs, "ls /opaque");
+    assert!(
+        opaque.contains("new") && !opaque.contains("old"),
+        "opaque dir kept old: {opaque}"
+    );
+
+    // The store lists it, and nothing is left in staging.
+    let listed = env.images.list().unwrap();
+    assert_eq!(listed, vec![info.clone()]);
+    assert_eq!(count_entries(&env.dir.path().join("state/staging")), 0);
+
+    // Same name again: already_exists, and the first image is untouched.
+    let again = env
+        .images
+        .pull(
+            &CallContext::detached("t"),
+            ImagePullParams {
+                reference: reference.clone(),
+                name: None,
+                size_bytes: None,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(again.kind, ErrorKind::AlreadyExists);
+    assert!(again.to_string().contains("\"fixture-v1\""), "{again}");
+
+    // rm deletes row and files.
+    env.images.remove("fixture-v1").unwrap();
+    assert!(env.images.list().unwrap().is_empty());
+    assert!(!rootfs.exists());
+    assert_eq!(
+        env.images.show("fixture-v1").unwrap_err().kind,
+        ErrorKind::NotFound
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_survives_a_full_cache_prune() {
+    let registry = Registry::start();
+    let env = service();
+    let reference = push_fixture(&registry, env.dir.path(), "survivor");
+    let info = env
+        .images
+        .pull(
+            &CallContext::detached("t"),
+            ImagePullParams {
+                reference,
+                name: Some("keep".into()),
+                size_bytes: None,
+            },
+        )
+        .await
+        .unwrap();
+    let before = debugfs(Path::new(&info.rootfs), "cat /etc/hostname");
+    let pruned = env
+        .images
+        .prune_oci_cache(ImageCachePruneParams::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        pruned.blobs_freed, 2,
+        "both layers were cached and are now gone"
+    );
+    assert_eq!(
+        debugfs(Path::new(&info.rootfs), "cat /etc/hostname"),
+        before
+    );
+    assert_eq!(before, "banger\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_concurrent_pulls_download_each_blob_once_while_prunes_loop() {
+    let registry = Registry::start();
+    let env = service();
+    let reference = push_fixture(&registry, env.dir.path(), "shared");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pruner = {
+        let images = Arc::clone(&env.images);
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            let mut prunes = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                images
+                    .prune_oci_cache(ImageCachePruneParams::default())
+                    .await
+                    .unwrap();
+                prunes += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            prunes
+        })
+    };
+    let pulls: Vec<_> = (0..4)
+        .map(|i| {
+            let images = Arc::clone(&env.images);
+            let reference = reference.clone();
+            tokio::spawn(async move {
+                images
+                    .pull(
+                        &CallContext::detached("t"),
+                        ImagePullParams {
+                            reference,
+                            name: Some(format!("copy-{i}")),
+                            size_bytes: None,
+                        },
+                    )
+                    .await
+            })
+        })
+        .collect();
+    let mut infos = Vec::new();
+    for pull in pulls {
+        infos.push(pull.await.unwrap().unwrap());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(pruner.await.unwrap() > 0);
+    for info in &infos {
+        assert_eq!(debugfs(Path::new(&info.rootfs), "cat /opaque/new"), "new\n");
+        assert!(debugfs(Path::new(&info.rootfs), "stat /usr/bin/sudo").contains("Mode:  04755"));
+    }
+    assert_eq!(env.images.list().unwrap().len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_concurrent_pulls_of_one_image_download_each_blob_once() {
+    let registry = Registry::start();
+    let env = service();
+    let reference = push_fixture(&registry, env.dir.path(), "once");
+    let pulls: Vec<_> = (0..4)
+        .map(|i| {
+            let images = Arc::clone(&env.images);
+            let reference = reference.clone();
+            tokio::spawn(async move {
+                images
+                    .pull(
+                        &CallContext::detached("t"),
+                        ImagePullParams {
+                            reference,
+                            name: Some(format!("once-{i}")),
+                            size_bytes: None,
+                        },
+                    )
+                    .await
+            })
+        })
+        .collect();
+    let mut infos = Vec::new();
+    for pull in pulls {
+        infos.push(pull.await.unwrap().unwrap());
+    }
+    let manifest = registry.log();
+    let layer_digests: Vec<String> =
+        std::fs::read_dir(env.dir.path().join("cache/oci/blobs/sha256"))
+            .unwrap()
+            .map(|e| format!("sha256:{}", e.unwrap().file_name().to_string_lossy()))
+            .collect();
+    assert_eq!(layer_digests.len(), 2, "{manifest}");
+    for digest in &layer_digests {
+        assert_eq!(
+            registry.blob_get_count(digest),
+            1,
+            "{digest} fetched more than once"
+        );
+    }
+    assert_eq!(infos.len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_layer_leaves_no_image_no_staging_and_no_row() {
+    let registry = Registry::start();
+    let env = service();
+    let layout_dir = env.dir.path().join("evil-layout");
+    let mut layout = OciLayoutBuilder::new(&layout_dir).unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.as_gnu_mut().unwrap().name[..16].copy_from_slice(b"../../escape.txt");
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_size(4);
+    h.set_mode(0o644);
+    h.set_cksum();
+    b.append(&h, &b"evil"[..]).unwrap();
+    let evil = b.into_inner().unwrap();
+    let image = layout
+        .image("v1", &[(evil, LayerCompression::Gzip)])
+        .unwrap();
+    push_oci_layout(&layout_dir, "v1", &registry, "evil");
+    let err = env
+        .images
+        .pull(
+            &CallContext::detached("t"),
+            ImagePullParams {
+                reference: registry.reference("evil", "v1"),
+                name: None,
+                size_bytes: None,
+            },
+        )
+        .await
+        .unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains(&image.layers[0].digest),
+        "names the layer: {message}"
+    );
+    assert!(message.contains("escape.txt"), "names the entry: {message}");
+    assert!(env.images.list().unwrap().is_empty());
+    assert_eq!(count_entries(&env.dir.path().join("state/staging")), 0);
+    assert_eq!(count_entries(&env.dir.path().join("state/images")), 0);
+    assert!(!env.dir.path().join("state/escape.txt").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unauthenticated_pull_from_a_protected_registry_is_unauthorized() {
+    let registry = Registry::start_with_htpasswd("alice", "s3cret");
+    let env = service();
+    let err = env
+        .images
+        .pull(
+            &CallContext::detached("t"),
+            ImagePullParams {
+                reference: registry.reference("private", "v1"),
+                name: None,
+                size_bytes: None,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Unauthorized);
+    assert!(err.to_string().contains(&registry.host()), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_references_and_names_are_bad_requests_naming_the_input() {
+    let env = service();
+    let err = env
+        .images
+        .pull(
+            &CallContext::detached("t"),
+            ImagePullParams {
+                reference: "Not A Ref!".into(),
+                name: None,
+                size_bytes: None,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::BadRequest);
+    assert!(err.to_string().contains("Not A Ref!"), "{err}");
+    let err = env
+        .images
+        .pull(
+            &CallContext::detached("t"),
+            ImagePullParams {
+                reference: "127.0.0.1:1/x:y".into(),
+                name: Some("Bad/Name".into()),
+                size_bytes: None,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::BadRequest);
+    assert!(err.to_string().contains("\"Bad/Name\""), "{err}");
+}
