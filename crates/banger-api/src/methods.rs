@@ -119,6 +119,30 @@ pub struct ImagePullParams {
     pub size_bytes: Option<u64>,
 }
 
+/// `image.import`: build an image from an OCI image layout directory or a `docker save`
+/// tarball on the daemon's filesystem, without a registry.
+pub struct ImageImport;
+impl Method for ImageImport {
+    const NAME: &'static str = "image.import";
+    type Params = ImageImportParams;
+    type Result = ImageInfo;
+}
+
+/// Params of `image.import`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageImportParams {
+    /// Absolute path of an OCI layout directory (optionally `DIR:TAG`) or a docker-archive
+    /// tarball.
+    pub path: String,
+    /// Name to publish under; derived from the path when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Size of the root filesystem in bytes; default max(content × 1.5, 1 GiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
+}
+
 /// A published image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageInfo {

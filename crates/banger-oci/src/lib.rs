@@ -3,6 +3,7 @@
 //! `image cache prune` empties), and replaying layers into a staging directory.
 #![warn(missing_docs)]
 
+pub mod archive;
 pub mod auth;
 pub mod cache;
 pub mod digest;

@@ -234,6 +234,8 @@ pub fn tar_with_files(files: &[(&str, &[u8])]) -> Vec<u8> {
         let mut header = tar::Header::new_gnu();
         header.set_size(contents.len() as u64);
         header.set_mode(0o644);
+        header.set_uid(0);
+        header.set_gid(0);
         header.set_mtime(0);
         header.set_entry_type(tar::EntryType::Regular);
         builder

@@ -11,8 +11,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use banger_api::{
-    DaemonPing, ImageCachePrune, ImageCachePruneParams, ImageList, ImageNameParams, ImagePull,
-    ImagePullParams, ImageRm, ImageShow, NoParams,
+    DaemonPing, ImageCachePrune, ImageCachePruneParams, ImageImport, ImageImportParams, ImageList,
+    ImageNameParams, ImagePull, ImagePullParams, ImageRm, ImageShow, NoParams,
 };
 use clap::{CommandFactory, Parser, Subcommand};
 use clap_complete::Shell;
@@ -68,6 +68,18 @@ enum ImageCommand {
         /// Image reference, e.g. debian:bookworm or 127.0.0.1:5000/x:tag.
         reference: String,
         /// Name to publish under (default: derived from the reference, e.g. debian-bookworm).
+        #[arg(long)]
+        name: Option<String>,
+        /// Size of the root filesystem (default: max(content x 1.5, 1 GiB)), e.g. 4GiB.
+        #[arg(long, value_name = "SIZE", value_parser = format::parse_size)]
+        size: Option<u64>,
+    },
+    /// Build an image from an OCI layout directory (DIR or DIR:TAG) or a `docker save`
+    /// tarball, without a registry.
+    Import {
+        /// The layout directory or tarball.
+        path: std::path::PathBuf,
+        /// Name to publish under (default: derived from the path).
         #[arg(long)]
         name: Option<String>,
         /// Size of the root filesystem (default: max(content x 1.5, 1 GiB)), e.g. 4GiB.
@@ -274,6 +286,36 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     info.reference,
                     info.name,
                     info.manifest_digest,
+                    format::format_bytes(info.size_bytes)
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Image {
+            command: ImageCommand::Import { path, name, size },
+        } => {
+            // The daemon has its own working directory: send an absolute path.
+            let path = std::path::absolute(&path)
+                .with_context(|| format!("resolve {}", path.display()))?;
+            let mut client = client::connect_or_start(&layout(cli.system)?)?;
+            let params = ImageImportParams {
+                path: path.display().to_string(),
+                name,
+                size_bytes: size,
+            };
+            let mut bars = progress::Bars::new(!cli.json && std::io::stderr().is_terminal());
+            let result = client
+                .call_with_progress::<ImageImport>(&params, |p| bars.update(&p))
+                .map_err(anyhow::Error::from);
+            bars.finish();
+            let info = result?;
+            if cli.json {
+                print_json(&info)?;
+            } else {
+                println!(
+                    "imported {} as {} ({})",
+                    info.reference,
+                    info.name,
                     format::format_bytes(info.size_bytes)
                 );
             }

@@ -6,8 +6,8 @@ use std::future::Future;
 use std::sync::Arc;
 
 use banger_api::{
-    DaemonMethods, DaemonPing, DaemonShutdown, ImageCachePrune, ImageList, ImageListResult,
-    ImagePull, ImageRm, ImageShow, Method, MethodsResult,
+    DaemonMethods, DaemonPing, DaemonShutdown, ImageCachePrune, ImageImport, ImageList,
+    ImageListResult, ImagePull, ImageRm, ImageShow, Method, MethodsResult,
 };
 use futures::future::BoxFuture;
 use serde_json::Value;
@@ -43,6 +43,7 @@ impl Dispatch {
         d.route::<DaemonShutdown, _, _>(|s, _, _| async move { Ok(s.daemon.shutdown()) });
         d.route::<ImageCachePrune, _, _>(|s, _, p| async move { s.image.prune_oci_cache(p).await });
         d.route::<ImagePull, _, _>(|s, ctx, p| async move { s.image.pull(&ctx, p).await });
+        d.route::<ImageImport, _, _>(|s, ctx, p| async move { s.image.import(&ctx, p).await });
         d.route::<ImageList, _, _>(|s, _, _| async move {
             Ok(ImageListResult {
                 images: s.image.list()?,

@@ -12,8 +12,10 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use banger_api::{
-    ErrorKind, ImageCachePruneParams, ImageCachePruneResult, ImageInfo, ImagePullParams, Progress,
+    ErrorKind, ImageCachePruneParams, ImageCachePruneResult, ImageImportParams, ImageInfo,
+    ImagePullParams, Progress,
 };
+use banger_oci::archive;
 use banger_oci::cache::{PruneFs, RealFs};
 use banger_oci::flatten::{FlattenOptions, Flattener};
 use banger_oci::reference::{default_image_name, ImageRef};
@@ -171,6 +173,77 @@ impl ImageService {
             built,
             &name,
             &reference.to_string(),
+            &image.manifest_digest.to_string(),
+            &image.config_digest.to_string(),
+        )
+    }
+
+    /// Builds an image from an OCI layout directory (`DIR` or `DIR:TAG`) or a docker-archive
+    /// tarball, through the same flatten and publish steps as a pull.
+    pub async fn import(
+        &self,
+        ctx: &CallContext,
+        params: ImageImportParams,
+    ) -> Result<ImageInfo, ServiceError> {
+        let (path, tag) = split_import_path(&params.path);
+        if !path.is_absolute() {
+            return Err(ServiceError::bad_request(format!(
+                "import path {:?} must be absolute (the daemon has its own working directory)",
+                params.path
+            )));
+        }
+        let meta = std::fs::metadata(&path).map_err(|e| {
+            ServiceError::not_found(format!("cannot import {}: {e}", path.display()))
+        })?;
+        let name = match params.name.clone() {
+            Some(name) => name,
+            None => default_import_name(&path, tag.as_deref()),
+        };
+        validate_image_name(&name)?;
+        self.ensure_name_free(&name)?;
+        // A docker archive is unpacked under staging so it is cleaned up like any build.
+        let unpack_dir = self
+            .layout
+            .staging_dir()
+            .join(format!("import-{}", hex::encode(rand::random::<[u8; 8]>())));
+        let read = {
+            let path = path.clone();
+            let unpack_dir = unpack_dir.clone();
+            let is_dir = meta.is_dir();
+            tokio::task::spawn_blocking(move || {
+                if is_dir {
+                    archive::read_oci_layout(&path, tag.as_deref())
+                } else {
+                    archive::read_docker_archive(&path, &unpack_dir)
+                }
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("import task panicked: {e}"))?
+        };
+        let image = match read {
+            Ok(image) => image,
+            Err(e) => {
+                let _ = remove_any(&unpack_dir);
+                return Err(ServiceError::bad_request(format!("{e:#}")));
+            }
+        };
+        let layers = image
+            .layers
+            .iter()
+            .map(|l| LayerSource {
+                digest: l.digest.clone(),
+                media_type: l.media_type.clone(),
+                path: Some(l.path.clone()),
+            })
+            .collect();
+        let built = self
+            .build(ctx, layers, &image.raw_config, params.size_bytes)
+            .await;
+        let _ = remove_any(&unpack_dir);
+        self.publish(
+            built?,
+            &name,
+            &params.path,
             &image.manifest_digest.to_string(),
             &image.config_digest.to_string(),
         )
@@ -490,6 +563,49 @@ fn sync_dir(dir: &Path) -> anyhow::Result<()> {
     std::fs::File::open(dir)
         .and_then(|f| f.sync_all())
         .with_context(|| format!("sync directory {}", dir.display()))
+}
+
+fn split_import_path(input: &str) -> (PathBuf, Option<String>) {
+    // `DIR:TAG` as skopeo writes it; a path that exists as given wins over the split.
+    if !Path::new(input).exists() {
+        if let Some((dir, tag)) = input.rsplit_once(':') {
+            if !tag.contains('/') && Path::new(dir).is_dir() {
+                return (PathBuf::from(dir), Some(tag.to_owned()));
+            }
+        }
+    }
+    (PathBuf::from(input), None)
+}
+
+fn default_import_name(path: &Path, tag: Option<&str>) -> String {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let raw = match tag {
+        Some(tag) => format!("{stem}-{tag}"),
+        None => stem,
+    };
+    let mut name: String = raw
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    name = name
+        .trim_start_matches(['-', '_', '.'])
+        .chars()
+        .take(64)
+        .collect();
+    if name.is_empty() {
+        name = "imported".into();
+    }
+    name
 }
 
 /// Image names are used in paths and command lines: keep them boring.

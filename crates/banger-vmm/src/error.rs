@@ -1,0 +1,64 @@
+//! The one error type of this crate.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Why a kernel import, an initramfs build or a VM operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file or process operation failed.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        /// What was being done ("open kernel package", "spawn qemu", ...).
+        op: &'static str,
+        /// On which path (the program for spawns).
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// An input file does not have the shape we expect.
+    #[error("{}: {reason}", path.display())]
+    Format {
+        /// The offending file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A module the guest needs is neither in the package nor built into the kernel.
+    #[error("kernel package {} has no module {module:?} (not a .ko file, not in modules.builtin)", package.display())]
+    MissingModule {
+        /// The kernel package searched.
+        package: PathBuf,
+        /// The module name, with underscores.
+        module: String,
+    },
+    /// The VM did something other than what was asked of it.
+    #[error("vm: {0}")]
+    Vm(String),
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Attaches the step and path to an `io::Error`.
+pub(crate) trait IoContext<T> {
+    fn ctx(self, op: &'static str, path: impl Into<PathBuf>) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn ctx(self, op: &'static str, path: impl Into<PathBuf>) -> Result<T> {
+        self.map_err(|source| Error::Io {
+            op,
+            path: path.into(),
+            source,
+        })
+    }
+}
+
+pub(crate) fn format_err(path: impl Into<PathBuf>, reason: impl Into<String>) -> Error {
+    Error::Format {
+        path: path.into(),
+        reason: reason.into(),
+    }
+}

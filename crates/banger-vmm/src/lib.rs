@@ -1,0 +1,12 @@
+//! `banger-vmm` owns everything between "here is a rootfs image" and "a VM ran on it":
+//! guest kernels (imported from Debian packages, with the virtio modules they need and
+//! the ELF `vmlinux` Firecracker wants), the initramfs with banger's init, and the VMM
+//! backends that boot and supervise VM processes (QEMU today).
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod initramfs;
+pub mod kernel;
+pub mod qemu;
+
+pub use error::{Error, Result};

@@ -1,0 +1,226 @@
+//! End-to-end: a real Debian cloud kernel, imported by us, boots a busybox rootfs under
+//! QEMU and hands back the command's output and exit status.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use banger_vmm::initramfs::{self, InitramfsSpec, DEFAULT_BUSYBOX};
+use banger_vmm::kernel::{self, KernelDir};
+use banger_vmm::qemu::{self, Accel, Qemu, RunningVm, VmSpec, Vmm};
+
+/// Downloads (once; cached under the target dir) the Debian cloud kernel package.
+/// `None` only when apt cannot download it, with the reason printed.
+fn kernel_deb() -> Option<PathBuf> {
+    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("banger-test-kernel");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/fetch-test-kernel.sh");
+    let out = Command::new(&script)
+        .arg(&cache)
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", script.display()));
+    if !out.status.success() {
+        eprintln!(
+            "SKIP: cannot download a test kernel with apt: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return None;
+    }
+    let path = String::from_utf8(out.stdout).unwrap();
+    Some(PathBuf::from(path.trim()))
+}
+
+fn import(deb: &Path, into: &Path) -> KernelDir {
+    let started = Instant::now();
+    let k = kernel::import_deb(deb, &into.join("kernel"), kernel::GUEST_MODULES).unwrap();
+    eprintln!("kernel import: {:?}", started.elapsed());
+    k
+}
+
+#[test]
+fn import_debian_kernel_resolves_virtio_modules_and_extracts_vmlinux() {
+    let Some(deb) = kernel_deb() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let k = import(&deb, tmp.path());
+    assert!(k.version().ends_with("-cloud-amd64"), "{}", k.version());
+    let config = std::fs::read_to_string(k.config()).unwrap();
+    assert!(config.contains("CONFIG_EXT4_FS=y"));
+    let pos = |m: &str| {
+        k.modules()
+            .iter()
+            .position(|x| x == m)
+            .unwrap_or_else(|| panic!("{m} not in {:?}", k.modules()))
+    };
+    // The order HOST-NOTES measured as loadable, and each dependency before its user.
+    assert!(pos("virtio_ring") < pos("virtio_mmio"));
+    assert!(pos("virtio") < pos("virtio_mmio"));
+    assert!(pos("virtio_pci_modern_dev") < pos("virtio_pci"));
+    assert!(pos("failover") < pos("net_failover"));
+    assert!(pos("net_failover") < pos("virtio_net"));
+    assert!(pos("vsock") < pos("vmw_vsock_virtio_transport"));
+    for m in k.modules() {
+        let bytes = std::fs::read(k.module_path(m)).unwrap();
+        assert!(
+            bytes.starts_with(b"\x7fELF"),
+            "{m} is not an uncompressed ELF"
+        );
+    }
+
+    let started = Instant::now();
+    let vmlinux = k.ensure_vmlinux().unwrap();
+    eprintln!("vmlinux extraction: {:?}", started.elapsed());
+    let elf = std::fs::read(vmlinux).unwrap();
+    assert_eq!(&elf[..5], b"\x7fELF\x02", "64-bit ELF");
+    assert_eq!(
+        u16::from_le_bytes([elf[18], elf[19]]),
+        62,
+        "e_machine is x86-64"
+    );
+}
+
+/// The imported test kernel, shared by the tests of this binary and kept across runs
+/// under the target dir (the import is deterministic for a given package).
+fn cached_kernel() -> Option<&'static KernelDir> {
+    static KERNEL: OnceLock<Option<KernelDir>> = OnceLock::new();
+    KERNEL
+        .get_or_init(|| {
+            let deb = kernel_deb()?;
+            let stem = deb.file_stem().unwrap().to_string_lossy().into_owned();
+            let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("banger-kernel-{stem}"));
+            if dir.exists() {
+                return Some(KernelDir::open(&dir).unwrap());
+            }
+            Some(kernel::import_deb(&deb, &dir, kernel::GUEST_MODULES).unwrap())
+        })
+        .as_ref()
+}
+
+/// An ext4 image whose only content is a static busybox as /bin/sh.
+fn busybox_rootfs(dir: &Path) -> PathBuf {
+    let staging = dir.join("staging");
+    std::fs::create_dir_all(staging.join("bin")).unwrap();
+    std::fs::copy(DEFAULT_BUSYBOX, staging.join("bin/busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", staging.join("bin/sh")).unwrap();
+    let image = dir.join("rootfs.ext4");
+    let out = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&staging)
+        .arg(&image)
+        .arg("32M")
+        .output()
+        .expect("run mkfs.ext4");
+    assert!(
+        out.status.success(),
+        "mkfs.ext4: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    image
+}
+
+#[test]
+fn tcg_boot_runs_the_command_and_returns_its_output_and_exit_status() {
+    let Some(k) = cached_kernel() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let initrd = tmp.path().join("initrd");
+    initramfs::write_initramfs(
+        &InitramfsSpec {
+            busybox: DEFAULT_BUSYBOX.into(),
+            kernel: Some(k.clone()),
+        },
+        &initrd,
+    )
+    .unwrap();
+    let rootfs = busybox_rootfs(tmp.path());
+    let command = "echo \"hi from $(busybox uname -s) guest\"; busybox ls /dev/vda; exit 7";
+    let spec = VmSpec {
+        kernel: k.ensure_vmlinux().unwrap(),
+        initrd: Some(initrd),
+        cmdline: format!(
+            "console=ttyS0 panic=-1 quiet {}",
+            initramfs::command_param(command)
+        ),
+        root_disk: Some(rootfs),
+        memory_mib: 512,
+        vcpus: 1,
+        net: Some(Default::default()),
+        accel: Accel::Tcg,
+        run_dir: tmp.path().join("run"),
+    };
+
+    let started = Instant::now();
+    let mut vm = Qemu::default().start(&spec).unwrap();
+    let marker = qemu::wait_for_console(&mut vm, initramfs::EXIT_MARKER, Duration::from_secs(60));
+    let to_marker = started.elapsed();
+    let status = vm.wait_timeout(Duration::from_secs(10)).unwrap();
+    let to_exit = started.elapsed();
+    let log = std::fs::read_to_string(vm.console_log()).unwrap();
+    eprintln!(
+        "--- console ---\n{log}\n--- qemu stderr ---\n{}",
+        vm.stderr()
+    );
+    eprintln!("TCG boot: exit marker after {to_marker:?}, qemu exited after {to_exit:?}");
+    marker.unwrap();
+
+    assert!(status.expect("qemu powers off after the command").success());
+    assert!(
+        log.contains("hi from Linux guest"),
+        "command output missing"
+    );
+    assert!(log.contains("/dev/vda"), "root disk missing");
+    assert_eq!(initramfs::exit_status_from_console(&log), Some(7));
+}
+
+#[test]
+fn kvm_probe_answers_within_its_bound() {
+    let Some(k) = cached_kernel() else { return };
+    let timeout = Duration::from_secs(8);
+    let started = Instant::now();
+    let probe = qemu::kvm_usable(&k.vmlinuz(), Path::new(DEFAULT_BUSYBOX), timeout).unwrap();
+    let took = started.elapsed();
+    eprintln!("kvm probe: {probe:?} in {took:?}");
+    // Whether KVM works is the host's business; the promise is a bounded answer.
+    assert!(
+        took < timeout + Duration::from_secs(3),
+        "probe took {took:?}"
+    );
+}
+
+#[test]
+fn stop_ends_a_running_vm_within_its_grace() {
+    let Some(k) = cached_kernel() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let initrd = tmp.path().join("initrd");
+    let spec = InitramfsSpec {
+        busybox: DEFAULT_BUSYBOX.into(),
+        kernel: None,
+    };
+    initramfs::write_initramfs(&spec, &initrd).unwrap();
+    let mut vm = Qemu::default()
+        .start(&VmSpec {
+            kernel: k.vmlinuz(),
+            initrd: Some(initrd),
+            // No root disk and no probe flag: the init would wait for /dev/vda; we stop
+            // it while the kernel is still booting.
+            cmdline: "console=ttyS0 panic=-1".into(),
+            root_disk: None,
+            memory_mib: 256,
+            vcpus: 1,
+            net: None,
+            accel: Accel::Tcg,
+            run_dir: tmp.path().join("run"),
+        })
+        .unwrap();
+    qemu::wait_for_console(&mut vm, "Linux version", Duration::from_secs(30)).unwrap();
+    let pid = vm.pid();
+    let started = Instant::now();
+    vm.stop(Duration::from_millis(500)).unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "qemu {pid} still exists"
+    );
+}
