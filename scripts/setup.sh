@@ -4,7 +4,7 @@
 set -euo pipefail
 
 packages=(
-  build-essential pkg-config ca-certificates curl git
+  build-essential pkg-config ca-certificates curl git python3
   e2fsprogs            # mkfs.ext4 -d and debugfs: building and checking root filesystems
   docker-registry      # a real registry on 127.0.0.1 for pull tests
   skopeo umoci         # pushing fixtures; baseline tools for benchmarks
