@@ -660,9 +660,9 @@ fn list_blob_uses(root: &Path) -> io::Result<Vec<BlobUse>> {
     Ok(uses)
 }
 
-/// Sets mtime to now: the cache's record of a use.
-fn touch(path: &Path) -> io::Result<()> {
-    let times = Timestamps {
+/// mtime = now, atime untouched: the cache's record of a use.
+fn use_timestamps() -> Timestamps {
+    Timestamps {
         last_access: Timespec {
             tv_sec: 0,
             tv_nsec: UTIME_OMIT,
@@ -671,23 +671,18 @@ fn touch(path: &Path) -> io::Result<()> {
             tv_sec: 0,
             tv_nsec: rustix::fs::UTIME_NOW,
         },
-    };
-    rustix::fs::utimensat(CWD, path, &times, AtFlags::empty())?;
+    }
+}
+
+/// Records a use of the blob at `path`.
+fn touch(path: &Path) -> io::Result<()> {
+    rustix::fs::utimensat(CWD, path, &use_timestamps(), AtFlags::empty())?;
     Ok(())
 }
 
+/// Records a use of an open blob.
 fn touch_fd(file: &File) -> io::Result<()> {
-    let times = Timestamps {
-        last_access: Timespec {
-            tv_sec: 0,
-            tv_nsec: UTIME_OMIT,
-        },
-        last_modification: Timespec {
-            tv_sec: 0,
-            tv_nsec: rustix::fs::UTIME_NOW,
-        },
-    };
-    rustix::fs::futimens(file.as_fd(), &times)?;
+    rustix::fs::futimens(file.as_fd(), &use_timestamps())?;
     Ok(())
 }
 

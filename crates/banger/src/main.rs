@@ -272,12 +272,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 name,
                 size_bytes: size,
             };
-            let mut bars = progress::Bars::new(!cli.json && std::io::stderr().is_terminal());
-            let result = client
-                .call_with_progress::<ImagePull>(&params, |p| bars.update(&p))
-                .map_err(anyhow::Error::from);
-            bars.finish();
-            let info = result?;
+            let info = call_showing_progress::<ImagePull>(&mut client, &params, cli.json)?;
             if cli.json {
                 print_json(&info)?;
             } else {
@@ -303,12 +298,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 name,
                 size_bytes: size,
             };
-            let mut bars = progress::Bars::new(!cli.json && std::io::stderr().is_terminal());
-            let result = client
-                .call_with_progress::<ImageImport>(&params, |p| bars.update(&p))
-                .map_err(anyhow::Error::from);
-            bars.finish();
-            let info = result?;
+            let info = call_showing_progress::<ImageImport>(&mut client, &params, cli.json)?;
             if cli.json {
                 print_json(&info)?;
             } else {
@@ -420,6 +410,19 @@ fn print_image_table(images: &[banger_api::ImageInfo]) {
             image.reference
         );
     }
+}
+
+/// Calls `M`, drawing its progress notifications as bars when stderr is a terminal and
+/// the output is not JSON.
+fn call_showing_progress<M: banger_api::Method>(
+    client: &mut Client,
+    params: &M::Params,
+    json: bool,
+) -> anyhow::Result<M::Result> {
+    let mut bars = progress::Bars::new(!json && std::io::stderr().is_terminal());
+    let result = client.call_with_progress::<M>(params, |p| bars.update(&p));
+    bars.finish();
+    result.map_err(anyhow::Error::from)
 }
 
 fn call<M: banger_api::Method>(

@@ -48,6 +48,25 @@ struct LayerSource {
     path: Option<PathBuf>,
 }
 
+impl LayerSource {
+    /// A layer read from the blob cache.
+    fn cached(digest: &Digest, media_type: &str) -> Self {
+        LayerSource {
+            digest: digest.clone(),
+            media_type: media_type.to_owned(),
+            path: None,
+        }
+    }
+
+    /// A layer read from a file (imports).
+    fn file(digest: &Digest, media_type: &str, path: &Path) -> Self {
+        LayerSource {
+            path: Some(path.to_owned()),
+            ..Self::cached(digest, media_type)
+        }
+    }
+}
+
 /// What a finished build hands to publication.
 struct BuiltImage {
     id: String,
@@ -160,11 +179,7 @@ impl ImageService {
         let layers = image
             .layers
             .iter()
-            .map(|l| LayerSource {
-                digest: l.digest.clone(),
-                media_type: l.media_type.clone(),
-                path: None,
-            })
+            .map(|l| LayerSource::cached(&l.digest, &l.media_type))
             .collect();
         let built = self
             .build(ctx, layers, &image.raw_config, params.size_bytes)
@@ -230,11 +245,7 @@ impl ImageService {
         let layers = image
             .layers
             .iter()
-            .map(|l| LayerSource {
-                digest: l.digest.clone(),
-                media_type: l.media_type.clone(),
-                path: Some(l.path.clone()),
-            })
+            .map(|l| LayerSource::file(&l.digest, &l.media_type, &l.path))
             .collect();
         let built = self
             .build(ctx, layers, &image.raw_config, params.size_bytes)
