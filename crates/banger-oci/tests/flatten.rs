@@ -675,3 +675,83 @@ fn timing_many_small_files() {
         blob.len() / 1024
     );
 }
+
+#[test]
+fn pipelined_decoding_gives_the_same_bytes_and_the_same_refusals() {
+    let tar_bytes = Layer::new()
+        .file("a", &[1u8; 3_000_000])
+        .file("b", b"b")
+        .tar();
+    let gz = gzip(&tar_bytes);
+    let zst = zstd::encode_all(&tar_bytes[..], 3).unwrap();
+    for (blob, media_type) in [
+        (gz.clone(), GZIP),
+        (zst.clone(), ZSTD),
+        (tar_bytes.clone(), TAR),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut f = Flattener::new(tmp.path().join("staging"), options(Privilege::Detect)).unwrap();
+        let stats = f
+            .apply_layer_pipelined(
+                std::io::Cursor::new(blob.clone()),
+                media_type,
+                &digest_of(&blob),
+            )
+            .unwrap();
+        assert_eq!(stats.entries, 2);
+        let tree = f.finish().unwrap();
+        assert_eq!(
+            std::fs::read(tree.root.join("a")).unwrap(),
+            vec![1u8; 3_000_000]
+        );
+        assert_eq!(std::fs::read(tree.root.join("b")).unwrap(), b"b");
+    }
+    let mut flipped = gz.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0xff;
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (gz[..gz.len() / 2].to_vec(), GZIP),
+        (gz[..gz.len() - 8].to_vec(), GZIP),
+        (flipped, GZIP),
+        (zst[..zst.len() - 3].to_vec(), ZSTD),
+        (b"definitely not gzip".to_vec(), GZIP),
+    ];
+    for (i, (blob, media_type)) in cases.into_iter().enumerate() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut f = Flattener::new(tmp.path().join("staging"), options(Privilege::Detect)).unwrap();
+        let digest = digest_of(&blob);
+        let err = f
+            .apply_layer_pipelined(std::io::Cursor::new(blob), media_type, &digest)
+            .expect_err(&format!("case {i} must fail"));
+        assert_eq!(err.layer(), Some(&digest), "case {i}: {err}");
+    }
+    // The bomb limit counts the decoded stream the same way.
+    let zeros = vec![0u8; 32 << 20];
+    let bomb = Layer::new().file("bomb", &zeros).gzip();
+    let limits = FlattenLimits {
+        max_uncompressed_bytes: 8 << 20,
+        ..FlattenLimits::default()
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut f = Flattener::new(
+        tmp.path().join("staging"),
+        FlattenOptions {
+            limits,
+            ..FlattenOptions::default()
+        },
+    )
+    .unwrap();
+    let err = f
+        .apply_layer_pipelined(std::io::Cursor::new(bomb.clone()), GZIP, &digest_of(&bomb))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            FlattenError::Layer {
+                problem: LayerProblem::SizeLimit { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+}

@@ -137,6 +137,18 @@ fn count_entries(dir: &Path) -> usize {
     std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
 }
 
+/// Staging trees are removed in the background after publication: wait for it.
+fn staging_drains(dir: &Path) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while count_entries(dir) > 0 {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    true
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_publishes_an_ext4_with_the_layers_content_owners_and_modes() {
     let registry = Registry::start();
@@ -202,7 +214,7 @@ async fn pull_publishes_an_ext4_with_the_layers_content_owners_and_modes() {
     // The store lists it, and nothing is left in staging.
     let listed = env.images.list().unwrap();
     assert_eq!(listed, vec![info.clone()]);
-    assert_eq!(count_entries(&env.dir.path().join("state/staging")), 0);
+    assert!(staging_drains(&env.dir.path().join("state/staging")));
 
     // Same name again: already_exists, and the first image is untouched.
     let again = env

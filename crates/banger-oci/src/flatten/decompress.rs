@@ -106,6 +106,105 @@ pub(crate) fn open<'a, R: Read>(
     Ok((decoded, compression))
 }
 
+/// Chunks in flight between the decoding thread and the tar reader: enough to ride out
+/// bursts of small files on the writing side, small enough to bound memory (8 MiB).
+const PIPE_CHUNKS: usize = 8;
+const PIPE_CHUNK: usize = 1 << 20;
+
+/// The decompressed stream of a layer, produced by a thread of its own.
+pub(crate) struct BackgroundDecoded {
+    chunks: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    current: Vec<u8>,
+    position: usize,
+    finished: bool,
+}
+
+/// Starts decoding `blob` on a new thread (compression chosen as in [`open`]). Dropping the
+/// returned reader stops the thread at its next chunk.
+pub(crate) fn decode_in_background<R: Read + Send + 'static>(
+    blob: R,
+    media_type: &str,
+) -> BackgroundDecoded {
+    let (sender, chunks) = std::sync::mpsc::sync_channel(PIPE_CHUNKS);
+    let media_type = media_type.to_owned();
+    std::thread::spawn(move || {
+        let (mut decoded, compression) = match open(blob, &media_type) {
+            Ok(opened) => opened,
+            Err(e) => {
+                let _ = sender.send(Err(e));
+                return;
+            }
+        };
+        loop {
+            let mut chunk = vec![0u8; PIPE_CHUNK];
+            let mut filled = 0;
+            // Fill whole chunks: decoders return small pieces, channel hops are not free.
+            let result = loop {
+                match decoded.read(&mut chunk[filled..]) {
+                    Ok(0) => break Ok(true),
+                    Ok(n) => {
+                        filled += n;
+                        if filled == chunk.len() {
+                            break Ok(false);
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => break Err(e),
+                }
+            };
+            chunk.truncate(filled);
+            let end = match result {
+                Ok(end) => end,
+                Err(e) => {
+                    let _ = sender.send(Ok(chunk));
+                    let wrapped =
+                        io::Error::new(e.kind(), format!("{} stream: {e}", compression.name()));
+                    let _ = sender.send(Err(wrapped));
+                    return;
+                }
+            };
+            if (!chunk.is_empty() && sender.send(Ok(chunk)).is_err()) || end {
+                return;
+            }
+        }
+    });
+    BackgroundDecoded {
+        chunks,
+        current: Vec::new(),
+        position: 0,
+        finished: false,
+    }
+}
+
+impl Read for BackgroundDecoded {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.position == self.current.len() {
+            if self.finished {
+                return Ok(0);
+            }
+            match self.chunks.recv() {
+                Ok(Ok(chunk)) => {
+                    self.current = chunk;
+                    self.position = 0;
+                }
+                Ok(Err(e)) => {
+                    self.finished = true;
+                    return Err(e);
+                }
+                // The thread ends by dropping its sender after the last chunk.
+                Err(_) => {
+                    self.finished = true;
+                    return Ok(0);
+                }
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.position);
+        buf[..n].copy_from_slice(&self.current[self.position..self.position + n]);
+        self.position += n;
+        Ok(n)
+    }
+}
+
 /// Counts decompressed bytes against what is left of the image's budget and fails the
 /// read that would exceed it. `exceeded` lets the caller tell this failure apart from a
 /// corrupt stream after the tar parser has wrapped the error.

@@ -5,7 +5,7 @@
 //! staging leftovers or an unrecorded directory, both removed by [`ImageService::recover`]
 //! at start-up: there is either no image or a whole one.
 
-use std::io::{BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -346,7 +346,15 @@ impl ImageService {
         std::fs::rename(&built.dir, &final_dir)
             .with_context(|| format!("publish image into {}", final_dir.display()))?;
         sync_dir(&images)?;
-        let _ = std::fs::remove_dir(built.dir.parent().unwrap_or(&built.dir));
+        // Deleting the flattened tree (tens of thousands of files) is not part of the
+        // caller's wait: do it in the background. Start-up removes it if we crash first.
+        if let Some(staging) = built.dir.parent().map(Path::to_owned) {
+            std::thread::spawn(move || {
+                if let Err(e) = remove_any(&staging) {
+                    tracing::warn!(staging = %staging.display(), error = %e, "could not remove staging dir");
+                }
+            });
+        }
         let info = ImageInfo {
             id: built.id.clone(),
             name: name.to_owned(),
@@ -526,11 +534,7 @@ fn build_rootfs(
                 .open(&layer.digest)
                 .with_context(|| format!("open cached layer {}", layer.digest))?,
         };
-        flattener.apply_layer(
-            BufReader::with_capacity(1 << 20, file),
-            &layer.media_type,
-            &layer.digest,
-        )?;
+        flattener.apply_layer_pipelined(file, &layer.media_type, &layer.digest)?;
     }
     ctx.progress(Progress {
         task: "flatten".into(),
@@ -551,7 +555,8 @@ fn build_rootfs(
         ..Default::default()
     };
     let report = banger_rootfs::build_ext4(&mut tree, &rootfs, &options)?;
-    tree.remove()?;
+    // The staging tree goes after publication, off the critical path (see `publish`).
+    drop(tree);
     let mut config =
         std::fs::File::create(image_dir.join("config.json")).context("write image config")?;
     config.write_all(raw_config).context("write image config")?;
