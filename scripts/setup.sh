@@ -39,3 +39,12 @@ if ! command -v cargo >/dev/null 2>&1; then
     curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c clippy,rustfmt
   fi
 fi
+
+# The guest agent is a static binary; tests build it for musl.
+if command -v rustup >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/rustup" ]; then
+  rustup_bin="$(command -v rustup || echo "$HOME/.cargo/bin/rustup")"
+  if ! "$rustup_bin" target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl; then
+    echo "setup: adding the x86_64-unknown-linux-musl target" >&2
+    "$rustup_bin" target add x86_64-unknown-linux-musl
+  fi
+fi

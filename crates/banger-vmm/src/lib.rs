@@ -4,6 +4,7 @@
 //! backends that boot and supervise VM processes (QEMU today).
 #![warn(missing_docs)]
 
+pub mod agent;
 pub mod error;
 pub mod initramfs;
 pub mod kernel;

@@ -148,12 +148,22 @@ pub fn stop_daemon(client: &mut Client, pid: u32) -> anyhow::Result<()> {
 }
 
 fn process_alive(pid: u32) -> bool {
-    let Some(pid) = rustix::process::Pid::from_raw(pid as i32) else {
+    let Some(raw) = rustix::process::Pid::from_raw(pid as i32) else {
         return false;
     };
-    // Signal 0 checks existence. A zombie child would still count, but bangerd is never our
-    // child for long: it detaches with setsid.
-    rustix::process::test_kill_process(pid).is_ok()
+    if rustix::process::test_kill_process(raw).is_err() {
+        return false;
+    }
+    // An exited daemon stays a zombie until whoever adopted it reaps it, which can take a
+    // while: count a zombie as gone. The state is the field after the `(comm)` in stat.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !matches!(
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next()),
+            Some("Z" | "X")
+        ),
+        Err(_) => false,
+    }
 }
 
 fn bangerd_path() -> PathBuf {

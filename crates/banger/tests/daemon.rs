@@ -323,7 +323,7 @@ fn daemon_stop_stops_it_and_the_next_command_starts_a_new_one() {
     let first = install.daemon_pid().unwrap();
     let out = install.banger(&["daemon", "stop"]);
     assert_eq!(stdout(&out), format!("bangerd stopped (pid {first})\n"));
-    assert!(!std::path::Path::new(&format!("/proc/{first}")).exists());
+    assert!(support::process_gone(first));
     start(&install);
     assert_ne!(install.daemon_pid().unwrap(), first);
 }

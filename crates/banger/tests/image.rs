@@ -238,7 +238,7 @@ fn kill_9_mid_pull_leaves_no_partial_image_and_the_pull_then_succeeds() {
         .status()
         .unwrap();
     let _ = child.wait();
-    while Path::new(&format!("/proc/{pid}")).exists() {
+    while !support::process_gone(pid) {
         std::thread::sleep(Duration::from_millis(5));
     }
     assert!(

@@ -54,7 +54,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("start async runtime")?;
-    runtime.block_on(serve(layout))
+    let result = runtime.block_on(serve(layout));
+    // Running calls were already waited for (bounded) by the server; idle pool threads need
+    // not be: waiting for them added over a second to every stop.
+    runtime.shutdown_background();
+    result
 }
 
 async fn serve(layout: Layout) -> anyhow::Result<()> {

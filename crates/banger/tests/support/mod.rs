@@ -86,10 +86,23 @@ impl Drop for Install {
                 .stderr(std::process::Stdio::null())
                 .status();
             let deadline = Instant::now() + Duration::from_secs(10);
-            while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+            while !process_gone(pid) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
+    }
+}
+
+/// Whether `pid` has exited. A daemon adopted by init may linger as a zombie until it is
+/// reaped; that counts as gone.
+pub fn process_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => matches!(
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next()),
+            Some("Z" | "X")
+        ),
+        Err(_) => true,
     }
 }
 

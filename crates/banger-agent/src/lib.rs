@@ -1,0 +1,22 @@
+//! `banger-agent` is the small static program that runs inside every banger microVM and
+//! the wire protocol the host speaks to it. Over one byte stream (a virtio-serial port
+//! today; the framing does not care if it becomes vsock) the host runs commands with
+//! their stdout and stderr streamed apart, stdin forwarded and the exit status returned,
+//! uploads directories as tar streams, and powers the guest off.
+//!
+//! The agent can be the guest's PID 1 ([`system`]: mounts, hostname, zombie reaping,
+//! power-off; [`net`]: static IPv4 from the kernel command line) or an ordinary process
+//! listening on a Unix socket (how tests drive it). [`proto`] is shared with the host
+//! client in `banger_vmm::agent`; it needs no async runtime, and neither does the agent
+//! (threads and blocking I/O keep the static binary small).
+#![warn(missing_docs)]
+
+pub mod net;
+pub mod proto;
+pub mod reaper;
+pub mod server;
+pub mod system;
+pub mod transport;
+
+pub use proto::{ExecRequest, ExitStatus, Frame, FrameError, Message, SessionId};
+pub use server::{Agent, Outcome};

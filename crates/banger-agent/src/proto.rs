@@ -1,0 +1,707 @@
+//! The wire protocol between the host and the guest agent.
+//!
+//! One ordered, reliable byte stream (a virtio-serial port today, a vsock connection
+//! tomorrow) carries length-prefixed frames. Every frame names a *session*, chosen by the
+//! host, so several commands and uploads can run at once over the one stream:
+//!
+//! ```text
+//! frame := len:u32be  session:u32be  kind:u8  body        (len counts session+kind+body)
+//! ```
+//!
+//! Sessions (host → agent first, then the replies):
+//!
+//! - **exec**: [`Message::Exec`], then [`Message::Stdin`]* and [`Message::StdinEof`] when
+//!   the request asked for stdin; the agent answers [`Message::Stdout`]* /
+//!   [`Message::Stderr`]* and ends with [`Message::Exit`] (or [`Message::Error`] when the
+//!   command could not be started). The host may send [`Message::Signal`] at any time
+//!   before the exit (Ctrl-C, timeouts).
+//! - **upload**: [`Message::Upload`], [`Message::UploadData`]* (a tar stream, cut
+//!   anywhere), [`Message::UploadEnd`]; the agent ends it with [`Message::Ack`] or
+//!   [`Message::Error`].
+//! - **ping**: [`Message::Ping`] → [`Message::Pong`] (carrying [`PROTOCOL_VERSION`]).
+//! - **shutdown**: [`Message::Shutdown`] → [`Message::Ack`], then the guest powers off.
+//!
+//! Frames for a session the receiver does not know are ignored: they are the tail of a
+//! session that already ended (stdin after the command exited, output of a killed
+//! command). Nothing here does I/O beyond `Read`/`Write`, so any transport fits.
+
+use std::ffi::OsString;
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::PathBuf;
+
+/// Bumped on any incompatible change of the frame layout or of a message body.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The largest `len` a receiver accepts. Senders cut data into [`CHUNK_SIZE`] pieces,
+/// far below it; the margin is for exec requests with long argument lists.
+pub const MAX_FRAME_LEN: u32 = 4 << 20;
+
+/// How much data senders put into one `Stdin`/`Stdout`/`Stderr`/`UploadData` frame.
+/// 32 KiB is also the most a virtio-serial port moves per `write`.
+pub const CHUNK_SIZE: usize = 32 * 1024;
+
+/// The bytes before a frame's body: the length, the session and the kind.
+const HEADER_LEN: usize = 4 + 4 + 1;
+
+/// Chosen by the host; unique among the sessions live on one connection.
+pub type SessionId = u32;
+
+/// One message with the session it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// The session this frame belongs to.
+    pub session: SessionId,
+    /// What it says.
+    pub msg: Message,
+}
+
+impl Frame {
+    /// Shorthand for `Frame { session, msg }`.
+    pub fn new(session: SessionId, msg: Message) -> Frame {
+        Frame { session, msg }
+    }
+}
+
+/// Everything either side can say. Which side says what is documented per variant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Host → agent: is anyone there? Answered by [`Message::Pong`].
+    Ping,
+    /// Agent → host: the answer to [`Message::Ping`], with the agent's protocol version.
+    Pong {
+        /// The agent's [`PROTOCOL_VERSION`].
+        version: u32,
+    },
+    /// Host → agent: start a command; opens an exec session.
+    Exec(ExecRequest),
+    /// Host → agent: bytes for the command's stdin.
+    Stdin(Vec<u8>),
+    /// Host → agent: the command's stdin is at its end (the agent closes the pipe).
+    StdinEof,
+    /// Agent → host: bytes the command wrote to stdout.
+    Stdout(Vec<u8>),
+    /// Agent → host: bytes the command wrote to stderr.
+    Stderr(Vec<u8>),
+    /// Agent → host: how the command ended, after all of its output. Ends the session.
+    Exit(ExitStatus),
+    /// Host → agent: unpack the tar stream that follows into this guest directory
+    /// (created if missing); opens an upload session.
+    Upload {
+        /// The guest directory the archive is unpacked into.
+        dest: PathBuf,
+    },
+    /// Host → agent: the next piece of an upload's tar stream.
+    UploadData(Vec<u8>),
+    /// Host → agent: the upload's tar stream is complete.
+    UploadEnd,
+    /// Agent → host: the session's request succeeded (upload unpacked, shutdown under
+    /// way). Ends the session.
+    Ack,
+    /// Either way: the session's request failed, with the reason. Ends the session.
+    Error(String),
+    /// Host → agent: send this signal to an exec session's command (its whole process
+    /// group). The session still ends with [`Message::Exit`].
+    Signal(i32),
+    /// Host → agent: flush the disks and power the guest off (an agent that is not PID 1
+    /// just exits). Answered by [`Message::Ack`] first.
+    Shutdown,
+}
+
+/// How to start a command in the guest.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecRequest {
+    /// The program (looked up in `PATH`) and its arguments; must not be empty.
+    pub argv: Vec<OsString>,
+    /// Variables set on top of the agent's environment (which, for the agent as PID 1,
+    /// is `PATH` and `HOME=/root`).
+    pub env: Vec<(OsString, OsString)>,
+    /// The working directory; `None` keeps the agent's (`/` for PID 1).
+    pub cwd: Option<PathBuf>,
+    /// Whether the host will send stdin. Without it the command's stdin is `/dev/null`.
+    pub stdin: bool,
+}
+
+impl ExecRequest {
+    /// A request for `argv` with no extra environment, the default directory and no stdin.
+    pub fn new<I, S>(argv: I) -> ExecRequest
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        ExecRequest {
+            argv: argv.into_iter().map(Into::into).collect(),
+            ..ExecRequest::default()
+        }
+    }
+
+    /// Adds an environment variable.
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> ExecRequest {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Sets the working directory.
+    pub fn cwd(mut self, dir: impl Into<PathBuf>) -> ExecRequest {
+        self.cwd = Some(dir.into());
+        self
+    }
+}
+
+/// How a guest command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExitStatus {
+    /// It exited with this code.
+    Code(i32),
+    /// A signal with this number killed it.
+    Signal(i32),
+}
+
+impl ExitStatus {
+    /// The exit code, if the command exited rather than being killed.
+    pub fn code(self) -> Option<i32> {
+        match self {
+            ExitStatus::Code(c) => Some(c),
+            ExitStatus::Signal(_) => None,
+        }
+    }
+
+    /// Whether the command exited with code 0.
+    pub fn success(self) -> bool {
+        self == ExitStatus::Code(0)
+    }
+
+    /// The status a shell would report: the code, or 128 + the signal number.
+    pub fn shell_code(self) -> i32 {
+        match self {
+            ExitStatus::Code(c) => c,
+            ExitStatus::Signal(s) => 128 + s,
+        }
+    }
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitStatus::Code(c) => write!(f, "exit code {c}"),
+            ExitStatus::Signal(s) => write!(f, "killed by signal {s}"),
+        }
+    }
+}
+
+/// Why bytes could not be read as a frame.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The stream failed.
+    #[error("read frame: {0}")]
+    Io(#[from] io::Error),
+    /// The stream ended inside a frame.
+    #[error("stream ended inside a frame ({got} of {needed} bytes)")]
+    Truncated {
+        /// The bytes the frame needs (so far as known).
+        needed: usize,
+        /// The bytes that arrived.
+        got: usize,
+    },
+    /// The length prefix is out of bounds: the peer is broken or not speaking this protocol.
+    #[error("frame length {len} outside 5..={max}")]
+    BadLength {
+        /// The announced length.
+        len: u32,
+        /// [`MAX_FRAME_LEN`].
+        max: u32,
+    },
+    /// A kind byte this version does not know.
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    /// The body does not match its kind.
+    #[error("malformed {kind} frame: {reason}")]
+    Malformed {
+        /// The message kind.
+        kind: &'static str,
+        /// What is wrong with the body.
+        reason: &'static str,
+    },
+}
+
+mod kind {
+    pub const PING: u8 = 1;
+    pub const PONG: u8 = 2;
+    pub const EXEC: u8 = 3;
+    pub const STDIN: u8 = 4;
+    pub const STDIN_EOF: u8 = 5;
+    pub const STDOUT: u8 = 6;
+    pub const STDERR: u8 = 7;
+    pub const EXIT: u8 = 8;
+    pub const UPLOAD: u8 = 9;
+    pub const UPLOAD_DATA: u8 = 10;
+    pub const UPLOAD_END: u8 = 11;
+    pub const ACK: u8 = 12;
+    pub const ERROR: u8 = 13;
+    pub const SHUTDOWN: u8 = 14;
+    pub const SIGNAL: u8 = 15;
+}
+
+const EXEC_FLAG_STDIN: u8 = 1;
+const EXEC_FLAG_CWD: u8 = 2;
+
+/// Appends the encoding of `frame` to `out`.
+pub fn encode_into(frame: &Frame, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]); // length, patched below
+    out.extend_from_slice(&frame.session.to_be_bytes());
+    match &frame.msg {
+        Message::Ping => out.push(kind::PING),
+        Message::Pong { version } => {
+            out.push(kind::PONG);
+            out.extend_from_slice(&version.to_be_bytes());
+        }
+        Message::Exec(req) => {
+            out.push(kind::EXEC);
+            let mut flags = 0;
+            if req.stdin {
+                flags |= EXEC_FLAG_STDIN;
+            }
+            if req.cwd.is_some() {
+                flags |= EXEC_FLAG_CWD;
+            }
+            out.push(flags);
+            put_u32(out, req.argv.len());
+            for a in &req.argv {
+                put_bytes(out, a.as_bytes());
+            }
+            put_u32(out, req.env.len());
+            for (k, v) in &req.env {
+                put_bytes(out, k.as_bytes());
+                put_bytes(out, v.as_bytes());
+            }
+            if let Some(cwd) = &req.cwd {
+                put_bytes(out, cwd.as_os_str().as_bytes());
+            }
+        }
+        Message::Stdin(d) => data(out, kind::STDIN, d),
+        Message::StdinEof => out.push(kind::STDIN_EOF),
+        Message::Stdout(d) => data(out, kind::STDOUT, d),
+        Message::Stderr(d) => data(out, kind::STDERR, d),
+        Message::Exit(status) => {
+            out.push(kind::EXIT);
+            let (tag, value) = match status {
+                ExitStatus::Code(c) => (0u8, *c),
+                ExitStatus::Signal(s) => (1u8, *s),
+            };
+            out.push(tag);
+            out.extend_from_slice(&value.to_be_bytes());
+        }
+        Message::Upload { dest } => data(out, kind::UPLOAD, dest.as_os_str().as_bytes()),
+        Message::UploadData(d) => data(out, kind::UPLOAD_DATA, d),
+        Message::UploadEnd => out.push(kind::UPLOAD_END),
+        Message::Ack => out.push(kind::ACK),
+        Message::Error(m) => data(out, kind::ERROR, m.as_bytes()),
+        Message::Shutdown => out.push(kind::SHUTDOWN),
+        Message::Signal(sig) => {
+            out.push(kind::SIGNAL);
+            out.extend_from_slice(&sig.to_be_bytes());
+        }
+    }
+    let len = (out.len() - start - 4) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+/// The encoding of `frame`.
+pub fn encode(frame: &Frame) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_into(frame, &mut out);
+    out
+}
+
+/// Writes `frame` with one `write_all` (so frames written under a lock never interleave)
+/// and flushes.
+pub fn write_frame(w: &mut (impl Write + ?Sized), frame: &Frame) -> io::Result<()> {
+    w.write_all(&encode(frame))?;
+    w.flush()
+}
+
+/// Decodes the first frame of `buf`: `Ok(None)` when `buf` holds only part of it (read
+/// more), else the frame and how many bytes it used.
+pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, FrameError> {
+    let Some(len) = buf.get(..4) else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes(len.try_into().expect("4 bytes"));
+    check_len(len)?;
+    let total = 4 + len as usize;
+    let Some(frame) = buf.get(4..total) else {
+        return Ok(None);
+    };
+    Ok(Some((decode_body(frame)?, total)))
+}
+
+/// Reads one frame. `Ok(None)` means the stream ended cleanly between frames; an end
+/// inside a frame is [`FrameError::Truncated`].
+pub fn read_frame(r: &mut (impl Read + ?Sized)) -> Result<Option<Frame>, FrameError> {
+    let mut len = [0u8; 4];
+    let got = read_full(r, &mut len)?;
+    if got == 0 {
+        return Ok(None);
+    }
+    if got < 4 {
+        return Err(FrameError::Truncated { needed: 4, got });
+    }
+    let len = u32::from_be_bytes(len);
+    check_len(len)?;
+    let mut rest = vec![0u8; len as usize];
+    let got = read_full(r, &mut rest)?;
+    if got < rest.len() {
+        return Err(FrameError::Truncated {
+            needed: 4 + rest.len(),
+            got: 4 + got,
+        });
+    }
+    decode_body(&rest).map(Some)
+}
+
+/// Reads until `buf` is full or the stream ends; returns the bytes read.
+fn read_full(r: &mut (impl Read + ?Sized), buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+fn check_len(len: u32) -> Result<(), FrameError> {
+    if len < (HEADER_LEN - 4) as u32 || len > MAX_FRAME_LEN {
+        return Err(FrameError::BadLength {
+            len,
+            max: MAX_FRAME_LEN,
+        });
+    }
+    Ok(())
+}
+
+/// Decodes `session kind body` (the frame without its length prefix).
+fn decode_body(frame: &[u8]) -> Result<Frame, FrameError> {
+    let session = u32::from_be_bytes(frame[..4].try_into().expect("checked length"));
+    let kind = frame[4];
+    let body = &frame[5..];
+    let empty = |name: &'static str, msg: Message| {
+        if body.is_empty() {
+            Ok(msg)
+        } else {
+            Err(FrameError::Malformed {
+                kind: name,
+                reason: "unexpected body",
+            })
+        }
+    };
+    let msg = match kind {
+        kind::PING => empty("ping", Message::Ping)?,
+        kind::PONG => {
+            let mut c = Cursor::new("pong", body);
+            let version = c.u32()?;
+            c.finish()?;
+            Message::Pong { version }
+        }
+        kind::EXEC => decode_exec(body)?,
+        kind::STDIN => Message::Stdin(body.to_vec()),
+        kind::STDIN_EOF => empty("stdin-eof", Message::StdinEof)?,
+        kind::STDOUT => Message::Stdout(body.to_vec()),
+        kind::STDERR => Message::Stderr(body.to_vec()),
+        kind::EXIT => {
+            let mut c = Cursor::new("exit", body);
+            let tag = c.u8()?;
+            let value = c.u32()? as i32;
+            c.finish()?;
+            Message::Exit(match tag {
+                0 => ExitStatus::Code(value),
+                1 => ExitStatus::Signal(value),
+                _ => {
+                    return Err(FrameError::Malformed {
+                        kind: "exit",
+                        reason: "unknown status tag",
+                    })
+                }
+            })
+        }
+        kind::UPLOAD => {
+            if body.is_empty() {
+                return Err(FrameError::Malformed {
+                    kind: "upload",
+                    reason: "empty destination",
+                });
+            }
+            Message::Upload {
+                dest: OsString::from_vec(body.to_vec()).into(),
+            }
+        }
+        kind::UPLOAD_DATA => Message::UploadData(body.to_vec()),
+        kind::UPLOAD_END => empty("upload-end", Message::UploadEnd)?,
+        kind::ACK => empty("ack", Message::Ack)?,
+        kind::ERROR => Message::Error(String::from_utf8_lossy(body).into_owned()),
+        kind::SHUTDOWN => empty("shutdown", Message::Shutdown)?,
+        kind::SIGNAL => {
+            let mut c = Cursor::new("signal", body);
+            let sig = c.u32()? as i32;
+            c.finish()?;
+            Message::Signal(sig)
+        }
+        other => return Err(FrameError::UnknownKind(other)),
+    };
+    Ok(Frame { session, msg })
+}
+
+fn decode_exec(body: &[u8]) -> Result<Message, FrameError> {
+    let mut c = Cursor::new("exec", body);
+    let flags = c.u8()?;
+    let argc = c.u32()? as usize;
+    // Every item takes at least its 4-byte length: bound counts before allocating.
+    let mut argv = Vec::with_capacity(argc.min(body.len() / 4));
+    for _ in 0..argc {
+        argv.push(OsString::from_vec(c.bytes()?.to_vec()));
+    }
+    let envc = c.u32()? as usize;
+    let mut env = Vec::with_capacity(envc.min(body.len() / 8));
+    for _ in 0..envc {
+        let k = OsString::from_vec(c.bytes()?.to_vec());
+        let v = OsString::from_vec(c.bytes()?.to_vec());
+        env.push((k, v));
+    }
+    let cwd = if flags & EXEC_FLAG_CWD != 0 {
+        Some(OsString::from_vec(c.bytes()?.to_vec()).into())
+    } else {
+        None
+    };
+    c.finish()?;
+    Ok(Message::Exec(ExecRequest {
+        argv,
+        env,
+        cwd,
+        stdin: flags & EXEC_FLAG_STDIN != 0,
+    }))
+}
+
+fn data(out: &mut Vec<u8>, kind: u8, bytes: &[u8]) {
+    out.push(kind);
+    out.extend_from_slice(bytes);
+}
+
+fn put_u32(out: &mut Vec<u8>, n: usize) {
+    out.extend_from_slice(&(n as u32).to_be_bytes());
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    put_u32(out, b.len());
+    out.extend_from_slice(b);
+}
+
+/// Reads the fields of one body, naming the message kind in its errors.
+struct Cursor<'a> {
+    kind: &'static str,
+    rest: &'a [u8],
+}
+
+impl<'a> Cursor<'a> {
+    fn new(kind: &'static str, body: &'a [u8]) -> Self {
+        Cursor { kind, rest: body }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], FrameError> {
+        if self.rest.len() < n {
+            return Err(FrameError::Malformed {
+                kind: self.kind,
+                reason: "field runs past the end of the frame",
+            });
+        }
+        let (head, tail) = self.rest.split_at(n);
+        self.rest = tail;
+        Ok(head)
+    }
+
+    fn u8(&mut self) -> Result<u8, FrameError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u32(&mut self) -> Result<u32, FrameError> {
+        Ok(u32::from_be_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+
+    fn bytes(&mut self) -> Result<&'a [u8], FrameError> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+
+    fn finish(self) -> Result<(), FrameError> {
+        if self.rest.is_empty() {
+            Ok(())
+        } else {
+            Err(FrameError::Malformed {
+                kind: self.kind,
+                reason: "trailing bytes",
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn every_message() -> Vec<Message> {
+        vec![
+            Message::Ping,
+            Message::Pong {
+                version: PROTOCOL_VERSION,
+            },
+            Message::Exec(ExecRequest {
+                argv: vec!["sh".into(), "-c".into(), "echo 'a b'\n".into()],
+                env: vec![("K".into(), "v=1".into()), ("EMPTY".into(), "".into())],
+                cwd: Some("/work dir".into()),
+                stdin: true,
+            }),
+            Message::Exec(ExecRequest::new(["true"])),
+            Message::Exec(ExecRequest {
+                argv: vec![OsString::from_vec(vec![0xff, 0xfe])],
+                ..ExecRequest::default()
+            }),
+            Message::Stdin(b"in".to_vec()),
+            Message::Stdin(Vec::new()),
+            Message::StdinEof,
+            Message::Stdout(vec![0, 1, 2, 255]),
+            Message::Stderr(b"err\n".to_vec()),
+            Message::Exit(ExitStatus::Code(7)),
+            Message::Exit(ExitStatus::Code(-1)),
+            Message::Exit(ExitStatus::Signal(9)),
+            Message::Upload {
+                dest: "/work".into(),
+            },
+            Message::UploadData(vec![7; CHUNK_SIZE]),
+            Message::UploadEnd,
+            Message::Ack,
+            Message::Error("no such file: /x".into()),
+            Message::Shutdown,
+            Message::Signal(15),
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips_through_decode_and_read_frame() {
+        for (i, msg) in every_message().into_iter().enumerate() {
+            let frame = Frame::new(i as u32 * 0x0101_0101, msg);
+            let bytes = encode(&frame);
+            assert_eq!(
+                u32::from_be_bytes(bytes[..4].try_into().unwrap()) as usize,
+                bytes.len() - 4
+            );
+            let (decoded, used) = decode(&bytes).unwrap().expect("whole frame");
+            assert_eq!(decoded, frame);
+            assert_eq!(used, bytes.len());
+            let mut r = &bytes[..];
+            assert_eq!(read_frame(&mut r).unwrap(), Some(frame));
+            assert!(r.is_empty());
+        }
+    }
+
+    #[test]
+    fn frames_back_to_back_decode_in_order_then_clean_eof() {
+        let frames: Vec<Frame> = every_message()
+            .into_iter()
+            .map(|m| Frame::new(3, m))
+            .collect();
+        let mut stream = Vec::new();
+        for f in &frames {
+            encode_into(f, &mut stream);
+        }
+        let mut r = &stream[..];
+        for f in &frames {
+            assert_eq!(read_frame(&mut r).unwrap().as_ref(), Some(f));
+        }
+        assert!(read_frame(&mut r).unwrap().is_none());
+    }
+
+    #[test]
+    fn exact_bytes_of_a_stdout_frame() {
+        let bytes = encode(&Frame::new(0x01020304, Message::Stdout(b"hi".to_vec())));
+        assert_eq!(bytes, [0, 0, 0, 7, 1, 2, 3, 4, 6, b'h', b'i']);
+    }
+
+    #[test]
+    fn truncated_frame_is_incomplete_to_decode_and_an_error_to_read() {
+        let bytes = encode(&Frame::new(
+            1,
+            Message::Exec(ExecRequest::new(["sh", "-c", "exit 7"])),
+        ));
+        for cut in 1..bytes.len() {
+            assert!(decode(&bytes[..cut]).unwrap().is_none(), "cut at {cut}");
+            let err = read_frame(&mut &bytes[..cut]).unwrap_err();
+            assert!(
+                matches!(err, FrameError::Truncated { got, .. } if got == cut),
+                "cut at {cut}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn length_out_of_bounds_is_refused_before_allocating() {
+        let huge = (MAX_FRAME_LEN + 1).to_be_bytes();
+        assert!(matches!(
+            read_frame(&mut &huge[..]),
+            Err(FrameError::BadLength { .. })
+        ));
+        assert!(matches!(
+            decode(&[0, 0, 0, 4, 0, 0, 0, 1]),
+            Err(FrameError::BadLength { len: 4, .. })
+        ));
+    }
+
+    #[test]
+    fn unknown_kind_and_malformed_bodies_are_errors() {
+        let unknown = [0, 0, 0, 5, 0, 0, 0, 1, 200];
+        assert!(matches!(
+            decode(&unknown),
+            Err(FrameError::UnknownKind(200))
+        ));
+        // An exec whose argc promises more items than the body holds.
+        let bad_exec = [
+            0,
+            0,
+            0,
+            10,
+            0,
+            0,
+            0,
+            1,
+            kind::EXEC,
+            0,
+            0xff,
+            0xff,
+            0xff,
+            0xff,
+        ];
+        let err = decode(&bad_exec).unwrap_err();
+        assert!(
+            matches!(err, FrameError::Malformed { kind: "exec", .. }),
+            "{err}"
+        );
+        let ping_with_body = [0, 0, 0, 6, 0, 0, 0, 1, kind::PING, 0];
+        assert!(matches!(
+            decode(&ping_with_body),
+            Err(FrameError::Malformed { kind: "ping", .. })
+        ));
+    }
+
+    #[test]
+    fn exit_status_reports_like_a_shell() {
+        assert!(ExitStatus::Code(0).success());
+        assert_eq!(ExitStatus::Code(7).code(), Some(7));
+        assert_eq!(ExitStatus::Signal(9).code(), None);
+        assert_eq!(ExitStatus::Signal(9).shell_code(), 137);
+        assert_eq!(ExitStatus::Signal(15).to_string(), "killed by signal 15");
+    }
+}

@@ -1,0 +1,591 @@
+//! The agent's side of the protocol: serve one connection's sessions concurrently.
+//!
+//! The calling thread reads frames and dispatches them; every exec gets a thread that
+//! pumps its stdout (and, at the end, sends its exit status), one for stderr and one that
+//! feeds its stdin; every upload gets a thread that unpacks the tar stream. All of them
+//! write frames through one lock, so frames never interleave.
+//!
+//! When the connection ends (the host went away), its commands are killed: their output
+//! has nowhere to go, and a host that reconnects starts new sessions.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, BufReader, Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Component, Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use crate::proto::{self, ExecRequest, Frame, FrameError, Message, SessionId, CHUNK_SIZE};
+use crate::reaper::Reaper;
+
+/// How many data frames may queue for one session's stdin or upload before the reading
+/// thread waits (backpressure toward the host).
+const QUEUE_FRAMES: usize = 16;
+
+/// Why [`Agent::serve`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The host closed the connection (or broke the framing); wait for the next one.
+    Disconnected,
+    /// The host asked for a shutdown, which has been acknowledged.
+    Shutdown,
+}
+
+/// A guest agent: serves connections one after another.
+pub struct Agent {
+    reaper: Reaper,
+    out: Arc<Output>,
+}
+
+/// The frame writer shared by every thread of every connection.
+///
+/// A connection's threads tag their frames with its generation, and frames of an ended
+/// connection are dropped. (With a virtio-serial port the writer is the same device
+/// across connections, and a write blocks while no host is connected; a stale frame
+/// stuck in such a write goes out whole, under the lock, before any new one.)
+struct Output {
+    writer: Mutex<Option<Box<dyn Write + Send>>>,
+    generation: AtomicU64,
+}
+
+impl Output {
+    fn send(&self, generation: u64, frame: &Frame) {
+        if self.generation.load(Ordering::SeqCst) != generation {
+            return;
+        }
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        if self.generation.load(Ordering::SeqCst) != generation {
+            return;
+        }
+        if let Some(writer) = w.as_mut() {
+            if let Err(e) = proto::write_frame(writer, frame) {
+                // The reading side notices the disconnect too; stop writing until then.
+                eprintln!("banger-agent: write frame: {e}");
+                *w = None;
+            }
+        }
+    }
+}
+
+/// A connection's handle to the writer.
+#[derive(Clone)]
+struct Out {
+    shared: Arc<Output>,
+    generation: u64,
+}
+
+impl Out {
+    fn send(&self, session: SessionId, msg: Message) {
+        self.shared.send(self.generation, &Frame::new(session, msg));
+    }
+}
+
+enum Session {
+    Exec {
+        /// `None` once the host sent StdinEof (or never asked for stdin).
+        stdin: Option<SyncSender<Vec<u8>>>,
+        /// The command's process group (it leads its own).
+        pgid: u32,
+    },
+    Upload {
+        /// `None` is the end of the stream.
+        data: SyncSender<Option<Vec<u8>>>,
+    },
+}
+
+type Sessions = Arc<Mutex<HashMap<SessionId, Session>>>;
+
+impl Agent {
+    /// An agent with its reaper thread running (see [`crate::reaper`]).
+    pub fn new() -> io::Result<Agent> {
+        Ok(Agent {
+            reaper: Reaper::start()?,
+            out: Arc::new(Output {
+                writer: Mutex::new(None),
+                generation: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// Serves one connection until the host goes away or asks for a shutdown.
+    pub fn serve(
+        &self,
+        reader: impl Read,
+        writer: Box<dyn Write + Send>,
+    ) -> Result<Outcome, FrameError> {
+        let generation = self.out.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        *self.out.writer.lock().unwrap_or_else(|e| e.into_inner()) = Some(writer);
+        let conn = Conn {
+            out: Out {
+                shared: self.out.clone(),
+                generation,
+            },
+            sessions: Arc::default(),
+            reaper: self.reaper.clone(),
+        };
+        let result = conn.run(BufReader::with_capacity(64 * 1024, reader));
+        conn.end();
+        result
+    }
+}
+
+struct Conn {
+    out: Out,
+    sessions: Sessions,
+    reaper: Reaper,
+}
+
+impl Conn {
+    fn run(&self, mut reader: impl Read) -> Result<Outcome, FrameError> {
+        loop {
+            let frame = match proto::read_frame(&mut reader) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return Ok(Outcome::Disconnected),
+                // The framing is intact after these: refuse the one frame.
+                Err(e @ (FrameError::UnknownKind(_) | FrameError::Malformed { .. })) => {
+                    eprintln!("banger-agent: {e}");
+                    continue;
+                }
+                Err(FrameError::Truncated { .. }) => return Ok(Outcome::Disconnected),
+                Err(e) => return Err(e),
+            };
+            if self.dispatch(frame) {
+                return Ok(Outcome::Shutdown);
+            }
+        }
+    }
+
+    /// Handles one frame; true when it was a shutdown request.
+    fn dispatch(&self, Frame { session: id, msg }: Frame) -> bool {
+        match msg {
+            Message::Ping => self.out.send(
+                id,
+                Message::Pong {
+                    version: proto::PROTOCOL_VERSION,
+                },
+            ),
+            Message::Exec(req) => {
+                if self.live(id) {
+                    self.out
+                        .send(id, Message::Error(format!("session {id} is in use")));
+                } else if let Err(e) = self.start_exec(id, req) {
+                    self.out.send(id, Message::Error(e));
+                }
+            }
+            Message::Stdin(data) => {
+                let tx = match self.sessions().get(&id) {
+                    Some(Session::Exec {
+                        stdin: Some(tx), ..
+                    }) => tx.clone(),
+                    _ => return false,
+                };
+                // Fails once the command closed its stdin; the rest is dropped.
+                let _ = tx.send(data);
+            }
+            Message::StdinEof => {
+                if let Some(Session::Exec { stdin, .. }) = self.sessions().get_mut(&id) {
+                    *stdin = None; // the feeder closes the pipe when the queue drains
+                }
+            }
+            Message::Upload { dest } => {
+                if self.live(id) {
+                    self.out
+                        .send(id, Message::Error(format!("session {id} is in use")));
+                } else if let Err(e) = self.start_upload(id, dest) {
+                    self.out.send(id, Message::Error(e));
+                }
+            }
+            Message::Signal(sig) => {
+                if let Some(Session::Exec { pgid, .. }) = self.sessions().get(&id) {
+                    // SAFETY: kill(2) with a negative pid signals a process group; it
+                    // touches no memory. An out-of-range signal is just EINVAL.
+                    unsafe { libc::kill(-(*pgid as i32), sig) };
+                }
+            }
+            Message::UploadData(data) => self.upload_send(id, Some(data)),
+            Message::UploadEnd => self.upload_send(id, None),
+            Message::Shutdown => {
+                self.out.send(id, Message::Ack);
+                return true;
+            }
+            // Agent → host messages, or the end of a session we forgot: ignore.
+            Message::Pong { .. }
+            | Message::Stdout(_)
+            | Message::Stderr(_)
+            | Message::Exit(_)
+            | Message::Ack
+            | Message::Error(_) => {}
+        }
+        false
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, Session>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn live(&self, id: SessionId) -> bool {
+        self.sessions().contains_key(&id)
+    }
+
+    fn start_exec(&self, id: SessionId, req: ExecRequest) -> Result<(), String> {
+        let Some(program) = req.argv.first() else {
+            return Err("exec: empty argv".into());
+        };
+        let mut cmd = Command::new(program);
+        cmd.args(&req.argv[1..])
+            .envs(req.env.iter().map(|(k, v)| (k, v)))
+            .stdin(if req.stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Its own group, so a disconnect can kill the command with its children.
+            .process_group(0);
+        if let Some(cwd) = &req.cwd {
+            cmd.current_dir(cwd);
+        }
+        let guard = self.reaper.lock();
+        let mut child = cmd.spawn().map_err(|e| match &req.cwd {
+            Some(cwd) => format!(
+                "start {} in {}: {e}",
+                program.to_string_lossy(),
+                cwd.display()
+            ),
+            None => format!("start {}: {e}", program.to_string_lossy()),
+        })?;
+        let exited = guard.register(child.id());
+        let pid = child.id();
+        let stdout = child.stdout.take().expect("piped");
+        let stderr = child.stderr.take().expect("piped");
+        let stdin = child.stdin.take().map(|pipe| {
+            let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(QUEUE_FRAMES);
+            spawn_named("stdin", move || feed_stdin(pipe, rx));
+            tx
+        });
+        self.sessions()
+            .insert(id, Session::Exec { stdin, pgid: pid });
+
+        let out = self.out.clone();
+        let err_pump = spawn_named("stderr", move || pump(stderr, &out, id, Message::Stderr));
+        let out = self.out.clone();
+        let sessions = self.sessions.clone();
+        spawn_named("stdout", move || {
+            pump(stdout, &out, id, Message::Stdout);
+            if let Some(h) = err_pump {
+                let _ = h.join();
+            }
+            // The reaper always answers for a registered child; a closed channel would
+            // mean the reaper died, which only a bug can do.
+            let status = exited.recv();
+            sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+            match status {
+                Ok(status) => out.send(id, Message::Exit(status)),
+                Err(_) => out.send(id, Message::Error("lost the command's exit status".into())),
+            }
+        });
+        Ok(())
+    }
+
+    fn start_upload(&self, id: SessionId, dest: PathBuf) -> Result<(), String> {
+        if !dest.is_absolute() {
+            return Err(format!(
+                "upload: destination {} is not absolute",
+                dest.display()
+            ));
+        }
+        let (tx, rx) = mpsc::sync_channel(QUEUE_FRAMES);
+        self.sessions().insert(id, Session::Upload { data: tx });
+        let out = self.out.clone();
+        let sessions = self.sessions.clone();
+        let started = spawn_named("upload", move || {
+            let mut reader = ChannelReader {
+                rx,
+                buf: Vec::new(),
+                pos: 0,
+                eof: false,
+            };
+            let result = unpack_tar(&mut reader, &dest)
+                // Wait for UploadEnd, so the reply follows the host's last frame.
+                .and_then(|()| io::copy(&mut reader, &mut io::sink()).map(drop));
+            sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+            match result {
+                Ok(()) => out.send(id, Message::Ack),
+                Err(e) => out.send(
+                    id,
+                    Message::Error(format!("unpack upload into {}: {e}", dest.display())),
+                ),
+            }
+        });
+        if started.is_none() {
+            self.sessions().remove(&id);
+            return Err("upload: cannot start a thread".into());
+        }
+        Ok(())
+    }
+
+    fn upload_send(&self, id: SessionId, data: Option<Vec<u8>>) {
+        let tx = match self.sessions().get(&id) {
+            Some(Session::Upload { data }) => data.clone(),
+            _ => return,
+        };
+        // Fails when the unpacking already gave up; its error reply is on the way.
+        let _ = tx.send(data);
+    }
+
+    /// The connection is over: kill its commands and abandon its uploads.
+    fn end(&self) {
+        let sessions: Vec<_> = self.sessions().drain().collect();
+        for (_, s) in sessions {
+            if let Session::Exec { pgid, .. } = s {
+                if let Some(pid) = rustix::process::Pid::from_raw(pgid as i32) {
+                    let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::Kill);
+                }
+            }
+            // Dropping an upload's sender makes its reader fail: the unpack stops.
+        }
+    }
+}
+
+fn spawn_named<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Option<thread::JoinHandle<T>> {
+    match thread::Builder::new().name(name.into()).spawn(f) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            eprintln!("banger-agent: spawn {name} thread: {e}");
+            None
+        }
+    }
+}
+
+/// Copies a command's output into frames until the pipe closes. Write failures are not
+/// its business (the connection is going away); it keeps draining so the command never
+/// blocks on a full pipe.
+fn pump(mut pipe: impl Read, out: &Out, id: SessionId, wrap: fn(Vec<u8>) -> Message) {
+    let mut buf = vec![0u8; CHUNK_SIZE];
+    loop {
+        match pipe.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => out.send(id, wrap(buf[..n].to_vec())),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                eprintln!("banger-agent: read command output: {e}");
+                return;
+            }
+        }
+    }
+}
+
+fn feed_stdin(mut pipe: impl Write, rx: Receiver<Vec<u8>>) {
+    for data in rx {
+        if pipe.write_all(&data).is_err() {
+            return; // the command closed its stdin
+        }
+    }
+    // The sender is gone: StdinEof, or the connection ended. Dropping `pipe` closes it.
+}
+
+/// Reads an upload's stream out of the frames the connection thread queues.
+struct ChannelReader {
+    rx: Receiver<Option<Vec<u8>>>,
+    buf: Vec<u8>,
+    pos: usize,
+    /// The end marker arrived: every later read is the end too.
+    eof: bool,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.buf.len() {
+            if self.eof {
+                return Ok(0);
+            }
+            match self.rx.recv() {
+                Ok(Some(data)) => {
+                    self.buf = data;
+                    self.pos = 0;
+                }
+                Ok(None) => self.eof = true,
+                Err(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "the host disconnected before the upload ended",
+                    ))
+                }
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Unpacks the tar stream `reader` into `dest` (created if missing), refusing, with an
+/// error naming it, any entry whose path is absolute or climbs out with `..`, or that
+/// would be written through a symlink leading outside `dest`.
+///
+/// Modes and mtimes are kept; ownership is not (files belong to the agent's user, root in
+/// a guest — a workspace owned by a host uid would make tools like git balk).
+/// Directories are finished last, so a read-only directory still receives its files.
+pub fn unpack_tar(reader: impl Read, dest: &Path) -> io::Result<()> {
+    fs::create_dir_all(dest).map_err(|e| with_context(e, "create", dest))?;
+    let mut archive = tar::Archive::new(reader);
+    archive.set_preserve_permissions(true);
+    archive.set_preserve_mtime(true);
+    archive.set_overwrite(true);
+    let mut dirs = Vec::new();
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        let path = entry.path()?.into_owned();
+        if path
+            .components()
+            .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("entry {} escapes the destination", path.display()),
+            ));
+        }
+        if entry.header().entry_type().is_dir() {
+            dirs.push(entry);
+            continue;
+        }
+        if !entry
+            .unpack_in(dest)
+            .map_err(|e| with_context(e, "unpack", &path))?
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("entry {} escapes the destination", path.display()),
+            ));
+        }
+    }
+    // Deepest first, so a parent's mode and mtime are set after its children exist.
+    dirs.sort_by(|a, b| b.path_bytes().cmp(&a.path_bytes()));
+    for mut dir in dirs {
+        let path = dir.path()?.into_owned();
+        dir.unpack_in(dest)
+            .map_err(|e| with_context(e, "unpack", &path))?;
+    }
+    Ok(())
+}
+
+fn with_context(e: io::Error, op: &str, path: &Path) -> io::Error {
+    io::Error::new(e.kind(), format!("{op} {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tar_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, data) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o640);
+            h.set_entry_type(tar::EntryType::Regular);
+            // set_path refuses "..", which is exactly what we need to test: write raw.
+            let name = &mut h.as_old_mut().name;
+            name[..path.len()].copy_from_slice(path.as_bytes());
+            h.set_cksum();
+            b.append(&h, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn unpack_writes_files_with_their_modes_into_a_new_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = tmp.path().join("a/b");
+        unpack_tar(&tar_of(&[("x/y.txt", b"hello"), ("top", b"")])[..], &dest).unwrap();
+        assert_eq!(fs::read(dest.join("x/y.txt")).unwrap(), b"hello");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(dest.join("top")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o640);
+    }
+
+    #[test]
+    fn unpack_refuses_an_entry_climbing_out_with_dotdot() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = tmp.path().join("d");
+        let err = unpack_tar(&tar_of(&[("ok", b"1"), ("../evil", b"2")])[..], &dest).unwrap_err();
+        assert!(err.to_string().contains("../evil escapes"), "{err}");
+        assert!(!tmp.path().join("evil").exists());
+    }
+
+    #[test]
+    fn unpack_refuses_an_absolute_entry() {
+        let tmp = tempfile::tempdir().unwrap();
+        let err = unpack_tar(&tar_of(&[("/etc/evil", b"2")])[..], tmp.path()).unwrap_err();
+        assert!(err.to_string().contains("escapes"), "{err}");
+    }
+
+    #[test]
+    fn unpack_refuses_writing_through_a_symlink_out_of_the_destination() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tmp.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        b.append_link(&mut h, "link", &outside).unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_size(1);
+        b.append_data(&mut h, "link/file", &b"x"[..]).unwrap();
+        let data = b.into_inner().unwrap();
+        let err = unpack_tar(&data[..], &tmp.path().join("d")).unwrap_err();
+        assert!(!outside.join("file").exists());
+        assert!(err.to_string().contains("link/file"), "{err}");
+    }
+
+    #[test]
+    fn channel_reader_reassembles_chunks_and_stays_at_its_end() {
+        let (tx, rx) = mpsc::sync_channel(4);
+        tx.send(Some(b"ab".to_vec())).unwrap();
+        tx.send(Some(Vec::new())).unwrap();
+        tx.send(Some(b"c".to_vec())).unwrap();
+        tx.send(None).unwrap();
+        let mut r = reader(rx);
+        let mut s = Vec::new();
+        r.read_to_end(&mut s).unwrap();
+        assert_eq!(s, b"abc");
+        // The sender is still alive (it lives in the session map): no blocking recv.
+        assert_eq!(r.read(&mut [0; 4]).unwrap(), 0);
+        drop(tx);
+    }
+
+    #[test]
+    fn channel_reader_reports_a_stream_abandoned_before_its_end() {
+        let (tx, rx) = mpsc::sync_channel(4);
+        tx.send(Some(b"ab".to_vec())).unwrap();
+        drop(tx);
+        let mut r = reader(rx);
+        let err = r.read_to_end(&mut Vec::new()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted);
+    }
+
+    fn reader(rx: Receiver<Option<Vec<u8>>>) -> ChannelReader {
+        ChannelReader {
+            rx,
+            buf: Vec::new(),
+            pos: 0,
+            eof: false,
+        }
+    }
+}

@@ -1,0 +1,646 @@
+//! The host's client of the guest agent (`banger-agent`): run commands in a VM with
+//! stdout and stderr kept apart, stdin forwarded and the exit status returned; upload
+//! directories; power the guest off.
+//!
+//! The transport is a byte stream: today the Unix socket QEMU binds to the guest's
+//! virtio-serial port (see [`qemu_agent_args`]); [`AgentClient::from_halves`] takes any
+//! other stream (vsock, a test pipe). One connection carries any number of concurrent
+//! sessions: a reader thread routes each incoming frame to the session it names, so
+//! `exec` and `upload_*` may be called from several threads at once.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use banger_agent::proto::{self, Frame, Message, SessionId, CHUNK_SIZE, PROTOCOL_VERSION};
+pub use banger_agent::proto::{ExecRequest, ExitStatus};
+
+/// The virtio-serial port name the agent looks for.
+pub const AGENT_PORT_NAME: &str = banger_agent::transport::PORT_NAME;
+
+/// Where the agent binary lives in a guest root filesystem.
+pub const AGENT_GUEST_PATH: &str = "/.banger/agent";
+
+/// QEMU arguments (for `-M microvm`) that expose a virtio-serial port named
+/// [`AGENT_PORT_NAME`] to the guest and bind its host end to the Unix socket `socket`,
+/// which QEMU creates and on which [`AgentClient::connect`] connects.
+pub fn qemu_agent_args(socket: &Path) -> Vec<String> {
+    vec![
+        "-device".into(),
+        "virtio-serial-device".into(),
+        "-chardev".into(),
+        format!(
+            "socket,id=agent,path={},server=on,wait=off",
+            socket.display().to_string().replace(',', ",,")
+        ),
+        "-device".into(),
+        format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}"),
+    ]
+}
+
+/// Why talking to the agent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The socket could not be connected (other than "not there yet").
+    #[error("connect to agent socket {}: {source}", path.display())]
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// Nothing answered in time.
+    #[error("{what}: no answer from the agent within {timeout:?}")]
+    Timeout {
+        /// What was waited for.
+        what: &'static str,
+        /// How long.
+        timeout: Duration,
+    },
+    /// Writing to the connection failed.
+    #[error("send to agent: {0}")]
+    Send(#[source] io::Error),
+    /// The connection ended (the VM stopped, or the agent broke the framing).
+    #[error("agent connection closed: {0}")]
+    Closed(String),
+    /// The agent speaks another protocol version.
+    #[error("agent speaks protocol version {agent}, this host speaks {host}")]
+    Version {
+        /// The agent's version.
+        agent: u32,
+        /// Ours.
+        host: u32,
+    },
+    /// The agent refused or failed the request.
+    #[error("{op}: the agent says: {message}")]
+    Remote {
+        /// The request.
+        op: String,
+        /// The agent's reason.
+        message: String,
+    },
+    /// The agent sent something the protocol does not allow here.
+    #[error("{op}: unexpected message from the agent: {message}")]
+    Protocol {
+        /// The request.
+        op: String,
+        /// What arrived.
+        message: String,
+    },
+    /// A local stream or file failed (the caller's stdin/stdout, the directory to upload).
+    #[error("{op}: {source}")]
+    Local {
+        /// What was being done.
+        op: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Shorthand for results of this module.
+pub type Result<T, E = AgentError> = std::result::Result<T, E>;
+
+/// What [`AgentClient::output`] collected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Output {
+    /// How the command ended.
+    pub status: ExitStatus,
+    /// Everything it wrote to stdout.
+    pub stdout: Vec<u8>,
+    /// Everything it wrote to stderr.
+    pub stderr: Vec<u8>,
+}
+
+struct Shared {
+    writer: Mutex<Box<dyn Write + Send>>,
+    sessions: Mutex<HashMap<SessionId, Sender<Message>>>,
+    /// Why the connection ended; set by the reader thread as it exits.
+    closed: Mutex<Option<String>>,
+    next_session: AtomicU32,
+}
+
+impl Shared {
+    fn send(&self, frame: &Frame) -> Result<()> {
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        proto::write_frame(&mut *w, frame).map_err(AgentError::Send)
+    }
+
+    fn closed_reason(&self) -> String {
+        self.closed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_else(|| "the reader stopped".into())
+    }
+}
+
+/// A connection to one guest agent. Dropping it closes the connection; commands still
+/// running in the guest are then killed by the agent.
+pub struct AgentClient {
+    shared: Arc<Shared>,
+    /// For closing a Unix connection on drop (which also ends the reader thread).
+    socket: Option<UnixStream>,
+}
+
+/// An open session: its frames arrive on `rx`; dropping it unregisters the session.
+struct Session<'a> {
+    id: SessionId,
+    rx: Receiver<Message>,
+    shared: &'a Shared,
+}
+
+impl Drop for Session<'_> {
+    fn drop(&mut self) {
+        self.shared
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
+}
+
+impl Session<'_> {
+    fn send(&self, msg: Message) -> Result<()> {
+        self.shared.send(&Frame::new(self.id, msg))
+    }
+
+    fn recv(&self) -> Result<Message> {
+        self.rx
+            .recv()
+            .map_err(|_| AgentError::Closed(self.shared.closed_reason()))
+    }
+
+    fn recv_timeout(&self, what: &'static str, timeout: Duration) -> Result<Message> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(m) => Ok(m),
+            Err(RecvTimeoutError::Timeout) => Err(AgentError::Timeout { what, timeout }),
+            Err(RecvTimeoutError::Disconnected) => {
+                Err(AgentError::Closed(self.shared.closed_reason()))
+            }
+        }
+    }
+}
+
+impl AgentClient {
+    /// Connects to the agent behind the Unix socket `socket_path` and waits for it to
+    /// answer a ping, all within `timeout`. Meant to be called right after starting the
+    /// VM: it retries while the socket does not exist yet (QEMU starting), and the ping
+    /// waits in the socket until the guest's agent opens its port (the guest booting).
+    pub fn connect(socket_path: &Path, timeout: Duration) -> Result<AgentClient> {
+        let deadline = Instant::now() + timeout;
+        let stream = loop {
+            match UnixStream::connect(socket_path) {
+                Ok(s) => break s,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                    ) && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(source) => {
+                    return Err(AgentError::Connect {
+                        path: socket_path.to_owned(),
+                        source,
+                    })
+                }
+            }
+        };
+        let clone = |s: &UnixStream| {
+            s.try_clone().map_err(|source| AgentError::Connect {
+                path: socket_path.to_owned(),
+                source,
+            })
+        };
+        let reader = clone(&stream)?;
+        let closer = clone(&stream)?;
+        let mut client = AgentClient::from_halves(Box::new(reader), Box::new(stream));
+        client.socket = Some(closer);
+        client.ping(deadline.saturating_duration_since(Instant::now()))?;
+        Ok(client)
+    }
+
+    /// A client over any byte stream, given as its two halves (no ping is sent). The
+    /// reader thread ends when `reader` reaches its end.
+    pub fn from_halves(reader: Box<dyn Read + Send>, writer: Box<dyn Write + Send>) -> AgentClient {
+        let shared = Arc::new(Shared {
+            writer: Mutex::new(writer),
+            sessions: Mutex::default(),
+            closed: Mutex::default(),
+            next_session: AtomicU32::new(first_session_id()),
+        });
+        let s = shared.clone();
+        // If the thread cannot start, sessions see a closed connection at once.
+        let _ = std::thread::Builder::new()
+            .name("agent-reader".into())
+            .spawn(move || read_loop(reader, &s));
+        AgentClient {
+            shared,
+            socket: None,
+        }
+    }
+
+    fn open(&self) -> Session<'_> {
+        let (tx, rx) = mpsc::channel();
+        let mut sessions = self
+            .shared
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let id = loop {
+            let id = self.shared.next_session.fetch_add(1, Ordering::Relaxed);
+            if id != 0 && !sessions.contains_key(&id) {
+                break id;
+            }
+        };
+        // A connection that already ended keeps no senders: the session sees it closed.
+        if self
+            .shared
+            .closed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+        {
+            sessions.insert(id, tx);
+        }
+        Session {
+            id,
+            rx,
+            shared: &self.shared,
+        }
+    }
+
+    /// Pings the agent; returns after its answer, or fails after `timeout`. The ping is
+    /// repeated every second: a ping QEMU accepted before the guest opened its port can
+    /// sit unread until QEMU's main loop looks at the socket again.
+    pub fn ping(&self, timeout: Duration) -> Result<()> {
+        let session = self.open();
+        let deadline = Instant::now() + timeout;
+        loop {
+            session.send(Message::Ping)?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            match session.recv_timeout("ping", left.min(Duration::from_millis(250))) {
+                Ok(Message::Pong { version }) if version == PROTOCOL_VERSION => return Ok(()),
+                Ok(Message::Pong { version }) => {
+                    return Err(AgentError::Version {
+                        agent: version,
+                        host: PROTOCOL_VERSION,
+                    })
+                }
+                Ok(other) => return Err(unexpected("ping", &other)),
+                Err(AgentError::Timeout { .. }) if Instant::now() < deadline => {}
+                Err(AgentError::Timeout { .. }) => {
+                    return Err(AgentError::Timeout {
+                        what: "ping",
+                        timeout,
+                    })
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Runs `req` in the guest, streaming its stdout and stderr into `stdout` and
+    /// `stderr` as they come, and returns how it ended.
+    ///
+    /// With `stdin`, its bytes are forwarded (then end-of-file) from a thread of its own,
+    /// which is left behind if the command ends first while it is blocked reading (hence
+    /// the `'static`); without, the command reads `/dev/null`. If writing `stdout` or
+    /// `stderr` fails, the command is killed and the error returned.
+    pub fn exec(
+        &self,
+        req: &ExecRequest,
+        stdin: Option<Box<dyn Read + Send>>,
+        stdout: &mut dyn Write,
+        stderr: &mut dyn Write,
+    ) -> Result<ExitStatus> {
+        let op = || format!("exec {:?}", req.argv);
+        let session = self.open();
+        let mut req = req.clone();
+        req.stdin = stdin.is_some();
+        session.send(Message::Exec(req))?;
+        let done = Arc::new(AtomicBool::new(false));
+        if let Some(input) = stdin {
+            let shared = self.shared.clone();
+            let (id, done) = (session.id, done.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("agent-stdin-{id}"))
+                .spawn(move || forward_stdin(input, &shared, id, &done));
+            if let Err(e) = spawned {
+                let _ = session.send(Message::Signal(rustix::process::Signal::Kill as i32));
+                return Err(AgentError::Local {
+                    op: "start the stdin thread".into(),
+                    source: e,
+                });
+            }
+        }
+        let result = loop {
+            let written = match session.recv() {
+                Ok(Message::Stdout(d)) => write_out(stdout, &d, "stdout"),
+                Ok(Message::Stderr(d)) => write_out(stderr, &d, "stderr"),
+                Ok(Message::Exit(status)) => break Ok(status),
+                Ok(Message::Error(message)) => break Err(AgentError::Remote { op: op(), message }),
+                Ok(other) => break Err(unexpected(&op(), &other)),
+                Err(e) => break Err(e),
+            };
+            if let Err(e) = written {
+                let _ = session.send(Message::Signal(rustix::process::Signal::Kill as i32));
+                break Err(e);
+            }
+        };
+        done.store(true, Ordering::SeqCst);
+        result
+    }
+
+    /// Runs `req` without stdin and collects its output.
+    pub fn output(&self, req: &ExecRequest) -> Result<Output> {
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        let status = self.exec(req, None, &mut stdout, &mut stderr)?;
+        Ok(Output {
+            status,
+            stdout,
+            stderr,
+        })
+    }
+
+    /// Uploads the contents of the local directory `local_dir` into `guest_dest`
+    /// (created if missing; existing files are overwritten) as a tar stream built on the
+    /// fly. Symlinks are sent as symlinks; modes and mtimes are kept; in the guest the
+    /// files belong to the agent's user.
+    pub fn upload_dir(&self, local_dir: &Path, guest_dest: &Path) -> Result<()> {
+        let meta = std::fs::metadata(local_dir).map_err(|source| AgentError::Local {
+            op: format!("upload {}", local_dir.display()),
+            source,
+        })?;
+        if !meta.is_dir() {
+            return Err(AgentError::Local {
+                op: format!("upload {}", local_dir.display()),
+                source: io::Error::new(io::ErrorKind::InvalidInput, "not a directory"),
+            });
+        }
+        self.upload_with(guest_dest, |sink| {
+            let mut builder = tar::Builder::new(sink);
+            builder.follow_symlinks(false);
+            builder.append_dir_all(".", local_dir)?;
+            builder.into_inner()?.flush()
+        })
+        .map_err(|e| match e {
+            AgentError::Local { source, .. } => AgentError::Local {
+                op: format!("archive {}", local_dir.display()),
+                source,
+            },
+            e => e,
+        })
+    }
+
+    /// Uploads a tar stream, unpacking it into `guest_dest` (created if missing).
+    pub fn upload_tar(&self, mut tar: impl Read, guest_dest: &Path) -> Result<()> {
+        self.upload_with(guest_dest, |sink| {
+            io::copy(&mut tar, sink)?;
+            sink.flush()
+        })
+    }
+
+    fn upload_with(
+        &self,
+        guest_dest: &Path,
+        produce: impl FnOnce(&mut UploadSink<'_>) -> io::Result<()>,
+    ) -> Result<()> {
+        let op = || format!("upload to {}", guest_dest.display());
+        let session = self.open();
+        session.send(Message::Upload {
+            dest: guest_dest.to_owned(),
+        })?;
+        let mut sink = UploadSink {
+            session: &session,
+            buf: Vec::with_capacity(CHUNK_SIZE),
+            failure: None,
+        };
+        let produced = produce(&mut sink);
+        if let Some(e) = sink.failure.take() {
+            return Err(e);
+        }
+        produced.map_err(|source| AgentError::Local {
+            op: "read the upload".into(),
+            source,
+        })?;
+        session.send(Message::UploadEnd)?;
+        match session.recv()? {
+            Message::Ack => Ok(()),
+            Message::Error(message) => Err(AgentError::Remote { op: op(), message }),
+            other => Err(unexpected(&op(), &other)),
+        }
+    }
+
+    /// Asks the guest to power off and waits up to `timeout` for the agent to
+    /// acknowledge. A connection that closes instead counts as success: the guest went
+    /// down. (The VM process itself may take a moment longer to exit.)
+    pub fn shutdown(&self, timeout: Duration) -> Result<()> {
+        let session = self.open();
+        session.send(Message::Shutdown)?;
+        match session.recv_timeout("shutdown", timeout) {
+            Ok(Message::Ack) | Err(AgentError::Closed(_)) => Ok(()),
+            Ok(Message::Error(message)) => Err(AgentError::Remote {
+                op: "shutdown".into(),
+                message,
+            }),
+            Ok(other) => Err(unexpected("shutdown", &other)),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Drop for AgentClient {
+    fn drop(&mut self) {
+        if let Some(s) = &self.socket {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// Turns written bytes into `UploadData` frames of [`CHUNK_SIZE`]. Stops early, with the
+/// agent's reason, when the agent already refused the upload.
+struct UploadSink<'a> {
+    session: &'a Session<'a>,
+    buf: Vec<u8>,
+    failure: Option<AgentError>,
+}
+
+impl UploadSink<'_> {
+    fn send_buf(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        // A refusal (bad destination, an entry escaping it) arrives while we stream.
+        match self.session.rx.try_recv() {
+            Ok(Message::Error(message)) => {
+                return Err(self.fail(AgentError::Remote {
+                    op: "upload".into(),
+                    message,
+                }))
+            }
+            Ok(other) => return Err(self.fail(unexpected("upload", &other))),
+            Err(_) => {}
+        }
+        let data = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK_SIZE));
+        if let Err(e) = self.session.send(Message::UploadData(data)) {
+            return Err(self.fail(e));
+        }
+        Ok(())
+    }
+
+    fn fail(&mut self, e: AgentError) -> io::Error {
+        let err = io::Error::other(e.to_string());
+        self.failure = Some(e);
+        err
+    }
+}
+
+impl Write for UploadSink<'_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min(CHUNK_SIZE - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == CHUNK_SIZE {
+            self.send_buf()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.send_buf()
+    }
+}
+
+fn write_out(out: &mut dyn Write, data: &[u8], which: &str) -> Result<()> {
+    out.write_all(data)
+        .and_then(|()| out.flush())
+        .map_err(|source| AgentError::Local {
+            op: format!("write the command's {which}"),
+            source,
+        })
+}
+
+fn forward_stdin(
+    mut input: Box<dyn Read + Send>,
+    shared: &Shared,
+    id: SessionId,
+    done: &AtomicBool,
+) {
+    let mut buf = vec![0u8; CHUNK_SIZE];
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // The command sees end-of-file; the caller's stream is broken either way.
+            Err(_) => 0,
+        };
+        if done.load(Ordering::SeqCst) {
+            return;
+        }
+        let msg = if n == 0 {
+            Message::StdinEof
+        } else {
+            Message::Stdin(buf[..n].to_vec())
+        };
+        let eof = n == 0;
+        if shared.send(&Frame::new(id, msg)).is_err() || eof {
+            return;
+        }
+    }
+}
+
+fn read_loop(reader: Box<dyn Read + Send>, shared: &Shared) {
+    let mut reader = io::BufReader::with_capacity(64 * 1024, reader);
+    let reason = loop {
+        match proto::read_frame(&mut reader) {
+            Ok(Some(frame)) => {
+                let sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
+                // Unknown sessions: the tail of one we stopped listening to.
+                if let Some(tx) = sessions.get(&frame.session) {
+                    let _ = tx.send(frame.msg);
+                }
+            }
+            Ok(None) => break "the agent (or the VM) closed it".to_string(),
+            Err(e) => break e.to_string(),
+        }
+    };
+    *shared.closed.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+    // Dropping every sender wakes every waiting session with "closed".
+    shared
+        .sessions
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clear();
+}
+
+fn unexpected(op: &str, msg: &Message) -> AgentError {
+    let mut message = format!("{msg:?}");
+    message.truncate(200);
+    AgentError::Protocol {
+        op: op.to_owned(),
+        message,
+    }
+}
+
+/// Where this client's session ids start. Varied per client so that output an agent
+/// still had in flight for an earlier connection (a virtio-serial port outlives
+/// connections) cannot be mistaken for a new session's.
+fn first_session_id() -> u32 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    (nanos ^ std::process::id().rotate_left(16)) | 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_agent_args_name_the_port_and_escape_the_socket_path() {
+        let a = qemu_agent_args(Path::new("/run/a,b/agent.sock"));
+        assert_eq!(
+            a,
+            [
+                "-device",
+                "virtio-serial-device",
+                "-chardev",
+                "socket,id=agent,path=/run/a,,b/agent.sock,server=on,wait=off",
+                "-device",
+                "virtserialport,chardev=agent,name=banger.agent",
+            ]
+        );
+    }
+
+    #[test]
+    fn connect_gives_up_on_a_missing_socket_after_its_timeout() {
+        let tmp = tempfile::tempdir().unwrap();
+        let started = Instant::now();
+        let err = AgentClient::connect(&tmp.path().join("nope"), Duration::from_millis(200))
+            .err()
+            .expect("no socket");
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        assert!(err.to_string().contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn a_closed_connection_fails_pending_and_new_sessions() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let client = AgentClient::from_halves(Box::new(a.try_clone().unwrap()), Box::new(a));
+        drop(b);
+        let err = client.ping(Duration::from_secs(5)).unwrap_err();
+        assert!(
+            matches!(err, AgentError::Closed(_) | AgentError::Send(_)),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,586 @@
+//! The guest agent end to end: the static musl `banger-agent`, built by this test, driven
+//! through `banger_vmm::agent::AgentClient` — first as a plain host process on a Unix
+//! socket (fast, no VM), then as PID 1 of a TCG microVM behind a virtio-serial port.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use banger_vmm::agent::{self, AgentClient, AgentError, ExecRequest, ExitStatus};
+use banger_vmm::initramfs::{CpioWriter, DEFAULT_BUSYBOX};
+use banger_vmm::kernel::{self, KernelDir};
+use banger_vmm::qemu::{Accel, Qemu, UserNet, VmSpec};
+
+const MUSL: &str = "x86_64-unknown-linux-musl";
+
+/// Builds the static agent once per test binary (in its own target dir: the outer
+/// `cargo test` may still hold the lock on the main one). `None` when the musl target is
+/// not installed, with the reason printed.
+fn agent_binary() -> Option<&'static Path> {
+    static BIN: OnceLock<Option<PathBuf>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let target_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("banger-agent-build");
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let started = Instant::now();
+        let out = Command::new(cargo)
+            .current_dir(&workspace)
+            .args(["build", "-p", "banger-agent", "--release", "--target", MUSL])
+            .env("CARGO_TARGET_DIR", &target_dir)
+            // Small: no debug info, stripped.
+            .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
+            .env("CARGO_PROFILE_RELEASE_STRIP", "true")
+            .output()
+            .expect("run cargo");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            if stderr.contains("target may not be installed") {
+                eprintln!("SKIP: rustup target {MUSL} is not installed");
+                return None;
+            }
+            panic!("cargo build banger-agent for {MUSL}:\n{stderr}");
+        }
+        let bin = target_dir.join(MUSL).join("release/banger-agent");
+        eprintln!(
+            "agent build: {:?}, {} bytes",
+            started.elapsed(),
+            fs::metadata(&bin).unwrap().len()
+        );
+        Some(bin)
+    })
+    .as_deref()
+}
+
+/// Kills the process on drop, so a failing assertion never leaks an agent or a VM.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+impl Reaped {
+    fn wait_timeout(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.0.try_wait().unwrap() {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// The agent as an ordinary host process listening on a Unix socket in `dir`.
+fn start_host_agent(dir: &Path) -> Option<(Reaped, PathBuf)> {
+    let bin = agent_binary()?;
+    let sock = dir.join("agent.sock");
+    let child = Command::new(bin)
+        .arg("--listen")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    Some((Reaped(child), sock))
+}
+
+/// [`start_host_agent`] and a client connected to it.
+fn host_agent(dir: &Path) -> Option<(Reaped, AgentClient)> {
+    let (child, sock) = start_host_agent(dir)?;
+    let client = AgentClient::connect(&sock, Duration::from_secs(10)).unwrap();
+    Some((child, client))
+}
+
+fn sh(script: &str) -> ExecRequest {
+    ExecRequest::new(["sh", "-c", script])
+}
+
+/// The promises every transport must keep; run against the host agent and the VM.
+fn check_exec_streams_and_exit_code(client: &AgentClient) {
+    let out = client
+        .output(&sh("echo out; echo err >&2; exit 7"))
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+    assert_eq!(out.status, ExitStatus::Code(7));
+}
+
+fn check_stdin_round_trip(client: &AgentClient) {
+    // More than one frame's worth, so chunking and ordering are exercised.
+    let input: Vec<u8> = (0..100_000u32).flat_map(|i| i.to_le_bytes()).collect();
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    let status = client
+        .exec(
+            &ExecRequest::new(["cat"]),
+            Some(Box::new(std::io::Cursor::new(input.clone()))),
+            &mut stdout,
+            &mut stderr,
+        )
+        .unwrap();
+    assert_eq!(
+        status,
+        ExitStatus::Code(0),
+        "{}",
+        String::from_utf8_lossy(&stderr)
+    );
+    assert_eq!(stdout.len(), input.len());
+    assert!(stdout == input, "cat echoed different bytes");
+}
+
+fn check_upload_then_read(client: &AgentClient, dest: &Path) {
+    let local = tempfile::tempdir().unwrap();
+    fs::create_dir_all(local.path().join("sub/deeper")).unwrap();
+    fs::write(
+        local.path().join("sub/deeper/file.txt"),
+        "uploaded content\n",
+    )
+    .unwrap();
+    fs::write(local.path().join("run.sh"), "#!/bin/sh\necho ran \"$1\"\n").unwrap();
+    fs::set_permissions(
+        local.path().join("run.sh"),
+        fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("sub/deeper/file.txt", local.path().join("link")).unwrap();
+    client.upload_dir(local.path(), dest).unwrap();
+
+    let out = client
+        .output(&sh("cat sub/deeper/file.txt && cat link && ./run.sh x").cwd(dest))
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "uploaded content\nuploaded content\nran x\n",
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success());
+}
+
+fn check_errors_are_reported(client: &AgentClient, refused_dest: &Path) {
+    let err = client
+        .output(&ExecRequest::new(["/no/such/program"]))
+        .unwrap_err();
+    assert!(
+        matches!(&err, AgentError::Remote { message, .. } if message.contains("/no/such/program")),
+        "{err}"
+    );
+    // A tar entry climbing out of the destination is refused, naming the entry.
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(1);
+    h.set_mode(0o644);
+    h.as_old_mut().name[..9].copy_from_slice(b"../escape");
+    h.set_cksum();
+    tar.append(&h, &b"x"[..]).unwrap();
+    let err = client
+        .upload_tar(&tar.into_inner().unwrap()[..], refused_dest)
+        .unwrap_err();
+    assert!(err.to_string().contains("../escape escapes"), "{err}");
+}
+
+#[test]
+fn host_agent_streams_stdout_stderr_apart_and_returns_the_exit_code() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((_agent, client)) = host_agent(tmp.path()) else {
+        return;
+    };
+    check_exec_streams_and_exit_code(&client);
+    let out = client
+        .output(&sh("echo $FOO; pwd").env("FOO", "bar baz").cwd(tmp.path()))
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("bar baz\n{}\n", tmp.path().display())
+    );
+    let out = client.output(&sh("kill -TERM $$")).unwrap();
+    assert_eq!(out.status, ExitStatus::Signal(15));
+}
+
+#[test]
+fn host_agent_forwards_stdin_until_eof() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((_agent, client)) = host_agent(tmp.path()) else {
+        return;
+    };
+    check_stdin_round_trip(&client);
+}
+
+#[test]
+fn host_agent_unpacks_an_uploaded_directory_for_later_commands() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((_agent, client)) = host_agent(tmp.path()) else {
+        return;
+    };
+    check_upload_then_read(&client, &tmp.path().join("work"));
+    assert_eq!(
+        fs::read_link(tmp.path().join("work/link")).unwrap(),
+        Path::new("sub/deeper/file.txt")
+    );
+}
+
+#[test]
+fn host_agent_reports_unstartable_commands_and_escaping_uploads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((_agent, client)) = host_agent(tmp.path()) else {
+        return;
+    };
+    check_errors_are_reported(&client, &tmp.path().join("refused"));
+}
+
+#[test]
+fn host_agent_runs_sessions_concurrently() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((_agent, client)) = host_agent(tmp.path()) else {
+        return;
+    };
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        let slow: Vec<_> = (0..4)
+            .map(|i| {
+                let client = &client;
+                s.spawn(move || client.output(&sh(&format!("sleep 1; echo {i}"))).unwrap())
+            })
+            .collect();
+        // A quick command is not held up behind the slow ones.
+        let quick = client.output(&sh("echo quick")).unwrap();
+        assert_eq!(quick.stdout, b"quick\n");
+        assert!(
+            started.elapsed() < Duration::from_millis(900),
+            "{:?}",
+            started.elapsed()
+        );
+        for (i, h) in slow.into_iter().enumerate() {
+            assert_eq!(h.join().unwrap().stdout, format!("{i}\n").as_bytes());
+        }
+    });
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn host_agent_kills_commands_when_the_host_disconnects_and_serves_the_next_host() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((_agent, sock)) = start_host_agent(tmp.path()) else {
+        return;
+    };
+    let stream = connect_retrying(&sock);
+    let client = AgentClient::from_halves(
+        Box::new(stream.try_clone().unwrap()),
+        Box::new(stream.try_clone().unwrap()),
+    );
+    client.ping(Duration::from_secs(5)).unwrap();
+    let pidfile = tmp.path().join("pid");
+    let script = format!(
+        "echo $$ > {}.tmp && mv {0}.tmp {0}; exec sleep 60",
+        pidfile.display()
+    );
+    let err = std::thread::scope(|s| {
+        let running = s.spawn(|| client.output(&sh(&script)));
+        while !pidfile.exists() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        stream.shutdown(std::net::Shutdown::Both).unwrap();
+        running.join().unwrap().unwrap_err()
+    });
+    assert!(matches!(err, AgentError::Closed(_)), "{err}");
+    let pid = fs::read_to_string(&pidfile).unwrap();
+    let proc_dir = PathBuf::from(format!("/proc/{}", pid.trim()));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while proc_dir.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} survived the disconnect",
+            proc_dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(client);
+
+    let next = AgentClient::connect(&sock, Duration::from_secs(5)).unwrap();
+    assert_eq!(next.output(&sh("echo again")).unwrap().stdout, b"again\n");
+}
+
+fn connect_retrying(sock: &Path) -> std::os::unix::net::UnixStream {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match std::os::unix::net::UnixStream::connect(sock) {
+            Ok(s) => return s,
+            Err(_) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("connect {}: {e}", sock.display()),
+        }
+    }
+}
+
+#[test]
+fn host_agent_exits_on_shutdown() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((mut agent, client)) = host_agent(tmp.path()) else {
+        return;
+    };
+    client.shutdown(Duration::from_secs(5)).unwrap();
+    let status = agent
+        .wait_timeout(Duration::from_secs(5))
+        .expect("agent exits after shutdown");
+    assert!(status.success(), "{status}");
+}
+
+// ---- the VM ----
+
+/// Downloads (once; cached under the target dir) and imports the Debian cloud kernel,
+/// exactly as tests/boot.rs does. `None` only when apt cannot download it.
+fn cached_kernel() -> Option<&'static KernelDir> {
+    static KERNEL: OnceLock<Option<KernelDir>> = OnceLock::new();
+    KERNEL
+        .get_or_init(|| {
+            let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("banger-test-kernel");
+            let script =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/fetch-test-kernel.sh");
+            let out = Command::new(&script).arg(&cache).output().unwrap();
+            if !out.status.success() {
+                eprintln!(
+                    "SKIP: cannot download a test kernel with apt: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                return None;
+            }
+            let deb = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+            let stem = deb.file_stem().unwrap().to_string_lossy().into_owned();
+            let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("banger-kernel-{stem}"));
+            if dir.exists() {
+                return Some(KernelDir::open(&dir).unwrap());
+            }
+            Some(kernel::import_deb(&deb, &dir, kernel::GUEST_MODULES).unwrap())
+        })
+        .as_ref()
+}
+
+/// The init of this test's initramfs: load the modules, mount the root disk and make the
+/// agent PID 1 of it with switch_root. (banger's own init.sh runs one command and keeps
+/// PID 1; an agent-mode switch belongs there eventually.)
+const AGENT_INIT: &str = r#"#!/bin/sh
+export PATH=/bin
+/bin/busybox mount -t proc proc /proc
+/bin/busybox --install -s /bin
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+while read -r m; do
+    [ -n "$m" ] && { insmod "/lib/modules/$m.ko" || echo "init: insmod $m failed"; }
+done < /etc/banger/modules.load
+i=0
+while [ ! -b /dev/vda ]; do
+    i=$((i + 1))
+    [ $i -gt 1000 ] && { echo "init: no /dev/vda"; reboot -f; }
+    sleep 0.01
+done
+mount -t ext4 /dev/vda /newroot || { echo "init: mount failed"; reboot -f; }
+umount -l /dev /sys /proc
+exec switch_root /newroot /.banger/agent
+echo "init: switch_root failed"
+reboot -f
+"#;
+
+fn agent_initramfs(k: &KernelDir, out: &Path) {
+    let busybox = fs::read(DEFAULT_BUSYBOX).unwrap();
+    let mut w = CpioWriter::new(fs::File::create(out).unwrap());
+    for dir in [
+        "bin",
+        "dev",
+        "proc",
+        "sys",
+        "newroot",
+        "etc",
+        "etc/banger",
+        "lib",
+        "lib/modules",
+    ] {
+        w.dir(dir, 0o755).unwrap();
+    }
+    w.char_dev("dev/console", 0o600, 5, 1).unwrap();
+    w.file("bin/busybox", 0o755, &busybox).unwrap();
+    w.symlink("bin/sh", "busybox").unwrap();
+    w.file("init", 0o755, AGENT_INIT.as_bytes()).unwrap();
+    let mut load = String::new();
+    for m in k.modules() {
+        w.file(
+            &format!("lib/modules/{m}.ko"),
+            0o644,
+            &fs::read(k.module_path(m)).unwrap(),
+        )
+        .unwrap();
+        load.push_str(m);
+        load.push('\n');
+    }
+    w.file("etc/banger/modules.load", 0o644, load.as_bytes())
+        .unwrap();
+    w.finish().unwrap().flush().unwrap();
+}
+
+/// An ext4 root with busybox (every applet linked into /bin) and the agent, and no
+/// /proc, /dev, /tmp...: the agent creates and mounts those itself.
+fn agent_rootfs(dir: &Path, agent: &Path) -> PathBuf {
+    let staging = dir.join("staging");
+    fs::create_dir_all(staging.join("bin")).unwrap();
+    fs::create_dir_all(staging.join(".banger")).unwrap();
+    fs::create_dir_all(staging.join("etc")).unwrap();
+    fs::copy(DEFAULT_BUSYBOX, staging.join("bin/busybox")).unwrap();
+    let list = Command::new(DEFAULT_BUSYBOX)
+        .arg("--list")
+        .output()
+        .unwrap();
+    for applet in String::from_utf8(list.stdout).unwrap().lines() {
+        if applet != "busybox" {
+            std::os::unix::fs::symlink("busybox", staging.join("bin").join(applet)).unwrap();
+        }
+    }
+    fs::copy(
+        agent,
+        staging.join(agent::AGENT_GUEST_PATH.trim_start_matches('/')),
+    )
+    .unwrap();
+    let image = dir.join("rootfs.ext4");
+    let out = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&staging)
+        .arg(&image)
+        .arg("64M")
+        .output()
+        .expect("run mkfs.ext4");
+    assert!(
+        out.status.success(),
+        "mkfs.ext4: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    image
+}
+
+#[test]
+fn tcg_vm_agent_runs_commands_uploads_and_powers_off() {
+    let Some(k) = cached_kernel() else { return };
+    let Some(agent_bin) = agent_binary() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let initrd = tmp.path().join("initrd");
+    agent_initramfs(k, &initrd);
+    let rootfs = agent_rootfs(tmp.path(), agent_bin);
+    let run_dir = tmp.path().join("run");
+    fs::create_dir_all(&run_dir).unwrap();
+    let sock = run_dir.join("agent.sock");
+
+    // Something on the host for the guest to reach through user-mode networking
+    // (10.0.2.2 is the host's loopback).
+    let web = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = web.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut conn in web.incoming().flatten() {
+            let mut req = [0u8; 1024];
+            let _ = conn.read(&mut req);
+            let _ = conn.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 6\r\n\r\nfrom-h");
+        }
+    });
+
+    let spec = VmSpec {
+        kernel: k.ensure_vmlinux().unwrap(),
+        initrd: Some(initrd),
+        cmdline: "console=ttyS0 panic=-1 quiet banger.hostname=agenttest \
+                  banger.ip=10.0.2.15/24 banger.gw=10.0.2.2"
+            .into(),
+        root_disk: Some(rootfs),
+        memory_mib: 512,
+        vcpus: 1,
+        net: Some(UserNet::default()),
+        accel: Accel::Tcg,
+        run_dir: run_dir.clone(),
+    };
+    let qemu = Qemu::default();
+    let mut args = qemu.args(&spec);
+    args.extend(agent::qemu_agent_args(&sock));
+    let started = Instant::now();
+    let mut vm = Reaped(
+        Command::new(&qemu.binary)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(run_dir.join("qemu.stderr")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let console = || {
+        format!(
+            "--- console ---\n{}\n--- qemu stderr ---\n{}",
+            fs::read_to_string(run_dir.join("console.log")).unwrap_or_default(),
+            fs::read_to_string(run_dir.join("qemu.stderr")).unwrap_or_default()
+        )
+    };
+
+    let client = match AgentClient::connect(&sock, Duration::from_secs(60)) {
+        Ok(c) => c,
+        Err(e) => panic!("{e}\n{}", console()),
+    };
+    let to_ping = started.elapsed();
+    if std::env::var_os("BANGER_TEST_CONSOLE").is_some() {
+        eprintln!("{}", console());
+    }
+
+    let t = Instant::now();
+    check_exec_streams_and_exit_code(&client);
+    let exec_time = t.elapsed();
+    check_stdin_round_trip(&client);
+    check_upload_then_read(&client, Path::new("/work"));
+    check_errors_are_reported(&client, Path::new("/tmp/refused"));
+
+    let out = client
+        .output(&sh("hostname; test $$ != 1 && cat /proc/1/comm; ls -d /dev/null /dev/pts /proc/self /run /tmp"))
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "agenttest\nagent\n/dev/null\n/dev/pts\n/proc/self\n/run\n/tmp\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let fetch = format!(
+        "for i in $(seq 100); do wget -q -O - http://10.0.2.2:{port}/ && exit 0; sleep 0.1; done; exit 1"
+    );
+    let out = client.output(&sh(&fetch)).unwrap();
+    assert_eq!(
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        ),
+        (ExitStatus::Code(0), "from-h".to_string()),
+        "guest could not reach the host: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        console()
+    );
+
+    let t = Instant::now();
+    client.shutdown(Duration::from_secs(10)).unwrap();
+    let status = vm.wait_timeout(Duration::from_secs(15));
+    eprintln!(
+        "VM: agent answered {to_ping:?} after launch; one exec {exec_time:?}; \
+         qemu exited {:?} after shutdown; total {:?}",
+        t.elapsed(),
+        started.elapsed()
+    );
+    let status =
+        status.unwrap_or_else(|| panic!("qemu still running after shutdown\n{}", console()));
+    assert!(status.success(), "qemu: {status}\n{}", console());
+}
