@@ -6,9 +6,11 @@
 
 pub mod methods;
 pub mod rpc;
+pub mod vm;
 
 pub use methods::*;
 pub use rpc::{ErrorData, ErrorKind, Notification, Progress, Request, Response, RpcError};
+pub use vm::*;
 
 /// The version both binaries are built from. The CLI restarts a daemon that reports
 /// another one, so a `cargo install` upgrade never talks to a stale daemon.

@@ -10,5 +10,6 @@
 mod layout;
 mod registry;
 
+pub mod guest;
 pub use layout::{tar_with_files, BuiltImage, BuiltLayer, LayerCompression, OciLayoutBuilder};
 pub use registry::{push_oci_layout, push_oci_layout_with, PushOptions, Registry};

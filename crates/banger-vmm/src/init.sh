@@ -10,6 +10,7 @@
 # Kernel command line parameters it reads:
 #   banger.probe=1        print BANGER_PROBE_OK and reboot at once (KVM probe)
 #   banger.root=/dev/vda  root block device (ext4)
+#   banger.agent=1        switch_root into the image and exec /.banger/agent as PID 1
 #   banger.cmd=BASE64     the command, run with /bin/sh -c inside the root; base64 because
 #                         the kernel command line has no reliable quoting
 export PATH=/bin
@@ -53,6 +54,13 @@ while [ ! -b "$root" ]; do
     sleep 0.01
 done
 mount -t ext4 "$root" /newroot || { echo "banger-init: mount $root failed"; finish 255; }
+if [ -n "$(arg banger.agent)" ]; then
+    # The VM is a long-lived sandbox: hand PID 1 to banger's agent inside the image.
+    umount -l /dev /sys /proc
+    exec switch_root /newroot /.banger/agent
+    echo "banger-init: switch_root to /.banger/agent failed"
+    finish 255
+fi
 for d in proc sys dev; do mkdir -p "/newroot/$d"; done
 mount -t proc proc /newroot/proc
 mount -t sysfs sysfs /newroot/sys

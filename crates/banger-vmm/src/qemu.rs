@@ -56,6 +56,8 @@ pub struct VmSpec {
     pub accel: Accel,
     /// A directory owned by this VM for its console log, stderr and control socket.
     pub run_dir: PathBuf,
+    /// Where QEMU serves the guest agent's virtio-serial port; `None` for no agent port.
+    pub agent_socket: Option<PathBuf>,
 }
 
 /// A VM monitor that can boot [`VmSpec`]s.
@@ -178,6 +180,9 @@ impl Qemu {
                 "virtio-blk-device,drive=root".into(),
             ]);
         }
+        if let Some(socket) = &spec.agent_socket {
+            a.extend(crate::agent::qemu_agent_args(socket));
+        }
         if let Some(net) = &spec.net {
             let mut netdev = "user,id=n0".to_string();
             for (host, guest) in &net.host_forwards {
@@ -225,6 +230,41 @@ impl Vmm for Qemu {
             qmp,
             stderr: stderr_path,
         })
+    }
+}
+
+impl Qemu {
+    /// Starts QEMU for `spec` in a session of its own and returns its pid, without tying
+    /// its life to the caller: a daemon that owns VMs must be able to restart and re-adopt
+    /// them. The child is reaped by a thread while the caller lives.
+    pub fn spawn_detached(&self, spec: &VmSpec) -> Result<u32> {
+        use std::os::unix::process::CommandExt;
+        fs::create_dir_all(&spec.run_dir).ctx("create vm run dir", &spec.run_dir)?;
+        for stale in ["qmp.sock", "agent.sock"] {
+            let _ = fs::remove_file(spec.run_dir.join(stale));
+        }
+        if let Some(socket) = &spec.agent_socket {
+            let _ = fs::remove_file(socket);
+        }
+        let stderr_path = spec.run_dir.join("qemu.stderr");
+        let stderr = fs::File::create(&stderr_path).ctx("create", &stderr_path)?;
+        let mut command = Command::new(&self.binary);
+        command
+            .args(self.args(spec))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        // SAFETY: setsid is async-signal-safe and touches no parent memory; it keeps the
+        // VM out of the daemon's process group, so signals aimed at the daemon spare it.
+        unsafe {
+            command.pre_exec(|| rustix::process::setsid().map(drop).map_err(Into::into));
+        }
+        let mut child = command.spawn().ctx("spawn", &self.binary)?;
+        let pid = child.id();
+        std::thread::spawn(move || {
+            let _ = child.wait();
+        });
+        Ok(pid)
     }
 }
 
@@ -367,6 +407,7 @@ pub fn kvm_usable(kernel: &Path, busybox: &Path, timeout: Duration) -> Result<Kv
         net: None,
         accel: Accel::Kvm,
         run_dir: dir.path().join("run"),
+        agent_socket: None,
     };
     let started = Instant::now();
     let mut vm = Qemu::default().start(&spec)?;
@@ -443,6 +484,7 @@ mod tests {
                 host_forwards: vec![(2222, 22)],
             }),
             accel,
+            agent_socket: None,
             run_dir: "/run/vm1".into(),
         }
     }

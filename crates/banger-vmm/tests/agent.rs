@@ -507,6 +507,7 @@ fn tcg_vm_agent_runs_commands_uploads_and_powers_off() {
         vcpus: 1,
         net: Some(UserNet::default()),
         accel: Accel::Tcg,
+        agent_socket: None,
         run_dir: run_dir.clone(),
     };
     let qemu = Qemu::default();

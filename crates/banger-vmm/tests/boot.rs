@@ -144,6 +144,7 @@ fn tcg_boot_runs_the_command_and_returns_its_output_and_exit_status() {
         vcpus: 1,
         net: Some(Default::default()),
         accel: Accel::Tcg,
+        agent_socket: None,
         run_dir: tmp.path().join("run"),
     };
 
@@ -207,6 +208,7 @@ fn stop_ends_a_running_vm_within_its_grace() {
             vcpus: 1,
             net: None,
             accel: Accel::Tcg,
+            agent_socket: None,
             run_dir: tmp.path().join("run"),
         })
         .unwrap();

@@ -56,6 +56,21 @@ impl Client {
         params: &M::Params,
         mut on_progress: impl FnMut(Progress),
     ) -> Result<M::Result, CallError> {
+        self.call_with_notifications::<M>(params, |note| {
+            if note.method == "progress" {
+                if let Ok(progress) = serde_json::from_value(note.params) {
+                    on_progress(progress);
+                }
+            }
+        })
+    }
+
+    /// Calls `M` and waits for its result, handing every notification to `on_note`.
+    pub fn call_with_notifications<M: Method>(
+        &mut self,
+        params: &M::Params,
+        mut on_note: impl FnMut(Notification),
+    ) -> Result<M::Result, CallError> {
         let id = self.next_id;
         self.next_id += 1;
         let params = serde_json::to_value(params).context("encode params")?;
@@ -82,11 +97,7 @@ impl Client {
             if value.get("id").is_none() {
                 let note: Notification =
                     serde_json::from_value(value).context("decode notification")?;
-                if note.method == "progress" {
-                    if let Ok(progress) = serde_json::from_value(note.params) {
-                        on_progress(progress);
-                    }
-                }
+                on_note(note);
                 continue;
             }
             let response: Response = serde_json::from_value(value).context("decode response")?;

@@ -4,6 +4,7 @@
 mod client;
 mod format;
 mod progress;
+mod vm_cmds;
 
 use std::io::IsTerminal;
 
@@ -39,6 +40,16 @@ enum Command {
     Image {
         #[command(subcommand)]
         command: ImageCommand,
+    },
+    /// Guest kernels.
+    Kernel {
+        #[command(subcommand)]
+        command: vm_cmds::KernelCommand,
+    },
+    /// Virtual machines.
+    Vm {
+        #[command(subcommand)]
+        command: vm_cmds::VmCommand,
     },
     /// The bangerd daemon.
     Daemon {
@@ -177,6 +188,15 @@ fn layout(system: bool) -> anyhow::Result<bangerd::Layout> {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Kernel { command } => {
+            let mut client = client::connect_or_start(&layout(cli.system)?)?;
+            vm_cmds::run_kernel(&mut client, command, cli.json)
+        }
+        Command::Vm { command } => {
+            let layout = layout(cli.system)?;
+            let mut client = client::connect_or_start(&layout)?;
+            vm_cmds::run_vm(&mut client, &layout, command, cli.json)
+        }
         Command::Completion { shell } => {
             let shell = match shell {
                 CompletionShell::Bash => Shell::Bash,

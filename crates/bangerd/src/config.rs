@@ -19,6 +19,12 @@ pub struct Config {
     pub insecure_registries: Vec<String>,
     /// Docker-style credentials file; default `~/.docker/config.json`.
     pub docker_config: Option<PathBuf>,
+    /// Image `vm create` and `vm run` use when none is given (a name or a reference).
+    pub default_image: Option<String>,
+    /// Kernel `vm create` uses when none is given; default the newest import.
+    pub default_kernel: Option<String>,
+    /// The static guest agent binary; default `banger-agent` next to `bangerd`.
+    pub agent_bin: Option<PathBuf>,
 }
 
 impl Config {

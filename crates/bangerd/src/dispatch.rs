@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use banger_api::{
     DaemonMethods, DaemonPing, DaemonShutdown, ImageCachePrune, ImageImport, ImageList,
-    ImageListResult, ImagePull, ImageRm, ImageShow, Method, MethodsResult,
+    ImageListResult, ImagePull, ImageRm, ImageShow, KernelImport, KernelList, KernelListResult,
+    KernelRm, KernelShow, Method, MethodsResult, VmCreate, VmExec, VmList, VmListResult, VmRm,
+    VmRun, VmShow, VmStart, VmStop,
 };
 use futures::future::BoxFuture;
 use serde_json::Value;
@@ -51,6 +53,33 @@ impl Dispatch {
         });
         d.route::<ImageShow, _, _>(|s, _, p| async move { s.image.show(&p.name) });
         d.route::<ImageRm, _, _>(|s, _, p| async move { s.image.remove(&p.name) });
+        d.route::<KernelImport, _, _>(|s, _, p| async move {
+            let kernels = Arc::clone(&s.kernel);
+            blocking(move || kernels.import(&p)).await
+        });
+        d.route::<KernelList, _, _>(|s, _, _| async move {
+            Ok(KernelListResult {
+                kernels: s.kernel.list()?,
+            })
+        });
+        d.route::<KernelShow, _, _>(|s, _, p| async move { s.kernel.show(&p.name) });
+        d.route::<KernelRm, _, _>(|s, _, p| async move { s.kernel.remove(&p.name) });
+        d.route::<VmCreate, _, _>(|s, _, p| async move { blocking(move || s.vm.create(p)).await });
+        d.route::<VmList, _, _>(|s, _, _| async move { Ok(VmListResult { vms: s.vm.list()? }) });
+        d.route::<VmShow, _, _>(|s, _, p| async move { s.vm.show(&p.name) });
+        d.route::<VmStart, _, _>(
+            |s, _, p| async move { blocking(move || s.vm.start(&p.name)).await },
+        );
+        d.route::<VmStop, _, _>(
+            |s, _, p| async move { blocking(move || s.vm.stop(&p.name)).await },
+        );
+        d.route::<VmRm, _, _>(
+            |s, _, p| async move { blocking(move || s.vm.remove(&p.name)).await },
+        );
+        d.route::<VmExec, _, _>(
+            |s, ctx, p| async move { blocking(move || s.vm.exec(&ctx, &p)).await },
+        );
+        d.route::<VmRun, _, _>(|s, ctx, p| async move { s.vm.run(&ctx, p).await });
         // Listed last so it sees every other entry, itself included.
         let mut names: Vec<String> = d.methods().iter().map(|m| m.to_string()).collect();
         names.push(DaemonMethods::NAME.to_owned());
@@ -111,4 +140,13 @@ impl Dispatch {
             )),
         }
     }
+}
+
+/// Runs a blocking service call (VMM processes, debugfs, agent I/O) off the async workers.
+async fn blocking<T: Send + 'static>(
+    call: impl FnOnce() -> Result<T, ServiceError> + Send + 'static,
+) -> Result<T, ServiceError> {
+    tokio::task::spawn_blocking(call)
+        .await
+        .map_err(|e| anyhow::anyhow!("service task panicked: {e}"))?
 }

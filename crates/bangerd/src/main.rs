@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use bangerd::layout::Layout;
 use bangerd::server::{create_private_dir, Server};
-use bangerd::services::{DaemonService, ImageService, Services};
+use bangerd::services::{DaemonService, ImageService, KernelService, Services, VmService};
 use bangerd::store::Store;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
@@ -107,9 +107,22 @@ async fn serve(layout: Layout) -> anyhow::Result<()> {
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "could not remove leftovers of an interrupted prune"),
     });
+    let image = Arc::new(image);
+    let kernel = Arc::new(KernelService::new(layout.clone(), Arc::clone(&store)));
+    let vm = VmService::new(
+        layout.clone(),
+        config.clone(),
+        Arc::clone(&store),
+        Arc::clone(&image),
+        Arc::clone(&kernel),
+    );
+    // VMs outlive the daemon; re-adopt live ones and mark dead ones stopped.
+    vm.recover().context("re-adopt VMs")?;
     let services = Arc::new(Services {
         daemon: DaemonService::new(layout.state_dir.clone(), shutdown.clone()),
         image,
+        kernel,
+        vm,
     });
     let signals = shutdown.clone();
     tokio::spawn(async move {

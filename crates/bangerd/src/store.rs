@@ -19,10 +19,11 @@ pub struct Migration {
 }
 
 /// The schema this binary knows.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "images",
-    sql: "CREATE TABLE images (
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "images",
+        sql: "CREATE TABLE images (
             id TEXT PRIMARY KEY,
             name TEXT NOT NULL UNIQUE,
             reference TEXT NOT NULL,
@@ -31,7 +32,30 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             size_bytes INTEGER NOT NULL,
             created_at TEXT NOT NULL
           );",
-}];
+    },
+    Migration {
+        version: 2,
+        name: "kernels and vms",
+        sql: "CREATE TABLE kernels (
+            name TEXT PRIMARY KEY,
+            version TEXT NOT NULL,
+            created_at TEXT NOT NULL
+          );
+          CREATE TABLE vms (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            image TEXT NOT NULL,
+            kernel TEXT NOT NULL REFERENCES kernels(name),
+            vcpus INTEGER NOT NULL,
+            memory_mib INTEGER NOT NULL,
+            disk_bytes INTEGER NOT NULL,
+            state TEXT NOT NULL,
+            pid INTEGER,
+            backend TEXT NOT NULL,
+            created_at TEXT NOT NULL
+          );",
+    },
+];
 
 /// The database was written by a newer banger; refusing beats corrupting it.
 #[derive(Debug, thiserror::Error)]

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 pub struct Install {
     pub dir: tempfile::TempDir,
+    /// Extra environment for banger and the daemon it starts (e.g. BANGER_AGENT).
+    pub extra_env: Vec<(String, std::ffi::OsString)>,
 }
 
 impl Install {
@@ -23,6 +25,7 @@ impl Install {
         );
         Install {
             dir: tempfile::tempdir().unwrap(),
+            extra_env: Vec::new(),
         }
     }
 
@@ -44,6 +47,9 @@ impl Install {
             .env("XDG_STATE_HOME", self.dir.path().join("state"))
             .env("XDG_CACHE_HOME", self.dir.path().join("cache"))
             .env("XDG_CONFIG_HOME", self.dir.path().join("config"));
+        for (key, value) in &self.extra_env {
+            command.env(key, value);
+        }
     }
 
     pub fn banger(&self, args: &[&str]) -> Output {

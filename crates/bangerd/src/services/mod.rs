@@ -2,6 +2,8 @@
 
 pub mod daemon;
 pub mod image;
+pub mod kernel;
+pub mod vm;
 
 use std::sync::Arc;
 
@@ -10,6 +12,8 @@ use tokio::sync::mpsc;
 
 pub use daemon::DaemonService;
 pub use image::ImageService;
+pub use kernel::KernelService;
+pub use vm::VmService;
 
 /// Every service of one daemon.
 #[derive(Debug)]
@@ -17,7 +21,11 @@ pub struct Services {
     /// Liveness, method list, shutdown.
     pub daemon: DaemonService,
     /// Images and the layer cache.
-    pub image: ImageService,
+    pub image: std::sync::Arc<ImageService>,
+    /// Guest kernels.
+    pub kernel: std::sync::Arc<KernelService>,
+    /// Virtual machines.
+    pub vm: VmService,
 }
 
 /// What a service call knows about the call itself.
@@ -47,11 +55,19 @@ impl CallContext {
 
     /// Sends a `progress` notification to the caller, if it is still listening.
     pub fn progress(&self, progress: Progress) {
+        self.notify(
+            "progress",
+            serde_json::to_value(progress).expect("progress serialises"),
+        );
+    }
+
+    /// Sends the notification `method` with `params` to the caller, if it still listens.
+    pub fn notify(&self, method: &str, params: serde_json::Value) {
         let Some(sink) = &self.progress else { return };
         let note = Notification {
             jsonrpc: "2.0".into(),
-            method: "progress".into(),
-            params: serde_json::to_value(progress).expect("progress serialises"),
+            method: method.into(),
+            params,
         };
         let line = serde_json::to_string(&note).expect("notification serialises");
         // The caller hanging up must not fail the operation.

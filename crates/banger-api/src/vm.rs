@@ -1,0 +1,264 @@
+//! Kernels and VMs: methods, params and results.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Method, NoParams};
+
+/// `kernel.import`: take a guest kernel (and its modules) out of a Debian `linux-image-*`
+/// package and build banger's initramfs for it.
+pub struct KernelImport;
+impl Method for KernelImport {
+    const NAME: &'static str = "kernel.import";
+    type Params = KernelImportParams;
+    type Result = KernelInfo;
+}
+
+/// Params of `kernel.import`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelImportParams {
+    /// Name to import under.
+    pub name: String,
+    /// Absolute path of the `.deb`.
+    pub deb: String,
+}
+
+/// An imported kernel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelInfo {
+    /// Unique name.
+    pub name: String,
+    /// The kernel release, e.g. `6.1.0-56-cloud-amd64`.
+    pub version: String,
+    /// RFC 3339 UTC time of the import.
+    pub created_at: String,
+    /// Where its files are.
+    pub dir: String,
+}
+
+/// `kernel.list`: every kernel, newest first.
+pub struct KernelList;
+impl Method for KernelList {
+    const NAME: &'static str = "kernel.list";
+    type Params = NoParams;
+    type Result = KernelListResult;
+}
+
+/// Result of `kernel.list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelListResult {
+    /// Kernels, newest first.
+    pub kernels: Vec<KernelInfo>,
+}
+
+/// Params naming one thing (kernel or VM).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NameParams {
+    /// Its name.
+    pub name: String,
+}
+
+/// `kernel.show`: one kernel.
+pub struct KernelShow;
+impl Method for KernelShow {
+    const NAME: &'static str = "kernel.show";
+    type Params = NameParams;
+    type Result = KernelInfo;
+}
+
+/// `kernel.rm`: delete a kernel no VM uses.
+pub struct KernelRm;
+impl Method for KernelRm {
+    const NAME: &'static str = "kernel.rm";
+    type Params = NameParams;
+    type Result = KernelInfo;
+}
+
+/// `vm.create`: a VM with its own copy-on-write root disk, started unless asked not to.
+pub struct VmCreate;
+impl Method for VmCreate {
+    const NAME: &'static str = "vm.create";
+    type Params = VmCreateParams;
+    type Result = VmInfo;
+}
+
+/// Params of `vm.create`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmCreateParams {
+    /// `[a-z0-9][a-z0-9-]{0,63}`; generated when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Image name; default: config `default_image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Kernel name; default: config `default_kernel`, else the newest import.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    /// CPUs (default 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
+    /// Memory in MiB (default 1024).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u32>,
+    /// Root disk size in bytes; default the image's size. Only grows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes: Option<u64>,
+    /// Create without starting.
+    #[serde(default)]
+    pub no_start: bool,
+}
+
+/// A VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// Stable id.
+    pub id: String,
+    /// Unique name.
+    pub name: String,
+    /// Image it was created from.
+    pub image: String,
+    /// Kernel it boots.
+    pub kernel: String,
+    /// CPUs.
+    pub vcpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u32,
+    /// Root disk size in bytes.
+    pub disk_bytes: u64,
+    /// `running` or `stopped`.
+    pub state: String,
+    /// The VMM's pid while running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// `qemu-tcg`, `qemu-kvm`.
+    pub backend: String,
+    /// RFC 3339 UTC creation time.
+    pub created_at: String,
+    /// Its directory (disk, console log, sockets).
+    pub dir: String,
+}
+
+/// `vm.list`: every VM by name.
+pub struct VmList;
+impl Method for VmList {
+    const NAME: &'static str = "vm.list";
+    type Params = NoParams;
+    type Result = VmListResult;
+}
+
+/// Result of `vm.list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmListResult {
+    /// VMs sorted by name.
+    pub vms: Vec<VmInfo>,
+}
+
+/// `vm.show`: one VM.
+pub struct VmShow;
+impl Method for VmShow {
+    const NAME: &'static str = "vm.show";
+    type Params = NameParams;
+    type Result = VmInfo;
+}
+
+/// `vm.start`: boot a stopped VM and wait for its agent.
+pub struct VmStart;
+impl Method for VmStart {
+    const NAME: &'static str = "vm.start";
+    type Params = NameParams;
+    type Result = VmInfo;
+}
+
+/// `vm.stop`: shut a VM down cleanly (its disk keeps what was written), killing it if it
+/// does not stop in time.
+pub struct VmStop;
+impl Method for VmStop {
+    const NAME: &'static str = "vm.stop";
+    type Params = NameParams;
+    type Result = VmInfo;
+}
+
+/// `vm.rm`: stop (if needed) and delete a VM and all its files.
+pub struct VmRm;
+impl Method for VmRm {
+    const NAME: &'static str = "vm.rm";
+    type Params = NameParams;
+    type Result = VmInfo;
+}
+
+/// `vm.exec`: run a command in a running VM. Its output arrives as `output` notifications
+/// (`{"stream":"stdout"|"stderr","data":"<base64>"}`) before the result.
+pub struct VmExec;
+impl Method for VmExec {
+    const NAME: &'static str = "vm.exec";
+    type Params = VmExecParams;
+    type Result = ExecResult;
+}
+
+/// Params of `vm.exec`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmExecParams {
+    /// The VM.
+    pub name: String,
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// Working directory in the guest (default `/root`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecResult {
+    /// The VM it ran in.
+    pub vm: String,
+    /// Exit code, when it exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Signal number, when it was killed by one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+}
+
+/// `vm.run`: create and start a VM, copy a workspace in, run a command, stop the VM (and
+/// remove it with `rm`). Output streams as in `vm.exec`.
+pub struct VmRun;
+impl Method for VmRun {
+    const NAME: &'static str = "vm.run";
+    type Params = VmRunParams;
+    type Result = ExecResult;
+}
+
+/// Params of `vm.run`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmRunParams {
+    /// Image name or reference (pulled when no image has that name); default: config
+    /// `default_image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// VM name; generated when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Absolute path of a workspace to copy to `/root/<basename>` (tracked and untracked,
+    /// not ignored, files of a git repository; every file otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Program and arguments; required.
+    pub argv: Vec<String>,
+    /// Delete the VM afterwards.
+    #[serde(default)]
+    pub rm: bool,
+}
+
+/// The payload of an `output` notification.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Output {
+    /// `stdout` or `stderr`.
+    pub stream: String,
+    /// The bytes, base64 (standard alphabet, padded).
+    pub data: String,
+}

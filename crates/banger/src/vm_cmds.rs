@@ -1,0 +1,370 @@
+//! `banger kernel …` and `banger vm …`: flags in, one call, formatted result out.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use banger_api::{
+    ExecResult, KernelImport, KernelImportParams, KernelInfo, KernelList, KernelRm, KernelShow,
+    NameParams, NoParams, Notification, Output, VmCreate, VmCreateParams, VmExec, VmExecParams,
+    VmInfo, VmList, VmRm, VmRun, VmRunParams, VmShow, VmStart, VmStop,
+};
+use base64::Engine as _;
+use clap::Subcommand;
+
+use crate::client::Client;
+use crate::{call, format, print_json};
+
+#[derive(Debug, Subcommand)]
+pub enum KernelCommand {
+    /// Import a guest kernel from a Debian linux-image-*.deb (e.g. the -cloud-amd64 flavour,
+    /// fetched with `apt-get download`).
+    Import {
+        /// Name to import under.
+        name: String,
+        /// The package.
+        #[arg(long)]
+        deb: std::path::PathBuf,
+    },
+    /// List kernels, newest first.
+    List,
+    /// Show one kernel.
+    Show {
+        /// Its name.
+        name: String,
+    },
+    /// Delete a kernel no VM uses.
+    Rm {
+        /// Its name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Create a VM from an image (and start it).
+    Create {
+        /// VM name ([a-z0-9][a-z0-9-]{0,63}); generated when absent.
+        #[arg(long)]
+        name: Option<String>,
+        /// Image name (default: default_image in config.toml).
+        #[arg(long)]
+        image: Option<String>,
+        /// Kernel name (default: default_kernel, else the newest import).
+        #[arg(long)]
+        kernel: Option<String>,
+        /// CPUs.
+        #[arg(long)]
+        vcpu: Option<u32>,
+        /// Memory, e.g. 1GiB.
+        #[arg(long, value_parser = format::parse_size)]
+        memory: Option<u64>,
+        /// Root disk size, e.g. 8GiB (only grows the image's).
+        #[arg(long, value_parser = format::parse_size)]
+        disk_size: Option<u64>,
+        /// Create without starting.
+        #[arg(long)]
+        no_start: bool,
+    },
+    /// Boot a stopped VM.
+    Start {
+        /// The VM.
+        name: String,
+    },
+    /// Shut a VM down (its disk keeps its files).
+    Stop {
+        /// The VM.
+        name: String,
+    },
+    /// Stop and delete a VM with its files.
+    Rm {
+        /// The VM.
+        name: String,
+    },
+    /// List VMs.
+    List,
+    /// Show one VM.
+    Show {
+        /// The VM.
+        name: String,
+    },
+    /// Print a VM's console log.
+    Logs {
+        /// The VM.
+        name: String,
+    },
+    /// Run a command in a running VM; exits with its status.
+    Exec {
+        /// The VM.
+        name: String,
+        /// Working directory in the guest.
+        #[arg(long)]
+        workdir: Option<String>,
+        /// The command.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Boot a fresh VM, copy PATH to /root/<basename>, run the command there, exit with its
+    /// status.
+    Run {
+        /// Workspace to copy in (git: tracked and untracked-but-not-ignored files).
+        path: Option<std::path::PathBuf>,
+        /// Image name or reference (default: default_image in config.toml).
+        #[arg(long)]
+        image: Option<String>,
+        /// VM name; generated when absent.
+        #[arg(long)]
+        name: Option<String>,
+        /// Delete the VM afterwards.
+        #[arg(long)]
+        rm: bool,
+        /// The command.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+}
+
+fn print_kernel(info: &KernelInfo, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(info);
+    }
+    println!("{}  {}  {}", info.name, info.version, info.created_at);
+    Ok(())
+}
+
+pub fn run_kernel(
+    client: &mut Client,
+    command: KernelCommand,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    match command {
+        KernelCommand::Import { name, deb } => {
+            let deb =
+                std::path::absolute(&deb).with_context(|| format!("resolve {}", deb.display()))?;
+            let params = KernelImportParams {
+                name,
+                deb: deb.display().to_string(),
+            };
+            let info = call::<KernelImport>(client, &params)?;
+            if json {
+                print_json(&info)?;
+            } else {
+                println!("imported kernel {} ({})", info.name, info.version);
+            }
+        }
+        KernelCommand::List => {
+            let list = call::<KernelList>(client, &NoParams {})?;
+            if json {
+                print_json(&list)?;
+            } else {
+                for kernel in &list.kernels {
+                    print_kernel(kernel, false)?;
+                }
+            }
+        }
+        KernelCommand::Show { name } => {
+            print_kernel(&call::<KernelShow>(client, &NameParams { name })?, json)?
+        }
+        KernelCommand::Rm { name } => {
+            let info = call::<KernelRm>(client, &NameParams { name })?;
+            if json {
+                print_json(&info)?;
+            } else {
+                println!("removed kernel {}", info.name);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_vm(info: &VmInfo, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(info);
+    }
+    println!("name:     {}", info.name);
+    println!(
+        "state:    {}{}",
+        info.state,
+        info.pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    );
+    println!("image:    {}", info.image);
+    println!("kernel:   {}", info.kernel);
+    println!("cpus:     {}", info.vcpus);
+    println!(
+        "memory:   {}",
+        format::format_bytes(u64::from(info.memory_mib) << 20)
+    );
+    println!("disk:     {}", format::format_bytes(info.disk_bytes));
+    println!("backend:  {}", info.backend);
+    println!("created:  {}", info.created_at);
+    Ok(())
+}
+
+/// Writes `output` notifications to our stdout and stderr as they arrive.
+fn forward_output(note: Notification) {
+    if note.method != "output" {
+        return;
+    }
+    let Ok(output) = serde_json::from_value::<Output>(note.params) else {
+        return;
+    };
+    let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(output.data) else {
+        return;
+    };
+    // A closed pipe on our side must not abort the remote command's bookkeeping.
+    let _ = match output.stream.as_str() {
+        "stderr" => std::io::stderr().write_all(&bytes),
+        _ => std::io::stdout()
+            .write_all(&bytes)
+            .and_then(|()| std::io::stdout().flush()),
+    };
+}
+
+fn exit_with(result: &ExecResult, json: bool) -> anyhow::Result<ExitCode> {
+    if json {
+        print_json(result)?;
+    }
+    let code = match (result.exit_code, result.signal) {
+        (Some(code), _) => code,
+        (None, Some(signal)) => 128 + signal,
+        (None, None) => 1,
+    };
+    Ok(ExitCode::from(code.clamp(0, 255) as u8))
+}
+
+pub fn run_vm(
+    client: &mut Client,
+    layout: &bangerd::Layout,
+    command: VmCommand,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    match command {
+        VmCommand::Create {
+            name,
+            image,
+            kernel,
+            vcpu,
+            memory,
+            disk_size,
+            no_start,
+        } => {
+            let params = VmCreateParams {
+                name,
+                image,
+                kernel,
+                vcpus: vcpu,
+                memory_mib: memory.map(|bytes| (bytes >> 20) as u32),
+                disk_bytes: disk_size,
+                no_start,
+            };
+            let info = call::<VmCreate>(client, &params)?;
+            if json {
+                print_json(&info)?;
+            } else {
+                println!("created {} ({})", info.name, info.state);
+            }
+        }
+        VmCommand::Start { name } => {
+            let info = call::<VmStart>(client, &NameParams { name })?;
+            if json {
+                print_json(&info)?;
+            } else {
+                println!("started {}", info.name);
+            }
+        }
+        VmCommand::Stop { name } => {
+            let info = call::<VmStop>(client, &NameParams { name })?;
+            if json {
+                print_json(&info)?;
+            } else {
+                println!("stopped {}", info.name);
+            }
+        }
+        VmCommand::Rm { name } => {
+            let info = call::<VmRm>(client, &NameParams { name })?;
+            if json {
+                print_json(&info)?;
+            } else {
+                println!("removed {}", info.name);
+            }
+        }
+        VmCommand::List => {
+            let list = call::<VmList>(client, &NoParams {})?;
+            if json {
+                print_json(&list)?;
+            } else {
+                let width = list
+                    .vms
+                    .iter()
+                    .map(|v| v.name.len())
+                    .max()
+                    .unwrap_or(4)
+                    .max(4);
+                println!(
+                    "{:<width$}  {:<8}  {:<9}  IMAGE",
+                    "NAME", "STATE", "BACKEND"
+                );
+                for vm in &list.vms {
+                    println!(
+                        "{:<width$}  {:<8}  {:<9}  {}",
+                        vm.name, vm.state, vm.backend, vm.image
+                    );
+                }
+            }
+        }
+        VmCommand::Show { name } => print_vm(&call::<VmShow>(client, &NameParams { name })?, json)?,
+        VmCommand::Logs { name } => {
+            let info = call::<VmShow>(client, &NameParams { name })?;
+            let _ = layout;
+            let log = std::path::Path::new(&info.dir).join("console.log");
+            let text = std::fs::read(&log).with_context(|| format!("read {}", log.display()))?;
+            std::io::stdout()
+                .write_all(&text)
+                .context("write the log")?;
+        }
+        VmCommand::Exec {
+            name,
+            workdir,
+            command,
+        } => {
+            let params = VmExecParams {
+                name,
+                argv: command,
+                cwd: workdir,
+            };
+            let result = client
+                .call_with_notifications::<VmExec>(&params, forward_output)
+                .map_err(anyhow::Error::from)?;
+            return exit_with(&result, json);
+        }
+        VmCommand::Run {
+            path,
+            image,
+            name,
+            rm,
+            command,
+        } => {
+            let path = match path {
+                Some(p) => Some(
+                    std::path::absolute(&p)
+                        .with_context(|| format!("resolve {}", p.display()))?
+                        .display()
+                        .to_string(),
+                ),
+                None => None,
+            };
+            let params = VmRunParams {
+                image,
+                name,
+                path,
+                argv: command,
+                rm,
+            };
+            let result = client
+                .call_with_notifications::<VmRun>(&params, forward_output)
+                .map_err(anyhow::Error::from)?;
+            return exit_with(&result, json);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

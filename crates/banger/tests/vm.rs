@@ -1,0 +1,200 @@
+//! VMs end to end: a real Debian cloud kernel booted by QEMU (TCG where KVM cannot run a
+//! guest), an image pulled from a real registry, banger's agent inside.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use banger_testkit::{guest, push_oci_layout, LayerCompression, OciLayoutBuilder, Registry};
+use serde_json::Value;
+use support::{stderr, stdout, Install};
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Agent binary and kernel package, built/downloaded once per test process.
+fn guest_parts() -> Option<&'static (PathBuf, PathBuf)> {
+    static PARTS: OnceLock<Option<(PathBuf, PathBuf)>> = OnceLock::new();
+    PARTS
+        .get_or_init(|| {
+            let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+            let deb = match guest::fetch_test_kernel(
+                &workspace_root(),
+                &tmp.join("banger-test-kernel"),
+            ) {
+                Ok(deb) => deb,
+                Err(e) => {
+                    eprintln!("SKIP: {e}");
+                    return None;
+                }
+            };
+            let agent =
+                guest::build_guest_agent(&workspace_root(), &tmp.join("banger-agent-build"))
+                    .unwrap_or_else(|e| panic!("{e}"));
+            Some((agent, deb))
+        })
+        .as_ref()
+}
+
+/// An installation with a kernel and a busybox image pulled from a registry.
+fn ready_install(registry: &Registry) -> Option<Install> {
+    let (agent, deb) = guest_parts()?;
+    let mut install = Install::new();
+    install
+        .extra_env
+        .push(("BANGER_AGENT".into(), agent.into()));
+    let layout_dir = install.dir.path().join("layout");
+    let mut layout = OciLayoutBuilder::new(&layout_dir).unwrap();
+    layout
+        .image("v1", &[(guest::busybox_layer(), LayerCompression::Gzip)])
+        .unwrap();
+    push_oci_layout(&layout_dir, "v1", registry, "busybox");
+    let out = install.banger(&[
+        "image",
+        "pull",
+        &registry.reference("busybox", "v1"),
+        "--name",
+        "bb",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = install.banger(&["kernel", "import", "cloud", "--deb", deb.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("imported kernel cloud ("),
+        "{}",
+        stdout(&out)
+    );
+    Some(install)
+}
+
+fn qemu_processes_for(dir: &Path) -> usize {
+    let needle = dir.display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .filter(|cmdline| String::from_utf8_lossy(cmdline).contains(&needle))
+        .count()
+}
+
+#[test]
+fn vm_run_prints_the_output_returns_the_status_and_sees_the_workspace() {
+    let registry = Registry::start();
+    let Some(install) = ready_install(&registry) else {
+        return;
+    };
+    if which("firecracker").is_none() {
+        eprintln!("SKIP firecracker backend: `firecracker` is not on PATH (QEMU is exercised)");
+    }
+    let repo = install.dir.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(repo.join("notes.txt"), "from the host\n").unwrap();
+
+    let out = install.banger(&[
+        "vm",
+        "run",
+        "--rm",
+        "--image",
+        "bb",
+        "--",
+        "sh",
+        "-c",
+        "echo hi; exit 7",
+    ]);
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "hi\n");
+
+    let out = install.banger(&[
+        "vm",
+        "run",
+        repo.to_str().unwrap(),
+        "--rm",
+        "--image",
+        "bb",
+        "--",
+        "sh",
+        "-c",
+        "pwd; cat notes.txt; echo to-stderr >&2",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "/root/repo\nfrom the host\n");
+    assert_eq!(stderr(&out), "to-stderr\n");
+
+    let list = install.banger(&["--json", "vm", "list"]);
+    let listed: Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(listed["vms"], Value::Array(vec![]), "--rm left a VM behind");
+    assert_eq!(
+        qemu_processes_for(install.dir.path()),
+        0,
+        "a VMM outlived vm run --rm"
+    );
+}
+
+#[test]
+fn vm_exec_stop_start_keeps_files_and_rm_leaves_nothing() {
+    let registry = Registry::start();
+    let Some(install) = ready_install(&registry) else {
+        return;
+    };
+    let out = install.banger(&["vm", "create", "--name", "box", "--image", "bb"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "created box (running)\n");
+
+    let out = install.banger(&[
+        "vm",
+        "exec",
+        "box",
+        "--",
+        "sh",
+        "-c",
+        "echo kept > /root/keep; echo out; echo err >&2; exit 3",
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(stdout(&out), "out\n");
+    assert_eq!(stderr(&out), "err\n");
+
+    assert_eq!(
+        stdout(&install.banger(&["vm", "stop", "box"])),
+        "stopped box\n"
+    );
+    let shown: Value =
+        serde_json::from_slice(&install.banger(&["--json", "vm", "show", "box"]).stdout).unwrap();
+    assert_eq!(shown["state"], "stopped");
+    let vm_dir = PathBuf::from(shown["dir"].as_str().unwrap());
+    assert_eq!(qemu_processes_for(&vm_dir), 0);
+
+    assert_eq!(
+        stdout(&install.banger(&["vm", "start", "box"])),
+        "started box\n"
+    );
+    let out = install.banger(&["vm", "exec", "box", "--", "cat", "/root/keep"]);
+    assert_eq!(stdout(&out), "kept\n", "{}", stderr(&out));
+
+    let out = install.banger(&["vm", "exec", "nope", "--", "true"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no VM named \"nope\" [not_found"),
+        "{}",
+        stderr(&out)
+    );
+
+    assert_eq!(
+        stdout(&install.banger(&["vm", "rm", "box"])),
+        "removed box\n"
+    );
+    assert!(!vm_dir.exists(), "vm rm left {}", vm_dir.display());
+    assert_eq!(
+        qemu_processes_for(install.dir.path()),
+        0,
+        "vm rm left a VMM running"
+    );
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| Path::new(dir).join(program))
+        .find(|p| p.is_file())
+}

@@ -1,0 +1,716 @@
+//! Virtual machines: each has a directory `<state>/vms/<id>/` holding its own copy of the
+//! image's root filesystem (reflinked or sparse), the console log and the sockets of its
+//! VMM and guest agent. The VMM runs detached, so a restarted daemon re-adopts running VMs.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Context};
+use banger_agent::proto::{ExecRequest, ExitStatus};
+use banger_api::{ExecResult, VmCreateParams, VmExecParams, VmInfo, VmRunParams};
+use banger_vmm::agent::{AgentClient, AGENT_GUEST_PATH};
+use banger_vmm::qemu::{Accel, Qemu, UserNet, VmSpec};
+use base64::Engine as _;
+use rusqlite::OptionalExtension;
+
+use crate::config::Config;
+use crate::layout::Layout;
+use crate::services::{CallContext, ImageService, KernelService};
+use crate::store::Store;
+use crate::ServiceError;
+
+/// How long a booting guest has to answer on its agent port. TCG on a busy 2-core host
+/// boots in about 5 s; the margin is for CI neighbours.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a clean shutdown may take before the VMM is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Creates, runs and deletes VMs.
+#[derive(Debug)]
+pub struct VmService {
+    layout: Layout,
+    config: Config,
+    store: Arc<Store>,
+    images: Arc<ImageService>,
+    kernels: Arc<KernelService>,
+    accel: OnceLock<Accel>,
+}
+
+/// Names of VMs and kernels appear in paths, hostnames and command lines.
+pub fn validate_name(what: &str, name: &str) -> Result<(), ServiceError> {
+    let mut bytes = name.bytes();
+    let valid = name.len() <= 64
+        && bytes
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if valid {
+        Ok(())
+    } else {
+        Err(ServiceError::bad_request(format!(
+            "invalid {what} name {name:?}: use [a-z0-9][a-z0-9-]{{0,63}}"
+        )))
+    }
+}
+
+struct OutputWriter<'a> {
+    ctx: &'a CallContext,
+    stream: &'static str,
+}
+
+impl Write for OutputWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let data = base64::engine::general_purpose::STANDARD.encode(buf);
+        self.ctx.notify(
+            "output",
+            serde_json::json!({ "stream": self.stream, "data": data }),
+        );
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !matches!(
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next()),
+            Some("Z" | "X")
+        ),
+        Err(_) => false,
+    }
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_micros(SystemTime::now()).to_string()
+}
+
+impl VmService {
+    /// The service for `layout`.
+    pub fn new(
+        layout: Layout,
+        config: Config,
+        store: Arc<Store>,
+        images: Arc<ImageService>,
+        kernels: Arc<KernelService>,
+    ) -> Self {
+        VmService {
+            layout,
+            config,
+            store,
+            images,
+            kernels,
+            accel: OnceLock::new(),
+        }
+    }
+
+    fn dir(&self, id: &str) -> PathBuf {
+        self.layout.vms_dir().join(id)
+    }
+
+    /// Start-up: VMs recorded as running whose VMM is gone are marked stopped; live ones
+    /// are simply re-adopted (they are found again by pid and socket).
+    pub fn recover(&self) -> anyhow::Result<()> {
+        for vm in self.list()? {
+            if vm.state == "running" && !vm.pid.is_some_and(pid_alive) {
+                self.set_state(&vm.id, "stopped", None)?;
+                tracing::info!(vm = %vm.name, "VM found dead at start-up; marked stopped");
+            }
+        }
+        Ok(())
+    }
+
+    fn row(&self, row: &rusqlite::Row<'_>) -> rusqlite::Result<VmInfo> {
+        let id: String = row.get(0)?;
+        Ok(VmInfo {
+            dir: self.dir(&id).display().to_string(),
+            id,
+            name: row.get(1)?,
+            image: row.get(2)?,
+            kernel: row.get(3)?,
+            vcpus: row.get(4)?,
+            memory_mib: row.get(5)?,
+            disk_bytes: row.get::<_, i64>(6)? as u64,
+            state: row.get(7)?,
+            pid: row.get(8)?,
+            backend: row.get(9)?,
+            created_at: row.get(10)?,
+        })
+    }
+
+    const COLUMNS: &'static str =
+        "id, name, image, kernel, vcpus, memory_mib, disk_bytes, state, pid, backend, created_at";
+
+    /// Every VM by name.
+    pub fn list(&self) -> Result<Vec<VmInfo>, ServiceError> {
+        let conn = self.store.conn();
+        let mut stmt = conn
+            .prepare(&format!("SELECT {} FROM vms ORDER BY name", Self::COLUMNS))
+            .context("list VMs")?;
+        let rows = stmt.query_map([], |r| self.row(r)).context("list VMs")?;
+        Ok(rows.collect::<Result<_, _>>().context("list VMs")?)
+    }
+
+    /// The VM called `name`.
+    pub fn show(&self, name: &str) -> Result<VmInfo, ServiceError> {
+        let conn = self.store.conn();
+        conn.query_row(
+            &format!("SELECT {} FROM vms WHERE name = ?1", Self::COLUMNS),
+            [name],
+            |r| self.row(r),
+        )
+        .optional()
+        .context("look up VM")?
+        .ok_or_else(|| ServiceError::not_found(format!("no VM named {name:?}")))
+    }
+
+    fn set_state(&self, id: &str, state: &str, pid: Option<u32>) -> anyhow::Result<()> {
+        self.store
+            .conn()
+            .execute(
+                "UPDATE vms SET state = ?1, pid = ?2 WHERE id = ?3",
+                rusqlite::params![state, pid, id],
+            )
+            .context("record VM state")?;
+        Ok(())
+    }
+
+    fn agent_binary(&self) -> Result<PathBuf, ServiceError> {
+        let candidates = [
+            self.config.agent_bin.clone(),
+            std::env::var_os("BANGER_AGENT").map(PathBuf::from),
+            std::env::current_exe()
+                .ok()
+                .and_then(|exe| exe.parent().map(|d| d.join("banger-agent"))),
+        ];
+        candidates
+            .into_iter()
+            .flatten()
+            .find(|p| p.is_file())
+            .ok_or_else(|| {
+                ServiceError::not_found(
+                "the guest agent is missing: build it with `cargo build --release -p banger-agent \
+                 --target x86_64-unknown-linux-musl` and set agent_bin in config.toml (or put \
+                 banger-agent next to bangerd)",
+            )
+            })
+    }
+
+    /// Creates a VM (and starts it unless `no_start`).
+    pub fn create(&self, params: VmCreateParams) -> Result<VmInfo, ServiceError> {
+        let name = match params.name {
+            Some(name) => name,
+            None => format!("vm-{}", hex::encode(rand::random::<[u8; 3]>())),
+        };
+        validate_name("VM", &name)?;
+        if self.show(&name).is_ok() {
+            return Err(ServiceError::already_exists(format!(
+                "a VM named {name:?} already exists"
+            )));
+        }
+        let image_name = params
+            .image
+            .or_else(|| self.config.default_image.clone())
+            .ok_or_else(|| {
+                ServiceError::bad_request("no image given and no default_image in config.toml")
+            })?;
+        let image = self.images.show(&image_name)?;
+        let kernel = self.kernels.resolve(
+            params.kernel.as_deref(),
+            self.config.default_kernel.as_deref(),
+        )?;
+        let agent = self.agent_binary()?;
+        let id = hex::encode(rand::random::<[u8; 8]>());
+        let dir = self.dir(&id);
+        let disk = dir.join("root.ext4");
+        let prepared = (|| -> anyhow::Result<u64> {
+            std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+            copy_disk(Path::new(&image.rootfs), &disk)?;
+            let mut size = image.size_bytes;
+            if let Some(wanted) = params.disk_bytes {
+                if wanted < size {
+                    bail!("--disk-size {wanted} is smaller than the image's {size} bytes; disks only grow");
+                }
+                if wanted > size {
+                    grow_disk(&disk, wanted)?;
+                    size = wanted;
+                }
+            }
+            inject_agent(&disk, &agent)?;
+            Ok(size)
+        })();
+        let disk_bytes = match prepared {
+            Ok(size) => size,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e.into());
+            }
+        };
+        let info = VmInfo {
+            id: id.clone(),
+            name: name.clone(),
+            image: image.name,
+            kernel: kernel.name,
+            vcpus: params.vcpus.unwrap_or(2),
+            memory_mib: params.memory_mib.unwrap_or(1024),
+            disk_bytes,
+            state: "stopped".into(),
+            pid: None,
+            backend: "qemu".into(),
+            created_at: now(),
+            dir: dir.display().to_string(),
+        };
+        self.store
+            .conn()
+            .execute(
+                &format!(
+                    "INSERT INTO vms ({}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                    Self::COLUMNS
+                ),
+                rusqlite::params![
+                    info.id,
+                    info.name,
+                    info.image,
+                    info.kernel,
+                    info.vcpus,
+                    info.memory_mib,
+                    info.disk_bytes as i64,
+                    info.state,
+                    info.pid,
+                    info.backend,
+                    info.created_at
+                ],
+            )
+            .map_err(|e| {
+                let _ = std::fs::remove_dir_all(&dir);
+                anyhow::Error::new(e).context("record VM")
+            })?;
+        if params.no_start {
+            return Ok(info);
+        }
+        self.start(&name)
+    }
+
+    fn accel(&self, kernel: &Path) -> Accel {
+        *self.accel.get_or_init(|| {
+            if !Path::new("/dev/kvm").exists() {
+                return Accel::Tcg;
+            }
+            // /dev/kvm opening is no proof: some hosts' KVM cannot run a Linux guest.
+            match banger_vmm::qemu::kvm_usable(
+                kernel,
+                Path::new(banger_vmm::initramfs::DEFAULT_BUSYBOX),
+                Duration::from_secs(15),
+            ) {
+                Ok(probe) if probe.usable => Accel::Kvm,
+                Ok(probe) => {
+                    tracing::info!(detail = %probe.detail, "KVM not usable; VMs run under TCG");
+                    Accel::Tcg
+                }
+                Err(e) => {
+                    tracing::info!(error = %e, "KVM probe failed; VMs run under TCG");
+                    Accel::Tcg
+                }
+            }
+        })
+    }
+
+    /// Boots a stopped VM and waits until its agent answers.
+    pub fn start(&self, name: &str) -> Result<VmInfo, ServiceError> {
+        let vm = self.show(name)?;
+        if vm.state == "running" && vm.pid.is_some_and(pid_alive) {
+            return Ok(vm);
+        }
+        let boot = self.kernels.boot_files(&vm.kernel)?;
+        let accel = self.accel(&boot.kernel);
+        let dir = PathBuf::from(&vm.dir);
+        let spec = VmSpec {
+            kernel: boot.kernel,
+            initrd: Some(boot.initrd),
+            cmdline: format!(
+                "console=ttyS0 panic=-1 quiet banger.agent=1 banger.hostname={} banger.ip=10.0.2.15/24 banger.gw=10.0.2.2",
+                vm.name
+            ),
+            root_disk: Some(dir.join("root.ext4")),
+            memory_mib: vm.memory_mib,
+            vcpus: vm.vcpus,
+            net: Some(UserNet { host_forwards: Vec::new() }),
+            accel,
+            run_dir: dir.clone(),
+            agent_socket: Some(dir.join("agent.sock")),
+        };
+        let pid = Qemu::default()
+            .spawn_detached(&spec)
+            .with_context(|| format!("start VM {name:?}"))?;
+        let backend = match accel {
+            Accel::Kvm => "qemu-kvm",
+            Accel::Tcg => "qemu-tcg",
+        };
+        self.store
+            .conn()
+            .execute(
+                "UPDATE vms SET state = 'running', pid = ?1, backend = ?2 WHERE id = ?3",
+                rusqlite::params![pid, backend, vm.id],
+            )
+            .context("record VM state")?;
+        if let Err(e) = self.wait_for_agent(&dir, pid) {
+            kill(pid);
+            self.set_state(&vm.id, "stopped", None)?;
+            return Err(e.context(format!("boot VM {name:?}")).into());
+        }
+        tracing::info!(vm = name, pid, backend, "VM started");
+        self.show(name)
+    }
+
+    fn wait_for_agent(&self, dir: &Path, pid: u32) -> anyhow::Result<AgentClient> {
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        loop {
+            if !pid_alive(pid) {
+                bail!("the VMM exited during boot: {}", vm_logs_tail(dir));
+            }
+            if let Ok(client) =
+                AgentClient::connect(&dir.join("agent.sock"), Duration::from_secs(2))
+            {
+                return Ok(client);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the guest agent did not answer within {BOOT_TIMEOUT:?}: {}",
+                    vm_logs_tail(dir)
+                );
+            }
+        }
+    }
+
+    fn agent(&self, vm: &VmInfo) -> Result<AgentClient, ServiceError> {
+        if vm.state != "running" || !vm.pid.is_some_and(pid_alive) {
+            return Err(ServiceError::bad_request(format!(
+                "VM {:?} is not running (banger vm start {})",
+                vm.name, vm.name
+            )));
+        }
+        Ok(AgentClient::connect(
+            &Path::new(&vm.dir).join("agent.sock"),
+            Duration::from_secs(10),
+        )
+        .with_context(|| format!("connect to the agent of VM {:?}", vm.name))?)
+    }
+
+    /// Shuts a VM down; its disk keeps what the guest wrote.
+    pub fn stop(&self, name: &str) -> Result<VmInfo, ServiceError> {
+        let vm = self.show(name)?;
+        if let Some(pid) = vm.pid.filter(|pid| pid_alive(*pid)) {
+            if let Ok(client) = AgentClient::connect(
+                &Path::new(&vm.dir).join("agent.sock"),
+                Duration::from_secs(5),
+            ) {
+                if let Err(e) = client.shutdown(STOP_TIMEOUT) {
+                    tracing::warn!(vm = name, error = %e, "clean shutdown failed");
+                }
+            }
+            let deadline = Instant::now() + STOP_TIMEOUT;
+            while pid_alive(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if pid_alive(pid) {
+                tracing::warn!(vm = name, pid, "VM did not stop in time; killing it");
+                kill(pid);
+            }
+        }
+        self.set_state(&vm.id, "stopped", None)?;
+        self.show(name)
+    }
+
+    /// Stops and deletes a VM with all its files.
+    pub fn remove(&self, name: &str) -> Result<VmInfo, ServiceError> {
+        let vm = self.stop(name)?;
+        self.store
+            .conn()
+            .execute("DELETE FROM vms WHERE id = ?1", [&vm.id])
+            .context("delete VM record")?;
+        std::fs::remove_dir_all(&vm.dir).with_context(|| format!("remove {}", vm.dir))?;
+        Ok(vm)
+    }
+
+    /// Runs a command in a running VM, streaming its output to the caller.
+    pub fn exec(
+        &self,
+        ctx: &CallContext,
+        params: &VmExecParams,
+    ) -> Result<ExecResult, ServiceError> {
+        if params.argv.is_empty() {
+            return Err(ServiceError::bad_request("no command given"));
+        }
+        let vm = self.show(&params.name)?;
+        let client = self.agent(&vm)?;
+        let cwd = params.cwd.clone().unwrap_or_else(|| "/root".into());
+        self.exec_on(ctx, &client, &vm.name, &params.argv, &cwd)
+    }
+
+    fn exec_on(
+        &self,
+        ctx: &CallContext,
+        client: &AgentClient,
+        vm: &str,
+        argv: &[String],
+        cwd: &str,
+    ) -> Result<ExecResult, ServiceError> {
+        let mut request = ExecRequest::new(argv.iter().map(String::as_str));
+        request.cwd = Some(PathBuf::from(cwd));
+        let mut stdout = OutputWriter {
+            ctx,
+            stream: "stdout",
+        };
+        let mut stderr = OutputWriter {
+            ctx,
+            stream: "stderr",
+        };
+        let status = client
+            .exec(&request, None, &mut stdout, &mut stderr)
+            .with_context(|| format!("run {argv:?} in VM {vm:?}"))?;
+        Ok(match status {
+            ExitStatus::Code(code) => ExecResult {
+                vm: vm.into(),
+                exit_code: Some(code),
+                signal: None,
+            },
+            ExitStatus::Signal(signal) => ExecResult {
+                vm: vm.into(),
+                exit_code: None,
+                signal: Some(signal),
+            },
+        })
+    }
+
+    /// Creates and starts a VM, copies the workspace in, runs the command, stops the VM
+    /// (removing it with `rm`).
+    pub async fn run(
+        &self,
+        ctx: &CallContext,
+        params: VmRunParams,
+    ) -> Result<ExecResult, ServiceError> {
+        if params.argv.is_empty() {
+            return Err(ServiceError::bad_request("no command given"));
+        }
+        let workspace = match &params.path {
+            Some(path) => {
+                let path = PathBuf::from(path);
+                if !path.is_absolute() || !path.is_dir() {
+                    return Err(ServiceError::bad_request(format!(
+                        "workspace {} must be an existing absolute directory",
+                        path.display()
+                    )));
+                }
+                Some(path)
+            }
+            None => None,
+        };
+        let wanted = params
+            .image
+            .clone()
+            .or_else(|| self.config.default_image.clone())
+            .ok_or_else(|| {
+                ServiceError::bad_request("no --image given and no default_image in config.toml")
+            })?;
+        let image = match self.images.show(&wanted) {
+            Ok(image) => image,
+            Err(e) if e.kind == banger_api::ErrorKind::NotFound => {
+                let reference = wanted.clone();
+                match self.images.show(
+                    &banger_oci::reference::ImageRef::parse(&reference)
+                        .map(|r| banger_oci::reference::default_image_name(&r))
+                        .unwrap_or_default(),
+                ) {
+                    Ok(image) => image,
+                    Err(_) => {
+                        self.images
+                            .pull(
+                                ctx,
+                                banger_api::ImagePullParams {
+                                    reference,
+                                    name: None,
+                                    size_bytes: None,
+                                },
+                            )
+                            .await?
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        };
+        let create = VmCreateParams {
+            name: params.name.clone(),
+            image: Some(image.name),
+            ..Default::default()
+        };
+        let vm = tokio::task::block_in_place(|| self.create(create))?;
+        let result = tokio::task::block_in_place(|| -> Result<ExecResult, ServiceError> {
+            let client = self.agent(&self.show(&vm.name)?)?;
+            let mut cwd = "/root".to_owned();
+            if let Some(workspace) = &workspace {
+                let base = workspace
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "workspace".into());
+                cwd = format!("/root/{base}");
+                upload_workspace(&client, workspace, Path::new(&cwd)).with_context(|| {
+                    format!("copy {} into VM {:?}", workspace.display(), vm.name)
+                })?;
+            }
+            self.exec_on(ctx, &client, &vm.name, &params.argv, &cwd)
+        });
+        let cleanup = tokio::task::block_in_place(|| {
+            if params.rm {
+                self.remove(&vm.name).map(drop)
+            } else {
+                self.stop(&vm.name).map(drop)
+            }
+        });
+        let result = result?;
+        cleanup?;
+        Ok(result)
+    }
+}
+
+fn kill(pid: u32) {
+    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::Kill);
+    }
+}
+
+fn vm_logs_tail(dir: &Path) -> String {
+    let tail = |name: &str| {
+        let text = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(5)..].join(" | ")
+    };
+    format!(
+        "console: {}; qemu: {}",
+        tail("console.log"),
+        tail("qemu.stderr")
+    )
+}
+
+fn run_tool(command: &mut Command, what: &str) -> anyhow::Result<()> {
+    let out = command.output().with_context(|| format!("run {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// A copy-on-write copy where the filesystem can (reflink), a sparse one otherwise.
+fn copy_disk(from: &Path, to: &Path) -> anyhow::Result<()> {
+    run_tool(
+        Command::new("cp")
+            .arg("--reflink=auto")
+            .arg("--sparse=always")
+            .arg(from)
+            .arg(to),
+        "cp (copy the image's root filesystem)",
+    )
+}
+
+fn grow_disk(disk: &Path, bytes: u64) -> anyhow::Result<()> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(disk)
+        .and_then(|f| f.set_len(bytes))
+        .with_context(|| format!("grow {}", disk.display()))?;
+    run_tool(
+        Command::new("e2fsck").args(["-f", "-p"]).arg(disk),
+        "e2fsck",
+    )?;
+    run_tool(Command::new("resize2fs").arg(disk), "resize2fs")
+}
+
+/// Writes the static agent into the VM's own disk (never into the shared image).
+fn inject_agent(disk: &Path, agent: &Path) -> anyhow::Result<()> {
+    let script = format!(
+        "mkdir /.banger\nrm {AGENT_GUEST_PATH}\nwrite {} {AGENT_GUEST_PATH}\nsif {AGENT_GUEST_PATH} mode 0100755\nsif {AGENT_GUEST_PATH} uid 0\nsif {AGENT_GUEST_PATH} gid 0\n",
+        agent.display()
+    );
+    let script_path = disk.with_extension("debugfs");
+    std::fs::write(&script_path, script).context("write debugfs script")?;
+    run_tool(
+        Command::new("debugfs")
+            .arg("-w")
+            .arg("-f")
+            .arg(&script_path)
+            .arg(disk),
+        "debugfs (inject the agent)",
+    )?;
+    let _ = std::fs::remove_file(&script_path);
+    let check = Command::new("debugfs")
+        .args(["-R", &format!("stat {AGENT_GUEST_PATH}")])
+        .arg(disk)
+        .output()
+        .context("run debugfs")?;
+    let stat = String::from_utf8_lossy(&check.stdout);
+    if !stat.contains("Mode:  0755") {
+        bail!(
+            "the agent did not land in {}: {}",
+            disk.display(),
+            String::from_utf8_lossy(&check.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Uploads the workspace: a git repository's tracked and untracked-but-not-ignored files,
+/// or every file of a plain directory.
+fn upload_workspace(client: &AgentClient, workspace: &Path, dest: &Path) -> anyhow::Result<()> {
+    let listed = Command::new("git")
+        .arg("-C")
+        .arg(workspace)
+        .args([
+            "ls-files",
+            "-z",
+            "--cached",
+            "--others",
+            "--exclude-standard",
+        ])
+        .output();
+    let files: Option<Vec<PathBuf>> = match listed {
+        Ok(out) if out.status.success() => Some(
+            out.stdout
+                .split(|b| *b == 0)
+                .filter(|p| !p.is_empty())
+                .map(|p| PathBuf::from(String::from_utf8_lossy(p).into_owned()))
+                .collect(),
+        ),
+        _ => None,
+    };
+    let Some(files) = files else {
+        return Ok(client.upload_dir(workspace, dest)?);
+    };
+    let (reader, writer) = std::io::pipe().context("create pipe")?;
+    let root = workspace.to_owned();
+    let producer = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut builder = tar::Builder::new(writer);
+        builder.follow_symlinks(false);
+        for file in files {
+            let full = root.join(&file);
+            // Deleted-but-tracked files are listed by git and absent on disk.
+            if std::fs::symlink_metadata(&full).is_ok() {
+                builder.append_path_with_name(&full, &file)?;
+            }
+        }
+        builder.into_inner()?.flush()
+    });
+    client.upload_tar(reader, dest)?;
+    producer
+        .join()
+        .map_err(|_| anyhow::anyhow!("workspace archiver panicked"))?
+        .context("archive the workspace")?;
+    Ok(())
+}
