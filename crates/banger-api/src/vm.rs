@@ -262,3 +262,32 @@ pub struct Output {
     /// The bytes, base64 (standard alphabet, padded).
     pub data: String,
 }
+
+/// `daemon.doctor`: what this host has and lacks for banger, and how to get it.
+pub struct DaemonDoctor;
+impl Method for DaemonDoctor {
+    const NAME: &'static str = "daemon.doctor";
+    type Params = NoParams;
+    type Result = DoctorResult;
+}
+
+/// Result of `daemon.doctor`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DoctorResult {
+    /// One entry per requirement.
+    pub checks: Vec<DoctorCheck>,
+}
+
+/// One requirement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DoctorCheck {
+    /// What is checked, e.g. `qemu-system-x86_64`.
+    pub name: String,
+    /// `ok`, `missing` or `optional` (absent but not needed).
+    pub status: String,
+    /// What was found (a version, a path, why not).
+    pub detail: String,
+    /// How to fix it, when not ok.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}

@@ -56,6 +56,8 @@ enum Command {
         #[command(subcommand)]
         command: DaemonCommand,
     },
+    /// What this host has and lacks for banger, and how to get it.
+    Doctor,
     /// Print the versions of banger and of the running daemon.
     Version,
     /// Print a shell completion script.
@@ -188,6 +190,35 @@ fn layout(system: bool) -> anyhow::Result<bangerd::Layout> {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Doctor => {
+            let mut client = client::connect_or_start(&layout(cli.system)?)?;
+            let result = call::<banger_api::DaemonDoctor>(&mut client, &NoParams {})?;
+            if cli.json {
+                print_json(&result)?;
+            } else {
+                let width = result
+                    .checks
+                    .iter()
+                    .map(|c| c.name.len())
+                    .max()
+                    .unwrap_or(0);
+                for check in &result.checks {
+                    println!(
+                        "{:<8} {:<width$}  {}",
+                        check.status, check.name, check.detail
+                    );
+                    if let Some(fix) = &check.fix {
+                        println!("{:<8} {:<width$}  fix: {fix}", "", "");
+                    }
+                }
+            }
+            let missing = result.checks.iter().any(|c| c.status == "missing");
+            Ok(if missing {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
         Command::Kernel { command } => {
             let mut client = client::connect_or_start(&layout(cli.system)?)?;
             vm_cmds::run_kernel(&mut client, command, cli.json)

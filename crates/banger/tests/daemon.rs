@@ -366,3 +366,51 @@ fn completion_scripts_are_generated_for_each_shell() {
         );
     }
 }
+
+#[test]
+fn doctor_reports_each_requirement_with_a_fix_for_what_is_missing() {
+    let install = Install::new();
+    let out = install.banger(&["--json", "doctor"]);
+    // No kernel is imported in a fresh installation: that is missing, so exit 1.
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let checks = result["checks"].as_array().unwrap();
+    let by_name = |name: &str| {
+        checks
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} check in {result}"))
+    };
+    assert_eq!(by_name("qemu-system-x86_64")["status"], "ok");
+    assert!(by_name("qemu-system-x86_64")["detail"]
+        .as_str()
+        .unwrap()
+        .starts_with("QEMU emulator version"));
+    assert_eq!(by_name("mkfs.ext4")["status"], "ok");
+    assert_eq!(by_name("kernel")["status"], "missing");
+    assert!(by_name("kernel")["fix"]
+        .as_str()
+        .unwrap()
+        .contains("banger kernel import"));
+    for name in [
+        "firecracker",
+        "kvm",
+        "bridge/NAT networking",
+        "guest agent",
+        "debugfs",
+    ] {
+        let status = by_name(name)["status"].as_str().unwrap();
+        assert!(
+            ["ok", "missing", "optional"].contains(&status),
+            "{name}: {status}"
+        );
+    }
+    let text = install.banger(&["doctor"]);
+    assert!(
+        stdout(&text)
+            .lines()
+            .any(|l| l.starts_with("missing  kernel")),
+        "{}",
+        stdout(&text)
+    );
+}

@@ -6,10 +6,10 @@ use std::future::Future;
 use std::sync::Arc;
 
 use banger_api::{
-    DaemonMethods, DaemonPing, DaemonShutdown, ImageCachePrune, ImageImport, ImageList,
-    ImageListResult, ImagePull, ImageRm, ImageShow, KernelImport, KernelList, KernelListResult,
-    KernelRm, KernelShow, Method, MethodsResult, VmCreate, VmExec, VmList, VmListResult, VmRm,
-    VmRun, VmShow, VmStart, VmStop,
+    DaemonDoctor, DaemonMethods, DaemonPing, DaemonShutdown, DoctorResult, ImageCachePrune,
+    ImageImport, ImageList, ImageListResult, ImagePull, ImageRm, ImageShow, KernelImport,
+    KernelList, KernelListResult, KernelRm, KernelShow, Method, MethodsResult, VmCreate, VmExec,
+    VmList, VmListResult, VmRm, VmRun, VmShow, VmStart, VmStop,
 };
 use futures::future::BoxFuture;
 use serde_json::Value;
@@ -79,6 +79,13 @@ impl Dispatch {
         d.route::<VmExec, _, _>(
             |s, ctx, p| async move { blocking(move || s.vm.exec(&ctx, &p)).await },
         );
+        d.route::<DaemonDoctor, _, _>(|s, _, _| async move {
+            blocking(move || {
+                let checks = crate::services::doctor::diagnose(s.vm.kernels(), &s.vm);
+                Ok(DoctorResult { checks })
+            })
+            .await
+        });
         d.route::<VmRun, _, _>(|s, ctx, p| async move { s.vm.run(&ctx, p).await });
         // Listed last so it sees every other entry, itself included.
         let mut names: Vec<String> = d.methods().iter().map(|m| m.to_string()).collect();

@@ -39,6 +39,13 @@ pub struct VmService {
     accel: OnceLock<Accel>,
 }
 
+impl VmService {
+    /// The kernel service this one boots from.
+    pub fn kernels(&self) -> &KernelService {
+        &self.kernels
+    }
+}
+
 /// Names of VMs and kernels appear in paths, hostnames and command lines.
 pub fn validate_name(what: &str, name: &str) -> Result<(), ServiceError> {
     let mut bytes = name.bytes();
@@ -178,6 +185,11 @@ impl VmService {
             )
             .context("record VM state")?;
         Ok(())
+    }
+
+    /// Where the static guest agent is, or why it is not found.
+    pub fn agent_path(&self) -> Result<PathBuf, ServiceError> {
+        self.agent_binary()
     }
 
     fn agent_binary(&self) -> Result<PathBuf, ServiceError> {
