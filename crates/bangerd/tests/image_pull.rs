@@ -105,6 +105,15 @@ fn top_layer() -> Vec<u8> {
 }
 
 fn push_fixture(registry: &Registry, work: &Path, name: &str) -> String {
+    push_fixture_layers(registry, work, name).0
+}
+
+/// Pushes the fixture and returns its reference and its amd64 layers.
+fn push_fixture_layers(
+    registry: &Registry,
+    work: &Path,
+    name: &str,
+) -> (String, Vec<banger_testkit::BuiltLayer>) {
     let layout_dir = work.join(format!("layout-{name}"));
     let mut layout = OciLayoutBuilder::new(&layout_dir).unwrap();
     let amd64 = layout
@@ -119,9 +128,10 @@ fn push_fixture(registry: &Registry, work: &Path, name: &str) -> String {
     let arm64 = layout
         .build_image("arm64", &[(b"not a tar".to_vec(), LayerCompression::None)])
         .unwrap();
+    let layers = amd64.layers.clone();
     layout.index("v1", &[amd64, arm64]).unwrap();
     push_oci_layout(&layout_dir, "v1", registry, name);
-    registry.reference(name, "v1")
+    (registry.reference(name, "v1"), layers)
 }
 
 fn debugfs(image: &Path, request: &str) -> String {
@@ -266,8 +276,8 @@ async fn an_image_survives_a_full_cache_prune() {
         .await
         .unwrap();
     assert_eq!(
-        pruned.blobs_freed, 2,
-        "both layers were cached and are now gone"
+        pruned.blobs_freed, 4,
+        "both layers, compressed and uncompressed, were cached and are now gone"
     );
     assert_eq!(
         debugfs(Path::new(&info.rootfs), "cat /etc/hostname"),
@@ -333,7 +343,7 @@ async fn four_concurrent_pulls_download_each_blob_once_while_prunes_loop() {
 async fn four_concurrent_pulls_of_one_image_download_each_blob_once() {
     let registry = Registry::start();
     let env = service();
-    let reference = push_fixture(&registry, env.dir.path(), "once");
+    let (reference, layers) = push_fixture_layers(&registry, env.dir.path(), "once");
     let pulls: Vec<_> = (0..4)
         .map(|i| {
             let images = Arc::clone(&env.images);
@@ -356,20 +366,41 @@ async fn four_concurrent_pulls_of_one_image_download_each_blob_once() {
     for pull in pulls {
         infos.push(pull.await.unwrap().unwrap());
     }
-    let manifest = registry.log();
-    let layer_digests: Vec<String> =
-        std::fs::read_dir(env.dir.path().join("cache/oci/blobs/sha256"))
-            .unwrap()
-            .map(|e| format!("sha256:{}", e.unwrap().file_name().to_string_lossy()))
-            .collect();
-    assert_eq!(layer_digests.len(), 2, "{manifest}");
-    for digest in &layer_digests {
+    let cache = env.dir.path().join("cache/oci/blobs/sha256");
+    let log = registry.log();
+    for layer in &layers {
         assert_eq!(
-            registry.blob_get_count(digest),
+            registry.blob_get_count(&layer.digest),
             1,
-            "{digest} fetched more than once"
+            "{} fetched more than once: {log}",
+            layer.digest
         );
+        // The cache keeps the compressed blob and, under its diff_id, the verified tar.
+        for digest in [&layer.digest, &layer.diff_id] {
+            let hex = digest.strip_prefix("sha256:").unwrap();
+            let bytes = std::fs::read(cache.join(hex)).unwrap();
+            assert_eq!(banger_oci::Digest::of(&bytes).to_string(), *digest);
+        }
     }
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 4);
+    // A rebuild from the uncompressed copies gives the same content.
+    let again = env
+        .images
+        .pull(
+            &CallContext::detached("t"),
+            ImagePullParams {
+                reference,
+                name: Some("once-again".into()),
+                size_bytes: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        debugfs(Path::new(&again.rootfs), "cat /opaque/new"),
+        "new\n"
+    );
+    assert!(debugfs(Path::new(&again.rootfs), "stat /usr/bin/sudo").contains("Mode:  04755"));
     assert_eq!(infos.len(), 4);
 }
 

@@ -124,6 +124,7 @@ pub(crate) struct BackgroundDecoded {
 pub(crate) fn decode_in_background<R: Read + Send + 'static>(
     blob: R,
     media_type: &str,
+    mut tee: Option<crate::cache::BlobWriter>,
 ) -> BackgroundDecoded {
     let (sender, chunks) = std::sync::mpsc::sync_channel(PIPE_CHUNKS);
     let media_type = media_type.to_owned();
@@ -163,7 +164,23 @@ pub(crate) fn decode_in_background<R: Read + Send + 'static>(
                     return;
                 }
             };
-            if (!chunk.is_empty() && sender.send(Ok(chunk)).is_err()) || end {
+            if let Some(writer) = tee.as_mut() {
+                // The copy is an optimisation: if it cannot be written, just stop making it.
+                if std::io::Write::write_all(writer, &chunk).is_err() {
+                    tee = None;
+                }
+            }
+            if !chunk.is_empty() && sender.send(Ok(chunk)).is_err() {
+                return;
+            }
+            if end {
+                if let Some(writer) = tee.take() {
+                    // Verified against the digest it was opened for; a lying diff_id in
+                    // the image config just means no copy.
+                    if let Err(e) = writer.commit() {
+                        tracing::warn!(error = %e, "not caching the uncompressed layer");
+                    }
+                }
                 return;
             }
         }

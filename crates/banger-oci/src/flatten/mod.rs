@@ -307,7 +307,22 @@ impl Flattener {
         media_type: &str,
         digest: &Digest,
     ) -> Result<LayerStats, FlattenError> {
-        let decoded = decompress::decode_in_background(layer, media_type);
+        let decoded = decompress::decode_in_background(layer, media_type, None);
+        self.apply_stream(decoded, "layer", digest)
+    }
+
+    /// [`apply_layer_pipelined`](Self::apply_layer_pipelined) that also writes the
+    /// decompressed tar to `uncompressed` (a cache writer opened for the layer's diff_id),
+    /// committing it once the whole stream decoded. The next build of an image with this
+    /// layer can then skip decompression, the bulk of a flatten.
+    pub fn apply_layer_caching_uncompressed(
+        &mut self,
+        layer: impl Read + Send + 'static,
+        media_type: &str,
+        digest: &Digest,
+        uncompressed: crate::cache::BlobWriter,
+    ) -> Result<LayerStats, FlattenError> {
+        let decoded = decompress::decode_in_background(layer, media_type, Some(uncompressed));
         self.apply_stream(decoded, "layer", digest)
     }
 

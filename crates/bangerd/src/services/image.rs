@@ -46,12 +46,16 @@ struct LayerSource {
     digest: Digest,
     media_type: String,
     path: Option<PathBuf>,
+    /// Digest of the uncompressed tar (the config's diff_id), for cached layers: the cache
+    /// keeps that too, so a rebuild skips decompression.
+    diff_id: Option<Digest>,
 }
 
 impl LayerSource {
     /// A layer read from the blob cache.
     fn cached(digest: &Digest, media_type: &str) -> Self {
         LayerSource {
+            diff_id: None,
             digest: digest.clone(),
             media_type: media_type.to_owned(),
             path: None,
@@ -160,9 +164,14 @@ impl ImageService {
             .await
             .map_err(registry_error)?;
         // Held until the image is published: no prune may delete a layer we still read.
-        let _lease = self
-            .cache
-            .lease(image.layers.iter().map(|l| l.digest.clone()));
+        let diff_ids = diff_ids(&image.raw_config, image.layers.len());
+        let _lease = self.cache.lease(
+            image
+                .layers
+                .iter()
+                .map(|l| l.digest.clone())
+                .chain(diff_ids.iter().flatten().cloned()),
+        );
         // Built into a Vec first: a lazy `map` inside the stream makes the future's `Send`
         // depend on higher-ranked lifetimes rustc cannot prove, and dispatch must spawn it.
         let fetches: Vec<_> = image
@@ -179,7 +188,11 @@ impl ImageService {
         let layers = image
             .layers
             .iter()
-            .map(|l| LayerSource::cached(&l.digest, &l.media_type))
+            .zip(diff_ids)
+            .map(|(l, diff_id)| LayerSource {
+                diff_id,
+                ..LayerSource::cached(&l.digest, &l.media_type)
+            })
             .collect();
         let built = self
             .build(ctx, layers, &image.raw_config, params.size_bytes)
@@ -508,7 +521,7 @@ impl ImageService {
 /// the root filesystem's size.
 fn build_rootfs(
     ctx: &CallContext,
-    cache: &BlobCache,
+    cache: &Arc<BlobCache>,
     staging: &Path,
     layers: Vec<LayerSource>,
     raw_config: &[u8],
@@ -527,14 +540,33 @@ fn build_rootfs(
             total: Some(count as u64),
             done: false,
         });
-        let file = match &layer.path {
-            Some(path) => std::fs::File::open(path)
-                .with_context(|| format!("open layer {}", path.display()))?,
-            None => cache
-                .open(&layer.digest)
-                .with_context(|| format!("open cached layer {}", layer.digest))?,
+        if let Some(path) = &layer.path {
+            let file = std::fs::File::open(path)
+                .with_context(|| format!("open layer {}", path.display()))?;
+            flattener.apply_layer_pipelined(file, &layer.media_type, &layer.digest)?;
+            continue;
+        }
+        // The uncompressed copy, when an earlier build left one, spares the decompression.
+        if let Some(plain) = layer.diff_id.as_ref().and_then(|d| cache.open(d).ok()) {
+            flattener.apply_layer_pipelined(plain, PLAIN_LAYER, &layer.digest)?;
+            continue;
+        }
+        let file = cache
+            .open(&layer.digest)
+            .with_context(|| format!("open cached layer {}", layer.digest))?;
+        let copy = layer
+            .diff_id
+            .as_ref()
+            .and_then(|d| cache.writer(d, None).ok());
+        match copy {
+            Some(copy) => flattener.apply_layer_caching_uncompressed(
+                file,
+                &layer.media_type,
+                &layer.digest,
+                copy,
+            )?,
+            None => flattener.apply_layer_pipelined(file, &layer.media_type, &layer.digest)?,
         };
-        flattener.apply_layer_pipelined(file, &layer.media_type, &layer.digest)?;
     }
     ctx.progress(Progress {
         task: "flatten".into(),
@@ -573,6 +605,27 @@ fn build_rootfs(
         done: true,
     });
     Ok(report.size_bytes)
+}
+
+const PLAIN_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
+
+/// The config's `rootfs.diff_ids`, one per layer, or none when they do not line up.
+fn diff_ids(raw_config: &[u8], layers: usize) -> Vec<Option<Digest>> {
+    let parsed: Option<Vec<Option<Digest>>> =
+        serde_json::from_slice::<serde_json::Value>(raw_config)
+            .ok()
+            .and_then(|config| {
+                let ids = config["rootfs"]["diff_ids"].as_array()?.clone();
+                Some(
+                    ids.iter()
+                        .map(|id| id.as_str().and_then(|s| s.parse().ok()))
+                        .collect(),
+                )
+            });
+    match parsed {
+        Some(ids) if ids.len() == layers => ids,
+        _ => vec![None; layers],
+    }
 }
 
 fn sync_dir(dir: &Path) -> anyhow::Result<()> {
