@@ -49,44 +49,33 @@ pub fn fetch_test_kernel(workspace: &Path, cache: &Path) -> Result<PathBuf, Stri
 pub fn busybox_layer() -> Vec<u8> {
     let busybox =
         std::fs::read("/bin/busybox").expect("busybox-static is installed (/bin/busybox)");
-    let mut builder = tar::Builder::new(Vec::new());
-    let mut dir = |path: &str| {
+    let header = |kind: tar::EntryType, mode: u32, size: usize| {
         let mut header = tar::Header::new_gnu();
-        header.set_entry_type(tar::EntryType::Directory);
-        header.set_mode(0o755);
+        header.set_entry_type(kind);
+        header.set_mode(mode);
         header.set_uid(0);
         header.set_gid(0);
-        header.set_size(0);
+        header.set_size(size as u64);
         header.set_mtime(0);
-        builder
-            .append_data(&mut header, path, &[][..])
-            .expect("append dir");
+        header
     };
-    for d in ["bin/", "root/", "tmp/", "etc/"] {
-        dir(d);
+    let mut builder = tar::Builder::new(Vec::new());
+    for dir in ["bin/", "root/", "tmp/", "etc/"] {
+        let mut h = header(tar::EntryType::Directory, 0o755, 0);
+        builder
+            .append_data(&mut h, dir, &[][..])
+            .expect("append dir");
     }
-    let mut header = tar::Header::new_gnu();
-    header.set_entry_type(tar::EntryType::Regular);
-    header.set_mode(0o755);
-    header.set_uid(0);
-    header.set_gid(0);
-    header.set_size(busybox.len() as u64);
-    header.set_mtime(0);
+    let mut h = header(tar::EntryType::Regular, 0o755, busybox.len());
     builder
-        .append_data(&mut header, "bin/busybox", &busybox[..])
+        .append_data(&mut h, "bin/busybox", &busybox[..])
         .expect("append busybox");
     for applet in [
         "sh", "cat", "echo", "ls", "sleep", "true", "false", "mkdir", "rm", "pwd",
     ] {
-        let mut link = tar::Header::new_gnu();
-        link.set_entry_type(tar::EntryType::Symlink);
-        link.set_mode(0o777);
-        link.set_uid(0);
-        link.set_gid(0);
-        link.set_size(0);
-        link.set_mtime(0);
+        let mut h = header(tar::EntryType::Symlink, 0o777, 0);
         builder
-            .append_link(&mut link, format!("bin/{applet}"), "busybox")
+            .append_link(&mut h, format!("bin/{applet}"), "busybox")
             .expect("append applet link");
     }
     builder.into_inner().expect("finish tar")

@@ -159,22 +159,7 @@ pub fn stop_daemon(client: &mut Client, pid: u32) -> anyhow::Result<()> {
 }
 
 fn process_alive(pid: u32) -> bool {
-    let Some(raw) = rustix::process::Pid::from_raw(pid as i32) else {
-        return false;
-    };
-    if rustix::process::test_kill_process(raw).is_err() {
-        return false;
-    }
-    // An exited daemon stays a zombie until whoever adopted it reaps it, which can take a
-    // while: count a zombie as gone. The state is the field after the `(comm)` in stat.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !matches!(
-            stat.rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().next()),
-            Some("Z" | "X")
-        ),
-        Err(_) => false,
-    }
+    bangerd::services::vm::pid_alive(pid)
 }
 
 fn bangerd_path() -> PathBuf {

@@ -82,7 +82,10 @@ impl Write for OutputWriter<'_> {
     }
 }
 
-fn pid_alive(pid: u32) -> bool {
+/// Whether `pid` runs. An exited process stays a zombie until whoever adopted it reaps it,
+/// which can take a while: a zombie counts as gone. The state is the field after the
+/// `(comm)` in `/proc/<pid>/stat`.
+pub fn pid_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => !matches!(
             stat.rsplit_once(')')
