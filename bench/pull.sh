@@ -7,14 +7,14 @@
 #   bench/pull.sh            # from the repo root; needs root (apt-get, drop_caches, debootstrap)
 #
 # The image is built once (several minutes: debootstrap + apt-get in a chroot) and cached
-# under target/bench-image/layout; delete that directory to rebuild it. Release binaries go to
+# under target/bench-image/layout-recommends; delete that directory to rebuild it. Release binaries go to
 # ${CARGO_TARGET_DIR:-target}. Scratch space is under ${TMPDIR:-/tmp}: keep it on the same
 # filesystem for both sides. Page caches are dropped before every timed step.
 #
 # Each side runs BENCH_RUNS times (default 3; cold and warm pulls alternate) and the medians
 # are compared: the machine is shared and single runs vary by +-50%.
 #
-# Environment: BENCH_RUNS (default 3), BENCH_IMAGE_DIR (default target/bench-image/layout),
+# Environment: BENCH_RUNS (default 3), BENCH_IMAGE_DIR (default target/bench-image/layout-recommends),
 # BENCH_KEEP=1 keeps the scratch directory for inspection.
 set -euo pipefail
 
@@ -29,7 +29,7 @@ ensure_packages skopeo umoci docker-registry e2fsprogs jq curl python3 debootstr
 script_started=$(now)
 
 # --- 1. The image (cached) ---------------------------------------------------------------------
-image_dir=${BENCH_IMAGE_DIR:-target/bench-image/layout}
+image_dir=${BENCH_IMAGE_DIR:-target/bench-image/layout-recommends}
 bench/pull/build-image.sh "$image_dir"
 image_dir=$(realpath "$image_dir")
 

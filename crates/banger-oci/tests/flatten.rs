@@ -755,3 +755,20 @@ fn pipelined_decoding_gives_the_same_bytes_and_the_same_refusals() {
         "{err}"
     );
 }
+
+#[test]
+fn decompress_layer_copies_the_tar_and_refuses_past_the_limit() {
+    let tar_bytes = Layer::new().file("a", &[7u8; 100_000]).tar();
+    let gz = gzip(&tar_bytes);
+    let mut out = Vec::new();
+    let n = banger_oci::flatten::decompress_layer(&gz[..], GZIP, &mut out, 1 << 20).unwrap();
+    assert_eq!(n as usize, tar_bytes.len());
+    assert_eq!(out, tar_bytes);
+    let mut capped = Vec::new();
+    let err =
+        banger_oci::flatten::decompress_layer(&gz[..], GZIP, &mut capped, 50_000).unwrap_err();
+    assert!(
+        err.to_string().contains("limit of 50000 bytes exceeded"),
+        "{err}"
+    );
+}

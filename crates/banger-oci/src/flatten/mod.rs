@@ -34,6 +34,26 @@ use rustix::io::Errno;
 use crate::digest::Digest;
 use error::{errno_problem, io_problem};
 pub use error::{EntryProblem, FlattenError, LayerProblem};
+
+/// Decompresses a whole layer blob into `out` (compression chosen as the flattener would),
+/// refusing to produce more than `limit` bytes. For decoding a later layer ahead, on another
+/// core, into its uncompressed cache copy while an earlier one is being flattened.
+pub fn decompress_layer(
+    blob: impl std::io::Read,
+    media_type: &str,
+    out: &mut impl std::io::Write,
+    limit: u64,
+) -> std::io::Result<u64> {
+    let (decoded, _) = decompress::open(blob, media_type)?;
+    let mut capped = std::io::Read::take(decoded, limit.saturating_add(1));
+    let copied = std::io::copy(&mut capped, out)?;
+    if copied > limit {
+        return Err(std::io::Error::other(format!(
+            "uncompressed size limit of {limit} bytes exceeded"
+        )));
+    }
+    Ok(copied)
+}
 use resolve::{join, lossy, normalize, ResolveError, Resolver};
 
 /// Bounds on what one image may expand to.

@@ -532,7 +532,12 @@ fn build_rootfs(
         .with_context(|| format!("create {}", image_dir.display()))?;
     let mut flattener = Flattener::new(staging.join("tree"), FlattenOptions::default())?;
     let count = layers.len();
+    let mut ahead = decode_ahead(cache, &layers);
     for (index, layer) in layers.into_iter().enumerate() {
+        if let Some(ready) = ahead.get_mut(index).and_then(Option::take) {
+            // Whatever the outcome, the code below finds the copy or falls back.
+            let _ = ready.recv();
+        }
         ctx.progress(Progress {
             task: "flatten".into(),
             message: format!("layer {}/{count} {}", index + 1, layer.digest),
@@ -608,6 +613,58 @@ fn build_rootfs(
 }
 
 const PLAIN_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
+
+/// Starts one thread that decompresses every cached layer but the first into its diff_id
+/// copy, in order, while the flattener works through earlier layers: decompression is most
+/// of a cold build and the second core would otherwise idle. Returns, per layer, a signal
+/// that its copy is done (or was given up on). A copy that fails or does not hash to the
+/// diff_id is simply absent, and the layer is then read compressed as usual, which reports
+/// any error properly.
+fn decode_ahead(
+    cache: &Arc<BlobCache>,
+    layers: &[LayerSource],
+) -> Vec<Option<std::sync::mpsc::Receiver<()>>> {
+    let mut signals = Vec::new();
+    let mut jobs = Vec::new();
+    for (index, layer) in layers.iter().enumerate() {
+        let wanted = index > 0
+            && layer.path.is_none()
+            && layer.diff_id.as_ref().is_some_and(|d| !cache.contains(d));
+        if !wanted {
+            signals.push(None);
+            continue;
+        }
+        let (done, ready) = std::sync::mpsc::channel();
+        signals.push(Some(ready));
+        jobs.push((
+            layer.digest.clone(),
+            layer.media_type.clone(),
+            layer.diff_id.clone().expect("checked"),
+            done,
+        ));
+    }
+    if jobs.is_empty() {
+        return signals;
+    }
+    let cache = Arc::clone(cache);
+    std::thread::spawn(move || {
+        let limit = FlattenOptions::default().limits.max_uncompressed_bytes;
+        for (digest, media_type, diff_id, done) in jobs {
+            let decoded = (|| -> anyhow::Result<()> {
+                let blob = std::io::BufReader::with_capacity(1 << 20, cache.open(&digest)?);
+                let mut copy = cache.writer(&diff_id, None)?;
+                banger_oci::flatten::decompress_layer(blob, &media_type, &mut copy, limit)?;
+                copy.commit()?;
+                Ok(())
+            })();
+            if let Err(e) = decoded {
+                tracing::debug!(layer = %digest, error = %format!("{e:#}"), "no uncompressed copy decoded ahead");
+            }
+            let _ = done.send(());
+        }
+    });
+    signals
+}
 
 /// The config's `rootfs.diff_ids`, one per layer, or none when they do not line up.
 fn diff_ids(raw_config: &[u8], layers: usize) -> Vec<Option<Digest>> {
