@@ -282,12 +282,15 @@ impl AgentClient {
     /// repeated every second: a ping QEMU accepted before the guest opened its port can
     /// sit unread until QEMU's main loop looks at the socket again.
     pub fn ping(&self, timeout: Duration) -> Result<()> {
+        // A ping written before the guest opened its port can be lost, so it is resent;
+        // how often bounds how late a freshly booted guest is noticed.
+        const PING_RETRY: Duration = Duration::from_millis(50);
         let session = self.open();
         let deadline = Instant::now() + timeout;
         loop {
             session.send(Message::Ping)?;
             let left = deadline.saturating_duration_since(Instant::now());
-            match session.recv_timeout("ping", left.min(Duration::from_millis(250))) {
+            match session.recv_timeout("ping", left.min(PING_RETRY)) {
                 Ok(Message::Pong { version }) if version == PROTOCOL_VERSION => return Ok(()),
                 Ok(Message::Pong { version }) => {
                     return Err(AgentError::Version {

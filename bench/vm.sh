@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# VM benchmark: wall time of `banger vm run --rm -- true` (from a pulled image and an
+# imported kernel) against a bare qemu-system-x86_64 boot of the same kernel, initramfs and
+# root filesystem to the same point (the image's `true` has run and the guest powered off).
+# Prints each backend/accelerator banger used, medians, and banger's overhead (target <= 15%).
+# Firecracker is measured when it is on PATH and KVM works; otherwise a skip is printed.
+#
+# Environment: BENCH_RUNS (default 5).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runs=${BENCH_RUNS:-5}
+
+./scripts/setup.sh >/dev/null
+cargo build --release -q -p banger -p bangerd
+cargo build --release -q -p banger-agent --target x86_64-unknown-linux-musl
+cp target/x86_64-unknown-linux-musl/release/banger-agent target/release/banger-agent
+banger=$PWD/target/release/banger
+
+work=$(mktemp -d)
+export XDG_STATE_HOME=$work/state XDG_CACHE_HOME=$work/cache XDG_CONFIG_HOME=$work/config
+cleanup() {
+  "$banger" daemon stop >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+deb=$(./scripts/fetch-test-kernel.sh target/kernel)
+"$banger" kernel import bench --deb "$deb" >/dev/null
+mkdir -p "$work/rootfs/bin" "$work/rootfs/root" "$work/rootfs/tmp"
+cp /bin/busybox "$work/rootfs/bin/busybox"
+for applet in $(/bin/busybox --list); do
+  [ "$applet" = busybox ] || ln -s busybox "$work/rootfs/bin/$applet"
+done
+umoci init --layout "$work/oci" >/dev/null
+umoci new --image "$work/oci:bb" >/dev/null
+umoci insert --image "$work/oci:bb" "$work/rootfs" / >/dev/null
+"$banger" image import "$work/oci:bb" --name bb >/dev/null
+
+kernel_dir=$XDG_STATE_HOME/banger/kernels/bench
+rootfs=$("$banger" --json image show bb | sed -n 's/.*"rootfs": "\(.*\)".*/\1/p')
+accel=$("$banger" --json doctor | tr -d '\n' | grep -o '"name": "kvm",[^}]*"status": "ok"' >/dev/null && echo kvm || echo tcg)
+
+now() { date +%s.%N; }
+median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+
+echo "banger vm run --rm -- true: $runs runs" >&2
+banger_times=()
+for i in $(seq "$runs"); do
+  t0=$(now)
+  "$banger" vm run --rm --image bb -- true
+  t1=$(now)
+  banger_times+=("$(echo "$t1 - $t0" | bc)")
+done
+
+echo "bare qemu boot of the same kernel + initramfs + rootfs: $runs runs" >&2
+cmd=$(printf 'true' | base64)
+khz=$(awk -F': ' '/^cpu MHz/{printf "%d", $2*1000; exit}' /proc/cpuinfo)
+bare_times=()
+for i in $(seq "$runs"); do
+  cp --reflink=auto --sparse=always "$rootfs" "$work/bare.ext4"
+  t0=$(now)
+  qemu-system-x86_64 -M microvm -accel "$accel" -cpu "$([ "$accel" = kvm ] && echo host || echo max)" \
+    -m 1024M -smp 2 -nodefaults -no-user-config -display none -no-reboot \
+    -serial "file:$work/bare-console.log" \
+    -kernel "$kernel_dir/vmlinux" -initrd "$kernel_dir/initramfs.cpio" \
+    -append "console=ttyS0 panic=-1 quiet reboot=t tsc_early_khz=$khz banger.cmd=$cmd" \
+    -drive "file=$work/bare.ext4,if=none,id=root,format=raw,cache=unsafe" \
+    -device virtio-blk-device,drive=root \
+    -netdev user,id=n0 -device virtio-net-device,netdev=n0
+  t1=$(now)
+  grep -q "BANGER_EXIT=0" "$work/bare-console.log" || { echo "bare boot did not run true" >&2; exit 1; }
+  bare_times+=("$(echo "$t1 - $t0" | bc)")
+done
+
+b=$(printf '%s\n' "${banger_times[@]}" | median)
+q=$(printf '%s\n' "${bare_times[@]}" | median)
+echo "all runs: banger ${banger_times[*]} s; bare qemu ${bare_times[*]} s"
+printf 'qemu-%s  banger vm run %.2f s  bare qemu %.2f s  ratio %.3f  overhead %+.1f%% (target <= 15%%)\n' \
+  "$accel" "$b" "$q" "$(echo "$b / $q" | bc -l)" "$(echo "($b / $q - 1) * 100" | bc -l)"
+if command -v firecracker >/dev/null 2>&1; then
+  echo "firecracker: on PATH, but banger has no Firecracker backend yet: not measured"
+else
+  echo "firecracker: skipped (not on PATH)"
+fi
