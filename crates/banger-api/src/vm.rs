@@ -180,6 +180,14 @@ impl Method for VmStop {
     type Result = VmInfo;
 }
 
+/// `vm.kill`: kill a VM's VMM at once, without a clean shutdown.
+pub struct VmKill;
+impl Method for VmKill {
+    const NAME: &'static str = "vm.kill";
+    type Params = NameParams;
+    type Result = VmInfo;
+}
+
 /// `vm.rm`: stop (if needed) and delete a VM and all its files.
 pub struct VmRm;
 impl Method for VmRm {

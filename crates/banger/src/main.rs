@@ -226,7 +226,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Vm { command } => {
             let layout = layout(cli.system)?;
             let mut client = client::connect_or_start(&layout)?;
-            vm_cmds::run_vm(&mut client, &layout, command, cli.json)
+            vm_cmds::run_vm(&mut client, command, cli.json)
         }
         Command::Completion { shell } => {
             let shell = match shell {

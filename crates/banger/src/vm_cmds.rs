@@ -7,7 +7,7 @@ use anyhow::Context;
 use banger_api::{
     ExecResult, KernelImport, KernelImportParams, KernelInfo, KernelList, KernelRm, KernelShow,
     NameParams, NoParams, Notification, Output, VmCreate, VmCreateParams, VmExec, VmExecParams,
-    VmInfo, VmList, VmRm, VmRun, VmRunParams, VmShow, VmStart, VmStop,
+    VmInfo, VmKill, VmList, VmRm, VmRun, VmRunParams, VmShow, VmStart, VmStop,
 };
 use base64::Engine as _;
 use clap::Subcommand;
@@ -73,6 +73,11 @@ pub enum VmCommand {
     },
     /// Shut a VM down (its disk keeps its files).
     Stop {
+        /// The VM.
+        name: String,
+    },
+    /// Kill a VM's VMM at once (no clean shutdown; files not yet synced may be lost).
+    Kill {
         /// The VM.
         name: String,
     },
@@ -232,12 +237,7 @@ fn exit_with(result: &ExecResult, json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }
 
-pub fn run_vm(
-    client: &mut Client,
-    layout: &bangerd::Layout,
-    command: VmCommand,
-    json: bool,
-) -> anyhow::Result<ExitCode> {
+pub fn run_vm(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Result<ExitCode> {
     match command {
         VmCommand::Create {
             name,
@@ -280,6 +280,14 @@ pub fn run_vm(
                 println!("stopped {}", info.name);
             }
         }
+        VmCommand::Kill { name } => {
+            let info = call::<VmKill>(client, &NameParams { name })?;
+            if json {
+                print_json(&info)?;
+            } else {
+                println!("killed {}", info.name);
+            }
+        }
         VmCommand::Rm { name } => {
             let info = call::<VmRm>(client, &NameParams { name })?;
             if json {
@@ -315,7 +323,6 @@ pub fn run_vm(
         VmCommand::Show { name } => print_vm(&call::<VmShow>(client, &NameParams { name })?, json)?,
         VmCommand::Logs { name } => {
             let info = call::<VmShow>(client, &NameParams { name })?;
-            let _ = layout;
             let log = std::path::Path::new(&info.dir).join("console.log");
             let text = std::fs::read(&log).with_context(|| format!("read {}", log.display()))?;
             std::io::stdout()

@@ -179,6 +179,20 @@ fn vm_exec_stop_start_keeps_files_and_rm_leaves_nothing() {
         stderr(&out)
     );
 
+    // kill: the VMM goes at once, the VM is recorded stopped.
+    assert_eq!(
+        stdout(&install.banger(&["vm", "kill", "box"])),
+        "killed box\n"
+    );
+    assert_eq!(
+        qemu_processes_for(&vm_dir),
+        0,
+        "vm kill left the VMM running"
+    );
+    let shown: Value =
+        serde_json::from_slice(&install.banger(&["--json", "vm", "show", "box"]).stdout).unwrap();
+    assert_eq!(shown["state"], "stopped");
+
     assert_eq!(
         stdout(&install.banger(&["vm", "rm", "box"])),
         "removed box\n"

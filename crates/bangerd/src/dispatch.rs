@@ -9,7 +9,7 @@ use banger_api::{
     DaemonDoctor, DaemonMethods, DaemonPing, DaemonShutdown, DoctorResult, ImageCachePrune,
     ImageImport, ImageList, ImageListResult, ImagePull, ImageRm, ImageShow, KernelImport,
     KernelList, KernelListResult, KernelRm, KernelShow, Method, MethodsResult, VmCreate, VmExec,
-    VmList, VmListResult, VmRm, VmRun, VmShow, VmStart, VmStop,
+    VmKill, VmList, VmListResult, VmRm, VmRun, VmShow, VmStart, VmStop,
 };
 use futures::future::BoxFuture;
 use serde_json::Value;
@@ -72,6 +72,9 @@ impl Dispatch {
         );
         d.route::<VmStop, _, _>(
             |s, _, p| async move { blocking(move || s.vm.stop(&p.name)).await },
+        );
+        d.route::<VmKill, _, _>(
+            |s, _, p| async move { blocking(move || s.vm.kill(&p.name)).await },
         );
         d.route::<VmRm, _, _>(
             |s, _, p| async move { blocking(move || s.vm.remove(&p.name)).await },

@@ -441,6 +441,21 @@ impl VmService {
         self.show(name)
     }
 
+    /// Kills the VMM at once: for a guest that does not answer. Files the guest had not
+    /// synced may be lost.
+    pub fn kill(&self, name: &str) -> Result<VmInfo, ServiceError> {
+        let vm = self.show(name)?;
+        if let Some(pid) = vm.pid.filter(|pid| pid_alive(*pid)) {
+            kill(pid);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while pid_alive(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        self.set_state(&vm.id, "stopped", None)?;
+        self.show(name)
+    }
+
     /// Stops and deletes a VM with all its files.
     pub fn remove(&self, name: &str) -> Result<VmInfo, ServiceError> {
         let vm = self.stop(name)?;
