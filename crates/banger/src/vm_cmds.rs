@@ -97,6 +97,9 @@ pub enum VmCommand {
     Logs {
         /// The VM.
         name: String,
+        /// Keep printing what the console writes until the VM stops.
+        #[arg(short, long)]
+        follow: bool,
     },
     /// Run a command in a running VM; exits with its status.
     Exec {
@@ -321,13 +324,30 @@ pub fn run_vm(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Re
             }
         }
         VmCommand::Show { name } => print_vm(&call::<VmShow>(client, &NameParams { name })?, json)?,
-        VmCommand::Logs { name } => {
-            let info = call::<VmShow>(client, &NameParams { name })?;
+        VmCommand::Logs { name, follow } => {
+            let info = call::<VmShow>(client, &NameParams { name: name.clone() })?;
             let log = std::path::Path::new(&info.dir).join("console.log");
-            let text = std::fs::read(&log).with_context(|| format!("read {}", log.display()))?;
-            std::io::stdout()
-                .write_all(&text)
-                .context("write the log")?;
+            let mut file =
+                std::fs::File::open(&log).with_context(|| format!("open {}", log.display()))?;
+            let mut stdout = std::io::stdout();
+            std::io::copy(&mut file, &mut stdout).context("write the log")?;
+            if follow {
+                let mut last_check = std::time::Instant::now();
+                loop {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    std::io::copy(&mut file, &mut stdout).context("write the log")?;
+                    stdout.flush().context("write the log")?;
+                    // Ask the daemon now and then whether there is anything left to follow.
+                    if last_check.elapsed() >= std::time::Duration::from_secs(1) {
+                        last_check = std::time::Instant::now();
+                        let vm = call::<VmShow>(client, &NameParams { name: name.clone() })?;
+                        if vm.state != "running" {
+                            std::io::copy(&mut file, &mut stdout).context("write the log")?;
+                            break;
+                        }
+                    }
+                }
+            }
         }
         VmCommand::Exec {
             name,

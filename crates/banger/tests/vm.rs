@@ -179,6 +179,23 @@ fn vm_exec_stop_start_keeps_files_and_rm_leaves_nothing() {
         stderr(&out)
     );
 
+    // logs: the console of the current boot; -f returns once the VM stops.
+    let logs = install.banger(&["vm", "logs", "box"]);
+    assert_eq!(logs.status.code(), Some(0), "{}", stderr(&logs));
+    let mut follower = std::process::Command::new(env!("CARGO_BIN_EXE_banger"))
+        .env("XDG_STATE_HOME", install.dir.path().join("state"))
+        .env("XDG_CACHE_HOME", install.dir.path().join("cache"))
+        .env("XDG_CONFIG_HOME", install.dir.path().join("config"))
+        .args(["vm", "logs", "-f", "box"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        follower.try_wait().unwrap().is_none(),
+        "logs -f returned while the VM runs"
+    );
+
     // kill: the VMM goes at once, the VM is recorded stopped.
     assert_eq!(
         stdout(&install.banger(&["vm", "kill", "box"])),
@@ -192,6 +209,18 @@ fn vm_exec_stop_start_keeps_files_and_rm_leaves_nothing() {
     let shown: Value =
         serde_json::from_slice(&install.banger(&["--json", "vm", "show", "box"]).stdout).unwrap();
     assert_eq!(shown["state"], "stopped");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Some(status) = follower.try_wait().unwrap() {
+            assert!(status.success());
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "logs -f did not end when the VM stopped"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 
     assert_eq!(
         stdout(&install.banger(&["vm", "rm", "box"])),
