@@ -76,6 +76,8 @@ struct BuiltImage {
     id: String,
     dir: PathBuf,
     size_bytes: u64,
+    /// The in-memory scratch dir holding the flattened tree, removed after publication.
+    scratch: Option<PathBuf>,
 }
 
 impl ImageService {
@@ -100,10 +102,19 @@ impl ImageService {
         &self.layout
     }
 
+    /// Names of this installation's trees under /dev/shm start with this: several daemons
+    /// (users, a system install, tests) share /dev/shm, and each cleans up only its own.
+    fn memory_staging_prefix(&self) -> String {
+        use sha2::Digest as _;
+        let state = self.layout.state_dir.as_os_str().as_encoded_bytes();
+        let tag = hex::encode(&sha2::Sha256::digest(state)[..6]);
+        format!("{MEMORY_STAGING_PREFIX}{tag}-")
+    }
+
     /// Start-up repair after a crash: removes everything under the staging directory and
     /// every image directory the store does not record. Returns how many were removed.
     pub fn recover(&self) -> anyhow::Result<usize> {
-        let mut removed = 0;
+        let mut removed = remove_memory_staging_leftovers(&self.memory_staging_prefix());
         let staging = self.layout.staging_dir();
         if let Ok(entries) = std::fs::read_dir(&staging) {
             for entry in entries {
@@ -319,12 +330,38 @@ impl ImageService {
     ) -> Result<BuiltImage, ServiceError> {
         let id = hex::encode(rand::random::<[u8; 8]>());
         let staging = self.layout.staging_dir().join(&id);
+        let compressed: u64 = layers
+            .iter()
+            .map(|l| {
+                let path = l
+                    .path
+                    .clone()
+                    .unwrap_or_else(|| self.cache.blob_path(&l.digest));
+                std::fs::metadata(path).map_or(0, |m| m.len())
+            })
+            .sum();
+        // Layers unpack to a few times their compressed size.
+        // `scratch` is what to delete afterwards besides the staging dir: the private
+        // directory in memory, when the tree went there. The tree itself is created by the
+        // flattener (its root's mode comes from the image, not from our mkdir).
+        let scratch = memory_staging(&self.memory_staging_prefix(), compressed.saturating_mul(4));
+        let tree = scratch
+            .as_ref()
+            .map_or_else(|| staging.join("tree"), |dir| dir.join("tree"));
         let cache = Arc::clone(&self.cache);
         let raw_config = raw_config.to_vec();
         let ctx = ctx.clone();
-        let job_staging = staging.clone();
+        let (job_staging, job_tree) = (staging.clone(), tree.clone());
         let result = tokio::task::spawn_blocking(move || {
-            build_rootfs(&ctx, &cache, &job_staging, layers, &raw_config, size_bytes)
+            build_rootfs(
+                &ctx,
+                &cache,
+                &job_staging,
+                &job_tree,
+                layers,
+                &raw_config,
+                size_bytes,
+            )
         })
         .await
         .map_err(|e| anyhow::anyhow!("image build task panicked: {e}"));
@@ -333,10 +370,13 @@ impl ImageService {
                 id,
                 dir: staging.join("image"),
                 size_bytes,
+                scratch,
             }),
             Ok(Err(error)) | Err(error) => {
-                if let Err(cleanup) = remove_any(&staging) {
-                    tracing::warn!(staging = %staging.display(), error = %cleanup, "could not remove staging dir");
+                for dir in std::iter::once(&staging).chain(scratch.as_ref()) {
+                    if let Err(cleanup) = remove_any(dir) {
+                        tracing::warn!(dir = %dir.display(), error = %cleanup, "could not remove staging dir");
+                    }
                 }
                 Err(error.into())
             }
@@ -362,9 +402,12 @@ impl ImageService {
         // Deleting the flattened tree (tens of thousands of files) is not part of the
         // caller's wait: do it in the background. Start-up removes it if we crash first.
         if let Some(staging) = built.dir.parent().map(Path::to_owned) {
+            let scratch = built.scratch.clone();
             std::thread::spawn(move || {
-                if let Err(e) = remove_any(&staging) {
-                    tracing::warn!(staging = %staging.display(), error = %e, "could not remove staging dir");
+                for dir in std::iter::once(staging).chain(scratch) {
+                    if let Err(e) = remove_any(&dir) {
+                        tracing::warn!(dir = %dir.display(), error = %e, "could not remove staging dir");
+                    }
                 }
             });
         }
@@ -523,6 +566,7 @@ fn build_rootfs(
     ctx: &CallContext,
     cache: &Arc<BlobCache>,
     staging: &Path,
+    tree_dir: &Path,
     layers: Vec<LayerSource>,
     raw_config: &[u8],
     size_bytes: Option<u64>,
@@ -530,7 +574,7 @@ fn build_rootfs(
     let image_dir = staging.join("image");
     std::fs::create_dir_all(&image_dir)
         .with_context(|| format!("create {}", image_dir.display()))?;
-    let mut flattener = Flattener::new(staging.join("tree"), FlattenOptions::default())?;
+    let mut flattener = Flattener::new(tree_dir, FlattenOptions::default())?;
     let count = layers.len();
     let mut ahead = decode_ahead(cache, &layers);
     for (index, layer) in layers.into_iter().enumerate() {
@@ -613,6 +657,49 @@ fn build_rootfs(
 }
 
 const PLAIN_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
+
+/// Where flattened trees go when memory allows: thousands of file creations on tmpfs cost a
+/// fraction of what they cost on a journalled disk, and mkfs.ext4 then reads them back from
+/// memory. Only the tree goes there; the image is built next to where it is published.
+const MEMORY_STAGING_PARENT: &str = "/dev/shm";
+const MEMORY_STAGING_PREFIX: &str = "banger-staging-";
+
+/// A fresh private directory under /dev/shm, when it has at least twice `estimate` bytes
+/// free. The name is random and created exclusively (mode 0700): /dev/shm is shared with
+/// every user, so a predictable name could be planted in advance.
+fn memory_staging(prefix: &str, estimate: u64) -> Option<PathBuf> {
+    let parent = Path::new(MEMORY_STAGING_PARENT);
+    let stats = rustix::fs::statvfs(parent).ok()?;
+    let free = stats.f_bavail.saturating_mul(stats.f_frsize);
+    if free < estimate.saturating_mul(2) {
+        return None;
+    }
+    let dir = parent.join(format!(
+        "{prefix}{}",
+        hex::encode(rand::random::<[u8; 8]>())
+    ));
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().mode(0o700).create(&dir).ok()?;
+    Some(dir)
+}
+
+/// Start-up: trees a crashed daemon left in /dev/shm (only our own uid's).
+fn remove_memory_staging_leftovers(prefix: &str) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    let uid = rustix::process::geteuid().as_raw();
+    let Ok(entries) = std::fs::read_dir(MEMORY_STAGING_PARENT) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let ours = entry.file_name().to_string_lossy().starts_with(prefix)
+            && entry.metadata().is_ok_and(|m| m.is_dir() && m.uid() == uid);
+        if ours && remove_any(&entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
 
 /// Starts one thread that decompresses every cached layer but the first into its diff_id
 /// copy, in order, while the flattener works through earlier layers: decompression is most
