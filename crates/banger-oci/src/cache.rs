@@ -791,8 +791,8 @@ fn walk_dir(
         entries.push((entry.ino(), entry.file_type(), name.to_owned()));
     }
     entries.sort_unstable_by_key(|(ino, _, _)| *ino);
-    if visit == Visit::Count && entries.len() >= PARALLEL_COUNT_THRESHOLD {
-        return count_entries_in_parallel(&dir, path, entries, on_file);
+    if entries.len() >= PARALLEL_STAT_THRESHOLD {
+        return visit_large_dir(&dir, path, entries, visit, on_file);
     }
     for (_, file_type, name) in entries {
         let stat = match rustix::fs::statx(
@@ -843,20 +843,22 @@ fn walk_dir(
     Ok(())
 }
 
-/// Directories with at least this many entries are counted by several threads: on a cold
-/// page cache the inode reads dominate, and keeping more than one in flight is what lets a
-/// dry run keep up with `du`.
-const PARALLEL_COUNT_THRESHOLD: usize = 4096;
+/// Directories with at least this many entries have their inodes read (statx) by several
+/// threads before anything else happens: on a cold page cache the inode reads dominate, and
+/// keeping more than one in flight is what lets a dry run beat `du` and a prune keep up with
+/// `rm -rf` (whose unlinks then find every inode already in memory).
+const PARALLEL_STAT_THRESHOLD: usize = 4096;
 
 type DirEntryRecord = (u64, rustix::fs::FileType, std::ffi::CString);
 
 /// (chunk, offset in chunk, size, is a directory) for one counted entry.
 type CountedEntry = (usize, usize, u64, bool);
 
-fn count_entries_in_parallel(
+fn visit_large_dir(
     dir: &rustix::fd::OwnedFd,
     path: &Path,
     entries: Vec<DirEntryRecord>,
+    visit: Visit,
     on_file: &mut dyn FnMut(&Path, &OsStr, u64),
 ) -> io::Result<()> {
     use rustix::fs::{FileType, StatxFlags};
@@ -905,26 +907,44 @@ fn count_entries_in_parallel(
             .map(|h| h.join().expect("count worker panicked"))
             .collect()
     });
+    let mut found = Vec::with_capacity(entries.len());
     for result in results {
-        for (chunk_index, offset, size, is_dir) in result? {
-            let name = &chunks[chunk_index][offset].2;
-            let os_name = OsStr::from_bytes(name.to_bytes());
-            if is_dir {
-                let child = match rustix::fs::openat(
-                    dir,
-                    name.as_c_str(),
-                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-                    Mode::empty(),
-                ) {
-                    Ok(fd) => fd,
-                    Err(rustix::io::Errno::NOENT) => continue,
+        found.extend(result?);
+    }
+    // Back to inode order for the unlinks, which write the inode table and bitmaps.
+    found.sort_unstable_by_key(|(chunk_index, offset, _, _)| (*chunk_index, *offset));
+    for (chunk_index, offset, size, is_dir) in found {
+        let name = &chunks[chunk_index][offset].2;
+        let os_name = OsStr::from_bytes(name.to_bytes());
+        if is_dir {
+            let child = match rustix::fs::openat(
+                dir,
+                name.as_c_str(),
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+                Mode::empty(),
+            ) {
+                Ok(fd) => fd,
+                Err(rustix::io::Errno::NOENT) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            walk_dir(child, &path.join(os_name), visit, on_file)?;
+            if visit == Visit::Remove {
+                match rustix::fs::unlinkat(dir, name.as_c_str(), AtFlags::REMOVEDIR) {
+                    Ok(()) | Err(rustix::io::Errno::NOENT) => {}
                     Err(e) => return Err(e.into()),
-                };
-                walk_dir(child, &path.join(os_name), Visit::Count, on_file)?;
-            } else {
-                on_file(path, os_name, size);
+                }
+            }
+            continue;
+        }
+        if visit == Visit::Remove {
+            match rustix::fs::unlinkat(dir, name.as_c_str(), AtFlags::empty()) {
+                Ok(()) => {}
+                // Gone already: not ours to count.
+                Err(rustix::io::Errno::NOENT) => continue,
+                Err(e) => return Err(e.into()),
             }
         }
+        on_file(path, os_name, size);
     }
     Ok(())
 }

@@ -503,3 +503,27 @@ fn committing_a_blob_twice_is_harmless() {
     assert_eq!(first, second);
     assert_eq!(fs::read(f.cache.blob_path(&first)).unwrap(), b"same");
 }
+
+#[test]
+fn large_directories_are_counted_and_removed_exactly() {
+    // Above the size where inodes are read by several threads first.
+    let f = fixture();
+    let dir = f.cache_root.join("blobs/sha256");
+    fs::create_dir_all(&dir).unwrap();
+    let mut bytes = 0;
+    for i in 0..5000u64 {
+        let size = i % 97;
+        fs::write(dir.join(format!("{i:064x}")), vec![1u8; size as usize]).unwrap();
+        bytes += size;
+    }
+    fs::create_dir_all(dir.join("nested")).unwrap();
+    fs::write(dir.join("nested/one"), b"12345").unwrap();
+    let expected = PruneTally {
+        bytes: bytes + 5,
+        blobs: 5001,
+    };
+    assert_eq!(f.cache.prune(DRY).unwrap(), expected);
+    assert_eq!(f.cache.prune(FULL).unwrap(), expected);
+    assert_eq!(entries(&f.cache_root), Vec::<String>::new());
+    assert_eq!(siblings_with_marker(&f.cache_root), Vec::<String>::new());
+}
