@@ -132,7 +132,9 @@ async fn serve(layout: Layout) -> anyhow::Result<()> {
         }
         signals.cancel();
     });
-    server.run(services, shutdown).await;
+    server.run(Arc::clone(&services), shutdown).await;
+    let pending = Arc::clone(&services);
+    let _ = tokio::task::spawn_blocking(move || pending.image.wait_for_cleanups()).await;
     drop(store);
     tracing::info!("bangerd stopped");
     Ok(())

@@ -39,6 +39,9 @@ pub struct ImageService {
     cache: Arc<BlobCache>,
     registry: RegistryClient,
     store: Arc<Store>,
+    /// Background removals of finished builds' scratch trees, joined at shutdown so a
+    /// stopping daemon does not leave them (in /dev/shm: in memory) behind.
+    cleanups: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 /// One layer to replay: where its bytes are and how they are compressed.
@@ -89,6 +92,16 @@ impl ImageService {
             cache,
             registry: RegistryClient::new(registry),
             store,
+            cleanups: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Waits for the background removals of finished builds' scratch trees; called when
+    /// the daemon stops.
+    pub fn wait_for_cleanups(&self) {
+        let pending = std::mem::take(&mut *self.cleanups.lock().unwrap_or_else(|p| p.into_inner()));
+        for cleanup in pending {
+            let _ = cleanup.join();
         }
     }
 
@@ -403,13 +416,16 @@ impl ImageService {
         // caller's wait: do it in the background. Start-up removes it if we crash first.
         if let Some(staging) = built.dir.parent().map(Path::to_owned) {
             let scratch = built.scratch.clone();
-            std::thread::spawn(move || {
+            let cleanup = std::thread::spawn(move || {
                 for dir in std::iter::once(staging).chain(scratch) {
                     if let Err(e) = remove_any(&dir) {
                         tracing::warn!(dir = %dir.display(), error = %e, "could not remove staging dir");
                     }
                 }
             });
+            let mut cleanups = self.cleanups.lock().unwrap_or_else(|p| p.into_inner());
+            cleanups.retain(|c| !c.is_finished());
+            cleanups.push(cleanup);
         }
         let info = ImageInfo {
             id: built.id.clone(),
