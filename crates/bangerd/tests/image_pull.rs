@@ -499,3 +499,29 @@ async fn bad_references_and_names_are_bad_requests_naming_the_input() {
     assert_eq!(err.kind, ErrorKind::BadRequest);
     assert!(err.to_string().contains("\"Bad/Name\""), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn find_or_pull_pulls_a_reference_once_then_finds_it_by_name() {
+    let registry = Registry::start();
+    let env = service();
+    let reference = push_fixture(&registry, env.dir.path(), "lazy");
+    let ctx = CallContext::detached("t");
+    let first = env.images.find_or_pull(&ctx, &reference).await.unwrap();
+    assert_eq!(first.name, "lazy-v1");
+    let again = env.images.find_or_pull(&ctx, &reference).await.unwrap();
+    assert_eq!(
+        again, first,
+        "the second call must find the image, not pull it again"
+    );
+    assert_eq!(
+        env.images.find_or_pull(&ctx, "lazy-v1").await.unwrap(),
+        first
+    );
+    assert_eq!(env.images.list().unwrap().len(), 1);
+    let err = env
+        .images
+        .find_or_pull(&ctx, "Not A Ref!")
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::BadRequest);
+}

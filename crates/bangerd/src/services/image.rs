@@ -501,6 +501,28 @@ impl ImageService {
         })
     }
 
+    /// The image called `wanted`, else the one `wanted` pulls under its default name,
+    /// pulling it when it is not there yet (what `vm run --image` takes).
+    pub async fn find_or_pull(
+        &self,
+        ctx: &CallContext,
+        wanted: &str,
+    ) -> Result<ImageInfo, ServiceError> {
+        if let Some(image) = self.find(wanted)? {
+            return Ok(image);
+        }
+        let reference = ImageRef::parse(wanted).map_err(ServiceError::bad_request)?;
+        if let Some(image) = self.find(&default_image_name(&reference))? {
+            return Ok(image);
+        }
+        let params = ImagePullParams {
+            reference: wanted.to_owned(),
+            name: None,
+            size_bytes: None,
+        };
+        self.pull(ctx, params).await
+    }
+
     /// Every image, by name.
     pub fn list(&self) -> Result<Vec<ImageInfo>, ServiceError> {
         let conn = self.store.conn();

@@ -547,32 +547,7 @@ impl VmService {
             .ok_or_else(|| {
                 ServiceError::bad_request("no --image given and no default_image in config.toml")
             })?;
-        let image = match self.images.show(&wanted) {
-            Ok(image) => image,
-            Err(e) if e.kind == banger_api::ErrorKind::NotFound => {
-                let reference = wanted.clone();
-                match self.images.show(
-                    &banger_oci::reference::ImageRef::parse(&reference)
-                        .map(|r| banger_oci::reference::default_image_name(&r))
-                        .unwrap_or_default(),
-                ) {
-                    Ok(image) => image,
-                    Err(_) => {
-                        self.images
-                            .pull(
-                                ctx,
-                                banger_api::ImagePullParams {
-                                    reference,
-                                    name: None,
-                                    size_bytes: None,
-                                },
-                            )
-                            .await?
-                    }
-                }
-            }
-            Err(e) => return Err(e),
-        };
+        let image = self.images.find_or_pull(ctx, &wanted).await?;
         let create = VmCreateParams {
             name: params.name.clone(),
             image: Some(image.name),
