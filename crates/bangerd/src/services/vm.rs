@@ -87,11 +87,16 @@ impl Write for OutputWriter<'_> {
 /// `(comm)` in `/proc/<pid>/stat`.
 pub fn pid_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !matches!(
-            stat.rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().next()),
-            Some("Z" | "X")
-        ),
+        Ok(stat) => {
+            let zombie = matches!(
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().next()),
+                Some("Z" | "X")
+            );
+            // A zombie leader whose other threads are still exiting (e.g. in disk I/O) has
+            // not released its files yet, locks included: only a lone zombie is gone.
+            !zombie || std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count()) > 1
+        }
         Err(_) => false,
     }
 }
