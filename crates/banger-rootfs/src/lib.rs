@@ -1,19 +1,18 @@
 //! Turns a flattened image tree ([`banger_oci::flatten::FlattenedTree`]) into the
 //! `rootfs.ext4` a banger VM boots. This crate owns the filesystem image format: sizing,
-//! the `mkfs.ext4` invocation, and fixing ownership, modes, device nodes and xattrs inside
-//! the image when the tree was flattened without root (with one `debugfs` pass), so the
-//! result is the same whether `bangerd` runs as root or not.
+//! and an ext4 writer of its own ([`ext4`]) that takes ownership, modes, device nodes and
+//! xattrs from the flattener's record of the tar headers, so the result is the same
+//! whether `bangerd` runs as root or not.
 #![warn(missing_docs)]
 
-use std::fmt::Write as _;
+pub mod ext4;
+
 use std::fs::File;
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use banger_oci::flatten::{EntryKind, EntryMetadata, FlattenError, FlattenedTree};
+use banger_oci::flatten::{FlattenError, FlattenedTree};
 
 /// Smallest image we make: room for a dev session to install packages.
 pub const MIN_IMAGE_BYTES: u64 = 1 << 30;
@@ -64,12 +63,12 @@ pub struct BuildReport {
     pub size_bytes: u64,
     /// Inodes reserved in it.
     pub inode_count: u64,
-    /// `debugfs` commands run to fix metadata (0 when the tree was flattened as root).
-    pub fixups: usize,
-    /// Time spent in `mkfs.ext4`.
-    pub mkfs_time: Duration,
-    /// Time spent in `debugfs`.
-    pub fixup_time: Duration,
+    /// Inodes in use, ext4's reserved ones included.
+    pub inodes_used: u64,
+    /// 4 KiB blocks in use.
+    pub blocks_used: u64,
+    /// Time spent writing the filesystem.
+    pub write_time: Duration,
 }
 
 /// Why building the image failed.
@@ -94,19 +93,15 @@ pub enum BuildError {
         #[source]
         source: io::Error,
     },
-    /// `mkfs.ext4` or `debugfs` could not be run or failed.
-    #[error("{tool} failed ({status}): {stderr}")]
-    Tool {
-        /// Which tool.
-        tool: &'static str,
-        /// Its exit status, or why it did not run.
-        status: String,
-        /// Its standard error (or the error lines of its output).
-        stderr: String,
+    /// Writing the filesystem failed.
+    #[error("writing ext4 image {}: {source}", path.display())]
+    Write {
+        /// The image being written.
+        path: PathBuf,
+        /// What went wrong.
+        #[source]
+        source: ext4::WriteError,
     },
-    /// A path `debugfs` cannot address (it reads commands line by line).
-    #[error("path {0:?} cannot be expressed in a debugfs command (contains a newline)")]
-    UnsupportedPath(PathBuf),
     /// Writing an injected file into the tree failed.
     #[error(transparent)]
     Inject(#[from] FlattenError),
@@ -116,20 +111,14 @@ pub enum BuildError {
 }
 
 /// Builds `out` (replacing it atomically) from `tree`: injects [`BuildOptions::inject`]
-/// into the staging tree, makes a sparse file, runs `mkfs.ext4 -d`, then applies the
-/// tree's metadata side table with `debugfs`.
+/// into the tree, then writes the filesystem with [`ext4::write_image`], taking ownership,
+/// modes, device numbers and xattrs from the tree's side table where it has one.
 ///
-/// mkfs flags, and why:
-/// - `-E root_owner=0:0`: the image root belongs to root whoever runs us.
-/// - `-E lazy_journal_init=1`: the file is fresh and sparse, so the journal area already
-///   reads as zeros; writing 32+ MiB of zeros again only slows the build. The journal is
-///   kept: guests are killed, not shut down, and must not need an fsck.
-/// - `-m 0`: sandboxes run as root anyway; a 5% root reserve would only hide space.
-/// - `-b 4096`, `-I 256`: explicit so the result does not depend on `mke2fs.conf` picking
-///   the "small" profile; the default feature set of e2fsprogs 1.47 boots on Linux 6.1.
-///
-/// The image is not byte-reproducible (random UUID, build-time timestamps on what mkfs
-/// creates); images are cached by manifest digest, so nothing relies on that.
+/// Sizing: `max(content × 1.5, 1 GiB)` unless asked, with ext4's usual inode per 16 KiB
+/// or a quarter more inodes than the tree has, whichever is more (trees of many tiny files,
+/// like node_modules, would otherwise run out). The image is not byte-reproducible (random
+/// UUID, build-time ctimes); images are cached by manifest digest, so nothing relies on
+/// that.
 pub fn build_ext4(
     tree: &mut FlattenedTree,
     out: &Path,
@@ -152,11 +141,9 @@ pub fn build_ext4(
             .max(MIN_IMAGE_BYTES),
     };
     let size = size.div_ceil(1 << 20) << 20;
-    // ext4's default of one inode per 16 KiB is plenty for most images, but not for trees
-    // of many tiny files (node_modules): then reserve a quarter more than we have.
     let default_inodes = size / 16384;
     let wanted_inodes = tree.inodes + tree.inodes / 4 + 4096;
-    let inode_count = default_inodes.max(wanted_inodes);
+    let inodes = default_inodes.max(wanted_inodes);
 
     let partial = partial_path(out);
     let io_err = |op, source| BuildError::Io {
@@ -164,28 +151,31 @@ pub fn build_ext4(
         path: partial.clone(),
         source,
     };
-    let file = File::create(&partial).map_err(|e| io_err("creating", e))?;
-    file.set_len(size).map_err(|e| io_err("sizing", e))?;
-    drop(file);
+    let _ = std::fs::remove_file(&partial);
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&partial)
+        .map_err(|e| io_err("creating", e))?;
+    let started = Instant::now();
     let result = (|| {
-        let started = Instant::now();
-        let mut mkfs = Command::new("mkfs.ext4");
-        mkfs.args(["-F", "-q", "-b", "4096", "-I", "256", "-m", "0"])
-            .args(["-E", "root_owner=0:0,lazy_journal_init=1"])
-            .arg("-L")
-            .arg(&opts.label)
-            .arg("-d")
-            .arg(&tree.root);
-        if inode_count > default_inodes {
-            mkfs.arg("-N").arg(inode_count.to_string());
-        }
-        mkfs.arg(&partial);
-        check("mkfs.ext4", mkfs.output())?;
-        let mkfs_time = started.elapsed();
-
-        let started = Instant::now();
-        let fixups = apply_metadata(tree, &partial)?;
-        let fixup_time = started.elapsed();
+        let source = ext4::TreeSource {
+            root: tree.root_fd(),
+            metadata: &tree.metadata,
+            privileged: tree.privileged,
+        };
+        let geometry = ext4::Geometry {
+            size_bytes: size,
+            inodes,
+            label: opts.label.clone(),
+        };
+        let stats =
+            ext4::write_image(&source, &file, &geometry).map_err(|source| BuildError::Write {
+                path: out.to_owned(),
+                source,
+            })?;
+        drop(file);
         std::fs::rename(&partial, out).map_err(|e| BuildError::Io {
             op: "renaming image to",
             path: out.to_owned(),
@@ -194,17 +184,24 @@ pub fn build_ext4(
         Ok(BuildReport {
             path: out.to_owned(),
             size_bytes: size,
-            inode_count,
-            fixups,
-            mkfs_time,
-            fixup_time,
+            inode_count: stats.inode_count,
+            inodes_used: stats.inodes_used,
+            blocks_used: stats.blocks_used,
+            write_time: started.elapsed(),
         })
     })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&partial);
-    }
-    if let Ok(report) = &result {
-        tracing::debug!(image = %out.display(), size, fixups = report.fixups, mkfs = ?report.mkfs_time, debugfs = ?report.fixup_time, "built rootfs");
+    match &result {
+        Ok(report) => tracing::debug!(
+            image = %out.display(),
+            size,
+            inodes_used = report.inodes_used,
+            blocks_used = report.blocks_used,
+            write = ?report.write_time,
+            "built rootfs"
+        ),
+        Err(_) => {
+            let _ = std::fs::remove_file(&partial);
+        }
     }
     result
 }
@@ -223,158 +220,9 @@ fn partial_path(out: &Path) -> PathBuf {
     out.with_file_name(name)
 }
 
-fn check(tool: &'static str, output: io::Result<Output>) -> Result<Output, BuildError> {
-    match output {
-        Err(e) => Err(BuildError::Tool {
-            tool,
-            status: format!("could not run: {e}"),
-            stderr: String::new(),
-        }),
-        Ok(o) if !o.status.success() => Err(BuildError::Tool {
-            tool,
-            status: o.status.to_string(),
-            stderr: String::from_utf8_lossy(&o.stderr).trim().to_owned(),
-        }),
-        Ok(o) => Ok(o),
-    }
-}
-
-/// debugfs's command parser splits on whitespace and honours double quotes, with `""`
-/// for a literal quote inside them. Paths are always absolute from the image root.
-fn quote(out: &mut String, rel: &Path) -> Result<(), BuildError> {
-    let bytes = rel.as_os_str().as_bytes();
-    if bytes.iter().any(|&b| b == b'\n' || b == b'\r') {
-        return Err(BuildError::UnsupportedPath(rel.to_owned()));
-    }
-    out.push_str("\"/");
-    // The script is text; names that are not UTF-8 are refused rather than mangled.
-    let text =
-        std::str::from_utf8(bytes).map_err(|_| BuildError::UnsupportedPath(rel.to_owned()))?;
-    out.push_str(&text.replace('"', "\"\""));
-    out.push('"');
-    Ok(())
-}
-
-/// Writes and runs one `debugfs -w -f` script applying the side table. Returns the
-/// number of commands.
-fn apply_metadata(tree: &FlattenedTree, image: &Path) -> Result<usize, BuildError> {
-    if tree.metadata.is_empty() {
-        return Ok(0);
-    }
-    let scratch = tempfile::tempdir().map_err(|e| BuildError::Io {
-        op: "creating scratch dir in",
-        path: std::env::temp_dir(),
-        source: e,
-    })?;
-    let mut script = String::with_capacity(tree.metadata.len() * 96);
-    let mut commands = 0;
-    // BTreeMap order puts parents before children, so recreated device nodes sit in
-    // directories that exist.
-    for (n, (path, meta)) in tree.metadata.iter().enumerate() {
-        let mut p = String::new();
-        quote(&mut p, path)?;
-        if let EntryKind::CharDevice { major, minor } | EntryKind::BlockDevice { major, minor } =
-            meta.kind
-        {
-            if !tree.privileged {
-                // The staging tree holds a placeholder file; swap in the real node.
-                // debugfs's mknod takes a bare name in the current directory.
-                let kind = if matches!(meta.kind, EntryKind::CharDevice { .. }) {
-                    'c'
-                } else {
-                    'b'
-                };
-                let parent = path.parent().unwrap_or(Path::new(""));
-                let name = path
-                    .file_name()
-                    .unwrap_or_default()
-                    .to_string_lossy()
-                    .replace('"', "\"\"");
-                let mut dir = String::new();
-                quote(&mut dir, parent)?;
-                let _ = writeln!(
-                    script,
-                    "rm {p}\ncd {dir}\nmknod \"{name}\" {kind} {major} {minor}\ncd /"
-                );
-                commands += 4;
-            }
-        }
-        commands += push_sif(&mut script, &p, meta);
-        for (i, (name, value)) in meta.xattrs.iter().enumerate() {
-            let value_file = scratch.path().join(format!("x{n}-{i}"));
-            std::fs::write(&value_file, value).map_err(|e| BuildError::Io {
-                op: "writing xattr value",
-                path: value_file.clone(),
-                source: e,
-            })?;
-            let _ = writeln!(
-                script,
-                "ea_set -f \"{}\" {p} \"{}\"",
-                value_file.display(),
-                name.replace('"', "\"\"")
-            );
-            commands += 1;
-        }
-    }
-    let script_path = scratch.path().join("fixups.debugfs");
-    std::fs::write(&script_path, &script).map_err(|e| BuildError::Io {
-        op: "writing",
-        path: script_path.clone(),
-        source: e,
-    })?;
-    let output = check(
-        "debugfs",
-        Command::new("debugfs")
-            .arg("-w")
-            .arg("-f")
-            .arg(&script_path)
-            .arg(image)
-            .output(),
-    )?;
-    // debugfs exits 0 even when commands fail; they report on stderr after the banner.
-    let errors: Vec<&str> = std::str::from_utf8(&output.stderr)
-        .unwrap_or("")
-        .lines()
-        .filter(|l| !l.trim().is_empty() && !l.starts_with("debugfs "))
-        .collect();
-    if !errors.is_empty() {
-        let shown: Vec<&str> = errors.iter().take(20).copied().collect();
-        return Err(BuildError::Tool {
-            tool: "debugfs",
-            status: format!("{} of {commands} fixups failed", errors.len()),
-            stderr: shown.join("\n"),
-        });
-    }
-    Ok(commands)
-}
-
-fn push_sif(script: &mut String, p: &str, meta: &EntryMetadata) -> usize {
-    let mode = meta.kind.type_bits() | meta.mode;
-    let _ = writeln!(
-        script,
-        "sif {p} uid {}\nsif {p} gid {}\nsif {p} mode 0{mode:o}",
-        meta.uid, meta.gid
-    );
-    3
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn quoting_doubles_quotes_and_refuses_newlines() {
-        let mut s = String::new();
-        quote(&mut s, Path::new("a b/x\"y")).unwrap();
-        assert_eq!(s, "\"/a b/x\"\"y\"");
-        let mut s = String::new();
-        quote(&mut s, Path::new("")).unwrap();
-        assert_eq!(s, "\"/\"");
-        assert!(matches!(
-            quote(&mut String::new(), Path::new("a\nb")),
-            Err(BuildError::UnsupportedPath(_))
-        ));
-    }
 
     #[test]
     fn partial_path_sits_next_to_the_output() {

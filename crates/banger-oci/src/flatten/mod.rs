@@ -855,6 +855,11 @@ impl Flattener {
 }
 
 impl FlattenedTree {
+    /// The tree's root directory, for readers that must not follow symlinks out of it.
+    pub fn root_fd(&self) -> BorrowedFd<'_> {
+        self.root_fd.as_fd()
+    }
+
     /// Writes a regular file at the absolute in-image path `path` (parents are created
     /// 0755 root-owned; symlinks on the way resolve inside the image), replacing whatever
     /// was there. For files banger itself puts into images, e.g. the VM agent's config.
