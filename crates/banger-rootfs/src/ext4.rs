@@ -17,13 +17,15 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use banger_oci::flatten::{EntryKind, EntryMetadata};
+
+use crate::sequential::SequentialWriter;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
 
 const BLOCK: u64 = 4096;
@@ -332,7 +334,10 @@ pub fn write_image(
         // root and the journal.
         inodes: vec![Inode::default(); FIRST_INO as usize - 1],
         seen: HashMap::new(),
-        buf: vec![0; 1 << 20],
+        stream: Some(
+            SequentialWriter::new(out, layout.data_start * BLOCK)
+                .map_err(|e| image_err("starting the writer for", e))?,
+        ),
         now: now(),
         file_bytes: 0,
     };
@@ -382,7 +387,8 @@ struct Writer<'a, 'b> {
     inodes: Vec<Inode>,
     /// Hard links: (dev, ino) in the tree → our inode number.
     seen: HashMap<(u64, u64), u32>,
-    buf: Vec<u8>,
+    /// The data area's writer; taken when the data is complete.
+    stream: Option<SequentialWriter>,
     now: Time,
     file_bytes: u64,
 }
@@ -430,10 +436,14 @@ impl Writer<'_, '_> {
         Ok(start)
     }
 
-    fn write_at(&self, block: u64, data: &[u8]) -> Result<(), WriteError> {
-        self.out
-            .write_all_at(data, block * BLOCK)
-            .map_err(|e| image_err("writing", e))
+    /// Writes whole metadata blocks in place, and the data area through the sequential
+    /// stream (everything there is written in allocation order).
+    fn write_at(&mut self, block: u64, data: &[u8]) -> Result<(), WriteError> {
+        match self.stream.as_mut() {
+            Some(stream) if block >= self.layout.data_start => stream.write_at(block * BLOCK, data),
+            _ => self.out.write_all_at(data, block * BLOCK),
+        }
+        .map_err(|e| image_err("writing", e))
     }
 
     fn write_tree(&mut self) -> Result<(), WriteError> {
@@ -829,28 +839,13 @@ impl Writer<'_, '_> {
     ) -> Result<(), WriteError> {
         let nblocks = size.div_ceil(BLOCK);
         let start = self.alloc(nblocks)?;
-        let mut offset = start * BLOCK;
-        let mut left = size;
-        while left > 0 {
-            let want = (self.buf.len() as u64).min(left) as usize;
-            let n = match file.read(&mut self.buf[..want]) {
-                Ok(0) => {
-                    return Err(tree_err(
-                        "reading",
-                        path,
-                        io::Error::new(io::ErrorKind::UnexpectedEof, "file shrank while copied"),
-                    ))
-                }
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(tree_err("reading", path, e)),
-            };
-            self.out
-                .write_all_at(&self.buf[..n], offset)
-                .map_err(|e| image_err("writing", e))?;
-            offset += n as u64;
-            left -= n as u64;
-        }
+        let stream = self.stream.as_mut().expect("the stream lives until finish");
+        stream
+            .copy_from(start * BLOCK, &mut file, size)
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::UnexpectedEof => tree_err("reading", path, e),
+                _ => image_err("writing", e),
+            })?;
         self.file_bytes += size;
         self.set_extents(ino, start, nblocks, path)?;
         self.inode(ino).size = size;
@@ -860,6 +855,10 @@ impl Writer<'_, '_> {
     /// The journal, inode tables, bitmaps, group descriptors and superblock.
     fn finish(mut self, label: &str) -> Result<WriteStats, WriteError> {
         let layout = self.layout;
+        if let Some(stream) = self.stream.take() {
+            let direct = stream.finish().map_err(|e| image_err("writing", e))?;
+            tracing::debug!(direct, "image data area written");
+        }
         // The journal: one run of zeros (a hole) but for its superblock.
         let uuid: [u8; 16] = rand_bytes();
         let journal = JOURNAL_INO;
@@ -1138,7 +1137,8 @@ fn xattr_key(name: &str, value: &[u8]) -> Result<(u8, Vec<u8>, Vec<u8>), String>
 /// VFS POSIX ACL (version 2, 8-byte entries) → ext4 on-disk ACL (version 1, 4-byte entries
 /// for the owner/group/mask/other tags, 8-byte ones for named users and groups).
 fn acl_to_disk(value: &[u8]) -> Option<Vec<u8>> {
-    if value.len() < 4 || !(value.len() - 4).is_multiple_of(8) || value[0..4] != 2u32.to_le_bytes() {
+    if value.len() < 4 || !(value.len() - 4).is_multiple_of(8) || value[0..4] != 2u32.to_le_bytes()
+    {
         return None;
     }
     let mut out = 1u32.to_le_bytes().to_vec();

@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod ext4;
+mod sequential;
 
 use std::fs::File;
 use std::io;
