@@ -5,6 +5,7 @@ mod support;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use banger_testkit::{guest, push_oci_layout, LayerCompression, OciLayoutBuilder, Registry};
 use serde_json::Value;
@@ -78,6 +79,9 @@ fn qemu_processes_for(dir: &Path) -> usize {
         .count()
 }
 
+/// How long a command on a pty may take, VM boot included (TCG on a busy host).
+const PTY_TIMEOUT: Duration = Duration::from_secs(180);
+
 #[test]
 fn vm_run_prints_the_output_returns_the_status_and_sees_the_workspace() {
     let registry = Registry::start();
@@ -91,34 +95,32 @@ fn vm_run_prints_the_output_returns_the_status_and_sees_the_workspace() {
     std::fs::create_dir_all(&repo).unwrap();
     std::fs::write(repo.join("notes.txt"), "from the host\n").unwrap();
 
-    let out = install.banger(&[
-        "vm",
-        "run",
-        "--rm",
-        "--image",
-        "bb",
-        "--",
-        "sh",
-        "-c",
-        "echo hi; exit 7",
-    ]);
-    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
-    assert_eq!(stdout(&out), "hi\n");
+    // Without a command: an interactive shell on a pty, typed into before the VM is up.
+    let mut pty = install.banger_on_pty(&["vm", "run", "--rm", "--image", "bb"], 24, 80);
+    pty.type_keys("echo $((6*7)); tty; exit 7\n");
+    let (status, screen) = pty.wait(PTY_TIMEOUT);
+    assert_eq!(status.code(), Some(7), "{screen:?}");
+    assert!(screen.contains("42\r\n"), "{screen:?}");
+    assert!(screen.contains("/dev/pts/"), "{screen:?}");
 
-    let out = install.banger(&[
-        "vm",
-        "run",
-        repo.to_str().unwrap(),
-        "--rm",
-        "--image",
-        "bb",
-        "--",
-        "sh",
-        "-c",
-        "pwd; cat notes.txt; echo to-stderr >&2",
-    ]);
+    // A command, with the workspace and a pipe on stdin.
+    let out = install.banger_with_stdin(
+        &[
+            "vm",
+            "run",
+            repo.to_str().unwrap(),
+            "--rm",
+            "--image",
+            "bb",
+            "--",
+            "sh",
+            "-c",
+            "pwd; cat notes.txt; cat; echo to-stderr >&2",
+        ],
+        b"from stdin\n",
+    );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert_eq!(stdout(&out), "/root/repo\nfrom the host\n");
+    assert_eq!(stdout(&out), "/root/repo\nfrom the host\nfrom stdin\n");
     assert_eq!(stderr(&out), "to-stderr\n");
 
     let list = install.banger(&["--json", "vm", "list"]);
@@ -153,6 +155,8 @@ fn vm_exec_stop_start_keeps_files_and_rm_leaves_nothing() {
     assert_eq!(out.status.code(), Some(3));
     assert_eq!(stdout(&out), "out\n");
     assert_eq!(stderr(&out), "err\n");
+
+    check_stdin_and_pty(&install, "box");
 
     assert_eq!(
         stdout(&install.banger(&["vm", "stop", "box"])),
@@ -232,6 +236,56 @@ fn vm_exec_stop_start_keeps_files_and_rm_leaves_nothing() {
         0,
         "vm rm left a VMM running"
     );
+}
+
+/// Stdin and ptys on the running VM `vm`: a pipe reaches the command and its end too; an
+/// interactive shell runs on a pty that follows the terminal's size and exits with the
+/// shell's status.
+fn check_stdin_and_pty(install: &Install, vm: &str) {
+    let out = install.banger_with_stdin(&["vm", "exec", vm, "--", "cat"], b"a\nb\n");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "a\nb\n");
+    // wc only answers once its stdin has ended.
+    let out = install.banger_with_stdin(&["vm", "exec", vm, "--", "wc", "-l"], b"a\nb\n");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "2");
+    // -n: nothing is forwarded, the command reads /dev/null.
+    let out = install.banger_with_stdin(&["vm", "exec", "-n", vm, "--", "wc", "-c"], b"abc");
+    assert_eq!(stdout(&out).trim(), "0", "{}", stderr(&out));
+    // More than one input line and one agent frame, with every byte value.
+    let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let out = install.banger_with_stdin(&["vm", "exec", vm, "--", "wc", "-c"], &big);
+    assert_eq!(stdout(&out).trim(), "200000", "{}", stderr(&out));
+
+    // A terminal on stdin without -t: the command reads /dev/null and banger returns.
+    let pty = install.banger_on_pty(&["vm", "exec", vm, "--", "wc", "-c"], 24, 80);
+    let (status, screen) = pty.wait(PTY_TIMEOUT);
+    assert_eq!(status.code(), Some(0), "{screen:?}");
+    assert_eq!(screen.trim(), "0");
+
+    let mut pty = install.banger_on_pty(&["vm", "shell", vm], 30, 100);
+    pty.type_keys("stty size; echo $TERM\n");
+    assert!(
+        pty.wait_for("30 100\r\nxterm\r\n", PTY_TIMEOUT),
+        "{:?}",
+        pty.screen()
+    );
+    pty.resize(50, 132);
+    // SIGWINCH → banger → bangerd → agent runs apart from the typed keys: ask until the
+    // new size has arrived.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        pty.type_keys("stty size\n");
+        if pty.wait_for("50 132\r\n", Duration::from_secs(1)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no resize: {:?}", pty.screen());
+    }
+    pty.type_keys("echo $((6*7)); tty; exit 3\n");
+    let (status, screen) = pty.wait(PTY_TIMEOUT);
+    assert_eq!(status.code(), Some(3), "{screen:?}");
+    assert!(screen.contains("42\r\n"), "{screen:?}");
+    assert!(screen.contains("/dev/pts/"), "{screen:?}");
 }
 
 fn which(program: &str) -> Option<PathBuf> {
