@@ -258,7 +258,7 @@ fn check_stdin_and_pty(install: &Install, vm: &str) {
     assert_eq!(stdout(&out).trim(), "200000", "{}", stderr(&out));
 
     // A terminal on stdin without -t: the command reads /dev/null and banger returns.
-    let pty = install.banger_on_pty(&["vm", "exec", vm, "--", "wc", "-c"], 24, 80);
+    let mut pty = install.banger_on_pty(&["vm", "exec", vm, "--", "wc", "-c"], 24, 80);
     let (status, screen) = pty.wait(PTY_TIMEOUT);
     assert_eq!(status.code(), Some(0), "{screen:?}");
     assert_eq!(screen.trim(), "0");
@@ -270,6 +270,7 @@ fn check_stdin_and_pty(install: &Install, vm: &str) {
         "{:?}",
         pty.screen()
     );
+    assert!(pty.is_raw(), "the local terminal is not in raw mode");
     pty.resize(50, 132);
     // SIGWINCH → banger → bangerd → agent runs apart from the typed keys: ask until the
     // new size has arrived.
@@ -286,6 +287,40 @@ fn check_stdin_and_pty(install: &Install, vm: &str) {
     assert_eq!(status.code(), Some(3), "{screen:?}");
     assert!(screen.contains("42\r\n"), "{screen:?}");
     assert!(screen.contains("/dev/pts/"), "{screen:?}");
+    assert!(!pty.is_raw(), "banger left the terminal raw");
+
+    // Killed by a signal: banger restores the terminal and dies of it; the guest shell is
+    // hung up, as when a terminal closes.
+    let mut pty = install.banger_on_pty(&["vm", "shell", vm], 24, 80);
+    // The session leader becomes a sleep that only a hangup (SIGHUP) ends.
+    pty.type_keys("echo $$ > /root/leader; echo leader-$$; exec sleep 1000\n");
+    assert!(pty.wait_for("leader-", PTY_TIMEOUT), "{:?}", pty.screen());
+    pty.signal(rustix::process::Signal::Term);
+    let (status, screen) = pty.wait(PTY_TIMEOUT);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(15), "{status:?} {screen:?}");
+    assert!(!pty.is_raw(), "a SIGTERM left the terminal raw");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = install.banger(&[
+            "vm",
+            "exec",
+            vm,
+            "--",
+            "sh",
+            "-c",
+            "kill -0 $(cat /root/leader) && echo alive || echo gone",
+        ]);
+        if stdout(&out) == "gone\n" {
+            break;
+        }
+        assert_eq!(stdout(&out), "alive\n", "{}", stderr(&out));
+        assert!(
+            Instant::now() < deadline,
+            "the guest session was never hung up"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 fn which(program: &str) -> Option<PathBuf> {

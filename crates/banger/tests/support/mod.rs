@@ -226,8 +226,24 @@ impl Pty {
         rustix::termios::tcsetwinsize(&self.master, winsize(rows, cols)).unwrap();
     }
 
+    /// Whether the terminal is in raw mode (no line editing, no echo), as banger sets it
+    /// for a pty in the guest. (Termios calls on the master act on the terminal.)
+    pub fn is_raw(&self) -> bool {
+        use rustix::termios::LocalModes;
+        let termios = rustix::termios::tcgetattr(&self.master).unwrap();
+        !termios
+            .local_modes
+            .intersects(LocalModes::ICANON | LocalModes::ECHO)
+    }
+
+    /// Sends `signal` to banger.
+    pub fn signal(&self, signal: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
+        rustix::process::kill_process(pid, signal).unwrap();
+    }
+
     /// Waits up to `timeout` for banger to exit; its status and the whole screen.
-    pub fn wait(mut self, timeout: Duration) -> (ExitStatus, String) {
+    pub fn wait(&mut self, timeout: Duration) -> (ExitStatus, String) {
         let deadline = Instant::now() + timeout;
         let status = loop {
             if let Some(status) = self.child.try_wait().unwrap() {
