@@ -263,6 +263,13 @@ fn check_stdin_and_pty(install: &Install, vm: &str) {
     assert_eq!(status.code(), Some(0), "{screen:?}");
     assert_eq!(screen.trim(), "0");
 
+    // -t: the command on a pty of its own.
+    let mut pty = install.banger_on_pty(&["vm", "exec", "-t", vm, "--", "tty"], 24, 80);
+    let (status, screen) = pty.wait(PTY_TIMEOUT);
+    assert_eq!(status.code(), Some(0), "{screen:?}");
+    assert!(screen.starts_with("/dev/pts/"), "{screen:?}");
+    assert!(!pty.is_raw(), "banger left the terminal raw");
+
     let mut pty = install.banger_on_pty(&["vm", "shell", vm], 30, 100);
     pty.type_keys("stty size; echo $TERM\n");
     assert!(

@@ -328,6 +328,17 @@ impl Conn {
         self.writer.write_all(bytes).unwrap();
     }
 
+    /// Half-closes the connection: the daemon reads end-of-file, and can still answer.
+    pub fn close_write(&self) {
+        self.writer.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+
+    /// Whether the daemon closed the connection with nothing more to say.
+    pub fn at_eof(&mut self) -> bool {
+        let mut line = String::new();
+        self.reader.read_line(&mut line).unwrap() == 0
+    }
+
     pub fn read_json(&mut self) -> serde_json::Value {
         let mut line = String::new();
         let n = self.reader.read_line(&mut line).unwrap();
