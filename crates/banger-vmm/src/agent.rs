@@ -722,6 +722,54 @@ mod tests {
         assert!(err.to_string().contains("nope"), "{err}");
     }
 
+    /// A stand-in for an agent of protocol version 1: answers pings, records the rest.
+    fn version_1_agent(stream: UnixStream) -> std::thread::JoinHandle<Vec<Message>> {
+        std::thread::spawn(move || {
+            let mut reader = stream.try_clone().unwrap();
+            let mut writer = stream;
+            let mut seen = Vec::new();
+            while let Ok(Some(frame)) = proto::read_frame(&mut reader) {
+                if frame.msg == Message::Ping {
+                    let pong = Frame::new(frame.session, Message::Pong { version: 1 });
+                    proto::write_frame(&mut writer, &pong).unwrap();
+                } else {
+                    seen.push(frame.msg);
+                }
+            }
+            seen
+        })
+    }
+
+    #[test]
+    fn a_version_1_agent_is_served_but_asked_for_no_pty() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let agent = version_1_agent(b);
+        let client = AgentClient::from_halves(
+            Box::new(a.try_clone().unwrap()),
+            Box::new(a.try_clone().unwrap()),
+        );
+        client.ping(Duration::from_secs(5)).unwrap();
+        let req = ExecRequest {
+            tty: Some(WinSize { rows: 24, cols: 80 }),
+            ..ExecRequest::new(["sh"])
+        };
+        let err = client
+            .exec_with(&req, |_| Ok(()), &mut Vec::new(), &mut Vec::new())
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("a pty needs agent protocol version 2"),
+            "{err}"
+        );
+        a.shutdown(std::net::Shutdown::Both).unwrap();
+        drop(client);
+        assert_eq!(
+            agent.join().unwrap(),
+            [],
+            "the refused exec reached the agent"
+        );
+    }
+
     #[test]
     fn a_closed_connection_fails_pending_and_new_sessions() {
         let (a, b) = UnixStream::pair().unwrap();

@@ -106,8 +106,20 @@ pub fn call<M: Method>(
             spawn("banger-stdin", move || forward_stdin(&input))
         }),
         Mode::Tty => {
-            let raw = RawMode::enable()?;
-            let result = client.call_with_input::<M>(params, forward_output, |input| {
+            // Raw from the session's first output on: until then (a VM booting for
+            // `vm run`, an image being pulled) ^C still interrupts banger, and keys typed
+            // ahead are line-edited here and forwarded as they would be typed.
+            let mut raw = None;
+            let on_note = |note: Notification| {
+                if raw.is_none() && note.method == "output" {
+                    raw = Some(RawMode::enable());
+                    if let Some(Err(e)) = &raw {
+                        eprintln!("banger: {e:#}; keys are sent a line at a time");
+                    }
+                }
+                forward_output(note);
+            };
+            let result = client.call_with_input::<M>(params, on_note, |input| {
                 let signals = signal_hook::iterator::Signals::new([
                     SIGWINCH, SIGTERM, SIGHUP, SIGINT, SIGQUIT,
                 ])?;
