@@ -123,6 +123,35 @@ fn vm_run_prints_the_output_returns_the_status_and_sees_the_workspace() {
     assert_eq!(stdout(&out), "/root/repo\nfrom the host\nfrom stdin\n");
     assert_eq!(stderr(&out), "to-stderr\n");
 
+    // ^C while the VM boots: banger stops at once; the daemon still starts the shell, which
+    // finds its terminal hung up, and then removes the VM.
+    let mut pty = install.banger_on_pty(&["vm", "run", "--rm", "--image", "bb"], 24, 80);
+    std::thread::sleep(Duration::from_millis(500));
+    pty.signal(rustix::process::Signal::Int);
+    let (status, screen) = pty.wait(Duration::from_secs(10));
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(2), "{status:?} {screen:?}");
+    let vm_count = || {
+        let list = install.banger(&["--json", "vm", "list"]);
+        let listed: Value = serde_json::from_slice(&list.stdout).unwrap();
+        listed["vms"].as_array().unwrap().len()
+    };
+    let deadline = Instant::now() + PTY_TIMEOUT;
+    while vm_count() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the interrupted vm run made no VM"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    while vm_count() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the VM of an interrupted vm run --rm stayed"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
     let list = install.banger(&["--json", "vm", "list"]);
     let listed: Value = serde_json::from_slice(&list.stdout).unwrap();
     assert_eq!(listed["vms"], Value::Array(vec![]), "--rm left a VM behind");
