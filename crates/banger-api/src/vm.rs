@@ -220,7 +220,7 @@ pub struct VmExecParams {
     pub cwd: Option<String>,
     /// The caller forwards stdin as `input` notifications; without it (and without `tty`)
     /// the command reads `/dev/null`.
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stdin: bool,
     /// Run the command on a pty of this terminal (implies `stdin`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -238,10 +238,6 @@ pub struct TtyParams {
     /// `TERM` in the guest; default `xterm`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub term: Option<String>,
-}
-
-fn is_false(b: &bool) -> bool {
-    !*b
 }
 
 /// `vm.shell`: an interactive login shell (`/bin/bash`, else `/bin/sh`) in `/root` of a
@@ -312,7 +308,7 @@ pub struct VmRunParams {
     #[serde(default)]
     pub rm: bool,
     /// As in `vm.exec`.
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stdin: bool,
     /// As in `vm.exec`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
