@@ -65,12 +65,13 @@ impl Response {
     }
 }
 
-/// A message without an id, sent by the daemon before a long call's response.
+/// A message without an id: sent by the daemon before a long call's response (`progress`,
+/// `output`), or by the client while its call runs (`input`, `resize`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Notification {
     /// Always `"2.0"`.
     pub jsonrpc: String,
-    /// Notification name; `progress` for now.
+    /// Notification name: `progress`, `output`, `input` or `resize`.
     pub method: String,
     /// Its payload.
     pub params: Value,
