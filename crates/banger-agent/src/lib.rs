@@ -1,8 +1,8 @@
 //! `banger-agent` is the small static program that runs inside every banger microVM and
 //! the wire protocol the host speaks to it. Over one byte stream (a virtio-serial port
 //! today; the framing does not care if it becomes vsock) the host runs commands with
-//! their stdout and stderr streamed apart, stdin forwarded and the exit status returned,
-//! uploads directories as tar streams, and powers the guest off.
+//! their stdout and stderr streamed apart, stdin forwarded and the exit status returned
+//! (or on a pty, for interactive shells), uploads directories as tar streams, and powers the guest off.
 //!
 //! The agent can be the guest's PID 1 ([`system`]: mounts, hostname, zombie reaping,
 //! power-off; [`net`]: static IPv4 from the kernel command line) or an ordinary process
@@ -18,5 +18,5 @@ pub mod server;
 pub mod system;
 pub mod transport;
 
-pub use proto::{ExecRequest, ExitStatus, Frame, FrameError, Message, SessionId};
+pub use proto::{ExecRequest, ExitStatus, Frame, FrameError, Message, SessionId, WinSize};
 pub use server::{Agent, Outcome};

@@ -14,7 +14,10 @@
 //!   the request asked for stdin; the agent answers [`Message::Stdout`]* /
 //!   [`Message::Stderr`]* and ends with [`Message::Exit`] (or [`Message::Error`] when the
 //!   command could not be started). The host may send [`Message::Signal`] at any time
-//!   before the exit (Ctrl-C, timeouts).
+//!   before the exit (Ctrl-C, timeouts). With [`ExecRequest::tty`] the command runs on a
+//!   new pty (its session leader, the pty its controlling terminal): stdin is implied,
+//!   everything it writes comes back as `Stdout`, [`Message::Resize`] changes the pty's
+//!   window size, and `StdinEof` types the terminal's end-of-file character (^D).
 //! - **upload**: [`Message::Upload`], [`Message::UploadData`]* (a tar stream, cut
 //!   anywhere), [`Message::UploadEnd`]; the agent ends it with [`Message::Ack`] or
 //!   [`Message::Error`].
@@ -30,8 +33,18 @@ use std::io::{self, Read, Write};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 
-/// Bumped on any incompatible change of the frame layout or of a message body.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Bumped on any change of the frame layout or of a message body.
+///
+/// Version 2 added ptys ([`ExecRequest::tty`], [`Message::Resize`]); everything else is as
+/// in version 1, so a host still talks to a version-1 agent (one injected into a VM before
+/// an upgrade) as long as it asks for no pty.
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// The oldest agent version a host of this version talks to (see [`PROTOCOL_VERSION`]).
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
+
+/// The first version whose agents run commands on a pty.
+pub const PTY_PROTOCOL_VERSION: u32 = 2;
 
 /// The largest `len` a receiver accepts. Senders cut data into [`CHUNK_SIZE`] pieces,
 /// far below it; the margin is for exec requests with long argument lists.
@@ -106,6 +119,18 @@ pub enum Message {
     /// Host → agent: flush the disks and power the guest off (an agent that is not PID 1
     /// just exits). Answered by [`Message::Ack`] first.
     Shutdown,
+    /// Host → agent: the terminal of an exec session running on a pty changed size; the
+    /// agent sets the pty's size, which sends SIGWINCH to its foreground process group.
+    Resize(WinSize),
+}
+
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct WinSize {
+    /// Lines.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
 }
 
 /// How to start a command in the guest.
@@ -120,6 +145,10 @@ pub struct ExecRequest {
     pub cwd: Option<PathBuf>,
     /// Whether the host will send stdin. Without it the command's stdin is `/dev/null`.
     pub stdin: bool,
+    /// Run the command on a new pty of this size instead of pipes (an interactive shell).
+    /// Stdin is then always forwarded; stdout and stderr both arrive as `Stdout`. Set the
+    /// terminal type with a `TERM` variable in [`ExecRequest::env`].
+    pub tty: Option<WinSize>,
 }
 
 impl ExecRequest {
@@ -240,10 +269,13 @@ mod kind {
     pub const ERROR: u8 = 13;
     pub const SHUTDOWN: u8 = 14;
     pub const SIGNAL: u8 = 15;
+    pub const RESIZE: u8 = 16;
 }
 
 const EXEC_FLAG_STDIN: u8 = 1;
 const EXEC_FLAG_CWD: u8 = 2;
+/// A version-2 flag: the window size (rows, cols: u16 each) follows the cwd.
+const EXEC_FLAG_TTY: u8 = 4;
 
 /// Appends the encoding of `frame` to `out`.
 pub fn encode_into(frame: &Frame, out: &mut Vec<u8>) {
@@ -265,6 +297,9 @@ pub fn encode_into(frame: &Frame, out: &mut Vec<u8>) {
             if req.cwd.is_some() {
                 flags |= EXEC_FLAG_CWD;
             }
+            if req.tty.is_some() {
+                flags |= EXEC_FLAG_TTY | EXEC_FLAG_STDIN;
+            }
             out.push(flags);
             put_u32(out, req.argv.len());
             for a in &req.argv {
@@ -277,6 +312,9 @@ pub fn encode_into(frame: &Frame, out: &mut Vec<u8>) {
             }
             if let Some(cwd) = &req.cwd {
                 put_bytes(out, cwd.as_os_str().as_bytes());
+            }
+            if let Some(size) = req.tty {
+                put_winsize(out, size);
             }
         }
         Message::Stdin(d) => data(out, kind::STDIN, d),
@@ -301,6 +339,10 @@ pub fn encode_into(frame: &Frame, out: &mut Vec<u8>) {
         Message::Signal(sig) => {
             out.push(kind::SIGNAL);
             out.extend_from_slice(&sig.to_be_bytes());
+        }
+        Message::Resize(size) => {
+            out.push(kind::RESIZE);
+            put_winsize(out, *size);
         }
     }
     let len = (out.len() - start - 4) as u32;
@@ -450,6 +492,12 @@ fn decode_body(frame: &[u8]) -> Result<Frame, FrameError> {
             c.finish()?;
             Message::Signal(sig)
         }
+        kind::RESIZE => {
+            let mut c = Cursor::new("resize", body);
+            let size = c.winsize()?;
+            c.finish()?;
+            Message::Resize(size)
+        }
         other => return Err(FrameError::UnknownKind(other)),
     };
     Ok(Frame { session, msg })
@@ -476,12 +524,18 @@ fn decode_exec(body: &[u8]) -> Result<Message, FrameError> {
     } else {
         None
     };
+    let tty = if flags & EXEC_FLAG_TTY != 0 {
+        Some(c.winsize()?)
+    } else {
+        None
+    };
     c.finish()?;
     Ok(Message::Exec(ExecRequest {
         argv,
         env,
         cwd,
-        stdin: flags & EXEC_FLAG_STDIN != 0,
+        stdin: flags & (EXEC_FLAG_STDIN | EXEC_FLAG_TTY) != 0,
+        tty,
     }))
 }
 
@@ -492,6 +546,11 @@ fn data(out: &mut Vec<u8>, kind: u8, bytes: &[u8]) {
 
 fn put_u32(out: &mut Vec<u8>, n: usize) {
     out.extend_from_slice(&(n as u32).to_be_bytes());
+}
+
+fn put_winsize(out: &mut Vec<u8>, size: WinSize) {
+    out.extend_from_slice(&size.rows.to_be_bytes());
+    out.extend_from_slice(&size.cols.to_be_bytes());
 }
 
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
@@ -532,6 +591,19 @@ impl<'a> Cursor<'a> {
         ))
     }
 
+    fn u16(&mut self) -> Result<u16, FrameError> {
+        Ok(u16::from_be_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
+    }
+
+    fn winsize(&mut self) -> Result<WinSize, FrameError> {
+        Ok(WinSize {
+            rows: self.u16()?,
+            cols: self.u16()?,
+        })
+    }
+
     fn bytes(&mut self) -> Result<&'a [u8], FrameError> {
         let n = self.u32()? as usize;
         self.take(n)
@@ -564,6 +636,22 @@ mod tests {
                 env: vec![("K".into(), "v=1".into()), ("EMPTY".into(), "".into())],
                 cwd: Some("/work dir".into()),
                 stdin: true,
+                tty: None,
+            }),
+            Message::Exec(ExecRequest {
+                argv: vec!["/bin/sh".into(), "-l".into()],
+                env: vec![("TERM".into(), "xterm".into())],
+                cwd: Some("/root".into()),
+                stdin: true,
+                tty: Some(WinSize {
+                    rows: 24,
+                    cols: 0x1234,
+                }),
+            }),
+            Message::Exec(ExecRequest {
+                tty: Some(WinSize::default()),
+                stdin: true,
+                ..ExecRequest::new(["top"])
             }),
             Message::Exec(ExecRequest::new(["true"])),
             Message::Exec(ExecRequest {
@@ -587,6 +675,14 @@ mod tests {
             Message::Error("no such file: /x".into()),
             Message::Shutdown,
             Message::Signal(15),
+            Message::Resize(WinSize {
+                rows: 50,
+                cols: 132,
+            }),
+            Message::Resize(WinSize {
+                rows: u16::MAX,
+                cols: 0,
+            }),
         ]
     }
 
@@ -693,6 +789,85 @@ mod tests {
         assert!(matches!(
             decode(&ping_with_body),
             Err(FrameError::Malformed { kind: "ping", .. })
+        ));
+    }
+
+    #[test]
+    fn exact_bytes_of_a_resize_frame_and_of_a_tty_exec() {
+        let resize = encode(&Frame::new(
+            9,
+            Message::Resize(WinSize {
+                rows: 0x0102,
+                cols: 0x0304,
+            }),
+        ));
+        assert_eq!(resize, [0, 0, 0, 9, 0, 0, 0, 9, kind::RESIZE, 1, 2, 3, 4]);
+        let exec = encode(&Frame::new(
+            1,
+            Message::Exec(ExecRequest {
+                tty: Some(WinSize { rows: 24, cols: 80 }),
+                ..ExecRequest::new(["sh"])
+            }),
+        ));
+        // flags: tty implies stdin; argc 1, "sh"; envc 0; no cwd; rows 24, cols 80.
+        assert_eq!(
+            exec[9..],
+            [
+                EXEC_FLAG_TTY | EXEC_FLAG_STDIN,
+                0,
+                0,
+                0,
+                1,
+                0,
+                0,
+                0,
+                2,
+                b's',
+                b'h',
+                0,
+                0,
+                0,
+                0,
+                0,
+                24,
+                0,
+                80
+            ]
+        );
+    }
+
+    #[test]
+    fn a_version_1_exec_without_tty_is_unchanged() {
+        // A version-1 agent must still understand what a version-2 host sends it for a
+        // command without a pty: no tty flag, no window size bytes.
+        let bytes = encode(&Frame::new(
+            1,
+            Message::Exec(ExecRequest::new(["true"]).cwd("/")),
+        ));
+        assert_eq!(bytes[9], EXEC_FLAG_CWD);
+        assert_eq!(&bytes[bytes.len() - 5..], [0, 0, 0, 1, b'/']);
+    }
+
+    #[test]
+    fn short_resize_and_tty_exec_bodies_are_malformed() {
+        let short_resize = [0, 0, 0, 8, 0, 0, 0, 1, kind::RESIZE, 0, 24, 0];
+        assert!(matches!(
+            decode(&short_resize),
+            Err(FrameError::Malformed { kind: "resize", .. })
+        ));
+        let mut exec = encode(&Frame::new(
+            1,
+            Message::Exec(ExecRequest {
+                tty: Some(WinSize { rows: 24, cols: 80 }),
+                ..ExecRequest::new(["sh"])
+            }),
+        ));
+        exec.truncate(exec.len() - 1);
+        let len = (exec.len() - 4) as u32;
+        exec[..4].copy_from_slice(&len.to_be_bytes());
+        assert!(matches!(
+            decode(&exec),
+            Err(FrameError::Malformed { kind: "exec", .. })
         ));
     }
 

@@ -2,15 +2,17 @@
 //!
 //! The calling thread reads frames and dispatches them; every exec gets a thread that
 //! pumps its stdout (and, at the end, sends its exit status), one for stderr and one that
-//! feeds its stdin; every upload gets a thread that unpacks the tar stream. All of them
+//! feeds its stdin; an exec on a pty gets one thread that pumps the pty's output and one
+//! that feeds it; every upload gets a thread that unpacks the tar stream. All of them
 //! write frames through one lock, so frames never interleave.
 //!
 //! When the connection ends (the host went away), its commands are killed: their output
 //! has nowhere to go, and a host that reconnects starts new sessions.
 
 use std::collections::HashMap;
-use std::fs;
+use std::fs::{self, File};
 use std::io::{self, BufReader, Read, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Component, Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -18,8 +20,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::{Duration, Instant};
 
-use crate::proto::{self, ExecRequest, Frame, FrameError, Message, SessionId, CHUNK_SIZE};
+use rustix::event::{poll, PollFd, PollFlags};
+use rustix::fs::{Mode, OFlags};
+use rustix::pty::OpenptFlags;
+use rustix::termios::{SpecialCodeIndex, Winsize};
+
+use crate::proto::{
+    self, ExecRequest, ExitStatus, Frame, FrameError, Message, SessionId, WinSize, CHUNK_SIZE,
+};
 use crate::reaper::Reaper;
 
 /// How many data frames may queue for one session's stdin or upload before the reading
@@ -90,6 +100,8 @@ enum Session {
         stdin: Option<SyncSender<Vec<u8>>>,
         /// The command's process group (it leads its own).
         pgid: u32,
+        /// The master side of the command's pty, when it runs on one (for Resize).
+        pty: Option<Arc<OwnedFd>>,
     },
     Upload {
         /// `None` is the end of the stream.
@@ -199,6 +211,13 @@ impl Conn {
                     self.out.send(id, Message::Error(e));
                 }
             }
+            Message::Resize(size) => {
+                if let Some(Session::Exec { pty: Some(pty), .. }) = self.sessions().get(&id) {
+                    // Setting the size on the master sends SIGWINCH to the pty's foreground
+                    // process group. A failure (the command just exited) changes nothing.
+                    let _ = rustix::termios::tcsetwinsize(&**pty, winsize(size));
+                }
+            }
             Message::Signal(sig) => {
                 if let Some(Session::Exec { pgid, .. }) = self.sessions().get(&id) {
                     // SAFETY: kill(2) with a negative pid signals a process group; it
@@ -235,6 +254,9 @@ impl Conn {
         let Some(program) = req.argv.first() else {
             return Err("exec: empty argv".into());
         };
+        if let Some(size) = req.tty {
+            return self.start_pty_exec(id, &req, size);
+        }
         let mut cmd = Command::new(program);
         cmd.args(&req.argv[1..])
             .envs(req.env.iter().map(|(k, v)| (k, v)))
@@ -268,8 +290,14 @@ impl Conn {
             spawn_named("stdin", move || feed_stdin(pipe, rx));
             tx
         });
-        self.sessions()
-            .insert(id, Session::Exec { stdin, pgid: pid });
+        self.sessions().insert(
+            id,
+            Session::Exec {
+                stdin,
+                pgid: pid,
+                pty: None,
+            },
+        );
 
         let out = self.out.clone();
         let err_pump = spawn_named("stderr", move || pump(stderr, &out, id, Message::Stderr));
@@ -290,6 +318,100 @@ impl Conn {
             match status {
                 Ok(status) => out.send(id, Message::Exit(status)),
                 Err(_) => out.send(id, Message::Error("lost the command's exit status".into())),
+            }
+        });
+        Ok(())
+    }
+
+    /// Starts `req` as the session leader of a new pty whose slave is its controlling
+    /// terminal and its stdin, stdout and stderr (what `ssh -t` and `docker exec -t` do).
+    fn start_pty_exec(
+        &self,
+        id: SessionId,
+        req: &ExecRequest,
+        size: WinSize,
+    ) -> Result<(), String> {
+        let program = &req.argv[0];
+        let (master, slave) = open_pty(size).map_err(|e| format!("allocate a pty: {e}"))?;
+        let stdio = || {
+            slave
+                .try_clone()
+                .map(Stdio::from)
+                .map_err(|e| format!("duplicate the pty: {e}"))
+        };
+        let mut cmd = Command::new(program);
+        cmd.args(&req.argv[1..])
+            .envs(req.env.iter().map(|(k, v)| (k, v)))
+            .stdin(stdio()?)
+            .stdout(stdio()?)
+            .stderr(stdio()?);
+        if let Some(cwd) = &req.cwd {
+            cmd.current_dir(cwd);
+        }
+        // SAFETY: between fork and exec only async-signal-safe calls may run; setsid and the
+        // TIOCSCTTY ioctl are plain system calls that allocate nothing. A new session (which
+        // is also a new process group, so Signal and disconnects reach its children) with
+        // the pty on fd 0 as its controlling terminal gives job control and ^C to the shell.
+        unsafe {
+            cmd.pre_exec(|| {
+                rustix::process::setsid()?;
+                rustix::process::ioctl_tiocsctty(std::os::fd::BorrowedFd::borrow_raw(0))?;
+                Ok(())
+            });
+        }
+        let guard = self.reaper.lock();
+        let child = cmd.spawn().map_err(|e| match &req.cwd {
+            Some(cwd) => format!(
+                "start {} in {}: {e}",
+                program.to_string_lossy(),
+                cwd.display()
+            ),
+            None => format!("start {}: {e}", program.to_string_lossy()),
+        })?;
+        let exited = guard.register(child.id());
+        // Our copies of the slave must go: the master reads end-of-file (EIO) only once
+        // every process holding the slave has closed it.
+        drop(cmd);
+        drop(slave);
+        let pid = child.id();
+        let master = Arc::new(master);
+        let clone = |what: &str| {
+            master
+                .try_clone()
+                .map(File::from)
+                .map_err(|e| format!("duplicate the pty master for {what}: {e}"))
+        };
+        let (reader, writer) = match (clone("output"), clone("input")) {
+            (Ok(r), Ok(w)) => (r, w),
+            (Err(e), _) | (_, Err(e)) => {
+                let _ = rustix::process::kill_process_group(
+                    rustix::process::Pid::from_raw(pid as i32).expect("a child's pid is positive"),
+                    rustix::process::Signal::Kill,
+                );
+                return Err(e);
+            }
+        };
+        let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(QUEUE_FRAMES);
+        spawn_named("pty-input", move || feed_pty(writer, rx));
+        self.sessions().insert(
+            id,
+            Session::Exec {
+                stdin: Some(tx),
+                pgid: pid,
+                pty: Some(master),
+            },
+        );
+        let out = self.out.clone();
+        let sessions = self.sessions.clone();
+        spawn_named("pty-output", move || {
+            let status = pump_pty(&reader, &exited, &out, id);
+            sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+            match status {
+                Some(status) => out.send(id, Message::Exit(status)),
+                None => out.send(id, Message::Error("lost the command's exit status".into())),
             }
         });
         Ok(())
@@ -387,6 +509,107 @@ fn pump(mut pipe: impl Read, out: &Out, id: SessionId, wrap: fn(Vec<u8>) -> Mess
             }
         }
     }
+}
+
+fn winsize(size: WinSize) -> Winsize {
+    Winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    }
+}
+
+/// A new pty pair of `size`: (master, slave), both close-on-exec, the slave opened
+/// without becoming anyone's controlling terminal (the child claims it with TIOCSCTTY).
+fn open_pty(size: WinSize) -> io::Result<(OwnedFd, OwnedFd)> {
+    let master =
+        rustix::pty::openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
+    rustix::pty::grantpt(&master)?;
+    rustix::pty::unlockpt(&master)?;
+    let name = rustix::pty::ptsname(&master, Vec::new())?;
+    let slave = rustix::fs::open(
+        name.as_c_str(),
+        OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    rustix::termios::tcsetwinsize(&slave, winsize(size))?;
+    Ok((master, slave))
+}
+
+/// Copies a pty command's output into `Stdout` frames until it has exited and its output
+/// is drained, and returns its status.
+///
+/// Unlike a pipe, the master does not reach end-of-file when the command exits if a
+/// background job still holds the slave (`sleep 100 &` then `exit`), so waiting for it
+/// alone could hang the session: once the command has exited, output is taken only while
+/// more keeps coming quickly, for a short while.
+fn pump_pty(
+    mut master: &File,
+    exited: &Receiver<ExitStatus>,
+    out: &Out,
+    id: SessionId,
+) -> Option<ExitStatus> {
+    /// How often a pump with nothing to read checks whether the command exited.
+    const TICK_MS: i32 = 100;
+    /// After the exit: output this late after the previous piece ends the draining.
+    const QUIET_MS: i32 = 50;
+    /// After the exit: the most time spent draining.
+    const DRAIN: Duration = Duration::from_millis(500);
+    let mut buf = vec![0u8; CHUNK_SIZE];
+    let mut status = None;
+    let mut drain_until = None;
+    loop {
+        if status.is_none() {
+            if let Ok(s) = exited.try_recv() {
+                status = Some(s);
+                drain_until = Some(Instant::now() + DRAIN);
+            }
+        }
+        if drain_until.is_some_and(|t| Instant::now() >= t) {
+            break;
+        }
+        let mut fds = [PollFd::new(&master, PollFlags::IN)];
+        match poll(&mut fds, if status.is_some() { QUIET_MS } else { TICK_MS }) {
+            Ok(0) if status.is_some() => break,
+            Ok(0) => continue,
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => {
+                eprintln!("banger-agent: poll a pty: {e}");
+                break;
+            }
+        }
+        match master.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.send(id, Message::Stdout(buf[..n].to_vec())),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // EIO: every process holding the slave has closed it.
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => break,
+            Err(e) => {
+                eprintln!("banger-agent: read a pty: {e}");
+                break;
+            }
+        }
+    }
+    // The reaper always answers for a registered child; the pty may close before the
+    // command exits (it closed its stdio), so this can wait.
+    status.or_else(|| exited.recv().ok())
+}
+
+/// Types what the host sends into a pty. When the host's stdin ends, the terminal's
+/// end-of-file character (^D unless changed) is typed, as a terminal would: a shell
+/// reading a command line exits on it.
+fn feed_pty(mut master: File, rx: Receiver<Vec<u8>>) {
+    for data in rx {
+        if master.write_all(&data).is_err() {
+            return; // the command and everything else on the pty are gone
+        }
+    }
+    let eof = rustix::termios::tcgetattr(&master)
+        .map(|t| t.special_codes[SpecialCodeIndex::VEOF])
+        .unwrap_or(4);
+    let _ = master.write_all(&[eof]);
 }
 
 fn feed_stdin(mut pipe: impl Write, rx: Receiver<Vec<u8>>) {

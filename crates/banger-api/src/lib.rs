@@ -9,7 +9,10 @@ pub mod rpc;
 pub mod vm;
 
 pub use methods::*;
-pub use rpc::{ErrorData, ErrorKind, Notification, Progress, Request, Response, RpcError};
+pub use rpc::{
+    ErrorData, ErrorKind, InputParams, Notification, Progress, Request, ResizeParams, Response,
+    RpcError, INPUT_NOTIFICATION, RESIZE_NOTIFICATION,
+};
 pub use vm::*;
 
 /// The version both binaries are built from. The CLI restarts a daemon that reports

@@ -65,15 +65,52 @@ impl Response {
     }
 }
 
-/// A message without an id, sent by the daemon before a long call's response.
+/// A message without an id: sent by the daemon before a long call's response (`progress`,
+/// `output`), or by the client while its call runs (`input`, `resize`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Notification {
     /// Always `"2.0"`.
     pub jsonrpc: String,
-    /// Notification name; `progress` for now.
+    /// Notification name: `progress`, `output`, `input` or `resize`.
     pub method: String,
     /// Its payload.
     pub params: Value,
+}
+
+/// The notification a client sends, while one of its calls runs, with input for it.
+pub const INPUT_NOTIFICATION: &str = "input";
+
+/// The notification a client sends, while a call with a pty runs, when its terminal
+/// changes size.
+pub const RESIZE_NOTIFICATION: &str = "resize";
+
+/// Params of an `input` notification (client → daemon): bytes for the stdin of the call
+/// `id`, or its end. Input for a call that is not running is dropped: it is the tail of one
+/// that just ended.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputParams {
+    /// The id of the request this input belongs to.
+    pub id: Value,
+    /// The bytes, base64 (standard alphabet, padded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+    /// The input is at its end (sent after the last data).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub eof: bool,
+}
+
+/// Params of a `resize` notification (client → daemon): the terminal of the call `id`,
+/// which runs on a pty, is now this size.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeParams {
+    /// The id of the request.
+    pub id: Value,
+    /// Lines.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
 }
 
 /// Where a long operation stands. Sent as the params of a `progress` notification.

@@ -197,7 +197,9 @@ impl Method for VmRm {
 }
 
 /// `vm.exec`: run a command in a running VM. Its output arrives as `output` notifications
-/// (`{"stream":"stdout"|"stderr","data":"<base64>"}`) before the result.
+/// (`{"stream":"stdout"|"stderr","data":"<base64>"}`) before the result; with `stdin` or
+/// `tty` the caller sends its input as `input` (and `resize`) notifications while the call
+/// runs (see [`crate::InputParams`]).
 pub struct VmExec;
 impl Method for VmExec {
     const NAME: &'static str = "vm.exec";
@@ -216,6 +218,48 @@ pub struct VmExecParams {
     /// Working directory in the guest (default `/root`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<String>,
+    /// The caller forwards stdin as `input` notifications; without it (and without `tty`)
+    /// the command reads `/dev/null`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stdin: bool,
+    /// Run the command on a pty of this terminal (implies `stdin`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<TtyParams>,
+}
+
+/// The caller's terminal, for a command run on a pty.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TtyParams {
+    /// Lines.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
+    /// `TERM` in the guest; default `xterm`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub term: Option<String>,
+}
+
+/// `vm.shell`: an interactive login shell (`/bin/bash`, else `/bin/sh`) in `/root` of a
+/// running VM, on a pty when `tty` is given. Its input and output travel as in `vm.exec`
+/// with `stdin`.
+pub struct VmShell;
+impl Method for VmShell {
+    const NAME: &'static str = "vm.shell";
+    type Params = VmShellParams;
+    type Result = ExecResult;
+}
+
+/// Params of `vm.shell`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmShellParams {
+    /// The VM.
+    pub name: String,
+    /// Run the shell on a pty of this terminal; without it the shell reads its commands
+    /// from the forwarded stdin (a script).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<TtyParams>,
 }
 
 /// How a command ended.
@@ -231,8 +275,9 @@ pub struct ExecResult {
     pub signal: Option<i32>,
 }
 
-/// `vm.run`: create and start a VM, copy a workspace in, run a command, stop the VM (and
-/// remove it with `rm`). Output streams as in `vm.exec`.
+/// `vm.run`: create and start a VM, copy a workspace in, run a command (or, without one, the
+/// login shell of `vm.shell`), stop the VM (and remove it with `rm`). Input and output
+/// travel as in `vm.exec`.
 pub struct VmRun;
 impl Method for VmRun {
     const NAME: &'static str = "vm.run";
@@ -255,11 +300,19 @@ pub struct VmRunParams {
     /// not ignored, files of a git repository; every file otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
-    /// Program and arguments; required.
+    /// Program and arguments; empty or absent: an interactive login shell, which always
+    /// gets the forwarded stdin.
+    #[serde(default)]
     pub argv: Vec<String>,
     /// Delete the VM afterwards.
     #[serde(default)]
     pub rm: bool,
+    /// As in `vm.exec`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stdin: bool,
+    /// As in `vm.exec`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<TtyParams>,
 }
 
 /// The payload of an `output` notification.

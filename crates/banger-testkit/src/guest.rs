@@ -71,7 +71,8 @@ pub fn busybox_layer() -> Vec<u8> {
         .append_data(&mut h, "bin/busybox", &busybox[..])
         .expect("append busybox");
     for applet in [
-        "sh", "cat", "echo", "ls", "sleep", "true", "false", "mkdir", "rm", "pwd",
+        "sh", "cat", "echo", "ls", "sleep", "true", "false", "mkdir", "rm", "pwd", "wc", "tty",
+        "stty",
     ] {
         let mut h = header(tar::EntryType::Symlink, 0o777, 0);
         builder

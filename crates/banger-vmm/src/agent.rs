@@ -1,6 +1,7 @@
 //! The host's client of the guest agent (`banger-agent`): run commands in a VM with
-//! stdout and stderr kept apart, stdin forwarded and the exit status returned; upload
-//! directories; power the guest off.
+//! stdout and stderr kept apart, stdin forwarded and the exit status returned (or on a
+//! pty, with its size kept in step through [`ExecControl`]); upload directories; power
+//! the guest off.
 //!
 //! The transport is a byte stream: today the Unix socket QEMU binds to the guest's
 //! virtio-serial port (see [`qemu_agent_args`]); [`AgentClient::from_halves`] takes any
@@ -17,8 +18,11 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use banger_agent::proto::{self, Frame, Message, SessionId, CHUNK_SIZE, PROTOCOL_VERSION};
-pub use banger_agent::proto::{ExecRequest, ExitStatus};
+use banger_agent::proto::{
+    self, Frame, Message, SessionId, CHUNK_SIZE, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    PTY_PROTOCOL_VERSION,
+};
+pub use banger_agent::proto::{ExecRequest, ExitStatus, WinSize};
 
 /// The virtio-serial port name the agent looks for.
 pub const AGENT_PORT_NAME: &str = banger_agent::transport::PORT_NAME;
@@ -69,7 +73,7 @@ pub enum AgentError {
     /// The connection ended (the VM stopped, or the agent broke the framing).
     #[error("agent connection closed: {0}")]
     Closed(String),
-    /// The agent speaks another protocol version.
+    /// The agent speaks a protocol version this host does not.
     #[error("agent speaks protocol version {agent}, this host speaks {host}")]
     Version {
         /// The agent's version.
@@ -124,6 +128,8 @@ struct Shared {
     /// Why the connection ended; set by the reader thread as it exits.
     closed: Mutex<Option<String>>,
     next_session: AtomicU32,
+    /// The protocol version the agent answered a ping with; 0 before any answer.
+    agent_version: AtomicU32,
 }
 
 impl Shared {
@@ -236,6 +242,7 @@ impl AgentClient {
             sessions: Mutex::default(),
             closed: Mutex::default(),
             next_session: AtomicU32::new(first_session_id()),
+            agent_version: AtomicU32::new(0),
         });
         let s = shared.clone();
         // If the thread cannot start, sessions see a closed connection at once.
@@ -291,7 +298,12 @@ impl AgentClient {
             session.send(Message::Ping)?;
             let left = deadline.saturating_duration_since(Instant::now());
             match session.recv_timeout("ping", left.min(PING_RETRY)) {
-                Ok(Message::Pong { version }) if version == PROTOCOL_VERSION => return Ok(()),
+                Ok(Message::Pong { version })
+                    if (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) =>
+                {
+                    self.shared.agent_version.store(version, Ordering::SeqCst);
+                    return Ok(());
+                }
                 Ok(Message::Pong { version }) => {
                     return Err(AgentError::Version {
                         agent: version,
@@ -325,25 +337,59 @@ impl AgentClient {
         stdout: &mut dyn Write,
         stderr: &mut dyn Write,
     ) -> Result<ExitStatus> {
-        let op = || format!("exec {:?}", req.argv);
-        let session = self.open();
         let mut req = req.clone();
-        req.stdin = stdin.is_some();
-        session.send(Message::Exec(req))?;
-        let done = Arc::new(AtomicBool::new(false));
-        if let Some(input) = stdin {
-            let shared = self.shared.clone();
-            let (id, done) = (session.id, done.clone());
-            let spawned = std::thread::Builder::new()
-                .name(format!("agent-stdin-{id}"))
-                .spawn(move || forward_stdin(input, &shared, id, &done));
-            if let Err(e) = spawned {
-                let _ = session.send(Message::Signal(rustix::process::Signal::Kill as i32));
-                return Err(AgentError::Local {
-                    op: "start the stdin thread".into(),
-                    source: e,
-                });
+        req.stdin = stdin.is_some() || req.tty.is_some();
+        let start = |control: ExecControl| -> io::Result<()> {
+            if let Some(input) = stdin {
+                let id = control.id;
+                std::thread::Builder::new()
+                    .name(format!("agent-stdin-{id}"))
+                    .spawn(move || forward_stdin(input, &control))?;
             }
+            Ok(())
+        };
+        self.exec_with(&req, start, stdout, stderr)
+    }
+
+    /// Runs `req` like [`AgentClient::exec`], but hands the caller an [`ExecControl`] as
+    /// soon as the command is requested: `start` typically gives it to a thread that
+    /// forwards stdin (when `req.stdin`) and window size changes (when `req.tty`) as they
+    /// come. If `start` fails, the command is killed and the error returned.
+    ///
+    /// A pty needs an agent of protocol version 2 or later; an older one is refused here
+    /// with an error saying so, before anything is sent.
+    pub fn exec_with(
+        &self,
+        req: &ExecRequest,
+        start: impl FnOnce(ExecControl) -> io::Result<()>,
+        stdout: &mut dyn Write,
+        stderr: &mut dyn Write,
+    ) -> Result<ExitStatus> {
+        let op = || format!("exec {:?}", req.argv);
+        let version = self.shared.agent_version.load(Ordering::SeqCst);
+        if req.tty.is_some() && version != 0 && version < PTY_PROTOCOL_VERSION {
+            return Err(AgentError::Remote {
+                op: op(),
+                message: format!(
+                    "a pty needs agent protocol version {PTY_PROTOCOL_VERSION}, this agent speaks \
+                     {version} (an older banger injected it: recreate the VM)"
+                ),
+            });
+        }
+        let session = self.open();
+        session.send(Message::Exec(req.clone()))?;
+        let control = ExecControl {
+            shared: self.shared.clone(),
+            id: session.id,
+            done: Arc::new(AtomicBool::new(false)),
+        };
+        let done = control.done.clone();
+        if let Err(e) = start(control) {
+            let _ = session.send(Message::Signal(rustix::process::Signal::Kill as i32));
+            return Err(AgentError::Local {
+                op: "start forwarding the command's input".into(),
+                source: e,
+            });
         }
         let result = loop {
             let written = match session.recv() {
@@ -531,12 +577,54 @@ fn write_out(out: &mut dyn Write, data: &[u8], which: &str) -> Result<()> {
         })
 }
 
-fn forward_stdin(
-    mut input: Box<dyn Read + Send>,
-    shared: &Shared,
+/// A handle on a running exec session, for the threads that feed it: see
+/// [`AgentClient::exec_with`]. Clones share the session. Once the command has ended
+/// every method does nothing and succeeds, so a feeder that lags behind needs no care.
+#[derive(Clone)]
+pub struct ExecControl {
+    shared: Arc<Shared>,
     id: SessionId,
-    done: &AtomicBool,
-) {
+    done: Arc<AtomicBool>,
+}
+
+impl ExecControl {
+    fn send(&self, msg: Message) -> Result<()> {
+        if self.finished() {
+            return Ok(());
+        }
+        self.shared.send(&Frame::new(self.id, msg))
+    }
+
+    /// Sends bytes to the command's stdin (or types them into its pty).
+    pub fn stdin(&self, data: &[u8]) -> Result<()> {
+        for chunk in data.chunks(CHUNK_SIZE) {
+            self.send(Message::Stdin(chunk.to_vec()))?;
+        }
+        Ok(())
+    }
+
+    /// Ends the command's stdin (on a pty: types the end-of-file character).
+    pub fn close_stdin(&self) -> Result<()> {
+        self.send(Message::StdinEof)
+    }
+
+    /// Tells a command on a pty its terminal's new size.
+    pub fn resize(&self, size: WinSize) -> Result<()> {
+        self.send(Message::Resize(size))
+    }
+
+    /// Sends a signal to the command's process group.
+    pub fn signal(&self, signal: i32) -> Result<()> {
+        self.send(Message::Signal(signal))
+    }
+
+    /// Whether the command has ended (or the exec given up).
+    pub fn finished(&self) -> bool {
+        self.done.load(Ordering::SeqCst)
+    }
+}
+
+fn forward_stdin(mut input: Box<dyn Read + Send>, control: &ExecControl) {
     let mut buf = vec![0u8; CHUNK_SIZE];
     loop {
         let n = match input.read(&mut buf) {
@@ -545,16 +633,15 @@ fn forward_stdin(
             // The command sees end-of-file; the caller's stream is broken either way.
             Err(_) => 0,
         };
-        if done.load(Ordering::SeqCst) {
+        if control.finished() {
             return;
         }
-        let msg = if n == 0 {
-            Message::StdinEof
+        let sent = if n == 0 {
+            control.close_stdin()
         } else {
-            Message::Stdin(buf[..n].to_vec())
+            control.stdin(&buf[..n])
         };
-        let eof = n == 0;
-        if shared.send(&Frame::new(id, msg)).is_err() || eof {
+        if sent.is_err() || n == 0 {
             return;
         }
     }
@@ -633,6 +720,54 @@ mod tests {
             .expect("no socket");
         assert!(started.elapsed() >= Duration::from_millis(200));
         assert!(err.to_string().contains("nope"), "{err}");
+    }
+
+    /// A stand-in for an agent of protocol version 1: answers pings, records the rest.
+    fn version_1_agent(stream: UnixStream) -> std::thread::JoinHandle<Vec<Message>> {
+        std::thread::spawn(move || {
+            let mut reader = stream.try_clone().unwrap();
+            let mut writer = stream;
+            let mut seen = Vec::new();
+            while let Ok(Some(frame)) = proto::read_frame(&mut reader) {
+                if frame.msg == Message::Ping {
+                    let pong = Frame::new(frame.session, Message::Pong { version: 1 });
+                    proto::write_frame(&mut writer, &pong).unwrap();
+                } else {
+                    seen.push(frame.msg);
+                }
+            }
+            seen
+        })
+    }
+
+    #[test]
+    fn a_version_1_agent_is_served_but_asked_for_no_pty() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let agent = version_1_agent(b);
+        let client = AgentClient::from_halves(
+            Box::new(a.try_clone().unwrap()),
+            Box::new(a.try_clone().unwrap()),
+        );
+        client.ping(Duration::from_secs(5)).unwrap();
+        let req = ExecRequest {
+            tty: Some(WinSize { rows: 24, cols: 80 }),
+            ..ExecRequest::new(["sh"])
+        };
+        let err = client
+            .exec_with(&req, |_| Ok(()), &mut Vec::new(), &mut Vec::new())
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("a pty needs agent protocol version 2"),
+            "{err}"
+        );
+        a.shutdown(std::net::Shutdown::Both).unwrap();
+        drop(client);
+        assert_eq!(
+            agent.join().unwrap(),
+            [],
+            "the refused exec reached the agent"
+        );
     }
 
     #[test]

@@ -217,6 +217,119 @@ fn host_agent_forwards_stdin_until_eof() {
     check_stdin_round_trip(&client);
 }
 
+/// What a pty printed so far, shared between the exec and the thread typing into it.
+#[derive(Clone, Default)]
+struct Screen(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Screen {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until `text` has been printed (a shell's answer, not just the typed echo).
+    fn wait_for(&self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.text().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "{text:?} never came: {:?}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Write for Screen {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Runs `sh` on a pty of 24x80 in the agent; `feed` drives it through the control handle
+/// from a thread of its own. Returns the status and everything the pty printed.
+fn pty_shell(
+    client: &AgentClient,
+    feed: impl FnOnce(agent::ExecControl, Screen) + Send + 'static,
+) -> (ExitStatus, String) {
+    let req = ExecRequest {
+        tty: Some(agent::WinSize { rows: 24, cols: 80 }),
+        ..ExecRequest::new(["sh"]).env("TERM", "dumb")
+    };
+    let screen = Screen::default();
+    let (mut out, mut err) = (screen.clone(), Vec::new());
+    let status = client
+        .exec_with(
+            &req,
+            |control| {
+                std::thread::spawn(move || feed(control, screen));
+                Ok(())
+            },
+            &mut out,
+            &mut err,
+        )
+        .unwrap();
+    assert!(err.is_empty(), "a pty has no separate stderr: {err:?}");
+    (status, out.text())
+}
+
+#[test]
+fn host_agent_runs_a_shell_on_a_pty_that_follows_resizes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((_agent, client)) = host_agent(tmp.path()) else {
+        return;
+    };
+    let (status, out) = pty_shell(&client, |control, screen| {
+        control.stdin(b"stty size; echo $TERM\n").unwrap();
+        screen.wait_for("dumb\r\n");
+        // Frames are handled in order: the resize lands before the next line is typed.
+        control
+            .resize(agent::WinSize {
+                rows: 50,
+                cols: 132,
+            })
+            .unwrap();
+        control
+            .stdin(b"stty size; tty; echo $((6*7)); exit 3\n")
+            .unwrap();
+    });
+    assert_eq!(status, ExitStatus::Code(3), "{out}");
+    for expected in ["24 80\r\n", "dumb\r\n", "50 132\r\n", "/dev/pts/", "42\r\n"] {
+        assert!(out.contains(expected), "{expected:?} missing from {out:?}");
+    }
+}
+
+#[test]
+fn host_agent_pty_types_eof_when_stdin_ends_and_outlives_no_background_job() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((_agent, client)) = host_agent(tmp.path()) else {
+        return;
+    };
+    // End of stdin is ^D at the prompt: the shell exits 0.
+    let (status, out) = pty_shell(&client, |control, _| {
+        control.stdin(b"echo hi\n").unwrap();
+        control.close_stdin().unwrap();
+    });
+    assert_eq!(status, ExitStatus::Code(0), "{out}");
+    assert!(out.contains("hi\r\n"), "{out:?}");
+
+    // A background job keeps the pty open after the shell exits: the session still ends.
+    let started = Instant::now();
+    let (status, _) = pty_shell(&client, |control, _| {
+        control.stdin(b"sleep 20 & exit 4\n").unwrap();
+    });
+    assert_eq!(status, ExitStatus::Code(4));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the session waited for the background job: {:?}",
+        started.elapsed()
+    );
+}
+
 #[test]
 fn host_agent_unpacks_an_uploaded_directory_for_later_commands() {
     let tmp = tempfile::tempdir().unwrap();

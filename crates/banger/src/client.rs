@@ -6,14 +6,17 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use banger_api::{
-    DaemonPing, DaemonShutdown, Method, NoParams, Notification, Progress, Request, Response,
-    RpcError,
+    DaemonPing, DaemonShutdown, InputParams, Method, NoParams, Notification, Progress, Request,
+    ResizeParams, Response, RpcError, INPUT_NOTIFICATION, RESIZE_NOTIFICATION,
 };
 use bangerd::layout::{Layout, LayoutKind};
+use base64::Engine as _;
 
 /// How long a freshly started daemon has to answer `daemon.ping`.
 pub const START_TIMEOUT: Duration = Duration::from_secs(5);
@@ -32,9 +35,73 @@ pub enum CallError {
 /// One connection to the daemon.
 pub struct Client {
     reader: BufReader<UnixStream>,
-    writer: UnixStream,
+    /// Shared with the threads that send a running call's input: lines never interleave.
+    writer: Arc<Mutex<UnixStream>>,
     next_id: u64,
     socket: PathBuf,
+}
+
+/// Sends the input of one running call (`input` and `resize` notifications), from any
+/// thread. Once the call has ended it sends nothing (and succeeds).
+#[derive(Clone)]
+pub struct InputSender {
+    writer: Arc<Mutex<UnixStream>>,
+    id: u64,
+    done: Arc<AtomicBool>,
+}
+
+impl InputSender {
+    /// How many bytes go into one `input` line: far below the daemon's 1 MiB line limit
+    /// once base64 has grown them by a third.
+    const CHUNK: usize = 32 * 1024;
+
+    fn send(&self, method: &str, params: serde_json::Value) -> std::io::Result<()> {
+        if self.done.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let note = Notification {
+            jsonrpc: "2.0".into(),
+            method: method.into(),
+            params,
+        };
+        let mut line = serde_json::to_vec(&note).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        writer.write_all(&line)
+    }
+
+    /// Bytes for the command's stdin.
+    pub fn data(&self, bytes: &[u8]) -> std::io::Result<()> {
+        for chunk in bytes.chunks(Self::CHUNK) {
+            let params = InputParams {
+                id: self.id.into(),
+                data: Some(base64::engine::general_purpose::STANDARD.encode(chunk)),
+                eof: false,
+            };
+            self.send(INPUT_NOTIFICATION, serde_json::to_value(params)?)?;
+        }
+        Ok(())
+    }
+
+    /// The end of the command's stdin.
+    pub fn eof(&self) -> std::io::Result<()> {
+        let params = InputParams {
+            id: self.id.into(),
+            data: None,
+            eof: true,
+        };
+        self.send(INPUT_NOTIFICATION, serde_json::to_value(params)?)
+    }
+
+    /// The terminal's new size.
+    pub fn resize(&self, rows: u16, cols: u16) -> std::io::Result<()> {
+        let params = ResizeParams {
+            id: self.id.into(),
+            rows,
+            cols,
+        };
+        self.send(RESIZE_NOTIFICATION, serde_json::to_value(params)?)
+    }
 }
 
 impl Client {
@@ -44,7 +111,7 @@ impl Client {
         let writer = stream.try_clone()?;
         Ok(Client {
             reader: BufReader::new(stream),
-            writer,
+            writer: Arc::new(Mutex::new(writer)),
             next_id: 1,
             socket: socket.into(),
         })
@@ -69,7 +136,19 @@ impl Client {
     pub fn call_with_notifications<M: Method>(
         &mut self,
         params: &M::Params,
-        mut on_note: impl FnMut(Notification),
+        on_note: impl FnMut(Notification),
+    ) -> Result<M::Result, CallError> {
+        self.call_with_input::<M>(params, on_note, |_| Ok(()))
+    }
+
+    /// Calls `M` like [`Client::call_with_notifications`], handing `start` an
+    /// [`InputSender`] once the request is sent: typically a thread of its own that
+    /// forwards stdin and terminal size changes while the call runs.
+    pub fn call_with_input<M: Method>(
+        &mut self,
+        params: &M::Params,
+        on_note: impl FnMut(Notification),
+        start: impl FnOnce(InputSender) -> std::io::Result<()>,
     ) -> Result<M::Result, CallError> {
         let id = self.next_id;
         self.next_id += 1;
@@ -78,8 +157,26 @@ impl Client {
             serde_json::to_string(&Request::new(id, M::NAME, params)).context("encode request")?;
         line.push('\n');
         self.writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
             .write_all(line.as_bytes())
             .with_context(|| format!("send {} to {}", M::NAME, self.socket.display()))?;
+        let done = Arc::new(AtomicBool::new(false));
+        let sender = InputSender {
+            writer: Arc::clone(&self.writer),
+            id,
+            done: Arc::clone(&done),
+        };
+        start(sender).with_context(|| format!("start sending input to {}", M::NAME))?;
+        let result = self.read_reply::<M>(on_note);
+        done.store(true, Ordering::SeqCst);
+        result
+    }
+
+    fn read_reply<M: Method>(
+        &mut self,
+        mut on_note: impl FnMut(Notification),
+    ) -> Result<M::Result, CallError> {
         loop {
             let mut reply = String::new();
             let n = self.reader.read_line(&mut reply).with_context(|| {

@@ -3,6 +3,7 @@
 
 mod client;
 mod format;
+mod interactive;
 mod progress;
 mod vm_cmds;
 

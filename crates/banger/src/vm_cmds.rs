@@ -6,13 +6,13 @@ use std::process::ExitCode;
 use anyhow::Context;
 use banger_api::{
     ExecResult, KernelImport, KernelImportParams, KernelInfo, KernelList, KernelRm, KernelShow,
-    NameParams, NoParams, Notification, Output, VmCreate, VmCreateParams, VmExec, VmExecParams,
-    VmInfo, VmKill, VmList, VmRm, VmRun, VmRunParams, VmShow, VmStart, VmStop,
+    NameParams, NoParams, VmCreate, VmCreateParams, VmExec, VmExecParams, VmInfo, VmKill, VmList,
+    VmRm, VmRun, VmRunParams, VmShell, VmShellParams, VmShow, VmStart, VmStop,
 };
-use base64::Engine as _;
 use clap::Subcommand;
 
 use crate::client::Client;
+use crate::interactive::{self, Mode, StdinArgs};
 use crate::{call, format, print_json};
 
 #[derive(Debug, Subcommand)]
@@ -102,18 +102,35 @@ pub enum VmCommand {
         follow: bool,
     },
     /// Run a command in a running VM; exits with its status.
+    ///
+    /// Stdin: a pipe or a file is forwarded to the command (then end-of-file), so
+    /// `echo hi | banger vm exec v -- cat` works; a terminal is not, unless -i (forward it
+    /// as is) or -t (run on a pty, this terminal in raw mode) is given; -n never forwards.
     Exec {
         /// The VM.
         name: String,
         /// Working directory in the guest.
         #[arg(long)]
         workdir: Option<String>,
+        #[command(flatten)]
+        stdin: StdinArgs,
         /// The command.
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
-    /// Boot a fresh VM, copy PATH to /root/<basename>, run the command there, exit with its
-    /// status.
+    /// Open an interactive login shell (/bin/bash, else /bin/sh) in a running VM; exits
+    /// with its status.
+    ///
+    /// On a terminal the shell runs on a pty (this terminal in raw mode, its size kept in
+    /// step); otherwise it reads its commands from stdin.
+    Shell {
+        /// The VM.
+        name: String,
+    },
+    /// Boot a fresh VM, copy PATH to /root/<basename>, run the command there (without one:
+    /// an interactive login shell, as `vm shell`), stop the VM and exit with its status.
+    ///
+    /// Stdin is forwarded as for `vm exec`.
     Run {
         /// Workspace to copy in (git: tracked and untracked-but-not-ignored files).
         path: Option<std::path::PathBuf>,
@@ -126,8 +143,10 @@ pub enum VmCommand {
         /// Delete the VM afterwards.
         #[arg(long)]
         rm: bool,
-        /// The command.
-        #[arg(last = true, required = true)]
+        #[command(flatten)]
+        stdin: StdinArgs,
+        /// The command; without one, an interactive login shell.
+        #[arg(last = true)]
         command: Vec<String>,
     },
 }
@@ -208,24 +227,12 @@ fn print_vm(info: &VmInfo, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes `output` notifications to our stdout and stderr as they arrive.
-fn forward_output(note: Notification) {
-    if note.method != "output" {
-        return;
+/// The terminal to give the guest's pty, in [`Mode::Tty`].
+fn tty_params(mode: Mode) -> anyhow::Result<Option<banger_api::TtyParams>> {
+    match mode {
+        Mode::Tty => interactive::terminal().map(Some),
+        Mode::Null | Mode::Pipe => Ok(None),
     }
-    let Ok(output) = serde_json::from_value::<Output>(note.params) else {
-        return;
-    };
-    let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(output.data) else {
-        return;
-    };
-    // A closed pipe on our side must not abort the remote command's bookkeeping.
-    let _ = match output.stream.as_str() {
-        "stderr" => std::io::stderr().write_all(&bytes),
-        _ => std::io::stdout()
-            .write_all(&bytes)
-            .and_then(|()| std::io::stdout().flush()),
-    };
 }
 
 fn exit_with(result: &ExecResult, json: bool) -> anyhow::Result<ExitCode> {
@@ -352,16 +359,27 @@ pub fn run_vm(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Re
         VmCommand::Exec {
             name,
             workdir,
+            stdin,
             command,
         } => {
+            let mode = stdin.mode(interactive::stdin_is_terminal())?;
             let params = VmExecParams {
                 name,
                 argv: command,
                 cwd: workdir,
+                stdin: mode == Mode::Pipe,
+                tty: tty_params(mode)?,
             };
-            let result = client
-                .call_with_notifications::<VmExec>(&params, forward_output)
-                .map_err(anyhow::Error::from)?;
+            let result = interactive::call::<VmExec>(client, &params, mode)?;
+            return exit_with(&result, json);
+        }
+        VmCommand::Shell { name } => {
+            let mode = StdinArgs::default().shell_mode(interactive::stdin_is_terminal())?;
+            let params = VmShellParams {
+                name,
+                tty: tty_params(mode)?,
+            };
+            let result = interactive::call::<VmShell>(client, &params, mode)?;
             return exit_with(&result, json);
         }
         VmCommand::Run {
@@ -369,8 +387,15 @@ pub fn run_vm(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Re
             image,
             name,
             rm,
+            stdin,
             command,
         } => {
+            let terminal = interactive::stdin_is_terminal();
+            let mode = if command.is_empty() {
+                stdin.shell_mode(terminal)?
+            } else {
+                stdin.mode(terminal)?
+            };
             let path = match path {
                 Some(p) => Some(
                     std::path::absolute(&p)
@@ -386,10 +411,10 @@ pub fn run_vm(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Re
                 path,
                 argv: command,
                 rm,
+                stdin: mode == Mode::Pipe,
+                tty: tty_params(mode)?,
             };
-            let result = client
-                .call_with_notifications::<VmRun>(&params, forward_output)
-                .map_err(anyhow::Error::from)?;
+            let result = interactive::call::<VmRun>(client, &params, mode)?;
             return exit_with(&result, json);
         }
     }

@@ -239,6 +239,43 @@ fn many_requests_share_one_connection_in_order() {
 }
 
 #[test]
+fn input_notifications_get_no_reply_and_requests_sent_during_a_call_keep_their_order() {
+    let install = Install::new();
+    // Enough blobs that the prune is still running while the next lines arrive.
+    for i in 0..3000 {
+        install.blob(&format!("{i:064x}"), 10);
+    }
+    start(&install);
+    let mut conn = install.connect();
+    let lines = [
+        json!({"jsonrpc":"2.0","id":1,"method":"image.cache.prune","params":{"dry_run":true}}),
+        // For the running call, which takes no input: dropped with it.
+        json!({"jsonrpc":"2.0","method":"input","params":{"id":1,"data":"aGkK"}}),
+        json!({"jsonrpc":"2.0","method":"resize","params":{"id":1,"rows":50,"cols":132}}),
+        // For no running call (a late stdin reader), and malformed: dropped, no reply.
+        json!({"jsonrpc":"2.0","method":"input","params":{"id":7,"eof":true}}),
+        json!({"jsonrpc":"2.0","method":"input","params":{"id":1,"data":"%%"}}),
+        json!({"jsonrpc":"2.0","id":2,"method":"daemon.ping"}),
+        json!({"jsonrpc":"2.0","method":"input","params":{"id":2,"eof":true}}),
+    ];
+    let mut bytes = Vec::new();
+    for line in &lines {
+        bytes.extend_from_slice(line.to_string().as_bytes());
+        bytes.push(b'\n');
+    }
+    conn.send_raw(&bytes);
+    // End-of-file while calls are pending: they are still answered, in order.
+    conn.close_write();
+    let first = conn.read_json();
+    assert_eq!(first["id"], 1, "{first}");
+    assert_eq!(first["result"]["blobs_freed"], 3000, "{first}");
+    let second = conn.read_json();
+    assert_eq!(second["id"], 2, "{second}");
+    assert!(second["result"]["pid"].is_number(), "{second}");
+    assert!(conn.at_eof(), "a notification got a reply");
+}
+
+#[test]
 fn a_client_that_disconnects_mid_call_does_not_wedge_the_daemon() {
     let install = Install::new();
     for i in 0..3000 {

@@ -1,7 +1,12 @@
 //! The socket server: one JSON-RPC 2.0 object per line in each direction, many requests per
 //! connection, answered in order. Bad input gets an error reply and the connection stays
 //! usable; only the socket's owner (or root) is served.
+//!
+//! While a call runs the connection is still read: `input` and `resize` notifications for
+//! it go to the call (see [`crate::services::InputEvent`]), anything else waits its turn,
+//! and end-of-file closes the call's input (the caller hung up).
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{Read, Seek, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -11,7 +16,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use banger_api::{ErrorKind, Request, Response, RpcError, MAX_REQUEST_LINE};
+use banger_api::{
+    ErrorKind, InputParams, Request, ResizeParams, Response, RpcError, INPUT_NOTIFICATION,
+    MAX_REQUEST_LINE, RESIZE_NOTIFICATION,
+};
+use base64::Engine as _;
 use serde_json::Value;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -21,11 +30,19 @@ use tokio_util::task::TaskTracker;
 
 use crate::dispatch::Dispatch;
 use crate::layout::Layout;
-use crate::services::{CallContext, SharedServices};
+use crate::services::{CallContext, InputEvent, SharedServices};
 use crate::ServiceError;
 
 /// How long a graceful shutdown waits for running calls before exiting anyway.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// How many input events may wait for a call that is not taking them (a command not
+/// reading its stdin) before the connection stops being read: backpressure to the caller.
+const INPUT_QUEUE: usize = 64;
+
+/// How many requests a client may send ahead while a call runs before the connection
+/// stops being read until the call ends.
+const MAX_QUEUED_LINES: usize = 256;
 
 /// The daemon's claim on a state directory: a held `flock` on the lock file. Dropping it
 /// (or the process dying, even by SIGKILL) releases the claim.
@@ -176,45 +193,143 @@ enum Line {
     Eof,
 }
 
-/// Reads one `\n`-terminated line of at most `max` bytes without ever buffering more.
-async fn read_line_limited<R: AsyncBufRead + Unpin>(
-    reader: &mut R,
+/// Reads `\n`-terminated lines of at most `max` bytes without ever buffering more.
+///
+/// [`LineReader::next`] is cancel-safe (the connection loop races it against the running
+/// call): a partly read line stays here, not in the cancelled future.
+struct LineReader<R> {
+    reader: R,
     max: usize,
-) -> std::io::Result<Line> {
-    let mut line = Vec::new();
-    let mut too_long = false;
-    loop {
-        let available = reader.fill_buf().await?;
-        if available.is_empty() {
-            return Ok(match (too_long, line.is_empty()) {
-                (true, _) => Line::TooLong,
-                (false, true) => Line::Eof,
-                (false, false) => Line::Complete(line),
-            });
+    line: Vec<u8>,
+    too_long: bool,
+}
+
+impl<R: AsyncBufRead + Unpin> LineReader<R> {
+    fn new(reader: R, max: usize) -> Self {
+        LineReader {
+            reader,
+            max,
+            line: Vec::new(),
+            too_long: false,
         }
-        let (chunk, found_newline) = match available.iter().position(|&b| b == b'\n') {
-            Some(i) => (&available[..i], true),
-            None => (available, false),
-        };
-        if !too_long {
-            if line.len() + chunk.len() > max {
-                too_long = true;
-                line = Vec::new();
-            } else {
-                line.extend_from_slice(chunk);
+    }
+
+    async fn next(&mut self) -> std::io::Result<Line> {
+        loop {
+            // The only await: it consumes nothing, so cancelling here loses nothing.
+            let available = self.reader.fill_buf().await?;
+            if available.is_empty() {
+                let line = std::mem::take(&mut self.line);
+                return Ok(
+                    match (std::mem::take(&mut self.too_long), line.is_empty()) {
+                        (true, _) => Line::TooLong,
+                        (false, true) => Line::Eof,
+                        (false, false) => Line::Complete(line),
+                    },
+                );
             }
-        }
-        let consumed = chunk.len() + usize::from(found_newline);
-        reader.consume(consumed);
-        if found_newline {
-            return Ok(if too_long {
-                Line::TooLong
-            } else {
-                Line::Complete(line)
-            });
+            let (chunk, found_newline) = match available.iter().position(|&b| b == b'\n') {
+                Some(i) => (&available[..i], true),
+                None => (available, false),
+            };
+            if !self.too_long {
+                if self.line.len() + chunk.len() > self.max {
+                    self.too_long = true;
+                    self.line = Vec::new();
+                } else {
+                    self.line.extend_from_slice(chunk);
+                }
+            }
+            let consumed = chunk.len() + usize::from(found_newline);
+            self.reader.consume(consumed);
+            if found_newline {
+                let line = std::mem::take(&mut self.line);
+                return Ok(if std::mem::take(&mut self.too_long) {
+                    Line::TooLong
+                } else {
+                    Line::Complete(line)
+                });
+            }
         }
     }
 }
+
+/// What a line read while a call runs is to that call.
+#[derive(Debug, PartialEq, Eq)]
+enum ClientInput {
+    /// Its input, in order.
+    Events(Vec<InputEvent>),
+    /// An `input` or `resize` notification it cannot use: for another call (one that
+    /// ended), or malformed. Dropped: notifications get no reply.
+    Dropped,
+    /// Not a client notification (a later request, or garbage): it waits its turn.
+    NotInput,
+}
+
+/// Sorts a line read while the call `call_id` runs.
+fn client_input(bytes: &[u8], call_id: &Value) -> ClientInput {
+    let Ok(Value::Object(mut object)) = serde_json::from_slice::<Value>(bytes) else {
+        return ClientInput::NotInput;
+    };
+    if object.contains_key("id") {
+        return ClientInput::NotInput;
+    }
+    let method = object
+        .get("method")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let params = object.remove("params").unwrap_or(Value::Null);
+    let events = match method.as_deref() {
+        Some(INPUT_NOTIFICATION) => serde_json::from_value::<InputParams>(params)
+            .map_err(|e| e.to_string())
+            .and_then(|p| {
+                if &p.id != call_id {
+                    return Ok(None);
+                }
+                let mut events = Vec::new();
+                if let Some(data) = p.data {
+                    let bytes = base64::engine::general_purpose::STANDARD
+                        .decode(data)
+                        .map_err(|e| format!("data is not base64: {e}"))?;
+                    events.push(InputEvent::Data(bytes));
+                }
+                if p.eof {
+                    events.push(InputEvent::Eof);
+                }
+                Ok(Some(events))
+            }),
+        Some(RESIZE_NOTIFICATION) => serde_json::from_value::<ResizeParams>(params)
+            .map_err(|e| e.to_string())
+            .map(|p| {
+                (&p.id == call_id).then(|| {
+                    vec![InputEvent::Resize {
+                        rows: p.rows,
+                        cols: p.cols,
+                    }]
+                })
+            }),
+        _ => return ClientInput::NotInput,
+    };
+    match events {
+        Ok(Some(events)) => ClientInput::Events(events),
+        Ok(None) => ClientInput::Dropped,
+        Err(e) => {
+            tracing::warn!(method = ?method, error = %e, "dropped a malformed client notification");
+            ClientInput::Dropped
+        }
+    }
+}
+
+/// Whether `value` is a client notification (`input`, `resize`): no id, one of those methods.
+fn is_client_notification(value: &Value) -> bool {
+    value.get("id").is_none()
+        && matches!(
+            value.get("method").and_then(Value::as_str),
+            Some(INPUT_NOTIFICATION | RESIZE_NOTIFICATION)
+        )
+}
+
+type LineResult = std::io::Result<Line>;
 
 impl Connection {
     async fn serve(self, stream: UnixStream) {
@@ -262,11 +377,19 @@ impl Connection {
         read_half: tokio::net::unix::OwnedReadHalf,
         tx: &mpsc::UnboundedSender<String>,
     ) {
-        let mut reader = BufReader::with_capacity(64 * 1024, read_half);
+        let mut lines = LineReader::new(
+            BufReader::with_capacity(64 * 1024, read_half),
+            MAX_REQUEST_LINE,
+        );
+        // Lines read while a call ran that were not its input: served next, in order.
+        let mut queued: VecDeque<LineResult> = VecDeque::new();
         loop {
-            let line = tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                line = read_line_limited(&mut reader, MAX_REQUEST_LINE) => line,
+            let line = match queued.pop_front() {
+                Some(line) => line,
+                None => tokio::select! {
+                    _ = self.shutdown.cancelled() => return,
+                    line = lines.next() => line,
+                },
             };
             let response = match line {
                 Ok(Line::Eof) => return,
@@ -281,7 +404,12 @@ impl Connection {
                     )),
                 ),
                 Ok(Line::Complete(bytes)) if bytes.iter().all(u8::is_ascii_whitespace) => continue,
-                Ok(Line::Complete(bytes)) => self.handle(&bytes, tx).await,
+                Ok(Line::Complete(bytes)) => {
+                    match self.handle(&bytes, tx, &mut lines, &mut queued).await {
+                        Some(response) => response,
+                        None => continue,
+                    }
+                }
             };
             if tx.send(to_line(&response)).is_err() {
                 return;
@@ -289,16 +417,38 @@ impl Connection {
         }
     }
 
-    async fn handle(&self, bytes: &[u8], tx: &mpsc::UnboundedSender<String>) -> Response {
+    /// Answers one line: `None` for a client notification, which gets no reply (outside a
+    /// call it is the tail of one that ended).
+    async fn handle<R: AsyncBufRead + Unpin>(
+        &self,
+        bytes: &[u8],
+        tx: &mpsc::UnboundedSender<String>,
+        lines: &mut LineReader<R>,
+        queued: &mut VecDeque<LineResult>,
+    ) -> Option<Response> {
         let value: Value = match serde_json::from_slice(bytes) {
             Ok(value) => value,
             Err(e) => {
-                return self.refuse(
+                return Some(self.refuse(
                     Value::Null,
                     ServiceError::bad_request(format!("parse error: {e}")),
-                )
+                ))
             }
         };
+        if is_client_notification(&value) {
+            tracing::debug!("dropped input for a call that is not running");
+            return None;
+        }
+        Some(self.handle_request(value, tx, lines, queued).await)
+    }
+
+    async fn handle_request<R: AsyncBufRead + Unpin>(
+        &self,
+        value: Value,
+        tx: &mpsc::UnboundedSender<String>,
+        lines: &mut LineReader<R>,
+        queued: &mut VecDeque<LineResult>,
+    ) -> Response {
         let id = value.get("id").cloned().unwrap_or(Value::Null);
         let request: Request = match serde_json::from_value(value) {
             Ok(request) => request,
@@ -319,17 +469,49 @@ impl Connection {
             );
         }
         let op_id = self.op_id();
-        let ctx = CallContext::new(op_id.clone(), Some(tx.clone()));
+        let (input_tx, input_rx) = mpsc::channel(INPUT_QUEUE);
+        let ctx = CallContext::new(op_id.clone(), Some(tx.clone())).with_input(input_rx);
         let started = std::time::Instant::now();
-        let result = self
-            .dispatch
-            .call(
-                Arc::clone(&self.services),
-                ctx,
-                &request.method,
-                request.params,
-            )
-            .await;
+        // A task of its own, so reading this connection goes on while it runs (and a
+        // call that blocks its thread cannot stall the reading).
+        let dispatch = Arc::clone(&self.dispatch);
+        let services = Arc::clone(&self.services);
+        let (method, params) = (request.method.clone(), request.params);
+        let mut call =
+            tokio::spawn(async move { dispatch.call(services, ctx, &method, params).await });
+        let mut input = Some(input_tx);
+        let result = loop {
+            tokio::select! {
+                joined = &mut call => break joined.unwrap_or_else(|e| {
+                    Err(anyhow::anyhow!("the call's task failed: {e}").into())
+                }),
+                line = lines.next(), if input.is_some() && queued.len() < MAX_QUEUED_LINES => {
+                    match line {
+                        Ok(Line::Complete(bytes)) => match client_input(&bytes, &request.id) {
+                            ClientInput::Events(events) => {
+                                for event in events {
+                                    // Waits while the call is not taking input; fails once
+                                    // it no longer listens, and the rest is dropped.
+                                    let Some(sender) = &input else { break };
+                                    if sender.send(event).await.is_err() {
+                                        input = None;
+                                    }
+                                }
+                            }
+                            ClientInput::Dropped => {}
+                            ClientInput::NotInput => queued.push_back(Ok(Line::Complete(bytes))),
+                        },
+                        Ok(Line::TooLong) => queued.push_back(Ok(Line::TooLong)),
+                        // The caller hung up: the call's input closes; the end is served
+                        // (the connection closed) once the call is over.
+                        end => {
+                            input = None;
+                            queued.push_back(end);
+                        }
+                    }
+                }
+            }
+        };
         match result {
             Ok(result) => {
                 tracing::info!(op_id, method = %request.method, elapsed_ms = started.elapsed().as_millis() as u64, "ok");
@@ -360,15 +542,84 @@ mod tests {
     use super::*;
 
     async fn lines(input: &[u8], max: usize) -> Vec<Line> {
-        let mut reader = BufReader::with_capacity(4, input);
+        let mut reader = LineReader::new(BufReader::with_capacity(4, input), max);
         let mut out = Vec::new();
         loop {
-            let line = read_line_limited(&mut reader, max).await.unwrap();
+            let line = reader.next().await.unwrap();
             let eof = line == Line::Eof;
             out.push(line);
             if eof {
                 return out;
             }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_line_reader_cancelled_mid_line_loses_nothing() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut reader = LineReader::new(BufReader::new(server), 100);
+        client.write_all(b"{\"half").await.unwrap();
+        // The race the connection loop runs: the call ends while a line is half read.
+        let cancelled = tokio::time::timeout(Duration::from_millis(50), reader.next()).await;
+        assert!(cancelled.is_err(), "a half line is not a line");
+        client.write_all(b"\":1}\nnext\n").await.unwrap();
+        assert_eq!(
+            reader.next().await.unwrap(),
+            Line::Complete(b"{\"half\":1}".to_vec())
+        );
+        assert_eq!(
+            reader.next().await.unwrap(),
+            Line::Complete(b"next".to_vec())
+        );
+    }
+
+    #[test]
+    fn input_notifications_for_the_running_call_become_its_events() {
+        let id = Value::from(7);
+        assert_eq!(
+            client_input(
+                br#"{"jsonrpc":"2.0","method":"input","params":{"id":7,"data":"aGkK","eof":true}}"#,
+                &id
+            ),
+            ClientInput::Events(vec![InputEvent::Data(b"hi\n".to_vec()), InputEvent::Eof])
+        );
+        assert_eq!(
+            client_input(
+                br#"{"method":"resize","params":{"id":7,"rows":50,"cols":132}}"#,
+                &id
+            ),
+            ClientInput::Events(vec![InputEvent::Resize {
+                rows: 50,
+                cols: 132
+            }])
+        );
+        // Input for another (ended) call, or malformed input, is dropped without a reply.
+        for dropped in [
+            &br#"{"method":"input","params":{"id":6,"data":"aGkK"}}"#[..],
+            br#"{"method":"input","params":{"id":7,"data":"not base64!"}}"#,
+            br#"{"method":"resize","params":{"id":7,"rows":-1,"cols":80}}"#,
+            br#"{"method":"input","params":{"id":7,"stdin":"x"}}"#,
+        ] {
+            assert_eq!(
+                client_input(dropped, &id),
+                ClientInput::Dropped,
+                "{}",
+                String::from_utf8_lossy(dropped)
+            );
+        }
+        // Requests and garbage wait their turn, to be answered in order.
+        for later in [
+            &br#"{"jsonrpc":"2.0","id":8,"method":"daemon.ping"}"#[..],
+            br#"{"jsonrpc":"2.0","id":8,"method":"input","params":{"id":7}}"#,
+            b"not json",
+            br#"{"method":"frobnicate"}"#,
+        ] {
+            assert_eq!(
+                client_input(later, &id),
+                ClientInput::NotInput,
+                "{}",
+                String::from_utf8_lossy(later)
+            );
         }
     }
 

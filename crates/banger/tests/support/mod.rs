@@ -3,10 +3,12 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub struct Install {
@@ -58,6 +60,86 @@ impl Install {
         command.args(args).output().unwrap()
     }
 
+    /// Runs banger with `input` on its stdin (a pipe, closed after the input).
+    pub fn banger_with_stdin(&self, args: &[&str], input: &[u8]) -> Output {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_banger"));
+        self.env(&mut command);
+        let mut child = command
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let input = input.to_vec();
+        let writer = std::thread::spawn(move || stdin.write_all(&input));
+        let output = child.wait_with_output().unwrap();
+        // The command may exit without reading everything: a broken pipe is fine.
+        let _ = writer.join().unwrap();
+        output
+    }
+
+    /// Starts banger on a new pty of `rows` x `cols` (its controlling terminal, as in a
+    /// terminal emulator) with TERM=xterm.
+    pub fn banger_on_pty(&self, args: &[&str], rows: u16, cols: u16) -> Pty {
+        use rustix::fs::{Mode, OFlags};
+        use rustix::pty::OpenptFlags;
+        let master =
+            rustix::pty::openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)
+                .unwrap();
+        rustix::pty::grantpt(&master).unwrap();
+        rustix::pty::unlockpt(&master).unwrap();
+        let name = rustix::pty::ptsname(&master, Vec::new()).unwrap();
+        let slave = rustix::fs::open(
+            name.as_c_str(),
+            OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .unwrap();
+        rustix::termios::tcsetwinsize(&slave, winsize(rows, cols)).unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_banger"));
+        self.env(&mut command);
+        command
+            .env("TERM", "xterm")
+            .args(args)
+            .stdin(Stdio::from(slave.try_clone().unwrap()))
+            .stdout(Stdio::from(slave.try_clone().unwrap()))
+            .stderr(Stdio::from(slave));
+        // SAFETY: setsid and the TIOCSCTTY ioctl are plain system calls, safe between fork
+        // and exec. They make the pty banger's controlling terminal, so a size change on
+        // the master sends it SIGWINCH.
+        unsafe {
+            command.pre_exec(|| {
+                rustix::process::setsid()?;
+                rustix::process::ioctl_tiocsctty(std::os::fd::BorrowedFd::borrow_raw(0))?;
+                Ok(())
+            });
+        }
+        let child = command.spawn().unwrap();
+        drop(command); // our copies of the slave: the master ends once banger's close
+        let master = std::fs::File::from(master);
+        let screen = Arc::new(Mutex::new(Vec::new()));
+        let mut reader = master.try_clone().unwrap();
+        let seen = Arc::clone(&screen);
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            // EIO once every holder of the slave has closed it.
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                seen.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Pty {
+            master,
+            child,
+            screen,
+            reader: Some(reader),
+        }
+    }
+
     /// The `bangerd` binary with this installation's environment, not started.
     pub fn bangerd_command(&self) -> Command {
         let mut command = Command::new(bin_dir().join("bangerd"));
@@ -95,6 +177,101 @@ impl Drop for Install {
             while !process_gone(pid) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
             }
+        }
+    }
+}
+
+fn winsize(rows: u16, cols: u16) -> rustix::termios::Winsize {
+    rustix::termios::Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    }
+}
+
+/// A banger process on a pty: type into it, read its screen, resize it.
+pub struct Pty {
+    master: std::fs::File,
+    child: Child,
+    screen: Arc<Mutex<Vec<u8>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Pty {
+    /// Types `keys`.
+    pub fn type_keys(&mut self, keys: &str) {
+        self.master.write_all(keys.as_bytes()).unwrap();
+    }
+
+    /// Everything printed so far.
+    pub fn screen(&self) -> String {
+        String::from_utf8_lossy(&self.screen.lock().unwrap()).into_owned()
+    }
+
+    /// Waits up to `timeout` until `text` has been printed; whether it was.
+    pub fn wait_for(&self, text: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while !self.screen().contains(text) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+
+    /// Resizes the terminal (banger gets SIGWINCH).
+    pub fn resize(&self, rows: u16, cols: u16) {
+        rustix::termios::tcsetwinsize(&self.master, winsize(rows, cols)).unwrap();
+    }
+
+    /// Whether the terminal is in raw mode (no line editing, no echo), as banger sets it
+    /// for a pty in the guest. (Termios calls on the master act on the terminal.)
+    pub fn is_raw(&self) -> bool {
+        use rustix::termios::LocalModes;
+        let termios = rustix::termios::tcgetattr(&self.master).unwrap();
+        !termios
+            .local_modes
+            .intersects(LocalModes::ICANON | LocalModes::ECHO)
+    }
+
+    /// Sends `signal` to banger.
+    pub fn signal(&self, signal: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
+        rustix::process::kill_process(pid, signal).unwrap();
+    }
+
+    /// Waits up to `timeout` for banger to exit; its status and the whole screen.
+    pub fn wait(&mut self, timeout: Duration) -> (ExitStatus, String) {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "banger on a pty did not exit in {timeout:?}: {:?}",
+                    self.screen()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // The reader ends at EIO, once banger's end of the pty is closed.
+        let drained = Instant::now() + Duration::from_secs(5);
+        while self.reader.as_ref().is_some_and(|r| !r.is_finished()) && Instant::now() < drained {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        (status, self.screen())
+    }
+}
+
+impl Drop for Pty {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 }
@@ -149,6 +326,17 @@ impl Conn {
 
     pub fn send_raw(&mut self, bytes: &[u8]) {
         self.writer.write_all(bytes).unwrap();
+    }
+
+    /// Half-closes the connection: the daemon reads end-of-file, and can still answer.
+    pub fn close_write(&self) {
+        self.writer.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+
+    /// Whether the daemon closed the connection with nothing more to say.
+    pub fn at_eof(&mut self) -> bool {
+        let mut line = String::new();
+        self.reader.read_line(&mut line).unwrap() == 0
     }
 
     pub fn read_json(&mut self) -> serde_json::Value {

@@ -6,7 +6,7 @@ pub mod image;
 pub mod kernel;
 pub mod vm;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use banger_api::{Notification, Progress};
 use tokio::sync::mpsc;
@@ -29,12 +29,34 @@ pub struct Services {
     pub vm: VmService,
 }
 
+/// Input the caller sent while its call runs (`input` and `resize` notifications).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InputEvent {
+    /// Bytes for the command's stdin.
+    Data(Vec<u8>),
+    /// The caller's stdin ended.
+    Eof,
+    /// The caller's terminal is now this size.
+    Resize {
+        /// Lines.
+        rows: u16,
+        /// Columns.
+        cols: u16,
+    },
+}
+
+/// The receiving end of a call's input. It closes when the call ends or the caller hangs
+/// up (its connection reached end-of-file).
+pub type InputReceiver = mpsc::Receiver<InputEvent>;
+
 /// What a service call knows about the call itself.
 #[derive(Debug, Clone)]
 pub struct CallContext {
     /// Identifies the call in replies and in the daemon log.
     pub op_id: String,
     progress: Option<mpsc::UnboundedSender<String>>,
+    /// Taken by the one part of the call that consumes input (see [`CallContext::take_input`]).
+    input: Arc<Mutex<Option<InputReceiver>>>,
 }
 
 impl CallContext {
@@ -43,15 +65,24 @@ impl CallContext {
         CallContext {
             op_id,
             progress: sink,
+            input: Arc::default(),
         }
     }
 
     /// A context for calls made without a connection (tests, start-up work).
     pub fn detached(op_id: &str) -> Self {
-        CallContext {
-            op_id: op_id.to_owned(),
-            progress: None,
-        }
+        CallContext::new(op_id.to_owned(), None)
+    }
+
+    /// Gives the call the caller's input.
+    pub fn with_input(self, input: InputReceiver) -> Self {
+        *self.input.lock().unwrap_or_else(|e| e.into_inner()) = Some(input);
+        self
+    }
+
+    /// The caller's input, once: `None` for a detached call or when already taken.
+    pub fn take_input(&self) -> Option<InputReceiver> {
+        self.input.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
     /// Sends a `progress` notification to the caller, if it is still listening.

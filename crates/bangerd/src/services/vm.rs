@@ -9,16 +9,18 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
-use banger_agent::proto::{ExecRequest, ExitStatus};
-use banger_api::{ExecResult, VmCreateParams, VmExecParams, VmInfo, VmRunParams};
-use banger_vmm::agent::{AgentClient, AGENT_GUEST_PATH};
+use banger_agent::proto::{ExecRequest, ExitStatus, WinSize};
+use banger_api::{
+    ExecResult, TtyParams, VmCreateParams, VmExecParams, VmInfo, VmRunParams, VmShellParams,
+};
+use banger_vmm::agent::{AgentClient, ExecControl, AGENT_GUEST_PATH};
 use banger_vmm::qemu::{Accel, Qemu, UserNet, VmSpec};
 use base64::Engine as _;
 use rusqlite::OptionalExtension;
 
 use crate::config::Config;
 use crate::layout::Layout;
-use crate::services::{CallContext, ImageService, KernelService};
+use crate::services::{CallContext, ImageService, InputEvent, InputReceiver, KernelService};
 use crate::store::Store;
 use crate::ServiceError;
 
@@ -27,6 +29,27 @@ use crate::ServiceError;
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a clean shutdown may take before the VMM is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The interactive shell of `vm.shell` (and of `vm.run` without a command): a login
+/// shell, bash where the image has it (what people expect at a prompt), else the POSIX sh
+/// every image has. Chosen in the guest, so no `$SHELL` of the host leaks in.
+const LOGIN_SHELL: [&str; 3] = [
+    "/bin/sh",
+    "-c",
+    "if [ -x /bin/bash ]; then exec /bin/bash -l; fi; exec /bin/sh -l",
+];
+
+/// `TERM` in the guest when the caller's terminal does not say.
+const DEFAULT_TERM: &str = "xterm";
+
+/// How a command's input is wired.
+#[derive(Debug, Clone, Default)]
+struct Stdio {
+    /// The caller forwards its stdin.
+    stdin: bool,
+    /// On a pty of the caller's terminal.
+    tty: Option<TtyParams>,
+}
 
 /// Creates, runs and deletes VMs.
 #[derive(Debug)]
@@ -484,7 +507,27 @@ impl VmService {
         let vm = self.show(&params.name)?;
         let client = self.agent(&vm)?;
         let cwd = params.cwd.clone().unwrap_or_else(|| "/root".into());
-        self.exec_on(ctx, &client, &vm.name, &params.argv, &cwd)
+        let stdio = Stdio {
+            stdin: params.stdin,
+            tty: params.tty.clone(),
+        };
+        self.exec_on(ctx, &client, &vm.name, &params.argv, &cwd, stdio)
+    }
+
+    /// Runs the interactive login shell in a running VM, fed by the caller's input.
+    pub fn shell(
+        &self,
+        ctx: &CallContext,
+        params: &VmShellParams,
+    ) -> Result<ExecResult, ServiceError> {
+        let vm = self.show(&params.name)?;
+        let client = self.agent(&vm)?;
+        let stdio = Stdio {
+            stdin: true,
+            tty: params.tty.clone(),
+        };
+        let argv = LOGIN_SHELL.map(String::from);
+        self.exec_on(ctx, &client, &vm.name, &argv, "/root", stdio)
     }
 
     fn exec_on(
@@ -494,9 +537,19 @@ impl VmService {
         vm: &str,
         argv: &[String],
         cwd: &str,
+        stdio: Stdio,
     ) -> Result<ExecResult, ServiceError> {
         let mut request = ExecRequest::new(argv.iter().map(String::as_str));
         request.cwd = Some(PathBuf::from(cwd));
+        request.stdin = stdio.stdin || stdio.tty.is_some();
+        if let Some(tty) = &stdio.tty {
+            request.tty = Some(WinSize {
+                rows: tty.rows,
+                cols: tty.cols,
+            });
+            let term = tty.term.clone().filter(|t| !t.is_empty());
+            request = request.env("TERM", term.as_deref().unwrap_or(DEFAULT_TERM));
+        }
         let mut stdout = OutputWriter {
             ctx,
             stream: "stdout",
@@ -505,8 +558,26 @@ impl VmService {
             ctx,
             stream: "stderr",
         };
+        let input = ctx.take_input().filter(|_| request.stdin);
+        let on_pty = request.tty.is_some();
+        let start = |control: ExecControl| -> std::io::Result<()> {
+            match input {
+                Some(input) => {
+                    std::thread::Builder::new()
+                        .name("vm-exec-input".into())
+                        .spawn(move || forward_input(input, &control, on_pty))?;
+                }
+                // Nobody can send input (a call without a connection): end it at once
+                // rather than leave the command waiting.
+                None if request.stdin => {
+                    let _ = control.close_stdin();
+                }
+                None => {}
+            }
+            Ok(())
+        };
         let status = client
-            .exec(&request, None, &mut stdout, &mut stderr)
+            .exec_with(&request, start, &mut stdout, &mut stderr)
             .with_context(|| format!("run {argv:?} in VM {vm:?}"))?;
         Ok(match status {
             ExitStatus::Code(code) => ExecResult {
@@ -529,9 +600,6 @@ impl VmService {
         ctx: &CallContext,
         params: VmRunParams,
     ) -> Result<ExecResult, ServiceError> {
-        if params.argv.is_empty() {
-            return Err(ServiceError::bad_request("no command given"));
-        }
         let workspace = match &params.path {
             Some(path) => {
                 let path = PathBuf::from(path);
@@ -572,7 +640,19 @@ impl VmService {
                     format!("copy {} into VM {:?}", workspace.display(), vm.name)
                 })?;
             }
-            self.exec_on(ctx, &client, &vm.name, &params.argv, &cwd)
+            if params.argv.is_empty() {
+                let stdio = Stdio {
+                    stdin: true,
+                    tty: params.tty.clone(),
+                };
+                let argv = LOGIN_SHELL.map(String::from);
+                return self.exec_on(ctx, &client, &vm.name, &argv, &cwd, stdio);
+            }
+            let stdio = Stdio {
+                stdin: params.stdin,
+                tty: params.tty.clone(),
+            };
+            self.exec_on(ctx, &client, &vm.name, &params.argv, &cwd, stdio)
         });
         let cleanup = tokio::task::block_in_place(|| {
             if params.rm {
@@ -584,6 +664,29 @@ impl VmService {
         let result = result?;
         cleanup?;
         Ok(result)
+    }
+}
+
+/// Passes the caller's input on to the command until the caller stops sending it. When
+/// the caller hangs up, a command on a pty gets SIGHUP, as when a terminal closes; one on
+/// a pipe just sees its stdin end.
+fn forward_input(mut input: InputReceiver, control: &ExecControl, on_pty: bool) {
+    while let Some(event) = input.blocking_recv() {
+        let sent = match event {
+            InputEvent::Data(data) => control.stdin(&data),
+            InputEvent::Eof => control.close_stdin(),
+            InputEvent::Resize { rows, cols } => control.resize(WinSize { rows, cols }),
+        };
+        if sent.is_err() || control.finished() {
+            return;
+        }
+    }
+    if !control.finished() {
+        let _ = if on_pty {
+            control.signal(rustix::process::Signal::Hup as i32)
+        } else {
+            control.close_stdin()
+        };
     }
 }
 
