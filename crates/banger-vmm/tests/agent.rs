@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use banger_vmm::agent::{self, AgentClient, AgentError, ExecRequest, ExitStatus};
 use banger_vmm::initramfs::{CpioWriter, DEFAULT_BUSYBOX};
 use banger_vmm::kernel::{self, KernelDir};
-use banger_vmm::qemu::{Accel, Qemu, UserNet, VmSpec};
+use banger_vmm::qemu::{Accel, NetSpec, Qemu, UserNet, VmSpec};
 
 const MUSL: &str = "x86_64-unknown-linux-musl";
 
@@ -505,7 +505,7 @@ fn tcg_vm_agent_runs_commands_uploads_and_powers_off() {
         root_disk: Some(rootfs),
         memory_mib: 512,
         vcpus: 1,
-        net: Some(UserNet::default()),
+        net: Some(NetSpec::User(UserNet::default())),
         accel: Accel::Tcg,
         agent_socket: None,
         run_dir: run_dir.clone(),
