@@ -113,6 +113,20 @@ impl Drop for Install {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
+        // VMMs run detached and outlive the daemon by design; a test that failed halfway
+        // must not leave its VMs (and their TAP devices) running.
+        let needle = self.dir.path().display().to_string();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            if pid != std::process::id() as i32
+                && String::from_utf8_lossy(&cmdline).contains(&needle)
+            {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+        }
     }
 }
 
