@@ -409,6 +409,42 @@ fn tap_network_gives_the_guest_its_address_and_the_bridge_and_rm_deletes_the_tap
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(stdout(&out), "from the bridge\n");
 
+    // A restarted daemon re-adopts the running VM and keeps its tap, but deletes a tap
+    // no running VM owns (left by a crash).
+    let stale = ns.exec(&["ip", "tuntap", "add", "dev", "bgr-deadbeef", "mode", "tap"]);
+    assert!(stale.status.success(), "{}", stderr(&stale));
+    let out = install.banger(&["daemon", "stop"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = install.banger(&[
+        "vm",
+        "exec",
+        "tapbox",
+        "--",
+        "/bin/busybox",
+        "ping",
+        "-c",
+        "1",
+        "-W",
+        "5",
+        "172.30.9.1",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let links = stdout(&ns.exec(&["ip", "-o", "link", "show"]));
+    assert!(
+        !links.contains("bgr-deadbeef"),
+        "start-up kept a stale tap: {links}"
+    );
+    assert!(
+        links.contains(&tap),
+        "start-up deleted a running VM's tap: {links}"
+    );
+
     // A second VM gets the next address; stop deletes its tap, start makes it again.
     let out = install.banger(&[
         "vm",
