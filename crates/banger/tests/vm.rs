@@ -565,3 +565,30 @@ fn firecracker_backend_runs_commands_and_rm_leaves_nothing() {
     let links = stdout(&ns.exec(&["ip", "-o", "link", "show"]));
     assert!(!links.contains("bgr-"), "vm rm left a tap: {links}");
 }
+
+#[test]
+fn firecracker_demanded_but_missing_fails_start_naming_the_config_key() {
+    let Some(install) = ready_install_in(
+        "vmm = \"firecracker\"\nfirecracker_bin = \"/nonexistent/firecracker\"\nnetwork = \"user\"\n",
+        None,
+        None,
+    ) else {
+        return;
+    };
+    let out = install.banger(&["vm", "create", "--name", "nofc", "--image", "bb"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("vmm = \"firecracker\" in config.toml, but no firecracker binary was found")
+            && err.contains("firecracker_bin = \"/nonexistent/firecracker\" is not a file"),
+        "{err}"
+    );
+    assert_eq!(qemu_processes_for(install.dir.path()), 0);
+    let list: Value =
+        serde_json::from_slice(&install.banger(&["--json", "vm", "list"]).stdout).unwrap();
+    assert_eq!(
+        list["vms"],
+        Value::Array(vec![]),
+        "a VM that cannot boot was created"
+    );
+}

@@ -283,6 +283,12 @@ impl VmService {
             TapCapability::probe(),
         )
         .map_err(|e| ServiceError::bad_request(format!("{e:#}")))?;
+        if !params.no_start {
+            // Refuse a VM that could not boot before copying its disk: the backend
+            // choice (vmm, firecracker_bin, KVM, network) is the same at start.
+            let boot = self.kernels.boot_files(&kernel.name)?;
+            self.backend(&boot.kernel, mode)?;
+        }
         let id = hex::encode(rand::random::<[u8; 8]>());
         let (guest_ip, tap) = match mode {
             NetworkMode::User => (None, None),
