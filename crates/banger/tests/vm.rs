@@ -409,43 +409,67 @@ fn tap_network_gives_the_guest_its_address_and_the_bridge_and_rm_deletes_the_tap
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(stdout(&out), "from the bridge\n");
 
-    // A restarted daemon re-adopts the running VM and keeps its tap, but deletes a tap
-    // no running VM owns (left by a crash).
-    let stale = ns.exec(&["ip", "tuntap", "add", "dev", "bgr-deadbeef", "mode", "tap"]);
-    assert!(stale.status.success(), "{}", stderr(&stale));
+    let links_now = || stdout(&ns.exec(&["ip", "-o", "link", "show"]));
+    let ping_bridge = || {
+        let out = install.banger(&[
+            "vm",
+            "exec",
+            "tapbox",
+            "--",
+            "/bin/busybox",
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "5",
+            "172.30.9.1",
+        ]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}{}",
+            stdout(&out),
+            stderr(&out)
+        );
+    };
+
+    // A restarted daemon re-adopts the running VM and leaves its tap alone.
     let out = install.banger(&["daemon", "stop"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let out = install.banger(&[
-        "vm",
-        "exec",
-        "tapbox",
-        "--",
-        "/bin/busybox",
-        "ping",
-        "-c",
-        "1",
-        "-W",
-        "5",
-        "172.30.9.1",
-    ]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}{}",
-        stdout(&out),
-        stderr(&out)
-    );
-    let links = stdout(&ns.exec(&["ip", "-o", "link", "show"]));
+    ping_bridge();
     assert!(
-        !links.contains("bgr-deadbeef"),
-        "start-up kept a stale tap: {links}"
-    );
-    assert!(
-        links.contains(&tap),
-        "start-up deleted a running VM's tap: {links}"
+        links_now().contains(&tap),
+        "start-up deleted a running VM's tap"
     );
 
-    // A second VM gets the next address; stop deletes its tap, start makes it again.
+    // stop deletes the tap; start makes it again.
+    let out = install.banger(&["vm", "stop", "tapbox"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(!links_now().contains(&tap), "vm stop left {tap}");
+    let out = install.banger(&["vm", "start", "tapbox"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    ping_bridge();
+
+    // A VMM that died while no daemon ran: start-up marks the VM stopped and deletes its tap.
+    let pid = show(&install, "tapbox")["pid"].as_i64().unwrap();
+    let out = install.banger(&["daemon", "stop"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !support::process_gone(pid as i32) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(show(&install, "tapbox")["state"], "stopped");
+    assert!(
+        !links_now().contains(&tap),
+        "start-up kept the tap of a dead VM"
+    );
+
+    // A second VM gets the next address.
     let out = install.banger(&[
         "vm",
         "create",
@@ -457,10 +481,6 @@ fn tap_network_gives_the_guest_its_address_and_the_bridge_and_rm_deletes_the_tap
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(show(&install, "second")["guest_ip"], "172.30.9.3");
-    let out = install.banger(&["vm", "stop", "tapbox"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let links = stdout(&ns.exec(&["ip", "-o", "link", "show"]));
-    assert!(!links.contains(&tap), "vm stop left {tap}: {links}");
 
     for name in ["tapbox", "second"] {
         let out = install.banger(&["vm", "rm", name]);

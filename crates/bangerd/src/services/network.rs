@@ -330,17 +330,9 @@ pub fn delete_tap(name: &str) -> anyhow::Result<()> {
     }
 }
 
-/// banger's TAP devices present on the host (by name prefix).
-pub fn list_taps() -> Vec<String> {
-    let mut taps: Vec<String> = std::fs::read_dir("/sys/class/net")
-        .map(|dir| {
-            dir.filter_map(|e| e.ok()?.file_name().into_string().ok())
-                .filter(|n| n.starts_with(TAP_PREFIX))
-                .collect()
-        })
-        .unwrap_or_default();
-    taps.sort();
-    taps
+/// Whether the network device `name` exists (in this network namespace).
+pub fn tap_exists(name: &str) -> bool {
+    link_exists(name)
 }
 
 #[cfg(test)]

@@ -144,26 +144,26 @@ impl VmService {
     }
 
     /// Start-up: VMs recorded as running whose VMM is gone are marked stopped; live ones
-    /// are simply re-adopted (they are found again by pid and socket). TAP devices of VMs
-    /// that do not run (a crash, a killed daemon) are deleted.
+    /// are simply re-adopted (they are found again by pid and socket). The TAP devices of
+    /// this installation's VMs that do not run (a crash, a killed daemon) are deleted;
+    /// other `bgr-*` devices are left alone, since they may belong to another
+    /// installation's running VMs (a user and a system daemon on one host).
     pub fn recover(&self) -> anyhow::Result<()> {
-        let mut live_taps = Vec::new();
         for vm in self.list()? {
-            if vm.state == "running" && !vm.pid.is_some_and(pid_alive) {
+            let running = vm.state == "running" && vm.pid.is_some_and(pid_alive);
+            if vm.state == "running" && !running {
                 self.set_state(&vm.id, "stopped", None)?;
                 tracing::info!(vm = %vm.name, "VM found dead at start-up; marked stopped");
-            } else if vm.state == "running" {
-                live_taps.extend(vm.tap);
             }
-        }
-        for tap in network::list_taps() {
-            if !live_taps.contains(&tap) {
-                match network::delete_tap(&tap) {
-                    Ok(()) => {
-                        tracing::info!(%tap, "deleted the TAP device of a VM that is not running")
-                    }
-                    Err(e) => {
-                        tracing::warn!(%tap, error = %format!("{e:#}"), "cannot delete a stale TAP device")
+            if !running {
+                if let Some(tap) = vm.tap.as_deref().filter(|t| network::tap_exists(t)) {
+                    match network::delete_tap(tap) {
+                        Ok(()) => {
+                            tracing::info!(vm = %vm.name, %tap, "deleted the TAP device of a VM that is not running")
+                        }
+                        Err(e) => {
+                            tracing::warn!(vm = %vm.name, %tap, error = %format!("{e:#}"), "cannot delete a stale TAP device")
+                        }
                     }
                 }
             }
