@@ -498,7 +498,11 @@ impl VmService {
                     .with_context(|| format!("guest_ip {ip:?} of VM {name:?} in the store"))?;
                 network::ensure_bridge(subnet)
                     .with_context(|| format!("set up the bridge for VM {name:?}"))?;
-                network::create_tap(tap).with_context(|| format!("start VM {name:?}"))?;
+                if let Err(e) = network::create_tap(tap) {
+                    // It may exist half-configured (created, not on the bridge).
+                    self.release_tap(&vm);
+                    return Err(e.context(format!("start VM {name:?}")).into());
+                }
                 cmdline.push_str(&format!(
                     " banger.ip={ip}/{} banger.gw={}",
                     subnet.prefix, subnet.gateway
@@ -608,7 +612,10 @@ impl VmService {
     pub fn stop(&self, name: &str) -> Result<VmInfo, ServiceError> {
         let vm = self.show(name)?;
         if let Some(pid) = vm.pid.filter(|pid| pid_alive(*pid)) {
-            if let Ok(client) = agent_channel(&vm)?.connect(Duration::from_secs(5)) {
+            // An unknown backend (a record from a newer banger) still gets killed below.
+            let client =
+                agent_channel(&vm).and_then(|channel| Ok(channel.connect(Duration::from_secs(5))?));
+            if let Ok(client) = client {
                 if let Err(e) = client.shutdown(STOP_TIMEOUT) {
                     tracing::warn!(vm = name, error = %e, "clean shutdown failed");
                 }
