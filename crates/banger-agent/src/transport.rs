@@ -212,8 +212,7 @@ impl VsockListener {
         loop {
             match VsockListener::bind(port) {
                 Ok(l) => return Ok(l),
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
+                Err(_) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 Err(e) => return Err(e),
