@@ -3,8 +3,11 @@
 //! ```text
 //! banger-agent                       find the virtio-serial port "banger.agent" and serve it
 //! banger-agent --port /dev/vport0p1  serve this port
+//! banger-agent --vsock PORT          serve AF_VSOCK connections on PORT (Firecracker)
 //! banger-agent --listen PATH         serve connections on a Unix socket (tests, host use)
 //! ```
+//!
+//! Without arguments, `banger.agent_vsock=PORT` on the kernel command line selects vsock.
 //!
 //! As PID 1 it first mounts the basic filesystems, sets the hostname and configures the
 //! network from the kernel command line, and powers the VM off on Shutdown.
@@ -15,12 +18,13 @@ use std::time::Duration;
 
 use banger_agent::net::{self, NetConfig};
 use banger_agent::system::{self, Cmdline};
-use banger_agent::transport::{self, Transport, UnixSocket, VirtioPort};
+use banger_agent::transport::{self, Transport, UnixSocket, VirtioPort, VsockListener};
 use banger_agent::{Agent, Outcome};
 
 enum Listen {
     FindPort,
     Port(PathBuf),
+    Vsock(u32),
     Unix(PathBuf),
 }
 
@@ -32,6 +36,13 @@ fn parse_args() -> Result<Listen, String> {
             Some("--port") => {
                 listen = Listen::Port(args.next().ok_or("--port needs a path")?.into())
             }
+            Some("--vsock") => {
+                let port = args.next().ok_or("--vsock needs a port")?;
+                let port = port.to_str().and_then(|p| p.parse().ok()).ok_or_else(|| {
+                    format!("--vsock {port:?}: not a port number")
+                })?;
+                listen = Listen::Vsock(port)
+            }
             Some("--listen") => {
                 listen = Listen::Unix(args.next().ok_or("--listen needs a path")?.into())
             }
@@ -41,7 +52,7 @@ fn parse_args() -> Result<Listen, String> {
             }
             _ => {
                 return Err(format!(
-                    "unknown argument {a:?}; usage: banger-agent [--port DEV | --listen SOCKET]"
+                    "unknown argument {a:?}; usage: banger-agent [--port DEV | --vsock PORT | --listen SOCKET]"
                 ))
             }
         }
@@ -107,8 +118,25 @@ fn init() {
     }
 }
 
+/// The vsock port the kernel command line asks the agent to serve, if any.
+fn vsock_port() -> Result<Option<u32>, String> {
+    match Cmdline::read() {
+        Ok(cmdline) => transport::vsock_port_from_cmdline(&cmdline),
+        // Not in a VM (no /proc, or a test): the virtio-serial default applies.
+        Err(_) => Ok(None),
+    }
+}
+
 fn run(listen: Result<Listen, String>) -> Result<(), String> {
     let mut transport: Box<dyn Transport> = match listen? {
+        Listen::FindPort if vsock_port()?.is_some() => {
+            let port = vsock_port()?.unwrap_or(transport::DEFAULT_VSOCK_PORT);
+            Box::new(
+                VsockListener::bind_waiting(port, Duration::from_secs(30))
+                    .map_err(|e| e.to_string())?,
+            )
+        }
+        Listen::Vsock(port) => Box::new(VsockListener::bind(port).map_err(|e| e.to_string())?),
         Listen::FindPort => {
             let dev = transport::find_virtio_port(transport::PORT_NAME, Duration::from_secs(30))
                 .map_err(|e| e.to_string())?;

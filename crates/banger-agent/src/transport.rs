@@ -1,11 +1,13 @@
 //! Where the agent's connections come from.
 //!
 //! The protocol only needs a byte stream per connection; a [`Transport`] hands those out
-//! one after another. Today: a virtio-serial port (the VM's), or a Unix socket (tests, and
-//! running the agent on the host). A vsock listener would be a third implementation.
+//! one after another: a virtio-serial port (QEMU's VMs), an `AF_VSOCK` listener
+//! (Firecracker's VMs, chosen by `banger.agent_vsock=<port>` on the kernel command line),
+//! or a Unix socket (tests, and running the agent on the host).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -14,6 +16,26 @@ use rustix::event::{poll, PollFd, PollFlags};
 
 /// The virtio-serial port name the host gives the agent's port.
 pub const PORT_NAME: &str = "banger.agent";
+
+/// The kernel command-line parameter that makes the agent listen on this vsock port
+/// instead of looking for its virtio-serial port.
+pub const VSOCK_PARAM: &str = "banger.agent_vsock";
+
+/// The vsock port the host connects to unless told otherwise.
+pub const DEFAULT_VSOCK_PORT: u32 = 1024;
+
+/// Which transport the kernel command line asks for: `Some(port)` for vsock, `None` for
+/// the virtio-serial port. A malformed port is an error, not a silent fallback: the host
+/// would wait on a channel nobody serves.
+pub fn vsock_port_from_cmdline(cmdline: &crate::system::Cmdline) -> Result<Option<u32>, String> {
+    cmdline
+        .get(VSOCK_PARAM)
+        .map(|v| {
+            v.parse()
+                .map_err(|e| format!("{VSOCK_PARAM}={v}: not a port number: {e}"))
+        })
+        .transpose()
+}
 
 /// A source of connections.
 pub trait Transport {
@@ -135,9 +157,133 @@ impl Transport for UnixSocket {
     }
 }
 
+/// An `AF_VSOCK` stream socket listening on a port for any CID (the host's connections
+/// arrive through the VMM's vsock device). The std library has no vsock type; the socket
+/// calls go through libc.
+pub struct VsockListener {
+    fd: OwnedFd,
+    port: u32,
+}
+
+impl VsockListener {
+    /// Binds and listens on `port`. Fails with `EAFNOSUPPORT`-like errors until the vsock
+    /// transport module has loaded, hence [`VsockListener::bind_waiting`].
+    pub fn bind(port: u32) -> io::Result<VsockListener> {
+        // SAFETY: plain socket(2); the result is checked before use.
+        let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(ctx(io::Error::last_os_error(), "open an AF_VSOCK socket"));
+        }
+        // SAFETY: `fd` is a fresh descriptor nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_vm is plain C data for which all-zero bytes are valid.
+        let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+        addr.svm_port = port;
+        addr.svm_cid = libc::VMADDR_CID_ANY;
+        // SAFETY: `addr` is a valid sockaddr_vm and the length passed is its size.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_vm).cast(),
+                std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(ctx(
+                io::Error::last_os_error(),
+                &format!("bind vsock port {port}"),
+            ));
+        }
+        // SAFETY: listen(2) on the socket we own.
+        if unsafe { libc::listen(fd.as_raw_fd(), 16) } < 0 {
+            return Err(ctx(
+                io::Error::last_os_error(),
+                &format!("listen on vsock port {port}"),
+            ));
+        }
+        Ok(VsockListener { fd, port })
+    }
+
+    /// [`VsockListener::bind`], retried for up to `timeout` while the kernel has no vsock
+    /// transport yet (the virtio vsock driver probes asynchronously after insmod).
+    pub fn bind_waiting(port: u32, timeout: Duration) -> io::Result<VsockListener> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match VsockListener::bind(port) {
+                Ok(l) => return Ok(l),
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The port listened on.
+    pub fn port(&self) -> u32 {
+        self.port
+    }
+}
+
+impl Transport for VsockListener {
+    fn accept(&mut self) -> io::Result<(Box<dyn Read + Send>, Box<dyn Write + Send>)> {
+        let fd = loop {
+            // SAFETY: accept4(2) with no address buffer; the result is checked.
+            let fd = unsafe {
+                libc::accept4(
+                    self.fd.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_CLOEXEC,
+                )
+            };
+            if fd >= 0 {
+                break fd;
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(ctx(e, &format!("accept on vsock port {}", self.port)));
+            }
+        };
+        // SAFETY: `fd` is the fresh connection accept4 returned; File takes ownership and
+        // read/write on a stream socket behave like on a file.
+        let conn = unsafe { File::from_raw_fd(fd) };
+        Ok((Box::new(conn.try_clone()?), Box::new(conn)))
+    }
+}
+
+fn ctx(e: io::Error, what: &str) -> io::Error {
+    io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vsock_is_chosen_by_the_kernel_command_line() {
+        use crate::system::Cmdline;
+        assert_eq!(
+            vsock_port_from_cmdline(&Cmdline::parse("quiet banger.agent=1")),
+            Ok(None)
+        );
+        assert_eq!(
+            vsock_port_from_cmdline(&Cmdline::parse("banger.agent_vsock=1024")),
+            Ok(Some(1024))
+        );
+        let err = vsock_port_from_cmdline(&Cmdline::parse("banger.agent_vsock=x")).unwrap_err();
+        assert!(err.starts_with("banger.agent_vsock=x: not a port"), "{err}");
+    }
+
+    #[test]
+    fn vsock_listener_binds_where_the_host_kernel_has_vsock() {
+        // Hosts without the vsock core module refuse the address family: nothing to test.
+        match VsockListener::bind(0xbad0) {
+            Ok(l) => assert_eq!(l.port(), 0xbad0),
+            Err(e) => eprintln!("SKIP: no AF_VSOCK here: {e}"),
+        }
+    }
 
     #[test]
     fn lookup_port_matches_the_name_file_not_the_directory() {

@@ -132,12 +132,25 @@ pub struct VmInfo {
     /// The VMM's pid while running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
-    /// `qemu-tcg`, `qemu-kvm`.
+    /// The VMM of its last boot: `qemu-tcg`, `qemu-kvm` or `firecracker`.
     pub backend: String,
+    /// `user` (QEMU user-mode) or `tap` (bridge + TAP + NAT).
+    #[serde(default = "default_network")]
+    pub network: String,
+    /// The guest's address on the bridge (TAP networking).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_ip: Option<String>,
+    /// The host's TAP device of this VM (TAP networking).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
     /// RFC 3339 UTC creation time.
     pub created_at: String,
     /// Its directory (disk, console log, sockets).
     pub dir: String,
+}
+
+fn default_network() -> String {
+    "user".into()
 }
 
 /// `vm.list`: every VM by name.

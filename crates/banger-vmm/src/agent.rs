@@ -3,9 +3,10 @@
 //! pty, with its size kept in step through [`ExecControl`]); upload directories; power
 //! the guest off.
 //!
-//! The transport is a byte stream: today the Unix socket QEMU binds to the guest's
-//! virtio-serial port (see [`qemu_agent_args`]); [`AgentClient::from_halves`] takes any
-//! other stream (vsock, a test pipe). One connection carries any number of concurrent
+//! The transport is a byte stream: the Unix socket QEMU binds to the guest's
+//! virtio-serial port (see [`qemu_agent_args`]), or Firecracker's vsock Unix socket after
+//! its `CONNECT <port>` handshake (see [`AgentChannel`]); [`AgentClient::from_halves`]
+//! takes any other stream (a test pipe). One connection carries any number of concurrent
 //! sessions: a reader thread routes each incoming frame to the session it names, so
 //! `exec` and `upload_*` may be called from several threads at once.
 
@@ -26,6 +27,90 @@ pub use banger_agent::proto::{ExecRequest, ExitStatus, WinSize};
 
 /// The virtio-serial port name the agent looks for.
 pub const AGENT_PORT_NAME: &str = banger_agent::transport::PORT_NAME;
+
+/// The vsock port the agent listens on when the kernel command line says
+/// `banger.agent_vsock=<port>` (Firecracker); the host asks for it in its handshake.
+pub const AGENT_VSOCK_PORT: u32 = banger_agent::transport::DEFAULT_VSOCK_PORT;
+
+/// How the host reaches one VM's agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentChannel {
+    /// The Unix socket QEMU binds to the agent's virtio-serial port: connecting is all.
+    VirtioSerial {
+        /// The socket.
+        socket: PathBuf,
+    },
+    /// Firecracker's vsock device: a Unix socket on which each host-initiated connection
+    /// first sends `CONNECT <port>\n` and reads `OK <host port>\n` back; after that the
+    /// stream is the guest's vsock connection (Firecracker's docs/vsock.md).
+    FirecrackerVsock {
+        /// The `uds_path` given to Firecracker's `/vsock`.
+        socket: PathBuf,
+        /// The guest port the agent listens on.
+        port: u32,
+    },
+}
+
+impl AgentChannel {
+    /// The host-side socket.
+    pub fn socket(&self) -> &Path {
+        match self {
+            AgentChannel::VirtioSerial { socket }
+            | AgentChannel::FirecrackerVsock { socket, .. } => socket,
+        }
+    }
+
+    /// Connects and waits for the agent to answer a ping, all within `timeout` (see
+    /// [`AgentClient::connect`]).
+    pub fn connect(&self, timeout: Duration) -> Result<AgentClient> {
+        match self {
+            AgentChannel::VirtioSerial { socket } => AgentClient::connect(socket, timeout),
+            AgentChannel::FirecrackerVsock { socket, port } => {
+                AgentClient::connect_firecracker_vsock(socket, *port, timeout)
+            }
+        }
+    }
+}
+
+/// Firecracker's host-initiated vsock handshake on a fresh connection to its `uds_path`:
+/// sends `CONNECT <port>\n` and returns the host-side port from the `OK <port>\n` reply.
+/// Firecracker closes the connection instead when nothing in the guest listens on `port`.
+pub fn vsock_handshake(stream: &mut UnixStream, port: u32, timeout: Duration) -> io::Result<u32> {
+    stream.set_read_timeout(Some(timeout.max(Duration::from_millis(1))))?;
+    stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
+    // Byte by byte: whatever follows the reply line is the agent's, not ours to consume.
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match stream.read(&mut byte)? {
+            0 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    format!("closed before answering CONNECT {port} (is the agent listening on vsock port {port}?)"),
+                ))
+            }
+            _ if byte[0] == b'\n' => break,
+            _ if line.len() >= 64 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("over-long reply to CONNECT {port}: {:?}", String::from_utf8_lossy(&line)),
+                ))
+            }
+            _ => line.push(byte[0]),
+        }
+    }
+    stream.set_read_timeout(None)?;
+    let reply = String::from_utf8_lossy(&line);
+    reply
+        .strip_prefix("OK ")
+        .and_then(|p| p.trim().parse().ok())
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unexpected reply to CONNECT {port}: {reply:?}"),
+            )
+        })
+}
 
 /// Where the agent binary lives in a guest root filesystem.
 pub const AGENT_GUEST_PATH: &str = "/.banger/agent";
@@ -200,14 +285,46 @@ impl AgentClient {
     /// VM: it retries while the socket does not exist yet (QEMU starting), and the ping
     /// waits in the socket until the guest's agent opens its port (the guest booting).
     pub fn connect(socket_path: &Path, timeout: Duration) -> Result<AgentClient> {
+        Self::connect_with(socket_path, timeout, |_, _| Ok(()))
+    }
+
+    /// Connects through Firecracker's vsock Unix socket `uds_path` to the guest's vsock
+    /// `port` and waits for a ping's answer, all within `timeout`. Retries while the
+    /// socket is missing (Firecracker starting) or Firecracker refuses the `CONNECT`
+    /// (nothing listens in the guest yet: it is booting).
+    pub fn connect_firecracker_vsock(
+        uds_path: &Path,
+        port: u32,
+        timeout: Duration,
+    ) -> Result<AgentClient> {
+        Self::connect_with(uds_path, timeout, |stream, left| {
+            vsock_handshake(stream, port, left.min(Duration::from_secs(2))).map(drop)
+        })
+    }
+
+    /// Dials `socket_path` until `handshake` succeeds on a connection or `timeout`
+    /// passes, then pings over it.
+    fn connect_with(
+        socket_path: &Path,
+        timeout: Duration,
+        handshake: impl Fn(&mut UnixStream, Duration) -> io::Result<()>,
+    ) -> Result<AgentClient> {
         let deadline = Instant::now() + timeout;
         let stream = loop {
-            match UnixStream::connect(socket_path) {
+            let attempt = UnixStream::connect(socket_path).and_then(|mut s| {
+                handshake(&mut s, deadline.saturating_duration_since(Instant::now()))?;
+                Ok(s)
+            });
+            match attempt {
                 Ok(s) => break s,
                 Err(e)
                     if matches!(
                         e.kind(),
-                        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                        io::ErrorKind::NotFound
+                            | io::ErrorKind::ConnectionRefused
+                            | io::ErrorKind::ConnectionAborted
+                            | io::ErrorKind::ConnectionReset
+                            | io::ErrorKind::BrokenPipe
                     ) && Instant::now() < deadline =>
                 {
                     std::thread::sleep(Duration::from_millis(20));
@@ -740,6 +857,31 @@ mod tests {
         })
     }
 
+    /// A stand-in for Firecracker's vsock socket: answers each connection's
+    /// `CONNECT <port>` with `reply` (or hangs up when `None`), then echoes what follows.
+    fn fake_vsock_uds(
+        path: &Path,
+        reply: Option<&'static str>,
+    ) -> std::thread::JoinHandle<Vec<String>> {
+        use std::io::BufRead;
+        let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = io::BufReader::new(stream.try_clone().unwrap());
+            let mut request = String::new();
+            reader.read_line(&mut request).unwrap();
+            let mut seen = vec![request];
+            if let Some(reply) = reply {
+                (&stream).write_all(reply.as_bytes()).unwrap();
+                let mut rest = String::new();
+                reader.read_line(&mut rest).unwrap();
+                (&stream).write_all(rest.as_bytes()).unwrap();
+                seen.push(rest);
+            }
+            seen
+        })
+    }
+
     #[test]
     fn a_version_1_agent_is_served_but_asked_for_no_pty() {
         let (a, b) = UnixStream::pair().unwrap();
@@ -767,6 +909,61 @@ mod tests {
             agent.join().unwrap(),
             [],
             "the refused exec reached the agent"
+        );
+    }
+
+    #[test]
+    fn vsock_handshake_sends_connect_and_reads_the_host_port() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("vsock.sock");
+        let peer = fake_vsock_uds(&path, Some("OK 1073741824\n"));
+        let mut stream = UnixStream::connect(&path).unwrap();
+        let host_port = vsock_handshake(&mut stream, 1024, Duration::from_secs(5)).unwrap();
+        assert_eq!(host_port, 1_073_741_824);
+        // After the handshake the stream is the guest's: bytes pass through untouched.
+        stream.write_all(b"payload\n").unwrap();
+        let mut echoed = [0u8; 8];
+        stream.read_exact(&mut echoed).unwrap();
+        assert_eq!(&echoed, b"payload\n");
+        assert_eq!(peer.join().unwrap(), ["CONNECT 1024\n", "payload\n"]);
+    }
+
+    #[test]
+    fn vsock_handshake_reports_a_refusal_and_a_garbled_reply() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("refuse.sock");
+        let peer = fake_vsock_uds(&path, None);
+        let mut stream = UnixStream::connect(&path).unwrap();
+        let err = vsock_handshake(&mut stream, 52, Duration::from_secs(5)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted);
+        assert!(err.to_string().contains("CONNECT 52"), "{err}");
+        peer.join().unwrap();
+
+        let path = tmp.path().join("garbled.sock");
+        let peer = fake_vsock_uds(&path, Some("NOPE\n"));
+        let mut stream = UnixStream::connect(&path).unwrap();
+        let err = vsock_handshake(&mut stream, 52, Duration::from_secs(5)).unwrap_err();
+        assert!(err.to_string().contains("\"NOPE\""), "{err}");
+        drop(stream);
+        let _ = peer.join();
+    }
+
+    #[test]
+    fn agent_channel_of_each_backend_is_in_the_run_dir() {
+        use crate::backend::BackendKind;
+        let dir = Path::new("/state/vms/abc");
+        assert_eq!(
+            BackendKind::Qemu.agent_channel_in(dir),
+            AgentChannel::VirtioSerial {
+                socket: dir.join("agent.sock")
+            }
+        );
+        assert_eq!(
+            BackendKind::Firecracker.agent_channel_in(dir),
+            AgentChannel::FirecrackerVsock {
+                socket: dir.join("vsock.sock"),
+                port: AGENT_VSOCK_PORT
+            }
         );
     }
 

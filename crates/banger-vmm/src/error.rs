@@ -33,6 +33,18 @@ pub enum Error {
         /// The module name, with underscores.
         module: String,
     },
+    /// Firecracker's API refused a request.
+    #[error("firecracker API {request}: {status} {reason}: {fault}")]
+    Api {
+        /// Method and path, e.g. `PUT /boot-source`.
+        request: String,
+        /// The HTTP status.
+        status: u16,
+        /// Its reason phrase.
+        reason: String,
+        /// Firecracker's `fault_message`, or the raw body.
+        fault: String,
+    },
     /// The VM did something other than what was asked of it.
     #[error("vm: {0}")]
     Vm(String),

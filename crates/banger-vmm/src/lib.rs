@@ -1,13 +1,17 @@
 //! `banger-vmm` owns everything between "here is a rootfs image" and "a VM ran on it":
 //! guest kernels (imported from Debian packages, with the virtio modules they need and
 //! the ELF `vmlinux` Firecracker wants), the initramfs with banger's init, and the VMM
-//! backends that boot and supervise VM processes (QEMU today).
+//! backends that boot and supervise VM processes: QEMU and Firecracker, behind the
+//! [`Vmm`] trait.
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod backend;
 pub mod error;
+pub mod firecracker;
 pub mod initramfs;
 pub mod kernel;
 pub mod qemu;
 
+pub use backend::{BackendKind, BackendPreference, NetSpec, VmSpec, Vmm};
 pub use error::{Error, Result};

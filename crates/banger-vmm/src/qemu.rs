@@ -1,4 +1,4 @@
-//! VMM backends: the [`Vmm`] trait and its QEMU implementation (`-M microvm`).
+//! The QEMU backend (`-M microvm`) of the [`Vmm`] trait.
 //!
 //! Supervision is synchronous (a `std::process::Child` per VM); the daemon drives it from
 //! blocking tasks. Each VM gets a run directory holding its console log, QEMU's stderr
@@ -11,64 +11,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::agent::AgentChannel;
+use crate::backend::{BackendKind, Vmm};
 use crate::error::{Error, IoContext, Result};
 use crate::initramfs::{self, InitramfsSpec};
 
-/// How the guest CPU is run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Accel {
-    /// Hardware virtualisation. Only use it after [`kvm_usable`] said yes: some hosts
-    /// (paravirtual KVM) accept `KVM_CREATE_VM` but cannot run an unmodified Linux guest.
-    Kvm,
-    /// QEMU's software emulation: slow but works everywhere.
-    Tcg,
-}
+pub use crate::backend::{Accel, NetSpec, UserNet, VmSpec};
 
-/// User-mode (slirp) networking: no privileges needed; the guest is 10.0.2.15/24 behind
-/// 10.0.2.2 and reaches the host's network through QEMU.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct UserNet {
-    /// `(host port on 127.0.0.1, guest port)` TCP forwards.
-    pub host_forwards: Vec<(u16, u16)>,
-}
-
-/// Everything needed to boot one VM.
-#[derive(Debug, Clone)]
-pub struct VmSpec {
-    /// The kernel: a bzImage, or an ELF `vmlinux` with a PVH note (see
-    /// [`crate::kernel::KernelDir::ensure_vmlinux`]). The ELF boots faster under TCG
-    /// because the bzImage decompresses itself inside the emulated CPU.
-    pub kernel: PathBuf,
-    /// The initramfs, if any.
-    pub initrd: Option<PathBuf>,
-    /// The kernel command line. `reboot=t` is added when no `reboot=` is given, and under
-    /// TCG `tsc_early_khz=` when absent.
-    pub cmdline: String,
-    /// A raw disk image attached as the first virtio block device (`/dev/vda`).
-    pub root_disk: Option<PathBuf>,
-    /// Guest memory.
-    pub memory_mib: u32,
-    /// Guest CPUs.
-    pub vcpus: u32,
-    /// Networking; `None` for a VM without a network device.
-    pub net: Option<UserNet>,
-    /// Accelerator.
-    pub accel: Accel,
-    /// A directory owned by this VM for its console log, stderr and control socket.
-    pub run_dir: PathBuf,
-    /// Where QEMU serves the guest agent's virtio-serial port; `None` for no agent port.
-    pub agent_socket: Option<PathBuf>,
-}
-
-/// A VM monitor that can boot [`VmSpec`]s.
-pub trait Vmm {
-    /// The handle of a started VM.
-    type Vm: RunningVm;
-    /// Boots the VM and returns once its process runs (not once the guest is up).
-    fn start(&self, spec: &VmSpec) -> Result<Self::Vm>;
-}
-
-/// A VM process we started.
+/// A VM process started in the foreground by [`Qemu::start`].
 pub trait RunningVm {
     /// The VMM process id.
     fn pid(&self) -> u32;
@@ -183,17 +133,31 @@ impl Qemu {
         if let Some(socket) = &spec.agent_socket {
             a.extend(crate::agent::qemu_agent_args(socket));
         }
-        if let Some(net) = &spec.net {
-            let mut netdev = "user,id=n0".to_string();
-            for (host, guest) in &net.host_forwards {
-                netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
+        match &spec.net {
+            None => {}
+            Some(NetSpec::User(user)) => {
+                let mut netdev = "user,id=n0".to_string();
+                for (host, guest) in &user.host_forwards {
+                    netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
+                }
+                a.extend([
+                    "-netdev".into(),
+                    netdev,
+                    "-device".into(),
+                    "virtio-net-device,netdev=n0".into(),
+                ]);
             }
-            a.extend([
+            Some(NetSpec::Tap { ifname, mac }) => a.extend([
                 "-netdev".into(),
-                netdev,
+                // The tap exists already (the daemon made it and put it on the bridge):
+                // no scripts, QEMU only opens it.
+                format!(
+                    "tap,id=n0,ifname={},script=no,downscript=no",
+                    qemu_escape(ifname)
+                ),
                 "-device".into(),
-                "virtio-net-device,netdev=n0".into(),
-            ]);
+                format!("virtio-net-device,netdev=n0,mac={mac}"),
+            ]),
         }
         a
     }
@@ -204,10 +168,10 @@ fn qemu_escape(s: &str) -> String {
     s.replace(',', ",,")
 }
 
-impl Vmm for Qemu {
-    type Vm = QemuVm;
-
-    fn start(&self, spec: &VmSpec) -> Result<QemuVm> {
+impl Qemu {
+    /// Boots the VM as a child of this process and returns once it runs (not once the
+    /// guest is up). For tests and probes; the daemon uses [`Vmm::spawn_detached`].
+    pub fn start(&self, spec: &VmSpec) -> Result<QemuVm> {
         fs::create_dir_all(&spec.run_dir).ctx("create vm run dir", &spec.run_dir)?;
         let console = spec.run_dir.join("console.log");
         let qmp = spec.run_dir.join("qmp.sock");
@@ -233,11 +197,27 @@ impl Vmm for Qemu {
     }
 }
 
-impl Qemu {
+impl Vmm for Qemu {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Qemu
+    }
+
+    fn version(&self) -> Result<String> {
+        crate::backend::version_line(&self.binary, "--version")
+    }
+
+    fn agent_channel(&self, spec: &VmSpec) -> Option<AgentChannel> {
+        spec.agent_socket
+            .as_ref()
+            .map(|socket| AgentChannel::VirtioSerial {
+                socket: socket.clone(),
+            })
+    }
+
     /// Starts QEMU for `spec` in a session of its own and returns its pid, without tying
     /// its life to the caller: a daemon that owns VMs must be able to restart and re-adopt
     /// them. The child is reaped by a thread while the caller lives.
-    pub fn spawn_detached(&self, spec: &VmSpec) -> Result<u32> {
+    fn spawn_detached(&self, spec: &VmSpec) -> Result<u32> {
         use std::os::unix::process::CommandExt;
         fs::create_dir_all(&spec.run_dir).ctx("create vm run dir", &spec.run_dir)?;
         for stale in ["qmp.sock", "agent.sock"] {
@@ -480,9 +460,9 @@ mod tests {
             root_disk: Some("/images/a,b.ext4".into()),
             memory_mib: 512,
             vcpus: 2,
-            net: Some(UserNet {
+            net: Some(NetSpec::User(UserNet {
                 host_forwards: vec![(2222, 22)],
-            }),
+            })),
             accel,
             agent_socket: None,
             run_dir: "/run/vm1".into(),
@@ -531,6 +511,24 @@ mod tests {
         if host_tsc_khz().is_some() {
             assert!(append.contains(" tsc_early_khz="), "{append}");
         }
+    }
+
+    #[test]
+    fn tap_network_opens_the_existing_tap_without_scripts_and_sets_the_mac() {
+        let mut s = spec(Accel::Tcg, "console=ttyS0");
+        s.net = Some(NetSpec::Tap {
+            ifname: "bgr-0123abcd".into(),
+            mac: "02:b4:00:00:00:07".into(),
+        });
+        let a = Qemu::default().args(&s);
+        assert_eq!(
+            arg_after(&a, "-netdev"),
+            ["tap,id=n0,ifname=bgr-0123abcd,script=no,downscript=no"]
+        );
+        assert!(
+            a.contains(&"virtio-net-device,netdev=n0,mac=02:b4:00:00:00:07".to_string()),
+            "{a:?}"
+        );
     }
 
     #[test]

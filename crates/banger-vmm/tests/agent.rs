@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use banger_vmm::agent::{self, AgentClient, AgentError, ExecRequest, ExitStatus};
 use banger_vmm::initramfs::{CpioWriter, DEFAULT_BUSYBOX};
 use banger_vmm::kernel::{self, KernelDir};
-use banger_vmm::qemu::{Accel, Qemu, UserNet, VmSpec};
+use banger_vmm::qemu::{Accel, NetSpec, Qemu, UserNet, VmSpec};
 
 const MUSL: &str = "x86_64-unknown-linux-musl";
 
@@ -618,7 +618,7 @@ fn tcg_vm_agent_runs_commands_uploads_and_powers_off() {
         root_disk: Some(rootfs),
         memory_mib: 512,
         vcpus: 1,
-        net: Some(UserNet::default()),
+        net: Some(NetSpec::User(UserNet::default())),
         accel: Accel::Tcg,
         agent_socket: None,
         run_dir: run_dir.clone(),
@@ -697,4 +697,70 @@ fn tcg_vm_agent_runs_commands_uploads_and_powers_off() {
     let status =
         status.unwrap_or_else(|| panic!("qemu still running after shutdown\n{}", console()));
     assert!(status.success(), "qemu: {status}\n{}", console());
+}
+
+/// A stand-in for the host side of Firecracker's vsock device (its docs/vsock.md): a
+/// Unix socket whose connections first say `CONNECT <port>\n`, get `OK <host port>\n`
+/// back, and are then spliced to the guest's listener, here the host agent's socket.
+/// Connections to any other port are hung up on, as Firecracker does when nothing in the
+/// guest listens there.
+fn fake_firecracker_vsock(uds: &Path, agent_socket: PathBuf, guest_port: u32) {
+    use std::io::BufRead;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let listener = UnixListener::bind(uds).unwrap();
+    std::thread::spawn(move || {
+        for (n, host) in listener.incoming().flatten().enumerate() {
+            let mut request = String::new();
+            let mut reader = std::io::BufReader::new(host.try_clone().unwrap());
+            if reader.read_line(&mut request).is_err()
+                || request != format!("CONNECT {guest_port}\n")
+            {
+                continue;
+            }
+            let Ok(guest) = UnixStream::connect(&agent_socket) else {
+                continue;
+            };
+            (&host)
+                .write_all(format!("OK {}\n", 1_073_741_824 + n).as_bytes())
+                .unwrap();
+            let (mut host_w, mut guest_r) = (host.try_clone().unwrap(), guest.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut guest_r, &mut host_w);
+                let _ = host_w.shutdown(std::net::Shutdown::Both);
+            });
+            let mut guest_w = guest;
+            std::thread::spawn(move || {
+                // The reader may hold bytes read past the CONNECT line.
+                let _ = std::io::copy(&mut reader, &mut guest_w);
+                let _ = guest_w.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+}
+
+#[test]
+fn client_reaches_the_agent_through_firecrackers_vsock_handshake() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((_agent, agent_sock)) = start_host_agent(tmp.path()) else {
+        return;
+    };
+    let uds = tmp.path().join("vsock.sock");
+    fake_firecracker_vsock(&uds, agent_sock, agent::AGENT_VSOCK_PORT);
+    let channel = agent::AgentChannel::FirecrackerVsock {
+        socket: uds.clone(),
+        port: agent::AGENT_VSOCK_PORT,
+    };
+    // The first connections may find the agent not listening yet: the client retries.
+    let client = channel.connect(Duration::from_secs(10)).unwrap();
+    check_exec_streams_and_exit_code(&client);
+    drop(client);
+
+    // A port nothing listens on is refused, and the error says which socket.
+    let wrong = agent::AgentChannel::FirecrackerVsock {
+        socket: uds.clone(),
+        port: 9,
+    };
+    let err = wrong.connect(Duration::from_millis(300)).err().unwrap();
+    assert!(err.to_string().contains("vsock.sock"), "{err}");
+    assert!(err.to_string().contains("CONNECT 9"), "{err}");
 }

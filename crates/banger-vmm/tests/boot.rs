@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use banger_vmm::initramfs::{self, InitramfsSpec, DEFAULT_BUSYBOX};
 use banger_vmm::kernel::{self, KernelDir};
-use banger_vmm::qemu::{self, Accel, Qemu, RunningVm, VmSpec, Vmm};
+use banger_vmm::qemu::{self, Accel, Qemu, RunningVm, VmSpec};
 
 /// Downloads (once; cached under the target dir) the Debian cloud kernel package.
 /// `None` only when apt cannot download it, with the reason printed.

@@ -223,6 +223,10 @@ fn print_vm(info: &VmInfo, json: bool) -> anyhow::Result<()> {
     );
     println!("disk:     {}", format::format_bytes(info.disk_bytes));
     println!("backend:  {}", info.backend);
+    match (&info.guest_ip, &info.tap) {
+        (Some(ip), Some(tap)) => println!("network:  {} {ip} (host {tap})", info.network),
+        _ => println!("network:  {}", info.network),
+    }
     println!("created:  {}", info.created_at);
     Ok(())
 }

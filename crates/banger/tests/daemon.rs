@@ -432,7 +432,10 @@ fn doctor_reports_each_requirement_with_a_fix_for_what_is_missing() {
     for name in [
         "firecracker",
         "kvm",
+        "ip (iproute2)",
+        "nft (NAT)",
         "bridge/NAT networking",
+        "vmm",
         "guest agent",
         "debugfs",
     ] {
@@ -449,5 +452,40 @@ fn doctor_reports_each_requirement_with_a_fix_for_what_is_missing() {
             .any(|l| l.starts_with("missing  kernel")),
         "{}",
         stdout(&text)
+    );
+}
+
+#[test]
+fn doctor_says_why_a_demanded_firecracker_cannot_run() {
+    let install = Install::new();
+    install.write_config(
+        "vmm = \"firecracker\"\nfirecracker_bin = \"/nonexistent/firecracker\"\nnetwork = \"user\"\n",
+    );
+    let out = install.banger(&["--json", "doctor"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let by_name = |name: &str| {
+        result["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name} check in {result}"))
+    };
+    // Demanded, so missing rather than optional, with the config key in the fix.
+    assert_eq!(by_name("firecracker")["status"], "missing");
+    assert!(by_name("firecracker")["fix"]
+        .as_str()
+        .unwrap()
+        .contains("firecracker_bin"));
+    let vmm = by_name("vmm");
+    assert_eq!(vmm["status"], "missing");
+    assert!(
+        vmm["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("vmm = \"firecracker\" in config.toml, but no firecracker binary"),
+        "{vmm}"
     );
 }

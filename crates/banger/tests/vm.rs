@@ -1,5 +1,9 @@
 //! VMs end to end: a real Debian cloud kernel booted by QEMU (TCG where KVM cannot run a
 //! guest), an image pulled from a real registry, banger's agent inside.
+//!
+//! Tests run as root here, where `network = "auto"` would mean TAP networking on the
+//! host: the QEMU tests say `network = "user"` explicitly, and the TAP and Firecracker
+//! tests run banger inside a network namespace of their own.
 
 mod support;
 
@@ -9,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use banger_testkit::{guest, push_oci_layout, LayerCompression, OciLayoutBuilder, Registry};
 use serde_json::Value;
-use support::{stderr, stdout, Install};
+use support::{stderr, stdout, Install, NetNs};
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -39,26 +43,53 @@ fn guest_parts() -> Option<&'static (PathBuf, PathBuf)> {
         .as_ref()
 }
 
+/// The configuration of the QEMU tests: user-mode networking, whoever runs them.
+const QEMU_USER_NET: &str = "vmm = \"qemu\"\nnetwork = \"user\"\n";
+
 /// An installation with a kernel and a busybox image pulled from a registry.
 fn ready_install(registry: &Registry) -> Option<Install> {
+    ready_install_in(QEMU_USER_NET, None, Some(registry))
+}
+
+/// An installation configured with `config`, whose banger runs in `netns` when given,
+/// with a kernel and a busybox image: pulled from `registry`, or imported from an OCI
+/// layout (a daemon inside a namespace cannot reach the host's loopback registry).
+fn ready_install_in(
+    config: &str,
+    netns: Option<&NetNs>,
+    registry: Option<&Registry>,
+) -> Option<Install> {
     let (agent, deb) = guest_parts()?;
     let mut install = Install::new();
     install
         .extra_env
         .push(("BANGER_AGENT".into(), agent.into()));
+    install.netns = netns.map(|ns| ns.name.clone());
+    install.write_config(config);
     let layout_dir = install.dir.path().join("layout");
     let mut layout = OciLayoutBuilder::new(&layout_dir).unwrap();
     layout
         .image("v1", &[(guest::busybox_layer(), LayerCompression::Gzip)])
         .unwrap();
-    push_oci_layout(&layout_dir, "v1", registry, "busybox");
-    let out = install.banger(&[
-        "image",
-        "pull",
-        &registry.reference("busybox", "v1"),
-        "--name",
-        "bb",
-    ]);
+    let out = match registry {
+        Some(registry) => {
+            push_oci_layout(&layout_dir, "v1", registry, "busybox");
+            install.banger(&[
+                "image",
+                "pull",
+                &registry.reference("busybox", "v1"),
+                "--name",
+                "bb",
+            ])
+        }
+        None => install.banger(&[
+            "image",
+            "import",
+            &format!("{}:v1", layout_dir.display()),
+            "--name",
+            "bb",
+        ]),
+    };
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let out = install.banger(&["kernel", "import", "cloud", "--deb", deb.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -88,9 +119,6 @@ fn vm_run_prints_the_output_returns_the_status_and_sees_the_workspace() {
     let Some(install) = ready_install(&registry) else {
         return;
     };
-    if which("firecracker").is_none() {
-        eprintln!("SKIP firecracker backend: `firecracker` is not on PATH (QEMU is exercised)");
-    }
     let repo = install.dir.path().join("repo");
     std::fs::create_dir_all(&repo).unwrap();
     std::fs::write(repo.join("notes.txt"), "from the host\n").unwrap();
@@ -365,4 +393,347 @@ fn which(program: &str) -> Option<PathBuf> {
         .split(':')
         .map(|dir| Path::new(dir).join(program))
         .find(|p| p.is_file())
+}
+
+fn show(install: &Install, name: &str) -> Value {
+    let out = install.banger(&["--json", "vm", "show", name]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Whether TAP networking can be tested here; prints why not.
+fn tap_testable() -> Option<NetNs> {
+    if !Path::new("/dev/net/tun").exists() {
+        eprintln!("skipped: /dev/net/tun is missing");
+        return None;
+    }
+    if which("ip").is_none() {
+        eprintln!("skipped: ip (iproute2) is not installed");
+        return None;
+    }
+    match NetNs::new("tap") {
+        Ok(ns) => Some(ns),
+        Err(why) => {
+            eprintln!("skipped: cannot make a network namespace: {why}");
+            None
+        }
+    }
+}
+
+#[test]
+fn tap_network_gives_the_guest_its_address_and_the_bridge_and_rm_deletes_the_tap() {
+    let Some(ns) = tap_testable() else { return };
+    let Some(install) = ready_install_in(
+        "vmm = \"qemu\"\nnetwork = \"tap\"\nbridge_address = \"172.30.9.1/24\"\n",
+        Some(&ns),
+        None,
+    ) else {
+        return;
+    };
+    let out = install.banger(&["vm", "create", "--name", "tapbox", "--image", "bb"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let vm = show(&install, "tapbox");
+    assert_eq!(vm["network"], "tap");
+    assert_eq!(vm["guest_ip"], "172.30.9.2");
+    let tap = vm["tap"].as_str().unwrap().to_owned();
+    assert_eq!(tap, format!("bgr-{}", &vm["id"].as_str().unwrap()[..8]));
+
+    // Host side, inside the namespace: the tap is on the bridge, which has the gateway
+    // address, and the subnet is masqueraded.
+    let links = stdout(&ns.exec(&["ip", "-o", "link", "show"]));
+    assert!(
+        links
+            .lines()
+            .any(|l| l.contains(&format!(" {tap}:")) && l.contains("master banger0")),
+        "{links}"
+    );
+    let addr = stdout(&ns.exec(&["ip", "-o", "-4", "addr", "show", "dev", "banger0"]));
+    assert!(addr.contains("inet 172.30.9.1/24"), "{addr}");
+    let nat = ns.exec(&["nft", "list", "table", "ip", "banger"]);
+    assert!(
+        stdout(&nat).contains("ip saddr 172.30.9.0/24 ip daddr != 172.30.9.0/24 masquerade"),
+        "{}{}",
+        stdout(&nat),
+        stderr(&nat)
+    );
+
+    // Guest side: eth0 has the assigned address and the bridge answers, by ICMP and TCP.
+    let out = install.banger(&[
+        "vm",
+        "exec",
+        "tapbox",
+        "--",
+        "/bin/busybox",
+        "ip",
+        "-4",
+        "addr",
+        "show",
+        "dev",
+        "eth0",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("inet 172.30.9.2/24"),
+        "{}",
+        stdout(&out)
+    );
+    let out = install.banger(&[
+        "vm",
+        "exec",
+        "tapbox",
+        "--",
+        "/bin/busybox",
+        "ping",
+        "-c",
+        "1",
+        "-W",
+        "5",
+        "172.30.9.1",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+
+    let www = install.dir.path().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("hello"), "from the bridge\n").unwrap();
+    let mut httpd = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            "/bin/busybox",
+            "httpd",
+            "-f",
+            "-p",
+            "172.30.9.1:8080",
+            "-h",
+        ])
+        .arg(&www)
+        .spawn()
+        .unwrap();
+    let out = install.banger(&[
+        "vm",
+        "exec",
+        "tapbox",
+        "--",
+        "/bin/busybox",
+        "wget",
+        "-q",
+        "-O",
+        "-",
+        // Not -T: Debian's static busybox 1.35 wget segfaults with it.
+        "http://172.30.9.1:8080/hello",
+    ]);
+    let _ = httpd.kill();
+    let _ = httpd.wait();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "from the bridge\n");
+
+    let links_now = || stdout(&ns.exec(&["ip", "-o", "link", "show"]));
+    let ping_bridge = || {
+        let out = install.banger(&[
+            "vm",
+            "exec",
+            "tapbox",
+            "--",
+            "/bin/busybox",
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "5",
+            "172.30.9.1",
+        ]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}{}",
+            stdout(&out),
+            stderr(&out)
+        );
+    };
+
+    // A restarted daemon re-adopts the running VM and leaves its tap alone.
+    let out = install.banger(&["daemon", "stop"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    ping_bridge();
+    assert!(
+        links_now().contains(&tap),
+        "start-up deleted a running VM's tap"
+    );
+
+    // stop deletes the tap; start makes it again.
+    let out = install.banger(&["vm", "stop", "tapbox"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(!links_now().contains(&tap), "vm stop left {tap}");
+    let out = install.banger(&["vm", "start", "tapbox"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    ping_bridge();
+
+    // A VMM that died while no daemon ran: start-up marks the VM stopped and deletes its tap.
+    let pid = show(&install, "tapbox")["pid"].as_i64().unwrap();
+    let out = install.banger(&["daemon", "stop"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !support::process_gone(pid as i32) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(show(&install, "tapbox")["state"], "stopped");
+    assert!(
+        !links_now().contains(&tap),
+        "start-up kept the tap of a dead VM"
+    );
+
+    // A second VM gets the next address.
+    let out = install.banger(&[
+        "vm",
+        "create",
+        "--name",
+        "second",
+        "--image",
+        "bb",
+        "--no-start",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(show(&install, "second")["guest_ip"], "172.30.9.3");
+
+    for name in ["tapbox", "second"] {
+        let out = install.banger(&["vm", "rm", name]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    }
+    let links = stdout(&ns.exec(&["ip", "-o", "link", "show"]));
+    assert!(!links.contains("bgr-"), "vm rm left a tap: {links}");
+    assert!(
+        links.contains("banger0"),
+        "the bridge stays, like docker0: {links}"
+    );
+    assert_eq!(qemu_processes_for(install.dir.path()), 0);
+}
+
+/// The Firecracker backend through the same CLI: runs only where `firecracker` is on
+/// PATH and KVM really boots a guest, and then drives the real Firecracker.
+#[test]
+fn firecracker_backend_runs_commands_and_rm_leaves_nothing() {
+    if which("firecracker").is_none() {
+        eprintln!("skipped: firecracker not on PATH");
+        return;
+    }
+    let Some(ns) = tap_testable() else { return };
+    let Some(install) = ready_install_in(
+        "vmm = \"firecracker\"\nnetwork = \"tap\"\nbridge_address = \"172.30.10.1/24\"\n",
+        Some(&ns),
+        None,
+    ) else {
+        return;
+    };
+    let doctor: Value =
+        serde_json::from_slice(&install.banger(&["--json", "doctor"]).stdout).unwrap();
+    let kvm = doctor["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "kvm")
+        .cloned()
+        .unwrap();
+    if kvm["status"] != "ok" {
+        eprintln!(
+            "skipped: KVM not usable ({})",
+            kvm["detail"].as_str().unwrap_or_default()
+        );
+        return;
+    }
+
+    let out = install.banger(&[
+        "vm",
+        "run",
+        "--rm",
+        "--image",
+        "bb",
+        "--",
+        "sh",
+        "-c",
+        "echo hi; exit 7",
+    ]);
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "hi\n");
+
+    let out = install.banger(&["vm", "create", "--name", "fc", "--image", "bb"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let vm = show(&install, "fc");
+    assert_eq!(vm["backend"], "firecracker");
+    let vm_dir = PathBuf::from(vm["dir"].as_str().unwrap());
+    assert!(vm_dir.join("firecracker.log").is_file());
+    let out = install.banger(&[
+        "vm",
+        "exec",
+        "fc",
+        "--",
+        "/bin/busybox",
+        "ping",
+        "-c",
+        "1",
+        "-W",
+        "5",
+        "172.30.10.1",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let out = install.banger(&["vm", "stop", "fc"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = install.banger(&["vm", "start", "fc"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = install.banger(&["vm", "kill", "fc"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = install.banger(&["vm", "rm", "fc"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(!vm_dir.exists(), "vm rm left {}", vm_dir.display());
+    assert_eq!(
+        qemu_processes_for(install.dir.path()),
+        0,
+        "a firecracker outlived vm rm"
+    );
+    let links = stdout(&ns.exec(&["ip", "-o", "link", "show"]));
+    assert!(!links.contains("bgr-"), "vm rm left a tap: {links}");
+}
+
+#[test]
+fn firecracker_demanded_but_missing_fails_start_naming_the_config_key() {
+    let Some(install) = ready_install_in(
+        "vmm = \"firecracker\"\nfirecracker_bin = \"/nonexistent/firecracker\"\nnetwork = \"user\"\n",
+        None,
+        None,
+    ) else {
+        return;
+    };
+    let out = install.banger(&["vm", "create", "--name", "nofc", "--image", "bb"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("vmm = \"firecracker\" in config.toml, but no firecracker binary was found")
+            && err.contains("firecracker_bin = \"/nonexistent/firecracker\" is not a file"),
+        "{err}"
+    );
+    assert_eq!(qemu_processes_for(install.dir.path()), 0);
+    let list: Value =
+        serde_json::from_slice(&install.banger(&["--json", "vm", "list"]).stdout).unwrap();
+    assert_eq!(
+        list["vms"],
+        Value::Array(vec![]),
+        "a VM that cannot boot was created"
+    );
 }

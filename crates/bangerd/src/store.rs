@@ -55,6 +55,16 @@ pub const MIGRATIONS: &[Migration] = &[
             created_at TEXT NOT NULL
           );",
     },
+    Migration {
+        version: 3,
+        name: "vm networking",
+        // Rows from before TAP networking used QEMU's user-mode stack. The unique index
+        // makes a double allocation of one address impossible (NULLs do not collide).
+        sql: "ALTER TABLE vms ADD COLUMN network TEXT NOT NULL DEFAULT 'user';
+          ALTER TABLE vms ADD COLUMN guest_ip TEXT;
+          ALTER TABLE vms ADD COLUMN tap TEXT;
+          CREATE UNIQUE INDEX vms_guest_ip ON vms(guest_ip);",
+    },
 ];
 
 /// The database was written by a newer banger; refusing beats corrupting it.
@@ -186,6 +196,39 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM schema_migrations", [], |r| r.get(0))
             .unwrap();
         assert_eq!(rows, MIGRATIONS.len() as i64);
+    }
+
+    #[test]
+    fn vm_rows_from_before_networking_read_as_user_networked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("banger.db");
+        let store = Store::open_with(&path, &MIGRATIONS[..2]).unwrap();
+        store
+            .conn()
+            .execute_batch(
+                "INSERT INTO kernels VALUES ('k', '6.1', 'now');
+                 INSERT INTO vms VALUES ('id1', 'old', 'img', 'k', 1, 512, 1, 'stopped', NULL, 'qemu-tcg', 'now');",
+            )
+            .unwrap();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        let (network, ip, tap): (String, Option<String>, Option<String>) = store
+            .conn()
+            .query_row("SELECT network, guest_ip, tap FROM vms", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap();
+        assert_eq!((network.as_str(), ip, tap), ("user", None, None));
+        // One address, one VM.
+        let conn = store.conn();
+        conn.execute("UPDATE vms SET guest_ip = '172.30.0.2'", [])
+            .unwrap();
+        let dup = conn.execute(
+            "INSERT INTO vms (id, name, image, kernel, vcpus, memory_mib, disk_bytes, state, backend, created_at, guest_ip)
+             VALUES ('id2', 'new', 'img', 'k', 1, 512, 1, 'stopped', 'qemu', 'now', '172.30.0.2')",
+            [],
+        );
+        assert!(dup.is_err(), "a second VM got 172.30.0.2");
     }
 
     #[test]

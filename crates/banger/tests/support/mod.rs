@@ -15,6 +15,8 @@ pub struct Install {
     pub dir: tempfile::TempDir,
     /// Extra environment for banger and the daemon it starts (e.g. BANGER_AGENT).
     pub extra_env: Vec<(String, std::ffi::OsString)>,
+    /// A network namespace `banger` (and so the daemon it starts) runs in.
+    pub netns: Option<String>,
 }
 
 impl Install {
@@ -28,6 +30,7 @@ impl Install {
         Install {
             dir: tempfile::tempdir().unwrap(),
             extra_env: Vec::new(),
+            netns: None,
         }
     }
 
@@ -55,7 +58,14 @@ impl Install {
     }
 
     pub fn banger(&self, args: &[&str]) -> Output {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_banger"));
+        let mut command = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_banger")]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_banger")),
+        };
         self.env(&mut command);
         command.args(args).output().unwrap()
     }
@@ -140,6 +150,13 @@ impl Install {
         }
     }
 
+    /// Writes `config.toml`.
+    pub fn write_config(&self, text: &str) {
+        let dir = self.dir.path().join("config/banger");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.toml"), text).unwrap();
+    }
+
     /// The `bangerd` binary with this installation's environment, not started.
     pub fn bangerd_command(&self) -> Command {
         let mut command = Command::new(bin_dir().join("bangerd"));
@@ -178,6 +195,70 @@ impl Drop for Install {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
+        // VMMs run detached and outlive the daemon by design; a test that failed halfway
+        // must not leave its VMs (and their TAP devices) running.
+        let needle = self.dir.path().display().to_string();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            if pid != std::process::id() as i32
+                && String::from_utf8_lossy(&cmdline).contains(&needle)
+            {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+        }
+    }
+}
+
+/// A network namespace of the test's own (`ip netns add`), with loopback up; deleted on
+/// drop. Tests that touch networking (bridges, TAPs, NAT) run banger inside one so the
+/// host's real network is never changed or addressed.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    /// `None` (with the reason) where namespaces cannot be made: not root, or no `ip`.
+    pub fn new(tag: &str) -> Result<NetNs, String> {
+        if !rustix::process::geteuid().is_root() {
+            return Err("not root".into());
+        }
+        let name = format!("banger-test-{tag}-{}", std::process::id());
+        let out = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .map_err(|e| format!("run ip netns add: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "ip netns add {name}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let ns = NetNs { name };
+        let up = ns.exec(&["ip", "link", "set", "lo", "up"]);
+        if !up.status.success() {
+            return Err(format!("bring lo up in {}: {}", ns.name, stderr(&up)));
+        }
+        Ok(ns)
+    }
+
+    /// Runs `argv` inside the namespace.
+    pub fn exec(&self, argv: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(argv)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 

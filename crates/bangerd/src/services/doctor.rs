@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use banger_api::DoctorCheck;
 
+use crate::services::network::{self, NetworkSetting, TapCapability};
 use crate::services::{KernelService, VmService};
 
 fn version_of(program: &str, arg: &str) -> Option<String> {
@@ -48,6 +49,9 @@ fn check(name: &str, found: Option<String>, required: bool, fix: &str) -> Doctor
 /// Runs every check. The KVM check boots the newest kernel briefly (bounded), because an
 /// openable /dev/kvm does not prove a Linux guest can run.
 pub fn diagnose(kernels: &KernelService, vms: &VmService) -> Vec<DoctorCheck> {
+    let config = vms.config();
+    let firecracker_required = config.vmm == Some(crate::config::VmmSetting::Firecracker);
+    let tap_required = config.network == Some(NetworkSetting::Tap);
     let mut checks = vec![
         check(
             "qemu-system-x86_64",
@@ -57,9 +61,12 @@ pub fn diagnose(kernels: &KernelService, vms: &VmService) -> Vec<DoctorCheck> {
         ),
         check(
             "firecracker",
-            version_of("firecracker", "--version"),
-            false,
-            "install firecracker on PATH to use it where KVM works (QEMU is used otherwise)",
+            vms.firecracker_binary().and_then(|bin| {
+                let version = version_of(bin.to_str()?, "--version")?;
+                Some(format!("{version} ({})", bin.display()))
+            }),
+            firecracker_required,
+            "install firecracker (v1.8 or later: ACPI device discovery) on PATH or set firecracker_bin in config.toml; it is used where KVM works, QEMU otherwise",
         ),
         check("mkfs.ext4", version_of("mkfs.ext4", "-V"), true, "apt-get install e2fsprogs"),
         check("debugfs", version_of("debugfs", "-V"), true, "apt-get install e2fsprogs"),
@@ -91,7 +98,7 @@ pub fn diagnose(kernels: &KernelService, vms: &VmService) -> Vec<DoctorCheck> {
         true,
         "apt-get download $(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image/{print $2}') && banger kernel import cloud --deb linux-image-*.deb",
     ));
-    let kvm = if !Path::new("/dev/kvm").exists() {
+    let kvm_check = if !Path::new("/dev/kvm").exists() {
         DoctorCheck {
             name: "kvm".into(),
             status: "optional".into(),
@@ -137,22 +144,102 @@ pub fn diagnose(kernels: &KernelService, vms: &VmService) -> Vec<DoctorCheck> {
             },
         }
     };
-    checks.push(kvm);
-    let root = rustix::process::geteuid().is_root();
-    let tun = Path::new("/dev/net/tun").exists();
-    checks.push(DoctorCheck {
-        name: "bridge/NAT networking".into(),
-        status: if root && tun { "ok" } else { "optional" }.into(),
-        detail: match (root, tun) {
-            (true, true) => {
-                "root and /dev/net/tun: TAP + bridge possible; VMs use QEMU user-mode networking"
-                    .into()
-            }
-            (false, _) => "not root: VMs use QEMU user-mode networking (outbound only)".into(),
-            (true, false) => "/dev/net/tun is missing: user-mode networking only".into(),
-        },
-        fix: (!(root && tun))
-            .then(|| "run bangerd as root on a host with /dev/net/tun for TAP networking".into()),
-    });
+    let kvm: Result<String, String> = if kvm_check.status == "ok" {
+        Ok(kvm_check.detail.clone())
+    } else {
+        Err(kvm_check.detail.clone())
+    };
+    checks.push(kvm_check);
+    checks.extend(network_checks(tap_required));
+    checks.push(backend_check(vms, kvm));
     checks
+}
+
+/// The tools and privileges TAP networking needs, then whether it is possible as a whole.
+fn network_checks(tap_required: bool) -> Vec<DoctorCheck> {
+    let ip = version_of("ip", "-V");
+    let nat = version_of("nft", "--version").or_else(|| {
+        version_of("iptables", "--version").map(|v| format!("{v} (nft is not installed)"))
+    });
+    let cap = TapCapability::probe();
+    let mut missing = Vec::new();
+    if !cap.root {
+        missing.push("bangerd is not root");
+    }
+    if !cap.tun {
+        missing.push("/dev/net/tun is missing");
+    }
+    if ip.is_none() {
+        missing.push("no ip (iproute2)");
+    }
+    if nat.is_none() {
+        missing.push("neither nft nor iptables");
+    }
+    let bridge = if missing.is_empty() {
+        DoctorCheck {
+            name: "bridge/NAT networking".into(),
+            status: "ok".into(),
+            detail: format!(
+                "root, /dev/net/tun, ip and NAT tools: network = \"auto\" gives VMs a TAP on bridge {} with NAT",
+                network::BRIDGE
+            ),
+            fix: None,
+        }
+    } else {
+        DoctorCheck {
+            name: "bridge/NAT networking".into(),
+            status: if tap_required { "missing" } else { "optional" }.into(),
+            detail: format!(
+                "{}: VMs use QEMU user-mode networking (outbound only; Firecracker needs TAP)",
+                missing.join(", ")
+            ),
+            fix: Some(
+                "run bangerd as root on a host with /dev/net/tun, and apt-get install iproute2 nftables"
+                    .into(),
+            ),
+        }
+    };
+    vec![
+        check(
+            "ip (iproute2)",
+            ip,
+            tap_required,
+            "apt-get install iproute2",
+        ),
+        check("nft (NAT)", nat, tap_required, "apt-get install nftables"),
+        bridge,
+    ]
+}
+
+/// Which VMM the `vmm` setting picks on this host, or why it cannot.
+fn backend_check(vms: &VmService, kvm: Result<String, String>) -> DoctorCheck {
+    let config = vms.config();
+    let setting = config.vmm.unwrap_or_default();
+    let tap = network::resolve_mode(config.network.unwrap_or_default(), TapCapability::probe())
+        .is_ok_and(|m| m == network::NetworkMode::Tap);
+    let host = banger_vmm::backend::HostFacts {
+        firecracker: vms.firecracker_binary(),
+        kvm,
+        tap_network: tap,
+    };
+    match banger_vmm::backend::select_backend(setting.into(), &host) {
+        Ok(kind) => DoctorCheck {
+            name: "vmm".into(),
+            status: "ok".into(),
+            detail: format!(
+                "vmm = {:?} boots VMs with {kind}",
+                format!("{setting:?}").to_lowercase()
+            ),
+            fix: None,
+        },
+        Err(e) => DoctorCheck {
+            name: "vmm".into(),
+            status: "missing".into(),
+            detail: e.to_string(),
+            fix: Some(
+                "set vmm = \"auto\" or \"qemu\" in config.toml, or provide what Firecracker needs"
+                    .into(),
+            ),
+        },
+    }
 }

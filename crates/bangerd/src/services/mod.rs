@@ -4,6 +4,7 @@ pub mod daemon;
 pub mod doctor;
 pub mod image;
 pub mod kernel;
+pub mod network;
 pub mod vm;
 
 use std::sync::{Arc, Mutex};

@@ -1,8 +1,13 @@
 //! Virtual machines: each has a directory `<state>/vms/<id>/` holding its own copy of the
 //! image's root filesystem (reflinked or sparse), the console log and the sockets of its
 //! VMM and guest agent. The VMM runs detached, so a restarted daemon re-adopts running VMs.
+//!
+//! Each VM row records the backend of its last boot (`qemu-kvm`, `qemu-tcg`,
+//! `firecracker`), which says how its agent is reached after a daemon restart, and its
+//! network (`user`, or `tap` with its address and TAP device; see [`super::network`]).
 
 use std::io::Write;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, OnceLock};
@@ -14,12 +19,16 @@ use banger_api::{
     ExecResult, TtyParams, VmCreateParams, VmExecParams, VmInfo, VmRunParams, VmShellParams,
 };
 use banger_vmm::agent::{AgentClient, ExecControl, AGENT_GUEST_PATH};
-use banger_vmm::qemu::{Accel, Qemu, UserNet, VmSpec};
+use banger_vmm::backend::{self, agent_socket_in, select_backend, BackendKind, HostFacts};
+use banger_vmm::firecracker::Firecracker;
+use banger_vmm::qemu::{Accel, Qemu};
+use banger_vmm::{NetSpec, VmSpec, Vmm};
 use base64::Engine as _;
 use rusqlite::OptionalExtension;
 
 use crate::config::Config;
 use crate::layout::Layout;
+use crate::services::network::{self, NetworkMode, Subnet, TapCapability};
 use crate::services::{CallContext, ImageService, InputEvent, InputReceiver, KernelService};
 use crate::store::Store;
 use crate::ServiceError;
@@ -59,10 +68,16 @@ pub struct VmService {
     store: Arc<Store>,
     images: Arc<ImageService>,
     kernels: Arc<KernelService>,
-    accel: OnceLock<Accel>,
+    /// Whether a guest boots under KVM (`Ok(detail)`) or why not; probed once.
+    kvm: OnceLock<Result<String, String>>,
 }
 
 impl VmService {
+    /// The configuration VMs are created and booted with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
     /// The kernel service this one boots from.
     pub fn kernels(&self) -> &KernelService {
         &self.kernels
@@ -143,7 +158,7 @@ impl VmService {
             store,
             images,
             kernels,
-            accel: OnceLock::new(),
+            kvm: OnceLock::new(),
         }
     }
 
@@ -152,12 +167,28 @@ impl VmService {
     }
 
     /// Start-up: VMs recorded as running whose VMM is gone are marked stopped; live ones
-    /// are simply re-adopted (they are found again by pid and socket).
+    /// are simply re-adopted (they are found again by pid and socket). The TAP devices of
+    /// this installation's VMs that do not run (a crash, a killed daemon) are deleted;
+    /// other `bgr-*` devices are left alone, since they may belong to another
+    /// installation's running VMs (a user and a system daemon on one host).
     pub fn recover(&self) -> anyhow::Result<()> {
         for vm in self.list()? {
-            if vm.state == "running" && !vm.pid.is_some_and(pid_alive) {
+            let running = vm.state == "running" && vm.pid.is_some_and(pid_alive);
+            if vm.state == "running" && !running {
                 self.set_state(&vm.id, "stopped", None)?;
                 tracing::info!(vm = %vm.name, "VM found dead at start-up; marked stopped");
+            }
+            if !running {
+                if let Some(tap) = vm.tap.as_deref().filter(|t| network::tap_exists(t)) {
+                    match network::delete_tap(tap) {
+                        Ok(()) => {
+                            tracing::info!(vm = %vm.name, %tap, "deleted the TAP device of a VM that is not running")
+                        }
+                        Err(e) => {
+                            tracing::warn!(vm = %vm.name, %tap, error = %format!("{e:#}"), "cannot delete a stale TAP device")
+                        }
+                    }
+                }
             }
         }
         Ok(())
@@ -178,11 +209,13 @@ impl VmService {
             pid: row.get(8)?,
             backend: row.get(9)?,
             created_at: row.get(10)?,
+            network: row.get(11)?,
+            guest_ip: row.get(12)?,
+            tap: row.get(13)?,
         })
     }
 
-    const COLUMNS: &'static str =
-        "id, name, image, kernel, vcpus, memory_mib, disk_bytes, state, pid, backend, created_at";
+    const COLUMNS: &'static str = "id, name, image, kernel, vcpus, memory_mib, disk_bytes, state, pid, backend, created_at, network, guest_ip, tap";
 
     /// Every VM by name.
     pub fn list(&self) -> Result<Vec<VmInfo>, ServiceError> {
@@ -268,7 +301,25 @@ impl VmService {
             self.config.default_kernel.as_deref(),
         )?;
         let agent = self.agent_binary()?;
+        let mode = network::resolve_mode(
+            self.config.network.unwrap_or_default(),
+            TapCapability::probe(),
+        )
+        .map_err(|e| ServiceError::bad_request(format!("{e:#}")))?;
+        if !params.no_start {
+            // Refuse a VM that could not boot before copying its disk: the backend
+            // choice (vmm, firecracker_bin, KVM, network) is the same at start.
+            let boot = self.kernels.boot_files(&kernel.name)?;
+            self.backend(&boot.kernel, mode)?;
+        }
         let id = hex::encode(rand::random::<[u8; 8]>());
+        let (guest_ip, tap) = match mode {
+            NetworkMode::User => (None, None),
+            NetworkMode::Tap => (
+                Some(self.allocate_guest_ip()?.to_string()),
+                Some(network::tap_name(&id)),
+            ),
+        };
         let dir = self.dir(&id);
         let disk = dir.join("root.ext4");
         let prepared = (|| -> anyhow::Result<u64> {
@@ -307,12 +358,15 @@ impl VmService {
             backend: "qemu".into(),
             created_at: now(),
             dir: dir.display().to_string(),
+            network: mode.name().into(),
+            guest_ip,
+            tap,
         };
         self.store
             .conn()
             .execute(
                 &format!(
-                    "INSERT INTO vms ({}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                    "INSERT INTO vms ({}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
                     Self::COLUMNS
                 ),
                 rusqlite::params![
@@ -326,7 +380,10 @@ impl VmService {
                     info.state,
                     info.pid,
                     info.backend,
-                    info.created_at
+                    info.created_at,
+                    info.network,
+                    info.guest_ip,
+                    info.tap
                 ],
             )
             .map_err(|e| {
@@ -339,27 +396,92 @@ impl VmService {
         self.start(&name)
     }
 
-    fn accel(&self, kernel: &Path) -> Accel {
-        *self.accel.get_or_init(|| {
-            if !Path::new("/dev/kvm").exists() {
-                return Accel::Tcg;
-            }
-            // /dev/kvm opening is no proof: some hosts' KVM cannot run a Linux guest.
-            match banger_vmm::qemu::kvm_usable(
-                kernel,
-                Path::new(banger_vmm::initramfs::DEFAULT_BUSYBOX),
-                Duration::from_secs(15),
-            ) {
-                Ok(probe) if probe.usable => Accel::Kvm,
-                Ok(probe) => {
-                    tracing::info!(detail = %probe.detail, "KVM not usable; VMs run under TCG");
-                    Accel::Tcg
+    /// The subnet of TAP networking (`bridge_address`).
+    fn subnet(&self) -> Result<Subnet, ServiceError> {
+        self.config
+            .bridge_address
+            .as_deref()
+            .unwrap_or(network::DEFAULT_BRIDGE_ADDRESS)
+            .parse()
+            .map_err(|e: anyhow::Error| ServiceError::bad_request(format!("config.toml: {e:#}")))
+    }
+
+    /// The lowest free address of the subnet; the unique index on `guest_ip` backs this
+    /// up against a concurrent create.
+    fn allocate_guest_ip(&self) -> Result<Ipv4Addr, ServiceError> {
+        let subnet = self.subnet()?;
+        let used: Vec<Ipv4Addr> = self
+            .list()?
+            .into_iter()
+            .filter_map(|vm| vm.guest_ip?.parse().ok())
+            .collect();
+        subnet.allocate(&used).ok_or_else(|| {
+            ServiceError::from(anyhow::anyhow!(
+                "no free address left in {} (bridge_address in config.toml): remove VMs or widen the subnet",
+                subnet.cidr()
+            ))
+        })
+    }
+
+    /// Whether KVM runs a guest here, probed once by booting `kernel` briefly under
+    /// QEMU-KVM: an openable /dev/kvm is no proof (paravirtual KVM hosts accept it and
+    /// then cannot run an unmodified Linux guest). The same answer serves Firecracker,
+    /// which boots the same kernel on the same KVM.
+    fn kvm(&self, kernel: &Path) -> Result<String, String> {
+        self.kvm
+            .get_or_init(|| {
+                if !Path::new("/dev/kvm").exists() {
+                    return Err("/dev/kvm does not exist".into());
                 }
-                Err(e) => {
-                    tracing::info!(error = %e, "KVM probe failed; VMs run under TCG");
-                    Accel::Tcg
+                match banger_vmm::qemu::kvm_usable(
+                    kernel,
+                    Path::new(banger_vmm::initramfs::DEFAULT_BUSYBOX),
+                    Duration::from_secs(15),
+                ) {
+                    Ok(probe) if probe.usable => Ok(probe.detail),
+                    Ok(probe) => {
+                        tracing::info!(detail = %probe.detail, "KVM not usable; VMs run under TCG");
+                        Err(probe.detail)
+                    }
+                    Err(e) => {
+                        tracing::info!(error = %e, "KVM probe failed; VMs run under TCG");
+                        Err(format!("probe failed: {e}"))
+                    }
                 }
+            })
+            .clone()
+    }
+
+    /// The Firecracker binary: `firecracker_bin` from config.toml when set and present,
+    /// else `firecracker` on PATH.
+    pub fn firecracker_binary(&self) -> Option<PathBuf> {
+        match &self.config.firecracker_bin {
+            Some(path) => path.is_file().then(|| path.clone()),
+            None => backend::find_on_path("firecracker"),
+        }
+    }
+
+    /// The VMM for a VM networked with `mode`, per the `vmm` setting and the host.
+    fn backend(&self, kernel: &Path, mode: NetworkMode) -> Result<Box<dyn Vmm>, ServiceError> {
+        let preference: banger_vmm::BackendPreference = self.config.vmm.unwrap_or_default().into();
+        let firecracker = self.firecracker_binary();
+        let host = HostFacts {
+            kvm: self.kvm(kernel),
+            firecracker: firecracker.clone(),
+            tap_network: mode == NetworkMode::Tap,
+        };
+        let kind = select_backend(preference, &host).map_err(|e| {
+            let mut message = e.to_string();
+            if let (banger_vmm::backend::SelectError::FirecrackerMissing, Some(path)) =
+                (&e, &self.config.firecracker_bin)
+            {
+                message.push_str(&format!(" (firecracker_bin = {:?} is not a file)", path));
             }
+            ServiceError::bad_request(message)
+        })?;
+        Ok(match (kind, firecracker) {
+            (BackendKind::Firecracker, Some(binary)) => Box::new(Firecracker { binary }),
+            _ => Box::new(Qemu::default()),
         })
     }
 
@@ -370,29 +492,81 @@ impl VmService {
             return Ok(vm);
         }
         let boot = self.kernels.boot_files(&vm.kernel)?;
-        let accel = self.accel(&boot.kernel);
+        let mode = NetworkMode::from_record(&vm.network).ok_or_else(|| {
+            anyhow::anyhow!(
+                "VM {name:?} has an unknown network {:?} in the store",
+                vm.network
+            )
+        })?;
+        let vmm = self.backend(&boot.kernel, mode)?;
+        let kind = vmm.kind();
+        let accel = match (kind, self.kvm(&boot.kernel)) {
+            (BackendKind::Firecracker, _) | (_, Ok(_)) => Accel::Kvm,
+            (_, Err(_)) => Accel::Tcg,
+        };
         let dir = PathBuf::from(&vm.dir);
+        let mut cmdline = format!(
+            "console=ttyS0 panic=-1 quiet banger.agent=1 banger.hostname={}",
+            vm.name
+        );
+        let net = match (mode, &vm.guest_ip, &vm.tap) {
+            (NetworkMode::User, _, _) => {
+                cmdline.push_str(" banger.ip=10.0.2.15/24 banger.gw=10.0.2.2");
+                NetSpec::User(Default::default())
+            }
+            (NetworkMode::Tap, Some(ip), Some(tap)) => {
+                let subnet = self.subnet()?;
+                let ip: Ipv4Addr = ip
+                    .parse()
+                    .with_context(|| format!("guest_ip {ip:?} of VM {name:?} in the store"))?;
+                network::ensure_bridge(subnet)
+                    .with_context(|| format!("set up the bridge for VM {name:?}"))?;
+                if let Err(e) = network::create_tap(tap) {
+                    // It may exist half-configured (created, not on the bridge).
+                    self.release_tap(&vm);
+                    return Err(e.context(format!("start VM {name:?}")).into());
+                }
+                cmdline.push_str(&format!(
+                    " banger.ip={ip}/{} banger.gw={}",
+                    subnet.prefix, subnet.gateway
+                ));
+                NetSpec::Tap {
+                    ifname: tap.clone(),
+                    mac: network::guest_mac(ip),
+                }
+            }
+            (NetworkMode::Tap, _, _) => {
+                return Err(anyhow::anyhow!(
+                    "VM {name:?} uses TAP networking but has no address or TAP device in the store"
+                )
+                .into())
+            }
+        };
         let spec = VmSpec {
             kernel: boot.kernel,
             initrd: Some(boot.initrd),
-            cmdline: format!(
-                "console=ttyS0 panic=-1 quiet banger.agent=1 banger.hostname={} banger.ip=10.0.2.15/24 banger.gw=10.0.2.2",
-                vm.name
-            ),
+            cmdline,
             root_disk: Some(dir.join("root.ext4")),
             memory_mib: vm.memory_mib,
             vcpus: vm.vcpus,
-            net: Some(UserNet { host_forwards: Vec::new() }),
+            net: Some(net),
             accel,
             run_dir: dir.clone(),
-            agent_socket: Some(dir.join("agent.sock")),
+            agent_socket: Some(agent_socket_in(kind, &dir)),
         };
-        let pid = Qemu::default()
-            .spawn_detached(&spec)
-            .with_context(|| format!("start VM {name:?}"))?;
-        let backend = match accel {
-            Accel::Kvm => "qemu-kvm",
-            Accel::Tcg => "qemu-tcg",
+        let pid = match vmm.spawn_detached(&spec) {
+            Ok(pid) => pid,
+            Err(e) => {
+                self.release_tap(&vm);
+                return Err(anyhow::Error::new(e)
+                    .context(format!("start VM {name:?} with {kind}"))
+                    .into());
+            }
+        };
+        let backend = match (kind, accel) {
+            (BackendKind::Firecracker, _) => "firecracker",
+            (BackendKind::Qemu, Accel::Kvm) => "qemu-kvm",
+            (BackendKind::Qemu, Accel::Tcg) => "qemu-tcg",
         };
         self.store
             .conn()
@@ -401,8 +575,9 @@ impl VmService {
                 rusqlite::params![pid, backend, vm.id],
             )
             .context("record VM state")?;
-        if let Err(e) = self.wait_for_agent(&dir, pid) {
+        if let Err(e) = self.wait_for_agent(kind, &dir, pid) {
             kill(pid);
+            self.release_tap(&vm);
             self.set_state(&vm.id, "stopped", None)?;
             return Err(e.context(format!("boot VM {name:?}")).into());
         }
@@ -410,15 +585,29 @@ impl VmService {
         self.show(name)
     }
 
-    fn wait_for_agent(&self, dir: &Path, pid: u32) -> anyhow::Result<AgentClient> {
+    /// Deletes the VM's TAP device, if it has one; a failure is logged, not returned: the
+    /// VM is stopped either way and start-up recovery retries.
+    fn release_tap(&self, vm: &VmInfo) {
+        if let Some(tap) = &vm.tap {
+            if let Err(e) = network::delete_tap(tap) {
+                tracing::warn!(vm = %vm.name, %tap, error = %format!("{e:#}"), "cannot delete TAP device");
+            }
+        }
+    }
+
+    fn wait_for_agent(
+        &self,
+        kind: BackendKind,
+        dir: &Path,
+        pid: u32,
+    ) -> anyhow::Result<AgentClient> {
         let deadline = Instant::now() + BOOT_TIMEOUT;
+        let channel = kind.agent_channel_in(dir);
         loop {
             if !pid_alive(pid) {
                 bail!("the VMM exited during boot: {}", vm_logs_tail(dir));
             }
-            if let Ok(client) =
-                AgentClient::connect(&dir.join("agent.sock"), Duration::from_secs(2))
-            {
+            if let Ok(client) = channel.connect(Duration::from_secs(2)) {
                 return Ok(client);
             }
             if Instant::now() > deadline {
@@ -437,21 +626,19 @@ impl VmService {
                 vm.name, vm.name
             )));
         }
-        Ok(AgentClient::connect(
-            &Path::new(&vm.dir).join("agent.sock"),
-            Duration::from_secs(10),
-        )
-        .with_context(|| format!("connect to the agent of VM {:?}", vm.name))?)
+        Ok(agent_channel(vm)?
+            .connect(Duration::from_secs(10))
+            .with_context(|| format!("connect to the agent of VM {:?}", vm.name))?)
     }
 
     /// Shuts a VM down; its disk keeps what the guest wrote.
     pub fn stop(&self, name: &str) -> Result<VmInfo, ServiceError> {
         let vm = self.show(name)?;
         if let Some(pid) = vm.pid.filter(|pid| pid_alive(*pid)) {
-            if let Ok(client) = AgentClient::connect(
-                &Path::new(&vm.dir).join("agent.sock"),
-                Duration::from_secs(5),
-            ) {
+            // An unknown backend (a record from a newer banger) still gets killed below.
+            let client =
+                agent_channel(&vm).and_then(|channel| Ok(channel.connect(Duration::from_secs(5))?));
+            if let Ok(client) = client {
                 if let Err(e) = client.shutdown(STOP_TIMEOUT) {
                     tracing::warn!(vm = name, error = %e, "clean shutdown failed");
                 }
@@ -465,6 +652,7 @@ impl VmService {
                 kill(pid);
             }
         }
+        self.release_tap(&vm);
         self.set_state(&vm.id, "stopped", None)?;
         self.show(name)
     }
@@ -480,6 +668,7 @@ impl VmService {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
+        self.release_tap(&vm);
         self.set_state(&vm.id, "stopped", None)?;
         self.show(name)
     }
@@ -696,17 +885,37 @@ fn kill(pid: u32) {
     }
 }
 
+/// How the host reaches the agent of `vm`, from the backend its row records.
+fn agent_channel(vm: &VmInfo) -> anyhow::Result<banger_vmm::agent::AgentChannel> {
+    let kind = BackendKind::from_record(&vm.backend).with_context(|| {
+        format!(
+            "VM {:?} records an unknown backend {:?}",
+            vm.name, vm.backend
+        )
+    })?;
+    Ok(kind.agent_channel_in(Path::new(&vm.dir)))
+}
+
+/// The last lines of the console and of whichever VMM logs exist, for boot errors.
 fn vm_logs_tail(dir: &Path) -> String {
     let tail = |name: &str| {
-        let text = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+        let text = std::fs::read_to_string(dir.join(name)).ok()?;
         let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(5)..].join(" | ")
+        Some(format!(
+            "{name}: {}",
+            lines[lines.len().saturating_sub(5)..].join(" | ")
+        ))
     };
-    format!(
-        "console: {}; qemu: {}",
-        tail("console.log"),
-        tail("qemu.stderr")
-    )
+    [
+        "console.log",
+        "qemu.stderr",
+        "firecracker.stderr",
+        "firecracker.log",
+    ]
+    .into_iter()
+    .filter_map(tail)
+    .collect::<Vec<_>>()
+    .join("; ")
 }
 
 fn run_tool(command: &mut Command, what: &str) -> anyhow::Result<()> {
