@@ -36,4 +36,5 @@ if ! $banger image show busybox >/dev/null 2>&1; then
   $banger image import "$work/oci:busybox" --name busybox
 fi
 
-$banger vm run . --rm --image busybox -- sh -c 'echo "hello from a banger microVM: $(uname -r)"; ls'
+# User-mode networking: the demo needs no bridge, NAT or root on the host.
+$banger vm run . --rm --image busybox --network user -- sh -c 'echo "hello from a banger microVM: $(uname -r)"; ls'

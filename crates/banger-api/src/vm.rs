@@ -108,6 +108,9 @@ pub struct VmCreateParams {
     /// Create without starting.
     #[serde(default)]
     pub no_start: bool,
+    /// `user`, `tap` or `auto`; default: config `network`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
 }
 
 /// A VM.
@@ -320,6 +323,9 @@ pub struct VmRunParams {
     /// Delete the VM afterwards.
     #[serde(default)]
     pub rm: bool,
+    /// As in `vm.create`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
     /// As in `vm.exec`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stdin: bool,

@@ -65,6 +65,10 @@ pub enum VmCommand {
         /// Create without starting.
         #[arg(long)]
         no_start: bool,
+        /// Networking: user (QEMU user-mode), tap (bridge + NAT, root) or auto
+        /// (default: network in config.toml).
+        #[arg(long, value_parser = ["user", "tap", "auto"])]
+        network: Option<String>,
     },
     /// Boot a stopped VM.
     Start {
@@ -143,6 +147,9 @@ pub enum VmCommand {
         /// Delete the VM afterwards.
         #[arg(long)]
         rm: bool,
+        /// Networking: user, tap or auto (default: network in config.toml).
+        #[arg(long, value_parser = ["user", "tap", "auto"])]
+        network: Option<String>,
         #[command(flatten)]
         stdin: StdinArgs,
         /// The command; without one, an interactive login shell.
@@ -261,6 +268,7 @@ pub fn run_vm(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Re
             memory,
             disk_size,
             no_start,
+            network,
         } => {
             let params = VmCreateParams {
                 name,
@@ -270,6 +278,7 @@ pub fn run_vm(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Re
                 memory_mib: memory.map(|bytes| (bytes >> 20) as u32),
                 disk_bytes: disk_size,
                 no_start,
+                network,
             };
             let info = call::<VmCreate>(client, &params)?;
             if json {
@@ -391,6 +400,7 @@ pub fn run_vm(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Re
             image,
             name,
             rm,
+            network,
             stdin,
             command,
         } => {
@@ -415,6 +425,7 @@ pub fn run_vm(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Re
                 path,
                 argv: command,
                 rm,
+                network,
                 stdin: mode == Mode::Pipe,
                 tty: tty_params(mode)?,
             };

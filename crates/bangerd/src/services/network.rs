@@ -107,6 +107,18 @@ impl TapCapability {
     }
 }
 
+impl NetworkSetting {
+    /// The setting named `name` (`user`, `tap` or `auto`), as in config.toml.
+    pub fn parse(name: &str) -> Option<NetworkSetting> {
+        match name {
+            "auto" => Some(NetworkSetting::Auto),
+            "user" => Some(NetworkSetting::User),
+            "tap" => Some(NetworkSetting::Tap),
+            _ => None,
+        }
+    }
+}
+
 /// The mode new VMs get, or why `network = "tap"` cannot work here.
 pub fn resolve_mode(setting: NetworkSetting, cap: TapCapability) -> anyhow::Result<NetworkMode> {
     match setting {
@@ -115,7 +127,7 @@ pub fn resolve_mode(setting: NetworkSetting, cap: TapCapability) -> anyhow::Resu
         NetworkSetting::Auto => Ok(NetworkMode::User),
         NetworkSetting::Tap if cap.possible() => Ok(NetworkMode::Tap),
         NetworkSetting::Tap => bail!(
-            "network = \"tap\" in config.toml needs bangerd running as root with /dev/net/tun ({}); use network = \"user\" or \"auto\"",
+            "network \"tap\" needs bangerd running as root with /dev/net/tun ({}); use network \"user\" or \"auto\"",
             match (cap.root, cap.tun) {
                 (false, false) => "not root, no /dev/net/tun",
                 (false, true) => "not root",
@@ -339,6 +351,15 @@ pub fn tap_exists(name: &str) -> bool {
 mod tests {
     use super::*;
 
+    #[test]
+    fn settings_parse_by_their_config_names_only() {
+        assert_eq!(NetworkSetting::parse("user"), Some(NetworkSetting::User));
+        assert_eq!(NetworkSetting::parse("tap"), Some(NetworkSetting::Tap));
+        assert_eq!(NetworkSetting::parse("auto"), Some(NetworkSetting::Auto));
+        assert_eq!(NetworkSetting::parse("TAP"), None);
+        assert_eq!(NetworkSetting::parse("bridge"), None);
+    }
+
     const ROOT_TUN: TapCapability = TapCapability {
         root: true,
         tun: true,
@@ -382,7 +403,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(err.starts_with("network = \"tap\" in config.toml"), "{err}");
+        assert!(
+            err.starts_with("network \"tap\" needs bangerd running as root"),
+            "{err}"
+        );
         assert!(err.contains("(not root)"), "{err}");
     }
 

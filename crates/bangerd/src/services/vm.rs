@@ -28,7 +28,7 @@ use rusqlite::OptionalExtension;
 
 use crate::config::Config;
 use crate::layout::Layout;
-use crate::services::network::{self, NetworkMode, Subnet, TapCapability};
+use crate::services::network::{self, NetworkMode, NetworkSetting, Subnet, TapCapability};
 use crate::services::{CallContext, ImageService, InputEvent, InputReceiver, KernelService};
 use crate::store::Store;
 use crate::ServiceError;
@@ -301,11 +301,16 @@ impl VmService {
             self.config.default_kernel.as_deref(),
         )?;
         let agent = self.agent_binary()?;
-        let mode = network::resolve_mode(
-            self.config.network.unwrap_or_default(),
-            TapCapability::probe(),
-        )
-        .map_err(|e| ServiceError::bad_request(format!("{e:#}")))?;
+        let setting = match params.network.as_deref() {
+            Some(name) => NetworkSetting::parse(name).ok_or_else(|| {
+                ServiceError::bad_request(format!(
+                    "network {name:?}: expected \"user\", \"tap\" or \"auto\""
+                ))
+            })?,
+            None => self.config.network.unwrap_or_default(),
+        };
+        let mode = network::resolve_mode(setting, TapCapability::probe())
+            .map_err(|e| ServiceError::bad_request(format!("{e:#}")))?;
         if !params.no_start {
             // Refuse a VM that could not boot before copying its disk: the backend
             // choice (vmm, firecracker_bin, KVM, network) is the same at start.
@@ -813,6 +818,7 @@ impl VmService {
         let create = VmCreateParams {
             name: params.name.clone(),
             image: Some(image.name),
+            network: params.network.clone(),
             ..Default::default()
         };
         let vm = tokio::task::block_in_place(|| self.create(create))?;
