@@ -557,6 +557,18 @@ impl BlobWriter {
         self.written
     }
 
+    /// A read-only descriptor of the unfinished blob, for a reader that follows the writer
+    /// (with positioned reads, up to what [`flush`](Write::flush) has pushed out). It reads
+    /// unverified bytes: only for data whose source was verified, such as the decompressed
+    /// copy of a verified blob.
+    pub fn read_handle(&self) -> io::Result<File> {
+        let proc_path = format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(self.file.get_ref())
+        );
+        File::open(proc_path)
+    }
+
     /// Verifies size and sha256 and links the blob into place. On a mismatch the unnamed
     /// file is dropped and nothing appears under the digest. A blob that another writer
     /// committed first is fine: same digest, same bytes.

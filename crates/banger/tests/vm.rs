@@ -477,26 +477,29 @@ fn tap_network_gives_the_guest_its_address_and_the_bridge_and_rm_deletes_the_tap
         "{}",
         stdout(&out)
     );
-    let out = install.banger(&[
-        "vm",
-        "exec",
-        "tapbox",
-        "--",
-        "/bin/busybox",
-        "ping",
-        "-c",
-        "1",
-        "-W",
-        "5",
-        "172.30.9.1",
-    ]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}{}",
-        stdout(&out),
-        stderr(&out)
-    );
+    let ping_bridge = || {
+        let out = install.banger(&[
+            "vm",
+            "exec",
+            "tapbox",
+            "--",
+            "/bin/busybox",
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "5",
+            "172.30.9.1",
+        ]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}{}",
+            stdout(&out),
+            stderr(&out)
+        );
+    };
+    ping_bridge();
 
     let www = install.dir.path().join("www");
     std::fs::create_dir_all(&www).unwrap();
@@ -535,28 +538,6 @@ fn tap_network_gives_the_guest_its_address_and_the_bridge_and_rm_deletes_the_tap
     assert_eq!(stdout(&out), "from the bridge\n");
 
     let links_now = || stdout(&ns.exec(&["ip", "-o", "link", "show"]));
-    let ping_bridge = || {
-        let out = install.banger(&[
-            "vm",
-            "exec",
-            "tapbox",
-            "--",
-            "/bin/busybox",
-            "ping",
-            "-c",
-            "1",
-            "-W",
-            "5",
-            "172.30.9.1",
-        ]);
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{}{}",
-            stdout(&out),
-            stderr(&out)
-        );
-    };
 
     // A restarted daemon re-adopts the running VM and leaves its tap alone.
     let out = install.banger(&["daemon", "stop"]);

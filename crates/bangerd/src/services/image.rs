@@ -25,7 +25,7 @@ use futures::StreamExt;
 use rusqlite::{params, OptionalExtension};
 
 use crate::layout::Layout;
-use crate::services::CallContext;
+use crate::services::{decode_ahead, CallContext};
 use crate::store::Store;
 use crate::ServiceError;
 
@@ -616,10 +616,6 @@ fn build_rootfs(
     let count = layers.len();
     let mut ahead = decode_ahead(cache, &layers);
     for (index, layer) in layers.into_iter().enumerate() {
-        if let Some(ready) = ahead.get_mut(index).and_then(Option::take) {
-            // Whatever the outcome, the code below finds the copy or falls back.
-            let _ = ready.recv();
-        }
         ctx.progress(Progress {
             task: "flatten".into(),
             message: format!("layer {}/{count} {}", index + 1, layer.digest),
@@ -631,6 +627,15 @@ fn build_rootfs(
             let file = std::fs::File::open(path)
                 .with_context(|| format!("open layer {}", path.display()))?;
             flattener.apply_layer_pipelined(file, &layer.media_type, &layer.digest)?;
+            continue;
+        }
+        // Being decoded ahead: follow the copy as it grows.
+        if let Some(plain) = ahead
+            .get_mut(index)
+            .and_then(Option::take)
+            .and_then(|copy| copy.reader())
+        {
+            flattener.apply_layer_pipelined(plain, PLAIN_LAYER, &layer.digest)?;
             continue;
         }
         // The uncompressed copy, when an earlier build left one, spares the decompression.
@@ -739,56 +744,33 @@ fn remove_memory_staging_leftovers(prefix: &str) -> usize {
     removed
 }
 
-/// Starts one thread that decompresses every cached layer but the first into its diff_id
-/// copy, in order, while the flattener works through earlier layers: decompression is most
-/// of a cold build and the second core would otherwise idle. Returns, per layer, a signal
-/// that its copy is done (or was given up on). A copy that fails or does not hash to the
-/// diff_id is simply absent, and the layer is then read compressed as usual, which reports
-/// any error properly.
+/// Decodes every cached layer but the first ahead of the flattener (see [`decode_ahead`]),
+/// when its uncompressed copy is not cached yet. Per layer, the copy in the making.
 fn decode_ahead(
     cache: &Arc<BlobCache>,
     layers: &[LayerSource],
-) -> Vec<Option<std::sync::mpsc::Receiver<()>>> {
-    let mut signals = Vec::new();
+) -> Vec<Option<Arc<decode_ahead::GrowingCopy>>> {
+    let mut wanted = Vec::new();
     let mut jobs = Vec::new();
     for (index, layer) in layers.iter().enumerate() {
-        let wanted = index > 0
-            && layer.path.is_none()
-            && layer.diff_id.as_ref().is_some_and(|d| !cache.contains(d));
-        if !wanted {
-            signals.push(None);
-            continue;
-        }
-        let (done, ready) = std::sync::mpsc::channel();
-        signals.push(Some(ready));
-        jobs.push((
-            layer.digest.clone(),
-            layer.media_type.clone(),
-            layer.diff_id.clone().expect("checked"),
-            done,
-        ));
-    }
-    if jobs.is_empty() {
-        return signals;
-    }
-    let cache = Arc::clone(cache);
-    std::thread::spawn(move || {
-        let limit = FlattenOptions::default().limits.max_uncompressed_bytes;
-        for (digest, media_type, diff_id, done) in jobs {
-            let decoded = (|| -> anyhow::Result<()> {
-                let blob = std::io::BufReader::with_capacity(1 << 20, cache.open(&digest)?);
-                let mut copy = cache.writer(&diff_id, None)?;
-                banger_oci::flatten::decompress_layer(blob, &media_type, &mut copy, limit)?;
-                copy.commit()?;
-                Ok(())
-            })();
-            if let Err(e) = decoded {
-                tracing::debug!(layer = %digest, error = %format!("{e:#}"), "no uncompressed copy decoded ahead");
+        let diff_id = layer.diff_id.as_ref().filter(|d| !cache.contains(d));
+        match diff_id {
+            Some(diff_id) if index > 0 && layer.path.is_none() => {
+                wanted.push(true);
+                jobs.push(decode_ahead::Job {
+                    digest: layer.digest.clone(),
+                    media_type: layer.media_type.clone(),
+                    diff_id: diff_id.clone(),
+                });
             }
-            let _ = done.send(());
+            _ => wanted.push(false),
         }
-    });
-    signals
+    }
+    let mut copies = decode_ahead::start(cache, jobs).into_iter();
+    wanted
+        .into_iter()
+        .map(|w| if w { copies.next() } else { None })
+        .collect()
 }
 
 /// The config's `rootfs.diff_ids`, one per layer, or none when they do not line up.

@@ -1,6 +1,7 @@
 //! Services own behaviour and state; dispatch only decodes params and calls one of them.
 
 pub mod daemon;
+mod decode_ahead;
 pub mod doctor;
 pub mod image;
 pub mod kernel;
