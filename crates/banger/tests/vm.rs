@@ -279,6 +279,14 @@ fn kernel_import_from_an_image_and_modules_tree_matches_the_deb_and_boots() {
         run_on_kernel(&install, "k3", "on-k3", &["echo", "custom"]),
         "custom\n"
     );
+
+    // Nothing of the refused import, nor of the unpacked .deb, stays behind.
+    let mut dirs: Vec<_> = std::fs::read_dir(install.state_dir().join("kernels"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    dirs.sort();
+    assert_eq!(dirs, ["cloud", "k2", "k3"]);
 }
 
 /// Splits `banger: MESSAGE [KIND, OP_ID]` into MESSAGE and KIND.
