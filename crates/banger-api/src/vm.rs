@@ -5,7 +5,8 @@ use serde::{Deserialize, Serialize};
 use crate::{Method, NoParams};
 
 /// `kernel.import`: take a guest kernel (and its modules) out of a Debian `linux-image-*`
-/// package and build banger's initramfs for it.
+/// package, or from a kernel image and an optional modules tree, and build banger's
+/// initramfs for it (unless the caller brings its own).
 pub struct KernelImport;
 impl Method for KernelImport {
     const NAME: &'static str = "kernel.import";
@@ -13,14 +14,26 @@ impl Method for KernelImport {
     type Result = KernelInfo;
 }
 
-/// Params of `kernel.import`.
+/// Params of `kernel.import`. Exactly one of `deb` and `kernel`; all paths absolute.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KernelImportParams {
     /// Name to import under.
     pub name: String,
-    /// Absolute path of the `.deb`.
-    pub deb: String,
+    /// A Debian `linux-image-*.deb`: kernel, config and modules in one file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deb: Option<String>,
+    /// A kernel image: an x86 bzImage (`vmlinuz`) or an x86-64 ELF `vmlinux`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    /// With `kernel`: its modules tree (`/lib/modules/<release>`, the directory holding
+    /// `kernel/`). Without it the kernel must have virtio, ext4 and vsock built in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modules: Option<String>,
+    /// An initramfs to boot instead of banger's. It must mount the root disk and run
+    /// `/.banger/agent` as PID 1, as banger's does, or no VM of this kernel starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
 }
 
 /// An imported kernel.
@@ -28,12 +41,16 @@ pub struct KernelImportParams {
 pub struct KernelInfo {
     /// Unique name.
     pub name: String,
-    /// The kernel release, e.g. `6.1.0-56-cloud-amd64`.
+    /// The kernel release, e.g. `6.1.0-56-cloud-amd64`; `unknown` when the image does not
+    /// say.
     pub version: String,
     /// RFC 3339 UTC time of the import.
     pub created_at: String,
     /// Where its files are.
     pub dir: String,
+    /// Which initramfs VMs boot with: `banger` (built by banger at import) or `custom`
+    /// (the one given at import).
+    pub initrd: String,
 }
 
 /// `kernel.list`: every kernel, newest first.

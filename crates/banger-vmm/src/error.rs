@@ -25,11 +25,20 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// A file the caller gave cannot be used for what it was given for (not a kernel,
+    /// not a modules tree); unlike [`Error::Format`], the caller's choice is at fault.
+    #[error("{}: {reason}", path.display())]
+    BadInput {
+        /// The file or directory given.
+        path: PathBuf,
+        /// Why it cannot be used.
+        reason: String,
+    },
     /// A module the guest needs is neither in the package nor built into the kernel.
-    #[error("kernel package {} has no module {module:?} (not a .ko file, not in modules.builtin)", package.display())]
+    #[error("{} has no module {module:?} (no .ko file under kernel/, not in modules.builtin)", origin.display())]
     MissingModule {
-        /// The kernel package searched.
-        package: PathBuf,
+        /// The kernel package or modules tree searched.
+        origin: PathBuf,
         /// The module name, with underscores.
         module: String,
     },

@@ -37,8 +37,16 @@ if [ -n "$(arg banger.probe)" ]; then
     reboot -f
 fi
 
-while read -r m; do
-    [ -n "$m" ] && { insmod "/lib/modules/$m.ko" || echo "banger-init: insmod $m failed"; }
+# A kernel imported without modules has virtio, ext4 and vsock built in: its load list is
+# empty. A listed module missing from the initramfs is skipped, not fatal: the root
+# device wait below says clearly whether the kernel can see the disk without it.
+[ -f /etc/banger/modules.load ] && while read -r m; do
+    [ -n "$m" ] || continue
+    if [ ! -f "/lib/modules/$m.ko" ]; then
+        echo "banger-init: module $m is not in the initramfs; assuming it is built in"
+        continue
+    fi
+    insmod "/lib/modules/$m.ko" || echo "banger-init: insmod $m failed"
 done < /etc/banger/modules.load
 
 root=$(arg banger.root)

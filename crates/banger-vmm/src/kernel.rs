@@ -1,21 +1,23 @@
-//! Guest kernels: importing one from a Debian `linux-image-*.deb`, resolving the modules
-//! the guest needs, and turning a bzImage into the ELF `vmlinux` Firecracker wants.
+//! Guest kernels: importing one (from a Debian `linux-image-*.deb`, or from a kernel
+//! image plus an optional modules tree), resolving the modules the guest needs, and
+//! turning a bzImage into the ELF `vmlinux` Firecracker wants.
 //!
 //! A kernel directory, once imported, is self-contained:
 //!
 //! ```text
-//! <dir>/vmlinuz          the bzImage, as shipped (QEMU boots this)
-//! <dir>/config           the kernel's build config
-//! <dir>/version          e.g. "6.1.0-56-cloud-amd64"
+//! <dir>/vmlinuz          the bzImage, as given (absent when an ELF vmlinux was imported)
+//! <dir>/vmlinux          the uncompressed ELF kernel (Firecracker needs it; QEMU boots it too)
+//! <dir>/config           the kernel's build config (only from a .deb)
+//! <dir>/version          e.g. "6.1.0-56-cloud-amd64", or "unknown"
 //! <dir>/modules/<m>.ko   uncompressed modules the guest needs, dependencies included
-//! <dir>/modules.load     their names, one a line, in an order insmod accepts
-//! <dir>/vmlinux          only after `KernelDir::ensure_vmlinux` (Firecracker)
+//! <dir>/modules.load     their names, one a line, in an order insmod accepts (empty for a
+//!                        kernel imported without modules: it must have virtio built in)
 //! ```
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::{self, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use crate::error::{format_err, Error, IoContext, Result};
 
@@ -31,6 +33,9 @@ pub const GUEST_MODULES: &[&str] = &[
     "virtio_console",
 ];
 
+/// The version recorded when neither the bzImage header nor the ELF banner names one.
+pub const UNKNOWN_VERSION: &str = "unknown";
+
 /// An imported kernel directory (see the module docs for its layout).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KernelDir {
@@ -40,7 +45,7 @@ pub struct KernelDir {
 }
 
 impl KernelDir {
-    /// Opens a kernel directory made by [`import_deb`].
+    /// Opens a kernel directory made by [`import_deb`] or [`import_files`].
     pub fn open(root: &Path) -> Result<KernelDir> {
         let version_path = root.join("version");
         let version = fs::read_to_string(&version_path)
@@ -66,17 +71,19 @@ impl KernelDir {
         &self.root
     }
 
-    /// The kernel release, e.g. `6.1.0-56-cloud-amd64`.
+    /// The kernel release, e.g. `6.1.0-56-cloud-amd64` ([`UNKNOWN_VERSION`] when the
+    /// image did not say).
     pub fn version(&self) -> &str {
         &self.version
     }
 
-    /// The compressed kernel (bzImage) as shipped; QEMU boots it directly.
+    /// The compressed kernel (bzImage) as given; QEMU boots it directly. Absent when the
+    /// kernel was imported as an ELF vmlinux.
     pub fn vmlinuz(&self) -> PathBuf {
         self.root.join("vmlinuz")
     }
 
-    /// The kernel's build config.
+    /// The kernel's build config (present only for kernels imported from a `.deb`).
     pub fn config(&self) -> PathBuf {
         self.root.join("config")
     }
@@ -91,9 +98,10 @@ impl KernelDir {
         self.root.join("modules").join(format!("{name}.ko"))
     }
 
-    /// The path of the ELF `vmlinux`, extracting it from the bzImage on first use.
+    /// The path of the ELF `vmlinux`, extracting it from the bzImage on first use
+    /// (directories imported before imports extracted it up front have none yet).
     ///
-    /// Firecracker loads only ELF (or PVH) kernels, not bzImages; QEMU does not need it.
+    /// Firecracker loads only ELF (or PVH) kernels, not bzImages.
     pub fn ensure_vmlinux(&self) -> Result<PathBuf> {
         let out = self.root.join("vmlinux");
         if out.exists() {
@@ -107,46 +115,71 @@ impl KernelDir {
     }
 }
 
-/// Imports the kernel, its config and `modules` (plus what they depend on) from a Debian
-/// kernel package into a new directory `dest`.
+/// What [`import_files`] imports. Paths may be anywhere; nothing is moved or changed.
+#[derive(Debug, Clone, Default)]
+pub struct KernelFiles {
+    /// An x86 bzImage (`vmlinuz`) or an x86-64 ELF `vmlinux`.
+    pub kernel: PathBuf,
+    /// The kernel's build config, kept for reference.
+    pub config: Option<PathBuf>,
+    /// A modules tree in `/lib/modules/<release>` layout (`kernel/**.ko*`, optionally
+    /// `modules.builtin`). `modules.dep` is not needed: dependencies are read from each
+    /// module's `.modinfo`, which is what `depmod` builds it from.
+    pub modules: Option<PathBuf>,
+    /// The release, when known better than the image says (a `.deb` names it in the
+    /// `vmlinuz-<release>` file name); `None` to read it from the image.
+    pub version: Option<String>,
+}
+
+/// Imports a kernel image, and `modules` (plus what they depend on) from
+/// `files.modules`, into a new directory `dest`. Without a modules tree the kernel must
+/// have what a guest needs built in; the directory then lists no modules.
 ///
 /// `dest` must not exist. The directory is assembled next to it and renamed into place
 /// last, so a failed import leaves nothing behind and a present `dest` is always whole.
-pub fn import_deb(deb: &Path, dest: &Path, modules: &[&str]) -> Result<KernelDir> {
-    let parent = dest
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    fs::create_dir_all(parent).ctx("create kernel dir parent", parent)?;
-    let staging = tempfile::Builder::new()
-        .prefix(".kernel-import-")
-        .tempdir_in(parent)
-        .ctx("create staging dir in", parent)?;
+pub fn import_files(files: &KernelFiles, dest: &Path, modules: &[&str]) -> Result<KernelDir> {
+    let staging = staging_dir(dest, ".kernel-import-")?;
     let stage = staging.path();
 
-    let contents = read_deb(deb, stage)?;
-    let version = contents
+    let image = fs::read(&files.kernel).ctx("read kernel image", &files.kernel)?;
+    let (elf, header_version) = match sniff_kernel(&image) {
+        Some(KernelImage::BzImage) => {
+            let elf =
+                extract_vmlinux(&image).map_err(|reason| format_err(&files.kernel, reason))?;
+            fs::write(stage.join("vmlinuz"), &image).ctx("write", stage.join("vmlinuz"))?;
+            (elf, bzimage_version(&image))
+        }
+        Some(KernelImage::Elf) => (image, None),
+        None => return Err(Error::BadInput {
+            path: files.kernel.clone(),
+            reason:
+                "not a kernel: neither an x86 bzImage (no HdrS header) nor an x86-64 ELF vmlinux"
+                    .into(),
+        }),
+    };
+    let version = files
         .version
-        .ok_or_else(|| format_err(deb, "no boot/vmlinuz-* in the package"))?;
-    if !contents.has_config {
-        return Err(format_err(deb, "no boot/config-* in the package"));
+        .clone()
+        .or(header_version)
+        .or_else(|| elf_banner_version(&elf))
+        .unwrap_or_else(|| UNKNOWN_VERSION.to_owned());
+    fs::write(stage.join("vmlinux"), &elf).ctx("write", stage.join("vmlinux"))?;
+    drop(elf);
+    if let Some(config) = &files.config {
+        fs::copy(config, stage.join("config")).ctx("copy kernel config", config)?;
     }
 
-    let order =
-        resolve_modules(&contents.modules, &contents.builtin, modules).map_err(|module| {
-            Error::MissingModule {
-                package: deb.to_owned(),
-                module,
-            }
-        })?;
-    let mod_dir = stage.join("modules");
-    fs::create_dir(&mod_dir).ctx("create", &mod_dir)?;
-    for name in &order {
-        let path = mod_dir.join(format!("{name}.ko"));
-        fs::write(&path, &contents.modules[name].bytes).ctx("write module", &path)?;
-    }
+    let order = match &files.modules {
+        Some(tree) => {
+            let release = (version != UNKNOWN_VERSION).then_some(version.as_str());
+            install_modules(tree, release, &stage.join("modules"), modules)?
+        }
+        None => Vec::new(),
+    };
     let mut load = order.join("\n");
-    load.push('\n');
+    if !load.is_empty() {
+        load.push('\n');
+    }
     fs::write(stage.join("modules.load"), load).ctx("write", stage.join("modules.load"))?;
     fs::write(stage.join("version"), format!("{version}\n")).ctx("write", stage.join("version"))?;
 
@@ -158,25 +191,143 @@ pub fn import_deb(deb: &Path, dest: &Path, modules: &[&str]) -> Result<KernelDir
     KernelDir::open(dest)
 }
 
-/// One module found in the package.
-struct Module {
-    bytes: Vec<u8>,
-    depends: Vec<String>,
+/// Imports the kernel, its config and `modules` (plus what they depend on) from a Debian
+/// kernel package into a new directory `dest`: the package's `boot/` and `lib/modules/`
+/// are unpacked next to `dest`, then imported as [`import_files`] does.
+pub fn import_deb(deb: &Path, dest: &Path, modules: &[&str]) -> Result<KernelDir> {
+    let unpacked = staging_dir(dest, ".kernel-unpack-")?;
+    unpack_deb(deb, unpacked.path())?;
+    let boot = unpacked.path().join("boot");
+    let mut kernel = None;
+    let mut config = None;
+    // unpack_deb creates boot/ only when the package has files there.
+    let listing = match fs::read_dir(&boot) {
+        Ok(listing) => listing,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(format_err(deb, "no boot/vmlinuz-* in the package"))
+        }
+        Err(e) => return Err(e).ctx("list boot/ unpacked from", deb),
+    };
+    for entry in listing {
+        let entry = entry.ctx("list boot/ unpacked from", deb)?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(version) = name.strip_prefix("vmlinuz-") {
+            kernel = Some((entry.path(), version.to_owned()));
+        } else if name.starts_with("config-") {
+            config = Some(entry.path());
+        }
+    }
+    let (kernel, version) =
+        kernel.ok_or_else(|| format_err(deb, "no boot/vmlinuz-* in the package"))?;
+    let config = config.ok_or_else(|| format_err(deb, "no boot/config-* in the package"))?;
+    let tree = unpacked.path().join("lib/modules").join(&version);
+    if !tree.is_dir() {
+        return Err(format_err(
+            deb,
+            format!("no lib/modules/{version}/ in the package"),
+        ));
+    }
+    let files = KernelFiles {
+        kernel,
+        config: Some(config),
+        modules: Some(tree),
+        version: Some(version),
+    };
+    import_files(&files, dest, modules).map_err(|e| match e {
+        // The unpack dir is about to vanish: name the package the user gave instead.
+        Error::MissingModule { module, .. } => Error::MissingModule {
+            origin: deb.to_owned(),
+            module,
+        },
+        e => e,
+    })
 }
 
-/// What [`read_deb`] found.
-struct DebContents {
-    version: Option<String>,
-    has_config: bool,
-    /// Every module in the package, by name. The Debian cloud kernel ships ~90 MB of
-    /// them; we keep them all in memory because dependencies are only known after the
-    /// whole archive was read, and a second pass through xz costs more than the memory.
-    modules: HashMap<String, Module>,
-    builtin: HashSet<String>,
+/// A temp dir next to `dest` (same filesystem, so the final rename is atomic), its parent
+/// created if needed.
+fn staging_dir(dest: &Path, prefix: &str) -> Result<tempfile::TempDir> {
+    let parent = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).ctx("create kernel dir parent", parent)?;
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(parent)
+        .ctx("create staging dir in", parent)
 }
 
-/// Streams the package's data archive once, writing `vmlinuz` and `config` into `stage`.
-fn read_deb(deb: &Path, stage: &Path) -> Result<DebContents> {
+/// What kind of kernel image a file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelImage {
+    /// An x86 boot-protocol image (`vmlinuz`, `bzImage`).
+    BzImage,
+    /// A little-endian ELF64 for x86-64 (`vmlinux`).
+    Elf,
+}
+
+/// Tells a bzImage from an x86-64 ELF by their magic numbers; `None` for anything else.
+pub fn sniff_kernel(bytes: &[u8]) -> Option<KernelImage> {
+    if bytes.get(0x202..0x206) == Some(b"HdrS") {
+        Some(KernelImage::BzImage)
+    } else if bytes.len() >= 20
+        && bytes.starts_with(b"\x7fELF\x02\x01")
+        && u16::from_le_bytes([bytes[18], bytes[19]]) == 62
+    {
+        Some(KernelImage::Elf)
+    } else {
+        None
+    }
+}
+
+/// The release named by a bzImage's setup header: `kernel_version` (boot protocol 2.00+,
+/// offset 0x20e) points, minus 0x200, at a string such as
+/// `6.1.0-56-cloud-amd64 (debian-kernel@lists.debian.org) #1 SMP …`; the release is its
+/// first word. `None` when the header has no such string.
+pub fn bzimage_version(bzimage: &[u8]) -> Option<String> {
+    if bzimage.get(0x202..0x206) != Some(b"HdrS") || le_u16(bzimage, 0x206).ok()? < 0x200 {
+        return None;
+    }
+    let ptr = le_u16(bzimage, 0x20e).ok()?;
+    if ptr == 0 {
+        return None;
+    }
+    let text = bzimage.get(ptr as usize + 0x200..)?;
+    let text = &text[..text.iter().position(|&b| b == 0)?];
+    release_word(text)
+}
+
+/// The release in an ELF kernel's `linux_banner` ("Linux version 6.1.0 (user@host) …").
+/// Format strings that merely mention "Linux version" (followed by `%s`) are skipped.
+pub fn elf_banner_version(elf: &[u8]) -> Option<String> {
+    const BANNER: &[u8] = b"Linux version ";
+    let mut rest = elf;
+    while let Some(at) = rest.windows(BANNER.len()).position(|w| w == BANNER) {
+        rest = &rest[at + BANNER.len()..];
+        let end = rest
+            .iter()
+            .take(256)
+            .position(|&b| b == 0 || b == b'\n')
+            .unwrap_or(0);
+        if let Some(v) = release_word(&rest[..end]) {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// The first word of `text` when it looks like a kernel release (starts with a digit,
+/// printable, no format directive).
+fn release_word(text: &[u8]) -> Option<String> {
+    let word = text.split(|b| b.is_ascii_whitespace()).next()?;
+    let ok = word.first().is_some_and(u8::is_ascii_digit)
+        && word.iter().all(|b| b.is_ascii_graphic() && *b != b'%');
+    ok.then(|| String::from_utf8_lossy(word).into_owned())
+}
+
+/// Unpacks the `boot/` and `lib/modules/` files of a Debian package into `into`, streaming
+/// its data archive once.
+fn unpack_deb(deb: &Path, into: &Path) -> Result<()> {
     let file = fs::File::open(deb).ctx("open kernel package", deb)?;
     let mut archive = ar::Archive::new(io::BufReader::new(file));
     while let Some(entry) = archive.next_entry() {
@@ -194,18 +345,12 @@ fn read_deb(deb: &Path, stage: &Path) -> Result<DebContents> {
             }
             _ => continue,
         };
-        return read_data_tar(deb, data, stage);
+        return unpack_data_tar(deb, data, into);
     }
     Err(format_err(deb, "not a Debian package: no data.tar member"))
 }
 
-fn read_data_tar(deb: &Path, data: Box<dyn Read + '_>, stage: &Path) -> Result<DebContents> {
-    let mut out = DebContents {
-        version: None,
-        has_config: false,
-        modules: HashMap::new(),
-        builtin: HashSet::new(),
-    };
+fn unpack_data_tar(deb: &Path, data: Box<dyn Read + '_>, into: &Path) -> Result<()> {
     let mut tar = tar::Archive::new(data);
     for entry in tar.entries().ctx("read data archive of", deb)? {
         let mut entry = entry.ctx("read data archive of", deb)?;
@@ -213,45 +358,129 @@ fn read_data_tar(deb: &Path, data: Box<dyn Read + '_>, stage: &Path) -> Result<D
             continue;
         }
         let path = entry.path().ctx("read entry path in", deb)?.into_owned();
-        let path = path.to_string_lossy();
-        let path = path.trim_start_matches("./");
-        // Debian moves /lib to /usr/lib (merged /usr) in later releases; accept both.
-        let path = path.strip_prefix("usr/").unwrap_or(path);
-        if let Some(version) = path.strip_prefix("boot/vmlinuz-") {
-            out.version = Some(version.to_owned());
-            copy_entry(&mut entry, &stage.join("vmlinuz"))?;
-        } else if path.starts_with("boot/config-") {
-            out.has_config = true;
-            copy_entry(&mut entry, &stage.join("config"))?;
-        } else if let Some(rest) = path.strip_prefix("lib/modules/") {
-            let Some((_release, rel)) = rest.split_once('/') else {
-                continue;
-            };
-            if rel == "modules.builtin" {
-                let mut text = String::new();
-                entry
-                    .read_to_string(&mut text)
-                    .ctx("read modules.builtin in", deb)?;
-                out.builtin.extend(text.lines().filter_map(module_name));
-            } else if rel.starts_with("kernel/") {
-                let Some(name) = module_name(rel) else {
-                    continue;
-                };
-                let mut raw = Vec::with_capacity(entry.size() as usize);
-                entry.read_to_end(&mut raw).ctx("read module in", deb)?;
-                let bytes = decompress_module(rel, raw).ctx("decompress module", rel)?;
-                let depends = modinfo_depends(&bytes).map_err(|r| format_err(rel, r))?;
-                out.modules.insert(name, Module { bytes, depends });
+        // Only plain relative components: a crafted package must not write outside `into`.
+        let mut parts = Vec::new();
+        for c in path.components() {
+            match c {
+                Component::CurDir => {}
+                Component::Normal(p) => parts.push(p.to_owned()),
+                _ => return Err(format_err(deb, format!("unsafe path {}", path.display()))),
             }
         }
+        // Debian moves /lib to /usr/lib (merged /usr) in later releases; accept both.
+        if parts.first().is_some_and(|p| p == "usr") {
+            parts.remove(0);
+        }
+        let wanted = match parts.first().and_then(|p| p.to_str()) {
+            Some("boot") => true,
+            Some("lib") => parts.get(1).is_some_and(|p| p == "modules"),
+            _ => false,
+        };
+        if !wanted {
+            continue;
+        }
+        let to: PathBuf = std::iter::once(into.as_os_str().to_owned())
+            .chain(parts)
+            .collect();
+        if let Some(parent) = to.parent() {
+            fs::create_dir_all(parent).ctx("create", parent)?;
+        }
+        copy_entry(&mut entry, &to)?;
     }
-    Ok(out)
+    Ok(())
 }
 
 fn copy_entry(entry: &mut impl Read, to: &Path) -> Result<()> {
     let mut f = fs::File::create(to).ctx("create", to)?;
     io::copy(entry, &mut f).ctx("write", to)?;
     f.flush().ctx("write", to)
+}
+
+/// Copies `wanted` and the modules they depend on out of the modules tree `tree` into
+/// `out_dir`, uncompressed, and returns their names in load order. Shared by both import
+/// sources, so a `.deb` and its unpacked tree yield the same modules.
+///
+/// With the kernel's `release` known, a module built for another one is refused here:
+/// the kernel would refuse it at boot, with nothing but a console line to say why.
+fn install_modules(
+    tree: &Path,
+    release: Option<&str>,
+    out_dir: &Path,
+    wanted: &[&str],
+) -> Result<Vec<String>> {
+    let kernel_dir = tree.join("kernel");
+    if !kernel_dir.is_dir() {
+        return Err(Error::BadInput {
+            path: tree.to_owned(),
+            reason: "not a modules tree: no kernel/ subdirectory (give /lib/modules/<release>)"
+                .into(),
+        });
+    }
+    let mut files = HashMap::new();
+    index_modules(&kernel_dir, &mut files)?;
+    let builtin_path = tree.join("modules.builtin");
+    let builtin: HashSet<String> = match fs::read_to_string(&builtin_path) {
+        Ok(text) => text.lines().filter_map(module_name).collect(),
+        // A tree without it (hand-made, or a kernel with nothing built in that matters):
+        // every wanted module must then be a file.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => HashSet::new(),
+        Err(e) => return Err(e).ctx("read", builtin_path),
+    };
+
+    let mut loaded: HashMap<String, Vec<u8>> = HashMap::new();
+    let order = resolve_modules(
+        |name| {
+            let Some(path) = files.get(name) else {
+                return Ok(None);
+            };
+            let raw = fs::read(path).ctx("read module", path)?;
+            let bytes =
+                decompress_module(&path.to_string_lossy(), raw).ctx("decompress module", path)?;
+            let depends = modinfo_depends(&bytes).map_err(|r| format_err(path, r))?;
+            let built_for = modinfo_vermagic_release(&bytes).map_err(|r| format_err(path, r))?;
+            if let (Some(release), Some(built_for)) = (release, built_for) {
+                if built_for != release {
+                    return Err(Error::BadInput {
+                        path: path.clone(),
+                        reason: format!(
+                            "module built for kernel {built_for}, not {release}: the modules tree belongs to another kernel"
+                        ),
+                    });
+                }
+            }
+            loaded.insert(name.to_owned(), bytes);
+            Ok(Some(depends))
+        },
+        &builtin,
+        wanted,
+    )
+    .map_err(|e| match e {
+        Unresolved::Missing(module) => Error::MissingModule {
+            origin: tree.to_owned(),
+            module,
+        },
+        Unresolved::Failed(e) => e,
+    })?;
+    fs::create_dir(out_dir).ctx("create", out_dir)?;
+    for name in &order {
+        let path = out_dir.join(format!("{name}.ko"));
+        fs::write(&path, &loaded[name]).ctx("write module", &path)?;
+    }
+    Ok(order)
+}
+
+/// Every module file under `dir`, by module name.
+fn index_modules(dir: &Path, into: &mut HashMap<String, PathBuf>) -> Result<()> {
+    for entry in fs::read_dir(dir).ctx("list modules in", dir)? {
+        let entry = entry.ctx("list modules in", dir)?;
+        let kind = entry.file_type().ctx("stat", entry.path())?;
+        if kind.is_dir() {
+            index_modules(&entry.path(), into)?;
+        } else if let Some(name) = module_name(&entry.file_name().to_string_lossy()) {
+            into.insert(name, entry.path());
+        }
+    }
+    Ok(())
 }
 
 /// `kernel/drivers/char/virtio_console.ko.xz` -> `virtio_console`. The kernel treats
@@ -290,6 +519,16 @@ fn modinfo_depends(elf: &[u8]) -> Result<Vec<String>, String> {
         .map(String::from_utf8_lossy)
         .map(|d| d.replace('-', "_"))
         .collect())
+}
+
+/// The release a module was built for: the first word of its `vermagic=` modinfo entry
+/// (e.g. `6.1.0-56-cloud-amd64 SMP preempt mod_unload modversions`).
+fn modinfo_vermagic_release(elf: &[u8]) -> Result<Option<String>, String> {
+    let modinfo = elf_section(elf, ".modinfo")?.ok_or("no .modinfo section")?;
+    Ok(modinfo
+        .split(|&b| b == 0)
+        .find_map(|kv| kv.strip_prefix(b"vermagic="))
+        .and_then(release_word))
 }
 
 /// The contents of the named section of a little-endian ELF64 file.
@@ -345,32 +584,43 @@ fn le_u64(b: &[u8], at: usize) -> Result<u64, String> {
         .ok_or_else(|| format!("truncated at offset {at:#x}"))
 }
 
+/// Why [`resolve_modules`] stopped.
+enum Unresolved {
+    /// A module that is neither available nor built in.
+    Missing(String),
+    /// Reading an available module failed.
+    Failed(Error),
+}
+
 /// Dependency-first load order of `wanted` and everything they need. Built-in modules
-/// are skipped. Returns the name of a module that is neither available nor built in.
+/// are skipped. `depends_of` gives a module's dependencies, `None` when there is no such
+/// module file; it is asked about each module once.
 fn resolve_modules(
-    available: &HashMap<String, Module>,
+    mut depends_of: impl FnMut(&str) -> Result<Option<Vec<String>>>,
     builtin: &HashSet<String>,
     wanted: &[&str],
-) -> Result<Vec<String>, String> {
+) -> Result<Vec<String>, Unresolved> {
     fn visit(
         name: &str,
-        available: &HashMap<String, Module>,
+        depends_of: &mut dyn FnMut(&str) -> Result<Option<Vec<String>>>,
         builtin: &HashSet<String>,
         done: &mut HashSet<String>,
         order: &mut Vec<String>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Unresolved> {
         if done.contains(name) {
             return Ok(());
         }
         // Mark before recursing: module dependencies are acyclic (the kernel refuses
-        // cycles), and marking early keeps a malformed package from recursing forever.
+        // cycles), and marking early keeps a malformed tree from recursing forever.
         done.insert(name.to_owned());
         if builtin.contains(name) {
             return Ok(());
         }
-        let module = available.get(name).ok_or_else(|| name.to_owned())?;
-        for dep in &module.depends {
-            visit(dep, available, builtin, done, order)?;
+        let depends = depends_of(name)
+            .map_err(Unresolved::Failed)?
+            .ok_or_else(|| Unresolved::Missing(name.to_owned()))?;
+        for dep in &depends {
+            visit(dep, depends_of, builtin, done, order)?;
         }
         order.push(name.to_owned());
         Ok(())
@@ -380,7 +630,7 @@ fn resolve_modules(
     for name in wanted {
         visit(
             &name.replace('-', "_"),
-            available,
+            &mut depends_of,
             builtin,
             &mut done,
             &mut order,
@@ -495,10 +745,17 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn module(depends: &[&str]) -> Module {
-        Module {
-            bytes: Vec::new(),
-            depends: depends.iter().map(|s| s.to_string()).collect(),
+    /// A `depends_of` for [`resolve_modules`] over a fixed table.
+    fn table<'a>(
+        modules: &'a [(&str, &[&str])],
+    ) -> impl FnMut(&str) -> Result<Option<Vec<String>>> + 'a {
+        let mut asked = HashSet::new();
+        move |name| {
+            assert!(asked.insert(name.to_owned()), "{name} asked for twice");
+            Ok(modules
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, deps)| deps.iter().map(|d| d.to_string()).collect()))
         }
     }
 
@@ -517,24 +774,22 @@ mod tests {
 
     #[test]
     fn resolve_orders_dependencies_first_and_skips_builtins() {
-        let available: HashMap<String, Module> = [
-            ("virtio_ring", module(&[])),
-            ("virtio", module(&[])),
-            ("virtio_blk", module(&["virtio", "virtio_ring"])),
-            (
-                "virtio_net",
-                module(&["net_failover", "virtio", "virtio_ring"]),
-            ),
-            ("net_failover", module(&["failover"])),
-            ("failover", module(&[])),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
+        let available: &[(&str, &[&str])] = &[
+            ("virtio_ring", &[]),
+            ("virtio", &[]),
+            ("virtio_blk", &["virtio", "virtio_ring"]),
+            ("virtio_net", &["net_failover", "virtio", "virtio_ring"]),
+            ("net_failover", &["failover"]),
+            ("failover", &[]),
+        ];
         let builtin = HashSet::from(["ext4".to_string()]);
-        let order = resolve_modules(&available, &builtin, &["virtio_blk", "ext4", "virtio-net"]);
+        let order = resolve_modules(
+            table(available),
+            &builtin,
+            &["virtio_blk", "ext4", "virtio-net"],
+        );
         assert_eq!(
-            order.unwrap(),
+            order.ok().unwrap(),
             [
                 "virtio",
                 "virtio_ring",
@@ -548,12 +803,12 @@ mod tests {
 
     #[test]
     fn resolve_names_the_missing_module() {
-        let available: HashMap<String, Module> =
-            [("a".to_string(), module(&["b"]))].into_iter().collect();
-        assert_eq!(
-            resolve_modules(&available, &HashSet::new(), &["a"]),
-            Err("b".into())
-        );
+        let available: &[(&str, &[&str])] = &[("a", &["b"])];
+        match resolve_modules(table(available), &HashSet::new(), &["a"]) {
+            Err(Unresolved::Missing(m)) => assert_eq!(m, "b"),
+            Err(Unresolved::Failed(e)) => panic!("{e}"),
+            Ok(order) => panic!("resolved {order:?}"),
+        }
     }
 
     #[test]
@@ -566,6 +821,54 @@ mod tests {
         framed.extend((block.len() as u32).to_le_bytes());
         framed.extend(&block);
         assert_eq!(lz4_legacy_decode(&framed, data.len()).unwrap(), data);
+    }
+
+    /// A bzImage setup header (no payload) whose `kernel_version` names `version`.
+    fn crafted_bzimage(version: Option<&str>) -> Vec<u8> {
+        let mut image = vec![0u8; 0x1000];
+        image[0x1f1] = 4; // setup_sects
+        image[0x202..0x206].copy_from_slice(b"HdrS");
+        image[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        if let Some(version) = version {
+            // The pointer counts from 0x200, as the boot protocol says.
+            let at = 0x5c0usize;
+            image[0x20e..0x210].copy_from_slice(&((at - 0x200) as u16).to_le_bytes());
+            let text = format!("{version} (builder@host) #1 SMP PREEMPT_DYNAMIC Mon Jan 1\0");
+            image[at..at + text.len()].copy_from_slice(text.as_bytes());
+        }
+        image
+    }
+
+    #[test]
+    fn bzimage_version_is_the_first_word_of_the_header_string() {
+        let image = crafted_bzimage(Some("6.9.1-test+"));
+        assert_eq!(sniff_kernel(&image), Some(KernelImage::BzImage));
+        assert_eq!(bzimage_version(&image).as_deref(), Some("6.9.1-test+"));
+        assert_eq!(bzimage_version(&crafted_bzimage(None)), None);
+        assert_eq!(bzimage_version(b"not a kernel at all"), None);
+    }
+
+    #[test]
+    fn elf_banner_version_skips_format_strings() {
+        let mut elf = b"\x7fELF\x02\x01\x01".to_vec();
+        elf.resize(18, 0);
+        elf.extend(62u16.to_le_bytes()); // e_machine: x86-64
+        elf.resize(64, 0);
+        elf.extend(b"\0Linux version %s (%s)\n\0junk");
+        elf.extend(b"\0Linux version 5.10.204 (root@buildkitsandbox) (gcc (Ubuntu 9.4.0) 9.4.0) #1 SMP\n\0");
+        assert_eq!(sniff_kernel(&elf), Some(KernelImage::Elf));
+        assert_eq!(elf_banner_version(&elf).as_deref(), Some("5.10.204"));
+        assert_eq!(elf_banner_version(&elf[..80]), None);
+    }
+
+    #[test]
+    fn sniff_refuses_other_files() {
+        assert_eq!(sniff_kernel(b"#!/bin/sh\necho hi\n"), None);
+        // An ELF for another machine (aarch64) is not a kernel banger can boot.
+        let mut arm = b"\x7fELF\x02\x01\x01".to_vec();
+        arm.resize(18, 0);
+        arm.extend(183u16.to_le_bytes());
+        assert_eq!(sniff_kernel(&arm), None);
     }
 
     #[test]

@@ -78,6 +78,67 @@ fn import_debian_kernel_resolves_virtio_modules_and_extracts_vmlinux() {
     );
 }
 
+/// The package split as a user might have it: `dpkg-deb -x` into `into`, then the bzImage
+/// and the modules tree imported without the package.
+#[test]
+fn import_files_from_an_unpacked_deb_matches_the_deb_import() {
+    let Some(deb) = kernel_deb() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let from_deb = import(&deb, &tmp.path().join("a"));
+    let unpacked = tmp.path().join("unpacked");
+    let out = Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(&unpacked)
+        .output()
+        .expect("run dpkg-deb");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let version = from_deb.version();
+    let files = kernel::KernelFiles {
+        kernel: unpacked.join(format!("boot/vmlinuz-{version}")),
+        config: None,
+        modules: Some(unpacked.join(format!("lib/modules/{version}"))),
+        version: None,
+    };
+    let started = Instant::now();
+    let split = kernel::import_files(&files, &tmp.path().join("b"), kernel::GUEST_MODULES).unwrap();
+    eprintln!("kernel import from files: {:?}", started.elapsed());
+    // The version comes from the bzImage header here, from the file name in the .deb.
+    assert_eq!(split.version(), version);
+    assert_eq!(split.modules(), from_deb.modules());
+    for m in split.modules() {
+        assert_eq!(
+            std::fs::read(split.module_path(m)).unwrap(),
+            std::fs::read(from_deb.module_path(m)).unwrap(),
+            "{m}"
+        );
+    }
+    assert_eq!(
+        std::fs::read(split.ensure_vmlinux().unwrap()).unwrap(),
+        std::fs::read(from_deb.ensure_vmlinux().unwrap()).unwrap()
+    );
+    assert!(!split.config().exists());
+
+    // The ELF alone: no modules, the version from its banner.
+    let elf_only = kernel::KernelFiles {
+        kernel: split.ensure_vmlinux().unwrap(),
+        ..Default::default()
+    };
+    let bare =
+        kernel::import_files(&elf_only, &tmp.path().join("c"), kernel::GUEST_MODULES).unwrap();
+    assert_eq!(bare.version(), version);
+    assert!(bare.modules().is_empty());
+    assert_eq!(
+        std::fs::read_to_string(bare.root().join("modules.load")).unwrap(),
+        ""
+    );
+    assert!(!bare.vmlinuz().exists());
+}
+
 /// The imported test kernel, shared by the tests of this binary and kept across runs
 /// under the target dir (the import is deterministic for a given package).
 fn cached_kernel() -> Option<&'static KernelDir> {

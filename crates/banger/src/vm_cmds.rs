@@ -17,14 +17,30 @@ use crate::{call, format, print_json};
 
 #[derive(Debug, Subcommand)]
 pub enum KernelCommand {
-    /// Import a guest kernel from a Debian linux-image-*.deb (e.g. the -cloud-amd64 flavour,
-    /// fetched with `apt-get download`).
+    /// Import a guest kernel: from a Debian linux-image-*.deb (e.g. the -cloud-amd64
+    /// flavour, fetched with `apt-get download`), or from a kernel image (--kernel) with its
+    /// modules (--modules) or with virtio, ext4 and vsock built in.
+    ///
+    /// Give exactly one of --deb and --kernel.
     Import {
         /// Name to import under.
         name: String,
-        /// The package.
+        /// A Debian linux-image-*.deb: kernel, config and modules in one file.
         #[arg(long)]
-        deb: std::path::PathBuf,
+        deb: Option<std::path::PathBuf>,
+        /// A kernel image: a bzImage (vmlinuz) or an x86-64 ELF vmlinux.
+        #[arg(long)]
+        kernel: Option<std::path::PathBuf>,
+        /// With --kernel: its modules tree, /lib/modules/<release> (the directory holding
+        /// kernel/). banger takes the virtio, ext4 and vsock modules from it. Without it the
+        /// kernel must have them built in (e.g. Firecracker's CI kernels).
+        #[arg(long)]
+        modules: Option<std::path::PathBuf>,
+        /// Boot this initramfs instead of banger's. It gets banger's kernel command line and
+        /// must mount the root disk (/dev/vda, ext4) and switch_root into /.banger/agent as
+        /// PID 1, as banger's does; otherwise VMs of this kernel never start (no agent).
+        #[arg(long)]
+        initrd: Option<std::path::PathBuf>,
     },
     /// List kernels, newest first.
     List,
@@ -162,7 +178,17 @@ fn print_kernel(info: &KernelInfo, json: bool) -> anyhow::Result<()> {
     if json {
         return print_json(info);
     }
-    println!("{}  {}  {}", info.name, info.version, info.created_at);
+    // Only the unusual case is worth a column: a custom initramfs breaks `vm exec` if it
+    // does not start the agent.
+    let custom = if info.initrd == "custom" {
+        "  custom initrd"
+    } else {
+        ""
+    };
+    println!(
+        "{}  {}  {}{custom}",
+        info.name, info.version, info.created_at
+    );
     Ok(())
 }
 
@@ -172,12 +198,28 @@ pub fn run_kernel(
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     match command {
-        KernelCommand::Import { name, deb } => {
-            let deb =
-                std::path::absolute(&deb).with_context(|| format!("resolve {}", deb.display()))?;
+        KernelCommand::Import {
+            name,
+            deb,
+            kernel,
+            modules,
+            initrd,
+        } => {
+            // The daemon runs elsewhere (its own working directory): paths go absolute.
+            let absolute = |p: Option<std::path::PathBuf>| -> anyhow::Result<Option<String>> {
+                p.map(|p| {
+                    std::path::absolute(&p)
+                        .map(|a| a.display().to_string())
+                        .with_context(|| format!("resolve {}", p.display()))
+                })
+                .transpose()
+            };
             let params = KernelImportParams {
                 name,
-                deb: deb.display().to_string(),
+                deb: absolute(deb)?,
+                kernel: absolute(kernel)?,
+                modules: absolute(modules)?,
+                initrd: absolute(initrd)?,
             };
             let info = call::<KernelImport>(client, &params)?;
             if json {

@@ -101,6 +101,312 @@ fn ready_install_in(
     Some(install)
 }
 
+/// `kernel show NAME --json`, which must succeed.
+fn kernel_show(install: &Install, name: &str) -> Value {
+    let out = install.banger(&["--json", "kernel", "show", name]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The `lib/modules/*.ko` entries of a newc archive, as `busybox cpio -t` lists them.
+fn initramfs_modules(archive: &Path) -> Vec<String> {
+    let out = std::process::Command::new("/bin/busybox")
+        .args(["cpio", "-t", "-F"])
+        .arg(archive)
+        .output()
+        .expect("run busybox cpio");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("lib/modules/") && l.ends_with(".ko"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Runs `command` in VM `vm` booted from `kernel`, then removes the VM; returns stdout.
+fn run_on_kernel(install: &Install, kernel: &str, vm: &str, command: &[&str]) -> String {
+    let out = install.banger(&[
+        "vm", "create", "--name", vm, "--image", "bb", "--kernel", kernel,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let mut args = vec!["vm", "exec", vm, "--"];
+    args.extend(command);
+    let out = install.banger(&args);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let rm = install.banger(&["vm", "rm", vm]);
+    assert_eq!(rm.status.code(), Some(0), "{}", stderr(&rm));
+    stdout(&out)
+}
+
+/// The Debian kernel as a user who unpacked it (`dpkg-deb -x`) has it: the bzImage plus its
+/// modules tree give what the `.deb` gives, and boot; and a kernel with the caller's own
+/// initramfs boots that one.
+#[test]
+fn kernel_import_from_an_image_and_modules_tree_matches_the_deb_and_boots() {
+    let registry = Registry::start();
+    let Some(install) = ready_install(&registry) else {
+        return;
+    };
+    let (_, deb) = guest_parts().unwrap();
+    let unpacked = install.dir.path().join("unpacked");
+    let out = std::process::Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(deb)
+        .arg(&unpacked)
+        .output()
+        .expect("run dpkg-deb");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cloud = kernel_show(&install, "cloud");
+    let version = cloud["version"].as_str().unwrap().to_owned();
+    assert!(version.ends_with("-cloud-amd64"), "{version}");
+    let cloud_dir = PathBuf::from(cloud["dir"].as_str().unwrap());
+
+    let vmlinuz = unpacked.join(format!("boot/vmlinuz-{version}"));
+    let modules = unpacked.join(format!("lib/modules/{version}"));
+    let out = install.banger(&[
+        "kernel",
+        "import",
+        "k2",
+        "--kernel",
+        vmlinuz.to_str().unwrap(),
+        "--modules",
+        modules.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), format!("imported kernel k2 ({version})\n"));
+
+    // The version comes from the bzImage header here (from the file name for the .deb).
+    let k2 = kernel_show(&install, "k2");
+    assert_eq!(k2["version"], version.as_str());
+    assert_eq!(k2["initrd"], "banger");
+    let k2_dir = PathBuf::from(k2["dir"].as_str().unwrap());
+    let vmlinux = std::fs::read(k2_dir.join("vmlinux")).unwrap();
+    assert_eq!(&vmlinux[..5], b"\x7fELF\x02", "64-bit ELF");
+    assert_eq!(u16::from_le_bytes([vmlinux[18], vmlinux[19]]), 62, "x86-64");
+    assert!(vmlinux == std::fs::read(cloud_dir.join("vmlinux")).unwrap());
+    let k2_modules = initramfs_modules(&k2_dir.join("initramfs.cpio"));
+    assert_eq!(
+        k2_modules,
+        initramfs_modules(&cloud_dir.join("initramfs.cpio"))
+    );
+    for m in [
+        "virtio_mmio",
+        "virtio_blk",
+        "virtio_net",
+        "vmw_vsock_virtio_transport",
+    ] {
+        assert!(
+            k2_modules.contains(&format!("lib/modules/{m}.ko")),
+            "{m} not in {k2_modules:?}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(k2_dir.join("modules.load")).unwrap(),
+        std::fs::read_to_string(cloud_dir.join("modules.load")).unwrap()
+    );
+
+    // The same modules tree with a kernel of another release: refused at import, naming
+    // the first module read, rather than failing insmod at every boot.
+    let other = install.dir.path().join("vmlinux-other");
+    let mut elf = b"\x7fELF\x02\x01\x01".to_vec();
+    elf.resize(18, 0);
+    elf.extend(62u16.to_le_bytes());
+    elf.resize(64, 0);
+    elf.extend(b"Linux version 9.9.9-other (x@y) #1 SMP\n\0");
+    std::fs::write(&other, elf).unwrap();
+    let out = install.banger(&[
+        "kernel",
+        "import",
+        "k4",
+        "--kernel",
+        other.to_str().unwrap(),
+        "--modules",
+        modules.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).starts_with(&format!(
+            "banger: {}/kernel/drivers/virtio/virtio_mmio.ko: module built for kernel {version}, \
+             not 9.9.9-other: the modules tree belongs to another kernel [bad_request, ",
+            modules.display()
+        )),
+        "{}",
+        stderr(&out)
+    );
+
+    let proc_version = run_on_kernel(&install, "k2", "on-k2", &["cat", "/proc/version"]);
+    assert!(
+        proc_version.starts_with(&format!("Linux version {version} ")),
+        "{proc_version}"
+    );
+
+    // The ELF alone with an initramfs of the caller's: here banger's own, copied out of the
+    // cloud kernel (it loads the modules and hands over to the agent, as one must).
+    let out = install.banger(&[
+        "--json",
+        "kernel",
+        "import",
+        "k3",
+        "--kernel",
+        cloud_dir.join("vmlinux").to_str().unwrap(),
+        "--initrd",
+        cloud_dir.join("initramfs.cpio").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let k3: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(k3["initrd"], "custom");
+    // From the ELF's "Linux version" banner.
+    assert_eq!(k3["version"], version.as_str());
+    let k3_dir = PathBuf::from(k3["dir"].as_str().unwrap());
+    assert!(
+        std::fs::read(k3_dir.join("initrd.custom")).unwrap()
+            == std::fs::read(cloud_dir.join("initramfs.cpio")).unwrap()
+    );
+    assert!(!k3_dir.join("initramfs.cpio").exists());
+    assert!(!k3_dir.join("vmlinuz").exists());
+    let shown = stdout(&install.banger(&["kernel", "show", "k3"]));
+    assert!(shown.ends_with("  custom initrd\n"), "{shown:?}");
+    assert_eq!(
+        run_on_kernel(&install, "k3", "on-k3", &["echo", "custom"]),
+        "custom\n"
+    );
+
+    // Nothing of the refused import, nor of the unpacked .deb, stays behind.
+    let mut dirs: Vec<_> = std::fs::read_dir(install.state_dir().join("kernels"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    dirs.sort();
+    assert_eq!(dirs, ["cloud", "k2", "k3"]);
+}
+
+/// Splits `banger: MESSAGE [KIND, OP_ID]` into MESSAGE and KIND.
+fn refusal(out: &std::process::Output) -> (String, String) {
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(out));
+    let text = stderr(out);
+    let line = text
+        .trim_end()
+        .strip_prefix("banger: ")
+        .unwrap_or_else(|| panic!("{text}"));
+    let (message, tail) = line.rsplit_once(" [").unwrap_or_else(|| panic!("{text}"));
+    let kind = tail.split(',').next().unwrap();
+    (message.to_owned(), kind.to_owned())
+}
+
+#[test]
+fn kernel_import_refuses_bad_sources_naming_them() {
+    let install = Install::new();
+    let dir = install.dir.path();
+    let notes = dir.join("notes.txt");
+    std::fs::write(&notes, "not a kernel\n").unwrap();
+    let notes = notes.to_str().unwrap();
+    let import = |args: &[&str]| {
+        let mut all = vec!["kernel", "import", "k"];
+        all.extend(args);
+        refusal(&install.banger(&all))
+    };
+    let bad = |message: &str| (message.to_owned(), "bad_request".to_owned());
+
+    assert_eq!(
+        import(&["--deb", notes, "--kernel", notes]),
+        bad("deb and kernel exclude each other: give one (deb: a linux-image-*.deb; kernel: a bzImage or vmlinux)")
+    );
+    assert_eq!(
+        import(&[]),
+        bad("give deb (a linux-image-*.deb) or kernel (a bzImage or vmlinux)")
+    );
+    assert_eq!(
+        import(&["--deb", notes, "--modules", dir.to_str().unwrap()]),
+        bad("modules goes with kernel: a deb brings its own modules")
+    );
+    let missing = dir.join("no-such-vmlinuz");
+    assert_eq!(
+        import(&["--kernel", missing.to_str().unwrap()]),
+        (
+            format!("no kernel image at {} (given as kernel)", missing.display()),
+            "not_found".to_owned()
+        )
+    );
+    assert_eq!(
+        import(&["--kernel", notes]),
+        bad(&format!("{notes}: not a kernel: neither an x86 bzImage (no HdrS header) nor an x86-64 ELF vmlinux"))
+    );
+
+    // An x86-64 ELF header passes for a kernel (version unknown); the directory given as
+    // its modules tree has no kernel/ in it.
+    let elf = dir.join("vmlinux");
+    let mut header = b"\x7fELF\x02\x01\x01".to_vec();
+    header.resize(18, 0);
+    header.extend(62u16.to_le_bytes());
+    header.resize(64, 0);
+    std::fs::write(&elf, header).unwrap();
+    let empty = dir.join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    assert_eq!(
+        import(&[
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--modules",
+            empty.to_str().unwrap()
+        ]),
+        bad(&format!(
+            "{}: not a modules tree: no kernel/ subdirectory (give /lib/modules/<release>)",
+            empty.display()
+        ))
+    );
+    assert_eq!(
+        import(&["--kernel", elf.to_str().unwrap(), "--modules", notes]),
+        (
+            format!("no modules directory at {notes} (given as modules)"),
+            "not_found".to_owned()
+        )
+    );
+
+    assert_eq!(
+        import(&[
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--modules",
+            empty.to_str().unwrap(),
+            "--initrd",
+            notes
+        ]),
+        bad("modules and initrd exclude each other: modules go into banger's initramfs, which initrd replaces")
+    );
+    // The CLI makes a relative path absolute (from its working directory, which banger
+    // inherits from this test) before asking.
+    assert_eq!(
+        import(&["--kernel", "relative/vmlinuz"]),
+        (
+            format!(
+                "no kernel image at {} (given as kernel)",
+                std::env::current_dir()
+                    .unwrap()
+                    .join("relative/vmlinuz")
+                    .display()
+            ),
+            "not_found".to_owned()
+        )
+    );
+
+    let list = install.banger(&["--json", "kernel", "list"]);
+    let listed: Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(listed["kernels"], Value::Array(vec![]));
+    let leftovers: Vec<_> = std::fs::read_dir(install.state_dir().join("kernels"))
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
 fn qemu_processes_for(dir: &Path) -> usize {
     let needle = dir.display().to_string();
     std::fs::read_dir("/proc")

@@ -65,6 +65,12 @@ pub const MIGRATIONS: &[Migration] = &[
           ALTER TABLE vms ADD COLUMN tap TEXT;
           CREATE UNIQUE INDEX vms_guest_ip ON vms(guest_ip);",
     },
+    Migration {
+        version: 4,
+        name: "kernel initrd",
+        // Every kernel before this booted banger's own initramfs.
+        sql: "ALTER TABLE kernels ADD COLUMN initrd TEXT NOT NULL DEFAULT 'banger';",
+    },
 ];
 
 /// The database was written by a newer banger; refusing beats corrupting it.
@@ -219,6 +225,11 @@ mod tests {
             })
             .unwrap();
         assert_eq!((network.as_str(), ip, tap), ("user", None, None));
+        let initrd: String = store
+            .conn()
+            .query_row("SELECT initrd FROM kernels", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(initrd, "banger", "an old kernel boots banger's initramfs");
         // One address, one VM.
         let conn = store.conn();
         conn.execute("UPDATE vms SET guest_ip = '172.30.0.2'", [])

@@ -1,5 +1,6 @@
-//! Guest kernels: imported from Debian `linux-image-*` packages into
-//! `<state>/kernels/<name>/`, each with banger's initramfs built next to it.
+//! Guest kernels: imported from Debian `linux-image-*` packages or from a kernel image
+//! (plus an optional modules tree) into `<state>/kernels/<name>/`, each with banger's
+//! initramfs built next to it, or with the caller's own.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -8,15 +9,22 @@ use std::time::SystemTime;
 use anyhow::Context;
 use banger_api::{KernelImportParams, KernelInfo};
 use banger_vmm::initramfs::{write_initramfs, InitramfsSpec, DEFAULT_BUSYBOX};
-use banger_vmm::kernel::{import_deb, KernelDir, GUEST_MODULES};
+use banger_vmm::kernel::{import_deb, import_files, KernelDir, KernelFiles, GUEST_MODULES};
 use rusqlite::OptionalExtension;
 
 use crate::layout::Layout;
 use crate::store::Store;
 use crate::ServiceError;
 
-/// The initramfs file inside a kernel directory.
+/// The initramfs banger builds, inside a kernel directory.
 pub const INITRAMFS: &str = "initramfs.cpio";
+/// The caller's initramfs (`initrd` at import), copied into the kernel directory.
+pub const CUSTOM_INITRD: &str = "initrd.custom";
+
+/// `initrd` of a kernel booting banger's initramfs.
+const INITRD_BANGER: &str = "banger";
+/// `initrd` of a kernel booting the one given at import.
+const INITRD_CUSTOM: &str = "custom";
 
 /// Imports and keeps guest kernels.
 #[derive(Debug)]
@@ -30,8 +38,37 @@ pub struct KernelService {
 pub struct BootFiles {
     /// The kernel to hand the VMM (ELF vmlinux: it boots faster under TCG).
     pub kernel: PathBuf,
-    /// banger's initramfs for it.
+    /// The initramfs: banger's, or the one given at import.
     pub initrd: PathBuf,
+}
+
+/// Where an import takes the kernel from, validated.
+enum Source<'a> {
+    Deb(&'a Path),
+    Files(KernelFiles),
+}
+
+/// `params.<param>` as an absolute path that exists (a file, or a directory when `dir`).
+fn input_path<'a>(
+    param: &str,
+    value: &'a str,
+    what: &str,
+    dir: bool,
+) -> Result<&'a Path, ServiceError> {
+    let path = Path::new(value);
+    if !path.is_absolute() {
+        return Err(ServiceError::bad_request(format!(
+            "{param} path {value:?} must be absolute"
+        )));
+    }
+    let present = if dir { path.is_dir() } else { path.is_file() };
+    if !present {
+        return Err(ServiceError::not_found(format!(
+            "no {what} at {} (given as {param})",
+            path.display()
+        )));
+    }
+    Ok(path)
 }
 
 impl KernelService {
@@ -44,23 +81,48 @@ impl KernelService {
         self.layout.kernels_dir().join(name)
     }
 
-    /// Imports the package at `params.deb` as `params.name`: kernel, config and the virtio,
-    /// ext4 and vsock modules, an uncompressed vmlinux, and the initramfs.
+    /// Imports `params.deb`, or `params.kernel` with `params.modules`, as `params.name`:
+    /// an uncompressed vmlinux, the virtio, ext4 and vsock modules (when there are any),
+    /// and banger's initramfs, or a copy of `params.initrd` in its place.
     pub fn import(&self, params: &KernelImportParams) -> Result<KernelInfo, ServiceError> {
         crate::services::vm::validate_name("kernel", &params.name)?;
-        let deb = Path::new(&params.deb);
-        if !deb.is_absolute() {
-            return Err(ServiceError::bad_request(format!(
-                "kernel package path {:?} must be absolute",
-                params.deb
-            )));
+        // Combinations first: they are wrong whatever the paths hold.
+        if params.modules.is_some() && params.initrd.is_some() {
+            return Err(ServiceError::bad_request(
+                "modules and initrd exclude each other: modules go into banger's initramfs, which initrd replaces",
+            ));
         }
-        if !deb.is_file() {
-            return Err(ServiceError::not_found(format!(
-                "no kernel package at {}",
-                deb.display()
-            )));
-        }
+        let source = match (&params.deb, &params.kernel) {
+            (Some(_), Some(_)) => {
+                return Err(ServiceError::bad_request(
+                    "deb and kernel exclude each other: give one (deb: a linux-image-*.deb; kernel: a bzImage or vmlinux)",
+                ))
+            }
+            (None, None) => {
+                return Err(ServiceError::bad_request(
+                    "give deb (a linux-image-*.deb) or kernel (a bzImage or vmlinux)",
+                ))
+            }
+            (Some(_), None) if params.modules.is_some() => {
+                return Err(ServiceError::bad_request(
+                    "modules goes with kernel: a deb brings its own modules",
+                ))
+            }
+            (Some(deb), None) => Source::Deb(input_path("deb", deb, "kernel package", false)?),
+            (None, Some(kernel)) => Source::Files(KernelFiles {
+                kernel: input_path("kernel", kernel, "kernel image", false)?.to_owned(),
+                config: None,
+                modules: match &params.modules {
+                    Some(m) => Some(input_path("modules", m, "modules directory", true)?.to_owned()),
+                    None => None,
+                },
+                version: None,
+            }),
+        };
+        let custom_initrd = match &params.initrd {
+            Some(i) => Some(input_path("initrd", i, "initramfs", false)?),
+            None => None,
+        };
         if self.find(&params.name)?.is_some() {
             return Err(ServiceError::already_exists(format!(
                 "a kernel named {:?} already exists",
@@ -73,15 +135,40 @@ impl KernelService {
             std::fs::remove_dir_all(&dest).with_context(|| format!("remove {}", dest.display()))?;
         }
         std::fs::create_dir_all(self.layout.kernels_dir()).context("create kernels dir")?;
-        let kernel = import_deb(deb, &dest, GUEST_MODULES)
-            .with_context(|| format!("import kernel package {}", deb.display()))?;
+        let (imported, what) = match &source {
+            Source::Deb(deb) => (
+                import_deb(deb, &dest, GUEST_MODULES),
+                format!("import kernel package {}", deb.display()),
+            ),
+            Source::Files(files) => (
+                import_files(files, &dest, GUEST_MODULES),
+                format!("import kernel {}", files.kernel.display()),
+            ),
+        };
+        let kernel = imported.map_err(|e| match e {
+            // The caller chose the wrong file; anything else is ours or the system's.
+            banger_vmm::Error::BadInput { .. } | banger_vmm::Error::MissingModule { .. } => {
+                ServiceError::bad_request(e)
+            }
+            e => anyhow::Error::new(e).context(what).into(),
+        })?;
         let built = (|| -> anyhow::Result<()> {
             kernel.ensure_vmlinux().context("extract vmlinux")?;
-            let spec = InitramfsSpec {
-                busybox: DEFAULT_BUSYBOX.into(),
-                kernel: Some(kernel.clone()),
-            };
-            write_initramfs(&spec, &dest.join(INITRAMFS)).context("build initramfs")?;
+            match custom_initrd {
+                // Copied, not referenced: a kernel directory stays bootable whatever
+                // happens to the file it was imported from.
+                Some(initrd) => {
+                    std::fs::copy(initrd, dest.join(CUSTOM_INITRD))
+                        .with_context(|| format!("copy initramfs {}", initrd.display()))?;
+                }
+                None => {
+                    let spec = InitramfsSpec {
+                        busybox: DEFAULT_BUSYBOX.into(),
+                        kernel: Some(kernel.clone()),
+                    };
+                    write_initramfs(&spec, &dest.join(INITRAMFS)).context("build initramfs")?;
+                }
+            }
             Ok(())
         })();
         if let Err(e) = built {
@@ -93,12 +180,18 @@ impl KernelService {
             version: kernel.version().to_owned(),
             created_at: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
             dir: dest.display().to_string(),
+            initrd: if custom_initrd.is_some() {
+                INITRD_CUSTOM
+            } else {
+                INITRD_BANGER
+            }
+            .to_owned(),
         };
         self.store
             .conn()
             .execute(
-                "INSERT INTO kernels (name, version, created_at) VALUES (?1, ?2, ?3)",
-                rusqlite::params![info.name, info.version, info.created_at],
+                "INSERT INTO kernels (name, version, created_at, initrd) VALUES (?1, ?2, ?3, ?4)",
+                rusqlite::params![info.name, info.version, info.created_at, info.initrd],
             )
             .context("record kernel")?;
         Ok(info)
@@ -109,23 +202,25 @@ impl KernelService {
             .store
             .conn()
             .query_row(
-                "SELECT name, version, created_at FROM kernels WHERE name = ?1",
+                "SELECT name, version, created_at, initrd FROM kernels WHERE name = ?1",
                 [name],
                 |r| {
                     Ok((
                         r.get::<_, String>(0)?,
                         r.get::<_, String>(1)?,
                         r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
                     ))
                 },
             )
             .optional()
             .context("look up kernel")?;
-        Ok(row.map(|(name, version, created_at)| KernelInfo {
+        Ok(row.map(|(name, version, created_at, initrd)| KernelInfo {
             dir: self.dir(&name).display().to_string(),
             name,
             version,
             created_at,
+            initrd,
         }))
     }
 
@@ -133,7 +228,9 @@ impl KernelService {
     pub fn list(&self) -> Result<Vec<KernelInfo>, ServiceError> {
         let conn = self.store.conn();
         let mut stmt = conn
-            .prepare("SELECT name, version, created_at FROM kernels ORDER BY created_at DESC, name")
+            .prepare(
+                "SELECT name, version, created_at, initrd FROM kernels ORDER BY created_at DESC, name",
+            )
             .context("list kernels")?;
         let rows = stmt
             .query_map([], |r| {
@@ -141,17 +238,19 @@ impl KernelService {
                     r.get::<_, String>(0)?,
                     r.get::<_, String>(1)?,
                     r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
                 ))
             })
             .context("list kernels")?;
         let mut kernels = Vec::new();
         for row in rows {
-            let (name, version, created_at) = row.context("list kernels")?;
+            let (name, version, created_at, initrd) = row.context("list kernels")?;
             kernels.push(KernelInfo {
                 dir: self.dir(&name).display().to_string(),
                 name,
                 version,
                 created_at,
+                initrd,
             });
         }
         Ok(kernels)
@@ -196,7 +295,7 @@ impl KernelService {
             Some(name) => self.show(name),
             None => self.list()?.into_iter().next().ok_or_else(|| {
                 ServiceError::not_found(
-                    "no kernel imported: run `banger kernel import NAME --deb linux-image-*.deb`",
+                    "no kernel imported: run `banger kernel import NAME --deb linux-image-*.deb` (or --kernel vmlinuz)",
                 )
             }),
         }
@@ -204,13 +303,18 @@ impl KernelService {
 
     /// Boot files of the kernel called `name`.
     pub fn boot_files(&self, name: &str) -> Result<BootFiles, ServiceError> {
+        let info = self.show(name)?;
         let dir = self.dir(name);
         let kernel = KernelDir::open(&dir).with_context(|| format!("open kernel {name:?}"))?;
         Ok(BootFiles {
             kernel: kernel
                 .ensure_vmlinux()
                 .with_context(|| format!("vmlinux of kernel {name:?}"))?,
-            initrd: dir.join(INITRAMFS),
+            initrd: dir.join(if info.initrd == INITRD_CUSTOM {
+                CUSTOM_INITRD
+            } else {
+                INITRAMFS
+            }),
         })
     }
 }
