@@ -49,11 +49,14 @@ impl GrowingCopy {
     /// instead: its errors are the ones to report).
     pub fn reader(self: &Arc<Self>) -> Option<FollowingReader> {
         let mut progress = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        // Wait for the first bytes (or the end): only then is it known whether decoding
+        // gets anywhere at all.
         loop {
-            match (&progress.file, &progress.end) {
-                (_, Some(Err(_))) if progress.available == 0 => return None,
-                (Some(_), _) | (None, Some(_)) => break,
-                (None, None) => {
+            match &progress.end {
+                _ if progress.available > 0 => break,
+                Some(Ok(())) => break,
+                Some(Err(_)) => return None,
+                None => {
                     progress = self
                         .changed
                         .wait(progress)
