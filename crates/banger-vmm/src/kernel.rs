@@ -138,7 +138,7 @@ pub struct KernelFiles {
 /// `dest` must not exist. The directory is assembled next to it and renamed into place
 /// last, so a failed import leaves nothing behind and a present `dest` is always whole.
 pub fn import_files(files: &KernelFiles, dest: &Path, modules: &[&str]) -> Result<KernelDir> {
-    let staging = staging_dir(dest, ".kernel-import-")?;
+    let staging = staging_dir(dest, IMPORT_STAGING_PREFIXES[0])?;
     let stage = staging.path();
 
     let image = fs::read(&files.kernel).ctx("read kernel image", &files.kernel)?;
@@ -195,7 +195,7 @@ pub fn import_files(files: &KernelFiles, dest: &Path, modules: &[&str]) -> Resul
 /// kernel package into a new directory `dest`: the package's `boot/` and `lib/modules/`
 /// are unpacked next to `dest`, then imported as [`import_files`] does.
 pub fn import_deb(deb: &Path, dest: &Path, modules: &[&str]) -> Result<KernelDir> {
-    let unpacked = staging_dir(dest, ".kernel-unpack-")?;
+    let unpacked = staging_dir(dest, IMPORT_STAGING_PREFIXES[1])?;
     unpack_deb(deb, unpacked.path())?;
     let boot = unpacked.path().join("boot");
     let mut kernel = None;
@@ -242,6 +242,10 @@ pub fn import_deb(deb: &Path, dest: &Path, modules: &[&str]) -> Result<KernelDir
         e => e,
     })
 }
+
+/// Name prefixes of the temp dirs an import works in, next to the kernel dirs: what a crash
+/// mid-import leaves behind.
+pub const IMPORT_STAGING_PREFIXES: [&str; 2] = [".kernel-import-", ".kernel-unpack-"];
 
 /// A temp dir next to `dest` (same filesystem, so the final rename is atomic), its parent
 /// created if needed.

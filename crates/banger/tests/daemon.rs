@@ -489,3 +489,24 @@ fn doctor_says_why_a_demanded_firecracker_cannot_run() {
         "{vmm}"
     );
 }
+
+#[test]
+fn start_up_removes_work_dirs_of_interrupted_kernel_imports_only() {
+    let install = Install::new();
+    let kernels = install.state_dir().join("kernels");
+    for leftover in [".kernel-unpack-a1b2c3", ".kernel-import-d4e5f6"] {
+        std::fs::create_dir_all(kernels.join(leftover).join("lib/modules")).unwrap();
+        std::fs::write(kernels.join(leftover).join("lib/modules/x.ko"), b"ko").unwrap();
+    }
+    // Not ours to judge: a directory that merely looks like a kernel.
+    std::fs::create_dir_all(kernels.join("cloud")).unwrap();
+    let out = install.banger(&["--json", "kernel", "list"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "{\n  \"kernels\": []\n}\n");
+    let mut left: Vec<String> = std::fs::read_dir(&kernels)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["cloud"]);
+}

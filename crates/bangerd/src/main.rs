@@ -109,6 +109,13 @@ async fn serve(layout: Layout) -> anyhow::Result<()> {
     });
     let image = Arc::new(image);
     let kernel = Arc::new(KernelService::new(layout.clone(), Arc::clone(&store)));
+    let repaired = kernel.recover().context("recover kernels after a crash")?;
+    if repaired > 0 {
+        tracing::info!(
+            removed = repaired,
+            "removed leftovers of interrupted kernel imports"
+        );
+    }
     let vm = VmService::new(
         layout.clone(),
         config.clone(),

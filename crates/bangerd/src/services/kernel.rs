@@ -81,6 +81,33 @@ impl KernelService {
         self.layout.kernels_dir().join(name)
     }
 
+    /// Start-up repair: removes the work dirs of imports a crash interrupted (an unpacked
+    /// package can be hundreds of MiB). Returns how many went.
+    pub fn recover(&self) -> anyhow::Result<usize> {
+        let dir = self.layout.kernels_dir();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e).with_context(|| format!("list {}", dir.display())),
+        };
+        let mut removed = 0;
+        for entry in entries {
+            let entry = entry.with_context(|| format!("list {}", dir.display()))?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if banger_vmm::kernel::IMPORT_STAGING_PREFIXES
+                .iter()
+                .any(|prefix| name.starts_with(prefix))
+            {
+                let path = entry.path();
+                std::fs::remove_dir_all(&path)
+                    .with_context(|| format!("remove import leftover {}", path.display()))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Imports `params.deb`, or `params.kernel` with `params.modules`, as `params.name`:
     /// an uncompressed vmlinux, the virtio, ext4 and vsock modules (when there are any),
     /// and banger's initramfs, or a copy of `params.initrd` in its place.

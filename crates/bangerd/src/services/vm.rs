@@ -6,11 +6,12 @@
 //! `firecracker`), which says how its agent is reached after a daemon restart, and its
 //! network (`user`, or `tap` with its address and TAP device; see [`super::network`]).
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
@@ -70,6 +71,23 @@ pub struct VmService {
     kernels: Arc<KernelService>,
     /// Whether a guest boots under KVM (`Ok(detail)`) or why not; probed once.
     kvm: OnceLock<Result<String, String>>,
+    /// Guest addresses handed to creates that have not recorded their VM yet (a disk copy
+    /// takes seconds): a concurrent create must not pick the same one.
+    pending_ips: Mutex<HashSet<Ipv4Addr>>,
+}
+
+/// Releases an address reserved by [`VmService::allocate_guest_ip`] once the create is over
+/// (recorded or failed).
+struct PendingIp<'a> {
+    pending: &'a Mutex<HashSet<Ipv4Addr>>,
+    ip: Ipv4Addr,
+}
+
+impl Drop for PendingIp<'_> {
+    fn drop(&mut self) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        pending.remove(&self.ip);
+    }
 }
 
 impl VmService {
@@ -159,6 +177,7 @@ impl VmService {
             images,
             kernels,
             kvm: OnceLock::new(),
+            pending_ips: Mutex::default(),
         }
     }
 
@@ -318,13 +337,12 @@ impl VmService {
             self.backend(&boot.kernel, mode)?;
         }
         let id = hex::encode(rand::random::<[u8; 8]>());
-        let (guest_ip, tap) = match mode {
-            NetworkMode::User => (None, None),
-            NetworkMode::Tap => (
-                Some(self.allocate_guest_ip()?.to_string()),
-                Some(network::tap_name(&id)),
-            ),
+        let reserved = match mode {
+            NetworkMode::User => None,
+            NetworkMode::Tap => Some(self.allocate_guest_ip()?),
         };
+        let guest_ip = reserved.as_ref().map(|r| r.ip.to_string());
+        let tap = reserved.as_ref().map(|_| network::tap_name(&id));
         let dir = self.dir(&id);
         let disk = dir.join("root.ext4");
         let prepared = (|| -> anyhow::Result<u64> {
@@ -413,18 +431,27 @@ impl VmService {
 
     /// The lowest free address of the subnet; the unique index on `guest_ip` backs this
     /// up against a concurrent create.
-    fn allocate_guest_ip(&self) -> Result<Ipv4Addr, ServiceError> {
+    /// The lowest address of the subnet that no VM has and no create in progress holds;
+    /// held until the returned guard drops.
+    fn allocate_guest_ip(&self) -> Result<PendingIp<'_>, ServiceError> {
         let subnet = self.subnet()?;
-        let used: Vec<Ipv4Addr> = self
-            .list()?
+        let recorded = self.list()?;
+        let mut pending = self.pending_ips.lock().unwrap_or_else(|p| p.into_inner());
+        let used: Vec<Ipv4Addr> = recorded
             .into_iter()
             .filter_map(|vm| vm.guest_ip?.parse().ok())
+            .chain(pending.iter().copied())
             .collect();
-        subnet.allocate(&used).ok_or_else(|| {
+        let ip = subnet.allocate(&used).ok_or_else(|| {
             ServiceError::from(anyhow::anyhow!(
                 "no free address left in {} (bridge_address in config.toml): remove VMs or widen the subnet",
                 subnet.cidr()
             ))
+        })?;
+        pending.insert(ip);
+        Ok(PendingIp {
+            pending: &self.pending_ips,
+            ip,
         })
     }
 
