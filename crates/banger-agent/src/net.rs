@@ -99,7 +99,17 @@ pub fn configure(cfg: &NetConfig, wait: Duration) -> io::Result<()> {
             .map_err(|e| ctx(e, &format!("add default route via {gw}")))?;
     }
     if let Some(dns) = cfg.dns {
-        std::fs::write("/etc/resolv.conf", format!("nameserver {dns}\n"))
+        // Images often ship /etc/resolv.conf as a symlink into /run (systemd-resolved's
+        // stub), which does not exist here: replace the link rather than write through it.
+        let path = std::path::Path::new("/etc/resolv.conf");
+        if path
+            .symlink_metadata()
+            .is_ok_and(|m| m.file_type().is_symlink())
+        {
+            std::fs::remove_file(path)
+                .map_err(|e| ctx(e, "replace the /etc/resolv.conf symlink"))?;
+        }
+        std::fs::write(path, format!("nameserver {dns}\n"))
             .map_err(|e| ctx(e, "write /etc/resolv.conf"))?;
     }
     Ok(())

@@ -79,5 +79,15 @@ pub fn busybox_layer() -> Vec<u8> {
             .append_link(&mut h, format!("bin/{applet}"), "busybox")
             .expect("append applet link");
     }
+    // As in Debian and Ubuntu images with systemd-resolved: a link into /run, dangling
+    // until something creates it. The agent must replace it, not write through it.
+    let mut h = header(tar::EntryType::Symlink, 0o777, 0);
+    builder
+        .append_link(
+            &mut h,
+            "etc/resolv.conf",
+            "../run/systemd/resolve/stub-resolv.conf",
+        )
+        .expect("append resolv.conf link");
     builder.into_inner().expect("finish tar")
 }

@@ -519,6 +519,11 @@ fn vm_exec_stop_start_keeps_files_and_rm_leaves_nothing() {
     assert_eq!(stdout(&out), "out\n");
     assert_eq!(stderr(&out), "err\n");
 
+    // User networking: QEMU's DNS forwarder, written over the image's dangling link.
+    let out = install.banger(&["vm", "exec", "box", "--", "cat", "/etc/resolv.conf"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "nameserver 10.0.2.3\n");
+
     check_stdin_and_pty(&install, "box");
 
     assert_eq!(

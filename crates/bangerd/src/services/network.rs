@@ -347,9 +347,40 @@ pub fn tap_exists(name: &str) -> bool {
     link_exists(name)
 }
 
+/// A nameserver a TAP guest can reach through the NAT: the host's first non-loopback one.
+/// A loopback stub (systemd-resolved's 127.0.0.53) is useless to a guest, so its upstream
+/// list is tried next.
+pub fn host_nameserver() -> Option<Ipv4Addr> {
+    ["/etc/resolv.conf", "/run/systemd/resolve/resolv.conf"]
+        .iter()
+        .filter_map(|path| std::fs::read_to_string(path).ok())
+        .find_map(|text| first_routable_nameserver(&text))
+}
+
+/// The first IPv4 `nameserver` line of a resolv.conf that is not loopback.
+fn first_routable_nameserver(resolv_conf: &str) -> Option<Ipv4Addr> {
+    resolv_conf
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("nameserver"))
+        .filter_map(|rest| rest.trim().parse::<Ipv4Addr>().ok())
+        .find(|ip| !ip.is_loopback() && !ip.is_unspecified())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guests_get_the_first_routable_ipv4_nameserver() {
+        let stub = "# systemd-resolved\nnameserver 127.0.0.53\noptions edns0\n";
+        assert_eq!(first_routable_nameserver(stub), None);
+        let conf = "search lan\nnameserver ::1\nnameserver 127.0.0.1\n  nameserver 9.9.9.9 \nnameserver 1.1.1.1\n";
+        assert_eq!(
+            first_routable_nameserver(conf),
+            Some(Ipv4Addr::new(9, 9, 9, 9))
+        );
+        assert_eq!(first_routable_nameserver(""), None);
+    }
 
     #[test]
     fn settings_parse_by_their_config_names_only() {

@@ -543,7 +543,8 @@ impl VmService {
         );
         let net = match (mode, &vm.guest_ip, &vm.tap) {
             (NetworkMode::User, _, _) => {
-                cmdline.push_str(" banger.ip=10.0.2.15/24 banger.gw=10.0.2.2");
+                // 10.0.2.3 is QEMU's own DNS forwarder to the host's resolvers.
+                cmdline.push_str(" banger.ip=10.0.2.15/24 banger.gw=10.0.2.2 banger.dns=10.0.2.3");
                 NetSpec::User(Default::default())
             }
             (NetworkMode::Tap, Some(ip), Some(tap)) => {
@@ -562,6 +563,9 @@ impl VmService {
                     " banger.ip={ip}/{} banger.gw={}",
                     subnet.prefix, subnet.gateway
                 ));
+                if let Some(dns) = network::host_nameserver() {
+                    cmdline.push_str(&format!(" banger.dns={dns}"));
+                }
                 NetSpec::Tap {
                     ifname: tap.clone(),
                     mac: network::guest_mac(ip),
