@@ -10,8 +10,9 @@ pub mod vm;
 
 pub use methods::*;
 pub use rpc::{
-    ErrorData, ErrorKind, InputParams, Notification, Progress, Request, ResizeParams, Response,
-    RpcError, INPUT_NOTIFICATION, RESIZE_NOTIFICATION,
+    signal_number, ErrorData, ErrorKind, InputParams, Notification, Progress, Request,
+    ResizeParams, Response, RpcError, SignalParams, INPUT_NOTIFICATION, RESIZE_NOTIFICATION,
+    SIGNAL_NOTIFICATION,
 };
 pub use vm::*;
 

@@ -84,6 +84,33 @@ pub const INPUT_NOTIFICATION: &str = "input";
 /// changes size.
 pub const RESIZE_NOTIFICATION: &str = "resize";
 
+/// The notification a client sends, while a command runs, to deliver a signal to it (the
+/// user pressed ^C at a `vm exec` or `vm run` without a pty).
+pub const SIGNAL_NOTIFICATION: &str = "signal";
+
+/// Params of a `signal` notification (client → daemon).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignalParams {
+    /// The id of the request.
+    pub id: Value,
+    /// `INT`, `TERM`, `HUP`, `QUIT` or `KILL`.
+    pub signal: String,
+}
+
+/// The signal number of a `signal` notification's name (`INT`, `SIGINT`, …), for the ones a
+/// client may send.
+pub fn signal_number(name: &str) -> Option<i32> {
+    match name.strip_prefix("SIG").unwrap_or(name) {
+        "HUP" => Some(1),
+        "INT" => Some(2),
+        "QUIT" => Some(3),
+        "KILL" => Some(9),
+        "TERM" => Some(15),
+        _ => None,
+    }
+}
+
 /// Params of an `input` notification (client → daemon): bytes for the stdin of the call
 /// `id`, or its end. Input for a call that is not running is dropped: it is the tail of one
 /// that just ended.

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use banger_api::{
     DaemonPing, DaemonShutdown, InputParams, Method, NoParams, Notification, Progress, Request,
-    ResizeParams, Response, RpcError, INPUT_NOTIFICATION, RESIZE_NOTIFICATION,
+    ResizeParams, Response, RpcError, SignalParams, INPUT_NOTIFICATION, RESIZE_NOTIFICATION,
+    SIGNAL_NOTIFICATION,
 };
 use bangerd::layout::{Layout, LayoutKind};
 use base64::Engine as _;
@@ -91,6 +92,15 @@ impl InputSender {
             eof: true,
         };
         self.send(INPUT_NOTIFICATION, serde_json::to_value(params)?)
+    }
+
+    /// A signal (`INT`, `TERM`, …) for the command.
+    pub fn signal(&self, signal: &str) -> std::io::Result<()> {
+        let params = SignalParams {
+            id: self.id.into(),
+            signal: signal.into(),
+        };
+        self.send(SIGNAL_NOTIFICATION, serde_json::to_value(params)?)
     }
 
     /// The terminal's new size.

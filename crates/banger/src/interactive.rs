@@ -3,7 +3,8 @@
 //! terminal in raw mode for a pty, restored on every way out.
 
 use std::io::{IsTerminal, Read, Write};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
 use banger_api::{Method, Notification, Output, TtyParams};
@@ -100,9 +101,27 @@ pub fn call<M: Method>(
     params: &M::Params,
     mode: Mode,
 ) -> anyhow::Result<M::Result> {
+    // Without a pty, ^C is ours to pass on (a pty carries it as a key): once the command
+    // runs, a signal goes to it, like `docker run`'s signal proxy; before that, or on a
+    // second ^C, banger stops as usual.
+    let running = Arc::new(AtomicBool::new(false));
+    let on_output = |note: Notification| {
+        if note.method == "output" {
+            running.store(true, Ordering::SeqCst);
+        }
+        forward_output(note);
+    };
+    let proxy_signals = |input: &InputSender| -> std::io::Result<()> {
+        let signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+        let (input, running) = (input.clone(), Arc::clone(&running));
+        spawn("banger-signals", move || {
+            proxy_signals(signals, &input, &running)
+        })
+    };
     let result = match mode {
-        Mode::Null => client.call_with_notifications::<M>(params, forward_output),
-        Mode::Pipe => client.call_with_input::<M>(params, forward_output, |input| {
+        Mode::Null => client.call_with_input::<M>(params, on_output, |input| proxy_signals(&input)),
+        Mode::Pipe => client.call_with_input::<M>(params, on_output, |input| {
+            proxy_signals(&input)?;
             spawn("banger-stdin", move || forward_stdin(&input))
         }),
         Mode::Tty => {
@@ -180,6 +199,29 @@ fn watch_signals(mut signals: signal_hook::iterator::Signals, input: &InputSende
         // Dies of the signal, as the default action would have.
         let _ = signal_hook::low_level::emulate_default_handler(signal);
         std::process::exit(128 + signal);
+    }
+}
+
+/// Sends INT, TERM and HUP on to a running command, once each: a second ^C (or a signal
+/// before the command runs) ends banger the usual way, leaving the command to the daemon.
+fn proxy_signals(
+    mut signals: signal_hook::iterator::Signals,
+    input: &InputSender,
+    running: &AtomicBool,
+) {
+    let mut sent = Vec::new();
+    for signal in signals.forever() {
+        let name = match signal {
+            SIGINT => "INT",
+            SIGTERM => "TERM",
+            _ => "HUP",
+        };
+        if !running.load(Ordering::SeqCst) || sent.contains(&signal) || input.signal(name).is_err()
+        {
+            let _ = signal_hook::low_level::emulate_default_handler(signal);
+            std::process::exit(128 + signal);
+        }
+        sent.push(signal);
     }
 }
 

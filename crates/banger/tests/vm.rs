@@ -625,6 +625,40 @@ fn check_stdin_and_pty(install: &Install, vm: &str) {
     let out = install.banger_with_stdin(&["vm", "exec", vm, "--", "wc", "-c"], &big);
     assert_eq!(stdout(&out).trim(), "200000", "{}", stderr(&out));
 
+    // ^C without a pty reaches the command's process group; a second one is not needed.
+    let mut child = install
+        .banger_command(&[
+            "vm",
+            "exec",
+            "-n",
+            vm,
+            "--",
+            "sh",
+            "-c",
+            "echo ready; sleep 60; echo never",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    let started = std::time::Instant::now();
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::Int).unwrap();
+    let status = child.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "died of SIGINT in the guest: 128 + 2"
+    );
+    assert_eq!(rest, "", "the command stopped before its last echo");
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+
     // A terminal on stdin without -t: the command reads /dev/null and banger returns.
     let mut pty = install.banger_on_pty(&["vm", "exec", vm, "--", "wc", "-c"], 24, 80);
     let (status, screen) = pty.wait(PTY_TIMEOUT);

@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use banger_api::{
-    ErrorKind, InputParams, Request, ResizeParams, Response, RpcError, INPUT_NOTIFICATION,
-    MAX_REQUEST_LINE, RESIZE_NOTIFICATION,
+    signal_number, ErrorKind, InputParams, Request, ResizeParams, Response, RpcError, SignalParams,
+    INPUT_NOTIFICATION, MAX_REQUEST_LINE, RESIZE_NOTIFICATION, SIGNAL_NOTIFICATION,
 };
 use base64::Engine as _;
 use serde_json::Value;
@@ -308,6 +308,13 @@ fn client_input(bytes: &[u8], call_id: &Value) -> ClientInput {
                     }]
                 })
             }),
+        Some(SIGNAL_NOTIFICATION) => serde_json::from_value::<SignalParams>(params)
+            .map_err(|e| e.to_string())
+            .and_then(|p| {
+                let number = signal_number(&p.signal)
+                    .ok_or_else(|| format!("unknown signal {:?}", p.signal))?;
+                Ok((&p.id == call_id).then(|| vec![InputEvent::Signal(number)]))
+            }),
         _ => return ClientInput::NotInput,
     };
     match events {
@@ -320,12 +327,13 @@ fn client_input(bytes: &[u8], call_id: &Value) -> ClientInput {
     }
 }
 
-/// Whether `value` is a client notification (`input`, `resize`): no id, one of those methods.
+/// Whether `value` is a client notification (`input`, `resize`, `signal`): no id, one of
+/// those methods.
 fn is_client_notification(value: &Value) -> bool {
     value.get("id").is_none()
         && matches!(
             value.get("method").and_then(Value::as_str),
-            Some(INPUT_NOTIFICATION | RESIZE_NOTIFICATION)
+            Some(INPUT_NOTIFICATION | RESIZE_NOTIFICATION | SIGNAL_NOTIFICATION)
         )
 }
 
@@ -592,6 +600,21 @@ mod tests {
                 rows: 50,
                 cols: 132
             }])
+        );
+        assert_eq!(
+            client_input(
+                br#"{"method":"signal","params":{"id":7,"signal":"SIGINT"}}"#,
+                &id
+            ),
+            ClientInput::Events(vec![InputEvent::Signal(2)])
+        );
+        assert_eq!(
+            client_input(
+                br#"{"method":"signal","params":{"id":7,"signal":"STOP"}}"#,
+                &id
+            ),
+            ClientInput::Dropped,
+            "only the signals a client may send"
         );
         // Input for another (ended) call, or malformed input, is dropped without a reply.
         for dropped in [

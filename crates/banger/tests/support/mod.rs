@@ -57,6 +57,14 @@ impl Install {
         }
     }
 
+    /// banger with this installation's environment, not started.
+    pub fn banger_command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_banger"));
+        self.env(&mut command);
+        command.args(args);
+        command
+    }
+
     pub fn banger(&self, args: &[&str]) -> Output {
         let mut command = match &self.netns {
             Some(ns) => {

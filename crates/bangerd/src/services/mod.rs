@@ -45,6 +45,8 @@ pub enum InputEvent {
         /// Columns.
         cols: u16,
     },
+    /// Deliver this signal (a number) to the command.
+    Signal(i32),
 }
 
 /// The receiving end of a call's input. It closes when the call ends or the caller hangs

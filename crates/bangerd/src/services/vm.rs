@@ -783,7 +783,8 @@ impl VmService {
             ctx,
             stream: "stderr",
         };
-        let input = ctx.take_input().filter(|_| request.stdin);
+        // Taken even when stdin is not forwarded: signals come the same way.
+        let input = ctx.take_input();
         let on_pty = request.tty.is_some();
         let start = |control: ExecControl| -> std::io::Result<()> {
             match input {
@@ -893,7 +894,8 @@ impl VmService {
     }
 }
 
-/// Passes the caller's input on to the command until the caller stops sending it. When
+/// Passes the caller's input (and signals) on to the command until the caller stops sending
+/// it. When
 /// the caller hangs up, a command on a pty gets SIGHUP, as when a terminal closes; one on
 /// a pipe just sees its stdin end.
 fn forward_input(mut input: InputReceiver, control: &ExecControl, on_pty: bool) {
@@ -902,6 +904,7 @@ fn forward_input(mut input: InputReceiver, control: &ExecControl, on_pty: bool) 
             InputEvent::Data(data) => control.stdin(&data),
             InputEvent::Eof => control.close_stdin(),
             InputEvent::Resize { rows, cols } => control.resize(WinSize { rows, cols }),
+            InputEvent::Signal(signal) => control.signal(signal),
         };
         if sent.is_err() || control.finished() {
             return;
