@@ -246,10 +246,23 @@ pub fn find_on_path(program: &str) -> Option<PathBuf> {
 
 /// The first line `binary arg` prints (stdout, else stderr): how VMMs state their version.
 pub fn version_line(binary: &Path, arg: &str) -> Result<String> {
-    let out = std::process::Command::new(binary)
-        .arg(arg)
-        .output()
-        .ctx("run", binary)?;
+    let (status, first) = first_output_line(binary, arg).ctx("run", binary)?;
+    if !status.success() || first.is_empty() {
+        return Err(crate::Error::Vm(format!(
+            "{} {arg} exited {status} printing {first:?}",
+            binary.display(),
+        )));
+    }
+    Ok(first)
+}
+
+/// Runs `binary arg` and returns its exit status and the first line it printed (stdout,
+/// else stderr), trimmed: what tools print for `--version`, `-V` and the like.
+pub fn first_output_line(
+    binary: &Path,
+    arg: &str,
+) -> std::io::Result<(std::process::ExitStatus, String)> {
+    let out = std::process::Command::new(binary).arg(arg).output()?;
     let text = if out.stdout.is_empty() {
         out.stderr
     } else {
@@ -261,14 +274,7 @@ pub fn version_line(binary: &Path, arg: &str) -> Result<String> {
         .unwrap_or_default()
         .trim()
         .to_owned();
-    if !out.status.success() || first.is_empty() {
-        return Err(crate::Error::Vm(format!(
-            "{} {arg} exited {} printing {first:?}",
-            binary.display(),
-            out.status
-        )));
-    }
-    Ok(first)
+    Ok((out.status, first))
 }
 
 /// Appends `param` (`key=value`) to `cmdline` unless a parameter with that key is there.

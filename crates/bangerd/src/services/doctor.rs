@@ -1,7 +1,6 @@
 //! `banger doctor`: each requirement of banger on this host, checked by trying it.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use banger_api::DoctorCheck;
@@ -9,19 +8,10 @@ use banger_api::DoctorCheck;
 use crate::services::network::{self, NetworkSetting, TapCapability};
 use crate::services::{KernelService, VmService};
 
+/// What `program arg` says of its version, or "present" when it says nothing; `None`
+/// when it cannot be run at all. Some tools exit non-zero after printing their version.
 fn version_of(program: &str, arg: &str) -> Option<String> {
-    let out = Command::new(program).arg(arg).output().ok()?;
-    let text = if out.stdout.is_empty() {
-        out.stderr
-    } else {
-        out.stdout
-    };
-    let first = String::from_utf8_lossy(&text)
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_owned();
+    let (_, first) = banger_vmm::backend::first_output_line(Path::new(program), arg).ok()?;
     Some(if first.is_empty() {
         "present".into()
     } else {
