@@ -4,6 +4,20 @@
 //! (and tests) can share it without dragging in the daemon.
 #![warn(missing_docs)]
 
+/// Declares a [`Method`]: a unit type with its wire name, params and result.
+/// `method! { /// docs \n VmRun = "vm.run", VmRunParams => ExecResult }`
+macro_rules! method {
+    ($(#[$doc:meta])* $name:ident = $wire:literal, $params:ty => $result:ty) => {
+        $(#[$doc])*
+        pub struct $name;
+        impl $crate::Method for $name {
+            const NAME: &'static str = $wire;
+            type Params = $params;
+            type Result = $result;
+        }
+    };
+}
+
 pub mod methods;
 pub mod rpc;
 pub mod vm;

@@ -3,19 +3,15 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::Method;
 
 /// Params of a method that takes none. Accepts `{}`, `null` or absent params.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NoParams {}
 
-/// `daemon.ping`: is the daemon alive, and which build is it.
-pub struct DaemonPing;
-impl Method for DaemonPing {
-    const NAME: &'static str = "daemon.ping";
-    type Params = NoParams;
-    type Result = PingResult;
+method! {
+    /// `daemon.ping`: is the daemon alive, and which build is it.
+    DaemonPing = "daemon.ping", NoParams => PingResult
 }
 
 /// Result of `daemon.ping`.
@@ -31,12 +27,9 @@ pub struct PingResult {
     pub uptime_seconds: u64,
 }
 
-/// `daemon.methods`: every method name the daemon dispatches, sorted.
-pub struct DaemonMethods;
-impl Method for DaemonMethods {
-    const NAME: &'static str = "daemon.methods";
-    type Params = NoParams;
-    type Result = MethodsResult;
+method! {
+    /// `daemon.methods`: every method name the daemon dispatches, sorted.
+    DaemonMethods = "daemon.methods", NoParams => MethodsResult
 }
 
 /// Result of `daemon.methods`.
@@ -46,12 +39,9 @@ pub struct MethodsResult {
     pub methods: Vec<String>,
 }
 
-/// `daemon.shutdown`: stop accepting connections, let running calls finish, exit 0.
-pub struct DaemonShutdown;
-impl Method for DaemonShutdown {
-    const NAME: &'static str = "daemon.shutdown";
-    type Params = NoParams;
-    type Result = ShutdownResult;
+method! {
+    /// `daemon.shutdown`: stop accepting connections, let running calls finish, exit 0.
+    DaemonShutdown = "daemon.shutdown", NoParams => ShutdownResult
 }
 
 /// Result of `daemon.shutdown`, sent before the daemon stops.
@@ -61,12 +51,9 @@ pub struct ShutdownResult {
     pub pid: u32,
 }
 
-/// `image.cache.prune`: empty the OCI layer cache, or part of it.
-pub struct ImageCachePrune;
-impl Method for ImageCachePrune {
-    const NAME: &'static str = "image.cache.prune";
-    type Params = ImageCachePruneParams;
-    type Result = ImageCachePruneResult;
+method! {
+    /// `image.cache.prune`: empty the OCI layer cache, or part of it.
+    ImageCachePrune = "image.cache.prune", ImageCachePruneParams => ImageCachePruneResult
 }
 
 /// Params of `image.cache.prune`. With neither selector every unleased blob goes.
@@ -97,12 +84,9 @@ pub struct ImageCachePruneResult {
     pub cache_dir: String,
 }
 
-/// `image.pull`: download an image from a registry and build its root filesystem.
-pub struct ImagePull;
-impl Method for ImagePull {
-    const NAME: &'static str = "image.pull";
-    type Params = ImagePullParams;
-    type Result = ImageInfo;
+method! {
+    /// `image.pull`: download an image from a registry and build its root filesystem.
+    ImagePull = "image.pull", ImagePullParams => ImageInfo
 }
 
 /// Params of `image.pull`.
@@ -119,13 +103,10 @@ pub struct ImagePullParams {
     pub size_bytes: Option<u64>,
 }
 
-/// `image.import`: build an image from an OCI image layout directory or a `docker save`
-/// tarball on the daemon's filesystem, without a registry.
-pub struct ImageImport;
-impl Method for ImageImport {
-    const NAME: &'static str = "image.import";
-    type Params = ImageImportParams;
-    type Result = ImageInfo;
+method! {
+    /// `image.import`: build an image from an OCI image layout directory or a `docker save`
+    /// tarball on the daemon's filesystem, without a registry.
+    ImageImport = "image.import", ImageImportParams => ImageInfo
 }
 
 /// Params of `image.import`.
@@ -164,12 +145,9 @@ pub struct ImageInfo {
     pub rootfs: String,
 }
 
-/// `image.list`: every published image, by name.
-pub struct ImageList;
-impl Method for ImageList {
-    const NAME: &'static str = "image.list";
-    type Params = NoParams;
-    type Result = ImageListResult;
+method! {
+    /// `image.list`: every published image, by name.
+    ImageList = "image.list", NoParams => ImageListResult
 }
 
 /// Result of `image.list`.
@@ -187,20 +165,14 @@ pub struct ImageNameParams {
     pub name: String,
 }
 
-/// `image.show`: one image.
-pub struct ImageShow;
-impl Method for ImageShow {
-    const NAME: &'static str = "image.show";
-    type Params = ImageNameParams;
-    type Result = ImageInfo;
+method! {
+    /// `image.show`: one image.
+    ImageShow = "image.show", ImageNameParams => ImageInfo
 }
 
-/// `image.rm`: delete an image's files and record.
-pub struct ImageRm;
-impl Method for ImageRm {
-    const NAME: &'static str = "image.rm";
-    type Params = ImageNameParams;
-    type Result = ImageInfo;
+method! {
+    /// `image.rm`: delete an image's files and record.
+    ImageRm = "image.rm", ImageNameParams => ImageInfo
 }
 
 #[cfg(test)]

@@ -2,16 +2,13 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Method, NoParams};
+use crate::NoParams;
 
-/// `kernel.import`: take a guest kernel (and its modules) out of a Debian `linux-image-*`
-/// package, or from a kernel image and an optional modules tree, and build banger's
-/// initramfs for it (unless the caller brings its own).
-pub struct KernelImport;
-impl Method for KernelImport {
-    const NAME: &'static str = "kernel.import";
-    type Params = KernelImportParams;
-    type Result = KernelInfo;
+method! {
+    /// `kernel.import`: take a guest kernel (and its modules) out of a Debian `linux-image-*`
+    /// package, or from a kernel image and an optional modules tree, and build banger's
+    /// initramfs for it (unless the caller brings its own).
+    KernelImport = "kernel.import", KernelImportParams => KernelInfo
 }
 
 /// Params of `kernel.import`. Exactly one of `deb` and `kernel`; all paths absolute.
@@ -53,12 +50,9 @@ pub struct KernelInfo {
     pub initrd: String,
 }
 
-/// `kernel.list`: every kernel, newest first.
-pub struct KernelList;
-impl Method for KernelList {
-    const NAME: &'static str = "kernel.list";
-    type Params = NoParams;
-    type Result = KernelListResult;
+method! {
+    /// `kernel.list`: every kernel, newest first.
+    KernelList = "kernel.list", NoParams => KernelListResult
 }
 
 /// Result of `kernel.list`.
@@ -76,28 +70,19 @@ pub struct NameParams {
     pub name: String,
 }
 
-/// `kernel.show`: one kernel.
-pub struct KernelShow;
-impl Method for KernelShow {
-    const NAME: &'static str = "kernel.show";
-    type Params = NameParams;
-    type Result = KernelInfo;
+method! {
+    /// `kernel.show`: one kernel.
+    KernelShow = "kernel.show", NameParams => KernelInfo
 }
 
-/// `kernel.rm`: delete a kernel no VM uses.
-pub struct KernelRm;
-impl Method for KernelRm {
-    const NAME: &'static str = "kernel.rm";
-    type Params = NameParams;
-    type Result = KernelInfo;
+method! {
+    /// `kernel.rm`: delete a kernel no VM uses.
+    KernelRm = "kernel.rm", NameParams => KernelInfo
 }
 
-/// `vm.create`: a VM with its own copy-on-write root disk, started unless asked not to.
-pub struct VmCreate;
-impl Method for VmCreate {
-    const NAME: &'static str = "vm.create";
-    type Params = VmCreateParams;
-    type Result = VmInfo;
+method! {
+    /// `vm.create`: a VM with its own copy-on-write root disk, started unless asked not to.
+    VmCreate = "vm.create", VmCreateParams => VmInfo
 }
 
 /// Params of `vm.create`.
@@ -173,12 +158,9 @@ fn default_network() -> String {
     "user".into()
 }
 
-/// `vm.list`: every VM by name.
-pub struct VmList;
-impl Method for VmList {
-    const NAME: &'static str = "vm.list";
-    type Params = NoParams;
-    type Result = VmListResult;
+method! {
+    /// `vm.list`: every VM by name.
+    VmList = "vm.list", NoParams => VmListResult
 }
 
 /// Result of `vm.list`.
@@ -188,56 +170,38 @@ pub struct VmListResult {
     pub vms: Vec<VmInfo>,
 }
 
-/// `vm.show`: one VM.
-pub struct VmShow;
-impl Method for VmShow {
-    const NAME: &'static str = "vm.show";
-    type Params = NameParams;
-    type Result = VmInfo;
+method! {
+    /// `vm.show`: one VM.
+    VmShow = "vm.show", NameParams => VmInfo
 }
 
-/// `vm.start`: boot a stopped VM and wait for its agent.
-pub struct VmStart;
-impl Method for VmStart {
-    const NAME: &'static str = "vm.start";
-    type Params = NameParams;
-    type Result = VmInfo;
+method! {
+    /// `vm.start`: boot a stopped VM and wait for its agent.
+    VmStart = "vm.start", NameParams => VmInfo
 }
 
-/// `vm.stop`: shut a VM down cleanly (its disk keeps what was written), killing it if it
-/// does not stop in time.
-pub struct VmStop;
-impl Method for VmStop {
-    const NAME: &'static str = "vm.stop";
-    type Params = NameParams;
-    type Result = VmInfo;
+method! {
+    /// `vm.stop`: shut a VM down cleanly (its disk keeps what was written), killing it if it
+    /// does not stop in time.
+    VmStop = "vm.stop", NameParams => VmInfo
 }
 
-/// `vm.kill`: kill a VM's VMM at once, without a clean shutdown.
-pub struct VmKill;
-impl Method for VmKill {
-    const NAME: &'static str = "vm.kill";
-    type Params = NameParams;
-    type Result = VmInfo;
+method! {
+    /// `vm.kill`: kill a VM's VMM at once, without a clean shutdown.
+    VmKill = "vm.kill", NameParams => VmInfo
 }
 
-/// `vm.rm`: stop (if needed) and delete a VM and all its files.
-pub struct VmRm;
-impl Method for VmRm {
-    const NAME: &'static str = "vm.rm";
-    type Params = NameParams;
-    type Result = VmInfo;
+method! {
+    /// `vm.rm`: stop (if needed) and delete a VM and all its files.
+    VmRm = "vm.rm", NameParams => VmInfo
 }
 
-/// `vm.exec`: run a command in a running VM. Its output arrives as `output` notifications
-/// (`{"stream":"stdout"|"stderr","data":"<base64>"}`) before the result; with `stdin` or
-/// `tty` the caller sends its input as `input` (and `resize`) notifications while the call
-/// runs (see [`crate::InputParams`]).
-pub struct VmExec;
-impl Method for VmExec {
-    const NAME: &'static str = "vm.exec";
-    type Params = VmExecParams;
-    type Result = ExecResult;
+method! {
+    /// `vm.exec`: run a command in a running VM. Its output arrives as `output` notifications
+    /// (`{"stream":"stdout"|"stderr","data":"<base64>"}`) before the result; with `stdin` or
+    /// `tty` the caller sends its input as `input` (and `resize`) notifications while the call
+    /// runs (see [`crate::InputParams`]).
+    VmExec = "vm.exec", VmExecParams => ExecResult
 }
 
 /// Params of `vm.exec`.
@@ -273,14 +237,11 @@ pub struct TtyParams {
     pub term: Option<String>,
 }
 
-/// `vm.shell`: an interactive login shell (`/bin/bash`, else `/bin/sh`) in `/root` of a
-/// running VM, on a pty when `tty` is given. Its input and output travel as in `vm.exec`
-/// with `stdin`.
-pub struct VmShell;
-impl Method for VmShell {
-    const NAME: &'static str = "vm.shell";
-    type Params = VmShellParams;
-    type Result = ExecResult;
+method! {
+    /// `vm.shell`: an interactive login shell (`/bin/bash`, else `/bin/sh`) in `/root` of a
+    /// running VM, on a pty when `tty` is given. Its input and output travel as in `vm.exec`
+    /// with `stdin`.
+    VmShell = "vm.shell", VmShellParams => ExecResult
 }
 
 /// Params of `vm.shell`.
@@ -308,14 +269,11 @@ pub struct ExecResult {
     pub signal: Option<i32>,
 }
 
-/// `vm.run`: create and start a VM, copy a workspace in, run a command (or, without one, the
-/// login shell of `vm.shell`), stop the VM (and remove it with `rm`). Input and output
-/// travel as in `vm.exec`.
-pub struct VmRun;
-impl Method for VmRun {
-    const NAME: &'static str = "vm.run";
-    type Params = VmRunParams;
-    type Result = ExecResult;
+method! {
+    /// `vm.run`: create and start a VM, copy a workspace in, run a command (or, without one, the
+    /// login shell of `vm.shell`), stop the VM (and remove it with `rm`). Input and output
+    /// travel as in `vm.exec`.
+    VmRun = "vm.run", VmRunParams => ExecResult
 }
 
 /// Params of `vm.run`.
@@ -360,12 +318,9 @@ pub struct Output {
     pub data: String,
 }
 
-/// `daemon.doctor`: what this host has and lacks for banger, and how to get it.
-pub struct DaemonDoctor;
-impl Method for DaemonDoctor {
-    const NAME: &'static str = "daemon.doctor";
-    type Params = NoParams;
-    type Result = DoctorResult;
+method! {
+    /// `daemon.doctor`: what this host has and lacks for banger, and how to get it.
+    DaemonDoctor = "daemon.doctor", NoParams => DoctorResult
 }
 
 /// Result of `daemon.doctor`.
