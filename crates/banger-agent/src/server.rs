@@ -273,14 +273,9 @@ impl Conn {
             cmd.current_dir(cwd);
         }
         let guard = self.reaper.lock();
-        let mut child = cmd.spawn().map_err(|e| match &req.cwd {
-            Some(cwd) => format!(
-                "start {} in {}: {e}",
-                program.to_string_lossy(),
-                cwd.display()
-            ),
-            None => format!("start {}: {e}", program.to_string_lossy()),
-        })?;
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| spawn_error(program, req.cwd.as_deref(), e))?;
         let exited = guard.register(child.id());
         let pid = child.id();
         let stdout = child.stdout.take().expect("piped");
@@ -360,14 +355,9 @@ impl Conn {
             });
         }
         let guard = self.reaper.lock();
-        let child = cmd.spawn().map_err(|e| match &req.cwd {
-            Some(cwd) => format!(
-                "start {} in {}: {e}",
-                program.to_string_lossy(),
-                cwd.display()
-            ),
-            None => format!("start {}: {e}", program.to_string_lossy()),
-        })?;
+        let child = cmd
+            .spawn()
+            .map_err(|e| spawn_error(program, req.cwd.as_deref(), e))?;
         let exited = guard.register(child.id());
         // Our copies of the slave must go: the master reads end-of-file (EIO) only once
         // every process holding the slave has closed it.
@@ -709,6 +699,18 @@ pub fn unpack_tar(reader: impl Read, dest: &Path) -> io::Result<()> {
 
 fn with_context(e: io::Error, op: &str, path: &Path) -> io::Error {
     io::Error::new(e.kind(), format!("{op} {}: {e}", path.display()))
+}
+
+/// Why a command could not start, naming it and the directory it was to start in.
+fn spawn_error(program: &std::ffi::OsStr, cwd: Option<&std::path::Path>, e: io::Error) -> String {
+    match cwd {
+        Some(cwd) => format!(
+            "start {} in {}: {e}",
+            program.to_string_lossy(),
+            cwd.display()
+        ),
+        None => format!("start {}: {e}", program.to_string_lossy()),
+    }
 }
 
 #[cfg(test)]
