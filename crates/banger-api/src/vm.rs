@@ -238,6 +238,32 @@ pub struct TtyParams {
 }
 
 method! {
+    /// `vm.logs`: the VM's console log, sent as `output` notifications on `stdout`; with
+    /// `follow`, then what the console writes until the VM stops (or the caller hangs up).
+    VmLogs = "vm.logs", VmLogsParams => VmLogsResult
+}
+
+/// Params of `vm.logs`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmLogsParams {
+    /// The VM.
+    pub name: String,
+    /// Keep sending what the console writes until the VM stops.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub follow: bool,
+}
+
+/// Result of `vm.logs`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmLogsResult {
+    /// The VM.
+    pub vm: String,
+    /// Bytes of log sent.
+    pub bytes: u64,
+}
+
+method! {
     /// `vm.shell`: an interactive login shell (`/bin/bash`, else `/bin/sh`) in `/root` of a
     /// running VM, on a pty when `tty` is given. Its input and output travel as in `vm.exec`
     /// with `stdin`.

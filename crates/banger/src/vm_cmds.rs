@@ -1,13 +1,13 @@
 //! `banger kernel …` and `banger vm …`: flags in, one call, formatted result out.
 
-use std::io::Write;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use banger_api::{
     ExecResult, KernelImport, KernelImportParams, KernelInfo, KernelList, KernelRm, KernelShow,
     NameParams, NoParams, VmCreate, VmCreateParams, VmExec, VmExecParams, VmInfo, VmKill, VmList,
-    VmRm, VmRun, VmRunParams, VmShell, VmShellParams, VmShow, VmStart, VmStop,
+    VmLogs, VmLogsParams, VmRm, VmRun, VmRunParams, VmShell, VmShellParams, VmShow, VmStart,
+    VmStop,
 };
 use clap::Subcommand;
 
@@ -387,29 +387,8 @@ pub fn run_vm(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Re
         }
         VmCommand::Show { name } => print_vm(&call::<VmShow>(client, &NameParams { name })?, json)?,
         VmCommand::Logs { name, follow } => {
-            let info = call::<VmShow>(client, &NameParams { name: name.clone() })?;
-            let log = std::path::Path::new(&info.dir).join("console.log");
-            let mut file =
-                std::fs::File::open(&log).with_context(|| format!("open {}", log.display()))?;
-            let mut stdout = std::io::stdout();
-            std::io::copy(&mut file, &mut stdout).context("write the log")?;
-            if follow {
-                let mut last_check = std::time::Instant::now();
-                loop {
-                    std::thread::sleep(std::time::Duration::from_millis(100));
-                    std::io::copy(&mut file, &mut stdout).context("write the log")?;
-                    stdout.flush().context("write the log")?;
-                    // Ask the daemon now and then whether there is anything left to follow.
-                    if last_check.elapsed() >= std::time::Duration::from_secs(1) {
-                        last_check = std::time::Instant::now();
-                        let vm = call::<VmShow>(client, &NameParams { name: name.clone() })?;
-                        if vm.state != "running" {
-                            std::io::copy(&mut file, &mut stdout).context("write the log")?;
-                            break;
-                        }
-                    }
-                }
-            }
+            let params = VmLogsParams { name, follow };
+            client.call_with_notifications::<VmLogs>(&params, interactive::forward_output)?;
         }
         VmCommand::Exec {
             name,

@@ -554,6 +554,12 @@ fn vm_exec_stop_start_keeps_files_and_rm_leaves_nothing() {
     // logs: the console of the current boot; -f returns once the VM stops.
     let logs = install.banger(&["vm", "logs", "box"]);
     assert_eq!(logs.status.code(), Some(0), "{}", stderr(&logs));
+    assert!(!logs.stdout.is_empty(), "the boot wrote to the console");
+    let console = std::fs::read(vm_dir.join("console.log")).unwrap();
+    assert!(
+        console.starts_with(&logs.stdout),
+        "vm logs prints the console log as it is"
+    );
     let mut follower = std::process::Command::new(env!("CARGO_BIN_EXE_banger"))
         .env("XDG_STATE_HOME", install.dir.path().join("state"))
         .env("XDG_CACHE_HOME", install.dir.path().join("cache"))

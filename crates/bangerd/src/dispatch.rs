@@ -9,7 +9,7 @@ use banger_api::{
     DaemonDoctor, DaemonMethods, DaemonPing, DaemonShutdown, DoctorResult, ImageCachePrune,
     ImageImport, ImageList, ImageListResult, ImagePull, ImageRm, ImageShow, KernelImport,
     KernelList, KernelListResult, KernelRm, KernelShow, Method, MethodsResult, VmCreate, VmExec,
-    VmKill, VmList, VmListResult, VmRm, VmRun, VmShell, VmShow, VmStart, VmStop,
+    VmKill, VmList, VmListResult, VmLogs, VmRm, VmRun, VmShell, VmShow, VmStart, VmStop,
 };
 use futures::future::BoxFuture;
 use serde_json::Value;
@@ -81,6 +81,9 @@ impl Dispatch {
         );
         d.route::<VmExec, _, _>(
             |s, ctx, p| async move { blocking(move || s.vm.exec(&ctx, &p)).await },
+        );
+        d.route::<VmLogs, _, _>(
+            |s, ctx, p| async move { blocking(move || s.vm.logs(&ctx, &p)).await },
         );
         d.route::<VmShell, _, _>(|s, ctx, p| async move {
             blocking(move || s.vm.shell(&ctx, &p)).await

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{bail, Context};
 use banger_agent::proto::{ExecRequest, ExitStatus, WinSize};
 use banger_api::{
-    ExecResult, TtyParams, VmCreateParams, VmExecParams, VmInfo, VmRunParams, VmShellParams,
+    ExecResult, TtyParams, VmCreateParams, VmExecParams, VmInfo, VmLogsParams, VmLogsResult,
+    VmRunParams, VmShellParams,
 };
 use banger_vmm::agent::{AgentClient, ExecControl, AGENT_GUEST_PATH};
 use banger_vmm::backend::{self, agent_socket_in, select_backend, BackendKind, HostFacts};
@@ -891,6 +892,74 @@ impl VmService {
         let result = result?;
         cleanup?;
         Ok(result)
+    }
+}
+
+impl VmService {
+    /// Sends the console log of `params.name` to the caller as `output` on `stdout`; with
+    /// `follow`, keeps sending what the console writes until the VM is no longer running
+    /// or the caller hangs up.
+    pub fn logs(
+        &self,
+        ctx: &CallContext,
+        params: &VmLogsParams,
+    ) -> Result<VmLogsResult, ServiceError> {
+        let vm = self.show(&params.name)?;
+        let path = Path::new(&vm.dir).join("console.log");
+        let mut log = match std::fs::File::open(&path) {
+            Ok(file) => Some(file),
+            // Never booted: nothing logged yet, which following may change.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                return Err(anyhow::Error::new(e)
+                    .context(format!("open {}", path.display()))
+                    .into())
+            }
+        };
+        let mut out = OutputWriter {
+            ctx,
+            stream: "stdout",
+        };
+        let mut sent = 0u64;
+        let mut send_new = |log: &mut Option<std::fs::File>| -> anyhow::Result<()> {
+            if log.is_none() {
+                *log = std::fs::File::open(&path).ok();
+            }
+            if let Some(file) = log {
+                sent += std::io::copy(file, &mut out)
+                    .with_context(|| format!("read {}", path.display()))?;
+            }
+            Ok(())
+        };
+        send_new(&mut log)?;
+        if params.follow {
+            let mut input = ctx.take_input();
+            let mut checked = Instant::now();
+            loop {
+                std::thread::sleep(Duration::from_millis(100));
+                send_new(&mut log)?;
+                let hung_up = input.as_mut().is_some_and(|i| {
+                    matches!(
+                        i.try_recv(),
+                        Err(tokio::sync::mpsc::error::TryRecvError::Disconnected)
+                    )
+                });
+                if hung_up {
+                    break;
+                }
+                if checked.elapsed() >= Duration::from_secs(1) {
+                    checked = Instant::now();
+                    if self.show(&params.name)?.state != "running" {
+                        send_new(&mut log)?;
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(VmLogsResult {
+            vm: vm.name,
+            bytes: sent,
+        })
     }
 }
 
