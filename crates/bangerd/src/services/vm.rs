@@ -273,10 +273,6 @@ impl VmService {
 
     /// Where the static guest agent is, or why it is not found.
     pub fn agent_path(&self) -> Result<PathBuf, ServiceError> {
-        self.agent_binary()
-    }
-
-    fn agent_binary(&self) -> Result<PathBuf, ServiceError> {
         let candidates = [
             self.config.agent_bin.clone(),
             std::env::var_os("BANGER_AGENT").map(PathBuf::from),
@@ -320,7 +316,7 @@ impl VmService {
             params.kernel.as_deref(),
             self.config.default_kernel.as_deref(),
         )?;
-        let agent = self.agent_binary()?;
+        let agent = self.agent_path()?;
         let setting = match params.network.as_deref() {
             Some(name) => NetworkSetting::parse(name).ok_or_else(|| {
                 ServiceError::bad_request(format!(
