@@ -90,9 +90,6 @@ pub trait Vmm {
     /// running its binary.
     fn version(&self) -> Result<String>;
 
-    /// How the host reaches the agent of a VM booted from `spec`, if it has one.
-    fn agent_channel(&self, spec: &VmSpec) -> Option<AgentChannel>;
-
     /// Starts the VM in a session of its own and returns the VMM's pid once the guest was
     /// told to boot (not once it is up). The process outlives the caller, so a daemon
     /// that owns VMs can restart and re-adopt them; its logs go to `spec.run_dir`.

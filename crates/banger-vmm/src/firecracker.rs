@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::agent::{AgentChannel, AGENT_VSOCK_PORT};
+use crate::agent::AGENT_VSOCK_PORT;
 use crate::backend::{add_param, BackendKind, NetSpec, VmSpec, Vmm};
 use crate::error::{Error, IoContext, Result};
 
@@ -322,15 +322,6 @@ impl Vmm for Firecracker {
 
     fn version(&self) -> Result<String> {
         crate::backend::version_line(&self.binary, "--version")
-    }
-
-    fn agent_channel(&self, spec: &VmSpec) -> Option<AgentChannel> {
-        spec.agent_socket
-            .as_ref()
-            .map(|socket| AgentChannel::FirecrackerVsock {
-                socket: socket.clone(),
-                port: AGENT_VSOCK_PORT,
-            })
     }
 
     fn spawn_detached(&self, spec: &VmSpec) -> Result<u32> {

@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::agent::AgentChannel;
 use crate::backend::{BackendKind, Vmm};
 use crate::error::{Error, IoContext, Result};
 use crate::initramfs::{self, InitramfsSpec};
@@ -204,14 +203,6 @@ impl Vmm for Qemu {
 
     fn version(&self) -> Result<String> {
         crate::backend::version_line(&self.binary, "--version")
-    }
-
-    fn agent_channel(&self, spec: &VmSpec) -> Option<AgentChannel> {
-        spec.agent_socket
-            .as_ref()
-            .map(|socket| AgentChannel::VirtioSerial {
-                socket: socket.clone(),
-            })
     }
 
     /// Starts QEMU for `spec` in a session of its own and returns its pid, without tying
