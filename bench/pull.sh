@@ -228,11 +228,11 @@ t_cold=$(median "${cold_times[@]}")
 t_warm=$(median "${warm_times[@]}")
 
 # ext4 writing time inside each timed pull, from bangerd's debug log (Duration's Debug format).
-banger_mkfs=$(grep 'built rootfs' "$daemon_log" | grep -o 'write=[0-9.]*[a-zµ]*s' |
+banger_ext4_write=$(grep 'built rootfs' "$daemon_log" | grep -o 'write=[0-9.]*[a-zµ]*s' |
   awk -F= '{ v = $2; u = v; sub(/[0-9.]+/, "", u); sub(/[a-zµ]+$/, "", v)
              printf "%.2f\n", v * (u == "ms" ? 0.001 : u == "µs" ? 0.000001 : 1) }')
 # shellcheck disable=SC2086 # one number a line
-banger_mkfs_median=$(median $banger_mkfs)
+banger_ext4_write_median=$(median $banger_ext4_write)
 rss_kib=$(awk '/^VmHWM:/ { print $2 }' "/proc/$daemon_pid/status")
 
 # --- 5. Sanity: banger's rootfs has the same content as the baseline's ---------------------------
@@ -274,7 +274,7 @@ echo "baseline  $base_median_run"
 echo "banger cold  $t_cold s   ratio $t_cold/$t_base = $r_cold (target <= 0.4) $(verdict "$r_cold" 0.4)"
 echo "banger warm  $t_warm s   ratio $t_warm/$t_base = $r_warm (target <= 0.3) $(verdict "$r_warm" 0.3)"
 echo "bangerd peak RSS  $rss_mib MiB (target <= 200 MiB) $(verdict "$rss_mib" 200)"
-echo "in banger writing the ext4 image takes a median $banger_mkfs_median s of each pull ($(echo $banger_mkfs) s)"
+echo "in banger writing the ext4 image takes a median $banger_ext4_write_median s of each pull ($(echo $banger_ext4_write) s)"
 echo "one more cold pull, phases from progress notifications: $phases${build_line:+ [$build_line]}"
 if [ ${#problems[@]} -eq 0 ]; then
   echo "sanity    ok: gcc, git, python3, sshd present; $banger_inodes inodes in use in both ext4 images; $compared entries of ${compare_dirs[*]} identical (name, mode, owner, size)"
