@@ -74,8 +74,7 @@ fn base_layer() -> Vec<u8> {
 
 #[test]
 fn privileged_flatten_applies_ownership_modes_devices_xattrs_and_mtimes() {
-    if !is_root() {
-        eprintln!("skipping: needs root");
+    if !banger_testkit::require(is_root(), "needs root") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

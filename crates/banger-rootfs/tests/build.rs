@@ -344,8 +344,7 @@ fn fsck(image: &Path) {
 
 #[test]
 fn privileged_tree_gives_the_same_image() {
-    if !rustix::process::geteuid().is_root() {
-        eprintln!("skipping: needs root");
+    if !banger_testkit::require(rustix::process::geteuid().is_root(), "needs root") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -496,8 +495,12 @@ fn many_files_and_every_layout_case_pass_e2fsck() {
     ]);
     let blob = layer(&entries);
     for privilege in [Privilege::Unprivileged, Privilege::Privileged] {
-        if privilege == Privilege::Privileged && !rustix::process::geteuid().is_root() {
-            eprintln!("skipping the privileged half: needs root");
+        if privilege == Privilege::Privileged
+            && !banger_testkit::require(
+                rustix::process::geteuid().is_root(),
+                "the privileged half needs root",
+            )
+        {
             continue;
         }
         let tmp = tempfile::tempdir().unwrap();

@@ -228,8 +228,10 @@ mod tests {
     #[test]
     fn busybox_cpio_lists_what_we_wrote() {
         // Cross-check against an independent reader when one is installed.
-        if !Path::new(DEFAULT_BUSYBOX).exists() {
-            eprintln!("SKIP: no {DEFAULT_BUSYBOX}");
+        if !banger_testkit::require(
+            Path::new(DEFAULT_BUSYBOX).exists(),
+            format!("no {DEFAULT_BUSYBOX}"),
+        ) {
             return;
         }
         let dir = tempfile::tempdir().unwrap();

@@ -40,7 +40,7 @@ fn agent_binary() -> Option<&'static Path> {
         let stderr = String::from_utf8_lossy(&out.stderr);
         if !out.status.success() {
             if stderr.contains("target may not be installed") {
-                eprintln!("SKIP: rustup target {MUSL} is not installed");
+                banger_testkit::require(false, format!("rustup target {MUSL} is not installed"));
                 return None;
             }
             panic!("cargo build banger-agent for {MUSL}:\n{stderr}");
@@ -467,9 +467,12 @@ fn cached_kernel() -> Option<&'static KernelDir> {
                 Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/fetch-test-kernel.sh");
             let out = Command::new(&script).arg(&cache).output().unwrap();
             if !out.status.success() {
-                eprintln!(
-                    "SKIP: cannot download a test kernel with apt: {}",
-                    String::from_utf8_lossy(&out.stderr)
+                banger_testkit::require(
+                    false,
+                    format!(
+                        "cannot download a test kernel with apt: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    ),
                 );
                 return None;
             }

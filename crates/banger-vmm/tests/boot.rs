@@ -20,9 +20,12 @@ fn kernel_deb() -> Option<PathBuf> {
         .output()
         .unwrap_or_else(|e| panic!("run {}: {e}", script.display()));
     if !out.status.success() {
-        eprintln!(
-            "SKIP: cannot download a test kernel with apt: {}",
-            String::from_utf8_lossy(&out.stderr)
+        banger_testkit::require(
+            false,
+            format!(
+                "cannot download a test kernel with apt: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
         );
         return None;
     }

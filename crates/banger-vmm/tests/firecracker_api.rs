@@ -53,8 +53,10 @@ while True:
 
 /// Writes the scripted peer into `dir`: it records into `record` and refuses `fail`.
 fn fake_firecracker(dir: &Path, record: &Path, fail: &str) -> Option<PathBuf> {
-    if banger_vmm::backend::find_on_path("python3").is_none() {
-        eprintln!("SKIP: python3 is not installed");
+    if !banger_testkit::require(
+        banger_vmm::backend::find_on_path("python3").is_some(),
+        "python3 is not installed",
+    ) {
         return None;
     }
     let bin = dir.join("firecracker");

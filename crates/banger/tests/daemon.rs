@@ -304,8 +304,10 @@ fn a_client_that_disconnects_mid_call_does_not_wedge_the_daemon() {
 
 #[test]
 fn another_uid_is_refused_with_unauthorized() {
-    if rustix::process::geteuid().as_raw() != 0 {
-        eprintln!("skipped: needs root to connect as another uid");
+    if !banger_testkit::require(
+        rustix::process::geteuid().as_raw() == 0,
+        "needs root to connect as another uid",
+    ) {
         return;
     }
     let install = Install::new();
