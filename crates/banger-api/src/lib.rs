@@ -37,6 +37,11 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Largest request line the daemon reads; a longer one is refused without being buffered.
 pub const MAX_REQUEST_LINE: usize = 1 << 20;
 
+/// How long the daemon's graceful shutdown (`daemon.shutdown`, SIGTERM) waits for running
+/// calls before exiting anyway; a client waiting for a daemon to go waits this long and a
+/// little more.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A method of the daemon: its wire name and the types of its params and result.
 pub trait Method {
     /// The JSON-RPC method name, e.g. `image.cache.prune`.

@@ -12,7 +12,7 @@ use base64::Engine as _;
 use rustix::termios::{self, OptionalActions, Termios};
 use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGWINCH};
 
-use crate::client::{Client, InputSender};
+use banger_client::rpc::{Client, InputSender};
 
 /// The stdin flags of `vm exec` and `vm run`, after `docker exec` with one difference: a
 /// pipe or a file on stdin is forwarded without `-i`, so `echo hi | banger vm exec v -- cat`

@@ -1,7 +1,6 @@
 //! `banger`: parses flags, makes one call to `bangerd`, formats the result. No business logic
 //! lives here; the daemon owns all state and behaviour.
 
-mod client;
 mod format;
 mod interactive;
 mod progress;
@@ -16,6 +15,7 @@ use banger_api::{
     DaemonPing, ImageCachePrune, ImageCachePruneParams, ImageImport, ImageImportParams, ImageList,
     ImageNameParams, ImagePull, ImagePullParams, ImageRm, ImageShow, NoParams,
 };
+use banger_client::rpc as client;
 use clap::{CommandFactory, Parser, Subcommand};
 use clap_complete::Shell;
 use client::{CallError, Client};
@@ -185,8 +185,8 @@ fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn layout(system: bool) -> anyhow::Result<bangerd::Layout> {
-    bangerd::Layout::resolve(system)
+fn layout(system: bool) -> anyhow::Result<banger_client::Layout> {
+    banger_client::Layout::resolve(system)
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {

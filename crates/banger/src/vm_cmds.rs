@@ -11,9 +11,9 @@ use banger_api::{
 };
 use clap::Subcommand;
 
-use crate::client::Client;
 use crate::interactive::{self, Mode, StdinArgs};
 use crate::{call, format, print_json};
+use banger_client::rpc::Client;
 
 #[derive(Debug, Subcommand)]
 pub enum KernelCommand {

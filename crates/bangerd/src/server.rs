@@ -33,8 +33,8 @@ use crate::layout::Layout;
 use crate::services::{CallContext, InputEvent, SharedServices};
 use crate::ServiceError;
 
-/// How long a graceful shutdown waits for running calls before exiting anyway.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+pub use banger_api::SHUTDOWN_GRACE;
+pub use banger_client::process::create_private_dir;
 
 /// How many input events may wait for a call that is not taking them (a command not
 /// reading its stdin) before the connection stops being read: backpressure to the caller.
@@ -166,13 +166,6 @@ impl Server {
             );
         }
     }
-}
-
-/// Creates `dir` (and parents) and makes it 0700: it holds the socket and the database.
-pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("chmod 0700 {}", dir.display()))
 }
 
 struct Connection {

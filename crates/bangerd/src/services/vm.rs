@@ -139,24 +139,7 @@ impl Write for OutputWriter<'_> {
     }
 }
 
-/// Whether `pid` runs. An exited process stays a zombie until whoever adopted it reaps it,
-/// which can take a while: a zombie counts as gone. The state is the field after the
-/// `(comm)` in `/proc/<pid>/stat`.
-pub fn pid_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            let zombie = matches!(
-                stat.rsplit_once(')')
-                    .and_then(|(_, rest)| rest.split_whitespace().next()),
-                Some("Z" | "X")
-            );
-            // A zombie leader whose other threads are still exiting (e.g. in disk I/O) has
-            // not released its files yet, locks included: only a lone zombie is gone.
-            !zombie || std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count()) > 1
-        }
-        Err(_) => false,
-    }
-}
+pub use banger_client::process::pid_alive;
 
 fn now() -> String {
     humantime::format_rfc3339_micros(SystemTime::now()).to_string()

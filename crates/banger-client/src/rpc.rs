@@ -10,13 +10,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::layout::{Layout, LayoutKind};
+use crate::process::{create_private_dir, pid_alive};
 use anyhow::{bail, Context};
 use banger_api::{
     DaemonPing, DaemonShutdown, InputParams, Method, NoParams, Notification, Progress, Request,
     ResizeParams, Response, RpcError, SignalParams, INPUT_NOTIFICATION, RESIZE_NOTIFICATION,
     SIGNAL_NOTIFICATION,
 };
-use bangerd::layout::{Layout, LayoutKind};
 use base64::Engine as _;
 
 /// How long a freshly started daemon has to answer `daemon.ping`.
@@ -255,18 +256,14 @@ pub fn stop_daemon(client: &mut Client, pid: u32) -> anyhow::Result<()> {
         Err(CallError::Rpc(e)) => bail!("daemon.shutdown: {e}"),
         Err(CallError::Transport(e)) => return Err(e.context("daemon.shutdown")),
     }
-    let deadline = Instant::now() + bangerd::server::SHUTDOWN_GRACE + Duration::from_secs(5);
-    while process_alive(pid) {
+    let deadline = Instant::now() + banger_api::SHUTDOWN_GRACE + Duration::from_secs(5);
+    while pid_alive(pid) {
         if Instant::now() > deadline {
             bail!("bangerd (pid {pid}) did not exit after daemon.shutdown");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
-}
-
-fn process_alive(pid: u32) -> bool {
-    bangerd::services::vm::pid_alive(pid)
 }
 
 fn bangerd_path() -> PathBuf {
@@ -280,7 +277,7 @@ fn bangerd_path() -> PathBuf {
 }
 
 fn start_daemon(layout: &Layout) -> anyhow::Result<()> {
-    bangerd::server::create_private_dir(&layout.state_dir)?;
+    create_private_dir(&layout.state_dir)?;
     // bangerd logs through tracing once it is up; this catches what it prints before that.
     let early_log = std::fs::OpenOptions::new()
         .create(true)
