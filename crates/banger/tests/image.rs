@@ -273,3 +273,67 @@ fn kill_9_mid_pull_leaves_no_partial_image_and_the_pull_then_succeeds() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stdout(&out).starts_with(&format!("pulled {reference} as big-v1")));
 }
+
+/// The op_id of every line of `method` in `log` that says `message`.
+fn op_ids_of(log: &str, method: &str, message: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains(&format!("method={method}")) && l.contains(message))
+        .map(|l| {
+            let at = l
+                .find("op_id=")
+                .unwrap_or_else(|| panic!("no op_id in {l:?}"));
+            l[at + "op_id=".len()..]
+                .split(|c: char| !c.is_ascii_alphanumeric() && c != '-')
+                .next()
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn every_log_line_of_a_call_carries_its_op_id() {
+    let registry = Registry::start();
+    let install = Install::new();
+    let reference = push(
+        &registry,
+        install.dir.path(),
+        "tool",
+        &[(small_layer(), LayerCompression::Gzip)],
+    );
+    assert_eq!(
+        install.banger(&["image", "pull", &reference]).status.code(),
+        Some(0)
+    );
+    assert_eq!(
+        install.banger(&["image", "rm", "tool-v1"]).status.code(),
+        Some(0)
+    );
+    let failed = install.banger(&["image", "pull", &registry.reference("tool", "nope")]);
+    assert_eq!(failed.status.code(), Some(1));
+    let err = stderr(&failed);
+    let op = err
+        .rsplit_once(", op-")
+        .map(|(_, rest)| format!("op-{}", rest.trim_end().trim_end_matches(']')))
+        .unwrap_or_else(|| panic!("no op_id in {err:?}"));
+
+    let log = std::fs::read_to_string(install.state_dir().join("bangerd.log")).unwrap();
+    // What a service logs inside a call (here on a blocking thread) carries the call's span.
+    let published = op_ids_of(&log, "image.pull", "image published");
+    let pulled = op_ids_of(&log, "image.pull", " ok");
+    assert_eq!(published.len(), 1, "{log}");
+    assert!(pulled.contains(&published[0]), "{log}");
+    let removed = op_ids_of(&log, "image.rm", "image removed");
+    assert_eq!(removed, op_ids_of(&log, "image.rm", " ok"), "{log}");
+    assert_eq!(removed.len(), 1, "{log}");
+    // The failed call: the op_id the user saw greps its lines, and they are its own.
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(&op)).collect();
+    assert!(
+        lines.iter().any(|l| l.contains(" failed")),
+        "{op}: {lines:?}"
+    );
+    assert!(
+        lines.iter().all(|l| l.contains("method=image.pull")),
+        "{lines:?}"
+    );
+}

@@ -162,7 +162,7 @@ impl Dispatch {
 async fn blocking<T: Send + 'static>(
     call: impl FnOnce() -> Result<T, ServiceError> + Send + 'static,
 ) -> Result<T, ServiceError> {
-    tokio::task::spawn_blocking(call)
+    crate::span::spawn_blocking(call)
         .await
         .map_err(|e| anyhow::anyhow!("service task panicked: {e}"))?
 }

@@ -10,6 +10,7 @@ pub mod error;
 pub mod layout;
 pub mod server;
 pub mod services;
+pub mod span;
 pub mod store;
 
 pub use error::ServiceError;

@@ -27,6 +27,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::dispatch::Dispatch;
 use crate::layout::Layout;
@@ -478,8 +479,12 @@ impl Connection {
         let dispatch = Arc::clone(&self.dispatch);
         let services = Arc::clone(&self.services);
         let (method, params) = (request.method.clone(), request.params);
-        let mut call =
-            tokio::spawn(async move { dispatch.call(services, ctx, &method, params).await });
+        // Every line the call logs, on any thread it hands work to, carries this span.
+        let span = tracing::info_span!("call", op_id = %op_id, method = %request.method);
+        let mut call = tokio::spawn(
+            async move { dispatch.call(services, ctx, &method, params).await }
+                .instrument(span.clone()),
+        );
         let mut input = Some(input_tx);
         let result = loop {
             tokio::select! {
@@ -513,6 +518,7 @@ impl Connection {
                 }
             }
         };
+        let _in_call = span.enter();
         match result {
             Ok(result) => {
                 tracing::info!(op_id, method = %request.method, elapsed_ms = started.elapsed().as_millis() as u64, "ok");

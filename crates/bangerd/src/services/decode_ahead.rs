@@ -134,7 +134,7 @@ pub fn start(cache: &Arc<BlobCache>, jobs: Vec<Job>) -> Vec<Arc<GrowingCopy>> {
     }
     let cache = Arc::clone(cache);
     let handed = copies.clone();
-    std::thread::spawn(move || {
+    let _ = crate::span::spawn_thread("decode-ahead", move || {
         let limit = FlattenOptions::default().limits.max_uncompressed_bytes;
         for (job, copy) in jobs.into_iter().zip(handed) {
             // A reader waits for the end of its copy: a panic must still end it.

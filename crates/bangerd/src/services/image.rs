@@ -262,7 +262,7 @@ impl ImageService {
             let path = path.clone();
             let unpack_dir = unpack_dir.clone();
             let is_dir = meta.is_dir();
-            tokio::task::spawn_blocking(move || {
+            crate::span::spawn_blocking(move || {
                 if is_dir {
                     archive::read_oci_layout(&path, tag.as_deref())
                 } else {
@@ -365,7 +365,7 @@ impl ImageService {
         let raw_config = raw_config.to_vec();
         let ctx = ctx.clone();
         let (job_staging, job_tree) = (staging.clone(), tree.clone());
-        let result = tokio::task::spawn_blocking(move || {
+        let result = crate::span::spawn_blocking(move || {
             build_rootfs(
                 &ctx,
                 &cache,
@@ -416,16 +416,22 @@ impl ImageService {
         // caller's wait: do it in the background. Start-up removes it if we crash first.
         if let Some(staging) = built.dir.parent().map(Path::to_owned) {
             let scratch = built.scratch.clone();
-            let cleanup = std::thread::spawn(move || {
+            let cleanup = crate::span::spawn_thread("staging-cleanup", move || {
                 for dir in std::iter::once(staging).chain(scratch) {
                     if let Err(e) = remove_any(&dir) {
                         tracing::warn!(dir = %dir.display(), error = %e, "could not remove staging dir");
                     }
                 }
             });
-            let mut cleanups = self.cleanups.lock().unwrap_or_else(|p| p.into_inner());
-            cleanups.retain(|c| !c.is_finished());
-            cleanups.push(cleanup);
+            match cleanup {
+                Ok(cleanup) => {
+                    let mut cleanups = self.cleanups.lock().unwrap_or_else(|p| p.into_inner());
+                    cleanups.retain(|c| !c.is_finished());
+                    cleanups.push(cleanup);
+                }
+                // Start-up empties staging: the tree is only left until then.
+                Err(e) => tracing::warn!(error = %e, "cannot start the staging cleanup thread"),
+            }
         }
         let info = ImageInfo {
             id: built.id.clone(),
@@ -585,7 +591,7 @@ impl ImageService {
         };
         let cache = Arc::clone(&self.cache);
         // Removing 100,000 files takes seconds: keep it off the async workers.
-        let tally = tokio::task::spawn_blocking(move || cache.prune_with(options, &fs_ops))
+        let tally = crate::span::spawn_blocking(move || cache.prune_with(options, &fs_ops))
             .await
             .map_err(|e| anyhow::anyhow!("prune task panicked: {e}"))?
             .map_err(anyhow::Error::from)?;

@@ -769,9 +769,9 @@ impl VmService {
         let start = |control: ExecControl| -> std::io::Result<()> {
             match input {
                 Some(input) => {
-                    std::thread::Builder::new()
-                        .name("vm-exec-input".into())
-                        .spawn(move || forward_input(input, &control, on_pty))?;
+                    crate::span::spawn_thread("vm-exec-input", move || {
+                        forward_input(input, &control, on_pty)
+                    })?;
                 }
                 // Nobody can send input (a call without a connection): end it at once
                 // rather than leave the command waiting.
@@ -1105,7 +1105,7 @@ fn upload_workspace(client: &AgentClient, workspace: &Path, dest: &Path) -> anyh
     };
     let (reader, writer) = std::io::pipe().context("create pipe")?;
     let root = workspace.to_owned();
-    let producer = std::thread::spawn(move || -> std::io::Result<()> {
+    let producer = crate::span::spawn_thread("workspace-tar", move || -> std::io::Result<()> {
         let mut builder = tar::Builder::new(writer);
         builder.follow_symlinks(false);
         for file in files {
@@ -1116,7 +1116,8 @@ fn upload_workspace(client: &AgentClient, workspace: &Path, dest: &Path) -> anyh
             }
         }
         builder.into_inner()?.flush()
-    });
+    })
+    .context("start the workspace archiver")?;
     client.upload_tar(reader, dest)?;
     producer
         .join()
