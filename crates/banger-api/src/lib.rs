@@ -18,15 +18,84 @@ macro_rules! method {
     };
 }
 
+/// Declares a closed set of wire values: a serde enum whose variants travel as the given
+/// names, with `as_str`, `Display` (padding honoured, for tables), `FromStr` (for the store's
+/// text columns) and `ALL`. An unknown name is refused naming the value and what is expected.
+macro_rules! wire_enum {
+    ($(#[$doc:meta])* $what:literal, $name:ident {
+        $($(#[$vdoc:meta])* $variant:ident = $wire:literal $(| $alias:literal)*),+ $(,)?
+    }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+        pub enum $name {
+            $($(#[$vdoc])* #[serde(rename = $wire $(, alias = $alias)*)] $variant),+
+        }
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+            /// The name on the wire (and in the store).
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $wire),+
+                }
+            }
+        }
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.pad(self.as_str())
+            }
+        }
+        impl std::str::FromStr for $name {
+            type Err = $crate::UnknownValue;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s {
+                    $($wire $(| $alias)* => Ok($name::$variant),)+
+                    _ => Err($crate::UnknownValue {
+                        what: $what,
+                        value: s.to_owned(),
+                        expected: &[$($wire),+],
+                    }),
+                }
+            }
+        }
+    };
+}
+
+/// A name outside a closed set ([`VmState`], [`VmBackend`], …).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {what} {value:?}: expected {}", quote_list(expected))]
+pub struct UnknownValue {
+    /// What the value names (`VM state`, `backend`…).
+    pub what: &'static str,
+    /// The value given.
+    pub value: String,
+    /// The values the set has.
+    pub expected: &'static [&'static str],
+}
+
+fn quote_list(names: &[&str]) -> String {
+    match names {
+        [] => String::new(),
+        [one] => format!("{one:?}"),
+        [rest @ .., last] => format!(
+            "{} or {last:?}",
+            rest.iter()
+                .map(|n| format!("{n:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
 pub mod methods;
 pub mod rpc;
 pub mod vm;
 
 pub use methods::*;
 pub use rpc::{
-    signal_number, ErrorData, ErrorKind, InputParams, Notification, Progress, Request,
-    ResizeParams, Response, RpcError, SignalParams, INPUT_NOTIFICATION, RESIZE_NOTIFICATION,
-    SIGNAL_NOTIFICATION,
+    ErrorData, ErrorKind, InputParams, Notification, NotificationMethod, Progress, Request,
+    ResizeParams, Response, RpcError, Signal, SignalParams, INPUT_NOTIFICATION,
+    OUTPUT_NOTIFICATION, PROGRESS_NOTIFICATION, RESIZE_NOTIFICATION, SIGNAL_NOTIFICATION,
 };
 pub use vm::*;
 
@@ -50,4 +119,42 @@ pub trait Method {
     type Params: serde::Serialize + serde::de::DeserializeOwned + Send + 'static;
     /// What the daemon answers.
     type Result: serde::Serialize + serde::de::DeserializeOwned + Send + 'static;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn closed_sets_travel_as_their_names_and_refuse_others_naming_the_value() {
+        assert_eq!(serde_json::to_value(VmState::Running).unwrap(), "running");
+        assert_eq!(
+            serde_json::to_value(VmBackend::QemuTcg).unwrap(),
+            "qemu-tcg"
+        );
+        assert_eq!("stopped".parse(), Ok(VmState::Stopped));
+        assert_eq!(
+            "paused".parse::<VmState>().unwrap_err().to_string(),
+            "unknown VM state \"paused\": expected \"running\" or \"stopped\""
+        );
+        assert_eq!(
+            "xen".parse::<VmBackend>().unwrap_err().to_string(),
+            "unknown backend \"xen\": expected \"qemu-tcg\", \"qemu-kvm\" or \"firecracker\""
+        );
+        assert!(serde_json::from_value::<CheckStatus>("fine".into()).is_err());
+        assert_eq!(format!("{:<9}|", VmState::Running), "running  |");
+    }
+
+    #[test]
+    fn signals_take_their_sig_names_too() {
+        for (name, signal) in [("INT", Signal::Int), ("SIGTERM", Signal::Term)] {
+            assert_eq!(
+                serde_json::from_value::<Signal>(name.into()).unwrap(),
+                signal
+            );
+            assert_eq!(name.parse::<Signal>(), Ok(signal));
+        }
+        assert_eq!(Signal::Kill.number(), 9);
+        assert!("USR1".parse::<Signal>().is_err());
+    }
 }

@@ -71,22 +71,40 @@ impl Response {
 pub struct Notification {
     /// Always `"2.0"`.
     pub jsonrpc: String,
-    /// Notification name: `progress`, `output`, `input` or `resize`.
-    pub method: String,
+    /// Notification name.
+    pub method: NotificationMethod,
     /// Its payload.
     pub params: Value,
 }
 
-/// The notification a client sends, while one of its calls runs, with input for it.
-pub const INPUT_NOTIFICATION: &str = "input";
+wire_enum! {
+    /// The notifications of the protocol, both directions.
+    "notification", NotificationMethod {
+        /// Daemon → client: where a long call stands ([`Progress`]).
+        Progress = "progress",
+        /// Daemon → client: bytes a command wrote (`Output`).
+        Output = "output",
+        /// Client → daemon, while one of its calls runs: input for it ([`InputParams`]).
+        Input = "input",
+        /// Client → daemon, while a call with a pty runs: its terminal changed size
+        /// ([`ResizeParams`]).
+        Resize = "resize",
+        /// Client → daemon, while a command runs: deliver a signal to it (the user pressed
+        /// ^C at a `vm exec` or `vm run` without a pty; [`SignalParams`]).
+        Signal = "signal",
+    }
+}
 
-/// The notification a client sends, while a call with a pty runs, when its terminal
-/// changes size.
-pub const RESIZE_NOTIFICATION: &str = "resize";
-
-/// The notification a client sends, while a command runs, to deliver a signal to it (the
-/// user pressed ^C at a `vm exec` or `vm run` without a pty).
-pub const SIGNAL_NOTIFICATION: &str = "signal";
+/// [`NotificationMethod::Progress`].
+pub const PROGRESS_NOTIFICATION: NotificationMethod = NotificationMethod::Progress;
+/// [`NotificationMethod::Output`].
+pub const OUTPUT_NOTIFICATION: NotificationMethod = NotificationMethod::Output;
+/// [`NotificationMethod::Input`].
+pub const INPUT_NOTIFICATION: NotificationMethod = NotificationMethod::Input;
+/// [`NotificationMethod::Resize`].
+pub const RESIZE_NOTIFICATION: NotificationMethod = NotificationMethod::Resize;
+/// [`NotificationMethod::Signal`].
+pub const SIGNAL_NOTIFICATION: NotificationMethod = NotificationMethod::Signal;
 
 /// Params of a `signal` notification (client → daemon).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,20 +112,36 @@ pub const SIGNAL_NOTIFICATION: &str = "signal";
 pub struct SignalParams {
     /// The id of the request.
     pub id: Value,
-    /// `INT`, `TERM`, `HUP`, `QUIT` or `KILL`.
-    pub signal: String,
+    /// The signal.
+    pub signal: Signal,
 }
 
-/// The signal number of a `signal` notification's name (`INT`, `SIGINT`, …), for the ones a
-/// client may send.
-pub fn signal_number(name: &str) -> Option<i32> {
-    match name.strip_prefix("SIG").unwrap_or(name) {
-        "HUP" => Some(1),
-        "INT" => Some(2),
-        "QUIT" => Some(3),
-        "KILL" => Some(9),
-        "TERM" => Some(15),
-        _ => None,
+wire_enum! {
+    /// The signals a client may send to a running command (`SIGINT` is accepted for `INT`…).
+    "signal", Signal {
+        /// SIGHUP.
+        Hup = "HUP" | "SIGHUP",
+        /// SIGINT.
+        Int = "INT" | "SIGINT",
+        /// SIGQUIT.
+        Quit = "QUIT" | "SIGQUIT",
+        /// SIGKILL.
+        Kill = "KILL" | "SIGKILL",
+        /// SIGTERM.
+        Term = "TERM" | "SIGTERM",
+    }
+}
+
+impl Signal {
+    /// Its number on Linux.
+    pub fn number(self) -> i32 {
+        match self {
+            Signal::Hup => 1,
+            Signal::Int => 2,
+            Signal::Quit => 3,
+            Signal::Kill => 9,
+            Signal::Term => 15,
+        }
     }
 }
 

@@ -115,6 +115,66 @@ pub struct VmCreateParams {
     pub network: Option<String>,
 }
 
+wire_enum! {
+    /// Whether a VM's VMM runs, the way youki's `ContainerStatus` answers what a container
+    /// may do next.
+    "VM state", VmState {
+        /// Its VMM runs (and its agent answered at boot).
+        Running = "running",
+        /// No VMM: created, stopped, killed or found dead.
+        Stopped = "stopped",
+    }
+}
+
+impl VmState {
+    /// Whether its VMM runs.
+    pub fn is_running(self) -> bool {
+        self == VmState::Running
+    }
+    /// Whether `vm.start` may boot it.
+    pub fn can_start(self) -> bool {
+        self == VmState::Stopped
+    }
+    /// Whether `vm.stop`/`vm.kill` have anything to stop.
+    pub fn can_stop(self) -> bool {
+        self == VmState::Running
+    }
+}
+
+wire_enum! {
+    /// The VMM a VM booted with last.
+    "backend", VmBackend {
+        /// QEMU microvm under software emulation.
+        QemuTcg = "qemu-tcg",
+        /// QEMU microvm on KVM.
+        QemuKvm = "qemu-kvm",
+        /// Firecracker (always KVM).
+        Firecracker = "firecracker",
+    }
+}
+
+wire_enum! {
+    /// Which stream of a command an `output` notification carries.
+    "output stream", OutputStream {
+        /// Standard output (also a pty's output).
+        Stdout = "stdout",
+        /// Standard error.
+        Stderr = "stderr",
+    }
+}
+
+wire_enum! {
+    /// The verdict of one doctor check.
+    "check status", CheckStatus {
+        /// Present and working.
+        Ok = "ok",
+        /// Needed and absent: something will fail.
+        Missing = "missing",
+        /// Absent but not needed by this configuration.
+        Optional = "optional",
+    }
+}
+
 /// A VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmInfo {
@@ -132,13 +192,14 @@ pub struct VmInfo {
     pub memory_mib: u32,
     /// Root disk size in bytes.
     pub disk_bytes: u64,
-    /// `running` or `stopped`.
-    pub state: String,
+    /// Whether its VMM runs.
+    pub state: VmState,
     /// The VMM's pid while running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
-    /// The VMM of its last boot: `qemu-tcg`, `qemu-kvm` or `firecracker`.
-    pub backend: String,
+    /// The VMM of its last boot; `null` until it first boots.
+    #[serde(default)]
+    pub backend: Option<VmBackend>,
     /// `user` (QEMU user-mode) or `tap` (bridge + TAP + NAT).
     #[serde(default = "default_network")]
     pub network: String,
@@ -338,8 +399,8 @@ pub struct VmRunParams {
 /// The payload of an `output` notification.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Output {
-    /// `stdout` or `stderr`.
-    pub stream: String,
+    /// Which stream.
+    pub stream: OutputStream,
     /// The bytes, base64 (standard alphabet, padded).
     pub data: String,
 }
@@ -361,8 +422,8 @@ pub struct DoctorResult {
 pub struct DoctorCheck {
     /// What is checked, e.g. `qemu-system-x86_64`.
     pub name: String,
-    /// `ok`, `missing` or `optional` (absent but not needed).
-    pub status: String,
+    /// The verdict.
+    pub status: CheckStatus,
     /// What was found (a version, a path, why not).
     pub detail: String,
     /// How to fix it, when not ok.

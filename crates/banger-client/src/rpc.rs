@@ -14,9 +14,9 @@ use crate::layout::{Layout, LayoutKind};
 use crate::process::{create_private_dir, pid_alive};
 use anyhow::{bail, Context};
 use banger_api::{
-    DaemonPing, DaemonShutdown, InputParams, Method, NoParams, Notification, Progress, Request,
-    ResizeParams, Response, RpcError, SignalParams, INPUT_NOTIFICATION, RESIZE_NOTIFICATION,
-    SIGNAL_NOTIFICATION,
+    DaemonPing, DaemonShutdown, InputParams, Method, NoParams, Notification, NotificationMethod,
+    Progress, Request, ResizeParams, Response, RpcError, Signal, SignalParams, INPUT_NOTIFICATION,
+    PROGRESS_NOTIFICATION, RESIZE_NOTIFICATION, SIGNAL_NOTIFICATION,
 };
 use base64::Engine as _;
 
@@ -57,13 +57,13 @@ impl InputSender {
     /// once base64 has grown them by a third.
     const CHUNK: usize = 32 * 1024;
 
-    fn send(&self, method: &str, params: serde_json::Value) -> std::io::Result<()> {
+    fn send(&self, method: NotificationMethod, params: serde_json::Value) -> std::io::Result<()> {
         if self.done.load(Ordering::SeqCst) {
             return Ok(());
         }
         let note = Notification {
             jsonrpc: "2.0".into(),
-            method: method.into(),
+            method,
             params,
         };
         let mut line = serde_json::to_vec(&note).map_err(std::io::Error::other)?;
@@ -95,11 +95,11 @@ impl InputSender {
         self.send(INPUT_NOTIFICATION, serde_json::to_value(params)?)
     }
 
-    /// A signal (`INT`, `TERM`, …) for the command.
-    pub fn signal(&self, signal: &str) -> std::io::Result<()> {
+    /// A signal for the command.
+    pub fn signal(&self, signal: Signal) -> std::io::Result<()> {
         let params = SignalParams {
             id: self.id.into(),
-            signal: signal.into(),
+            signal,
         };
         self.send(SIGNAL_NOTIFICATION, serde_json::to_value(params)?)
     }
@@ -135,7 +135,7 @@ impl Client {
         mut on_progress: impl FnMut(Progress),
     ) -> Result<M::Result, CallError> {
         self.call_with_notifications::<M>(params, |note| {
-            if note.method == "progress" {
+            if note.method == PROGRESS_NOTIFICATION {
                 if let Ok(progress) = serde_json::from_value(note.params) {
                     on_progress(progress);
                 }

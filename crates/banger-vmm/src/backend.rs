@@ -114,16 +114,6 @@ impl BackendKind {
         }
     }
 
-    /// The backend a VM record names: `qemu`, `qemu-kvm`, `qemu-tcg` (older records
-    /// carried the accelerator) or `firecracker`.
-    pub fn from_record(record: &str) -> Option<BackendKind> {
-        match record {
-            "firecracker" => Some(BackendKind::Firecracker),
-            r if r == "qemu" || r.starts_with("qemu-") => Some(BackendKind::Qemu),
-            _ => None,
-        }
-    }
-
     /// How the host reaches the agent of a VM of this backend whose run directory is
     /// `run_dir` (the same paths [`agent_socket_in`] gives the spec).
     pub fn agent_channel_in(self, run_dir: &Path) -> AgentChannel {
@@ -361,23 +351,6 @@ mod tests {
         assert_eq!("firecracker".parse(), Ok(BackendPreference::Firecracker));
         let err = "kvmtool".parse::<BackendPreference>().unwrap_err();
         assert!(err.contains("\"kvmtool\""), "{err}");
-    }
-
-    #[test]
-    fn records_old_and_new_map_to_their_backend() {
-        assert_eq!(
-            BackendKind::from_record("qemu-tcg"),
-            Some(BackendKind::Qemu)
-        );
-        assert_eq!(
-            BackendKind::from_record("qemu-kvm"),
-            Some(BackendKind::Qemu)
-        );
-        assert_eq!(
-            BackendKind::from_record("firecracker"),
-            Some(BackendKind::Firecracker)
-        );
-        assert_eq!(BackendKind::from_record("xen"), None);
     }
 
     #[test]

@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
-use banger_api::{Method, Notification, Output, TtyParams};
+use banger_api::{
+    Method, Notification, Output, OutputStream, Signal, TtyParams, OUTPUT_NOTIFICATION,
+};
 use base64::Engine as _;
 use rustix::termios::{self, OptionalActions, Termios};
 use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGWINCH};
@@ -106,7 +108,7 @@ pub fn call<M: Method>(
     // second ^C, banger stops as usual.
     let running = Arc::new(AtomicBool::new(false));
     let on_output = |note: Notification| {
-        if note.method == "output" {
+        if note.method == OUTPUT_NOTIFICATION {
             running.store(true, Ordering::SeqCst);
         }
         forward_output(note);
@@ -130,7 +132,7 @@ pub fn call<M: Method>(
             // ahead are line-edited here and forwarded as they would be typed.
             let mut raw = None;
             let on_note = |note: Notification| {
-                if raw.is_none() && note.method == "output" {
+                if raw.is_none() && note.method == OUTPUT_NOTIFICATION {
                     raw = Some(RawMode::enable());
                     if let Some(Err(e)) = &raw {
                         eprintln!("banger: {e:#}; keys are sent a line at a time");
@@ -212,9 +214,9 @@ fn proxy_signals(
     let mut sent = Vec::new();
     for signal in signals.forever() {
         let name = match signal {
-            SIGINT => "INT",
-            SIGTERM => "TERM",
-            _ => "HUP",
+            SIGINT => Signal::Int,
+            SIGTERM => Signal::Term,
+            _ => Signal::Hup,
         };
         if !running.load(Ordering::SeqCst) || sent.contains(&signal) || input.signal(name).is_err()
         {
@@ -261,7 +263,7 @@ fn restore_terminal() {
 
 /// Writes `output` notifications to our stdout and stderr as they arrive.
 pub fn forward_output(note: Notification) {
-    if note.method != "output" {
+    if note.method != OUTPUT_NOTIFICATION {
         return;
     }
     let Ok(output) = serde_json::from_value::<Output>(note.params) else {
@@ -271,9 +273,9 @@ pub fn forward_output(note: Notification) {
         return;
     };
     // A closed pipe on our side must not abort the remote command's bookkeeping.
-    let _ = match output.stream.as_str() {
-        "stderr" => std::io::stderr().write_all(&bytes),
-        _ => std::io::stdout()
+    let _ = match output.stream {
+        OutputStream::Stderr => std::io::stderr().write_all(&bytes),
+        OutputStream::Stdout => std::io::stdout()
             .write_all(&bytes)
             .and_then(|()| std::io::stdout().flush()),
     };

@@ -213,7 +213,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
             }
-            let missing = result.checks.iter().any(|c| c.status == "missing");
+            let missing = result
+                .checks
+                .iter()
+                .any(|c| c.status == banger_api::CheckStatus::Missing);
             Ok(if missing {
                 ExitCode::FAILURE
             } else {

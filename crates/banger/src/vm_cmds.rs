@@ -271,7 +271,7 @@ fn print_vm(info: &VmInfo, json: bool) -> anyhow::Result<()> {
         format::format_bytes(u64::from(info.memory_mib) << 20)
     );
     println!("disk:     {}", format::format_bytes(info.disk_bytes));
-    println!("backend:  {}", info.backend);
+    println!("backend:  {}", backend_name(info.backend));
     match (&info.guest_ip, &info.tap) {
         (Some(ip), Some(tap)) => println!("network:  {} {ip} (host {tap})", info.network),
         _ => println!("network:  {}", info.network),
@@ -380,7 +380,10 @@ pub fn run_vm(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Re
                 for vm in &list.vms {
                     println!(
                         "{:<width$}  {:<8}  {:<9}  {}",
-                        vm.name, vm.state, vm.backend, vm.image
+                        vm.name,
+                        vm.state,
+                        backend_name(vm.backend),
+                        vm.image
                     );
                 }
             }
@@ -455,4 +458,9 @@ pub fn run_vm(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Re
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The backend column: `-` for a VM that never booted.
+fn backend_name(backend: Option<banger_api::VmBackend>) -> &'static str {
+    backend.map_or("-", banger_api::VmBackend::as_str)
 }

@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use banger_api::{
-    signal_number, ErrorKind, InputParams, Request, ResizeParams, Response, RpcError, SignalParams,
-    INPUT_NOTIFICATION, MAX_REQUEST_LINE, RESIZE_NOTIFICATION, SIGNAL_NOTIFICATION,
+    ErrorKind, InputParams, NotificationMethod, Request, ResizeParams, Response, RpcError,
+    SignalParams, INPUT_NOTIFICATION, MAX_REQUEST_LINE, RESIZE_NOTIFICATION, SIGNAL_NOTIFICATION,
 };
 use base64::Engine as _;
 use serde_json::Value;
@@ -271,9 +271,9 @@ fn client_input(bytes: &[u8], call_id: &Value) -> ClientInput {
     let method = object
         .get("method")
         .and_then(Value::as_str)
-        .map(str::to_owned);
+        .and_then(|m| m.parse::<NotificationMethod>().ok());
     let params = object.remove("params").unwrap_or(Value::Null);
-    let events = match method.as_deref() {
+    let events = match method {
         Some(INPUT_NOTIFICATION) => serde_json::from_value::<InputParams>(params)
             .map_err(|e| e.to_string())
             .and_then(|p| {
@@ -304,11 +304,7 @@ fn client_input(bytes: &[u8], call_id: &Value) -> ClientInput {
             }),
         Some(SIGNAL_NOTIFICATION) => serde_json::from_value::<SignalParams>(params)
             .map_err(|e| e.to_string())
-            .and_then(|p| {
-                let number = signal_number(&p.signal)
-                    .ok_or_else(|| format!("unknown signal {:?}", p.signal))?;
-                Ok((&p.id == call_id).then(|| vec![InputEvent::Signal(number)]))
-            }),
+            .map(|p| (&p.id == call_id).then(|| vec![InputEvent::Signal(p.signal.number())])),
         _ => return ClientInput::NotInput,
     };
     match events {
@@ -326,7 +322,10 @@ fn client_input(bytes: &[u8], call_id: &Value) -> ClientInput {
 fn is_client_notification(value: &Value) -> bool {
     value.get("id").is_none()
         && matches!(
-            value.get("method").and_then(Value::as_str),
+            value
+                .get("method")
+                .and_then(Value::as_str)
+                .and_then(|m| m.parse::<NotificationMethod>().ok()),
             Some(INPUT_NOTIFICATION | RESIZE_NOTIFICATION | SIGNAL_NOTIFICATION)
         )
 }

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use banger_api::DoctorCheck;
+use banger_api::{CheckStatus, DoctorCheck};
 
 use crate::services::network::{self, NetworkSetting, TapCapability};
 use crate::services::{KernelService, VmService};
@@ -23,13 +23,17 @@ fn check(name: &str, found: Option<String>, required: bool, fix: &str) -> Doctor
     match found {
         Some(detail) => DoctorCheck {
             name: name.into(),
-            status: "ok".into(),
+            status: CheckStatus::Ok,
             detail,
             fix: None,
         },
         None => DoctorCheck {
             name: name.into(),
-            status: if required { "missing" } else { "optional" }.into(),
+            status: if required {
+                CheckStatus::Missing
+            } else {
+                CheckStatus::Optional
+            },
             detail: "not found".into(),
             fix: Some(fix.into()),
         },
@@ -91,7 +95,7 @@ pub fn diagnose(kernels: &KernelService, vms: &VmService) -> Vec<DoctorCheck> {
     let kvm_check = if !Path::new("/dev/kvm").exists() {
         DoctorCheck {
             name: "kvm".into(),
-            status: "optional".into(),
+            status: CheckStatus::Optional,
             detail: "/dev/kvm is absent: VMs run under TCG (software emulation, slower)".into(),
             fix: Some("enable virtualisation (or nested virtualisation) for this host".into()),
         }
@@ -99,7 +103,7 @@ pub fn diagnose(kernels: &KernelService, vms: &VmService) -> Vec<DoctorCheck> {
         match newest.and_then(|k| kernels.boot_files(&k.name).ok()) {
             None => DoctorCheck {
                 name: "kvm".into(),
-                status: "optional".into(),
+                status: CheckStatus::Optional,
                 detail:
                     "/dev/kvm exists; whether a guest boots is unknown until a kernel is imported"
                         .into(),
@@ -112,13 +116,13 @@ pub fn diagnose(kernels: &KernelService, vms: &VmService) -> Vec<DoctorCheck> {
             ) {
                 Ok(probe) if probe.usable => DoctorCheck {
                     name: "kvm".into(),
-                    status: "ok".into(),
+                    status: CheckStatus::Ok,
                     detail: format!("a probe guest booted under KVM ({})", probe.detail),
                     fix: None,
                 },
                 Ok(probe) => DoctorCheck {
                     name: "kvm".into(),
-                    status: "optional".into(),
+                    status: CheckStatus::Optional,
                     detail: format!(
                         "/dev/kvm opens but a guest does not boot ({}); VMs run under TCG",
                         probe.detail
@@ -127,14 +131,14 @@ pub fn diagnose(kernels: &KernelService, vms: &VmService) -> Vec<DoctorCheck> {
                 },
                 Err(e) => DoctorCheck {
                     name: "kvm".into(),
-                    status: "optional".into(),
+                    status: CheckStatus::Optional,
                     detail: format!("probe failed: {e:#}; VMs run under TCG"),
                     fix: None,
                 },
             },
         }
     };
-    let kvm: Result<String, String> = if kvm_check.status == "ok" {
+    let kvm: Result<String, String> = if kvm_check.status == CheckStatus::Ok {
         Ok(kvm_check.detail.clone())
     } else {
         Err(kvm_check.detail.clone())
@@ -168,7 +172,7 @@ fn network_checks(tap_required: bool) -> Vec<DoctorCheck> {
     let bridge = if missing.is_empty() {
         DoctorCheck {
             name: "bridge/NAT networking".into(),
-            status: "ok".into(),
+            status: CheckStatus::Ok,
             detail: format!(
                 "root, /dev/net/tun, ip and NAT tools: network = \"auto\" gives VMs a TAP on bridge {} with NAT",
                 network::BRIDGE
@@ -178,7 +182,11 @@ fn network_checks(tap_required: bool) -> Vec<DoctorCheck> {
     } else {
         DoctorCheck {
             name: "bridge/NAT networking".into(),
-            status: if tap_required { "missing" } else { "optional" }.into(),
+            status: if tap_required {
+                CheckStatus::Missing
+            } else {
+                CheckStatus::Optional
+            },
             detail: format!(
                 "{}: VMs use QEMU user-mode networking (outbound only; Firecracker needs TAP)",
                 missing.join(", ")
@@ -215,7 +223,7 @@ fn backend_check(vms: &VmService, kvm: Result<String, String>) -> DoctorCheck {
     match banger_vmm::backend::select_backend(setting.into(), &host) {
         Ok(kind) => DoctorCheck {
             name: "vmm".into(),
-            status: "ok".into(),
+            status: CheckStatus::Ok,
             detail: format!(
                 "vmm = {:?} boots VMs with {kind}",
                 format!("{setting:?}").to_lowercase()
@@ -224,7 +232,7 @@ fn backend_check(vms: &VmService, kvm: Result<String, String>) -> DoctorCheck {
         },
         Err(e) => DoctorCheck {
             name: "vmm".into(),
-            status: "missing".into(),
+            status: CheckStatus::Missing,
             detail: e.to_string(),
             fix: Some(
                 "set vmm = \"auto\" or \"qemu\" in config.toml, or provide what Firecracker needs"

@@ -92,17 +92,17 @@ impl CallContext {
     /// Sends a `progress` notification to the caller, if it is still listening.
     pub fn progress(&self, progress: Progress) {
         self.notify(
-            "progress",
+            banger_api::PROGRESS_NOTIFICATION,
             serde_json::to_value(progress).expect("progress serialises"),
         );
     }
 
     /// Sends the notification `method` with `params` to the caller, if it still listens.
-    pub fn notify(&self, method: &str, params: serde_json::Value) {
+    pub fn notify(&self, method: banger_api::NotificationMethod, params: serde_json::Value) {
         let Some(sink) = &self.progress else { return };
         let note = Notification {
             jsonrpc: "2.0".into(),
-            method: method.into(),
+            method,
             params,
         };
         let line = serde_json::to_string(&note).expect("notification serialises");

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{bail, Context};
 use banger_agent::proto::{ExecRequest, ExitStatus, WinSize};
 use banger_api::{
-    ExecResult, TtyParams, VmCreateParams, VmExecParams, VmInfo, VmLogsParams, VmLogsResult,
-    VmRunParams, VmShellParams,
+    ExecResult, OutputStream, TtyParams, VmBackend, VmCreateParams, VmExecParams, VmInfo,
+    VmLogsParams, VmLogsResult, VmRunParams, VmShellParams, VmState, OUTPUT_NOTIFICATION,
 };
 use banger_vmm::agent::{AgentClient, ExecControl, AGENT_GUEST_PATH};
 use banger_vmm::backend::{self, agent_socket_in, select_backend, BackendKind, HostFacts};
@@ -122,14 +122,14 @@ pub fn validate_name(what: &str, name: &str) -> Result<(), ServiceError> {
 
 struct OutputWriter<'a> {
     ctx: &'a CallContext,
-    stream: &'static str,
+    stream: OutputStream,
 }
 
 impl Write for OutputWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let data = base64::engine::general_purpose::STANDARD.encode(buf);
         self.ctx.notify(
-            "output",
+            OUTPUT_NOTIFICATION,
             serde_json::json!({ "stream": self.stream, "data": data }),
         );
         Ok(buf.len())
@@ -140,6 +140,19 @@ impl Write for OutputWriter<'_> {
 }
 
 pub use banger_client::process::pid_alive;
+
+/// What the `backend` column holds for a VM that never booted (the column is NOT NULL).
+const NO_BACKEND: &str = "none";
+
+/// A text column holding one of a closed set's names.
+fn parse_column<T: std::str::FromStr>(row: &rusqlite::Row<'_>, index: usize) -> rusqlite::Result<T>
+where
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    row.get::<_, String>(index)?.parse().map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
 
 fn now() -> String {
     humantime::format_rfc3339_micros(SystemTime::now()).to_string()
@@ -176,9 +189,9 @@ impl VmService {
     /// installation's running VMs (a user and a system daemon on one host).
     pub fn recover(&self) -> anyhow::Result<()> {
         for vm in self.list()? {
-            let running = vm.state == "running" && vm.pid.is_some_and(pid_alive);
-            if vm.state == "running" && !running {
-                self.set_state(&vm.id, "stopped", None)?;
+            let running = vm.state.is_running() && vm.pid.is_some_and(pid_alive);
+            if vm.state.is_running() && !running {
+                self.set_state(&vm.id, VmState::Stopped, None)?;
                 tracing::info!(vm = %vm.name, "VM found dead at start-up; marked stopped");
             }
             if !running {
@@ -208,9 +221,10 @@ impl VmService {
             vcpus: row.get(4)?,
             memory_mib: row.get(5)?,
             disk_bytes: row.get::<_, i64>(6)? as u64,
-            state: row.get(7)?,
+            state: parse_column(row, 7)?,
             pid: row.get(8)?,
-            backend: row.get(9)?,
+            // Written as "qemu" before a first boot by older versions, "none" now.
+            backend: row.get::<_, String>(9)?.parse().ok(),
             created_at: row.get(10)?,
             network: row.get(11)?,
             guest_ip: row.get(12)?,
@@ -243,12 +257,12 @@ impl VmService {
         .ok_or_else(|| ServiceError::not_found(format!("no VM named {name:?}")))
     }
 
-    fn set_state(&self, id: &str, state: &str, pid: Option<u32>) -> anyhow::Result<()> {
+    fn set_state(&self, id: &str, state: VmState, pid: Option<u32>) -> anyhow::Result<()> {
         self.store
             .conn()
             .execute(
                 "UPDATE vms SET state = ?1, pid = ?2 WHERE id = ?3",
-                rusqlite::params![state, pid, id],
+                rusqlite::params![state.as_str(), pid, id],
             )
             .context("record VM state")?;
         Ok(())
@@ -356,9 +370,9 @@ impl VmService {
             vcpus: params.vcpus.unwrap_or(2),
             memory_mib: params.memory_mib.unwrap_or(1024),
             disk_bytes,
-            state: "stopped".into(),
+            state: VmState::Stopped,
             pid: None,
-            backend: "qemu".into(),
+            backend: None,
             created_at: now(),
             dir: dir.display().to_string(),
             network: mode.name().into(),
@@ -380,9 +394,9 @@ impl VmService {
                     info.vcpus,
                     info.memory_mib,
                     info.disk_bytes as i64,
-                    info.state,
+                    info.state.as_str(),
                     info.pid,
-                    info.backend,
+                    info.backend.map_or(NO_BACKEND, VmBackend::as_str),
                     info.created_at,
                     info.network,
                     info.guest_ip,
@@ -500,7 +514,7 @@ impl VmService {
     /// Boots a stopped VM and waits until its agent answers.
     pub fn start(&self, name: &str) -> Result<VmInfo, ServiceError> {
         let vm = self.show(name)?;
-        if vm.state == "running" && vm.pid.is_some_and(pid_alive) {
+        if vm.state.is_running() && vm.pid.is_some_and(pid_alive) {
             return Ok(vm);
         }
         let boot = self.kernels.boot_files(&vm.kernel)?;
@@ -580,24 +594,24 @@ impl VmService {
             }
         };
         let backend = match (kind, accel) {
-            (BackendKind::Firecracker, _) => "firecracker",
-            (BackendKind::Qemu, Accel::Kvm) => "qemu-kvm",
-            (BackendKind::Qemu, Accel::Tcg) => "qemu-tcg",
+            (BackendKind::Firecracker, _) => VmBackend::Firecracker,
+            (BackendKind::Qemu, Accel::Kvm) => VmBackend::QemuKvm,
+            (BackendKind::Qemu, Accel::Tcg) => VmBackend::QemuTcg,
         };
         self.store
             .conn()
             .execute(
                 "UPDATE vms SET state = 'running', pid = ?1, backend = ?2 WHERE id = ?3",
-                rusqlite::params![pid, backend, vm.id],
+                rusqlite::params![pid, backend.as_str(), vm.id],
             )
             .context("record VM state")?;
         if let Err(e) = self.wait_for_agent(kind, &dir, pid) {
             kill(pid);
             self.release_tap(&vm);
-            self.set_state(&vm.id, "stopped", None)?;
+            self.set_state(&vm.id, VmState::Stopped, None)?;
             return Err(e.context(format!("boot VM {name:?}")).into());
         }
-        tracing::info!(vm = name, pid, backend, "VM started");
+        tracing::info!(vm = name, pid, %backend, "VM started");
         self.show(name)
     }
 
@@ -636,7 +650,7 @@ impl VmService {
     }
 
     fn agent(&self, vm: &VmInfo) -> Result<AgentClient, ServiceError> {
-        if vm.state != "running" || !vm.pid.is_some_and(pid_alive) {
+        if !vm.state.is_running() || !vm.pid.is_some_and(pid_alive) {
             return Err(ServiceError::bad_request(format!(
                 "VM {:?} is not running (banger vm start {})",
                 vm.name, vm.name
@@ -669,7 +683,7 @@ impl VmService {
             }
         }
         self.release_tap(&vm);
-        self.set_state(&vm.id, "stopped", None)?;
+        self.set_state(&vm.id, VmState::Stopped, None)?;
         self.show(name)
     }
 
@@ -685,7 +699,7 @@ impl VmService {
             }
         }
         self.release_tap(&vm);
-        self.set_state(&vm.id, "stopped", None)?;
+        self.set_state(&vm.id, VmState::Stopped, None)?;
         self.show(name)
     }
 
@@ -757,11 +771,11 @@ impl VmService {
         }
         let mut stdout = OutputWriter {
             ctx,
-            stream: "stdout",
+            stream: OutputStream::Stdout,
         };
         let mut stderr = OutputWriter {
             ctx,
-            stream: "stderr",
+            stream: OutputStream::Stderr,
         };
         // Taken even when stdin is not forwarded: signals come the same way.
         let input = ctx.take_input();
@@ -897,7 +911,7 @@ impl VmService {
         };
         let mut out = OutputWriter {
             ctx,
-            stream: "stdout",
+            stream: OutputStream::Stdout,
         };
         let mut sent = 0u64;
         let mut send_new = |log: &mut Option<std::fs::File>| -> anyhow::Result<()> {
@@ -928,7 +942,7 @@ impl VmService {
                 }
                 if checked.elapsed() >= Duration::from_secs(1) {
                     checked = Instant::now();
-                    if self.show(&params.name)?.state != "running" {
+                    if !self.show(&params.name)?.state.is_running() {
                         send_new(&mut log)?;
                         break;
                     }
@@ -975,12 +989,11 @@ fn kill(pid: u32) {
 
 /// How the host reaches the agent of `vm`, from the backend its row records.
 fn agent_channel(vm: &VmInfo) -> anyhow::Result<banger_vmm::agent::AgentChannel> {
-    let kind = BackendKind::from_record(&vm.backend).with_context(|| {
-        format!(
-            "VM {:?} records an unknown backend {:?}",
-            vm.name, vm.backend
-        )
-    })?;
+    let kind = match vm.backend {
+        Some(VmBackend::Firecracker) => BackendKind::Firecracker,
+        Some(VmBackend::QemuTcg | VmBackend::QemuKvm) => BackendKind::Qemu,
+        None => anyhow::bail!("VM {:?} has never booted: no agent to reach", vm.name),
+    };
     Ok(kind.agent_channel_in(Path::new(&vm.dir)))
 }
 
