@@ -1,6 +1,6 @@
 //! `banger-agent` is the small static program that runs inside every banger microVM and
 //! the wire protocol the host speaks to it. Over one byte stream (a virtio-serial port
-//! today; the framing does not care if it becomes vsock) the host runs commands with
+//! under QEMU, a vsock connection under Firecracker) the host runs commands with
 //! their stdout and stderr streamed apart, stdin forwarded and the exit status returned
 //! (or on a pty, for interactive shells), uploads directories as tar streams, and powers the guest off.
 //!

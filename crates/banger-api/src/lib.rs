@@ -3,6 +3,7 @@
 //! and, for each method, its name, params and result. No I/O lives here, so both sides
 //! (and tests) can share it without dragging in the daemon.
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 /// Declares a [`Method`]: a unit type with its wire name, params and result.
 /// `method! { /// docs \n VmRun = "vm.run", VmRunParams => ExecResult }`

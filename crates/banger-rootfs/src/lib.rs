@@ -4,6 +4,7 @@
 //! xattrs from the flattener's record of the tar headers, so the result is the same
 //! whether `bangerd` runs as root or not.
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod ext4;
 mod sequential;

@@ -6,6 +6,7 @@
 //! `htpasswd` from apache2-utils); helpers panic with a clear message when they are not,
 //! because a test that silently skips proves nothing.
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 mod layout;
 mod registry;

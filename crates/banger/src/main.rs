@@ -1,5 +1,6 @@
 //! `banger`: parses flags, makes one call to `bangerd`, formats the result. No business logic
 //! lives here; the daemon owns all state and behaviour.
+#![forbid(unsafe_code)]
 
 mod format;
 mod interactive;

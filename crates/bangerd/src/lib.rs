@@ -3,6 +3,7 @@
 //! service call, and [`server`] speaks line-delimited JSON-RPC on the Unix socket. The
 //! `bangerd` binary only wires these together, so every service is testable without a socket.
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod config;
 pub mod dispatch;

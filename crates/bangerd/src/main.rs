@@ -1,5 +1,6 @@
 //! `bangerd`: wires layout, store and services to the socket server. All behaviour lives
 //! in the library.
+#![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
