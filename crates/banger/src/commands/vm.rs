@@ -1,60 +1,19 @@
-//! `banger kernel …` and `banger vm …`: flags in, one call, formatted result out.
+//! `banger vm …`: flags in, one call, formatted result out.
 
 use std::process::ExitCode;
 
 use anyhow::Context;
 use banger_api::{
-    ExecResult, KernelImport, KernelImportParams, KernelInfo, KernelList, KernelRm, KernelShow,
-    NameParams, NoParams, VmCreate, VmCreateParams, VmExec, VmExecParams, VmInfo, VmKill, VmList,
-    VmLogs, VmLogsParams, VmRm, VmRun, VmRunParams, VmShell, VmShellParams, VmShow, VmStart,
-    VmStop,
+    ExecResult, NameParams, NoParams, VmCreate, VmCreateParams, VmExec, VmExecParams, VmInfo,
+    VmKill, VmList, VmLogs, VmLogsParams, VmRm, VmRun, VmRunParams, VmShell, VmShellParams, VmShow,
+    VmStart, VmStop,
 };
 use clap::Subcommand;
 
+use crate::format;
 use crate::interactive::{self, Mode, StdinArgs};
-use crate::{call, format, print_json};
+use crate::output::{call, emit, print_json};
 use banger_client::rpc::Client;
-
-#[derive(Debug, Subcommand)]
-pub enum KernelCommand {
-    /// Import a guest kernel: from a Debian linux-image-*.deb (e.g. the -cloud-amd64
-    /// flavour, fetched with `apt-get download`), or from a kernel image (--kernel) with its
-    /// modules (--modules) or with virtio, ext4 and vsock built in.
-    ///
-    /// Give exactly one of --deb and --kernel.
-    Import {
-        /// Name to import under.
-        name: String,
-        /// A Debian linux-image-*.deb: kernel, config and modules in one file.
-        #[arg(long)]
-        deb: Option<std::path::PathBuf>,
-        /// A kernel image: a bzImage (vmlinuz) or an x86-64 ELF vmlinux.
-        #[arg(long)]
-        kernel: Option<std::path::PathBuf>,
-        /// With --kernel: its modules tree, /lib/modules/<release> (the directory holding
-        /// kernel/). banger takes the virtio, ext4 and vsock modules from it. Without it the
-        /// kernel must have them built in (e.g. Firecracker's CI kernels).
-        #[arg(long)]
-        modules: Option<std::path::PathBuf>,
-        /// Boot this initramfs instead of banger's. It gets banger's kernel command line and
-        /// must mount the root disk (/dev/vda, ext4) and switch_root into /.banger/agent as
-        /// PID 1, as banger's does; otherwise VMs of this kernel never start (no agent).
-        #[arg(long)]
-        initrd: Option<std::path::PathBuf>,
-    },
-    /// List kernels, newest first.
-    List,
-    /// Show one kernel.
-    Show {
-        /// Its name.
-        name: String,
-    },
-    /// Delete a kernel no VM uses.
-    Rm {
-        /// Its name.
-        name: String,
-    },
-}
 
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
@@ -174,89 +133,7 @@ pub enum VmCommand {
     },
 }
 
-fn print_kernel(info: &KernelInfo, json: bool) -> anyhow::Result<()> {
-    if json {
-        return print_json(info);
-    }
-    // Only the unusual case is worth a column: a custom initramfs breaks `vm exec` if it
-    // does not start the agent.
-    let custom = if info.initrd == "custom" {
-        "  custom initrd"
-    } else {
-        ""
-    };
-    println!(
-        "{}  {}  {}{custom}",
-        info.name, info.version, info.created_at
-    );
-    Ok(())
-}
-
-pub fn run_kernel(
-    client: &mut Client,
-    command: KernelCommand,
-    json: bool,
-) -> anyhow::Result<ExitCode> {
-    match command {
-        KernelCommand::Import {
-            name,
-            deb,
-            kernel,
-            modules,
-            initrd,
-        } => {
-            // The daemon runs elsewhere (its own working directory): paths go absolute.
-            let absolute = |p: Option<std::path::PathBuf>| -> anyhow::Result<Option<String>> {
-                p.map(|p| {
-                    std::path::absolute(&p)
-                        .map(|a| a.display().to_string())
-                        .with_context(|| format!("resolve {}", p.display()))
-                })
-                .transpose()
-            };
-            let params = KernelImportParams {
-                name,
-                deb: absolute(deb)?,
-                kernel: absolute(kernel)?,
-                modules: absolute(modules)?,
-                initrd: absolute(initrd)?,
-            };
-            let info = call::<KernelImport>(client, &params)?;
-            if json {
-                print_json(&info)?;
-            } else {
-                println!("imported kernel {} ({})", info.name, info.version);
-            }
-        }
-        KernelCommand::List => {
-            let list = call::<KernelList>(client, &NoParams {})?;
-            if json {
-                print_json(&list)?;
-            } else {
-                for kernel in &list.kernels {
-                    print_kernel(kernel, false)?;
-                }
-            }
-        }
-        KernelCommand::Show { name } => {
-            print_kernel(&call::<KernelShow>(client, &NameParams { name })?, json)?
-        }
-        KernelCommand::Rm { name } => {
-            let info = call::<KernelRm>(client, &NameParams { name })?;
-            if json {
-                print_json(&info)?;
-            } else {
-                println!("removed kernel {}", info.name);
-            }
-        }
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-fn print_vm(info: &VmInfo, json: bool) -> anyhow::Result<()> {
-    if json {
-        return print_json(info);
-    }
+fn print_vm(info: &VmInfo) {
     println!("name:     {}", info.name);
     println!(
         "state:    {}{}",
@@ -277,7 +154,6 @@ fn print_vm(info: &VmInfo, json: bool) -> anyhow::Result<()> {
         _ => println!("network:  {}", info.network),
     }
     println!("created:  {}", info.created_at);
-    Ok(())
 }
 
 /// The terminal to give the guest's pty, in [`Mode::Tty`].
@@ -300,7 +176,8 @@ fn exit_with(result: &ExecResult, json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }
 
-pub fn run_vm(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Result<ExitCode> {
+/// Runs one `banger vm` command.
+pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Result<ExitCode> {
     match command {
         VmCommand::Create {
             name,
@@ -322,50 +199,32 @@ pub fn run_vm(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Re
                 no_start,
                 network,
             };
-            let info = call::<VmCreate>(client, &params)?;
-            if json {
-                print_json(&info)?;
-            } else {
-                println!("created {} ({})", info.name, info.state);
-            }
+            emit(json, &call::<VmCreate>(client, &params)?, |info| {
+                println!("created {} ({})", info.name, info.state)
+            })?;
         }
-        VmCommand::Start { name } => {
-            let info = call::<VmStart>(client, &NameParams { name })?;
-            if json {
-                print_json(&info)?;
-            } else {
-                println!("started {}", info.name);
-            }
-        }
-        VmCommand::Stop { name } => {
-            let info = call::<VmStop>(client, &NameParams { name })?;
-            if json {
-                print_json(&info)?;
-            } else {
-                println!("stopped {}", info.name);
-            }
-        }
-        VmCommand::Kill { name } => {
-            let info = call::<VmKill>(client, &NameParams { name })?;
-            if json {
-                print_json(&info)?;
-            } else {
-                println!("killed {}", info.name);
-            }
-        }
+        VmCommand::Start { name } => emit(
+            json,
+            &call::<VmStart>(client, &NameParams { name })?,
+            |info| println!("started {}", info.name),
+        )?,
+        VmCommand::Stop { name } => emit(
+            json,
+            &call::<VmStop>(client, &NameParams { name })?,
+            |info| println!("stopped {}", info.name),
+        )?,
+        VmCommand::Kill { name } => emit(
+            json,
+            &call::<VmKill>(client, &NameParams { name })?,
+            |info| println!("killed {}", info.name),
+        )?,
         VmCommand::Rm { name } => {
-            let info = call::<VmRm>(client, &NameParams { name })?;
-            if json {
-                print_json(&info)?;
-            } else {
-                println!("removed {}", info.name);
-            }
+            emit(json, &call::<VmRm>(client, &NameParams { name })?, |info| {
+                println!("removed {}", info.name)
+            })?
         }
         VmCommand::List => {
-            let list = call::<VmList>(client, &NoParams {})?;
-            if json {
-                print_json(&list)?;
-            } else {
+            emit(json, &call::<VmList>(client, &NoParams {})?, |list| {
                 let width = list
                     .vms
                     .iter()
@@ -386,9 +245,13 @@ pub fn run_vm(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Re
                         vm.image
                     );
                 }
-            }
+            })?;
         }
-        VmCommand::Show { name } => print_vm(&call::<VmShow>(client, &NameParams { name })?, json)?,
+        VmCommand::Show { name } => emit(
+            json,
+            &call::<VmShow>(client, &NameParams { name })?,
+            print_vm,
+        )?,
         VmCommand::Logs { name, follow } => {
             let params = VmLogsParams { name, follow };
             client.call_with_notifications::<VmLogs>(&params, interactive::forward_output)?;

@@ -1,0 +1,119 @@
+//! `banger kernel …`: import, list, show and remove guest kernels.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use banger_api::{
+    KernelImport, KernelImportParams, KernelInfo, KernelList, KernelRm, KernelShow, NameParams,
+    NoParams,
+};
+use banger_client::rpc::Client;
+use clap::Subcommand;
+
+use crate::output::{call, emit};
+
+#[derive(Debug, Subcommand)]
+pub enum KernelCommand {
+    /// Import a guest kernel: from a Debian linux-image-*.deb (e.g. the -cloud-amd64
+    /// flavour, fetched with `apt-get download`), or from a kernel image (--kernel) with its
+    /// modules (--modules) or with virtio, ext4 and vsock built in.
+    ///
+    /// Give exactly one of --deb and --kernel.
+    Import {
+        /// Name to import under.
+        name: String,
+        /// A Debian linux-image-*.deb: kernel, config and modules in one file.
+        #[arg(long)]
+        deb: Option<std::path::PathBuf>,
+        /// A kernel image: a bzImage (vmlinuz) or an x86-64 ELF vmlinux.
+        #[arg(long)]
+        kernel: Option<std::path::PathBuf>,
+        /// With --kernel: its modules tree, /lib/modules/<release> (the directory holding
+        /// kernel/). banger takes the virtio, ext4 and vsock modules from it. Without it the
+        /// kernel must have them built in (e.g. Firecracker's CI kernels).
+        #[arg(long)]
+        modules: Option<std::path::PathBuf>,
+        /// Boot this initramfs instead of banger's. It gets banger's kernel command line and
+        /// must mount the root disk (/dev/vda, ext4) and switch_root into /.banger/agent as
+        /// PID 1, as banger's does; otherwise VMs of this kernel never start (no agent).
+        #[arg(long)]
+        initrd: Option<std::path::PathBuf>,
+    },
+    /// List kernels, newest first.
+    List,
+    /// Show one kernel.
+    Show {
+        /// Its name.
+        name: String,
+    },
+    /// Delete a kernel no VM uses.
+    Rm {
+        /// Its name.
+        name: String,
+    },
+}
+
+fn print_kernel_line(info: &KernelInfo) {
+    // Only the unusual case is worth a column: a custom initramfs breaks `vm exec` if it
+    // does not start the agent.
+    let custom = if info.initrd == "custom" {
+        "  custom initrd"
+    } else {
+        ""
+    };
+    println!(
+        "{}  {}  {}{custom}",
+        info.name, info.version, info.created_at
+    );
+}
+
+/// Runs one `banger kernel` command.
+pub fn run(client: &mut Client, command: KernelCommand, json: bool) -> anyhow::Result<ExitCode> {
+    match command {
+        KernelCommand::Import {
+            name,
+            deb,
+            kernel,
+            modules,
+            initrd,
+        } => {
+            // The daemon runs elsewhere (its own working directory): paths go absolute.
+            let absolute = |p: Option<std::path::PathBuf>| -> anyhow::Result<Option<String>> {
+                p.map(|p| {
+                    std::path::absolute(&p)
+                        .map(|a| a.display().to_string())
+                        .with_context(|| format!("resolve {}", p.display()))
+                })
+                .transpose()
+            };
+            let params = KernelImportParams {
+                name,
+                deb: absolute(deb)?,
+                kernel: absolute(kernel)?,
+                modules: absolute(modules)?,
+                initrd: absolute(initrd)?,
+            };
+            emit(json, &call::<KernelImport>(client, &params)?, |info| {
+                println!("imported kernel {} ({})", info.name, info.version)
+            })?;
+        }
+        KernelCommand::List => {
+            emit(json, &call::<KernelList>(client, &NoParams {})?, |list| {
+                list.kernels.iter().for_each(print_kernel_line)
+            })?;
+        }
+        KernelCommand::Show { name } => emit(
+            json,
+            &call::<KernelShow>(client, &NameParams { name })?,
+            print_kernel_line,
+        )?,
+        KernelCommand::Rm { name } => {
+            emit(
+                json,
+                &call::<KernelRm>(client, &NameParams { name })?,
+                |info| println!("removed kernel {}", info.name),
+            )?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
