@@ -10,7 +10,7 @@ mod progress;
 
 use std::process::ExitCode;
 
-use banger_client::rpc::{self as client, CallError};
+use banger_client::rpc as client;
 use clap::{CommandFactory, Parser, Subcommand};
 use clap_complete::Shell;
 
@@ -74,29 +74,9 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            report_error(&e, json);
+            output::report_error(&e, json);
             ExitCode::FAILURE
         }
-    }
-}
-
-fn report_error(error: &anyhow::Error, json: bool) {
-    if let Some(CallError::Rpc(rpc)) = error.downcast_ref::<CallError>() {
-        if json {
-            println!("{}", serde_json::json!({ "error": rpc }));
-        }
-        eprintln!(
-            "banger: {} [{}, {}]",
-            rpc.message, rpc.data.kind, rpc.data.op_id
-        );
-    } else {
-        if json {
-            println!(
-                "{}",
-                serde_json::json!({ "error": { "message": format!("{error:#}") } })
-            );
-        }
-        eprintln!("banger: {error:#}");
     }
 }
 

@@ -4,7 +4,7 @@
 use std::io::IsTerminal;
 
 use anyhow::Context;
-use banger_client::rpc::Client;
+use banger_client::rpc::{CallError, Client};
 use serde::Serialize;
 
 use crate::progress;
@@ -47,4 +47,26 @@ pub fn call_showing_progress<M: banger_api::Method>(
     let result = client.call_with_progress::<M>(params, |p| bars.update(&p));
     bars.finish();
     result.map_err(anyhow::Error::from)
+}
+
+/// Prints a failure: on stderr always (with the error kind and op_id the daemon gave), and
+/// as `{"error": …}` on stdout with `--json`.
+pub fn report_error(error: &anyhow::Error, json: bool) {
+    if let Some(CallError::Rpc(rpc)) = error.downcast_ref::<CallError>() {
+        if json {
+            println!("{}", serde_json::json!({ "error": rpc }));
+        }
+        eprintln!(
+            "banger: {} [{}, {}]",
+            rpc.message, rpc.data.kind, rpc.data.op_id
+        );
+    } else {
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({ "error": { "message": format!("{error:#}") } })
+            );
+        }
+        eprintln!("banger: {error:#}");
+    }
 }

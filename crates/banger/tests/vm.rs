@@ -544,7 +544,7 @@ fn vm_exec_stop_start_keeps_files_and_rm_leaves_nothing() {
     assert_eq!(stdout(&out), "kept\n", "{}", stderr(&out));
 
     let out = install.banger(&["vm", "exec", "nope", "--", "true"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(125));
     assert!(
         stderr(&out).contains("no VM named \"nope\" [not_found"),
         "{}",

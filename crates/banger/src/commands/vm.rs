@@ -85,6 +85,10 @@ pub enum VmCommand {
     /// Stdin: a pipe or a file is forwarded to the command (then end-of-file), so
     /// `echo hi | banger vm exec v -- cat` works; a terminal is not, unless -i (forward it
     /// as is) or -t (run on a pty, this terminal in raw mode) is given; -n never forwards.
+    ///
+    /// Exit status: the command's (128+N when a signal N ended it); 125 when banger failed
+    /// (no such VM, the daemon or the agent failed); 126 when the command could not be
+    /// run; 127 when it was not found.
     Exec {
         /// The VM.
         name: String,
@@ -109,7 +113,8 @@ pub enum VmCommand {
     /// Boot a fresh VM, copy PATH to /root/<basename>, run the command there (without one:
     /// an interactive login shell, as `vm shell`), stop the VM and exit with its status.
     ///
-    /// Stdin is forwarded as for `vm exec`.
+    /// Stdin is forwarded as for `vm exec`; the exit status is as for `vm exec` (125:
+    /// banger failed, 126: cannot run, 127: not found).
     Run {
         /// Workspace to copy in (git: tracked and untracked-but-not-ignored files).
         path: Option<std::path::PathBuf>,
@@ -164,9 +169,22 @@ fn tty_params(mode: Mode) -> anyhow::Result<Option<banger_api::TtyParams>> {
     }
 }
 
-fn exit_with(result: &ExecResult, json: bool) -> anyhow::Result<ExitCode> {
+/// The exit status of `banger vm run|exec|shell` when banger itself failed (the daemon,
+/// the VM or the agent), as `docker run` does: never to be confused with the command's.
+pub const EXIT_BANGER_FAILED: u8 = 125;
+
+/// Exits with the guest command's status (128 + N for a signal), or with
+/// [`EXIT_BANGER_FAILED`] after reporting why banger could not get one.
+fn exit_with(result: anyhow::Result<ExecResult>, json: bool) -> anyhow::Result<ExitCode> {
+    let result = match result {
+        Ok(result) => result,
+        Err(e) => {
+            crate::output::report_error(&e, json);
+            return Ok(ExitCode::from(EXIT_BANGER_FAILED));
+        }
+    };
     if json {
-        print_json(result)?;
+        print_json(&result)?;
     }
     let code = match (result.exit_code, result.signal) {
         (Some(code), _) => code,
@@ -270,8 +288,7 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
                 stdin: mode == Mode::Pipe,
                 tty: tty_params(mode)?,
             };
-            let result = interactive::call::<VmExec>(client, &params, mode)?;
-            return exit_with(&result, json);
+            return exit_with(interactive::call::<VmExec>(client, &params, mode), json);
         }
         VmCommand::Shell { name } => {
             let mode = StdinArgs::default().shell_mode(interactive::stdin_is_terminal())?;
@@ -279,8 +296,7 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
                 name,
                 tty: tty_params(mode)?,
             };
-            let result = interactive::call::<VmShell>(client, &params, mode)?;
-            return exit_with(&result, json);
+            return exit_with(interactive::call::<VmShell>(client, &params, mode), json);
         }
         VmCommand::Run {
             path,
@@ -316,8 +332,7 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
                 stdin: mode == Mode::Pipe,
                 tty: tty_params(mode)?,
             };
-            let result = interactive::call::<VmRun>(client, &params, mode)?;
-            return exit_with(&result, json);
+            return exit_with(interactive::call::<VmRun>(client, &params, mode), json);
         }
     }
     Ok(ExitCode::SUCCESS)
