@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod agent_binary;
 pub mod backend;
 pub mod error;
 pub mod firecracker;

@@ -512,3 +512,38 @@ fn start_up_removes_work_dirs_of_interrupted_kernel_imports_only() {
     left.sort();
     assert_eq!(left, ["cloud"]);
 }
+
+#[test]
+fn doctor_refuses_a_dynamically_linked_agent_saying_how_to_build_one() {
+    let install = Install::new();
+    // What a plain `cargo build` leaves: an executable with a dynamic loader.
+    install.write_config("agent_bin = \"/bin/true\"\n");
+    let out = install.banger(&["--json", "doctor"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let agent = result["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "guest agent")
+        .cloned()
+        .unwrap();
+    assert_eq!(agent["status"], "missing", "{agent}");
+    let detail = agent["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with(
+            "the guest agent cannot run in a VM: /bin/true is dynamically linked (interpreter /lib"
+        ),
+        "{detail}"
+    );
+    assert!(
+        agent["fix"]
+            .as_str()
+            .unwrap()
+            .contains("--target x86_64-unknown-linux-musl"),
+        "{agent}"
+    );
+    // vm create checks the same before any disk is copied or VM booted.
+    let out = install.banger(&["vm", "create", "--name", "dyn"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+}

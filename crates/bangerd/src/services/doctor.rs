@@ -78,12 +78,15 @@ pub fn diagnose(kernels: &KernelService, vms: &VmService) -> Vec<DoctorCheck> {
             false,
             "apt-get install git (without it vm run copies every file of PATH)",
         ),
-        check(
-            "guest agent",
-            vms.agent_path().ok().map(|p| p.display().to_string()),
-            true,
-            "cargo build --release -p banger-agent --target x86_64-unknown-linux-musl, then set agent_bin in config.toml",
-        ),
+        match vms.agent_path() {
+            Ok(path) => check("guest agent", Some(path.display().to_string()), true, ""),
+            Err(e) => DoctorCheck {
+                name: "guest agent".into(),
+                status: CheckStatus::Missing,
+                detail: format!("{:#}", e.error),
+                fix: Some(banger_vmm::agent_binary::BUILD_HINT.into()),
+            },
+        },
     ];
     let newest = kernels.list().ok().and_then(|k| k.into_iter().next());
     checks.push(check(

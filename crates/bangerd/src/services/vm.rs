@@ -268,7 +268,8 @@ impl VmService {
         Ok(())
     }
 
-    /// Where the static guest agent is, or why it is not found.
+    /// Where the static guest agent is, or why there is none a VM could run (missing, or
+    /// not a static x86-64 executable).
     pub fn agent_path(&self) -> Result<PathBuf, ServiceError> {
         let candidates = [
             self.config.agent_bin.clone(),
@@ -277,17 +278,23 @@ impl VmService {
                 .ok()
                 .and_then(|exe| exe.parent().map(|d| d.join("banger-agent"))),
         ];
-        candidates
+        let path = candidates
             .into_iter()
             .flatten()
             .find(|p| p.is_file())
             .ok_or_else(|| {
-                ServiceError::not_found(
-                "the guest agent is missing: build it with `cargo build --release -p banger-agent \
-                 --target x86_64-unknown-linux-musl` and set agent_bin in config.toml (or put \
-                 banger-agent next to bangerd)",
-            )
-            })
+                ServiceError::not_found(format!(
+                    "the guest agent is missing: {} (or put banger-agent next to bangerd)",
+                    banger_vmm::agent_binary::BUILD_HINT
+                ))
+            })?;
+        banger_vmm::agent_binary::check_static_agent(&path).map_err(|why| {
+            ServiceError::bad_request(format!(
+                "the guest agent cannot run in a VM: {why}; {}",
+                banger_vmm::agent_binary::BUILD_HINT
+            ))
+        })?;
+        Ok(path)
     }
 
     /// Creates a VM (and starts it unless `no_start`).
