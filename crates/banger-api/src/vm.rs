@@ -220,8 +220,20 @@ fn default_network() -> String {
 }
 
 method! {
-    /// `vm.list`: every VM by name.
-    VmList = "vm.list", NoParams => VmListResult
+    /// `vm.list`: every VM by name, or those matching the filters.
+    VmList = "vm.list", VmListParams => VmListResult
+}
+
+/// Params of `vm.list`: filters, all optional (none: every VM).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmListParams {
+    /// Only VMs in this state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<VmState>,
+    /// Only VMs created from the image of this name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 /// Result of `vm.list`.
@@ -388,6 +400,15 @@ pub struct VmRunParams {
     /// As in `vm.create`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<String>,
+    /// As in `vm.create`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
+    /// As in `vm.create`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u32>,
+    /// As in `vm.create`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes: Option<u64>,
     /// As in `vm.exec`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stdin: bool,
@@ -429,4 +450,90 @@ pub struct DoctorCheck {
     /// How to fix it, when not ok.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fix: Option<String>,
+}
+
+method! {
+    /// `vm.restart`: stop the VM (cleanly, as `vm.stop`) and boot it again.
+    VmRestart = "vm.restart", NameParams => VmInfo
+}
+
+method! {
+    /// `vm.prune`: remove stopped VMs (with `all`, every VM, stopping running ones first).
+    VmPrune = "vm.prune", VmPruneParams => VmPruneResult
+}
+
+/// Params of `vm.prune`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmPruneParams {
+    /// Running VMs too (stopped first).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub all: bool,
+    /// Report what would be removed, remove nothing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
+}
+
+/// Result of `vm.prune`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmPruneResult {
+    /// Nothing was removed.
+    pub dry_run: bool,
+    /// The VMs removed (or that would be), by name.
+    pub removed: Vec<String>,
+    /// Disk space their directories held (allocated bytes).
+    pub bytes_freed: u64,
+    /// Where VM directories live.
+    pub vms_dir: String,
+}
+
+method! {
+    /// `vm.set`: change a stopped VM's CPUs, memory or disk size (the disk only grows);
+    /// the next boot uses them.
+    VmSet = "vm.set", VmSetParams => VmInfo
+}
+
+/// Params of `vm.set`: what to change; absent fields stay as they are.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSetParams {
+    /// The VM.
+    pub name: String,
+    /// CPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
+    /// Memory in MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u32>,
+    /// Root disk size in bytes; at least the current size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes: Option<u64>,
+}
+
+method! {
+    /// `vm.stats`: what a running VM uses, seen from the host (the VMM process, the disk).
+    VmStats = "vm.stats", NameParams => VmStatsResult
+}
+
+/// Result of `vm.stats`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmStatsResult {
+    /// The VM.
+    pub name: String,
+    /// Its state.
+    pub state: VmState,
+    /// The VMM's resident memory (VmRSS), bytes; absent when stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmm_rss_bytes: Option<u64>,
+    /// CPU time the VMM has used (user + system), seconds; absent when stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmm_cpu_seconds: Option<f64>,
+    /// Memory given to the guest, bytes.
+    pub memory_bytes: u64,
+    /// CPUs given to the guest.
+    pub vcpus: u32,
+    /// The root disk's size as the guest sees it, bytes.
+    pub disk_bytes: u64,
+    /// Host bytes the root disk occupies (allocated blocks).
+    pub disk_allocated_bytes: u64,
 }

@@ -1069,3 +1069,182 @@ fn firecracker_demanded_but_missing_fails_start_naming_the_config_key() {
         "a VM that cannot boot was created"
     );
 }
+
+/// The guest's MemTotal, in KiB.
+fn guest_mem_total_kib(install: &Install, vm: &str) -> u64 {
+    let out = install.banger(&["vm", "exec", vm, "--", "cat", "/proc/meminfo"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    stdout(&out)
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no MemTotal in {}", stdout(&out)))
+}
+
+fn vm_names(install: &Install, filter: &[&str]) -> Vec<String> {
+    let mut args = vec!["--json", "vm", "list"];
+    args.extend(filter);
+    let out = install.banger(&args);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    list["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn resources_set_stats_filters_restart_and_prune() {
+    let registry = Registry::start();
+    let Some(install) = ready_install(&registry) else {
+        return;
+    };
+    // vm run takes the resources of vm create.
+    let out = install.banger(&[
+        "vm",
+        "run",
+        "--rm",
+        "--image",
+        "bb",
+        "--memory",
+        "256MiB",
+        "--",
+        "cat",
+        "/proc/meminfo",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let total: u64 = stdout(&out)
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    assert!(
+        (180 * 1024..=256 * 1024).contains(&total),
+        "MemTotal {total} KiB"
+    );
+
+    let out = install.banger(&[
+        "vm", "create", "--name", "r1", "--image", "bb", "--cpus", "1", "--memory", "384MiB",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let nproc = |vm: &str| {
+        let out = install.banger(&[
+            "vm",
+            "exec",
+            vm,
+            "--",
+            "sh",
+            "-c",
+            "grep -c ^processor /proc/cpuinfo",
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        stdout(&out)
+    };
+    assert_eq!(nproc("r1"), "1\n");
+
+    // A running VM keeps its resources.
+    let (message, kind) = refusal(&install.banger(&["vm", "set", "r1", "--cpus", "2"]));
+    assert_eq!(kind, "bad_request");
+    assert_eq!(
+        message,
+        "VM \"r1\" is running: stop it first (banger vm stop r1)"
+    );
+
+    let stats = install.banger(&["--json", "vm", "stats", "r1"]);
+    assert_eq!(stats.status.code(), Some(0), "{}", stderr(&stats));
+    let stats: Value = serde_json::from_slice(&stats.stdout).unwrap();
+    assert_eq!(stats["name"], "r1");
+    assert_eq!(stats["state"], "running");
+    assert_eq!(stats["vcpus"], 1);
+    assert_eq!(stats["memory_bytes"], 384u64 << 20);
+    assert!(
+        stats["vmm_rss_bytes"].as_u64().unwrap() > 1 << 20,
+        "{stats}"
+    );
+    assert!(stats["vmm_cpu_seconds"].as_f64().unwrap() > 0.0, "{stats}");
+    assert!(stats["disk_bytes"].as_u64().unwrap() > 0, "{stats}");
+    assert!(
+        stats["disk_allocated_bytes"].as_u64().unwrap() > 0,
+        "{stats}"
+    );
+
+    assert_eq!(
+        stdout(&install.banger(&["vm", "stop", "r1"])),
+        "stopped r1\n"
+    );
+    let disk = show(&install, "r1")["disk_bytes"].as_u64().unwrap();
+    let (message, _) = refusal(&install.banger(&["vm", "set", "r1", "--disk", "64MiB"]));
+    assert!(message.ends_with("disks only grow"), "{message}");
+    let grown = disk + (64 << 20);
+    let out = install.banger(&[
+        "--json",
+        "vm",
+        "set",
+        "r1",
+        "--cpus",
+        "2",
+        "--memory",
+        "512MiB",
+        "--disk",
+        &grown.to_string(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let set: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (set["vcpus"].as_u64(), set["memory_mib"].as_u64()),
+        (Some(2), Some(512))
+    );
+    assert_eq!(set["disk_bytes"].as_u64(), Some(grown));
+    // Restart boots with the new resources.
+    assert_eq!(
+        stdout(&install.banger(&["vm", "start", "r1"])),
+        "started r1\n"
+    );
+    assert_eq!(nproc("r1"), "2\n");
+    assert!(guest_mem_total_kib(&install, "r1") > 400 * 1024);
+    assert_eq!(
+        stdout(&install.banger(&["vm", "restart", "r1"])),
+        "restarted r1\n"
+    );
+    assert_eq!(nproc("r1"), "2\n");
+
+    let out = install.banger(&[
+        "vm",
+        "create",
+        "--name",
+        "r2",
+        "--image",
+        "bb",
+        "--no-start",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(vm_names(&install, &["--state", "running"]), ["r1"]);
+    assert_eq!(vm_names(&install, &["--state", "stopped"]), ["r2"]);
+    assert_eq!(vm_names(&install, &["--image", "bb"]), ["r1", "r2"]);
+    assert!(vm_names(&install, &["--image", "other"]).is_empty());
+
+    // Prune: stopped VMs only, the exact one-line summary of `image cache prune`.
+    let vms_dir = install.state_dir().join("vms");
+    let dry = stdout(&install.banger(&["vm", "prune", "--dry-run"]));
+    assert!(dry.starts_with("would free "), "{dry}");
+    assert!(
+        dry.ends_with(&format!(" across 1 VM(s) in {}\n", vms_dir.display())),
+        "{dry}"
+    );
+    assert_eq!(vm_names(&install, &[]), ["r1", "r2"]);
+    let pruned = stdout(&install.banger(&["vm", "prune"]));
+    assert!(pruned.starts_with("freed "), "{pruned}");
+    assert!(
+        pruned.ends_with(&format!(" across 1 VM(s) in {}\n", vms_dir.display())),
+        "{pruned}"
+    );
+    assert_eq!(vm_names(&install, &[]), ["r1"]);
+    let json = install.banger(&["--json", "vm", "prune", "--all"]);
+    let json: Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(json["removed"], serde_json::json!(["r1"]));
+    assert!(vm_names(&install, &[]).is_empty());
+    assert_eq!(qemu_processes_for(install.dir.path()), 0);
+}

@@ -9,7 +9,8 @@ use banger_api::{
     DaemonDoctor, DaemonMethods, DaemonPing, DaemonShutdown, DoctorResult, ImageCachePrune,
     ImageImport, ImageList, ImageListResult, ImagePull, ImageRm, ImageShow, KernelImport,
     KernelList, KernelListResult, KernelRm, KernelShow, Method, MethodsResult, VmCreate, VmExec,
-    VmKill, VmList, VmListResult, VmLogs, VmRm, VmRun, VmShell, VmShow, VmStart, VmStop,
+    VmKill, VmList, VmListResult, VmLogs, VmPrune, VmRestart, VmRm, VmRun, VmSet, VmShell, VmShow,
+    VmStart, VmStats, VmStop,
 };
 use futures::future::BoxFuture;
 use serde_json::Value;
@@ -65,7 +66,17 @@ impl Dispatch {
         d.route::<KernelShow, _, _>(|s, _, p| async move { s.kernel.show(&p.name) });
         d.route::<KernelRm, _, _>(|s, _, p| async move { s.kernel.remove(&p.name) });
         d.route::<VmCreate, _, _>(|s, _, p| async move { blocking(move || s.vm.create(p)).await });
-        d.route::<VmList, _, _>(|s, _, _| async move { Ok(VmListResult { vms: s.vm.list()? }) });
+        d.route::<VmList, _, _>(|s, _, p| async move {
+            Ok(VmListResult {
+                vms: s.vm.list_matching(&p)?,
+            })
+        });
+        d.route::<VmRestart, _, _>(|s, _, p| async move {
+            blocking(move || s.vm.restart(&p.name)).await
+        });
+        d.route::<VmPrune, _, _>(|s, _, p| async move { blocking(move || s.vm.prune(&p)).await });
+        d.route::<VmSet, _, _>(|s, _, p| async move { blocking(move || s.vm.set(&p)).await });
+        d.route::<VmStats, _, _>(|s, _, p| async move { s.vm.stats(&p.name) });
         d.route::<VmShow, _, _>(|s, _, p| async move { s.vm.show(&p.name) });
         d.route::<VmStart, _, _>(
             |s, _, p| async move { blocking(move || s.vm.start(&p.name)).await },

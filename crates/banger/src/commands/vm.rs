@@ -4,9 +4,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use banger_api::{
-    ExecResult, NameParams, NoParams, VmCreate, VmCreateParams, VmExec, VmExecParams, VmInfo,
-    VmKill, VmList, VmLogs, VmLogsParams, VmRm, VmRun, VmRunParams, VmShell, VmShellParams, VmShow,
-    VmStart, VmStop,
+    ExecResult, NameParams, VmCreate, VmCreateParams, VmExec, VmExecParams, VmInfo, VmKill, VmList,
+    VmListParams, VmLogs, VmLogsParams, VmPrune, VmPruneParams, VmRestart, VmRm, VmRun,
+    VmRunParams, VmSet, VmSetParams, VmShell, VmShellParams, VmShow, VmStart, VmStats,
+    VmStatsResult, VmStop,
 };
 use clap::Subcommand;
 
@@ -14,6 +15,26 @@ use crate::format;
 use crate::interactive::{self, Mode, StdinArgs};
 use crate::output::{call, emit, print_json};
 use banger_client::rpc::Client;
+
+/// A VM's resources, as `vm create`, `vm run` and `vm set` take them.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Resources {
+    /// CPUs (default 2).
+    #[arg(long, visible_alias = "vcpu")]
+    cpus: Option<u32>,
+    /// Memory, e.g. 512MiB or 2GiB (default 1GiB).
+    #[arg(long, value_parser = format::parse_size)]
+    memory: Option<u64>,
+    /// Root disk size, e.g. 8GiB (only grows the image's).
+    #[arg(long, visible_alias = "disk-size", value_parser = format::parse_size)]
+    disk: Option<u64>,
+}
+
+impl Resources {
+    fn memory_mib(&self) -> Option<u32> {
+        self.memory.map(|bytes| (bytes >> 20) as u32)
+    }
+}
 
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
@@ -28,15 +49,8 @@ pub enum VmCommand {
         /// Kernel name (default: default_kernel, else the newest import).
         #[arg(long)]
         kernel: Option<String>,
-        /// CPUs.
-        #[arg(long)]
-        vcpu: Option<u32>,
-        /// Memory, e.g. 1GiB.
-        #[arg(long, value_parser = format::parse_size)]
-        memory: Option<u64>,
-        /// Root disk size, e.g. 8GiB (only grows the image's).
-        #[arg(long, value_parser = format::parse_size)]
-        disk_size: Option<u64>,
+        #[command(flatten)]
+        resources: Resources,
         /// Create without starting.
         #[arg(long)]
         no_start: bool,
@@ -66,7 +80,43 @@ pub enum VmCommand {
         name: String,
     },
     /// List VMs.
-    List,
+    List {
+        /// Only VMs in this state.
+        #[arg(long, value_parser = ["running", "stopped"])]
+        state: Option<String>,
+        /// Only VMs created from this image.
+        #[arg(long)]
+        image: Option<String>,
+    },
+    /// Stop a VM cleanly and boot it again.
+    Restart {
+        /// The VM.
+        name: String,
+    },
+    /// Remove stopped VMs and their files.
+    Prune {
+        /// Running VMs too (they are stopped first).
+        #[arg(long)]
+        all: bool,
+        /// Say what would be removed, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Change a stopped VM's CPUs, memory or disk size (the disk only grows).
+    Set {
+        /// The VM.
+        name: String,
+        #[command(flatten)]
+        resources: Resources,
+    },
+    /// What a VM uses: the VMM's memory and CPU on the host, its disk.
+    Stats {
+        /// The VM.
+        name: String,
+        /// Print again every second until interrupted.
+        #[arg(long)]
+        watch: bool,
+    },
     /// Show one VM.
     Show {
         /// The VM.
@@ -127,6 +177,8 @@ pub enum VmCommand {
         /// Delete the VM afterwards.
         #[arg(long)]
         rm: bool,
+        #[command(flatten)]
+        resources: Resources,
         /// Networking: user, tap or auto (default: network in config.toml).
         #[arg(long, value_parser = ["user", "tap", "auto"])]
         network: Option<String>,
@@ -201,9 +253,7 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
             name,
             image,
             kernel,
-            vcpu,
-            memory,
-            disk_size,
+            resources,
             no_start,
             network,
         } => {
@@ -211,9 +261,9 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
                 name,
                 image,
                 kernel,
-                vcpus: vcpu,
-                memory_mib: memory.map(|bytes| (bytes >> 20) as u32),
-                disk_bytes: disk_size,
+                vcpus: resources.cpus,
+                memory_mib: resources.memory_mib(),
+                disk_bytes: resources.disk,
                 no_start,
                 network,
             };
@@ -241,8 +291,12 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
                 println!("removed {}", info.name)
             })?
         }
-        VmCommand::List => {
-            emit(json, &call::<VmList>(client, &NoParams {})?, |list| {
+        VmCommand::List { state, image } => {
+            let params = VmListParams {
+                state: state.map(|s| s.parse()).transpose()?,
+                image,
+            };
+            emit(json, &call::<VmList>(client, &params)?, |list| {
                 let width = list
                     .vms
                     .iter()
@@ -265,6 +319,40 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
                 }
             })?;
         }
+        VmCommand::Restart { name } => emit(
+            json,
+            &call::<VmRestart>(client, &NameParams { name })?,
+            |info| println!("restarted {}", info.name),
+        )?,
+        VmCommand::Prune { all, dry_run } => {
+            let result = call::<VmPrune>(client, &VmPruneParams { all, dry_run })?;
+            emit(json, &result, |r| {
+                println!(
+                    "{} {} across {} VM(s) in {}",
+                    if r.dry_run { "would free" } else { "freed" },
+                    format::format_bytes(r.bytes_freed),
+                    r.removed.len(),
+                    r.vms_dir
+                )
+            })?;
+        }
+        VmCommand::Set { name, resources } => {
+            let params = VmSetParams {
+                name,
+                vcpus: resources.cpus,
+                memory_mib: resources.memory_mib(),
+                disk_bytes: resources.disk,
+            };
+            emit(json, &call::<VmSet>(client, &params)?, print_vm)?;
+        }
+        VmCommand::Stats { name, watch } => loop {
+            let stats = call::<VmStats>(client, &NameParams { name: name.clone() })?;
+            emit(json, &stats, print_stats)?;
+            if !watch {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        },
         VmCommand::Show { name } => emit(
             json,
             &call::<VmShow>(client, &NameParams { name })?,
@@ -303,6 +391,7 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
             image,
             name,
             rm,
+            resources,
             network,
             stdin,
             command,
@@ -329,6 +418,9 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
                 argv: command,
                 rm,
                 network,
+                vcpus: resources.cpus,
+                memory_mib: resources.memory_mib(),
+                disk_bytes: resources.disk,
                 stdin: mode == Mode::Pipe,
                 tty: tty_params(mode)?,
             };
@@ -341,4 +433,22 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
 /// The backend column: `-` for a VM that never booted.
 fn backend_name(backend: Option<banger_api::VmBackend>) -> &'static str {
     backend.map_or("-", banger_api::VmBackend::as_str)
+}
+
+fn print_stats(stats: &VmStatsResult) {
+    let rss = stats
+        .vmm_rss_bytes
+        .map_or_else(|| "-".into(), format::format_bytes);
+    let cpu = stats
+        .vmm_cpu_seconds
+        .map_or_else(|| "-".into(), |s| format!("{s:.2}s"));
+    println!(
+        "{}  {}  vmm rss {rss}  vmm cpu {cpu}  memory {}  cpus {}  disk {} ({} on host)",
+        stats.name,
+        stats.state,
+        format::format_bytes(stats.memory_bytes),
+        stats.vcpus,
+        format::format_bytes(stats.disk_bytes),
+        format::format_bytes(stats.disk_allocated_bytes)
+    );
 }

@@ -6,6 +6,10 @@
 //! `firecracker`), which says how its agent is reached after a daemon restart, and its
 //! network (`user`, or `tap` with its address and TAP device; see [`super::network`]).
 
+mod lifecycle;
+
+pub use lifecycle::{MAX_VCPUS, MIN_MEMORY_MIB};
+
 use std::collections::HashSet;
 use std::io::Write;
 use std::net::Ipv4Addr;
@@ -37,6 +41,9 @@ use crate::ServiceError;
 
 /// How long a booting guest has to answer on its agent port. TCG on a busy 2-core host
 /// boots in about 5 s; the margin is for CI neighbours.
+/// The VM's root disk in its directory.
+const ROOT_DISK: &str = "root.ext4";
+
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a clean shutdown may take before the VMM is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -304,6 +311,7 @@ impl VmService {
             None => format!("vm-{}", hex::encode(rand::random::<[u8; 3]>())),
         };
         validate_name("VM", &name)?;
+        lifecycle::validate_resources(params.vcpus, params.memory_mib)?;
         if self.show(&name).is_ok() {
             return Err(ServiceError::already_exists(format!(
                 "a VM named {name:?} already exists"
@@ -345,7 +353,7 @@ impl VmService {
         let guest_ip = reserved.as_ref().map(|r| r.ip.to_string());
         let tap = reserved.as_ref().map(|_| network::tap_name(&id));
         let dir = self.dir(&id);
-        let disk = dir.join("root.ext4");
+        let disk = dir.join(ROOT_DISK);
         let prepared = (|| -> anyhow::Result<u64> {
             std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
             copy_disk(Path::new(&image.rootfs), &disk)?;
@@ -583,7 +591,7 @@ impl VmService {
             kernel: boot.kernel,
             initrd: Some(boot.initrd),
             cmdline,
-            root_disk: Some(dir.join("root.ext4")),
+            root_disk: Some(dir.join(ROOT_DISK)),
             memory_mib: vm.memory_mib,
             vcpus: vm.vcpus,
             net: Some(net),
@@ -852,6 +860,9 @@ impl VmService {
             name: params.name.clone(),
             image: Some(image.name),
             network: params.network.clone(),
+            vcpus: params.vcpus,
+            memory_mib: params.memory_mib,
+            disk_bytes: params.disk_bytes,
             ..Default::default()
         };
         let vm = tokio::task::block_in_place(|| self.create(create))?;
