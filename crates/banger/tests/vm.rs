@@ -1069,3 +1069,155 @@ fn firecracker_demanded_but_missing_fails_start_naming_the_config_key() {
         "a VM that cannot boot was created"
     );
 }
+
+/// bangerd's resident set in bytes (`VmRSS` of /proc/PID/status).
+fn vm_rss(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"));
+    kib * 1024
+}
+
+/// Whether the guest process whose pid the guest wrote to `pidfile` still runs, asked
+/// with an exec of its own. `None` when that exec failed (the VM does not answer).
+fn guest_process_alive(install: &Install, vm: &str, pidfile: &str) -> Option<bool> {
+    let script = format!("test -d /proc/$(cat {pidfile})");
+    let out = install.banger(&["vm", "exec", vm, "--", "sh", "-c", &script]);
+    match out.status.code() {
+        Some(0) => Some(true),
+        Some(1) if out.stderr.is_empty() => Some(false),
+        _ => {
+            eprintln!("exec for {pidfile}: {}", stderr(&out));
+            None
+        }
+    }
+}
+
+/// Waits (up to `timeout`) until the guest wrote `pidfile`; false if it never answered.
+fn guest_wrote(install: &Install, vm: &str, pidfile: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if guest_process_alive(install, vm, pidfile) == Some(true) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
+
+/// Whether the guest process of `pidfile` is gone within `limit` (the acceptance bound of
+/// issue 9) after its caller hung up.
+fn guest_gone_within(install: &Install, vm: &str, pidfile: &str, limit: Duration) -> bool {
+    let hung_up = Instant::now();
+    loop {
+        if guest_process_alive(install, vm, pidfile) == Some(false) {
+            return true;
+        }
+        if hung_up.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Issue 9 item 4, at the CLI: a guest cannot exhaust the daemon. Three checks on one VM
+/// (booting one is the slow part), each recorded on its own so a regression names which:
+/// a second call answers while a first runs; a caller that hangs up ends its command
+/// (one ignoring SIGHUP too, through the SIGKILL after the grace) within 5 s; and a
+/// flooding command whose caller never reads grows bangerd by less than 64 MiB in 60 s.
+#[test]
+fn vm_exec_paces_a_flood_to_its_caller_ends_what_a_hung_up_caller_ran_and_runs_calls_at_once() {
+    /// The acceptance bounds of issue 9.
+    const RSS_GROWTH_LIMIT: u64 = 64 << 20;
+    const FLOOD_FOR: Duration = Duration::from_secs(60);
+    const GONE_WITHIN: Duration = Duration::from_secs(5);
+    let registry = Registry::start();
+    let Some(install) = ready_install(&registry) else {
+        return;
+    };
+    let out = install.banger(&["vm", "create", "--name", "flood", "--image", "bb"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let daemon = install.daemon_pid().expect("bangerd runs");
+    let mut failures: Vec<String> = Vec::new();
+
+    // A long command; it ignores SIGHUP, so only the SIGKILL after the grace ends it.
+    let mut slow = install
+        .banger_command(&[
+            "vm",
+            "exec",
+            "flood",
+            "--",
+            "sh",
+            "-c",
+            "trap '' HUP; echo $$ > /tmp/slow.pid; exec sleep 600",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    if !guest_wrote(&install, "flood", "/tmp/slow.pid", Duration::from_secs(90)) {
+        failures.push("a second vm exec got no answer while a first one ran".into());
+    } else if slow.try_wait().unwrap().is_some() {
+        failures.push("the first vm exec ended before the second answered".into());
+    } else {
+        // The caller hangs up: killed, its connection closes.
+        slow.kill().unwrap();
+        slow.wait().unwrap();
+        if !guest_gone_within(&install, "flood", "/tmp/slow.pid", GONE_WITHIN) {
+            failures.push(format!(
+                "the command of a caller that hung up still ran {GONE_WITHIN:?} later"
+            ));
+        }
+    }
+    let _ = slow.kill();
+    let _ = slow.wait();
+
+    // A flood whose caller never reads a byte.
+    let before = vm_rss(daemon);
+    let mut conn = install.connect();
+    let request = serde_json::json!({
+        "jsonrpc": "2.0", "id": 1, "method": "vm.exec",
+        "params": {"name": "flood", "argv": ["sh", "-c", "echo $$ > /tmp/flood.pid; exec cat /dev/zero"]},
+    });
+    conn.send_raw(format!("{request}\n").as_bytes());
+    let started = Instant::now();
+    let mut peak = before;
+    while started.elapsed() < FLOOD_FOR {
+        std::thread::sleep(Duration::from_millis(500));
+        peak = peak.max(vm_rss(daemon));
+    }
+    let growth = peak.saturating_sub(before);
+    eprintln!(
+        "bangerd RSS {} MiB before the flood, peak {} MiB over {FLOOD_FOR:?}",
+        before >> 20,
+        peak >> 20
+    );
+    if growth >= RSS_GROWTH_LIMIT {
+        failures.push(format!(
+            "bangerd grew by {} MiB in {FLOOD_FOR:?} of a flood nobody read",
+            growth >> 20
+        ));
+    }
+    // Paced, not finished or dropped: the command is still there, waiting for its reader.
+    match guest_process_alive(&install, "flood", "/tmp/flood.pid") {
+        Some(true) => {
+            drop(conn);
+            if !guest_gone_within(&install, "flood", "/tmp/flood.pid", GONE_WITHIN) {
+                failures.push(format!(
+                    "the flood of a caller that hung up still ran {GONE_WITHIN:?} later"
+                ));
+            }
+        }
+        other => failures.push(format!(
+            "during the flood, asking the guest about it gave {other:?} (want Some(true))"
+        )),
+    }
+
+    let out = install.banger(&["vm", "rm", "flood"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(failures.is_empty(), "{failures:#?}");
+}

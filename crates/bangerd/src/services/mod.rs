@@ -59,6 +59,8 @@ pub struct CallContext {
     /// Identifies the call in replies and in the daemon log.
     pub op_id: String,
     progress: Option<mpsc::UnboundedSender<String>>,
+    /// The bounded queue of a command's output to the caller (see [`CallContext::output`]).
+    output: Option<mpsc::Sender<String>>,
     /// Taken by the one part of the call that consumes input (see [`CallContext::take_input`]).
     input: Arc<Mutex<Option<InputReceiver>>>,
 }
@@ -69,8 +71,17 @@ impl CallContext {
         CallContext {
             op_id,
             progress: sink,
+            output: None,
             input: Arc::default(),
         }
+    }
+
+    /// Sends the call's bulk output (`output` notifications) through `sink`, a bounded
+    /// queue to the connection's writer: a caller that does not read then holds the call
+    /// up instead of filling the daemon's memory.
+    pub fn with_output(mut self, sink: mpsc::Sender<String>) -> Self {
+        self.output = Some(sink);
+        self
     }
 
     /// A context for calls made without a connection (tests, start-up work).
@@ -95,6 +106,29 @@ impl CallContext {
             "progress",
             serde_json::to_value(progress).expect("progress serialises"),
         );
+    }
+
+    /// Sends the notification `method` with `params` through the bounded output queue,
+    /// waiting while it is full (the caller is not reading). Fails once the caller is
+    /// gone. Without an output queue it is [`CallContext::notify`]. Must be called from a
+    /// blocking thread (`spawn_blocking`, `block_in_place`), never from async code.
+    pub fn output(&self, method: &str, params: serde_json::Value) -> std::io::Result<()> {
+        let Some(sink) = &self.output else {
+            self.notify(method, params);
+            return Ok(());
+        };
+        let note = Notification {
+            jsonrpc: "2.0".into(),
+            method: method.into(),
+            params,
+        };
+        let line = serde_json::to_string(&note).expect("notification serialises");
+        sink.blocking_send(line).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "the caller hung up (its connection closed)",
+            )
+        })
     }
 
     /// Sends the notification `method` with `params` to the caller, if it still listens.
