@@ -1331,6 +1331,115 @@ mod tests {
         );
     }
 
+    /// A stand-in agent of protocol `version`: answers pings; answers each exec with
+    /// `frames` stdout frames of `chunk` bytes (ignoring any window) and an exit; records
+    /// everything else it reads until the connection ends.
+    fn scripted_agent(
+        stream: UnixStream,
+        version: u32,
+        frames: usize,
+        chunk: usize,
+    ) -> std::thread::JoinHandle<Vec<Message>> {
+        std::thread::spawn(move || {
+            let mut reader = io::BufReader::new(stream.try_clone().unwrap());
+            let mut writer = stream;
+            let mut seen = Vec::new();
+            while let Ok(Some(frame)) = proto::read_frame(&mut reader) {
+                let id = frame.session;
+                match frame.msg {
+                    Message::Ping => {
+                        let pong = Frame::new(id, Message::Pong { version });
+                        proto::write_frame(&mut writer, &pong).unwrap();
+                    }
+                    Message::Exec(_) => {
+                        seen.push(Message::Exec(ExecRequest::default()));
+                        let data = Message::Stdout(vec![b'z'; chunk]);
+                        for _ in 0..frames {
+                            if proto::write_frame(&mut writer, &Frame::new(id, data.clone()))
+                                .is_err()
+                            {
+                                return seen;
+                            }
+                        }
+                        let exit = Frame::new(id, Message::Exit(ExitStatus::Code(0)));
+                        let _ = proto::write_frame(&mut writer, &exit);
+                    }
+                    other => seen.push(other),
+                }
+            }
+            seen
+        })
+    }
+
+    #[test]
+    fn a_version_2_agent_gets_no_hello_and_no_window_and_all_of_its_output() {
+        let (a, b) = UnixStream::pair().unwrap();
+        // More than a window's worth: an old agent knows nothing of windows.
+        let agent = scripted_agent(b, 2, 40, CHUNK_SIZE);
+        let client = AgentClient::from_halves(
+            Box::new(a.try_clone().unwrap()),
+            Box::new(a.try_clone().unwrap()),
+        );
+        client.ping(Duration::from_secs(5)).unwrap();
+        let out = client.output(&ExecRequest::new(["flood"])).unwrap();
+        assert_eq!(out.stdout.len(), 40 * CHUNK_SIZE);
+        a.shutdown(std::net::Shutdown::Both).unwrap();
+        drop(client);
+        let seen = agent.join().unwrap();
+        assert_eq!(seen, [Message::Exec(ExecRequest::default())]);
+    }
+
+    #[test]
+    fn an_agent_that_ignores_the_window_has_its_session_ended_and_killed() {
+        /// Writes slowly, as a caller that barely reads.
+        struct Slow(usize);
+        impl Write for Slow {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                std::thread::sleep(Duration::from_millis(5));
+                self.0 += buf.len();
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let (a, b) = UnixStream::pair().unwrap();
+        // 64 MiB in 32 KiB frames, the window be damned.
+        let agent = scripted_agent(b, PROTOCOL_VERSION, 2048, CHUNK_SIZE);
+        let client = AgentClient::from_halves(
+            Box::new(a.try_clone().unwrap()),
+            Box::new(a.try_clone().unwrap()),
+        );
+        client.ping(Duration::from_secs(5)).unwrap();
+        let mut out = Slow(0);
+        let err = client
+            .exec(&ExecRequest::new(["flood"]), None, &mut out, &mut Vec::new())
+            .unwrap_err();
+        assert!(
+            matches!(&err, AgentError::Protocol { message, .. } if message.contains("window")),
+            "{err}"
+        );
+        // What was queued before the overrun is still delivered; nothing after it.
+        assert!(
+            out.0 < 2 * QUEUE_LIMIT,
+            "{} bytes were taken: the session went on after the overrun",
+            out.0
+        );
+        a.shutdown(std::net::Shutdown::Both).unwrap();
+        drop(client);
+        let seen = agent.join().unwrap();
+        assert_eq!(
+            seen[0],
+            Message::Hello {
+                version: PROTOCOL_VERSION
+            }
+        );
+        assert!(
+            seen.contains(&Message::Signal(rustix::process::Signal::Kill as i32)),
+            "{seen:?}"
+        );
+    }
+
     #[test]
     fn a_closed_connection_fails_pending_and_new_sessions() {
         let (a, b) = UnixStream::pair().unwrap();
