@@ -1413,7 +1413,12 @@ mod tests {
         client.ping(Duration::from_secs(5)).unwrap();
         let mut out = Slow(0);
         let err = client
-            .exec(&ExecRequest::new(["flood"]), None, &mut out, &mut Vec::new())
+            .exec(
+                &ExecRequest::new(["flood"]),
+                None,
+                &mut out,
+                &mut Vec::new(),
+            )
             .unwrap_err();
         assert!(
             matches!(&err, AgentError::Protocol { message, .. } if message.contains("window")),

@@ -463,7 +463,8 @@ impl Write for Stalled {
 
 /// What the process `pid` has written so far (`wchar` of /proc/PID/io).
 fn written_by(pid: &str) -> u64 {
-    let io = fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+    let io = fs::read_to_string(format!("/proc/{pid}/io"))
+        .unwrap_or_else(|e| panic!("the flood (pid {pid}) is gone, so it was not paced: {e}"));
     io.lines()
         .find_map(|l| l.strip_prefix("wchar: "))
         .and_then(|v| v.trim().parse().ok())
@@ -473,7 +474,11 @@ fn written_by(pid: &str) -> u64 {
 fn wait_for_pid(pidfile: &Path) -> String {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !pidfile.exists() {
-        assert!(Instant::now() < deadline, "{} never written", pidfile.display());
+        assert!(
+            Instant::now() < deadline,
+            "{} never written",
+            pidfile.display()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     fs::read_to_string(pidfile).unwrap().trim().to_owned()
@@ -489,6 +494,69 @@ fn gone_within(pid: &str, limit: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(10));
     }
     true
+}
+
+/// Issue 9 through whatever transport `client` uses, asking the guest itself: a flood
+/// whose reader stalls stops writing, the agent answers other sessions meanwhile, and a
+/// reader that fails ends the flood within 5 s.
+fn check_a_stalled_flood_is_paced_and_ends_with_its_reader(client: &AgentClient, pidfile: &Path) {
+    /// As in the host test below: window, chunk and pipe, with room to spare.
+    const PACED_LIMIT: u64 = 4 << 20;
+    let guest = |script: &str| -> Option<String> {
+        let out = client.output(&sh(script)).ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    let script = format!(
+        "echo $$ > {0}.tmp && mv {0}.tmp {0}; exec head -c 268435456 /dev/zero",
+        pidfile.display()
+    );
+    let (wrote_tx, wrote) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        let release = release;
+        let flood = s.spawn(|| {
+            let mut out = Stalled {
+                wrote: wrote_tx,
+                release: release_rx,
+                state: None,
+            };
+            client.exec(&sh(&script), None, &mut out, &mut Vec::new())
+        });
+        wrote.recv_timeout(Duration::from_secs(60)).unwrap();
+        // Answered while the flood runs.
+        let pid = guest(&format!("cat {}", pidfile.display())).expect("the guest answers");
+        let written = |when: &str| -> u64 {
+            let io = guest(&format!("cat /proc/{pid}/io")).unwrap_or_else(|| {
+                panic!("{when}: the flood (pid {pid}) is gone: it was not paced")
+            });
+            io.lines()
+                .find_map(|l| l.strip_prefix("wchar: "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no wchar in /proc/{pid}/io: {io}"))
+        };
+        std::thread::sleep(Duration::from_secs(1));
+        let early = written("early");
+        std::thread::sleep(Duration::from_secs(1));
+        let late = written("late");
+        assert!(
+            late < PACED_LIMIT,
+            "the flood wrote {late} bytes for a reader that took one chunk"
+        );
+        assert_eq!(early, late, "the flood went on while nobody read");
+        release.send(false).unwrap();
+        let err = flood.join().unwrap().unwrap_err();
+        assert!(matches!(err, AgentError::Local { .. }), "{err}");
+        let hung_up = Instant::now();
+        while guest(&format!("test -d /proc/{pid}")).is_some() {
+            assert!(
+                hung_up.elapsed() < Duration::from_secs(5),
+                "the flood outlived its caller by 5 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
 }
 
 /// Issue 9: a command's output is read only as fast as its caller takes it. The flood
@@ -513,6 +581,9 @@ fn host_agent_paces_a_flood_to_its_reader_and_serves_other_sessions_meanwhile() 
     let (wrote_tx, wrote) = std::sync::mpsc::channel();
     let (release, release_rx) = std::sync::mpsc::channel();
     std::thread::scope(|s| {
+        // Owned here, so a failing assertion drops it and the stalled writer fails: the
+        // scope then ends instead of waiting for ever.
+        let release = release;
         let flood = s.spawn(|| {
             let mut out = Stalled {
                 wrote: wrote_tx,
@@ -524,8 +595,11 @@ fn host_agent_paces_a_flood_to_its_reader_and_serves_other_sessions_meanwhile() 
         wrote.recv_timeout(Duration::from_secs(60)).unwrap();
         let pid = wait_for_pid(&pidfile);
         let quick = client.output(&sh("echo quick")).unwrap();
-        assert_eq!(quick.stdout, b"quick
-");
+        assert_eq!(
+            quick.stdout,
+            b"quick
+"
+        );
         client.ping(Duration::from_secs(10)).unwrap();
         std::thread::sleep(Duration::from_secs(1));
         let early = written_by(&pid);
@@ -577,10 +651,11 @@ fn host_agent_hang_up_sends_sighup_then_kills_what_ignores_it() {
         let control = control_rx.recv().unwrap();
         let pid = wait_for_pid(&pidfile);
         control.hang_up();
-        assert!(
-            gone_within(&pid, Duration::from_secs(5)),
-            "a command ignoring SIGHUP outlived the hang-up"
-        );
+        let gone = gone_within(&pid, Duration::from_secs(5));
+        if !gone {
+            let _ = control.signal(9); // or the scope waits for it for ever
+        }
+        assert!(gone, "a command ignoring SIGHUP outlived the hang-up");
         let status = running.join().unwrap().unwrap();
         assert_eq!(status, ExitStatus::Signal(9));
     });
@@ -916,6 +991,7 @@ fn tcg_vm_agent_runs_commands_uploads_and_powers_off() {
     check_stdin_round_trip(&client);
     check_upload_then_read(&client, Path::new("/work"));
     check_errors_are_reported(&client, Path::new("/tmp/refused"));
+    check_a_stalled_flood_is_paced_and_ends_with_its_reader(&client, Path::new("/tmp/flood.pid"));
 
     let out = client
         .output(&sh("hostname; test $$ != 1 && cat /proc/1/comm; ls -d /dev/null /dev/pts /proc/self /run /tmp"))

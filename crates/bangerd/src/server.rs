@@ -209,6 +209,30 @@ struct LineReader<R> {
     too_long: bool,
 }
 
+impl<R: AsyncBufRead + Unpin + PeerGone> LineReader<R> {
+    /// Whether the peer closed the connection both ways (see [`PeerGone`]).
+    fn peer_gone(&self) -> bool {
+        self.reader.peer_gone()
+    }
+}
+
+/// Tells a client that closed its connection from one that only shut down its sending
+/// half (and still reads the replies).
+trait PeerGone {
+    fn peer_gone(&self) -> bool;
+}
+
+impl PeerGone for BufReader<tokio::net::unix::OwnedReadHalf> {
+    fn peer_gone(&self) -> bool {
+        use rustix::event::{poll, PollFd, PollFlags};
+        let stream: &UnixStream = self.get_ref().as_ref();
+        let mut fds = [PollFd::new(stream, PollFlags::empty())];
+        // A Unix stream socket polls POLLHUP once the peer has shut down both ways (it
+        // closed); a peer that only shut down writing gives POLLRDHUP alone.
+        matches!(poll(&mut fds, 0), Ok(n) if n > 0) && fds[0].revents().contains(PollFlags::HUP)
+    }
+}
+
 impl<R: AsyncBufRead + Unpin> LineReader<R> {
     fn new(reader: R, max: usize) -> Self {
         LineReader {
@@ -440,7 +464,10 @@ impl Connection {
                 ),
                 Ok(Line::Complete(bytes)) if bytes.iter().all(u8::is_ascii_whitespace) => continue,
                 Ok(Line::Complete(bytes)) => {
-                    match self.handle(&bytes, tx, out_tx, &mut lines, &mut queued).await {
+                    match self
+                        .handle(&bytes, tx, out_tx, &mut lines, &mut queued)
+                        .await
+                    {
                         Some(response) => response,
                         None => continue,
                     }
@@ -454,7 +481,7 @@ impl Connection {
 
     /// Answers one line: `None` for a client notification, which gets no reply (outside a
     /// call it is the tail of one that ended).
-    async fn handle<R: AsyncBufRead + Unpin>(
+    async fn handle<R: AsyncBufRead + Unpin + PeerGone>(
         &self,
         bytes: &[u8],
         tx: &mpsc::UnboundedSender<String>,
@@ -478,7 +505,7 @@ impl Connection {
         Some(self.handle_request(value, tx, out_tx, lines, queued).await)
     }
 
-    async fn handle_request<R: AsyncBufRead + Unpin>(
+    async fn handle_request<R: AsyncBufRead + Unpin + PeerGone>(
         &self,
         value: Value,
         tx: &mpsc::UnboundedSender<String>,
@@ -510,6 +537,7 @@ impl Connection {
         let ctx = CallContext::new(op_id.clone(), Some(tx.clone()))
             .with_output(out_tx.clone())
             .with_input(input_rx);
+        let hung_up = ctx.hung_up_flag();
         let started = std::time::Instant::now();
         // A task of its own, so reading this connection goes on while it runs (and a
         // call that blocks its thread cannot stall the reading).
@@ -541,9 +569,13 @@ impl Connection {
                             ClientInput::NotInput => queued.push_back(Ok(Line::Complete(bytes))),
                         },
                         Ok(Line::TooLong) => queued.push_back(Ok(Line::TooLong)),
-                        // The caller hung up: the call's input closes; the end is served
-                        // (the connection closed) once the call is over.
+                        // End-of-file: the call's input closes; the end is served (the
+                        // connection closed) once the call is over. A caller that closed
+                        // both ways (not just its sending half) hung up: say so first.
                         end => {
+                            if !matches!(end, Ok(Line::Eof)) || lines.peer_gone() {
+                                hung_up.store(true, std::sync::atomic::Ordering::SeqCst);
+                            }
                             input = None;
                             queued.push_back(end);
                         }

@@ -8,6 +8,7 @@ pub mod kernel;
 pub mod network;
 pub mod vm;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use banger_api::{Notification, Progress};
@@ -63,6 +64,8 @@ pub struct CallContext {
     output: Option<mpsc::Sender<String>>,
     /// Taken by the one part of the call that consumes input (see [`CallContext::take_input`]).
     input: Arc<Mutex<Option<InputReceiver>>>,
+    /// Set (before the input closes) when the caller closed its connection both ways.
+    hung_up: Arc<AtomicBool>,
 }
 
 impl CallContext {
@@ -73,6 +76,7 @@ impl CallContext {
             progress: sink,
             output: None,
             input: Arc::default(),
+            hung_up: Arc::default(),
         }
     }
 
@@ -93,6 +97,18 @@ impl CallContext {
     pub fn with_input(self, input: InputReceiver) -> Self {
         *self.input.lock().unwrap_or_else(|e| e.into_inner()) = Some(input);
         self
+    }
+
+    /// The flag that says the caller hung up: set before its input closes, so whoever
+    /// sees the input end can tell a hang-up from a half-close (the caller only stopped
+    /// sending, and still reads).
+    pub fn hung_up_flag(&self) -> Arc<AtomicBool> {
+        self.hung_up.clone()
+    }
+
+    /// Whether the caller hung up (see [`CallContext::hung_up_flag`]).
+    pub fn caller_hung_up(&self) -> bool {
+        self.hung_up.load(Ordering::SeqCst)
     }
 
     /// The caller's input, once: `None` for a detached call or when already taken.

@@ -860,12 +860,14 @@ impl VmService {
         };
         // Taken even when stdin is not forwarded: signals (and the hang-up) come that way.
         let input = ctx.take_input();
+        let on_pty = request.tty.is_some();
+        let hung_up = ctx.hung_up_flag();
         let start = |control: ExecControl| -> std::io::Result<()> {
             match input {
                 Some(input) => {
                     std::thread::Builder::new()
                         .name("vm-exec-input".into())
-                        .spawn(move || forward_input(input, &control))?;
+                        .spawn(move || forward_input(input, &control, on_pty, &hung_up))?;
                 }
                 // Nobody can send input (a call without a connection): end it at once
                 // rather than leave the command waiting.
@@ -1039,8 +1041,15 @@ impl VmService {
 /// Passes the caller's input (and signals) on to the command until the caller stops sending
 /// it. When the caller hangs up (its connection closed) the command is hung up on, on a
 /// pty or not: SIGHUP to its process group, SIGKILL after
-/// [`banger_vmm::agent::HANGUP_GRACE`] (nobody is left to see its output or stop it).
-fn forward_input(mut input: InputReceiver, control: &ExecControl) {
+/// [`banger_vmm::agent::HANGUP_GRACE`] (nobody is left to see its output or stop it). A
+/// caller that only shut down its sending half still reads: a command on a pipe then sees
+/// its stdin end, one on a pty gets SIGHUP (its terminal went away), as before.
+fn forward_input(
+    mut input: InputReceiver,
+    control: &ExecControl,
+    on_pty: bool,
+    hung_up: &std::sync::atomic::AtomicBool,
+) {
     while let Some(event) = input.blocking_recv() {
         let sent = match event {
             InputEvent::Data(data) => control.stdin(&data),
@@ -1052,8 +1061,15 @@ fn forward_input(mut input: InputReceiver, control: &ExecControl) {
             return;
         }
     }
-    if !control.finished() {
+    if control.finished() {
+        return;
+    }
+    if hung_up.load(std::sync::atomic::Ordering::SeqCst) {
         control.hang_up();
+    } else if on_pty {
+        let _ = control.signal(rustix::process::Signal::Hup as i32);
+    } else {
+        let _ = control.close_stdin();
     }
 }
 
