@@ -86,8 +86,11 @@ pub struct VmService {
 struct AgentPool {
     /// By VM id; a slot's lock is held while connecting, so one VM's calls never dial
     /// twice at once and other VMs are not held up.
-    slots: Mutex<HashMap<String, Arc<Mutex<Option<Arc<AgentClient>>>>>>,
+    slots: Mutex<HashMap<String, AgentSlot>>,
 }
+
+/// One VM's connection, if made; locked while it is being made.
+type AgentSlot = Arc<Mutex<Option<Arc<AgentClient>>>>;
 
 impl std::fmt::Debug for AgentPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -97,7 +100,7 @@ impl std::fmt::Debug for AgentPool {
 }
 
 impl AgentPool {
-    fn slot(&self, id: &str) -> Arc<Mutex<Option<Arc<AgentClient>>>> {
+    fn slot(&self, id: &str) -> AgentSlot {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         slots.entry(id.to_owned()).or_default().clone()
     }
@@ -731,9 +734,9 @@ impl VmService {
             )));
         }
         Ok(self.agents.get_or_connect(&vm.id, || {
-            Ok(agent_channel(vm)?
+            agent_channel(vm)?
                 .connect(Duration::from_secs(10))
-                .with_context(|| format!("connect to the agent of VM {:?}", vm.name))?)
+                .with_context(|| format!("connect to the agent of VM {:?}", vm.name))
         })?)
     }
 
