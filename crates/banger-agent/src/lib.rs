@@ -3,6 +3,8 @@
 //! under QEMU, a vsock connection under Firecracker) the host runs commands with
 //! their stdout and stderr streamed apart, stdin forwarded and the exit status returned
 //! (or on a pty, for interactive shells), uploads directories as tar streams, and powers the guest off.
+//! Sessions are multiplexed over the stream, each with its own flow-control window from
+//! protocol version 3 on (see [`proto`]), so one stalled session never stalls the others.
 //!
 //! The agent can be the guest's PID 1 ([`system`]: mounts, hostname, zombie reaping,
 //! power-off; [`net`]: static IPv4 from the kernel command line) or an ordinary process

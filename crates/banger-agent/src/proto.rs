@@ -24,6 +24,27 @@
 //! - **ping**: [`Message::Ping`] → [`Message::Pong`] (carrying [`PROTOCOL_VERSION`]).
 //! - **shutdown**: [`Message::Shutdown`] → [`Message::Ack`], then the guest powers off.
 //!
+//! ## Flow control (version 3)
+//!
+//! Sessions share one stream, so neither side may ever block reading it on behalf of one
+//! session (a command that does not read its stdin, a caller that does not read the
+//! output) without stalling every other one. From version 3 each data direction of a
+//! session has a *window*, as SSH channels do: the receiver grants the sender a number of
+//! bytes with [`Message::Window`], and the sender sends data frames only while it has
+//! window left. Every data frame ([`Message::Stdin`], [`Message::Stdout`],
+//! [`Message::Stderr`], [`Message::UploadData`]) costs its length plus [`FRAME_COST`]
+//! (so a flood of tiny frames is bounded too; see [`data_cost`]). Each direction of a new
+//! session starts with [`INITIAL_WINDOW`] without a grant. The agent reads a command's
+//! pipes only while it has window, so a caller that stops reading stops the command (its
+//! pipe fills) instead of filling memory anywhere on the way.
+//!
+//! Flow control is switched on per connection: a version-3 host that pinged a version-3
+//! agent sends [`Message::Hello`] once, before any session that relies on it. Without a
+//! `Hello` (a version-2 host) the agent behaves as version 2 did: it sends output as fast
+//! as it comes and applies backpressure by not reading the stream. A version-3 host talking
+//! to an older agent sends no `Hello` and no `Window`, and bounds its memory by blocking
+//! its reader instead (so on such an agent one stalled session stalls the others).
+//!
 //! Frames for a session the receiver does not know are ignored: they are the tail of a
 //! session that already ended (stdin after the command exited, output of a killed
 //! command). Nothing here does I/O beyond `Read`/`Write`, so any transport fits.
@@ -38,13 +59,36 @@ use std::path::PathBuf;
 /// Version 2 added ptys ([`ExecRequest::tty`], [`Message::Resize`]); everything else is as
 /// in version 1, so a host still talks to a version-1 agent (one injected into a VM before
 /// an upgrade) as long as it asks for no pty.
-pub const PROTOCOL_VERSION: u32 = 2;
+///
+/// Version 3 added flow control ([`Message::Hello`], [`Message::Window`]; see the module
+/// docs); a version-3 host still serves version-1 and version-2 agents without it, and a
+/// version-3 agent still serves a host that sends no `Hello` as version 2 did.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The oldest agent version a host of this version talks to (see [`PROTOCOL_VERSION`]).
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 
 /// The first version whose agents run commands on a pty.
 pub const PTY_PROTOCOL_VERSION: u32 = 2;
+
+/// The first version whose agents understand [`Message::Hello`] and [`Message::Window`].
+pub const FLOW_PROTOCOL_VERSION: u32 = 3;
+
+/// The window each data direction of a session starts with (see the module docs): bytes
+/// (plus [`FRAME_COST`] per frame) the sender may send before the first grant. It bounds
+/// what one session can queue in the receiver. At least one full [`CHUNK_SIZE`] frame.
+pub const INITIAL_WINDOW: u32 = 256 * 1024;
+
+/// What every data frame costs of a window on top of its data: a frame's header and its
+/// bookkeeping in the receiver, so that one-byte frames cannot queue without bound.
+pub const FRAME_COST: u32 = 64;
+
+/// What a data frame carrying `len` bytes costs of a window.
+pub fn data_cost(len: usize) -> u32 {
+    u32::try_from(len)
+        .unwrap_or(u32::MAX)
+        .saturating_add(FRAME_COST)
+}
 
 /// The largest `len` a receiver accepts. Senders cut data into [`CHUNK_SIZE`] pieces,
 /// far below it; the margin is for exec requests with long argument lists.
@@ -122,6 +166,16 @@ pub enum Message {
     /// Host → agent: the terminal of an exec session running on a pty changed size; the
     /// agent sets the pty's size, which sends SIGWINCH to its foreground process group.
     Resize(WinSize),
+    /// Host → agent, once per connection, version 3: the host speaks this protocol
+    /// version and does flow control (see the module docs). Sent on session 0.
+    Hello {
+        /// The host's [`PROTOCOL_VERSION`].
+        version: u32,
+    },
+    /// Either way, version 3 with flow control: the receiver of this session's data took
+    /// this many more bytes (costs, see [`data_cost`]); the other side may send that much
+    /// more.
+    Window(u32),
 }
 
 /// A terminal's size in character cells.
@@ -270,6 +324,8 @@ mod kind {
     pub const SHUTDOWN: u8 = 14;
     pub const SIGNAL: u8 = 15;
     pub const RESIZE: u8 = 16;
+    pub const HELLO: u8 = 17;
+    pub const WINDOW: u8 = 18;
 }
 
 const EXEC_FLAG_STDIN: u8 = 1;
@@ -343,6 +399,14 @@ pub fn encode_into(frame: &Frame, out: &mut Vec<u8>) {
         Message::Resize(size) => {
             out.push(kind::RESIZE);
             put_winsize(out, *size);
+        }
+        Message::Hello { version } => {
+            out.push(kind::HELLO);
+            out.extend_from_slice(&version.to_be_bytes());
+        }
+        Message::Window(n) => {
+            out.push(kind::WINDOW);
+            out.extend_from_slice(&n.to_be_bytes());
         }
     }
     let len = (out.len() - start - 4) as u32;
@@ -497,6 +561,18 @@ fn decode_body(frame: &[u8]) -> Result<Frame, FrameError> {
             let size = c.winsize()?;
             c.finish()?;
             Message::Resize(size)
+        }
+        kind::HELLO => {
+            let mut c = Cursor::new("hello", body);
+            let version = c.u32()?;
+            c.finish()?;
+            Message::Hello { version }
+        }
+        kind::WINDOW => {
+            let mut c = Cursor::new("window", body);
+            let n = c.u32()?;
+            c.finish()?;
+            Message::Window(n)
         }
         other => return Err(FrameError::UnknownKind(other)),
     };
@@ -683,6 +759,11 @@ mod tests {
                 rows: u16::MAX,
                 cols: 0,
             }),
+            Message::Hello {
+                version: PROTOCOL_VERSION,
+            },
+            Message::Window(INITIAL_WINDOW),
+            Message::Window(u32::MAX),
         ]
     }
 
@@ -869,6 +950,26 @@ mod tests {
             decode(&exec),
             Err(FrameError::Malformed { kind: "exec", .. })
         ));
+    }
+
+    #[test]
+    fn exact_bytes_of_hello_and_window_frames() {
+        let hello = encode(&Frame::new(0, Message::Hello { version: 3 }));
+        assert_eq!(hello, [0, 0, 0, 9, 0, 0, 0, 0, kind::HELLO, 0, 0, 0, 3]);
+        let window = encode(&Frame::new(5, Message::Window(0x0102_0304)));
+        assert_eq!(window, [0, 0, 0, 9, 0, 0, 0, 5, kind::WINDOW, 1, 2, 3, 4]);
+        let short = [0, 0, 0, 7, 0, 0, 0, 5, kind::WINDOW, 1, 2];
+        assert!(matches!(
+            decode(&short),
+            Err(FrameError::Malformed { kind: "window", .. })
+        ));
+    }
+
+    #[test]
+    fn a_window_holds_a_full_chunk_and_tiny_frames_still_cost() {
+        assert!(data_cost(CHUNK_SIZE) <= INITIAL_WINDOW);
+        assert_eq!(data_cost(0), FRAME_COST);
+        assert_eq!(data_cost(usize::MAX), u32::MAX);
     }
 
     #[test]

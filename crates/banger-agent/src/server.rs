@@ -8,6 +8,14 @@
 //!
 //! When the connection ends (the host went away), its commands are killed: their output
 //! has nowhere to go, and a host that reconnects starts new sessions.
+//!
+//! After a version-3 host's [`Message::Hello`] the connection does flow control (see
+//! [`crate::proto`]): output pumps read a command's pipes only while the host has granted
+//! window ([`Credit`]), and the reading thread queues stdin and upload data without ever
+//! waiting (the host sends no more than the window this side grants back as it consumes),
+//! so one stalled session never stalls the stream. Without a `Hello` it behaves as
+//! version 2: output as fast as it comes, and a full stdin or upload queue stops the
+//! reading thread.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -16,9 +24,9 @@ use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Component, Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -28,13 +36,19 @@ use rustix::pty::OpenptFlags;
 use rustix::termios::{SpecialCodeIndex, Winsize};
 
 use crate::proto::{
-    self, ExecRequest, ExitStatus, Frame, FrameError, Message, SessionId, WinSize, CHUNK_SIZE,
+    self, data_cost, ExecRequest, ExitStatus, Frame, FrameError, Message, SessionId, WinSize,
+    CHUNK_SIZE, FLOW_PROTOCOL_VERSION, FRAME_COST, INITIAL_WINDOW,
 };
 use crate::reaper::Reaper;
 
-/// How many data frames may queue for one session's stdin or upload before the reading
-/// thread waits (backpressure toward the host).
+/// Without flow control (a version-2 host): how many data frames may queue for one
+/// session's stdin or upload before the reading thread waits (backpressure toward the
+/// host, which stalls the whole connection). With flow control the window bounds them.
 const QUEUE_FRAMES: usize = 16;
+
+/// With flow control: how much consumed window a feeder collects before granting it back
+/// (fewer `Window` frames; a quarter keeps the sender busy while the grant travels).
+const GRANT_BATCH: u32 = INITIAL_WINDOW / 4;
 
 /// Why [`Agent::serve`] returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +95,108 @@ impl Output {
     }
 }
 
+/// The window the host granted for one session's output (stdout and stderr share it, as
+/// an SSH channel's data and extended data do). Closed when the connection ends: the
+/// pumps then drain the pipes without waiting (the frames are dropped anyway).
+struct Credit {
+    state: Mutex<(u64, bool)>,
+    cv: Condvar,
+}
+
+impl Credit {
+    fn new() -> Arc<Credit> {
+        Arc::new(Credit {
+            state: Mutex::new((u64::from(INITIAL_WINDOW), false)),
+            cv: Condvar::new(),
+        })
+    }
+
+    fn add(&self, n: u32) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        // A host granting more than 4 GiB ahead gains nothing: saturate.
+        s.0 = s.0.saturating_add(u64::from(n));
+        self.cv.notify_all();
+    }
+
+    fn close(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+        self.cv.notify_all();
+    }
+
+    /// Waits until a frame of at least one byte fits and returns how many data bytes
+    /// (at most `max`) may be read now; [`Credit::charge`] then takes what was sent.
+    fn wait(&self, max: usize) -> usize {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if s.1 {
+                return max;
+            }
+            if s.0 > u64::from(FRAME_COST) {
+                let room = s.0 - u64::from(FRAME_COST);
+                return max.min(usize::try_from(room).unwrap_or(usize::MAX));
+            }
+            s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn charge(&self, len: usize) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.0 = s.0.saturating_sub(u64::from(data_cost(len)));
+    }
+}
+
+/// Grants the host window for one session's stdin or upload data as it is consumed.
+struct Grant {
+    out: Out,
+    id: SessionId,
+    pending: u32,
+}
+
+impl Grant {
+    fn took(&mut self, len: usize) {
+        self.pending = self.pending.saturating_add(data_cost(len));
+        if self.pending >= GRANT_BATCH {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.pending > 0 {
+            self.out.send(self.id, Message::Window(self.pending));
+            self.pending = 0;
+        }
+    }
+}
+
+/// The sending end of a session's stdin or upload queue.
+#[derive(Clone)]
+enum Feed<T> {
+    /// Version 2: bounded in frames; a full queue stops the connection's reader.
+    Bounded(SyncSender<T>),
+    /// Flow control: the host's window bounds what it can queue, so this never waits.
+    Windowed(Sender<T>),
+}
+
+impl<T> Feed<T> {
+    /// A queue for a connection with (`flow`) or without flow control.
+    fn new(flow: bool) -> (Feed<T>, Receiver<T>) {
+        if flow {
+            let (tx, rx) = mpsc::channel();
+            (Feed::Windowed(tx), rx)
+        } else {
+            let (tx, rx) = mpsc::sync_channel(QUEUE_FRAMES);
+            (Feed::Bounded(tx), rx)
+        }
+    }
+
+    fn send(&self, item: T) -> Result<(), ()> {
+        match self {
+            Feed::Bounded(tx) => tx.send(item).map_err(drop),
+            Feed::Windowed(tx) => tx.send(item).map_err(drop),
+        }
+    }
+}
+
 /// A connection's handle to the writer.
 #[derive(Clone)]
 struct Out {
@@ -97,7 +213,9 @@ impl Out {
 enum Session {
     Exec {
         /// `None` once the host sent StdinEof (or never asked for stdin).
-        stdin: Option<SyncSender<Vec<u8>>>,
+        stdin: Option<Feed<Vec<u8>>>,
+        /// The host's window for the output, with flow control.
+        credit: Option<Arc<Credit>>,
         /// The command's process group (it leads its own).
         pgid: u32,
         /// The master side of the command's pty, when it runs on one (for Resize).
@@ -105,7 +223,7 @@ enum Session {
     },
     Upload {
         /// `None` is the end of the stream.
-        data: SyncSender<Option<Vec<u8>>>,
+        data: Feed<Option<Vec<u8>>>,
     },
 }
 
@@ -138,6 +256,7 @@ impl Agent {
             },
             sessions: Arc::default(),
             reaper: self.reaper.clone(),
+            flow: AtomicBool::new(false),
         };
         let result = conn.run(BufReader::with_capacity(64 * 1024, reader));
         conn.end();
@@ -149,6 +268,8 @@ struct Conn {
     out: Out,
     sessions: Sessions,
     reaper: Reaper,
+    /// The host said [`Message::Hello`]: sessions opened from now on do flow control.
+    flow: AtomicBool,
 }
 
 impl Conn {
@@ -219,10 +340,18 @@ impl Conn {
                 }
             }
             Message::Signal(sig) => {
-                if let Some(Session::Exec { pgid, .. }) = self.sessions().get(&id) {
+                if let Some(Session::Exec { pgid, credit, .. }) = self.sessions().get(&id) {
                     // SAFETY: kill(2) with a negative pid signals a process group; it
                     // touches no memory. An out-of-range signal is just EINVAL.
                     unsafe { libc::kill(-(*pgid as i32), sig) };
+                    // A host that kills a command may have stopped granting window (its
+                    // caller is gone): drain what is left so the session can end. The host
+                    // drops output beyond the window it granted.
+                    if sig == libc::SIGKILL {
+                        if let Some(credit) = credit {
+                            credit.close();
+                        }
+                    }
                 }
             }
             Message::UploadData(data) => self.upload_send(id, Some(data)),
@@ -230,6 +359,20 @@ impl Conn {
             Message::Shutdown => {
                 self.out.send(id, Message::Ack);
                 return true;
+            }
+            Message::Hello { version } => {
+                if version >= FLOW_PROTOCOL_VERSION {
+                    self.flow.store(true, Ordering::SeqCst);
+                }
+            }
+            Message::Window(n) => {
+                if let Some(Session::Exec {
+                    credit: Some(credit),
+                    ..
+                }) = self.sessions().get(&id)
+                {
+                    credit.add(n);
+                }
             }
             // Agent → host messages, or the end of a session we forgot: ignore.
             Message::Pong { .. }
@@ -248,6 +391,19 @@ impl Conn {
 
     fn live(&self, id: SessionId) -> bool {
         self.sessions().contains_key(&id)
+    }
+
+    /// The output window and the inbound grant of a session opened now.
+    fn flow_parts(&self, id: SessionId) -> (bool, Option<Arc<Credit>>, Option<Grant>) {
+        if !self.flow.load(Ordering::SeqCst) {
+            return (false, None, None);
+        }
+        let grant = Grant {
+            out: self.out.clone(),
+            id,
+            pending: 0,
+        };
+        (true, Some(Credit::new()), Some(grant))
     }
 
     fn start_exec(&self, id: SessionId, req: ExecRequest) -> Result<(), String> {
@@ -280,26 +436,31 @@ impl Conn {
         let pid = child.id();
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
+        let (flow, credit, grant) = self.flow_parts(id);
         let stdin = child.stdin.take().map(|pipe| {
-            let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(QUEUE_FRAMES);
-            spawn_named("stdin", move || feed_stdin(pipe, rx));
+            let (tx, rx) = Feed::new(flow);
+            spawn_named("stdin", move || feed_stdin(pipe, rx, grant));
             tx
         });
         self.sessions().insert(
             id,
             Session::Exec {
                 stdin,
+                credit: credit.clone(),
                 pgid: pid,
                 pty: None,
             },
         );
 
         let out = self.out.clone();
-        let err_pump = spawn_named("stderr", move || pump(stderr, &out, id, Message::Stderr));
+        let err_credit = credit.clone();
+        let err_pump = spawn_named("stderr", move || {
+            pump(stderr, &out, id, Message::Stderr, err_credit.as_deref())
+        });
         let out = self.out.clone();
         let sessions = self.sessions.clone();
         spawn_named("stdout", move || {
-            pump(stdout, &out, id, Message::Stdout);
+            pump(stdout, &out, id, Message::Stdout, credit.as_deref());
             if let Some(h) = err_pump {
                 let _ = h.join();
             }
@@ -381,12 +542,14 @@ impl Conn {
                 return Err(e);
             }
         };
-        let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(QUEUE_FRAMES);
-        spawn_named("pty-input", move || feed_pty(writer, rx));
+        let (flow, credit, grant) = self.flow_parts(id);
+        let (tx, rx) = Feed::new(flow);
+        spawn_named("pty-input", move || feed_pty(writer, rx, grant));
         self.sessions().insert(
             id,
             Session::Exec {
                 stdin: Some(tx),
+                credit: credit.clone(),
                 pgid: pid,
                 pty: Some(master),
             },
@@ -394,7 +557,7 @@ impl Conn {
         let out = self.out.clone();
         let sessions = self.sessions.clone();
         spawn_named("pty-output", move || {
-            let status = pump_pty(&reader, &exited, &out, id);
+            let status = pump_pty(&reader, &exited, &out, id, credit.as_deref());
             sessions
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -414,7 +577,8 @@ impl Conn {
                 dest.display()
             ));
         }
-        let (tx, rx) = mpsc::sync_channel(QUEUE_FRAMES);
+        let (_, _, grant) = self.flow_parts(id);
+        let (tx, rx) = Feed::new(grant.is_some());
         self.sessions().insert(id, Session::Upload { data: tx });
         let out = self.out.clone();
         let sessions = self.sessions.clone();
@@ -424,6 +588,7 @@ impl Conn {
                 buf: Vec::new(),
                 pos: 0,
                 eof: false,
+                grant,
             };
             let result = unpack_tar(&mut reader, &dest)
                 // Wait for UploadEnd, so the reply follows the host's last frame.
@@ -460,9 +625,13 @@ impl Conn {
     fn end(&self) {
         let sessions: Vec<_> = self.sessions().drain().collect();
         for (_, s) in sessions {
-            if let Session::Exec { pgid, .. } = s {
+            if let Session::Exec { pgid, credit, .. } = s {
                 if let Some(pid) = rustix::process::Pid::from_raw(pgid as i32) {
                     let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::Kill);
+                }
+                // Pumps waiting for window drain the pipes instead, so the commands exit.
+                if let Some(credit) = credit {
+                    credit.close();
                 }
             }
             // Dropping an upload's sender makes its reader fail: the unpack stops.
@@ -485,13 +654,26 @@ fn spawn_named<T: Send + 'static>(
 
 /// Copies a command's output into frames until the pipe closes. Write failures are not
 /// its business (the connection is going away); it keeps draining so the command never
-/// blocks on a full pipe.
-fn pump(mut pipe: impl Read, out: &Out, id: SessionId, wrap: fn(Vec<u8>) -> Message) {
+/// blocks on a full pipe. With flow control it reads only as much as the host's window
+/// has room for, and waits for more: the command then blocks on its full pipe.
+fn pump(
+    mut pipe: impl Read,
+    out: &Out,
+    id: SessionId,
+    wrap: fn(Vec<u8>) -> Message,
+    credit: Option<&Credit>,
+) {
     let mut buf = vec![0u8; CHUNK_SIZE];
     loop {
-        match pipe.read(&mut buf) {
+        let room = credit.map_or(CHUNK_SIZE, |c| c.wait(CHUNK_SIZE));
+        match pipe.read(&mut buf[..room]) {
             Ok(0) => return,
-            Ok(n) => out.send(id, wrap(buf[..n].to_vec())),
+            Ok(n) => {
+                if let Some(c) = credit {
+                    c.charge(n);
+                }
+                out.send(id, wrap(buf[..n].to_vec()))
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 eprintln!("banger-agent: read command output: {e}");
@@ -539,6 +721,7 @@ fn pump_pty(
     exited: &Receiver<ExitStatus>,
     out: &Out,
     id: SessionId,
+    credit: Option<&Credit>,
 ) -> Option<ExitStatus> {
     /// How often a pump with nothing to read checks whether the command exited.
     const TICK_MS: i32 = 100;
@@ -570,9 +753,16 @@ fn pump_pty(
                 break;
             }
         }
-        match master.read(&mut buf) {
+        // Waiting for window here leaves the pty's buffer full, which blocks the command.
+        let room = credit.map_or(CHUNK_SIZE, |c| c.wait(CHUNK_SIZE));
+        match master.read(&mut buf[..room]) {
             Ok(0) => break,
-            Ok(n) => out.send(id, Message::Stdout(buf[..n].to_vec())),
+            Ok(n) => {
+                if let Some(c) = credit {
+                    c.charge(n);
+                }
+                out.send(id, Message::Stdout(buf[..n].to_vec()))
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             // EIO: every process holding the slave has closed it.
             Err(e) if e.raw_os_error() == Some(libc::EIO) => break,
@@ -590,10 +780,13 @@ fn pump_pty(
 /// Types what the host sends into a pty. When the host's stdin ends, the terminal's
 /// end-of-file character (^D unless changed) is typed, as a terminal would: a shell
 /// reading a command line exits on it.
-fn feed_pty(mut master: File, rx: Receiver<Vec<u8>>) {
+fn feed_pty(mut master: File, rx: Receiver<Vec<u8>>, mut grant: Option<Grant>) {
     for data in rx {
         if master.write_all(&data).is_err() {
             return; // the command and everything else on the pty are gone
+        }
+        if let Some(g) = &mut grant {
+            g.took(data.len());
         }
     }
     let eof = rustix::termios::tcgetattr(&master)
@@ -602,10 +795,13 @@ fn feed_pty(mut master: File, rx: Receiver<Vec<u8>>) {
     let _ = master.write_all(&[eof]);
 }
 
-fn feed_stdin(mut pipe: impl Write, rx: Receiver<Vec<u8>>) {
+fn feed_stdin(mut pipe: impl Write, rx: Receiver<Vec<u8>>, mut grant: Option<Grant>) {
     for data in rx {
         if pipe.write_all(&data).is_err() {
             return; // the command closed its stdin
+        }
+        if let Some(g) = &mut grant {
+            g.took(data.len());
         }
     }
     // The sender is gone: StdinEof, or the connection ended. Dropping `pipe` closes it.
@@ -618,6 +814,8 @@ struct ChannelReader {
     pos: usize,
     /// The end marker arrived: every later read is the end too.
     eof: bool,
+    /// With flow control: grants the host window for every piece taken.
+    grant: Option<Grant>,
 }
 
 impl Read for ChannelReader {
@@ -628,6 +826,9 @@ impl Read for ChannelReader {
             }
             match self.rx.recv() {
                 Ok(Some(data)) => {
+                    if let Some(g) = &mut self.grant {
+                        g.took(data.len());
+                    }
                     self.buf = data;
                     self.pos = 0;
                 }
@@ -811,6 +1012,7 @@ mod tests {
             buf: Vec::new(),
             pos: 0,
             eof: false,
+            grant: None,
         }
     }
 }

@@ -9,19 +9,27 @@
 //! takes any other stream (a test pipe). One connection carries any number of concurrent
 //! sessions: a reader thread routes each incoming frame to the session it names, so
 //! `exec` and `upload_*` may be called from several threads at once.
+//!
+//! Memory is bounded per session. With an agent of protocol version 3 the client does
+//! flow control (see `banger_agent::proto`): a command's output is read from the agent
+//! only as fast as the caller's writer takes it (the agent gets window back only for what
+//! was written), stdin and uploads wait for the agent's window, and a session that gets
+//! more than its window is ended as a protocol violation, so one stalled session never
+//! holds up another and a guest cannot fill the host's memory. With an older agent the
+//! reader thread stops while a session's queue is full instead (bounded, but then one
+//! stalled session stalls the connection).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use banger_agent::proto::{
-    self, Frame, Message, SessionId, CHUNK_SIZE, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
-    PTY_PROTOCOL_VERSION,
+    self, data_cost, Frame, Message, SessionId, CHUNK_SIZE, FLOW_PROTOCOL_VERSION, FRAME_COST,
+    INITIAL_WINDOW, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, PTY_PROTOCOL_VERSION,
 };
 pub use banger_agent::proto::{ExecRequest, ExitStatus, WinSize};
 
@@ -111,6 +119,25 @@ pub fn vsock_handshake(stream: &mut UnixStream, port: u32, timeout: Duration) ->
             )
         })
 }
+
+/// How long a command whose caller went away (its output writer failed, or
+/// [`ExecControl::hang_up`]) has between SIGHUP and SIGKILL of its process group.
+pub const HANGUP_GRACE: Duration = Duration::from_secs(2);
+
+/// After the SIGKILL of a hung-up command: how long its exit status may take before the
+/// exec gives up on the session (an agent that never answers must not hold the caller).
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// What one session may queue in this client beyond its window: its control frames
+/// (exit, error, pongs), each costing [`FRAME_COST`].
+const CONTROL_SLACK: usize = 64 * FRAME_COST as usize;
+
+/// The most one session may queue in this client (costs, see `proto::data_cost`). An
+/// agent with flow control never gets near it; one that exceeds it has its session ended.
+const QUEUE_LIMIT: usize = INITIAL_WINDOW as usize + CONTROL_SLACK;
+
+/// How much output window the client collects before granting it back to the agent.
+const GRANT_BATCH: u32 = INITIAL_WINDOW / 4;
 
 /// Where the agent binary lives in a guest root filesystem.
 pub const AGENT_GUEST_PATH: &str = "/.banger/agent";
@@ -207,14 +234,179 @@ pub struct Output {
     pub stderr: Vec<u8>,
 }
 
+/// Why a session's inbox stopped delivering.
+#[derive(Debug, Clone)]
+enum Closed {
+    /// The connection ended (the reason is in [`Shared::closed`]).
+    Connection,
+    /// The agent sent more than the session's window.
+    Overrun(String),
+    /// The session itself was dropped.
+    Ended,
+}
+
+/// The frames that arrived for one session, bounded by [`QUEUE_LIMIT`] in costs.
+#[derive(Default)]
+struct Inbox {
+    state: Mutex<InboxState>,
+    readable: Condvar,
+    writable: Condvar,
+}
+
+#[derive(Default)]
+struct InboxState {
+    queue: VecDeque<(Message, usize)>,
+    cost: usize,
+    closed: Option<Closed>,
+}
+
+fn message_cost(msg: &Message) -> usize {
+    match msg {
+        Message::Stdout(d) | Message::Stderr(d) => data_cost(d.len()) as usize,
+        _ => FRAME_COST as usize,
+    }
+}
+
+impl Inbox {
+    /// Queues `msg`. Over the limit, a `strict` (flow-controlled) session fails, any
+    /// other waits for the consumer: the reader stops, which is backpressure toward an
+    /// agent without flow control. A single frame always fits an empty queue.
+    fn push(&self, msg: Message, strict: bool) -> Result<(), ()> {
+        let cost = message_cost(&msg);
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if st.closed.is_some() {
+                return Ok(()); // nobody listens: dropped
+            }
+            if st.cost == 0 || st.cost + cost <= QUEUE_LIMIT {
+                st.cost += cost;
+                st.queue.push_back((msg, cost));
+                self.readable.notify_all();
+                return Ok(());
+            }
+            if strict {
+                return Err(());
+            }
+            st = self.writable.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn close(&self, why: Closed) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.closed.is_none() {
+            st.closed = Some(why);
+        }
+        self.readable.notify_all();
+        self.writable.notify_all();
+    }
+
+    /// The next message, waiting up to `timeout` (`None`: for ever). `Err(None)` is a
+    /// timeout. Messages that arrived before the close are still delivered.
+    fn recv(&self, timeout: Option<Duration>) -> Result<Message, Option<Closed>> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some((msg, cost)) = st.queue.pop_front() {
+                st.cost -= cost;
+                self.writable.notify_all();
+                return Ok(msg);
+            }
+            if let Some(why) = &st.closed {
+                return Err(Some(why.clone()));
+            }
+            st = match deadline {
+                None => self.readable.wait(st).unwrap_or_else(|e| e.into_inner()),
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(None);
+                    }
+                    self.readable
+                        .wait_timeout(st, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+        }
+    }
+}
+
+/// The window the agent granted for one session's stdin or upload data.
+struct Window {
+    state: Mutex<(u64, bool)>,
+    cv: Condvar,
+}
+
+impl Window {
+    fn new() -> Window {
+        Window {
+            state: Mutex::new((u64::from(INITIAL_WINDOW), false)),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn add(&self, n: u32) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.0 = st.0.saturating_add(u64::from(n));
+        self.cv.notify_all();
+    }
+
+    fn close(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+        self.cv.notify_all();
+    }
+
+    /// Takes `cost` of the window, waiting up to `timeout` for it (`None`: for ever).
+    /// `Some(false)`: the session is over; `None`: timed out.
+    fn acquire(&self, cost: u32, timeout: Option<Duration>) -> Option<bool> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if st.1 {
+                return Some(false);
+            }
+            if st.0 >= u64::from(cost) {
+                st.0 -= u64::from(cost);
+                return Some(true);
+            }
+            st = match deadline {
+                None => self.cv.wait(st).unwrap_or_else(|e| e.into_inner()),
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return None;
+                    }
+                    self.cv
+                        .wait_timeout(st, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+        }
+    }
+}
+
+/// A session as the reader thread sees it.
+#[derive(Clone)]
+struct Entry {
+    inbox: Arc<Inbox>,
+    window: Arc<Window>,
+    /// Opened after the `Hello`: flow-controlled both ways.
+    flow: bool,
+}
+
 struct Shared {
     writer: Mutex<Box<dyn Write + Send>>,
-    sessions: Mutex<HashMap<SessionId, Sender<Message>>>,
+    sessions: Mutex<HashMap<SessionId, Entry>>,
     /// Why the connection ended; set by the reader thread as it exits.
     closed: Mutex<Option<String>>,
     next_session: AtomicU32,
     /// The protocol version the agent answered a ping with; 0 before any answer.
     agent_version: AtomicU32,
+    /// The `Hello` went out: sessions opened from now on do flow control.
+    flow: AtomicBool,
+    /// Serialises sending the `Hello`.
+    hello: Mutex<()>,
 }
 
 impl Shared {
@@ -240,10 +432,10 @@ pub struct AgentClient {
     socket: Option<UnixStream>,
 }
 
-/// An open session: its frames arrive on `rx`; dropping it unregisters the session.
+/// An open session: its frames arrive in `inbox`; dropping it unregisters the session.
 struct Session<'a> {
     id: SessionId,
-    rx: Receiver<Message>,
+    entry: Entry,
     shared: &'a Shared,
 }
 
@@ -254,6 +446,9 @@ impl Drop for Session<'_> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.id);
+        // Wakes a reader waiting for room in this inbox, and feeders waiting for window.
+        self.entry.inbox.close(Closed::Ended);
+        self.entry.window.close();
     }
 }
 
@@ -262,20 +457,31 @@ impl Session<'_> {
         self.shared.send(&Frame::new(self.id, msg))
     }
 
+    fn closed(&self, why: Option<Closed>) -> AgentError {
+        match why {
+            Some(Closed::Overrun(message)) => AgentError::Protocol {
+                op: format!("session {}", self.id),
+                message,
+            },
+            _ => AgentError::Closed(self.shared.closed_reason()),
+        }
+    }
+
     fn recv(&self) -> Result<Message> {
-        self.rx
-            .recv()
-            .map_err(|_| AgentError::Closed(self.shared.closed_reason()))
+        self.entry.inbox.recv(None).map_err(|why| self.closed(why))
     }
 
     fn recv_timeout(&self, what: &'static str, timeout: Duration) -> Result<Message> {
-        match self.rx.recv_timeout(timeout) {
+        match self.entry.inbox.recv(Some(timeout)) {
             Ok(m) => Ok(m),
-            Err(RecvTimeoutError::Timeout) => Err(AgentError::Timeout { what, timeout }),
-            Err(RecvTimeoutError::Disconnected) => {
-                Err(AgentError::Closed(self.shared.closed_reason()))
-            }
+            Err(None) => Err(AgentError::Timeout { what, timeout }),
+            Err(why) => Err(self.closed(why)),
         }
+    }
+
+    /// A message that already arrived, if any.
+    fn try_recv(&self) -> Option<Message> {
+        self.entry.inbox.recv(Some(Duration::ZERO)).ok()
     }
 }
 
@@ -360,6 +566,8 @@ impl AgentClient {
             closed: Mutex::default(),
             next_session: AtomicU32::new(first_session_id()),
             agent_version: AtomicU32::new(0),
+            flow: AtomicBool::new(false),
+            hello: Mutex::new(()),
         });
         let s = shared.clone();
         // If the thread cannot start, sessions see a closed connection at once.
@@ -372,8 +580,27 @@ impl AgentClient {
         }
     }
 
+    /// Whether the connection has ended (the VM stopped, the agent broke the framing): a
+    /// client to keep for later calls is replaced then.
+    pub fn is_closed(&self) -> bool {
+        self.shared
+            .closed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// The protocol version the agent answered the last ping with (0 before any).
+    pub fn agent_version(&self) -> u32 {
+        self.shared.agent_version.load(Ordering::SeqCst)
+    }
+
     fn open(&self) -> Session<'_> {
-        let (tx, rx) = mpsc::channel();
+        let entry = Entry {
+            inbox: Arc::default(),
+            window: Arc::new(Window::new()),
+            flow: self.shared.flow.load(Ordering::SeqCst),
+        };
         let mut sessions = self
             .shared
             .sessions
@@ -393,11 +620,13 @@ impl AgentClient {
             .unwrap_or_else(|e| e.into_inner())
             .is_none()
         {
-            sessions.insert(id, tx);
+            sessions.insert(id, entry.clone());
+        } else {
+            entry.inbox.close(Closed::Connection);
         }
         Session {
             id,
-            rx,
+            entry,
             shared: &self.shared,
         }
     }
@@ -419,6 +648,9 @@ impl AgentClient {
                     if (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) =>
                 {
                     self.shared.agent_version.store(version, Ordering::SeqCst);
+                    if version >= FLOW_PROTOCOL_VERSION {
+                        self.hello()?;
+                    }
                     return Ok(());
                 }
                 Ok(Message::Pong { version }) => {
@@ -440,13 +672,32 @@ impl AgentClient {
         }
     }
 
+    /// Switches the connection to flow control, once: the `Hello` goes out before any
+    /// session that relies on it is opened (frames keep their order on the stream).
+    fn hello(&self) -> Result<()> {
+        let _once = self.shared.hello.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.shared.flow.load(Ordering::SeqCst) {
+            self.shared.send(&Frame::new(
+                0,
+                Message::Hello {
+                    version: PROTOCOL_VERSION,
+                },
+            ))?;
+            self.shared.flow.store(true, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
     /// Runs `req` in the guest, streaming its stdout and stderr into `stdout` and
     /// `stderr` as they come, and returns how it ended.
     ///
     /// With `stdin`, its bytes are forwarded (then end-of-file) from a thread of its own,
     /// which is left behind if the command ends first while it is blocked reading (hence
-    /// the `'static`); without, the command reads `/dev/null`. If writing `stdout` or
-    /// `stderr` fails, the command is killed and the error returned.
+    /// the `'static`); without, the command reads `/dev/null`. Output is taken from the
+    /// agent only as fast as `stdout` and `stderr` take it (with a version-3 agent). If
+    /// writing `stdout` or `stderr` fails (the caller went away), the command is hung up
+    /// on (SIGHUP, then SIGKILL after [`HANGUP_GRACE`]), its remaining output discarded,
+    /// and the error returned.
     pub fn exec(
         &self,
         req: &ExecRequest,
@@ -499,30 +750,66 @@ impl AgentClient {
             shared: self.shared.clone(),
             id: session.id,
             done: Arc::new(AtomicBool::new(false)),
+            window: session.entry.window.clone(),
+            flow: session.entry.flow,
         };
         let done = control.done.clone();
-        if let Err(e) = start(control) {
+        if let Err(e) = start(control.clone()) {
             let _ = session.send(Message::Signal(rustix::process::Signal::Kill as i32));
             return Err(AgentError::Local {
                 op: "start forwarding the command's input".into(),
                 source: e,
             });
         }
+        // Once writing failed: the error to return, and when to stop waiting for the exit.
+        let mut failed: Option<(AgentError, Instant)> = None;
+        let mut to_grant = 0u32;
         let result = loop {
-            let written = match session.recv() {
-                Ok(Message::Stdout(d)) => write_out(stdout, &d, "stdout"),
-                Ok(Message::Stderr(d)) => write_out(stderr, &d, "stderr"),
+            let received = match &failed {
+                None => session.recv(),
+                Some((_, give_up)) => {
+                    let left = give_up.saturating_duration_since(Instant::now());
+                    session.recv_timeout("the exit of a hung-up command", left)
+                }
+            };
+            let (data, which) = match received {
+                Ok(Message::Stdout(d)) => (d, "stdout"),
+                Ok(Message::Stderr(d)) => (d, "stderr"),
                 Ok(Message::Exit(status)) => break Ok(status),
                 Ok(Message::Error(message)) => break Err(AgentError::Remote { op: op(), message }),
                 Ok(other) => break Err(unexpected(&op(), &other)),
                 Err(e) => break Err(e),
             };
-            if let Err(e) = written {
-                let _ = session.send(Message::Signal(rustix::process::Signal::Kill as i32));
-                break Err(e);
+            if failed.is_none() {
+                let out: &mut dyn Write = if which == "stderr" {
+                    &mut *stderr
+                } else {
+                    &mut *stdout
+                };
+                if let Err(e) = write_out(out, &data, which) {
+                    control.hang_up();
+                    failed = Some((e, Instant::now() + HANGUP_GRACE + KILL_WAIT));
+                }
+            }
+            // The window comes back only for what the caller took (or, once it is gone,
+            // what was discarded): this is what paces the command to its reader.
+            if session.entry.flow {
+                to_grant = to_grant.saturating_add(data_cost(data.len()));
+                if to_grant >= GRANT_BATCH {
+                    session.send(Message::Window(to_grant))?;
+                    to_grant = 0;
+                }
             }
         };
         done.store(true, Ordering::SeqCst);
+        if let Some((e, _)) = failed {
+            return Err(e);
+        }
+        if result.is_err() {
+            // Gone wrong on our side (a violation, a lost connection): the command must
+            // not run on unwatched.
+            let _ = session.send(Message::Signal(rustix::process::Signal::Kill as i32));
+        }
         result
     }
 
@@ -645,16 +932,31 @@ impl UploadSink<'_> {
         if self.buf.is_empty() {
             return Ok(());
         }
-        // A refusal (bad destination, an entry escaping it) arrives while we stream.
-        match self.session.rx.try_recv() {
-            Ok(Message::Error(message)) => {
-                return Err(self.fail(AgentError::Remote {
-                    op: "upload".into(),
-                    message,
-                }))
+        /// How often an upload waiting for window looks for the agent's refusal.
+        const REFUSAL_CHECK: Duration = Duration::from_millis(100);
+        let cost = data_cost(self.buf.len());
+        loop {
+            // A refusal (bad destination, an entry escaping it) arrives while we stream.
+            match self.session.try_recv() {
+                Some(Message::Error(message)) => {
+                    return Err(self.fail(AgentError::Remote {
+                        op: "upload".into(),
+                        message,
+                    }))
+                }
+                Some(other) => return Err(self.fail(unexpected("upload", &other))),
+                None => {}
             }
-            Ok(other) => return Err(self.fail(unexpected("upload", &other))),
-            Err(_) => {}
+            if !self.session.entry.flow {
+                break;
+            }
+            match self.session.entry.window.acquire(cost, Some(REFUSAL_CHECK)) {
+                Some(true) => break,
+                Some(false) => {
+                    return Err(self.fail(AgentError::Closed(self.session.shared.closed_reason())))
+                }
+                None => {}
+            }
         }
         let data = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK_SIZE));
         if let Err(e) = self.session.send(Message::UploadData(data)) {
@@ -702,6 +1004,9 @@ pub struct ExecControl {
     shared: Arc<Shared>,
     id: SessionId,
     done: Arc<AtomicBool>,
+    /// The agent's window for stdin (used with `flow`).
+    window: Arc<Window>,
+    flow: bool,
 }
 
 impl ExecControl {
@@ -712,12 +1017,39 @@ impl ExecControl {
         self.shared.send(&Frame::new(self.id, msg))
     }
 
-    /// Sends bytes to the command's stdin (or types them into its pty).
+    /// Sends bytes to the command's stdin (or types them into its pty). With a
+    /// version-3 agent this waits while the agent's window is used up (the command is
+    /// not reading): backpressure toward whoever feeds it.
     pub fn stdin(&self, data: &[u8]) -> Result<()> {
         for chunk in data.chunks(CHUNK_SIZE) {
+            if self.flow && self.window.acquire(data_cost(chunk.len()), None) != Some(true) {
+                return Ok(()); // the session is over: nothing reads this any more
+            }
             self.send(Message::Stdin(chunk.to_vec()))?;
         }
         Ok(())
+    }
+
+    /// The caller went away: sends SIGHUP to the command's process group, as a closing
+    /// terminal does, and SIGKILL [`HANGUP_GRACE`] later if it is still running.
+    pub fn hang_up(&self) {
+        let _ = self.signal(rustix::process::Signal::Hup as i32);
+        let control = self.clone();
+        let escalate = move || {
+            let deadline = Instant::now() + HANGUP_GRACE;
+            while !control.finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = control.signal(rustix::process::Signal::Kill as i32);
+        };
+        if std::thread::Builder::new()
+            .name(format!("agent-hangup-{}", self.id))
+            .spawn(escalate)
+            .is_err()
+        {
+            // No thread for the grace: no grace.
+            let _ = self.signal(rustix::process::Signal::Kill as i32);
+        }
     }
 
     /// Ends the command's stdin (on a pty: types the end-of-file character).
@@ -769,23 +1101,55 @@ fn read_loop(reader: Box<dyn Read + Send>, shared: &Shared) {
     let reason = loop {
         match proto::read_frame(&mut reader) {
             Ok(Some(frame)) => {
-                let sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
+                let id = frame.session;
+                // Not held while pushing: the push may wait for the session's consumer.
+                let entry = shared
+                    .sessions
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&id)
+                    .cloned();
                 // Unknown sessions: the tail of one we stopped listening to.
-                if let Some(tx) = sessions.get(&frame.session) {
-                    let _ = tx.send(frame.msg);
+                let Some(entry) = entry else { continue };
+                if let Message::Window(n) = frame.msg {
+                    entry.window.add(n);
+                    continue;
+                }
+                if entry.inbox.push(frame.msg, entry.flow).is_err() {
+                    // The agent ignored the window: a broken or hostile guest. Nothing
+                    // more of this session is queued; the command is killed.
+                    shared
+                        .sessions
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&id);
+                    entry.inbox.close(Closed::Overrun(format!(
+                        "the agent sent more than the session's window of {INITIAL_WINDOW}                          bytes (queue limit {QUEUE_LIMIT} bytes)"
+                    )));
+                    entry.window.close();
+                    let _ = shared.send(&Frame::new(
+                        id,
+                        Message::Signal(rustix::process::Signal::Kill as i32),
+                    ));
                 }
             }
             Ok(None) => break "the agent (or the VM) closed it".to_string(),
             Err(e) => break e.to_string(),
         }
     };
-    *shared.closed.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
-    // Dropping every sender wakes every waiting session with "closed".
-    shared
+    *shared.closed.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.clone());
+    // Wake every waiting session with "closed" (what arrived before is still delivered).
+    let entries: Vec<Entry> = shared
         .sessions
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .clear();
+        .drain()
+        .map(|(_, e)| e)
+        .collect();
+    for entry in entries {
+        entry.inbox.close(Closed::Connection);
+        entry.window.close();
+    }
 }
 
 fn unexpected(op: &str, msg: &Message) -> AgentError {
@@ -964,6 +1328,120 @@ mod tests {
                 socket: dir.join("vsock.sock"),
                 port: AGENT_VSOCK_PORT
             }
+        );
+    }
+
+    /// A stand-in agent of protocol `version`: answers pings; answers each exec with
+    /// `frames` stdout frames of `chunk` bytes (ignoring any window) and an exit; records
+    /// everything else it reads until the connection ends.
+    fn scripted_agent(
+        stream: UnixStream,
+        version: u32,
+        frames: usize,
+        chunk: usize,
+    ) -> std::thread::JoinHandle<Vec<Message>> {
+        std::thread::spawn(move || {
+            let mut reader = io::BufReader::new(stream.try_clone().unwrap());
+            let mut writer = stream;
+            let mut seen = Vec::new();
+            while let Ok(Some(frame)) = proto::read_frame(&mut reader) {
+                let id = frame.session;
+                match frame.msg {
+                    Message::Ping => {
+                        let pong = Frame::new(id, Message::Pong { version });
+                        proto::write_frame(&mut writer, &pong).unwrap();
+                    }
+                    Message::Exec(_) => {
+                        seen.push(Message::Exec(ExecRequest::default()));
+                        let data = Message::Stdout(vec![b'z'; chunk]);
+                        for _ in 0..frames {
+                            if proto::write_frame(&mut writer, &Frame::new(id, data.clone()))
+                                .is_err()
+                            {
+                                return seen;
+                            }
+                        }
+                        let exit = Frame::new(id, Message::Exit(ExitStatus::Code(0)));
+                        let _ = proto::write_frame(&mut writer, &exit);
+                    }
+                    other => seen.push(other),
+                }
+            }
+            seen
+        })
+    }
+
+    #[test]
+    fn a_version_2_agent_gets_no_hello_and_no_window_and_all_of_its_output() {
+        let (a, b) = UnixStream::pair().unwrap();
+        // More than a window's worth: an old agent knows nothing of windows.
+        let agent = scripted_agent(b, 2, 40, CHUNK_SIZE);
+        let client = AgentClient::from_halves(
+            Box::new(a.try_clone().unwrap()),
+            Box::new(a.try_clone().unwrap()),
+        );
+        client.ping(Duration::from_secs(5)).unwrap();
+        let out = client.output(&ExecRequest::new(["flood"])).unwrap();
+        assert_eq!(out.stdout.len(), 40 * CHUNK_SIZE);
+        a.shutdown(std::net::Shutdown::Both).unwrap();
+        drop(client);
+        let seen = agent.join().unwrap();
+        assert_eq!(seen, [Message::Exec(ExecRequest::default())]);
+    }
+
+    #[test]
+    fn an_agent_that_ignores_the_window_has_its_session_ended_and_killed() {
+        /// Writes slowly, as a caller that barely reads.
+        struct Slow(usize);
+        impl Write for Slow {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                std::thread::sleep(Duration::from_millis(5));
+                self.0 += buf.len();
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let (a, b) = UnixStream::pair().unwrap();
+        // 64 MiB in 32 KiB frames, the window be damned.
+        let agent = scripted_agent(b, PROTOCOL_VERSION, 2048, CHUNK_SIZE);
+        let client = AgentClient::from_halves(
+            Box::new(a.try_clone().unwrap()),
+            Box::new(a.try_clone().unwrap()),
+        );
+        client.ping(Duration::from_secs(5)).unwrap();
+        let mut out = Slow(0);
+        let err = client
+            .exec(
+                &ExecRequest::new(["flood"]),
+                None,
+                &mut out,
+                &mut Vec::new(),
+            )
+            .unwrap_err();
+        assert!(
+            matches!(&err, AgentError::Protocol { message, .. } if message.contains("window")),
+            "{err}"
+        );
+        // What was queued before the overrun is still delivered; nothing after it.
+        assert!(
+            out.0 < 2 * QUEUE_LIMIT,
+            "{} bytes were taken: the session went on after the overrun",
+            out.0
+        );
+        a.shutdown(std::net::Shutdown::Both).unwrap();
+        drop(client);
+        let seen = agent.join().unwrap();
+        assert_eq!(
+            seen[0],
+            Message::Hello {
+                version: PROTOCOL_VERSION
+            }
+        );
+        assert!(
+            seen.contains(&Message::Signal(rustix::process::Signal::Kill as i32)),
+            "{seen:?}"
         );
     }
 

@@ -428,6 +428,335 @@ fn host_agent_kills_commands_when_the_host_disconnects_and_serves_the_next_host(
     assert_eq!(next.output(&sh("echo again")).unwrap().stdout, b"again\n");
 }
 
+/// A writer that takes its first write, reports it, then blocks until told whether to
+/// go on taking writes (`true`) or fail them (`false`): a caller that stops reading.
+struct Stalled {
+    wrote: std::sync::mpsc::Sender<()>,
+    release: std::sync::mpsc::Receiver<bool>,
+    state: Option<bool>,
+}
+
+impl Write for Stalled {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.state.is_none() {
+            self.state = Some(true);
+            let _ = self.wrote.send(());
+            // Stalls on the second write, not the first: one chunk was taken.
+            return Ok(buf.len());
+        }
+        if self.state == Some(true) && !matches!(self.release.try_recv(), Ok(true)) {
+            self.state = Some(self.release.recv().unwrap_or(false));
+        }
+        match self.state {
+            Some(true) => Ok(buf.len()),
+            _ => Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "the caller went away",
+            )),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What the process `pid` has written so far (`wchar` of /proc/PID/io).
+fn written_by(pid: &str) -> u64 {
+    let io = fs::read_to_string(format!("/proc/{pid}/io"))
+        .unwrap_or_else(|e| panic!("the flood (pid {pid}) is gone, so it was not paced: {e}"));
+    io.lines()
+        .find_map(|l| l.strip_prefix("wchar: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no wchar in /proc/{pid}/io"))
+}
+
+fn wait_for_pid(pidfile: &Path) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !pidfile.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never written",
+            pidfile.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    fs::read_to_string(pidfile).unwrap().trim().to_owned()
+}
+
+fn gone_within(pid: &str, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    let dir = PathBuf::from(format!("/proc/{pid}"));
+    while dir.exists() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
+/// Issue 9 through whatever transport `client` uses, asking the guest itself: a flood
+/// whose reader stalls stops writing, the agent answers other sessions meanwhile, and a
+/// reader that fails ends the flood within 5 s.
+fn check_a_stalled_flood_is_paced_and_ends_with_its_reader(client: &AgentClient, pidfile: &Path) {
+    /// As in the host test below: window, chunk and pipe, with room to spare.
+    const PACED_LIMIT: u64 = 4 << 20;
+    let guest = |script: &str| -> Option<String> {
+        let out = client.output(&sh(script)).ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    let script = format!(
+        "echo $$ > {0}.tmp && mv {0}.tmp {0}; exec head -c 268435456 /dev/zero",
+        pidfile.display()
+    );
+    let (wrote_tx, wrote) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        let release = release;
+        let flood = s.spawn(|| {
+            let mut out = Stalled {
+                wrote: wrote_tx,
+                release: release_rx,
+                state: None,
+            };
+            client.exec(&sh(&script), None, &mut out, &mut Vec::new())
+        });
+        wrote.recv_timeout(Duration::from_secs(60)).unwrap();
+        // Answered while the flood runs.
+        let pid = guest(&format!("cat {}", pidfile.display())).expect("the guest answers");
+        let written = |when: &str| -> u64 {
+            let io = guest(&format!("cat /proc/{pid}/io")).unwrap_or_else(|| {
+                panic!("{when}: the flood (pid {pid}) is gone: it was not paced")
+            });
+            io.lines()
+                .find_map(|l| l.strip_prefix("wchar: "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no wchar in /proc/{pid}/io: {io}"))
+        };
+        std::thread::sleep(Duration::from_secs(1));
+        let early = written("early");
+        std::thread::sleep(Duration::from_secs(1));
+        let late = written("late");
+        assert!(
+            late < PACED_LIMIT,
+            "the flood wrote {late} bytes for a reader that took one chunk"
+        );
+        assert_eq!(early, late, "the flood went on while nobody read");
+        release.send(false).unwrap();
+        let err = flood.join().unwrap().unwrap_err();
+        assert!(matches!(err, AgentError::Local { .. }), "{err}");
+        let hung_up = Instant::now();
+        while guest(&format!("test -d /proc/{pid}")).is_some() {
+            assert!(
+                hung_up.elapsed() < Duration::from_secs(5),
+                "the flood outlived its caller by 5 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+}
+
+/// Issue 9: a command's output is read only as fast as its caller takes it. The flood
+/// (bounded at 256 MiB so that a regression cannot take the machine down) stops once the
+/// window, the agent's chunk and the pipe are full; other sessions go on meanwhile; and a
+/// caller that fails its writes ends the command.
+#[test]
+fn host_agent_paces_a_flood_to_its_reader_and_serves_other_sessions_meanwhile() {
+    /// What the command may have written for a reader that took one chunk: the window
+    /// (256 KiB), one chunk in the agent, the pipe (64 KiB), with room to spare; an
+    /// unpaced flood writes hundreds of MiB a second.
+    const PACED_LIMIT: u64 = 4 << 20;
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((_agent, client)) = host_agent(tmp.path()) else {
+        return;
+    };
+    let pidfile = tmp.path().join("flood.pid");
+    let script = format!(
+        "echo $$ > {0}.tmp && mv {0}.tmp {0}; exec head -c 268435456 /dev/zero",
+        pidfile.display()
+    );
+    let (wrote_tx, wrote) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        // Owned here, so a failing assertion drops it and the stalled writer fails: the
+        // scope then ends instead of waiting for ever.
+        let release = release;
+        let flood = s.spawn(|| {
+            let mut out = Stalled {
+                wrote: wrote_tx,
+                release: release_rx,
+                state: None,
+            };
+            client.exec(&sh(&script), None, &mut out, &mut Vec::new())
+        });
+        wrote.recv_timeout(Duration::from_secs(60)).unwrap();
+        let pid = wait_for_pid(&pidfile);
+        let quick = client.output(&sh("echo quick")).unwrap();
+        assert_eq!(
+            quick.stdout,
+            b"quick
+"
+        );
+        client.ping(Duration::from_secs(10)).unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+        let early = written_by(&pid);
+        std::thread::sleep(Duration::from_secs(1));
+        let late = written_by(&pid);
+        assert!(
+            late < PACED_LIMIT,
+            "the flood wrote {late} bytes for a reader that took one chunk"
+        );
+        assert_eq!(early, late, "the flood went on while nobody read");
+        release.send(false).unwrap();
+        let err = flood.join().unwrap().unwrap_err();
+        assert!(matches!(err, AgentError::Local { .. }), "{err}");
+        assert!(
+            gone_within(&pid, Duration::from_secs(5)),
+            "the flood outlived its caller"
+        );
+    });
+}
+
+/// Issue 9: [`agent::ExecControl::hang_up`] is SIGHUP, then SIGKILL of the process group
+/// after the grace: a command that ignores SIGHUP still ends, within 5 s.
+#[test]
+fn host_agent_hang_up_sends_sighup_then_kills_what_ignores_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((_agent, client)) = host_agent(tmp.path()) else {
+        return;
+    };
+    let pidfile = tmp.path().join("hup.pid");
+    let hupfile = tmp.path().join("hup.seen");
+    let script = format!(
+        "trap 'echo hup >> {}' HUP; echo $$ > {1}.tmp && mv {1}.tmp {1};          while :; do sleep 0.1; done",
+        hupfile.display(),
+        pidfile.display()
+    );
+    let (control_tx, control_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        let running = s.spawn(|| {
+            client.exec_with(
+                &sh(&script),
+                |control| {
+                    control_tx.send(control).unwrap();
+                    Ok(())
+                },
+                &mut Vec::new(),
+                &mut Vec::new(),
+            )
+        });
+        let control = control_rx.recv().unwrap();
+        let pid = wait_for_pid(&pidfile);
+        control.hang_up();
+        let gone = gone_within(&pid, Duration::from_secs(5));
+        if !gone {
+            let _ = control.signal(9); // or the scope waits for it for ever
+        }
+        assert!(gone, "a command ignoring SIGHUP outlived the hang-up");
+        let status = running.join().unwrap().unwrap();
+        assert_eq!(status, ExitStatus::Signal(9));
+    });
+    assert_eq!(fs::read_to_string(&hupfile).unwrap(), "hup\n");
+}
+
+/// Issue 9: a command that does not read its stdin, fed without end, holds up no other
+/// session (the agent's reader never waits for one session's queue).
+#[test]
+fn host_agent_a_command_not_reading_its_stdin_holds_up_no_other_session() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((_agent, client)) = host_agent(tmp.path()) else {
+        return;
+    };
+    let client = std::sync::Arc::new(client);
+    let (control_tx, control_rx) = std::sync::mpsc::channel();
+    let sleeper = {
+        let client = client.clone();
+        std::thread::spawn(move || {
+            let req = ExecRequest {
+                stdin: true,
+                ..sh("exec sleep 600")
+            };
+            client.exec_with(
+                &req,
+                |control| {
+                    let feeder = control.clone();
+                    std::thread::spawn(move || {
+                        let chunk = vec![b'x'; 32 * 1024];
+                        while !feeder.finished() && feeder.stdin(&chunk).is_ok() {}
+                    });
+                    control_tx.send(control).unwrap();
+                    Ok(())
+                },
+                &mut Vec::new(),
+                &mut Vec::new(),
+            )
+        })
+    };
+    let control = control_rx.recv().unwrap();
+    // Long enough for the feeder to fill the pipe and whatever queues behind it.
+    std::thread::sleep(Duration::from_secs(1));
+    let (quick_tx, quick) = std::sync::mpsc::channel();
+    {
+        let client = client.clone();
+        std::thread::spawn(move || {
+            let _ = quick_tx.send(client.output(&sh("echo quick")));
+        });
+    }
+    // A hang detector, not a timing: on the stalled connection no answer ever comes.
+    let out = quick
+        .recv_timeout(Duration::from_secs(60))
+        .expect("no answer while another command's stdin is full")
+        .unwrap();
+    assert_eq!(out.stdout, b"quick\n");
+    assert!(!control.finished(), "the sleeper ended early");
+    control.signal(9).unwrap();
+    assert_eq!(sleeper.join().unwrap().unwrap(), ExitStatus::Signal(9));
+}
+
+/// A host that sends no `Hello` (protocol version 2) is served as before: output as fast
+/// as it comes, without windows.
+#[test]
+fn host_agent_serves_a_host_without_flow_control_as_version_2_did() {
+    use banger_agent::proto::{self, Frame, Message};
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((_agent, sock)) = start_host_agent(tmp.path()) else {
+        return;
+    };
+    let mut stream = connect_retrying(&sock);
+    let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+    proto::write_frame(&mut stream, &Frame::new(1, Message::Ping)).unwrap();
+    assert_eq!(
+        proto::read_frame(&mut reader).unwrap().unwrap(),
+        Frame::new(
+            1,
+            Message::Pong {
+                version: proto::PROTOCOL_VERSION
+            }
+        )
+    );
+    // Four times the window, never granted.
+    let size = 4 * proto::INITIAL_WINDOW as usize;
+    let exec = Message::Exec(sh(&format!("head -c {size} /dev/zero")));
+    proto::write_frame(&mut stream, &Frame::new(2, exec)).unwrap();
+    let mut got = 0;
+    loop {
+        let frame = proto::read_frame(&mut reader).unwrap().unwrap();
+        assert_eq!(frame.session, 2);
+        match frame.msg {
+            Message::Stdout(d) => got += d.len(),
+            Message::Exit(status) => {
+                assert_eq!(status, ExitStatus::Code(0));
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(got, size);
+}
+
 fn connect_retrying(sock: &Path) -> std::os::unix::net::UnixStream {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -662,6 +991,7 @@ fn tcg_vm_agent_runs_commands_uploads_and_powers_off() {
     check_stdin_round_trip(&client);
     check_upload_then_read(&client, Path::new("/work"));
     check_errors_are_reported(&client, Path::new("/tmp/refused"));
+    check_a_stalled_flood_is_paced_and_ends_with_its_reader(&client, Path::new("/tmp/flood.pid"));
 
     let out = client
         .output(&sh("hostname; test $$ != 1 && cat /proc/1/comm; ls -d /dev/null /dev/pts /proc/self /run /tmp"))

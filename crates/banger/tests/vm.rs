@@ -1070,6 +1070,192 @@ fn firecracker_demanded_but_missing_fails_start_naming_the_config_key() {
     );
 }
 
+/// bangerd's resident set in bytes (`VmRSS` of /proc/PID/status).
+fn vm_rss(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"));
+    kib * 1024
+}
+
+/// `banger ARGS`, given up on (killed) after `limit`: a call that waits for an agent
+/// busy with another call may never answer.
+fn banger_within(
+    install: &Install,
+    args: &[&str],
+    limit: Duration,
+) -> Option<std::process::Output> {
+    let mut child = install
+        .banger_command(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            eprintln!("banger {args:?}: no answer within {limit:?}");
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Some(child.wait_with_output().unwrap())
+}
+
+/// Whether the guest process whose pid the guest wrote to `pidfile` still runs, asked
+/// with an exec of its own. `None` when that exec failed (the VM does not answer).
+fn guest_process_alive(install: &Install, vm: &str, pidfile: &str) -> Option<bool> {
+    /// A hang detector: an exec on a loaded TCG guest takes about a second.
+    const EXEC_LIMIT: Duration = Duration::from_secs(30);
+    let script = format!("test -d /proc/$(cat {pidfile})");
+    let out = banger_within(
+        install,
+        &["vm", "exec", vm, "--", "sh", "-c", &script],
+        EXEC_LIMIT,
+    )?;
+    match out.status.code() {
+        Some(0) => Some(true),
+        Some(1) if out.stderr.is_empty() => Some(false),
+        _ => {
+            eprintln!("exec for {pidfile}: {}", stderr(&out));
+            None
+        }
+    }
+}
+
+/// Waits (up to `timeout`) until the guest wrote `pidfile`; false if it never answered.
+fn guest_wrote(install: &Install, vm: &str, pidfile: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if guest_process_alive(install, vm, pidfile) == Some(true) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
+
+/// Whether the guest process of `pidfile` is gone within `limit` (the acceptance bound of
+/// issue 9) after its caller hung up.
+fn guest_gone_within(install: &Install, vm: &str, pidfile: &str, limit: Duration) -> bool {
+    let hung_up = Instant::now();
+    loop {
+        if guest_process_alive(install, vm, pidfile) == Some(false) {
+            return true;
+        }
+        if hung_up.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Issue 9 item 4, at the CLI: a guest cannot exhaust the daemon. Checks on one VM
+/// (booting one is the slow part), each recorded on its own so a regression names which:
+/// a flooding command whose caller never reads grows bangerd by less than 64 MiB in 60 s;
+/// a caller that hangs up ends its command within 5 s (also one ignoring SIGHUP, through
+/// the SIGKILL after the grace); a second call answers while a first runs.
+#[test]
+fn vm_exec_paces_a_flood_to_its_caller_ends_what_a_hung_up_caller_ran_and_runs_calls_at_once() {
+    /// The acceptance bounds of issue 9.
+    const RSS_GROWTH_LIMIT: u64 = 64 << 20;
+    const FLOOD_FOR: Duration = Duration::from_secs(60);
+    const GONE_WITHIN: Duration = Duration::from_secs(5);
+    let registry = Registry::start();
+    let Some(install) = ready_install(&registry) else {
+        return;
+    };
+    let out = install.banger(&["vm", "create", "--name", "flood", "--image", "bb"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let daemon = install.daemon_pid().expect("bangerd runs");
+    let mut failures: Vec<String> = Vec::new();
+
+    // First (on a fresh VM, so nothing else can hold it up), a flood whose caller never
+    // reads a byte.
+    let before = vm_rss(daemon);
+    let mut conn = install.connect();
+    let request = serde_json::json!({
+        "jsonrpc": "2.0", "id": 1, "method": "vm.exec",
+        "params": {"name": "flood", "argv": ["sh", "-c", "echo $$ > /tmp/flood.pid; exec cat /dev/zero"]},
+    });
+    conn.send_raw(format!("{request}\n").as_bytes());
+    let started = Instant::now();
+    let mut peak = before;
+    while started.elapsed() < FLOOD_FOR {
+        std::thread::sleep(Duration::from_millis(500));
+        peak = peak.max(vm_rss(daemon));
+    }
+    let growth = peak.saturating_sub(before);
+    eprintln!(
+        "bangerd RSS {} MiB before the flood, peak {} MiB over {FLOOD_FOR:?}",
+        before >> 20,
+        peak >> 20
+    );
+    if growth >= RSS_GROWTH_LIMIT {
+        failures.push(format!(
+            "bangerd grew by {} MiB in {FLOOD_FOR:?} of a flood nobody read",
+            growth >> 20
+        ));
+    }
+    // Paced, not finished or dropped: the command is still there, waiting for its reader.
+    match guest_process_alive(&install, "flood", "/tmp/flood.pid") {
+        Some(true) => {
+            drop(conn);
+            if !guest_gone_within(&install, "flood", "/tmp/flood.pid", GONE_WITHIN) {
+                failures.push(format!(
+                    "the flood of a caller that hung up still ran {GONE_WITHIN:?} later"
+                ));
+            }
+        }
+        other => failures.push(format!(
+            "during the flood, asking the guest about it gave {other:?} (want Some(true))"
+        )),
+    }
+
+    // Then a long command; it ignores SIGHUP, so only the SIGKILL after the grace ends it.
+    let mut slow = install
+        .banger_command(&[
+            "vm",
+            "exec",
+            "flood",
+            "--",
+            "sh",
+            "-c",
+            "trap '' HUP; echo $$ > /tmp/slow.pid; exec sleep 600",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    if !guest_wrote(&install, "flood", "/tmp/slow.pid", Duration::from_secs(90)) {
+        failures.push("a second vm exec got no answer while a first one ran".into());
+    } else if slow.try_wait().unwrap().is_some() {
+        failures.push("the first vm exec ended before the second answered".into());
+    } else {
+        // The caller hangs up: killed, its connection closes.
+        slow.kill().unwrap();
+        slow.wait().unwrap();
+        if !guest_gone_within(&install, "flood", "/tmp/slow.pid", GONE_WITHIN) {
+            failures.push(format!(
+                "the command of a caller that hung up still ran {GONE_WITHIN:?} later"
+            ));
+        }
+    }
+    let _ = slow.kill();
+    let _ = slow.wait();
+
+    let out = install.banger(&["vm", "rm", "flood"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
 /// The guest's MemTotal, in KiB.
 fn guest_mem_total_kib(install: &Install, vm: &str) -> u64 {
     let out = install.banger(&["vm", "exec", vm, "--", "cat", "/proc/meminfo"]);

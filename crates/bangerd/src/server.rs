@@ -41,6 +41,11 @@ pub use banger_client::process::create_private_dir;
 /// reading its stdin) before the connection stops being read: backpressure to the caller.
 const INPUT_QUEUE: usize = 64;
 
+/// How many `output` notifications (each at most one agent chunk, 32 KiB, in base64) may
+/// wait for a client that is not reading before the call producing them waits: with the
+/// agent's flow control this is what bounds a flooding command's footprint in the daemon.
+const OUTPUT_QUEUE: usize = 16;
+
 /// How many requests a client may send ahead while a call runs before the connection
 /// stops being read until the call ends.
 const MAX_QUEUED_LINES: usize = 256;
@@ -198,6 +203,30 @@ struct LineReader<R> {
     too_long: bool,
 }
 
+impl<R: AsyncBufRead + Unpin + PeerGone> LineReader<R> {
+    /// Whether the peer closed the connection both ways (see [`PeerGone`]).
+    fn peer_gone(&self) -> bool {
+        self.reader.peer_gone()
+    }
+}
+
+/// Tells a client that closed its connection from one that only shut down its sending
+/// half (and still reads the replies).
+trait PeerGone {
+    fn peer_gone(&self) -> bool;
+}
+
+impl PeerGone for BufReader<tokio::net::unix::OwnedReadHalf> {
+    fn peer_gone(&self) -> bool {
+        use rustix::event::{poll, PollFd, PollFlags};
+        let stream: &UnixStream = self.get_ref().as_ref();
+        let mut fds = [PollFd::new(stream, PollFlags::empty())];
+        // A Unix stream socket polls POLLHUP once the peer has shut down both ways (it
+        // closed); a peer that only shut down writing gives POLLRDHUP alone.
+        matches!(poll(&mut fds, 0), Ok(n) if n > 0) && fds[0].revents().contains(PollFlags::HUP)
+    }
+}
+
 impl<R: AsyncBufRead + Unpin> LineReader<R> {
     fn new(reader: R, max: usize) -> Self {
         LineReader {
@@ -335,13 +364,33 @@ type LineResult = std::io::Result<Line>;
 impl Connection {
     async fn serve(self, stream: UnixStream) {
         let (read_half, mut write_half) = stream.into_split();
+        // Replies and progress (few, small) go unbounded; bulk output goes through a
+        // bounded queue (see OUTPUT_QUEUE). Output first: a call's output is all queued
+        // before its reply, so preferring it keeps them in order.
         let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+        let (out_tx, mut out_rx) = mpsc::channel::<String>(OUTPUT_QUEUE);
         let writer = tokio::spawn(async move {
-            while let Some(mut line) = rx.recv().await {
+            let mut output_open = true;
+            loop {
+                let line = tokio::select! {
+                    biased;
+                    line = out_rx.recv(), if output_open => match line {
+                        Some(line) => line,
+                        None => {
+                            output_open = false;
+                            continue;
+                        }
+                    },
+                    line = rx.recv() => match line {
+                        Some(line) => line,
+                        None => return,
+                    },
+                };
+                let mut line = line;
                 line.push('\n');
                 if write_half.write_all(line.as_bytes()).await.is_err() {
-                    // The client hung up; drain silently so senders never block or fail.
-                    while rx.recv().await.is_some() {}
+                    // The client hung up. Returning drops both queues: senders of output
+                    // fail (the command is hung up on), replies and progress are dropped.
                     return;
                 }
             }
@@ -354,7 +403,7 @@ impl Connection {
             Err(_) => false,
         };
         if peer_allowed {
-            self.serve_requests(read_half, &tx).await;
+            self.serve_requests(read_half, &tx, &out_tx).await;
         } else {
             let op_id = self.op_id();
             tracing::warn!(op_id, "refused connection from another uid");
@@ -366,6 +415,7 @@ impl Connection {
             let _ = tx.send(to_line(&Response::err(Value::Null, error)));
         }
         drop(tx);
+        drop(out_tx);
         let _ = writer.await;
     }
 
@@ -377,6 +427,7 @@ impl Connection {
         &self,
         read_half: tokio::net::unix::OwnedReadHalf,
         tx: &mpsc::UnboundedSender<String>,
+        out_tx: &mpsc::Sender<String>,
     ) {
         let mut lines = LineReader::new(
             BufReader::with_capacity(64 * 1024, read_half),
@@ -406,7 +457,10 @@ impl Connection {
                 ),
                 Ok(Line::Complete(bytes)) if bytes.iter().all(u8::is_ascii_whitespace) => continue,
                 Ok(Line::Complete(bytes)) => {
-                    match self.handle(&bytes, tx, &mut lines, &mut queued).await {
+                    match self
+                        .handle(&bytes, tx, out_tx, &mut lines, &mut queued)
+                        .await
+                    {
                         Some(response) => response,
                         None => continue,
                     }
@@ -420,10 +474,11 @@ impl Connection {
 
     /// Answers one line: `None` for a client notification, which gets no reply (outside a
     /// call it is the tail of one that ended).
-    async fn handle<R: AsyncBufRead + Unpin>(
+    async fn handle<R: AsyncBufRead + Unpin + PeerGone>(
         &self,
         bytes: &[u8],
         tx: &mpsc::UnboundedSender<String>,
+        out_tx: &mpsc::Sender<String>,
         lines: &mut LineReader<R>,
         queued: &mut VecDeque<LineResult>,
     ) -> Option<Response> {
@@ -440,13 +495,14 @@ impl Connection {
             tracing::debug!("dropped input for a call that is not running");
             return None;
         }
-        Some(self.handle_request(value, tx, lines, queued).await)
+        Some(self.handle_request(value, tx, out_tx, lines, queued).await)
     }
 
-    async fn handle_request<R: AsyncBufRead + Unpin>(
+    async fn handle_request<R: AsyncBufRead + Unpin + PeerGone>(
         &self,
         value: Value,
         tx: &mpsc::UnboundedSender<String>,
+        out_tx: &mpsc::Sender<String>,
         lines: &mut LineReader<R>,
         queued: &mut VecDeque<LineResult>,
     ) -> Response {
@@ -471,7 +527,10 @@ impl Connection {
         }
         let op_id = self.op_id();
         let (input_tx, input_rx) = mpsc::channel(INPUT_QUEUE);
-        let ctx = CallContext::new(op_id.clone(), Some(tx.clone())).with_input(input_rx);
+        let ctx = CallContext::new(op_id.clone(), Some(tx.clone()))
+            .with_output(out_tx.clone())
+            .with_input(input_rx);
+        let hung_up = ctx.hung_up_flag();
         let started = std::time::Instant::now();
         // A task of its own, so reading this connection goes on while it runs (and a
         // call that blocks its thread cannot stall the reading).
@@ -507,9 +566,13 @@ impl Connection {
                             ClientInput::NotInput => queued.push_back(Ok(Line::Complete(bytes))),
                         },
                         Ok(Line::TooLong) => queued.push_back(Ok(Line::TooLong)),
-                        // The caller hung up: the call's input closes; the end is served
-                        // (the connection closed) once the call is over.
+                        // End-of-file: the call's input closes; the end is served (the
+                        // connection closed) once the call is over. A caller that closed
+                        // both ways (not just its sending half) hung up: say so first.
                         end => {
+                            if !matches!(end, Ok(Line::Eof)) || lines.peer_gone() {
+                                hung_up.store(true, std::sync::atomic::Ordering::SeqCst);
+                            }
                             input = None;
                             queued.push_back(end);
                         }

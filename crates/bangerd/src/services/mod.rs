@@ -8,6 +8,7 @@ pub mod kernel;
 pub mod network;
 pub mod vm;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use banger_api::{Notification, Progress};
@@ -59,8 +60,12 @@ pub struct CallContext {
     /// Identifies the call in replies and in the daemon log.
     pub op_id: String,
     progress: Option<mpsc::UnboundedSender<String>>,
+    /// The bounded queue of a command's output to the caller (see [`CallContext::output`]).
+    output: Option<mpsc::Sender<String>>,
     /// Taken by the one part of the call that consumes input (see [`CallContext::take_input`]).
     input: Arc<Mutex<Option<InputReceiver>>>,
+    /// Set (before the input closes) when the caller closed its connection both ways.
+    hung_up: Arc<AtomicBool>,
 }
 
 impl CallContext {
@@ -69,8 +74,18 @@ impl CallContext {
         CallContext {
             op_id,
             progress: sink,
+            output: None,
             input: Arc::default(),
+            hung_up: Arc::default(),
         }
+    }
+
+    /// Sends the call's bulk output (`output` notifications) through `sink`, a bounded
+    /// queue to the connection's writer: a caller that does not read then holds the call
+    /// up instead of filling the daemon's memory.
+    pub fn with_output(mut self, sink: mpsc::Sender<String>) -> Self {
+        self.output = Some(sink);
+        self
     }
 
     /// A context for calls made without a connection (tests, start-up work).
@@ -84,6 +99,18 @@ impl CallContext {
         self
     }
 
+    /// The flag that says the caller hung up: set before its input closes, so whoever
+    /// sees the input end can tell a hang-up from a half-close (the caller only stopped
+    /// sending, and still reads).
+    pub fn hung_up_flag(&self) -> Arc<AtomicBool> {
+        self.hung_up.clone()
+    }
+
+    /// Whether the caller hung up (see [`CallContext::hung_up_flag`]).
+    pub fn caller_hung_up(&self) -> bool {
+        self.hung_up.load(Ordering::SeqCst)
+    }
+
     /// The caller's input, once: `None` for a detached call or when already taken.
     pub fn take_input(&self) -> Option<InputReceiver> {
         self.input.lock().unwrap_or_else(|e| e.into_inner()).take()
@@ -95,6 +122,33 @@ impl CallContext {
             banger_api::PROGRESS_NOTIFICATION,
             serde_json::to_value(progress).expect("progress serialises"),
         );
+    }
+
+    /// Sends the notification `method` with `params` through the bounded output queue,
+    /// waiting while it is full (the caller is not reading). Fails once the caller is
+    /// gone. Without an output queue it is [`CallContext::notify`]. Must be called from a
+    /// blocking thread (`spawn_blocking`, `block_in_place`), never from async code.
+    pub fn output(
+        &self,
+        method: banger_api::NotificationMethod,
+        params: serde_json::Value,
+    ) -> std::io::Result<()> {
+        let Some(sink) = &self.output else {
+            self.notify(method, params);
+            return Ok(());
+        };
+        let note = Notification {
+            jsonrpc: "2.0".into(),
+            method,
+            params,
+        };
+        let line = serde_json::to_string(&note).expect("notification serialises");
+        sink.blocking_send(line).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "the caller hung up (its connection closed)",
+            )
+        })
     }
 
     /// Sends the notification `method` with `params` to the caller, if it still listens.

@@ -10,7 +10,7 @@ mod lifecycle;
 
 pub use lifecycle::{MAX_VCPUS, MIN_MEMORY_MIB};
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -82,6 +82,69 @@ pub struct VmService {
     /// Guest addresses handed to creates that have not recorded their VM yet (a disk copy
     /// takes seconds): a concurrent create must not pick the same one.
     pending_ips: Mutex<HashSet<Ipv4Addr>>,
+    /// The agent connection of each running VM, shared by all of its calls.
+    agents: AgentPool,
+}
+
+/// One agent connection per running VM, kept open and shared by every call on it: the
+/// agent multiplexes sessions over one connection (a virtio-serial port has only one),
+/// so an exec, an upload and a stop run at once instead of queueing behind each other.
+#[derive(Default)]
+struct AgentPool {
+    /// By VM id; a slot's lock is held while connecting, so one VM's calls never dial
+    /// twice at once and other VMs are not held up.
+    slots: Mutex<HashMap<String, AgentSlot>>,
+}
+
+/// One VM's connection, if made; locked while it is being made.
+type AgentSlot = Arc<Mutex<Option<Arc<AgentClient>>>>;
+
+impl std::fmt::Debug for AgentPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.slots.lock().map_or(0, |s| s.len());
+        write!(f, "AgentPool({n} VMs)")
+    }
+}
+
+impl AgentPool {
+    fn slot(&self, id: &str) -> AgentSlot {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.entry(id.to_owned()).or_default().clone()
+    }
+
+    /// The live connection of VM `id`, made with `connect` when there is none (or it
+    /// closed: the VM restarted, the agent broke the framing).
+    fn get_or_connect(
+        &self,
+        id: &str,
+        connect: impl FnOnce() -> anyhow::Result<AgentClient>,
+    ) -> anyhow::Result<Arc<AgentClient>> {
+        let slot = self.slot(id);
+        let mut held = slot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(client) = held.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(client.clone());
+        }
+        *held = None;
+        let client = Arc::new(connect()?);
+        *held = Some(client.clone());
+        Ok(client)
+    }
+
+    fn put(&self, id: &str, client: AgentClient) {
+        *self.slot(id).lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(client));
+    }
+
+    /// Drops the pool's hold on VM `id`'s connection (it closes once running calls end)
+    /// and returns it if it is still open.
+    fn forget(&self, id: &str) -> Option<Arc<AgentClient>> {
+        let slot = self
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id)?;
+        let client = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        client.filter(|c| !c.is_closed())
+    }
 }
 
 /// Releases an address reserved by [`VmService::allocate_guest_ip`] once the create is over
@@ -127,6 +190,9 @@ pub fn validate_name(what: &str, name: &str) -> Result<(), ServiceError> {
     }
 }
 
+/// Sends what is written as `output` notifications through the call's bounded output
+/// queue: a write waits while the caller is not reading and fails once it hung up, which
+/// is how a guest command is paced to its caller and ended when the caller goes away.
 struct OutputWriter<'a> {
     ctx: &'a CallContext,
     stream: OutputStream,
@@ -134,11 +200,14 @@ struct OutputWriter<'a> {
 
 impl Write for OutputWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // One notification carries at most an agent chunk, so the queue's bound in lines
+        // is a bound in bytes (a console log is copied in larger pieces).
+        let buf = &buf[..buf.len().min(banger_agent::proto::CHUNK_SIZE)];
         let data = base64::engine::general_purpose::STANDARD.encode(buf);
-        self.ctx.notify(
+        self.ctx.output(
             OUTPUT_NOTIFICATION,
             serde_json::json!({ "stream": self.stream, "data": data }),
-        );
+        )?;
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -182,6 +251,7 @@ impl VmService {
             kernels,
             kvm: OnceLock::new(),
             pending_ips: Mutex::default(),
+            agents: AgentPool::default(),
         }
     }
 
@@ -620,11 +690,14 @@ impl VmService {
                 rusqlite::params![pid, backend.as_str(), vm.id],
             )
             .context("record VM state")?;
-        if let Err(e) = self.wait_for_agent(kind, &dir, pid) {
-            kill(pid);
-            self.release_tap(&vm);
-            self.set_state(&vm.id, VmState::Stopped, None)?;
-            return Err(e.context(format!("boot VM {name:?}")).into());
+        match self.wait_for_agent(kind, &dir, pid) {
+            Ok(client) => self.agents.put(&vm.id, client),
+            Err(e) => {
+                kill(pid);
+                self.release_tap(&vm);
+                self.set_state(&vm.id, VmState::Stopped, None)?;
+                return Err(e.context(format!("boot VM {name:?}")).into());
+            }
         }
         tracing::info!(vm = name, pid, %backend, "VM started");
         self.show(name)
@@ -664,16 +737,19 @@ impl VmService {
         }
     }
 
-    fn agent(&self, vm: &VmInfo) -> Result<AgentClient, ServiceError> {
+    /// The shared connection to the agent of `vm` (see [`AgentPool`]).
+    fn agent(&self, vm: &VmInfo) -> Result<Arc<AgentClient>, ServiceError> {
         if !vm.state.is_running() || !vm.pid.is_some_and(pid_alive) {
             return Err(ServiceError::bad_request(format!(
                 "VM {:?} is not running (banger vm start {})",
                 vm.name, vm.name
             )));
         }
-        Ok(agent_channel(vm)?
-            .connect(Duration::from_secs(10))
-            .with_context(|| format!("connect to the agent of VM {:?}", vm.name))?)
+        Ok(self.agents.get_or_connect(&vm.id, || {
+            agent_channel(vm)?
+                .connect(Duration::from_secs(10))
+                .with_context(|| format!("connect to the agent of VM {:?}", vm.name))
+        })?)
     }
 
     /// Shuts a VM down; its disk keeps what the guest wrote.
@@ -681,8 +757,12 @@ impl VmService {
         let vm = self.show(name)?;
         if let Some(pid) = vm.pid.filter(|pid| pid_alive(*pid)) {
             // An unknown backend (a record from a newer banger) still gets killed below.
-            let client =
-                agent_channel(&vm).and_then(|channel| Ok(channel.connect(Duration::from_secs(5))?));
+            // The shared connection if there is one: a second one would wait behind it.
+            let client = match self.agents.forget(&vm.id) {
+                Some(client) => Ok(client),
+                None => agent_channel(&vm)
+                    .and_then(|channel| Ok(Arc::new(channel.connect(Duration::from_secs(5))?))),
+            };
             if let Ok(client) = client {
                 if let Err(e) = client.shutdown(STOP_TIMEOUT) {
                     tracing::warn!(vm = name, error = %e, "clean shutdown failed");
@@ -706,6 +786,7 @@ impl VmService {
     /// synced may be lost.
     pub fn kill(&self, name: &str) -> Result<VmInfo, ServiceError> {
         let vm = self.show(name)?;
+        self.agents.forget(&vm.id);
         if let Some(pid) = vm.pid.filter(|pid| pid_alive(*pid)) {
             kill(pid);
             let deadline = Instant::now() + Duration::from_secs(5);
@@ -792,14 +873,15 @@ impl VmService {
             ctx,
             stream: OutputStream::Stderr,
         };
-        // Taken even when stdin is not forwarded: signals come the same way.
+        // Taken even when stdin is not forwarded: signals (and the hang-up) come that way.
         let input = ctx.take_input();
         let on_pty = request.tty.is_some();
+        let hung_up = ctx.hung_up_flag();
         let start = |control: ExecControl| -> std::io::Result<()> {
             match input {
                 Some(input) => {
                     crate::span::spawn_thread("vm-exec-input", move || {
-                        forward_input(input, &control, on_pty)
+                        forward_input(input, &control, on_pty, &hung_up)
                     })?;
                 }
                 // Nobody can send input (a call without a connection): end it at once
@@ -975,10 +1057,17 @@ impl VmService {
 }
 
 /// Passes the caller's input (and signals) on to the command until the caller stops sending
-/// it. When
-/// the caller hangs up, a command on a pty gets SIGHUP, as when a terminal closes; one on
-/// a pipe just sees its stdin end.
-fn forward_input(mut input: InputReceiver, control: &ExecControl, on_pty: bool) {
+/// it. When the caller hangs up (its connection closed) the command is hung up on, on a
+/// pty or not: SIGHUP to its process group, SIGKILL after
+/// [`banger_vmm::agent::HANGUP_GRACE`] (nobody is left to see its output or stop it). A
+/// caller that only shut down its sending half still reads: a command on a pipe then sees
+/// its stdin end, one on a pty gets SIGHUP (its terminal went away), as before.
+fn forward_input(
+    mut input: InputReceiver,
+    control: &ExecControl,
+    on_pty: bool,
+    hung_up: &std::sync::atomic::AtomicBool,
+) {
     while let Some(event) = input.blocking_recv() {
         let sent = match event {
             InputEvent::Data(data) => control.stdin(&data),
@@ -990,12 +1079,15 @@ fn forward_input(mut input: InputReceiver, control: &ExecControl, on_pty: bool) 
             return;
         }
     }
-    if !control.finished() {
-        let _ = if on_pty {
-            control.signal(rustix::process::Signal::Hup as i32)
-        } else {
-            control.close_stdin()
-        };
+    if control.finished() {
+        return;
+    }
+    if hung_up.load(std::sync::atomic::Ordering::SeqCst) {
+        control.hang_up();
+    } else if on_pty {
+        let _ = control.signal(rustix::process::Signal::Hup as i32);
+    } else {
+        let _ = control.close_stdin();
     }
 }
 
