@@ -860,7 +860,7 @@ impl VmService {
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_else(|| "workspace".into());
                 cwd = format!("/root/{base}");
-                upload_workspace(&client, workspace, Path::new(&cwd)).with_context(|| {
+                upload_workspace(ctx, &client, workspace, Path::new(&cwd)).with_context(|| {
                     format!("copy {} into VM {:?}", workspace.display(), vm.name)
                 })?;
             }
@@ -1093,51 +1093,23 @@ fn inject_agent(disk: &Path, agent: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Uploads the workspace: a git repository's tracked and untracked-but-not-ignored files,
-/// or every file of a plain directory.
-fn upload_workspace(client: &AgentClient, workspace: &Path, dest: &Path) -> anyhow::Result<()> {
-    let listed = Command::new("git")
-        .arg("-C")
-        .arg(workspace)
-        .args([
-            "ls-files",
-            "-z",
-            "--cached",
-            "--others",
-            "--exclude-standard",
-        ])
-        .output();
-    let files: Option<Vec<PathBuf>> = match listed {
-        Ok(out) if out.status.success() => Some(
-            out.stdout
-                .split(|b| *b == 0)
-                .filter(|p| !p.is_empty())
-                .map(|p| PathBuf::from(String::from_utf8_lossy(p).into_owned()))
-                .collect(),
-        ),
-        _ => None,
+/// Uploads the workspace (see [`super::workspace`] for what is copied and why no git
+/// runs); what was left out is told to the caller on stderr before the command runs.
+fn upload_workspace(
+    ctx: &CallContext,
+    client: &AgentClient,
+    workspace: &Path,
+    dest: &Path,
+) -> anyhow::Result<()> {
+    let listing = super::workspace::list(workspace)
+        .with_context(|| format!("list the files of {}", workspace.display()))?;
+    let mut stderr = OutputWriter {
+        ctx,
+        stream: "stderr",
     };
-    let Some(files) = files else {
-        return Ok(client.upload_dir(workspace, dest)?);
-    };
-    let (reader, writer) = std::io::pipe().context("create pipe")?;
-    let root = workspace.to_owned();
-    let producer = std::thread::spawn(move || -> std::io::Result<()> {
-        let mut builder = tar::Builder::new(writer);
-        builder.follow_symlinks(false);
-        for file in files {
-            let full = root.join(&file);
-            // Deleted-but-tracked files are listed by git and absent on disk.
-            if std::fs::symlink_metadata(&full).is_ok() {
-                builder.append_path_with_name(&full, &file)?;
-            }
-        }
-        builder.into_inner()?.flush()
-    });
-    client.upload_tar(reader, dest)?;
-    producer
-        .join()
-        .map_err(|_| anyhow::anyhow!("workspace archiver panicked"))?
-        .context("archive the workspace")?;
-    Ok(())
+    for warning in listing.warnings() {
+        tracing::warn!(workspace = %workspace.display(), %warning, "workspace copy");
+        let _ = writeln!(stderr, "banger: {}: {warning}", workspace.display());
+    }
+    super::workspace::upload(client, workspace, &listing, dest)
 }
