@@ -104,6 +104,9 @@ impl Qemu {
             "none".into(),
             // The guest's reboot ends the VM: that is how a finished command powers off.
             "-no-reboot".into(),
+        ];
+        a.extend(sandbox_args());
+        a.extend([
             "-chardev".into(),
             format!("file,id=con0,path={}", run.join("console.log").display()),
             "-serial".into(),
@@ -114,7 +117,7 @@ impl Qemu {
             spec.kernel.display().to_string(),
             "-append".into(),
             cmdline,
-        ];
+        ]);
         if let Some(initrd) = &spec.initrd {
             a.extend(["-initrd".into(), initrd.display().to_string()]);
         }
@@ -160,6 +163,17 @@ impl Qemu {
         }
         a
     }
+}
+
+/// QEMU's seccomp filter, on for every VM: a guest that takes over QEMU still cannot
+/// call obsolete syscalls, change its uid or gid (`elevateprivileges=deny`: which is also
+/// why a root daemon drops QEMU's privileges before exec rather than with `-runas`,
+/// whose setuid the filter forbids), fork or exec (`spawn=deny`: banger's TAPs need no
+/// helper scripts) or change scheduling and affinity (`resourcecontrol=deny`).
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+fn sandbox_args() -> [String; 2] {
+    ["-sandbox".into(), SANDBOX.into()]
 }
 
 /// QEMU option values escape a literal comma by doubling it.
@@ -477,6 +491,10 @@ mod tests {
         assert_eq!(arg_after(&a, "-smp"), ["2"]);
         assert!(a.contains(&"-no-reboot".to_string()));
         assert!(a.contains(&"-nodefaults".to_string()));
+        assert_eq!(
+            arg_after(&a, "-sandbox"),
+            ["on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+        );
         assert_eq!(
             arg_after(&a, "-drive"),
             ["file=/images/a,,b.ext4,if=none,id=root,format=raw,cache=unsafe"]

@@ -5,6 +5,7 @@ mod client;
 mod format;
 mod interactive;
 mod progress;
+mod sanitize;
 mod vm_cmds;
 
 use std::io::IsTerminal;

@@ -120,6 +120,11 @@ pub enum VmCommand {
         /// Keep printing what the console writes until the VM stops.
         #[arg(short, long)]
         follow: bool,
+        /// Write the guest's bytes to this terminal as they are; by default control
+        /// characters (escape sequences) are shown escaped, e.g. `\x1b`. Output that is
+        /// not a terminal is never changed.
+        #[arg(long)]
+        raw: bool,
     },
     /// Run a command in a running VM; exits with its status.
     ///
@@ -134,6 +139,11 @@ pub enum VmCommand {
         workdir: Option<String>,
         #[command(flatten)]
         stdin: StdinArgs,
+        /// Write the guest's bytes to this terminal as they are; by default control
+        /// characters (escape sequences) are shown escaped, e.g. `\x1b`. Output that is
+        /// not a terminal is never changed.
+        #[arg(long)]
+        raw: bool,
         /// The command.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -168,6 +178,11 @@ pub enum VmCommand {
         network: Option<String>,
         #[command(flatten)]
         stdin: StdinArgs,
+        /// Write the guest's bytes to this terminal as they are; by default control
+        /// characters (escape sequences) are shown escaped, e.g. `\x1b`. Output that is
+        /// not a terminal is never changed.
+        #[arg(long)]
+        raw: bool,
         /// The command; without one, an interactive login shell.
         #[arg(last = true)]
         command: Vec<String>,
@@ -386,14 +401,16 @@ pub fn run_vm(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Re
             }
         }
         VmCommand::Show { name } => print_vm(&call::<VmShow>(client, &NameParams { name })?, json)?,
-        VmCommand::Logs { name, follow } => {
+        VmCommand::Logs { name, follow, raw } => {
             let params = VmLogsParams { name, follow };
-            client.call_with_notifications::<VmLogs>(&params, interactive::forward_output)?;
+            let mut sink = interactive::OutputSink::new(raw);
+            client.call_with_notifications::<VmLogs>(&params, |note| sink.forward(note))?;
         }
         VmCommand::Exec {
             name,
             workdir,
             stdin,
+            raw,
             command,
         } => {
             let mode = stdin.mode(interactive::stdin_is_terminal())?;
@@ -404,7 +421,7 @@ pub fn run_vm(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Re
                 stdin: mode == Mode::Pipe,
                 tty: tty_params(mode)?,
             };
-            let result = interactive::call::<VmExec>(client, &params, mode)?;
+            let result = interactive::call::<VmExec>(client, &params, mode, raw)?;
             return exit_with(&result, json);
         }
         VmCommand::Shell { name } => {
@@ -413,7 +430,7 @@ pub fn run_vm(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Re
                 name,
                 tty: tty_params(mode)?,
             };
-            let result = interactive::call::<VmShell>(client, &params, mode)?;
+            let result = interactive::call::<VmShell>(client, &params, mode, false)?;
             return exit_with(&result, json);
         }
         VmCommand::Run {
@@ -423,6 +440,7 @@ pub fn run_vm(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Re
             rm,
             network,
             stdin,
+            raw,
             command,
         } => {
             let terminal = interactive::stdin_is_terminal();
@@ -450,7 +468,7 @@ pub fn run_vm(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Re
                 stdin: mode == Mode::Pipe,
                 tty: tty_params(mode)?,
             };
-            let result = interactive::call::<VmRun>(client, &params, mode)?;
+            let result = interactive::call::<VmRun>(client, &params, mode, raw)?;
             return exit_with(&result, json);
         }
     }

@@ -1,0 +1,220 @@
+//! The sandbox boundary end to end (issue 9): what a hostile repository, guest or image
+//! can make the host do. Real VMs (QEMU TCG where KVM cannot run a guest), a real
+//! registry, banger's agent inside.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use banger_testkit::{guest, push_oci_layout, LayerCompression, OciLayoutBuilder, Registry};
+use support::{stderr, stdout, Install};
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Agent binary and kernel package, built/downloaded once per test process.
+fn guest_parts() -> Option<&'static (PathBuf, PathBuf)> {
+    static PARTS: OnceLock<Option<(PathBuf, PathBuf)>> = OnceLock::new();
+    PARTS
+        .get_or_init(|| {
+            let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+            let deb = match guest::fetch_test_kernel(
+                &workspace_root(),
+                &tmp.join("banger-test-kernel"),
+            ) {
+                Ok(deb) => deb,
+                Err(e) => {
+                    banger_testkit::require(false, e);
+                    return None;
+                }
+            };
+            let agent =
+                guest::build_guest_agent(&workspace_root(), &tmp.join("banger-agent-build"))
+                    .unwrap_or_else(|e| panic!("{e}"));
+            Some((agent, deb))
+        })
+        .as_ref()
+}
+
+/// An installation configured with `config` (QEMU, user networking, plus the test's
+/// own keys), with a kernel and a busybox image `bb` pulled from `registry`.
+fn ready_install(registry: &Registry, extra_config: &str) -> Option<Install> {
+    let (agent, deb) = guest_parts()?;
+    let mut install = Install::new();
+    install
+        .extra_env
+        .push(("BANGER_AGENT".into(), agent.into()));
+    install.write_config(&format!(
+        "vmm = \"qemu\"\nnetwork = \"user\"\n{extra_config}"
+    ));
+    let layout_dir = install.dir.path().join("layout");
+    let mut layout = OciLayoutBuilder::new(&layout_dir).unwrap();
+    layout
+        .image("v1", &[(guest::busybox_layer(), LayerCompression::Gzip)])
+        .unwrap();
+    push_oci_layout(&layout_dir, "v1", registry, "busybox");
+    let out = install.banger(&[
+        "image",
+        "pull",
+        &registry.reference("busybox", "v1"),
+        "--name",
+        "bb",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = install.banger(&["kernel", "import", "cloud", "--deb", deb.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    Some(install)
+}
+
+/// git for the test's own setup, reading no configuration of this host.
+fn git(dir: &Path, args: &[&str]) {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args([
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "-c",
+            "core.hooksPath=/dev/null",
+        ])
+        .args(args)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .output()
+        .expect("run git");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A repository whose config, attributes and hooks each try to run a command that
+/// leaves `<markers>/<what>` behind.
+fn hostile_repo(repo: &Path, markers: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(repo.join("src")).unwrap();
+    git(repo, &["init", "-q"]);
+    std::fs::write(repo.join("src/main.c"), "int main;\n").unwrap();
+    std::fs::write(repo.join(".gitignore"), ".env\n").unwrap();
+    std::fs::write(repo.join(".gitattributes"), "* filter=x\n").unwrap();
+    git(repo, &["add", "."]);
+    git(repo, &["commit", "-qm", "init"]);
+    let mark = |what: &str| format!("touch {}", markers.join(what).display());
+    let mut config = std::fs::read_to_string(repo.join(".git/config")).unwrap();
+    config.push_str(&format!(
+        "[core]\n\tfsmonitor = \"{}\"\n\thooksPath = .githooks\n[filter \"x\"]\n\tclean = \"{}\"\n\tsmudge = \"{}\"\n\tprocess = \"{}\"\n",
+        mark("fsmonitor"),
+        mark("clean"),
+        mark("smudge"),
+        mark("process"),
+    ));
+    std::fs::write(repo.join(".git/config"), config).unwrap();
+    for dir in [".githooks", ".git/hooks"] {
+        std::fs::create_dir_all(repo.join(dir)).unwrap();
+        for hook in [
+            "post-checkout",
+            "pre-commit",
+            "post-index-change",
+            "reference-transaction",
+            "fsmonitor-watchman",
+        ] {
+            let path = repo.join(dir).join(hook);
+            std::fs::write(&path, format!("#!/bin/sh\n{}\n", mark(hook))).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+    }
+    std::fs::write(repo.join(".env"), "TOKEN=secret\n").unwrap();
+    std::fs::write(repo.join("untracked.txt"), "new\n").unwrap();
+}
+
+#[test]
+fn vm_run_of_a_hostile_repo_runs_nothing_on_the_host_and_copies_what_git_would() {
+    if !banger_testkit::require(
+        Command::new("git").arg("--version").output().is_ok(),
+        "git is not installed (scripts/setup.sh installs it)",
+    ) {
+        return;
+    }
+    let registry = Registry::start();
+    let Some(install) = ready_install(&registry, "") else {
+        return;
+    };
+    let markers = install.dir.path().join("markers");
+    std::fs::create_dir_all(&markers).unwrap();
+    let repo = install.dir.path().join("repo");
+    hostile_repo(&repo, &markers);
+    // A socket (a dev server's, say) in the work tree, untracked.
+    let _socket = std::os::unix::net::UnixListener::bind(repo.join("dev.sock")).unwrap();
+
+    let list = "find . -path ./.git -prune -o -print | sort; ls -d .git 2>&1 || true";
+    let out = install.banger(&[
+        "vm",
+        "run",
+        repo.to_str().unwrap(),
+        "--rm",
+        "--image",
+        "bb",
+        "--",
+        "sh",
+        "-c",
+        list,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let made: Vec<_> = std::fs::read_dir(&markers)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(made.is_empty(), "the repo ran code on the host: {made:?}");
+    let listed = stdout(&out);
+    for present in [
+        "./src/main.c",
+        "./.gitignore",
+        "./.gitattributes",
+        "./untracked.txt",
+    ] {
+        assert!(
+            listed.lines().any(|l| l == present),
+            "{present} missing: {listed}"
+        );
+    }
+    for absent in ["./.env", "./dev.sock"] {
+        assert!(!listed.contains(absent), "{absent} copied: {listed}");
+    }
+    assert!(listed.contains("No such file"), ".git/ copied: {listed}");
+    assert!(
+        stderr(&out).contains("skipped 1 special file"),
+        "the user was not told of the socket: {}",
+        stderr(&out)
+    );
+
+    // A plain directory holding a socket is copied without it.
+    let plain = install.dir.path().join("plain");
+    std::fs::create_dir_all(&plain).unwrap();
+    std::fs::write(plain.join("a.txt"), "a\n").unwrap();
+    let _socket = std::os::unix::net::UnixListener::bind(plain.join("p.sock")).unwrap();
+    let out = install.banger(&[
+        "vm",
+        "run",
+        plain.to_str().unwrap(),
+        "--rm",
+        "--image",
+        "bb",
+        "--",
+        "sh",
+        "-c",
+        "ls -A",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "a.txt\n");
+    assert!(
+        stderr(&out).contains("skipped 1 special file"),
+        "{}",
+        stderr(&out)
+    );
+}
