@@ -1,11 +1,11 @@
 //! The Firecracker backend of the [`Vmm`] trait.
 //!
-//! One `firecracker --api-sock <run>/firecracker.sock --id <vm>` process per VM, started
+//! One `firecracker --api-sock <run>/firecracker.sock --id <vm> --log-path <run>/firecracker.log`
+//! process per VM, started
 //! detached (its own session) and configured through its REST API, whose request bodies
 //! follow the field names of Firecracker's `firecracker.yaml` (swagger 2.0):
 //!
 //! ```text
-//! PUT /logger                  Logger               log_path, level, show_level, show_log_origin
 //! PUT /boot-source             BootSource           kernel_image_path (ELF vmlinux), initrd_path, boot_args
 //! PUT /drives/rootfs           Drive                drive_id, path_on_host, is_root_device, is_read_only
 //! PUT /machine-config          MachineConfiguration vcpu_count, mem_size_mib, smt
@@ -55,6 +55,8 @@ const API_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Firecracker {
     /// The `firecracker` binary (config `firecracker_bin`, else found on PATH).
     pub binary: PathBuf,
+    /// Caps the console log ([`crate::console`]); `None` writes `console.log` directly.
+    pub console_logger: Option<crate::console::ConsoleLogger>,
 }
 
 /// One API call: method, path and JSON body.
@@ -120,27 +122,16 @@ pub fn boot_args(spec: &VmSpec) -> String {
 /// Fails for what Firecracker cannot do: user-mode networking (it has none).
 pub fn plan(spec: &VmSpec) -> Result<Vec<ApiRequest>> {
     let run = &spec.run_dir;
-    let mut calls = vec![
-        ApiRequest::put(
-            "/logger",
-            json!({
-                "log_path": run.join("firecracker.log"),
-                "level": "Info",
-                "show_level": true,
-                "show_log_origin": false,
-            }),
-        ),
-        ApiRequest::put("/boot-source", {
-            let mut body = json!({
-                "kernel_image_path": spec.kernel,
-                "boot_args": boot_args(spec),
-            });
-            if let Some(initrd) = &spec.initrd {
-                body["initrd_path"] = json!(initrd);
-            }
-            body
-        }),
-    ];
+    let mut calls = vec![ApiRequest::put("/boot-source", {
+        let mut body = json!({
+            "kernel_image_path": spec.kernel,
+            "boot_args": boot_args(spec),
+        });
+        if let Some(initrd) = &spec.initrd {
+            body["initrd_path"] = json!(initrd);
+        }
+        body
+    })];
     if let Some(disk) = &spec.root_disk {
         calls.push(ApiRequest::put(
             "/drives/rootfs",
@@ -340,8 +331,18 @@ impl Vmm for Firecracker {
         // The logger opens an existing file (or FIFO) only.
         let log = run.join("firecracker.log");
         fs::File::create(&log).ctx("create", &log)?;
-        let console_path = run.join("console.log");
-        let console = fs::File::create(&console_path).ctx("create", &console_path)?;
+        let console: Stdio = match &self.console_logger {
+            Some(logger) => logger
+                .spawn(run)
+                .ctx("start the console logger", &logger.program)?
+                .into(),
+            None => {
+                let console_path = run.join("console.log");
+                fs::File::create(&console_path)
+                    .ctx("create", &console_path)?
+                    .into()
+            }
+        };
         let stderr_path = run.join("firecracker.stderr");
         let stderr = fs::File::create(&stderr_path).ctx("create", &stderr_path)?;
         let mut command = Command::new(&self.binary);
@@ -350,6 +351,9 @@ impl Vmm for Firecracker {
             .arg(&api)
             .arg("--id")
             .arg(instance_id(run))
+            // The logger from the first line on: configured through the API (after
+            // launch), Firecracker's first lines went to stdout, the guest's console.
+            .args(logger_args(&log))
             .stdin(Stdio::null())
             // The guest's serial console goes to Firecracker's stdout.
             .stdout(console)
@@ -396,6 +400,18 @@ impl Vmm for Firecracker {
     }
 }
 
+/// Firecracker's command-line logger options: its own log in `log`, level Info, levels
+/// shown.
+pub fn logger_args(log: &Path) -> Vec<std::ffi::OsString> {
+    vec![
+        "--log-path".into(),
+        log.into(),
+        "--level".into(),
+        "Info".into(),
+        "--show-level".into(),
+    ]
+}
+
 /// The last lines of a log file, for error messages.
 fn tail(path: &Path) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
@@ -435,7 +451,6 @@ mod tests {
         assert_eq!(
             paths,
             [
-                "/logger",
                 "/boot-source",
                 "/drives/rootfs",
                 "/machine-config",
@@ -446,11 +461,6 @@ mod tests {
         );
         assert!(calls.iter().all(|c| c.method == "PUT"));
         let body = |path: &str| calls.iter().find(|c| c.path == path).unwrap().body.clone();
-        assert_eq!(
-            body("/logger"),
-            json!({"log_path": "/vms/abc/firecracker.log", "level": "Info",
-                   "show_level": true, "show_log_origin": false})
-        );
         assert_eq!(
             body("/boot-source"),
             json!({"kernel_image_path": "/k/vmlinux", "initrd_path": "/k/initramfs.cpio",
@@ -485,12 +495,9 @@ mod tests {
         s.initrd = None;
         let calls = plan(&s).unwrap();
         let paths: Vec<&str> = calls.iter().map(|c| c.path.as_str()).collect();
-        assert_eq!(
-            paths,
-            ["/logger", "/boot-source", "/machine-config", "/actions"]
-        );
-        assert_eq!(calls[1].body.get("initrd_path"), None);
-        assert!(!calls[1].body["boot_args"]
+        assert_eq!(paths, ["/boot-source", "/machine-config", "/actions"]);
+        assert_eq!(calls[0].body.get("initrd_path"), None);
+        assert!(!calls[0].body["boot_args"]
             .as_str()
             .unwrap()
             .contains("agent_vsock"));

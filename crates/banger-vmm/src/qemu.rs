@@ -47,12 +47,16 @@ pub trait RunningVm {
 pub struct Qemu {
     /// The `qemu-system-x86_64` binary.
     pub binary: PathBuf,
+    /// Caps the console log ([`crate::console`]); `None` writes `console.log` directly,
+    /// uncapped (probes and tests of short boots).
+    pub console_logger: Option<crate::console::ConsoleLogger>,
 }
 
 impl Default for Qemu {
     fn default() -> Self {
         Qemu {
             binary: "qemu-system-x86_64".into(),
+            console_logger: None,
         }
     }
 }
@@ -108,7 +112,11 @@ impl Qemu {
         a.extend(sandbox_args());
         a.extend([
             "-chardev".into(),
-            format!("file,id=con0,path={}", run.join("console.log").display()),
+            match self.console_logger {
+                // The logger reads QEMU's stdout (its stdin is /dev/null: nothing to read).
+                Some(_) => "stdio,id=con0,signal=off".into(),
+                None => format!("file,id=con0,path={}", run.join("console.log").display()),
+            },
             "-serial".into(),
             "chardev:con0".into(),
             "-qmp".into(),
@@ -233,11 +241,18 @@ impl Vmm for Qemu {
         }
         let stderr_path = spec.run_dir.join("qemu.stderr");
         let stderr = fs::File::create(&stderr_path).ctx("create", &stderr_path)?;
+        let console: Stdio = match &self.console_logger {
+            Some(logger) => logger
+                .spawn(&spec.run_dir)
+                .ctx("start the console logger", &logger.program)?
+                .into(),
+            None => Stdio::null(),
+        };
         let mut command = Command::new(&self.binary);
         command
             .args(self.args(spec))
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(console)
             .stderr(stderr);
         // SAFETY: setsid is async-signal-safe and touches no parent memory; it keeps the
         // VM out of the daemon's process group, so signals aimed at the daemon spare it.

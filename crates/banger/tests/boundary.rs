@@ -218,3 +218,83 @@ fn vm_run_of_a_hostile_repo_runs_nothing_on_the_host_and_copies_what_git_would()
         stderr(&out)
     );
 }
+
+/// The `Seccomp:` mode of process `pid` (2: a filter), from /proc.
+fn seccomp_mode(pid: u64) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp:"))
+        .unwrap_or("")
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn a_vm_runs_under_seccomp_its_console_is_capped_and_shown_escaped_on_a_terminal() {
+    let registry = Registry::start();
+    const CAP: u64 = 64 << 10;
+    let Some(install) = ready_install(&registry, &format!("console_log_max = {CAP}\n")) else {
+        return;
+    };
+    let out = install.banger(&["vm", "create", "--name", "v", "--image", "bb"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let show = install.banger(&["--json", "vm", "show", "v"]);
+    let shown: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    let pid = shown["pid"].as_u64().expect("a running VM has a pid");
+    let dir = PathBuf::from(shown["dir"].as_str().unwrap());
+    assert_eq!(
+        seccomp_mode(pid),
+        "2",
+        "QEMU runs without its seccomp filter"
+    );
+
+    // Far more than the cap, then an OSC 52 clipboard write and a last line.
+    let flood = "dd if=/dev/zero bs=1024 count=640 2>/dev/null | tr '\\000' x > /dev/ttyS0; \
+                 printf '\\n\\033]52;c;aGVsbG8=\\007END-MARK\\n' > /dev/ttyS0";
+    let out = install.banger(&["vm", "exec", "v", "--", "sh", "-c", flood]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let logs = loop {
+        let out = install.banger(&["vm", "logs", "v"]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        if out.stdout.ends_with(b"END-MARK\n") || std::time::Instant::now() > deadline {
+            break out.stdout;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    let size = |name: &str| std::fs::metadata(dir.join(name)).map_or(0, |m| m.len());
+    let on_host = size("console.log") + size("console.log.1");
+    assert!(
+        on_host <= CAP,
+        "{on_host} bytes of console on the host, cap {CAP}"
+    );
+    // Piped: the latest output, byte for byte.
+    assert!(
+        logs.ends_with(b"\n\x1b]52;c;aGVsbG8=\x07END-MARK\n"),
+        "{:?}",
+        String::from_utf8_lossy(&logs[logs.len().saturating_sub(200)..])
+    );
+    assert!(logs.len() as u64 > CAP / 2, "{} bytes", logs.len());
+
+    // On a terminal: escaped; with --raw: as is.
+    let mut pty = install.banger_on_pty(&["vm", "logs", "v"], 24, 80);
+    let (status, screen) = pty.wait(std::time::Duration::from_secs(60));
+    assert_eq!(status.code(), Some(0), "{screen:?}");
+    assert!(
+        screen.contains("\\x1b]52;c;aGVsbG8=\\x07END-MARK"),
+        "{:?}",
+        &screen[screen.len().saturating_sub(200)..]
+    );
+    assert!(!screen.contains('\x1b'), "a raw ESC reached the terminal");
+    let mut pty = install.banger_on_pty(&["vm", "logs", "--raw", "v"], 24, 80);
+    let (status, screen) = pty.wait(std::time::Duration::from_secs(60));
+    assert_eq!(status.code(), Some(0), "{screen:?}");
+    assert!(
+        screen.contains("\x1b]52;c;aGVsbG8=\x07END-MARK"),
+        "--raw escaped"
+    );
+
+    let out = install.banger(&["vm", "rm", "v"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}

@@ -60,6 +60,9 @@ pub struct Config {
     /// The bridge's address and prefix in TAP mode; guests get the rest of the subnet.
     /// Default `172.30.0.1/24`.
     pub bridge_address: Option<String>,
+    /// Most bytes of a VM's console kept on the host (`console.log` + `console.log.1`);
+    /// default 1 MiB, at least 16 KiB.
+    pub console_log_max: Option<u64>,
 }
 
 impl Config {
@@ -70,7 +73,20 @@ impl Config {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Config::default()),
             Err(e) => return Err(e).context("read config file"),
         };
-        toml::from_str(&text).context("parse config file")
+        let config: Config = toml::from_str(&text).context("parse config file")?;
+        if let Some(max) = config.console_log_max {
+            let min = banger_vmm::console::MIN_CONSOLE_LOG_MAX;
+            if max < min {
+                anyhow::bail!("console_log_max = {max} is below the minimum of {min} bytes");
+            }
+        }
+        Ok(config)
+    }
+
+    /// The console cap in bytes (`console_log_max`, else 1 MiB).
+    pub fn console_log_max(&self) -> u64 {
+        self.console_log_max
+            .unwrap_or(banger_vmm::console::DEFAULT_CONSOLE_LOG_MAX)
     }
 }
 
@@ -120,6 +136,18 @@ mod tests {
         std::fs::write(&path, "network = \"bridge\"\n").unwrap();
         let err = format!("{:#}", Config::load(&path).unwrap_err());
         assert!(err.contains("unknown variant `bridge`"), "{err}");
+    }
+
+    #[test]
+    fn console_log_max_parses_and_a_tiny_cap_is_refused_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        assert_eq!(Config::default().console_log_max(), 1 << 20);
+        std::fs::write(&path, "console_log_max = 65536\n").unwrap();
+        assert_eq!(Config::load(&path).unwrap().console_log_max(), 65536);
+        std::fs::write(&path, "console_log_max = 100\n").unwrap();
+        let err = format!("{:#}", Config::load(&path).unwrap_err());
+        assert!(err.contains("console_log_max = 100"), "{err}");
     }
 
     #[test]

@@ -508,9 +508,28 @@ impl VmService {
             }
             ServiceError::bad_request(message)
         })?;
+        let console_logger = self.console_logger();
         Ok(match (kind, firecracker) {
-            (BackendKind::Firecracker, Some(binary)) => Box::new(Firecracker { binary }),
-            _ => Box::new(Qemu::default()),
+            (BackendKind::Firecracker, Some(binary)) => Box::new(Firecracker {
+                binary,
+                console_logger,
+            }),
+            _ => Box::new(Qemu {
+                console_logger,
+                ..Qemu::default()
+            }),
+        })
+    }
+
+    /// The console logger of every VM: this `bangerd` binary (`--console-log`), capped at
+    /// `console_log_max`. `None` where this process is not bangerd (a test harness
+    /// driving the service), which leaves the console uncapped.
+    fn console_logger(&self) -> Option<banger_vmm::console::ConsoleLogger> {
+        let exe = std::env::current_exe().ok()?;
+        (exe.file_name()? == "bangerd").then(|| banger_vmm::console::ConsoleLogger {
+            program: exe,
+            args: vec!["--console-log".into()],
+            max_bytes: self.config.console_log_max(),
         })
     }
 
@@ -900,8 +919,21 @@ impl VmService {
         ctx: &CallContext,
         params: &VmLogsParams,
     ) -> Result<VmLogsResult, ServiceError> {
+        use std::os::unix::fs::MetadataExt;
         let vm = self.show(&params.name)?;
-        let path = Path::new(&vm.dir).join("console.log");
+        let path = Path::new(&vm.dir).join(banger_vmm::console::CONSOLE_LOG);
+        let previous = Path::new(&vm.dir).join(banger_vmm::console::CONSOLE_LOG_PREVIOUS);
+        let mut out = OutputWriter {
+            ctx,
+            stream: "stdout",
+        };
+        let mut sent = 0u64;
+        // The console rotates (see banger_vmm::console): the previous file first. A
+        // rotation between this read and the open below loses that one file's worth.
+        if let Ok(mut file) = std::fs::File::open(&previous) {
+            sent += std::io::copy(&mut file, &mut out)
+                .with_context(|| format!("read {}", previous.display()))?;
+        }
         let mut log = match std::fs::File::open(&path) {
             Ok(file) => Some(file),
             // Never booted: nothing logged yet, which following may change.
@@ -912,11 +944,6 @@ impl VmService {
                     .into())
             }
         };
-        let mut out = OutputWriter {
-            ctx,
-            stream: "stdout",
-        };
-        let mut sent = 0u64;
         let mut send_new = |log: &mut Option<std::fs::File>| -> anyhow::Result<()> {
             if log.is_none() {
                 *log = std::fs::File::open(&path).ok();
@@ -924,6 +951,21 @@ impl VmService {
             if let Some(file) = log {
                 sent += std::io::copy(file, &mut out)
                     .with_context(|| format!("read {}", path.display()))?;
+                // Rotated: what was read is now the previous file, complete; go on with
+                // the new one from its start.
+                let rotated = match (std::fs::metadata(&path), file.metadata()) {
+                    (Ok(now), Ok(open)) => now.ino() != open.ino(),
+                    _ => false,
+                };
+                if rotated {
+                    sent += std::io::copy(file, &mut out)
+                        .with_context(|| format!("read {}", path.display()))?;
+                    *log = std::fs::File::open(&path).ok();
+                    if let Some(file) = log {
+                        sent += std::io::copy(file, &mut out)
+                            .with_context(|| format!("read {}", path.display()))?;
+                    }
+                }
             }
             Ok(())
         };
