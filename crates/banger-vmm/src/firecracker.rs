@@ -121,7 +121,6 @@ pub fn boot_args(spec: &VmSpec) -> String {
 ///
 /// Fails for what Firecracker cannot do: user-mode networking (it has none).
 pub fn plan(spec: &VmSpec) -> Result<Vec<ApiRequest>> {
-    let run = &spec.run_dir;
     let mut calls = vec![ApiRequest::put("/boot-source", {
         let mut body = json!({
             "kernel_image_path": spec.kernel,

@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod backend;
+pub mod confine;
 pub mod console;
 pub mod error;
 pub mod firecracker;

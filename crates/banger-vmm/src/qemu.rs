@@ -50,6 +50,9 @@ pub struct Qemu {
     /// Caps the console log ([`crate::console`]); `None` writes `console.log` directly,
     /// uncapped (probes and tests of short boots).
     pub console_logger: Option<crate::console::ConsoleLogger>,
+    /// Run QEMU as this user, handed every file it needs ([`crate::confine`]); set when
+    /// the daemon is root. `None`: QEMU runs as the caller and opens its own files.
+    pub run_as: Option<crate::confine::VmmUser>,
 }
 
 impl Default for Qemu {
@@ -57,6 +60,7 @@ impl Default for Qemu {
         Qemu {
             binary: "qemu-system-x86_64".into(),
             console_logger: None,
+            run_as: None,
         }
     }
 }
@@ -184,6 +188,126 @@ fn sandbox_args() -> [String; 2] {
     ["-sandbox".into(), SANDBOX.into()]
 }
 
+/// Rewrites `args` (from [`Qemu::args`]) for a QEMU that opens no path of the host:
+/// each file and socket is opened (or bound) here, put in `passed`, and named by its
+/// descriptor (see [`crate::confine`]).
+fn confined_args(
+    args: Vec<String>,
+    spec: &VmSpec,
+    passed: &mut crate::confine::PassedFds,
+) -> std::result::Result<Vec<String>, String> {
+    let kernel = readable(&spec.kernel, passed)?;
+    let initrd = match &spec.initrd {
+        Some(initrd) => Some(readable(initrd, passed)?),
+        None => None,
+    };
+    let mut out = Vec::with_capacity(args.len() + 8);
+    let mut it = args.into_iter();
+    while let Some(arg) = it.next() {
+        let value = |it: &mut std::vec::IntoIter<String>| it.next().unwrap_or_default();
+        match arg.as_str() {
+            "-qmp" => {
+                let _ = value(&mut it);
+                let qmp = crate::confine::listen_unix(&spec.run_dir.join("qmp.sock"))
+                    .map_err(|e| format!("bind qmp.sock in {}: {e}", spec.run_dir.display()))?;
+                let fd = passed.add(qmp);
+                out.extend([
+                    "-chardev".into(),
+                    format!("socket,id=qmp,fd={fd},server=on,wait=off"),
+                    "-mon".into(),
+                    "chardev=qmp,mode=control".into(),
+                ]);
+            }
+            "-kernel" => {
+                let _ = value(&mut it);
+                out.extend([arg, format!("/proc/self/fd/{kernel}")]);
+            }
+            "-initrd" => {
+                let _ = value(&mut it);
+                if let Some(fd) = initrd {
+                    out.extend([arg, format!("/proc/self/fd/{fd}")]);
+                }
+            }
+            "-drive" | "-chardev" | "-netdev" => {
+                let v = value(&mut it);
+                let v = if let (Some(rest), Some(disk)) =
+                    (v.strip_prefix("file="), spec.root_disk.as_ref())
+                {
+                    // QEMU probes the image read-only first, then opens it read-write:
+                    // the set holds one descriptor of each.
+                    let rw = passed.open(disk, true);
+                    let ro = passed.open(disk, false);
+                    let (rw, ro) = rw
+                        .and_then(|rw| Ok((rw, ro?)))
+                        .map_err(|e| format!("open {}: {e}", disk.display()))?;
+                    out.extend([
+                        "-add-fd".into(),
+                        format!("fd={rw},set=1"),
+                        "-add-fd".into(),
+                        format!("fd={ro},set=1"),
+                    ]);
+                    let options = rest.rsplit_once(",if=").map(|(_, o)| o).unwrap_or("");
+                    format!("file=/dev/fdset/1,if={options}")
+                } else if v.starts_with("socket,id=agent,") {
+                    let socket = spec.agent_socket.as_ref().ok_or("no agent socket")?;
+                    let listener = crate::confine::listen_unix(socket)
+                        .map_err(|e| format!("bind {}: {e}", socket.display()))?;
+                    format!(
+                        "socket,id=agent,fd={},server=on,wait=off",
+                        passed.add(listener)
+                    )
+                } else if v.starts_with("tap,") {
+                    let Some(NetSpec::Tap { ifname, .. }) = &spec.net else {
+                        return Err("a tap netdev without a TAP in the spec".into());
+                    };
+                    let tap = crate::confine::open_tap(ifname)
+                        .map_err(|e| format!("open TAP {ifname}: {e}"))?;
+                    let fd = passed.add(tap);
+                    // fd= excludes ifname=, script= and downscript=; other options stay.
+                    let kept: Vec<&str> = v
+                        .split(',')
+                        .filter(|o| {
+                            !o.starts_with("ifname=")
+                                && !o.starts_with("script=")
+                                && !o.starts_with("downscript=")
+                        })
+                        .collect();
+                    format!("{},fd={fd}", kept.join(","))
+                } else {
+                    v
+                };
+                out.extend([arg, v]);
+            }
+            _ => out.push(arg),
+        }
+    }
+    Ok(out)
+}
+
+/// Opens `path` for a confined QEMU that names it `/proc/self/fd/N` (how `-kernel` and
+/// `-initrd` take a descriptor): that reopens the file, which checks the file's own
+/// mode, not its directories'.
+fn readable(
+    path: &Path,
+    passed: &mut crate::confine::PassedFds,
+) -> std::result::Result<std::os::fd::RawFd, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o004 == 0 {
+        return Err(format!(
+            "{} is not world-readable (mode {:o}); the VMM's user cannot read it",
+            path.display(),
+            mode & 0o777
+        ));
+    }
+    passed
+        .open(path, false)
+        .map_err(|e| format!("open {}: {e}", path.display()))
+}
+
 /// QEMU option values escape a literal comma by doubling it.
 fn qemu_escape(s: &str) -> String {
     s.replace(',', ",,")
@@ -248,12 +372,19 @@ impl Vmm for Qemu {
                 .into(),
             None => Stdio::null(),
         };
+        let mut passed = crate::confine::PassedFds::default();
+        let args = match &self.run_as {
+            Some(user) => confined_args(self.args(spec), spec, &mut passed)
+                .map_err(|e| Error::Vm(format!("prepare QEMU to run as {}: {e}", user.name)))?,
+            None => self.args(spec),
+        };
         let mut command = Command::new(&self.binary);
         command
-            .args(self.args(spec))
+            .args(args)
             .stdin(Stdio::null())
             .stdout(console)
             .stderr(stderr);
+        passed.apply(&mut command, self.run_as.as_ref());
         // SAFETY: setsid is async-signal-safe and touches no parent memory; it keeps the
         // VM out of the daemon's process group, so signals aimed at the daemon spare it.
         unsafe {

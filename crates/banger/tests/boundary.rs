@@ -248,6 +248,14 @@ fn a_vm_runs_under_seccomp_its_console_is_capped_and_shown_escaped_on_a_terminal
         "2",
         "QEMU runs without its seccomp filter"
     );
+    if rustix::process::geteuid().is_root() {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let uids = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        assert!(
+            uids.split_whitespace().skip(1).all(|u| u != "0"),
+            "QEMU of a root daemon runs as root: {uids}"
+        );
+    }
 
     // Far more than the cap, then an OSC 52 clipboard write and a last line.
     let flood = "dd if=/dev/zero bs=1024 count=640 2>/dev/null | tr '\\000' x > /dev/ttyS0; \
@@ -258,7 +266,7 @@ fn a_vm_runs_under_seccomp_its_console_is_capped_and_shown_escaped_on_a_terminal
     let logs = loop {
         let out = install.banger(&["vm", "logs", "v"]);
         assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-        if out.stdout.ends_with(b"END-MARK\n") || std::time::Instant::now() > deadline {
+        if out.stdout.ends_with(b"END-MARK\r\n") || std::time::Instant::now() > deadline {
             break out.stdout;
         }
         std::thread::sleep(std::time::Duration::from_millis(500));
@@ -269,9 +277,9 @@ fn a_vm_runs_under_seccomp_its_console_is_capped_and_shown_escaped_on_a_terminal
         on_host <= CAP,
         "{on_host} bytes of console on the host, cap {CAP}"
     );
-    // Piped: the latest output, byte for byte.
+    // Piped: the latest output, byte for byte (the guest's tty turned \n into \r\n).
     assert!(
-        logs.ends_with(b"\n\x1b]52;c;aGVsbG8=\x07END-MARK\n"),
+        logs.ends_with(b"\n\x1b]52;c;aGVsbG8=\x07END-MARK\r\n"),
         "{:?}",
         String::from_utf8_lossy(&logs[logs.len().saturating_sub(200)..])
     );

@@ -68,12 +68,29 @@ pub fn diagnose(kernels: &KernelService, vms: &VmService) -> Vec<DoctorCheck> {
             true,
             "apt-get install busybox-static",
         ),
-        check(
-            "git (workspace copies)",
-            version_of("git", "--version"),
-            false,
-            "apt-get install git (without it vm run copies every file of PATH)",
-        ),
+        match config.vmm_user() {
+            Ok(user) => DoctorCheck {
+                name: "vmm user".into(),
+                status: "ok".into(),
+                detail: match user {
+                    Some(u) => format!(
+                        "VMMs run as {} (uid {}, gid {}; vmm_user in config.toml)",
+                        u.name, u.uid, u.gid
+                    ),
+                    None => "bangerd is not root: VMMs run as its user".into(),
+                },
+                fix: None,
+            },
+            Err(e) => DoctorCheck {
+                name: "vmm user".into(),
+                status: "missing".into(),
+                detail: e,
+                fix: Some(format!(
+                    "useradd --system --no-create-home --shell /usr/sbin/nologin {}",
+                    config.vmm_user_name()
+                )),
+            },
+        },
         check(
             "guest agent",
             vms.agent_path().ok().map(|p| p.display().to_string()),

@@ -509,6 +509,7 @@ impl VmService {
             ServiceError::bad_request(message)
         })?;
         let console_logger = self.console_logger();
+        let run_as = self.config.vmm_user().map_err(ServiceError::bad_request)?;
         Ok(match (kind, firecracker) {
             (BackendKind::Firecracker, Some(binary)) => Box::new(Firecracker {
                 binary,
@@ -516,6 +517,7 @@ impl VmService {
             }),
             _ => Box::new(Qemu {
                 console_logger,
+                run_as,
                 ..Qemu::default()
             }),
         })
