@@ -185,6 +185,31 @@ pub fn open_tap(ifname: &str) -> io::Result<OwnedFd> {
     Ok(tun.into())
 }
 
+/// Makes `uid`/`gid` the owner of the existing persistent TAP `ifname`, so that a VMM
+/// running as them can attach to it by name (what `ip tuntap add ... user U group G`
+/// sets at creation): attach here as root, then TUNSETOWNER and TUNSETGROUP.
+pub fn give_tap(ifname: &str, uid: u32, gid: u32) -> io::Result<()> {
+    const TUNSETOWNER: rustix::ioctl::RawOpcode = 0x4004_54cc;
+    const TUNSETGROUP: rustix::ioctl::RawOpcode = 0x4004_54ce;
+    let tun = open_tap(ifname)?;
+    // SAFETY: both take the id as the ioctl's integer argument.
+    unsafe {
+        rustix::ioctl::ioctl(
+            &tun,
+            rustix::ioctl::IntegerSetter::<rustix::ioctl::BadOpcode<TUNSETOWNER>>::new(
+                uid as usize,
+            ),
+        )?;
+        rustix::ioctl::ioctl(
+            &tun,
+            rustix::ioctl::IntegerSetter::<rustix::ioctl::BadOpcode<TUNSETGROUP>>::new(
+                gid as usize,
+            ),
+        )?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -122,6 +122,7 @@ fn spawn_detached_configures_in_order_then_starts_with_logs_in_the_run_dir() {
     let pid = Firecracker {
         binary: bin,
         console_logger: None,
+        jailer: None,
     }
     .spawn_detached(&spec(&run))
     .unwrap();
@@ -184,6 +185,7 @@ fn a_refused_request_fails_with_its_fault_message_and_kills_firecracker() {
     let err = Firecracker {
         binary: bin,
         console_logger: None,
+        jailer: None,
     }
     .spawn_detached(&spec(&run))
     .unwrap_err()

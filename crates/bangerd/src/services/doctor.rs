@@ -58,6 +58,15 @@ pub fn diagnose(kernels: &KernelService, vms: &VmService) -> Vec<DoctorCheck> {
             firecracker_required,
             "install firecracker (v1.8 or later: ACPI device discovery) on PATH or set firecracker_bin in config.toml; it is used where KVM works, QEMU otherwise",
         ),
+        check(
+            "jailer (Firecracker under a root bangerd)",
+            vms.jailer_binary().and_then(|bin| {
+                let version = version_of(bin.to_str()?, "--version")?;
+                Some(format!("{version} ({})", bin.display()))
+            }),
+            firecracker_required && rustix::process::geteuid().is_root(),
+            "install Firecracker's jailer (same release as firecracker) on PATH or set jailer_bin in config.toml; a root bangerd runs Firecracker only through it",
+        ),
         check("mkfs.ext4", version_of("mkfs.ext4", "-V"), true, "apt-get install e2fsprogs"),
         check("debugfs", version_of("debugfs", "-V"), true, "apt-get install e2fsprogs"),
         check(

@@ -490,6 +490,15 @@ impl VmService {
         }
     }
 
+    /// Firecracker's jailer: `jailer_bin` from config.toml when set and present, else
+    /// `jailer` on PATH.
+    pub fn jailer_binary(&self) -> Option<PathBuf> {
+        match &self.config.jailer_bin {
+            Some(path) => path.is_file().then(|| path.clone()),
+            None => backend::find_on_path("jailer"),
+        }
+    }
+
     /// The VMM for a VM networked with `mode`, per the `vmm` setting and the host.
     fn backend(&self, kernel: &Path, mode: NetworkMode) -> Result<Box<dyn Vmm>, ServiceError> {
         let preference: banger_vmm::BackendPreference = self.config.vmm.unwrap_or_default().into();
@@ -511,10 +520,29 @@ impl VmService {
         let console_logger = self.console_logger();
         let run_as = self.config.vmm_user().map_err(ServiceError::bad_request)?;
         Ok(match (kind, firecracker) {
-            (BackendKind::Firecracker, Some(binary)) => Box::new(Firecracker {
-                binary,
-                console_logger,
-            }),
+            (BackendKind::Firecracker, Some(binary)) => {
+                // A root daemon's Firecracker runs in its jailer (banger_vmm::firecracker::Jailer).
+                let jailer = match run_as {
+                    Some(user) => Some(banger_vmm::firecracker::Jailer {
+                        binary: self.jailer_binary().ok_or_else(|| {
+                            ServiceError::bad_request(match &self.config.jailer_bin {
+                                Some(path) => format!(
+                                    "bangerd runs as root, so Firecracker runs in its jailer, but jailer_bin = {:?} (config.toml) is not a file",
+                                    path
+                                ),
+                                None => "bangerd runs as root, so Firecracker runs in its jailer, which is not on PATH: install it next to firecracker (same release) or set jailer_bin in config.toml".into(),
+                            })
+                        })?,
+                        user,
+                    }),
+                    None => None,
+                };
+                Box::new(Firecracker {
+                    binary,
+                    console_logger,
+                    jailer,
+                })
+            }
             _ => Box::new(Qemu {
                 console_logger,
                 run_as,
@@ -734,6 +762,13 @@ impl VmService {
             .conn()
             .execute("DELETE FROM vms WHERE id = ?1", [&vm.id])
             .context("delete VM record")?;
+        if vm.backend == "firecracker" {
+            // The jailer's cgroup outlives the process.
+            let binary = self
+                .firecracker_binary()
+                .unwrap_or_else(|| PathBuf::from("firecracker"));
+            banger_vmm::firecracker::remove_jail_cgroups(&binary, Path::new(&vm.dir));
+        }
         std::fs::remove_dir_all(&vm.dir).with_context(|| format!("remove {}", vm.dir))?;
         Ok(vm)
     }
