@@ -132,10 +132,10 @@ fn spawn_detached_configures_in_order_then_starts_with_logs_in_the_run_dir() {
     assert_eq!(
         argv,
         &serde_json::json!([
-            "--api-sock",
-            run.join("firecracker.sock"),
             "--id",
             "0123abcd",
+            "--api-sock",
+            run.join("firecracker.sock"),
             "--log-path",
             run.join("firecracker.log"),
             "--level",
