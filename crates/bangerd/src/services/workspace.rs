@@ -34,6 +34,28 @@ pub const MAX_INDEX_BYTES: u64 = 256 << 20;
 /// Most files one workspace copy lists; more is refused rather than held in memory.
 pub const MAX_WORKSPACE_FILES: usize = 2_000_000;
 
+/// Largest ignore-rules file (`.gitignore`, `.git/info/exclude`) read.
+pub const MAX_IGNORE_FILE_BYTES: u64 = 1 << 20;
+
+/// Whether the ignore-rules file `path` may be read: absent, or a regular file (not a
+/// symlink to a host file, not a FIFO that would block the read) within
+/// [`MAX_IGNORE_FILE_BYTES`].
+fn check_rule_file(path: &Path) -> Result<(), String> {
+    match std::fs::symlink_metadata(path) {
+        Err(_) => Ok(()),
+        Ok(meta) if !meta.is_file() => Err(format!(
+            "{} is not a regular file (a symlink or special file); refusing to read it",
+            path.display()
+        )),
+        Ok(meta) if meta.len() > MAX_IGNORE_FILE_BYTES => Err(format!(
+            "{} is {} bytes, over the limit of {MAX_IGNORE_FILE_BYTES} (MAX_IGNORE_FILE_BYTES)",
+            path.display(),
+            meta.len()
+        )),
+        Ok(_) => Ok(()),
+    }
+}
+
 /// How the file list was made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ListingKind {
@@ -153,6 +175,17 @@ pub fn list(workspace: &Path) -> anyhow::Result<Listing> {
     let mut files = std::collections::BTreeSet::new();
     let root = work_tree_root(workspace);
     if let Some(root) = &root {
+        // The rule files the walk reads before entering the workspace: those of the
+        // workspace and of its parents up to the work tree's root, and info/exclude.
+        check_rule_file(&root.join(".git/info/exclude")).map_err(anyhow::Error::msg)?;
+        for dir in workspace.ancestors() {
+            check_rule_file(&dir.join(".gitignore")).map_err(anyhow::Error::msg)?;
+            if dir == root.as_path() {
+                break;
+            }
+        }
+    }
+    if let Some(root) = &root {
         match read_index(root) {
             Ok(tracked) => {
                 listing.kind = ListingKind::GitIndex;
@@ -184,7 +217,12 @@ pub fn list(workspace: &Path) -> anyhow::Result<Listing> {
             }
         }
     }
-    walk(workspace, root.is_some(), &mut files, &mut listing)?;
+    // info/exclude only from a real `.git` directory: the ignore crate would follow a
+    // worktree's `.git` file to wherever it points.
+    let git_dir = root
+        .as_ref()
+        .is_some_and(|r| std::fs::symlink_metadata(r.join(".git")).is_ok_and(|m| m.is_dir()));
+    walk(workspace, root.is_some(), git_dir, &mut files, &mut listing)?;
     listing.files = files.into_iter().collect();
     Ok(listing)
 }
@@ -244,10 +282,11 @@ fn read_index(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
 }
 
 /// Adds the untracked files of `workspace` that the ignore rules let through (all files
-/// when `git` is false) to `files`.
+/// when `git` is false; `.git/info/exclude` only when `git_dir`) to `files`.
 fn walk(
     workspace: &Path,
     git: bool,
+    git_dir: bool,
     files: &mut std::collections::BTreeSet<PathBuf>,
     listing: &mut Listing,
 ) -> anyhow::Result<()> {
@@ -260,19 +299,33 @@ fn walk(
         // workspace), `.git/info/exclude`; not ripgrep's `.ignore`, and not the global
         // excludes file, whose location is git configuration.
         .git_ignore(git)
-        .git_exclude(git)
+        .git_exclude(git && git_dir)
         .parents(git)
         .git_global(false)
         .ignore(false)
         .require_git(true);
     let top = workspace.to_owned();
+    let bad_rules: std::sync::Arc<std::sync::Mutex<Option<String>>> = Default::default();
+    let bad = bad_rules.clone();
     builder.filter_entry(move |entry| {
+        let is_dir = entry.file_type().is_some_and(|t| t.is_dir());
         // `.git` is never copied; a nested repository is its own (git lists it as one
         // directory, not its files).
-        let nested_repo = entry.path() != top
-            && entry.file_type().is_some_and(|t| t.is_dir())
-            && entry.path().join(".git").symlink_metadata().is_ok();
-        entry.file_name() != ".git" && !nested_repo
+        let nested_repo =
+            entry.path() != top && is_dir && entry.path().join(".git").symlink_metadata().is_ok();
+        if entry.file_name() == ".git" || nested_repo {
+            return false;
+        }
+        // The walker reads a directory's `.gitignore` on entering it: checked first.
+        if git && is_dir && entry.path() != top {
+            if let Err(e) = check_rule_file(&entry.path().join(".gitignore")) {
+                bad.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert(e);
+                return false;
+            }
+        }
+        true
     });
     for entry in builder.build() {
         let entry = entry.with_context(|| format!("list {}", workspace.display()))?;
@@ -300,6 +353,9 @@ fn walk(
             Kind::Special => listing.skipped_special += 1,
             Kind::Directory | Kind::Missing => {}
         }
+    }
+    if let Some(e) = bad_rules.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        anyhow::bail!(e);
     }
     Ok(())
 }
@@ -480,6 +536,32 @@ mod tests {
         let listing = list(&repo).unwrap();
         assert_eq!(listing.kind, ListingKind::GitIgnoreOnly);
         assert_eq!(names(&listing), [".gitignore", "a"]);
+    }
+
+    #[test]
+    fn an_ignore_file_that_is_a_symlink_or_a_fifo_is_refused_not_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = tmp.path().join("r");
+        std::fs::create_dir_all(repo.join(".git")).unwrap();
+        std::fs::create_dir_all(repo.join("sub")).unwrap();
+        // A FIFO would block the read forever; /dev/zero would never end.
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            repo.join("sub/.gitignore"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let err = list(&repo).unwrap_err().to_string();
+        assert!(
+            err.contains("sub/.gitignore is not a regular file"),
+            "{err}"
+        );
+        std::fs::remove_file(repo.join("sub/.gitignore")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", repo.join(".gitignore")).unwrap();
+        let err = list(&repo).unwrap_err().to_string();
+        assert!(err.contains(".gitignore is not a regular file"), "{err}");
     }
 
     #[test]
