@@ -286,7 +286,7 @@ fn confined_args(
 
 /// Opens `path` for a confined QEMU that names it `/proc/self/fd/N` (how `-kernel` and
 /// `-initrd` take a descriptor): that reopens the file, which checks the file's own
-/// mode, not its directories'.
+/// mode, not its directories'; a file others may not read goes as an in-memory copy.
 fn readable(
     path: &Path,
     passed: &mut crate::confine::PassedFds,
@@ -297,11 +297,17 @@ fn readable(
         .permissions()
         .mode();
     if mode & 0o004 == 0 {
-        return Err(format!(
-            "{} is not world-readable (mode {:o}); the VMM's user cannot read it",
-            path.display(),
-            mode & 0o777
-        ));
+        // Not readable by the VMM's user (a 0600 kernel copied from Ubuntu's /boot, say):
+        // a copy in memory, whose mode lets the descriptor's holder reopen it.
+        let copy = (|| -> std::io::Result<std::os::fd::OwnedFd> {
+            let memfd =
+                rustix::fs::memfd_create("banger-boot-file", rustix::fs::MemfdFlags::CLOEXEC)?;
+            let mut out = fs::File::from(memfd);
+            std::io::copy(&mut fs::File::open(path)?, &mut out)?;
+            Ok(out.into())
+        })()
+        .map_err(|e| format!("copy {} for the VMM's user: {e}", path.display()))?;
+        return Ok(passed.add(copy));
     }
     passed
         .open(path, false)
@@ -692,5 +698,40 @@ mod tests {
         assert_eq!(arg_after(&a, "-append"), ["reboot=k tsc_early_khz=1"]);
         assert_eq!(arg_after(&a, "-cpu"), ["host"]);
         assert_eq!(arg_after(&a, "-accel"), ["kvm"]);
+    }
+
+    #[test]
+    fn boot_files_reach_an_unprivileged_vmm_whatever_their_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        if !banger_testkit::require(
+            rustix::process::geteuid().is_root(),
+            "dropping to another user needs root",
+        ) {
+            return;
+        }
+        let nobody = crate::confine::VmmUser {
+            name: "nobody".into(),
+            uid: 65534,
+            gid: 65534,
+            groups: vec![65534],
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        for mode in [0o644, 0o600] {
+            let file = tmp.path().join(format!("kernel-{mode:o}"));
+            fs::write(&file, format!("kernel {mode:o}\n")).unwrap();
+            fs::set_permissions(&file, fs::Permissions::from_mode(mode)).unwrap();
+            let mut passed = crate::confine::PassedFds::default();
+            let fd = readable(&file, &mut passed).unwrap();
+            let mut command = Command::new("/bin/cat");
+            command.arg(format!("/proc/self/fd/{fd}"));
+            passed.apply(&mut command, Some(&nobody));
+            let out = command.output().unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                format!("kernel {mode:o}\n"),
+                "mode {mode:o}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
     }
 }
