@@ -32,6 +32,16 @@ if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet docker-re
   $sudo systemctl disable --now docker-registry >/dev/null 2>&1 || true
 fi
 
+# Under a root bangerd, VMMs run as this unprivileged system user (vmm_user in
+# config.toml); in the kvm group where there is one, for /dev/kvm.
+if ! id -u banger-vmm >/dev/null 2>&1; then
+  echo "setup: creating the system user banger-vmm (VMMs of a root bangerd run as it)" >&2
+  $sudo useradd --system --no-create-home --shell /usr/sbin/nologin banger-vmm
+fi
+if getent group kvm >/dev/null 2>&1 && ! id -nG banger-vmm | tr ' ' '\n' | grep -qx kvm; then
+  $sudo usermod -aG kvm banger-vmm
+fi
+
 if ! command -v cargo >/dev/null 2>&1; then
   if [ -x "$HOME/.cargo/bin/cargo" ]; then
     echo "setup: cargo is in ~/.cargo/bin; add it to PATH (source ~/.cargo/env)" >&2

@@ -90,7 +90,14 @@ pub fn vsock_handshake(stream: &mut UnixStream, port: u32, timeout: Duration) ->
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
     loop {
-        match stream.read(&mut byte)? {
+        let read = stream.read(&mut byte).map_err(|e| match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer to CONNECT {port} within {timeout:?} (the guest's vsock driver is not up yet)"),
+            ),
+            _ => e,
+        })?;
+        match read {
             0 => {
                 return Err(io::Error::new(
                     io::ErrorKind::ConnectionAborted,
@@ -531,6 +538,10 @@ impl AgentClient {
                             | io::ErrorKind::ConnectionAborted
                             | io::ErrorKind::ConnectionReset
                             | io::ErrorKind::BrokenPipe
+                            // Firecracker's vsock socket accepts at once but answers the
+                            // `CONNECT` only once the guest driver is up: a handshake read
+                            // that timed out is the guest still booting, not a failure.
+                            | io::ErrorKind::TimedOut
                     ) && Instant::now() < deadline =>
                 {
                     std::thread::sleep(Duration::from_millis(20));
@@ -1244,6 +1255,70 @@ mod tests {
             }
             seen
         })
+    }
+
+    /// Firecracker's vsock socket before the guest driver is up: every connection is
+    /// accepted and its `CONNECT` read, but only connections made after `late` get `OK`
+    /// (and then a ping answered); earlier ones stay silent until the client gives up.
+    fn late_vsock_uds(path: &Path, late: Duration) -> std::thread::JoinHandle<usize> {
+        let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+        let ready_at = Instant::now() + late;
+        std::thread::spawn(move || {
+            let mut silent = Vec::new();
+            loop {
+                let (stream, _) = listener.accept().unwrap();
+                let mut line = Vec::new();
+                let mut byte = [0u8; 1];
+                while (&stream).read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
+                    line.push(byte[0]);
+                }
+                assert_eq!(line, b"CONNECT 52");
+                if Instant::now() < ready_at {
+                    // Held open, unanswered, as Firecracker does.
+                    silent.push(stream);
+                    continue;
+                }
+                (&stream).write_all(b"OK 1073741824\n").unwrap();
+                let mut reader = stream.try_clone().unwrap();
+                let mut writer = stream;
+                if let Ok(Some(frame)) = proto::read_frame(&mut reader) {
+                    assert_eq!(frame.msg, Message::Ping);
+                    let pong = Frame::new(frame.session, Message::Pong { version: 2 });
+                    proto::write_frame(&mut writer, &pong).unwrap();
+                }
+                return silent.len();
+            }
+        })
+    }
+
+    #[test]
+    fn vsock_connect_retries_a_handshake_answered_late_within_its_deadline() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("late.sock");
+        // Later than one handshake attempt (2 s), well within the caller's 20 s.
+        let peer = late_vsock_uds(&path, Duration::from_secs(3));
+        let client = AgentClient::connect_firecracker_vsock(&path, 52, Duration::from_secs(20))
+            .expect("a late OK within the deadline connects");
+        let silent = peer.join().unwrap();
+        assert!(silent >= 1, "the first handshake was answered at once");
+        drop(client);
+    }
+
+    #[test]
+    fn vsock_connect_gives_up_on_a_silent_socket_at_its_deadline() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("silent.sock");
+        let _peer = late_vsock_uds(&path, Duration::from_secs(3600));
+        let started = Instant::now();
+        let err = AgentClient::connect_firecracker_vsock(&path, 52, Duration::from_secs(3))
+            .err()
+            .expect("nothing answers");
+        assert!(
+            started.elapsed() >= Duration::from_secs(3),
+            "gave up early: {err}"
+        );
+        assert!(err.to_string().contains("silent.sock"), "{err}");
+        assert!(err.to_string().contains("no answer to CONNECT 52"), "{err}");
     }
 
     #[test]

@@ -1,11 +1,11 @@
 //! The Firecracker backend of the [`Vmm`] trait.
 //!
-//! One `firecracker --api-sock <run>/firecracker.sock --id <vm>` process per VM, started
+//! One `firecracker --api-sock <run>/firecracker.sock --id <vm> --log-path <run>/firecracker.log`
+//! process per VM, started
 //! detached (its own session) and configured through its REST API, whose request bodies
 //! follow the field names of Firecracker's `firecracker.yaml` (swagger 2.0):
 //!
 //! ```text
-//! PUT /logger                  Logger               log_path, level, show_level, show_log_origin
 //! PUT /boot-source             BootSource           kernel_image_path (ELF vmlinux), initrd_path, boot_args
 //! PUT /drives/rootfs           Drive                drive_id, path_on_host, is_root_device, is_read_only
 //! PUT /machine-config          MachineConfiguration vcpu_count, mem_size_mib, smt
@@ -55,6 +55,181 @@ const API_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Firecracker {
     /// The `firecracker` binary (config `firecracker_bin`, else found on PATH).
     pub binary: PathBuf,
+    /// Caps the console log ([`crate::console`]); `None` writes `console.log` directly.
+    pub console_logger: Option<crate::console::ConsoleLogger>,
+    /// Launch through Firecracker's jailer (set when the daemon is root); `None` runs
+    /// Firecracker directly as the caller.
+    pub jailer: Option<Jailer>,
+}
+
+/// Firecracker's jailer and the user it drops to.
+///
+/// The jailer makes `<run>/jail/<firecracker's file name>/<id>/root`, copies Firecracker
+/// there, creates `/dev/kvm` and `/dev/net/tun` in it, joins a cgroup of its own (where
+/// the host has one the jailer can use), pivots into the directory in a new mount
+/// namespace, drops to `user` and execs Firecracker, which then installs its default
+/// seccomp filters. banger puts in the jail what Firecracker opens: the kernel and initrd
+/// (hard links, copies across filesystems), the VM's disk (a hard link: the guest's
+/// writes must land in the VM's own disk, which is then owned by `user`), the log file,
+/// and the shared libraries of a dynamically linked Firecracker (upstream's releases are
+/// static; a glibc build needs its loader and libraries). The API, vsock and log paths in
+/// the run directory are symlinks into the jail, so everything else reaches them where
+/// it always did. A TAP device is handed to `user` (TUNSETOWNER/TUNSETGROUP).
+#[derive(Debug, Clone)]
+pub struct Jailer {
+    /// The `jailer` binary (config `jailer_bin`, else found on PATH).
+    pub binary: PathBuf,
+    /// Who Firecracker runs as.
+    pub user: crate::confine::VmmUser,
+}
+
+/// Paths inside the jail (its root is `/` for Firecracker).
+const JAIL_API: &str = "/firecracker.sock";
+const JAIL_VSOCK: &str = "/vsock.sock";
+const JAIL_LOG: &str = "/firecracker.log";
+const JAIL_KERNEL: &str = "/vmlinux";
+const JAIL_INITRD: &str = "/initrd";
+const JAIL_DISK: &str = "/root.ext4";
+
+impl Jailer {
+    /// The jail's root directory for the VM in `run`, as the jailer builds it.
+    pub fn root(&self, exec_file: &Path, run: &Path) -> PathBuf {
+        let name = exec_file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "firecracker".into());
+        run.join("jail")
+            .join(name)
+            .join(instance_id(run))
+            .join("root")
+    }
+
+    /// Fills the jail of `spec` and returns the spec as Firecracker sees it from inside.
+    fn prepare(&self, exec_file: &Path, spec: &VmSpec) -> Result<VmSpec> {
+        let run = &spec.run_dir;
+        let root = self.root(exec_file, run);
+        // A jail of an earlier boot holds device nodes the jailer would fail to create.
+        let jail = run.join("jail");
+        remove_jail_cgroups(exec_file, run);
+        if jail.exists() {
+            fs::remove_dir_all(&jail).ctx("remove the old jail", &jail)?;
+        }
+        fs::create_dir_all(&root).ctx("create the jail", &root)?;
+        let (uid, gid) = (self.user.uid, self.user.gid);
+        let chown = |path: &Path| {
+            std::os::unix::fs::chown(path, Some(uid), Some(gid)).ctx("chown to the VMM user", path)
+        };
+        for lib in shared_libraries(exec_file)? {
+            let inside = root.join(lib.strip_prefix("/").unwrap_or(&lib));
+            if let Some(parent) = inside.parent() {
+                fs::create_dir_all(parent).ctx("create", parent)?;
+            }
+            fs::copy(&lib, &inside).ctx("copy a library of firecracker into the jail", &lib)?;
+        }
+        let link_or_copy = |from: &Path, to: &str| -> Result<()> {
+            let dest = root.join(&to[1..]);
+            if fs::hard_link(from, &dest).is_err() {
+                fs::copy(from, &dest).ctx("copy into the jail", from)?;
+            }
+            Ok(())
+        };
+        let mut inside = spec.clone();
+        link_or_copy(&spec.kernel, JAIL_KERNEL)?;
+        inside.kernel = JAIL_KERNEL.into();
+        if let Some(initrd) = &spec.initrd {
+            link_or_copy(initrd, JAIL_INITRD)?;
+            inside.initrd = Some(JAIL_INITRD.into());
+        }
+        if let Some(disk) = &spec.root_disk {
+            let dest = root.join(&JAIL_DISK[1..]);
+            fs::hard_link(disk, &dest).ctx("hard-link the VM's disk into the jail", disk)?;
+            chown(&dest)?;
+            inside.root_disk = Some(JAIL_DISK.into());
+        }
+        let log = root.join(&JAIL_LOG[1..]);
+        fs::File::create(&log).ctx("create", &log)?;
+        chown(&log)?;
+        // The host-side names, unchanged for every caller.
+        let mut links = vec![
+            (api_socket(run), JAIL_API),
+            (run.join("firecracker.log"), JAIL_LOG),
+        ];
+        if let Some(socket) = &spec.agent_socket {
+            links.push((socket.clone(), JAIL_VSOCK));
+            inside.agent_socket = Some(JAIL_VSOCK.into());
+        }
+        for (outside, name) in links {
+            let _ = fs::remove_file(&outside);
+            std::os::unix::fs::symlink(root.join(&name[1..]), &outside)
+                .ctx("link into the jail", &outside)?;
+        }
+        if let Some(NetSpec::Tap { ifname, .. }) = &spec.net {
+            crate::confine::give_tap(ifname, uid, gid)
+                .map_err(|e| Error::Vm(format!("hand TAP {ifname} to the VMM user: {e}")))?;
+        }
+        Ok(inside)
+    }
+
+    /// The jailer's command line up to `--`, for Firecracker `exec_file` in `run`.
+    pub fn args(&self, exec_file: &Path, run: &Path) -> Vec<std::ffi::OsString> {
+        let mut a: Vec<std::ffi::OsString> = vec![
+            "--id".into(),
+            instance_id(run).into(),
+            "--exec-file".into(),
+            exec_file.into(),
+            "--uid".into(),
+            self.user.uid.to_string().into(),
+            "--gid".into(),
+            self.user.gid.to_string().into(),
+            "--chroot-base-dir".into(),
+            run.join("jail").into(),
+        ];
+        // A cgroup of its own, at the default weight: the VM's CPU can then be accounted
+        // and limited. cgroup v2 where the unified hierarchy is mounted, else v1's cpu
+        // controller; neither, no cgroup.
+        if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+            a.extend(["--cgroup-version".into(), "2".into()]);
+            a.extend(["--cgroup".into(), "cpu.weight=100".into()]);
+        } else if Path::new("/sys/fs/cgroup/cpu/cpu.shares").exists() {
+            a.extend(["--cgroup".into(), "cpu.shares=1024".into()]);
+        }
+        a
+    }
+}
+
+/// The loader and libraries a dynamically linked `binary` needs (`ldd`); none for a
+/// static one.
+fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
+    let out = Command::new("ldd").arg(binary).output();
+    let Ok(out) = out else {
+        // No ldd: assume a static build, as upstream ships.
+        return Ok(Vec::new());
+    };
+    if !out.status.success() {
+        return Ok(Vec::new());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let path = match line.split_once("=>") {
+                Some((_, rest)) => rest.trim().split(' ').next()?,
+                None => line.trim().split(' ').next()?,
+            };
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect())
+}
+
+/// Removes the cgroups the jailer made for the VM in `run` (they outlive the process).
+pub fn remove_jail_cgroups(exec_file: &Path, run: &Path) {
+    let name = exec_file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "firecracker".into());
+    let id = instance_id(run);
+    for base in ["/sys/fs/cgroup", "/sys/fs/cgroup/cpu"] {
+        let _ = fs::remove_dir(Path::new(base).join(&name).join(&id));
+    }
 }
 
 /// One API call: method, path and JSON body.
@@ -119,28 +294,16 @@ pub fn boot_args(spec: &VmSpec) -> String {
 ///
 /// Fails for what Firecracker cannot do: user-mode networking (it has none).
 pub fn plan(spec: &VmSpec) -> Result<Vec<ApiRequest>> {
-    let run = &spec.run_dir;
-    let mut calls = vec![
-        ApiRequest::put(
-            "/logger",
-            json!({
-                "log_path": run.join("firecracker.log"),
-                "level": "Info",
-                "show_level": true,
-                "show_log_origin": false,
-            }),
-        ),
-        ApiRequest::put("/boot-source", {
-            let mut body = json!({
-                "kernel_image_path": spec.kernel,
-                "boot_args": boot_args(spec),
-            });
-            if let Some(initrd) = &spec.initrd {
-                body["initrd_path"] = json!(initrd);
-            }
-            body
-        }),
-    ];
+    let mut calls = vec![ApiRequest::put("/boot-source", {
+        let mut body = json!({
+            "kernel_image_path": spec.kernel,
+            "boot_args": boot_args(spec),
+        });
+        if let Some(initrd) = &spec.initrd {
+            body["initrd_path"] = json!(initrd);
+        }
+        body
+    })];
     if let Some(disk) = &spec.root_disk {
         calls.push(ApiRequest::put(
             "/drives/rootfs",
@@ -327,7 +490,7 @@ impl Vmm for Firecracker {
     fn spawn_detached(&self, spec: &VmSpec) -> Result<u32> {
         use std::os::unix::process::CommandExt;
         // Validate before starting anything.
-        let calls = plan(spec)?;
+        plan(spec)?;
         let run = &spec.run_dir;
         fs::create_dir_all(run).ctx("create vm run dir", run)?;
         let api = api_socket(run);
@@ -337,19 +500,56 @@ impl Vmm for Firecracker {
         if let Some(socket) = &spec.agent_socket {
             let _ = fs::remove_file(socket);
         }
-        // The logger opens an existing file (or FIFO) only.
         let log = run.join("firecracker.log");
-        fs::File::create(&log).ctx("create", &log)?;
-        let console_path = run.join("console.log");
-        let console = fs::File::create(&console_path).ctx("create", &console_path)?;
+        let _ = fs::remove_file(&log);
+        let (calls, log_arg, api_arg) = match &self.jailer {
+            Some(jailer) => {
+                let inside = jailer.prepare(&self.binary, spec)?;
+                (
+                    plan(&inside)?,
+                    PathBuf::from(JAIL_LOG),
+                    PathBuf::from(JAIL_API),
+                )
+            }
+            None => {
+                // The logger opens an existing file (or FIFO) only.
+                fs::File::create(&log).ctx("create", &log)?;
+                (plan(spec)?, log.clone(), api.clone())
+            }
+        };
+        let console: Stdio = match &self.console_logger {
+            Some(logger) => logger
+                .spawn(run)
+                .ctx("start the console logger", &logger.program)?
+                .into(),
+            None => {
+                let console_path = run.join("console.log");
+                fs::File::create(&console_path)
+                    .ctx("create", &console_path)?
+                    .into()
+            }
+        };
         let stderr_path = run.join("firecracker.stderr");
         let stderr = fs::File::create(&stderr_path).ctx("create", &stderr_path)?;
-        let mut command = Command::new(&self.binary);
+        let mut command = match &self.jailer {
+            Some(jailer) => {
+                let mut c = Command::new(&jailer.binary);
+                // The jailer passes Firecracker its --id.
+                c.args(jailer.args(&self.binary, run)).arg("--");
+                c
+            }
+            None => {
+                let mut c = Command::new(&self.binary);
+                c.arg("--id").arg(instance_id(run));
+                c
+            }
+        };
         command
             .arg("--api-sock")
-            .arg(&api)
-            .arg("--id")
-            .arg(instance_id(run))
+            .arg(&api_arg)
+            // The logger from the first line on: configured through the API (after
+            // launch), Firecracker's first lines went to stdout, the guest's console.
+            .args(logger_args(&log_arg))
             .stdin(Stdio::null())
             // The guest's serial console goes to Firecracker's stdout.
             .stdout(console)
@@ -359,7 +559,8 @@ impl Vmm for Firecracker {
         unsafe {
             command.pre_exec(|| rustix::process::setsid().map(drop).map_err(Into::into));
         }
-        let mut child = command.spawn().ctx("spawn", &self.binary)?;
+        let spawned = self.jailer.as_ref().map_or(&self.binary, |j| &j.binary);
+        let mut child = command.spawn().ctx("spawn", spawned)?;
         let pid = child.id();
         let configured = (|| -> Result<()> {
             let deadline = Instant::now() + API_SOCKET_TIMEOUT;
@@ -394,6 +595,18 @@ impl Vmm for Firecracker {
         });
         Ok(pid)
     }
+}
+
+/// Firecracker's command-line logger options: its own log in `log`, level Info, levels
+/// shown.
+pub fn logger_args(log: &Path) -> Vec<std::ffi::OsString> {
+    vec![
+        "--log-path".into(),
+        log.into(),
+        "--level".into(),
+        "Info".into(),
+        "--show-level".into(),
+    ]
 }
 
 /// The last lines of a log file, for error messages.
@@ -435,7 +648,6 @@ mod tests {
         assert_eq!(
             paths,
             [
-                "/logger",
                 "/boot-source",
                 "/drives/rootfs",
                 "/machine-config",
@@ -446,11 +658,6 @@ mod tests {
         );
         assert!(calls.iter().all(|c| c.method == "PUT"));
         let body = |path: &str| calls.iter().find(|c| c.path == path).unwrap().body.clone();
-        assert_eq!(
-            body("/logger"),
-            json!({"log_path": "/vms/abc/firecracker.log", "level": "Info",
-                   "show_level": true, "show_log_origin": false})
-        );
         assert_eq!(
             body("/boot-source"),
             json!({"kernel_image_path": "/k/vmlinux", "initrd_path": "/k/initramfs.cpio",
@@ -485,12 +692,9 @@ mod tests {
         s.initrd = None;
         let calls = plan(&s).unwrap();
         let paths: Vec<&str> = calls.iter().map(|c| c.path.as_str()).collect();
-        assert_eq!(
-            paths,
-            ["/logger", "/boot-source", "/machine-config", "/actions"]
-        );
-        assert_eq!(calls[1].body.get("initrd_path"), None);
-        assert!(!calls[1].body["boot_args"]
+        assert_eq!(paths, ["/boot-source", "/machine-config", "/actions"]);
+        assert_eq!(calls[0].body.get("initrd_path"), None);
+        assert!(!calls[0].body["boot_args"]
             .as_str()
             .unwrap()
             .contains("agent_vsock"));

@@ -8,6 +8,8 @@
 pub mod agent;
 pub mod agent_binary;
 pub mod backend;
+pub mod confine;
+pub mod console;
 pub mod error;
 pub mod firecracker;
 pub mod initramfs;

@@ -47,12 +47,20 @@ pub trait RunningVm {
 pub struct Qemu {
     /// The `qemu-system-x86_64` binary.
     pub binary: PathBuf,
+    /// Caps the console log ([`crate::console`]); `None` writes `console.log` directly,
+    /// uncapped (probes and tests of short boots).
+    pub console_logger: Option<crate::console::ConsoleLogger>,
+    /// Run QEMU as this user, handed every file it needs ([`crate::confine`]); set when
+    /// the daemon is root. `None`: QEMU runs as the caller and opens its own files.
+    pub run_as: Option<crate::confine::VmmUser>,
 }
 
 impl Default for Qemu {
     fn default() -> Self {
         Qemu {
             binary: "qemu-system-x86_64".into(),
+            console_logger: None,
+            run_as: None,
         }
     }
 }
@@ -104,8 +112,15 @@ impl Qemu {
             "none".into(),
             // The guest's reboot ends the VM: that is how a finished command powers off.
             "-no-reboot".into(),
+        ];
+        a.extend(sandbox_args());
+        a.extend([
             "-chardev".into(),
-            format!("file,id=con0,path={}", run.join("console.log").display()),
+            match self.console_logger {
+                // The logger reads QEMU's stdout (its stdin is /dev/null: nothing to read).
+                Some(_) => "stdio,id=con0,signal=off".into(),
+                None => format!("file,id=con0,path={}", run.join("console.log").display()),
+            },
             "-serial".into(),
             "chardev:con0".into(),
             "-qmp".into(),
@@ -114,7 +129,7 @@ impl Qemu {
             spec.kernel.display().to_string(),
             "-append".into(),
             cmdline,
-        ];
+        ]);
         if let Some(initrd) = &spec.initrd {
             a.extend(["-initrd".into(), initrd.display().to_string()]);
         }
@@ -160,6 +175,143 @@ impl Qemu {
         }
         a
     }
+}
+
+/// QEMU's seccomp filter, on for every VM: a guest that takes over QEMU still cannot
+/// call obsolete syscalls, change its uid or gid (`elevateprivileges=deny`: which is also
+/// why a root daemon drops QEMU's privileges before exec rather than with `-runas`,
+/// whose setuid the filter forbids), fork or exec (`spawn=deny`: banger's TAPs need no
+/// helper scripts) or change scheduling and affinity (`resourcecontrol=deny`).
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+fn sandbox_args() -> [String; 2] {
+    ["-sandbox".into(), SANDBOX.into()]
+}
+
+/// Rewrites `args` (from [`Qemu::args`]) for a QEMU that opens no path of the host:
+/// each file and socket is opened (or bound) here, put in `passed`, and named by its
+/// descriptor (see [`crate::confine`]).
+fn confined_args(
+    args: Vec<String>,
+    spec: &VmSpec,
+    passed: &mut crate::confine::PassedFds,
+) -> std::result::Result<Vec<String>, String> {
+    let kernel = readable(&spec.kernel, passed)?;
+    let initrd = match &spec.initrd {
+        Some(initrd) => Some(readable(initrd, passed)?),
+        None => None,
+    };
+    let mut out = Vec::with_capacity(args.len() + 8);
+    let mut it = args.into_iter();
+    while let Some(arg) = it.next() {
+        let value = |it: &mut std::vec::IntoIter<String>| it.next().unwrap_or_default();
+        match arg.as_str() {
+            "-qmp" => {
+                let _ = value(&mut it);
+                let qmp = crate::confine::listen_unix(&spec.run_dir.join("qmp.sock"))
+                    .map_err(|e| format!("bind qmp.sock in {}: {e}", spec.run_dir.display()))?;
+                let fd = passed.add(qmp);
+                out.extend([
+                    "-chardev".into(),
+                    format!("socket,id=qmp,fd={fd},server=on,wait=off"),
+                    "-mon".into(),
+                    "chardev=qmp,mode=control".into(),
+                ]);
+            }
+            "-kernel" => {
+                let _ = value(&mut it);
+                out.extend([arg, format!("/proc/self/fd/{kernel}")]);
+            }
+            "-initrd" => {
+                let _ = value(&mut it);
+                if let Some(fd) = initrd {
+                    out.extend([arg, format!("/proc/self/fd/{fd}")]);
+                }
+            }
+            "-drive" | "-chardev" | "-netdev" => {
+                let v = value(&mut it);
+                let v = if let (Some(rest), Some(disk)) =
+                    (v.strip_prefix("file="), spec.root_disk.as_ref())
+                {
+                    // QEMU probes the image read-only first, then opens it read-write:
+                    // the set holds one descriptor of each.
+                    let rw = passed.open(disk, true);
+                    let ro = passed.open(disk, false);
+                    let (rw, ro) = rw
+                        .and_then(|rw| Ok((rw, ro?)))
+                        .map_err(|e| format!("open {}: {e}", disk.display()))?;
+                    out.extend([
+                        "-add-fd".into(),
+                        format!("fd={rw},set=1"),
+                        "-add-fd".into(),
+                        format!("fd={ro},set=1"),
+                    ]);
+                    let options = rest.rsplit_once(",if=").map(|(_, o)| o).unwrap_or("");
+                    format!("file=/dev/fdset/1,if={options}")
+                } else if v.starts_with("socket,id=agent,") {
+                    let socket = spec.agent_socket.as_ref().ok_or("no agent socket")?;
+                    let listener = crate::confine::listen_unix(socket)
+                        .map_err(|e| format!("bind {}: {e}", socket.display()))?;
+                    format!(
+                        "socket,id=agent,fd={},server=on,wait=off",
+                        passed.add(listener)
+                    )
+                } else if v.starts_with("tap,") {
+                    let Some(NetSpec::Tap { ifname, .. }) = &spec.net else {
+                        return Err("a tap netdev without a TAP in the spec".into());
+                    };
+                    let tap = crate::confine::open_tap(ifname)
+                        .map_err(|e| format!("open TAP {ifname}: {e}"))?;
+                    let fd = passed.add(tap);
+                    // fd= excludes ifname=, script= and downscript=; other options stay.
+                    let kept: Vec<&str> = v
+                        .split(',')
+                        .filter(|o| {
+                            !o.starts_with("ifname=")
+                                && !o.starts_with("script=")
+                                && !o.starts_with("downscript=")
+                        })
+                        .collect();
+                    format!("{},fd={fd}", kept.join(","))
+                } else {
+                    v
+                };
+                out.extend([arg, v]);
+            }
+            _ => out.push(arg),
+        }
+    }
+    Ok(out)
+}
+
+/// Opens `path` for a confined QEMU that names it `/proc/self/fd/N` (how `-kernel` and
+/// `-initrd` take a descriptor): that reopens the file, which checks the file's own
+/// mode, not its directories'; a file others may not read goes as an in-memory copy.
+fn readable(
+    path: &Path,
+    passed: &mut crate::confine::PassedFds,
+) -> std::result::Result<std::os::fd::RawFd, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o004 == 0 {
+        // Not readable by the VMM's user (a 0600 kernel copied from Ubuntu's /boot, say):
+        // a copy in memory, whose mode lets the descriptor's holder reopen it.
+        let copy = (|| -> std::io::Result<std::os::fd::OwnedFd> {
+            let memfd =
+                rustix::fs::memfd_create("banger-boot-file", rustix::fs::MemfdFlags::CLOEXEC)?;
+            let mut out = fs::File::from(memfd);
+            std::io::copy(&mut fs::File::open(path)?, &mut out)?;
+            Ok(out.into())
+        })()
+        .map_err(|e| format!("copy {} for the VMM's user: {e}", path.display()))?;
+        return Ok(passed.add(copy));
+    }
+    passed
+        .open(path, false)
+        .map_err(|e| format!("open {}: {e}", path.display()))
 }
 
 /// QEMU option values escape a literal comma by doubling it.
@@ -219,12 +371,26 @@ impl Vmm for Qemu {
         }
         let stderr_path = spec.run_dir.join("qemu.stderr");
         let stderr = fs::File::create(&stderr_path).ctx("create", &stderr_path)?;
+        let console: Stdio = match &self.console_logger {
+            Some(logger) => logger
+                .spawn(&spec.run_dir)
+                .ctx("start the console logger", &logger.program)?
+                .into(),
+            None => Stdio::null(),
+        };
+        let mut passed = crate::confine::PassedFds::default();
+        let args = match &self.run_as {
+            Some(user) => confined_args(self.args(spec), spec, &mut passed)
+                .map_err(|e| Error::Vm(format!("prepare QEMU to run as {}: {e}", user.name)))?,
+            None => self.args(spec),
+        };
         let mut command = Command::new(&self.binary);
         command
-            .args(self.args(spec))
+            .args(args)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(console)
             .stderr(stderr);
+        passed.apply(&mut command, self.run_as.as_ref());
         // SAFETY: setsid is async-signal-safe and touches no parent memory; it keeps the
         // VM out of the daemon's process group, so signals aimed at the daemon spare it.
         unsafe {
@@ -478,6 +644,10 @@ mod tests {
         assert!(a.contains(&"-no-reboot".to_string()));
         assert!(a.contains(&"-nodefaults".to_string()));
         assert_eq!(
+            arg_after(&a, "-sandbox"),
+            ["on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+        );
+        assert_eq!(
             arg_after(&a, "-drive"),
             ["file=/images/a,,b.ext4,if=none,id=root,format=raw,cache=unsafe"]
         );
@@ -528,5 +698,40 @@ mod tests {
         assert_eq!(arg_after(&a, "-append"), ["reboot=k tsc_early_khz=1"]);
         assert_eq!(arg_after(&a, "-cpu"), ["host"]);
         assert_eq!(arg_after(&a, "-accel"), ["kvm"]);
+    }
+
+    #[test]
+    fn boot_files_reach_an_unprivileged_vmm_whatever_their_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        if !banger_testkit::require(
+            rustix::process::geteuid().is_root(),
+            "dropping to another user needs root",
+        ) {
+            return;
+        }
+        let nobody = crate::confine::VmmUser {
+            name: "nobody".into(),
+            uid: 65534,
+            gid: 65534,
+            groups: vec![65534],
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        for mode in [0o644, 0o600] {
+            let file = tmp.path().join(format!("kernel-{mode:o}"));
+            fs::write(&file, format!("kernel {mode:o}\n")).unwrap();
+            fs::set_permissions(&file, fs::Permissions::from_mode(mode)).unwrap();
+            let mut passed = crate::confine::PassedFds::default();
+            let fd = readable(&file, &mut passed).unwrap();
+            let mut command = Command::new("/bin/cat");
+            command.arg(format!("/proc/self/fd/{fd}"));
+            passed.apply(&mut command, Some(&nobody));
+            let out = command.output().unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                format!("kernel {mode:o}\n"),
+                "mode {mode:o}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
     }
 }

@@ -119,19 +119,28 @@ fn spawn_detached_configures_in_order_then_starts_with_logs_in_the_run_dir() {
         return;
     };
     let run = tmp.path().join("0123abcd");
-    let pid = Firecracker { binary: bin }
-        .spawn_detached(&spec(&run))
-        .unwrap();
+    let pid = Firecracker {
+        binary: bin,
+        console_logger: None,
+        jailer: None,
+    }
+    .spawn_detached(&spec(&run))
+    .unwrap();
     let got = records(&record);
     kill(pid);
     let argv = &got[0]["argv"];
     assert_eq!(
         argv,
         &serde_json::json!([
+            "--id",
+            "0123abcd",
             "--api-sock",
             run.join("firecracker.sock"),
-            "--id",
-            "0123abcd"
+            "--log-path",
+            run.join("firecracker.log"),
+            "--level",
+            "Info",
+            "--show-level"
         ])
     );
     assert_eq!(
@@ -145,7 +154,6 @@ fn spawn_detached_configures_in_order_then_starts_with_logs_in_the_run_dir() {
     assert_eq!(
         paths,
         [
-            "/logger",
             "/boot-source",
             "/drives/rootfs",
             "/machine-config",
@@ -155,7 +163,7 @@ fn spawn_detached_configures_in_order_then_starts_with_logs_in_the_run_dir() {
         ]
     );
     assert!(got[1..].iter().all(|r| r["method"] == "PUT"));
-    assert_eq!(got[7]["body"]["action_type"], "InstanceStart");
+    assert_eq!(got[6]["body"]["action_type"], "InstanceStart");
     assert!(
         run.join("firecracker.log").is_file(),
         "the logger's file must exist first"
@@ -174,10 +182,14 @@ fn a_refused_request_fails_with_its_fault_message_and_kills_firecracker() {
     };
     let run = tmp.path().join("vm");
     let started = Instant::now();
-    let err = Firecracker { binary: bin }
-        .spawn_detached(&spec(&run))
-        .unwrap_err()
-        .to_string();
+    let err = Firecracker {
+        binary: bin,
+        console_logger: None,
+        jailer: None,
+    }
+    .spawn_detached(&spec(&run))
+    .unwrap_err()
+    .to_string();
     assert_eq!(
         err,
         "firecracker API PUT /machine-config: 400 Bad Request: scripted failure of /machine-config"
@@ -201,4 +213,49 @@ fn a_refused_request_fails_with_its_fault_message_and_kills_firecracker() {
         .count();
     assert_eq!(stray, 0);
     assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+/// The real Firecracker (../shared/tools, or `firecracker` on PATH) logs to the file
+/// named on its command line from its first line: nothing of its own reaches stdout,
+/// which is the guest's console.
+#[test]
+fn real_firecracker_logs_to_the_log_path_from_its_first_line() {
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/tools/firecracker-v1.16.1/firecracker");
+    let bin = if shared.is_file() {
+        Some(shared)
+    } else {
+        banger_vmm::backend::find_on_path("firecracker")
+    };
+    let Some(bin) = bin else {
+        banger_testkit::require(false, "no firecracker binary (../shared/tools or PATH)");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("firecracker.log");
+    std::fs::File::create(&log).unwrap();
+    let api = tmp.path().join("api.sock");
+    let console = std::fs::File::create(tmp.path().join("console.log")).unwrap();
+    let mut child = std::process::Command::new(&bin)
+        .arg("--api-sock")
+        .arg(&api)
+        .args(["--id", "logtest"])
+        .args(banger_vmm::firecracker::logger_args(&log))
+        .stdin(std::process::Stdio::null())
+        .stdout(console)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !api.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let _ = child.kill();
+    let _ = child.wait();
+    let logged = std::fs::read_to_string(&log).unwrap();
+    let stdout = std::fs::read_to_string(tmp.path().join("console.log")).unwrap();
+    assert!(logged.contains("Running Firecracker"), "log: {logged:?}");
+    assert!(logged.contains(":INFO]"), "levels not shown: {logged:?}");
+    assert_eq!(stdout, "", "Firecracker wrote to the console");
 }

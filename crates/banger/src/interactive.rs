@@ -14,6 +14,7 @@ use base64::Engine as _;
 use rustix::termios::{self, OptionalActions, Termios};
 use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGWINCH};
 
+use crate::sanitize::Sanitizer;
 use banger_client::rpc::{Client, InputSender};
 
 /// The stdin flags of `vm exec` and `vm run`, after `docker exec` with one difference: a
@@ -102,7 +103,11 @@ pub fn call<M: Method>(
     client: &mut Client,
     params: &M::Params,
     mode: Mode,
+    raw: bool,
 ) -> anyhow::Result<M::Result> {
+    // A pty session is the guest's terminal by intent; other output is escaped on a
+    // terminal unless `raw`.
+    let sink = std::cell::RefCell::new(OutputSink::new(raw || mode == Mode::Tty));
     // Without a pty, ^C is ours to pass on (a pty carries it as a key): once the command
     // runs, a signal goes to it, like `docker run`'s signal proxy; before that, or on a
     // second ^C, banger stops as usual.
@@ -111,7 +116,7 @@ pub fn call<M: Method>(
         if note.method == OUTPUT_NOTIFICATION {
             running.store(true, Ordering::SeqCst);
         }
-        forward_output(note);
+        sink.borrow_mut().forward(note);
     };
     let proxy_signals = |input: &InputSender| -> std::io::Result<()> {
         let signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
@@ -138,7 +143,7 @@ pub fn call<M: Method>(
                         eprintln!("banger: {e:#}; keys are sent a line at a time");
                     }
                 }
-                forward_output(note);
+                sink.borrow_mut().forward(note);
             };
             let result = client.call_with_input::<M>(params, on_note, |input| {
                 let signals = signal_hook::iterator::Signals::new([
@@ -261,24 +266,74 @@ fn restore_terminal() {
     }
 }
 
-/// Writes `output` notifications to our stdout and stderr as they arrive.
-pub fn forward_output(note: Notification) {
-    if note.method != OUTPUT_NOTIFICATION {
-        return;
+/// Writes `output` notifications to our stdout and stderr as they arrive: raw, or with
+/// control characters escaped on whichever of the two is a terminal (see
+/// [`crate::sanitize`]).
+pub struct OutputSink {
+    stdout: Option<Sanitizer>,
+    stderr: Option<Sanitizer>,
+}
+
+impl OutputSink {
+    /// Escaping on terminals unless `raw`; a pty session passes `raw = true`: its output
+    /// is meant for the terminal, as with ssh.
+    pub fn new(raw: bool) -> OutputSink {
+        OutputSink {
+            stdout: (!raw && std::io::stdout().is_terminal()).then(Sanitizer::default),
+            stderr: (!raw && std::io::stderr().is_terminal()).then(Sanitizer::default),
+        }
     }
-    let Ok(output) = serde_json::from_value::<Output>(note.params) else {
-        return;
-    };
-    let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(output.data) else {
-        return;
-    };
-    // A closed pipe on our side must not abort the remote command's bookkeeping.
-    let _ = match output.stream {
-        OutputStream::Stderr => std::io::stderr().write_all(&bytes),
-        OutputStream::Stdout => std::io::stdout()
-            .write_all(&bytes)
-            .and_then(|()| std::io::stdout().flush()),
-    };
+
+    /// Handles one notification (anything but `output` is ignored).
+    pub fn forward(&mut self, note: Notification) {
+        if note.method != OUTPUT_NOTIFICATION {
+            return;
+        }
+        let Ok(output) = serde_json::from_value::<Output>(note.params) else {
+            return;
+        };
+        let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(output.data) else {
+            return;
+        };
+        let on_stderr = output.stream == OutputStream::Stderr;
+        let sanitizer = if on_stderr {
+            &mut self.stderr
+        } else {
+            &mut self.stdout
+        };
+        let mut escaped = Vec::new();
+        let bytes = match sanitizer {
+            Some(s) => {
+                s.push(&bytes, &mut escaped);
+                &escaped
+            }
+            None => &bytes,
+        };
+        // A closed pipe on our side must not abort the remote command's bookkeeping.
+        let _ = if on_stderr {
+            std::io::stderr().write_all(bytes)
+        } else {
+            std::io::stdout()
+                .write_all(bytes)
+                .and_then(|()| std::io::stdout().flush())
+        };
+    }
+}
+
+impl Drop for OutputSink {
+    fn drop(&mut self) {
+        let mut rest = Vec::new();
+        if let Some(s) = &mut self.stdout {
+            s.finish(&mut rest);
+            let _ = std::io::stdout().write_all(&rest);
+            let _ = std::io::stdout().flush();
+        }
+        rest.clear();
+        if let Some(s) = &mut self.stderr {
+            s.finish(&mut rest);
+            let _ = std::io::stderr().write_all(&rest);
+        }
+    }
 }
 
 #[cfg(test)]

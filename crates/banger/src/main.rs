@@ -7,6 +7,7 @@ mod format;
 mod interactive;
 mod output;
 mod progress;
+mod sanitize;
 
 use std::process::ExitCode;
 

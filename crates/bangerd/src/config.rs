@@ -60,6 +60,13 @@ pub struct Config {
     /// The bridge's address and prefix in TAP mode; guests get the rest of the subnet.
     /// Default `172.30.0.1/24`.
     pub bridge_address: Option<String>,
+    /// Most bytes of a VM's console kept on the host (`console.log` + `console.log.1`);
+    /// default 1 MiB, at least 16 KiB.
+    pub console_log_max: Option<u64>,
+    /// The system user VMMs run as when bangerd is root; default `banger-vmm`.
+    pub vmm_user: Option<String>,
+    /// Firecracker's jailer, used when bangerd is root; default `jailer` on PATH.
+    pub jailer_bin: Option<PathBuf>,
 }
 
 impl Config {
@@ -70,8 +77,55 @@ impl Config {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Config::default()),
             Err(e) => return Err(e).context("read config file"),
         };
-        toml::from_str(&text).context("parse config file")
+        let config: Config = toml::from_str(&text).context("parse config file")?;
+        if let Some(max) = config.console_log_max {
+            let min = banger_vmm::console::MIN_CONSOLE_LOG_MAX;
+            if max < min {
+                anyhow::bail!("console_log_max = {max} is below the minimum of {min} bytes");
+            }
+        }
+        Ok(config)
     }
+
+    /// The name of the user VMMs run as under a root daemon (`vmm_user`).
+    pub fn vmm_user_name(&self) -> &str {
+        self.vmm_user
+            .as_deref()
+            .unwrap_or(banger_vmm::confine::DEFAULT_VMM_USER)
+    }
+
+    /// The user VMMs run as: `Ok(None)` when bangerd is not root (they run as bangerd's
+    /// user, which is no more than the caller's); the `vmm_user` when root; an error
+    /// naming the key and the fix when root and that user does not exist.
+    pub fn vmm_user(&self) -> Result<Option<banger_vmm::confine::VmmUser>, String> {
+        if !rustix::process::geteuid().is_root() {
+            return Ok(None);
+        }
+        let name = self.vmm_user_name();
+        match banger_vmm::confine::lookup_vmm_user(name) {
+            Ok(Some(user)) if user.uid != 0 => Ok(Some(user)),
+            Ok(Some(_)) => Err(format!(
+                "vmm_user = {name:?} in config.toml is root; VMMs must not run as root"
+            )),
+            Ok(None) => Err(format!(
+                "bangerd runs as root, so VMMs run as vmm_user = {name:?} (config.toml), which does not exist: create it with `useradd --system --no-create-home --shell /usr/sbin/nologin {name}` (scripts/setup.sh does) or set vmm_user to another unprivileged user"
+            )),
+            Err(e) => Err(format!("look up vmm_user = {name:?} in /etc/passwd: {e}")),
+        }
+    }
+
+    /// The console cap in bytes (`console_log_max`, else 1 MiB).
+    pub fn console_log_max(&self) -> u64 {
+        self.console_log_max
+            .unwrap_or(banger_vmm::console::DEFAULT_CONSOLE_LOG_MAX)
+    }
+}
+
+/// The uid and gid VMMs run as (see [`Config::vmm_user`]): `None` when they run as
+/// bangerd's own user (bangerd is not root) or the user is missing (then no VM starts).
+/// For rules that tell a VMM's traffic apart, e.g. nft `meta skuid`.
+pub fn vmm_user_ids(config: &Config) -> Option<(u32, u32)> {
+    config.vmm_user().ok().flatten().map(|u| (u.uid, u.gid))
 }
 
 #[cfg(test)]
@@ -120,6 +174,18 @@ mod tests {
         std::fs::write(&path, "network = \"bridge\"\n").unwrap();
         let err = format!("{:#}", Config::load(&path).unwrap_err());
         assert!(err.contains("unknown variant `bridge`"), "{err}");
+    }
+
+    #[test]
+    fn console_log_max_parses_and_a_tiny_cap_is_refused_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        assert_eq!(Config::default().console_log_max(), 1 << 20);
+        std::fs::write(&path, "console_log_max = 65536\n").unwrap();
+        assert_eq!(Config::load(&path).unwrap().console_log_max(), 65536);
+        std::fs::write(&path, "console_log_max = 100\n").unwrap();
+        let err = format!("{:#}", Config::load(&path).unwrap_err());
+        assert!(err.contains("console_log_max = 100"), "{err}");
     }
 
     #[test]

@@ -20,10 +20,27 @@ struct Args {
     /// Use the system layout (/etc/banger, /var/lib/banger, /var/cache/banger, /run/banger).
     #[arg(long)]
     system: bool,
+    /// Internal: copy a VM's console from stdin into DIR, capped at MAX bytes
+    /// (banger_vmm::console); started next to each VMM.
+    #[arg(long, hide = true, num_args = 2, value_names = ["DIR", "MAX"])]
+    console_log: Option<Vec<String>>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(console) = &args.console_log {
+        let max = console[1]
+            .parse::<u64>()
+            .unwrap_or(banger_vmm::console::DEFAULT_CONSOLE_LOG_MAX);
+        return match banger_vmm::console::copy_capped(
+            std::io::stdin().lock(),
+            std::path::Path::new(&console[0]),
+            max,
+        ) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(_) => ExitCode::FAILURE,
+        };
+    }
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

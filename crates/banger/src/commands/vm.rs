@@ -129,6 +129,11 @@ pub enum VmCommand {
         /// Keep printing what the console writes until the VM stops.
         #[arg(short, long)]
         follow: bool,
+        /// Write the guest's bytes to this terminal as they are; by default control
+        /// characters (escape sequences) are shown escaped, e.g. `\x1b`. Output that is
+        /// not a terminal is never changed.
+        #[arg(long)]
+        raw: bool,
     },
     /// Run a command in a running VM; exits with its status.
     ///
@@ -147,6 +152,11 @@ pub enum VmCommand {
         workdir: Option<String>,
         #[command(flatten)]
         stdin: StdinArgs,
+        /// Write the guest's bytes to this terminal as they are; by default control
+        /// characters (escape sequences) are shown escaped, e.g. `\x1b`. Output that is
+        /// not a terminal is never changed.
+        #[arg(long)]
+        raw: bool,
         /// The command.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -184,6 +194,11 @@ pub enum VmCommand {
         network: Option<String>,
         #[command(flatten)]
         stdin: StdinArgs,
+        /// Write the guest's bytes to this terminal as they are; by default control
+        /// characters (escape sequences) are shown escaped, e.g. `\x1b`. Output that is
+        /// not a terminal is never changed.
+        #[arg(long)]
+        raw: bool,
         /// The command; without one, an interactive login shell.
         #[arg(last = true)]
         command: Vec<String>,
@@ -358,14 +373,16 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
             &call::<VmShow>(client, &NameParams { name })?,
             print_vm,
         )?,
-        VmCommand::Logs { name, follow } => {
+        VmCommand::Logs { name, follow, raw } => {
             let params = VmLogsParams { name, follow };
-            client.call_with_notifications::<VmLogs>(&params, interactive::forward_output)?;
+            let mut sink = interactive::OutputSink::new(raw);
+            client.call_with_notifications::<VmLogs>(&params, |note| sink.forward(note))?;
         }
         VmCommand::Exec {
             name,
             workdir,
             stdin,
+            raw,
             command,
         } => {
             let mode = stdin.mode(interactive::stdin_is_terminal())?;
@@ -376,7 +393,10 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
                 stdin: mode == Mode::Pipe,
                 tty: tty_params(mode)?,
             };
-            return exit_with(interactive::call::<VmExec>(client, &params, mode), json);
+            return exit_with(
+                interactive::call::<VmExec>(client, &params, mode, raw),
+                json,
+            );
         }
         VmCommand::Shell { name } => {
             let mode = StdinArgs::default().shell_mode(interactive::stdin_is_terminal())?;
@@ -384,7 +404,10 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
                 name,
                 tty: tty_params(mode)?,
             };
-            return exit_with(interactive::call::<VmShell>(client, &params, mode), json);
+            return exit_with(
+                interactive::call::<VmShell>(client, &params, mode, false),
+                json,
+            );
         }
         VmCommand::Run {
             path,
@@ -394,6 +417,7 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
             resources,
             network,
             stdin,
+            raw,
             command,
         } => {
             let terminal = interactive::stdin_is_terminal();
@@ -424,7 +448,7 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
                 stdin: mode == Mode::Pipe,
                 tty: tty_params(mode)?,
             };
-            return exit_with(interactive::call::<VmRun>(client, &params, mode), json);
+            return exit_with(interactive::call::<VmRun>(client, &params, mode, raw), json);
         }
     }
     Ok(ExitCode::SUCCESS)

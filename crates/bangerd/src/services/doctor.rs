@@ -62,6 +62,15 @@ pub fn diagnose(kernels: &KernelService, vms: &VmService) -> Vec<DoctorCheck> {
             firecracker_required,
             "install firecracker (v1.8 or later: ACPI device discovery) on PATH or set firecracker_bin in config.toml; it is used where KVM works, QEMU otherwise",
         ),
+        check(
+            "jailer (Firecracker under a root bangerd)",
+            vms.jailer_binary().and_then(|bin| {
+                let version = version_of(bin.to_str()?, "--version")?;
+                Some(format!("{version} ({})", bin.display()))
+            }),
+            firecracker_required && rustix::process::geteuid().is_root(),
+            "install Firecracker's jailer (same release as firecracker) on PATH or set jailer_bin in config.toml; a root bangerd runs Firecracker only through it",
+        ),
         check("mkfs.ext4", version_of("mkfs.ext4", "-V"), true, "apt-get install e2fsprogs"),
         check("debugfs", version_of("debugfs", "-V"), true, "apt-get install e2fsprogs"),
         check(
@@ -72,12 +81,29 @@ pub fn diagnose(kernels: &KernelService, vms: &VmService) -> Vec<DoctorCheck> {
             true,
             "apt-get install busybox-static",
         ),
-        check(
-            "git (workspace copies)",
-            version_of("git", "--version"),
-            false,
-            "apt-get install git (without it vm run copies every file of PATH)",
-        ),
+        match config.vmm_user() {
+            Ok(user) => DoctorCheck {
+                name: "vmm user".into(),
+                status: CheckStatus::Ok,
+                detail: match user {
+                    Some(u) => format!(
+                        "VMMs run as {} (uid {}, gid {}; vmm_user in config.toml)",
+                        u.name, u.uid, u.gid
+                    ),
+                    None => "bangerd is not root: VMMs run as its user".into(),
+                },
+                fix: None,
+            },
+            Err(e) => DoctorCheck {
+                name: "vmm user".into(),
+                status: CheckStatus::Missing,
+                detail: e,
+                fix: Some(format!(
+                    "useradd --system --no-create-home --shell /usr/sbin/nologin {}",
+                    config.vmm_user_name()
+                )),
+            },
+        },
         match vms.agent_path() {
             Ok(path) => check("guest agent", Some(path.display().to_string()), true, ""),
             Err(e) => DoctorCheck {

@@ -7,6 +7,7 @@ pub mod image;
 pub mod kernel;
 pub mod network;
 pub mod vm;
+pub mod workspace;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

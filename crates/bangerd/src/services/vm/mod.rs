@@ -572,6 +572,15 @@ impl VmService {
         }
     }
 
+    /// Firecracker's jailer: `jailer_bin` from config.toml when set and present, else
+    /// `jailer` on PATH.
+    pub fn jailer_binary(&self) -> Option<PathBuf> {
+        match &self.config.jailer_bin {
+            Some(path) => path.is_file().then(|| path.clone()),
+            None => backend::find_on_path("jailer"),
+        }
+    }
+
     /// The VMM for a VM networked with `mode`, per the `vmm` setting and the host.
     fn backend(&self, kernel: &Path, mode: NetworkMode) -> Result<Box<dyn Vmm>, ServiceError> {
         let preference: banger_vmm::BackendPreference = self.config.vmm.unwrap_or_default().into();
@@ -590,9 +599,49 @@ impl VmService {
             }
             ServiceError::bad_request(message)
         })?;
+        let console_logger = self.console_logger();
+        let run_as = self.config.vmm_user().map_err(ServiceError::bad_request)?;
         Ok(match (kind, firecracker) {
-            (BackendKind::Firecracker, Some(binary)) => Box::new(Firecracker { binary }),
-            _ => Box::new(Qemu::default()),
+            (BackendKind::Firecracker, Some(binary)) => {
+                // A root daemon's Firecracker runs in its jailer (banger_vmm::firecracker::Jailer).
+                let jailer = match run_as {
+                    Some(user) => Some(banger_vmm::firecracker::Jailer {
+                        binary: self.jailer_binary().ok_or_else(|| {
+                            ServiceError::bad_request(match &self.config.jailer_bin {
+                                Some(path) => format!(
+                                    "bangerd runs as root, so Firecracker runs in its jailer, but jailer_bin = {:?} (config.toml) is not a file",
+                                    path
+                                ),
+                                None => "bangerd runs as root, so Firecracker runs in its jailer, which is not on PATH: install it next to firecracker (same release) or set jailer_bin in config.toml".into(),
+                            })
+                        })?,
+                        user,
+                    }),
+                    None => None,
+                };
+                Box::new(Firecracker {
+                    binary,
+                    console_logger,
+                    jailer,
+                })
+            }
+            _ => Box::new(Qemu {
+                console_logger,
+                run_as,
+                ..Qemu::default()
+            }),
+        })
+    }
+
+    /// The console logger of every VM: this `bangerd` binary (`--console-log`), capped at
+    /// `console_log_max`. `None` where this process is not bangerd (a test harness
+    /// driving the service), which leaves the console uncapped.
+    fn console_logger(&self) -> Option<banger_vmm::console::ConsoleLogger> {
+        let exe = std::env::current_exe().ok()?;
+        (exe.file_name()? == "bangerd").then(|| banger_vmm::console::ConsoleLogger {
+            program: exe,
+            args: vec!["--console-log".into()],
+            max_bytes: self.config.console_log_max(),
         })
     }
 
@@ -806,6 +855,13 @@ impl VmService {
             .conn()
             .execute("DELETE FROM vms WHERE id = ?1", [&vm.id])
             .context("delete VM record")?;
+        if vm.backend == Some(banger_api::VmBackend::Firecracker) {
+            // The jailer's cgroup outlives the process.
+            let binary = self
+                .firecracker_binary()
+                .unwrap_or_else(|| PathBuf::from("firecracker"));
+            banger_vmm::firecracker::remove_jail_cgroups(&binary, Path::new(&vm.dir));
+        }
         std::fs::remove_dir_all(&vm.dir).with_context(|| format!("remove {}", vm.dir))?;
         Ok(vm)
     }
@@ -957,7 +1013,7 @@ impl VmService {
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_else(|| "workspace".into());
                 cwd = format!("/root/{base}");
-                upload_workspace(&client, workspace, Path::new(&cwd)).with_context(|| {
+                upload_workspace(ctx, &client, workspace, Path::new(&cwd)).with_context(|| {
                     format!("copy {} into VM {:?}", workspace.display(), vm.name)
                 })?;
             }
@@ -997,8 +1053,21 @@ impl VmService {
         ctx: &CallContext,
         params: &VmLogsParams,
     ) -> Result<VmLogsResult, ServiceError> {
+        use std::os::unix::fs::MetadataExt;
         let vm = self.show(&params.name)?;
-        let path = Path::new(&vm.dir).join("console.log");
+        let path = Path::new(&vm.dir).join(banger_vmm::console::CONSOLE_LOG);
+        let previous = Path::new(&vm.dir).join(banger_vmm::console::CONSOLE_LOG_PREVIOUS);
+        let mut out = OutputWriter {
+            ctx,
+            stream: OutputStream::Stdout,
+        };
+        let mut sent = 0u64;
+        // The console rotates (see banger_vmm::console): the previous file first. A
+        // rotation between this read and the open below loses that one file's worth.
+        if let Ok(mut file) = std::fs::File::open(&previous) {
+            sent += std::io::copy(&mut file, &mut out)
+                .with_context(|| format!("read {}", previous.display()))?;
+        }
         let mut log = match std::fs::File::open(&path) {
             Ok(file) => Some(file),
             // Never booted: nothing logged yet, which following may change.
@@ -1009,11 +1078,6 @@ impl VmService {
                     .into())
             }
         };
-        let mut out = OutputWriter {
-            ctx,
-            stream: OutputStream::Stdout,
-        };
-        let mut sent = 0u64;
         let mut send_new = |log: &mut Option<std::fs::File>| -> anyhow::Result<()> {
             if log.is_none() {
                 *log = std::fs::File::open(&path).ok();
@@ -1021,6 +1085,21 @@ impl VmService {
             if let Some(file) = log {
                 sent += std::io::copy(file, &mut out)
                     .with_context(|| format!("read {}", path.display()))?;
+                // Rotated: what was read is now the previous file, complete; go on with
+                // the new one from its start.
+                let rotated = match (std::fs::metadata(&path), file.metadata()) {
+                    (Ok(now), Ok(open)) => now.ino() != open.ino(),
+                    _ => false,
+                };
+                if rotated {
+                    sent += std::io::copy(file, &mut out)
+                        .with_context(|| format!("read {}", path.display()))?;
+                    *log = std::fs::File::open(&path).ok();
+                    if let Some(file) = log {
+                        sent += std::io::copy(file, &mut out)
+                            .with_context(|| format!("read {}", path.display()))?;
+                    }
+                }
             }
             Ok(())
         };
@@ -1199,52 +1278,23 @@ fn inject_agent(disk: &Path, agent: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Uploads the workspace: a git repository's tracked and untracked-but-not-ignored files,
-/// or every file of a plain directory.
-fn upload_workspace(client: &AgentClient, workspace: &Path, dest: &Path) -> anyhow::Result<()> {
-    let listed = Command::new("git")
-        .arg("-C")
-        .arg(workspace)
-        .args([
-            "ls-files",
-            "-z",
-            "--cached",
-            "--others",
-            "--exclude-standard",
-        ])
-        .output();
-    let files: Option<Vec<PathBuf>> = match listed {
-        Ok(out) if out.status.success() => Some(
-            out.stdout
-                .split(|b| *b == 0)
-                .filter(|p| !p.is_empty())
-                .map(|p| PathBuf::from(String::from_utf8_lossy(p).into_owned()))
-                .collect(),
-        ),
-        _ => None,
+/// Uploads the workspace (see [`super::workspace`] for what is copied and why no git
+/// runs); what was left out is told to the caller on stderr before the command runs.
+fn upload_workspace(
+    ctx: &CallContext,
+    client: &AgentClient,
+    workspace: &Path,
+    dest: &Path,
+) -> anyhow::Result<()> {
+    let listing = super::workspace::list(workspace)
+        .with_context(|| format!("list the files of {}", workspace.display()))?;
+    let mut stderr = OutputWriter {
+        ctx,
+        stream: OutputStream::Stderr,
     };
-    let Some(files) = files else {
-        return Ok(client.upload_dir(workspace, dest)?);
-    };
-    let (reader, writer) = std::io::pipe().context("create pipe")?;
-    let root = workspace.to_owned();
-    let producer = crate::span::spawn_thread("workspace-tar", move || -> std::io::Result<()> {
-        let mut builder = tar::Builder::new(writer);
-        builder.follow_symlinks(false);
-        for file in files {
-            let full = root.join(&file);
-            // Deleted-but-tracked files are listed by git and absent on disk.
-            if std::fs::symlink_metadata(&full).is_ok() {
-                builder.append_path_with_name(&full, &file)?;
-            }
-        }
-        builder.into_inner()?.flush()
-    })
-    .context("start the workspace archiver")?;
-    client.upload_tar(reader, dest)?;
-    producer
-        .join()
-        .map_err(|_| anyhow::anyhow!("workspace archiver panicked"))?
-        .context("archive the workspace")?;
-    Ok(())
+    for warning in listing.warnings() {
+        tracing::warn!(workspace = %workspace.display(), %warning, "workspace copy");
+        let _ = writeln!(stderr, "banger: {}: {warning}", workspace.display());
+    }
+    super::workspace::upload(client, workspace, &listing, dest)
 }

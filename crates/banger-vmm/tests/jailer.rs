@@ -1,0 +1,192 @@
+//! Firecracker launched through its real jailer (../shared/tools, or on PATH), as a root
+//! daemon does: the jail, the dropped uid, the API answering from inside. A guest cannot
+//! boot on a paravirtual KVM host (HOST-NOTES), so this shows what the jailer and the
+//! API can: every configuration call answered, the instance started.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use banger_vmm::firecracker::{api_socket, remove_jail_cgroups, Firecracker, Jailer};
+use banger_vmm::kernel::{self, KernelDir};
+use banger_vmm::qemu::Accel;
+use banger_vmm::{VmSpec, Vmm};
+
+fn tool(name: &str) -> Option<PathBuf> {
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/tools/firecracker-v1.16.1")
+        .join(name);
+    if shared.is_file() {
+        return Some(shared);
+    }
+    banger_vmm::backend::find_on_path(name)
+}
+
+/// The Debian cloud kernel, imported once (as tests/agent.rs does).
+fn cached_kernel() -> Option<&'static KernelDir> {
+    static KERNEL: OnceLock<Option<KernelDir>> = OnceLock::new();
+    KERNEL
+        .get_or_init(|| {
+            let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("banger-test-kernel");
+            let script =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/fetch-test-kernel.sh");
+            let out = Command::new(&script).arg(&cache).output().unwrap();
+            if !out.status.success() {
+                banger_testkit::require(false, "cannot download a test kernel with apt");
+                return None;
+            }
+            let deb = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+            let stem = deb.file_stem().unwrap().to_string_lossy().into_owned();
+            let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("banger-kernel-{stem}"));
+            if dir.exists() {
+                return Some(KernelDir::open(&dir).unwrap());
+            }
+            Some(kernel::import_deb(&deb, &dir, kernel::GUEST_MODULES).unwrap())
+        })
+        .as_ref()
+}
+
+fn get_state(api: &Path) -> String {
+    let mut s = UnixStream::connect(api).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n\r\n")
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+fn status_field(pid: u32, task: Option<&str>, field: &str) -> String {
+    let path = match task {
+        Some(t) => format!("/proc/{pid}/task/{t}/status"),
+        None => format!("/proc/{pid}/status"),
+    };
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field).map(|v| v.trim().to_owned()))
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_real_jailer_runs_firecracker_in_its_jail_as_the_vmm_user() {
+    if !banger_testkit::require(
+        rustix::process::geteuid().is_root(),
+        "the jailer needs root",
+    ) {
+        return;
+    }
+    let (Some(firecracker), Some(jailer)) = (tool("firecracker"), tool("jailer")) else {
+        banger_testkit::require(false, "no firecracker and jailer (../shared/tools or PATH)");
+        return;
+    };
+    let user = banger_vmm::confine::lookup_vmm_user(banger_vmm::confine::DEFAULT_VMM_USER).unwrap();
+    let Some(user) = user else {
+        banger_testkit::require(false, "no banger-vmm user (scripts/setup.sh creates it)");
+        return;
+    };
+    if !banger_testkit::require(Path::new("/dev/kvm").exists(), "no /dev/kvm") {
+        return;
+    }
+    let Some(k) = cached_kernel() else { return };
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let run = tmp.path().join("jailtest0");
+    std::fs::create_dir_all(&run).unwrap();
+    let disk = run.join("root.ext4");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let spec = VmSpec {
+        kernel: k.ensure_vmlinux().unwrap(),
+        initrd: None,
+        cmdline: "console=ttyS0".into(),
+        root_disk: Some(disk.clone()),
+        memory_mib: 256,
+        vcpus: 1,
+        net: None,
+        accel: Accel::Kvm,
+        run_dir: run.clone(),
+        agent_socket: Some(run.join("vsock.sock")),
+    };
+    let backend = Firecracker {
+        binary: firecracker.clone(),
+        console_logger: None,
+        jailer: Some(Jailer {
+            binary: jailer,
+            user: user.clone(),
+        }),
+    };
+    // Every configuration call and InstanceStart answered, from inside the jail.
+    let pid = backend.spawn_detached(&spec).unwrap();
+    let check = || -> Result<(), String> {
+        let uid = status_field(pid, None, "Uid:");
+        if uid.split_whitespace().any(|u| u != user.uid.to_string()) {
+            return Err(format!("firecracker runs as {uid:?}, not {}", user.uid));
+        }
+        let root = PathBuf::from(format!("/proc/{pid}/root"));
+        if !root.join("firecracker").is_file() || !root.join("root.ext4").exists() {
+            return Err("/proc/PID/root is not the jail".into());
+        }
+        if root.join("etc/passwd").exists() {
+            return Err("the host's /etc is visible to firecracker".into());
+        }
+        let jail = backend.jailer.as_ref().unwrap().root(&firecracker, &run);
+        if !jail.join("firecracker.sock").exists() {
+            return Err(format!("no API socket in the jail {}", jail.display()));
+        }
+        let state = get_state(&api_socket(&run));
+        if !state.contains("\"state\":\"Running\"") {
+            return Err(format!("not Running: {state}"));
+        }
+        let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map_err(|e| e.to_string())?
+            .map(|t| t.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        if !tasks
+            .iter()
+            .any(|t| status_field(pid, Some(t), "Seccomp:") == "2")
+        {
+            return Err("no thread of firecracker runs under seccomp".into());
+        }
+        Ok(())
+    };
+    let checked = check();
+    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}/status")).exists()
+        && !status_field(pid, None, "State:").starts_with('Z')
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The cgroup empties once the killed process is reaped (a thread of ours does).
+    let cgroup = Path::new("/sys/fs/cgroup/cpu/firecracker/jailtest0");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        remove_jail_cgroups(&firecracker, &run);
+        if !cgroup.exists() || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The jailer's parent cgroup, if no other VM is in it.
+    let _ = std::fs::remove_dir(cgroup.parent().unwrap());
+    checked.unwrap();
+    assert!(!cgroup.exists(), "the jail's cgroup stayed");
+    // The VM's own disk is what the jail holds (the guest's writes land there).
+    use std::os::unix::fs::MetadataExt;
+    let jail_disk = backend
+        .jailer
+        .as_ref()
+        .unwrap()
+        .root(&firecracker, &run)
+        .join("root.ext4");
+    assert_eq!(
+        std::fs::metadata(&jail_disk).unwrap().ino(),
+        std::fs::metadata(&disk).unwrap().ino()
+    );
+}
