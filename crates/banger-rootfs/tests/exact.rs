@@ -83,7 +83,11 @@ fn xattr_names_longer_than_255_bytes_are_refused_naming_the_entry() {
             ent("etc/file").data(b"x").xattr(&longest, b"v3"),
         ])],
         |m, _| {
-            for (path, v) in [("run/fifo", b"v1"), ("bin/link", b"v2"), ("etc/file", b"v3")] {
+            for (path, v) in [
+                ("run/fifo", b"v1"),
+                ("bin/link", b"v2"),
+                ("etc/file", b"v3"),
+            ] {
                 assert_eq!(xattrs(&m.path(path))[&longest], v, "{path}");
             }
         },
@@ -160,7 +164,11 @@ fn sparse_expect(m: &Mount, path: &str, size: usize, chunks: &[(usize, u8, usize
     }
     assert!(body == want, "{path}: content differs");
     let meta = std::fs::metadata(m.path(path)).unwrap();
-    let data: usize = chunks.iter().map(|c| c.2.div_ceil(4096) * 4096).sum();
+    // The blocks each chunk touches.
+    let data: usize = chunks
+        .iter()
+        .map(|c| ((c.0 + c.2).div_ceil(4096) - c.0 / 4096) * 4096)
+        .sum();
     assert!(
         meta.blocks() * 512 <= data as u64,
         "{path}: {} bytes allocated for {data} of data: holes were written",
@@ -190,8 +198,18 @@ fn gnu_pax_sparse_files_land_as_the_real_file_with_holes() {
         .pax("GNU.sparse.map", b"0,1000,2000000,3000")
         .pax("GNU.sparse.name", b"s/two");
     accepted(&[layer(&[Ent::dir("s/"), one, zero_one])], |m, _| {
-        sparse_expect(m, "s/one", 2 << 20, &[(0, b'A', 4096), (1 << 20, b'B', 4096)]);
-        sparse_expect(m, "s/two", 3_000_000, &[(0, b'C', 1000), (2_000_000, b'D', 3000)]);
+        sparse_expect(
+            m,
+            "s/one",
+            2 << 20,
+            &[(0, b'A', 4096), (1 << 20, b'B', 4096)],
+        );
+        sparse_expect(
+            m,
+            "s/two",
+            3_000_000,
+            &[(0, b'C', 1000), (2_000_000, b'D', 3000)],
+        );
         let names: Vec<_> = std::fs::read_dir(m.path("s"))
             .unwrap()
             .map(|e| e.unwrap().file_name())
@@ -213,7 +231,10 @@ fn a_whiteout_after_a_readded_directory_hides_the_lower_content() {
     accepted(&[lower, upper], |m, _| {
         assert_eq!(std::fs::read(m.path("d/new")).unwrap(), b"new");
         assert!(!m.path("d/old").exists(), "d/old survived its whiteout");
-        assert_eq!(std::fs::metadata(m.path("d")).unwrap().mode() & 0o7777, 0o750);
+        assert_eq!(
+            std::fs::metadata(m.path("d")).unwrap().mode() & 0o7777,
+            0o750
+        );
         assert!(!m.path("e/keep").exists());
     });
 }
@@ -222,10 +243,13 @@ fn a_whiteout_after_a_readded_directory_hides_the_lower_content() {
 #[test]
 fn non_utf8_xattr_names_are_kept_as_bytes() {
     let name = b"user.caf\xe9\xff".to_vec();
-    accepted(&[layer(&[ent("f").data(b"x").xattr(&name, b"v")])], |m, _| {
-        let x = xattrs(&m.path("f"));
-        assert_eq!(x.keys().cloned().collect::<Vec<_>>(), vec![name.clone()]);
-    });
+    accepted(
+        &[layer(&[ent("f").data(b"x").xattr(&name, b"v")])],
+        |m, _| {
+            let x = xattrs(&m.path("f"));
+            assert_eq!(x.keys().cloned().collect::<Vec<_>>(), vec![name.clone()]);
+        },
+    );
 }
 
 // 9. Negative fractional PAX times, and times past what ext4 holds.
@@ -286,7 +310,10 @@ fn a_directory_reemitted_without_its_default_acl_loses_it() {
     let upper = layer(&[Ent::dir("d/").mode(0o700)]);
     accepted(&[lower, upper], |m, p| {
         assert!(xattrs(&m.path("d")).is_empty(), "{p:?}");
-        assert_eq!(std::fs::metadata(m.path("d")).unwrap().mode() & 0o7777, 0o700);
+        assert_eq!(
+            std::fs::metadata(m.path("d")).unwrap().mode() & 0o7777,
+            0o700
+        );
     });
 }
 
@@ -300,8 +327,14 @@ fn files_under_a_default_acl_get_only_the_xattrs_their_header_has() {
         ])],
         |m, p| {
             assert!(xattrs(&m.path("d/f")).is_empty(), "{p:?}: host ACL leaked");
-            assert!(xattrs(&m.path("d/sub")).is_empty(), "{p:?}: host ACL leaked");
-            assert_eq!(std::fs::metadata(m.path("d/f")).unwrap().mode() & 0o7777, 0o640);
+            assert!(
+                xattrs(&m.path("d/sub")).is_empty(),
+                "{p:?}: host ACL leaked"
+            );
+            assert_eq!(
+                std::fs::metadata(m.path("d/f")).unwrap().mode() & 0o7777,
+                0o640
+            );
             assert!(xattrs(&m.path("d")).contains_key(b"system.posix_acl_default".as_slice()));
         },
     );
@@ -317,7 +350,11 @@ fn implicit_directories_are_root_owned_0755_whatever_their_parent() {
         |m, p| {
             for d in ["p/q", "p/q/r"] {
                 let md = std::fs::metadata(m.path(d)).unwrap();
-                assert_eq!((md.mode() & 0o7777, md.uid(), md.gid()), (0o755, 0, 0), "{p:?} {d}");
+                assert_eq!(
+                    (md.mode() & 0o7777, md.uid(), md.gid()),
+                    (0o755, 0, 0),
+                    "{p:?} {d}"
+                );
             }
         },
     );
@@ -328,7 +365,9 @@ fn symlinks_are_0777_whatever_the_header_says() {
     accepted(
         &[layer(&[
             Ent::symlink("plain", "t").mode(0o755),
-            Ent::symlink("with-xattr", "t").mode(0o700).xattr(b"user.x", b"1"),
+            Ent::symlink("with-xattr", "t")
+                .mode(0o700)
+                .xattr(b"user.x", b"1"),
         ])],
         |m, p| {
             for l in ["plain", "with-xattr"] {
@@ -350,7 +389,9 @@ fn linux_invalid_id_is_refused_naming_the_entry() {
         &["bad-gid", "4294967295"],
     );
     accepted(
-        &[layer(&[ent("big").pax("uid", b"4294967294").pax("gid", b"100000")])],
+        &[layer(&[ent("big")
+            .pax("uid", b"4294967294")
+            .pax("gid", b"100000")])],
         |m, _| {
             let md = std::fs::metadata(m.path("big")).unwrap();
             assert_eq!((md.uid(), md.gid()), (4_294_967_294, 100_000));

@@ -156,7 +156,11 @@ pub fn layer(entries: &[Ent]) -> Vec<u8> {
             let name: &[u8] = if short_path { &e.path } else { b"long-name" };
             old.name[..name.len()].copy_from_slice(name);
             old.linkname = [0; 100];
-            let link: &[u8] = if e.link.len() < 100 { &e.link } else { b"long-link" };
+            let link: &[u8] = if e.link.len() < 100 {
+                &e.link
+            } else {
+                b"long-link"
+            };
             old.linkname[..link.len()].copy_from_slice(link);
             if let Some(raw) = e.raw_mtime {
                 old.mtime = raw;
@@ -279,7 +283,10 @@ impl Drop for Mount {
 
 /// Mounts `image` read-only; `None` (after a `require`) when not root.
 pub fn mount(image: &Path) -> Option<Mount> {
-    if !banger_testkit::require(is_root(), "reading the image back needs a loop mount (root)") {
+    if !banger_testkit::require(
+        is_root(),
+        "reading the image back needs a loop mount (root)",
+    ) {
         return None;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -346,7 +353,12 @@ fn walk(
     names.sort();
     for name in names {
         let path = dir.join(&name);
-        let rel = path.strip_prefix(root).unwrap().as_os_str().as_bytes().to_vec();
+        let rel = path
+            .strip_prefix(root)
+            .unwrap()
+            .as_os_str()
+            .as_bytes()
+            .to_vec();
         if rel == b"lost+found" {
             continue;
         }
@@ -362,7 +374,11 @@ fn walk(
             mtime: (m.mtime(), m.mtime_nsec()),
             rdev: m.rdev(),
             link: if ft.is_symlink() {
-                std::fs::read_link(&path).unwrap().as_os_str().as_bytes().to_vec()
+                std::fs::read_link(&path)
+                    .unwrap()
+                    .as_os_str()
+                    .as_bytes()
+                    .to_vec()
             } else {
                 Vec::new()
             },
