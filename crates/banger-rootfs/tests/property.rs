@@ -141,7 +141,7 @@ fn random_layers(rng: &mut StdRng) -> Vec<Vec<u8>> {
             }
             let mode = modes[rng.gen_range(0..modes.len())];
             match rng.gen_range(0..10) {
-                0 | 1 | 2 => {
+                0..=2 => {
                     if model.paths.get(&path) == Some(&Kind::Dir) {
                         continue;
                     }
