@@ -467,3 +467,31 @@ fn images_reserve_no_blocks_for_root() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("Reserved block count:     0"), "{text}");
 }
+
+// docs/oci-import.md says resize2fs grows these images (what a VM's disk gets before boot).
+#[test]
+fn images_grow_with_resize2fs_and_stay_clean() {
+    let built = build(
+        &[layer(&[ent("f").data(&[7u8; 100_000]), Ent::dir("d/")])],
+        Privilege::Unprivileged,
+    )
+    .unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&built.image)
+        .unwrap();
+    f.set_len(3 << 30).unwrap();
+    drop(f);
+    let out = std::process::Command::new("resize2fs")
+        .arg(&built.image)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "resize2fs: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fsck(&built.image);
+    assert!(debugfs(&built.image, "stat /f").contains("Size: 100000"));
+}
