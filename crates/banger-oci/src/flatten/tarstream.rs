@@ -169,20 +169,22 @@ impl<R: Read> TarReader<R> {
         Ok(Some(block))
     }
 
-    /// The current (extension) member's data, refused before it is read when it declares
-    /// more than [`MAX_EXTENSION_HEADER_BYTES`].
+    /// The current (extension) member's data, refused before it is read when it and the
+    /// `already` buffered bytes of extension headers for the same member declare more than
+    /// [`MAX_EXTENSION_HEADER_BYTES`].
     fn small_data(
         &mut self,
         what: &'static str,
         path: &[u8],
         size: u64,
+        already: u64,
     ) -> Result<Vec<u8>, TarError> {
-        if size > MAX_EXTENSION_HEADER_BYTES {
+        if size.saturating_add(already) > MAX_EXTENSION_HEADER_BYTES {
             return Err(TarError::Entry {
                 path: path.to_vec(),
                 problem: EntryProblem::ExtensionTooLarge {
                     what,
-                    size,
+                    size: size.saturating_add(already),
                     limit: MAX_EXTENSION_HEADER_BYTES,
                 },
             });
@@ -237,7 +239,10 @@ impl<R: Read> TarReader<R> {
             let kind = header.entry_type();
             match kind {
                 tar::EntryType::XHeader => {
-                    let data = self.small_data("PAX extended header", &own_path, size)?;
+                    // Several PAX headers before one member add up: the limit is on their
+                    // sum, or a run of them would be buffered without bound.
+                    let before: u64 = pax.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum();
+                    let data = self.small_data("PAX extended header", &own_path, size, before)?;
                     pax.extend(parse_pax(&data).map_err(|why| bad(&own_path, why))?);
                     continue;
                 }
@@ -248,7 +253,7 @@ impl<R: Read> TarReader<R> {
                     continue;
                 }
                 tar::EntryType::GNULongName | tar::EntryType::GNULongLink => {
-                    let mut data = self.small_data("GNU long name header", &own_path, size)?;
+                    let mut data = self.small_data("GNU long name header", &own_path, size, 0)?;
                     while data.last() == Some(&0) {
                         data.pop();
                     }
@@ -530,6 +535,44 @@ pub(crate) fn parse_pax(data: &[u8]) -> Result<Vec<PaxRecord>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pax_header(records: &[u8]) -> Vec<u8> {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::XHeader);
+        h.set_path("PaxHeaders/x").unwrap();
+        h.set_size(records.len() as u64);
+        h.set_cksum();
+        let mut out = h.as_bytes().to_vec();
+        out.extend_from_slice(records);
+        out.resize(out.len().next_multiple_of(512), 0);
+        out
+    }
+
+    #[test]
+    fn many_pax_headers_for_one_member_count_against_one_limit() {
+        // 3 headers of 400 KiB each: every one is under the limit, together they are not.
+        let value = vec![b'v'; 400 << 10];
+        let mut rec = Vec::new();
+        let body = "SCHILY.xattr.user.x=".len() + value.len() + 2;
+        let len = body + (body + 7).to_string().len();
+        rec.extend_from_slice(format!("{len} SCHILY.xattr.user.x=").as_bytes());
+        rec.extend_from_slice(&value);
+        rec.push(b'\n');
+        assert!(parse_pax(&rec).is_ok());
+        let mut stream = Vec::new();
+        for _ in 0..3 {
+            stream.extend(pax_header(&rec));
+        }
+        stream.extend_from_slice(&[0u8; 1024]);
+        let mut r = TarReader::new(&stream[..]);
+        match r.next() {
+            Err(TarError::Entry {
+                problem: EntryProblem::ExtensionTooLarge { size, limit, .. },
+                ..
+            }) => assert!(size > limit),
+            _ => panic!("three large PAX headers were accepted"),
+        }
+    }
 
     #[test]
     fn pax_records_are_split_by_length_not_newlines() {
