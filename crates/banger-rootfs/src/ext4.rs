@@ -888,8 +888,11 @@ impl<'b> Writer<'_, 'b> {
                 io::ErrorKind::UnexpectedEof => tree_err("reading", path, e),
                 _ => image_err("writing", e),
             };
-            file.seek(io::SeekFrom::Start(start))
-                .map_err(|e| tree_err("reading", path, e))?;
+            if start > 0 {
+                // Only sparse files skip ahead; a dense one is read from where open left it.
+                file.seek(io::SeekFrom::Start(start))
+                    .map_err(|e| tree_err("reading", path, e))?;
+            }
             let runs = stream
                 .copy_skipping_zeros(
                     physical * BLOCK,

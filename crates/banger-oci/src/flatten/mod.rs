@@ -541,11 +541,15 @@ impl Flattener {
         let mut mode = header.mode().map_err(bad)? & 0o7777;
         let mut uid = header.uid().map_err(bad)?;
         let mut gid = header.gid().map_err(bad)?;
-        let secs = header.mtime().map_err(bad)?;
-        let mut mtime = Timestamp {
-            sec: i64::try_from(secs).unwrap_or(i64::MAX),
-            nsec: 0,
+        let raw_mtime = header.as_old().mtime;
+        let sec = if raw_mtime[0] == 0xff {
+            // Negative base-256 (GNU): two's complement, big-endian, sign-extended over the
+            // field, so its last eight bytes are the i64.
+            i64::from_be_bytes(raw_mtime[4..].try_into().expect("8 bytes"))
+        } else {
+            i64::try_from(header.mtime().map_err(bad)?).unwrap_or(i64::MAX)
         };
+        let mut mtime = Timestamp { sec, nsec: 0 };
         let mut xattrs: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         for (key, value) in &member.pax {
             if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
