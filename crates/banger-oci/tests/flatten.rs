@@ -4,7 +4,7 @@
 mod flatten_support;
 
 use std::fs;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use banger_oci::flatten::{
@@ -72,153 +72,97 @@ fn base_layer() -> Vec<u8> {
     l.gzip()
 }
 
-#[test]
-fn privileged_flatten_applies_ownership_modes_devices_xattrs_and_mtimes() {
-    if !banger_testkit::require(is_root(), "needs root") {
-        return;
+/// Privileges the host allows building in: unprivileged always, privileged as root.
+fn privileges() -> Vec<Privilege> {
+    let mut p = vec![Privilege::Unprivileged];
+    if banger_testkit::require(is_root(), "the privileged half needs root") {
+        p.push(Privilege::Privileged);
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let blob = base_layer();
-    let tree = flatten(tmp.path(), &[(&blob, GZIP)], Privilege::Privileged).unwrap();
-    assert!(tree.privileged);
-    let root = &tree.root;
-
-    let sudo = fs::symlink_metadata(root.join("usr/bin/sudo")).unwrap();
-    assert_eq!(sudo.mode() & 0o7777, 0o4755);
-    assert_eq!((sudo.uid(), sudo.gid()), (0, 0));
-    assert_eq!(fs::read(root.join("usr/bin/sudo")).unwrap(), b"#!sudo\n");
-    let wall = fs::symlink_metadata(root.join("usr/bin/wall")).unwrap();
-    assert_eq!((wall.mode() & 0o7777, wall.gid()), (0o2755, 5));
-    assert_eq!(
-        fs::symlink_metadata(root.join("tmp")).unwrap().mode() & 0o7777,
-        0o1777
-    );
-
-    let notes = fs::symlink_metadata(root.join("home/dev/notes.txt")).unwrap();
-    assert_eq!(
-        (notes.uid(), notes.gid(), notes.mode() & 0o7777),
-        (1000, 1000, 0o600)
-    );
-    assert_eq!(notes.mtime(), MTIME as i64);
-    let home = fs::symlink_metadata(root.join("home/dev")).unwrap();
-    assert_eq!(
-        home.mtime(),
-        1_500_000_000,
-        "directory mtime is set after its content"
-    );
-
-    let py = fs::symlink_metadata(root.join("usr/bin/python3")).unwrap();
-    let py311 = fs::symlink_metadata(root.join("usr/bin/python3.11")).unwrap();
-    assert_eq!(py.ino(), py311.ino());
-    assert_eq!(py.nlink(), 2);
-    assert_eq!(
-        fs::read_link(root.join("usr/bin/python")).unwrap(),
-        Path::new("python3")
-    );
-
-    let null = fs::symlink_metadata(root.join("dev/null")).unwrap();
-    assert!(null.file_type().is_char_device());
-    assert_eq!(null.rdev(), rustix::fs::makedev(1, 3));
-    assert_eq!(null.mode() & 0o7777, 0o666);
-    assert!(fs::symlink_metadata(root.join("dev/sda"))
-        .unwrap()
-        .file_type()
-        .is_block_device());
-    assert!(fs::symlink_metadata(root.join("run/initctl"))
-        .unwrap()
-        .file_type()
-        .is_fifo());
-    // Implicit parent of run/initctl: root-owned 0755.
-    assert_eq!(
-        fs::symlink_metadata(root.join("run")).unwrap().mode() & 0o7777,
-        0o755
-    );
-
-    let cap = rustix::fs::getxattr(
-        root.join("usr/bin/ping").as_path(),
-        "security.capability",
-        &mut [0u8; 64],
-    )
-    .unwrap();
-    assert_eq!(cap, 20);
-    let mut buf = [0u8; 16];
-    let n =
-        rustix::fs::getxattr(root.join("usr/bin/ping").as_path(), "user.foo", &mut buf).unwrap();
-    assert_eq!(&buf[..n], b"bar");
-
-    assert!(
-        tree.metadata.is_empty(),
-        "nothing left for the builder: {:?}",
-        tree.metadata
-    );
-    assert_eq!((tree.entries, tree.inodes), (18, 17), "one hard link");
-    tree.remove().unwrap();
-    assert!(!tmp.path().join("staging").exists());
+    p
 }
 
 #[test]
-fn unprivileged_flatten_records_true_metadata_in_the_side_table() {
-    let tmp = tempfile::tempdir().unwrap();
+fn the_records_hold_every_entrys_true_metadata_in_both_modes() {
     let blob = base_layer();
-    let tree = flatten(tmp.path(), &[(&blob, GZIP)], Privilege::Unprivileged).unwrap();
-    assert!(!tree.privileged);
-    let meta = |p: &str| {
-        tree.metadata
-            .get(Path::new(p))
-            .unwrap_or_else(|| panic!("no metadata for {p}"))
-            .clone()
-    };
+    let mut tables = Vec::new();
+    for privilege in privileges() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tree = flatten(tmp.path(), &[(&blob, GZIP)], privilege).unwrap();
+        assert_eq!(tree.privileged, privilege == Privilege::Privileged);
+        let meta = |p: &str| {
+            tree.metadata
+                .get(Path::new(p))
+                .unwrap_or_else(|| panic!("no metadata for {p}"))
+                .clone()
+        };
+        let sudo = meta("usr/bin/sudo");
+        assert_eq!(
+            (sudo.kind, sudo.uid, sudo.gid, sudo.mode, sudo.size),
+            (EntryKind::File, 0, 0, 0o4755, 7)
+        );
+        let wall = meta("usr/bin/wall");
+        assert_eq!((wall.mode, wall.gid), (0o2755, 5));
+        assert_eq!(meta("tmp").mode, 0o1777);
+        let notes = meta("home/dev/notes.txt");
+        assert_eq!((notes.uid, notes.gid, notes.mode), (1000, 1000, 0o600));
+        assert_eq!(notes.mtime.sec, MTIME as i64);
+        assert_eq!(meta("home/dev").kind, EntryKind::Directory);
+        assert_eq!(meta("home/dev").mtime.sec, 1_500_000_000);
+        assert_eq!(
+            meta("dev/null").kind,
+            EntryKind::CharDevice { major: 1, minor: 3 }
+        );
+        assert_eq!(meta("dev/null").mode, 0o666);
+        assert_eq!(
+            meta("dev/sda").kind,
+            EntryKind::BlockDevice { major: 8, minor: 0 }
+        );
+        assert_eq!(meta("dev/sda").gid, 6);
+        assert_eq!(meta("run/initctl").kind, EntryKind::Fifo);
+        // Implicit parent of run/initctl: root-owned 0755.
+        let run = meta("run");
+        assert_eq!((run.mode, run.uid, run.gid), (0o755, 0, 0));
+        let python = meta("usr/bin/python");
+        assert_eq!((python.kind, python.mode), (EntryKind::Symlink, 0o777));
+        assert_eq!(python.target, b"python3");
+        assert_eq!(meta("").mode, 0o755, "the root entry");
+        let ping = meta("usr/bin/ping");
+        assert_eq!(ping.xattrs.len(), 2);
+        assert_eq!(ping.xattrs[0].0, b"security.capability");
+        assert_eq!(ping.xattrs[1], (b"user.foo".to_vec(), b"bar".to_vec()));
+        let (py3, py311) = (meta("usr/bin/python3"), meta("usr/bin/python3.11"));
+        assert_eq!(py3, py311, "hard link shares the inode's record");
+        assert!(py3.linked);
+        assert_ne!(meta("usr/bin/sudo").inode, py3.inode);
+        assert_eq!((tree.entries, tree.inodes), (18, 17), "one hard link");
 
-    let sudo = meta("usr/bin/sudo");
-    assert_eq!(
-        (sudo.kind, sudo.uid, sudo.gid, sudo.mode),
-        (EntryKind::File, 0, 0, 0o4755)
-    );
-    let notes = meta("home/dev/notes.txt");
-    assert_eq!((notes.uid, notes.gid, notes.mode), (1000, 1000, 0o600));
-    assert_eq!(meta("home/dev").kind, EntryKind::Directory);
-    assert_eq!(
-        meta("dev/null").kind,
-        EntryKind::CharDevice { major: 1, minor: 3 }
-    );
-    assert_eq!(
-        meta("dev/sda").kind,
-        EntryKind::BlockDevice { major: 8, minor: 0 }
-    );
-    assert_eq!(meta("dev/sda").gid, 6);
-    assert_eq!(meta("run/initctl").kind, EntryKind::Fifo);
-    assert_eq!(meta("run").mode, 0o755);
-    assert_eq!(meta("usr/bin/python").kind, EntryKind::Symlink);
-    assert_eq!(meta("").mode, 0o755, "the root entry");
-    let ping = meta("usr/bin/ping");
-    assert_eq!(ping.xattrs.len(), 2);
-    assert_eq!(ping.xattrs[0].0, "security.capability");
-    assert_eq!(ping.xattrs[1], ("user.foo".to_owned(), b"bar".to_vec()));
-    assert_eq!(
-        meta("usr/bin/python3"),
-        meta("usr/bin/python3.11"),
-        "hard link shares the inode's record"
-    );
-
-    let root = &tree.root;
-    // Devices are staged as placeholders; nothing privileged was applied on disk.
-    assert!(fs::symlink_metadata(root.join("dev/null"))
-        .unwrap()
-        .is_file());
-    assert!(rustix::fs::getxattr(
-        root.join("usr/bin/ping").as_path(),
-        "security.capability",
-        &mut [0u8; 64]
-    )
-    .is_err());
-    // Staged modes keep the tree readable for mkfs; mtimes are still exact.
-    let notes_disk = fs::symlink_metadata(root.join("home/dev/notes.txt")).unwrap();
-    assert_eq!(notes_disk.mode() & 0o777, 0o600);
-    assert_eq!(notes_disk.mtime(), MTIME as i64);
-    assert_eq!(
-        fs::symlink_metadata(root.join("home/dev")).unwrap().mtime(),
-        1_500_000_000
-    );
+        let root = &tree.root;
+        // The staging tree holds names and contents only: devices are placeholders and
+        // nothing of the records was applied to the host, root or not.
+        assert!(fs::symlink_metadata(root.join("dev/null"))
+            .unwrap()
+            .is_file());
+        assert!(rustix::fs::getxattr(
+            root.join("usr/bin/ping").as_path(),
+            "security.capability",
+            &mut [0u8; 64]
+        )
+        .is_err());
+        assert_eq!(fs::read(root.join("usr/bin/sudo")).unwrap(), b"#!sudo\n");
+        let py = fs::symlink_metadata(root.join("usr/bin/python3")).unwrap();
+        let py311 = fs::symlink_metadata(root.join("usr/bin/python3.11")).unwrap();
+        assert_eq!(py.ino(), py311.ino());
+        assert_eq!(
+            fs::read_link(root.join("usr/bin/python")).unwrap(),
+            Path::new("python3")
+        );
+        tables.push(tree.metadata.clone());
+        tree.remove().unwrap();
+        assert!(!tmp.path().join("staging").exists());
+    }
+    if let [unprivileged, privileged] = &tables[..] {
+        assert_eq!(unprivileged, privileged, "one code path, one table");
+    }
 }
 
 #[test]
@@ -770,4 +714,103 @@ fn decompress_layer_copies_the_tar_and_refuses_past_the_limit() {
         err.to_string().contains("limit of 50000 bytes exceeded"),
         "{err}"
     );
+}
+
+/// A gzip layer of ~2 MB whose first member is an extension header (`kind`: PAX `x`, GNU
+/// long name `L` or long link `K`) declaring 2 GiB, followed by 2 GiB of data: gzip
+/// members of 1 MiB each, concatenated.
+fn huge_extension_header_layer(kind: tar::EntryType) -> Vec<u8> {
+    const DECLARED: u64 = 2 << 30;
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_path("././@LongLink").unwrap();
+    h.set_size(DECLARED);
+    h.set_mode(0o644);
+    h.set_cksum();
+    let chunk = vec![b'a'; 1 << 20];
+    let mut first = h.as_bytes().to_vec();
+    first.extend_from_slice(&chunk);
+    let mut blob = gzip(&first);
+    let member = gzip(&chunk);
+    for _ in 1..(DECLARED >> 20) {
+        blob.extend_from_slice(&member);
+    }
+    blob
+}
+
+/// Peak resident set of this process, in KiB.
+fn vm_hwm_kib() -> u64 {
+    let status = fs::read_to_string("/proc/self/status").unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .expect("VmHWM in /proc/self/status");
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Issue 10: one extension header declaring 2 GiB in a 2 MB layer took the flattener to
+/// 2 GiB of RAM (the tar crate reads such headers whole). Refused before it is read, with
+/// an error naming the limit, the layer and the header, and the process's peak RSS (each
+/// case runs in a child process of its own) stays far under 200 MiB.
+#[test]
+fn huge_extension_headers_are_refused_before_they_are_buffered() {
+    const CHILD: &str = "BANGER_TEST_HUGE_HEADER_CHILD";
+    const NAME: &str = "huge_extension_headers_are_refused_before_they_are_buffered";
+    if let Ok(kind) = std::env::var(CHILD) {
+        let kind = match kind.as_str() {
+            "x" => tar::EntryType::XHeader,
+            "L" => tar::EntryType::GNULongName,
+            _ => tar::EntryType::GNULongLink,
+        };
+        let blob = huge_extension_header_layer(kind);
+        let tmp = tempfile::tempdir().unwrap();
+        let result = flatten(tmp.path(), &[(&blob, GZIP)], Privilege::Detect);
+        let msg = match result {
+            Ok(_) => "accepted".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        println!(
+            "CHILD-RESULT {} {}",
+            digest_of(&blob),
+            msg.replace('\n', " ")
+        );
+        println!("CHILD-VMHWM {}", vm_hwm_kib());
+        return;
+    }
+    for kind in ["x", "L", "K"] {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+            .env(CHILD, kind)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let field = |tag: &str| -> String {
+            stdout
+                .lines()
+                .find_map(|l| l.split_once(tag).map(|(_, rest)| rest))
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{kind}: child printed no {tag}: {stdout}\n{}",
+                        String::from_utf8_lossy(&out.stderr)
+                    )
+                })
+                .to_owned()
+        };
+        let result = field("CHILD-RESULT ");
+        let (digest, msg) = result.split_once(' ').unwrap();
+        assert!(
+            msg.contains("MAX_EXTENSION_HEADER_BYTES")
+                && msg.contains("2147483648")
+                && msg.contains(digest)
+                && msg.contains("@LongLink"),
+            "{kind}: {msg}"
+        );
+        let hwm_kib: u64 = field("CHILD-VMHWM ").trim().parse().unwrap();
+        assert!(
+            hwm_kib < 200 << 10,
+            "{kind}: peak RSS {} MiB",
+            hwm_kib >> 10
+        );
+        eprintln!("{kind}: refused with peak RSS {} MiB", hwm_kib >> 10);
+    }
 }

@@ -17,16 +17,18 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io;
+use std::io::{self, Seek};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use banger_oci::flatten::{EntryKind, EntryMetadata};
+use banger_oci::flatten::{
+    EntryKind, EntryMetadata, EXT4_LINK_MAX, MAX_DEVICE_MAJOR, MAX_DEVICE_MINOR,
+};
 
 use crate::sequential::SequentialWriter;
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
+use rustix::fs::{Mode, OFlags, ResolveFlags};
 
 const BLOCK: u64 = 4096;
 const INODE_SIZE: usize = 256;
@@ -120,15 +122,16 @@ pub struct WriteStats {
     pub file_bytes: u64,
 }
 
-/// The tree to write and where its true attributes come from.
+/// The tree to write: names and contents from the staging directory, everything else
+/// from the flattener's records.
 pub struct TreeSource<'a> {
     /// The tree's root directory.
     pub root: BorrowedFd<'a>,
-    /// Per-path attributes the tree itself could not hold, keyed by root-relative path
-    /// (see [`banger_oci::flatten::FlattenedTree::metadata`]).
+    /// Every entry's attributes, keyed by root-relative path (see
+    /// [`banger_oci::flatten::FlattenedTree::metadata`]); an entry without one is an error.
     pub metadata: &'a BTreeMap<PathBuf, EntryMetadata>,
-    /// Whether the tree's own ownership, modes and xattrs are the image's. When not, every
-    /// entry's attributes come from `metadata`.
+    /// Whether the flattener ran as root. Informational: the host's ownership, modes and
+    /// xattrs are never read, so the image is the same either way.
     pub privileged: bool,
 }
 
@@ -248,6 +251,8 @@ struct Inode {
     xattr_block: u32,
     /// Encoded in-inode xattrs (magic, entries, values), at most the inode's free tail.
     inline_xattrs: Vec<u8>,
+    /// An xattr block still to be allocated and written.
+    xattr_block_data: Option<Vec<u8>>,
 }
 
 impl Default for Inode {
@@ -266,6 +271,7 @@ impl Default for Inode {
             owned_blocks: 0,
             xattr_block: 0,
             inline_xattrs: Vec::new(),
+            xattr_block_data: None,
         }
     }
 }
@@ -385,26 +391,51 @@ struct Writer<'a, 'b> {
     /// Next free block: everything from `data_start` up to here is in use.
     cursor: u64,
     inodes: Vec<Inode>,
-    /// Hard links: (dev, ino) in the tree → our inode number.
-    seen: HashMap<(u64, u64), u32>,
+    /// Hard-linked inodes: the record's inode id → our inode number.
+    seen: HashMap<u64, u32>,
     /// The data area's writer; taken when the data is complete.
     stream: Option<SequentialWriter>,
     now: Time,
     file_bytes: u64,
 }
 
-struct Child {
+struct Child<'m> {
     name: Vec<u8>,
     ino: u32,
+    /// The entry's record; `None` for lost+found, which the writer makes itself.
+    meta: Option<&'m EntryMetadata>,
     kind: EntryKind,
     /// The first name of its inode (false for further hard links and lost+found).
     fresh: bool,
 }
 
-/// A directory waiting to be written: its fd, path, inode and parent's inode.
-type PendingDir = (OwnedFd, Vec<u8>, u32, u32);
+/// A directory waiting to be written: its path, inode and parent's inode. No descriptor
+/// is held for it (a directory of 20,000 subdirectories would need 20,000): it is opened
+/// by path when its turn comes.
+type PendingDir = (Vec<u8>, u32, u32);
 
-impl Writer<'_, '_> {
+/// ext4's seconds range with the two epoch bits of the extra field: 1901-12-13 to
+/// 2446-05-10. Times outside are clamped to it, as the kernel does when a file's time is
+/// set out of a filesystem's range.
+const EXT4_MIN_TIME: i64 = i32::MIN as i64;
+const EXT4_MAX_TIME: i64 = i32::MAX as i64 + 3 * (1i64 << 32);
+
+/// A zero run this long (in blocks, 32 KiB) or longer inside a file is left as a hole,
+/// as mkfs does for zero blocks: shorter runs stay data, so files do not splinter into
+/// many extents.
+pub const ZERO_RUN_HOLE_BLOCKS: u64 = 8;
+
+/// Most data runs a file is split into by holes; past it zeros are stored like data.
+/// Keeps every file within the extents one index level holds.
+const MAX_FILE_RUNS: usize = 1024;
+
+/// Share of blocks reserved for root (`s_r_blocks_count`), as a percentage. mkfs reserves
+/// 5 %; a sandbox image's processes are its users' own and mostly run as root, for whom a
+/// reserve is not a reserve: it would only take 5 % of every image from unprivileged
+/// users. So none (docs/oci-import.md).
+pub const RESERVED_BLOCKS_PERCENT: u64 = 0;
+
+impl<'b> Writer<'_, 'b> {
     fn inode(&mut self, ino: u32) -> &mut Inode {
         &mut self.inodes[ino as usize - 1]
     }
@@ -446,34 +477,62 @@ impl Writer<'_, '_> {
         .map_err(|e| image_err("writing", e))
     }
 
-    fn write_tree(&mut self) -> Result<(), WriteError> {
-        let root_fd = rustix::fs::openat(
+    fn record(&self, path: &[u8]) -> Result<&'b EntryMetadata, WriteError> {
+        let metadata: &'b BTreeMap<PathBuf, EntryMetadata> = self.tree.metadata;
+        metadata
+            .get(Path::new(std::ffi::OsStr::from_bytes(path)))
+            .ok_or_else(|| WriteError::Unsupported {
+                path: shown(path),
+                reason: "the flattener has no record of this entry".into(),
+            })
+    }
+
+    /// Opens a staged directory by its path, refusing symlinks on the way (there are none
+    /// in a record's symlink-free path, so one would mean the tree changed under us).
+    fn open_dir(&self, path: &[u8]) -> Result<OwnedFd, WriteError> {
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let shown_err = |e: rustix::io::Errno| tree_err("opening", path, e.into());
+        if path.is_empty() {
+            return rustix::fs::openat(self.tree.root, ".", flags, Mode::empty())
+                .map_err(shown_err);
+        }
+        match rustix::fs::openat2(
             self.tree.root,
-            ".",
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            std::ffi::OsStr::from_bytes(path),
+            flags,
             Mode::empty(),
-        )
-        .map_err(|e| tree_err("opening", b"", e.into()))?;
-        let st = rustix::fs::fstat(&root_fd).map_err(|e| tree_err("stat", b"", e.into()))?;
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+        ) {
+            Err(rustix::io::Errno::NOSYS) => {
+                // Kernels before 5.6: one component at a time, never following a symlink.
+                let mut fd = rustix::fs::openat(self.tree.root, ".", flags, Mode::empty())
+                    .map_err(shown_err)?;
+                for comp in path.split(|&b| b == b'/') {
+                    fd = rustix::fs::openat(&fd, comp, flags, Mode::empty()).map_err(shown_err)?;
+                }
+                Ok(fd)
+            }
+            other => other.map_err(shown_err),
+        }
+    }
+
+    fn write_tree(&mut self) -> Result<(), WriteError> {
+        let root_meta = self.record(b"")?;
         let mut root = Inode::default();
-        self.fill_attrs(
-            &mut root,
-            &st,
-            b"",
-            EntryKind::Directory,
-            Some(root_fd.as_fd()),
-        )?;
+        self.fill_attrs(&mut root, root_meta, b"")?;
         *self.inode(ROOT_INO) = root;
-        let mut pending: Vec<PendingDir> = vec![(root_fd, Vec::new(), ROOT_INO, ROOT_INO)];
+        let mut pending: Vec<PendingDir> = vec![(Vec::new(), ROOT_INO, ROOT_INO)];
         // Depth first, children in name order: directories are numbered as their parent is
         // listed, files are written as they are met, so the image is filled front to back.
-        while let Some((dir_fd, path, ino, parent)) = pending.pop() {
+        while let Some((path, ino, parent)) = pending.pop() {
+            let dir_fd = self.open_dir(&path)?;
             let mut children = self.list(dir_fd.as_fd(), &path)?;
             if ino == ROOT_INO && !children.iter().any(|c| c.name == b"lost+found") {
                 let lpf = self.lost_found()?;
                 children.push(Child {
                     name: b"lost+found".to_vec(),
                     ino: lpf,
+                    meta: None,
                     kind: EntryKind::Directory,
                     fresh: false,
                 });
@@ -490,47 +549,28 @@ impl Writer<'_, '_> {
             // DIR_NLINK: past ext4's link limit a directory counts as 1 ("many").
             dir.links = if links >= 65000 { 1 } else { links };
 
-            let mut subdir_fds = Vec::new();
+            let mut subdirs = Vec::new();
             for child in &children {
-                if !child.fresh {
+                let (true, Some(meta)) = (child.fresh, child.meta) else {
                     continue;
-                }
-                let mut child_path = path.clone();
-                if !child_path.is_empty() {
-                    child_path.push(b'/');
-                }
-                child_path.extend_from_slice(&child.name);
+                };
+                let child_path = join(&path, &child.name);
                 if child.kind == EntryKind::Directory {
-                    let fd = rustix::fs::openat(
-                        &dir_fd,
-                        child.name.as_slice(),
-                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                        Mode::empty(),
-                    )
-                    .map_err(|e| tree_err("opening", &child_path, e.into()))?;
-                    let st = rustix::fs::fstat(&fd)
-                        .map_err(|e| tree_err("stat", &child_path, e.into()))?;
                     let mut inode = Inode::default();
-                    self.fill_attrs(
-                        &mut inode,
-                        &st,
-                        &child_path,
-                        EntryKind::Directory,
-                        Some(fd.as_fd()),
-                    )?;
+                    self.fill_attrs(&mut inode, meta, &child_path)?;
                     *self.inode(child.ino) = inode;
-                    subdir_fds.push((fd, child_path, child.ino, ino));
+                    subdirs.push((child_path, child.ino, ino));
                 } else {
-                    self.write_entry(dir_fd.as_fd(), child, &child_path)?;
+                    self.write_entry(dir_fd.as_fd(), child, meta, &child_path)?;
                 }
             }
-            pending.extend(subdir_fds.into_iter().rev());
+            pending.extend(subdirs.into_iter().rev());
         }
         Ok(())
     }
 
-    /// Lists a directory: names, inode numbers (hard links resolved) and kinds.
-    fn list(&mut self, dir: BorrowedFd<'_>, path: &[u8]) -> Result<Vec<Child>, WriteError> {
+    /// Lists a directory: names, inode numbers (hard links resolved) and records.
+    fn list(&mut self, dir: BorrowedFd<'_>, path: &[u8]) -> Result<Vec<Child<'b>>, WriteError> {
         let mut children = Vec::new();
         let mut reader =
             rustix::fs::Dir::read_from(dir).map_err(|e| tree_err("listing", path, e.into()))?;
@@ -541,16 +581,25 @@ impl Writer<'_, '_> {
                 continue;
             }
             let name = name.to_vec();
-            let st = rustix::fs::statat(dir, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW)
-                .map_err(|e| tree_err("stat", &join(path, &name), e.into()))?;
-            let kind = self.kind_of(&st, &join(path, &name))?;
-            let key = (st.st_dev, st.st_ino);
-            if kind != EntryKind::Directory && st.st_nlink > 1 {
-                if let Some(&ino) = self.seen.get(&key) {
-                    self.inode(ino).links += 1;
+            let child_path = join(path, &name);
+            let meta = self.record(&child_path)?;
+            let kind = meta.kind;
+            if meta.linked && kind != EntryKind::Directory {
+                if let Some(&ino) = self.seen.get(&meta.inode) {
+                    let links = &mut self.inode(ino).links;
+                    *links += 1;
+                    if u64::from(*links) > EXT4_LINK_MAX {
+                        return Err(WriteError::Unsupported {
+                            path: shown(&child_path),
+                            reason: format!(
+                                "more than ext4's {EXT4_LINK_MAX} hard links to one inode"
+                            ),
+                        });
+                    }
                     children.push(Child {
                         name,
                         ino,
+                        meta: Some(meta),
                         kind,
                         fresh: false,
                     });
@@ -558,13 +607,14 @@ impl Writer<'_, '_> {
                 }
             }
             let ino = self.new_inode()?;
-            if kind != EntryKind::Directory && st.st_nlink > 1 {
-                self.seen.insert(key, ino);
+            if meta.linked && kind != EntryKind::Directory {
+                self.seen.insert(meta.inode, ino);
             }
             self.inode(ino).links = 1;
             children.push(Child {
                 name,
                 ino,
+                meta: Some(meta),
                 kind,
                 fresh: true,
             });
@@ -572,102 +622,54 @@ impl Writer<'_, '_> {
         Ok(children)
     }
 
-    fn recorded(&self, path: &[u8]) -> Option<&EntryMetadata> {
-        self.tree
-            .metadata
-            .get(Path::new(std::ffi::OsStr::from_bytes(path)))
-    }
-
-    /// What the entry is in the image: the side table knows what unprivileged
-    /// placeholders stand for.
-    fn kind_of(&self, st: &Stat, path: &[u8]) -> Result<EntryKind, WriteError> {
-        if let Some(meta) = self.recorded(path) {
-            return Ok(meta.kind);
-        }
-        Ok(match FileType::from_raw_mode(st.st_mode) {
-            FileType::RegularFile => EntryKind::File,
-            FileType::Directory => EntryKind::Directory,
-            FileType::Symlink => EntryKind::Symlink,
-            FileType::Fifo => EntryKind::Fifo,
-            FileType::CharacterDevice => EntryKind::CharDevice {
-                major: rustix::fs::major(st.st_rdev),
-                minor: rustix::fs::minor(st.st_rdev),
-            },
-            FileType::BlockDevice => EntryKind::BlockDevice {
-                major: rustix::fs::major(st.st_rdev),
-                minor: rustix::fs::minor(st.st_rdev),
-            },
-            other => {
-                return Err(WriteError::Unsupported {
-                    path: shown(path),
-                    reason: format!("file type {other:?} has no place in an image"),
-                })
-            }
-        })
-    }
-
-    /// Mode, ownership, times and xattrs of one entry.
+    /// Mode, ownership, times and xattrs of one entry, all from its record.
     fn fill_attrs(
         &self,
         inode: &mut Inode,
-        st: &Stat,
+        meta: &EntryMetadata,
         path: &[u8],
-        kind: EntryKind,
-        fd: Option<BorrowedFd<'_>>,
     ) -> Result<(), WriteError> {
-        let recorded = self.recorded(path);
-        let (uid, gid, perm) = match recorded {
-            Some(meta) => (meta.uid, meta.gid, meta.mode),
-            None if self.tree.privileged => (st.st_uid, st.st_gid, st.st_mode & 0o7777),
-            // Unprivileged, only what no layer described is unrecorded (the root, when no
-            // layer has a `./` entry): root-owned, like mkfs's `root_owner=0:0`.
-            None => (0, 0, st.st_mode & 0o7777),
+        let perm = if meta.kind == EntryKind::Symlink {
+            0o777
+        } else {
+            meta.mode & 0o7777
         };
-        inode.mode = (kind.type_bits() | (perm & 0o7777)) as u16;
-        inode.uid = uid;
-        inode.gid = gid;
-        inode.mtime = Time {
-            sec: st.st_mtime as i64,
-            nsec: st.st_mtime_nsec as u32,
-        };
+        inode.mode = (meta.kind.type_bits() | perm) as u16;
+        inode.uid = meta.uid;
+        inode.gid = meta.gid;
+        let mut sec = meta.mtime.sec;
+        let mut nsec = meta.mtime.nsec;
+        if !(EXT4_MIN_TIME..=EXT4_MAX_TIME).contains(&sec) {
+            tracing::warn!(
+                entry = %shown(path).display(),
+                mtime = sec,
+                "mtime outside ext4's range (1901-12-13 to 2446-05-10): clamped"
+            );
+            sec = sec.clamp(EXT4_MIN_TIME, EXT4_MAX_TIME);
+            nsec = 0;
+        }
+        inode.mtime = Time { sec, nsec };
         inode.atime = inode.mtime;
         inode.ctime = self.now;
-        let mut xattrs: Vec<(String, Vec<u8>)> = Vec::new();
-        if self.tree.privileged {
-            if let Some(fd) = fd {
-                xattrs = read_xattrs(fd).map_err(|e| tree_err("reading xattrs of", path, e))?;
-            }
-        }
-        if let Some(meta) = recorded {
-            for (name, value) in &meta.xattrs {
-                xattrs.retain(|(n, _)| n != name);
-                xattrs.push((name.clone(), value.clone()));
-            }
-        }
-        if !xattrs.is_empty() {
-            let encoded = encode_xattrs(&xattrs).map_err(|reason| WriteError::Unsupported {
-                path: shown(path),
-                reason,
-            })?;
-            match encoded {
-                Xattrs::Inline(bytes) => inode.inline_xattrs = bytes,
-                Xattrs::Block(block) => {
-                    // Allocated later by the caller, which owns the cursor.
-                    inode.inline_xattrs = block;
-                    inode.xattr_block = u32::MAX;
-                }
-            }
+        if !meta.xattrs.is_empty() {
+            let encoded =
+                encode_xattrs(&meta.xattrs).map_err(|reason| WriteError::Unsupported {
+                    path: shown(path),
+                    reason,
+                })?;
+            inode.inline_xattrs = encoded.inline;
+            // Allocated later, in data order, by whoever places the inode's blocks.
+            inode.xattr_block_data = encoded.block;
         }
         Ok(())
     }
 
     /// Writes the xattr block an inode asked for in [`fill_attrs`](Self::fill_attrs).
     fn place_xattr_block(&mut self, ino: u32) -> Result<(), WriteError> {
-        if self.inode(ino).xattr_block != u32::MAX {
+        let Some(data) = self.inode(ino).xattr_block_data.take() else {
             return Ok(());
-        }
+        };
         let block = self.alloc(1)?;
-        let data = std::mem::take(&mut self.inode(ino).inline_xattrs);
         self.write_at(block, &data)?;
         let inode = self.inode(ino);
         inode.xattr_block = block as u32;
@@ -680,7 +682,8 @@ impl Writer<'_, '_> {
         let nblocks = (data.len() as u64).div_ceil(BLOCK);
         let start = self.alloc(nblocks)?;
         self.write_at(start, data)?;
-        self.set_extents(ino, start, nblocks, path)?;
+        let extents = split_extents(0, nblocks, start);
+        self.set_extents(ino, &extents, nblocks, path)?;
         self.inode(ino).size = if self.inode(ino).mode & 0o170000 == 0o040000 {
             nblocks * BLOCK
         } else {
@@ -689,46 +692,48 @@ impl Writer<'_, '_> {
         self.place_xattr_block(ino)
     }
 
-    /// Points `ino` at the `count` blocks from `start`, with a leaf block when more than
-    /// four extents are needed.
+    /// Points `ino` at `extents` (logical block, length, physical block) holding `data`
+    /// blocks, with leaf blocks when more than four extents are needed.
     fn set_extents(
         &mut self,
         ino: u32,
-        start: u64,
-        count: u64,
+        extents: &[(u32, u16, u64)],
+        data: u64,
         path: &[u8],
     ) -> Result<(), WriteError> {
-        let mut extents = Vec::new();
-        let mut done = 0;
-        while done < count {
-            let len = (count - done).min(MAX_EXTENT_BLOCKS);
-            extents.push((done as u32, len as u16, start + done));
-            done += len;
-        }
         let mut root = [0u8; 60];
-        let mut owned = count;
+        let mut owned = data;
         if extents.len() <= INODE_EXTENTS {
-            extent_node(&mut root, INODE_EXTENTS, 0, &extents);
-        } else if extents.len() <= LEAF_EXTENTS {
-            let leaf = self.alloc(1)?;
-            let mut block = vec![0u8; BLOCK as usize];
-            extent_node(&mut block, LEAF_EXTENTS, 0, &extents);
-            self.write_at(leaf, &block)?;
-            // Depth 1: one index entry pointing at the leaf.
+            extent_node(&mut root, INODE_EXTENTS, 0, extents);
+        } else if extents.len() <= INODE_EXTENTS * LEAF_EXTENTS {
+            // Depth 1: up to four index entries, each pointing at a full leaf.
+            let leaves: Vec<&[(u32, u16, u64)]> = extents.chunks(LEAF_EXTENTS).collect();
+            let first = self.alloc(leaves.len() as u64)?;
+            let mut blocks = vec![0u8; leaves.len() * BLOCK as usize];
+            for (i, leaf) in leaves.iter().enumerate() {
+                let at = i * BLOCK as usize;
+                extent_node(&mut blocks[at..at + BLOCK as usize], LEAF_EXTENTS, 0, leaf);
+            }
+            self.write_at(first, &blocks)?;
             root[0..2].copy_from_slice(&0xF30Au16.to_le_bytes());
-            root[2..4].copy_from_slice(&1u16.to_le_bytes());
+            root[2..4].copy_from_slice(&(leaves.len() as u16).to_le_bytes());
             root[4..6].copy_from_slice(&(INODE_EXTENTS as u16).to_le_bytes());
             root[6..8].copy_from_slice(&1u16.to_le_bytes());
-            root[12..16].copy_from_slice(&0u32.to_le_bytes());
-            root[16..20].copy_from_slice(&(leaf as u32).to_le_bytes());
-            root[20..22].copy_from_slice(&((leaf >> 32) as u16).to_le_bytes());
-            owned += 1;
+            for (i, leaf) in leaves.iter().enumerate() {
+                let at = 12 + 12 * i;
+                let block = first + i as u64;
+                root[at..at + 4].copy_from_slice(&leaf[0].0.to_le_bytes());
+                root[at + 4..at + 8].copy_from_slice(&(block as u32).to_le_bytes());
+                root[at + 8..at + 10].copy_from_slice(&((block >> 32) as u16).to_le_bytes());
+            }
+            owned += leaves.len() as u64;
         } else {
             return Err(WriteError::Unsupported {
                 path: shown(path),
                 reason: format!(
-                    "file of {count} blocks is larger than this writer supports ({} blocks)",
-                    LEAF_EXTENTS as u64 * MAX_EXTENT_BLOCKS
+                    "file needs {} extents, more than this writer supports ({})",
+                    extents.len(),
+                    INODE_EXTENTS * LEAF_EXTENTS
                 ),
             });
         }
@@ -765,54 +770,53 @@ impl Writer<'_, '_> {
     fn write_entry(
         &mut self,
         dir: BorrowedFd<'_>,
-        child: &Child,
+        child: &Child<'_>,
+        meta: &EntryMetadata,
         path: &[u8],
     ) -> Result<(), WriteError> {
-        let name = child.name.as_slice();
         let links = self.inode(child.ino).links;
         let mut inode = Inode {
             links,
             ..Inode::default()
         };
+        self.fill_attrs(&mut inode, meta, path)?;
         match child.kind {
             EntryKind::File => {
                 let fd = rustix::fs::openat(
                     dir,
-                    name,
+                    child.name.as_slice(),
                     OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                     Mode::empty(),
                 )
                 .map_err(|e| tree_err("opening", path, e.into()))?;
-                let st = rustix::fs::fstat(&fd).map_err(|e| tree_err("stat", path, e.into()))?;
-                self.fill_attrs(&mut inode, &st, path, child.kind, Some(fd.as_fd()))?;
                 *self.inode(child.ino) = inode;
-                self.copy_file(child.ino, File::from(fd), st.st_size as u64, path)?;
+                self.copy_file(child.ino, File::from(fd), meta, path)?;
             }
             EntryKind::Symlink => {
-                let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
-                    .map_err(|e| tree_err("stat", path, e.into()))?;
-                let target = rustix::fs::readlinkat(dir, name, Vec::new())
-                    .map_err(|e| tree_err("reading link", path, e.into()))?;
-                let target = target.into_bytes();
-                self.fill_attrs(&mut inode, &st, path, child.kind, None)?;
+                let target = &meta.target;
                 if target.len() < 60 {
                     // A fast symlink: the target lives in i_block.
-                    inode.block[..target.len()].copy_from_slice(&target);
+                    inode.block[..target.len()].copy_from_slice(target);
                     inode.size = target.len() as u64;
                     *self.inode(child.ino) = inode;
                     self.place_xattr_block(child.ino)?;
                 } else {
                     *self.inode(child.ino) = inode;
-                    self.place_data(child.ino, &target, path)?;
+                    self.place_data(child.ino, target, path)?;
                 }
             }
             EntryKind::Fifo | EntryKind::CharDevice { .. } | EntryKind::BlockDevice { .. } => {
-                let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
-                    .map_err(|e| tree_err("stat", path, e.into()))?;
-                self.fill_attrs(&mut inode, &st, path, child.kind, None)?;
                 if let EntryKind::CharDevice { major, minor }
                 | EntryKind::BlockDevice { major, minor } = child.kind
                 {
+                    if major > MAX_DEVICE_MAJOR || minor > MAX_DEVICE_MINOR {
+                        return Err(WriteError::Unsupported {
+                            path: shown(path),
+                            reason: format!(
+                                "device {major}:{minor} does not fit ext4's 12-bit major and 20-bit minor"
+                            ),
+                        });
+                    }
                     if major < 256 && minor < 256 {
                         let old = (major << 8) | minor;
                         inode.block[0..4].copy_from_slice(&old.to_le_bytes());
@@ -829,25 +833,85 @@ impl Writer<'_, '_> {
         Ok(())
     }
 
-    /// Copies a regular file's bytes into one contiguous run of blocks.
+    /// Copies a regular file's bytes into runs of blocks, leaving zero runs of at least
+    /// [`ZERO_RUN_HOLE_BLOCKS`] and the holes of a sparse file unallocated.
     fn copy_file(
         &mut self,
         ino: u32,
         mut file: File,
-        size: u64,
+        meta: &EntryMetadata,
         path: &[u8],
     ) -> Result<(), WriteError> {
-        let nblocks = size.div_ceil(BLOCK);
-        let start = self.alloc(nblocks)?;
+        let size = meta.size;
+        if size.div_ceil(BLOCK) > u64::from(u32::MAX) {
+            return Err(WriteError::Unsupported {
+                path: shown(path),
+                reason: format!("file of {size} bytes is larger than ext4's 16 TiB"),
+            });
+        }
+        // Block-aligned byte ranges that may hold data: all of it, or a sparse file's
+        // segments widened to whole blocks.
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        match &meta.sparse {
+            None => ranges.push((0, size)),
+            Some(map) => {
+                for &(offset, len) in map.iter().filter(|s| s.1 > 0) {
+                    let start = offset / BLOCK * BLOCK;
+                    let end = (offset + len)
+                        .div_ceil(BLOCK)
+                        .saturating_mul(BLOCK)
+                        .min(size);
+                    match ranges.last_mut() {
+                        Some(last) if start <= last.1 => last.1 = last.1.max(end),
+                        _ => ranges.push((start, end)),
+                    }
+                }
+            }
+        }
+        let most = ranges
+            .iter()
+            .map(|r| (r.1 - r.0).div_ceil(BLOCK))
+            .sum::<u64>();
+        if self.cursor + most > self.layout.blocks {
+            return Err(WriteError::NoSpace {
+                what: "blocks",
+                needed: self.cursor + most,
+                available: self.layout.blocks,
+            });
+        }
+        let mut extents = Vec::new();
+        let mut physical = self.cursor;
+        let mut runs_left = MAX_FILE_RUNS;
         let stream = self.stream.as_mut().expect("the stream lives until finish");
-        stream
-            .copy_from(start * BLOCK, &mut file, size)
-            .map_err(|e| match e.kind() {
+        for (start, end) in ranges {
+            let copy_err = |e: io::Error| match e.kind() {
                 io::ErrorKind::UnexpectedEof => tree_err("reading", path, e),
                 _ => image_err("writing", e),
-            })?;
+            };
+            if start > 0 {
+                // Only sparse files skip ahead; a dense one is read from where open left it.
+                file.seek(io::SeekFrom::Start(start))
+                    .map_err(|e| tree_err("reading", path, e))?;
+            }
+            let runs = stream
+                .copy_skipping_zeros(
+                    physical * BLOCK,
+                    &mut file,
+                    end - start,
+                    ZERO_RUN_HOLE_BLOCKS,
+                    runs_left,
+                )
+                .map_err(copy_err)?;
+            runs_left = runs_left.saturating_sub(runs.len()).max(1);
+            for (first, count) in runs {
+                extents.extend(split_extents(start / BLOCK + first, count, physical));
+                physical += count;
+            }
+        }
+        let data = physical - self.cursor;
+        self.cursor = physical;
         self.file_bytes += size;
-        self.set_extents(ino, start, nblocks, path)?;
+        self.set_extents(ino, &extents, data, path)?;
         self.inode(ino).size = size;
         self.place_xattr_block(ino)
     }
@@ -870,12 +934,8 @@ impl Writer<'_, '_> {
             mtime: self.now,
             ..Inode::default()
         };
-        self.set_extents(
-            journal,
-            layout.journal_start,
-            layout.journal_blocks,
-            b"<journal>",
-        )?;
+        let extents = split_extents(0, layout.journal_blocks, layout.journal_start);
+        self.set_extents(journal, &extents, layout.journal_blocks, b"<journal>")?;
         self.inode(journal).size = layout.journal_blocks * BLOCK;
         self.write_at(
             layout.journal_start,
@@ -990,6 +1050,19 @@ fn join(path: &[u8], name: &[u8]) -> Vec<u8> {
     p
 }
 
+/// Extents (logical, length, physical) for `count` blocks from logical `logical`, stored
+/// from `physical` on, cut to what one extent describes.
+fn split_extents(logical: u64, count: u64, physical: u64) -> Vec<(u32, u16, u64)> {
+    let mut out = Vec::new();
+    let mut done = 0;
+    while done < count {
+        let len = (count - done).min(MAX_EXTENT_BLOCKS);
+        out.push(((logical + done) as u32, len as u16, physical + done));
+        done += len;
+    }
+    out
+}
+
 fn set_bits(bitmap: &mut [u8], from: usize, to: usize) {
     for bit in from..to.min(bitmap.len() * 8) {
         bitmap[bit / 8] |= 1 << (bit % 8);
@@ -1070,68 +1143,54 @@ fn dir_blocks(children: &[Child], ino: u32, parent: u32) -> Vec<u8> {
     out
 }
 
-fn read_xattrs(fd: BorrowedFd<'_>) -> io::Result<Vec<(String, Vec<u8>)>> {
-    let mut names = vec![0u8; 4096];
-    let len = loop {
-        match rustix::fs::flistxattr(fd, &mut names) {
-            Ok(n) => break n,
-            Err(rustix::io::Errno::RANGE) => names.resize(names.len() * 4, 0),
-            Err(rustix::io::Errno::NOTSUP) => return Ok(Vec::new()),
-            Err(e) => return Err(e.into()),
-        }
-    };
-    let mut out = Vec::new();
-    for name in names[..len].split(|&b| b == 0).filter(|n| !n.is_empty()) {
-        let name = String::from_utf8_lossy(name).into_owned();
-        let mut value = vec![0u8; 256];
-        loop {
-            match rustix::fs::fgetxattr(fd, name.as_str(), &mut value) {
-                Ok(n) => {
-                    value.truncate(n);
-                    break;
-                }
-                Err(rustix::io::Errno::RANGE) => value.resize(value.len() * 16, 0),
-                Err(e) => return Err(e.into()),
-            }
-        }
-        out.push((name, value));
-    }
-    Ok(out)
+/// An inode's xattrs as ext4 stores them: what fits in the inode's free tail there, the
+/// rest in one block.
+struct EncodedXattrs {
+    /// The in-inode area, starting with its magic; empty when nothing is there.
+    inline: Vec<u8>,
+    /// A whole xattr block.
+    block: Option<Vec<u8>>,
 }
 
-enum Xattrs {
-    /// The in-inode area, starting with its magic.
-    Inline(Vec<u8>),
-    /// A whole xattr block.
-    Block(Vec<u8>),
-}
+/// ext4's limit on the name stored in an xattr entry (the part after the namespace
+/// prefix): its length is one byte.
+const XATTR_SUFFIX_MAX: usize = 255;
 
 /// Maps a full xattr name to ext4's (name index, suffix); ACL values are converted to
 /// ext4's own encoding.
-fn xattr_key(name: &str, value: &[u8]) -> Result<(u8, Vec<u8>, Vec<u8>), String> {
+fn xattr_key(name: &[u8], value: &[u8]) -> Result<(u8, Vec<u8>, Vec<u8>), String> {
+    let shown = String::from_utf8_lossy(name);
     let acl = |index: u8| -> Result<(u8, Vec<u8>, Vec<u8>), String> {
         Ok((
             index,
             Vec::new(),
-            acl_to_disk(value).ok_or_else(|| format!("xattr {name}: malformed POSIX ACL"))?,
+            acl_to_disk(value).ok_or_else(|| format!("xattr {shown}: malformed POSIX ACL"))?,
         ))
     };
     match name {
-        "system.posix_acl_access" => return acl(2),
-        "system.posix_acl_default" => return acl(3),
+        b"system.posix_acl_access" => return acl(2),
+        b"system.posix_acl_default" => return acl(3),
         _ => {}
     }
     for (prefix, index) in [
-        ("user.", 1u8),
-        ("trusted.", 4),
-        ("security.", 6),
-        ("system.", 7),
+        (b"user.".as_slice(), 1u8),
+        (b"trusted.", 4),
+        (b"security.", 6),
+        (b"system.", 7),
     ] {
         if let Some(rest) = name.strip_prefix(prefix) {
-            return Ok((index, rest.as_bytes().to_vec(), value.to_vec()));
+            if rest.is_empty() || rest.contains(&0) {
+                return Err(format!("xattr {shown:?}: not a valid name"));
+            }
+            if rest.len() > XATTR_SUFFIX_MAX {
+                return Err(format!(
+                    "xattr {shown:?}: name longer than ext4's {XATTR_SUFFIX_MAX} bytes"
+                ));
+            }
+            return Ok((index, rest.to_vec(), value.to_vec()));
         }
     }
-    Err(format!("xattr {name}: namespace not supported by ext4"))
+    Err(format!("xattr {shown}: namespace not supported by ext4"))
 }
 
 /// VFS POSIX ACL (version 2, 8-byte entries) → ext4 on-disk ACL (version 1, 4-byte entries
@@ -1169,43 +1228,68 @@ fn xattr_hash(name: &[u8], value: &[u8]) -> u32 {
     hash
 }
 
-/// Encodes xattrs in the inode when they fit in its 92 spare bytes, else as one block.
-fn encode_xattrs(xattrs: &[(String, Vec<u8>)]) -> Result<Xattrs, String> {
+/// Encodes xattrs as mkfs places them: in name order, each that still fits in the inode's
+/// 92 spare bytes goes there, the others into one block (sorted, as the kernel's lookup
+/// in a block expects).
+fn encode_xattrs(xattrs: &[(Vec<u8>, Vec<u8>)]) -> Result<EncodedXattrs, String> {
     let mut keyed = Vec::with_capacity(xattrs.len());
     for (name, value) in xattrs {
         keyed.push(xattr_key(name, value)?);
     }
-    // Sorted as the kernel's lookup in a block expects: index, name length, name.
     keyed.sort_by(|a, b| (a.0, a.1.len(), &a.1).cmp(&(b.0, b.1.len(), &b.1)));
-    let entries_len: usize = keyed.iter().map(|k| (16 + k.1.len()).div_ceil(4) * 4).sum();
-    let values_len: usize = keyed.iter().map(|k| k.2.len().div_ceil(4) * 4).sum();
+    let cost =
+        |k: &(u8, Vec<u8>, Vec<u8>)| ((16 + k.1.len()).div_ceil(4) * 4, k.2.len().div_ceil(4) * 4);
+    // Entries and values share the area; 4 bytes end the entry list.
     let inline_room = INODE_SIZE - 128 - EXTRA_ISIZE - 4;
-    if entries_len + 4 + values_len <= inline_room {
+    let mut inline = Vec::new();
+    let mut in_block = Vec::new();
+    let mut used = 4;
+    for k in keyed {
+        let (e, v) = cost(&k);
+        if used + e + v <= inline_room {
+            used += e + v;
+            inline.push(k);
+        } else {
+            in_block.push(k);
+        }
+    }
+    let mut out = EncodedXattrs {
+        inline: Vec::new(),
+        block: None,
+    };
+    if !inline.is_empty() {
         let mut area = vec![0u8; inline_room + 4];
         area[0..4].copy_from_slice(&XATTR_MAGIC.to_le_bytes());
         // Value offsets count from the first entry, just after the magic.
-        fill_xattr_entries(&mut area[4..], &keyed, false);
-        return Ok(Xattrs::Inline(area));
+        fill_xattr_entries(&mut area[4..], &inline, false);
+        out.inline = area;
     }
-    let block_room = BLOCK as usize - 32;
-    if entries_len + 4 + values_len > block_room {
-        return Err(format!(
-            "xattrs take {} bytes, more than one {BLOCK}-byte block",
-            entries_len + values_len
-        ));
+    if !in_block.is_empty() {
+        let need: usize = in_block
+            .iter()
+            .map(|k| cost(k).0 + cost(k).1)
+            .sum::<usize>()
+            + 4;
+        let block_room = BLOCK as usize - 32;
+        if need > block_room {
+            return Err(format!(
+                "xattrs take {need} bytes beyond what the inode holds, more than one {BLOCK}-byte block"
+            ));
+        }
+        let mut block = vec![0u8; BLOCK as usize];
+        block[0..4].copy_from_slice(&XATTR_MAGIC.to_le_bytes());
+        block[4..8].copy_from_slice(&1u32.to_le_bytes()); // refcount
+        block[8..12].copy_from_slice(&1u32.to_le_bytes()); // blocks
+                                                           // Offsets in a block count from the block start; entries begin after the header.
+        let hashes = fill_xattr_entries(&mut block, &in_block, true);
+        let mut block_hash: u32 = 0;
+        for h in hashes {
+            block_hash = (block_hash << 16) ^ (block_hash >> 16) ^ h;
+        }
+        block[12..16].copy_from_slice(&block_hash.to_le_bytes());
+        out.block = Some(block);
     }
-    let mut block = vec![0u8; BLOCK as usize];
-    block[0..4].copy_from_slice(&XATTR_MAGIC.to_le_bytes());
-    block[4..8].copy_from_slice(&1u32.to_le_bytes()); // refcount
-    block[8..12].copy_from_slice(&1u32.to_le_bytes()); // blocks
-                                                       // Offsets in a block count from the block start; entries begin after the header.
-    let hashes = fill_xattr_entries(&mut block, &keyed, true);
-    let mut block_hash: u32 = 0;
-    for h in hashes {
-        block_hash = (block_hash << 16) ^ (block_hash >> 16) ^ h;
-    }
-    block[12..16].copy_from_slice(&block_hash.to_le_bytes());
-    Ok(Xattrs::Block(block))
+    Ok(out)
 }
 
 /// Writes entries from the front and values from the back of `area`; returns the entry
@@ -1272,6 +1356,11 @@ impl Superblock<'_> {
         let now = self.now.sec as u32;
         put32(&mut sb, 0x00, l.inode_count() as u32);
         put32(&mut sb, 0x04, l.blocks as u32);
+        put32(
+            &mut sb,
+            0x08,
+            (l.blocks * RESERVED_BLOCKS_PERCENT / 100) as u32,
+        );
         put32(&mut sb, 0x0C, self.free_blocks as u32);
         put32(&mut sb, 0x10, self.free_inodes as u32);
         put32(&mut sb, 0x14, 0); // first data block (4 KiB blocks)
@@ -1359,6 +1448,7 @@ mod tests {
             .map(|i| Child {
                 name: format!("file-number-{i:04}").into_bytes(),
                 ino: 100 + i,
+                meta: None,
                 kind: EntryKind::File,
                 fresh: true,
             })
@@ -1402,17 +1492,27 @@ mod tests {
 
     #[test]
     fn small_xattrs_stay_in_the_inode_and_large_ones_take_a_block() {
-        let small = [("security.capability".to_owned(), vec![1u8; 20])];
-        assert!(matches!(encode_xattrs(&small), Ok(Xattrs::Inline(_))));
-        let large = [("user.big".to_owned(), vec![7u8; 500])];
-        let Ok(Xattrs::Block(block)) = encode_xattrs(&large) else {
-            panic!("expected a block")
-        };
+        let x = |n: &str, v: Vec<u8>| (n.as_bytes().to_vec(), v);
+        let small = [x("security.capability", vec![1u8; 20])];
+        let e = encode_xattrs(&small).unwrap();
+        assert!(!e.inline.is_empty() && e.block.is_none());
+        let large = [x("user.big", vec![7u8; 500])];
+        let e = encode_xattrs(&large).unwrap();
+        let block = e.block.expect("expected a block");
+        assert!(e.inline.is_empty());
         assert_eq!(&block[0..4], &XATTR_MAGIC.to_le_bytes());
         assert_eq!(block[32], 3, "name length of 'big'");
         assert_eq!(block[33], 1, "user namespace");
-        let huge = [("user.huge".to_owned(), vec![0u8; 8000])];
+        // What fits stays in the inode, the rest goes to the block.
+        let both = [x("user.a", vec![1u8; 40]), x("user.big", vec![7u8; 4000])];
+        let e = encode_xattrs(&both).unwrap();
+        assert!(!e.inline.is_empty() && e.block.is_some());
+        assert_eq!(e.inline[4], 1, "user.a inline");
+        assert_eq!(e.block.unwrap()[32], 3, "user.big in the block");
+        let huge = [x("user.huge", vec![0u8; 8000])];
         assert!(encode_xattrs(&huge).is_err());
-        assert!(encode_xattrs(&[("os2.x".to_owned(), vec![])]).is_err());
+        assert!(encode_xattrs(&[x("os2.x", vec![])]).is_err());
+        let long = [([b"user.".as_slice(), &[b'n'; 256]].concat(), vec![])];
+        assert!(encode_xattrs(&long).is_err());
     }
 }

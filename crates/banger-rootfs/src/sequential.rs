@@ -133,17 +133,97 @@ impl SequentialWriter {
         Ok(())
     }
 
-    /// Reads exactly `len` bytes from `source` into the image at `offset`, with no copy
-    /// in between.
-    pub(crate) fn copy_from(
+    /// Reads `len` bytes of `source` into the image from `offset` (block aligned, at or
+    /// after everything written), leaving out every run of at least `min_hole` whole zero
+    /// blocks: those become holes. Returns the runs stored, as (first block within the
+    /// source, blocks), which lie back to back from `offset`. Makes at most `max_runs`
+    /// runs: past that, zeros are stored like data. Data is read straight into the
+    /// output buffers; only blocks after a hole in the same buffer are moved.
+    pub(crate) fn copy_skipping_zeros(
         &mut self,
         offset: u64,
         source: &mut impl Read,
-        mut len: u64,
-    ) -> io::Result<()> {
+        len: u64,
+        min_hole: u64,
+        max_runs: usize,
+    ) -> io::Result<Vec<(u64, u64)>> {
         self.seek(offset)?;
-        while len > 0 {
-            let n = (len as usize).min(CHUNK - self.filled);
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let (mut run_start, mut run_len) = (0u64, 0u64);
+        // Trailing zero blocks of the current run, and how many of them are still in
+        // `current` (those can be taken back out).
+        let (mut zeros, mut movable) = (0u64, 0u64);
+        let mut in_hole = false;
+        let mut logical = 0u64;
+        // current[..kept] is stored; current[scanned..filled] is read but not classified.
+        let mut kept = self.filled;
+        let mut scanned = self.filled;
+        let mut left = len;
+        loop {
+            if left == 0 {
+                // Zero-pad a partial last block so it can be classified.
+                let end = self.filled.div_ceil(ALIGN) * ALIGN;
+                let filled = self.filled;
+                self.current.bytes()[filled..end].fill(0);
+                self.filled = end;
+            }
+            let complete = self.filled / ALIGN * ALIGN;
+            while scanned < complete {
+                let zero = is_zero(&self.current.bytes()[scanned..scanned + ALIGN]);
+                if zero && in_hole {
+                    // Dropped: part of a hole.
+                } else {
+                    if kept != scanned {
+                        self.current
+                            .bytes()
+                            .copy_within(scanned..scanned + ALIGN, kept);
+                    }
+                    kept += ALIGN;
+                    if run_len == 0 {
+                        run_start = logical;
+                    }
+                    run_len += 1;
+                    if zero {
+                        zeros += 1;
+                        movable += 1;
+                        if zeros >= min_hole && movable == zeros && runs.len() + 1 < max_runs {
+                            // Long enough: take the run's zeros back out; a hole from here.
+                            kept -= zeros as usize * ALIGN;
+                            run_len -= zeros;
+                            if run_len > 0 {
+                                runs.push((run_start, run_len));
+                            }
+                            run_len = 0;
+                            (zeros, movable) = (0, 0);
+                            in_hole = true;
+                        }
+                    } else {
+                        (zeros, movable) = (0, 0);
+                        in_hole = false;
+                    }
+                }
+                scanned += ALIGN;
+                logical += 1;
+            }
+            // Move a partial block left unclassified down to the stored part.
+            let tail = self.filled - scanned;
+            if tail > 0 && kept != scanned {
+                let filled = self.filled;
+                self.current.bytes().copy_within(scanned..filled, kept);
+            }
+            self.filled = kept + tail;
+            scanned = kept;
+            if left == 0 {
+                break;
+            }
+            if self.filled == CHUNK {
+                self.submit(CHUNK)?;
+                (kept, scanned) = (0, 0);
+                // Zeros already on their way to disk stay data; a hole may still start
+                // after them.
+                (zeros, movable) = (0, 0);
+            }
+            let n = (left as usize).min(CHUNK - self.filled);
             let filled = self.filled;
             let got = match source.read(&mut self.current.bytes()[filled..filled + n]) {
                 Ok(0) => {
@@ -157,10 +237,13 @@ impl SequentialWriter {
                 Err(e) => return Err(e),
             };
             self.filled += got;
-            len -= got as u64;
-            self.flush_if_full()?;
+            left -= got as u64;
         }
-        Ok(())
+        if run_len > 0 {
+            runs.push((run_start, run_len));
+        }
+        self.flush_if_full()?;
+        Ok(runs)
     }
 
     fn flush_if_full(&mut self) -> io::Result<()> {
@@ -221,6 +304,14 @@ impl Drop for SequentialWriter {
     }
 }
 
+/// Whether a block is all zeros; data blocks usually answer at their first bytes.
+fn is_zero(block: &[u8]) -> bool {
+    if block[..16].iter().any(|&b| b != 0) {
+        return false;
+    }
+    block.iter().fold(0u8, |acc, &b| acc | b) == 0
+}
+
 fn worker_gone() -> io::Error {
     io::Error::other("image writer thread stopped")
 }
@@ -257,8 +348,11 @@ mod tests {
         let mut w = SequentialWriter::new(&file, 8192).unwrap();
         w.write_at(8192, b"first").unwrap();
         let big: Vec<u8> = (0..(CHUNK * 2 + 123)).map(|i| (i % 251) as u8).collect();
-        w.copy_from(12288, &mut &big[..], big.len() as u64).unwrap();
-        let tail_at = 12288 + big.len() as u64 + 5000;
+        let runs = w
+            .copy_skipping_zeros(12288, &mut &big[..], big.len() as u64, 8, 16)
+            .unwrap();
+        assert_eq!(runs, vec![(0, (big.len() as u64).div_ceil(4096))]);
+        let tail_at = (12288 + big.len() as u64).div_ceil(4096) * 4096 + 4096;
         w.write_at(tail_at, b"tail").unwrap();
         assert!(w.write_at(100, b"x").is_err(), "backwards is refused");
         w.finish().unwrap();
@@ -275,5 +369,58 @@ mod tests {
             read[..8192].iter().all(|&b| b == 0),
             "nothing before the start"
         );
+    }
+
+    #[test]
+    fn zero_runs_become_holes_and_short_ones_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(64 << 20).unwrap();
+        let block = |b: u8, n: usize| vec![b; n * 4096];
+        // data 2, zeros 3 (kept), data 1, zeros 20 (hole), data 1, zeros past a buffer
+        // boundary (hole), data 1, then trailing zeros (hole).
+        let src = [
+            block(1, 2),
+            block(0, 3),
+            block(2, 1),
+            block(0, 20),
+            block(3, 1),
+            block(0, CHUNK / 4096 + 50),
+            block(4, 1),
+            block(0, 9),
+        ]
+        .concat();
+        let mut w = SequentialWriter::new(&file, 4096).unwrap();
+        let runs = w
+            .copy_skipping_zeros(4096, &mut &src[..], src.len() as u64, 8, 100)
+            .unwrap();
+        let hole_end = 2 + 3 + 1 + 20 + 1 + CHUNK as u64 / 4096 + 50;
+        assert_eq!(runs, vec![(0, 6), (26, 1), (hole_end, 1)]);
+        w.finish().unwrap();
+        let mut read = vec![0u8; 8 * 4096];
+        file.read_exact_at(&mut read, 4096).unwrap();
+        let stored = [
+            block(1, 2),
+            block(0, 3),
+            block(2, 1),
+            block(3, 1),
+            block(4, 1),
+        ]
+        .concat();
+        assert_eq!(read, stored);
+        // A budget of one run: no holes at all.
+        let mut w = SequentialWriter::new(&file, 4096).unwrap();
+        let runs = w
+            .copy_skipping_zeros(4096, &mut &src[..], src.len() as u64, 8, 1)
+            .unwrap();
+        assert_eq!(runs, vec![(0, src.len() as u64 / 4096)]);
+        w.finish().unwrap();
     }
 }

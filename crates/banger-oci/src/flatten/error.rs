@@ -99,6 +99,62 @@ pub enum EntryProblem {
     /// The tar header could not be decoded.
     #[error("bad tar header: {0}")]
     BadHeader(String),
+    /// An extension header (PAX records, a GNU long name, a sparse map) declares more than
+    /// [`MAX_EXTENSION_HEADER_BYTES`](super::MAX_EXTENSION_HEADER_BYTES); refused before
+    /// it is read.
+    #[error(
+        "{what} of {size} bytes exceeds the limit of {limit} bytes (MAX_EXTENSION_HEADER_BYTES)"
+    )]
+    ExtensionTooLarge {
+        /// Which kind of header.
+        what: &'static str,
+        /// What it declares.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// An xattr name longer than ext4 (and Linux, `XATTR_NAME_MAX`) can hold.
+    #[error("xattr name {name:?} is {len} bytes, longer than ext4's limit of {limit} bytes")]
+    XattrNameTooLong {
+        /// The name, lossily decoded and cut to 64 bytes.
+        name: String,
+        /// Its length.
+        len: usize,
+        /// The limit (255).
+        limit: usize,
+    },
+    /// An xattr name no filesystem can hold (empty, or with a NUL byte).
+    #[error("xattr name {name:?} is not a valid name")]
+    XattrName {
+        /// The name, lossily decoded.
+        name: String,
+    },
+    /// A uid or gid of 4294967295: Linux's invalid id ((uid_t)-1, which `chown` reads as
+    /// "leave unchanged"), refused rather than stored as an owner no one can be.
+    #[error("{which} {id} is Linux's invalid id (-1)")]
+    InvalidId {
+        /// `uid` or `gid`.
+        which: &'static str,
+        /// The id.
+        id: u64,
+    },
+    /// A device number ext4 (and Linux's `dev_t`) cannot hold: majors have 12 bits,
+    /// minors 20.
+    #[error("device {major}:{minor} does not fit ext4's 12-bit major and 20-bit minor numbers")]
+    DeviceNumber {
+        /// Major number.
+        major: u32,
+        /// Minor number.
+        minor: u32,
+    },
+    /// A hard link would give its inode more names than ext4 allows.
+    #[error("hard link target {target:?} already has {limit} links, ext4's limit (EXT4_LINK_MAX)")]
+    TooManyLinks {
+        /// The link target as written in the tar header.
+        target: String,
+        /// The limit (65,000).
+        limit: u64,
+    },
     /// A filesystem operation on the staging tree failed.
     #[error("{op}: {source}")]
     Io {

@@ -10,30 +10,36 @@
 //! lower layers, `.wh..wh..opq` hides a directory's lower-layer content, and whiteouts never
 //! affect entries their own layer adds (whatever the order inside the tar).
 //!
-//! When not running as root (or when [`Privilege::Unprivileged`] is forced) we cannot chown,
-//! create device nodes or set `security.*`/`trusted.*` xattrs, so the true ownership, modes,
-//! device numbers and xattrs go into [`FlattenedTree::metadata`] for the rootfs builder to
-//! apply inside the filesystem image instead.
+//! The staging directory holds names, file contents, symlinks and hard links, nothing more:
+//! the host filesystem is never the source of truth for metadata. Every entry's kind, mode,
+//! owner, xattrs, device numbers and mtime are recorded from its tar header in
+//! [`FlattenedTree::metadata`], root or not, and the rootfs builder takes them from there.
+//! So there is one code path whatever the daemon's privilege, and nothing of the host
+//! (a default ACL, a setgid parent, a filesystem without `trusted.*` xattrs, a umask)
+//! leaks into an image. Device nodes and fifos are staged as empty placeholder files.
 
 mod decompress;
 mod error;
 mod resolve;
+mod tarstream;
 
-use std::cell::Cell;
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::{CStr, OsString};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps, XattrFlags};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
 
 use crate::digest::Digest;
 use error::{errno_problem, io_problem};
 pub use error::{EntryProblem, FlattenError, LayerProblem};
+pub use tarstream::MAX_EXTENSION_HEADER_BYTES;
+use tarstream::{Member, TarError, TarReader};
 
 /// Decompresses a whole layer blob into `out` (compression chosen as the flattener would),
 /// refusing to produce more than `limit` bytes. For decoding a later layer ahead, on another
@@ -56,6 +62,18 @@ pub fn decompress_layer(
 }
 use resolve::{join, lossy, normalize, ResolveError, Resolver};
 
+/// ext4's limit on names of one inode (`EXT4_LINK_MAX`). Directories may pass it
+/// (`dir_nlink`), other inodes may not: a hard link past it is refused.
+pub const EXT4_LINK_MAX: u64 = 65_000;
+
+/// Longest xattr name Linux and ext4 hold (`XATTR_NAME_MAX`), namespace prefix included.
+pub const XATTR_NAME_MAX: usize = 255;
+
+/// Largest device major ext4's (and Linux's) device encoding holds: 12 bits.
+pub const MAX_DEVICE_MAJOR: u32 = 0xfff;
+/// Largest device minor: 20 bits.
+pub const MAX_DEVICE_MINOR: u32 = 0xf_ffff;
+
 /// Bounds on what one image may expand to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlattenLimits {
@@ -77,16 +95,16 @@ impl Default for FlattenLimits {
     }
 }
 
-/// Whether ownership, device nodes and privileged xattrs are applied natively.
+/// The privilege the flattener runs with. It no longer changes what is built (every
+/// attribute is recorded, never applied to the host), only whether root is asserted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Privilege {
-    /// Native when the effective uid is 0, recorded otherwise.
+    /// Whatever the process has.
     #[default]
     Detect,
-    /// Always native; [`Flattener::new`] fails when not root.
+    /// Root; [`Flattener::new`] fails when not root.
     Privileged,
-    /// Always recorded in [`FlattenedTree::metadata`], even as root (tests use this to
-    /// exercise the unprivileged path).
+    /// As if not root, even as root.
     Unprivileged,
 }
 
@@ -108,14 +126,13 @@ pub enum EntryKind {
     Directory,
     /// A symbolic link.
     Symlink,
-    /// A named pipe.
+    /// A named pipe (staged as an empty placeholder file).
     Fifo,
-    /// A character device. In unprivileged mode the staging tree holds an empty regular
-    /// file in its place.
+    /// A character device (staged as an empty placeholder file).
     CharDevice {
-        /// Device major number.
+        /// Device major number (at most [`MAX_DEVICE_MAJOR`]).
         major: u32,
-        /// Device minor number.
+        /// Device minor number (at most [`MAX_DEVICE_MINOR`]).
         minor: u32,
     },
     /// A block device; staged like [`EntryKind::CharDevice`].
@@ -141,8 +158,18 @@ impl EntryKind {
     }
 }
 
-/// The attributes an entry must end up with in the root filesystem, for those the staging
-/// tree could not hold.
+/// A time as the tar says: seconds since the epoch (negative before 1970) and nanoseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Hash)]
+pub struct Timestamp {
+    /// Whole seconds, rounded towards minus infinity.
+    pub sec: i64,
+    /// Nanoseconds after `sec`, below 1e9.
+    pub nsec: u32,
+}
+
+/// Everything an entry is in the image but its name and its bytes: taken from its tar
+/// header (implicit directories are root-owned 0755 with mtime 0, as is the root when no
+/// layer has a `./` entry).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EntryMetadata {
     /// What the entry is.
@@ -151,10 +178,55 @@ pub struct EntryMetadata {
     pub uid: u32,
     /// Group.
     pub gid: u32,
-    /// Permission bits including setuid, setgid and sticky (no file type bits).
+    /// Permission bits including setuid, setgid and sticky (no file type bits); 0777 for
+    /// symlinks, whatever their header says (ext4 symlinks have no mode of their own).
     pub mode: u32,
-    /// Extended attributes (name, value), e.g. `security.capability`.
-    pub xattrs: Vec<(String, Vec<u8>)>,
+    /// Extended attributes (name, value) as bytes, e.g. `security.capability`; one per name.
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Modification time.
+    pub mtime: Timestamp,
+    /// Regular files: the size in bytes.
+    pub size: u64,
+    /// Symlinks: the target.
+    pub target: Vec<u8>,
+    /// Regular files stored sparse in the layer: their data segments (offset, length), in
+    /// order; everything else reads as zeros.
+    pub sparse: Option<Vec<(u64, u64)>>,
+    /// Which inode the entry is: the names of one hard-linked file share it, every other
+    /// entry has its own.
+    pub inode: u64,
+    /// Whether the inode has (or had) more than one name.
+    pub linked: bool,
+}
+
+impl EntryMetadata {
+    fn implicit_dir(inode: u64) -> EntryMetadata {
+        EntryMetadata {
+            kind: EntryKind::Directory,
+            uid: 0,
+            gid: 0,
+            mode: 0o755,
+            xattrs: Vec::new(),
+            mtime: Timestamp::default(),
+            size: 0,
+            target: Vec::new(),
+            sparse: None,
+            inode,
+            linked: false,
+        }
+    }
+
+    /// Data bytes the entry's content takes, rounded to 4 KiB blocks.
+    fn data_blocks_bytes(&self) -> u64 {
+        match (&self.kind, &self.sparse) {
+            (EntryKind::File, Some(map)) => map.iter().map(|s| round_block(s.1) + 4096).sum(),
+            (EntryKind::File, None) => round_block(self.size),
+            (EntryKind::Directory, _) => 4096,
+            // Symlink targets up to 59 bytes live in the inode itself.
+            (EntryKind::Symlink, _) if self.target.len() > 59 => 4096,
+            _ => 0,
+        }
+    }
 }
 
 /// What one [`Flattener::apply_layer`] did.
@@ -175,21 +247,21 @@ pub struct LayerStats {
 pub struct FlattenedTree {
     /// The staging directory; the image root.
     pub root: PathBuf,
-    /// Whether ownership and device nodes were applied natively.
+    /// Whether the flattener ran as root (informational: the tree is the same either way).
     pub privileged: bool,
     /// Estimated bytes of data blocks the tree needs: regular files rounded up to 4 KiB
-    /// (hard links counted once) plus a block per directory and long symlink.
+    /// (hard links counted once), directory entries, a block per directory, long symlink
+    /// and large xattr set.
     pub content_bytes: u64,
     /// Names in the tree, the root excluded.
     pub entries: u64,
     /// Distinct inodes in the tree, the root excluded.
     pub inodes: u64,
-    /// Attributes the rootfs builder must apply inside the filesystem image, keyed by path
-    /// relative to the root (the empty path is the root itself). Unprivileged: every entry.
-    /// Privileged: only what the staging filesystem refused (xattrs on symlinks, fifos and
-    /// devices, or xattr namespaces it does not support).
+    /// Every entry's attributes, keyed by symlink-free path relative to the root (the empty
+    /// path is the root itself). The rootfs builder takes all metadata from here.
     pub metadata: BTreeMap<PathBuf, EntryMetadata>,
     root_fd: OwnedFd,
+    next_inode: u64,
 }
 
 /// Replays layers into a staging directory. Create with [`Flattener::new`], feed layers
@@ -202,15 +274,13 @@ pub struct Flattener {
     limits: FlattenLimits,
     uncompressed: u64,
     entries: u64,
-    /// Side table, keyed by symlink-free root-relative path.
+    /// Every entry's record, keyed by symlink-free root-relative path.
     metadata: BTreeMap<Vec<u8>, EntryMetadata>,
-    /// Directory mtimes, applied in [`finish`](Self::finish) because writing into a
-    /// directory bumps its mtime.
-    dir_mtimes: BTreeMap<Vec<u8>, Timespec>,
     /// Paths the current layer added (and their ancestors): whiteouts spare them.
     layer_added: HashSet<Vec<u8>>,
     /// Directories the resolver created implicitly, to be recorded.
     created: Vec<Vec<u8>>,
+    next_inode: u64,
     buf: Vec<u8>,
 }
 
@@ -272,6 +342,8 @@ impl Flattener {
             Mode::empty(),
         )
         .map_err(|e| fail("opening", e.into()))?;
+        let mut metadata = BTreeMap::new();
+        metadata.insert(Vec::new(), EntryMetadata::implicit_dir(1));
         Ok(Flattener {
             staging,
             resolver: Resolver::new(root),
@@ -279,10 +351,10 @@ impl Flattener {
             limits: options.limits,
             uncompressed: 0,
             entries: 0,
-            metadata: BTreeMap::new(),
-            dir_mtimes: BTreeMap::new(),
+            metadata,
             layer_added: HashSet::new(),
             created: Vec::new(),
+            next_inode: 2,
             buf: vec![0; COPY_BUFFER],
         })
     }
@@ -292,7 +364,7 @@ impl Flattener {
         &self.staging
     }
 
-    /// Whether ownership and device nodes are applied natively.
+    /// Whether the flattener runs as root (informational: the result is the same).
     pub fn privileged(&self) -> bool {
         self.privileged
     }
@@ -352,8 +424,8 @@ impl Flattener {
         compression: &'static str,
         digest: &Digest,
     ) -> Result<LayerStats, FlattenError> {
-        let consumed = Cell::new(0u64);
-        let exceeded = Cell::new(false);
+        let consumed = std::cell::Cell::new(0u64);
+        let exceeded = std::cell::Cell::new(false);
         let remaining = self
             .limits
             .max_uncompressed_bytes
@@ -373,18 +445,25 @@ impl Flattener {
                 })
             }
         };
+        let tar_err = |e: TarError| match e {
+            TarError::Stream(source) => read_err(source),
+            TarError::Entry { path, problem } => FlattenError::Entry {
+                layer: digest.clone(),
+                path: lossy(&path),
+                problem,
+            },
+        };
         let budgeted = decompress::Budgeted {
             inner: decoded,
             remaining,
             consumed: &consumed,
             exceeded: &exceeded,
         };
-        let mut archive = tar::Archive::new(budgeted);
+        let mut archive = TarReader::new(budgeted);
         let mut stats = LayerStats::default();
         self.layer_added.clear();
         let result = (|| {
-            for entry in archive.entries().map_err(read_err)? {
-                let mut entry = entry.map_err(read_err)?;
+            while let Some(member) = archive.next().map_err(tar_err)? {
                 self.entries += 1;
                 stats.entries += 1;
                 if self.entries > self.limits.max_entries {
@@ -392,14 +471,19 @@ impl Flattener {
                         limit: self.limits.max_entries,
                     }));
                 }
-                let raw_path = entry.path_bytes().into_owned();
-                if let Err(problem) = self.apply_entry(&mut entry, &raw_path, &mut stats) {
+                if let Err(problem) = self.apply_entry(&mut archive, &member, &mut stats) {
                     if exceeded.get() {
                         return Err(layer_err(LayerProblem::SizeLimit { limit }));
                     }
+                    if let EntryProblem::Io { source, .. } = &problem {
+                        if source.kind() == io::ErrorKind::UnexpectedEof {
+                            let source = io::Error::new(source.kind(), source.to_string());
+                            return Err(read_err(source));
+                        }
+                    }
                     return Err(FlattenError::Entry {
                         layer: digest.clone(),
-                        path: lossy(&raw_path),
+                        path: lossy(&member.path),
                         problem,
                     });
                 }
@@ -423,22 +507,12 @@ impl Flattener {
         Ok(stats)
     }
 
-    fn apply_entry<R: Read>(
-        &mut self,
-        entry: &mut tar::Entry<'_, R>,
-        raw_path: &[u8],
-        stats: &mut LayerStats,
-    ) -> Result<(), EntryProblem> {
-        let header = entry.header();
+    /// What the member's header says the entry is; `None` for members that carry nothing
+    /// we apply.
+    fn header_metadata(&mut self, member: &Member) -> Result<Option<EntryMetadata>, EntryProblem> {
+        let header = &member.header;
         let entry_type = header.entry_type();
         let bad = |e: io::Error| EntryProblem::BadHeader(e.to_string());
-        let id = |v: u64| {
-            u32::try_from(v).map_err(|_| EntryProblem::BadHeader(format!("id {v} out of range")))
-        };
-        let mode = header.mode().map_err(bad)? & 0o7777;
-        let mut uid = id(header.uid().map_err(bad)?)?;
-        let mut gid = id(header.gid().map_err(bad)?)?;
-        let mut mtime = timespec(header.mtime().map_err(bad)? as i64, 0);
         let kind = match entry_type {
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 EntryKind::File
@@ -449,64 +523,125 @@ impl Flattener {
             tar::EntryType::Char | tar::EntryType::Block => {
                 let major = header.device_major().map_err(bad)?.unwrap_or(0);
                 let minor = header.device_minor().map_err(bad)?.unwrap_or(0);
+                if major > MAX_DEVICE_MAJOR || minor > MAX_DEVICE_MINOR {
+                    return Err(EntryProblem::DeviceNumber { major, minor });
+                }
                 if entry_type == tar::EntryType::Char {
                     EntryKind::CharDevice { major, minor }
                 } else {
                     EntryKind::BlockDevice { major, minor }
                 }
             }
-            // Global PAX headers and vendor extensions carry nothing we apply.
+            // Vendor extensions carry nothing we apply.
             other => {
-                tracing::debug!(entry = %lossy(raw_path), kind = ?other, "skipping tar entry type");
-                return Ok(());
+                tracing::debug!(entry = %lossy(&member.path), kind = ?other, "skipping tar entry type");
+                return Ok(None);
             }
         };
-        let hardlink = entry_type == tar::EntryType::Link;
-        let link = entry.link_name_bytes().map(|l| l.into_owned());
-        let mut xattrs = Vec::new();
-        if let Some(exts) = entry.pax_extensions().map_err(bad)? {
-            for ext in exts {
-                let ext = ext.map_err(bad)?;
-                let key = ext.key_bytes();
-                if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
-                    xattrs.push((lossy(name), ext.value_bytes().to_vec()));
-                    continue;
+        let mut mode = header.mode().map_err(bad)? & 0o7777;
+        let mut uid = header.uid().map_err(bad)?;
+        let mut gid = header.gid().map_err(bad)?;
+        let raw_mtime = header.as_old().mtime;
+        let sec = if raw_mtime[0] == 0xff {
+            // Negative base-256 (GNU): two's complement, big-endian, sign-extended over the
+            // field, so its last eight bytes are the i64.
+            i64::from_be_bytes(raw_mtime[4..].try_into().expect("8 bytes"))
+        } else {
+            i64::try_from(header.mtime().map_err(bad)?).unwrap_or(i64::MAX)
+        };
+        let mut mtime = Timestamp { sec, nsec: 0 };
+        let mut xattrs: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        for (key, value) in &member.pax {
+            if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
+                if name.len() > XATTR_NAME_MAX {
+                    let shown: Vec<u8> = name.iter().copied().take(64).collect();
+                    return Err(EntryProblem::XattrNameTooLong {
+                        name: lossy(&shown),
+                        len: name.len(),
+                        limit: XATTR_NAME_MAX,
+                    });
                 }
-                let value = std::str::from_utf8(ext.value_bytes()).unwrap_or("");
-                match key {
-                    b"uid" => {
-                        uid = value
-                            .parse()
-                            .map_err(|_| EntryProblem::BadHeader(format!("pax uid {value:?}")))?
-                    }
-                    b"gid" => {
-                        gid = value
-                            .parse()
-                            .map_err(|_| EntryProblem::BadHeader(format!("pax gid {value:?}")))?
-                    }
-                    b"mtime" => {
-                        mtime = parse_pax_time(value).ok_or_else(|| {
-                            EntryProblem::BadHeader(format!("pax mtime {value:?}"))
-                        })?
-                    }
-                    _ => {}
+                if name.is_empty() || name.contains(&0) {
+                    return Err(EntryProblem::XattrName { name: lossy(name) });
                 }
+                // A repeated name: the last record wins.
+                xattrs.retain(|(n, _)| n != name);
+                xattrs.push((name.to_vec(), value.clone()));
+                continue;
+            }
+            let text = || String::from_utf8_lossy(value).into_owned();
+            match key.as_slice() {
+                b"uid" => {
+                    uid = text()
+                        .parse()
+                        .map_err(|_| EntryProblem::BadHeader(format!("pax uid {:?}", text())))?
+                }
+                b"gid" => {
+                    gid = text()
+                        .parse()
+                        .map_err(|_| EntryProblem::BadHeader(format!("pax gid {:?}", text())))?
+                }
+                b"mtime" => {
+                    mtime = parse_pax_time(&text())
+                        .ok_or_else(|| EntryProblem::BadHeader(format!("pax mtime {:?}", text())))?
+                }
+                _ => {}
             }
         }
-        let meta = EntryMetadata {
+        let id = |which: &'static str, v: u64| match u32::try_from(v) {
+            Ok(u32::MAX) => Err(EntryProblem::InvalidId { which, id: v }),
+            Ok(id) => Ok(id),
+            Err(_) => Err(EntryProblem::BadHeader(format!("{which} {v} out of range"))),
+        };
+        let uid = id("uid", uid)?;
+        let gid = id("gid", gid)?;
+        if kind == EntryKind::Symlink {
+            mode = 0o777;
+        }
+        let (size, sparse) = match &member.sparse {
+            Some(s) => (s.real_size, Some(s.map.clone())),
+            None => (member.size, None),
+        };
+        let inode = self.next_inode;
+        self.next_inode += 1;
+        Ok(Some(EntryMetadata {
             kind,
             uid,
             gid,
             mode,
             xattrs,
-        };
+            mtime,
+            size: if kind == EntryKind::File { size } else { 0 },
+            target: if entry_type == tar::EntryType::Symlink {
+                member.link.clone()
+            } else {
+                Vec::new()
+            },
+            sparse,
+            inode,
+            linked: false,
+        }))
+    }
 
-        let comps = normalize(raw_path)?;
+    fn apply_entry<R: Read>(
+        &mut self,
+        archive: &mut TarReader<R>,
+        member: &Member,
+        stats: &mut LayerStats,
+    ) -> Result<(), EntryProblem> {
+        let Some(mut meta) = self.header_metadata(member)? else {
+            return Ok(());
+        };
+        let hardlink = member.header.entry_type() == tar::EntryType::Link;
+        let kind = meta.kind;
+        let comps = normalize(&member.path)?;
         let Some((name, parent)) = comps.split_last() else {
             if kind != EntryKind::Directory || hardlink {
                 return Err(EntryProblem::NotADirectoryRoot);
             }
-            return self.apply_root(meta, mtime);
+            meta.inode = 1;
+            self.metadata.insert(Vec::new(), meta);
+            return Ok(());
         };
         let name: &[u8] = name;
         if let Some(target) = name.strip_prefix(b".wh.") {
@@ -525,101 +660,46 @@ impl Flattener {
         let mut removed = false;
 
         if hardlink {
-            let target = link.unwrap_or_default();
-            let target_real = self.link(dir, name, &target, &mut removed)?;
+            let target = &member.link;
+            let target_real = self.link(dir, name, target, &mut removed)?;
             if removed {
                 prune(&mut self.metadata, &real);
-                prune(&mut self.dir_mtimes, &real);
             }
-            if let Some(m) = self.metadata.get(&target_real).cloned() {
-                self.metadata.insert(real.clone(), m);
-            }
+            let record = self.metadata.get_mut(&target_real).ok_or_else(|| {
+                EntryProblem::HardlinkTarget {
+                    target: lossy(target),
+                    reason: "has no record".into(),
+                }
+            })?;
+            record.linked = true;
+            let record = record.clone();
+            self.metadata.insert(real.clone(), record);
         } else {
-            let mut fallback = Vec::new();
             match kind {
                 EntryKind::File => {
                     let fd = create_excl(dir, name, &mut removed)?;
-                    let mut file = File::from(fd);
-                    loop {
-                        let n = match entry.read(&mut self.buf) {
-                            Ok(0) => break,
-                            Ok(n) => n,
-                            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                            Err(e) => {
-                                return Err(io_problem("reading file data from the layer", e))
-                            }
-                        };
-                        file.write_all(&self.buf[..n])
-                            .map_err(|e| io_problem("writing file data", e))?;
-                        stats.file_bytes += n as u64;
-                    }
-                    fd_attrs(file.as_fd(), &meta, self.privileged, &mut fallback)?;
-                    rustix::fs::futimens(&file, &times(mtime))
-                        .map_err(|e| errno_problem("setting mtime", e))?;
+                    let file = File::from(fd);
+                    stats.file_bytes += self.write_contents(archive, &file, member)?;
                 }
-                EntryKind::Directory => {
-                    let fd = make_dir(dir, name, &mut removed)?;
-                    fd_attrs(fd.as_fd(), &meta, self.privileged, &mut fallback)?;
-                }
+                EntryKind::Directory => make_dir(dir, name, &mut removed)?,
                 EntryKind::Symlink => {
-                    let target = link.unwrap_or_default();
                     retry_after_removal(dir, name, &mut removed, || {
-                        rustix::fs::symlinkat(target.as_slice(), dir, name)
+                        rustix::fs::symlinkat(meta.target.as_slice(), dir, name)
                     })
                     .map_err(|e| errno_problem("creating symlink", e))?;
-                    self.at_attrs(dir, name, &meta, mtime, &mut fallback)?;
                 }
                 EntryKind::Fifo | EntryKind::CharDevice { .. } | EntryKind::BlockDevice { .. } => {
-                    let (file_type, dev) = match kind {
-                        EntryKind::CharDevice { major, minor } => {
-                            (FileType::CharacterDevice, rustix::fs::makedev(major, minor))
-                        }
-                        EntryKind::BlockDevice { major, minor } => {
-                            (FileType::BlockDevice, rustix::fs::makedev(major, minor))
-                        }
-                        _ => (FileType::Fifo, 0),
-                    };
-                    if file_type == FileType::Fifo || self.privileged {
-                        retry_after_removal(dir, name, &mut removed, || {
-                            rustix::fs::mknodat(
-                                dir,
-                                name,
-                                file_type,
-                                Mode::from_raw_mode(0o600),
-                                dev,
-                            )
-                        })
-                        .map_err(|e| errno_problem("creating special file", e))?;
-                    } else {
-                        // Unprivileged: an empty placeholder keeps whiteouts and
-                        // replacements working on the staging tree; the builder swaps
-                        // in the real device node.
-                        drop(create_excl(dir, name, &mut removed)?);
-                    }
-                    self.at_attrs(dir, name, &meta, mtime, &mut fallback)?;
+                    // A placeholder keeps whiteouts and replacements working on the staging
+                    // tree; the builder writes the real node from the record.
+                    drop(create_excl(dir, name, &mut removed)?);
                 }
             }
             if removed {
                 prune(&mut self.metadata, &real);
-                prune(&mut self.dir_mtimes, &real);
             }
-            if kind == EntryKind::Directory {
-                // After pruning, which would drop it when a non-directory was replaced.
-                self.dir_mtimes.insert(real.clone(), mtime);
-            }
-            if !self.privileged {
-                self.metadata.insert(real.clone(), meta);
-            } else if !fallback.is_empty() {
-                self.metadata.insert(
-                    real.clone(),
-                    EntryMetadata {
-                        xattrs: fallback,
-                        ..meta
-                    },
-                );
-            } else {
-                self.metadata.remove(&real);
-            }
+            // Whatever was recorded at this path before (a directory emitted twice, say)
+            // is replaced whole: the last header wins.
+            self.metadata.insert(real.clone(), meta);
         }
         if removed {
             self.resolver.note_removal();
@@ -628,36 +708,46 @@ impl Flattener {
         Ok(())
     }
 
-    /// Sets ownership, mode and (best effort) xattrs on something that cannot be opened
-    /// for writing: symlinks, fifos, devices.
-    fn at_attrs(
-        &self,
-        dir: BorrowedFd<'_>,
-        name: &[u8],
-        meta: &EntryMetadata,
-        mtime: Timespec,
-        fallback: &mut Vec<(String, Vec<u8>)>,
-    ) -> Result<(), EntryProblem> {
-        if self.privileged {
-            let (uid, gid) = ids(meta.uid, meta.gid);
-            rustix::fs::chownat(dir, name, Some(uid), Some(gid), AtFlags::SYMLINK_NOFOLLOW)
-                .map_err(|e| errno_problem("chown", e))?;
-            // There is no fd-relative xattr call for things we cannot open; the builder
-            // applies these inside the image.
-            fallback.extend(meta.xattrs.iter().cloned());
+    /// Copies a regular file's data from the archive; sparse members are written at their
+    /// offsets, leaving holes. Returns the bytes written.
+    fn write_contents<R: Read>(
+        &mut self,
+        archive: &mut TarReader<R>,
+        file: &File,
+        member: &Member,
+    ) -> Result<u64, EntryProblem> {
+        let read_problem = |e: io::Error| io_problem("reading file data from the layer", e);
+        let mut written = 0u64;
+        match &member.sparse {
+            None => loop {
+                let n = archive.read_data(&mut self.buf).map_err(read_problem)?;
+                if n == 0 {
+                    break;
+                }
+                (&*file)
+                    .write_all(&self.buf[..n])
+                    .map_err(|e| io_problem("writing file data", e))?;
+                written += n as u64;
+            },
+            Some(sparse) => {
+                for &(offset, len) in &sparse.map {
+                    let mut done = 0u64;
+                    while done < len {
+                        let want = ((len - done) as usize).min(self.buf.len());
+                        archive
+                            .read_data_exact(&mut self.buf[..want])
+                            .map_err(read_problem)?;
+                        file.write_all_at(&self.buf[..want], offset + done)
+                            .map_err(|e| io_problem("writing file data", e))?;
+                        done += want as u64;
+                    }
+                    written += len;
+                }
+                file.set_len(sparse.real_size)
+                    .map_err(|e| io_problem("sizing a sparse file", e))?;
+            }
         }
-        if meta.kind != EntryKind::Symlink {
-            // Not a symlink (we just created it), so following is harmless here.
-            let mode = if self.privileged {
-                meta.mode
-            } else {
-                meta.mode | 0o400
-            };
-            rustix::fs::chmodat(dir, name, Mode::from_raw_mode(mode), AtFlags::empty())
-                .map_err(|e| errno_problem("chmod", e))?;
-        }
-        rustix::fs::utimensat(dir, name, &times(mtime), AtFlags::SYMLINK_NOFOLLOW)
-            .map_err(|e| errno_problem("setting mtime", e))
+        Ok(written)
     }
 
     /// Creates a hard link `dir/name` to the in-root path `target`; returns the target's
@@ -687,15 +777,25 @@ impl Flattener {
             })?;
         join(&mut treal, tname);
         // Linking an entry onto itself: nothing to do (and unlinking first would lose it).
-        let same = match (
+        let (same, links) = match (
             rustix::fs::statat(&tdir, *tname, AtFlags::SYMLINK_NOFOLLOW),
             rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW),
         ) {
-            (Ok(a), Ok(b)) => a.st_dev == b.st_dev && a.st_ino == b.st_ino,
+            (Ok(a), Ok(b)) => (a.st_dev == b.st_dev && a.st_ino == b.st_ino, a.st_nlink),
+            (Ok(a), Err(_)) => (false, a.st_nlink),
             (Err(Errno::NOENT), _) => return Err(refuse("does not exist")),
-            _ => false,
+            (Err(e), _) => return Err(errno_problem("stat of hard link target", e)),
         };
         if !same {
+            // st_nlink is u64 here but u32 on some targets.
+            #[allow(clippy::unnecessary_cast)]
+            let links = links as u64;
+            if links >= EXT4_LINK_MAX {
+                return Err(EntryProblem::TooManyLinks {
+                    target: lossy(target),
+                    limit: EXT4_LINK_MAX,
+                });
+            }
             // Without AT_SYMLINK_FOLLOW a symlink target is linked as the symlink itself,
             // never followed out of the tree.
             retry_after_removal(dir, name, removed, || {
@@ -704,35 +804,14 @@ impl Flattener {
             .map_err(|e| match e {
                 Errno::PERM => refuse("is a directory"),
                 Errno::NOENT => refuse("does not exist"),
+                Errno::MLINK => EntryProblem::TooManyLinks {
+                    target: lossy(target),
+                    limit: EXT4_LINK_MAX,
+                },
                 e => errno_problem("creating hard link", e),
             })?;
         }
         Ok(treal)
-    }
-
-    fn apply_root(&mut self, meta: EntryMetadata, mtime: Timespec) -> Result<(), EntryProblem> {
-        let fd = rustix::fs::openat(
-            self.resolver.root(),
-            ".",
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| errno_problem("opening the root", e))?;
-        let mut fallback = Vec::new();
-        fd_attrs(fd.as_fd(), &meta, self.privileged, &mut fallback)?;
-        self.dir_mtimes.insert(Vec::new(), mtime);
-        if !self.privileged {
-            self.metadata.insert(Vec::new(), meta);
-        } else if !fallback.is_empty() {
-            self.metadata.insert(
-                Vec::new(),
-                EntryMetadata {
-                    xattrs: fallback,
-                    ..meta
-                },
-            );
-        }
-        Ok(())
     }
 
     /// Handles `.wh.TARGET` in directory `parent`.
@@ -752,8 +831,12 @@ impl Flattener {
                 Mode::empty(),
             )
             .map_err(|e| errno_problem("opening opaque directory", e))?;
-            let mut maps = (&mut self.metadata, &mut self.dir_mtimes);
-            clear_lower(dir.as_fd(), &mut real, &self.layer_added, &mut maps)?;
+            clear_lower(
+                dir.as_fd(),
+                &mut real,
+                &self.layer_added,
+                &mut self.metadata,
+            )?;
             self.resolver.note_removal();
             return Ok(());
         }
@@ -772,13 +855,34 @@ impl Flattener {
         }
         let mut real = self.resolver.real().to_vec();
         join(&mut real, target);
-        // Whiteouts only hide lower layers, never what this layer adds.
         if self.layer_added.contains(&real) {
+            // Whiteouts only hide lower layers, never what this layer adds, in whatever
+            // order the tar lists them. A directory this layer (re-)added keeps what the
+            // layer put in it, and loses whatever lower layers had there.
+            let is_dir = self
+                .metadata
+                .get(&real)
+                .is_some_and(|m| m.kind == EntryKind::Directory);
+            if is_dir {
+                let sub = rustix::fs::openat(
+                    self.resolver.dir(),
+                    target,
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| errno_problem("opening whited-out directory", e))?;
+                clear_lower(
+                    sub.as_fd(),
+                    &mut real,
+                    &self.layer_added,
+                    &mut self.metadata,
+                )?;
+                self.resolver.note_removal();
+            }
             return Ok(());
         }
         if remove_any(self.resolver.dir(), target, None)? {
             prune(&mut self.metadata, &real);
-            prune(&mut self.dir_mtimes, &real);
             self.resolver.note_removal();
         }
         Ok(())
@@ -786,52 +890,30 @@ impl Flattener {
 
     /// Records directories the resolver created implicitly (root-owned 0755, as Docker).
     fn record_created(&mut self) {
-        for real in self.created.drain(..) {
-            if !self.privileged {
-                let meta = EntryMetadata {
-                    kind: EntryKind::Directory,
-                    uid: 0,
-                    gid: 0,
-                    mode: 0o755,
-                    xattrs: Vec::new(),
-                };
-                self.metadata.insert(real.clone(), meta);
-            }
+        for real in std::mem::take(&mut self.created) {
+            let meta = EntryMetadata::implicit_dir(self.next_inode);
+            self.next_inode += 1;
+            self.metadata.insert(real.clone(), meta);
             mark_added(&mut self.layer_added, real);
         }
     }
 
-    /// Sets directory mtimes (now that nothing writes into them any more), measures the
-    /// tree and hands it over.
+    /// Measures the tree (from the records: no walk of the staging directory) and hands
+    /// it over.
     pub fn finish(self) -> Result<FlattenedTree, FlattenError> {
         let staging = self.staging;
-        let fail = |op, source| FlattenError::Staging {
-            path: staging.clone(),
-            op,
-            source,
-        };
         let root = rustix::fs::openat(
             self.resolver.root(),
             ".",
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         )
-        .map_err(|e| fail("opening", e.into()))?;
-        let mut walk = Walk {
-            mtimes: &self.dir_mtimes,
-            seen: HashSet::new(),
-            content: 0,
-            entries: 0,
-            inodes: 0,
-        };
-        let mut real = Vec::new();
-        walk.dir(root.as_fd(), &mut real)
-            .map_err(|e| fail("walking the flattened tree", e))?;
-        if let Some(t) = self.dir_mtimes.get(&Vec::new()) {
-            rustix::fs::futimens(&root, &times(*t))
-                .map_err(|e| fail("setting root mtime", e.into()))?;
-        }
-        let (content, entries, inodes) = (walk.content, walk.entries, walk.inodes);
+        .map_err(|e| FlattenError::Staging {
+            path: staging.clone(),
+            op: "opening",
+            source: e.into(),
+        })?;
+        let (content, entries, inodes) = measure(&self.metadata);
         let metadata = self
             .metadata
             .into_iter()
@@ -845,6 +927,7 @@ impl Flattener {
             inodes,
             metadata,
             root_fd: root,
+            next_inode: self.next_inode,
         })
     }
 
@@ -852,6 +935,32 @@ impl Flattener {
     pub fn discard(self) -> Result<(), FlattenError> {
         remove_staging(&self.staging)
     }
+}
+
+/// (content bytes, names, inodes) of a tree from its records, the root excluded.
+fn measure(records: &BTreeMap<Vec<u8>, EntryMetadata>) -> (u64, u64, u64) {
+    let (mut content, mut entries, mut inodes) = (0u64, 0u64, 0u64);
+    let mut linked = HashSet::new();
+    for (path, m) in records {
+        if path.is_empty() {
+            content += m.data_blocks_bytes();
+            continue;
+        }
+        entries += 1;
+        let name_len = path.len() - path.iter().rposition(|&b| b == b'/').map_or(0, |p| p + 1);
+        // Its entry in the parent directory.
+        content += (8 + name_len as u64).div_ceil(4) * 4;
+        if m.linked && !linked.insert(m.inode) {
+            continue;
+        }
+        inodes += 1;
+        content += m.data_blocks_bytes();
+        let xattr_bytes: usize = m.xattrs.iter().map(|(n, v)| n.len() + v.len() + 16).sum();
+        if xattr_bytes > 80 {
+            content += 4096;
+        }
+    }
+    (content, entries, inodes)
 }
 
 impl FlattenedTree {
@@ -899,33 +1008,40 @@ impl FlattenedTree {
         let mut file = File::from(fd);
         file.write_all(contents)
             .map_err(|e| fail(io_problem("writing injected file", e)))?;
+        let key = |p: Vec<u8>| PathBuf::from(OsString::from_vec(p));
+        if removed {
+            let prefix = key(real.clone());
+            self.metadata.retain(|k, _| !k.starts_with(&prefix));
+        }
+        for dir in created {
+            let meta = EntryMetadata::implicit_dir(self.next_inode);
+            self.next_inode += 1;
+            self.metadata.insert(key(dir), meta);
+            self.content_bytes += 4096;
+            self.entries += 1;
+            self.inodes += 1;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
         let meta = EntryMetadata {
             kind: EntryKind::File,
             uid,
             gid,
             mode: mode & 0o7777,
             xattrs: Vec::new(),
+            mtime: Timestamp {
+                sec: now.as_secs() as i64,
+                nsec: now.subsec_nanos(),
+            },
+            size: contents.len() as u64,
+            target: Vec::new(),
+            sparse: None,
+            inode: self.next_inode,
+            linked: false,
         };
-        let mut fallback = Vec::new();
-        fd_attrs(file.as_fd(), &meta, self.privileged, &mut fallback).map_err(fail)?;
-        let key = |p: Vec<u8>| PathBuf::from(OsString::from_vec(p));
-        if removed {
-            let prefix = key(real.clone());
-            self.metadata.retain(|k, _| !k.starts_with(&prefix));
-        }
-        if !self.privileged {
-            for dir in created {
-                let meta = EntryMetadata {
-                    kind: EntryKind::Directory,
-                    uid: 0,
-                    gid: 0,
-                    mode: 0o755,
-                    xattrs: Vec::new(),
-                };
-                self.metadata.insert(key(dir), meta);
-            }
-            self.metadata.insert(key(real), meta);
-        }
+        self.next_inode += 1;
+        self.metadata.insert(key(real), meta);
         self.content_bytes += round_block(contents.len() as u64);
         self.entries += 1;
         self.inodes += 1;
@@ -957,84 +1073,6 @@ fn resolve_problem(e: ResolveError) -> EntryProblem {
         ResolveError::Missing => io_problem("resolving parent", io::ErrorKind::NotFound.into()),
         ResolveError::Problem(p) => p,
     }
-}
-
-fn timespec(sec: i64, nsec: u32) -> Timespec {
-    Timespec {
-        tv_sec: sec as _,
-        tv_nsec: nsec as _,
-    }
-}
-
-fn times(t: Timespec) -> Timestamps {
-    Timestamps {
-        last_access: t,
-        last_modification: t,
-    }
-}
-
-/// PAX times are decimal seconds with an optional fraction, e.g. `1700000000.123456789`.
-fn parse_pax_time(value: &str) -> Option<Timespec> {
-    let (secs, frac) = value.split_once('.').unwrap_or((value, ""));
-    let secs: i64 = secs.parse().ok()?;
-    let digits: String = frac.chars().take(9).collect();
-    if !digits.chars().all(|c| c.is_ascii_digit()) {
-        return None;
-    }
-    let nsec = if digits.is_empty() {
-        0
-    } else {
-        format!("{digits:0<9}").parse().ok()?
-    };
-    Some(timespec(secs, nsec))
-}
-
-fn ids(uid: u32, gid: u32) -> (rustix::fs::Uid, rustix::fs::Gid) {
-    // SAFETY: `from_raw` is `unsafe` only so callers vouch that the number is a real id;
-    // there is no memory-safety requirement, and the kernel accepts any value for chown.
-    unsafe {
-        (
-            rustix::fs::Uid::from_raw(uid),
-            rustix::fs::Gid::from_raw(gid),
-        )
-    }
-}
-
-/// Applies ownership, mode and xattrs through an open fd. Ownership first: chown clears
-/// setuid/setgid and `security.capability`, so mode and xattrs come after it. Xattrs the
-/// staging filesystem refuses are appended to `fallback` for the builder.
-fn fd_attrs(
-    fd: BorrowedFd<'_>,
-    meta: &EntryMetadata,
-    privileged: bool,
-    fallback: &mut Vec<(String, Vec<u8>)>,
-) -> Result<(), EntryProblem> {
-    if privileged {
-        std::os::unix::fs::fchown(fd, Some(meta.uid), Some(meta.gid))
-            .map_err(|e| io_problem("chown", e))?;
-        rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.mode))
-            .map_err(|e| errno_problem("chmod", e))?;
-        for (name, value) in &meta.xattrs {
-            match rustix::fs::fsetxattr(fd, name.as_str(), value, XattrFlags::empty()) {
-                Ok(()) => {}
-                Err(Errno::NOTSUP | Errno::PERM | Errno::ACCESS | Errno::INVAL) => {
-                    fallback.push((name.clone(), value.clone()))
-                }
-                Err(e) => return Err(errno_problem("setting xattr", e)),
-            }
-        }
-    } else {
-        // Keep what we stage readable (and directories writable) for ourselves: mkfs must
-        // read it and later layers may write into it. The true mode is in the side table.
-        let floor = if meta.kind == EntryKind::Directory {
-            0o700
-        } else {
-            0o400
-        };
-        rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.mode | floor))
-            .map_err(|e| errno_problem("chmod", e))?;
-    }
-    Ok(())
 }
 
 /// Runs `create`; if the name is taken, removes what is there and runs it once more.
@@ -1081,10 +1119,11 @@ fn create_excl(
 }
 
 /// Creates a directory or merges with an existing one (what overlay semantics ask for);
-/// anything else at the name is replaced.
-fn make_dir(dir: BorrowedFd<'_>, name: &[u8], removed: &mut bool) -> Result<OwnedFd, EntryProblem> {
+/// anything else at the name is replaced. Staged 0700 whatever the header says: the
+/// record holds the real mode, and we must be able to write into it.
+fn make_dir(dir: BorrowedFd<'_>, name: &[u8], removed: &mut bool) -> Result<(), EntryProblem> {
     match rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(0o700)) {
-        Ok(()) => {}
+        Ok(()) => Ok(()),
         Err(Errno::EXIST) => {
             let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
                 .map_err(|e| errno_problem("stat", e))?;
@@ -1094,16 +1133,10 @@ fn make_dir(dir: BorrowedFd<'_>, name: &[u8], removed: &mut bool) -> Result<Owne
                 rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(0o700))
                     .map_err(|e| errno_problem("creating directory", e))?;
             }
+            Ok(())
         }
-        Err(e) => return Err(errno_problem("creating directory", e)),
+        Err(e) => Err(errno_problem("creating directory", e)),
     }
-    rustix::fs::openat(
-        dir,
-        name,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| errno_problem("opening directory", e))
 }
 
 /// Removes `dir/name` and, for a directory, everything below it. Returns whether
@@ -1166,18 +1199,14 @@ fn list(dir: BorrowedFd<'_>) -> rustix::io::Result<Vec<(std::ffi::CString, Optio
     Ok(out)
 }
 
-type Maps<'a> = (
-    &'a mut BTreeMap<Vec<u8>, EntryMetadata>,
-    &'a mut BTreeMap<Vec<u8>, Timespec>,
-);
-
-/// Opaque directory: removes everything below `dir` (at `real`) that this layer did not
-/// add, descending into directories this layer added to so their lower content goes too.
+/// Removes everything below `dir` (at `real`) that this layer did not add, descending
+/// into directories this layer added to so their lower content goes too: an opaque
+/// directory, or a whiteout of a directory this layer re-added.
 fn clear_lower(
     dir: BorrowedFd<'_>,
     real: &mut Vec<u8>,
     added: &HashSet<Vec<u8>>,
-    maps: &mut Maps<'_>,
+    metadata: &mut BTreeMap<Vec<u8>, EntryMetadata>,
 ) -> Result<(), EntryProblem> {
     for (name, is_dir) in list(dir).map_err(|e| errno_problem("listing opaque directory", e))? {
         let name = name.to_bytes();
@@ -1198,12 +1227,11 @@ fn clear_lower(
                     Mode::empty(),
                 )
                 .map_err(|e| errno_problem("opening directory", e))?;
-                clear_lower(sub.as_fd(), real, added, maps)?;
+                clear_lower(sub.as_fd(), real, added, metadata)?;
             }
         } else {
             remove_any(dir, name, is_dir)?;
-            prune(maps.0, real);
-            prune(maps.1, real);
+            prune(metadata, real);
         }
         real.truncate(len);
     }
@@ -1241,55 +1269,33 @@ fn round_block(n: u64) -> u64 {
     n.div_ceil(4096) * 4096
 }
 
-/// The final pass over the tree: directory mtimes (children first) and sizes.
-struct Walk<'a> {
-    mtimes: &'a BTreeMap<Vec<u8>, Timespec>,
-    seen: HashSet<(u64, u64)>,
-    content: u64,
-    entries: u64,
-    inodes: u64,
-}
-
-impl Walk<'_> {
-    fn dir(&mut self, dir: BorrowedFd<'_>, real: &mut Vec<u8>) -> io::Result<()> {
-        for (name, is_dir) in list(dir)? {
-            let name = name.to_bytes();
-            self.entries += 1;
-            let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
-            let file_type = FileType::from_raw_mode(st.st_mode);
-            if st.st_nlink > 1
-                && file_type != FileType::Directory
-                && !self.seen.insert((st.st_dev, st.st_ino))
-            {
-                continue;
-            }
-            self.inodes += 1;
-            match file_type {
-                FileType::RegularFile => self.content += round_block(st.st_size as u64),
-                // Symlink targets up to 59 bytes live in the inode itself.
-                FileType::Symlink if st.st_size > 59 => self.content += 4096,
-                FileType::Directory => {
-                    debug_assert_ne!(is_dir, Some(false));
-                    self.content += round_block(st.st_size.max(4096) as u64);
-                    let sub = rustix::fs::openat(
-                        dir,
-                        name,
-                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                        Mode::empty(),
-                    )?;
-                    let len = real.len();
-                    join(real, name);
-                    self.dir(sub.as_fd(), real)?;
-                    if let Some(t) = self.mtimes.get(real.as_slice()) {
-                        rustix::fs::futimens(&sub, &times(*t))?;
-                    }
-                    real.truncate(len);
-                }
-                _ => {}
-            }
-        }
-        Ok(())
+/// PAX times are decimal seconds with an optional fraction, e.g. `1700000000.123456789` or
+/// `-1.5`: seconds round towards minus infinity, so `-1.5` is -2 s + 0.5e9 ns.
+fn parse_pax_time(value: &str) -> Option<Timestamp> {
+    let (negative, digits) = match value.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, value),
+    };
+    let (secs, frac) = digits.split_once('.').unwrap_or((digits, ""));
+    if secs.is_empty() || !secs.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
     }
+    if !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let secs: i64 = secs.parse().ok()?;
+    let nine: String = frac.chars().take(9).collect();
+    let mut nsec: u32 = if nine.is_empty() {
+        0
+    } else {
+        format!("{nine:0<9}").parse().ok()?
+    };
+    let mut sec = if negative { -secs } else { secs };
+    if negative && nsec > 0 {
+        sec -= 1;
+        nsec = 1_000_000_000 - nsec;
+    }
+    Some(Timestamp { sec, nsec })
 }
 
 #[cfg(test)]
@@ -1299,10 +1305,23 @@ mod tests {
     #[test]
     fn pax_times_parse_with_and_without_fraction() {
         let t = parse_pax_time("1700000000.5").unwrap();
-        assert_eq!((t.tv_sec, t.tv_nsec), (1_700_000_000, 500_000_000));
+        assert_eq!((t.sec, t.nsec), (1_700_000_000, 500_000_000));
         let t = parse_pax_time("42").unwrap();
-        assert_eq!((t.tv_sec, t.tv_nsec), (42, 0));
+        assert_eq!((t.sec, t.nsec), (42, 0));
         assert!(parse_pax_time("x").is_none());
+        assert!(parse_pax_time("1.x").is_none());
+    }
+
+    #[test]
+    fn negative_pax_times_round_towards_minus_infinity() {
+        let t = parse_pax_time("-1.5").unwrap();
+        assert_eq!((t.sec, t.nsec), (-2, 500_000_000));
+        let t = parse_pax_time("-0.25").unwrap();
+        assert_eq!((t.sec, t.nsec), (-1, 750_000_000));
+        let t = parse_pax_time("-3").unwrap();
+        assert_eq!((t.sec, t.nsec), (-3, 0));
+        let t = parse_pax_time("-3.000").unwrap();
+        assert_eq!((t.sec, t.nsec), (-3, 0));
     }
 
     #[test]
