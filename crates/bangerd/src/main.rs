@@ -82,8 +82,12 @@ async fn serve(layout: Layout) -> anyhow::Result<()> {
     let registry = banger_oci::registry::RegistryConfig {
         insecure_registries: config.insecure_registries.clone(),
         docker_config: config.docker_config.clone(),
+        read_timeout: config
+            .registry_read_timeout_secs
+            .map(std::time::Duration::from_secs),
     };
-    let image = ImageService::new(layout.clone(), Arc::clone(&store), registry);
+    let image = ImageService::new(layout.clone(), Arc::clone(&store), registry)
+        .with_limits(config.image_limits());
     // Before serving: a crash mid-pull or mid-publish left staging trees or an unrecorded
     // image directory; neither may ever be seen as an image.
     let repaired = image.recover().context("recover images after a crash")?;
