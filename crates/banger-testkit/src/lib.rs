@@ -8,10 +8,12 @@
 #![warn(missing_docs)]
 
 mod layout;
+mod proxy;
 mod registry;
 mod skip;
 
 pub mod guest;
 pub use layout::{tar_with_files, BuiltImage, BuiltLayer, LayerCompression, OciLayoutBuilder};
+pub use proxy::{Fault, FaultProxy};
 pub use registry::{push_oci_layout, push_oci_layout_with, PushOptions, Registry};
 pub use skip::{require, skip_known, strict, SKIP_LOG_ENV, STRICT_ENV};
