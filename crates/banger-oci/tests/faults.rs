@@ -101,7 +101,9 @@ async fn pull(client: &RegistryClient, s: &Setup) -> Result<(), String> {
     .await
     .expect("a faulty registry never hangs a pull");
     assert_only_verified(&cache);
-    result.map(drop).map_err(|e| format!("{:#}", anyhow::Error::new(e)))
+    result
+        .map(drop)
+        .map_err(|e| format!("{:#}", anyhow::Error::new(e)))
 }
 
 fn cached(s: &Setup, digest: &str) -> bool {

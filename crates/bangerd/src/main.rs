@@ -112,7 +112,11 @@ async fn serve(layout: Layout) -> anyhow::Result<()> {
         Err(e) => tracing::warn!(error = %e, "could not remove leftovers of an interrupted prune"),
     });
     let image = Arc::new(image);
-    let kernel = Arc::new(KernelService::new(layout.clone(), Arc::clone(&store)));
+    let mut kernel = KernelService::new(layout.clone(), Arc::clone(&store));
+    if let Some(bytes) = config.kernel_max_payload_bytes {
+        kernel = kernel.with_max_payload(bytes);
+    }
+    let kernel = Arc::new(kernel);
     let repaired = kernel.recover().context("recover kernels after a crash")?;
     if repaired > 0 {
         tracing::info!(
