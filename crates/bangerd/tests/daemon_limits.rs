@@ -157,5 +157,9 @@ fn a_flooding_registry_is_cut_off_and_the_daemon_stays_small_and_serving() {
     let info = pull("img").unwrap();
     assert_eq!(info["name"], "img");
     let listed = daemon.call("image.list", serde_json::json!({})).unwrap();
-    assert_eq!(listed["images"].as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!(
+        listed["images"].as_array().map(Vec::len),
+        Some(1),
+        "{listed}"
+    );
 }
