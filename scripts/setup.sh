@@ -51,6 +51,19 @@ if ! command -v cargo >/dev/null 2>&1; then
   fi
 fi
 
+# The fuzz targets (scripts/fuzz.sh) build on nightly with cargo-fuzz.
+if command -v rustup >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/rustup" ]; then
+  rustup_bin="$(command -v rustup || echo "$HOME/.cargo/bin/rustup")"
+  if ! "$rustup_bin" toolchain list 2>/dev/null | grep -q '^nightly'; then
+    echo "setup: installing the nightly toolchain (fuzzing)" >&2
+    "$rustup_bin" toolchain install nightly --profile minimal
+  fi
+  if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "setup: installing cargo-fuzz" >&2
+    cargo install cargo-fuzz --locked
+  fi
+fi
+
 # The guest agent is a static binary; tests build it for musl.
 if command -v rustup >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/rustup" ]; then
   rustup_bin="$(command -v rustup || echo "$HOME/.cargo/bin/rustup")"

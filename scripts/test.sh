@@ -28,3 +28,7 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --no-fail-fast
 fi
+# A bounded fuzzing run (a few minutes in all); FUZZ_SECONDS=0 skips it.
+if [ "${FUZZ_SECONDS:-30}" != 0 ]; then
+  ./scripts/fuzz.sh
+fi

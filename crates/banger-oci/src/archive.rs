@@ -1,29 +1,156 @@
 //! Reading images that arrive as files instead of from a registry: an OCI image layout
 //! directory (`oci-layout`, `index.json`, `blobs/`) or a `docker save` / docker-archive
 //! tarball. Both yield the same [`LocalImage`] the flatten path consumes.
+//!
+//! Everything here is input banger does not control, so:
+//!
+//! * Members are opened only with `openat2(RESOLVE_BENEATH)` relative to the layout or the
+//!   unpacked archive, and only if they are regular files: a member that is (or resolves
+//!   through) a symlink out of the archive, a device or a FIFO is refused, never opened.
+//!   Layout blobs may not be symlinks at all; an unpacked docker archive may use symlinks
+//!   that stay inside it (docker writes them for repeated layers).
+//! * Every blob read is verified against its digest: index, manifest, config and each
+//!   layer (hashed from the very descriptor the build then reads, so it cannot be swapped).
+//! * JSON documents are read only up to a size limit, and unpacking a docker archive has
+//!   limits on members, path length and bytes.
 
-use std::fs;
-use std::path::{Path, PathBuf};
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
-use anyhow::{bail, Context};
+use rustix::fs::{FileType, Mode, OFlags, ResolveFlags};
 use serde_json::Value;
 
 use crate::digest::Digest;
+use crate::registry::{MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES};
 
 const INDEX_TYPES: [&str; 2] = [
     "application/vnd.oci.image.index.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
 ];
 
+/// Members of a docker archive unpacked at most: a real `docker save` has a few per layer.
+pub const MAX_ARCHIVE_MEMBERS: u64 = 100_000;
+
+/// Longest member path of a docker archive (bytes).
+pub const MAX_MEMBER_PATH: usize = 4096;
+
+/// Nested image indexes followed at most in an OCI layout.
+const MAX_INDEX_DEPTH: usize = 4;
+
+/// Why a layout or archive cannot be imported. Every variant names the file and, for a
+/// member, the member.
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    /// The directory has no `oci-layout` file.
+    #[error("{} is not an OCI image layout (no oci-layout file)", dir.display())]
+    NotALayout {
+        /// The directory given.
+        dir: PathBuf,
+    },
+    /// A member could not be opened or read.
+    #[error("{what} {member:?} in {}: {source}", archive.display())]
+    Io {
+        /// The layout directory or archive.
+        archive: PathBuf,
+        /// `manifest`, `config`, `layer`, …
+        what: &'static str,
+        /// The member's path inside the archive.
+        member: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A member resolves outside the archive, through a symlink where none is allowed, or
+    /// to something that is not a regular file. It was not opened (or not read).
+    #[error("{what} {member:?} in {} is not a regular file inside it ({reason}); refused", archive.display())]
+    NotARegularFile {
+        /// The layout directory or archive.
+        archive: PathBuf,
+        /// `manifest`, `config`, `layer`, …
+        what: &'static str,
+        /// The member's path inside the archive.
+        member: String,
+        /// What it is instead.
+        reason: String,
+    },
+    /// A member is bigger than its limit allows.
+    #[error("{what} {member:?} in {} is larger than the limit of {limit} bytes ({limit_name})", archive.display())]
+    TooLarge {
+        /// The layout directory or archive.
+        archive: PathBuf,
+        /// `manifest`, `config`, `index`, …
+        what: &'static str,
+        /// The member's path inside the archive.
+        member: String,
+        /// The limit.
+        limit: u64,
+        /// The constant that sets it.
+        limit_name: &'static str,
+    },
+    /// A blob's content does not hash to the digest it is stored or referenced under.
+    #[error("{what} {member:?} in {} does not match its digest {expected}: content hashes to {actual}", archive.display())]
+    DigestMismatch {
+        /// The layout directory or archive.
+        archive: PathBuf,
+        /// `index`, `manifest`, `config` or `layer`.
+        what: &'static str,
+        /// The member's path inside the archive.
+        member: String,
+        /// The digest it should have.
+        expected: Digest,
+        /// What it hashes to.
+        actual: Digest,
+    },
+    /// A blob's size differs from what its descriptor says.
+    #[error("{what} {member:?} in {} has {actual} bytes, its descriptor says {expected}", archive.display())]
+    SizeMismatch {
+        /// The layout directory or archive.
+        archive: PathBuf,
+        /// `index`, `manifest`, `config` or `layer`.
+        what: &'static str,
+        /// The member's path inside the archive.
+        member: String,
+        /// From the descriptor.
+        expected: u64,
+        /// On disk.
+        actual: u64,
+    },
+    /// A JSON document is malformed or lacks what an image needs.
+    #[error("{what} in {}: {reason}", archive.display())]
+    Invalid {
+        /// The layout directory or archive.
+        archive: PathBuf,
+        /// Which document.
+        what: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Unpacking the docker archive hit one of its limits or a malformed entry.
+    #[error("unpacking docker archive {}: {reason}", archive.display())]
+    Unpack {
+        /// The archive.
+        archive: PathBuf,
+        /// What went wrong (with the member when there is one).
+        reason: String,
+    },
+}
+
 /// One layer of a local image: a file and how it is compressed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct LocalLayer {
-    /// The layer digest (from the manifest, or of the file for docker archives).
+    /// The layer digest (from the manifest, or of the file for docker archives), verified
+    /// against the content of `file`.
     pub digest: Digest,
     /// The layer's media type; empty when the format does not say (the flattener sniffs).
     pub media_type: String,
-    /// Where its bytes are.
+    /// Where its bytes are (for messages: read `file`, never reopen this).
     pub path: PathBuf,
+    /// The layer, opened as a regular file inside the archive. Read it with positioned
+    /// reads from offset 0.
+    pub file: Arc<File>,
 }
 
 /// An image read from a layout directory or an unpacked docker archive.
@@ -39,98 +166,302 @@ pub struct LocalImage {
     pub layers: Vec<LocalLayer>,
 }
 
-fn read_json(path: &Path) -> anyhow::Result<(Vec<u8>, Value)> {
-    let bytes = fs::read(path).with_context(|| format!("read {}", path.display()))?;
-    let value =
-        serde_json::from_slice(&bytes).with_context(|| format!("parse {}", path.display()))?;
-    Ok((bytes, value))
+/// A directory members are opened beneath.
+struct Root {
+    fd: OwnedFd,
+    /// For messages: the layout directory or the archive file.
+    name: PathBuf,
+    /// Whether symlinks that stay inside may be followed.
+    inner_symlinks: bool,
 }
 
-fn descriptor_digest(descriptor: &Value, what: &str) -> anyhow::Result<Digest> {
+impl Root {
+    fn open(dir: &Path, name: &Path, inner_symlinks: bool) -> Result<Root, ArchiveError> {
+        let fd = rustix::fs::open(
+            dir,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| ArchiveError::Io {
+            archive: name.to_owned(),
+            what: "directory",
+            member: ".".into(),
+            source: e.into(),
+        })?;
+        Ok(Root {
+            fd,
+            name: name.to_owned(),
+            inner_symlinks,
+        })
+    }
+
+    /// Opens `member` for reading if, and only if, it is a regular file inside the root.
+    fn open_member(&self, what: &'static str, member: &str) -> Result<File, ArchiveError> {
+        let not_regular = |reason: String| ArchiveError::NotARegularFile {
+            archive: self.name.clone(),
+            what,
+            member: member.to_owned(),
+            reason,
+        };
+        if !is_plain_relative(member) {
+            return Err(not_regular("not a plain relative path".into()));
+        }
+        let mut resolve = ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS;
+        let mut flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK;
+        if !self.inner_symlinks {
+            resolve |= ResolveFlags::NO_SYMLINKS;
+            flags |= OFlags::NOFOLLOW;
+        }
+        // O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below).
+        let fd = match rustix::fs::openat2(&self.fd, member, flags, Mode::empty(), resolve) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::XDEV) => {
+                return Err(not_regular("it resolves outside the archive".into()))
+            }
+            Err(rustix::io::Errno::LOOP) => return Err(not_regular("it is a symlink".into())),
+            Err(e) => {
+                return Err(ArchiveError::Io {
+                    archive: self.name.clone(),
+                    what,
+                    member: member.to_owned(),
+                    source: e.into(),
+                })
+            }
+        };
+        let stat = rustix::fs::fstat(&fd).map_err(|e| ArchiveError::Io {
+            archive: self.name.clone(),
+            what,
+            member: member.to_owned(),
+            source: e.into(),
+        })?;
+        let kind = FileType::from_raw_mode(stat.st_mode);
+        if kind != FileType::RegularFile {
+            return Err(not_regular(format!("it is a {kind:?}")));
+        }
+        Ok(File::from(fd))
+    }
+
+    /// Reads a small member whole, refusing it past `limit` bytes.
+    fn read_small(
+        &self,
+        what: &'static str,
+        member: &str,
+        limit: u64,
+        limit_name: &'static str,
+    ) -> Result<Vec<u8>, ArchiveError> {
+        let file = self.open_member(what, member)?;
+        let mut bytes = Vec::new();
+        file.take(limit + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|source| ArchiveError::Io {
+                archive: self.name.clone(),
+                what,
+                member: member.to_owned(),
+                source,
+            })?;
+        if bytes.len() as u64 > limit {
+            return Err(ArchiveError::TooLarge {
+                archive: self.name.clone(),
+                what,
+                member: member.to_owned(),
+                limit,
+                limit_name,
+            });
+        }
+        Ok(bytes)
+    }
+
+    fn parse(&self, what: &'static str, bytes: &[u8]) -> Result<Value, ArchiveError> {
+        serde_json::from_slice(bytes).map_err(|e| self.invalid(what, e))
+    }
+
+    fn invalid(&self, what: &'static str, reason: impl std::fmt::Display) -> ArchiveError {
+        ArchiveError::Invalid {
+            archive: self.name.clone(),
+            what,
+            reason: reason.to_string(),
+        }
+    }
+
+    /// Reads the layout blob a descriptor points to, verified against its digest and size.
+    fn read_blob(
+        &self,
+        what: &'static str,
+        descriptor: &Value,
+        limit: u64,
+        limit_name: &'static str,
+    ) -> Result<(Digest, Vec<u8>), ArchiveError> {
+        let digest = descriptor_digest(self, descriptor, what)?;
+        let member = blob_member(&digest);
+        let bytes = self.read_small(what, &member, limit, limit_name)?;
+        self.check(what, &member, &digest, Digest::of(&bytes))?;
+        if let Some(expected) = descriptor["size"].as_u64() {
+            if expected != bytes.len() as u64 {
+                return Err(ArchiveError::SizeMismatch {
+                    archive: self.name.clone(),
+                    what,
+                    member,
+                    expected,
+                    actual: bytes.len() as u64,
+                });
+            }
+        }
+        Ok((digest, bytes))
+    }
+
+    fn check(
+        &self,
+        what: &'static str,
+        member: &str,
+        expected: &Digest,
+        actual: Digest,
+    ) -> Result<(), ArchiveError> {
+        if actual != *expected {
+            return Err(ArchiveError::DigestMismatch {
+                archive: self.name.clone(),
+                what,
+                member: member.to_owned(),
+                expected: expected.clone(),
+                actual,
+            });
+        }
+        Ok(())
+    }
+
+    /// Opens a layer member and hashes it through the same descriptor.
+    fn open_layer(&self, member: &str) -> Result<(File, Digest, u64), ArchiveError> {
+        let file = self.open_member("layer", member)?;
+        let (digest, size) = digest_of_file(&file).map_err(|source| ArchiveError::Io {
+            archive: self.name.clone(),
+            what: "layer",
+            member: member.to_owned(),
+            source,
+        })?;
+        Ok((file, digest, size))
+    }
+}
+
+fn blob_member(digest: &Digest) -> String {
+    format!("blobs/{}/{}", digest.algorithm(), digest.hex())
+}
+
+fn is_plain_relative(member: &str) -> bool {
+    !member.is_empty()
+        && member.len() <= MAX_MEMBER_PATH
+        && Path::new(member)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+}
+
+fn descriptor_digest(
+    root: &Root,
+    descriptor: &Value,
+    what: &'static str,
+) -> Result<Digest, ArchiveError> {
     let text = descriptor["digest"]
         .as_str()
-        .with_context(|| format!("{what} has no digest"))?;
-    text.parse().with_context(|| format!("{what} digest"))
+        .ok_or_else(|| root.invalid(what, "descriptor has no digest"))?;
+    text.parse().map_err(|e| root.invalid(what, e))
 }
 
 /// Reads the linux/amd64 image of the OCI layout at `dir`. With several images in
 /// `index.json`, `tag` (its `org.opencontainers.image.ref.name`) picks one.
-pub fn read_oci_layout(dir: &Path, tag: Option<&str>) -> anyhow::Result<LocalImage> {
-    if !dir.join("oci-layout").is_file() {
-        bail!(
-            "{} is not an OCI image layout (no oci-layout file)",
-            dir.display()
-        );
+pub fn read_oci_layout(dir: &Path, tag: Option<&str>) -> Result<LocalImage, ArchiveError> {
+    let root = Root::open(dir, dir, false)?;
+    match root.open_member("oci-layout", "oci-layout") {
+        Ok(_) => {}
+        Err(ArchiveError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            return Err(ArchiveError::NotALayout {
+                dir: dir.to_owned(),
+            })
+        }
+        Err(e) => return Err(e),
     }
-    let blob = |digest: &Digest| {
-        dir.join("blobs")
-            .join(digest.algorithm())
-            .join(digest.hex())
-    };
-    let (_, index) = read_json(&dir.join("index.json"))?;
+    let index_bytes = root.read_small(
+        "index",
+        "index.json",
+        MAX_MANIFEST_BYTES,
+        "MAX_MANIFEST_BYTES",
+    )?;
+    let index = root.parse("index.json", &index_bytes)?;
     let manifests = index["manifests"]
         .as_array()
-        .context("index.json has no manifests")?;
+        .ok_or_else(|| root.invalid("index.json", "no manifests"))?;
     let chosen = match tag {
         Some(tag) => manifests
             .iter()
             .find(|m| m["annotations"]["org.opencontainers.image.ref.name"].as_str() == Some(tag))
-            .with_context(|| format!("{} has no image tagged {tag:?}", dir.display()))?,
+            .ok_or_else(|| root.invalid("index.json", format!("no image tagged {tag:?}")))?,
         None if manifests.len() == 1 => &manifests[0],
-        None => bail!(
-            "{} holds {} images; name one as PATH:TAG",
-            dir.display(),
-            manifests.len()
-        ),
+        None => {
+            return Err(root.invalid(
+                "index.json",
+                format!("holds {} images; name one as PATH:TAG", manifests.len()),
+            ))
+        }
     };
     let mut descriptor = chosen.clone();
     // Follow indexes down to the amd64 manifest.
-    for _ in 0..4 {
+    for _ in 0..MAX_INDEX_DEPTH {
         let media_type = descriptor["mediaType"].as_str().unwrap_or_default();
         if !INDEX_TYPES.contains(&media_type) {
             break;
         }
-        let digest = descriptor_digest(&descriptor, "index")?;
-        let (_, nested) = read_json(&blob(&digest))?;
+        let (_, bytes) = root.read_blob(
+            "index",
+            &descriptor,
+            MAX_MANIFEST_BYTES,
+            "MAX_MANIFEST_BYTES",
+        )?;
+        let nested = root.parse("image index", &bytes)?;
         let entries = nested["manifests"]
             .as_array()
-            .context("index without manifests")?;
+            .ok_or_else(|| root.invalid("image index", "no manifests"))?;
         descriptor = entries
             .iter()
             .find(|m| m["platform"]["os"] == "linux" && m["platform"]["architecture"] == "amd64")
             .cloned()
-            .with_context(|| format!("{} has no linux/amd64 image", dir.display()))?;
+            .ok_or_else(|| root.invalid("image index", "no linux/amd64 image"))?;
     }
-    let manifest_digest = descriptor_digest(&descriptor, "manifest")?;
-    let (manifest_bytes, manifest) = read_json(&blob(&manifest_digest))?;
-    if Digest::of(&manifest_bytes) != manifest_digest {
-        bail!(
-            "manifest blob {manifest_digest} in {} does not match its digest",
-            dir.display()
-        );
-    }
-    let config_digest = descriptor_digest(&manifest["config"], "config")?;
-    let raw_config =
-        fs::read(blob(&config_digest)).with_context(|| format!("read config {config_digest}"))?;
-    if Digest::of(&raw_config) != config_digest {
-        bail!(
-            "config blob {config_digest} in {} does not match its digest",
-            dir.display()
-        );
-    }
+    let (manifest_digest, manifest_bytes) = root.read_blob(
+        "manifest",
+        &descriptor,
+        MAX_MANIFEST_BYTES,
+        "MAX_MANIFEST_BYTES",
+    )?;
+    let manifest = root.parse("manifest", &manifest_bytes)?;
+    let (config_digest, raw_config) = root.read_blob(
+        "config",
+        &manifest["config"],
+        MAX_CONFIG_BYTES,
+        "MAX_CONFIG_BYTES",
+    )?;
     let layers = manifest["layers"]
         .as_array()
-        .context("manifest has no layers")?
+        .ok_or_else(|| root.invalid("manifest", "no layers"))?
         .iter()
         .map(|layer| {
-            let digest = descriptor_digest(layer, "layer")?;
+            let digest = descriptor_digest(&root, layer, "layer")?;
+            let member = blob_member(&digest);
+            let (file, actual, size) = root.open_layer(&member)?;
+            root.check("layer", &member, &digest, actual)?;
+            if let Some(expected) = layer["size"].as_u64().filter(|s| *s != size) {
+                return Err(ArchiveError::SizeMismatch {
+                    archive: root.name.clone(),
+                    what: "layer",
+                    member,
+                    expected,
+                    actual: size,
+                });
+            }
             Ok(LocalLayer {
                 media_type: layer["mediaType"].as_str().unwrap_or_default().to_owned(),
-                path: blob(&digest),
+                path: dir.join(&member),
                 digest,
+                file: Arc::new(file),
             })
         })
-        .collect::<anyhow::Result<_>>()?;
+        .collect::<Result<_, _>>()?;
     Ok(LocalImage {
         manifest_digest,
         config_digest,
@@ -141,60 +472,220 @@ pub fn read_oci_layout(dir: &Path, tag: Option<&str>) -> anyhow::Result<LocalIma
 
 /// Unpacks the docker archive `tarball` into `into` (which must be empty) and reads its
 /// first image from `manifest.json`.
-pub fn read_docker_archive(tarball: &Path, into: &Path) -> anyhow::Result<LocalImage> {
-    let file = fs::File::open(tarball).with_context(|| format!("open {}", tarball.display()))?;
-    fs::create_dir_all(into).with_context(|| format!("create {}", into.display()))?;
-    // tar's unpack refuses `..` and absolute member names, so the archive stays inside `into`.
-    tar::Archive::new(std::io::BufReader::new(file))
-        .unpack(into)
-        .with_context(|| format!("unpack docker archive {}", tarball.display()))?;
-    let (manifest_bytes, manifest) = read_json(&into.join("manifest.json"))
-        .with_context(|| format!("{} is not a docker archive", tarball.display()))?;
+pub fn read_docker_archive(tarball: &Path, into: &Path) -> Result<LocalImage, ArchiveError> {
+    let io_err = |what: &'static str, source: io::Error| ArchiveError::Io {
+        archive: tarball.to_owned(),
+        what,
+        member: String::new(),
+        source,
+    };
+    let file = File::open(tarball).map_err(|e| io_err("archive", e))?;
+    let meta = file.metadata().map_err(|e| io_err("archive", e))?;
+    if !meta.is_file() {
+        return Err(ArchiveError::NotARegularFile {
+            archive: tarball.to_owned(),
+            what: "archive",
+            member: String::new(),
+            reason: "the archive itself is not a regular file".into(),
+        });
+    }
+    fs::create_dir_all(into).map_err(|e| io_err("unpack directory", e))?;
+    let root = Root::open(into, tarball, true)?;
+    unpack(&root, io::BufReader::new(file), meta.len())?;
+    let manifest_bytes = root
+        .read_small(
+            "manifest",
+            "manifest.json",
+            MAX_MANIFEST_BYTES,
+            "MAX_MANIFEST_BYTES",
+        )
+        .map_err(|e| match e {
+            ArchiveError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => {
+                root.invalid("manifest.json", "missing: not a docker archive")
+            }
+            e => e,
+        })?;
+    let manifest = root.parse("manifest.json", &manifest_bytes)?;
     let entry = manifest
         .as_array()
         .and_then(|images| images.first())
-        .context("manifest.json lists no image")?;
-    let member = |name: &str| -> anyhow::Result<PathBuf> {
-        if Path::new(name)
-            .components()
-            .any(|c| !matches!(c, std::path::Component::Normal(_)))
-        {
-            bail!("docker archive member {name:?} is not a plain relative path");
-        }
-        Ok(into.join(name))
-    };
+        .ok_or_else(|| root.invalid("manifest.json", "lists no image"))?;
     let config_name = entry["Config"]
         .as_str()
-        .context("manifest.json entry has no Config")?;
+        .ok_or_else(|| root.invalid("manifest.json", "entry has no Config"))?;
     let raw_config =
-        fs::read(member(config_name)?).with_context(|| format!("read {config_name}"))?;
+        root.read_small("config", config_name, MAX_CONFIG_BYTES, "MAX_CONFIG_BYTES")?;
+    let config_digest = Digest::of(&raw_config);
+    // `<hex>.json` (classic) and `blobs/sha256/<hex>` (docker 25+) name the digest.
+    if let Some(named) = named_digest(config_name) {
+        root.check("config", config_name, &named, config_digest.clone())?;
+    }
     let layers = entry["Layers"]
         .as_array()
-        .context("manifest.json entry has no Layers")?
+        .ok_or_else(|| root.invalid("manifest.json", "entry has no Layers"))?
         .iter()
         .map(|layer| {
-            let name = layer.as_str().context("layer name is not a string")?;
-            let path = member(name)?;
-            let digest = digest_of_file(&path)?;
+            let name = layer
+                .as_str()
+                .ok_or_else(|| root.invalid("manifest.json", "a layer name is not a string"))?;
+            let (file, digest, _) = root.open_layer(name)?;
+            if let Some(named) = named_digest(name) {
+                root.check("layer", name, &named, digest.clone())?;
+            }
             Ok(LocalLayer {
                 digest,
                 media_type: String::new(),
-                path,
+                path: into.join(name),
+                file: Arc::new(file),
             })
         })
-        .collect::<anyhow::Result<_>>()?;
+        .collect::<Result<_, _>>()?;
     Ok(LocalImage {
         manifest_digest: Digest::of(&manifest_bytes),
-        config_digest: Digest::of(&raw_config),
+        config_digest,
         raw_config,
         layers,
     })
 }
 
-fn digest_of_file(path: &Path) -> anyhow::Result<Digest> {
+/// The digest a member's name spells, if it spells one.
+fn named_digest(member: &str) -> Option<Digest> {
+    let name = Path::new(member).file_name()?.to_str()?;
+    let hex = name.strip_suffix(".json").unwrap_or(name);
+    Digest::from_sha256_hex(hex).ok()
+}
+
+/// Unpacks regular files, directories and symlinks of the archive beneath `root`; every
+/// other entry type is skipped (a member naming one is then missing). Nothing is ever
+/// written through a symlink: directories are walked with `O_NOFOLLOW`. The bytes written
+/// are capped at the archive's size, which a non-sparse tar can never exceed.
+fn unpack(root: &Root, tar: impl Read, archive_len: u64) -> Result<(), ArchiveError> {
+    let fail = |reason: String| ArchiveError::Unpack {
+        archive: root.name.clone(),
+        reason,
+    };
+    let mut archive = tar::Archive::new(tar);
+    let mut members = 0u64;
+    let mut written = 0u64;
+    for entry in archive.entries().map_err(|e| fail(e.to_string()))? {
+        let mut entry = entry.map_err(|e| fail(e.to_string()))?;
+        members += 1;
+        if members > MAX_ARCHIVE_MEMBERS {
+            return Err(fail(format!(
+                "more than the limit of {MAX_ARCHIVE_MEMBERS} members (MAX_ARCHIVE_MEMBERS)"
+            )));
+        }
+        let raw = entry.path_bytes().into_owned();
+        let name = String::from_utf8_lossy(&raw).into_owned();
+        if raw.len() > MAX_MEMBER_PATH {
+            return Err(fail(format!(
+                "member path of {} bytes is longer than the limit of {MAX_MEMBER_PATH} (MAX_MEMBER_PATH)",
+                raw.len()
+            )));
+        }
+        let path = PathBuf::from(std::ffi::OsStr::new(
+            std::str::from_utf8(&raw).map_err(|_| fail(format!("member {name:?} is not UTF-8")))?,
+        ));
+        let parts: Vec<&std::ffi::OsStr> = path
+            .components()
+            .filter_map(|c| match c {
+                Component::Normal(p) => Some(Ok(p)),
+                Component::CurDir => None,
+                _ => Some(Err(())),
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|()| fail(format!("member {name:?} is not a plain relative path")))?;
+        let Some((leaf, parents)) = parts.split_last() else {
+            continue;
+        };
+        let kind = entry.header().entry_type();
+        let io = |e: io::Error| fail(format!("member {name:?}: {e}"));
+        let dir = walk_dirs(&root.fd, parents).map_err(io)?;
+        match kind {
+            tar::EntryType::Directory => {
+                make_dir(&dir, leaf).map_err(io)?;
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                let size = entry.header().size().map_err(io)?;
+                written = written.saturating_add(size);
+                if written > archive_len {
+                    return Err(fail(format!(
+                        "member {name:?} makes the unpacked size exceed the archive's own {archive_len} bytes"
+                    )));
+                }
+                let _ = rustix::fs::unlinkat(&dir, *leaf, rustix::fs::AtFlags::empty());
+                let fd = rustix::fs::openat(
+                    &dir,
+                    *leaf,
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )
+                .map_err(|e| io(e.into()))?;
+                let mut out = File::from(fd);
+                io::copy(&mut (&mut entry).take(size), &mut out).map_err(io)?;
+            }
+            tar::EntryType::Symlink => {
+                let target = entry
+                    .link_name()
+                    .map_err(io)?
+                    .ok_or_else(|| fail(format!("symlink {name:?} has no target")))?
+                    .into_owned();
+                let _ = rustix::fs::unlinkat(&dir, *leaf, rustix::fs::AtFlags::empty());
+                rustix::fs::symlinkat(target.as_path(), &dir, *leaf).map_err(|e| io(e.into()))?;
+            }
+            // Hard links, devices, FIFOs, sparse files: nothing a docker archive needs.
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Opens (creating as needed) the directory `parts` beneath `root`, never through a symlink.
+fn walk_dirs(root: &OwnedFd, parts: &[&std::ffi::OsStr]) -> io::Result<OwnedFd> {
+    let mut dir = rustix::fs::openat(
+        root,
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    for part in parts {
+        make_dir(&dir, part)?;
+        dir = rustix::fs::openat(
+            dir.as_fd(),
+            *part,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+    }
+    Ok(dir)
+}
+
+fn make_dir(dir: &OwnedFd, name: &std::ffi::OsStr) -> io::Result<()> {
+    match rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(0o700)) {
+        Ok(()) | Err(rustix::io::Errno::EXIST) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn digest_of_file(file: &File) -> io::Result<(Digest, u64)> {
     use sha2::Digest as _;
-    let mut file = fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    use std::os::unix::fs::FileExt;
     let mut hasher = sha2::Sha256::new();
-    std::io::copy(&mut file, &mut hasher).with_context(|| format!("read {}", path.display()))?;
-    Ok(Digest::from_sha256_hex(&hex::encode(hasher.finalize())).expect("sha256 is 64 hex"))
+    let mut buf = vec![0u8; 1 << 20];
+    let mut offset = 0u64;
+    loop {
+        let n = file.read_at(&mut buf, offset)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        offset += n as u64;
+    }
+    let digest =
+        Digest::from_sha256_hex(&hex::encode(hasher.finalize())).expect("sha256 is 64 hex");
+    Ok((digest, offset))
 }

@@ -279,28 +279,16 @@ impl BlobCache {
         digest: &Digest,
         expected_size: Option<u64>,
     ) -> io::Result<BlobWriter> {
-        let dir = self.blobs_dir();
-        // Under the lock: a prune renaming the cache aside between creating the directory
-        // and opening the temp file in it would make the open fail.
-        let fd = {
-            let _guard = self.lock_leases();
-            fs::DirBuilder::new()
-                .mode(0o755)
-                .recursive(true)
-                .create(&dir)?;
-            rustix::fs::open(
-                &dir,
-                OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC,
-                Mode::from_raw_mode(0o644),
-            )?
-        };
+        let file = self.tmpfile()?;
         Ok(BlobWriter {
             cache: Arc::clone(self),
-            file: io::BufWriter::with_capacity(1 << 20, File::from(fd)),
+            file: Some(io::BufWriter::with_capacity(1 << 20, file)),
             hasher: sha2::Sha256::new(),
             written: 0,
-            digest: digest.clone(),
-            expected_size,
+            target: Target::Named {
+                digest: digest.clone(),
+                expected_size,
+            },
         })
     }
 
@@ -531,23 +519,161 @@ impl BlobCache {
 #[derive(Debug)]
 pub struct BlobWriter {
     cache: Arc<BlobCache>,
-    file: io::BufWriter<File>,
+    /// `None` once an uncompressed copy stopped being written (see [`Target::Uncompressed`]).
+    file: Option<io::BufWriter<File>>,
     hasher: sha2::Sha256,
     written: u64,
-    digest: Digest,
-    expected_size: Option<u64>,
+    target: Target,
 }
+
+/// What a [`BlobWriter`] is writing.
+#[derive(Debug)]
+enum Target {
+    /// A blob named by a digest someone else claimed (a registry, a manifest): verified
+    /// against it, and against the promised size, before it becomes visible.
+    Named {
+        digest: Digest,
+        expected_size: Option<u64>,
+    },
+    /// The decompressed copy of the verified blob `of`, named by what it hashes to. Its
+    /// writes never fail: the copy is an optimisation, while the hash is what verifies the
+    /// layer against the image's diff_id, so a full disk or an oversized copy only stops
+    /// the copy (`file` becomes `None`) and hashing goes on.
+    Uncompressed {
+        /// `None` for a writer that only hashes (a layer that is not in the cache).
+        of: Option<Digest>,
+        /// The digest the image's config claims for it; a copy hashing to anything else is
+        /// not kept.
+        expected: Option<Digest>,
+        /// Copies bigger than this are not kept.
+        max_bytes: u64,
+        /// Where the hash of everything written goes once the stream ended.
+        seen: Arc<std::sync::OnceLock<Digest>>,
+    },
+}
+
+/// The extended attribute on a compressed layer blob naming the digest of its
+/// decompressed copy. The uncompressed cache is keyed by this, which banger itself wrote
+/// after decoding the blob and hashing the result, and never by an image config's
+/// `diff_id`: a config naming another image's diff_id must not get that image's files.
+const UNCOMPRESSED_XATTR: &str = "user.banger.uncompressed";
 
 impl Write for BlobWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.file.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.written += n as u64;
-        Ok(n)
+        match &self.target {
+            Target::Named { .. } => {
+                let file = self.file.as_mut().expect("named blobs always have a file");
+                let n = file.write(buf)?;
+                self.hasher.update(&buf[..n]);
+                self.written += n as u64;
+                Ok(n)
+            }
+            Target::Uncompressed { max_bytes, .. } => {
+                self.hasher.update(buf);
+                self.written += buf.len() as u64;
+                if self.written > *max_bytes {
+                    self.file = None;
+                }
+                if let Some(file) = self.file.as_mut() {
+                    if let Err(e) = file.write_all(buf) {
+                        tracing::debug!(error = %e, "not caching the uncompressed layer");
+                        self.file = None;
+                    }
+                }
+                Ok(buf.len())
+            }
+        }
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()
+        match (&self.target, self.file.as_mut()) {
+            (Target::Named { .. }, Some(file)) => file.flush(),
+            (_, Some(file)) => {
+                if file.flush().is_err() {
+                    self.file = None;
+                }
+                Ok(())
+            }
+            (_, None) => Ok(()),
+        }
+    }
+}
+
+impl BlobCache {
+    /// Starts writing the decompressed copy of the cached blob `of`, which the image
+    /// config says hashes to `expected`. See [`BlobWriter::commit`]; the hash of every byte
+    /// written lands in `seen` when the copy is committed, whether or not it was kept.
+    pub fn uncompressed_writer(
+        self: &Arc<Self>,
+        of: &Digest,
+        expected: Option<&Digest>,
+        max_bytes: u64,
+        seen: Arc<std::sync::OnceLock<Digest>>,
+    ) -> BlobWriter {
+        let file = self
+            .tmpfile()
+            .map_err(|e| tracing::debug!(error = %e, "not caching the uncompressed layer"))
+            .ok();
+        BlobWriter {
+            cache: Arc::clone(self),
+            file: file.map(|f| io::BufWriter::with_capacity(1 << 20, f)),
+            hasher: sha2::Sha256::new(),
+            written: 0,
+            target: Target::Uncompressed {
+                of: Some(of.clone()),
+                expected: expected.cloned(),
+                max_bytes,
+                seen,
+            },
+        }
+    }
+
+    /// A writer that keeps nothing and only hashes, for verifying the decompressed stream
+    /// of a layer that is not in the cache (an import) against its `expected` diff_id. Its
+    /// commit reports the hash to `seen` and fails when it is not `expected`.
+    pub fn hashing_writer(
+        self: &Arc<Self>,
+        expected: &Digest,
+        seen: Arc<std::sync::OnceLock<Digest>>,
+    ) -> BlobWriter {
+        BlobWriter {
+            cache: Arc::clone(self),
+            file: None,
+            hasher: sha2::Sha256::new(),
+            written: 0,
+            target: Target::Uncompressed {
+                of: None,
+                expected: Some(expected.clone()),
+                max_bytes: 0,
+                seen,
+            },
+        }
+    }
+
+    /// The digest of the decompressed copy banger made of the cached blob `of`, when it
+    /// made one (the copy itself may have been pruned since).
+    pub fn uncompressed_of(&self, of: &Digest) -> Option<Digest> {
+        let _guard = self.lock_leases();
+        let mut value = [0u8; 80];
+        let n = rustix::fs::getxattr(self.blob_path(of), UNCOMPRESSED_XATTR, &mut value).ok()?;
+        std::str::from_utf8(&value[..n]).ok()?.parse().ok()
+    }
+
+    fn tmpfile(&self) -> io::Result<File> {
+        let dir = self.blobs_dir();
+        // Under the lock: a prune renaming the cache aside between creating the directory
+        // and opening the temp file in it would make the open fail.
+        let _guard = self.lock_leases();
+        fs::DirBuilder::new()
+            .mode(0o755)
+            .recursive(true)
+            .create(&dir)?;
+        let fd = rustix::fs::open(
+            &dir,
+            OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o644),
+        )?;
+        Ok(File::from(fd))
     }
 }
 
@@ -562,80 +688,151 @@ impl BlobWriter {
     /// unverified bytes: only for data whose source was verified, such as the decompressed
     /// copy of a verified blob.
     pub fn read_handle(&self) -> io::Result<File> {
+        let file = self.file.as_ref().ok_or_else(|| {
+            io::Error::other("the uncompressed copy could not be written to the cache")
+        })?;
         let proc_path = format!(
             "/proc/self/fd/{}",
-            std::os::fd::AsRawFd::as_raw_fd(self.file.get_ref())
+            std::os::fd::AsRawFd::as_raw_fd(file.get_ref())
         );
         File::open(proc_path)
+    }
+
+    /// Whether every byte so far went to the file (an uncompressed copy stops being written
+    /// when the disk fills or it outgrows its cap; a follower of it must then stop).
+    pub fn is_complete(&self) -> bool {
+        self.file.is_some()
+    }
+
+    /// The sha256 of everything written so far, without finishing.
+    pub fn digest_so_far(&self) -> Digest {
+        digest_of_hasher(self.hasher.clone())
     }
 
     /// Verifies size and sha256 and links the blob into place. On a mismatch the unnamed
     /// file is dropped and nothing appears under the digest. A blob that another writer
     /// committed first is fine: same digest, same bytes.
+    ///
+    /// An uncompressed copy is linked under what it hashes to (reported to its `seen`
+    /// first), and only if that is the digest its image expects; the compressed blob it
+    /// came from is then marked with it (see [`BlobCache::uncompressed_of`]).
     pub fn commit(self) -> Result<PathBuf, CacheError> {
         let BlobWriter {
             cache,
             file,
             hasher,
             written,
-            digest,
-            expected_size,
+            target,
         } = self;
-        if let Some(expected) = expected_size {
-            if expected != written {
-                return Err(CacheError::SizeMismatch {
-                    digest,
-                    expected,
-                    actual: written,
-                });
+        let actual = digest_of_hasher(hasher);
+        let digest = match target {
+            Target::Named {
+                digest,
+                expected_size,
+            } => {
+                if let Some(expected) = expected_size {
+                    if expected != written {
+                        return Err(CacheError::SizeMismatch {
+                            digest,
+                            expected,
+                            actual: written,
+                        });
+                    }
+                }
+                if actual != digest {
+                    return Err(CacheError::DigestMismatch {
+                        expected: digest,
+                        actual,
+                    });
+                }
+                digest
             }
-        }
-        let actual = Digest::from_sha256_hex(&hex::encode(hasher.finalize()))
-            .expect("sha256 output is 64 hex characters");
-        if actual != digest {
-            return Err(CacheError::DigestMismatch {
-                expected: digest,
-                actual,
-            });
-        }
-        let target = cache.blob_path(&digest);
-        let file = file
-            .into_inner()
-            .map_err(|e| e.into_error())
-            .map_err(io_err("write blob", &target))?;
-        // Linking an O_TMPFILE by name needs either CAP_DAC_READ_SEARCH (AT_EMPTY_PATH) or
-        // the /proc magic link; the latter works unprivileged.
-        let proc_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file));
-        let _guard = cache.lock_leases();
-        let link = |target: &Path| {
-            rustix::fs::linkat(
-                CWD,
-                proc_path.as_str(),
-                CWD,
-                target,
-                AtFlags::SYMLINK_FOLLOW,
-            )
-        };
-        let result = match link(&target) {
-            Err(rustix::io::Errno::NOENT) => {
-                // A prune recreated the cache without the blobs directory.
-                fs::DirBuilder::new()
-                    .mode(0o755)
-                    .recursive(true)
-                    .create(cache.blobs_dir())
-                    .map_err(io_err("create blob directory", &target))?;
-                link(&target)
+            Target::Uncompressed {
+                of, expected, seen, ..
+            } => {
+                let _ = seen.set(actual.clone());
+                if let Some(expected) = expected.filter(|e| *e != actual) {
+                    return Err(CacheError::DigestMismatch { expected, actual });
+                }
+                let Some(of) = of else {
+                    return Ok(cache.blob_path(&actual));
+                };
+                let Some(file) = file else {
+                    return Err(CacheError::Io {
+                        what: "keep uncompressed copy",
+                        path: cache.blob_path(&actual),
+                        source: io::Error::other("the copy was not written in full"),
+                    });
+                };
+                let target = link_verified(&cache, file, &actual)?;
+                let _guard = cache.lock_leases();
+                rustix::fs::setxattr(
+                    cache.blob_path(&of),
+                    UNCOMPRESSED_XATTR,
+                    actual.to_string().as_bytes(),
+                    rustix::fs::XattrFlags::empty(),
+                )
+                .map_err(|errno| CacheError::Io {
+                    what: "record the uncompressed copy of",
+                    path: cache.blob_path(&of),
+                    source: errno.into(),
+                })?;
+                return Ok(target);
             }
-            other => other,
         };
-        match result {
-            Ok(()) | Err(rustix::io::Errno::EXIST) => Ok(target),
-            Err(errno) => Err(CacheError::Io {
-                what: "link verified blob",
-                path: target,
-                source: errno.into(),
-            }),
+        let file = file.expect("named blobs always have a file");
+        link_verified(&cache, file, &digest)
+    }
+}
+
+fn digest_of_hasher(hasher: sha2::Sha256) -> Digest {
+    Digest::from_sha256_hex(&hex::encode(hasher.finalize()))
+        .expect("sha256 output is 64 hex characters")
+}
+
+/// Links the verified unnamed `file` into the cache as `digest`.
+fn link_verified(
+    cache: &Arc<BlobCache>,
+    file: io::BufWriter<File>,
+    digest: &Digest,
+) -> Result<PathBuf, CacheError> {
+    let target = cache.blob_path(digest);
+    let file = file
+        .into_inner()
+        .map_err(|e| e.into_error())
+        .map_err(io_err("write blob", &target))?;
+    // Linking an O_TMPFILE by name needs either CAP_DAC_READ_SEARCH (AT_EMPTY_PATH) or
+    // the /proc magic link; the latter works unprivileged.
+    let proc_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file));
+    let _guard = cache.lock_leases();
+    let link = |target: &Path| {
+        rustix::fs::linkat(
+            CWD,
+            proc_path.as_str(),
+            CWD,
+            target,
+            AtFlags::SYMLINK_FOLLOW,
+        )
+    };
+    let result = match link(&target) {
+        Err(rustix::io::Errno::NOENT) => {
+            // A prune recreated the cache without the blobs directory.
+            fs::DirBuilder::new()
+                .mode(0o755)
+                .recursive(true)
+                .create(cache.blobs_dir())
+                .map_err(io_err("create blob directory", &target))?;
+            link(&target)
         }
+        other => other,
+    };
+    match result {
+        Ok(()) | Err(rustix::io::Errno::EXIST) => Ok(target),
+        Err(errno) => Err(CacheError::Io {
+            what: "link verified blob",
+            path: target,
+            source: errno.into(),
+        }),
     }
 }
 

@@ -33,7 +33,22 @@ const WANTED_ARCH: &str = "amd64";
 const MAX_PARALLEL_FETCHES: usize = 3;
 
 /// Image configs are small JSON documents; anything bigger is not one, and is held in memory.
-const MAX_CONFIG_SIZE: u64 = 16 << 20;
+/// A config is also cut at the size its descriptor declares, whichever is smaller.
+pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
+/// Manifests and image indexes are read whole into memory; containerd refuses them past
+/// 4 MiB too. The body is cut there, whatever Content-Length says.
+pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+
+/// Error bodies are only read for their message.
+const MAX_ERROR_BODY_BYTES: u64 = 64 << 10;
+
+/// Connecting to a registry gives up after this long.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A registry that sends nothing for this long (a stalled body, a hung server) fails the
+/// pull instead of hanging it (`registry_read_timeout_secs`).
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Manifest media types we ask for. Docker schema 1 is deliberately absent: registries then
 /// convert or refuse, and we never have to parse signed v1 manifests.
@@ -53,6 +68,9 @@ pub struct RegistryConfig {
     /// Docker `config.json` to take credentials from; `None` means
     /// `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`.
     pub docker_config: Option<PathBuf>,
+    /// How long a registry may send nothing before the request fails; `None` means
+    /// [`DEFAULT_READ_TIMEOUT`].
+    pub read_timeout: Option<Duration>,
 }
 
 /// How a layer blob is compressed, from its media type.
@@ -220,6 +238,28 @@ pub enum RegistryError {
         /// Bytes received (a lower bound when the registry sent too much).
         actual: u64,
     },
+    /// A manifest, index or config is bigger than banger accepts; it was cut off there.
+    #[error("image {reference}: {what} is larger than the limit of {limit} bytes ({limit_name}); refused")]
+    TooLarge {
+        /// The reference, normalised.
+        reference: String,
+        /// `manifest`, `image index` or `config`.
+        what: &'static str,
+        /// The limit.
+        limit: u64,
+        /// The constant or declared size that sets it.
+        limit_name: &'static str,
+    },
+    /// The registry sent nothing for longer than the read timeout.
+    #[error("{action} from registry {registry}: no data for {}s (registry_read_timeout_secs); the registry stalled", timeout.as_secs())]
+    Timeout {
+        /// What we were doing.
+        action: String,
+        /// The registry host.
+        registry: String,
+        /// The read timeout in force.
+        timeout: Duration,
+    },
     /// Credentials could not be read.
     #[error(transparent)]
     Auth(#[from] AuthError),
@@ -255,6 +295,8 @@ pub struct RegistryClient {
     /// Single-flight: a lock per blob being fetched. Weak so finished fetches leave nothing
     /// behind; dead entries are swept whenever a new one is added.
     in_flight: Mutex<HashMap<Digest, Weak<tokio::sync::Mutex<()>>>>,
+    /// For manifests, which must be read with a size limit oci-client does not have.
+    http: std::sync::OnceLock<Result<reqwest::Client, String>>,
 }
 
 impl std::fmt::Debug for RegistryClient {
@@ -272,7 +314,12 @@ impl RegistryClient {
             config,
             clients: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
+            http: std::sync::OnceLock::new(),
         }
+    }
+
+    fn read_timeout(&self) -> Duration {
+        self.config.read_timeout.unwrap_or(DEFAULT_READ_TIMEOUT)
     }
 
     /// Whether `host` (as in a reference, maybe with a port) may be reached over plain HTTP.
@@ -317,9 +364,9 @@ impl RegistryClient {
             protocol,
             // We pick the platform ourselves, to report what is available.
             platform_resolver: None,
-            connect_timeout: Some(Duration::from_secs(30)),
+            connect_timeout: Some(DEFAULT_CONNECT_TIMEOUT),
             // A registry that stops sending mid-blob fails the pull instead of hanging it.
-            read_timeout: Some(Duration::from_secs(120)),
+            read_timeout: Some(self.read_timeout()),
             user_agent: concat!("banger/", env!("CARGO_PKG_VERSION")),
             ..ClientConfig::default()
         })
@@ -329,14 +376,10 @@ impl RegistryClient {
     /// manifest list when there is one), configuration and layer list.
     pub async fn resolve(&self, reference: &ImageRef) -> Result<ResolvedImage, RegistryError> {
         let (client, auth) = self.client_for(reference).await?;
-        let fail = |action: &str| {
-            let action = format!("{action} {reference}");
-            move |e| map_oci_error(e, reference, None, action)
-        };
-        let (body, _) = client
-            .pull_manifest_raw(reference.as_oci(), &auth, MANIFEST_MEDIA_TYPES)
-            .await
-            .map_err(fail("fetching manifest"))?;
+        let authorization = self.authorization(&client, &auth, reference).await?;
+        let body = self
+            .fetch_manifest(reference, reference, authorization.as_deref(), "manifest")
+            .await?;
         let top_digest = Digest::of(&body);
         if let Some(pinned) = reference.digest() {
             if pinned != top_digest {
@@ -352,10 +395,9 @@ impl RegistryClient {
             Manifest::Index(index) => {
                 let entry = pick_platform(&index, reference)?;
                 let child_ref = reference.with_digest(&entry);
-                let (child, _) = client
-                    .pull_manifest_raw(child_ref.as_oci(), &auth, MANIFEST_MEDIA_TYPES)
-                    .await
-                    .map_err(fail("fetching linux/amd64 manifest of"))?;
+                let child = self
+                    .fetch_manifest(reference, &child_ref, authorization.as_deref(), "manifest")
+                    .await?;
                 // oci-client checks this too; a manifest is small, so check it ourselves
                 // rather than trust that it always will.
                 let actual = Digest::of(&child);
@@ -393,25 +435,17 @@ impl RegistryClient {
         }
         let config_digest = descriptor_digest(config_desc, reference, "manifest")?;
         let config_size = descriptor_size(config_desc, reference)?;
-        if config_size > MAX_CONFIG_SIZE {
-            return Err(invalid(
-                reference,
-                "manifest",
-                format!("config blob is {config_size} bytes, more than an image config can be"),
-            ));
+        if config_size > MAX_CONFIG_BYTES {
+            return Err(RegistryError::TooLarge {
+                reference: reference.to_string(),
+                what: "config",
+                limit: MAX_CONFIG_BYTES,
+                limit_name: "MAX_CONFIG_BYTES",
+            });
         }
-        let mut raw_config = Vec::with_capacity(config_size as usize);
-        client
-            .pull_blob(reference.as_oci(), &config_desc.as_oci(), &mut raw_config)
-            .await
-            .map_err(|e| {
-                map_oci_error(
-                    e,
-                    reference,
-                    Some(&config_digest),
-                    format!("fetching config {config_digest} of {reference}"),
-                )
-            })?;
+        let raw_config = self
+            .fetch_config(&client, reference, config_desc, &config_digest, config_size)
+            .await?;
         let actual = Digest::of(&raw_config);
         if actual != config_digest {
             return Err(RegistryError::DigestMismatch {
@@ -440,6 +474,202 @@ impl RegistryClient {
             raw_config,
             layers,
         })
+    }
+
+    /// The `Authorization` header for `reference`'s repository, after the token dance
+    /// oci-client does (and caches for the blob requests that follow).
+    async fn authorization(
+        &self,
+        client: &oci_client::Client,
+        auth: &RegistryAuth,
+        reference: &ImageRef,
+    ) -> Result<Option<String>, RegistryError> {
+        let token = client
+            .auth(
+                reference.as_oci(),
+                auth,
+                oci_client::RegistryOperation::Pull,
+            )
+            .await
+            .map_err(|e| {
+                self.map_transport(
+                    e,
+                    reference,
+                    None,
+                    format!("authenticating for {reference}"),
+                )
+            })?;
+        Ok(match (token, auth) {
+            (Some(token), _) => Some(format!("Bearer {token}")),
+            (None, RegistryAuth::Basic(user, password)) => {
+                use base64::Engine as _;
+                let pair =
+                    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+                Some(format!("Basic {pair}"))
+            }
+            (None, _) => None,
+        })
+    }
+
+    fn http(&self) -> Result<&reqwest::Client, RegistryError> {
+        self.http
+            .get_or_init(|| {
+                reqwest::Client::builder()
+                    .connect_timeout(DEFAULT_CONNECT_TIMEOUT)
+                    .read_timeout(self.read_timeout())
+                    .user_agent(concat!("banger/", env!("CARGO_PKG_VERSION")))
+                    .build()
+                    .map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|e| RegistryError::Transport {
+                action: "building the HTTP client".into(),
+                registry: String::new(),
+                source: OciDistributionError::GenericError(Some(e.clone())),
+            })
+    }
+
+    /// GETs the manifest `target` names, reading at most [`MAX_MANIFEST_BYTES`] of it:
+    /// oci-client reads manifests whole, whatever their size.
+    async fn fetch_manifest(
+        &self,
+        reference: &ImageRef,
+        target: &ImageRef,
+        authorization: Option<&str>,
+        what: &'static str,
+    ) -> Result<Vec<u8>, RegistryError> {
+        let oci = target.as_oci();
+        let host = oci.resolve_registry();
+        let scheme = if self.allows_plain_http(host) {
+            "http"
+        } else {
+            "https"
+        };
+        let tail = match oci.digest() {
+            Some(digest) => digest.to_owned(),
+            None => oci.tag().unwrap_or("latest").to_owned(),
+        };
+        let url = format!("{scheme}://{host}/v2/{}/manifests/{tail}", oci.repository());
+        let action = format!("fetching {what} {target}");
+        let transport = |e: reqwest::Error| {
+            self.map_transport(
+                OciDistributionError::RequestError(e),
+                reference,
+                None,
+                action.clone(),
+            )
+        };
+        let mut request = self
+            .http()?
+            .get(&url)
+            .header(reqwest::header::ACCEPT, MANIFEST_MEDIA_TYPES.join(", "));
+        if let Some(value) = authorization {
+            request = request.header(reqwest::header::AUTHORIZATION, value);
+        }
+        let response = request.send().await.map_err(transport)?;
+        let status = response.status();
+        if status != reqwest::StatusCode::OK {
+            let body = read_capped(response, MAX_ERROR_BODY_BYTES)
+                .await
+                .map_err(transport)?
+                .unwrap_or_default();
+            return Err(self.map_transport(
+                registry_status_error(status, &body, &url),
+                reference,
+                None,
+                action,
+            ));
+        }
+        let too_large = || RegistryError::TooLarge {
+            reference: reference.to_string(),
+            what,
+            limit: MAX_MANIFEST_BYTES,
+            limit_name: "MAX_MANIFEST_BYTES",
+        };
+        if response
+            .content_length()
+            .is_some_and(|len| len > MAX_MANIFEST_BYTES)
+        {
+            return Err(too_large());
+        }
+        read_capped(response, MAX_MANIFEST_BYTES)
+            .await
+            .map_err(transport)?
+            .ok_or_else(too_large)
+    }
+
+    /// Streams the config blob, cut at its declared size (and so never more than
+    /// [`MAX_CONFIG_BYTES`]): a registry may claim 100 bytes and send gigabytes.
+    async fn fetch_config(
+        &self,
+        client: &oci_client::Client,
+        reference: &ImageRef,
+        descriptor: &RawDescriptor,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<Vec<u8>, RegistryError> {
+        let action = || format!("fetching config {digest} of {reference}");
+        let mut stream = client
+            .pull_blob_stream(reference.as_oci(), &descriptor.as_oci())
+            .await
+            .map_err(|e| self.map_transport(e, reference, Some(digest), action()))?;
+        let wrong_size = |actual| RegistryError::SizeMismatch {
+            digest: digest.clone(),
+            expected: size,
+            actual,
+        };
+        if let Some(announced) = stream.content_length.filter(|len| *len > size) {
+            return Err(wrong_size(announced));
+        }
+        let mut body = Vec::with_capacity(size as usize);
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| self.stream_error(e, digest, reference, action()))?;
+            let total = body.len() as u64 + chunk.len() as u64;
+            if total > size {
+                return Err(wrong_size(total));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        if body.len() as u64 != size {
+            return Err(wrong_size(body.len() as u64));
+        }
+        Ok(body)
+    }
+
+    /// [`map_oci_error`], telling a timeout apart from other transport failures.
+    fn map_transport(
+        &self,
+        error: OciDistributionError,
+        reference: &ImageRef,
+        blob: Option<&Digest>,
+        action: String,
+    ) -> RegistryError {
+        if is_timeout(&error) {
+            return RegistryError::Timeout {
+                action,
+                registry: reference.registry_host().to_owned(),
+                timeout: self.read_timeout(),
+            };
+        }
+        map_oci_error(error, reference, blob, action)
+    }
+
+    /// [`stream_error`], telling a timeout apart from other transport failures.
+    fn stream_error(
+        &self,
+        error: std::io::Error,
+        digest: &Digest,
+        reference: &ImageRef,
+        action: String,
+    ) -> RegistryError {
+        if is_timeout(&error) {
+            return RegistryError::Timeout {
+                action,
+                registry: reference.registry_host().to_owned(),
+                timeout: self.read_timeout(),
+            };
+        }
+        stream_error(error, digest, reference, action)
     }
 
     /// Streams `layer` of `reference`'s repository into `cache`, verified, calling
@@ -502,7 +732,15 @@ impl RegistryClient {
         let mut stream = client
             .pull_blob_stream(reference.as_oci(), &descriptor)
             .await
-            .map_err(|e| map_oci_error(e, reference, Some(digest), action()))?;
+            .map_err(|e| self.map_transport(e, reference, Some(digest), action()))?;
+        if let Some(announced) = stream.content_length.filter(|len| *len > layer.size) {
+            // Refused before a byte is stored: more than the manifest promised.
+            return Err(RegistryError::SizeMismatch {
+                digest: digest.clone(),
+                expected: layer.size,
+                actual: announced,
+            });
+        }
         let writer =
             cache
                 .writer(digest, Some(layer.size))
@@ -521,7 +759,7 @@ impl RegistryClient {
 
         let mut received = 0u64;
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| stream_error(e, digest, reference, action()))?;
+            let chunk = chunk.map_err(|e| self.stream_error(e, digest, reference, action()))?;
             received += chunk.len() as u64;
             if received > layer.size {
                 // Stop at once: a registry streaming without end must not fill the disk.
@@ -655,6 +893,66 @@ fn store_bytes(cache: &Arc<BlobCache>, digest: &Digest, bytes: &[u8]) -> Result<
     writer.write_all(bytes).map_err(io)?;
     writer.commit().map_err(cache_err)?;
     Ok(())
+}
+
+/// Reads a response body up to `limit` bytes; `None` when it is longer (the rest is never
+/// read: the connection is dropped).
+async fn read_capped(
+    response: reqwest::Response,
+    limit: u64,
+) -> Result<Option<Vec<u8>>, reqwest::Error> {
+    let mut body = Vec::new();
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        if body.len() as u64 + chunk.len() as u64 > limit {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
+}
+
+/// The oci-client error a non-200 answer stands for (as oci-client would report it).
+fn registry_status_error(
+    status: reqwest::StatusCode,
+    body: &[u8],
+    url: &str,
+) -> OciDistributionError {
+    if status == reqwest::StatusCode::UNAUTHORIZED {
+        return OciDistributionError::UnauthorizedError {
+            url: url.to_owned(),
+        };
+    }
+    if status.is_client_error() {
+        if let Ok(envelope) = serde_json::from_slice::<oci_client::errors::OciEnvelope>(body) {
+            return OciDistributionError::RegistryError {
+                envelope,
+                url: url.to_owned(),
+            };
+        }
+    }
+    OciDistributionError::ServerError {
+        code: status.as_u16(),
+        url: url.to_owned(),
+        message: String::from_utf8_lossy(body).into_owned(),
+    }
+}
+
+/// Whether a timeout is anywhere in `error`'s chain.
+fn is_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if e.downcast_ref::<reqwest::Error>()
+            .is_some_and(|r| r.is_timeout())
+            || e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        current = e.source();
+    }
+    false
 }
 
 /// Loopback hosts and explicitly configured ones may use plain HTTP.

@@ -21,6 +21,7 @@ fn anonymous_client() -> RegistryClient {
     RegistryClient::new(RegistryConfig {
         insecure_registries: Vec::new(),
         docker_config: Some("/nonexistent/banger-test/config.json".into()),
+        ..RegistryConfig::default()
     })
 }
 
@@ -348,6 +349,7 @@ async fn htpasswd_registry_needs_the_docker_config_credentials() {
     let client = RegistryClient::new(RegistryConfig {
         insecure_registries: Vec::new(),
         docker_config: Some(config.clone()),
+        ..RegistryConfig::default()
     });
     let (_dir, cache) = new_cache();
 

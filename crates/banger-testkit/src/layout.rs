@@ -98,6 +98,17 @@ impl OciLayoutBuilder {
         architecture: &str,
         layers: &[(Vec<u8>, LayerCompression)],
     ) -> io::Result<BuiltImage> {
+        self.build_image_with(architecture, layers, |_| {})
+    }
+
+    /// [`build_image`](Self::build_image) with the image config changed by `edit` before it
+    /// is written (tests make configs that lie, e.g. about `rootfs.diff_ids`).
+    pub fn build_image_with(
+        &self,
+        architecture: &str,
+        layers: &[(Vec<u8>, LayerCompression)],
+        edit: impl FnOnce(&mut Value),
+    ) -> io::Result<BuiltImage> {
         let mut built = Vec::new();
         for (tar, compression) in layers {
             let stored = compress(tar, *compression)?;
@@ -122,6 +133,8 @@ impl OciLayoutBuilder {
                 "diff_ids": built.iter().map(|l| l.diff_id.clone()).collect::<Vec<_>>(),
             },
         });
+        let mut config = config;
+        edit(&mut config);
         let (config_digest, config_size) = self.write_blob(&serde_json::to_vec(&config)?)?;
         let manifest = json!({
             "schemaVersion": 2,

@@ -67,6 +67,35 @@ pub struct Config {
     pub vmm_user: Option<String>,
     /// Firecracker's jailer, used when bangerd is root; default `jailer` on PATH.
     pub jailer_bin: Option<PathBuf>,
+    /// Seconds a registry may send nothing before a pull fails; default 120.
+    pub registry_read_timeout_secs: Option<u64>,
+    /// Decompressed bytes one image may unpack to; default half the free space.
+    pub image_max_unpacked_bytes: Option<u64>,
+    /// Tar entries one image may hold; default 4,000,000.
+    pub image_max_entries: Option<u64>,
+    /// RAM a build may stage its tree in (/dev/shm) before it moves to disk; default a
+    /// quarter of the available memory.
+    pub memory_staging_max_bytes: Option<u64>,
+    /// The biggest uncompressed layer copy the layer cache keeps; default 8 GiB.
+    pub uncompressed_copy_max_bytes: Option<u64>,
+    /// The biggest kernel payload (`.deb`, vmlinux, initrd) `kernel import` reads; default
+    /// 512 MiB.
+    pub kernel_max_payload_bytes: Option<u64>,
+}
+
+impl Config {
+    /// The image build limits these settings give.
+    pub fn image_limits(&self) -> crate::services::image::ImageLimits {
+        let defaults = crate::services::image::ImageLimits::default();
+        crate::services::image::ImageLimits {
+            max_unpacked_bytes: self.image_max_unpacked_bytes,
+            max_entries: self.image_max_entries.unwrap_or(defaults.max_entries),
+            memory_staging_max_bytes: self.memory_staging_max_bytes,
+            uncompressed_copy_max_bytes: self
+                .uncompressed_copy_max_bytes
+                .unwrap_or(defaults.uncompressed_copy_max_bytes),
+        }
+    }
 }
 
 impl Config {

@@ -100,8 +100,12 @@ async fn serve(layout: Layout) -> anyhow::Result<()> {
     let registry = banger_oci::registry::RegistryConfig {
         insecure_registries: config.insecure_registries.clone(),
         docker_config: config.docker_config.clone(),
+        read_timeout: config
+            .registry_read_timeout_secs
+            .map(std::time::Duration::from_secs),
     };
-    let image = ImageService::new(layout.clone(), Arc::clone(&store), registry);
+    let image = ImageService::new(layout.clone(), Arc::clone(&store), registry)
+        .with_limits(config.image_limits());
     // Before serving: a crash mid-pull or mid-publish left staging trees or an unrecorded
     // image directory; neither may ever be seen as an image.
     let repaired = image.recover().context("recover images after a crash")?;
@@ -126,7 +130,11 @@ async fn serve(layout: Layout) -> anyhow::Result<()> {
         Err(e) => tracing::warn!(error = %e, "could not remove leftovers of an interrupted prune"),
     });
     let image = Arc::new(image);
-    let kernel = Arc::new(KernelService::new(layout.clone(), Arc::clone(&store)));
+    let mut kernel = KernelService::new(layout.clone(), Arc::clone(&store));
+    if let Some(bytes) = config.kernel_max_payload_bytes {
+        kernel = kernel.with_max_payload(bytes);
+    }
+    let kernel = Arc::new(kernel);
     let repaired = kernel.recover().context("recover kernels after a crash")?;
     if repaired > 0 {
         tracing::info!(

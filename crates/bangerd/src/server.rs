@@ -277,6 +277,34 @@ impl<R: AsyncBufRead + Unpin> LineReader<R> {
     }
 }
 
+/// Runs the server's line decoding over `input` as if a client sent it: framing into lines
+/// of at most `max` bytes, then each line through the parse steps a connection applies
+/// (request, client notification, call input). For the fuzz target (`fuzz/`); returns how
+/// many complete lines it saw. Panics only on a broken invariant.
+#[doc(hidden)]
+pub fn decode_lines_for_fuzzing(input: &[u8], max: usize) -> usize {
+    let mut lines = LineReader::new(input, max);
+    let mut complete = 0;
+    loop {
+        // `&[u8]` never pends: polling once completes.
+        let line = futures::executor::block_on(lines.next()).expect("reading a slice cannot fail");
+        match line {
+            Line::Eof => return complete,
+            Line::TooLong => {}
+            Line::Complete(bytes) => {
+                assert!(bytes.len() <= max && !bytes.contains(&b'\n'));
+                complete += 1;
+                let _ = client_input(&bytes, &Value::from(1));
+                if let Ok(value) = serde_json::from_slice::<Value>(&bytes) {
+                    if !is_client_notification(&value) {
+                        let _ = serde_json::from_value::<Request>(value);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// What a line read while a call runs is to that call.
 #[derive(Debug, PartialEq, Eq)]
 enum ClientInput {

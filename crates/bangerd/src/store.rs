@@ -71,6 +71,14 @@ pub const MIGRATIONS: &[Migration] = &[
         // Every kernel before this booted banger's own initramfs.
         sql: "ALTER TABLE kernels ADD COLUMN initrd TEXT NOT NULL DEFAULT 'banger';",
     },
+    Migration {
+        version: 5,
+        name: "vmm identity",
+        // `<boot id>:<start time>` of the VMM (see services::process): a bare pid may have
+        // been reused by the time the daemon looks at it again. Rows from before have
+        // none, and their VMM is recognised by its command line instead.
+        sql: "ALTER TABLE vms ADD COLUMN pid_identity TEXT;",
+    },
 ];
 
 /// The database was written by a newer banger; refusing beats corrupting it.

@@ -30,6 +30,7 @@ fn service() -> Daemonless {
     let registry = banger_oci::registry::RegistryConfig {
         insecure_registries: vec![],
         docker_config: Some(root.join("no-docker-config.json")),
+        ..Default::default()
     };
     Daemonless {
         images: Arc::new(ImageService::new(layout, store, registry)),

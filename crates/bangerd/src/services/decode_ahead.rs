@@ -7,17 +7,45 @@
 //! of its decompression instead of starting after it.
 //!
 //! A copy only ever holds the decompression of a blob whose digest was verified when it
-//! entered the cache, so following it before its own diff_id is checked reads nothing that
-//! was not verified; a diff_id mismatch (a config that lies) just means no cached copy.
+//! entered the cache. Its hash is checked against the image's diff_id before a reader is
+//! told it ended: a config that lies about a diff_id makes the reader fail, and with it the
+//! image, instead of passing off content the config does not describe.
+//!
+//! The decoder stops as soon as the build it works for ends ([`DecodeAhead`] dropped),
+//! and never decodes more than the image may unpack to.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use banger_oci::cache::BlobWriter;
-use banger_oci::flatten::FlattenOptions;
 use banger_oci::{BlobCache, Digest};
+
+/// A layer whose uncompressed content is not what the image config says it is.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "layer {layer}: its uncompressed content hashes to {actual}, but the image config names \
+     diff_id {expected}; refusing the image"
+)]
+pub struct DiffIdMismatch {
+    /// The layer (compressed digest).
+    pub layer: Digest,
+    /// The config's diff_id.
+    pub expected: Digest,
+    /// What the decompressed layer hashes to.
+    pub actual: Digest,
+}
+
+/// The error for a layer that does not decompress to its diff_id.
+pub fn diff_id_mismatch(layer: &Digest, expected: &Digest, actual: &Digest) -> DiffIdMismatch {
+    DiffIdMismatch {
+        layer: layer.clone(),
+        expected: expected.clone(),
+        actual: actual.clone(),
+    }
+}
 
 /// How far a copy has got.
 #[derive(Default)]
@@ -122,73 +150,147 @@ pub struct Job {
     pub digest: Digest,
     /// Its media type (selects the decompressor).
     pub media_type: String,
-    /// The uncompressed copy to make.
+    /// What the image config says the copy hashes to.
     pub diff_id: Digest,
 }
 
-/// Starts one thread that decodes `jobs` in order; returns their copies, in the same order.
-pub fn start(cache: &Arc<BlobCache>, jobs: Vec<Job>) -> Vec<Arc<GrowingCopy>> {
-    let copies: Vec<Arc<GrowingCopy>> = jobs.iter().map(|_| Arc::default()).collect();
-    if jobs.is_empty() {
-        return copies;
+/// How much decoding ahead may produce.
+#[derive(Debug, Clone, Copy)]
+pub struct Caps {
+    /// Bytes decoded over all jobs: what the image may unpack to in all.
+    pub decoded: u64,
+    /// The biggest copy kept in the cache once its layer is applied.
+    pub kept: u64,
+}
+
+/// The copies being decoded for one build. Dropping it stops the decoder at its next write.
+pub struct DecodeAhead {
+    copies: Vec<Option<Arc<GrowingCopy>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl DecodeAhead {
+    /// The copy of layer `index`, if it is being decoded ahead (once).
+    pub fn take(&mut self, index: usize) -> Option<Arc<GrowingCopy>> {
+        self.copies.get_mut(index).and_then(Option::take)
+    }
+}
+
+impl Drop for DecodeAhead {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Starts one thread that decodes the jobs in order (`None`: a layer not decoded ahead).
+pub fn start(cache: &Arc<BlobCache>, jobs: Vec<Option<Job>>, caps: Caps) -> DecodeAhead {
+    let copies: Vec<Option<Arc<GrowingCopy>>> = jobs
+        .iter()
+        .map(|job| job.as_ref().map(|_| Arc::default()))
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let work: Vec<(Job, Arc<GrowingCopy>)> = jobs
+        .into_iter()
+        .zip(&copies)
+        .filter_map(|(job, copy)| Some((job?, Arc::clone(copy.as_ref()?))))
+        .collect();
+    let ahead = DecodeAhead {
+        copies,
+        stop: Arc::clone(&stop),
+    };
+    if work.is_empty() {
+        return ahead;
     }
     let cache = Arc::clone(cache);
-    let handed = copies.clone();
     let _ = crate::span::spawn_thread("decode-ahead", move || {
-        let limit = FlattenOptions::default().limits.max_uncompressed_bytes;
-        for (job, copy) in jobs.into_iter().zip(handed) {
+        let mut budget = caps.decoded;
+        for (job, copy) in work {
             // A reader waits for the end of its copy: a panic must still end it.
             let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                decode(&cache, &job, &copy, limit)
+                if stop.load(Ordering::Relaxed) {
+                    anyhow::bail!("the build ended");
+                }
+                decode(&cache, &job, &copy, &stop, budget, caps.kept)
             }))
             .unwrap_or_else(|_| Err(anyhow::anyhow!("decoding thread panicked")));
-            if let Err(e) = &decoded {
-                tracing::debug!(layer = %job.digest, error = %format!("{e:#}"), "no uncompressed copy decoded ahead");
-            }
+            let produced = match &decoded {
+                Ok(bytes) => *bytes,
+                Err(e) => {
+                    tracing::debug!(layer = %job.digest, error = %format!("{e:#}"), "no uncompressed copy decoded ahead");
+                    0
+                }
+            };
+            budget = budget.saturating_sub(produced);
             copy.update(|p| {
                 if p.end.is_none() {
-                    p.end = Some(decoded.map_err(|e| format!("{e:#}")));
+                    p.end = Some(decoded.map(drop).map_err(|e| format!("{e:#}")));
                 }
             });
         }
     });
-    copies
+    ahead
 }
 
+/// Decodes one layer into its copy; returns the bytes decoded.
 fn decode(
     cache: &Arc<BlobCache>,
     job: &Job,
     copy: &Arc<GrowingCopy>,
+    stop: &AtomicBool,
     limit: u64,
-) -> anyhow::Result<()> {
+    kept: u64,
+) -> anyhow::Result<u64> {
     let blob = io::BufReader::with_capacity(1 << 20, cache.open(&job.digest)?);
-    let writer = cache.writer(&job.diff_id, None)?;
+    let seen = Arc::new(std::sync::OnceLock::new());
+    // The copy's own cap is the image's: its reader needs every byte, and past the image's
+    // limit the build fails anyway. Whether it is kept afterwards is `kept`'s call.
+    let writer = cache.uncompressed_writer(
+        &job.digest,
+        Some(&job.diff_id),
+        limit.saturating_add(1 << 20),
+        seen,
+    );
     let file = Arc::new(writer.read_handle()?);
     copy.update(|p| p.file = Some(file));
     let mut publishing = Publishing {
         writer,
         copy,
+        stop,
         unpublished: 0,
     };
-    banger_oci::flatten::decompress_layer(blob, &job.media_type, &mut publishing, limit)?;
+    let bytes =
+        banger_oci::flatten::decompress_layer(blob, &job.media_type, &mut publishing, limit)?;
     publishing.publish()?;
-    // Every byte is in: readers may finish before the copy is checked against its
-    // diff_id, which only decides whether it is kept.
+    // Every byte is in. Readers are told the copy ended only once it hashed to the
+    // diff_id: a lying config fails the build here.
+    let actual = publishing.writer.digest_so_far();
+    if actual != job.diff_id {
+        anyhow::bail!(diff_id_mismatch(&job.digest, &job.diff_id, &actual));
+    }
     copy.update(|p| p.end = Some(Ok(())));
-    publishing.writer.commit()?;
-    Ok(())
+    if bytes <= kept {
+        publishing.writer.commit()?;
+    }
+    Ok(bytes)
 }
 
 /// Writes to the copy and tells readers about it every MiB.
 struct Publishing<'a> {
     writer: BlobWriter,
     copy: &'a GrowingCopy,
+    stop: &'a AtomicBool,
     unpublished: usize,
 }
 
 impl Publishing<'_> {
     fn publish(&mut self) -> io::Result<()> {
         self.writer.flush()?;
+        if !self.writer.is_complete() {
+            // The disk filled: the reader cannot follow a copy with holes.
+            return Err(io::Error::other(
+                "the uncompressed layer copy could not be written to the cache (disk full?)",
+            ));
+        }
         let written = self.writer.written();
         self.copy.update(|p| p.available = written);
         self.unpublished = 0;
@@ -198,6 +300,10 @@ impl Publishing<'_> {
 
 impl Write for Publishing<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.stop.load(Ordering::Relaxed) {
+            // Not `Interrupted`: `io::copy` retries those.
+            return Err(io::Error::other("decoding ahead stopped: the build ended"));
+        }
         let n = self.writer.write(buf)?;
         self.unpublished += n;
         if self.unpublished >= 1 << 20 {
@@ -229,6 +335,69 @@ mod tests {
         digest
     }
 
+    const CAPS: Caps = Caps {
+        decoded: 1 << 30,
+        kept: 1 << 30,
+    };
+
+    #[test]
+    fn a_copy_that_does_not_hash_to_its_diff_id_fails_its_reader_and_is_not_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = BlobCache::new(tmp.path().join("oci"));
+        let plain: Vec<u8> = (0..3 << 20).map(|i| (i % 241) as u8).collect();
+        let claimed = Digest::of(b"another image's layer");
+        let blob = cached(&cache, &gzip(&plain));
+        let jobs = vec![Some(Job {
+            digest: blob.clone(),
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+            diff_id: claimed.clone(),
+        })];
+        let mut ahead = start(&cache, jobs, CAPS);
+        let mut reader = ahead.take(0).unwrap().reader().unwrap();
+        let err = reader.read_to_end(&mut Vec::new()).unwrap_err().to_string();
+        assert!(
+            err.contains(&blob.to_string()) && err.contains(&claimed.to_string()),
+            "{err}"
+        );
+        assert!(!cache.contains(&claimed) && !cache.contains(&Digest::of(&plain)));
+        assert_eq!(cache.uncompressed_of(&blob), None);
+    }
+
+    #[test]
+    fn dropping_the_build_stops_the_decoder() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = BlobCache::new(tmp.path().join("oci"));
+        // A small blob that decodes to 1 GiB: the same gzip member 1024 times.
+        let member = gzip(&vec![0u8; 1 << 20]);
+        let blob: Vec<u8> = member
+            .iter()
+            .copied()
+            .cycle()
+            .take(member.len() * 1024)
+            .collect();
+        let decoded_len = 1u64 << 30;
+        let jobs = vec![Some(Job {
+            digest: cached(&cache, &blob),
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+            diff_id: Digest::of(b"never reached"),
+        })];
+        let mut ahead = start(&cache, jobs, CAPS);
+        let copy = ahead.take(0).unwrap();
+        drop(ahead);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let progress = copy.progress.lock().unwrap();
+            if let Some(end) = &progress.end {
+                assert!(end.is_err(), "stopped, not finished");
+                assert!(progress.available < decoded_len);
+                break;
+            }
+            drop(progress);
+            assert!(std::time::Instant::now() < deadline, "decoder did not stop");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
     #[test]
     fn readers_follow_copies_to_the_end_and_the_copies_are_kept() {
         let tmp = tempfile::tempdir().unwrap();
@@ -239,15 +408,18 @@ mod tests {
             .collect();
         let jobs = layers
             .iter()
-            .map(|plain| Job {
-                digest: cached(&cache, &gzip(plain)),
-                media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
-                diff_id: Digest::of(plain),
+            .map(|plain| {
+                Some(Job {
+                    digest: cached(&cache, &gzip(plain)),
+                    media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+                    diff_id: Digest::of(plain),
+                })
             })
             .collect();
-        let copies = start(&cache, jobs);
-        for (copy, plain) in copies.iter().zip(&layers) {
+        let mut ahead = start(&cache, jobs, CAPS);
+        for (index, plain) in layers.iter().enumerate() {
             let mut read = Vec::new();
+            let copy = ahead.take(index).unwrap();
             copy.reader().unwrap().read_to_end(&mut read).unwrap();
             assert!(read == *plain, "followed bytes equal the layer");
         }
@@ -268,23 +440,23 @@ mod tests {
         let at = broken.len() / 2;
         broken.truncate(at);
         let jobs = vec![
-            Job {
+            Some(Job {
                 digest: cached(&cache, b"\x1f\x8b\x08\x00 gzip magic, then garbage"),
                 media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
                 diff_id: Digest::of(b"x"),
-            },
-            Job {
+            }),
+            Some(Job {
                 digest: cached(&cache, &broken),
                 media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
                 diff_id: Digest::of(&plain),
-            },
+            }),
         ];
-        let copies = start(&cache, jobs);
+        let mut ahead = start(&cache, jobs, CAPS);
         assert!(
-            copies[0].reader().is_none(),
+            ahead.take(0).unwrap().reader().is_none(),
             "nothing decoded: read the blob instead"
         );
-        if let Some(mut reader) = copies[1].reader() {
+        if let Some(mut reader) = ahead.take(1).unwrap().reader() {
             let err = reader.read_to_end(&mut Vec::new()).unwrap_err();
             assert!(!err.to_string().is_empty());
         }

@@ -17,7 +17,7 @@ use banger_api::{
 };
 use banger_oci::archive;
 use banger_oci::cache::{PruneFs, RealFs};
-use banger_oci::flatten::{FlattenOptions, Flattener};
+use banger_oci::flatten::{FlattenError, FlattenLimits, FlattenOptions, Flattener, LayerProblem};
 use banger_oci::reference::{default_image_name, ImageRef};
 use banger_oci::registry::{LayerDescriptor, RegistryClient, RegistryConfig, RegistryError};
 use banger_oci::{BlobCache, Digest, PruneOptions};
@@ -32,6 +32,57 @@ use crate::ServiceError;
 /// Layers downloaded at once by one pull.
 const PARALLEL_LAYER_FETCHES: usize = 3;
 
+/// Without `image_max_unpacked_bytes`, an image may unpack to at most this fraction of the
+/// space free where it is built (numerator, denominator): a decompression bomb then fails
+/// the pull instead of filling the disk.
+pub const DEFAULT_UNPACKED_FREE_FRACTION: (u64, u64) = (1, 2);
+
+/// Without `memory_staging_max_bytes`, the tree staged in /dev/shm may use at most this
+/// fraction of the memory available when the build starts (and half of /dev/shm's space).
+pub const DEFAULT_MEMORY_STAGING_FRACTION: (u64, u64) = (1, 4);
+
+/// Default cap on one kept uncompressed layer copy (`uncompressed_copy_max_bytes`): bigger
+/// layers are decompressed again next time instead of doubling their footprint in the cache.
+pub const DEFAULT_UNCOMPRESSED_COPY_MAX_BYTES: u64 = 8 << 30;
+
+/// Bounds on what one image build may consume; each is a config key (see README).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageLimits {
+    /// `image_max_unpacked_bytes`: decompressed tar bytes over all layers of an image;
+    /// `None` means [`DEFAULT_UNPACKED_FREE_FRACTION`] of the free space.
+    pub max_unpacked_bytes: Option<u64>,
+    /// `image_max_entries`: tar entries over all layers of an image.
+    pub max_entries: u64,
+    /// `memory_staging_max_bytes`: the RAM budget of a tree staged in /dev/shm; an image
+    /// that outgrows it is rebuilt on disk. `None` means [`DEFAULT_MEMORY_STAGING_FRACTION`]
+    /// of the available memory.
+    pub memory_staging_max_bytes: Option<u64>,
+    /// `uncompressed_copy_max_bytes`: the biggest uncompressed layer copy the cache keeps.
+    pub uncompressed_copy_max_bytes: u64,
+}
+
+impl Default for ImageLimits {
+    fn default() -> Self {
+        ImageLimits {
+            max_unpacked_bytes: None,
+            max_entries: FlattenOptions::default().limits.max_entries,
+            memory_staging_max_bytes: None,
+            uncompressed_copy_max_bytes: DEFAULT_UNCOMPRESSED_COPY_MAX_BYTES,
+        }
+    }
+}
+
+/// How far decoding ahead may run past an image's unpacked-size limit (see [`decode_ahead`]).
+const DECODE_AHEAD_SLACK: u64 = 4 << 20;
+
+/// What one build may use, resolved from [`ImageLimits`] when it starts.
+#[derive(Debug, Clone, Copy)]
+struct BuildLimits {
+    unpacked: u64,
+    entries: u64,
+    copy: u64,
+}
+
 /// Pulls, builds and keeps images; owns the layer cache.
 #[derive(Debug)]
 pub struct ImageService {
@@ -39,6 +90,7 @@ pub struct ImageService {
     cache: Arc<BlobCache>,
     registry: RegistryClient,
     store: Arc<Store>,
+    limits: ImageLimits,
     /// Background removals of finished builds' scratch trees, joined at shutdown so a
     /// stopping daemon does not leave them (in /dev/shm: in memory) behind.
     cleanups: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
@@ -48,28 +100,23 @@ pub struct ImageService {
 struct LayerSource {
     digest: Digest,
     media_type: String,
-    path: Option<PathBuf>,
-    /// Digest of the uncompressed tar (the config's diff_id), for cached layers: the cache
-    /// keeps that too, so a rebuild skips decompression.
-    diff_id: Option<Digest>,
+    /// The layer file of an import (opened, verified, by [`archive`]); `None` for a
+    /// layer in the blob cache.
+    file: Option<Arc<std::fs::File>>,
+    /// Digest of the uncompressed tar, as the image config claims (its diff_id). Verified
+    /// against what the layer decompresses to as it is applied: never trusted to name a
+    /// cached copy.
+    diff_id: Digest,
 }
 
 impl LayerSource {
     /// A layer read from the blob cache.
-    fn cached(digest: &Digest, media_type: &str) -> Self {
+    fn cached(digest: &Digest, media_type: &str, diff_id: Digest) -> Self {
         LayerSource {
-            diff_id: None,
+            diff_id,
             digest: digest.clone(),
             media_type: media_type.to_owned(),
-            path: None,
-        }
-    }
-
-    /// A layer read from a file (imports).
-    fn file(digest: &Digest, media_type: &str, path: &Path) -> Self {
-        LayerSource {
-            path: Some(path.to_owned()),
-            ..Self::cached(digest, media_type)
+            file: None,
         }
     }
 }
@@ -92,8 +139,15 @@ impl ImageService {
             cache,
             registry: RegistryClient::new(registry),
             store,
+            limits: ImageLimits::default(),
             cleanups: std::sync::Mutex::new(Vec::new()),
         }
+    }
+
+    /// The same service with `limits` instead of the defaults.
+    pub fn with_limits(mut self, limits: ImageLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Waits for the background removals of finished builds' scratch trees; called when
@@ -187,15 +241,18 @@ impl ImageService {
             .resolve(&reference)
             .await
             .map_err(registry_error)?;
+        let diff_ids = diff_ids(&image.raw_config, image.layers.len())?;
         // Held until the image is published: no prune may delete a layer we still read.
-        let diff_ids = diff_ids(&image.raw_config, image.layers.len());
-        let _lease = self.cache.lease(
-            image
-                .layers
-                .iter()
-                .map(|l| l.digest.clone())
-                .chain(diff_ids.iter().flatten().cloned()),
-        );
+        let mut lease = self
+            .cache
+            .lease(image.layers.iter().map(|l| l.digest.clone()));
+        // Collected first: `extend` holds the lock `uncompressed_of` takes.
+        let copies: Vec<Digest> = image
+            .layers
+            .iter()
+            .filter_map(|l| self.cache.uncompressed_of(&l.digest))
+            .collect();
+        lease.extend(copies);
         // Built into a Vec first: a lazy `map` inside the stream makes the future's `Send`
         // depend on higher-ranked lifetimes rustc cannot prove, and dispatch must spawn it.
         let fetches: Vec<_> = image
@@ -213,10 +270,7 @@ impl ImageService {
             .layers
             .iter()
             .zip(diff_ids)
-            .map(|(l, diff_id)| LayerSource {
-                diff_id,
-                ..LayerSource::cached(&l.digest, &l.media_type)
-            })
+            .map(|(l, diff_id)| LayerSource::cached(&l.digest, &l.media_type, diff_id))
             .collect();
         let built = self
             .build(ctx, layers, &image.raw_config, params.size_bytes)
@@ -279,10 +333,21 @@ impl ImageService {
                 return Err(ServiceError::bad_request(format!("{e:#}")));
             }
         };
+        let diff_ids = match diff_ids(&image.raw_config, image.layers.len()) {
+            Ok(ids) => ids,
+            Err(e) => {
+                let _ = remove_any(&unpack_dir);
+                return Err(e);
+            }
+        };
         let layers = image
             .layers
             .iter()
-            .map(|l| LayerSource::file(&l.digest, &l.media_type, &l.path))
+            .zip(diff_ids)
+            .map(|(l, diff_id)| LayerSource {
+                file: Some(Arc::clone(&l.file)),
+                ..LayerSource::cached(&l.digest, &l.media_type, diff_id)
+            })
             .collect();
         let built = self
             .build(ctx, layers, &image.raw_config, params.size_bytes)
@@ -345,39 +410,43 @@ impl ImageService {
         let staging = self.layout.staging_dir().join(&id);
         let compressed: u64 = layers
             .iter()
-            .map(|l| {
-                let path = l
-                    .path
-                    .clone()
-                    .unwrap_or_else(|| self.cache.blob_path(&l.digest));
-                std::fs::metadata(path).map_or(0, |m| m.len())
+            .map(|l| match &l.file {
+                Some(file) => file.metadata().map_or(0, |m| m.len()),
+                None => std::fs::metadata(self.cache.blob_path(&l.digest)).map_or(0, |m| m.len()),
             })
             .sum();
-        // Layers unpack to a few times their compressed size.
+        let limits = self.build_limits()?;
+        // Layers unpack to a few times their compressed size; past the RAM budget the
+        // build starts over on disk (see `build_rootfs`), so a bomb never fills memory.
         // `scratch` is what to delete afterwards besides the staging dir: the private
         // directory in memory, when the tree went there. The tree itself is created by the
         // flattener (its root's mode comes from the image, not from our mkdir).
-        let scratch = memory_staging(&self.memory_staging_prefix(), compressed.saturating_mul(4));
-        let tree = scratch
-            .as_ref()
-            .map_or_else(|| staging.join("tree"), |dir| dir.join("tree"));
+        let memory_budget = memory_staging_budget(self.limits.memory_staging_max_bytes);
+        let scratch = memory_staging(
+            &self.memory_staging_prefix(),
+            compressed.saturating_mul(4),
+            memory_budget,
+        );
         let cache = Arc::clone(&self.cache);
         let raw_config = raw_config.to_vec();
         let ctx = ctx.clone();
-        let (job_staging, job_tree) = (staging.clone(), tree.clone());
+        let job_staging = staging.clone();
+        let job_scratch = scratch.clone();
         let result = crate::span::spawn_blocking(move || {
             build_rootfs(
                 &ctx,
                 &cache,
                 &job_staging,
-                &job_tree,
+                job_scratch,
                 layers,
                 &raw_config,
                 size_bytes,
+                limits,
             )
         })
         .await
         .map_err(|e| anyhow::anyhow!("image build task panicked: {e}"));
+        let scratch = scratch.map(|(dir, _)| dir);
         match result {
             Ok(Ok(size_bytes)) => Ok(BuiltImage {
                 id,
@@ -394,6 +463,26 @@ impl ImageService {
                 Err(error.into())
             }
         }
+    }
+
+    /// This build's limits: the configured ones, or the defaults measured now.
+    fn build_limits(&self) -> anyhow::Result<BuildLimits> {
+        let unpacked = match self.limits.max_unpacked_bytes {
+            Some(bytes) => bytes,
+            None => {
+                let dir = self.layout.state_dir.as_path();
+                let stats = rustix::fs::statvfs(dir)
+                    .with_context(|| format!("measure free space of {}", dir.display()))?;
+                let free = stats.f_bavail.saturating_mul(stats.f_frsize);
+                let (num, den) = DEFAULT_UNPACKED_FREE_FRACTION;
+                (free / den).saturating_mul(num)
+            }
+        };
+        Ok(BuildLimits {
+            unpacked,
+            entries: self.limits.max_entries,
+            copy: self.limits.uncompressed_copy_max_bytes,
+        })
     }
 
     /// Renames the finished image directory into place, then records it. A name taken in
@@ -605,75 +694,47 @@ impl ImageService {
 }
 
 /// The blocking half of a build: replay layers, make the ext4, write the config. Returns
-/// the root filesystem's size.
+/// the root filesystem's size. With `scratch` (a directory in /dev/shm and its RAM budget)
+/// the tree is staged there first; an image that outgrows the budget is flattened again on
+/// disk, so memory use stays within the budget whatever the layers claim.
+#[allow(clippy::too_many_arguments)]
 fn build_rootfs(
     ctx: &CallContext,
     cache: &Arc<BlobCache>,
     staging: &Path,
-    tree_dir: &Path,
+    scratch: Option<(PathBuf, u64)>,
     layers: Vec<LayerSource>,
     raw_config: &[u8],
     size_bytes: Option<u64>,
+    limits: BuildLimits,
 ) -> anyhow::Result<u64> {
     let image_dir = staging.join("image");
     std::fs::create_dir_all(&image_dir)
         .with_context(|| format!("create {}", image_dir.display()))?;
-    let mut flattener = Flattener::new(tree_dir, FlattenOptions::default())?;
-    let count = layers.len();
-    let mut ahead = decode_ahead(cache, &layers);
-    for (index, layer) in layers.into_iter().enumerate() {
-        ctx.progress(Progress {
-            task: "flatten".into(),
-            message: format!("layer {}/{count} {}", index + 1, layer.digest),
-            current: index as u64,
-            total: Some(count as u64),
-            done: false,
-        });
-        if let Some(path) = &layer.path {
-            let file = std::fs::File::open(path)
-                .with_context(|| format!("open layer {}", path.display()))?;
-            flattener.apply_layer_pipelined(file, &layer.media_type, &layer.digest)?;
-            continue;
+    let on_disk = staging.join("tree");
+    let mut tree = match scratch {
+        Some((dir, budget)) if budget < limits.unpacked => {
+            let in_memory = BuildLimits {
+                unpacked: budget,
+                ..limits
+            };
+            match flatten(ctx, cache, &dir.join("tree"), &layers, in_memory) {
+                Ok(tree) => tree,
+                Err(e) if is_size_limit(&e) => {
+                    tracing::info!(
+                        budget,
+                        "image outgrew the memory staging budget (memory_staging_max_bytes); flattening it again on disk"
+                    );
+                    remove_any(&dir.join("tree"))
+                        .with_context(|| format!("remove {}", dir.display()))?;
+                    flatten(ctx, cache, &on_disk, &layers, limits)?
+                }
+                Err(e) => return Err(e),
+            }
         }
-        // Being decoded ahead: follow the copy as it grows.
-        if let Some(plain) = ahead
-            .get_mut(index)
-            .and_then(Option::take)
-            .and_then(|copy| copy.reader())
-        {
-            flattener.apply_layer_pipelined(plain, PLAIN_LAYER, &layer.digest)?;
-            continue;
-        }
-        // The uncompressed copy, when an earlier build left one, spares the decompression.
-        if let Some(plain) = layer.diff_id.as_ref().and_then(|d| cache.open(d).ok()) {
-            flattener.apply_layer_pipelined(plain, PLAIN_LAYER, &layer.digest)?;
-            continue;
-        }
-        let file = cache
-            .open(&layer.digest)
-            .with_context(|| format!("open cached layer {}", layer.digest))?;
-        let copy = layer
-            .diff_id
-            .as_ref()
-            .and_then(|d| cache.writer(d, None).ok());
-        match copy {
-            Some(copy) => flattener.apply_layer_caching_uncompressed(
-                file,
-                &layer.media_type,
-                &layer.digest,
-                copy,
-            )?,
-            None => flattener.apply_layer_pipelined(file, &layer.media_type, &layer.digest)?,
-        };
-    }
-    ctx.progress(Progress {
-        task: "flatten".into(),
-        message: "layers applied".into(),
-        current: count as u64,
-        total: Some(count as u64),
-        done: true,
-    });
-    let mut tree = flattener.finish()?;
+        Some((dir, _)) => flatten(ctx, cache, &dir.join("tree"), &layers, limits)?,
+        None => flatten(ctx, cache, &on_disk, &layers, limits)?,
+    };
     ctx.progress(Progress {
         task: "build".into(),
         message: "building rootfs.ext4".into(),
@@ -705,6 +766,154 @@ fn build_rootfs(
     Ok(report.size_bytes)
 }
 
+/// Whether `error` is the flattener refusing an image past its unpacked-size limit.
+fn is_size_limit(error: &anyhow::Error) -> bool {
+    error.chain().any(|e| {
+        matches!(
+            e.downcast_ref::<FlattenError>(),
+            Some(FlattenError::Layer {
+                problem: LayerProblem::SizeLimit { .. },
+                ..
+            })
+        )
+    })
+}
+
+/// Replays `layers` into a fresh tree at `tree_dir`, verifying each one's diff_id.
+fn flatten(
+    ctx: &CallContext,
+    cache: &Arc<BlobCache>,
+    tree_dir: &Path,
+    layers: &[LayerSource],
+    limits: BuildLimits,
+) -> anyhow::Result<banger_oci::flatten::FlattenedTree> {
+    let options = FlattenOptions {
+        limits: FlattenLimits {
+            max_uncompressed_bytes: limits.unpacked,
+            max_entries: limits.entries,
+        },
+        ..FlattenOptions::default()
+    };
+    let mut flattener = Flattener::new(tree_dir, options)?;
+    let count = layers.len();
+    // Dropped (which stops its thread) whenever this returns, failed or not.
+    let mut ahead = decode_ahead(cache, layers, limits);
+    for (index, layer) in layers.iter().enumerate() {
+        ctx.progress(Progress {
+            task: "flatten".into(),
+            message: format!("layer {}/{count} {}", index + 1, layer.digest),
+            current: index as u64,
+            total: Some(count as u64),
+            done: false,
+        });
+        apply_layer(&mut flattener, cache, ahead.take(index), layer, limits).map_err(|e| {
+            if is_size_limit(&e) {
+                e.context(format!(
+                    "image refused at the unpacked-size limit of {} bytes (image_max_unpacked_bytes)",
+                    limits.unpacked
+                ))
+            } else {
+                e
+            }
+        })?;
+    }
+    ctx.progress(Progress {
+        task: "flatten".into(),
+        message: "layers applied".into(),
+        current: count as u64,
+        total: Some(count as u64),
+        done: true,
+    });
+    Ok(flattener.finish()?)
+}
+
+/// Applies one layer, from the quickest source at hand, and fails unless its uncompressed
+/// stream hashes to its diff_id.
+fn apply_layer(
+    flattener: &mut Flattener,
+    cache: &Arc<BlobCache>,
+    ahead: Option<Arc<decode_ahead::GrowingCopy>>,
+    layer: &LayerSource,
+    limits: BuildLimits,
+) -> anyhow::Result<()> {
+    let seen = Arc::new(std::sync::OnceLock::new());
+    if let Some(file) = &layer.file {
+        let tee = cache.hashing_writer(&layer.diff_id, Arc::clone(&seen));
+        let reader = FileFromStart {
+            file: Arc::clone(file),
+            offset: 0,
+        };
+        flattener.apply_layer_caching_uncompressed(
+            reader,
+            &layer.media_type,
+            &layer.digest,
+            tee,
+        )?;
+        return check_diff_id(layer, &seen);
+    }
+    // Being decoded ahead: follow the copy as it grows. Its reader ends only after the
+    // whole copy hashed to the diff_id, and fails otherwise.
+    if let Some(plain) = ahead.and_then(|copy| copy.reader()) {
+        flattener.apply_layer_pipelined(plain, PLAIN_LAYER, &layer.digest)?;
+        return Ok(());
+    }
+    // The uncompressed copy an earlier build made of this very blob spares the
+    // decompression; banger hashed it then, so its digest is the layer's real diff_id.
+    if let Some(known) = cache.uncompressed_of(&layer.digest) {
+        if known != layer.diff_id {
+            return Err(
+                decode_ahead::diff_id_mismatch(&layer.digest, &layer.diff_id, &known).into(),
+            );
+        }
+        if let Ok(plain) = cache.open(&known) {
+            flattener.apply_layer_pipelined(plain, PLAIN_LAYER, &layer.digest)?;
+            return Ok(());
+        }
+    }
+    let file = cache
+        .open(&layer.digest)
+        .with_context(|| format!("open cached layer {}", layer.digest))?;
+    let copy = cache.uncompressed_writer(
+        &layer.digest,
+        Some(&layer.diff_id),
+        limits.copy,
+        Arc::clone(&seen),
+    );
+    flattener.apply_layer_caching_uncompressed(file, &layer.media_type, &layer.digest, copy)?;
+    check_diff_id(layer, &seen)
+}
+
+/// After a layer was applied through a hashing writer: the hash it saw must be the diff_id.
+fn check_diff_id(layer: &LayerSource, seen: &std::sync::OnceLock<Digest>) -> anyhow::Result<()> {
+    match seen.get() {
+        Some(actual) if *actual == layer.diff_id => Ok(()),
+        Some(actual) => {
+            Err(decode_ahead::diff_id_mismatch(&layer.digest, &layer.diff_id, actual).into())
+        }
+        None => anyhow::bail!(
+            "layer {}: its uncompressed stream could not be verified against diff_id {}",
+            layer.digest,
+            layer.diff_id
+        ),
+    }
+}
+
+/// Reads a shared file from its start with positioned reads, so a build that starts over
+/// (see [`build_rootfs`]) reads an import's layer again from the same descriptor.
+struct FileFromStart {
+    file: Arc<std::fs::File>,
+    offset: u64,
+}
+
+impl std::io::Read for FileFromStart {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let n = self.file.read_at(buf, self.offset)?;
+        self.offset += n as u64;
+        Ok(n)
+    }
+}
+
 const PLAIN_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
 
 /// Where flattened trees go when memory allows: thousands of file creations on tmpfs cost a
@@ -713,14 +922,35 @@ const PLAIN_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
 const MEMORY_STAGING_PARENT: &str = "/dev/shm";
 const MEMORY_STAGING_PREFIX: &str = "banger-staging-";
 
+/// The RAM budget of a tree staged in /dev/shm: `configured`, or
+/// [`DEFAULT_MEMORY_STAGING_FRACTION`] of the memory available now.
+fn memory_staging_budget(configured: Option<u64>) -> u64 {
+    configured.unwrap_or_else(|| {
+        let available = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|info| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix("MemAvailable:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .map_or(0, |kib| kib.saturating_mul(1024));
+        let (num, den) = DEFAULT_MEMORY_STAGING_FRACTION;
+        (available / den).saturating_mul(num)
+    })
+}
+
 /// A fresh private directory under /dev/shm, when it has at least twice `estimate` bytes
-/// free. The name is random and created exclusively (mode 0700): /dev/shm is shared with
-/// every user, so a predictable name could be planted in advance.
-fn memory_staging(prefix: &str, estimate: u64) -> Option<PathBuf> {
+/// free and `estimate` fits the RAM `budget`. The name is random and created exclusively
+/// (mode 0700): /dev/shm is shared with every user, so a predictable name could be planted
+/// in advance.
+/// Returns the directory and the budget it gets: `budget`, but at most half of the free
+/// space there.
+fn memory_staging(prefix: &str, estimate: u64, budget: u64) -> Option<(PathBuf, u64)> {
     let parent = Path::new(MEMORY_STAGING_PARENT);
     let stats = rustix::fs::statvfs(parent).ok()?;
     let free = stats.f_bavail.saturating_mul(stats.f_frsize);
-    if free < estimate.saturating_mul(2) {
+    let budget = budget.min(free / 2);
+    if estimate > budget {
         return None;
     }
     let dir = parent.join(format!(
@@ -729,7 +959,7 @@ fn memory_staging(prefix: &str, estimate: u64) -> Option<PathBuf> {
     ));
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new().mode(0o700).create(&dir).ok()?;
-    Some(dir)
+    Some((dir, budget))
 }
 
 /// Start-up: trees a crashed daemon left in /dev/shm (only our own uid's).
@@ -751,51 +981,63 @@ fn remove_memory_staging_leftovers(prefix: &str) -> usize {
 }
 
 /// Decodes every cached layer but the first ahead of the flattener (see [`decode_ahead`]),
-/// when its uncompressed copy is not cached yet. Per layer, the copy in the making.
+/// when no uncompressed copy of it is cached yet.
 fn decode_ahead(
     cache: &Arc<BlobCache>,
     layers: &[LayerSource],
-) -> Vec<Option<Arc<decode_ahead::GrowingCopy>>> {
-    let mut wanted = Vec::new();
-    let mut jobs = Vec::new();
-    for (index, layer) in layers.iter().enumerate() {
-        let diff_id = layer.diff_id.as_ref().filter(|d| !cache.contains(d));
-        match diff_id {
-            Some(diff_id) if index > 0 && layer.path.is_none() => {
-                wanted.push(true);
-                jobs.push(decode_ahead::Job {
-                    digest: layer.digest.clone(),
-                    media_type: layer.media_type.clone(),
-                    diff_id: diff_id.clone(),
-                });
-            }
-            _ => wanted.push(false),
-        }
-    }
-    let mut copies = decode_ahead::start(cache, jobs).into_iter();
-    wanted
-        .into_iter()
-        .map(|w| if w { copies.next() } else { None })
-        .collect()
+    limits: BuildLimits,
+) -> decode_ahead::DecodeAhead {
+    let wanted = layers
+        .iter()
+        .enumerate()
+        .map(|(index, layer)| {
+            let fresh = index > 0
+                && layer.file.is_none()
+                && cache
+                    .uncompressed_of(&layer.digest)
+                    .is_none_or(|copy| !cache.contains(&copy));
+            fresh.then(|| decode_ahead::Job {
+                digest: layer.digest.clone(),
+                media_type: layer.media_type.clone(),
+                diff_id: layer.diff_id.clone(),
+            })
+        })
+        .collect();
+    decode_ahead::start(
+        cache,
+        wanted,
+        decode_ahead::Caps {
+            // Past the image's limit, so that the flattener (whose error names the limit)
+            // always trips first.
+            decoded: limits.unpacked.saturating_add(DECODE_AHEAD_SLACK),
+            kept: limits.copy,
+        },
+    )
 }
 
-/// The config's `rootfs.diff_ids`, one per layer, or none when they do not line up.
-fn diff_ids(raw_config: &[u8], layers: usize) -> Vec<Option<Digest>> {
-    let parsed: Option<Vec<Option<Digest>>> =
-        serde_json::from_slice::<serde_json::Value>(raw_config)
-            .ok()
-            .and_then(|config| {
-                let ids = config["rootfs"]["diff_ids"].as_array()?.clone();
-                Some(
-                    ids.iter()
-                        .map(|id| id.as_str().and_then(|s| s.parse().ok()))
-                        .collect(),
-                )
-            });
-    match parsed {
-        Some(ids) if ids.len() == layers => ids,
-        _ => vec![None; layers],
+/// The config's `rootfs.diff_ids`, one per layer. Every layer is verified against its
+/// diff_id as it is applied, so a config without them (or with a different count) is
+/// refused rather than trusted.
+fn diff_ids(raw_config: &[u8], layers: usize) -> Result<Vec<Digest>, ServiceError> {
+    let config: serde_json::Value = serde_json::from_slice(raw_config)
+        .map_err(|e| ServiceError::bad_request(format!("image config is not JSON: {e}")))?;
+    let ids = config["rootfs"]["diff_ids"].as_array().ok_or_else(|| {
+        ServiceError::bad_request("image config has no rootfs.diff_ids to verify its layers by")
+    })?;
+    if ids.len() != layers {
+        return Err(ServiceError::bad_request(format!(
+            "image config lists {} rootfs.diff_ids for {layers} layers",
+            ids.len()
+        )));
     }
+    ids.iter()
+        .enumerate()
+        .map(|(index, id)| {
+            id.as_str().unwrap_or_default().parse().map_err(|e| {
+                ServiceError::bad_request(format!("image config rootfs.diff_ids[{index}]: {e}"))
+            })
+        })
+        .collect()
 }
 
 fn sync_dir(dir: &Path) -> anyhow::Result<()> {

@@ -31,7 +31,12 @@ const INITRD_CUSTOM: &str = "custom";
 pub struct KernelService {
     layout: Layout,
     store: Arc<Store>,
+    max_payload: u64,
 }
+
+/// Default `kernel_max_payload_bytes`: a distribution kernel package is ~100 MiB, its
+/// bzImage ~10 MiB; anything far bigger is not a kernel, and is read into memory.
+pub const DEFAULT_MAX_KERNEL_PAYLOAD_BYTES: u64 = 512 << 20;
 
 /// What booting a kernel needs.
 #[derive(Debug, Clone)]
@@ -74,7 +79,30 @@ fn input_path<'a>(
 impl KernelService {
     /// The service for `layout`.
     pub fn new(layout: Layout, store: Arc<Store>) -> Self {
-        KernelService { layout, store }
+        KernelService {
+            layout,
+            store,
+            max_payload: DEFAULT_MAX_KERNEL_PAYLOAD_BYTES,
+        }
+    }
+
+    /// The same service refusing input files (`.deb`, kernel, initrd) past `bytes`.
+    pub fn with_max_payload(mut self, bytes: u64) -> Self {
+        self.max_payload = bytes;
+        self
+    }
+
+    /// Refuses an input file bigger than the payload limit, naming it and the limit.
+    fn check_payload(&self, param: &str, path: &Path) -> Result<(), ServiceError> {
+        let size = std::fs::metadata(path).map_or(0, |m| m.len());
+        if size > self.max_payload {
+            return Err(ServiceError::bad_request(format!(
+                "{param} {} is {size} bytes, more than the limit of {} (kernel_max_payload_bytes)",
+                path.display(),
+                self.max_payload
+            )));
+        }
+        Ok(())
     }
 
     fn dir(&self, name: &str) -> PathBuf {
@@ -150,6 +178,13 @@ impl KernelService {
             Some(i) => Some(input_path("initrd", i, "initramfs", false)?),
             None => None,
         };
+        match &source {
+            Source::Deb(deb) => self.check_payload("deb", deb)?,
+            Source::Files(files) => self.check_payload("kernel", &files.kernel)?,
+        }
+        if let Some(initrd) = custom_initrd {
+            self.check_payload("initrd", initrd)?;
+        }
         if self.find(&params.name)?.is_some() {
             return Err(ServiceError::already_exists(format!(
                 "a kernel named {:?} already exists",

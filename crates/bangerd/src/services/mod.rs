@@ -6,6 +6,7 @@ pub mod doctor;
 pub mod image;
 pub mod kernel;
 pub mod network;
+pub mod process;
 pub mod vm;
 pub mod workspace;
 

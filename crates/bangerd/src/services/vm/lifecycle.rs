@@ -9,7 +9,7 @@ use banger_api::{
     VmInfo, VmListParams, VmPruneParams, VmPruneResult, VmSetParams, VmState, VmStatsResult,
 };
 
-use super::{grow_disk, pid_alive, VmService, ROOT_DISK};
+use super::{grow_disk, VmService, ROOT_DISK};
 use crate::ServiceError;
 
 /// Smallest memory a VM may be given (the agent and a shell need a little).
@@ -39,7 +39,7 @@ impl VmService {
         let mut removed = Vec::new();
         let mut bytes_freed = 0;
         for vm in self.list()? {
-            let running = vm.state.is_running() && vm.pid.is_some_and(pid_alive);
+            let running = vm.state.is_running() && self.vmm(&vm).is_some();
             if running && !params.all {
                 continue;
             }
@@ -61,7 +61,7 @@ impl VmService {
     /// Changes the CPUs, memory or disk size of a stopped VM; the next boot uses them.
     pub fn set(&self, params: &VmSetParams) -> Result<VmInfo, ServiceError> {
         let vm = self.show(&params.name)?;
-        if vm.state.is_running() && vm.pid.is_some_and(pid_alive) {
+        if vm.state.is_running() && self.vmm(&vm).is_some() {
             return Err(ServiceError::bad_request(format!(
                 "VM {:?} is running: stop it first (banger vm stop {})",
                 vm.name, vm.name
@@ -98,10 +98,13 @@ impl VmService {
     /// What the VM uses, seen from the host.
     pub fn stats(&self, name: &str) -> Result<VmStatsResult, ServiceError> {
         let vm = self.show(name)?;
+        // Only the VM's own VMM is measured: a recorded pid reused by another process is not.
         let vmm = vm
-            .pid
-            .filter(|pid| vm.state.is_running() && pid_alive(*pid))
-            .and_then(process_usage);
+            .state
+            .is_running()
+            .then(|| self.vmm(&vm))
+            .flatten()
+            .and_then(|vmm| process_usage(vmm.pid));
         Ok(VmStatsResult {
             name: vm.name,
             state: if vmm.is_some() {

@@ -10,6 +10,7 @@ mod lifecycle;
 
 pub use lifecycle::{MAX_VCPUS, MIN_MEMORY_MIB};
 
+use crate::services::process::ProcessIdentity;
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::net::Ipv4Addr;
@@ -266,7 +267,7 @@ impl VmService {
     /// installation's running VMs (a user and a system daemon on one host).
     pub fn recover(&self) -> anyhow::Result<()> {
         for vm in self.list()? {
-            let running = vm.state.is_running() && vm.pid.is_some_and(pid_alive);
+            let running = vm.state.is_running() && self.vmm(&vm).is_some();
             if vm.state.is_running() && !running {
                 self.set_state(&vm.id, VmState::Stopped, None)?;
                 tracing::info!(vm = %vm.name, "VM found dead at start-up; marked stopped");
@@ -334,11 +335,45 @@ impl VmService {
         .ok_or_else(|| ServiceError::not_found(format!("no VM named {name:?}")))
     }
 
+    /// The VM's own VMM, if it still runs: the recorded pid only counts while the process
+    /// behind it has the recorded identity (a pid reused by anything else is not the VMM).
+    /// Records from before identities were kept count when the process's command line
+    /// names the VM's directory, which only its VMM's does.
+    fn vmm(&self, vm: &VmInfo) -> Option<ProcessIdentity> {
+        let pid = vm.pid?;
+        let recorded: Option<String> = self
+            .store
+            .conn()
+            .query_row(
+                "SELECT pid_identity FROM vms WHERE id = ?1",
+                [&vm.id],
+                |r| r.get(0),
+            )
+            .optional()
+            .ok()
+            .flatten()
+            .flatten();
+        match recorded {
+            Some(start) => Some(ProcessIdentity::recorded(pid, &start)).filter(|p| p.is_alive()),
+            None => {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+                let names_dir = cmdline
+                    .split(|b| *b == 0)
+                    .any(|arg| String::from_utf8_lossy(arg).contains(vm.dir.as_str()));
+                if names_dir {
+                    ProcessIdentity::of(pid)
+                } else {
+                    None
+                }
+            }
+        }
+    }
+
     fn set_state(&self, id: &str, state: VmState, pid: Option<u32>) -> anyhow::Result<()> {
         self.store
             .conn()
             .execute(
-                "UPDATE vms SET state = ?1, pid = ?2 WHERE id = ?3",
+                "UPDATE vms SET state = ?1, pid = ?2, pid_identity = NULL WHERE id = ?3",
                 rusqlite::params![state.as_str(), pid, id],
             )
             .context("record VM state")?;
@@ -648,7 +683,7 @@ impl VmService {
     /// Boots a stopped VM and waits until its agent answers.
     pub fn start(&self, name: &str) -> Result<VmInfo, ServiceError> {
         let vm = self.show(name)?;
-        if vm.state.is_running() && vm.pid.is_some_and(pid_alive) {
+        if vm.state.is_running() && self.vmm(&vm).is_some() {
             return Ok(vm);
         }
         let boot = self.kernels.boot_files(&vm.kernel)?;
@@ -732,17 +767,21 @@ impl VmService {
             (BackendKind::Qemu, Accel::Kvm) => VmBackend::QemuKvm,
             (BackendKind::Qemu, Accel::Tcg) => VmBackend::QemuTcg,
         };
+        // Taken at once, while the pid is surely the VMM's.
+        let identity = ProcessIdentity::of(pid);
         self.store
             .conn()
             .execute(
-                "UPDATE vms SET state = 'running', pid = ?1, backend = ?2 WHERE id = ?3",
-                rusqlite::params![pid, backend.as_str(), vm.id],
+                "UPDATE vms SET state = 'running', pid = ?1, backend = ?2, pid_identity = ?3 WHERE id = ?4",
+                rusqlite::params![pid, backend.as_str(), identity.as_ref().map(|i| i.start.clone()), vm.id],
             )
             .context("record VM state")?;
         match self.wait_for_agent(kind, &dir, pid) {
             Ok(client) => self.agents.put(&vm.id, client),
             Err(e) => {
-                kill(pid);
+                if let Some(vmm) = &identity {
+                    vmm.kill();
+                }
                 self.release_tap(&vm);
                 self.set_state(&vm.id, VmState::Stopped, None)?;
                 return Err(e.context(format!("boot VM {name:?}")).into());
@@ -788,7 +827,7 @@ impl VmService {
 
     /// The shared connection to the agent of `vm` (see [`AgentPool`]).
     fn agent(&self, vm: &VmInfo) -> Result<Arc<AgentClient>, ServiceError> {
-        if !vm.state.is_running() || !vm.pid.is_some_and(pid_alive) {
+        if !vm.state.is_running() || self.vmm(vm).is_none() {
             return Err(ServiceError::bad_request(format!(
                 "VM {:?} is not running (banger vm start {})",
                 vm.name, vm.name
@@ -804,7 +843,7 @@ impl VmService {
     /// Shuts a VM down; its disk keeps what the guest wrote.
     pub fn stop(&self, name: &str) -> Result<VmInfo, ServiceError> {
         let vm = self.show(name)?;
-        if let Some(pid) = vm.pid.filter(|pid| pid_alive(*pid)) {
+        if let Some(vmm) = self.vmm(&vm) {
             // An unknown backend (a record from a newer banger) still gets killed below.
             // The shared connection if there is one: a second one would wait behind it.
             let client = match self.agents.forget(&vm.id) {
@@ -818,12 +857,16 @@ impl VmService {
                 }
             }
             let deadline = Instant::now() + STOP_TIMEOUT;
-            while pid_alive(pid) && Instant::now() < deadline {
+            while vmm.is_alive() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
             }
-            if pid_alive(pid) {
-                tracing::warn!(vm = name, pid, "VM did not stop in time; killing it");
-                kill(pid);
+            if vmm.is_alive() {
+                tracing::warn!(
+                    vm = name,
+                    pid = vmm.pid,
+                    "VM did not stop in time; killing it"
+                );
+                vmm.kill();
             }
         }
         self.release_tap(&vm);
@@ -836,10 +879,10 @@ impl VmService {
     pub fn kill(&self, name: &str) -> Result<VmInfo, ServiceError> {
         let vm = self.show(name)?;
         self.agents.forget(&vm.id);
-        if let Some(pid) = vm.pid.filter(|pid| pid_alive(*pid)) {
-            kill(pid);
+        if let Some(vmm) = self.vmm(&vm) {
+            vmm.kill();
             let deadline = Instant::now() + Duration::from_secs(5);
-            while pid_alive(pid) && Instant::now() < deadline {
+            while vmm.is_alive() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
@@ -1167,12 +1210,6 @@ fn forward_input(
         let _ = control.signal(rustix::process::Signal::Hup as i32);
     } else {
         let _ = control.close_stdin();
-    }
-}
-
-fn kill(pid: u32) {
-    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::Kill);
     }
 }
 

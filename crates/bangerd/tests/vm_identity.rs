@@ -1,0 +1,134 @@
+//! A VM record whose VMM died with the daemon (`kill -9` of both) while its pid went to an
+//! unrelated process: the restarted daemon must see the VM stopped and never signal that
+//! process. Simulated without booting anything: the record names the pid of a process the
+//! test spawned, with the identity (start time) of a VMM that no longer exists.
+
+use std::process::{Child, Command};
+use std::sync::Arc;
+
+use bangerd::config::Config;
+use bangerd::layout::{Layout, LayoutKind};
+use bangerd::services::process::ProcessIdentity;
+use bangerd::services::{ImageService, KernelService, VmService};
+use bangerd::store::Store;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    layout: Layout,
+    store: Arc<Store>,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let layout = Layout {
+        kind: LayoutKind::User,
+        config_dir: root.join("config"),
+        state_dir: root.join("state"),
+        cache_dir: root.join("cache"),
+        runtime_dir: root.join("state"),
+    };
+    std::fs::create_dir_all(&layout.state_dir).unwrap();
+    let store = Arc::new(Store::open(&layout.database()).unwrap());
+    Fixture {
+        _dir: dir,
+        layout,
+        store,
+    }
+}
+
+/// What a freshly started daemon builds over the same store.
+fn restarted_daemon(f: &Fixture) -> VmService {
+    let images = Arc::new(ImageService::new(
+        f.layout.clone(),
+        Arc::clone(&f.store),
+        Default::default(),
+    ));
+    let kernels = Arc::new(KernelService::new(f.layout.clone(), Arc::clone(&f.store)));
+    VmService::new(
+        f.layout.clone(),
+        Config::default(),
+        Arc::clone(&f.store),
+        images,
+        kernels,
+    )
+}
+
+fn record_running_vm(f: &Fixture, name: &str, pid: u32, identity: Option<&str>) {
+    let conn = f.store.conn();
+    conn.execute(
+        "INSERT OR IGNORE INTO kernels (name, version, created_at, initrd) VALUES ('k', '6.1', 'now', 'banger')",
+        [],
+    )
+    .unwrap();
+    conn.execute(
+        "INSERT INTO vms (id, name, image, kernel, vcpus, memory_mib, disk_bytes, state, pid, backend, created_at, network, pid_identity)
+         VALUES (?1, ?2, 'img', 'k', 1, 256, 1048576, 'running', ?3, 'qemu-tcg', 'now', 'user', ?4)",
+        rusqlite::params![format!("id-{name}"), name, pid, identity],
+    )
+    .unwrap();
+}
+
+struct Bystander(Child);
+
+impl Drop for Bystander {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn bystander() -> Bystander {
+    Bystander(Command::new("sleep").arg("600").spawn().unwrap())
+}
+
+fn alive(child: &mut Bystander) -> bool {
+    child.0.try_wait().unwrap().is_none()
+}
+
+/// The identity a dead VMM had, for the pid `pid` now holds: same boot, another start.
+fn stale_identity(pid: u32) -> String {
+    let now = ProcessIdentity::of(pid).unwrap();
+    let (boot, ticks) = now.start.rsplit_once(':').unwrap();
+    format!(
+        "{boot}:{}",
+        ticks.parse::<u64>().unwrap().saturating_sub(100)
+    )
+}
+
+/// Before: `vm list` showed the VM running and `vm kill` killed the bystander.
+#[test]
+fn a_reused_pid_is_never_signalled_and_the_vm_is_marked_stopped() {
+    let f = fixture();
+    let mut other = bystander();
+    let pid = other.0.id();
+    record_running_vm(&f, "reused", pid, Some(&stale_identity(pid)));
+    let vms = restarted_daemon(&f);
+    vms.recover().unwrap();
+    let vm = vms.show("reused").unwrap();
+    assert_eq!(vm.state, banger_api::VmState::Stopped, "{vm:?}");
+    assert_eq!(vm.pid, None);
+    vms.kill("reused").unwrap();
+    vms.stop("reused").unwrap();
+    assert!(alive(&mut other), "the unrelated process was signalled");
+}
+
+/// `vm kill` and `vm stop` before any restart repair, on a record whose pid was reused.
+#[test]
+fn kill_and_stop_leave_a_process_that_is_not_the_vmm_alone() {
+    let f = fixture();
+    let mut other = bystander();
+    let pid = other.0.id();
+    record_running_vm(&f, "a", pid, Some(&stale_identity(pid)));
+    // A record from before identities were kept: the command line decides.
+    record_running_vm(&f, "b", pid, None);
+    let vms = restarted_daemon(&f);
+    for name in ["a", "b"] {
+        let vm = vms.kill(name).unwrap();
+        assert_eq!(vm.state, banger_api::VmState::Stopped);
+        assert!(
+            alive(&mut other),
+            "{name}: the unrelated process was signalled"
+        );
+    }
+}
