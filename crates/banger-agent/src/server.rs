@@ -306,7 +306,15 @@ impl Conn {
                     self.out
                         .send(id, Message::Error(format!("session {id} is in use")));
                 } else if let Err(e) = self.start_exec(id, req) {
-                    self.out.send(id, Message::Error(e));
+                    match e.exit_code {
+                        // As a shell does: the reason on stderr, the conventional status.
+                        Some(code) => {
+                            let line = format!("banger-agent: {}\n", e.message);
+                            self.out.send(id, Message::Stderr(line.into_bytes()));
+                            self.out.send(id, Message::Exit(ExitStatus::Code(code)));
+                        }
+                        None => self.out.send(id, Message::Error(e.message)),
+                    }
                 }
             }
             Message::Stdin(data) => {
@@ -406,7 +414,7 @@ impl Conn {
         (true, Some(Credit::new()), Some(grant))
     }
 
-    fn start_exec(&self, id: SessionId, req: ExecRequest) -> Result<(), String> {
+    fn start_exec(&self, id: SessionId, req: ExecRequest) -> Result<(), StartError> {
         let Some(program) = req.argv.first() else {
             return Err("exec: empty argv".into());
         };
@@ -431,7 +439,7 @@ impl Conn {
         let guard = self.reaper.lock();
         let mut child = cmd
             .spawn()
-            .map_err(|e| spawn_error(program, req.cwd.as_deref(), e))?;
+            .map_err(|e| StartError::spawn(program, req.cwd.as_deref(), e))?;
         let exited = guard.register(child.id());
         let pid = child.id();
         let stdout = child.stdout.take().expect("piped");
@@ -486,7 +494,7 @@ impl Conn {
         id: SessionId,
         req: &ExecRequest,
         size: WinSize,
-    ) -> Result<(), String> {
+    ) -> Result<(), StartError> {
         let program = &req.argv[0];
         let (master, slave) = open_pty(size).map_err(|e| format!("allocate a pty: {e}"))?;
         let stdio = || {
@@ -518,7 +526,7 @@ impl Conn {
         let guard = self.reaper.lock();
         let child = cmd
             .spawn()
-            .map_err(|e| spawn_error(program, req.cwd.as_deref(), e))?;
+            .map_err(|e| StartError::spawn(program, req.cwd.as_deref(), e))?;
         let exited = guard.register(child.id());
         // Our copies of the slave must go: the master reads end-of-file (EIO) only once
         // every process holding the slave has closed it.
@@ -539,7 +547,7 @@ impl Conn {
                     rustix::process::Pid::from_raw(pid as i32).expect("a child's pid is positive"),
                     rustix::process::Signal::Kill,
                 );
-                return Err(e);
+                return Err(e.into());
             }
         };
         let (flow, credit, grant) = self.flow_parts(id);
@@ -902,15 +910,56 @@ fn with_context(e: io::Error, op: &str, path: &Path) -> io::Error {
     io::Error::new(e.kind(), format!("{op} {}: {e}", path.display()))
 }
 
-/// Why a command could not start, naming it and the directory it was to start in.
-fn spawn_error(program: &std::ffi::OsStr, cwd: Option<&std::path::Path>, e: io::Error) -> String {
-    match cwd {
-        Some(cwd) => format!(
-            "start {} in {}: {e}",
-            program.to_string_lossy(),
-            cwd.display()
-        ),
-        None => format!("start {}: {e}", program.to_string_lossy()),
+/// The status of a command that was not found (a shell's, and `docker run`'s).
+pub const EXIT_NOT_FOUND: i32 = 127;
+/// The status of a command that was found but could not be run.
+pub const EXIT_CANNOT_RUN: i32 = 126;
+
+/// Why an exec did not start: a failed request (`exit_code` None: the session ends with an
+/// `Error`), or a command that could not be run, which ends like a shell's would: its reason
+/// on stderr and [`EXIT_NOT_FOUND`] or [`EXIT_CANNOT_RUN`].
+#[derive(Debug)]
+struct StartError {
+    message: String,
+    exit_code: Option<i32>,
+}
+
+impl StartError {
+    /// A failed spawn, naming the program and the directory it was to start in.
+    fn spawn(program: &std::ffi::OsStr, cwd: Option<&std::path::Path>, e: io::Error) -> Self {
+        let message = match cwd {
+            Some(cwd) => format!(
+                "start {} in {}: {e}",
+                program.to_string_lossy(),
+                cwd.display()
+            ),
+            None => format!("start {}: {e}", program.to_string_lossy()),
+        };
+        // ENOENT also comes from a missing working directory: that is no missing command.
+        let cwd_missing = cwd.is_some_and(|d| !d.is_dir());
+        let exit_code = match e.kind() {
+            io::ErrorKind::NotFound if !cwd_missing => EXIT_NOT_FOUND,
+            _ => EXIT_CANNOT_RUN,
+        };
+        StartError {
+            message,
+            exit_code: Some(exit_code),
+        }
+    }
+}
+
+impl From<String> for StartError {
+    fn from(message: String) -> Self {
+        StartError {
+            message,
+            exit_code: None,
+        }
+    }
+}
+
+impl From<&str> for StartError {
+    fn from(message: &str) -> Self {
+        message.to_owned().into()
     }
 }
 

@@ -169,12 +169,26 @@ fn check_upload_then_read(client: &AgentClient, dest: &Path) {
 }
 
 fn check_errors_are_reported(client: &AgentClient, refused_dest: &Path) {
-    let err = client
+    // What cannot run ends as a shell's command would: the reason on stderr, 127 for a
+    // command not found, 126 for one that cannot be run (docker run's convention too).
+    let out = client
         .output(&ExecRequest::new(["/no/such/program"]))
-        .unwrap_err();
+        .unwrap();
+    assert_eq!(out.status, ExitStatus::Code(127));
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        matches!(&err, AgentError::Remote { message, .. } if message.contains("/no/such/program")),
-        "{err}"
+        stderr.starts_with("banger-agent: start /no/such/program: No such file or directory"),
+        "{stderr}"
+    );
+    let out = client.output(&ExecRequest::new(["/etc/passwd"])).unwrap();
+    assert_eq!(out.status, ExitStatus::Code(126), "{out:?}");
+    let out = client
+        .output(&ExecRequest::new(["true"]).cwd(refused_dest.join("no/such/dir")))
+        .unwrap();
+    assert_eq!(
+        out.status,
+        ExitStatus::Code(126),
+        "a missing directory is not a missing command"
     );
     // A tar entry climbing out of the destination is refused, naming the entry.
     let mut tar = tar::Builder::new(Vec::new());

@@ -1330,6 +1330,16 @@ fn resources_set_stats_filters_restart_and_prune() {
         stdout(&out)
     };
     assert_eq!(nproc("r1"), "1\n");
+    // Exit statuses a script can tell apart: the command's own, 127 not found, 126 cannot
+    // run (125, banger failed, is pinned in vm_exec_stop_start…).
+    let status = |argv: &[&str]| {
+        let mut args = vec!["vm", "exec", "r1", "--"];
+        args.extend(argv);
+        install.banger(&args).status.code()
+    };
+    assert_eq!(status(&["sh", "-c", "exit 3"]), Some(3));
+    assert_eq!(status(&["no-such-command"]), Some(127));
+    assert_eq!(status(&["/etc/passwd"]), Some(126));
 
     // A running VM keeps its resources.
     let (message, kind) = refusal(&install.banger(&["vm", "set", "r1", "--cpus", "2"]));
