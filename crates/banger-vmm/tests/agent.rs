@@ -180,7 +180,7 @@ fn check_errors_are_reported(client: &AgentClient, refused_dest: &Path) {
         stderr.starts_with("banger-agent: start /no/such/program: No such file or directory"),
         "{stderr}"
     );
-    let out = client.output(&ExecRequest::new(["/etc/passwd"])).unwrap();
+    let out = client.output(&ExecRequest::new(["/etc"])).unwrap();
     assert_eq!(out.status, ExitStatus::Code(126), "{out:?}");
     let out = client
         .output(&ExecRequest::new(["true"]).cwd(refused_dest.join("no/such/dir")))
