@@ -27,6 +27,10 @@ pub enum Accel {
 pub struct UserNet {
     /// `(host port on 127.0.0.1, guest port)` TCP forwards.
     pub host_forwards: Vec<(u16, u16)>,
+    /// slirp's `restrict=on`: the guest reaches neither the host nor the outside (only
+    /// the forwards). Plain slirp maps 10.0.2.2 to the host's loopback, so a sandboxed
+    /// VM gets slirp only restricted (or passt, [`NetSpec::Stream`]).
+    pub restrict: bool,
 }
 
 /// The guest's network device and what backs it on the host.
@@ -34,6 +38,12 @@ pub struct UserNet {
 pub enum NetSpec {
     /// QEMU's user-mode stack (QEMU only; Firecracker has none).
     User(UserNet),
+    /// A user-mode network stack in another process (passt) that QEMU joins through a
+    /// Unix stream socket (`-netdev stream`, QEMU 7.2+). QEMU only.
+    Stream {
+        /// The Unix socket the stack listens on.
+        socket: PathBuf,
+    },
     /// A TAP device that already exists on the host (created and attached to the bridge
     /// by the caller); the VMM only opens it.
     Tap {

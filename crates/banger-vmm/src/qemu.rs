@@ -136,6 +136,9 @@ impl Qemu {
             None => {}
             Some(NetSpec::User(user)) => {
                 let mut netdev = "user,id=n0".to_string();
+                if user.restrict {
+                    netdev.push_str(",restrict=on");
+                }
                 for (host, guest) in &user.host_forwards {
                     netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
                 }
@@ -146,6 +149,16 @@ impl Qemu {
                     "virtio-net-device,netdev=n0".into(),
                 ]);
             }
+            Some(NetSpec::Stream { socket }) => a.extend([
+                "-netdev".into(),
+                // The stack (passt) listens; QEMU connects once at start-up.
+                format!(
+                    "stream,id=n0,server=off,addr.type=unix,addr.path={}",
+                    qemu_escape(&socket.display().to_string())
+                ),
+                "-device".into(),
+                "virtio-net-device,netdev=n0".into(),
+            ]),
             Some(NetSpec::Tap { ifname, mac }) => a.extend([
                 "-netdev".into(),
                 // The tap exists already (the daemon made it and put it on the bridge):
@@ -453,6 +466,7 @@ mod tests {
             vcpus: 2,
             net: Some(NetSpec::User(UserNet {
                 host_forwards: vec![(2222, 22)],
+                restrict: false,
             })),
             accel,
             agent_socket: None,
@@ -520,6 +534,29 @@ mod tests {
             a.contains(&"virtio-net-device,netdev=n0,mac=02:b4:00:00:00:07".to_string()),
             "{a:?}"
         );
+    }
+
+    #[test]
+    fn stream_network_joins_the_passt_socket_and_restricted_slirp_says_so() {
+        let mut s = spec(Accel::Tcg, "console=ttyS0");
+        s.net = Some(NetSpec::Stream {
+            socket: "/run/vm,1/passt.sock".into(),
+        });
+        let a = Qemu::default().args(&s);
+        assert_eq!(
+            arg_after(&a, "-netdev"),
+            ["stream,id=n0,server=off,addr.type=unix,addr.path=/run/vm,,1/passt.sock"]
+        );
+        assert!(a.contains(&"virtio-net-device,netdev=n0".to_string()));
+        s.net = Some(NetSpec::User(UserNet {
+            host_forwards: vec![],
+            restrict: true,
+        }));
+        let a = Qemu::default().args(&s);
+        assert_eq!(arg_after(&a, "-netdev"), ["user,id=n0,restrict=on"]);
+        s.net = None;
+        let a = Qemu::default().args(&s);
+        assert!(arg_after(&a, "-netdev").is_empty(), "{a:?}");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
+use banger_api::{Egress, NetworkChoice};
 use banger_api::{
     ExecResult, KernelImport, KernelImportParams, KernelInfo, KernelList, KernelRm, KernelShow,
     NameParams, NoParams, VmCreate, VmCreateParams, VmExec, VmExecParams, VmInfo, VmKill, VmList,
@@ -81,10 +82,14 @@ pub enum VmCommand {
         /// Create without starting.
         #[arg(long)]
         no_start: bool,
-        /// Networking: user (QEMU user-mode), tap (bridge + NAT, root) or auto
-        /// (default: network in config.toml).
-        #[arg(long, value_parser = ["user", "tap", "auto"])]
-        network: Option<String>,
+        /// Networking: user (outbound only, through passt), tap (filtered bridge + NAT,
+        /// root), none (no network device) or auto (default: network in config.toml).
+        #[arg(long, value_parser = parse_network)]
+        network: Option<NetworkChoice>,
+        /// What the guest may reach beyond the host: allow, deny, or IPv4 CIDRs
+        /// separated by commas (tap only) (default: egress in config.toml).
+        #[arg(long, value_parser = Egress::parse_flag)]
+        egress: Option<Egress>,
     },
     /// Boot a stopped VM.
     Start {
@@ -163,9 +168,12 @@ pub enum VmCommand {
         /// Delete the VM afterwards.
         #[arg(long)]
         rm: bool,
-        /// Networking: user, tap or auto (default: network in config.toml).
-        #[arg(long, value_parser = ["user", "tap", "auto"])]
-        network: Option<String>,
+        /// Networking: user, tap, none or auto (default: network in config.toml).
+        #[arg(long, value_parser = parse_network)]
+        network: Option<NetworkChoice>,
+        /// As for `vm create`.
+        #[arg(long, value_parser = Egress::parse_flag)]
+        egress: Option<Egress>,
         #[command(flatten)]
         stdin: StdinArgs,
         /// The command; without one, an interactive login shell.
@@ -276,6 +284,9 @@ fn print_vm(info: &VmInfo, json: bool) -> anyhow::Result<()> {
         (Some(ip), Some(tap)) => println!("network:  {} {ip} (host {tap})", info.network),
         _ => println!("network:  {}", info.network),
     }
+    if info.network != banger_api::VmNetwork::None {
+        println!("egress:   {}", info.egress);
+    }
     println!("created:  {}", info.created_at);
     Ok(())
 }
@@ -300,6 +311,12 @@ fn exit_with(result: &ExecResult, json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }
 
+/// `--network`: one of the closed set of [`NetworkChoice`]s.
+fn parse_network(s: &str) -> Result<NetworkChoice, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned()))
+        .map_err(|_| format!("{s:?}: expected user, tap, none or auto"))
+}
+
 pub fn run_vm(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Result<ExitCode> {
     match command {
         VmCommand::Create {
@@ -311,6 +328,7 @@ pub fn run_vm(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Re
             disk_size,
             no_start,
             network,
+            egress,
         } => {
             let params = VmCreateParams {
                 name,
@@ -321,6 +339,7 @@ pub fn run_vm(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Re
                 disk_bytes: disk_size,
                 no_start,
                 network,
+                egress,
             };
             let info = call::<VmCreate>(client, &params)?;
             if json {
@@ -422,6 +441,7 @@ pub fn run_vm(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Re
             name,
             rm,
             network,
+            egress,
             stdin,
             command,
         } => {
@@ -447,6 +467,7 @@ pub fn run_vm(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Re
                 argv: command,
                 rm,
                 network,
+                egress,
                 stdin: mode == Mode::Pipe,
                 tty: tty_params(mode)?,
             };

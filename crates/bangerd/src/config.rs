@@ -60,6 +60,12 @@ pub struct Config {
     /// The bridge's address and prefix in TAP mode; guests get the rest of the subnet.
     /// Default `172.30.0.1/24`.
     pub bridge_address: Option<String>,
+    /// What guests may reach beyond the host: `"allow"` (default), `"deny"` or a list of
+    /// IPv4 CIDRs (TAP mode only). `--egress` overrides it per VM.
+    pub egress: Option<banger_api::Egress>,
+    /// The dedicated unprivileged user the user-mode network stack (passt) runs as when
+    /// bangerd is root; the host's output guard matches its sockets. Default `banger-vmm`.
+    pub vmm_user: Option<String>,
 }
 
 impl Config {

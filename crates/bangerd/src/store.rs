@@ -71,6 +71,12 @@ pub const MIGRATIONS: &[Migration] = &[
         // Every kernel before this booted banger's own initramfs.
         sql: "ALTER TABLE kernels ADD COLUMN initrd TEXT NOT NULL DEFAULT 'banger';",
     },
+    Migration {
+        version: 5,
+        name: "vm egress",
+        // JSON of banger_api::Egress; VMs from before the setting let everything out.
+        sql: "ALTER TABLE vms ADD COLUMN egress TEXT NOT NULL DEFAULT '\"allow\"';",
+    },
 ];
 
 /// The database was written by a newer banger; refusing beats corrupting it.

@@ -4,7 +4,8 @@
 //!
 //! Each VM row records the backend of its last boot (`qemu-kvm`, `qemu-tcg`,
 //! `firecracker`), which says how its agent is reached after a daemon restart, and its
-//! network (`user`, or `tap` with its address and TAP device; see [`super::network`]).
+//! network (`user`, `none`, or `tap` with its address and TAP device; see
+//! [`super::network`]) and its egress policy.
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -75,6 +76,19 @@ pub struct VmService {
     /// Guest addresses handed to creates that have not recorded their VM yet (a disk copy
     /// takes seconds): a concurrent create must not pick the same one.
     pending_ips: Mutex<HashSet<Ipv4Addr>>,
+}
+
+/// Refuses an egress policy the network mode cannot enforce: user mode (passt) can let
+/// everything or nothing out, but has no per-destination filter of its own, and the
+/// host's output guard matches one user shared by every user-mode VM, so a per-VM CIDR
+/// list needs TAP mode.
+fn check_egress(mode: NetworkMode, egress: &banger_api::Egress) -> Result<(), ServiceError> {
+    if mode == NetworkMode::User && matches!(egress, banger_api::Egress::Only(_)) {
+        return Err(ServiceError::bad_request(format!(
+            "egress {egress}: a CIDR allow list needs network \"tap\"; network \"user\" enforces only \"allow\" or \"deny\""
+        )));
+    }
+    Ok(())
 }
 
 /// Releases an address reserved by [`VmService::allocate_guest_ip`] once the create is over
@@ -199,6 +213,12 @@ impl VmService {
                 tracing::info!(vm = %vm.name, "VM found dead at start-up; marked stopped");
             }
             if !running {
+                if let (Some(tap), Some(ip)) = (
+                    vm.tap.as_deref(),
+                    vm.guest_ip.as_deref().and_then(|ip| ip.parse().ok()),
+                ) {
+                    network::release_guest(tap, ip);
+                }
                 if let Some(tap) = vm.tap.as_deref().filter(|t| network::tap_exists(t)) {
                     match network::delete_tap(tap) {
                         Ok(()) => {
@@ -216,6 +236,19 @@ impl VmService {
 
     fn row(&self, row: &rusqlite::Row<'_>) -> rusqlite::Result<VmInfo> {
         let id: String = row.get(0)?;
+        let bad = |column: usize, what: String| {
+            rusqlite::Error::FromSqlConversionFailure(
+                column,
+                rusqlite::types::Type::Text,
+                what.into(),
+            )
+        };
+        let network: String = row.get(11)?;
+        let network = NetworkMode::from_name(&network)
+            .ok_or_else(|| bad(11, format!("unknown network {network:?} in the store")))?;
+        let egress: String = row.get(14)?;
+        let egress: banger_api::Egress = serde_json::from_str(&egress)
+            .map_err(|e| bad(14, format!("egress {egress:?} in the store: {e}")))?;
         Ok(VmInfo {
             dir: self.dir(&id).display().to_string(),
             id,
@@ -229,13 +262,14 @@ impl VmService {
             pid: row.get(8)?,
             backend: row.get(9)?,
             created_at: row.get(10)?,
-            network: row.get(11)?,
+            network,
+            egress,
             guest_ip: row.get(12)?,
             tap: row.get(13)?,
         })
     }
 
-    const COLUMNS: &'static str = "id, name, image, kernel, vcpus, memory_mib, disk_bytes, state, pid, backend, created_at, network, guest_ip, tap";
+    const COLUMNS: &'static str = "id, name, image, kernel, vcpus, memory_mib, disk_bytes, state, pid, backend, created_at, network, guest_ip, tap, egress";
 
     /// Every VM by name.
     pub fn list(&self) -> Result<Vec<VmInfo>, ServiceError> {
@@ -317,16 +351,17 @@ impl VmService {
             self.config.default_kernel.as_deref(),
         )?;
         let agent = self.agent_path()?;
-        let setting = match params.network.as_deref() {
-            Some(name) => NetworkSetting::parse(name).ok_or_else(|| {
-                ServiceError::bad_request(format!(
-                    "network {name:?}: expected \"user\", \"tap\" or \"auto\""
-                ))
-            })?,
+        let setting = match params.network {
+            Some(choice) => NetworkSetting::from(choice),
             None => self.config.network.unwrap_or_default(),
         };
         let mode = network::resolve_mode(setting, TapCapability::probe())
             .map_err(|e| ServiceError::bad_request(format!("{e:#}")))?;
+        let egress = params
+            .egress
+            .or_else(|| self.config.egress.clone())
+            .unwrap_or_default();
+        check_egress(mode, &egress)?;
         if !params.no_start {
             // Refuse a VM that could not boot before copying its disk: the backend
             // choice (vmm, firecracker_bin, KVM, network) is the same at start.
@@ -335,7 +370,7 @@ impl VmService {
         }
         let id = hex::encode(rand::random::<[u8; 8]>());
         let reserved = match mode {
-            NetworkMode::User => None,
+            NetworkMode::User | NetworkMode::None => None,
             NetworkMode::Tap => Some(self.allocate_guest_ip()?),
         };
         let guest_ip = reserved.as_ref().map(|r| r.ip.to_string());
@@ -378,7 +413,8 @@ impl VmService {
             backend: "qemu".into(),
             created_at: now(),
             dir: dir.display().to_string(),
-            network: mode.name().into(),
+            network: mode,
+            egress,
             guest_ip,
             tap,
         };
@@ -386,7 +422,7 @@ impl VmService {
             .conn()
             .execute(
                 &format!(
-                    "INSERT INTO vms ({}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                    "INSERT INTO vms ({}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
                     Self::COLUMNS
                 ),
                 rusqlite::params![
@@ -401,9 +437,10 @@ impl VmService {
                     info.pid,
                     info.backend,
                     info.created_at,
-                    info.network,
+                    info.network.name(),
                     info.guest_ip,
-                    info.tap
+                    info.tap,
+                    serde_json::to_string(&info.egress).context("encode egress")?
                 ],
             )
             .map_err(|e| {
@@ -490,6 +527,29 @@ impl VmService {
         }
     }
 
+    /// As root: installs the user-mode output guard for `vmm_user` and returns that user,
+    /// whom passt then runs as. Not root: nothing can be enforced (see `banger doctor`);
+    /// passt runs as the daemon's user and the loopback stays closed by `--no-map-gw`,
+    /// but the host's other addresses are reachable. That is warned about, not refused:
+    /// an unprivileged daemon has no better user-mode network to offer.
+    fn user_guard(&self) -> anyhow::Result<Option<String>> {
+        if !rustix::process::geteuid().is_root() {
+            tracing::warn!("bangerd is not root: user-mode guests can reach the host's own non-loopback addresses (banger doctor)");
+            return Ok(None);
+        }
+        let user = self
+            .config
+            .vmm_user
+            .clone()
+            .unwrap_or_else(|| network::DEFAULT_VMM_USER.to_owned());
+        let uid = network::user_uid(&user)?;
+        if uid == 0 {
+            bail!("vmm_user {user:?} is root: the user-mode guard needs a dedicated unprivileged user");
+        }
+        network::ensure_user_guard(uid)?;
+        Ok(Some(user))
+    }
+
     /// The VMM for a VM networked with `mode`, per the `vmm` setting and the host.
     fn backend(&self, kernel: &Path, mode: NetworkMode) -> Result<Box<dyn Vmm>, ServiceError> {
         let preference: banger_vmm::BackendPreference = self.config.vmm.unwrap_or_default().into();
@@ -497,7 +557,8 @@ impl VmService {
         let host = HostFacts {
             kvm: self.kvm(kernel),
             firecracker: firecracker.clone(),
-            tap_network: mode == NetworkMode::Tap,
+            // Firecracker has no user-mode stack; a VM without a NIC needs none.
+            tap_network: mode != NetworkMode::User,
         };
         let kind = select_backend(preference, &host).map_err(|e| {
             let mut message = e.to_string();
@@ -521,12 +582,8 @@ impl VmService {
             return Ok(vm);
         }
         let boot = self.kernels.boot_files(&vm.kernel)?;
-        let mode = NetworkMode::from_record(&vm.network).ok_or_else(|| {
-            anyhow::anyhow!(
-                "VM {name:?} has an unknown network {:?} in the store",
-                vm.network
-            )
-        })?;
+        let mode = vm.network;
+        check_egress(mode, &vm.egress)?;
         let vmm = self.backend(&boot.kernel, mode)?;
         let kind = vmm.kind();
         let accel = match (kind, self.kvm(&boot.kernel)) {
@@ -538,11 +595,45 @@ impl VmService {
             "console=ttyS0 panic=-1 quiet banger.agent=1 banger.hostname={}",
             vm.name
         );
+        // A passt started for this boot; killed if the VMM does not get to connect to it
+        // (once connected, passt exits with the VMM by itself).
+        let mut passt = None;
         let net = match (mode, &vm.guest_ip, &vm.tap) {
+            (NetworkMode::None, _, _) => None,
             (NetworkMode::User, _, _) => {
-                // 10.0.2.3 is QEMU's own DNS forwarder to the host's resolvers.
-                cmdline.push_str(" banger.ip=10.0.2.15/24 banger.gw=10.0.2.2 banger.dns=10.0.2.3");
-                NetSpec::User(Default::default())
+                cmdline.push_str(&format!(
+                    " banger.ip={}/{} banger.gw={}",
+                    network::USER_GUEST_IP,
+                    network::USER_PREFIX,
+                    network::USER_GATEWAY
+                ));
+                if network::has_default_route() {
+                    let runas = self.user_guard().with_context(|| format!("start VM {name:?}"))?;
+                    let started = network::spawn_passt(
+                        &dir,
+                        runas.as_deref(),
+                        vm.egress == banger_api::Egress::Deny,
+                    )
+                    .with_context(|| format!("start the user-mode network of VM {name:?}"))?;
+                    // passt connects to resolvers itself; the guest asks the host's
+                    // upstream one (a loopback stub is the host, which passt may not reach).
+                    if let Some(dns) = network::host_nameserver() {
+                        cmdline.push_str(&format!(" banger.dns={dns}"));
+                    }
+                    let spec = NetSpec::Stream {
+                        socket: started.socket.clone(),
+                    };
+                    passt = Some(started);
+                    Some(spec)
+                } else {
+                    // No default route: no outside to reach, and passt refuses to run.
+                    // slirp restricted reaches neither the host nor anything else.
+                    tracing::info!(vm = name, "no IPv4 default route: user-mode network restricted to nothing (slirp restrict=on)");
+                    Some(NetSpec::User(banger_vmm::qemu::UserNet {
+                        host_forwards: Vec::new(),
+                        restrict: true,
+                    }))
+                }
             }
             (NetworkMode::Tap, Some(ip), Some(tap)) => {
                 let subnet = self.subnet()?;
@@ -551,7 +642,9 @@ impl VmService {
                     .with_context(|| format!("guest_ip {ip:?} of VM {name:?} in the store"))?;
                 network::ensure_bridge(subnet)
                     .with_context(|| format!("set up the bridge for VM {name:?}"))?;
-                if let Err(e) = network::create_tap(tap) {
+                if let Err(e) =
+                    network::create_tap(tap).and_then(|()| network::admit_guest(tap, ip, &vm.egress))
+                {
                     // It may exist half-configured (created, not on the bridge).
                     self.release_tap(&vm);
                     return Err(e.context(format!("start VM {name:?}")).into());
@@ -563,10 +656,10 @@ impl VmService {
                 if let Some(dns) = network::host_nameserver() {
                     cmdline.push_str(&format!(" banger.dns={dns}"));
                 }
-                NetSpec::Tap {
+                Some(NetSpec::Tap {
                     ifname: tap.clone(),
                     mac: network::guest_mac(ip),
-                }
+                })
             }
             (NetworkMode::Tap, _, _) => {
                 return Err(anyhow::anyhow!(
@@ -582,7 +675,7 @@ impl VmService {
             root_disk: Some(dir.join("root.ext4")),
             memory_mib: vm.memory_mib,
             vcpus: vm.vcpus,
-            net: Some(net),
+            net,
             accel,
             run_dir: dir.clone(),
             agent_socket: Some(agent_socket_in(kind, &dir)),
@@ -590,6 +683,9 @@ impl VmService {
         let pid = match vmm.spawn_detached(&spec) {
             Ok(pid) => pid,
             Err(e) => {
+                if let Some(passt) = &passt {
+                    kill(passt.pid);
+                }
                 self.release_tap(&vm);
                 return Err(anyhow::Error::new(e)
                     .context(format!("start VM {name:?} with {kind}"))
@@ -621,6 +717,12 @@ impl VmService {
     /// Deletes the VM's TAP device, if it has one; a failure is logged, not returned: the
     /// VM is stopped either way and start-up recovery retries.
     fn release_tap(&self, vm: &VmInfo) {
+        if let (Some(tap), Some(ip)) = (
+            vm.tap.as_deref(),
+            vm.guest_ip.as_deref().and_then(|ip| ip.parse().ok()),
+        ) {
+            network::release_guest(tap, ip);
+        }
         if let Some(tap) = &vm.tap {
             if let Err(e) = network::delete_tap(tap) {
                 tracing::warn!(vm = %vm.name, %tap, error = %format!("{e:#}"), "cannot delete TAP device");
@@ -847,7 +949,8 @@ impl VmService {
         let create = VmCreateParams {
             name: params.name.clone(),
             image: Some(image.name),
-            network: params.network.clone(),
+            network: params.network,
+            egress: params.egress.clone(),
             ..Default::default()
         };
         let vm = tokio::task::block_in_place(|| self.create(create))?;
