@@ -11,7 +11,8 @@ packages=(
   apache2-utils        # htpasswd, for the authenticated registry test
   busybox-static       # cpio and a static shell for initramfs work
   qemu-system-x86      # the VMM that works everywhere (TCG when KVM is unusable)
-  iproute2 nftables    # TAP networking: bridge, TAP devices and NAT (and the netns tests)
+  iproute2 nftables    # TAP networking: bridge, TAP devices, NAT and guard rules (and the netns tests)
+  passt                # user-mode networking that does not map the host's loopback into guests
 )
 
 sudo=""
@@ -30,6 +31,13 @@ fi
 # Debian's docker-registry package starts a system registry on :5000; tests run their own.
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet docker-registry 2>/dev/null; then
   $sudo systemctl disable --now docker-registry >/dev/null 2>&1 || true
+fi
+
+# The unprivileged user passt (user-mode networking) runs as under a root daemon: the host's
+# output guard drops this user's traffic to the host itself (vmm_user in config.toml).
+if ! id -u banger-vmm >/dev/null 2>&1; then
+  echo "setup: adding the system user banger-vmm" >&2
+  $sudo useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin banger-vmm
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then
