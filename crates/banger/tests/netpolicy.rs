@@ -159,13 +159,46 @@ fn fetch(install: &Install, vm: &str, addr: &str, port: u16) -> Option<String> {
         "/bin/busybox",
         "sh",
         "-c",
+        // nc -w bounds the connect only; timeout bounds a connection that then stalls.
         &format!(
-            "printf 'GET /hello HTTP/1.0\\r\\n\\r\\n' | /bin/busybox nc -w 5 {addr} {port}"
+            "printf 'GET /hello HTTP/1.0\\r\\n\\r\\n' | /bin/busybox timeout 20 /bin/busybox nc -w 5 {addr} {port}"
         ),
     ]);
     let text = stdout(&out);
     text.contains(" 200 ")
         .then(|| text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned())
+}
+
+/// What to look at when a guest could not reach what it should: its view, the host's
+/// rules and passt's log.
+fn diagnose(install: &Install, vm: &str, host: &NetNs) -> String {
+    let guest = install.banger(&[
+        "vm",
+        "exec",
+        vm,
+        "--",
+        "/bin/busybox",
+        "sh",
+        "-c",
+        "/bin/busybox ip addr; /bin/busybox ip route; cat /proc/net/arp",
+    ]);
+    let rules = host.exec(&["nft", "list", "ruleset"]);
+    let logs: String = std::fs::read_dir(install.state_dir().join("vms"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|d| std::fs::read_to_string(d.path().join("passt.log")).ok())
+        .collect();
+    format!(
+        "guest:\n{}{}\nhost rules:\n{}\npasst:\n{}",
+        stdout(&guest),
+        stderr(&guest),
+        stdout(&rules),
+        logs.lines()
+            .filter(|l| !l.contains("syslog"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    )
 }
 
 /// Runs a shell command in the guest, which must succeed.
@@ -233,9 +266,12 @@ fn user_mode_reaches_the_outside_but_not_the_host() {
     assert_eq!(show(&install, "u")["egress"], "allow");
 
     // Outbound works: the outside namespace answers through the host's default route.
+    let got = fetch(&install, "u", OUTSIDE, 18083);
     assert_eq!(
-        fetch(&install, "u", OUTSIDE, 18083).as_deref(),
-        Some("outside")
+        got.as_deref(),
+        Some("outside"),
+        "{}",
+        diagnose(&install, "u", &world.host)
     );
     // The host does not: not its loopback through the gateway (slirp's 10.0.2.2 mapping),
     // not its own addresses, not a service bound to all of them.

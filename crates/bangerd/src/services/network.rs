@@ -441,7 +441,7 @@ pub fn admit_script(tap: &str, ip: Ipv4Addr, egress: &banger_api::Egress) -> Str
         }
     };
     format!(
-        "table inet {t} {{ chain {chain} {{ }} }}\n\
+        "table inet {t} {{ chain {chain} {{ }}; }}\n\
          flush chain inet {t} {chain}\n\
          table inet {t} {{\n\
          \tchain {chain} {{\n{verdict}\t}}\n\
@@ -495,7 +495,7 @@ pub fn release_guest(tap: &str, ip: Ipv4Addr) {
 pub fn user_guard_script(uid: u32) -> String {
     let t = GUARD_TABLE;
     format!(
-        "table inet {t} {{ chain output {{ type filter hook output priority filter; policy accept; }} }}\n\
+        "table inet {t} {{ chain output {{ type filter hook output priority filter; policy accept; }}; }}\n\
          flush chain inet {t} output\n\
          table inet {t} {{\n\
          \tchain output {{\n\
@@ -601,21 +601,58 @@ pub fn passt_args(socket: &Path, runas: Option<&str>, deny_all: bool) -> Vec<Str
     a
 }
 
-/// Starts passt for the VM whose directory is `run_dir` and waits until its socket is
-/// there. Runs in its own session like the VMM, so it outlives a daemon restart.
-pub fn spawn_passt(run_dir: &Path, runas: Option<&str>, deny_all: bool) -> anyhow::Result<Passt> {
+/// Where passt, running as `vmm_user`, binds its socket for the VM `vm_id`: passt drops
+/// privileges before it binds, and the VM's own directory sits under the daemon's state
+/// directory, which that user may not traverse. So: a directory of the VM's own in the
+/// system temporary directory, owned by that user, mode 0700 (root, the VMM, still
+/// connects).
+pub fn passt_socket_dir(vm_id: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("banger-passt-{vm_id}"))
+}
+
+/// Removes what [`spawn_passt`] left for VM `vm_id` outside its directory.
+pub fn release_user(vm_id: &str) {
+    let _ = std::fs::remove_dir_all(passt_socket_dir(vm_id));
+}
+
+/// Starts passt for the VM `vm_id` whose directory is `run_dir`, as `runas` (name, uid)
+/// when given, and waits until its socket is there. Runs in its own session like the
+/// VMM, so it outlives a daemon restart.
+pub fn spawn_passt(
+    run_dir: &Path,
+    vm_id: &str,
+    runas: Option<(&str, u32)>,
+    deny_all: bool,
+) -> anyhow::Result<Passt> {
+    use std::os::unix::fs::DirBuilderExt;
     use std::os::unix::process::CommandExt;
     let binary = banger_vmm::backend::find_on_path(PASST).with_context(|| {
         "passt is not installed: network \"user\" needs it (apt-get install passt), or use network \"none\""
     })?;
-    let socket = run_dir.join("passt.sock");
+    let socket_dir = match runas {
+        Some((_, uid)) => {
+            let dir = passt_socket_dir(vm_id);
+            // remove_dir_all does not follow a symlink planted there; create_dir then
+            // fails rather than reuse anything someone else made in between.
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&dir)
+                .with_context(|| format!("create {}", dir.display()))?;
+            std::os::unix::fs::chown(&dir, Some(uid), None)
+                .with_context(|| format!("give {} to uid {uid}", dir.display()))?;
+            dir
+        }
+        None => run_dir.to_owned(),
+    };
+    let socket = socket_dir.join("passt.sock");
     let _ = std::fs::remove_file(&socket);
     let log_path = run_dir.join("passt.log");
     let log = std::fs::File::create(&log_path)
         .with_context(|| format!("create {}", log_path.display()))?;
     let mut command = Command::new(&binary);
     command
-        .args(passt_args(&socket, runas, deny_all))
+        .args(passt_args(&socket, runas.map(|(name, _)| name), deny_all))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(log);
@@ -802,6 +839,78 @@ mod tests {
         assert_eq!(tap_name("0123456789abcdef"), "bgr-01234567");
         assert!(tap_name("0123456789abcdef").len() <= 15);
         assert_eq!(guest_mac(Ipv4Addr::new(172, 30, 0, 2)), "02:b4:ac:1e:00:02");
+    }
+
+    #[test]
+    fn every_guard_script_is_one_valid_nft_transaction() {
+        if !banger_testkit::require(
+            rustix::process::geteuid().is_root(),
+            "nft --check needs CAP_NET_ADMIN",
+        ) || !banger_testkit::require(
+            banger_vmm::backend::find_on_path("nft").is_some(),
+            "nft is not installed",
+        ) {
+            return;
+        }
+        let ip = Ipv4Addr::new(172, 30, 0, 2);
+        let only = banger_api::Egress::Only(vec!["10.0.0.0/8".parse().unwrap()]);
+        // --check parses and validates against the kernel without committing anything.
+        for script in [
+            nft_script(DEFAULT_BRIDGE_ADDRESS.parse().unwrap()),
+            user_guard_script(65534),
+            tap_guard_script() + &admit_script("bgr-01234567", ip, &banger_api::Egress::Allow),
+            tap_guard_script() + &admit_script("bgr-01234567", ip, &banger_api::Egress::Deny),
+            tap_guard_script() + &admit_script("bgr-01234567", ip, &only),
+        ] {
+            if let Err(e) = run("nft", &["--check", "-f", "-"], Some(&script)) {
+                panic!("{e:#}\n{script}");
+            }
+        }
+    }
+
+    #[test]
+    fn guard_scripts_say_what_they_enforce() {
+        let user = user_guard_script(999);
+        assert!(user.contains("meta skuid 999 oifname { \"lo\", \"banger0\" } reject"), "{user}");
+        assert!(user.contains("meta skuid 999 fib daddr type { local,"), "{user}");
+        let tap = tap_guard_script();
+        assert!(tap.contains("iifname \"banger0\" drop"), "{tap}");
+        assert!(tap.contains("iifname \"banger0\" oifname \"banger0\" drop"), "{tap}");
+        assert!(tap.contains("iifname \"bgr-*\" oifname \"bgr-*\" drop"), "{tap}");
+        let ip = Ipv4Addr::new(172, 30, 0, 9);
+        let admit = admit_script(
+            "bgr-0000abcd",
+            ip,
+            &banger_api::Egress::Only(vec![
+                "10.0.0.0/8".parse().unwrap(),
+                "192.0.2.7".parse().unwrap(),
+            ]),
+        );
+        assert!(
+            admit.contains("ip daddr { 10.0.0.0/8, 192.0.2.7/32 } accept"),
+            "{admit}"
+        );
+        assert!(
+            admit.contains("guests { \"bgr-0000abcd\" . 02:b4:ac:1e:00:09 . 172.30.0.9 }"),
+            "{admit}"
+        );
+        let deny = admit_script("bgr-0000abcd", ip, &banger_api::Egress::Deny);
+        assert!(!deny.contains("accept"), "{deny}");
+    }
+
+    #[test]
+    fn passt_never_maps_the_gateway_and_denies_by_dropping_every_protocol() {
+        let a = passt_args(Path::new("/vm/passt.sock"), Some("banger-vmm"), false);
+        for flag in ["--no-map-gw", "--one-off", "--ipv4-only", "--no-dhcp"] {
+            assert!(a.iter().any(|x| x == flag), "{flag}: {a:?}");
+        }
+        let joined = a.join(" ");
+        assert!(joined.contains("--runas banger-vmm"), "{joined}");
+        assert!(joined.contains("--tcp-ports none --udp-ports none"), "{joined}");
+        assert!(!joined.contains("--no-tcp"), "{joined}");
+        let deny = passt_args(Path::new("/vm/passt.sock"), None, true).join(" ");
+        assert!(deny.contains("--no-tcp --no-udp --no-icmp"), "{deny}");
+        assert!(!deny.contains("--runas"), "{deny}");
     }
 
     #[test]

@@ -213,6 +213,7 @@ impl VmService {
                 tracing::info!(vm = %vm.name, "VM found dead at start-up; marked stopped");
             }
             if !running {
+                network::release_user(&vm.id);
                 if let (Some(tap), Some(ip)) = (
                     vm.tap.as_deref(),
                     vm.guest_ip.as_deref().and_then(|ip| ip.parse().ok()),
@@ -532,7 +533,7 @@ impl VmService {
     /// passt runs as the daemon's user and the loopback stays closed by `--no-map-gw`,
     /// but the host's other addresses are reachable. That is warned about, not refused:
     /// an unprivileged daemon has no better user-mode network to offer.
-    fn user_guard(&self) -> anyhow::Result<Option<String>> {
+    fn user_guard(&self) -> anyhow::Result<Option<(String, u32)>> {
         if !rustix::process::geteuid().is_root() {
             tracing::warn!("bangerd is not root: user-mode guests can reach the host's own non-loopback addresses (banger doctor)");
             return Ok(None);
@@ -547,7 +548,7 @@ impl VmService {
             bail!("vmm_user {user:?} is root: the user-mode guard needs a dedicated unprivileged user");
         }
         network::ensure_user_guard(uid)?;
-        Ok(Some(user))
+        Ok(Some((user, uid)))
     }
 
     /// The VMM for a VM networked with `mode`, per the `vmm` setting and the host.
@@ -611,7 +612,8 @@ impl VmService {
                     let runas = self.user_guard().with_context(|| format!("start VM {name:?}"))?;
                     let started = network::spawn_passt(
                         &dir,
-                        runas.as_deref(),
+                        &vm.id,
+                        runas.as_ref().map(|(user, uid)| (user.as_str(), *uid)),
                         vm.egress == banger_api::Egress::Deny,
                     )
                     .with_context(|| format!("start the user-mode network of VM {name:?}"))?;
@@ -717,6 +719,7 @@ impl VmService {
     /// Deletes the VM's TAP device, if it has one; a failure is logged, not returned: the
     /// VM is stopped either way and start-up recovery retries.
     fn release_tap(&self, vm: &VmInfo) {
+        network::release_user(&vm.id);
         if let (Some(tap), Some(ip)) = (
             vm.tap.as_deref(),
             vm.guest_ip.as_deref().and_then(|ip| ip.parse().ok()),
