@@ -12,7 +12,6 @@ packages=(
   busybox-static       # cpio and a static shell for initramfs work
   qemu-system-x86      # the VMM that works everywhere (TCG when KVM is unusable)
   iproute2 nftables    # TAP networking: bridge, TAP devices, NAT and guard rules (and the netns tests)
-  passt                # user-mode networking that does not map the host's loopback into guests
 )
 
 sudo=""
@@ -33,7 +32,7 @@ if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet docker-re
   $sudo systemctl disable --now docker-registry >/dev/null 2>&1 || true
 fi
 
-# The unprivileged user passt (user-mode networking) runs as under a root daemon: the host's
+# The unprivileged user QEMU runs as (user-mode networking) under a root daemon: the host's
 # output guard drops this user's traffic to the host itself (vmm_user in config.toml).
 if ! id -u banger-vmm >/dev/null 2>&1; then
   echo "setup: adding the system user banger-vmm" >&2

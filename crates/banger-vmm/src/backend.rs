@@ -31,6 +31,10 @@ pub struct UserNet {
     /// the forwards). Plain slirp maps 10.0.2.2 to the host's loopback, so a sandboxed
     /// VM gets slirp only restricted (or passt, [`NetSpec::Stream`]).
     pub restrict: bool,
+    /// QEMU's `-runas`: the user QEMU switches to after start-up. slirp opens the host
+    /// sockets of guest connections lazily, after the switch, so they belong to this
+    /// user, which the host's output guard matches (bangerd's `vmm_user`).
+    pub runas: Option<String>,
 }
 
 /// The guest's network device and what backs it on the host.

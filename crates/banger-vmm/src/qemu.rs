@@ -148,6 +148,9 @@ impl Qemu {
                     "-device".into(),
                     "virtio-net-device,netdev=n0".into(),
                 ]);
+                if let Some(user) = &user.runas {
+                    a.extend(["-runas".into(), user.clone()]);
+                }
             }
             Some(NetSpec::Stream { socket }) => a.extend([
                 "-netdev".into(),
@@ -467,6 +470,7 @@ mod tests {
             net: Some(NetSpec::User(UserNet {
                 host_forwards: vec![(2222, 22)],
                 restrict: false,
+                runas: None,
             })),
             accel,
             agent_socket: None,
@@ -551,9 +555,11 @@ mod tests {
         s.net = Some(NetSpec::User(UserNet {
             host_forwards: vec![],
             restrict: true,
+            runas: Some("banger-vmm".into()),
         }));
         let a = Qemu::default().args(&s);
         assert_eq!(arg_after(&a, "-netdev"), ["user,id=n0,restrict=on"]);
+        assert_eq!(arg_after(&a, "-runas"), ["banger-vmm"]);
         s.net = None;
         let a = Qemu::default().args(&s);
         assert!(arg_after(&a, "-netdev").is_empty(), "{a:?}");

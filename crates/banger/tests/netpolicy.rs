@@ -1,5 +1,5 @@
 //! The guest network policy against real guests (QEMU TCG) and real rules (nft, bridge,
-//! passt): what a guest of each mode can and cannot reach.
+//! slirp): what a guest of each mode can and cannot reach.
 //!
 //! Every networked test builds its own world of two network namespaces joined by a veth
 //! pair: "host" (bangerd runs there; servers on its 127.0.0.1, its veth address and all
@@ -169,8 +169,8 @@ fn fetch(install: &Install, vm: &str, addr: &str, port: u16) -> Option<String> {
         .then(|| text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned())
 }
 
-/// What to look at when a guest could not reach what it should: its view, the host's
-/// rules and passt's log.
+/// What to look at when a guest could not reach what it should: its view and the
+/// host's rules.
 fn diagnose(install: &Install, vm: &str, host: &NetNs) -> String {
     let guest = install.banger(&[
         "vm",
@@ -183,21 +183,11 @@ fn diagnose(install: &Install, vm: &str, host: &NetNs) -> String {
         "/bin/busybox ip addr; /bin/busybox ip route; cat /proc/net/arp",
     ]);
     let rules = host.exec(&["nft", "list", "ruleset"]);
-    let logs: String = std::fs::read_dir(install.state_dir().join("vms"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|d| std::fs::read_to_string(d.path().join("passt.log")).ok())
-        .collect();
     format!(
-        "guest:\n{}{}\nhost rules:\n{}\npasst:\n{}",
+        "guest:\n{}{}\nhost rules:\n{}",
         stdout(&guest),
         stderr(&guest),
-        stdout(&rules),
-        logs.lines()
-            .filter(|l| !l.contains("syslog"))
-            .collect::<Vec<_>>()
-            .join("\n")
+        stdout(&rules)
     )
 }
 
@@ -250,8 +240,7 @@ fn user_mode_reaches_the_outside_but_not_the_host() {
     if !banger_testkit::require(
         vmm_user_exists(),
         "user banger-vmm is missing (scripts/setup.sh creates it)",
-    ) || !banger_testkit::require(which("passt"), "passt is not installed")
-    {
+    ) {
         return;
     }
     let Some(install) = ready_install_in(

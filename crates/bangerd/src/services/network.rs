@@ -3,18 +3,19 @@
 //! Three modes, chosen by `network` in config.toml or `--network`:
 //!
 //! - `none`: no network device at all; the guest has only `lo`.
-//! - `user`: user-mode networking through [passt](https://passt.top), one `passt` per VM
-//!   behind QEMU's `-netdev stream` (QEMU 7.2+). The guest is 10.0.2.15/24 with next hop
-//!   10.0.2.2; passt turns its connections into ordinary sockets of the host, so it
-//!   reaches what the host reaches, *minus* the host itself (see [`user_guard_script`]).
-//!   Why passt and not QEMU's built-in slirp: slirp maps 10.0.2.2 to the host's
-//!   127.0.0.1 and QEMU 7.2 has no option to turn that off (`restrict=on` turns off
-//!   everything), while passt's `--no-map-gw` makes the gateway an ordinary address; and
-//!   passt runs as its own process, so it can run as the dedicated `vmm_user` (default
-//!   [`DEFAULT_VMM_USER`]) whatever user the VMM runs as, which is what lets the host
-//!   firewall tell guest traffic from everything else. On a host without an IPv4 default
-//!   route passt refuses to start; there is no outbound network to give then, and the VM
-//!   gets QEMU's slirp with `restrict=on` (no host, no outside) instead.
+//! - `user`: QEMU's user-mode stack (slirp). The guest is 10.0.2.15/24 behind 10.0.2.2;
+//!   slirp turns its connections into ordinary sockets of the QEMU process, so it reaches
+//!   what the host reaches. Plain slirp also maps 10.0.2.2 to the host's 127.0.0.1, and
+//!   the host's own addresses are just addresses: so when bangerd is root, QEMU runs as
+//!   the dedicated `vmm_user` (default [`DEFAULT_VMM_USER`], QEMU's `-runas`) and an nft
+//!   output guard ([`user_guard_script`]) rejects that user's traffic to loopback, to
+//!   every local address and to the TAP bridge: outbound only. Without root nothing can
+//!   enforce that (see `banger doctor`).
+//!   Considered and not taken: passt (`--no-map-gw`, QEMU 7.2 `-netdev stream`) closes
+//!   the loopback mapping even without root, but Debian 12's passt (0.0~git20230309)
+//!   segfaulted on the first guest TCP connection here (`passt.avx2 ... segfault in
+//!   libc`), and it cannot keep the guest from the host's other addresses either; the
+//!   uid guard is what enforces the boundary, and it works the same with slirp.
 //! - `tap`: one bridge [`BRIDGE`] holding the host address of `bridge_address` (default
 //!   [`DEFAULT_BRIDGE_ADDRESS`]), NAT (masquerade) for the subnet behind it with IPv4
 //!   forwarding on, and per VM a TAP device `bgr-<first 8 hex of its id>` on the bridge.
@@ -59,22 +60,17 @@ const NFT_TABLE: &str = "banger";
 /// start, because these hold per-VM entries that must survive other VMs' starts.
 pub const GUARD_TABLE: &str = "banger_guard";
 
-/// The user passt runs as when bangerd is root unless `vmm_user` says otherwise. The
-/// output guard matches this user's sockets, so it must be used by nothing else.
+/// The user QEMU runs as (user mode) when bangerd is root unless `vmm_user` says
+/// otherwise. The output guard matches this user's sockets, so it must be used by
+/// nothing else.
 pub const DEFAULT_VMM_USER: &str = "banger-vmm";
-
-/// The passt binary.
-pub const PASST: &str = "passt";
-
-/// How long passt may take to create its socket before the VM's start fails.
-pub const PASST_READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The guest's address, prefix and next hop in `user` mode (QEMU's historic values).
 pub const USER_GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
 /// See [`USER_GUEST_IP`].
 pub const USER_PREFIX: u8 = 24;
-/// See [`USER_GUEST_IP`]. With passt's `--no-map-gw` it is not the host: only the next
-/// hop the guest sends through.
+/// See [`USER_GUEST_IP`]. slirp maps it to the host's loopback, which the output guard
+/// rejects.
 pub const USER_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 
 /// The `network` setting.
@@ -84,7 +80,7 @@ pub enum NetworkSetting {
     /// `tap` when root with /dev/net/tun, else `user`.
     #[default]
     Auto,
-    /// User-mode networking (passt): outbound only.
+    /// User-mode networking (slirp): outbound only.
     User,
     /// Bridge + TAP + NAT, filtered.
     Tap,
@@ -487,7 +483,7 @@ pub fn release_guest(tap: &str, ip: Ipv4Addr) {
     }
 }
 
-/// The output guard of `user` mode: sockets of `uid` (the user passt runs as, used by
+/// The output guard of `user` mode: sockets of `uid` (the user QEMU runs as, used by
 /// nothing else) may not reach any address of the host itself — loopback, every local
 /// address of any interface (`fib daddr type local`), broadcast, multicast — nor the TAP
 /// bridge (other VMs). What remains is the outside world. `reject`, not `drop`, so a
@@ -537,162 +533,6 @@ pub fn user_uid(user: &str) -> anyhow::Result<u32> {
         .with_context(|| format!("id -u {user}: not a number"))
 }
 
-/// Whether this network namespace has an IPv4 default route (passt needs one).
-pub fn has_default_route() -> bool {
-    std::fs::read_to_string("/proc/net/route")
-        .map(|table| {
-            table
-                .lines()
-                .skip(1)
-                .any(|l| l.split_whitespace().nth(1) == Some("00000000"))
-        })
-        .unwrap_or(false)
-}
-
-/// A running passt serving one VM.
-#[derive(Debug)]
-pub struct Passt {
-    /// Its pid (it exits by itself once its one VMM hangs up: `--one-off`).
-    pub pid: u32,
-    /// The Unix socket QEMU connects to.
-    pub socket: std::path::PathBuf,
-}
-
-/// The arguments of passt for one VM: IPv4 only, addresses fixed (the agent configures
-/// them from the kernel command line, so no DHCP/NDP/RA), the gateway not mapped to the
-/// host (`--no-map-gw`), no inbound port forwards, exit with the VMM (`--one-off`), and,
-/// for `egress = "deny"`, no protocol handlers at all.
-pub fn passt_args(socket: &Path, runas: Option<&str>, deny_all: bool) -> Vec<String> {
-    let mut a: Vec<String> = [
-        "--foreground",
-        "--one-off",
-        "--ipv4-only",
-        "--quiet",
-        "--stderr",
-        "--no-map-gw",
-        "--no-dhcp",
-        "--no-ndp",
-        "--no-dhcpv6",
-        "--no-ra",
-        "--tcp-ports",
-        "none",
-        "--udp-ports",
-        "none",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    a.extend([
-        "--address".into(),
-        USER_GUEST_IP.to_string(),
-        "--netmask".into(),
-        USER_PREFIX.to_string(),
-        "--gateway".into(),
-        USER_GATEWAY.to_string(),
-        "--socket".into(),
-        socket.display().to_string(),
-    ]);
-    if let Some(user) = runas {
-        a.extend(["--runas".into(), user.into()]);
-    }
-    if deny_all {
-        a.extend(["--no-tcp".into(), "--no-udp".into(), "--no-icmp".into()]);
-    }
-    a
-}
-
-/// Where passt, running as `vmm_user`, binds its socket for the VM `vm_id`: passt drops
-/// privileges before it binds, and the VM's own directory sits under the daemon's state
-/// directory, which that user may not traverse. So: a directory of the VM's own in the
-/// system temporary directory, owned by that user, mode 0700 (root, the VMM, still
-/// connects).
-pub fn passt_socket_dir(vm_id: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("banger-passt-{vm_id}"))
-}
-
-/// Removes what [`spawn_passt`] left for VM `vm_id` outside its directory.
-pub fn release_user(vm_id: &str) {
-    let _ = std::fs::remove_dir_all(passt_socket_dir(vm_id));
-}
-
-/// Starts passt for the VM `vm_id` whose directory is `run_dir`, as `runas` (name, uid)
-/// when given, and waits until its socket is there. Runs in its own session like the
-/// VMM, so it outlives a daemon restart.
-pub fn spawn_passt(
-    run_dir: &Path,
-    vm_id: &str,
-    runas: Option<(&str, u32)>,
-    deny_all: bool,
-) -> anyhow::Result<Passt> {
-    use std::os::unix::fs::DirBuilderExt;
-    use std::os::unix::process::CommandExt;
-    let binary = banger_vmm::backend::find_on_path(PASST).with_context(|| {
-        "passt is not installed: network \"user\" needs it (apt-get install passt), or use network \"none\""
-    })?;
-    let socket_dir = match runas {
-        Some((_, uid)) => {
-            let dir = passt_socket_dir(vm_id);
-            // remove_dir_all does not follow a symlink planted there; create_dir then
-            // fails rather than reuse anything someone else made in between.
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::DirBuilder::new()
-                .mode(0o700)
-                .create(&dir)
-                .with_context(|| format!("create {}", dir.display()))?;
-            std::os::unix::fs::chown(&dir, Some(uid), None)
-                .with_context(|| format!("give {} to uid {uid}", dir.display()))?;
-            dir
-        }
-        None => run_dir.to_owned(),
-    };
-    let socket = socket_dir.join("passt.sock");
-    let _ = std::fs::remove_file(&socket);
-    let log_path = run_dir.join("passt.log");
-    let log = std::fs::File::create(&log_path)
-        .with_context(|| format!("create {}", log_path.display()))?;
-    let mut command = Command::new(&binary);
-    command
-        .args(passt_args(&socket, runas.map(|(name, _)| name), deny_all))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(log);
-    // SAFETY: setsid is async-signal-safe and touches no parent memory; it keeps passt
-    // out of the daemon's process group, as the VMM is.
-    unsafe {
-        command.pre_exec(|| rustix::process::setsid().map(drop).map_err(Into::into));
-    }
-    let mut child = command
-        .spawn()
-        .with_context(|| format!("spawn {}", binary.display()))?;
-    let pid = child.id();
-    let deadline = std::time::Instant::now() + PASST_READY_TIMEOUT;
-    loop {
-        if socket.exists() {
-            break;
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            bail!(
-                "passt exited {status} before creating {}: {}",
-                socket.display(),
-                std::fs::read_to_string(&log_path).unwrap_or_default().trim()
-            );
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!(
-                "passt did not create {} within {PASST_READY_TIMEOUT:?} (PASST_READY_TIMEOUT): {}",
-                socket.display(),
-                std::fs::read_to_string(&log_path).unwrap_or_default().trim()
-            );
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    std::thread::spawn(move || {
-        let _ = child.wait();
-    });
-    Ok(Passt { pid, socket })
-}
 
 /// Deletes the TAP device `name`; a missing one is fine.
 pub fn delete_tap(name: &str) -> anyhow::Result<()> {
@@ -896,21 +736,6 @@ mod tests {
         );
         let deny = admit_script("bgr-0000abcd", ip, &banger_api::Egress::Deny);
         assert!(!deny.contains("accept"), "{deny}");
-    }
-
-    #[test]
-    fn passt_never_maps_the_gateway_and_denies_by_dropping_every_protocol() {
-        let a = passt_args(Path::new("/vm/passt.sock"), Some("banger-vmm"), false);
-        for flag in ["--no-map-gw", "--one-off", "--ipv4-only", "--no-dhcp"] {
-            assert!(a.iter().any(|x| x == flag), "{flag}: {a:?}");
-        }
-        let joined = a.join(" ");
-        assert!(joined.contains("--runas banger-vmm"), "{joined}");
-        assert!(joined.contains("--tcp-ports none --udp-ports none"), "{joined}");
-        assert!(!joined.contains("--no-tcp"), "{joined}");
-        let deny = passt_args(Path::new("/vm/passt.sock"), None, true).join(" ");
-        assert!(deny.contains("--no-tcp --no-udp --no-icmp"), "{deny}");
-        assert!(!deny.contains("--runas"), "{deny}");
     }
 
     #[test]

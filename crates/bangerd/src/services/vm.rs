@@ -78,7 +78,7 @@ pub struct VmService {
     pending_ips: Mutex<HashSet<Ipv4Addr>>,
 }
 
-/// Refuses an egress policy the network mode cannot enforce: user mode (passt) can let
+/// Refuses an egress policy the network mode cannot enforce: user mode (slirp) can let
 /// everything or nothing out, but has no per-destination filter of its own, and the
 /// host's output guard matches one user shared by every user-mode VM, so a per-VM CIDR
 /// list needs TAP mode.
@@ -213,8 +213,7 @@ impl VmService {
                 tracing::info!(vm = %vm.name, "VM found dead at start-up; marked stopped");
             }
             if !running {
-                network::release_user(&vm.id);
-                if let (Some(tap), Some(ip)) = (
+                        if let (Some(tap), Some(ip)) = (
                     vm.tap.as_deref(),
                     vm.guest_ip.as_deref().and_then(|ip| ip.parse().ok()),
                 ) {
@@ -529,13 +528,13 @@ impl VmService {
     }
 
     /// As root: installs the user-mode output guard for `vmm_user` and returns that user,
-    /// whom passt then runs as. Not root: nothing can be enforced (see `banger doctor`);
-    /// passt runs as the daemon's user and the loopback stays closed by `--no-map-gw`,
-    /// but the host's other addresses are reachable. That is warned about, not refused:
-    /// an unprivileged daemon has no better user-mode network to offer.
+    /// whom QEMU then runs as (`-runas`). Not root: nothing can be enforced (see `banger
+    /// doctor`): the guest reaches the host's loopback through 10.0.2.2 and the host's
+    /// other addresses. That is warned about, not refused: an unprivileged daemon has no
+    /// user-mode network that is better, and refusing would leave it none.
     fn user_guard(&self) -> anyhow::Result<Option<(String, u32)>> {
         if !rustix::process::geteuid().is_root() {
-            tracing::warn!("bangerd is not root: user-mode guests can reach the host's own non-loopback addresses (banger doctor)");
+            tracing::warn!("bangerd is not root: user-mode guests can reach the host's loopback (10.0.2.2) and its own addresses (banger doctor)");
             return Ok(None);
         }
         let user = self
@@ -596,9 +595,6 @@ impl VmService {
             "console=ttyS0 panic=-1 quiet banger.agent=1 banger.hostname={}",
             vm.name
         );
-        // A passt started for this boot; killed if the VMM does not get to connect to it
-        // (once connected, passt exits with the VMM by itself).
-        let mut passt = None;
         let net = match (mode, &vm.guest_ip, &vm.tap) {
             (NetworkMode::None, _, _) => None,
             (NetworkMode::User, _, _) => {
@@ -608,34 +604,19 @@ impl VmService {
                     network::USER_PREFIX,
                     network::USER_GATEWAY
                 ));
-                if network::has_default_route() {
-                    let runas = self.user_guard().with_context(|| format!("start VM {name:?}"))?;
-                    let started = network::spawn_passt(
-                        &dir,
-                        &vm.id,
-                        runas.as_ref().map(|(user, uid)| (user.as_str(), *uid)),
-                        vm.egress == banger_api::Egress::Deny,
-                    )
-                    .with_context(|| format!("start the user-mode network of VM {name:?}"))?;
-                    // passt connects to resolvers itself; the guest asks the host's
-                    // upstream one (a loopback stub is the host, which passt may not reach).
-                    if let Some(dns) = network::host_nameserver() {
-                        cmdline.push_str(&format!(" banger.dns={dns}"));
-                    }
-                    let spec = NetSpec::Stream {
-                        socket: started.socket.clone(),
-                    };
-                    passt = Some(started);
-                    Some(spec)
-                } else {
-                    // No default route: no outside to reach, and passt refuses to run.
-                    // slirp restricted reaches neither the host nor anything else.
-                    tracing::info!(vm = name, "no IPv4 default route: user-mode network restricted to nothing (slirp restrict=on)");
-                    Some(NetSpec::User(banger_vmm::qemu::UserNet {
-                        host_forwards: Vec::new(),
-                        restrict: true,
-                    }))
+                let runas = self.user_guard().with_context(|| format!("start VM {name:?}"))?;
+                // slirp's own DNS forwarder (10.0.2.3) would ask the host's resolver,
+                // which may be a loopback stub the guard blocks: the guest asks the
+                // host's upstream one, like a TAP guest.
+                if let Some(dns) = network::host_nameserver() {
+                    cmdline.push_str(&format!(" banger.dns={dns}"));
                 }
+                Some(NetSpec::User(banger_vmm::qemu::UserNet {
+                    host_forwards: Vec::new(),
+                    // egress = "deny": slirp reaches neither the host nor the outside.
+                    restrict: vm.egress == banger_api::Egress::Deny,
+                    runas: runas.map(|(user, _)| user),
+                }))
             }
             (NetworkMode::Tap, Some(ip), Some(tap)) => {
                 let subnet = self.subnet()?;
@@ -685,9 +666,6 @@ impl VmService {
         let pid = match vmm.spawn_detached(&spec) {
             Ok(pid) => pid,
             Err(e) => {
-                if let Some(passt) = &passt {
-                    kill(passt.pid);
-                }
                 self.release_tap(&vm);
                 return Err(anyhow::Error::new(e)
                     .context(format!("start VM {name:?} with {kind}"))
@@ -719,7 +697,6 @@ impl VmService {
     /// Deletes the VM's TAP device, if it has one; a failure is logged, not returned: the
     /// VM is stopped either way and start-up recovery retries.
     fn release_tap(&self, vm: &VmInfo) {
-        network::release_user(&vm.id);
         if let (Some(tap), Some(ip)) = (
             vm.tap.as_deref(),
             vm.guest_ip.as_deref().and_then(|ip| ip.parse().ok()),
