@@ -76,7 +76,16 @@ impl World {
         let outside = NetNs::new(&format!("{tag}o")).expect("second namespace");
         ok(
             host.exec(&[
-                "ip", "link", "add", "veth0", "type", "veth", "peer", "name", "veth1", "netns",
+                "ip",
+                "link",
+                "add",
+                "veth0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "veth1",
+                "netns",
                 &outside.name,
             ]),
             "veth pair",
@@ -124,7 +133,10 @@ impl World {
                 if stdout(&out).contains(marker) {
                     break;
                 }
-                assert!(Instant::now() < deadline, "server {addr}:{port} never answered");
+                assert!(
+                    Instant::now() < deadline,
+                    "server {addr}:{port} never answered"
+                );
                 std::thread::sleep(Duration::from_millis(100));
             }
         };
@@ -319,7 +331,10 @@ fn tap_mode_reaches_the_outside_but_not_the_host_other_vms_or_with_a_spoofed_sou
     create(&install, &["--name", "b"]);
     let a_ip = show(&install, "a")["guest_ip"].as_str().unwrap().to_owned();
     let b_ip = show(&install, "b")["guest_ip"].as_str().unwrap().to_owned();
-    assert_eq!(show(&install, "a")["egress"], serde_json::json!(["198.18.0.2/32"]));
+    assert_eq!(
+        show(&install, "a")["egress"],
+        serde_json::json!(["198.18.0.2/32"])
+    );
 
     // Outbound works, within each VM's egress.
     assert_eq!(
@@ -364,7 +379,11 @@ fn tap_mode_reaches_the_outside_but_not_the_host_other_vms_or_with_a_spoofed_sou
         "-c",
         &format!("printf 'GET /hello HTTP/1.0\\r\\n\\r\\n' | /bin/busybox nc -w 5 {b_ip} 8080"),
     ]);
-    assert!(stdout(&from_host).contains("vm-b"), "{}", stdout(&from_host));
+    assert!(
+        stdout(&from_host).contains("vm-b"),
+        "{}",
+        stdout(&from_host)
+    );
     assert_eq!(fetch(&install, "a", &b_ip, 8080), None, "VM a reached VM b");
     guest_sh(
         &install,
@@ -431,14 +450,16 @@ fn tap_mode_reaches_the_outside_but_not_the_host_other_vms_or_with_a_spoofed_sou
 
 #[test]
 fn network_none_gives_the_guest_only_loopback() {
-    let Some(install) = ready_install_in("vmm = \"qemu\"\nnetwork = \"user\"\n", None, None)
-    else {
+    let Some(install) = ready_install_in("vmm = \"qemu\"\nnetwork = \"user\"\n", None, None) else {
         return;
     };
     create(&install, &["--name", "n", "--network", "none"]);
     let vm = show(&install, "n");
     assert_eq!(vm["network"], "none");
-    assert!(vm.get("guest_ip").is_none() && vm.get("tap").is_none(), "{vm}");
+    assert!(
+        vm.get("guest_ip").is_none() && vm.get("tap").is_none(),
+        "{vm}"
+    );
     assert_eq!(guest_sh(&install, "n", "ls /sys/class/net"), "lo\n");
     assert_eq!(
         guest_sh(&install, "n", "cat /sys/class/net/lo/operstate"),

@@ -533,7 +533,6 @@ pub fn user_uid(user: &str) -> anyhow::Result<u32> {
         .with_context(|| format!("id -u {user}: not a number"))
 }
 
-
 /// Deletes the TAP device `name`; a missing one is fine.
 pub fn delete_tap(name: &str) -> anyhow::Result<()> {
     if !link_exists(name) {
@@ -711,12 +710,24 @@ mod tests {
     #[test]
     fn guard_scripts_say_what_they_enforce() {
         let user = user_guard_script(999);
-        assert!(user.contains("meta skuid 999 oifname { \"lo\", \"banger0\" } reject"), "{user}");
-        assert!(user.contains("meta skuid 999 fib daddr type { local,"), "{user}");
+        assert!(
+            user.contains("meta skuid 999 oifname { \"lo\", \"banger0\" } reject"),
+            "{user}"
+        );
+        assert!(
+            user.contains("meta skuid 999 fib daddr type { local,"),
+            "{user}"
+        );
         let tap = tap_guard_script();
         assert!(tap.contains("iifname \"banger0\" drop"), "{tap}");
-        assert!(tap.contains("iifname \"banger0\" oifname \"banger0\" drop"), "{tap}");
-        assert!(tap.contains("iifname \"bgr-*\" oifname \"bgr-*\" drop"), "{tap}");
+        assert!(
+            tap.contains("iifname \"banger0\" oifname \"banger0\" drop"),
+            "{tap}"
+        );
+        assert!(
+            tap.contains("iifname \"bgr-*\" oifname \"bgr-*\" drop"),
+            "{tap}"
+        );
         let ip = Ipv4Addr::new(172, 30, 0, 9);
         let admit = admit_script(
             "bgr-0000abcd",

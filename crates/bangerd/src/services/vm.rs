@@ -213,7 +213,7 @@ impl VmService {
                 tracing::info!(vm = %vm.name, "VM found dead at start-up; marked stopped");
             }
             if !running {
-                        if let (Some(tap), Some(ip)) = (
+                if let (Some(tap), Some(ip)) = (
                     vm.tap.as_deref(),
                     vm.guest_ip.as_deref().and_then(|ip| ip.parse().ok()),
                 ) {
@@ -604,7 +604,9 @@ impl VmService {
                     network::USER_PREFIX,
                     network::USER_GATEWAY
                 ));
-                let runas = self.user_guard().with_context(|| format!("start VM {name:?}"))?;
+                let runas = self
+                    .user_guard()
+                    .with_context(|| format!("start VM {name:?}"))?;
                 // slirp's own DNS forwarder (10.0.2.3) would ask the host's resolver,
                 // which may be a loopback stub the guard blocks: the guest asks the
                 // host's upstream one, like a TAP guest.
@@ -625,8 +627,8 @@ impl VmService {
                     .with_context(|| format!("guest_ip {ip:?} of VM {name:?} in the store"))?;
                 network::ensure_bridge(subnet)
                     .with_context(|| format!("set up the bridge for VM {name:?}"))?;
-                if let Err(e) =
-                    network::create_tap(tap).and_then(|()| network::admit_guest(tap, ip, &vm.egress))
+                if let Err(e) = network::create_tap(tap)
+                    .and_then(|()| network::admit_guest(tap, ip, &vm.egress))
                 {
                     // It may exist half-configured (created, not on the bridge).
                     self.release_tap(&vm);
