@@ -142,7 +142,7 @@ pub struct VmInfo {
     pub pid: Option<u32>,
     /// The VMM of its last boot: `qemu-tcg`, `qemu-kvm` or `firecracker`.
     pub backend: String,
-    /// `user` (passt, outbound only), `tap` (bridge + TAP + NAT) or `none`.
+    /// `user` (QEMU user-mode, outbound only), `tap` (filtered bridge + TAP + NAT) or `none`.
     #[serde(default)]
     pub network: VmNetwork,
     /// What the guest may reach beyond the host (see [`Egress`]).
@@ -381,7 +381,7 @@ pub struct DoctorCheck {
 pub enum NetworkChoice {
     /// `tap` when bangerd is root with /dev/net/tun, `user` otherwise.
     Auto,
-    /// User-mode networking through passt: outbound only.
+    /// QEMU user-mode networking: outbound only (when bangerd is root).
     User,
     /// A TAP device on banger's bridge, filtered and NATed.
     Tap,
@@ -393,7 +393,7 @@ pub enum NetworkChoice {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VmNetwork {
-    /// User-mode networking through passt: outbound only.
+    /// QEMU user-mode networking: outbound only (when bangerd is root).
     #[default]
     User,
     /// A TAP device on banger's bridge.
@@ -549,5 +549,56 @@ impl From<Egress> for EgressRepr {
             Egress::Deny => EgressRepr::Word("deny".into()),
             Egress::Only(cidrs) => EgressRepr::List(cidrs.iter().map(Cidr::to_string).collect()),
         }
+    }
+}
+
+#[cfg(test)]
+mod egress_tests {
+    use super::*;
+
+    #[test]
+    fn egress_reads_words_and_cidr_lists_and_names_what_is_wrong() {
+        let e: Egress = serde_json::from_str("\"deny\"").unwrap();
+        assert_eq!(e, Egress::Deny);
+        let e: Egress = serde_json::from_str("[\"10.0.0.0/8\", \"192.0.2.7\"]").unwrap();
+        assert_eq!(e.to_string(), "10.0.0.0/8,192.0.2.7/32");
+        assert_eq!(
+            serde_json::to_value(&e).unwrap(),
+            serde_json::json!(["10.0.0.0/8", "192.0.2.7/32"])
+        );
+        assert_eq!(Egress::parse_flag("allow").unwrap(), Egress::Allow);
+        assert_eq!(
+            Egress::parse_flag("10.0.0.0/8, 10.1.0.0/16")
+                .unwrap()
+                .to_string(),
+            "10.0.0.0/8,10.1.0.0/16"
+        );
+        for (bad, says) in [
+            ("\"open\"", "expected \"allow\", \"deny\""),
+            (
+                "[\"10.0.0.1/8\"]",
+                "host bits are set (the network is 10.0.0.0/8)",
+            ),
+            ("[\"10.0.0.0/33\"]", "the prefix must be 0..=32"),
+            ("[\"fd00::/8\"]", "not an IPv4 address"),
+        ] {
+            let err = serde_json::from_str::<Egress>(bad).unwrap_err().to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+        let many: Vec<String> = (0..=MAX_EGRESS_CIDRS)
+            .map(|i| format!("10.{}.{}.0/24", i / 256, i % 256))
+            .collect();
+        let err = serde_json::from_value::<Egress>(serde_json::json!(many))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("limit of 256 (MAX_EGRESS_CIDRS)"), "{err}");
+    }
+
+    #[test]
+    fn network_choices_are_a_closed_set_on_the_wire() {
+        let n: NetworkChoice = serde_json::from_str("\"none\"").unwrap();
+        assert_eq!(n, NetworkChoice::None);
+        assert!(serde_json::from_str::<NetworkChoice>("\"bridge\"").is_err());
+        assert_eq!(serde_json::to_value(VmNetwork::Tap).unwrap(), "tap");
     }
 }

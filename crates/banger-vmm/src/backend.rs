@@ -28,8 +28,8 @@ pub struct UserNet {
     /// `(host port on 127.0.0.1, guest port)` TCP forwards.
     pub host_forwards: Vec<(u16, u16)>,
     /// slirp's `restrict=on`: the guest reaches neither the host nor the outside (only
-    /// the forwards). Plain slirp maps 10.0.2.2 to the host's loopback, so a sandboxed
-    /// VM gets slirp only restricted (or passt, [`NetSpec::Stream`]).
+    /// the forwards). Plain slirp maps 10.0.2.2 to the host's loopback: the daemon pairs
+    /// it with [`UserNet::runas`] and a host firewall rule on that user.
     pub restrict: bool,
     /// QEMU's `-runas`: the user QEMU switches to after start-up. slirp opens the host
     /// sockets of guest connections lazily, after the switch, so they belong to this
@@ -42,12 +42,6 @@ pub struct UserNet {
 pub enum NetSpec {
     /// QEMU's user-mode stack (QEMU only; Firecracker has none).
     User(UserNet),
-    /// A user-mode network stack in another process (passt) that QEMU joins through a
-    /// Unix stream socket (`-netdev stream`, QEMU 7.2+). QEMU only.
-    Stream {
-        /// The Unix socket the stack listens on.
-        socket: PathBuf,
-    },
     /// A TAP device that already exists on the host (created and attached to the bridge
     /// by the caller); the VMM only opens it.
     Tap {

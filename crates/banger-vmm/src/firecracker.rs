@@ -172,7 +172,7 @@ pub fn plan(spec: &VmSpec) -> Result<Vec<ApiRequest>> {
                 "guest_mac": mac,
             }),
         )),
-        Some(NetSpec::User(_) | NetSpec::Stream { .. }) => return Err(Error::Vm(
+        Some(NetSpec::User(_)) => return Err(Error::Vm(
             "Firecracker has no user-mode networking: give the VM a TAP device (network = \"tap\")"
                 .into(),
         )),

@@ -152,16 +152,6 @@ impl Qemu {
                     a.extend(["-runas".into(), user.clone()]);
                 }
             }
-            Some(NetSpec::Stream { socket }) => a.extend([
-                "-netdev".into(),
-                // The stack (passt) listens; QEMU connects once at start-up.
-                format!(
-                    "stream,id=n0,server=off,addr.type=unix,addr.path={}",
-                    qemu_escape(&socket.display().to_string())
-                ),
-                "-device".into(),
-                "virtio-net-device,netdev=n0".into(),
-            ]),
             Some(NetSpec::Tap { ifname, mac }) => a.extend([
                 "-netdev".into(),
                 // The tap exists already (the daemon made it and put it on the bridge):
@@ -541,17 +531,8 @@ mod tests {
     }
 
     #[test]
-    fn stream_network_joins_the_passt_socket_and_restricted_slirp_says_so() {
+    fn restricted_slirp_runs_as_the_vmm_user_and_no_net_means_no_netdev() {
         let mut s = spec(Accel::Tcg, "console=ttyS0");
-        s.net = Some(NetSpec::Stream {
-            socket: "/run/vm,1/passt.sock".into(),
-        });
-        let a = Qemu::default().args(&s);
-        assert_eq!(
-            arg_after(&a, "-netdev"),
-            ["stream,id=n0,server=off,addr.type=unix,addr.path=/run/vm,,1/passt.sock"]
-        );
-        assert!(a.contains(&"virtio-net-device,netdev=n0".to_string()));
         s.net = Some(NetSpec::User(UserNet {
             host_forwards: vec![],
             restrict: true,

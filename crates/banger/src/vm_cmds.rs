@@ -82,7 +82,7 @@ pub enum VmCommand {
         /// Create without starting.
         #[arg(long)]
         no_start: bool,
-        /// Networking: user (outbound only, through passt), tap (filtered bridge + NAT,
+        /// Networking: user (QEMU user-mode, outbound only), tap (filtered bridge + NAT,
         /// root), none (no network device) or auto (default: network in config.toml).
         #[arg(long, value_parser = parse_network)]
         network: Option<NetworkChoice>,
