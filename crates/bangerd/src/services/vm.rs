@@ -607,12 +607,13 @@ impl VmService {
                 let runas = self
                     .user_guard()
                     .with_context(|| format!("start VM {name:?}"))?;
-                // slirp's own DNS forwarder (10.0.2.3) would ask the host's resolver,
+                // slirp's own DNS forwarder (10.0.2.3) asks the host's first resolver,
                 // which may be a loopback stub the guard blocks: the guest asks the
-                // host's upstream one, like a TAP guest.
-                if let Some(dns) = network::host_nameserver() {
-                    cmdline.push_str(&format!(" banger.dns={dns}"));
-                }
+                // host's upstream one, like a TAP guest, and the forwarder only where the
+                // host has no routable one.
+                let dns =
+                    network::host_nameserver().map_or("10.0.2.3".to_owned(), |ip| ip.to_string());
+                cmdline.push_str(&format!(" banger.dns={dns}"));
                 Some(NetSpec::User(banger_vmm::qemu::UserNet {
                     host_forwards: Vec::new(),
                     // egress = "deny": slirp reaches neither the host nor the outside.
