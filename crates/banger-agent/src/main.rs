@@ -113,7 +113,12 @@ fn init() {
                 }
             });
         }
-        Ok(None) => {}
+        // No network device (`--network none`): loopback still works, as on any host.
+        Ok(None) => {
+            if let Err(e) = net::loopback_up() {
+                eprintln!("banger-agent: network: {e}");
+            }
+        }
         Err(e) => eprintln!("banger-agent: network: {e}"),
     }
 }

@@ -70,6 +70,11 @@ pub fn netmask(prefix: u8) -> Ipv4Addr {
     Ipv4Addr::from(bits)
 }
 
+/// Brings `lo` up (and nothing else): for a VM without a network device.
+pub fn loopback_up() -> io::Result<()> {
+    Socket::new()?.up("lo").map_err(|e| ctx(e, "bring up lo"))
+}
+
 /// Brings `lo` up, waits up to `wait` for the interface to appear (virtio-net probes
 /// asynchronously), then sets its address and netmask, brings it up, adds the default
 /// route and writes `/etc/resolv.conf` when a nameserver was given.

@@ -110,9 +110,12 @@ pub struct VmCreateParams {
     /// Create without starting.
     #[serde(default)]
     pub no_start: bool,
-    /// `user`, `tap` or `auto`; default: config `network`.
+    /// `user`, `tap`, `none` or `auto`; default: config `network`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub network: Option<String>,
+    pub network: Option<NetworkChoice>,
+    /// `allow`, `deny` or a list of IPv4 CIDRs; default: config `egress`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<Egress>,
 }
 
 wire_enum! {
@@ -200,9 +203,12 @@ pub struct VmInfo {
     /// The VMM of its last boot; `null` until it first boots.
     #[serde(default)]
     pub backend: Option<VmBackend>,
-    /// `user` (QEMU user-mode) or `tap` (bridge + TAP + NAT).
-    #[serde(default = "default_network")]
-    pub network: String,
+    /// `user` (QEMU user-mode, outbound only), `tap` (filtered bridge + TAP + NAT) or `none`.
+    #[serde(default)]
+    pub network: VmNetwork,
+    /// What the guest may reach beyond the host (see [`Egress`]).
+    #[serde(default)]
+    pub egress: Egress,
     /// The guest's address on the bridge (TAP networking).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_ip: Option<String>,
@@ -213,10 +219,6 @@ pub struct VmInfo {
     pub created_at: String,
     /// Its directory (disk, console log, sockets).
     pub dir: String,
-}
-
-fn default_network() -> String {
-    "user".into()
 }
 
 method! {
@@ -399,7 +401,10 @@ pub struct VmRunParams {
     pub rm: bool,
     /// As in `vm.create`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub network: Option<String>,
+    pub network: Option<NetworkChoice>,
+    /// As in `vm.create`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<Egress>,
     /// As in `vm.create`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vcpus: Option<u32>,
@@ -536,4 +541,232 @@ pub struct VmStatsResult {
     pub disk_bytes: u64,
     /// Host bytes the root disk occupies (allocated blocks).
     pub disk_allocated_bytes: u64,
+}
+
+/// How a VM is networked, as `vm.create` and `vm.run` ask for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkChoice {
+    /// `tap` when bangerd is root with /dev/net/tun, `user` otherwise.
+    Auto,
+    /// QEMU user-mode networking: outbound only (when bangerd is root).
+    User,
+    /// A TAP device on banger's bridge, filtered and NATed.
+    Tap,
+    /// No network device at all: the guest has only `lo`.
+    None,
+}
+
+/// How a VM is networked (resolved: never `auto`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmNetwork {
+    /// QEMU user-mode networking: outbound only (when bangerd is root).
+    #[default]
+    User,
+    /// A TAP device on banger's bridge.
+    Tap,
+    /// No network device.
+    None,
+}
+
+impl VmNetwork {
+    /// The name on the wire and in the store.
+    pub fn name(self) -> &'static str {
+        match self {
+            VmNetwork::User => "user",
+            VmNetwork::Tap => "tap",
+            VmNetwork::None => "none",
+        }
+    }
+
+    /// The mode a stored name means.
+    pub fn from_name(name: &str) -> Option<VmNetwork> {
+        match name {
+            "user" => Some(VmNetwork::User),
+            "tap" => Some(VmNetwork::Tap),
+            "none" => Some(VmNetwork::None),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for VmNetwork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The most CIDRs one `egress` allow list may hold.
+pub const MAX_EGRESS_CIDRS: usize = 256;
+
+/// What a guest may reach beyond the host: `"allow"` (everything the mode lets out),
+/// `"deny"` (nothing) or a list of IPv4 CIDRs (only those). On the wire and in
+/// config.toml: the word, or the list.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "EgressRepr", into = "EgressRepr")]
+pub enum Egress {
+    /// Every destination the network mode lets out.
+    #[default]
+    Allow,
+    /// No destination.
+    Deny,
+    /// Only these IPv4 networks (`a.b.c.d/n`, host bits zero).
+    Only(Vec<Cidr>),
+}
+
+/// An IPv4 network: address with its host bits zero, and prefix length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    /// The network address.
+    pub addr: std::net::Ipv4Addr,
+    /// The prefix length, 0..=32.
+    pub prefix: u8,
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    /// `a.b.c.d/n`, or a bare address (a /32).
+    fn from_str(s: &str) -> Result<Cidr, String> {
+        let (addr, prefix) = s.split_once('/').unwrap_or((s, "32"));
+        let addr: std::net::Ipv4Addr = addr
+            .parse()
+            .map_err(|_| format!("egress {s:?}: not an IPv4 address or CIDR (a.b.c.d/n)"))?;
+        let prefix: u8 = prefix
+            .parse()
+            .ok()
+            .filter(|p| *p <= 32)
+            .ok_or_else(|| format!("egress {s:?}: the prefix must be 0..=32"))?;
+        let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+        if u32::from(addr) & !mask != 0 {
+            return Err(format!(
+                "egress {s:?}: host bits are set (the network is {}/{prefix})",
+                std::net::Ipv4Addr::from(u32::from(addr) & mask)
+            ));
+        }
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl Egress {
+    /// Parses the `--egress` flag: `allow`, `deny`, or CIDRs separated by commas.
+    pub fn parse_flag(s: &str) -> Result<Egress, String> {
+        let repr = match s {
+            "allow" | "deny" => EgressRepr::Word(s.to_owned()),
+            _ => EgressRepr::List(s.split(',').map(|c| c.trim().to_owned()).collect()),
+        };
+        Egress::try_from(repr)
+    }
+}
+
+impl std::fmt::Display for Egress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Egress::Allow => f.write_str("allow"),
+            Egress::Deny => f.write_str("deny"),
+            Egress::Only(cidrs) => {
+                let list: Vec<String> = cidrs.iter().map(Cidr::to_string).collect();
+                f.write_str(&list.join(","))
+            }
+        }
+    }
+}
+
+/// How [`Egress`] is written: a word or a list.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum EgressRepr {
+    /// `allow` or `deny`.
+    Word(String),
+    /// CIDRs.
+    List(Vec<String>),
+}
+
+impl TryFrom<EgressRepr> for Egress {
+    type Error = String;
+    fn try_from(repr: EgressRepr) -> Result<Egress, String> {
+        match repr {
+            EgressRepr::Word(w) if w == "allow" => Ok(Egress::Allow),
+            EgressRepr::Word(w) if w == "deny" => Ok(Egress::Deny),
+            EgressRepr::Word(w) => Err(format!(
+                "egress {w:?}: expected \"allow\", \"deny\" or a list of IPv4 CIDRs"
+            )),
+            EgressRepr::List(list) if list.len() > MAX_EGRESS_CIDRS => Err(format!(
+                "egress: {} CIDRs is more than the limit of {MAX_EGRESS_CIDRS} (MAX_EGRESS_CIDRS)",
+                list.len()
+            )),
+            // An empty allow list is "deny"; saying it so keeps one spelling per policy.
+            EgressRepr::List(list) if list.is_empty() => Ok(Egress::Deny),
+            EgressRepr::List(list) => Ok(Egress::Only(
+                list.iter().map(|c| c.parse()).collect::<Result<_, _>>()?,
+            )),
+        }
+    }
+}
+
+impl From<Egress> for EgressRepr {
+    fn from(e: Egress) -> EgressRepr {
+        match e {
+            Egress::Allow => EgressRepr::Word("allow".into()),
+            Egress::Deny => EgressRepr::Word("deny".into()),
+            Egress::Only(cidrs) => EgressRepr::List(cidrs.iter().map(Cidr::to_string).collect()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod egress_tests {
+    use super::*;
+
+    #[test]
+    fn egress_reads_words_and_cidr_lists_and_names_what_is_wrong() {
+        let e: Egress = serde_json::from_str("\"deny\"").unwrap();
+        assert_eq!(e, Egress::Deny);
+        let e: Egress = serde_json::from_str("[\"10.0.0.0/8\", \"192.0.2.7\"]").unwrap();
+        assert_eq!(e.to_string(), "10.0.0.0/8,192.0.2.7/32");
+        assert_eq!(
+            serde_json::to_value(&e).unwrap(),
+            serde_json::json!(["10.0.0.0/8", "192.0.2.7/32"])
+        );
+        assert_eq!(Egress::parse_flag("allow").unwrap(), Egress::Allow);
+        assert_eq!(
+            Egress::parse_flag("10.0.0.0/8, 10.1.0.0/16")
+                .unwrap()
+                .to_string(),
+            "10.0.0.0/8,10.1.0.0/16"
+        );
+        for (bad, says) in [
+            ("\"open\"", "expected \"allow\", \"deny\""),
+            (
+                "[\"10.0.0.1/8\"]",
+                "host bits are set (the network is 10.0.0.0/8)",
+            ),
+            ("[\"10.0.0.0/33\"]", "the prefix must be 0..=32"),
+            ("[\"fd00::/8\"]", "not an IPv4 address"),
+        ] {
+            let err = serde_json::from_str::<Egress>(bad).unwrap_err().to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+        let many: Vec<String> = (0..=MAX_EGRESS_CIDRS)
+            .map(|i| format!("10.{}.{}.0/24", i / 256, i % 256))
+            .collect();
+        let err = serde_json::from_value::<Egress>(serde_json::json!(many))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("limit of 256 (MAX_EGRESS_CIDRS)"), "{err}");
+    }
+
+    #[test]
+    fn network_choices_are_a_closed_set_on_the_wire() {
+        let n: NetworkChoice = serde_json::from_str("\"none\"").unwrap();
+        assert_eq!(n, NetworkChoice::None);
+        assert!(serde_json::from_str::<NetworkChoice>("\"bridge\"").is_err());
+        assert_eq!(serde_json::to_value(VmNetwork::Tap).unwrap(), "tap");
+    }
 }

@@ -27,6 +27,14 @@ pub enum Accel {
 pub struct UserNet {
     /// `(host port on 127.0.0.1, guest port)` TCP forwards.
     pub host_forwards: Vec<(u16, u16)>,
+    /// slirp's `restrict=on`: the guest reaches neither the host nor the outside (only
+    /// the forwards). Plain slirp maps 10.0.2.2 to the host's loopback: the daemon pairs
+    /// it with [`UserNet::runas`] and a host firewall rule on that user.
+    pub restrict: bool,
+    /// The user QEMU runs as (a root daemon drops to it before exec, see
+    /// [`crate::confine`]): slirp's host sockets of guest connections belong to it, which
+    /// the host's output guard matches (bangerd's `vmm_user`).
+    pub runas: Option<String>,
 }
 
 /// The guest's network device and what backs it on the host.

@@ -151,6 +151,9 @@ impl Qemu {
             None => {}
             Some(NetSpec::User(user)) => {
                 let mut netdev = "user,id=n0".to_string();
+                if user.restrict {
+                    netdev.push_str(",restrict=on");
+                }
                 for (host, guest) in &user.host_forwards {
                     netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
                 }
@@ -619,6 +622,8 @@ mod tests {
             vcpus: 2,
             net: Some(NetSpec::User(UserNet {
                 host_forwards: vec![(2222, 22)],
+                restrict: false,
+                runas: None,
             })),
             accel,
             agent_socket: None,
@@ -690,6 +695,24 @@ mod tests {
             a.contains(&"virtio-net-device,netdev=n0,mac=02:b4:00:00:00:07".to_string()),
             "{a:?}"
         );
+    }
+
+    #[test]
+    fn restricted_slirp_runs_as_the_vmm_user_and_no_net_means_no_netdev() {
+        let mut s = spec(Accel::Tcg, "console=ttyS0");
+        s.net = Some(NetSpec::User(UserNet {
+            host_forwards: vec![],
+            restrict: true,
+            runas: Some("banger-vmm".into()),
+        }));
+        let a = Qemu::default().args(&s);
+        assert_eq!(arg_after(&a, "-netdev"), ["user,id=n0,restrict=on"]);
+        // Never QEMU's own -runas: it would setuid under the seccomp filter (SIGSYS); a
+        // root daemon drops to the user before exec instead (crate::confine).
+        assert!(arg_after(&a, "-runas").is_empty(), "{a:?}");
+        s.net = None;
+        let a = Qemu::default().args(&s);
+        assert!(arg_after(&a, "-netdev").is_empty(), "{a:?}");
     }
 
     #[test]

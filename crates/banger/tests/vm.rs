@@ -519,10 +519,16 @@ fn vm_exec_stop_start_keeps_files_and_rm_leaves_nothing() {
     assert_eq!(stdout(&out), "out\n");
     assert_eq!(stderr(&out), "err\n");
 
-    // User networking: QEMU's DNS forwarder, written over the image's dangling link.
+    // User networking: the host's first routable nameserver (QEMU's forwarder, 10.0.2.3,
+    // where there is none), written over the image's dangling link.
     let out = install.banger(&["vm", "exec", "box", "--", "cat", "/etc/resolv.conf"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert_eq!(stdout(&out), "nameserver 10.0.2.3\n");
+    let resolv = stdout(&out);
+    let server = resolv
+        .strip_prefix("nameserver ")
+        .and_then(|rest| rest.strip_suffix('\n'))
+        .and_then(|ip| ip.parse::<std::net::Ipv4Addr>().ok());
+    assert!(server.is_some_and(|ip| !ip.is_loopback()), "{resolv:?}");
 
     check_stdin_and_pty(&install, "box");
 
@@ -827,20 +833,11 @@ fn tap_network_gives_the_guest_its_address_and_the_bridge_and_rm_deletes_the_tap
         "{}",
         stdout(&out)
     );
+    // The guard keeps the host (the bridge address included) out of a TAP guest's reach
+    // (crates/banger/tests/netpolicy.rs checks what it can reach): the VM answering its
+    // agent is what says it runs.
     let ping_bridge = || {
-        let out = install.banger(&[
-            "vm",
-            "exec",
-            "tapbox",
-            "--",
-            "/bin/busybox",
-            "ping",
-            "-c",
-            "1",
-            "-W",
-            "5",
-            "172.30.9.1",
-        ]);
+        let out = install.banger(&["vm", "exec", "tapbox", "--", "/bin/busybox", "true"]);
         assert_eq!(
             out.status.code(),
             Some(0),
@@ -850,42 +847,6 @@ fn tap_network_gives_the_guest_its_address_and_the_bridge_and_rm_deletes_the_tap
         );
     };
     ping_bridge();
-
-    let www = install.dir.path().join("www");
-    std::fs::create_dir_all(&www).unwrap();
-    std::fs::write(www.join("hello"), "from the bridge\n").unwrap();
-    let mut httpd = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns.name,
-            "/bin/busybox",
-            "httpd",
-            "-f",
-            "-p",
-            "172.30.9.1:8080",
-            "-h",
-        ])
-        .arg(&www)
-        .spawn()
-        .unwrap();
-    let out = install.banger(&[
-        "vm",
-        "exec",
-        "tapbox",
-        "--",
-        "/bin/busybox",
-        "wget",
-        "-q",
-        "-O",
-        "-",
-        // Not -T: Debian's static busybox 1.35 wget segfaults with it.
-        "http://172.30.9.1:8080/hello",
-    ]);
-    let _ = httpd.kill();
-    let _ = httpd.wait();
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert_eq!(stdout(&out), "from the bridge\n");
 
     let links_now = || stdout(&ns.exec(&["ip", "-o", "link", "show"]));
 

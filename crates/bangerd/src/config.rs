@@ -81,6 +81,9 @@ pub struct Config {
     /// The biggest kernel payload (`.deb`, vmlinux, initrd) `kernel import` reads; default
     /// 512 MiB.
     pub kernel_max_payload_bytes: Option<u64>,
+    /// What guests may reach beyond the host: `"allow"` (default), `"deny"` or a list of
+    /// IPv4 CIDRs (TAP mode only). `--egress` overrides it per VM.
+    pub egress: Option<banger_api::Egress>,
 }
 
 impl Config {
@@ -215,6 +218,27 @@ mod tests {
         std::fs::write(&path, "console_log_max = 100\n").unwrap();
         let err = format!("{:#}", Config::load(&path).unwrap_err());
         assert!(err.contains("console_log_max = 100"), "{err}");
+    }
+
+    #[test]
+    fn egress_vmm_user_and_network_none_parse_and_bad_egress_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(
+            &path,
+            "network = \"none\"\negress = [\"10.0.0.0/8\"]\nvmm_user = \"vmm\"\n",
+        )
+        .unwrap();
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.network, Some(NetworkSetting::None));
+        assert_eq!(
+            config.egress.map(|e| e.to_string()).as_deref(),
+            Some("10.0.0.0/8")
+        );
+        assert_eq!(config.vmm_user.as_deref(), Some("vmm"));
+        std::fs::write(&path, "egress = \"sometimes\"\n").unwrap();
+        let err = format!("{:#}", Config::load(&path).unwrap_err());
+        assert!(err.contains("egress \"sometimes\""), "{err}");
     }
 
     #[test]

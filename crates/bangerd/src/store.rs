@@ -79,6 +79,12 @@ pub const MIGRATIONS: &[Migration] = &[
         // none, and their VMM is recognised by its command line instead.
         sql: "ALTER TABLE vms ADD COLUMN pid_identity TEXT;",
     },
+    Migration {
+        version: 6,
+        name: "vm egress",
+        // JSON of banger_api::Egress; VMs from before the setting let everything out.
+        sql: "ALTER TABLE vms ADD COLUMN egress TEXT NOT NULL DEFAULT '\"allow\"';",
+    },
 ];
 
 /// The database was written by a newer banger; refusing beats corrupting it.

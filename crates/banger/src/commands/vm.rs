@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
+use banger_api::{Egress, NetworkChoice};
 use banger_api::{
     ExecResult, NameParams, VmCreate, VmCreateParams, VmExec, VmExecParams, VmInfo, VmKill, VmList,
     VmListParams, VmLogs, VmLogsParams, VmPrune, VmPruneParams, VmRestart, VmRm, VmRun,
@@ -54,10 +55,14 @@ pub enum VmCommand {
         /// Create without starting.
         #[arg(long)]
         no_start: bool,
-        /// Networking: user (QEMU user-mode), tap (bridge + NAT, root) or auto
-        /// (default: network in config.toml).
-        #[arg(long, value_parser = ["user", "tap", "auto"])]
-        network: Option<String>,
+        /// Networking: user (QEMU user-mode, outbound only), tap (filtered bridge + NAT,
+        /// root), none (no network device) or auto (default: network in config.toml).
+        #[arg(long, value_parser = parse_network)]
+        network: Option<NetworkChoice>,
+        /// What the guest may reach beyond the host: allow, deny, or IPv4 CIDRs
+        /// separated by commas (tap only) (default: egress in config.toml).
+        #[arg(long, value_parser = Egress::parse_flag)]
+        egress: Option<Egress>,
     },
     /// Boot a stopped VM.
     Start {
@@ -189,9 +194,12 @@ pub enum VmCommand {
         rm: bool,
         #[command(flatten)]
         resources: Resources,
-        /// Networking: user, tap or auto (default: network in config.toml).
-        #[arg(long, value_parser = ["user", "tap", "auto"])]
-        network: Option<String>,
+        /// Networking: user, tap, none or auto (default: network in config.toml).
+        #[arg(long, value_parser = parse_network)]
+        network: Option<NetworkChoice>,
+        /// As for `vm create`.
+        #[arg(long, value_parser = Egress::parse_flag)]
+        egress: Option<Egress>,
         #[command(flatten)]
         stdin: StdinArgs,
         /// Write the guest's bytes to this terminal as they are; by default control
@@ -224,6 +232,9 @@ fn print_vm(info: &VmInfo) {
     match (&info.guest_ip, &info.tap) {
         (Some(ip), Some(tap)) => println!("network:  {} {ip} (host {tap})", info.network),
         _ => println!("network:  {}", info.network),
+    }
+    if info.network != banger_api::VmNetwork::None {
+        println!("egress:   {}", info.egress);
     }
     println!("created:  {}", info.created_at);
 }
@@ -261,6 +272,12 @@ fn exit_with(result: anyhow::Result<ExecResult>, json: bool) -> anyhow::Result<E
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }
 
+/// `--network`: one of the closed set of [`NetworkChoice`]s.
+fn parse_network(s: &str) -> Result<NetworkChoice, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned()))
+        .map_err(|_| format!("{s:?}: expected user, tap, none or auto"))
+}
+
 /// Runs one `banger vm` command.
 pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Result<ExitCode> {
     match command {
@@ -271,6 +288,7 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
             resources,
             no_start,
             network,
+            egress,
         } => {
             let params = VmCreateParams {
                 name,
@@ -281,6 +299,7 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
                 disk_bytes: resources.disk,
                 no_start,
                 network,
+                egress,
             };
             emit(json, &call::<VmCreate>(client, &params)?, |info| {
                 println!("created {} ({})", info.name, info.state)
@@ -416,6 +435,7 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
             rm,
             resources,
             network,
+            egress,
             stdin,
             raw,
             command,
@@ -442,6 +462,7 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
                 argv: command,
                 rm,
                 network,
+                egress,
                 vcpus: resources.cpus,
                 memory_mib: resources.memory_mib(),
                 disk_bytes: resources.disk,

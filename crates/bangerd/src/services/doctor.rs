@@ -174,6 +174,7 @@ pub fn diagnose(kernels: &KernelService, vms: &VmService) -> Vec<DoctorCheck> {
     };
     checks.push(kvm_check);
     checks.extend(network_checks(tap_required));
+    checks.extend(policy_checks(vms));
     checks.push(backend_check(vms, kvm));
     checks
 }
@@ -269,4 +270,60 @@ fn backend_check(vms: &VmService, kvm: Result<String, String>) -> DoctorCheck {
             ),
         },
     }
+}
+
+/// What the network policy can enforce here, per mode: whether user-mode guests are kept
+/// from the host, whether TAP guests are filtered, and which `egress` values each mode
+/// honours. A root daemon that cannot guard user mode fails VM starts (so "missing");
+/// an unprivileged one runs user-mode guests unguarded (so "optional", with the warning).
+fn policy_checks(vms: &VmService) -> Vec<DoctorCheck> {
+    let config = vms.config();
+    let cap = TapCapability::probe();
+    let nft = banger_vmm::backend::find_on_path("nft").is_some();
+    let user = config
+        .vmm_user
+        .clone()
+        .unwrap_or_else(|| network::DEFAULT_VMM_USER.to_owned());
+    let user_check = if !cap.root {
+        DoctorCheck {
+            name: "user-mode isolation".into(),
+            status: CheckStatus::Optional,
+            detail: "bangerd is not root: user-mode guests reach the host's loopback (10.0.2.2) and every host address; egress \"deny\" still works, CIDR lists need tap".into(),
+            fix: Some(format!("run bangerd as root with nftables and the user {user} (scripts/setup.sh)")),
+        }
+    } else {
+        match (nft, network::user_uid(&user)) {
+            (true, Ok(uid)) if uid != 0 => DoctorCheck {
+                name: "user-mode isolation".into(),
+                status: CheckStatus::Ok,
+                detail: format!("QEMU runs as {user} (uid {uid}); nft table inet {} rejects its traffic to loopback, host addresses and {}; egress: allow or deny", network::GUARD_TABLE, network::BRIDGE),
+                fix: None,
+            },
+            (nft, uid) => DoctorCheck {
+                name: "user-mode isolation".into(),
+                status: CheckStatus::Missing,
+                detail: match (nft, uid) {
+                    (false, _) => "nft is not installed: user-mode VMs do not start".into(),
+                    (_, Err(e)) => format!("{e:#}: user-mode VMs do not start"),
+                    _ => format!("vmm_user {user:?} is root: user-mode VMs do not start"),
+                },
+                fix: Some(format!("apt-get install nftables; useradd --system --no-create-home --shell /usr/sbin/nologin {user}")),
+            },
+        }
+    };
+    let tap_check = DoctorCheck {
+        name: "tap-mode filtering".into(),
+        status: if cap.possible() && nft {
+            CheckStatus::Ok
+        } else {
+            CheckStatus::Optional
+        },
+        detail: if cap.possible() && nft {
+            format!("nft tables inet/bridge {}: no guest traffic to the host, VM-to-VM blocked (isolated bridge ports), spoofed MAC/IP dropped; egress: allow, deny or CIDR list", network::GUARD_TABLE)
+        } else {
+            "TAP networking is not available here (root, /dev/net/tun and nft needed)".into()
+        },
+        fix: None,
+    };
+    vec![user_check, tap_check]
 }

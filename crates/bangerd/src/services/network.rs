@@ -1,24 +1,37 @@
-//! VM networking on the host.
+//! VM networking on the host, and the policy that bounds what a guest reaches.
 //!
-//! Two modes, chosen by `network` in config.toml:
+//! Three modes, chosen by `network` in config.toml or `--network`:
 //!
-//! - `user`: QEMU's user-mode stack. No privileges, nothing created on the host; the guest
-//!   is 10.0.2.15/24 behind 10.0.2.2 and reaches the host's network through QEMU.
+//! - `none`: no network device at all; the guest has only `lo`.
+//! - `user`: QEMU's user-mode stack (slirp). The guest is 10.0.2.15/24 behind 10.0.2.2;
+//!   slirp turns its connections into ordinary sockets of the QEMU process, so it reaches
+//!   what the host reaches. Plain slirp also maps 10.0.2.2 to the host's 127.0.0.1, and
+//!   the host's own addresses are just addresses: so when bangerd is root, QEMU runs as
+//!   the dedicated `vmm_user` (default [`DEFAULT_VMM_USER`], QEMU's `-runas`) and an nft
+//!   output guard ([`user_guard_script`]) rejects that user's traffic to loopback, to
+//!   every local address and to the TAP bridge: outbound only. Without root nothing can
+//!   enforce that (see `banger doctor`).
+//!   Considered and not taken: passt (`--no-map-gw`, QEMU 7.2 `-netdev stream`) closes
+//!   the loopback mapping even without root, but Debian 12's passt (0.0~git20230309)
+//!   segfaulted on the first guest TCP connection here (`passt.avx2 ... segfault in
+//!   libc`), and it cannot keep the guest from the host's other addresses either; the
+//!   uid guard is what enforces the boundary, and it works the same with slirp.
 //! - `tap`: one bridge [`BRIDGE`] holding the host address of `bridge_address` (default
 //!   [`DEFAULT_BRIDGE_ADDRESS`]), NAT (masquerade) for the subnet behind it with IPv4
 //!   forwarding on, and per VM a TAP device `bgr-<first 8 hex of its id>` on the bridge.
 //!   Each VM gets the next free address of the subnet, recorded in the store, and
 //!   configures it from the kernel command line (`banger.ip=`, `banger.gw=`). Needs root
-//!   and `/dev/net/tun`; Firecracker has no other mode.
+//!   and `/dev/net/tun`; Firecracker has no other mode. The traffic rules are in
+//!   [`tap_guard_script`] and [`admit_script`].
 //!
 //! `auto` (the default) is `tap` when bangerd runs as root and `/dev/net/tun` exists,
 //! `user` otherwise.
 //!
-//! Host changes go through `ip` (iproute2) and `nft` (or `iptables` where nft is
-//! missing): stable command-line interfaces whose errors read well in our own messages,
-//! rather than a netlink crate's async stack for half a dozen calls made once per VM.
-//! The bridge and NAT rules are set up idempotently and left in place when VMs go (like
-//! docker0); TAP devices live only while their VM runs.
+//! Host changes go through `ip` (iproute2) and `nft`: stable command-line interfaces whose
+//! errors read well in our own messages, rather than a netlink crate's async stack for
+//! half a dozen calls made once per VM. The bridge, the NAT and the guard rules are set up
+//! idempotently and left in place when VMs go (like docker0); TAP devices and the per-VM
+//! rule entries live only while their VM runs.
 
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -42,6 +55,24 @@ pub const TAP_PREFIX: &str = "bgr-";
 /// The nftables table holding banger's NAT and forward rules.
 const NFT_TABLE: &str = "banger";
 
+/// The nftables tables (an `inet` and a `bridge` one) holding the guard rules: what
+/// guests may not reach. Separate from [`NFT_TABLE`], which is replaced whole at every
+/// start, because these hold per-VM entries that must survive other VMs' starts.
+pub const GUARD_TABLE: &str = "banger_guard";
+
+/// The user QEMU runs as (user mode) when bangerd is root unless `vmm_user` says
+/// otherwise. The output guard matches this user's sockets, so it must be used by
+/// nothing else.
+pub const DEFAULT_VMM_USER: &str = "banger-vmm";
+
+/// The guest's address, prefix and next hop in `user` mode (QEMU's historic values).
+pub const USER_GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+/// See [`USER_GUEST_IP`].
+pub const USER_PREFIX: u8 = 24;
+/// See [`USER_GUEST_IP`]. slirp maps it to the host's loopback, which the output guard
+/// rejects.
+pub const USER_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+
 /// The `network` setting.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -49,39 +80,27 @@ pub enum NetworkSetting {
     /// `tap` when root with /dev/net/tun, else `user`.
     #[default]
     Auto,
-    /// QEMU user-mode networking.
+    /// User-mode networking (slirp): outbound only.
     User,
-    /// Bridge + TAP + NAT.
+    /// Bridge + TAP + NAT, filtered.
     Tap,
+    /// No network device.
+    None,
+}
+
+impl From<banger_api::NetworkChoice> for NetworkSetting {
+    fn from(c: banger_api::NetworkChoice) -> NetworkSetting {
+        match c {
+            banger_api::NetworkChoice::Auto => NetworkSetting::Auto,
+            banger_api::NetworkChoice::User => NetworkSetting::User,
+            banger_api::NetworkChoice::Tap => NetworkSetting::Tap,
+            banger_api::NetworkChoice::None => NetworkSetting::None,
+        }
+    }
 }
 
 /// How one VM is networked (recorded per VM in the store).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NetworkMode {
-    /// QEMU user-mode networking.
-    User,
-    /// A TAP device on [`BRIDGE`].
-    Tap,
-}
-
-impl NetworkMode {
-    /// The name stored in the VM record.
-    pub fn name(self) -> &'static str {
-        match self {
-            NetworkMode::User => "user",
-            NetworkMode::Tap => "tap",
-        }
-    }
-
-    /// The mode a VM record names.
-    pub fn from_record(record: &str) -> Option<NetworkMode> {
-        match record {
-            "user" => Some(NetworkMode::User),
-            "tap" => Some(NetworkMode::Tap),
-            _ => None,
-        }
-    }
-}
+pub use banger_api::VmNetwork as NetworkMode;
 
 /// What decides `auto` and whether `tap` can work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,12 +127,13 @@ impl TapCapability {
 }
 
 impl NetworkSetting {
-    /// The setting named `name` (`user`, `tap` or `auto`), as in config.toml.
+    /// The setting named `name` (`user`, `tap`, `none` or `auto`), as in config.toml.
     pub fn parse(name: &str) -> Option<NetworkSetting> {
         match name {
             "auto" => Some(NetworkSetting::Auto),
             "user" => Some(NetworkSetting::User),
             "tap" => Some(NetworkSetting::Tap),
+            "none" => Some(NetworkSetting::None),
             _ => None,
         }
     }
@@ -123,11 +143,12 @@ impl NetworkSetting {
 pub fn resolve_mode(setting: NetworkSetting, cap: TapCapability) -> anyhow::Result<NetworkMode> {
     match setting {
         NetworkSetting::User => Ok(NetworkMode::User),
+        NetworkSetting::None => Ok(NetworkMode::None),
         NetworkSetting::Auto if cap.possible() => Ok(NetworkMode::Tap),
         NetworkSetting::Auto => Ok(NetworkMode::User),
         NetworkSetting::Tap if cap.possible() => Ok(NetworkMode::Tap),
         NetworkSetting::Tap => bail!(
-            "network \"tap\" needs bangerd running as root with /dev/net/tun ({}); use network \"user\" or \"auto\"",
+            "network \"tap\" needs bangerd running as root with /dev/net/tun ({}); use network \"user\", \"none\" or \"auto\"",
             match (cap.root, cap.tun) {
                 (false, false) => "not root, no /dev/net/tun",
                 (false, true) => "not root",
@@ -287,36 +308,20 @@ pub fn ensure_bridge(subnet: Subnet) -> anyhow::Result<()> {
         .with_context(|| format!("give bridge {BRIDGE} the address {address}"))?;
     run("ip", &["link", "set", BRIDGE, "up"], None)
         .with_context(|| format!("bring bridge {BRIDGE} up"))?;
+    // The guard goes in before forwarding is switched on, so there is no moment where
+    // the bridge routes unfiltered.
+    require_nft("TAP networking")?;
+    run("nft", &["-f", "-"], Some(&tap_guard_script()))
+        .context("install the TAP guard rules (nft)")?;
     std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
         .context("enable IPv4 forwarding (net.ipv4.ip_forward=1)")?;
     ensure_nat(subnet)
 }
 
 fn ensure_nat(subnet: Subnet) -> anyhow::Result<()> {
-    if banger_vmm::backend::find_on_path("nft").is_some() {
-        return run("nft", &["-f", "-"], Some(&nft_script(subnet)))
-            .with_context(|| format!("install NAT rules for {} (nft)", subnet.cidr()));
-    }
-    // iptables: check (-C) before appending so repeated starts add no duplicates.
-    let cidr = subnet.cidr();
-    let rule = [
-        "POSTROUTING",
-        "-s",
-        &cidr,
-        "!",
-        "-d",
-        &cidr,
-        "-j",
-        "MASQUERADE",
-    ];
-    let check: Vec<&str> = ["-t", "nat", "-C"].iter().chain(&rule).copied().collect();
-    if run("iptables", &check, None).is_err() {
-        let add: Vec<&str> = ["-t", "nat", "-A"].iter().chain(&rule).copied().collect();
-        run("iptables", &add, None).with_context(|| {
-            format!("install NAT rules for {cidr} (iptables; nft is not installed)")
-        })?;
-    }
-    Ok(())
+    // nft only: the guard rules need it anyway ([`require_nft`] ran before).
+    run("nft", &["-f", "-"], Some(&nft_script(subnet)))
+        .with_context(|| format!("install NAT rules for {} (nft)", subnet.cidr()))
 }
 
 /// Creates the TAP device `name` on the bridge and brings it up. A leftover device of
@@ -328,7 +333,204 @@ pub fn create_tap(name: &str) -> anyhow::Result<()> {
     }
     run("ip", &["link", "set", name, "master", BRIDGE], None)
         .with_context(|| format!("attach tap {name} to {BRIDGE}"))?;
+    // An isolated bridge port forwards only to non-isolated ones (the bridge itself):
+    // VMs cannot reach each other on L2. The bridge-family guard drops TAP-to-TAP frames
+    // too, so the isolation holds even on a kernel that ignored the flag.
+    run(
+        "ip",
+        &[
+            "link",
+            "set",
+            "dev",
+            name,
+            "type",
+            "bridge_slave",
+            "isolated",
+            "on",
+        ],
+        None,
+    )
+    .with_context(|| format!("isolate bridge port {name}"))?;
     run("ip", &["link", "set", name, "up"], None).with_context(|| format!("bring tap {name} up"))
+}
+
+/// The guard rules of TAP mode, loaded at every TAP VM start. Sets and maps are declared
+/// (a no-op when they exist) and only the chains are flushed and refilled, in one atomic
+/// `nft -f` transaction, so the per-VM entries of running VMs survive.
+///
+/// - `inet input`: nothing from the bridge reaches the host, except replies to
+///   connections the host opened. banger serves guests nothing over the network: the
+///   agent channel is virtio-serial or vsock, addresses come from the kernel command line
+///   (no DHCP) and the nameserver is the host's upstream one, reached through the NAT (no
+///   DNS on the host). So the gateway address, every other host address and every host
+///   service are unreachable from a TAP guest; the gateway still routes.
+/// - `inet forward`: no routing from the bridge back onto it (VM to VM through the
+///   gateway), nothing new into the bridge from elsewhere, and what leaves is decided by
+///   the source VM's egress chain ([`admit_script`]); an address without one is dropped.
+/// - `bridge prerouting`: a frame from a banger TAP passes only as IPv4 or ARP carrying
+///   that TAP's own MAC and address (both assigned by banger); anything else (spoofed
+///   source, IPv6, other ethertypes) is dropped.
+/// - `bridge forward`: no frame from one banger TAP to another (with port isolation).
+pub fn tap_guard_script() -> String {
+    let t = GUARD_TABLE;
+    format!(
+        "table inet {t} {{\n\
+         \tmap egress {{ type ipv4_addr : verdict; }}\n\
+         \tchain input {{ type filter hook input priority filter; policy accept; }}\n\
+         \tchain forward {{ type filter hook forward priority filter; policy accept; }}\n\
+         }}\n\
+         flush chain inet {t} input\n\
+         flush chain inet {t} forward\n\
+         table inet {t} {{\n\
+         \tchain input {{\n\
+         \t\tiifname \"{BRIDGE}\" ct state established,related accept\n\
+         \t\tiifname \"{BRIDGE}\" drop\n\
+         \t}}\n\
+         \tchain forward {{\n\
+         \t\tiifname \"{BRIDGE}\" oifname \"{BRIDGE}\" drop\n\
+         \t\toifname \"{BRIDGE}\" ct state established,related accept\n\
+         \t\toifname \"{BRIDGE}\" drop\n\
+         \t\tiifname \"{BRIDGE}\" ip saddr vmap @egress\n\
+         \t\tiifname \"{BRIDGE}\" drop\n\
+         \t}}\n\
+         }}\n\
+         table bridge {t} {{\n\
+         \tset guests {{ type ifname . ether_addr . ipv4_addr; }}\n\
+         \tchain prerouting {{ type filter hook prerouting priority filter; policy accept; }}\n\
+         \tchain forward {{ type filter hook forward priority filter; policy accept; }}\n\
+         }}\n\
+         flush chain bridge {t} prerouting\n\
+         flush chain bridge {t} forward\n\
+         table bridge {t} {{\n\
+         \tchain prerouting {{\n\
+         \t\tiifname != \"{TAP_PREFIX}*\" accept\n\
+         \t\tiifname . ether saddr . arp saddr ip @guests iifname . arp saddr ether . arp saddr ip @guests accept\n\
+         \t\tiifname . ether saddr . ip saddr @guests accept\n\
+         \t\tdrop\n\
+         \t}}\n\
+         \tchain forward {{\n\
+         \t\tiifname \"{TAP_PREFIX}*\" oifname \"{TAP_PREFIX}*\" drop\n\
+         \t}}\n\
+         }}\n"
+    )
+}
+
+/// The egress chain of the VM on TAP `tap`.
+fn egress_chain(tap: &str) -> String {
+    format!("egress_{}", tap.replace('-', "_"))
+}
+
+/// One TAP VM's entries in the guard: its (TAP, MAC, address) triple, the only source
+/// its TAP may send from, and its egress chain (`allow`: accept; `deny`: nothing, so the
+/// forward chain drops; a CIDR list: accept those destinations only), jumped to by its
+/// address.
+pub fn admit_script(tap: &str, ip: Ipv4Addr, egress: &banger_api::Egress) -> String {
+    let t = GUARD_TABLE;
+    let chain = egress_chain(tap);
+    let mac = guest_mac(ip);
+    let verdict = match egress {
+        banger_api::Egress::Allow => "\t\taccept\n".to_owned(),
+        banger_api::Egress::Deny => String::new(),
+        banger_api::Egress::Only(cidrs) => {
+            let list: Vec<String> = cidrs.iter().map(|c| c.to_string()).collect();
+            format!("\t\tip daddr {{ {} }} accept\n", list.join(", "))
+        }
+    };
+    format!(
+        "table inet {t} {{ chain {chain} {{ }}; }}\n\
+         flush chain inet {t} {chain}\n\
+         table inet {t} {{\n\
+         \tchain {chain} {{\n{verdict}\t}}\n\
+         }}\n\
+         add element inet {t} egress {{ {ip} : jump {chain} }}\n\
+         add element bridge {t} guests {{ \"{tap}\" . {mac} . {ip} }}\n"
+    )
+}
+
+/// Installs the guard entries of the VM on `tap` with address `ip` ([`admit_script`]),
+/// replacing what an earlier VM with that address may have left.
+pub fn admit_guest(tap: &str, ip: Ipv4Addr, egress: &banger_api::Egress) -> anyhow::Result<()> {
+    // A stale map entry (a VM that died while no daemon ran) would make `add element`
+    // fail; deleting it first is separate, because a missing one fails its transaction.
+    let _ = run(
+        "nft",
+        &[
+            "delete",
+            "element",
+            "inet",
+            GUARD_TABLE,
+            "egress",
+            &format!("{{ {ip} }}"),
+        ],
+        None,
+    );
+    run("nft", &["-f", "-"], Some(&admit_script(tap, ip, egress)))
+        .with_context(|| format!("install the guard rules of {tap} ({ip}, egress {egress})"))
+}
+
+/// Removes what [`admit_guest`] installed; missing entries are fine (each is removed on
+/// its own so one missing does not keep the others).
+pub fn release_guest(tap: &str, ip: Ipv4Addr) {
+    let t = GUARD_TABLE;
+    let chain = egress_chain(tap);
+    let mac = guest_mac(ip);
+    for script in [
+        format!("delete element inet {t} egress {{ {ip} }}\n"),
+        format!("delete chain inet {t} {chain}\n"),
+        format!("delete element bridge {t} guests {{ \"{tap}\" . {mac} . {ip} }}\n"),
+    ] {
+        let _ = run("nft", &["-f", "-"], Some(&script));
+    }
+}
+
+/// The output guard of `user` mode: sockets of `uid` (the user QEMU runs as, used by
+/// nothing else) may not reach any address of the host itself — loopback, every local
+/// address of any interface (`fib daddr type local`), broadcast, multicast — nor the TAP
+/// bridge (other VMs). What remains is the outside world. `reject`, not `drop`, so a
+/// guest's connection fails at once instead of hanging.
+pub fn user_guard_script(uid: u32) -> String {
+    let t = GUARD_TABLE;
+    format!(
+        "table inet {t} {{ chain output {{ type filter hook output priority filter; policy accept; }}; }}\n\
+         flush chain inet {t} output\n\
+         table inet {t} {{\n\
+         \tchain output {{\n\
+         \t\tmeta skuid {uid} oifname {{ \"lo\", \"{BRIDGE}\" }} reject with icmpx admin-prohibited\n\
+         \t\tmeta skuid {uid} fib daddr type {{ local, broadcast, multicast, anycast }} reject with icmpx admin-prohibited\n\
+         \t}}\n\
+         }}\n"
+    )
+}
+
+/// Loads [`user_guard_script`] for `uid`.
+pub fn ensure_user_guard(uid: u32) -> anyhow::Result<()> {
+    require_nft("the user-mode guard")?;
+    run("nft", &["-f", "-"], Some(&user_guard_script(uid)))
+        .with_context(|| format!("install the user-mode output guard for uid {uid} (nft)"))
+}
+
+fn require_nft(what: &str) -> anyhow::Result<()> {
+    if banger_vmm::backend::find_on_path("nft").is_none() {
+        bail!("nft is not installed: {what} needs it to filter guest traffic (apt-get install nftables)");
+    }
+    Ok(())
+}
+
+/// The uid of `user` (the `vmm_user` setting), through NSS like every other tool.
+pub fn user_uid(user: &str) -> anyhow::Result<u32> {
+    let out = Command::new("id")
+        .args(["-u", "--", user])
+        .output()
+        .context("run id -u")?;
+    if !out.status.success() {
+        bail!(
+            "user {user:?} (vmm_user in config.toml) does not exist: create it with `useradd --system --no-create-home --shell /usr/sbin/nologin {user}` (scripts/setup.sh does)"
+        );
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .with_context(|| format!("id -u {user}: not a number"))
 }
 
 /// Deletes the TAP device `name`; a missing one is fine.
@@ -476,6 +678,75 @@ mod tests {
         assert_eq!(tap_name("0123456789abcdef"), "bgr-01234567");
         assert!(tap_name("0123456789abcdef").len() <= 15);
         assert_eq!(guest_mac(Ipv4Addr::new(172, 30, 0, 2)), "02:b4:ac:1e:00:02");
+    }
+
+    #[test]
+    fn every_guard_script_is_one_valid_nft_transaction() {
+        if !banger_testkit::require(
+            rustix::process::geteuid().is_root(),
+            "nft --check needs CAP_NET_ADMIN",
+        ) || !banger_testkit::require(
+            banger_vmm::backend::find_on_path("nft").is_some(),
+            "nft is not installed",
+        ) {
+            return;
+        }
+        let ip = Ipv4Addr::new(172, 30, 0, 2);
+        let only = banger_api::Egress::Only(vec!["10.0.0.0/8".parse().unwrap()]);
+        // --check parses and validates against the kernel without committing anything.
+        for script in [
+            nft_script(DEFAULT_BRIDGE_ADDRESS.parse().unwrap()),
+            user_guard_script(65534),
+            tap_guard_script() + &admit_script("bgr-01234567", ip, &banger_api::Egress::Allow),
+            tap_guard_script() + &admit_script("bgr-01234567", ip, &banger_api::Egress::Deny),
+            tap_guard_script() + &admit_script("bgr-01234567", ip, &only),
+        ] {
+            if let Err(e) = run("nft", &["--check", "-f", "-"], Some(&script)) {
+                panic!("{e:#}\n{script}");
+            }
+        }
+    }
+
+    #[test]
+    fn guard_scripts_say_what_they_enforce() {
+        let user = user_guard_script(999);
+        assert!(
+            user.contains("meta skuid 999 oifname { \"lo\", \"banger0\" } reject"),
+            "{user}"
+        );
+        assert!(
+            user.contains("meta skuid 999 fib daddr type { local,"),
+            "{user}"
+        );
+        let tap = tap_guard_script();
+        assert!(tap.contains("iifname \"banger0\" drop"), "{tap}");
+        assert!(
+            tap.contains("iifname \"banger0\" oifname \"banger0\" drop"),
+            "{tap}"
+        );
+        assert!(
+            tap.contains("iifname \"bgr-*\" oifname \"bgr-*\" drop"),
+            "{tap}"
+        );
+        let ip = Ipv4Addr::new(172, 30, 0, 9);
+        let admit = admit_script(
+            "bgr-0000abcd",
+            ip,
+            &banger_api::Egress::Only(vec![
+                "10.0.0.0/8".parse().unwrap(),
+                "192.0.2.7".parse().unwrap(),
+            ]),
+        );
+        assert!(
+            admit.contains("ip daddr { 10.0.0.0/8, 192.0.2.7/32 } accept"),
+            "{admit}"
+        );
+        assert!(
+            admit.contains("guests { \"bgr-0000abcd\" . 02:b4:ac:1e:00:09 . 172.30.0.9 }"),
+            "{admit}"
+        );
+        let deny = admit_script("bgr-0000abcd", ip, &banger_api::Egress::Deny);
+        assert!(!deny.contains("accept"), "{deny}");
     }
 
     #[test]

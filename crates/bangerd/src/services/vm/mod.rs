@@ -4,7 +4,8 @@
 //!
 //! Each VM row records the backend of its last boot (`qemu-kvm`, `qemu-tcg`,
 //! `firecracker`), which says how its agent is reached after a daemon restart, and its
-//! network (`user`, or `tap` with its address and TAP device; see [`super::network`]).
+//! network (`user`, `none`, or `tap` with its address and TAP device; see
+//! [`super::network`]) and its egress policy.
 
 mod lifecycle;
 
@@ -148,6 +149,19 @@ impl AgentPool {
     }
 }
 
+/// Refuses an egress policy the network mode cannot enforce: user mode (slirp) can let
+/// everything or nothing out, but has no per-destination filter of its own, and the
+/// host's output guard matches one user shared by every user-mode VM, so a per-VM CIDR
+/// list needs TAP mode.
+fn check_egress(mode: NetworkMode, egress: &banger_api::Egress) -> Result<(), ServiceError> {
+    if mode == NetworkMode::User && matches!(egress, banger_api::Egress::Only(_)) {
+        return Err(ServiceError::bad_request(format!(
+            "egress {egress}: a CIDR allow list needs network \"tap\"; network \"user\" enforces only \"allow\" or \"deny\""
+        )));
+    }
+    Ok(())
+}
+
 /// Releases an address reserved by [`VmService::allocate_guest_ip`] once the create is over
 /// (recorded or failed).
 struct PendingIp<'a> {
@@ -273,6 +287,12 @@ impl VmService {
                 tracing::info!(vm = %vm.name, "VM found dead at start-up; marked stopped");
             }
             if !running {
+                if let (Some(tap), Some(ip)) = (
+                    vm.tap.as_deref(),
+                    vm.guest_ip.as_deref().and_then(|ip| ip.parse().ok()),
+                ) {
+                    network::release_guest(tap, ip);
+                }
                 if let Some(tap) = vm.tap.as_deref().filter(|t| network::tap_exists(t)) {
                     match network::delete_tap(tap) {
                         Ok(()) => {
@@ -290,6 +310,19 @@ impl VmService {
 
     fn row(&self, row: &rusqlite::Row<'_>) -> rusqlite::Result<VmInfo> {
         let id: String = row.get(0)?;
+        let bad = |column: usize, what: String| {
+            rusqlite::Error::FromSqlConversionFailure(
+                column,
+                rusqlite::types::Type::Text,
+                what.into(),
+            )
+        };
+        let network: String = row.get(11)?;
+        let network = NetworkMode::from_name(&network)
+            .ok_or_else(|| bad(11, format!("unknown network {network:?} in the store")))?;
+        let egress: String = row.get(14)?;
+        let egress: banger_api::Egress = serde_json::from_str(&egress)
+            .map_err(|e| bad(14, format!("egress {egress:?} in the store: {e}")))?;
         Ok(VmInfo {
             dir: self.dir(&id).display().to_string(),
             id,
@@ -304,13 +337,14 @@ impl VmService {
             // Written as "qemu" before a first boot by older versions, "none" now.
             backend: row.get::<_, String>(9)?.parse().ok(),
             created_at: row.get(10)?,
-            network: row.get(11)?,
+            network,
+            egress,
             guest_ip: row.get(12)?,
             tap: row.get(13)?,
         })
     }
 
-    const COLUMNS: &'static str = "id, name, image, kernel, vcpus, memory_mib, disk_bytes, state, pid, backend, created_at, network, guest_ip, tap";
+    const COLUMNS: &'static str = "id, name, image, kernel, vcpus, memory_mib, disk_bytes, state, pid, backend, created_at, network, guest_ip, tap, egress";
 
     /// Every VM by name.
     pub fn list(&self) -> Result<Vec<VmInfo>, ServiceError> {
@@ -434,16 +468,17 @@ impl VmService {
             self.config.default_kernel.as_deref(),
         )?;
         let agent = self.agent_path()?;
-        let setting = match params.network.as_deref() {
-            Some(name) => NetworkSetting::parse(name).ok_or_else(|| {
-                ServiceError::bad_request(format!(
-                    "network {name:?}: expected \"user\", \"tap\" or \"auto\""
-                ))
-            })?,
+        let setting = match params.network {
+            Some(choice) => NetworkSetting::from(choice),
             None => self.config.network.unwrap_or_default(),
         };
         let mode = network::resolve_mode(setting, TapCapability::probe())
             .map_err(|e| ServiceError::bad_request(format!("{e:#}")))?;
+        let egress = params
+            .egress
+            .or_else(|| self.config.egress.clone())
+            .unwrap_or_default();
+        check_egress(mode, &egress)?;
         if !params.no_start {
             // Refuse a VM that could not boot before copying its disk: the backend
             // choice (vmm, firecracker_bin, KVM, network) is the same at start.
@@ -452,7 +487,7 @@ impl VmService {
         }
         let id = hex::encode(rand::random::<[u8; 8]>());
         let reserved = match mode {
-            NetworkMode::User => None,
+            NetworkMode::User | NetworkMode::None => None,
             NetworkMode::Tap => Some(self.allocate_guest_ip()?),
         };
         let guest_ip = reserved.as_ref().map(|r| r.ip.to_string());
@@ -495,7 +530,8 @@ impl VmService {
             backend: None,
             created_at: now(),
             dir: dir.display().to_string(),
-            network: mode.name().into(),
+            network: mode,
+            egress,
             guest_ip,
             tap,
         };
@@ -503,7 +539,7 @@ impl VmService {
             .conn()
             .execute(
                 &format!(
-                    "INSERT INTO vms ({}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                    "INSERT INTO vms ({}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
                     Self::COLUMNS
                 ),
                 rusqlite::params![
@@ -518,9 +554,10 @@ impl VmService {
                     info.pid,
                     info.backend.map_or(NO_BACKEND, VmBackend::as_str),
                     info.created_at,
-                    info.network,
+                    info.network.name(),
                     info.guest_ip,
-                    info.tap
+                    info.tap,
+                    serde_json::to_string(&info.egress).context("encode egress")?
                 ],
             )
             .map_err(|e| {
@@ -616,6 +653,29 @@ impl VmService {
         }
     }
 
+    /// As root: installs the user-mode output guard for `vmm_user` and returns that user,
+    /// whom QEMU then runs as (`-runas`). Not root: nothing can be enforced (see `banger
+    /// doctor`): the guest reaches the host's loopback through 10.0.2.2 and the host's
+    /// other addresses. That is warned about, not refused: an unprivileged daemon has no
+    /// user-mode network that is better, and refusing would leave it none.
+    fn user_guard(&self) -> anyhow::Result<Option<(String, u32)>> {
+        if !rustix::process::geteuid().is_root() {
+            tracing::warn!("bangerd is not root: user-mode guests can reach the host's loopback (10.0.2.2) and its own addresses (banger doctor)");
+            return Ok(None);
+        }
+        let user = self
+            .config
+            .vmm_user
+            .clone()
+            .unwrap_or_else(|| network::DEFAULT_VMM_USER.to_owned());
+        let uid = network::user_uid(&user)?;
+        if uid == 0 {
+            bail!("vmm_user {user:?} is root: the user-mode guard needs a dedicated unprivileged user");
+        }
+        network::ensure_user_guard(uid)?;
+        Ok(Some((user, uid)))
+    }
+
     /// The VMM for a VM networked with `mode`, per the `vmm` setting and the host.
     fn backend(&self, kernel: &Path, mode: NetworkMode) -> Result<Box<dyn Vmm>, ServiceError> {
         let preference: banger_vmm::BackendPreference = self.config.vmm.unwrap_or_default().into();
@@ -623,7 +683,8 @@ impl VmService {
         let host = HostFacts {
             kvm: self.kvm(kernel),
             firecracker: firecracker.clone(),
-            tap_network: mode == NetworkMode::Tap,
+            // Firecracker has no user-mode stack; a VM without a NIC needs none.
+            tap_network: mode != NetworkMode::User,
         };
         let kind = select_backend(preference, &host).map_err(|e| {
             let mut message = e.to_string();
@@ -687,12 +748,8 @@ impl VmService {
             return Ok(vm);
         }
         let boot = self.kernels.boot_files(&vm.kernel)?;
-        let mode = NetworkMode::from_record(&vm.network).ok_or_else(|| {
-            anyhow::anyhow!(
-                "VM {name:?} has an unknown network {:?} in the store",
-                vm.network
-            )
-        })?;
+        let mode = vm.network;
+        check_egress(mode, &vm.egress)?;
         let vmm = self.backend(&boot.kernel, mode)?;
         let kind = vmm.kind();
         let accel = match (kind, self.kvm(&boot.kernel)) {
@@ -705,10 +762,30 @@ impl VmService {
             vm.name
         );
         let net = match (mode, &vm.guest_ip, &vm.tap) {
+            (NetworkMode::None, _, _) => None,
             (NetworkMode::User, _, _) => {
-                // 10.0.2.3 is QEMU's own DNS forwarder to the host's resolvers.
-                cmdline.push_str(" banger.ip=10.0.2.15/24 banger.gw=10.0.2.2 banger.dns=10.0.2.3");
-                NetSpec::User(Default::default())
+                cmdline.push_str(&format!(
+                    " banger.ip={}/{} banger.gw={}",
+                    network::USER_GUEST_IP,
+                    network::USER_PREFIX,
+                    network::USER_GATEWAY
+                ));
+                let runas = self
+                    .user_guard()
+                    .with_context(|| format!("start VM {name:?}"))?;
+                // slirp's own DNS forwarder (10.0.2.3) asks the host's first resolver,
+                // which may be a loopback stub the guard blocks: the guest asks the
+                // host's upstream one, like a TAP guest, and the forwarder only where the
+                // host has no routable one.
+                let dns =
+                    network::host_nameserver().map_or("10.0.2.3".to_owned(), |ip| ip.to_string());
+                cmdline.push_str(&format!(" banger.dns={dns}"));
+                Some(NetSpec::User(banger_vmm::qemu::UserNet {
+                    host_forwards: Vec::new(),
+                    // egress = "deny": slirp reaches neither the host nor the outside.
+                    restrict: vm.egress == banger_api::Egress::Deny,
+                    runas: runas.map(|(user, _)| user),
+                }))
             }
             (NetworkMode::Tap, Some(ip), Some(tap)) => {
                 let subnet = self.subnet()?;
@@ -717,7 +794,9 @@ impl VmService {
                     .with_context(|| format!("guest_ip {ip:?} of VM {name:?} in the store"))?;
                 network::ensure_bridge(subnet)
                     .with_context(|| format!("set up the bridge for VM {name:?}"))?;
-                if let Err(e) = network::create_tap(tap) {
+                if let Err(e) = network::create_tap(tap)
+                    .and_then(|()| network::admit_guest(tap, ip, &vm.egress))
+                {
                     // It may exist half-configured (created, not on the bridge).
                     self.release_tap(&vm);
                     return Err(e.context(format!("start VM {name:?}")).into());
@@ -729,10 +808,10 @@ impl VmService {
                 if let Some(dns) = network::host_nameserver() {
                     cmdline.push_str(&format!(" banger.dns={dns}"));
                 }
-                NetSpec::Tap {
+                Some(NetSpec::Tap {
                     ifname: tap.clone(),
                     mac: network::guest_mac(ip),
-                }
+                })
             }
             (NetworkMode::Tap, _, _) => {
                 return Err(anyhow::anyhow!(
@@ -748,7 +827,7 @@ impl VmService {
             root_disk: Some(dir.join(ROOT_DISK)),
             memory_mib: vm.memory_mib,
             vcpus: vm.vcpus,
-            net: Some(net),
+            net,
             accel,
             run_dir: dir.clone(),
             agent_socket: Some(agent_socket_in(kind, &dir)),
@@ -794,6 +873,12 @@ impl VmService {
     /// Deletes the VM's TAP device, if it has one; a failure is logged, not returned: the
     /// VM is stopped either way and start-up recovery retries.
     fn release_tap(&self, vm: &VmInfo) {
+        if let (Some(tap), Some(ip)) = (
+            vm.tap.as_deref(),
+            vm.guest_ip.as_deref().and_then(|ip| ip.parse().ok()),
+        ) {
+            network::release_guest(tap, ip);
+        }
         if let Some(tap) = &vm.tap {
             if let Err(e) = network::delete_tap(tap) {
                 tracing::warn!(vm = %vm.name, %tap, error = %format!("{e:#}"), "cannot delete TAP device");
@@ -1040,7 +1125,8 @@ impl VmService {
         let create = VmCreateParams {
             name: params.name.clone(),
             image: Some(image.name),
-            network: params.network.clone(),
+            network: params.network,
+            egress: params.egress.clone(),
             vcpus: params.vcpus,
             memory_mib: params.memory_mib,
             disk_bytes: params.disk_bytes,

@@ -1,0 +1,87 @@
+//! Installations that can boot VMs: a real Debian cloud kernel, banger's agent and a
+//! busybox image (the same recipe as `vm.rs`, shared with the other VM test files).
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use banger_testkit::{guest, push_oci_layout, LayerCompression, OciLayoutBuilder, Registry};
+
+use super::{stderr, stdout, Install, NetNs};
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Agent binary and kernel package, built/downloaded once per test process.
+pub fn guest_parts() -> Option<&'static (PathBuf, PathBuf)> {
+    static PARTS: OnceLock<Option<(PathBuf, PathBuf)>> = OnceLock::new();
+    PARTS
+        .get_or_init(|| {
+            let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+            let deb = match guest::fetch_test_kernel(
+                &workspace_root(),
+                &tmp.join("banger-test-kernel"),
+            ) {
+                Ok(deb) => deb,
+                Err(e) => {
+                    banger_testkit::require(false, e);
+                    return None;
+                }
+            };
+            let agent =
+                guest::build_guest_agent(&workspace_root(), &tmp.join("banger-agent-build"))
+                    .unwrap_or_else(|e| panic!("{e}"));
+            Some((agent, deb))
+        })
+        .as_ref()
+}
+
+/// An installation configured with `config`, whose banger runs in `netns` when given,
+/// with a kernel and a busybox image named `bb`: pulled from `registry`, or imported from
+/// an OCI layout (a daemon inside a namespace cannot reach the host's loopback registry).
+pub fn ready_install_in(
+    config: &str,
+    netns: Option<&NetNs>,
+    registry: Option<&Registry>,
+) -> Option<Install> {
+    let (agent, deb) = guest_parts()?;
+    let mut install = Install::new();
+    install
+        .extra_env
+        .push(("BANGER_AGENT".into(), agent.into()));
+    install.netns = netns.map(|ns| ns.name.clone());
+    install.write_config(config);
+    let layout_dir = install.dir.path().join("layout");
+    let mut layout = OciLayoutBuilder::new(&layout_dir).unwrap();
+    layout
+        .image("v1", &[(guest::busybox_layer(), LayerCompression::Gzip)])
+        .unwrap();
+    let out = match registry {
+        Some(registry) => {
+            push_oci_layout(&layout_dir, "v1", registry, "busybox");
+            install.banger(&[
+                "image",
+                "pull",
+                &registry.reference("busybox", "v1"),
+                "--name",
+                "bb",
+            ])
+        }
+        None => install.banger(&[
+            "image",
+            "import",
+            &format!("{}:v1", layout_dir.display()),
+            "--name",
+            "bb",
+        ]),
+    };
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = install.banger(&["kernel", "import", "cloud", "--deb", deb.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("imported kernel cloud ("),
+        "{}",
+        stdout(&out)
+    );
+    Some(install)
+}
