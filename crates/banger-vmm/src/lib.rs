@@ -12,6 +12,7 @@ pub mod firecracker;
 pub mod initramfs;
 pub mod kernel;
 pub mod qemu;
+pub mod qmp;
 
 pub use backend::{BackendKind, BackendPreference, NetSpec, VmSpec, Vmm};
 pub use error::{Error, Result};

@@ -552,8 +552,27 @@ impl ImageService {
 
     /// Deletes the image called `name`: its record first (so it stops being listed even if
     /// removing the files is interrupted; start-up finishes that), then its files.
+    ///
+    /// Refused while VMs use it: their disks are copy-on-write overlays on its rootfs.
     pub fn remove(&self, name: &str) -> Result<ImageInfo, ServiceError> {
         let info = self.show(name)?;
+        let users: Vec<String> = {
+            let conn = self.store.conn();
+            let mut stmt = conn
+                .prepare("SELECT name FROM vms WHERE image = ?1 ORDER BY name")
+                .context("list the VMs of an image")?;
+            let rows = stmt
+                .query_map([name], |r| r.get(0))
+                .context("list the VMs of an image")?;
+            rows.collect::<Result<_, _>>()
+                .context("list the VMs of an image")?
+        };
+        if !users.is_empty() {
+            return Err(ServiceError::bad_request(format!(
+                "image {name:?} is in use by VM(s) {}: their disks are overlays on it; remove them first (banger vm rm NAME)",
+                users.join(", ")
+            )));
+        }
         self.store
             .conn()
             .execute("DELETE FROM images WHERE id = ?1", [&info.id])

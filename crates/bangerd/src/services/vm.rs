@@ -20,7 +20,7 @@ use banger_api::{
     ExecResult, OutputStream, TtyParams, VmBackend, VmCreateParams, VmExecParams, VmInfo,
     VmLogsParams, VmLogsResult, VmRunParams, VmShellParams, VmState, OUTPUT_NOTIFICATION,
 };
-use banger_vmm::agent::{AgentClient, ExecControl, AGENT_GUEST_PATH};
+use banger_vmm::agent::{AgentClient, ExecControl};
 use banger_vmm::backend::{self, agent_socket_in, select_backend, BackendKind, HostFacts};
 use banger_vmm::firecracker::Firecracker;
 use banger_vmm::qemu::{Accel, Qemu};
@@ -30,6 +30,7 @@ use rusqlite::OptionalExtension;
 
 use crate::config::Config;
 use crate::layout::Layout;
+use crate::services::disk;
 use crate::services::network::{self, NetworkMode, NetworkSetting, Subnet, TapCapability};
 use crate::services::{CallContext, ImageService, InputEvent, InputReceiver, KernelService};
 use crate::store::Store;
@@ -95,6 +96,11 @@ impl VmService {
     /// The configuration VMs are created and booted with.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Where this daemon keeps its state.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
     }
 
     /// The kernel service this one boots from.
@@ -313,7 +319,7 @@ impl VmService {
             params.kernel.as_deref(),
             self.config.default_kernel.as_deref(),
         )?;
-        let agent = self.agent_path()?;
+        self.agent_path()?;
         let setting = match params.network.as_deref() {
             Some(name) => NetworkSetting::parse(name).ok_or_else(|| {
                 ServiceError::bad_request(format!(
@@ -324,12 +330,15 @@ impl VmService {
         };
         let mode = network::resolve_mode(setting, TapCapability::probe())
             .map_err(|e| ServiceError::bad_request(format!("{e:#}")))?;
-        if !params.no_start {
-            // Refuse a VM that could not boot before copying its disk: the backend
-            // choice (vmm, firecracker_bin, KVM, network) is the same at start.
-            let boot = self.kernels.boot_files(&kernel.name)?;
-            self.backend(&boot.kernel, mode)?;
-        }
+        // Refuse a VM that could not boot before making its disk: the backend choice
+        // (vmm, firecracker_bin, KVM, network) is the same at start. It also says which
+        // disk the VM gets (Firecracker takes raw disks only).
+        let boot = self.kernels.boot_files(&kernel.name)?;
+        let kind = match self.backend(&boot.kernel, mode) {
+            Ok(vmm) => vmm.kind(),
+            Err(e) if !params.no_start => return Err(e),
+            Err(_) => BackendKind::Qemu,
+        };
         let id = hex::encode(rand::random::<[u8; 8]>());
         let reserved = match mode {
             NetworkMode::User => None,
@@ -338,21 +347,19 @@ impl VmService {
         let guest_ip = reserved.as_ref().map(|r| r.ip.to_string());
         let tap = reserved.as_ref().map(|_| network::tap_name(&id));
         let dir = self.dir(&id);
-        let disk = dir.join("root.ext4");
         let prepared = (|| -> anyhow::Result<u64> {
             std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-            copy_disk(Path::new(&image.rootfs), &disk)?;
             let mut size = image.size_bytes;
             if let Some(wanted) = params.disk_bytes {
                 if wanted < size {
                     bail!("--disk-size {wanted} is smaller than the image's {size} bytes; disks only grow");
                 }
-                if wanted > size {
-                    grow_disk(&disk, wanted)?;
-                    size = wanted;
-                }
+                size = wanted;
             }
-            inject_agent(&disk, &agent)?;
+            let raw = kind == BackendKind::Firecracker;
+            let started = Instant::now();
+            disk::prepare_root(raw, Path::new(&image.rootfs), image.size_bytes, &dir, size)?;
+            tracing::info!(vm = %name, raw, elapsed_ms = started.elapsed().as_millis() as u64, "root disk ready");
             Ok(size)
         })();
         let disk_bytes = match prepared {
@@ -531,6 +538,13 @@ impl VmService {
             (_, Err(_)) => Accel::Tcg,
         };
         let dir = PathBuf::from(&vm.dir);
+        let root_disk = disk::root_disk(&dir);
+        if kind == BackendKind::Firecracker && banger_vmm::qmp::disk_format(&root_disk) != "raw" {
+            return Err(ServiceError::bad_request(format!(
+                "VM {name:?} was created for QEMU (a qcow2 overlay disk) and cannot boot under Firecracker, which takes raw disks: set vmm = \"qemu\" or recreate the VM"
+            )));
+        }
+        let initrd = disk::agent_initrd(&boot.initrd, &self.agent_path()?, &dir)?;
         let mut cmdline = format!(
             "console=ttyS0 panic=-1 quiet banger.agent=1 banger.hostname={}",
             vm.name
@@ -574,9 +588,9 @@ impl VmService {
         };
         let spec = VmSpec {
             kernel: boot.kernel,
-            initrd: Some(boot.initrd),
+            initrd: Some(initrd),
             cmdline,
-            root_disk: Some(dir.join("root.ext4")),
+            root_disk: Some(root_disk),
             memory_mib: vm.memory_mib,
             vcpus: vm.vcpus,
             net: Some(net),
@@ -1017,76 +1031,6 @@ fn vm_logs_tail(dir: &Path) -> String {
     .filter_map(tail)
     .collect::<Vec<_>>()
     .join("; ")
-}
-
-fn run_tool(command: &mut Command, what: &str) -> anyhow::Result<()> {
-    let out = command.output().with_context(|| format!("run {what}"))?;
-    if !out.status.success() {
-        bail!(
-            "{what} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-/// A copy-on-write copy where the filesystem can (reflink), a sparse one otherwise.
-fn copy_disk(from: &Path, to: &Path) -> anyhow::Result<()> {
-    run_tool(
-        Command::new("cp")
-            .arg("--reflink=auto")
-            .arg("--sparse=always")
-            .arg(from)
-            .arg(to),
-        "cp (copy the image's root filesystem)",
-    )
-}
-
-fn grow_disk(disk: &Path, bytes: u64) -> anyhow::Result<()> {
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(disk)
-        .and_then(|f| f.set_len(bytes))
-        .with_context(|| format!("grow {}", disk.display()))?;
-    run_tool(
-        Command::new("e2fsck").args(["-f", "-p"]).arg(disk),
-        "e2fsck",
-    )?;
-    run_tool(Command::new("resize2fs").arg(disk), "resize2fs")
-}
-
-/// Writes the static agent into the VM's own disk (never into the shared image).
-fn inject_agent(disk: &Path, agent: &Path) -> anyhow::Result<()> {
-    let script = format!(
-        "mkdir /.banger\nrm {AGENT_GUEST_PATH}\nwrite {} {AGENT_GUEST_PATH}\nsif {AGENT_GUEST_PATH} mode 0100755\nsif {AGENT_GUEST_PATH} uid 0\nsif {AGENT_GUEST_PATH} gid 0\n",
-        agent.display()
-    );
-    let script_path = disk.with_extension("debugfs");
-    std::fs::write(&script_path, script).context("write debugfs script")?;
-    run_tool(
-        Command::new("debugfs")
-            .arg("-w")
-            .arg("-f")
-            .arg(&script_path)
-            .arg(disk),
-        "debugfs (inject the agent)",
-    )?;
-    let _ = std::fs::remove_file(&script_path);
-    let check = Command::new("debugfs")
-        .args(["-R", &format!("stat {AGENT_GUEST_PATH}")])
-        .arg(disk)
-        .output()
-        .context("run debugfs")?;
-    let stat = String::from_utf8_lossy(&check.stdout);
-    if !stat.contains("Mode:  0755") {
-        bail!(
-            "the agent did not land in {}: {}",
-            disk.display(),
-            String::from_utf8_lossy(&check.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 /// Uploads the workspace: a git repository's tracked and untracked-but-not-ignored files,

@@ -1,0 +1,206 @@
+//! Copy-on-write disks, pause/resume, warm templates and forks, end to end: a real
+//! Debian cloud kernel under QEMU TCG, a busybox image pulled from a real registry,
+//! banger's agent inside. QEMU with user-mode networking, whoever runs the tests.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use banger_testkit::{guest, push_oci_layout, LayerCompression, OciLayoutBuilder, Registry};
+use serde_json::Value;
+use support::{stderr, stdout, Install};
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Agent binary and kernel package, built/downloaded once per test process.
+fn guest_parts() -> Option<&'static (PathBuf, PathBuf)> {
+    static PARTS: OnceLock<Option<(PathBuf, PathBuf)>> = OnceLock::new();
+    PARTS
+        .get_or_init(|| {
+            let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+            let deb = match guest::fetch_test_kernel(
+                &workspace_root(),
+                &tmp.join("banger-test-kernel"),
+            ) {
+                Ok(deb) => deb,
+                Err(e) => {
+                    banger_testkit::require(false, e);
+                    return None;
+                }
+            };
+            let agent =
+                guest::build_guest_agent(&workspace_root(), &tmp.join("banger-agent-build"))
+                    .unwrap_or_else(|e| panic!("{e}"));
+            Some((agent, deb))
+        })
+        .as_ref()
+}
+
+/// An installation configured with `config` (plus QEMU and user networking), with a
+/// kernel `cloud` and a busybox image `bb` pulled from `registry`.
+fn ready_install(registry: &Registry, config: &str) -> Option<Install> {
+    if !banger_testkit::require(
+        which("qemu-img").is_some(),
+        "qemu-img is missing (apt-get install qemu-utils; scripts/setup.sh does)",
+    ) {
+        return None;
+    }
+    let (agent, deb) = guest_parts()?;
+    let mut install = Install::new();
+    install
+        .extra_env
+        .push(("BANGER_AGENT".into(), agent.into()));
+    install.write_config(&format!("vmm = \"qemu\"\nnetwork = \"user\"\n{config}"));
+    let layout_dir = install.dir.path().join("layout");
+    let mut layout = OciLayoutBuilder::new(&layout_dir).unwrap();
+    layout
+        .image("v1", &[(guest::busybox_layer(), LayerCompression::Gzip)])
+        .unwrap();
+    push_oci_layout(&layout_dir, "v1", registry, "busybox");
+    let out = install.banger(&[
+        "image",
+        "pull",
+        &registry.reference("busybox", "v1"),
+        "--name",
+        "bb",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = install.banger(&["kernel", "import", "cloud", "--deb", deb.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    Some(install)
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(program))
+            .find(|p| p.is_file())
+    })
+}
+
+fn json(install: &Install, args: &[&str]) -> Value {
+    let mut all = vec!["--json"];
+    all.extend(args);
+    let out = install.banger(&all);
+    assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Runs `sh -c script` in VM `vm`; asserts success and returns stdout.
+fn sh(install: &Install, vm: &str, script: &str) -> String {
+    let out = install.banger(&["vm", "exec", vm, "--", "sh", "-c", script]);
+    assert_eq!(out.status.code(), Some(0), "{script}: {}", stderr(&out));
+    stdout(&out)
+}
+
+fn sha256(path: &Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn vm_disks_are_overlays_on_a_read_only_image_that_grow_and_keep_the_image_alive() {
+    let registry = Registry::start();
+    let Some(install) = ready_install(&registry, "") else {
+        return;
+    };
+    let image = json(&install, &["image", "show", "bb"]);
+    let rootfs = PathBuf::from(image["rootfs"].as_str().unwrap());
+    let image_bytes = image["size_bytes"].as_u64().unwrap();
+    let before = sha256(&rootfs);
+
+    let grown: u64 = image_bytes + (512 << 20);
+    let out = install.banger(&[
+        "vm",
+        "create",
+        "--name",
+        "big",
+        "--image",
+        "bb",
+        "--disk-size",
+        &grown.to_string(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let vm = json(&install, &["vm", "show", "big"]);
+    let dir = PathBuf::from(vm["dir"].as_str().unwrap());
+    assert!(dir.join("root.qcow2").is_file(), "an overlay disk");
+    assert!(!dir.join("root.ext4").exists(), "no copy of the image");
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json", "-U"])
+        .arg(dir.join("root.qcow2"))
+        .output()
+        .unwrap();
+    let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["virtual-size"].as_u64(), Some(grown));
+    // On the image grown once to that size, next to the image.
+    let grown_base = rootfs.parent().unwrap().join(format!("grown/{grown}.ext4"));
+    assert_eq!(info["backing-filename"].as_str(), grown_base.to_str());
+    // The overlay holds what the guest wrote, not the image: far below its size.
+    assert!(
+        std::fs::metadata(dir.join("root.qcow2")).unwrap().len() < grown / 4,
+        "overlay is small"
+    );
+
+    // The guest sees the grown filesystem and writes into its own overlay only.
+    let df = sh(&install, "big", "df -k / | tail -1");
+    let total_kib: u64 = df.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(
+        total_kib * 1024 > image_bytes + (256 << 20),
+        "root grew to the disk: {df}; console: {}",
+        std::fs::read_to_string(dir.join("console.log")).unwrap_or_default()
+    );
+    sh(
+        &install,
+        "big",
+        "head -c 1048576 /dev/zero > /root/filler && echo data > /etc/written && sync",
+    );
+    assert_eq!(sh(&install, "big", "cat /etc/written"), "data\n");
+    assert_eq!(sha256(&rootfs), before, "the image file is untouched");
+
+    // A second VM on the same image does not see the first one's files.
+    let out = install.banger(&["vm", "create", "--name", "other", "--image", "bb"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        sh(
+            &install,
+            "other",
+            "test -e /etc/written && echo yes || echo no"
+        ),
+        "no\n"
+    );
+    assert!(stdout(&install.banger(&["vm", "rm", "other"])).contains("other"));
+
+    // The image cannot go while a VM's disk is an overlay on it.
+    let out = install.banger(&["image", "rm", "bb"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("in use by VM(s) big"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(rootfs.is_file());
+    // Stop and start again: the files persist in the overlay.
+    assert_eq!(
+        install.banger(&["vm", "stop", "big"]).status.code(),
+        Some(0)
+    );
+    assert_eq!(
+        install.banger(&["vm", "start", "big"]).status.code(),
+        Some(0)
+    );
+    assert_eq!(sh(&install, "big", "cat /etc/written"), "data\n");
+    assert_eq!(install.banger(&["vm", "rm", "big"]).status.code(), Some(0));
+    let out = install.banger(&["image", "rm", "bb"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(!rootfs.exists());
+}
