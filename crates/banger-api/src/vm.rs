@@ -123,13 +123,31 @@ wire_enum! {
         Running = "running",
         /// No VMM: created, stopped, killed or found dead.
         Stopped = "stopped",
+        /// Its VMM runs but the guest's vCPUs (and so its clock) are stopped (`vm.pause`).
+        Paused = "paused",
     }
 }
 
 impl VmState {
-    /// Whether its VMM runs.
+    /// Whether its VMM runs (the guest may be paused).
     pub fn is_running(self) -> bool {
+        matches!(self, VmState::Running | VmState::Paused)
+    }
+    /// Whether its guest runs, so its agent answers.
+    pub fn guest_runs(self) -> bool {
         self == VmState::Running
+    }
+    /// Whether its vCPUs are stopped by `vm.pause`.
+    pub fn is_paused(self) -> bool {
+        self == VmState::Paused
+    }
+    /// Whether `vm.pause` (and `vm.snapshot`) may stop its vCPUs.
+    pub fn can_pause(self) -> bool {
+        self == VmState::Running
+    }
+    /// Whether `vm.resume` has anything to resume.
+    pub fn can_resume(self) -> bool {
+        self == VmState::Paused
     }
     /// Whether `vm.start` may boot it.
     pub fn can_start(self) -> bool {
@@ -137,7 +155,7 @@ impl VmState {
     }
     /// Whether `vm.stop`/`vm.kill` have anything to stop.
     pub fn can_stop(self) -> bool {
-        self == VmState::Running
+        matches!(self, VmState::Running | VmState::Paused)
     }
 }
 
@@ -250,6 +268,17 @@ method! {
 method! {
     /// `vm.kill`: kill a VM's VMM at once, without a clean shutdown.
     VmKill = "vm.kill", NameParams => VmInfo
+}
+
+method! {
+    /// `vm.pause`: stop a running VM's vCPUs; its memory, devices and clock stay as they
+    /// are until `vm.resume`.
+    VmPause = "vm.pause", NameParams => VmInfo
+}
+
+method! {
+    /// `vm.resume`: run a paused VM's vCPUs again.
+    VmResume = "vm.resume", NameParams => VmInfo
 }
 
 method! {

@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod backend;
 pub mod error;
+pub mod fc_snapshot;
 pub mod firecracker;
 pub mod initramfs;
 pub mod kernel;

@@ -204,3 +204,60 @@ fn vm_disks_are_overlays_on_a_read_only_image_that_grow_and_keep_the_image_alive
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(!rootfs.exists());
 }
+
+fn uptime(install: &Install, vm: &str) -> f64 {
+    sh(install, vm, "cat /proc/uptime")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn pause_stops_the_guest_clock_and_resume_continues_it() {
+    let registry = Registry::start();
+    let Some(install) = ready_install(&registry, "") else {
+        return;
+    };
+    let out = install.banger(&["vm", "create", "--name", "p", "--image", "bb"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
+    let wall = std::time::Instant::now();
+    let before = uptime(&install, "p");
+    let out = install.banger(&["vm", "pause", "p"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "paused p\n");
+    assert_eq!(json(&install, &["vm", "show", "p"])["state"], "paused");
+    // The paused guest cannot run commands; the error says how to go on.
+    let out = install.banger(&["vm", "exec", "p", "--", "true"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("is paused (banger vm resume p)"),
+        "{}",
+        stderr(&out)
+    );
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    let out = install.banger(&["vm", "resume", "p"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(json(&install, &["vm", "show", "p"])["state"], "running");
+    let after = uptime(&install, "p");
+    let wall_s = wall.elapsed().as_secs_f64();
+    // The guest's clock missed the paused interval (at least 6 s of the wall time)...
+    assert!(
+        after - before < wall_s - 5.0,
+        "guest uptime went {before} -> {after} over {wall_s:.1} s of wall time with 6 s paused"
+    );
+    // ...and runs again afterwards.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let later = uptime(&install, "p");
+    assert!(
+        later - after >= 1.5,
+        "uptime {after} -> {later} after resume"
+    );
+
+    // A paused VM still stops (it is resumed for a clean shutdown).
+    assert_eq!(install.banger(&["vm", "pause", "p"]).status.code(), Some(0));
+    let out = install.banger(&["vm", "rm", "p"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}

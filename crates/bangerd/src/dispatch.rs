@@ -9,7 +9,8 @@ use banger_api::{
     DaemonDoctor, DaemonMethods, DaemonPing, DaemonShutdown, DoctorResult, ImageCachePrune,
     ImageImport, ImageList, ImageListResult, ImagePull, ImageRm, ImageShow, KernelImport,
     KernelList, KernelListResult, KernelRm, KernelShow, Method, MethodsResult, VmCreate, VmExec,
-    VmKill, VmList, VmListResult, VmLogs, VmRm, VmRun, VmShell, VmShow, VmStart, VmStop,
+    VmKill, VmList, VmListResult, VmLogs, VmPause, VmResume, VmRm, VmRun, VmShell, VmShow, VmStart,
+    VmStop,
 };
 use futures::future::BoxFuture;
 use serde_json::Value;
@@ -75,6 +76,12 @@ impl Dispatch {
         );
         d.route::<VmKill, _, _>(
             |s, _, p| async move { blocking(move || s.vm.kill(&p.name)).await },
+        );
+        d.route::<VmPause, _, _>(
+            |s, _, p| async move { blocking(move || s.vm.pause(&p.name)).await },
+        );
+        d.route::<VmResume, _, _>(
+            |s, _, p| async move { blocking(move || s.vm.resume(&p.name)).await },
         );
         d.route::<VmRm, _, _>(
             |s, _, p| async move { blocking(move || s.vm.remove(&p.name)).await },

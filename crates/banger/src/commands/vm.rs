@@ -5,8 +5,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use banger_api::{
     ExecResult, NameParams, NoParams, VmCreate, VmCreateParams, VmExec, VmExecParams, VmInfo,
-    VmKill, VmList, VmLogs, VmLogsParams, VmRm, VmRun, VmRunParams, VmShell, VmShellParams, VmShow,
-    VmStart, VmStop,
+    VmKill, VmList, VmLogs, VmLogsParams, VmPause, VmResume, VmRm, VmRun, VmRunParams, VmShell,
+    VmShellParams, VmShow, VmStart, VmStop,
 };
 use clap::Subcommand;
 
@@ -57,6 +57,16 @@ pub enum VmCommand {
     },
     /// Kill a VM's VMM at once (no clean shutdown; files not yet synced may be lost).
     Kill {
+        /// The VM.
+        name: String,
+    },
+    /// Stop a running VM's vCPUs (its clock stands still; memory and devices are kept).
+    Pause {
+        /// The VM.
+        name: String,
+    },
+    /// Run a paused VM's vCPUs again.
+    Resume {
         /// The VM.
         name: String,
     },
@@ -217,6 +227,16 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
             json,
             &call::<VmKill>(client, &NameParams { name })?,
             |info| println!("killed {}", info.name),
+        )?,
+        VmCommand::Pause { name } => emit(
+            json,
+            &call::<VmPause>(client, &NameParams { name })?,
+            |info| println!("paused {}", info.name),
+        )?,
+        VmCommand::Resume { name } => emit(
+            json,
+            &call::<VmResume>(client, &NameParams { name })?,
+            |info| println!("resumed {}", info.name),
         )?,
         VmCommand::Rm { name } => {
             emit(json, &call::<VmRm>(client, &NameParams { name })?, |info| {

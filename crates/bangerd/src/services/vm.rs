@@ -36,6 +36,8 @@ use crate::services::{CallContext, ImageService, InputEvent, InputReceiver, Kern
 use crate::store::Store;
 use crate::ServiceError;
 
+mod snapshot;
+
 /// How long a booting guest has to answer on its agent port. TCG on a busy 2-core host
 /// boots in about 5 s; the margin is for CI neighbours.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -664,6 +666,12 @@ impl VmService {
     }
 
     fn agent(&self, vm: &VmInfo) -> Result<AgentClient, ServiceError> {
+        if vm.state.is_paused() {
+            return Err(ServiceError::bad_request(format!(
+                "VM {:?} is paused (banger vm resume {})",
+                vm.name, vm.name
+            )));
+        }
         if !vm.state.is_running() || !vm.pid.is_some_and(pid_alive) {
             return Err(ServiceError::bad_request(format!(
                 "VM {:?} is not running (banger vm start {})",
@@ -678,6 +686,12 @@ impl VmService {
     /// Shuts a VM down; its disk keeps what the guest wrote.
     pub fn stop(&self, name: &str) -> Result<VmInfo, ServiceError> {
         let vm = self.show(name)?;
+        if vm.state.is_paused() {
+            // A paused guest cannot shut itself down: resume it first (else killed below).
+            if let Err(e) = snapshot::set_vcpus(&vm, true) {
+                tracing::warn!(vm = name, error = %format!("{e:#}"), "cannot resume the paused VM to stop it");
+            }
+        }
         if let Some(pid) = vm.pid.filter(|pid| pid_alive(*pid)) {
             // An unknown backend (a record from a newer banger) still gets killed below.
             let client =
