@@ -113,6 +113,9 @@ pub struct VmCreateParams {
     /// `user`, `tap` or `auto`; default: config `network`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<String>,
+    /// Boot cold even where a warm template exists.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cold: bool,
 }
 
 wire_enum! {
@@ -423,6 +426,9 @@ pub struct VmRunParams {
     /// As in `vm.exec`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tty: Option<TtyParams>,
+    /// Boot cold even where a warm template exists.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cold: bool,
 }
 
 /// The payload of an `output` notification.

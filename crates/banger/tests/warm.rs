@@ -261,3 +261,157 @@ fn pause_stops_the_guest_clock_and_resume_continues_it() {
     let out = install.banger(&["vm", "rm", "p"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
+
+/// The complete templates under the installation's state directory, and any leftovers.
+fn templates(install: &Install) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    let dir = install.state_dir().join("templates");
+    let mut complete = Vec::new();
+    let mut partial = Vec::new();
+    for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".tmp-") {
+            partial.push(entry.path());
+        } else {
+            complete.push(entry.path());
+        }
+    }
+    (complete, partial)
+}
+
+fn daemon_log(install: &Install) -> String {
+    std::fs::read_to_string(install.state_dir().join("bangerd.log")).unwrap_or_default()
+}
+
+fn run_true(install: &Install, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["vm", "run", "--rm", "--image", "bb"];
+    args.extend(extra);
+    args.extend(["--", "sh", "-c", "echo out; echo err >&2; exit 3"]);
+    install.banger(&args)
+}
+
+#[test]
+fn warm_runs_restore_a_template_and_forks_get_their_own_identity_and_disk() {
+    let registry = Registry::start();
+    let Some(install) = ready_install(&registry, "") else {
+        return;
+    };
+    // First run: cold, and the template is saved.
+    let cold = run_true(&install, &[]);
+    assert_eq!(cold.status.code(), Some(3), "{}", stderr(&cold));
+    assert_eq!(
+        (stdout(&cold).as_str(), stderr(&cold).as_str()),
+        ("out\n", "err\n")
+    );
+    let (complete, partial) = templates(&install);
+    assert_eq!(complete.len(), 1, "one template: {complete:?}");
+    assert!(partial.is_empty(), "{partial:?}");
+    let template = complete[0].clone();
+    for file in ["memory.state", "disk.qcow2", "meta.json"] {
+        assert!(template.join(file).is_file(), "{file}");
+    }
+    // Second run: restored, same output and status.
+    let warm = run_true(&install, &[]);
+    assert_eq!(warm.status.code(), Some(3), "{}", stderr(&warm));
+    assert_eq!(
+        (stdout(&warm).as_str(), stderr(&warm).as_str()),
+        ("out\n", "err\n")
+    );
+    assert_eq!(
+        daemon_log(&install)
+            .matches("VM restored from a warm template")
+            .count(),
+        1,
+        "{}",
+        daemon_log(&install)
+    );
+    // --cold boots the old way.
+    let again = run_true(&install, &["--cold"]);
+    assert_eq!(again.status.code(), Some(3), "{}", stderr(&again));
+    assert_eq!(
+        daemon_log(&install)
+            .matches("VM restored from a warm template")
+            .count(),
+        1
+    );
+
+    // Two forks of the template: their own RNG, hostname and disk.
+    let template_disk = sha256(&template.join("disk.qcow2"));
+    for vm in ["fork-a", "fork-b"] {
+        let out = install.banger(&["vm", "create", "--name", vm, "--image", "bb"]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    }
+    assert_eq!(
+        daemon_log(&install)
+            .matches("VM restored from a warm template")
+            .count(),
+        3
+    );
+    let random = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'";
+    let a = sh(&install, "fork-a", random);
+    let b = sh(&install, "fork-b", random);
+    assert_eq!(a.len(), 64, "{a}");
+    assert_ne!(a, b, "forks read the same random bytes");
+    assert_eq!(
+        sh(&install, "fork-a", "cat /proc/sys/kernel/hostname"),
+        "fork-a\n"
+    );
+    assert_eq!(
+        sh(&install, "fork-b", "cat /proc/sys/kernel/hostname"),
+        "fork-b\n"
+    );
+    sh(&install, "fork-a", "echo mine > /root/a-only && sync");
+    assert_eq!(
+        sh(
+            &install,
+            "fork-b",
+            "test -e /root/a-only && echo yes || echo no"
+        ),
+        "no\n"
+    );
+    assert_eq!(
+        sha256(&template.join("disk.qcow2")),
+        template_disk,
+        "template untouched"
+    );
+    for vm in ["fork-a", "fork-b"] {
+        assert_eq!(install.banger(&["vm", "rm", vm]).status.code(), Some(0));
+    }
+
+    // A template that fails to restore: the run still succeeds, cold, saying why.
+    std::fs::write(template.join("memory.state"), b"not a migration stream").unwrap();
+    let fallback = run_true(&install, &[]);
+    assert_eq!(fallback.status.code(), Some(3), "{}", stderr(&fallback));
+    assert_eq!(stdout(&fallback), "out\n");
+    assert!(
+        daemon_log(&install).contains("warm restore failed; booting cold"),
+        "{}",
+        daemon_log(&install)
+    );
+}
+
+#[test]
+fn a_half_written_template_is_removed_at_start_up_and_never_restored() {
+    let registry = Registry::start();
+    let Some(install) = ready_install(&registry, "") else {
+        return;
+    };
+    // What a daemon killed with -9 while saving leaves: a temporary directory.
+    let templates_dir = install.state_dir().join("templates");
+    let leftover = templates_dir.join(".tmp-0123456789abcdef-00000000");
+    std::fs::create_dir_all(&leftover).unwrap();
+    std::fs::write(leftover.join("memory.state"), b"half").unwrap();
+    let pid = install.daemon_pid().expect("daemon runs");
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid).unwrap(),
+        rustix::process::Signal::Kill,
+    )
+    .unwrap();
+    while !support::process_gone(pid) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = run_true(&install, &[]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(!leftover.exists(), "start-up removed the half template");
+    let (complete, partial) = templates(&install);
+    assert_eq!((complete.len(), partial.len()), (1, 0));
+}

@@ -60,6 +60,9 @@ pub struct Config {
     /// The bridge's address and prefix in TAP mode; guests get the rest of the subnet.
     /// Default `172.30.0.1/24`.
     pub bridge_address: Option<String>,
+    /// Whether a VM's first boot may restore a warm template (default true); `false`
+    /// always boots cold, like `vm run --cold`.
+    pub warm_start: Option<bool>,
 }
 
 impl Config {

@@ -44,6 +44,9 @@ pub enum VmCommand {
         /// (default: network in config.toml).
         #[arg(long, value_parser = ["user", "tap", "auto"])]
         network: Option<String>,
+        /// Boot cold even where a warm template of this image, kernel and machine exists.
+        #[arg(long)]
+        cold: bool,
     },
     /// Boot a stopped VM.
     Start {
@@ -135,6 +138,9 @@ pub enum VmCommand {
         /// Networking: user, tap or auto (default: network in config.toml).
         #[arg(long, value_parser = ["user", "tap", "auto"])]
         network: Option<String>,
+        /// Boot cold even where a warm template of this image, kernel and machine exists.
+        #[arg(long)]
+        cold: bool,
         #[command(flatten)]
         stdin: StdinArgs,
         /// The command; without one, an interactive login shell.
@@ -198,6 +204,7 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
             disk_size,
             no_start,
             network,
+            cold,
         } => {
             let params = VmCreateParams {
                 name,
@@ -208,6 +215,7 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
                 disk_bytes: disk_size,
                 no_start,
                 network,
+                cold,
             };
             emit(json, &call::<VmCreate>(client, &params)?, |info| {
                 println!("created {} ({})", info.name, info.state)
@@ -308,6 +316,7 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
             name,
             rm,
             network,
+            cold,
             stdin,
             command,
         } => {
@@ -335,6 +344,7 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
                 network,
                 stdin: mode == Mode::Pipe,
                 tty: tty_params(mode)?,
+                cold,
             };
             let result = interactive::call::<VmRun>(client, &params, mode)?;
             return exit_with(&result, json);

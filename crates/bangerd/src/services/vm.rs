@@ -36,7 +36,9 @@ use crate::services::{CallContext, ImageService, InputEvent, InputReceiver, Kern
 use crate::store::Store;
 use crate::ServiceError;
 
+mod identity;
 mod snapshot;
+mod template;
 
 /// How long a booting guest has to answer on its agent port. TCG on a busy 2-core host
 /// boots in about 5 s; the margin is for CI neighbours.
@@ -196,6 +198,7 @@ impl VmService {
     /// other `bgr-*` devices are left alone, since they may belong to another
     /// installation's running VMs (a user and a system daemon on one host).
     pub fn recover(&self) -> anyhow::Result<()> {
+        template::remove_partial(&self.layout.state_dir);
         for vm in self.list()? {
             let running = vm.state.is_running() && vm.pid.is_some_and(pid_alive);
             if vm.state.is_running() && !running {
@@ -419,7 +422,7 @@ impl VmService {
         if params.no_start {
             return Ok(info);
         }
-        self.start(&name)
+        self.start_with(&name, !params.cold)
     }
 
     /// The subnet of TAP networking (`bridge_address`).
@@ -520,8 +523,15 @@ impl VmService {
         })
     }
 
-    /// Boots a stopped VM and waits until its agent answers.
+    /// Boots a stopped VM and waits until its agent answers. A VM's first boot restores
+    /// the warm template of its image, kernel, agent and machine when there is one (see
+    /// [`template`]).
     pub fn start(&self, name: &str) -> Result<VmInfo, ServiceError> {
+        self.start_with(name, true)
+    }
+
+    /// [`VmService::start`]; `warm_allowed: false` always boots cold (`--cold`).
+    fn start_with(&self, name: &str, warm_allowed: bool) -> Result<VmInfo, ServiceError> {
         let vm = self.show(name)?;
         if vm.state.is_running() && vm.pid.is_some_and(pid_alive) {
             return Ok(vm);
@@ -600,6 +610,15 @@ impl VmService {
             run_dir: dir.clone(),
             agent_socket: Some(agent_socket_in(kind, &dir)),
         };
+        let backend = match (kind, accel) {
+            (BackendKind::Firecracker, _) => VmBackend::Firecracker,
+            (BackendKind::Qemu, Accel::Kvm) => VmBackend::QemuKvm,
+            (BackendKind::Qemu, Accel::Tcg) => VmBackend::QemuTcg,
+        };
+        let warm = self.warm_start(&vm, &spec, backend, warm_allowed);
+        if let template::Warm::Restored = warm {
+            return self.show(name);
+        }
         let pid = match vmm.spawn_detached(&spec) {
             Ok(pid) => pid,
             Err(e) => {
@@ -608,11 +627,6 @@ impl VmService {
                     .context(format!("start VM {name:?} with {kind}"))
                     .into());
             }
-        };
-        let backend = match (kind, accel) {
-            (BackendKind::Firecracker, _) => VmBackend::Firecracker,
-            (BackendKind::Qemu, Accel::Kvm) => VmBackend::QemuKvm,
-            (BackendKind::Qemu, Accel::Tcg) => VmBackend::QemuTcg,
         };
         self.store
             .conn()
@@ -626,6 +640,9 @@ impl VmService {
             self.release_tap(&vm);
             self.set_state(&vm.id, VmState::Stopped, None)?;
             return Err(e.context(format!("boot VM {name:?}")).into());
+        }
+        if let template::Warm::ColdThenSave(key) = &warm {
+            self.save_template(&vm, key);
         }
         tracing::info!(vm = name, pid, %backend, "VM started");
         self.show(name)
@@ -873,6 +890,7 @@ impl VmService {
             name: params.name.clone(),
             image: Some(image.name),
             network: params.network.clone(),
+            cold: params.cold,
             ..Default::default()
         };
         let vm = tokio::task::block_in_place(|| self.create(create))?;
