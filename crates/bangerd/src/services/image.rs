@@ -579,6 +579,7 @@ impl ImageService {
             .context("delete image record")?;
         let dir = self.layout.images_dir().join(&info.id);
         remove_any(&dir).with_context(|| format!("remove {}", dir.display()))?;
+        remove_templates_of(&self.layout.state_dir.join("templates"), &info.id);
         tracing::info!(name, id = %info.id, "image removed");
         Ok(info)
     }
@@ -898,6 +899,22 @@ fn registry_error(error: RegistryError) -> ServiceError {
 
 fn is_unique_violation(error: &rusqlite::Error) -> bool {
     matches!(error, rusqlite::Error::SqliteFailure(e, _) if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE)
+}
+
+/// Deletes the warm templates made from image `id` (their `meta.json` names it): no VM
+/// layers on them once the image has no VMs, and its id never comes back.
+fn remove_templates_of(templates: &Path, id: &str) {
+    for entry in std::fs::read_dir(templates).into_iter().flatten().flatten() {
+        let meta = std::fs::read(entry.path().join("meta.json")).unwrap_or_default();
+        let image = serde_json::from_slice::<serde_json::Value>(&meta)
+            .ok()
+            .and_then(|m| m["image_id"].as_str().map(str::to_owned));
+        if image.as_deref() == Some(id) {
+            if let Err(e) = remove_any(&entry.path()) {
+                tracing::warn!(dir = %entry.path().display(), error = %e, "cannot remove a template of a removed image");
+            }
+        }
+    }
 }
 
 fn remove_any(path: &Path) -> std::io::Result<()> {
