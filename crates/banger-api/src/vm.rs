@@ -116,6 +116,11 @@ pub struct VmCreateParams {
     /// Boot cold even where a warm template exists.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cold: bool,
+    /// Fork this snapshot (`vm.snapshot`): its image, kernel, vCPUs, memory, disk and
+    /// network, restored on a copy-on-write overlay of its own; `image`, `kernel`,
+    /// `vcpus`, `memory_mib`, `disk_bytes` and `network` must then be absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
 }
 
 wire_enum! {
@@ -282,6 +287,84 @@ method! {
 method! {
     /// `vm.resume`: run a paused VM's vCPUs again.
     VmResume = "vm.resume", NameParams => VmInfo
+}
+
+method! {
+    /// `vm.snapshot`: save a running (or paused) VM's whole state and disk as a named
+    /// snapshot that `vm.create` with `from` forks; the VM runs on (a paused one stays
+    /// paused).
+    VmSnapshot = "vm.snapshot", VmSnapshotParams => SnapshotInfo
+}
+
+/// Params of `vm.snapshot`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSnapshotParams {
+    /// The VM.
+    pub name: String,
+    /// The snapshot's name; `<vm>-<6 hex>` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+}
+
+/// A saved VM state: a named snapshot, or a warm template (`template: true`, named
+/// `template-<key>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// Its name.
+    pub name: String,
+    /// Whether it is a warm template (made by bangerd, removed by `snapshot.prune`).
+    #[serde(default)]
+    pub template: bool,
+    /// The VM it was taken of (empty for templates).
+    #[serde(default)]
+    pub vm: String,
+    /// Image name (snapshots) or id (templates).
+    pub image: String,
+    /// Kernel name.
+    pub kernel: String,
+    /// Guest CPUs.
+    pub vcpus: u32,
+    /// Guest memory.
+    pub memory_mib: u32,
+    /// Root disk size.
+    pub disk_bytes: u64,
+    /// Bytes its files take on the host.
+    pub bytes: u64,
+    /// Its directory.
+    pub dir: String,
+}
+
+method! {
+    /// `snapshot.list`: named snapshots and warm templates.
+    SnapshotList = "snapshot.list", NoParams => SnapshotListResult
+}
+
+/// Result of `snapshot.list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotListResult {
+    /// By name.
+    pub snapshots: Vec<SnapshotInfo>,
+}
+
+method! {
+    /// `snapshot.rm`: delete a named snapshot no VM is forked from.
+    SnapshotRm = "snapshot.rm", NameParams => SnapshotInfo
+}
+
+method! {
+    /// `snapshot.prune`: delete every warm template no VM or snapshot layers on (they are
+    /// caches: the next first boot saves a new one). Named snapshots stay.
+    SnapshotPrune = "snapshot.prune", NoParams => SnapshotPruneResult
+}
+
+/// Result of `snapshot.prune`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotPruneResult {
+    /// Names of the removed templates.
+    pub removed: Vec<String>,
+    /// Bytes freed.
+    pub bytes_freed: u64,
 }
 
 method! {

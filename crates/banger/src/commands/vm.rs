@@ -6,7 +6,7 @@ use anyhow::Context;
 use banger_api::{
     ExecResult, NameParams, NoParams, VmCreate, VmCreateParams, VmExec, VmExecParams, VmInfo,
     VmKill, VmList, VmLogs, VmLogsParams, VmPause, VmResume, VmRm, VmRun, VmRunParams, VmShell,
-    VmShellParams, VmShow, VmStart, VmStop,
+    VmShellParams, VmShow, VmSnapshot, VmSnapshotParams, VmStart, VmStop,
 };
 use clap::Subcommand;
 
@@ -47,6 +47,17 @@ pub enum VmCommand {
         /// Boot cold even where a warm template of this image, kernel and machine exists.
         #[arg(long)]
         cold: bool,
+        /// Fork this snapshot (banger vm snapshot) instead of booting an image.
+        #[arg(long, conflicts_with_all = ["image", "kernel", "vcpu", "memory", "disk_size", "no_start", "network", "cold"])]
+        from: Option<String>,
+    },
+    /// Save a running VM's whole state and disk as a snapshot to fork (vm create --from).
+    Snapshot {
+        /// The VM.
+        name: String,
+        /// The snapshot's name (default: <vm>-<6 hex>).
+        #[arg(long = "name")]
+        snapshot: Option<String>,
     },
     /// Boot a stopped VM.
     Start {
@@ -205,6 +216,7 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
             no_start,
             network,
             cold,
+            from,
         } => {
             let params = VmCreateParams {
                 name,
@@ -216,6 +228,7 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
                 no_start,
                 network,
                 cold,
+                from,
             };
             emit(json, &call::<VmCreate>(client, &params)?, |info| {
                 println!("created {} ({})", info.name, info.state)
@@ -235,6 +248,11 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
             json,
             &call::<VmKill>(client, &NameParams { name })?,
             |info| println!("killed {}", info.name),
+        )?,
+        VmCommand::Snapshot { name, snapshot } => emit(
+            json,
+            &call::<VmSnapshot>(client, &VmSnapshotParams { name, snapshot })?,
+            |info| println!("saved snapshot {} of {}", info.name, info.vm),
         )?,
         VmCommand::Pause { name } => emit(
             json,

@@ -71,6 +71,20 @@ pub fn diagnose(kernels: &KernelService, vms: &VmService) -> Vec<DoctorCheck> {
             "apt-get install qemu-utils",
         ),
         DoctorCheck {
+            name: "snapshots and warm templates".into(),
+            status: CheckStatus::Ok,
+            detail: {
+                let state = &vms.layout().state_dir;
+                let snapshots = crate::services::vm::tree_bytes(&state.join("snapshots"));
+                let templates = crate::services::vm::tree_bytes(&state.join("templates"));
+                format!(
+                    "{snapshots} bytes in snapshots, {templates} bytes in warm templates under {} (banger snapshot rm|prune)",
+                    state.display()
+                )
+            },
+            fix: None,
+        },
+        DoctorCheck {
             name: "vm create disk cost".into(),
             status: CheckStatus::Ok,
             detail: crate::services::disk::create_cost(&vms.layout().vms_dir()),

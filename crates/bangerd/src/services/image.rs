@@ -567,6 +567,25 @@ impl ImageService {
             rows.collect::<Result<_, _>>()
                 .context("list the VMs of an image")?
         };
+        let snapshots = self.layout.state_dir.join("snapshots");
+        let snapshot_users: Vec<String> = std::fs::read_dir(&snapshots)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                std::fs::read(e.path().join("meta.json"))
+                    .ok()
+                    .and_then(|m| serde_json::from_slice::<serde_json::Value>(&m).ok())
+                    .is_some_and(|m| m["image"] == name)
+            })
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        if !snapshot_users.is_empty() {
+            return Err(ServiceError::bad_request(format!(
+                "image {name:?} is in use by snapshot(s) {}: their disks are overlays on it; remove them first (banger snapshot rm NAME)",
+                snapshot_users.join(", ")
+            )));
+        }
         if !users.is_empty() {
             return Err(ServiceError::bad_request(format!(
                 "image {name:?} is in use by VM(s) {}: their disks are overlays on it; remove them first (banger vm rm NAME)",

@@ -36,6 +36,8 @@ use crate::services::{CallContext, ImageService, InputEvent, InputReceiver, Kern
 use crate::store::Store;
 use crate::ServiceError;
 
+mod fork;
+pub(crate) use fork::tree_bytes;
 mod identity;
 mod snapshot;
 mod template;
@@ -198,7 +200,8 @@ impl VmService {
     /// other `bgr-*` devices are left alone, since they may belong to another
     /// installation's running VMs (a user and a system daemon on one host).
     pub fn recover(&self) -> anyhow::Result<()> {
-        template::remove_partial(&self.layout.state_dir);
+        template::remove_partial(&template::templates_dir(&self.layout.state_dir));
+        template::remove_partial(&fork::snapshots_dir(&self.layout.state_dir));
         for vm in self.list()? {
             let running = vm.state.is_running() && vm.pid.is_some_and(pid_alive);
             if vm.state.is_running() && !running {
@@ -303,6 +306,7 @@ impl VmService {
 
     /// Creates a VM (and starts it unless `no_start`).
     pub fn create(&self, params: VmCreateParams) -> Result<VmInfo, ServiceError> {
+        let (params, from) = self.fork_params(params)?;
         let name = match params.name {
             Some(name) => name,
             None => format!("vm-{}", hex::encode(rand::random::<[u8; 3]>())),
@@ -422,7 +426,7 @@ impl VmService {
         if params.no_start {
             return Ok(info);
         }
-        self.start_with(&name, !params.cold)
+        self.start_with(&name, !params.cold, from.as_deref())
     }
 
     /// The subnet of TAP networking (`bridge_address`).
@@ -527,11 +531,17 @@ impl VmService {
     /// the warm template of its image, kernel, agent and machine when there is one (see
     /// [`template`]).
     pub fn start(&self, name: &str) -> Result<VmInfo, ServiceError> {
-        self.start_with(name, true)
+        self.start_with(name, true, None)
     }
 
-    /// [`VmService::start`]; `warm_allowed: false` always boots cold (`--cold`).
-    fn start_with(&self, name: &str, warm_allowed: bool) -> Result<VmInfo, ServiceError> {
+    /// [`VmService::start`]; `warm_allowed: false` always boots cold (`--cold`); `from`
+    /// restores that snapshot directory (a fork) instead of booting.
+    fn start_with(
+        &self,
+        name: &str,
+        warm_allowed: bool,
+        from: Option<&Path>,
+    ) -> Result<VmInfo, ServiceError> {
         let vm = self.show(name)?;
         if vm.state.is_running() && vm.pid.is_some_and(pid_alive) {
             return Ok(vm);
@@ -615,6 +625,10 @@ impl VmService {
             (BackendKind::Qemu, Accel::Kvm) => VmBackend::QemuKvm,
             (BackendKind::Qemu, Accel::Tcg) => VmBackend::QemuTcg,
         };
+        if let Some(from) = from {
+            self.fork_start(&vm, &spec, backend, from)?;
+            return self.show(name);
+        }
         let warm = self.warm_start(&vm, &spec, backend, warm_allowed);
         if let template::Warm::Restored = warm {
             return self.show(name);

@@ -21,11 +21,11 @@ use sha2::Digest;
 use banger_vmm::qmp::{self, Qmp};
 
 /// The migration stream of a template.
-const MEMORY: &str = "memory.state";
+pub(super) const MEMORY: &str = "memory.state";
 /// The template's disk state.
-const DISK: &str = "disk.qcow2";
+pub(super) const DISK: &str = "disk.qcow2";
 /// What the template was made from.
-const META: &str = "meta.json";
+pub(super) const META: &str = "meta.json";
 /// How long a restore may take to load its state (about 1 s under TCG here).
 pub(super) const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long QEMU has to create its QMP socket after a restore is launched.
@@ -94,9 +94,10 @@ pub(super) fn find(state_dir: &Path, key: &TemplateKey) -> Option<PathBuf> {
         .then_some(dir)
 }
 
-/// Start-up: deletes templates left half-written by a daemon that died while writing.
-pub(super) fn remove_partial(state_dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(templates_dir(state_dir)) else {
+/// Start-up: deletes templates (or snapshots) of `root` left half-written by a daemon
+/// that died while writing them.
+pub(super) fn remove_partial(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
         return;
     };
     for entry in entries.flatten() {
@@ -121,12 +122,29 @@ pub(super) fn capture(
     key: &TemplateKey,
     vm_dir: &Path,
 ) -> anyhow::Result<PathBuf> {
-    let root = templates_dir(state_dir);
-    std::fs::create_dir_all(&root).with_context(|| format!("create {}", root.display()))?;
-    let final_dir = root.join(key.id());
+    let meta = serde_json::to_vec_pretty(key)?;
+    let dir = save(&templates_dir(state_dir), &key.id(), &meta, vm_dir, true)?;
+    Ok(dir)
+}
+
+/// Where a VM (or a snapshot) records the template or snapshot directory its disk layers
+/// on, so neither is removed under it.
+pub(super) const ORIGIN: &str = "origin";
+
+/// Saves the QEMU VM of `vm_dir` as `<root>/<name>/` (memory, disk, `meta`), written to a
+/// temporary directory renamed whole. The VM's vCPUs are stopped meanwhile and run again
+/// afterwards when `resume`.
+pub(super) fn save(
+    root: &Path,
+    name: &str,
+    meta: &[u8],
+    vm_dir: &Path,
+    resume: bool,
+) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(root).with_context(|| format!("create {}", root.display()))?;
+    let final_dir = root.join(name);
     let tmp = root.join(format!(
-        ".tmp-{}-{}",
-        key.id(),
+        ".tmp-{name}-{}",
         hex::encode(rand::random::<[u8; 4]>())
     ));
     std::fs::create_dir(&tmp).with_context(|| format!("create {}", tmp.display()))?;
@@ -137,19 +155,22 @@ pub(super) fn capture(
         qmp.save_state(&tmp.join(MEMORY))?;
         // Stopped and flushed: the overlay is consistent with the memory just saved.
         super::disk::copy_disk(&vm_dir.join(super::disk::OVERLAY_DISK), &tmp.join(DISK))?;
+        if let Ok(origin) = std::fs::read(vm_dir.join(ORIGIN)) {
+            std::fs::write(tmp.join(ORIGIN), origin).context("record the snapshot's origin")?;
+        }
         Ok(())
     })();
     // The VM goes on either way (after a migration QEMU leaves it in `postmigrate`).
-    let resumed = qmp.cont();
+    let resumed = if resume { qmp.cont() } else { Ok(()) };
     let paused_ms = started.elapsed().as_millis() as u64;
     let published = saved.and_then(|()| {
-        std::fs::write(tmp.join(META), serde_json::to_vec_pretty(key)?)
+        std::fs::write(tmp.join(META), meta)
             .with_context(|| format!("write {}", tmp.join(META).display()))?;
         sync_tree(&tmp)?;
         match std::fs::rename(&tmp, &final_dir) {
             Ok(()) => Ok(()),
             // A concurrent first boot of the same key won: keep its template.
-            Err(_) if find(state_dir, key).is_some() => {
+            Err(_) if final_dir.join(META).is_file() => {
                 let _ = std::fs::remove_dir_all(&tmp);
                 Ok(())
             }
@@ -161,9 +182,9 @@ pub(super) fn capture(
     if published.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
-    resumed.context("resume the VM after saving its template")?;
+    resumed.context("resume the VM after saving its state")?;
     published?;
-    tracing::info!(template = %key.id(), paused_ms, "warm template saved");
+    tracing::info!(dir = %final_dir.display(), paused_ms, "VM state saved");
     Ok(final_dir)
 }
 
@@ -319,6 +340,7 @@ impl VmService {
         let image = self.images.show(&vm.image)?;
         let dir = Path::new(&vm.dir);
         let _ = std::fs::remove_file(dir.join(super::disk::OVERLAY_DISK));
+        let _ = std::fs::remove_file(dir.join(ORIGIN));
         super::disk::prepare_root(
             false,
             Path::new(&image.rootfs),
@@ -329,7 +351,7 @@ impl VmService {
         Ok(())
     }
 
-    fn restore(
+    pub(super) fn restore(
         &self,
         vm: &VmInfo,
         spec: &VmSpec,
