@@ -387,6 +387,25 @@ fn warm_runs_restore_a_template_and_forks_get_their_own_identity_and_disk() {
         "{}",
         daemon_log(&install)
     );
+    // The broken template was replaced by a fresh one, which restores again.
+    assert_ne!(
+        std::fs::read(template.join("memory.state")).unwrap(),
+        b"not a migration stream"
+    );
+    let warm = run_true(&install, &[]);
+    assert_eq!(warm.status.code(), Some(3), "{}", stderr(&warm));
+    assert_eq!(
+        daemon_log(&install)
+            .matches("VM restored from a warm template")
+            .count(),
+        4
+    );
+    // Templates are listed and pruned (nothing layers on it now).
+    let list = json(&install, &["snapshot", "list"]);
+    assert_eq!(list["snapshots"][0]["template"], true);
+    let pruned = json(&install, &["snapshot", "prune"]);
+    assert_eq!(pruned["removed"].as_array().unwrap().len(), 1, "{pruned}");
+    assert!(templates(&install).0.is_empty());
 }
 
 #[test]
@@ -414,4 +433,80 @@ fn a_half_written_template_is_removed_at_start_up_and_never_restored() {
     assert!(!leftover.exists(), "start-up removed the half template");
     let (complete, partial) = templates(&install);
     assert_eq!((complete.len(), partial.len()), (1, 0));
+}
+
+#[test]
+fn snapshot_forks_have_their_own_files_and_identity_and_rm_waits_for_them() {
+    let registry = Registry::start();
+    // Cold boots only: forks come from the named snapshot, not from a template.
+    let Some(install) = ready_install(&registry, "warm_start = false\n") else {
+        return;
+    };
+    let out = install.banger(&["vm", "create", "--name", "src", "--image", "bb"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    sh(&install, "src", "echo before > /root/state && sync");
+    let out = install.banger(&["vm", "snapshot", "src", "--name", "snap"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "saved snapshot snap of src\n");
+    // The source runs on after its snapshot.
+    assert_eq!(sh(&install, "src", "cat /root/state"), "before\n");
+
+    for vm in ["fa", "fb"] {
+        let out = install.banger(&["vm", "create", "--name", vm, "--from", "snap"]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    }
+    let random = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'";
+    let (a, b) = (sh(&install, "fa", random), sh(&install, "fb", random));
+    assert_eq!(a.len(), 64, "{a}");
+    assert_ne!(a, b, "forks read the same random bytes");
+    assert_eq!(sh(&install, "fa", "cat /proc/sys/kernel/hostname"), "fa\n");
+    assert_eq!(sh(&install, "fb", "cat /proc/sys/kernel/hostname"), "fb\n");
+    // Both start from the snapshot's disk; what one writes the other does not see.
+    assert_eq!(sh(&install, "fb", "cat /root/state"), "before\n");
+    sh(&install, "fa", "echo a > /root/a-only && sync");
+    let absent = "test -e /root/a-only && echo yes || echo no";
+    assert_eq!(sh(&install, "fb", absent), "no\n");
+    assert_eq!(sh(&install, "src", absent), "no\n");
+
+    let list = json(&install, &["snapshot", "list"]);
+    let names: Vec<&str> = list["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["snap"]);
+    assert!(list["snapshots"][0]["bytes"].as_u64().unwrap() > 0);
+
+    let fa_dir = PathBuf::from(
+        json(&install, &["vm", "show", "fa"])["dir"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+    );
+    let origin = std::fs::read_to_string(fa_dir.join("origin")).unwrap_or_default();
+    assert_eq!(
+        origin,
+        list["snapshots"][0]["dir"].as_str().unwrap(),
+        "{:?}",
+        std::fs::read_dir(&fa_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect::<Vec<_>>()
+    );
+    let out = install.banger(&["snapshot", "rm", "snap"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("is in use"), "{}", stderr(&out));
+    for vm in ["fa", "fb", "src"] {
+        assert_eq!(install.banger(&["vm", "rm", vm]).status.code(), Some(0));
+    }
+    let out = install.banger(&["snapshot", "rm", "snap"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = install.banger(&["vm", "create", "--name", "x", "--from", "snap"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no snapshot named \"snap\""),
+        "{}",
+        stderr(&out)
+    );
 }

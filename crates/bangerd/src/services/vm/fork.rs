@@ -166,7 +166,7 @@ impl VmService {
     }
 
     /// The template and snapshot directories VMs and snapshots layer on.
-    fn origins(&self) -> Vec<PathBuf> {
+    pub(super) fn origins(&self) -> Vec<PathBuf> {
         let mut dirs: Vec<PathBuf> = Vec::new();
         for root in [self.layout.vms_dir(), snapshots_dir(&self.layout.state_dir)] {
             for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {

@@ -203,6 +203,8 @@ fn sync_tree(dir: &Path) -> anyhow::Result<()> {
 pub(super) fn layer_on(template: &Path, vm_dir: &Path, disk_bytes: u64) -> anyhow::Result<()> {
     let disk = vm_dir.join(super::disk::OVERLAY_DISK);
     let _ = std::fs::remove_file(&disk);
+    std::fs::write(vm_dir.join(ORIGIN), template.display().to_string())
+        .context("record the VM's origin")?;
     qmp::create_overlay(&template.join(DISK), &disk, Some(disk_bytes)).with_context(|| {
         format!(
             "layer {} on template {}",
@@ -331,6 +333,16 @@ impl VmService {
                     tracing::warn!(vm = %vm.name, error = %format!("{e:#}"), "cannot reset the VM's disk after a failed restore");
                 }
                 let _ = self.set_state(&vm.id, banger_api::VmState::Stopped, None);
+                // A template that cannot restore is replaced by the next save, unless disks
+                // layer on it (then it stays for them and this key boots cold).
+                if !self.origins().contains(&template) {
+                    match std::fs::remove_dir_all(&template) {
+                        Ok(()) => return Warm::ColdThenSave(key),
+                        Err(e) => {
+                            tracing::warn!(template = %template.display(), error = %e, "cannot remove a template that failed to restore")
+                        }
+                    }
+                }
                 Warm::Cold
             }
         }
