@@ -105,8 +105,8 @@ printf 'qemu-%s  cold vm run %.2f s  warm vm run %.2f s  warm/cold %.3f (target 
 
 log=$XDG_STATE_HOME/banger/bangerd.log
 for size in 100MiB 2GiB; do
-  "$banger" image import "$work/oci:bb" --name "bb-$size" --size "$size" >/dev/null
-  "$banger" vm create --no-start --name "disk-$(echo "$size" | tr 'A-Z' 'a-z')" --image "bb-$size" >/dev/null
+  "$banger" image import "$work/oci:bb" --name "bb-$(echo "$size" | tr A-Z a-z)" --size "$size" >/dev/null
+  "$banger" vm create --no-start --name "disk-$(echo "$size" | tr 'A-Z' 'a-z')" --image "bb-$(echo "$size" | tr A-Z a-z)" >/dev/null
   ms=$(grep '"root disk ready"\|root disk ready' "$log" | tail -1 | grep -o 'elapsed_ms[^0-9]*[0-9]*' | grep -o '[0-9]*$')
   printf 'vm create disk work, %s image: %s ms (target <= 50 ms, independent of size)\n' "$size" "$ms"
   "$banger" vm rm "disk-$(echo "$size" | tr 'A-Z' 'a-z')" >/dev/null
@@ -123,7 +123,7 @@ done
 failed=0
 while [ -n "$(jobs -rp)" ]; do
   rss=$(ps -C qemu-system-x86_64 -o rss=,args= | grep -F "$work" | awk '{s+=$1} END {print s+0}')
-  [ "$rss" -gt "$peak" ] && peak=$rss
+  if [ "$rss" -gt "$peak" ]; then peak=$rss; fi
   sleep 0.2
 done
 for p in "${pids[@]}"; do wait "$p" || failed=$((failed + 1)); done

@@ -937,6 +937,8 @@ impl VmService {
         });
         let cleanup = tokio::task::block_in_place(|| {
             if params.rm {
+                // The disk goes with the VM: no clean shutdown to wait for.
+                self.kill(&vm.name)?;
                 self.remove(&vm.name).map(drop)
             } else {
                 self.stop(&vm.name).map(drop)
