@@ -122,7 +122,7 @@ for i in $(seq 10); do
 done
 failed=0
 while [ -n "$(jobs -rp)" ]; do
-  rss=$(ps -C qemu-system-x86_64 -o rss=,args= | grep -F "$work" | awk '{s+=$1} END {print s+0}')
+  rss=$({ ps -C qemu-system-x86_64 -o rss=,args= || true; } | { grep -F "$work" || true; } | awk '{s+=$1} END {print s+0}')
   if [ "$rss" -gt "$peak" ]; then peak=$rss; fi
   sleep 0.2
 done
