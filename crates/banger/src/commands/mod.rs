@@ -5,4 +5,5 @@ pub mod daemon;
 pub mod doctor;
 pub mod image;
 pub mod kernel;
+pub mod snapshot;
 pub mod vm;
