@@ -13,7 +13,6 @@
 //! (threads and blocking I/O keep the static binary small).
 #![warn(missing_docs)]
 
-pub mod identity;
 pub mod net;
 pub mod proto;
 pub mod reaper;

@@ -134,10 +134,9 @@ mod tests {
             "qemu-tcg"
         );
         assert_eq!("stopped".parse(), Ok(VmState::Stopped));
-        assert_eq!("paused".parse(), Ok(VmState::Paused));
         assert_eq!(
-            "frozen".parse::<VmState>().unwrap_err().to_string(),
-            "unknown VM state \"frozen\": expected \"running\", \"stopped\" or \"paused\""
+            "paused".parse::<VmState>().unwrap_err().to_string(),
+            "unknown VM state \"paused\": expected \"running\" or \"stopped\""
         );
         assert_eq!(
             "xen".parse::<VmBackend>().unwrap_err().to_string(),

@@ -137,9 +137,8 @@ impl Qemu {
             a.extend([
                 "-drive".into(),
                 format!(
-                    "file={},if=none,id=root,format={},cache=unsafe",
-                    qemu_escape(&disk.display().to_string()),
-                    crate::qmp::disk_format(disk)
+                    "file={},if=none,id=root,format=raw,cache=unsafe",
+                    qemu_escape(&disk.display().to_string())
                 ),
                 "-device".into(),
                 "virtio-blk-device,drive=root".into(),
@@ -148,9 +147,6 @@ impl Qemu {
         if let Some(socket) = &spec.agent_socket {
             a.extend(crate::agent::qemu_agent_args(socket));
         }
-        // A fresh VM generation ID on every start, restores included: the guest kernel
-        // reseeds its RNG when it changes (what Firecracker's snapshot docs recommend).
-        a.extend(["-device".into(), "vmgenid,guid=auto".into()]);
         match &spec.net {
             None => {}
             Some(NetSpec::User(user)) => {
@@ -368,14 +364,6 @@ impl Vmm for Qemu {
     /// its life to the caller: a daemon that owns VMs must be able to restart and re-adopt
     /// them. The child is reaped by a thread while the caller lives.
     fn spawn_detached(&self, spec: &VmSpec) -> Result<u32> {
-        self.spawn_detached_with(spec, &[])
-    }
-}
-
-impl Qemu {
-    /// [`Vmm::spawn_detached`] with `extra` arguments after the usual ones (a restore's
-    /// `-incoming`, see [`crate::qmp::incoming_args`]).
-    pub fn spawn_detached_with(&self, spec: &VmSpec, extra: &[String]) -> Result<u32> {
         use std::os::unix::process::CommandExt;
         fs::create_dir_all(&spec.run_dir).ctx("create vm run dir", &spec.run_dir)?;
         for stale in ["qmp.sock", "agent.sock"] {
@@ -402,7 +390,6 @@ impl Qemu {
         let mut command = Command::new(&self.binary);
         command
             .args(args)
-            .args(extra)
             .stdin(Stdio::null())
             .stdout(console)
             .stderr(stderr);
@@ -673,7 +660,6 @@ mod tests {
             arg_after(&a, "-device"),
             [
                 "virtio-blk-device,drive=root",
-                "vmgenid,guid=auto",
                 "virtio-net-device,netdev=n0"
             ]
         );

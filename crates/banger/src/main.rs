@@ -46,11 +46,6 @@ enum Command {
         #[command(subcommand)]
         command: commands::vm::VmCommand,
     },
-    /// Named VM snapshots and warm templates.
-    Snapshot {
-        #[command(subcommand)]
-        command: commands::snapshot::SnapshotCommand,
-    },
     /// The bangerd daemon.
     Daemon {
         #[command(subcommand)]
@@ -100,11 +95,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cli.json,
         ),
         Command::Vm { command } => commands::vm::run(
-            &mut client::connect_or_start(&layout()?)?,
-            command,
-            cli.json,
-        ),
-        Command::Snapshot { command } => commands::snapshot::run(
             &mut client::connect_or_start(&layout()?)?,
             command,
             cli.json,

@@ -5,5 +5,4 @@ pub mod daemon;
 pub mod doctor;
 pub mod image;
 pub mod kernel;
-pub mod snapshot;
 pub mod vm;

@@ -2,7 +2,6 @@
 
 pub mod daemon;
 mod decode_ahead;
-pub mod disk;
 pub mod doctor;
 pub mod image;
 pub mod kernel;
