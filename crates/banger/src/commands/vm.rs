@@ -310,6 +310,7 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
                 image,
                 name,
                 path,
+                workspace: None,
                 argv: command,
                 rm,
                 network,
