@@ -13,6 +13,7 @@ pub mod layout;
 pub mod process;
 pub mod rpc;
 pub mod transport;
+pub mod workspace;
 
 pub use layout::{Layout, LayoutKind};
 pub use rpc::{connect_or_start, stop_daemon, CallError, Client, InputSender};

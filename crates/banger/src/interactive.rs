@@ -96,12 +96,44 @@ pub fn terminal() -> anyhow::Result<TtyParams> {
     })
 }
 
+/// What a call streams before its stdin (`vm run`'s workspace), on the input thread.
+pub type Upload = Box<dyn FnOnce(&InputSender) -> anyhow::Result<()> + Send>;
+
 /// Calls `M` with stdin wired as `mode` (the params must say the same), printing the
 /// command's output as it comes.
 pub fn call<M: Method>(
     client: &mut Client,
     params: &M::Params,
     mode: Mode,
+) -> anyhow::Result<M::Result> {
+    call_uploading::<M>(client, params, mode, None)
+}
+
+/// Sends `upload` (when some), then forwards stdin when `stdin`. A failed upload ends
+/// banger: closing the connection is what tells the daemon the stream is incomplete (an
+/// `eof` would unpack a truncated workspace).
+fn feed(input: InputSender, upload: Option<Upload>, stdin: bool) {
+    if let Some(upload) = upload {
+        if let Err(e) = upload(&input) {
+            if !input.is_done() {
+                restore_terminal();
+                eprintln!("banger: {e:#}");
+                std::process::exit(1);
+            }
+            return;
+        }
+    }
+    if stdin {
+        forward_stdin(&input);
+    }
+}
+
+/// [`call`], streaming `upload` first.
+pub fn call_uploading<M: Method>(
+    client: &mut Client,
+    params: &M::Params,
+    mode: Mode,
+    upload: Option<Upload>,
 ) -> anyhow::Result<M::Result> {
     // Without a pty, ^C is ours to pass on (a pty carries it as a key): once the command
     // runs, a signal goes to it, like `docker run`'s signal proxy; before that, or on a
@@ -121,10 +153,16 @@ pub fn call<M: Method>(
         })
     };
     let result = match mode {
-        Mode::Null => client.call_with_input::<M>(params, on_output, |input| proxy_signals(&input)),
+        Mode::Null => client.call_with_input::<M>(params, on_output, |input| {
+            proxy_signals(&input)?;
+            match upload {
+                Some(upload) => spawn("banger-upload", move || feed(input, Some(upload), false)),
+                None => Ok(()),
+            }
+        }),
         Mode::Pipe => client.call_with_input::<M>(params, on_output, |input| {
             proxy_signals(&input)?;
-            spawn("banger-stdin", move || forward_stdin(&input))
+            spawn("banger-stdin", move || feed(input, upload, true))
         }),
         Mode::Tty => {
             // Raw from the session's first output on: until then (a VM booting for
@@ -148,7 +186,7 @@ pub fn call<M: Method>(
                 spawn("banger-signals", move || {
                     watch_signals(signals, &for_signals)
                 })?;
-                spawn("banger-stdin", move || forward_stdin(&input))
+                spawn("banger-stdin", move || feed(input, upload, true))
             });
             drop(raw);
             result

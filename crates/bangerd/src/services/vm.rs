@@ -820,19 +820,16 @@ impl VmService {
         ctx: &CallContext,
         params: VmRunParams,
     ) -> Result<ExecResult, ServiceError> {
-        let workspace = match &params.path {
-            Some(path) => {
-                let path = PathBuf::from(path);
-                if !path.is_absolute() || !path.is_dir() {
-                    return Err(ServiceError::bad_request(format!(
-                        "workspace {} must be an existing absolute directory",
-                        path.display()
-                    )));
-                }
-                Some(path)
-            }
-            None => None,
-        };
+        // The workspace comes over the connection; no client path is opened here.
+        if let Some(path) = &params.path {
+            return Err(ServiceError::bad_request(format!(
+                "vm.run no longer reads a workspace from the daemon's filesystem (path {path:?}); \
+                 stream it: set workspace and send the tar as upload notifications (docs/api.md)"
+            )));
+        }
+        if let Some(name) = &params.workspace {
+            super::upload::check_workspace_name(name)?;
+        }
         let wanted = params
             .image
             .clone()
@@ -851,15 +848,11 @@ impl VmService {
         let result = tokio::task::block_in_place(|| -> Result<ExecResult, ServiceError> {
             let client = self.agent(&self.show(&vm.name)?)?;
             let mut cwd = "/root".to_owned();
-            if let Some(workspace) = &workspace {
-                let base = workspace
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "workspace".into());
-                cwd = format!("/root/{base}");
-                upload_workspace(&client, workspace, Path::new(&cwd)).with_context(|| {
-                    format!("copy {} into VM {:?}", workspace.display(), vm.name)
-                })?;
+            if let Some(name) = &params.workspace {
+                cwd = format!("/root/{name}");
+                let bytes = super::upload::receive_into(ctx, &client, Path::new(&cwd))
+                    .with_context(|| format!("copy the workspace into VM {:?}", vm.name))?;
+                tracing::info!(vm = %vm.name, bytes, dest = %cwd, "workspace received");
             }
             if params.argv.is_empty() {
                 let stdio = Stdio {
@@ -967,6 +960,8 @@ fn forward_input(mut input: InputReceiver, control: &ExecControl, on_pty: bool) 
             InputEvent::Eof => control.close_stdin(),
             InputEvent::Resize { rows, cols } => control.resize(WinSize { rows, cols }),
             InputEvent::Signal(signal) => control.signal(signal),
+            // An upload belongs to the step before the command (see services::upload).
+            InputEvent::Upload(_) | InputEvent::UploadEnd => Ok(()),
         };
         if sent.is_err() || control.finished() {
             return;
@@ -1086,55 +1081,5 @@ fn inject_agent(disk: &Path, agent: &Path) -> anyhow::Result<()> {
             String::from_utf8_lossy(&check.stderr).trim()
         );
     }
-    Ok(())
-}
-
-/// Uploads the workspace: a git repository's tracked and untracked-but-not-ignored files,
-/// or every file of a plain directory.
-fn upload_workspace(client: &AgentClient, workspace: &Path, dest: &Path) -> anyhow::Result<()> {
-    let listed = Command::new("git")
-        .arg("-C")
-        .arg(workspace)
-        .args([
-            "ls-files",
-            "-z",
-            "--cached",
-            "--others",
-            "--exclude-standard",
-        ])
-        .output();
-    let files: Option<Vec<PathBuf>> = match listed {
-        Ok(out) if out.status.success() => Some(
-            out.stdout
-                .split(|b| *b == 0)
-                .filter(|p| !p.is_empty())
-                .map(|p| PathBuf::from(String::from_utf8_lossy(p).into_owned()))
-                .collect(),
-        ),
-        _ => None,
-    };
-    let Some(files) = files else {
-        return Ok(client.upload_dir(workspace, dest)?);
-    };
-    let (reader, writer) = std::io::pipe().context("create pipe")?;
-    let root = workspace.to_owned();
-    let producer = crate::span::spawn_thread("workspace-tar", move || -> std::io::Result<()> {
-        let mut builder = tar::Builder::new(writer);
-        builder.follow_symlinks(false);
-        for file in files {
-            let full = root.join(&file);
-            // Deleted-but-tracked files are listed by git and absent on disk.
-            if std::fs::symlink_metadata(&full).is_ok() {
-                builder.append_path_with_name(&full, &file)?;
-            }
-        }
-        builder.into_inner()?.flush()
-    })
-    .context("start the workspace archiver")?;
-    client.upload_tar(reader, dest)?;
-    producer
-        .join()
-        .map_err(|_| anyhow::anyhow!("workspace archiver panicked"))?
-        .context("archive the workspace")?;
     Ok(())
 }
