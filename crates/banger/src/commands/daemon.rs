@@ -174,13 +174,29 @@ fn dial_stdio(layout: &Layout, start: bool) -> anyhow::Result<ExitCode> {
     std::thread::Builder::new()
         .name("dial-stdin".into())
         .spawn(move || {
-            let _ = std::io::copy(&mut stdin, &mut to_daemon);
+            let _ = pump(&mut stdin, &mut to_daemon);
             let _ = to_daemon.shutdown(std::net::Shutdown::Write);
         })
         .context("start the stdin copier")?;
     // Our caller hanging up shows here as a write error: the end either way.
-    let _ = std::io::copy(&mut from_daemon, &mut stdout);
+    let _ = pump(&mut from_daemon, &mut stdout);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Copies until end-of-file with plain read/write: `std::io::copy` may splice between a
+/// socket and a pipe, and a splice from a Unix socket was seen to hold a reply back
+/// (waiting for more bytes) while the other side waited for it.
+fn pump(from: &mut impl std::io::Read, to: &mut impl std::io::Write) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buf[..n])?;
+    }
 }
 
 /// `banger version`: this CLI's version, and the daemon's when one runs.
