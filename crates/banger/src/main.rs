@@ -66,6 +66,11 @@ enum Command {
         #[command(subcommand)]
         command: commands::context::ContextCommand,
     },
+    /// banger as this machine's service: systemd units for bangerd and bangerd-root.
+    System {
+        #[command(subcommand)]
+        command: commands::system::SystemCommand,
+    },
     /// What this host has and lacks for banger, and how to get it.
     Doctor,
     /// Print the versions of banger and of the running daemon.
@@ -139,6 +144,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cli.remote_banger.clone(),
             cli.json,
         ),
+        Command::System { command } => commands::system::run(command, cli.json),
         Command::Doctor => commands::doctor::run(&mut connect()?, cli.json),
         Command::Version => commands::daemon::version(&endpoint()?, cli.json),
         Command::Completion { shell } => {

@@ -6,4 +6,5 @@ pub mod daemon;
 pub mod doctor;
 pub mod image;
 pub mod kernel;
+pub mod system;
 pub mod vm;

@@ -6,6 +6,7 @@ pub mod doctor;
 pub mod image;
 pub mod kernel;
 pub mod network;
+pub mod privhelper;
 pub mod upload;
 pub mod vm;
 
