@@ -252,3 +252,83 @@ fn a_remote_daemon_over_real_sshd_runs_a_streamed_workspace_lists_images_and_giv
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     drop(sshd);
 }
+
+#[test]
+fn the_daemon_opens_no_client_path_for_a_workspace() {
+    let install = Install::new();
+    let out = install.banger(&["image", "list"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let mut conn = install.connect();
+    let reply = conn.call(serde_json::json!({
+        "jsonrpc": "2.0", "id": 1, "method": "vm.run",
+        "params": { "path": "/etc", "argv": ["true"], "image": "none" }
+    }));
+    assert_eq!(reply["error"]["data"]["kind"], "bad_request", "{reply}");
+    let message = reply["error"]["message"].as_str().unwrap();
+    assert!(message.contains("no longer reads a workspace"), "{message}");
+    for bad in ["../x", "a/b", ".", ""] {
+        let reply = conn.call(serde_json::json!({
+            "jsonrpc": "2.0", "id": 2, "method": "vm.run",
+            "params": { "workspace": bad, "argv": ["true"], "image": "none" }
+        }));
+        assert_eq!(
+            reply["error"]["data"]["kind"], "bad_request",
+            "{bad}: {reply}"
+        );
+    }
+}
+
+#[test]
+fn contexts_are_created_chosen_listed_and_removed_and_bad_hosts_refused() {
+    let install = Install::new();
+    let out = install.banger(&["context", "create", "big", "--host", "ftp://x"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("ftp://x"), "{}", stderr(&out));
+    let out = install.banger(&[
+        "context",
+        "create",
+        "big",
+        "--host",
+        "ssh://me@big.example:2222",
+        "--remote-banger",
+        "/opt/banger",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = install.banger(&["context", "use", "big"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = install.banger(&["--json", "context", "ls"]);
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let big = listed["contexts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "big")
+        .cloned()
+        .unwrap();
+    assert_eq!(big["current"], true, "{listed}");
+    assert_eq!(big["remote_banger"], "/opt/banger");
+    let file = install.dir.path().join("config/banger/contexts.toml");
+    assert!(std::fs::read_to_string(&file)
+        .unwrap()
+        .contains("ssh://me@big.example:2222"));
+    // The current context is used: its ssh is what fails here (BANGER_SSH=false).
+    let out = install
+        .banger_command(&["image", "list"])
+        .env("BANGER_SSH", "false")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("ssh://me@big.example:2222"),
+        "{}",
+        stderr(&out)
+    );
+    let out = install.banger(&["context", "rm", "big"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = install.banger(&["--json", "context", "ls"]);
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        listed["contexts"][0]["current"], true,
+        "back to default: {listed}"
+    );
+}
