@@ -12,6 +12,8 @@ packages=(
   busybox-static       # cpio and a static shell for initramfs work
   qemu-system-x86      # the VMM that works everywhere (TCG when KVM is unusable)
   iproute2 nftables    # TAP networking: bridge, TAP devices, NAT and guard rules (and the netns tests)
+  openssh-server openssh-client  # a real sshd on 127.0.0.1 for the --host ssh:// tests
+  systemd              # systemd-analyze verify for the units `system install` writes
 )
 
 sudo=""

@@ -98,6 +98,7 @@ pub use rpc::{
     ResizeParams, Response, RpcError, Signal, SignalParams, INPUT_NOTIFICATION,
     OUTPUT_NOTIFICATION, PROGRESS_NOTIFICATION, RESIZE_NOTIFICATION, SIGNAL_NOTIFICATION,
 };
+pub use rpc::{UploadParams, UPLOAD_CHUNK, UPLOAD_NOTIFICATION};
 pub use vm::*;
 
 /// The version both binaries are built from. The CLI restarts a daemon that reports

@@ -92,8 +92,23 @@ wire_enum! {
         /// Client → daemon, while a command runs: deliver a signal to it (the user pressed
         /// ^C at a `vm exec` or `vm run` without a pty; [`SignalParams`]).
         Signal = "signal",
+        /// Client → daemon, while a call that takes a stream runs (`vm.run` with
+        /// `workspace`): the next bytes of that stream, a tar archive ([`UploadParams`]),
+        /// ending with `eof`.
+        Upload = "upload",
     }
 }
+
+/// [`NotificationMethod::Upload`].
+pub const UPLOAD_NOTIFICATION: NotificationMethod = NotificationMethod::Upload;
+
+/// Params of an `upload` notification (client → daemon): the shape of `input`, for the
+/// call's uploaded stream instead of its command's stdin.
+pub type UploadParams = InputParams;
+
+/// Most bytes one `upload` notification carries before base64; lines stay far below
+/// [`crate::MAX_REQUEST_LINE`].
+pub const UPLOAD_CHUNK: usize = 32 * 1024;
 
 /// [`NotificationMethod::Progress`].
 pub const PROGRESS_NOTIFICATION: NotificationMethod = NotificationMethod::Progress;

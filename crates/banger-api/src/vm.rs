@@ -392,6 +392,12 @@ pub struct VmRunParams {
     /// not ignored, files of a git repository; every file otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
+    /// A workspace the client streams: once the request is sent, its tar archive follows
+    /// as `upload` notifications (then one with `eof`), unpacked into `/root/<workspace>`
+    /// (a single plain name, no `/`). The daemon reads no client path for it, so this
+    /// works against a system or a remote daemon alike.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<String>,
     /// Program and arguments; empty or absent: an interactive login shell, which always
     /// gets the forwarded stdin.
     #[serde(default)]

@@ -8,9 +8,13 @@
 //! same crate can later dial a daemon on another host.
 #![warn(missing_docs)]
 
+pub mod context;
 pub mod layout;
 pub mod process;
 pub mod rpc;
+pub mod transport;
+pub mod workspace;
 
 pub use layout::{Layout, LayoutKind};
 pub use rpc::{connect_or_start, stop_daemon, CallError, Client, InputSender};
+pub use transport::Endpoint;

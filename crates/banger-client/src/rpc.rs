@@ -1,7 +1,7 @@
 //! A blocking JSON-RPC client for the daemon's socket, and the logic that starts (or
 //! restarts) `bangerd` when nothing answers.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -34,20 +34,54 @@ pub enum CallError {
     Transport(#[from] anyhow::Error),
 }
 
+/// The reading half of a connection: a Unix socket, or a child's stdout (ssh).
+pub type ReadHalf = Box<dyn Read + Send>;
+/// The writing half of a connection: a Unix socket, or a child's stdin (ssh).
+pub type WriteHalf = Box<dyn Write + Send>;
+
 /// One connection to the daemon.
 pub struct Client {
-    reader: BufReader<UnixStream>,
+    reader: BufReader<ReadHalf>,
     /// Shared with the threads that send a running call's input: lines never interleave.
-    writer: Arc<Mutex<UnixStream>>,
+    writer: Arc<Mutex<WriteHalf>>,
     next_id: u64,
-    socket: PathBuf,
+    /// Where the daemon is, for messages: a socket path or `ssh://host`.
+    peer: String,
+    /// What carries the connection when it is not a socket (the `ssh` process); ended
+    /// with the client.
+    carrier: Option<std::process::Child>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.carrier.take() {
+            // Closing our end of its stdin ends `dial-stdio` on the far side; the local
+            // `ssh` then exits by itself. Killed only if it lingers.
+            drop(std::mem::replace(
+                &mut *self.writer.lock().unwrap_or_else(|e| e.into_inner()),
+                Box::new(std::io::sink()),
+            ));
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) | Err(_) => return,
+                    Ok(None) if Instant::now() > deadline => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        return;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        }
+    }
 }
 
 /// Sends the input of one running call (`input` and `resize` notifications), from any
 /// thread. Once the call has ended it sends nothing (and succeeds).
 #[derive(Clone)]
 pub struct InputSender {
-    writer: Arc<Mutex<UnixStream>>,
+    writer: Arc<Mutex<WriteHalf>>,
     id: u64,
     done: Arc<AtomicBool>,
 }
@@ -69,7 +103,9 @@ impl InputSender {
         let mut line = serde_json::to_vec(&note).map_err(std::io::Error::other)?;
         line.push(b'\n');
         let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        writer.write_all(&line)
+        writer.write_all(&line)?;
+        // A pipe to `ssh` may be buffered: the line must leave now.
+        writer.flush()
     }
 
     /// Bytes for the command's stdin.
@@ -83,6 +119,41 @@ impl InputSender {
             self.send(INPUT_NOTIFICATION, serde_json::to_value(params)?)?;
         }
         Ok(())
+    }
+
+    /// The next bytes of the call's uploaded stream (`upload` notifications). Writing
+    /// blocks while the daemon is not taking them: that is the flow control.
+    pub fn upload(&self, bytes: &[u8]) -> std::io::Result<()> {
+        for chunk in bytes.chunks(banger_api::UPLOAD_CHUNK) {
+            let params = banger_api::UploadParams {
+                id: self.id.into(),
+                data: Some(base64::engine::general_purpose::STANDARD.encode(chunk)),
+                eof: false,
+            };
+            self.send(
+                banger_api::UPLOAD_NOTIFICATION,
+                serde_json::to_value(params)?,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The end of the call's uploaded stream.
+    pub fn upload_end(&self) -> std::io::Result<()> {
+        let params = banger_api::UploadParams {
+            id: self.id.into(),
+            data: None,
+            eof: true,
+        };
+        self.send(
+            banger_api::UPLOAD_NOTIFICATION,
+            serde_json::to_value(params)?,
+        )
+    }
+
+    /// Whether the call has ended (what is sent now is dropped).
+    pub fn is_done(&self) -> bool {
+        self.done.load(Ordering::SeqCst)
     }
 
     /// The end of the command's stdin.
@@ -120,12 +191,34 @@ impl Client {
     pub fn connect(socket: &Path) -> std::io::Result<Client> {
         let stream = UnixStream::connect(socket)?;
         let writer = stream.try_clone()?;
-        Ok(Client {
-            reader: BufReader::new(stream),
+        Ok(Client::over(
+            Box::new(stream),
+            Box::new(writer),
+            socket.display().to_string(),
+            None,
+        ))
+    }
+
+    /// A client over any pair of byte streams (see [`crate::transport`]): `peer` names
+    /// the daemon in messages, `carrier` is a process ended with the client.
+    pub fn over(
+        reader: ReadHalf,
+        writer: WriteHalf,
+        peer: String,
+        carrier: Option<std::process::Child>,
+    ) -> Client {
+        Client {
+            reader: BufReader::new(reader),
             writer: Arc::new(Mutex::new(writer)),
             next_id: 1,
-            socket: socket.into(),
-        })
+            peer,
+            carrier,
+        }
+    }
+
+    /// Where the daemon is: its socket, or `ssh://…`.
+    pub fn peer(&self) -> &str {
+        &self.peer
     }
 
     /// Calls `M` and waits for its result, handing any progress notifications to `on_progress`.
@@ -167,11 +260,13 @@ impl Client {
         let mut line =
             serde_json::to_string(&Request::new(id, M::NAME, params)).context("encode request")?;
         line.push('\n');
-        self.writer
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .write_all(line.as_bytes())
-            .with_context(|| format!("send {} to {}", M::NAME, self.socket.display()))?;
+        let sent = {
+            let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+            writer
+                .write_all(line.as_bytes())
+                .and_then(|()| writer.flush())
+        };
+        sent.with_context(|| format!("send {} to {}", M::NAME, self.peer))?;
         let done = Arc::new(AtomicBool::new(false));
         let sender = InputSender {
             writer: Arc::clone(&self.writer),
@@ -190,9 +285,10 @@ impl Client {
     ) -> Result<M::Result, CallError> {
         loop {
             let mut reply = String::new();
-            let n = self.reader.read_line(&mut reply).with_context(|| {
-                format!("read reply to {} from {}", M::NAME, self.socket.display())
-            })?;
+            let n = self
+                .reader
+                .read_line(&mut reply)
+                .with_context(|| format!("read reply to {} from {}", M::NAME, self.peer))?;
             if n == 0 {
                 return Err(anyhow::anyhow!(
                     "bangerd closed the connection during {} (see its log)",

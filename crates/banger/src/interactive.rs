@@ -97,6 +97,9 @@ pub fn terminal() -> anyhow::Result<TtyParams> {
     })
 }
 
+/// What a call streams before its stdin (`vm run`'s workspace), on the input thread.
+pub type Upload = Box<dyn FnOnce(&InputSender) -> anyhow::Result<()> + Send>;
+
 /// Calls `M` with stdin wired as `mode` (the params must say the same), printing the
 /// command's output as it comes.
 pub fn call<M: Method>(
@@ -104,6 +107,36 @@ pub fn call<M: Method>(
     params: &M::Params,
     mode: Mode,
     raw: bool,
+) -> anyhow::Result<M::Result> {
+    call_uploading::<M>(client, params, mode, raw, None)
+}
+
+/// Sends `upload` (when some), then forwards stdin when `stdin`. A failed upload ends
+/// banger: closing the connection is what tells the daemon the stream is incomplete (an
+/// `eof` would unpack a truncated workspace).
+fn feed(input: InputSender, upload: Option<Upload>, stdin: bool) {
+    if let Some(upload) = upload {
+        if let Err(e) = upload(&input) {
+            if !input.is_done() {
+                restore_terminal();
+                eprintln!("banger: {e:#}");
+                std::process::exit(1);
+            }
+            return;
+        }
+    }
+    if stdin {
+        forward_stdin(&input);
+    }
+}
+
+/// [`call`], streaming `upload` first.
+pub fn call_uploading<M: Method>(
+    client: &mut Client,
+    params: &M::Params,
+    mode: Mode,
+    raw: bool,
+    upload: Option<Upload>,
 ) -> anyhow::Result<M::Result> {
     // A pty session is the guest's terminal by intent; other output is escaped on a
     // terminal unless `raw`.
@@ -126,10 +159,16 @@ pub fn call<M: Method>(
         })
     };
     let result = match mode {
-        Mode::Null => client.call_with_input::<M>(params, on_output, |input| proxy_signals(&input)),
+        Mode::Null => client.call_with_input::<M>(params, on_output, |input| {
+            proxy_signals(&input)?;
+            match upload {
+                Some(upload) => spawn("banger-upload", move || feed(input, Some(upload), false)),
+                None => Ok(()),
+            }
+        }),
         Mode::Pipe => client.call_with_input::<M>(params, on_output, |input| {
             proxy_signals(&input)?;
-            spawn("banger-stdin", move || forward_stdin(&input))
+            spawn("banger-stdin", move || feed(input, upload, true))
         }),
         Mode::Tty => {
             // Raw from the session's first output on: until then (a VM booting for
@@ -153,7 +192,7 @@ pub fn call<M: Method>(
                 spawn("banger-signals", move || {
                     watch_signals(signals, &for_signals)
                 })?;
-                spawn("banger-stdin", move || forward_stdin(&input))
+                spawn("banger-stdin", move || feed(input, upload, true))
             });
             drop(raw);
             result

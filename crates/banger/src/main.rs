@@ -22,9 +22,20 @@ struct Cli {
     /// Print the result as JSON instead of prose.
     #[arg(long, global = true)]
     json: bool,
-    /// Talk to the system daemon (/run/banger/bangerd.sock).
+    /// Talk to the system daemon (/run/banger/bangerd.sock; with --host, the far side's).
     #[arg(long, global = true)]
     system: bool,
+    /// The daemon to talk to: ssh://[user@]host[:port] (through the system's ssh) or
+    /// unix:///path. Overrides BANGER_HOST and the current context.
+    #[arg(short = 'H', long, global = true)]
+    host: Option<String>,
+    /// A context from `banger context create` (overrides BANGER_CONTEXT and `context use`).
+    #[arg(long, global = true, conflicts_with = "host")]
+    context: Option<String>,
+    /// The banger program on the far side of an ssh host (default: a context's
+    /// remote_banger, else `banger` on the remote PATH).
+    #[arg(long, global = true)]
+    remote_banger: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -50,6 +61,16 @@ enum Command {
     Daemon {
         #[command(subcommand)]
         command: commands::daemon::DaemonCommand,
+    },
+    /// Named daemons (local, or on other hosts over ssh) to talk to.
+    Context {
+        #[command(subcommand)]
+        command: commands::context::ContextCommand,
+    },
+    /// banger as this machine's service: systemd units for bangerd and bangerd-root.
+    System {
+        #[command(subcommand)]
+        command: commands::system::SystemCommand,
     },
     /// What this host has and lacks for banger, and how to get it.
     Doctor,
@@ -82,28 +103,31 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let layout = || banger_client::Layout::resolve(cli.system);
+    let selection = banger_client::context::Selection {
+        host: cli.host.clone(),
+        context: cli.context.clone(),
+        system: cli.system,
+        remote_banger: cli.remote_banger.clone(),
+    };
+    // Every command reaches its daemon the same way: local socket, or ssh.
+    let endpoint = || banger_client::context::resolve(&selection);
+    let connect = || -> anyhow::Result<client::Client> {
+        banger_client::transport::connect(&endpoint()?, true)
+    };
     match cli.command {
-        Command::Image { command } => commands::image::run(
-            &mut client::connect_or_start(&layout()?)?,
+        Command::Image { command } => commands::image::run(&mut connect()?, command, cli.json),
+        Command::Kernel { command } => commands::kernel::run(&mut connect()?, command, cli.json),
+        Command::Vm { command } => commands::vm::run(&mut connect()?, command, cli.json),
+        Command::Daemon { command } => commands::daemon::run(&endpoint()?, command, cli.json),
+        Command::Context { command } => commands::context::run(
             command,
+            cli.host.clone(),
+            cli.remote_banger.clone(),
             cli.json,
         ),
-        Command::Kernel { command } => commands::kernel::run(
-            &mut client::connect_or_start(&layout()?)?,
-            command,
-            cli.json,
-        ),
-        Command::Vm { command } => commands::vm::run(
-            &mut client::connect_or_start(&layout()?)?,
-            command,
-            cli.json,
-        ),
-        Command::Daemon { command } => commands::daemon::run(&layout()?, command, cli.json),
-        Command::Doctor => {
-            commands::doctor::run(&mut client::connect_or_start(&layout()?)?, cli.json)
-        }
-        Command::Version => commands::daemon::version(&layout()?, cli.json),
+        Command::System { command } => commands::system::run(command, cli.json),
+        Command::Doctor => commands::doctor::run(&mut connect()?, cli.json),
+        Command::Version => commands::daemon::version(&endpoint()?, cli.json),
         Command::Completion { shell } => {
             let shell = match shell {
                 CompletionShell::Bash => Shell::Bash,

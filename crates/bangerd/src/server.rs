@@ -19,6 +19,7 @@ use anyhow::{bail, Context};
 use banger_api::{
     ErrorKind, InputParams, NotificationMethod, Request, ResizeParams, Response, RpcError,
     SignalParams, INPUT_NOTIFICATION, MAX_REQUEST_LINE, RESIZE_NOTIFICATION, SIGNAL_NOTIFICATION,
+    UPLOAD_NOTIFICATION,
 };
 use base64::Engine as _;
 use serde_json::Value;
@@ -359,6 +360,7 @@ fn client_input(bytes: &[u8], call_id: &Value) -> ClientInput {
                     }]
                 })
             }),
+        Some(UPLOAD_NOTIFICATION) => crate::services::upload::events(params, call_id),
         Some(SIGNAL_NOTIFICATION) => serde_json::from_value::<SignalParams>(params)
             .map_err(|e| e.to_string())
             .map(|p| (&p.id == call_id).then(|| vec![InputEvent::Signal(p.signal.number())])),
@@ -383,7 +385,12 @@ fn is_client_notification(value: &Value) -> bool {
                 .get("method")
                 .and_then(Value::as_str)
                 .and_then(|m| m.parse::<NotificationMethod>().ok()),
-            Some(INPUT_NOTIFICATION | RESIZE_NOTIFICATION | SIGNAL_NOTIFICATION)
+            Some(
+                INPUT_NOTIFICATION
+                    | RESIZE_NOTIFICATION
+                    | SIGNAL_NOTIFICATION
+                    | UPLOAD_NOTIFICATION
+            )
         )
 }
 

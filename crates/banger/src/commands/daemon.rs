@@ -3,9 +3,11 @@
 
 use std::process::ExitCode;
 
-use banger_api::{DaemonPing, NoParams};
+use anyhow::Context as _;
+
+use banger_api::{DaemonPing, DaemonShutdown, NoParams};
 use banger_client::rpc::{self, Client};
-use banger_client::Layout;
+use banger_client::{transport, Endpoint, Layout};
 use clap::Subcommand;
 
 use crate::output::emit;
@@ -16,20 +18,45 @@ pub enum DaemonCommand {
     Status,
     /// Stop bangerd, letting running calls finish.
     Stop,
+    /// Join stdin and stdout to the daemon's socket, byte for byte, until either side
+    /// closes; starts the daemon first like any command. What `--host ssh://` runs on
+    /// the far side.
+    DialStdio {
+        /// Only reach a daemon that runs; fail otherwise.
+        #[arg(long)]
+        no_start: bool,
+    },
 }
 
 /// The running daemon's answer to `daemon.ping`, if one runs.
-fn ping(layout: &Layout) -> Option<banger_api::PingResult> {
-    Client::connect(&layout.socket())
+fn ping(endpoint: &Endpoint) -> Option<banger_api::PingResult> {
+    transport::connect(endpoint, false)
         .ok()
         .and_then(|mut c| c.call::<DaemonPing>(&NoParams {}).ok())
 }
 
 /// Runs one `banger daemon` command.
-pub fn run(layout: &Layout, command: DaemonCommand, json: bool) -> anyhow::Result<ExitCode> {
+pub fn run(endpoint: &Endpoint, command: DaemonCommand, json: bool) -> anyhow::Result<ExitCode> {
+    if let DaemonCommand::DialStdio { no_start } = command {
+        let Endpoint::Local(layout) = endpoint else {
+            anyhow::bail!(
+                "daemon dial-stdio joins this host's own daemon; it takes no --host or context"
+            );
+        };
+        return dial_stdio(layout, !no_start);
+    }
+    if !endpoint.is_local() {
+        return run_remote(endpoint, command, json);
+    }
+    let Endpoint::Local(layout) = endpoint else {
+        let describe = endpoint.describe();
+        anyhow::bail!("daemon status/stop need a layout's daemon, not {describe}");
+    };
+    let layout: &Layout = layout;
     match command {
+        DaemonCommand::DialStdio { .. } => unreachable!("handled above"),
         DaemonCommand::Status => {
-            let ping = ping(layout);
+            let ping = ping(endpoint);
             let status = serde_json::json!({
                 "running": ping.is_some(),
                 "socket": layout.socket(),
@@ -69,9 +96,112 @@ pub fn run(layout: &Layout, command: DaemonCommand, json: bool) -> anyhow::Resul
     }
 }
 
+/// `daemon status` and `daemon stop` of a daemon on another host: its pid means nothing
+/// here, so stopping asks and does not wait for the process.
+fn run_remote(endpoint: &Endpoint, command: DaemonCommand, json: bool) -> anyhow::Result<ExitCode> {
+    let where_ = endpoint.describe();
+    match command {
+        DaemonCommand::Status => {
+            let ping = ping(endpoint);
+            let status = serde_json::json!({
+                "running": ping.is_some(),
+                "host": where_,
+                "daemon": ping,
+            });
+            emit(json, &status, |_| match &ping {
+                Some(p) => println!(
+                    "bangerd {} running (pid {}, up {}s) on {where_}",
+                    p.version, p.pid, p.uptime_seconds
+                ),
+                None => println!("bangerd not running on {where_}"),
+            })?;
+            Ok(if ping.is_some() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        DaemonCommand::Stop => {
+            let mut stopped = None;
+            if let Ok(mut client) = transport::connect(endpoint, false) {
+                if let Ok(ping) = client.call::<DaemonPing>(&NoParams {}) {
+                    client
+                        .call::<DaemonShutdown>(&NoParams {})
+                        .map_err(anyhow::Error::from)?;
+                    stopped = Some(ping.pid);
+                }
+            }
+            let result =
+                serde_json::json!({ "stopped": stopped.is_some(), "pid": stopped, "host": where_ });
+            emit(json, &result, |_| match stopped {
+                Some(pid) => println!("bangerd on {where_} asked to stop (pid {pid})"),
+                None => println!("bangerd was not running on {where_}"),
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        DaemonCommand::DialStdio { .. } => unreachable!("handled by run"),
+    }
+}
+
+/// Copies stdin to the daemon's socket and the socket to stdout, unbuffered, until the
+/// socket closes (the daemon's end; then we exit) or stdin does (our caller's end; then
+/// the socket's write half is shut, the daemon finishes and closes, and we exit).
+fn dial_stdio(layout: &Layout, start: bool) -> anyhow::Result<ExitCode> {
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+    let socket = layout.socket();
+    if start {
+        // Starts (or replaces) the daemon as any command would; its connection is let go.
+        drop(rpc::connect_or_start(layout)?);
+    }
+    let stream =
+        UnixStream::connect(&socket).with_context(|| format!("connect to {}", socket.display()))?;
+    let mut to_daemon = stream.try_clone().context("clone the socket")?;
+    let mut from_daemon = stream;
+    // Raw descriptors, not Rust's line-buffered stdout: bytes leave as they come.
+    let mut stdin = std::fs::File::from(
+        std::io::stdin()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("dup stdin")?,
+    );
+    let mut stdout = std::fs::File::from(
+        std::io::stdout()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("dup stdout")?,
+    );
+    std::thread::Builder::new()
+        .name("dial-stdin".into())
+        .spawn(move || {
+            let _ = pump(&mut stdin, &mut to_daemon);
+            let _ = to_daemon.shutdown(std::net::Shutdown::Write);
+        })
+        .context("start the stdin copier")?;
+    // Our caller hanging up shows here as a write error: the end either way.
+    let _ = pump(&mut from_daemon, &mut stdout);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Copies until end-of-file with plain read/write: `std::io::copy` may splice between a
+/// socket and a pipe, and a splice from a Unix socket was seen to hold a reply back
+/// (waiting for more bytes) while the other side waited for it.
+fn pump(from: &mut impl std::io::Read, to: &mut impl std::io::Write) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buf[..n])?;
+    }
+}
+
 /// `banger version`: this CLI's version, and the daemon's when one runs.
-pub fn version(layout: &Layout, json: bool) -> anyhow::Result<ExitCode> {
-    let daemon = ping(layout);
+pub fn version(endpoint: &Endpoint, json: bool) -> anyhow::Result<ExitCode> {
+    let daemon = ping(endpoint);
     let versions = serde_json::json!({
         "version": banger_api::VERSION,
         "daemon": daemon,

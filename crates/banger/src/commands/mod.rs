@@ -1,8 +1,10 @@
 //! One module per noun, each owning its clap `Subcommand` and turning it into one call and
 //! its formatted result (the shape of youki's `crates/youki/src/commands/`).
 
+pub mod context;
 pub mod daemon;
 pub mod doctor;
 pub mod image;
 pub mod kernel;
+pub mod system;
 pub mod vm;

@@ -446,19 +446,16 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
             } else {
                 stdin.mode(terminal)?
             };
-            let path = match path {
-                Some(p) => Some(
-                    std::path::absolute(&p)
-                        .with_context(|| format!("resolve {}", p.display()))?
-                        .display()
-                        .to_string(),
-                ),
+            // The CLI reads the workspace and streams it: the daemon opens no path of ours.
+            let workspace = match path {
+                Some(p) => Some(Workspace::prepare(&p)?),
                 None => None,
             };
             let params = VmRunParams {
                 image,
                 name,
-                path,
+                path: None,
+                workspace: workspace.as_ref().map(|w| w.name.clone()),
                 argv: command,
                 rm,
                 network,
@@ -469,10 +466,55 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
                 stdin: mode == Mode::Pipe,
                 tty: tty_params(mode)?,
             };
-            return exit_with(interactive::call::<VmRun>(client, &params, mode, raw), json);
+            let upload = workspace.map(|w| -> interactive::Upload {
+                Box::new(move |input| {
+                    banger_client::workspace::stream(&w.root, &w.listing, input.clone())
+                })
+            });
+            return exit_with(
+                interactive::call_uploading::<VmRun>(client, &params, mode, raw, upload),
+                json,
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A workspace `vm run` streams: where it is, its name in the guest, what goes.
+struct Workspace {
+    root: std::path::PathBuf,
+    name: String,
+    listing: banger_client::workspace::Listing,
+}
+
+impl Workspace {
+    /// Resolves and lists `path`, printing what was left out to stderr.
+    fn prepare(path: &std::path::Path) -> anyhow::Result<Workspace> {
+        let root =
+            std::path::absolute(path).with_context(|| format!("resolve {}", path.display()))?;
+        let meta =
+            std::fs::metadata(&root).with_context(|| format!("workspace {}", root.display()))?;
+        if !meta.is_dir() {
+            anyhow::bail!("workspace {} is not a directory", root.display());
+        }
+        // `vm run .` names the directory itself, not `.`.
+        let root =
+            std::fs::canonicalize(&root).with_context(|| format!("resolve {}", root.display()))?;
+        let name = root
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "workspace".into());
+        let listing = banger_client::workspace::list(&root)
+            .with_context(|| format!("list workspace {}", root.display()))?;
+        for warning in listing.warnings() {
+            eprintln!("banger: {}: {warning}", root.display());
+        }
+        Ok(Workspace {
+            root,
+            name,
+            listing,
+        })
+    }
 }
 
 /// The backend column: `-` for a VM that never booted.

@@ -6,9 +6,10 @@ pub mod doctor;
 pub mod image;
 pub mod kernel;
 pub mod network;
+pub mod privhelper;
 pub mod process;
+pub mod upload;
 pub mod vm;
-pub mod workspace;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -50,6 +51,10 @@ pub enum InputEvent {
     },
     /// Deliver this signal (a number) to the command.
     Signal(i32),
+    /// The next bytes of the call's uploaded stream (`upload`; see [`upload`]).
+    Upload(Vec<u8>),
+    /// The uploaded stream is complete.
+    UploadEnd,
 }
 
 /// The receiving end of a call's input. It closes when the call ends or the caller hangs
@@ -116,6 +121,12 @@ impl CallContext {
     /// The caller's input, once: `None` for a detached call or when already taken.
     pub fn take_input(&self) -> Option<InputReceiver> {
         self.input.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    /// Hands back input taken with [`CallContext::take_input`] (a step that read only
+    /// part of it, like an upload before the command's stdin), for the next step.
+    pub fn restore_input(&self, input: InputReceiver) {
+        *self.input.lock().unwrap_or_else(|e| e.into_inner()) = Some(input);
     }
 
     /// Sends a `progress` notification to the caller, if it is still listening.

@@ -1101,19 +1101,16 @@ impl VmService {
         ctx: &CallContext,
         params: VmRunParams,
     ) -> Result<ExecResult, ServiceError> {
-        let workspace = match &params.path {
-            Some(path) => {
-                let path = PathBuf::from(path);
-                if !path.is_absolute() || !path.is_dir() {
-                    return Err(ServiceError::bad_request(format!(
-                        "workspace {} must be an existing absolute directory",
-                        path.display()
-                    )));
-                }
-                Some(path)
-            }
-            None => None,
-        };
+        // The workspace comes over the connection; no client path is opened here.
+        if let Some(path) = &params.path {
+            return Err(ServiceError::bad_request(format!(
+                "vm.run no longer reads a workspace from the daemon's filesystem (path {path:?}); \
+                 stream it: set workspace and send the tar as upload notifications (docs/api.md)"
+            )));
+        }
+        if let Some(name) = &params.workspace {
+            super::upload::check_workspace_name(name)?;
+        }
         let wanted = params
             .image
             .clone()
@@ -1136,15 +1133,11 @@ impl VmService {
         let result = tokio::task::block_in_place(|| -> Result<ExecResult, ServiceError> {
             let client = self.agent(&self.show(&vm.name)?)?;
             let mut cwd = "/root".to_owned();
-            if let Some(workspace) = &workspace {
-                let base = workspace
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "workspace".into());
-                cwd = format!("/root/{base}");
-                upload_workspace(ctx, &client, workspace, Path::new(&cwd)).with_context(|| {
-                    format!("copy {} into VM {:?}", workspace.display(), vm.name)
-                })?;
+            if let Some(name) = &params.workspace {
+                cwd = format!("/root/{name}");
+                let bytes = super::upload::receive_into(ctx, &client, Path::new(&cwd))
+                    .with_context(|| format!("copy the workspace into VM {:?}", vm.name))?;
+                tracing::info!(vm = %vm.name, bytes, dest = %cwd, "workspace received");
             }
             if params.argv.is_empty() {
                 let stdio = Stdio {
@@ -1282,6 +1275,8 @@ fn forward_input(
             InputEvent::Eof => control.close_stdin(),
             InputEvent::Resize { rows, cols } => control.resize(WinSize { rows, cols }),
             InputEvent::Signal(signal) => control.signal(signal),
+            // An upload belongs to the step before the command (see services::upload).
+            InputEvent::Upload(_) | InputEvent::UploadEnd => Ok(()),
         };
         if sent.is_err() || control.finished() {
             return;
@@ -1399,25 +1394,4 @@ fn inject_agent(disk: &Path, agent: &Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-/// Uploads the workspace (see [`super::workspace`] for what is copied and why no git
-/// runs); what was left out is told to the caller on stderr before the command runs.
-fn upload_workspace(
-    ctx: &CallContext,
-    client: &AgentClient,
-    workspace: &Path,
-    dest: &Path,
-) -> anyhow::Result<()> {
-    let listing = super::workspace::list(workspace)
-        .with_context(|| format!("list the files of {}", workspace.display()))?;
-    let mut stderr = OutputWriter {
-        ctx,
-        stream: OutputStream::Stderr,
-    };
-    for warning in listing.warnings() {
-        tracing::warn!(workspace = %workspace.display(), %warning, "workspace copy");
-        let _ = writeln!(stderr, "banger: {}: {warning}", workspace.display());
-    }
-    super::workspace::upload(client, workspace, &listing, dest)
 }

@@ -1,6 +1,12 @@
-//! Which files of a workspace `vm run PATH` copies into the guest, and the copy itself.
+//! Which files of a workspace `vm run PATH` sends, and the stream itself: the CLI lists
+//! and archives the workspace and streams the tar over its connection (`upload`
+//! notifications), so the daemon reads no client path and `vm run` works the same against
+//! a local, a system or a remote daemon.
 //!
-//! The workspace may be a repository nobody has read, and the daemon may be root: listing
+//! The listing is the one the daemon used to make (the "boundary" work's
+//! `bangerd/src/services/workspace.rs`), moved here unchanged in behaviour.
+//!
+//! The workspace may be a repository nobody has read: listing
 //! it must run nothing the repository controls. `git ls-files` does not qualify: git reads
 //! the repository's own `.git/config`, which can name programs git runs while listing
 //! (`core.fsmonitor`), clean filters, hooks paths, `include.path`s of other host files,
@@ -25,7 +31,6 @@ use std::io::Write;
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::Context;
-use banger_vmm::agent::AgentClient;
 
 /// Largest `.git/index` read; a bigger one is refused (decoding allocates about as much).
 /// Git's own index of the Linux kernel (80k files) is about 10 MiB.
@@ -33,28 +38,6 @@ pub const MAX_INDEX_BYTES: u64 = 256 << 20;
 
 /// Most files one workspace copy lists; more is refused rather than held in memory.
 pub const MAX_WORKSPACE_FILES: usize = 2_000_000;
-
-/// Largest ignore-rules file (`.gitignore`, `.git/info/exclude`) read.
-pub const MAX_IGNORE_FILE_BYTES: u64 = 1 << 20;
-
-/// Whether the ignore-rules file `path` may be read: absent, or a regular file (not a
-/// symlink to a host file, not a FIFO that would block the read) within
-/// [`MAX_IGNORE_FILE_BYTES`].
-fn check_rule_file(path: &Path) -> Result<(), String> {
-    match std::fs::symlink_metadata(path) {
-        Err(_) => Ok(()),
-        Ok(meta) if !meta.is_file() => Err(format!(
-            "{} is not a regular file (a symlink or special file); refusing to read it",
-            path.display()
-        )),
-        Ok(meta) if meta.len() > MAX_IGNORE_FILE_BYTES => Err(format!(
-            "{} is {} bytes, over the limit of {MAX_IGNORE_FILE_BYTES} (MAX_IGNORE_FILE_BYTES)",
-            path.display(),
-            meta.len()
-        )),
-        Ok(_) => Ok(()),
-    }
-}
 
 /// How the file list was made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,17 +158,6 @@ pub fn list(workspace: &Path) -> anyhow::Result<Listing> {
     let mut files = std::collections::BTreeSet::new();
     let root = work_tree_root(workspace);
     if let Some(root) = &root {
-        // The rule files the walk reads before entering the workspace: those of the
-        // workspace and of its parents up to the work tree's root, and info/exclude.
-        check_rule_file(&root.join(".git/info/exclude")).map_err(anyhow::Error::msg)?;
-        for dir in workspace.ancestors() {
-            check_rule_file(&dir.join(".gitignore")).map_err(anyhow::Error::msg)?;
-            if dir == root.as_path() {
-                break;
-            }
-        }
-    }
-    if let Some(root) = &root {
         match read_index(root) {
             Ok(tracked) => {
                 listing.kind = ListingKind::GitIndex;
@@ -217,12 +189,7 @@ pub fn list(workspace: &Path) -> anyhow::Result<Listing> {
             }
         }
     }
-    // info/exclude only from a real `.git` directory: the ignore crate would follow a
-    // worktree's `.git` file to wherever it points.
-    let git_dir = root
-        .as_ref()
-        .is_some_and(|r| std::fs::symlink_metadata(r.join(".git")).is_ok_and(|m| m.is_dir()));
-    walk(workspace, root.is_some(), git_dir, &mut files, &mut listing)?;
+    walk(workspace, root.is_some(), &mut files, &mut listing)?;
     listing.files = files.into_iter().collect();
     Ok(listing)
 }
@@ -282,11 +249,10 @@ fn read_index(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
 }
 
 /// Adds the untracked files of `workspace` that the ignore rules let through (all files
-/// when `git` is false; `.git/info/exclude` only when `git_dir`) to `files`.
+/// when `git` is false) to `files`.
 fn walk(
     workspace: &Path,
     git: bool,
-    git_dir: bool,
     files: &mut std::collections::BTreeSet<PathBuf>,
     listing: &mut Listing,
 ) -> anyhow::Result<()> {
@@ -299,33 +265,19 @@ fn walk(
         // workspace), `.git/info/exclude`; not ripgrep's `.ignore`, and not the global
         // excludes file, whose location is git configuration.
         .git_ignore(git)
-        .git_exclude(git && git_dir)
+        .git_exclude(git)
         .parents(git)
         .git_global(false)
         .ignore(false)
         .require_git(true);
     let top = workspace.to_owned();
-    let bad_rules: std::sync::Arc<std::sync::Mutex<Option<String>>> = Default::default();
-    let bad = bad_rules.clone();
     builder.filter_entry(move |entry| {
-        let is_dir = entry.file_type().is_some_and(|t| t.is_dir());
         // `.git` is never copied; a nested repository is its own (git lists it as one
         // directory, not its files).
-        let nested_repo =
-            entry.path() != top && is_dir && entry.path().join(".git").symlink_metadata().is_ok();
-        if entry.file_name() == ".git" || nested_repo {
-            return false;
-        }
-        // The walker reads a directory's `.gitignore` on entering it: checked first.
-        if git && is_dir && entry.path() != top {
-            if let Err(e) = check_rule_file(&entry.path().join(".gitignore")) {
-                bad.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get_or_insert(e);
-                return false;
-            }
-        }
-        true
+        let nested_repo = entry.path() != top
+            && entry.file_type().is_some_and(|t| t.is_dir())
+            && entry.path().join(".git").symlink_metadata().is_ok();
+        entry.file_name() != ".git" && !nested_repo
     });
     for entry in builder.build() {
         let entry = entry.with_context(|| format!("list {}", workspace.display()))?;
@@ -354,48 +306,91 @@ fn walk(
             Kind::Directory | Kind::Missing => {}
         }
     }
-    if let Some(e) = bad_rules.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        anyhow::bail!(e);
-    }
     Ok(())
 }
 
-/// Uploads the listed files of `workspace` into `dest` in the guest as one tar stream.
-pub fn upload(
-    client: &AgentClient,
+/// Writes the listed files of `workspace` as one tar archive into `sink`: what the agent
+/// unpacks in the guest. Each file is classified again when archived (the directory may
+/// have changed since it was listed); symlinks go as links.
+pub fn archive(workspace: &Path, listing: &Listing, sink: impl Write) -> anyhow::Result<()> {
+    let mut builder = tar::Builder::new(sink);
+    // Symlinks go as links: following one would read a host path the repo chose.
+    builder.follow_symlinks(false);
+    for file in &listing.files {
+        let full = workspace.join(file);
+        if let Kind::Upload = classify(&full) {
+            builder
+                .append_path_with_name(&full, file)
+                .with_context(|| format!("archive {}", full.display()))?;
+        }
+    }
+    builder
+        .into_inner()
+        .and_then(|mut w| w.flush())
+        .context("finish the archive")
+}
+
+/// Sends the bytes written to it as the running call's `upload` stream, in chunks of
+/// [`banger_api::UPLOAD_CHUNK`]. Writing blocks while the daemon is not reading: the
+/// connection's own backpressure is the flow control.
+pub struct UploadWriter {
+    input: crate::rpc::InputSender,
+    buf: Vec<u8>,
+}
+
+impl UploadWriter {
+    /// A writer into the upload of the call `input` belongs to.
+    pub fn new(input: crate::rpc::InputSender) -> Self {
+        UploadWriter {
+            input,
+            buf: Vec::with_capacity(banger_api::UPLOAD_CHUNK),
+        }
+    }
+
+    /// Sends what is buffered and the end of the stream.
+    pub fn finish(mut self) -> std::io::Result<()> {
+        self.flush()?;
+        self.input.upload_end()
+    }
+}
+
+impl Write for UploadWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        if self.input.is_done() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "the call ended before its upload did",
+            ));
+        }
+        let room = banger_api::UPLOAD_CHUNK - self.buf.len();
+        let n = bytes.len().min(room);
+        self.buf.extend_from_slice(&bytes[..n]);
+        if self.buf.len() == banger_api::UPLOAD_CHUNK {
+            self.flush()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.buf.is_empty() {
+            self.input.upload(&self.buf)?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+}
+
+/// Lists `workspace`, then archives it into the running call's upload and ends it.
+pub fn stream(
     workspace: &Path,
     listing: &Listing,
-    dest: &Path,
+    input: crate::rpc::InputSender,
 ) -> anyhow::Result<()> {
-    let (reader, writer) = std::io::pipe().context("create pipe")?;
-    let root = workspace.to_owned();
-    let files = listing.files.clone();
-    let producer = std::thread::spawn(move || -> anyhow::Result<()> {
-        let mut builder = tar::Builder::new(writer);
-        // Symlinks go as links: following one would read a host path the repo chose.
-        builder.follow_symlinks(false);
-        for file in files {
-            let full = root.join(&file);
-            // Classified again: the directory may have changed since it was listed.
-            if let Kind::Upload = classify(&full) {
-                builder
-                    .append_path_with_name(&full, &file)
-                    .with_context(|| format!("archive {}", full.display()))?;
-            }
-        }
-        builder
-            .into_inner()
-            .and_then(|mut w| w.flush())
-            .context("finish the archive")
-    });
-    let sent = client.upload_tar(reader, dest);
-    let archived = producer
-        .join()
-        .map_err(|_| anyhow::anyhow!("workspace archiver panicked"))?;
-    // The archiver's own error explains a broken upload better than the pipe closing.
-    archived?;
-    sent?;
-    Ok(())
+    let mut writer = UploadWriter::new(input);
+    archive(workspace, listing, &mut writer)?;
+    writer
+        .finish()
+        .with_context(|| format!("send {}", workspace.display()))
 }
 
 #[cfg(test)]
@@ -536,32 +531,6 @@ mod tests {
         let listing = list(&repo).unwrap();
         assert_eq!(listing.kind, ListingKind::GitIgnoreOnly);
         assert_eq!(names(&listing), [".gitignore", "a"]);
-    }
-
-    #[test]
-    fn an_ignore_file_that_is_a_symlink_or_a_fifo_is_refused_not_read() {
-        let tmp = tempfile::tempdir().unwrap();
-        let repo = tmp.path().join("r");
-        std::fs::create_dir_all(repo.join(".git")).unwrap();
-        std::fs::create_dir_all(repo.join("sub")).unwrap();
-        // A FIFO would block the read forever; /dev/zero would never end.
-        rustix::fs::mknodat(
-            rustix::fs::CWD,
-            repo.join("sub/.gitignore"),
-            rustix::fs::FileType::Fifo,
-            rustix::fs::Mode::from_raw_mode(0o600),
-            0,
-        )
-        .unwrap();
-        let err = list(&repo).unwrap_err().to_string();
-        assert!(
-            err.contains("sub/.gitignore is not a regular file"),
-            "{err}"
-        );
-        std::fs::remove_file(repo.join("sub/.gitignore")).unwrap();
-        std::os::unix::fs::symlink("/dev/zero", repo.join(".gitignore")).unwrap();
-        let err = list(&repo).unwrap_err().to_string();
-        assert!(err.contains(".gitignore is not a regular file"), "{err}");
     }
 
     #[test]

@@ -1,0 +1,334 @@
+//! `--host ssh://`: a real OpenSSH sshd on 127.0.0.1 (its own host key, a generated client
+//! key), the "remote" daemon with XDG dirs of its own set by sshd's `SetEnv`, and the
+//! workspace hidden from the remote side (sshd runs in a mount namespace where the
+//! client's directory is an empty tmpfs): it reaches the guest only through the stream.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use banger_testkit::{guest, push_oci_layout, LayerCompression, OciLayoutBuilder, Registry};
+use serde_json::Value;
+use support::{stderr, stdout, Install};
+
+const PTY_TIMEOUT: Duration = Duration::from_secs(240);
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Agent binary and kernel package (as in tests/vm.rs).
+fn guest_parts() -> Option<&'static (PathBuf, PathBuf)> {
+    static PARTS: OnceLock<Option<(PathBuf, PathBuf)>> = OnceLock::new();
+    PARTS
+        .get_or_init(|| {
+            let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+            let deb = match guest::fetch_test_kernel(
+                &workspace_root(),
+                &tmp.join("banger-test-kernel"),
+            ) {
+                Ok(deb) => deb,
+                Err(e) => {
+                    banger_testkit::require(false, e);
+                    return None;
+                }
+            };
+            let agent =
+                guest::build_guest_agent(&workspace_root(), &tmp.join("banger-agent-build"))
+                    .unwrap_or_else(|e| panic!("{e}"));
+            Some((agent, deb))
+        })
+        .as_ref()
+}
+
+/// The remote side's installation: a kernel and a busybox image `bb`, its daemon stopped
+/// (the next one starts inside sshd's namespace, through dial-stdio).
+fn remote_install(registry: &Registry, agent: &Path, deb: &Path) -> Install {
+    let mut install = Install::new();
+    install
+        .extra_env
+        .push(("BANGER_AGENT".into(), agent.into()));
+    install.write_config("vmm = \"qemu\"\nnetwork = \"user\"\n");
+    let layout_dir = install.dir.path().join("layout");
+    let mut layout = OciLayoutBuilder::new(&layout_dir).unwrap();
+    layout
+        .image("v1", &[(guest::busybox_layer(), LayerCompression::Gzip)])
+        .unwrap();
+    push_oci_layout(&layout_dir, "v1", registry, "busybox");
+    let out = install.banger(&[
+        "image",
+        "pull",
+        &registry.reference("busybox", "v1"),
+        "--name",
+        "bb",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = install.banger(&["kernel", "import", "cloud", "--deb", deb.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = install.banger(&["daemon", "stop"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    install
+}
+
+fn run(command: &mut Command) {
+    let out = command.output().unwrap();
+    assert!(out.status.success(), "{command:?}: {}", stderr(&out));
+}
+
+fn keygen(path: &Path) {
+    run(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(path));
+}
+
+/// sshd on 127.0.0.1:PORT in a mount namespace where `hidden` is an empty tmpfs; killed
+/// on drop.
+struct Sshd {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_sshd(dir: &Path, remote: &Install, agent: &Path, hidden: &Path) -> Sshd {
+    keygen(&dir.join("host_key"));
+    keygen(&dir.join("client_key"));
+    std::fs::copy(dir.join("client_key.pub"), dir.join("authorized_keys")).unwrap();
+    // sshd insists on its privilege separation directory.
+    std::fs::create_dir_all("/run/sshd").unwrap();
+    let port = free_port();
+    let home = remote.dir.path();
+    let config = format!(
+        "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n\
+         PidFile none\nUsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\n\
+         PasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+         SetEnv HOME={h}/home XDG_STATE_HOME={h}/state XDG_CACHE_HOME={h}/cache XDG_CONFIG_HOME={h}/config BANGER_AGENT={a}\n",
+        d = dir.display(),
+        h = home.display(),
+        a = agent.display()
+    );
+    std::fs::write(dir.join("sshd_config"), config).unwrap();
+    std::fs::write(
+        dir.join("ssh_config"),
+        format!(
+            "Host *\n  IdentityFile {d}/client_key\n  IdentitiesOnly yes\n  StrictHostKeyChecking no\n  \
+             UserKnownHostsFile /dev/null\n  LogLevel ERROR\n  BatchMode yes\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(format!(
+            "mount -t tmpfs none '{}' && exec /usr/sbin/sshd -f '{}/sshd_config' -D -e",
+            hidden.display(),
+            dir.display()
+        ))
+        .stderr(std::fs::File::create(dir.join("sshd.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "sshd did not listen: {}",
+            std::fs::read_to_string(dir.join("sshd.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Sshd { child, port }
+}
+
+#[test]
+fn a_remote_daemon_over_real_sshd_runs_a_streamed_workspace_lists_images_and_gives_a_pty() {
+    if !banger_testkit::require(
+        Path::new("/usr/sbin/sshd").is_file() && Command::new("ssh").arg("-V").output().is_ok(),
+        "OpenSSH is not installed (scripts/setup.sh installs openssh-server)",
+    ) || !banger_testkit::require(
+        rustix::process::geteuid().is_root(),
+        "needs root (sshd, a mount namespace)",
+    ) {
+        return;
+    }
+    let Some((agent, deb)) = guest_parts() else {
+        return;
+    };
+    let registry = Registry::start();
+    let remote = remote_install(&registry, agent, deb);
+    let sshd_dir = tempfile::tempdir().unwrap();
+
+    // The client: its own dirs, and a workspace the remote side cannot see.
+    let mut client = Install::new();
+    let workspace = client.dir.path().join("ws");
+    std::fs::create_dir_all(&workspace).unwrap();
+    std::fs::write(workspace.join("FILE"), "streamed, not read by the daemon\n").unwrap();
+    let sshd = start_sshd(sshd_dir.path(), &remote, agent, client.dir.path());
+    client.extra_env.push((
+        "BANGER_SSH".into(),
+        format!("ssh -F {}/ssh_config", sshd_dir.path().display()).into(),
+    ));
+    let host = format!("ssh://root@127.0.0.1:{}", sshd.port);
+    let banger = env!("CARGO_BIN_EXE_banger");
+    let args = |rest: &[&str]| -> Vec<String> {
+        ["--host", &host, "--remote-banger", banger]
+            .iter()
+            .chain(rest)
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let call = |rest: &[&str]| {
+        let a = args(rest);
+        client.banger(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+
+    // The remote side really cannot read the workspace.
+    let seen = Command::new("ssh")
+        .args(["-F", &format!("{}/ssh_config", sshd_dir.path().display())])
+        .args(["-p", &sshd.port.to_string(), "root@127.0.0.1", "--", "cat"])
+        .arg(workspace.join("FILE"))
+        .output()
+        .unwrap();
+    assert!(!seen.status.success(), "the remote side sees the workspace");
+
+    let out = call(&["--json", "image", "list"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let images: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(images.to_string().contains("\"bb\""), "{images}");
+
+    let ws = workspace.to_str().unwrap();
+    let out = call(&[
+        "vm",
+        "run",
+        ws,
+        "--rm",
+        "--image",
+        "bb",
+        "--",
+        "sh",
+        "-c",
+        "cat FILE; exit 5",
+    ]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "streamed, not read by the daemon\n");
+
+    let out = call(&["vm", "create", "--name", "rx", "--image", "bb"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let a = args(&[
+        "vm",
+        "exec",
+        "-t",
+        "rx",
+        "--",
+        "sh",
+        "-c",
+        "tty; read x; echo got-$x; exit 4",
+    ]);
+    let mut pty = client.banger_on_pty(&a.iter().map(String::as_str).collect::<Vec<_>>(), 24, 80);
+    assert!(pty.wait_for("/dev/pts/", PTY_TIMEOUT), "{:?}", pty.screen());
+    pty.type_keys("hi\r");
+    let (status, screen) = pty.wait(PTY_TIMEOUT);
+    assert_eq!(status.code(), Some(4), "{screen:?}");
+    assert!(screen.contains("got-hi"), "{screen:?}");
+
+    let out = call(&["vm", "rm", "rx"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = call(&["daemon", "stop"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    drop(sshd);
+}
+
+#[test]
+fn the_daemon_opens_no_client_path_for_a_workspace() {
+    let install = Install::new();
+    let out = install.banger(&["image", "list"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let mut conn = install.connect();
+    let reply = conn.call(serde_json::json!({
+        "jsonrpc": "2.0", "id": 1, "method": "vm.run",
+        "params": { "path": "/etc", "argv": ["true"], "image": "none" }
+    }));
+    assert_eq!(reply["error"]["data"]["kind"], "bad_request", "{reply}");
+    let message = reply["error"]["message"].as_str().unwrap();
+    assert!(message.contains("no longer reads a workspace"), "{message}");
+    for bad in ["../x", "a/b", ".", ""] {
+        let reply = conn.call(serde_json::json!({
+            "jsonrpc": "2.0", "id": 2, "method": "vm.run",
+            "params": { "workspace": bad, "argv": ["true"], "image": "none" }
+        }));
+        assert_eq!(
+            reply["error"]["data"]["kind"], "bad_request",
+            "{bad}: {reply}"
+        );
+    }
+}
+
+#[test]
+fn contexts_are_created_chosen_listed_and_removed_and_bad_hosts_refused() {
+    let install = Install::new();
+    let out = install.banger(&["context", "create", "big", "--host", "ftp://x"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("ftp://x"), "{}", stderr(&out));
+    let out = install.banger(&[
+        "context",
+        "create",
+        "big",
+        "--host",
+        "ssh://me@big.example:2222",
+        "--remote-banger",
+        "/opt/banger",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = install.banger(&["context", "use", "big"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = install.banger(&["--json", "context", "ls"]);
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let big = listed["contexts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "big")
+        .cloned()
+        .unwrap();
+    assert_eq!(big["current"], true, "{listed}");
+    assert_eq!(big["remote_banger"], "/opt/banger");
+    let file = install.dir.path().join("config/banger/contexts.toml");
+    assert!(std::fs::read_to_string(&file)
+        .unwrap()
+        .contains("ssh://me@big.example:2222"));
+    // The current context is used: its ssh is what fails here (BANGER_SSH=false).
+    let out = install
+        .banger_command(&["image", "list"])
+        .env("BANGER_SSH", "false")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("ssh://me@big.example:2222"),
+        "{}",
+        stderr(&out)
+    );
+    let out = install.banger(&["context", "rm", "big"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = install.banger(&["--json", "context", "ls"]);
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        listed["contexts"][0]["current"], true,
+        "back to default: {listed}"
+    );
+}

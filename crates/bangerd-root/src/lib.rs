@@ -1,0 +1,351 @@
+//! `bangerd-root`: the only part of a system install that runs as root. An unprivileged
+//! `bangerd` asks it, over its own socket, for the few network steps that need
+//! `CAP_NET_ADMIN`. It offers a closed set of `priv.*` methods whose arguments are checked
+//! against banger's own patterns: TAP names only `bgr-<8 hex>`, the bridge only
+//! `banger0`, addresses only inside the configured subnet. Nothing takes a free-form
+//! command, path or interface name. Only the owner uid (checked with `SO_PEERCRED`) is
+//! served, and every call is logged.
+//!
+//! Wire: one JSON object per line each way, `{"id", "method", "params"}` →
+//! `{"id", "result"}` or `{"id", "error": {"kind", "message"}}`.
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::Ipv4Addr;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::process::Command;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The TAP names banger makes: `bgr-` and 8 lowercase hex digits (see bangerd's network).
+pub const TAP_PREFIX: &str = "bgr-";
+/// The one bridge banger keeps.
+pub const BRIDGE: &str = "banger0";
+/// Longest request line read; a longer one is refused.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// Why a call was refused or failed: a closed set, on the wire as snake_case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrivErrorKind {
+    /// The caller is not the owner uid.
+    Unauthorized,
+    /// Not one of the `priv.*` methods.
+    UnknownMethod,
+    /// Params missing, of the wrong shape, or with unknown keys.
+    BadRequest,
+    /// A TAP name outside `bgr-<8 hex>`.
+    InvalidTapName,
+    /// An address outside the configured subnet.
+    AddressOutsideSubnet,
+    /// The step itself failed (`ip` said why).
+    Failed,
+}
+
+/// A refused or failed call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{kind:?}: {message}")]
+pub struct PrivError {
+    /// Which kind.
+    pub kind: PrivErrorKind,
+    /// What failed, naming the input.
+    pub message: String,
+}
+
+fn err(kind: PrivErrorKind, message: impl Into<String>) -> PrivError {
+    PrivError {
+        kind,
+        message: message.into(),
+    }
+}
+
+/// An IPv4 subnet, `A.B.C.D/N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subnet {
+    /// Its network address (host bits zero).
+    pub network: Ipv4Addr,
+    /// Prefix length, 8..=30.
+    pub prefix: u8,
+}
+
+impl Subnet {
+    /// Parses `A.B.C.D/N` (host bits may be set: `172.30.0.1/24` is the 172.30.0.0/24 net).
+    pub fn parse(text: &str) -> Result<Subnet, PrivError> {
+        let bad = || {
+            err(
+                PrivErrorKind::BadRequest,
+                format!("{text:?} is not A.B.C.D/N"),
+            )
+        };
+        let (addr, prefix) = text.split_once('/').ok_or_else(bad)?;
+        let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+        let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+        if !(8..=30).contains(&prefix) {
+            return Err(err(
+                PrivErrorKind::BadRequest,
+                format!("{text:?}: prefix must be 8..=30"),
+            ));
+        }
+        let mask = u32::MAX << (32 - prefix);
+        Ok(Subnet {
+            network: Ipv4Addr::from(u32::from(addr) & mask),
+            prefix,
+        })
+    }
+
+    /// Whether `addr` is a host address of this subnet (not its network or broadcast).
+    pub fn contains_host(&self, addr: Ipv4Addr) -> bool {
+        let mask = u32::MAX << (32 - self.prefix);
+        let a = u32::from(addr);
+        a & mask == u32::from(self.network) && a & !mask != 0 && a & !mask != !mask
+    }
+}
+
+/// Checks a TAP name: `bgr-` and exactly 8 lowercase hex digits.
+pub fn check_tap_name(name: &str) -> Result<(), PrivError> {
+    let ok = name.strip_prefix(TAP_PREFIX).is_some_and(|hex| {
+        hex.len() == 8
+            && hex
+                .chars()
+                .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(err(
+            PrivErrorKind::InvalidTapName,
+            format!("TAP name {name:?} is not {TAP_PREFIX}<8 lowercase hex>"),
+        ))
+    }
+}
+
+/// The helper's fixed configuration.
+#[derive(Debug, Clone)]
+pub struct Helper {
+    /// The only uid served.
+    pub owner_uid: u32,
+    /// Addresses the bridge may get.
+    pub subnet: Subnet,
+}
+
+#[derive(Deserialize)]
+struct Request {
+    id: Value,
+    method: String,
+    #[serde(default)]
+    params: Value,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TapParams {
+    name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BridgeParams {
+    /// The bridge's address with the subnet's prefix, e.g. `172.30.0.1/24`.
+    address: String,
+}
+
+fn ip(args: &[&str]) -> Result<(), PrivError> {
+    let out = Command::new("ip").args(args).output().map_err(|e| {
+        err(
+            PrivErrorKind::Failed,
+            format!("run ip {}: {e}", args.join(" ")),
+        )
+    })?;
+    if !out.status.success() {
+        return Err(err(
+            PrivErrorKind::Failed,
+            format!(
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn params<T: serde::de::DeserializeOwned>(method: &str, value: Value) -> Result<T, PrivError> {
+    serde_json::from_value(value)
+        .map_err(|e| err(PrivErrorKind::BadRequest, format!("{method}: {e}")))
+}
+
+impl Helper {
+    /// Runs one call from `peer_uid`.
+    pub fn call(&self, peer_uid: u32, method: &str, value: Value) -> Result<Value, PrivError> {
+        if peer_uid != self.owner_uid {
+            return Err(err(
+                PrivErrorKind::Unauthorized,
+                format!("uid {peer_uid} is not the owner (uid {})", self.owner_uid),
+            ));
+        }
+        let owner = self.owner_uid.to_string();
+        match method {
+            // A TAP the owner may open without privileges, attached to the bridge when
+            // there is one.
+            "priv.tap.create" => {
+                let p: TapParams = params(method, value)?;
+                check_tap_name(&p.name)?;
+                ip(&["tuntap", "add", "dev", &p.name, "mode", "tap", "user", &owner])?;
+                if Path::new("/sys/class/net").join(BRIDGE).exists() {
+                    ip(&["link", "set", &p.name, "master", BRIDGE])?;
+                }
+                ip(&["link", "set", &p.name, "up"])?;
+                Ok(serde_json::json!({ "name": p.name }))
+            }
+            "priv.tap.delete" => {
+                let p: TapParams = params(method, value)?;
+                check_tap_name(&p.name)?;
+                ip(&["link", "del", "dev", &p.name])?;
+                Ok(serde_json::json!({ "name": p.name }))
+            }
+            // The bridge `banger0` with one address of the configured subnet.
+            "priv.bridge.ensure" => {
+                let p: BridgeParams = params(method, value)?;
+                let (addr, prefix) = p.address.split_once('/').ok_or_else(|| {
+                    err(PrivErrorKind::BadRequest, format!("{:?} is not A.B.C.D/N", p.address))
+                })?;
+                let host: Ipv4Addr = addr.parse().map_err(|_| {
+                    err(PrivErrorKind::BadRequest, format!("{addr:?} is not an IPv4 address"))
+                })?;
+                if prefix != self.subnet.prefix.to_string() || !self.subnet.contains_host(host) {
+                    return Err(err(
+                        PrivErrorKind::AddressOutsideSubnet,
+                        format!(
+                            "address {} is not a host of the configured subnet {}/{}",
+                            p.address, self.subnet.network, self.subnet.prefix
+                        ),
+                    ));
+                }
+                if !Path::new("/sys/class/net").join(BRIDGE).exists() {
+                    ip(&["link", "add", BRIDGE, "type", "bridge"])?;
+                }
+                // Replace, not add: a second call with the same address is not an error.
+                ip(&["addr", "replace", &p.address, "dev", BRIDGE])?;
+                ip(&["link", "set", BRIDGE, "up"])?;
+                Ok(serde_json::json!({ "bridge": BRIDGE, "address": p.address }))
+            }
+            other => Err(err(
+                PrivErrorKind::UnknownMethod,
+                format!(
+                    "{other:?} is not a priv method (priv.tap.create, priv.tap.delete, priv.bridge.ensure)"
+                ),
+            )),
+        }
+    }
+
+    /// Serves one connection: answers each line, logging every call.
+    pub fn serve(&self, stream: UnixStream) {
+        let peer = rustix::net::sockopt::get_socket_peercred(&stream)
+            .map(|c| c.uid.as_raw())
+            .unwrap_or(u32::MAX);
+        let Ok(mut writer) = stream.try_clone() else {
+            return;
+        };
+        let mut reader = BufReader::new(stream).take(u64::MAX);
+        loop {
+            let mut line = Vec::new();
+            reader.set_limit(MAX_LINE as u64 + 1);
+            match reader.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            let reply = if line.len() > MAX_LINE {
+                let e = err(
+                    PrivErrorKind::BadRequest,
+                    format!("request line over {MAX_LINE} bytes (MAX_LINE)"),
+                );
+                eprintln!("bangerd-root: uid {peer}: refused: {}", e.message);
+                serde_json::json!({ "id": null, "error": e })
+            } else {
+                match serde_json::from_slice::<Request>(&line) {
+                    Err(e) => serde_json::json!({
+                        "id": null,
+                        "error": err(PrivErrorKind::BadRequest, format!("invalid request: {e}")),
+                    }),
+                    Ok(req) => {
+                        let outcome = self.call(peer, &req.method, req.params.clone());
+                        // Every call, allowed or not, leaves a line in the journal.
+                        match &outcome {
+                            Ok(_) => eprintln!(
+                                "bangerd-root: uid {peer}: {} {} ok",
+                                req.method, req.params
+                            ),
+                            Err(e) => eprintln!(
+                                "bangerd-root: uid {peer}: {} {} refused: {e}",
+                                req.method, req.params
+                            ),
+                        }
+                        match outcome {
+                            Ok(result) => serde_json::json!({ "id": req.id, "result": result }),
+                            Err(e) => serde_json::json!({ "id": req.id, "error": e }),
+                        }
+                    }
+                }
+            };
+            let mut text = reply.to_string();
+            text.push('\n');
+            if writer.write_all(text.as_bytes()).is_err() {
+                return;
+            }
+            if line.len() > MAX_LINE {
+                return;
+            }
+        }
+    }
+}
+
+/// Binds `socket` (replacing a stale one) mode 0600 and owned by `owner_uid`: on Linux a
+/// connect needs write permission on the socket file, so a root-owned 0600 socket would
+/// shut the owner out; the SO_PEERCRED check then refuses every other uid, root included.
+pub fn bind(socket: &Path, owner_uid: u32) -> anyhow::Result<UnixListener> {
+    use anyhow::Context;
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(socket);
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+    let bound = UnixListener::bind(socket);
+    rustix::process::umask(old);
+    let listener = bound.with_context(|| format!("listen on {}", socket.display()))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod 0600 {}", socket.display()))?;
+    std::os::unix::fs::chown(socket, Some(owner_uid), None)
+        .with_context(|| format!("chown {} to uid {owner_uid}", socket.display()))?;
+    Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tap_names_and_subnets_are_checked() {
+        check_tap_name("bgr-0123abcd").unwrap();
+        for bad in [
+            "bgr-0123ABCD",
+            "bgr-0123abc",
+            "eth0",
+            "bgr-0123abcde",
+            "banger0",
+            "bgr-;rm -rf",
+        ] {
+            assert_eq!(
+                check_tap_name(bad).unwrap_err().kind,
+                PrivErrorKind::InvalidTapName
+            );
+        }
+        let s = Subnet::parse("172.30.0.1/24").unwrap();
+        assert!(s.contains_host("172.30.0.1".parse().unwrap()));
+        assert!(!s.contains_host("172.30.0.0".parse().unwrap()));
+        assert!(!s.contains_host("172.30.0.255".parse().unwrap()));
+        assert!(!s.contains_host("10.0.0.1".parse().unwrap()));
+    }
+}

@@ -1,0 +1,165 @@
+//! The real helper binary in a network namespace of the test's own: typed refusals for
+//! another uid, an unknown method, a TAP name outside the pattern and an address outside
+//! the subnet; a real TAP created and deleted.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+struct Ns(String);
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+struct Helper(Child);
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(ns: &str, socket: &Path, owner_uid: u32) -> Helper {
+    let child = Command::new("ip")
+        .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_bangerd-root")])
+        .args([
+            "--owner-uid",
+            &owner_uid.to_string(),
+            "--subnet",
+            "172.30.9.1/24",
+            "--socket",
+        ])
+        .arg(socket)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while UnixStream::connect(socket).is_err() {
+        assert!(Instant::now() < deadline, "bangerd-root did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Helper(child)
+}
+
+fn call(socket: &Path, method: &str, params: Value) -> Value {
+    let mut stream = UnixStream::connect(socket).unwrap();
+    let line = serde_json::json!({ "id": 1, "method": method, "params": params });
+    stream.write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut reply = String::new();
+    BufReader::new(stream).read_line(&mut reply).unwrap();
+    serde_json::from_str(&reply).unwrap()
+}
+
+fn kind(reply: &Value) -> &str {
+    reply["error"]["kind"].as_str().unwrap_or("none")
+}
+
+#[test]
+fn the_helper_refuses_with_typed_errors_and_makes_a_real_tap_in_a_netns() {
+    if !banger_testkit::require(
+        rustix::process::geteuid().is_root()
+            && Command::new("ip").arg("-V").output().is_ok()
+            && Path::new("/dev/net/tun").exists(),
+        "needs root, iproute2 and /dev/net/tun",
+    ) {
+        return;
+    }
+    let name = format!("bgrroot{}", std::process::id());
+    let made = Command::new("ip")
+        .args(["netns", "add", &name])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let ns = Ns(name);
+    let dir = tempfile::tempdir().unwrap();
+
+    // Owned by another uid: root connects (root passes the file mode) and is refused.
+    let other = dir.path().join("other.sock");
+    let _other = start(&ns.0, &other, 65534);
+    let reply = call(
+        &other,
+        "priv.tap.create",
+        serde_json::json!({ "name": "bgr-0123abcd" }),
+    );
+    assert_eq!(kind(&reply), "unauthorized", "{reply}");
+
+    let socket = dir.path().join("root.sock");
+    let _helper = start(&ns.0, &socket, 0);
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert_eq!(meta.uid(), 0);
+
+    let reply = call(&socket, "priv.exec", serde_json::json!({ "argv": ["sh"] }));
+    assert_eq!(kind(&reply), "unknown_method", "{reply}");
+    for bad in ["eth0", "bgr-../../x", "bgr-0123ABCD", "bgr-0123abcd0"] {
+        let reply = call(
+            &socket,
+            "priv.tap.create",
+            serde_json::json!({ "name": bad }),
+        );
+        assert_eq!(kind(&reply), "invalid_tap_name", "{bad}: {reply}");
+    }
+    for bad in ["10.0.0.1/24", "172.30.9.1/16", "172.30.9.255/24"] {
+        let reply = call(
+            &socket,
+            "priv.bridge.ensure",
+            serde_json::json!({ "address": bad }),
+        );
+        assert_eq!(kind(&reply), "address_outside_subnet", "{bad}: {reply}");
+    }
+    let reply = call(
+        &socket,
+        "priv.tap.create",
+        serde_json::json!({ "name": "x", "cmd": "y" }),
+    );
+    assert_eq!(kind(&reply), "bad_request", "{reply}");
+
+    let reply = call(
+        &socket,
+        "priv.bridge.ensure",
+        serde_json::json!({ "address": "172.30.9.1/24" }),
+    );
+    assert!(reply["result"].is_object(), "{reply}");
+    let reply = call(
+        &socket,
+        "priv.tap.create",
+        serde_json::json!({ "name": "bgr-0123abcd" }),
+    );
+    assert!(reply["result"].is_object(), "{reply}");
+    let link = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.0,
+            "ip",
+            "-d",
+            "link",
+            "show",
+            "bgr-0123abcd",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&link.stdout);
+    assert!(
+        link.status.success() && text.contains("master banger0"),
+        "{text}"
+    );
+    assert!(text.contains("tun type tap"), "{text}");
+    let reply = call(
+        &socket,
+        "priv.tap.delete",
+        serde_json::json!({ "name": "bgr-0123abcd" }),
+    );
+    assert!(reply["result"].is_object(), "{reply}");
+    let gone = Command::new("ip")
+        .args(["netns", "exec", &ns.0, "ip", "link", "show", "bgr-0123abcd"])
+        .output()
+        .unwrap();
+    assert!(!gone.status.success(), "the TAP stayed");
+}
