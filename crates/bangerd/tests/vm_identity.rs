@@ -132,3 +132,27 @@ fn kill_and_stop_leave_a_process_that_is_not_the_vmm_alone() {
         );
     }
 }
+
+/// A kernel package past `kernel_max_payload_bytes` is refused before anything reads it.
+#[test]
+fn an_oversized_kernel_payload_is_refused_naming_the_limit() {
+    let f = fixture();
+    let kernels = KernelService::new(f.layout.clone(), Arc::clone(&f.store)).with_max_payload(1024);
+    let deb = f.layout.state_dir.join("huge.deb");
+    std::fs::File::create(&deb).unwrap().set_len(4096).unwrap();
+    let err = kernels
+        .import(&banger_api::KernelImportParams {
+            name: "huge".into(),
+            deb: Some(deb.display().to_string()),
+            kernel: None,
+            modules: None,
+            initrd: None,
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("kernel_max_payload_bytes") && err.contains("huge.deb"),
+        "{err}"
+    );
+    assert!(kernels.list().unwrap().is_empty());
+}
