@@ -7,6 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 secs="${FUZZ_SECONDS:-30}"
+# The sanitizer build is the slow part (minutes): keep it outside the checkout, so a fresh
+# clone on the same machine (CI) rebuilds only banger's own crates.
+export CARGO_TARGET_DIR="${BANGER_FUZZ_TARGET_DIR:-$HOME/.cache/banger-fuzz-target}"
 targets=(flatten_tar jsonrpc_lines agent_frames)
 mkdir -p target
 for target in "${targets[@]}"; do
