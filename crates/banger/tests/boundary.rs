@@ -6,38 +6,10 @@ mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 
 use banger_testkit::{guest, push_oci_layout, LayerCompression, OciLayoutBuilder, Registry};
+use support::vms::guest_parts;
 use support::{stderr, stdout, Install};
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// Agent binary and kernel package, built/downloaded once per test process.
-fn guest_parts() -> Option<&'static (PathBuf, PathBuf)> {
-    static PARTS: OnceLock<Option<(PathBuf, PathBuf)>> = OnceLock::new();
-    PARTS
-        .get_or_init(|| {
-            let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
-            let deb = match guest::fetch_test_kernel(
-                &workspace_root(),
-                &tmp.join("banger-test-kernel"),
-            ) {
-                Ok(deb) => deb,
-                Err(e) => {
-                    banger_testkit::require(false, e);
-                    return None;
-                }
-            };
-            let agent =
-                guest::build_guest_agent(&workspace_root(), &tmp.join("banger-agent-build"))
-                    .unwrap_or_else(|e| panic!("{e}"));
-            Some((agent, deb))
-        })
-        .as_ref()
-}
 
 /// An installation configured with `config` (QEMU, user networking, plus the test's
 /// own keys), with a kernel and a busybox image `bb` pulled from `registry`.

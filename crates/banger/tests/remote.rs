@@ -5,44 +5,16 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use banger_testkit::{guest, push_oci_layout, LayerCompression, OciLayoutBuilder, Registry};
 use serde_json::Value;
+use support::vms::guest_parts;
 use support::{stderr, stdout, Install};
 
 const PTY_TIMEOUT: Duration = Duration::from_secs(240);
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// Agent binary and kernel package (as in tests/vm.rs).
-fn guest_parts() -> Option<&'static (PathBuf, PathBuf)> {
-    static PARTS: OnceLock<Option<(PathBuf, PathBuf)>> = OnceLock::new();
-    PARTS
-        .get_or_init(|| {
-            let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
-            let deb = match guest::fetch_test_kernel(
-                &workspace_root(),
-                &tmp.join("banger-test-kernel"),
-            ) {
-                Ok(deb) => deb,
-                Err(e) => {
-                    banger_testkit::require(false, e);
-                    return None;
-                }
-            };
-            let agent =
-                guest::build_guest_agent(&workspace_root(), &tmp.join("banger-agent-build"))
-                    .unwrap_or_else(|e| panic!("{e}"));
-            Some((agent, deb))
-        })
-        .as_ref()
-}
 
 /// The remote side's installation: a kernel and a busybox image `bb`, its daemon stopped
 /// (the next one starts inside sshd's namespace, through dial-stdio).

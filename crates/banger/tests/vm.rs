@@ -8,40 +8,12 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use banger_testkit::{guest, push_oci_layout, LayerCompression, OciLayoutBuilder, Registry};
+use banger_testkit::Registry;
 use serde_json::Value;
+use support::vms::{guest_parts, ready_install_in};
 use support::{stderr, stdout, Install, NetNs};
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// Agent binary and kernel package, built/downloaded once per test process.
-fn guest_parts() -> Option<&'static (PathBuf, PathBuf)> {
-    static PARTS: OnceLock<Option<(PathBuf, PathBuf)>> = OnceLock::new();
-    PARTS
-        .get_or_init(|| {
-            let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
-            let deb = match guest::fetch_test_kernel(
-                &workspace_root(),
-                &tmp.join("banger-test-kernel"),
-            ) {
-                Ok(deb) => deb,
-                Err(e) => {
-                    banger_testkit::require(false, e);
-                    return None;
-                }
-            };
-            let agent =
-                guest::build_guest_agent(&workspace_root(), &tmp.join("banger-agent-build"))
-                    .unwrap_or_else(|e| panic!("{e}"));
-            Some((agent, deb))
-        })
-        .as_ref()
-}
 
 /// The configuration of the QEMU tests: user-mode networking, whoever runs them.
 const QEMU_USER_NET: &str = "vmm = \"qemu\"\nnetwork = \"user\"\n";
@@ -49,56 +21,6 @@ const QEMU_USER_NET: &str = "vmm = \"qemu\"\nnetwork = \"user\"\n";
 /// An installation with a kernel and a busybox image pulled from a registry.
 fn ready_install(registry: &Registry) -> Option<Install> {
     ready_install_in(QEMU_USER_NET, None, Some(registry))
-}
-
-/// An installation configured with `config`, whose banger runs in `netns` when given,
-/// with a kernel and a busybox image: pulled from `registry`, or imported from an OCI
-/// layout (a daemon inside a namespace cannot reach the host's loopback registry).
-fn ready_install_in(
-    config: &str,
-    netns: Option<&NetNs>,
-    registry: Option<&Registry>,
-) -> Option<Install> {
-    let (agent, deb) = guest_parts()?;
-    let mut install = Install::new();
-    install
-        .extra_env
-        .push(("BANGER_AGENT".into(), agent.into()));
-    install.netns = netns.map(|ns| ns.name.clone());
-    install.write_config(config);
-    let layout_dir = install.dir.path().join("layout");
-    let mut layout = OciLayoutBuilder::new(&layout_dir).unwrap();
-    layout
-        .image("v1", &[(guest::busybox_layer(), LayerCompression::Gzip)])
-        .unwrap();
-    let out = match registry {
-        Some(registry) => {
-            push_oci_layout(&layout_dir, "v1", registry, "busybox");
-            install.banger(&[
-                "image",
-                "pull",
-                &registry.reference("busybox", "v1"),
-                "--name",
-                "bb",
-            ])
-        }
-        None => install.banger(&[
-            "image",
-            "import",
-            &format!("{}:v1", layout_dir.display()),
-            "--name",
-            "bb",
-        ]),
-    };
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let out = install.banger(&["kernel", "import", "cloud", "--deb", deb.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert!(
-        stdout(&out).starts_with("imported kernel cloud ("),
-        "{}",
-        stdout(&out)
-    );
-    Some(install)
 }
 
 /// `kernel show NAME --json`, which must succeed.
