@@ -23,7 +23,7 @@ summary() {
 }
 trap summary EXIT
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --no-fail-fast
+  cargo nextest run --workspace --no-fail-fast 2>&1 | tee target/nextest.log
   cargo test --workspace --doc
 else
   cargo test --workspace --no-fail-fast
@@ -31,4 +31,10 @@ fi
 # A bounded fuzzing run (a few minutes in all); FUZZ_SECONDS=0 skips it.
 if [ "${FUZZ_SECONDS:-30}" != 0 ]; then
   ./scripts/fuzz.sh
+fi
+# The run's closing line: the nextest counts (the doc-test and fuzz output above end otherwise).
+if [ -f target/nextest.log ]; then
+  counts=$(grep -oE '[0-9]+ tests run: [0-9]+ passed' target/nextest.log | tail -n 1 | grep -oE '[0-9]+ passed' || true)
+  # Reaching this line means nextest exited 0: nothing failed.
+  [ -n "$counts" ] && echo "test.sh: $counts, 0 failed"
 fi
