@@ -36,5 +36,5 @@ fi
 if [ -f target/nextest.log ]; then
   counts=$(grep -oE '[0-9]+ tests run: [0-9]+ passed' target/nextest.log | tail -n 1 | grep -oE '[0-9]+ passed' || true)
   # Reaching this line means nextest exited 0: nothing failed.
-  [ -n "$counts" ] && echo "test.sh: $counts, 0 failed"
+  if [ -n "$counts" ]; then echo "test.sh: $counts, 0 failed"; fi
 fi
