@@ -280,10 +280,7 @@ fn policy_checks(vms: &VmService) -> Vec<DoctorCheck> {
     let config = vms.config();
     let cap = TapCapability::probe();
     let nft = banger_vmm::backend::find_on_path("nft").is_some();
-    let user = config
-        .vmm_user
-        .clone()
-        .unwrap_or_else(|| network::DEFAULT_VMM_USER.to_owned());
+    let user = config.vmm_user_name().to_owned();
     let user_check = if !cap.root {
         DoctorCheck {
             name: "user-mode isolation".into(),
@@ -292,11 +289,11 @@ fn policy_checks(vms: &VmService) -> Vec<DoctorCheck> {
             fix: Some(format!("run bangerd as root with nftables and the user {user} (scripts/setup.sh)")),
         }
     } else {
-        match (nft, network::user_uid(&user)) {
-            (true, Ok(uid)) if uid != 0 => DoctorCheck {
+        match (nft, config.vmm_user()) {
+            (true, Ok(Some(vmm))) => DoctorCheck {
                 name: "user-mode isolation".into(),
                 status: CheckStatus::Ok,
-                detail: format!("QEMU runs as {user} (uid {uid}); nft table inet {} rejects its traffic to loopback, host addresses and {}; egress: allow or deny", network::GUARD_TABLE, network::BRIDGE),
+                detail: format!("QEMU runs as {user} (uid {}); nft table inet {} rejects its traffic to loopback, host addresses and {}; egress: allow or deny", vmm.uid, network::GUARD_TABLE, network::BRIDGE),
                 fix: None,
             },
             (nft, uid) => DoctorCheck {
@@ -304,8 +301,8 @@ fn policy_checks(vms: &VmService) -> Vec<DoctorCheck> {
                 status: CheckStatus::Missing,
                 detail: match (nft, uid) {
                     (false, _) => "nft is not installed: user-mode VMs do not start".into(),
-                    (_, Err(e)) => format!("{e:#}: user-mode VMs do not start"),
-                    _ => format!("vmm_user {user:?} is root: user-mode VMs do not start"),
+                    (_, Err(e)) => format!("{e}: user-mode VMs do not start"),
+                    _ => format!("vmm_user {user:?} cannot be looked up: user-mode VMs do not start"),
                 },
                 fix: Some(format!("apt-get install nftables; useradd --system --no-create-home --shell /usr/sbin/nologin {user}")),
             },

@@ -7,7 +7,7 @@
 //!   slirp turns its connections into ordinary sockets of the QEMU process, so it reaches
 //!   what the host reaches. Plain slirp also maps 10.0.2.2 to the host's 127.0.0.1, and
 //!   the host's own addresses are just addresses: so when bangerd is root, QEMU runs as
-//!   the dedicated `vmm_user` (default [`DEFAULT_VMM_USER`], QEMU's `-runas`) and an nft
+//!   the dedicated `vmm_user` (default [`banger_vmm::confine::DEFAULT_VMM_USER`], QEMU's `-runas`) and an nft
 //!   output guard ([`user_guard_script`]) rejects that user's traffic to loopback, to
 //!   every local address and to the TAP bridge: outbound only. Without root nothing can
 //!   enforce that (see `banger doctor`).
@@ -59,11 +59,6 @@ const NFT_TABLE: &str = "banger";
 /// guests may not reach. Separate from [`NFT_TABLE`], which is replaced whole at every
 /// start, because these hold per-VM entries that must survive other VMs' starts.
 pub const GUARD_TABLE: &str = "banger_guard";
-
-/// The user QEMU runs as (user mode) when bangerd is root unless `vmm_user` says
-/// otherwise. The output guard matches this user's sockets, so it must be used by
-/// nothing else.
-pub const DEFAULT_VMM_USER: &str = "banger-vmm";
 
 /// The guest's address, prefix and next hop in `user` mode (QEMU's historic values).
 pub const USER_GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
@@ -514,23 +509,6 @@ fn require_nft(what: &str) -> anyhow::Result<()> {
         bail!("nft is not installed: {what} needs it to filter guest traffic (apt-get install nftables)");
     }
     Ok(())
-}
-
-/// The uid of `user` (the `vmm_user` setting), through NSS like every other tool.
-pub fn user_uid(user: &str) -> anyhow::Result<u32> {
-    let out = Command::new("id")
-        .args(["-u", "--", user])
-        .output()
-        .context("run id -u")?;
-    if !out.status.success() {
-        bail!(
-            "user {user:?} (vmm_user in config.toml) does not exist: create it with `useradd --system --no-create-home --shell /usr/sbin/nologin {user}` (scripts/setup.sh does)"
-        );
-    }
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .with_context(|| format!("id -u {user}: not a number"))
 }
 
 /// Deletes the TAP device `name`; a missing one is fine.

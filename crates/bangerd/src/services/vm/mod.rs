@@ -663,17 +663,14 @@ impl VmService {
             tracing::warn!("bangerd is not root: user-mode guests can reach the host's loopback (10.0.2.2) and its own addresses (banger doctor)");
             return Ok(None);
         }
+        // The same /etc/passwd lookup the VMM is dropped to (no `id` process per start).
         let user = self
             .config
-            .vmm_user
-            .clone()
-            .unwrap_or_else(|| network::DEFAULT_VMM_USER.to_owned());
-        let uid = network::user_uid(&user)?;
-        if uid == 0 {
-            bail!("vmm_user {user:?} is root: the user-mode guard needs a dedicated unprivileged user");
-        }
-        network::ensure_user_guard(uid)?;
-        Ok(Some((user, uid)))
+            .vmm_user()
+            .map_err(|e| anyhow::anyhow!(e))?
+            .ok_or_else(|| anyhow::anyhow!("bangerd is root but has no vmm_user"))?;
+        network::ensure_user_guard(user.uid)?;
+        Ok(Some((user.name, user.uid)))
     }
 
     /// The VMM for a VM networked with `mode`, per the `vmm` setting and the host.
