@@ -108,10 +108,7 @@ mod tests {
             let entry = entry.unwrap();
             let path = entry.path().unwrap().display().to_string();
             let header = entry.header();
-            let link = entry
-                .link_name()
-                .unwrap()
-                .map(|l| l.display().to_string());
+            let link = entry.link_name().unwrap().map(|l| l.display().to_string());
             seen.push((
                 path,
                 header.entry_type(),
@@ -120,7 +117,10 @@ mod tests {
             ));
         }
         assert_eq!(seen[0].0, "out");
-        assert_eq!(seen[1], ("out/a.txt".into(), tar::EntryType::Regular, 0o751, None));
+        assert_eq!(
+            seen[1],
+            ("out/a.txt".into(), tar::EntryType::Regular, 0o751, None)
+        );
         assert_eq!(seen[2].0, "out/empty");
         assert_eq!(seen[3].1, tar::EntryType::Symlink);
         assert_eq!(seen[3].3.as_deref(), Some("/etc"));

@@ -906,8 +906,10 @@ impl DownloadSink<'_> {
             }
             let n = self.credit.wait(self.buf.len() - at);
             self.credit.charge(n);
-            self.out
-                .send(self.id, Message::DownloadData(self.buf[at..at + n].to_vec()));
+            self.out.send(
+                self.id,
+                Message::DownloadData(self.buf[at..at + n].to_vec()),
+            );
             at += n;
         }
         self.buf.clear();

@@ -28,8 +28,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use banger_agent::proto::{
-    self, data_cost, Frame, Message, SessionId, CHUNK_SIZE, FLOW_PROTOCOL_VERSION, FRAME_COST,
-    DOWNLOAD_PROTOCOL_VERSION, INITIAL_WINDOW, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    self, data_cost, Frame, Message, SessionId, CHUNK_SIZE, DOWNLOAD_PROTOCOL_VERSION,
+    FLOW_PROTOCOL_VERSION, FRAME_COST, INITIAL_WINDOW, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
     PTY_PROTOCOL_VERSION,
 };
 pub use banger_agent::proto::{ExecRequest, ExitStatus, WinSize};
@@ -925,11 +925,10 @@ impl AgentClient {
         let result = (|| loop {
             match session.recv()? {
                 Message::DownloadData(data) => {
-                    sink.write_all(&data)
-                        .map_err(|source| AgentError::Local {
-                            op: format!("take the download of {}", guest_path.display()),
-                            source,
-                        })?;
+                    sink.write_all(&data).map_err(|source| AgentError::Local {
+                        op: format!("take the download of {}", guest_path.display()),
+                        source,
+                    })?;
                     to_grant = to_grant.saturating_add(data_cost(data.len()));
                     if to_grant >= GRANT_BATCH {
                         session.send(Message::Window(to_grant))?;
