@@ -1146,19 +1146,20 @@ impl VmService {
                 keep.finish()?;
                 tracing::info!(vm = %vm.name, bytes, dest = %cwd, "workspace received");
             }
-            if params.argv.is_empty() {
+            let ran = if params.argv.is_empty() {
                 let stdio = Stdio {
                     stdin: true,
                     tty: params.tty.clone(),
                 };
                 let argv = LOGIN_SHELL.map(String::from);
-                return self.exec_on(ctx, &client, &vm.name, &argv, &cwd, stdio);
-            }
-            let stdio = Stdio {
-                stdin: params.stdin,
-                tty: params.tty.clone(),
+                self.exec_on(ctx, &client, &vm.name, &argv, &cwd, stdio)
+            } else {
+                let stdio = Stdio {
+                    stdin: params.stdin,
+                    tty: params.tty.clone(),
+                };
+                self.exec_on(ctx, &client, &vm.name, &params.argv, &cwd, stdio)
             };
-            let ran = self.exec_on(ctx, &client, &vm.name, &params.argv, &cwd, stdio);
             // Results go out before the VM stops, whether the command failed or not.
             self.send_exports(ctx, &client, &params.exports);
             if params.patch {
