@@ -120,7 +120,11 @@ impl Write for DownloadWriter<'_> {
 /// Copies the caller's tar stream `from` into `to`, renaming its one root to `root` when
 /// given, refusing entries that climb out, absolute ones, hard links and more than
 /// [`MAX_COPY_ENTRIES`]. Streaming: one entry's header at a time is held.
-fn rewrite(from: impl Read, to: &mut dyn Write, root: Option<&OsString>) -> io::Result<u64> {
+fn rewrite(
+    from: impl Read,
+    to: &mut dyn Write,
+    root: Option<&OsString>,
+) -> io::Result<(u64, OsString)> {
     let bad = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
     let mut archive = tar::Archive::new(from);
     let mut builder = tar::Builder::new(to);
@@ -176,11 +180,11 @@ fn rewrite(from: impl Read, to: &mut dyn Write, root: Option<&OsString>) -> io::
             }
         }
     }
-    if first.is_none() {
+    let Some(first) = first else {
         return Err(bad("the archive is empty".into()));
-    }
+    };
     builder.finish()?;
-    Ok(count)
+    Ok((count, first))
 }
 
 impl VmService {
@@ -220,8 +224,9 @@ impl VmService {
             .take_input()
             .context("no connection to receive the upload from")?;
         let mut reader = UploadReader::new(input);
+        let mut root = None;
         let sent = client.upload_stream(&unpack_in, |w| {
-            rewrite(&mut reader, w, rename.as_ref()).map(drop)
+            rewrite(&mut reader, w, rename.as_ref()).map(|(_, r)| root = Some(r))
         });
         let (ended, total) = (reader.ended(), reader.total());
         sent.with_context(|| format!("copy into {} in VM {:?}", unpack_in.display(), vm.name))?;
@@ -234,7 +239,7 @@ impl VmService {
         Ok(VmCpResult {
             vm: vm.name,
             guest_path: final_path
-                .unwrap_or(unpack_in)
+                .unwrap_or_else(|| unpack_in.join(root.unwrap_or_default()))
                 .to_string_lossy()
                 .into_owned(),
             bytes: total,
@@ -537,8 +542,8 @@ mod tests {
         b.append_link(&mut h, "src/l", "/etc").unwrap();
         let input = b.into_inner().unwrap();
         let mut out = Vec::new();
-        let n = rewrite(&input[..], &mut out, Some(&OsString::from("dst"))).unwrap();
-        assert_eq!(n, 3);
+        let (n, root) = rewrite(&input[..], &mut out, Some(&OsString::from("dst"))).unwrap();
+        assert_eq!((n, root), (3, OsString::from("src")));
         let mut archive = tar::Archive::new(&out[..]);
         let names: Vec<String> = archive
             .entries()
