@@ -313,7 +313,7 @@ pub fn extract(reader: impl Read, target: &Target) -> anyhow::Result<CopyStats> 
         bail!("the archive is empty");
     }
     // Deepest first, so a parent's mtime is set after its children changed it.
-    dirs.sort_by(|a, b| b.rel.len().cmp(&a.rel.len()));
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.rel.len()));
     for d in dirs {
         let shown = target.shown.join(d.rel[1..].iter().collect::<PathBuf>());
         let fd = walk(&target.parent, &d.rel, &shown)?;
@@ -461,15 +461,9 @@ mod tests {
                 tv_nsec: 0,
             },
         };
-        rustix::fs::utimensat(rustix::fs::CWD, &src.join("sub/x.sh"), &t, AtFlags::empty())
+        rustix::fs::utimensat(rustix::fs::CWD, src.join("sub/x.sh"), &t, AtFlags::empty()).unwrap();
+        rustix::fs::utimensat(rustix::fs::CWD, src.join("sub/empty"), &t, AtFlags::empty())
             .unwrap();
-        rustix::fs::utimensat(
-            rustix::fs::CWD,
-            &src.join("sub/empty"),
-            &t,
-            AtFlags::empty(),
-        )
-        .unwrap();
         let mut bytes = Vec::new();
         let sent = archive(&src, &mut bytes).unwrap();
         assert_eq!((sent.files, sent.dirs, sent.symlinks), (1, 3, 1));

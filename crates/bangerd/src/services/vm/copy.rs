@@ -226,7 +226,10 @@ impl VmService {
         let mut reader = UploadReader::new(input);
         let mut root = None;
         let sent = client.upload_stream(&unpack_in, |w| {
-            rewrite(&mut reader, w, rename.as_ref()).map(|(_, r)| root = Some(r))
+            let (_, r) = rewrite(&mut reader, w, rename.as_ref())?;
+            root = Some(r);
+            // The archive ends before the stream does (its zero blocks, then `eof`).
+            io::copy(&mut reader, &mut io::sink()).map(drop)
         });
         let (ended, total) = (reader.ended(), reader.total());
         sent.with_context(|| format!("copy into {} in VM {:?}", unpack_in.display(), vm.name))?;
