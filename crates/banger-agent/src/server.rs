@@ -1019,6 +1019,25 @@ pub fn unpack_tar(reader: impl Read, dest: &Path) -> io::Result<()> {
         let path = dir.path()?.into_owned();
         dir.unpack_in(dest)
             .map_err(|e| with_context(e, "unpack", &path))?;
+        // The tar crate leaves a directory's mtime at "now": set the archived one, on the
+        // directory itself (never through a link).
+        if let Ok(mtime) = dir.header().mtime() {
+            let t = rustix::fs::Timespec {
+                tv_sec: mtime.min(i64::MAX as u64) as i64,
+                tv_nsec: 0,
+            };
+            let times = rustix::fs::Timestamps {
+                last_access: t,
+                last_modification: t,
+            };
+            rustix::fs::utimensat(
+                rustix::fs::CWD,
+                dest.join(&path),
+                &times,
+                rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(|e| with_context(e.into(), "set the mtime of", &path))?;
+        }
     }
     Ok(())
 }
