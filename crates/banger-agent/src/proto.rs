@@ -21,6 +21,10 @@
 //! - **upload**: [`Message::Upload`], [`Message::UploadData`]* (a tar stream, cut
 //!   anywhere), [`Message::UploadEnd`]; the agent ends it with [`Message::Ack`] or
 //!   [`Message::Error`].
+//! - **download** (version 4): [`Message::Download`] names a guest path; the agent
+//!   answers [`Message::DownloadData`]* (a tar stream of that path, cut anywhere,
+//!   flow-controlled by the host's [`Message::Window`] grants like command output) and
+//!   ends with [`Message::DownloadEnd`] (or [`Message::Error`]).
 //! - **ping**: [`Message::Ping`] → [`Message::Pong`] (carrying [`PROTOCOL_VERSION`]).
 //! - **shutdown**: [`Message::Shutdown`] → [`Message::Ack`], then the guest powers off.
 //!
@@ -63,7 +67,10 @@ use std::path::PathBuf;
 /// Version 3 added flow control ([`Message::Hello`], [`Message::Window`]; see the module
 /// docs); a version-3 host still serves version-1 and version-2 agents without it, and a
 /// version-3 agent still serves a host that sends no `Hello` as version 2 did.
-pub const PROTOCOL_VERSION: u32 = 3;
+///
+/// Version 4 added downloads ([`Message::Download`], [`Message::DownloadData`],
+/// [`Message::DownloadEnd`], frame kinds 40–42); nothing older changed.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The oldest agent version a host of this version talks to (see [`PROTOCOL_VERSION`]).
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
@@ -73,6 +80,10 @@ pub const PTY_PROTOCOL_VERSION: u32 = 2;
 
 /// The first version whose agents understand [`Message::Hello`] and [`Message::Window`].
 pub const FLOW_PROTOCOL_VERSION: u32 = 3;
+
+/// The first version whose agents send a guest path as a tar stream ([`Message::Download`]).
+/// Downloads always run flow-controlled (the host's grants pace the agent).
+pub const DOWNLOAD_PROTOCOL_VERSION: u32 = 4;
 
 /// The window each data direction of a session starts with (see the module docs): bytes
 /// (plus [`FRAME_COST`] per frame) the sender may send before the first grant. It bounds
@@ -176,6 +187,21 @@ pub enum Message {
     /// this many more bytes (costs, see [`data_cost`]); the other side may send that much
     /// more.
     Window(u32),
+    /// Host → agent, version 4: send this guest path (a file, a directory with everything
+    /// beneath it, or a symlink as a link) as a tar stream; opens a download session.
+    Download {
+        /// The absolute guest path.
+        path: PathBuf,
+    },
+    /// Agent → host, version 4: the next piece of a download's tar stream. Costs window
+    /// like `Stdout`.
+    DownloadData(Vec<u8>),
+    /// Agent → host, version 4: the download's tar stream is complete. Ends the session.
+    DownloadEnd {
+        /// Entries the agent left out because a tar of them means nothing on another
+        /// machine: devices, FIFOs, sockets.
+        skipped: u32,
+    },
 }
 
 /// A terminal's size in character cells.
@@ -326,6 +352,10 @@ mod kind {
     pub const RESIZE: u8 = 16;
     pub const HELLO: u8 = 17;
     pub const WINDOW: u8 = 18;
+    // Version 4: downloads. Kinds 40–49 are the range reserved for file transfer.
+    pub const DOWNLOAD: u8 = 40;
+    pub const DOWNLOAD_DATA: u8 = 41;
+    pub const DOWNLOAD_END: u8 = 42;
 }
 
 const EXEC_FLAG_STDIN: u8 = 1;
@@ -407,6 +437,12 @@ pub fn encode_into(frame: &Frame, out: &mut Vec<u8>) {
         Message::Window(n) => {
             out.push(kind::WINDOW);
             out.extend_from_slice(&n.to_be_bytes());
+        }
+        Message::Download { path } => data(out, kind::DOWNLOAD, path.as_os_str().as_bytes()),
+        Message::DownloadData(d) => data(out, kind::DOWNLOAD_DATA, d),
+        Message::DownloadEnd { skipped } => {
+            out.push(kind::DOWNLOAD_END);
+            out.extend_from_slice(&skipped.to_be_bytes());
         }
     }
     let len = (out.len() - start - 4) as u32;
@@ -573,6 +609,24 @@ fn decode_body(frame: &[u8]) -> Result<Frame, FrameError> {
             let n = c.u32()?;
             c.finish()?;
             Message::Window(n)
+        }
+        kind::DOWNLOAD => {
+            if body.is_empty() {
+                return Err(FrameError::Malformed {
+                    kind: "download",
+                    reason: "empty path",
+                });
+            }
+            Message::Download {
+                path: OsString::from_vec(body.to_vec()).into(),
+            }
+        }
+        kind::DOWNLOAD_DATA => Message::DownloadData(body.to_vec()),
+        kind::DOWNLOAD_END => {
+            let mut c = Cursor::new("download-end", body);
+            let skipped = c.u32()?;
+            c.finish()?;
+            Message::DownloadEnd { skipped }
         }
         other => return Err(FrameError::UnknownKind(other)),
     };
@@ -764,6 +818,12 @@ mod tests {
             },
             Message::Window(INITIAL_WINDOW),
             Message::Window(u32::MAX),
+            Message::Download {
+                path: "/root/out dir".into(),
+            },
+            Message::DownloadData(vec![9; CHUNK_SIZE]),
+            Message::DownloadData(Vec::new()),
+            Message::DownloadEnd { skipped: 3 },
         ]
     }
 
@@ -962,6 +1022,22 @@ mod tests {
         assert!(matches!(
             decode(&short),
             Err(FrameError::Malformed { kind: "window", .. })
+        ));
+    }
+
+    #[test]
+    fn download_frames_use_kinds_40_to_42() {
+        let dl = encode(&Frame::new(2, Message::Download { path: "/a".into() }));
+        assert_eq!(dl, [0, 0, 0, 7, 0, 0, 0, 2, 40, b'/', b'a']);
+        let end = encode(&Frame::new(2, Message::DownloadEnd { skipped: 0x0102 }));
+        assert_eq!(end, [0, 0, 0, 9, 0, 0, 0, 2, 42, 0, 0, 1, 2]);
+        let empty = [0, 0, 0, 5, 0, 0, 0, 2, 40];
+        assert!(matches!(
+            decode(&empty),
+            Err(FrameError::Malformed {
+                kind: "download",
+                ..
+            })
         ));
     }
 

@@ -3,7 +3,8 @@
 //! The calling thread reads frames and dispatches them; every exec gets a thread that
 //! pumps its stdout (and, at the end, sends its exit status), one for stderr and one that
 //! feeds its stdin; an exec on a pty gets one thread that pumps the pty's output and one
-//! that feeds it; every upload gets a thread that unpacks the tar stream. All of them
+//! that feeds it; every upload gets a thread that unpacks the tar stream, every download
+//! one that writes the tar stream (paced by the host's window). All of them
 //! write frames through one lock, so frames never interleave.
 //!
 //! When the connection ends (the host went away), its commands are killed: their output
@@ -139,6 +140,10 @@ impl Credit {
         }
     }
 
+    fn is_closed(&self) -> bool {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).1
+    }
+
     fn charge(&self, len: usize) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         s.0 = s.0.saturating_sub(u64::from(data_cost(len)));
@@ -224,6 +229,10 @@ enum Session {
     Upload {
         /// `None` is the end of the stream.
         data: Feed<Option<Vec<u8>>>,
+    },
+    Download {
+        /// The host's window for the tar stream.
+        credit: Arc<Credit>,
     },
 }
 
@@ -340,6 +349,14 @@ impl Conn {
                     self.out.send(id, Message::Error(e));
                 }
             }
+            Message::Download { path } => {
+                if self.live(id) {
+                    self.out
+                        .send(id, Message::Error(format!("session {id} is in use")));
+                } else if let Err(e) = self.start_download(id, path) {
+                    self.out.send(id, Message::Error(e));
+                }
+            }
             Message::Resize(size) => {
                 if let Some(Session::Exec { pty: Some(pty), .. }) = self.sessions().get(&id) {
                     // Setting the size on the master sends SIGWINCH to the pty's foreground
@@ -348,6 +365,10 @@ impl Conn {
                 }
             }
             Message::Signal(sig) => {
+                if let Some(Session::Download { credit }) = self.sessions().get(&id) {
+                    // The host gave up on the download: stop walking the tree.
+                    credit.close();
+                }
                 if let Some(Session::Exec { pgid, credit, .. }) = self.sessions().get(&id) {
                     // SAFETY: kill(2) with a negative pid signals a process group; it
                     // touches no memory. An out-of-range signal is just EINVAL.
@@ -373,21 +394,22 @@ impl Conn {
                     self.flow.store(true, Ordering::SeqCst);
                 }
             }
-            Message::Window(n) => {
-                if let Some(Session::Exec {
+            Message::Window(n) => match self.sessions().get(&id) {
+                Some(Session::Exec {
                     credit: Some(credit),
                     ..
-                }) = self.sessions().get(&id)
-                {
-                    credit.add(n);
-                }
-            }
+                })
+                | Some(Session::Download { credit }) => credit.add(n),
+                _ => {}
+            },
             // Agent → host messages, or the end of a session we forgot: ignore.
             Message::Pong { .. }
             | Message::Stdout(_)
             | Message::Stderr(_)
             | Message::Exit(_)
             | Message::Ack
+            | Message::DownloadData(_)
+            | Message::DownloadEnd { .. }
             | Message::Error(_) => {}
         }
         false
@@ -620,6 +642,50 @@ impl Conn {
         Ok(())
     }
 
+    /// Sends `path` as a tar stream, paced by the host's window (a download always does
+    /// flow control: only a version-4 host asks for one, after its `Hello`). A `Signal`
+    /// on the session cancels it.
+    fn start_download(&self, id: SessionId, path: PathBuf) -> Result<(), String> {
+        if !path.is_absolute() {
+            return Err(format!("download: path {} is not absolute", path.display()));
+        }
+        let credit = Credit::new();
+        self.sessions().insert(
+            id,
+            Session::Download {
+                credit: credit.clone(),
+            },
+        );
+        let out = self.out.clone();
+        let sessions = self.sessions.clone();
+        let started = spawn_named("download", move || {
+            let mut sink = DownloadSink {
+                out: &out,
+                id,
+                credit: &credit,
+                buf: Vec::with_capacity(CHUNK_SIZE),
+            };
+            let result = crate::download::archive_path(&path, &mut sink)
+                .and_then(|skipped| sink.send_buf().map(|()| skipped));
+            sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+            match result {
+                Ok(skipped) => out.send(id, Message::DownloadEnd { skipped }),
+                Err(e) => out.send(
+                    id,
+                    Message::Error(format!("download {}: {e}", path.display())),
+                ),
+            }
+        });
+        if started.is_none() {
+            self.sessions().remove(&id);
+            return Err("download: cannot start a thread".into());
+        }
+        Ok(())
+    }
+
     fn upload_send(&self, id: SessionId, data: Option<Vec<u8>>) {
         let tx = match self.sessions().get(&id) {
             Some(Session::Upload { data }) => data.clone(),
@@ -633,6 +699,10 @@ impl Conn {
     fn end(&self) {
         let sessions: Vec<_> = self.sessions().drain().collect();
         for (_, s) in sessions {
+            if let Session::Download { credit } = &s {
+                // A download waiting for window finishes into the void (frames dropped).
+                credit.close();
+            }
             if let Session::Exec { pgid, credit, .. } = s {
                 if let Some(pid) = rustix::process::Pid::from_raw(pgid as i32) {
                     let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::Kill);
@@ -815,6 +885,53 @@ fn feed_stdin(mut pipe: impl Write, rx: Receiver<Vec<u8>>, mut grant: Option<Gra
     // The sender is gone: StdinEof, or the connection ended. Dropping `pipe` closes it.
 }
 
+/// Cuts a download's tar stream into `DownloadData` frames of at most [`CHUNK_SIZE`],
+/// each sent only once the host's window has room for it.
+struct DownloadSink<'a> {
+    out: &'a Out,
+    id: SessionId,
+    credit: &'a Credit,
+    buf: Vec<u8>,
+}
+
+impl DownloadSink<'_> {
+    fn send_buf(&mut self) -> io::Result<()> {
+        let mut at = 0;
+        while at < self.buf.len() {
+            if self.credit.is_closed() {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "the host cancelled the download (or disconnected)",
+                ));
+            }
+            let n = self.credit.wait(self.buf.len() - at);
+            self.credit.charge(n);
+            self.out.send(
+                self.id,
+                Message::DownloadData(self.buf[at..at + n].to_vec()),
+            );
+            at += n;
+        }
+        self.buf.clear();
+        Ok(())
+    }
+}
+
+impl Write for DownloadSink<'_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min(CHUNK_SIZE - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == CHUNK_SIZE {
+            self.send_buf()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.send_buf()
+    }
+}
+
 /// Reads an upload's stream out of the frames the connection thread queues.
 struct ChannelReader {
     rx: Receiver<Option<Vec<u8>>>,
@@ -902,6 +1019,25 @@ pub fn unpack_tar(reader: impl Read, dest: &Path) -> io::Result<()> {
         let path = dir.path()?.into_owned();
         dir.unpack_in(dest)
             .map_err(|e| with_context(e, "unpack", &path))?;
+        // The tar crate leaves a directory's mtime at "now": set the archived one, on the
+        // directory itself (never through a link).
+        if let Ok(mtime) = dir.header().mtime() {
+            let t = rustix::fs::Timespec {
+                tv_sec: mtime.min(i64::MAX as u64) as i64,
+                tv_nsec: 0,
+            };
+            let times = rustix::fs::Timestamps {
+                last_access: t,
+                last_modification: t,
+            };
+            rustix::fs::utimensat(
+                rustix::fs::CWD,
+                dest.join(&path),
+                &times,
+                rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(|e| with_context(e.into(), "set the mtime of", &path))?;
+        }
     }
     Ok(())
 }

@@ -88,17 +88,19 @@ fn quote_list(names: &[&str]) -> String {
     }
 }
 
+pub mod copy;
 pub mod methods;
 pub mod rpc;
 pub mod vm;
 
+pub use copy::*;
 pub use methods::*;
 pub use rpc::{
     ErrorData, ErrorKind, InputParams, Notification, NotificationMethod, Progress, Request,
     ResizeParams, Response, RpcError, Signal, SignalParams, INPUT_NOTIFICATION,
     OUTPUT_NOTIFICATION, PROGRESS_NOTIFICATION, RESIZE_NOTIFICATION, SIGNAL_NOTIFICATION,
 };
-pub use rpc::{UploadParams, UPLOAD_CHUNK, UPLOAD_NOTIFICATION};
+pub use rpc::{UploadParams, DOWNLOAD_NOTIFICATION, UPLOAD_CHUNK, UPLOAD_NOTIFICATION};
 pub use vm::*;
 
 /// The version both binaries are built from. The CLI restarts a daemon that reports

@@ -96,8 +96,14 @@ wire_enum! {
         /// `workspace`): the next bytes of that stream, a tar archive ([`UploadParams`]),
         /// ending with `eof`.
         Upload = "upload",
+        /// Daemon → client: the next bytes of a stream the caller keeps (`vm.cp.out`,
+        /// `vm.run`'s exports and patch, `vm.diff`; [`crate::DownloadParams`]).
+        Download = "download",
     }
 }
+
+/// [`NotificationMethod::Download`].
+pub const DOWNLOAD_NOTIFICATION: NotificationMethod = NotificationMethod::Download;
 
 /// [`NotificationMethod::Upload`].
 pub const UPLOAD_NOTIFICATION: NotificationMethod = NotificationMethod::Upload;

@@ -426,6 +426,13 @@ pub struct VmRunParams {
     /// As in `vm.exec`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tty: Option<TtyParams>,
+    /// Absolute guest paths sent back as `download` notifications (stream `export`,
+    /// `index` into this list) after the command ends, failed or not, before the VM stops.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exports: Vec<String>,
+    /// Send the workspace's changes as a patch (stream `patch`) after the command ends.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub patch: bool,
 }
 
 /// The payload of an `output` notification.

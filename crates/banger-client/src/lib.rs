@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod context;
+pub mod copy;
 pub mod layout;
 pub mod process;
 pub mod rpc;

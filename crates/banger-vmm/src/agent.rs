@@ -28,8 +28,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use banger_agent::proto::{
-    self, data_cost, Frame, Message, SessionId, CHUNK_SIZE, FLOW_PROTOCOL_VERSION, FRAME_COST,
-    INITIAL_WINDOW, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, PTY_PROTOCOL_VERSION,
+    self, data_cost, Frame, Message, SessionId, CHUNK_SIZE, DOWNLOAD_PROTOCOL_VERSION,
+    FLOW_PROTOCOL_VERSION, FRAME_COST, INITIAL_WINDOW, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    PTY_PROTOCOL_VERSION,
 };
 pub use banger_agent::proto::{ExecRequest, ExitStatus, WinSize};
 
@@ -269,7 +270,9 @@ struct InboxState {
 
 fn message_cost(msg: &Message) -> usize {
     match msg {
-        Message::Stdout(d) | Message::Stderr(d) => data_cost(d.len()) as usize,
+        Message::Stdout(d) | Message::Stderr(d) | Message::DownloadData(d) => {
+            data_cost(d.len()) as usize
+        }
         _ => FRAME_COST as usize,
     }
 }
@@ -871,6 +874,84 @@ impl AgentClient {
             io::copy(&mut tar, sink)?;
             sink.flush()
         })
+    }
+
+    /// Uploads what `produce` writes (a tar stream) into `guest_dest` (created if missing),
+    /// as [`AgentClient::upload_tar`] does, for a caller that builds or rewrites the
+    /// archive as it goes.
+    pub fn upload_stream(
+        &self,
+        guest_dest: &Path,
+        produce: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+    ) -> Result<()> {
+        self.upload_with(guest_dest, |sink| {
+            produce(sink)?;
+            sink.flush()
+        })
+    }
+
+    /// Downloads `guest_path` (a file, a directory with everything beneath it, a symlink
+    /// as a link) as a tar stream written into `sink` as it arrives; returns how many
+    /// entries the agent left out (devices, FIFOs, sockets). The agent sends only as much
+    /// as this side granted, and grants come back only for what `sink` took: a slow
+    /// `sink` paces the guest instead of filling memory. The archive is the guest's word:
+    /// whoever unpacks it must treat it as hostile.
+    ///
+    /// Needs an agent of protocol version [`DOWNLOAD_PROTOCOL_VERSION`]; an older one is
+    /// refused here, before anything is sent, with an error saying so.
+    pub fn download(&self, guest_path: &Path, sink: &mut dyn Write) -> Result<u32> {
+        let op = || format!("download {}", guest_path.display());
+        let version = self.shared.agent_version.load(Ordering::SeqCst);
+        if version < DOWNLOAD_PROTOCOL_VERSION {
+            return Err(AgentError::Remote {
+                op: op(),
+                message: format!(
+                    "copying files out needs agent protocol version {DOWNLOAD_PROTOCOL_VERSION}, \
+                     this agent speaks {version} (an older banger injected it: recreate the VM)"
+                ),
+            });
+        }
+        let session = self.open();
+        if !session.entry.flow {
+            return Err(AgentError::Protocol {
+                op: op(),
+                message: "the connection does no flow control (no Hello was sent)".into(),
+            });
+        }
+        session.send(Message::Download {
+            path: guest_path.to_owned(),
+        })?;
+        let mut to_grant = 0u32;
+        let result = (|| loop {
+            match session.recv()? {
+                Message::DownloadData(data) => {
+                    sink.write_all(&data).map_err(|source| AgentError::Local {
+                        op: format!("take the download of {}", guest_path.display()),
+                        source,
+                    })?;
+                    to_grant = to_grant.saturating_add(data_cost(data.len()));
+                    if to_grant >= GRANT_BATCH {
+                        session.send(Message::Window(to_grant))?;
+                        to_grant = 0;
+                    }
+                }
+                Message::DownloadEnd { skipped } => {
+                    sink.flush().map_err(|source| AgentError::Local {
+                        op: format!("take the download of {}", guest_path.display()),
+                        source,
+                    })?;
+                    return Ok(skipped);
+                }
+                Message::Error(message) => return Err(AgentError::Remote { op: op(), message }),
+                other => return Err(unexpected(&op(), &other)),
+            }
+        })();
+        if result.is_err() {
+            // Gone wrong here (the sink refused, a limit, a violation): the agent stops
+            // walking the tree instead of waiting for window for ever.
+            let _ = session.send(Message::Signal(rustix::process::Signal::Kill as i32));
+        }
+        result
     }
 
     fn upload_with(

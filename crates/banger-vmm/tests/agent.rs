@@ -1111,3 +1111,61 @@ fn client_reaches_the_agent_through_firecrackers_vsock_handshake() {
     assert!(err.to_string().contains("vsock.sock"), "{err}");
     assert!(err.to_string().contains("CONNECT 9"), "{err}");
 }
+
+/// A sink that takes a download slowly, so the agent must wait for window.
+struct Slow(Vec<u8>);
+
+impl Write for Slow {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let n = data.len().min(4096);
+        self.0.extend_from_slice(&data[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn host_agent_downloads_a_tree_as_tar_paced_by_the_host_and_refuses_a_relative_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((_agent, client)) = host_agent(tmp.path()) else {
+        return;
+    };
+    let tree = tmp.path().join("out");
+    fs::create_dir_all(tree.join("empty")).unwrap();
+    // Bigger than the initial window, so the grants must flow.
+    let big: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    fs::write(tree.join("big.bin"), &big).unwrap();
+    std::os::unix::fs::symlink("/etc", tree.join("etc")).unwrap();
+    let mut sink = Slow(Vec::new());
+    let skipped = client.download(&tree, &mut sink).unwrap();
+    assert_eq!(skipped, 0);
+    let mut archive = tar::Archive::new(&sink.0[..]);
+    let mut names = Vec::new();
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let name = entry.path().unwrap().display().to_string();
+        if name == "out/big.bin" {
+            let mut data = Vec::new();
+            entry.read_to_end(&mut data).unwrap();
+            assert!(data == big, "the file's bytes changed on the way");
+        }
+        if name == "out/etc" {
+            assert_eq!(entry.header().entry_type(), tar::EntryType::Symlink);
+            assert_eq!(entry.link_name().unwrap().unwrap(), Path::new("/etc"));
+        }
+        names.push(name);
+    }
+    assert_eq!(names, ["out", "out/big.bin", "out/empty", "out/etc"]);
+    let err = client
+        .download(Path::new("relative"), &mut Vec::new())
+        .unwrap_err();
+    assert!(err.to_string().contains("is not absolute"), "{err}");
+    let err = client
+        .download(&tmp.path().join("missing"), &mut Vec::new())
+        .unwrap_err();
+    assert!(err.to_string().contains("missing"), "{err}");
+    // The connection still serves commands after all of that.
+    check_exec_streams_and_exit_code(&client);
+}

@@ -138,9 +138,26 @@ pub fn call_uploading<M: Method>(
     raw: bool,
     upload: Option<Upload>,
 ) -> anyhow::Result<M::Result> {
+    call_uploading_with::<M>(client, params, mode, raw, upload, None)
+}
+
+/// What a call does with notifications other than `output` (`vm run`'s downloads).
+pub type OtherNotes = Box<dyn FnMut(Notification)>;
+
+/// [`call_uploading`], handing every notification but `output` to `others`.
+pub fn call_uploading_with<M: Method>(
+    client: &mut Client,
+    params: &M::Params,
+    mode: Mode,
+    raw: bool,
+    upload: Option<Upload>,
+    others: Option<OtherNotes>,
+) -> anyhow::Result<M::Result> {
     // A pty session is the guest's terminal by intent; other output is escaped on a
     // terminal unless `raw`.
-    let sink = std::cell::RefCell::new(OutputSink::new(raw || mode == Mode::Tty));
+    let mut output = OutputSink::new(raw || mode == Mode::Tty);
+    output.others = others;
+    let sink = std::cell::RefCell::new(output);
     // Without a pty, ^C is ours to pass on (a pty carries it as a key): once the command
     // runs, a signal goes to it, like `docker run`'s signal proxy; before that, or on a
     // second ^C, banger stops as usual.
@@ -311,6 +328,8 @@ fn restore_terminal() {
 pub struct OutputSink {
     stdout: Option<Sanitizer>,
     stderr: Option<Sanitizer>,
+    /// Gets every other notification.
+    others: Option<OtherNotes>,
 }
 
 impl OutputSink {
@@ -320,12 +339,16 @@ impl OutputSink {
         OutputSink {
             stdout: (!raw && std::io::stdout().is_terminal()).then(Sanitizer::default),
             stderr: (!raw && std::io::stderr().is_terminal()).then(Sanitizer::default),
+            others: None,
         }
     }
 
-    /// Handles one notification (anything but `output` is ignored).
+    /// Handles one notification (anything but `output` goes to `others`, if any).
     pub fn forward(&mut self, note: Notification) {
         if note.method != OUTPUT_NOTIFICATION {
+            if let Some(others) = &mut self.others {
+                others(note);
+            }
             return;
         }
         let Ok(output) = serde_json::from_value::<Output>(note.params) else {

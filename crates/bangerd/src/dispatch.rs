@@ -107,6 +107,15 @@ impl Dispatch {
             .await
         });
         d.route::<VmRun, _, _>(|s, ctx, p| async move { s.vm.run(&ctx, p).await });
+        d.route::<banger_api::VmCpIn, _, _>(|s, ctx, p| async move {
+            blocking(move || s.vm.copy_in(&ctx, &p)).await
+        });
+        d.route::<banger_api::VmCpOut, _, _>(|s, ctx, p| async move {
+            blocking(move || s.vm.copy_out(&ctx, &p)).await
+        });
+        d.route::<banger_api::VmDiff, _, _>(|s, ctx, p| async move {
+            blocking(move || s.vm.diff(&ctx, &p)).await
+        });
         // Listed last so it sees every other entry, itself included.
         let mut names: Vec<String> = d.methods().iter().map(|m| m.to_string()).collect();
         names.push(DaemonMethods::NAME.to_owned());

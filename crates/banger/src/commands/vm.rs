@@ -207,9 +207,33 @@ pub enum VmCommand {
         /// not a terminal is never changed.
         #[arg(long)]
         raw: bool,
+        /// Copy GUEST_PATH (relative: to the command's directory) out to HOST_PATH
+        /// (default: the current directory) after the command ends, also when it failed
+        /// and before the VM stops; repeatable.
+        #[arg(long = "export", value_name = "GUEST_PATH[:HOST_PATH]")]
+        exports: Vec<String>,
+        /// Write the workspace's changes (as `vm diff`) to FILE after the command.
+        #[arg(long, value_name = "FILE")]
+        patch: Option<std::path::PathBuf>,
         /// The command; without one, an interactive login shell.
         #[arg(last = true)]
         command: Vec<String>,
+    },
+    /// Copy files between this host and a VM: `vm cp ./dir dev:/root/` or `vm cp
+    /// dev:/root/out ./`. Directories go whole; modes, mtimes, symlinks (as links) and
+    /// empty directories are kept; devices, FIFOs and sockets are skipped and counted.
+    /// Into an existing directory the source goes under its own name.
+    Cp {
+        /// Source: a host path or VM:PATH (relative guest paths are under /root).
+        src: String,
+        /// Destination: a host path or VM:PATH.
+        dst: String,
+    },
+    /// Print the changes `vm run PATH` made to the workspace of a running VM as a
+    /// git-style patch (apply with `git apply`).
+    Diff {
+        /// The VM.
+        name: String,
     },
 }
 
@@ -438,6 +462,8 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
             egress,
             stdin,
             raw,
+            exports,
+            patch,
             command,
         } => {
             let terminal = interactive::stdin_is_terminal();
@@ -451,7 +477,14 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
                 Some(p) => Some(Workspace::prepare(&p)?),
                 None => None,
             };
+            let cwd = match &workspace {
+                Some(w) => format!("/root/{}", w.name),
+                None => "/root".to_owned(),
+            };
+            let downloads = super::vm_copy::RunDownloads::prepare(&exports, patch, &cwd, json)?;
             let params = VmRunParams {
+                exports: downloads.guest_paths(),
+                patch: downloads.wants_patch(),
                 image,
                 name,
                 path: None,
@@ -471,11 +504,20 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
                     banger_client::workspace::stream(&w.root, &w.listing, input.clone())
                 })
             });
-            return exit_with(
-                interactive::call_uploading::<VmRun>(client, &params, mode, raw, upload),
-                json,
+            let hook = downloads.hook();
+            let result = interactive::call_uploading_with::<VmRun>(
+                client,
+                &params,
+                mode,
+                raw,
+                upload,
+                Some(hook),
             );
+            let copied = downloads.finish(json);
+            return exit_with(super::vm_copy::fail_if_lost(result, copied), json);
         }
+        VmCommand::Cp { src, dst } => return super::vm_copy::cp(client, &src, &dst, json),
+        VmCommand::Diff { name } => return super::vm_copy::diff(client, name, json),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -155,11 +155,28 @@ pub fn receive_into(
     client: &banger_vmm::agent::AgentClient,
     dest: &Path,
 ) -> anyhow::Result<u64> {
+    receive_into_keeping(ctx, client, dest, &mut std::io::sink())
+}
+
+/// [`receive_into`], also writing every byte of the stream into `keep` as it passes (the
+/// baseline `vm.diff` compares with).
+pub fn receive_into_keeping(
+    ctx: &CallContext,
+    client: &banger_vmm::agent::AgentClient,
+    dest: &Path,
+    keep: &mut dyn std::io::Write,
+) -> anyhow::Result<u64> {
     let input = ctx
         .take_input()
         .context("no connection to receive the upload from")?;
     let mut reader = UploadReader::new(input);
-    let sent = client.upload_tar(&mut reader, dest);
+    let sent = client.upload_tar(
+        Tee {
+            inner: &mut reader,
+            keep,
+        },
+        dest,
+    );
     let (ended, total) = (reader.ended(), reader.total());
     ctx.restore_input(reader.into_input());
     sent.with_context(|| format!("unpack the uploaded workspace into {}", dest.display()))?;
@@ -167,6 +184,20 @@ pub fn receive_into(
         anyhow::bail!("the upload stopped before its end ({total} bytes received)");
     }
     Ok(total)
+}
+
+/// A reader that copies what it reads into `keep`.
+struct Tee<'a> {
+    inner: &'a mut UploadReader,
+    keep: &'a mut dyn std::io::Write,
+}
+
+impl Read for Tee<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.keep.write_all(&buf[..n])?;
+        Ok(n)
+    }
 }
 
 #[cfg(test)]

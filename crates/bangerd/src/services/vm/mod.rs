@@ -7,6 +7,8 @@
 //! network (`user`, `none`, or `tap` with its address and TAP device; see
 //! [`super::network`]) and its egress policy.
 
+mod copy;
+mod diff;
 mod lifecycle;
 
 pub use lifecycle::{MAX_VCPUS, MIN_MEMORY_MIB};
@@ -1108,6 +1110,7 @@ impl VmService {
         if let Some(name) = &params.workspace {
             super::upload::check_workspace_name(name)?;
         }
+        Self::check_exports(&params.exports)?;
         let wanted = params
             .image
             .clone()
@@ -1132,23 +1135,34 @@ impl VmService {
             let mut cwd = "/root".to_owned();
             if let Some(name) = &params.workspace {
                 cwd = format!("/root/{name}");
-                let bytes = super::upload::receive_into(ctx, &client, Path::new(&cwd))
-                    .with_context(|| format!("copy the workspace into VM {:?}", vm.name))?;
+                // Kept as it passes, for `vm.diff` (and `patch`) to compare with.
+                let mut keep = copy::BaselineKeeper::new(Path::new(&vm.dir), name)?;
+                let bytes =
+                    super::upload::receive_into_keeping(ctx, &client, Path::new(&cwd), &mut keep)
+                        .with_context(|| format!("copy the workspace into VM {:?}", vm.name))?;
+                keep.finish()?;
                 tracing::info!(vm = %vm.name, bytes, dest = %cwd, "workspace received");
             }
-            if params.argv.is_empty() {
+            let ran = if params.argv.is_empty() {
                 let stdio = Stdio {
                     stdin: true,
                     tty: params.tty.clone(),
                 };
                 let argv = LOGIN_SHELL.map(String::from);
-                return self.exec_on(ctx, &client, &vm.name, &argv, &cwd, stdio);
-            }
-            let stdio = Stdio {
-                stdin: params.stdin,
-                tty: params.tty.clone(),
+                self.exec_on(ctx, &client, &vm.name, &argv, &cwd, stdio)
+            } else {
+                let stdio = Stdio {
+                    stdin: params.stdin,
+                    tty: params.tty.clone(),
+                };
+                self.exec_on(ctx, &client, &vm.name, &params.argv, &cwd, stdio)
             };
-            self.exec_on(ctx, &client, &vm.name, &params.argv, &cwd, stdio)
+            // Results go out before the VM stops, whether the command failed or not.
+            self.send_exports(ctx, &client, &params.exports);
+            if params.patch {
+                self.send_run_patch(ctx, &client, Path::new(&vm.dir));
+            }
+            ran
         });
         let cleanup = tokio::task::block_in_place(|| {
             if params.rm {
