@@ -368,6 +368,9 @@ impl Conn {
                 self.out.send(id, Message::Ack);
                 return true;
             }
+            Message::ListSockets => self
+                .out
+                .send(id, Message::Sockets(crate::listening::listening())),
             Message::Hello { version } => {
                 if version >= FLOW_PROTOCOL_VERSION {
                     self.flow.store(true, Ordering::SeqCst);
@@ -388,6 +391,7 @@ impl Conn {
             | Message::Stderr(_)
             | Message::Exit(_)
             | Message::Ack
+            | Message::Sockets(_)
             | Message::Error(_) => {}
         }
         false

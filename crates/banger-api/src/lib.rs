@@ -89,10 +89,12 @@ fn quote_list(names: &[&str]) -> String {
 }
 
 pub mod methods;
+pub mod ports;
 pub mod rpc;
 pub mod vm;
 
 pub use methods::*;
+pub use ports::*;
 pub use rpc::{
     ErrorData, ErrorKind, InputParams, Notification, NotificationMethod, Progress, Request,
     ResizeParams, Response, RpcError, Signal, SignalParams, INPUT_NOTIFICATION,

@@ -10,7 +10,7 @@ use banger_api::{
     ImageImport, ImageList, ImageListResult, ImagePull, ImageRm, ImageShow, KernelImport,
     KernelList, KernelListResult, KernelRm, KernelShow, Method, MethodsResult, VmCreate, VmExec,
     VmKill, VmList, VmListResult, VmLogs, VmPrune, VmRestart, VmRm, VmRun, VmSet, VmShell, VmShow,
-    VmStart, VmStats, VmStop,
+    VmStart, VmStats, VmStop, VmPorts, VmSshConfig, VmSshProxy,
 };
 use futures::future::BoxFuture;
 use serde_json::Value;
@@ -107,6 +107,11 @@ impl Dispatch {
             .await
         });
         d.route::<VmRun, _, _>(|s, ctx, p| async move { s.vm.run(&ctx, p).await });
+        d.route::<VmPorts, _, _>(|s, _, p| async move { blocking(move || s.vm.ports(&p.name)).await });
+        d.route::<VmSshConfig, _, _>(|s, _, p| async move { blocking(move || s.vm.ssh_config(&p)).await });
+        d.route::<VmSshProxy, _, _>(|s, ctx, p| async move {
+            blocking(move || s.vm.ssh_proxy(&ctx, &p.name)).await
+        });
         // Listed last so it sees every other entry, itself included.
         let mut names: Vec<String> = d.methods().iter().map(|m| m.to_string()).collect();
         names.push(DaemonMethods::NAME.to_owned());
