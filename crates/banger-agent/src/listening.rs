@@ -57,7 +57,9 @@ pub fn parse_table(text: &str, protocol: SocketProtocol) -> Vec<ListenSocket> {
                 return None;
             }
             // A UDP socket with a peer is a client's, not one that listens.
-            if protocol == SocketProtocol::Udp && !remote.split(':').next()?.bytes().all(|b| b == b'0') {
+            if protocol == SocketProtocol::Udp
+                && !remote.split(':').next()?.bytes().all(|b| b == b'0')
+            {
                 return None;
             }
             let (address, port) = local.split_once(':')?;
@@ -105,13 +107,19 @@ mod tests {
    1: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 2 1 0 100 0 0 10 0\n\
    2: 0F02000A:0016 0202000A:C350 01 00000000:00000000 00:00000000 00000000     0        0 3 1 0 100 0 0 10 0\n";
         let found = parse_table(tcp, SocketProtocol::Tcp);
-        let shown: Vec<String> = found.iter().map(|s| format!("{}:{}", s.address, s.port)).collect();
+        let shown: Vec<String> = found
+            .iter()
+            .map(|s| format!("{}:{}", s.address, s.port))
+            .collect();
         assert_eq!(shown, ["0.0.0.0:80", "127.0.0.1:8080"]);
         let tcp6 = "  sl  local_address                         remote_address                        st\n\
    0: 00000000000000000000000000000000:0016 00000000000000000000000000000000:0000 0A 0 0 0 0\n\
    1: 00000000000000000000000001000000:0277 00000000000000000000000000000000:0000 0A 0 0 0 0\n";
         let found = parse_table(tcp6, SocketProtocol::Tcp);
-        let shown: Vec<String> = found.iter().map(|s| format!("{}:{}", s.address, s.port)).collect();
+        let shown: Vec<String> = found
+            .iter()
+            .map(|s| format!("{}:{}", s.address, s.port))
+            .collect();
         assert_eq!(shown, [":::22", "::1:631"]);
     }
 
@@ -122,7 +130,10 @@ mod tests {
   11: 0F02000A:A000 0302000A:0035 01 0 0\n";
         let found = parse_table(udp, SocketProtocol::Udp);
         assert_eq!(found.len(), 1);
-        assert_eq!((found[0].address.to_string(), found[0].port), ("0.0.0.0".into(), 5353));
+        assert_eq!(
+            (found[0].address.to_string(), found[0].port),
+            ("0.0.0.0".into(), 5353)
+        );
         assert!(parse_table("header only\n garbage line\n", SocketProtocol::Udp).is_empty());
     }
 }

@@ -1113,7 +1113,10 @@ mod tests {
         let len = (too_many.len() - 4) as u32;
         too_many[..4].copy_from_slice(&len.to_be_bytes());
         let err = decode(&too_many).unwrap_err().to_string();
-        assert!(err.contains("more sockets than MAX_LISTEN_SOCKETS"), "{err}");
+        assert!(
+            err.contains("more sockets than MAX_LISTEN_SOCKETS"),
+            "{err}"
+        );
     }
 
     #[test]

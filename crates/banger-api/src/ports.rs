@@ -125,7 +125,9 @@ pub fn check_published(ports: &[PublishedPort]) -> Result<(), String> {
         if let Some(q) = ports[..i]
             .iter()
             .find(|q| q.protocol == p.protocol && q.host_port == p.host_port)
-            .filter(|q| q.host_ip == p.host_ip || q.host_ip.is_unspecified() || p.host_ip.is_unspecified())
+            .filter(|q| {
+                q.host_ip == p.host_ip || q.host_ip.is_unspecified() || p.host_ip.is_unspecified()
+            })
         {
             return Err(format!(
                 "host port {}/{} is published twice ({q} and {p})",
@@ -250,7 +252,10 @@ mod tests {
         let udp = PublishedPort::parse_flag("8080:80/udp").unwrap();
         assert!(check_published(&[a.clone(), udp]).is_ok());
         let err = check_published(&[a.clone(), b]).unwrap_err();
-        assert!(err.contains("host port 0.0.0.0:8080/tcp is published twice"), "{err}");
+        assert!(
+            err.contains("host port 0.0.0.0:8080/tcp is published twice"),
+            "{err}"
+        );
         let many: Vec<_> = (1..=65)
             .map(|n| PublishedPort::parse_flag(&format!("{}:80", 1000 + n)).unwrap())
             .collect();

@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 
 use banger_agent::proto::{
     self, data_cost, Frame, Message, SessionId, CHUNK_SIZE, FLOW_PROTOCOL_VERSION, FRAME_COST,
-    LISTEN_PROTOCOL_VERSION,
-    INITIAL_WINDOW, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, PTY_PROTOCOL_VERSION,
+    INITIAL_WINDOW, LISTEN_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    PTY_PROTOCOL_VERSION,
 };
 pub use banger_agent::proto::{ExecRequest, ExitStatus, WinSize};
 

@@ -9,8 +9,8 @@ use banger_api::{
     DaemonDoctor, DaemonMethods, DaemonPing, DaemonShutdown, DoctorResult, ImageCachePrune,
     ImageImport, ImageList, ImageListResult, ImagePull, ImageRm, ImageShow, KernelImport,
     KernelList, KernelListResult, KernelRm, KernelShow, Method, MethodsResult, VmCreate, VmExec,
-    VmKill, VmList, VmListResult, VmLogs, VmPrune, VmRestart, VmRm, VmRun, VmSet, VmShell, VmShow,
-    VmStart, VmStats, VmStop, VmPorts, VmSshConfig, VmSshProxy,
+    VmKill, VmList, VmListResult, VmLogs, VmPorts, VmPrune, VmRestart, VmRm, VmRun, VmSet, VmShell,
+    VmShow, VmSshConfig, VmSshProxy, VmStart, VmStats, VmStop,
 };
 use futures::future::BoxFuture;
 use serde_json::Value;
@@ -107,8 +107,12 @@ impl Dispatch {
             .await
         });
         d.route::<VmRun, _, _>(|s, ctx, p| async move { s.vm.run(&ctx, p).await });
-        d.route::<VmPorts, _, _>(|s, _, p| async move { blocking(move || s.vm.ports(&p.name)).await });
-        d.route::<VmSshConfig, _, _>(|s, _, p| async move { blocking(move || s.vm.ssh_config(&p)).await });
+        d.route::<VmPorts, _, _>(
+            |s, _, p| async move { blocking(move || s.vm.ports(&p.name)).await },
+        );
+        d.route::<VmSshConfig, _, _>(|s, _, p| async move {
+            blocking(move || s.vm.ssh_config(&p)).await
+        });
         d.route::<VmSshProxy, _, _>(|s, ctx, p| async move {
             blocking(move || s.vm.ssh_proxy(&ctx, &p.name)).await
         });

@@ -110,7 +110,11 @@ impl VmService {
                 continue;
             };
             // "ssh-ed25519 AAAA… comment": the type and the key.
-            let host_key = text.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+            let host_key = text
+                .split_whitespace()
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(" ");
             hosts.push(SshHost {
                 alias: format!("banger.{}", vm.name),
                 vm: vm.name.clone(),
@@ -206,7 +210,12 @@ fn find_sshd(client: &banger_vmm::agent::AgentClient) -> anyhow::Result<Option<S
     let request = ExecRequest::new(["/bin/sh", "-c", script.as_str()]);
     let mut stdout = Vec::new();
     let mut stderr = Vec::new();
-    let status = client.exec_with(&request, |_| Ok(()), &mut Bounded(&mut stdout), &mut Bounded(&mut stderr))?;
+    let status = client.exec_with(
+        &request,
+        |_| Ok(()),
+        &mut Bounded(&mut stdout),
+        &mut Bounded(&mut stderr),
+    )?;
     Ok(match status {
         ExitStatus::Code(0) => Some(String::from_utf8_lossy(&stdout).trim().to_owned())
             .filter(|p| SSHD_PATHS.contains(&p.as_str())),
