@@ -74,7 +74,7 @@ fn published_port_serves_guest_http_on_the_host_and_vm_ports_lists_it() {
     ]);
     ok(&out, "start httpd");
     let response = http_get(port);
-    assert!(response.starts_with("HTTP/1.0 200 OK"), "{response}");
+    assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
     assert!(
         response.ends_with("\r\n\r\nhello-from-guest\n"),
         "{response}"
