@@ -232,7 +232,7 @@ mod tests {
         let p = PublishedPort::parse_flag("[::1]:2222:22").unwrap();
         assert_eq!(p.to_string(), "[::1]:2222:22/tcp");
         for (flag, why) in [
-            ("80", "missing GUEST_PORT"),
+            ("80", "wrong number of ':'"),
             ("0:80", "HOST_PORT \"0\" is not a port"),
             ("8080:70000", "GUEST_PORT \"70000\" is not a port"),
             ("8080:80/sctp", "unknown protocol \"sctp\""),
