@@ -14,6 +14,7 @@
 #![warn(missing_docs)]
 
 pub mod download;
+pub mod listening;
 pub mod net;
 pub mod proto;
 pub mod reaper;

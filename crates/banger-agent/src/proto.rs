@@ -27,6 +27,8 @@
 //!   ends with [`Message::DownloadEnd`] (or [`Message::Error`]).
 //! - **ping**: [`Message::Ping`] → [`Message::Pong`] (carrying [`PROTOCOL_VERSION`]).
 //! - **shutdown**: [`Message::Shutdown`] → [`Message::Ack`], then the guest powers off.
+//! - **listening** (version 4): [`Message::ListSockets`] → [`Message::Sockets`], the
+//!   guest's listening TCP and bound UDP sockets (see [`crate::listening`]).
 //!
 //! ## Flow control (version 3)
 //!
@@ -69,7 +71,8 @@ use std::path::PathBuf;
 /// version-3 agent still serves a host that sends no `Hello` as version 2 did.
 ///
 /// Version 4 added downloads ([`Message::Download`], [`Message::DownloadData`],
-/// [`Message::DownloadEnd`], frame kinds 40–42); nothing older changed.
+/// [`Message::DownloadEnd`], frame kinds 40–42), and [`Message::ListSockets`] and [`Message::Sockets`] (frame kinds 50 and
+/// 51); nothing else changed, so older agents are served as before, only not asked.
 pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The oldest agent version a host of this version talks to (see [`PROTOCOL_VERSION`]).
@@ -84,6 +87,12 @@ pub const FLOW_PROTOCOL_VERSION: u32 = 3;
 /// The first version whose agents send a guest path as a tar stream ([`Message::Download`]).
 /// Downloads always run flow-controlled (the host's grants pace the agent).
 pub const DOWNLOAD_PROTOCOL_VERSION: u32 = 4;
+/// The first version whose agents answer [`Message::ListSockets`].
+pub const LISTEN_PROTOCOL_VERSION: u32 = 4;
+
+/// The most sockets one [`Message::Sockets`] carries; an agent with more sends the first
+/// this many (a guest can open any number, the host's memory is bounded).
+pub const MAX_LISTEN_SOCKETS: usize = 4096;
 
 /// The window each data direction of a session starts with (see the module docs): bytes
 /// (plus [`FRAME_COST`] per frame) the sender may send before the first grant. It bounds
@@ -202,6 +211,32 @@ pub enum Message {
         /// machine: devices, FIFOs, sockets.
         skipped: u32,
     },
+    /// Host → agent, version 4: which sockets listen in the guest? Answered by
+    /// [`Message::Sockets`] (or [`Message::Error`]).
+    ListSockets,
+    /// Agent → host, version 4: the guest's listening TCP sockets and bound, unconnected
+    /// UDP sockets, at most [`MAX_LISTEN_SOCKETS`]. Ends the session.
+    Sockets(Vec<ListenSocket>),
+}
+
+/// A socket's transport, in [`ListenSocket`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SocketProtocol {
+    /// A TCP socket in the LISTEN state.
+    Tcp,
+    /// A bound, unconnected UDP socket.
+    Udp,
+}
+
+/// One socket listening in the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ListenSocket {
+    /// TCP or UDP.
+    pub protocol: SocketProtocol,
+    /// The local address it is bound to (a wildcard for all).
+    pub address: std::net::IpAddr,
+    /// The local port.
+    pub port: u16,
 }
 
 /// A terminal's size in character cells.
@@ -356,6 +391,9 @@ mod kind {
     pub const DOWNLOAD: u8 = 40;
     pub const DOWNLOAD_DATA: u8 = 41;
     pub const DOWNLOAD_END: u8 = 42;
+    // Version 4: kinds 50-59 are the listening-sockets (ports) messages.
+    pub const LIST_SOCKETS: u8 = 50;
+    pub const SOCKETS: u8 = 51;
 }
 
 const EXEC_FLAG_STDIN: u8 = 1;
@@ -443,6 +481,29 @@ pub fn encode_into(frame: &Frame, out: &mut Vec<u8>) {
         Message::DownloadEnd { skipped } => {
             out.push(kind::DOWNLOAD_END);
             out.extend_from_slice(&skipped.to_be_bytes());
+        }
+        Message::ListSockets => out.push(kind::LIST_SOCKETS),
+        Message::Sockets(sockets) => {
+            out.push(kind::SOCKETS);
+            let sockets = &sockets[..sockets.len().min(MAX_LISTEN_SOCKETS)];
+            put_u32(out, sockets.len());
+            for s in sockets {
+                out.push(match s.protocol {
+                    SocketProtocol::Tcp => 0,
+                    SocketProtocol::Udp => 1,
+                });
+                match s.address {
+                    std::net::IpAddr::V4(ip) => {
+                        out.push(4);
+                        out.extend_from_slice(&ip.octets());
+                    }
+                    std::net::IpAddr::V6(ip) => {
+                        out.push(6);
+                        out.extend_from_slice(&ip.octets());
+                    }
+                }
+                out.extend_from_slice(&s.port.to_be_bytes());
+            }
         }
     }
     let len = (out.len() - start - 4) as u32;
@@ -628,9 +689,53 @@ fn decode_body(frame: &[u8]) -> Result<Frame, FrameError> {
             c.finish()?;
             Message::DownloadEnd { skipped }
         }
+        kind::LIST_SOCKETS => empty("list-sockets", Message::ListSockets)?,
+        kind::SOCKETS => decode_sockets(body)?,
         other => return Err(FrameError::UnknownKind(other)),
     };
     Ok(Frame { session, msg })
+}
+
+fn decode_sockets(body: &[u8]) -> Result<Message, FrameError> {
+    let mut c = Cursor::new("sockets", body);
+    let count = c.u32()? as usize;
+    if count > MAX_LISTEN_SOCKETS {
+        return Err(FrameError::Malformed {
+            kind: "sockets",
+            reason: "more sockets than MAX_LISTEN_SOCKETS",
+        });
+    }
+    let mut sockets = Vec::with_capacity(count);
+    for _ in 0..count {
+        let protocol = match c.u8()? {
+            0 => SocketProtocol::Tcp,
+            1 => SocketProtocol::Udp,
+            _ => {
+                return Err(FrameError::Malformed {
+                    kind: "sockets",
+                    reason: "unknown protocol tag",
+                })
+            }
+        };
+        let address = match c.u8()? {
+            4 => std::net::IpAddr::from(<[u8; 4]>::try_from(c.take(4)?).expect("4 bytes")),
+            6 => std::net::IpAddr::from(<[u8; 16]>::try_from(c.take(16)?).expect("16 bytes")),
+            _ => {
+                return Err(FrameError::Malformed {
+                    kind: "sockets",
+                    reason: "unknown address family",
+                })
+            }
+        };
+        let port = c.u16()?;
+        sockets.push(ListenSocket {
+            protocol,
+            address,
+            port,
+        });
+    }
+    c.finish()?;
+    Ok(Message::Sockets(sockets))
 }
 
 fn decode_exec(body: &[u8]) -> Result<Message, FrameError> {
@@ -824,6 +929,20 @@ mod tests {
             Message::DownloadData(vec![9; CHUNK_SIZE]),
             Message::DownloadData(Vec::new()),
             Message::DownloadEnd { skipped: 3 },
+            Message::ListSockets,
+            Message::Sockets(Vec::new()),
+            Message::Sockets(vec![
+                ListenSocket {
+                    protocol: SocketProtocol::Tcp,
+                    address: "0.0.0.0".parse().unwrap(),
+                    port: 80,
+                },
+                ListenSocket {
+                    protocol: SocketProtocol::Udp,
+                    address: "fe80::1".parse().unwrap(),
+                    port: u16::MAX,
+                },
+            ]),
         ]
     }
 
@@ -1046,6 +1165,31 @@ mod tests {
         assert!(data_cost(CHUNK_SIZE) <= INITIAL_WINDOW);
         assert_eq!(data_cost(0), FRAME_COST);
         assert_eq!(data_cost(usize::MAX), u32::MAX);
+    }
+
+    #[test]
+    fn exact_bytes_of_a_sockets_frame_and_its_bound() {
+        let frame = Frame::new(
+            3,
+            Message::Sockets(vec![ListenSocket {
+                protocol: SocketProtocol::Udp,
+                address: "10.0.2.15".parse().unwrap(),
+                port: 0x1234,
+            }]),
+        );
+        assert_eq!(
+            encode(&frame),
+            [0, 0, 0, 17, 0, 0, 0, 3, 51, 0, 0, 0, 1, 1, 4, 10, 0, 2, 15, 0x12, 0x34]
+        );
+        let mut too_many = vec![0, 0, 0, 0, 0, 0, 0, 0, 51];
+        too_many.extend_from_slice(&((MAX_LISTEN_SOCKETS as u32) + 1).to_be_bytes());
+        let len = (too_many.len() - 4) as u32;
+        too_many[..4].copy_from_slice(&len.to_be_bytes());
+        let err = decode(&too_many).unwrap_err().to_string();
+        assert!(
+            err.contains("more sockets than MAX_LISTEN_SOCKETS"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -389,6 +389,9 @@ impl Conn {
                 self.out.send(id, Message::Ack);
                 return true;
             }
+            Message::ListSockets => self
+                .out
+                .send(id, Message::Sockets(crate::listening::listening())),
             Message::Hello { version } => {
                 if version >= FLOW_PROTOCOL_VERSION {
                     self.flow.store(true, Ordering::SeqCst);
@@ -410,6 +413,7 @@ impl Conn {
             | Message::Ack
             | Message::DownloadData(_)
             | Message::DownloadEnd { .. }
+            | Message::Sockets(_)
             | Message::Error(_) => {}
         }
         false

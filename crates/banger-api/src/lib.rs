@@ -90,11 +90,13 @@ fn quote_list(names: &[&str]) -> String {
 
 pub mod copy;
 pub mod methods;
+pub mod ports;
 pub mod rpc;
 pub mod vm;
 
 pub use copy::*;
 pub use methods::*;
+pub use ports::*;
 pub use rpc::{
     ErrorData, ErrorKind, InputParams, Notification, NotificationMethod, Progress, Request,
     ResizeParams, Response, RpcError, Signal, SignalParams, INPUT_NOTIFICATION,

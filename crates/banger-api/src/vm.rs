@@ -116,6 +116,9 @@ pub struct VmCreateParams {
     /// `allow`, `deny` or a list of IPv4 CIDRs; default: config `egress`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress: Option<Egress>,
+    /// Ports published on the host (`-p`), see [`crate::PublishedPort`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<crate::PublishedPort>,
 }
 
 wire_enum! {
@@ -215,6 +218,9 @@ pub struct VmInfo {
     /// The host's TAP device of this VM (TAP networking).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tap: Option<String>,
+    /// Ports it publishes on the host.
+    #[serde(default)]
+    pub ports: Vec<crate::PublishedPort>,
     /// RFC 3339 UTC creation time.
     pub created_at: String,
     /// Its directory (disk, console log, sockets).
@@ -411,6 +417,9 @@ pub struct VmRunParams {
     /// As in `vm.create`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress: Option<Egress>,
+    /// As in `vm.create`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<crate::PublishedPort>,
     /// As in `vm.create`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vcpus: Option<u32>,

@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 
 use banger_agent::proto::{
     self, data_cost, Frame, Message, SessionId, CHUNK_SIZE, DOWNLOAD_PROTOCOL_VERSION,
-    FLOW_PROTOCOL_VERSION, FRAME_COST, INITIAL_WINDOW, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
-    PTY_PROTOCOL_VERSION,
+    FLOW_PROTOCOL_VERSION, FRAME_COST, INITIAL_WINDOW, LISTEN_PROTOCOL_VERSION,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, PTY_PROTOCOL_VERSION,
 };
 pub use banger_agent::proto::{ExecRequest, ExitStatus, WinSize};
 
@@ -982,6 +982,32 @@ impl AgentClient {
             Message::Ack => Ok(()),
             Message::Error(message) => Err(AgentError::Remote { op: op(), message }),
             other => Err(unexpected(&op(), &other)),
+        }
+    }
+
+    /// The guest's listening sockets (TCP LISTEN, unconnected UDP), as its agent reads
+    /// them from `/proc/net`; waits up to `timeout`. An agent older than
+    /// [`LISTEN_PROTOCOL_VERSION`] is refused with a message saying so.
+    pub fn listening(&self, timeout: Duration) -> Result<Vec<banger_agent::proto::ListenSocket>> {
+        let version = self.shared.agent_version.load(Ordering::SeqCst);
+        if version != 0 && version < LISTEN_PROTOCOL_VERSION {
+            return Err(AgentError::Remote {
+                op: "list sockets".into(),
+                message: format!(
+                    "listing sockets needs agent protocol version {LISTEN_PROTOCOL_VERSION}, this agent speaks \
+                     {version} (an older banger injected it: recreate the VM)"
+                ),
+            });
+        }
+        let session = self.open();
+        session.send(Message::ListSockets)?;
+        match session.recv_timeout("list sockets", timeout)? {
+            Message::Sockets(sockets) => Ok(sockets),
+            Message::Error(message) => Err(AgentError::Remote {
+                op: "list sockets".into(),
+                message,
+            }),
+            other => Err(unexpected("list sockets", &other)),
         }
     }
 

@@ -25,8 +25,8 @@ pub enum Accel {
 /// 10.0.2.2 and reaches the host's network through QEMU.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UserNet {
-    /// `(host port on 127.0.0.1, guest port)` TCP forwards.
-    pub host_forwards: Vec<(u16, u16)>,
+    /// slirp `hostfwd`s: a host address QEMU listens on, forwarded to a guest port.
+    pub host_forwards: Vec<HostForward>,
     /// slirp's `restrict=on`: the guest reaches neither the host nor the outside (only
     /// the forwards). Plain slirp maps 10.0.2.2 to the host's loopback: the daemon pairs
     /// it with [`UserNet::runas`] and a host firewall rule on that user.
@@ -35,6 +35,40 @@ pub struct UserNet {
     /// [`crate::confine`]): slirp's host sockets of guest connections belong to it, which
     /// the host's output guard matches (bangerd's `vmm_user`).
     pub runas: Option<String>,
+}
+
+/// One slirp `hostfwd`: QEMU listens on `host` and forwards what arrives to the guest's
+/// `guest_port` (at the guest's user-mode address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostForward {
+    /// UDP instead of TCP.
+    pub udp: bool,
+    /// The host address and port QEMU binds.
+    pub host: std::net::SocketAddr,
+    /// The guest port.
+    pub guest_port: u16,
+}
+
+impl HostForward {
+    /// A TCP forward from `127.0.0.1:host_port`.
+    pub fn tcp_local(host_port: u16, guest_port: u16) -> HostForward {
+        HostForward {
+            udp: false,
+            host: (std::net::Ipv4Addr::LOCALHOST, host_port).into(),
+            guest_port,
+        }
+    }
+
+    /// QEMU's `hostfwd=` value: `tcp:127.0.0.1:8080-:80` (slirp listens on IPv4 only).
+    pub fn qemu_value(&self) -> String {
+        let proto = if self.udp { "udp" } else { "tcp" };
+        format!(
+            "{proto}:{}:{}-:{}",
+            self.host.ip(),
+            self.host.port(),
+            self.guest_port
+        )
+    }
 }
 
 /// The guest's network device and what backs it on the host.

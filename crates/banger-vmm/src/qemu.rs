@@ -15,7 +15,7 @@ use crate::backend::{BackendKind, Vmm};
 use crate::error::{Error, IoContext, Result};
 use crate::initramfs::{self, InitramfsSpec};
 
-pub use crate::backend::{Accel, NetSpec, UserNet, VmSpec};
+pub use crate::backend::{Accel, HostForward, NetSpec, UserNet, VmSpec};
 
 /// A VM process started in the foreground by [`Qemu::start`].
 pub trait RunningVm {
@@ -154,8 +154,8 @@ impl Qemu {
                 if user.restrict {
                     netdev.push_str(",restrict=on");
                 }
-                for (host, guest) in &user.host_forwards {
-                    netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
+                for forward in &user.host_forwards {
+                    netdev.push_str(&format!(",hostfwd={}", forward.qemu_value()));
                 }
                 a.extend([
                     "-netdev".into(),
@@ -621,7 +621,7 @@ mod tests {
             memory_mib: 512,
             vcpus: 2,
             net: Some(NetSpec::User(UserNet {
-                host_forwards: vec![(2222, 22)],
+                host_forwards: vec![crate::backend::HostForward::tcp_local(2222, 22)],
                 restrict: false,
                 runas: None,
             })),

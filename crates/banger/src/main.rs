@@ -72,6 +72,9 @@ enum Command {
         #[command(subcommand)]
         command: commands::system::SystemCommand,
     },
+    /// Print OpenSSH `Host banger.NAME` entries for every VM (Include the output from
+    /// ~/.ssh/config, then `ssh banger.NAME`; VS Code Remote-SSH reads them too).
+    SshConfig,
     /// What this host has and lacks for banger, and how to get it.
     Doctor,
     /// Print the versions of banger and of the running daemon.
@@ -127,6 +130,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         ),
         Command::System { command } => commands::system::run(command, cli.json),
         Command::Doctor => commands::doctor::run(&mut connect()?, cli.json),
+        Command::SshConfig => commands::vm_access::ssh_config(&mut connect()?, cli.json),
         Command::Version => commands::daemon::version(&endpoint()?, cli.json),
         Command::Completion { shell } => {
             let shell = match shell {

@@ -9,8 +9,8 @@ use banger_api::{
     DaemonDoctor, DaemonMethods, DaemonPing, DaemonShutdown, DoctorResult, ImageCachePrune,
     ImageImport, ImageList, ImageListResult, ImagePull, ImageRm, ImageShow, KernelImport,
     KernelList, KernelListResult, KernelRm, KernelShow, Method, MethodsResult, VmCreate, VmExec,
-    VmKill, VmList, VmListResult, VmLogs, VmPrune, VmRestart, VmRm, VmRun, VmSet, VmShell, VmShow,
-    VmStart, VmStats, VmStop,
+    VmKill, VmList, VmListResult, VmLogs, VmPorts, VmPrune, VmRestart, VmRm, VmRun, VmSet, VmShell,
+    VmShow, VmSshConfig, VmSshProxy, VmStart, VmStats, VmStop,
 };
 use futures::future::BoxFuture;
 use serde_json::Value;
@@ -115,6 +115,15 @@ impl Dispatch {
         });
         d.route::<banger_api::VmDiff, _, _>(|s, ctx, p| async move {
             blocking(move || s.vm.diff(&ctx, &p)).await
+        });
+        d.route::<VmPorts, _, _>(
+            |s, _, p| async move { blocking(move || s.vm.ports(&p.name)).await },
+        );
+        d.route::<VmSshConfig, _, _>(|s, _, p| async move {
+            blocking(move || s.vm.ssh_config(&p)).await
+        });
+        d.route::<VmSshProxy, _, _>(|s, ctx, p| async move {
+            blocking(move || s.vm.ssh_proxy(&ctx, &p.name)).await
         });
         // Listed last so it sees every other entry, itself included.
         let mut names: Vec<String> = d.methods().iter().map(|m| m.to_string()).collect();

@@ -85,6 +85,12 @@ pub const MIGRATIONS: &[Migration] = &[
         // JSON of banger_api::Egress; VMs from before the setting let everything out.
         sql: "ALTER TABLE vms ADD COLUMN egress TEXT NOT NULL DEFAULT '\"allow\"';",
     },
+    Migration {
+        version: 7,
+        name: "vm published ports",
+        // JSON list of banger_api::PublishedPort; VMs from before publish nothing.
+        sql: "ALTER TABLE vms ADD COLUMN ports TEXT NOT NULL DEFAULT '[]';",
+    },
 ];
 
 /// The database was written by a newer banger; refusing beats corrupting it.

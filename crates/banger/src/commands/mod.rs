@@ -8,4 +8,5 @@ pub mod image;
 pub mod kernel;
 pub mod system;
 pub mod vm;
+pub mod vm_access;
 pub mod vm_copy;

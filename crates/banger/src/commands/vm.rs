@@ -63,6 +63,10 @@ pub enum VmCommand {
         /// separated by commas (tap only) (default: egress in config.toml).
         #[arg(long, value_parser = Egress::parse_flag)]
         egress: Option<Egress>,
+        /// Publish a guest port on the host: [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]
+        /// (repeatable; HOST_IP defaults to 127.0.0.1).
+        #[arg(short = 'p', long = "publish", value_parser = banger_api::PublishedPort::parse_flag)]
+        publish: Vec<banger_api::PublishedPort>,
     },
     /// Boot a stopped VM.
     Start {
@@ -200,6 +204,10 @@ pub enum VmCommand {
         /// As for `vm create`.
         #[arg(long, value_parser = Egress::parse_flag)]
         egress: Option<Egress>,
+        /// Publish a guest port on the host: [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]
+        /// (repeatable; HOST_IP defaults to 127.0.0.1).
+        #[arg(short = 'p', long = "publish", value_parser = banger_api::PublishedPort::parse_flag)]
+        publish: Vec<banger_api::PublishedPort>,
         #[command(flatten)]
         stdin: StdinArgs,
         /// Write the guest's bytes to this terminal as they are; by default control
@@ -235,6 +243,8 @@ pub enum VmCommand {
         /// The VM.
         name: String,
     },
+    #[command(flatten)]
+    Access(super::vm_access::AccessCommand),
 }
 
 fn print_vm(info: &VmInfo) {
@@ -259,6 +269,10 @@ fn print_vm(info: &VmInfo) {
     }
     if info.network != banger_api::VmNetwork::None {
         println!("egress:   {}", info.egress);
+    }
+    if !info.ports.is_empty() {
+        let ports: Vec<String> = info.ports.iter().map(|p| p.to_string()).collect();
+        println!("ports:    {}", ports.join(", "));
     }
     println!("created:  {}", info.created_at);
 }
@@ -313,6 +327,7 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
             no_start,
             network,
             egress,
+            publish,
         } => {
             let params = VmCreateParams {
                 name,
@@ -324,6 +339,7 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
                 no_start,
                 network,
                 egress,
+                ports: publish,
             };
             emit(json, &call::<VmCreate>(client, &params)?, |info| {
                 println!("created {} ({})", info.name, info.state)
@@ -416,6 +432,7 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
             &call::<VmShow>(client, &NameParams { name })?,
             print_vm,
         )?,
+        VmCommand::Access(command) => return super::vm_access::run(client, command, json),
         VmCommand::Logs { name, follow, raw } => {
             let params = VmLogsParams { name, follow };
             let mut sink = interactive::OutputSink::new(raw);
@@ -460,6 +477,7 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
             resources,
             network,
             egress,
+            publish,
             stdin,
             raw,
             exports,
@@ -493,6 +511,7 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
                 rm,
                 network,
                 egress,
+                ports: publish,
                 vcpus: resources.cpus,
                 memory_mib: resources.memory_mib(),
                 disk_bytes: resources.disk,

@@ -482,7 +482,9 @@ pub fn release_guest(tap: &str, ip: Ipv4Addr) {
 /// nothing else) may not reach any address of the host itself — loopback, every local
 /// address of any interface (`fib daddr type local`), broadcast, multicast — nor the TAP
 /// bridge (other VMs). What remains is the outside world. `reject`, not `drop`, so a
-/// guest's connection fails at once instead of hanging.
+/// guest's connection fails at once instead of hanging. Packets in the reply direction
+/// of a connection someone else opened pass: those are QEMU's answers on a published
+/// port (slirp `hostfwd`), never a connection the guest starts.
 pub fn user_guard_script(uid: u32) -> String {
     let t = GUARD_TABLE;
     format!(
@@ -490,6 +492,7 @@ pub fn user_guard_script(uid: u32) -> String {
          flush chain inet {t} output\n\
          table inet {t} {{\n\
          \tchain output {{\n\
+         \t\tmeta skuid {uid} ct direction reply accept\n\
          \t\tmeta skuid {uid} oifname {{ \"lo\", \"{BRIDGE}\" }} reject with icmpx admin-prohibited\n\
          \t\tmeta skuid {uid} fib daddr type {{ local, broadcast, multicast, anycast }} reject with icmpx admin-prohibited\n\
          \t}}\n\

@@ -10,6 +10,8 @@
 mod copy;
 mod diff;
 mod lifecycle;
+mod ports;
+mod ssh;
 
 pub use lifecycle::{MAX_VCPUS, MIN_MEMORY_MIB};
 
@@ -325,6 +327,9 @@ impl VmService {
         let egress: String = row.get(14)?;
         let egress: banger_api::Egress = serde_json::from_str(&egress)
             .map_err(|e| bad(14, format!("egress {egress:?} in the store: {e}")))?;
+        let ports: String = row.get(15)?;
+        let ports: Vec<banger_api::PublishedPort> = serde_json::from_str(&ports)
+            .map_err(|e| bad(15, format!("ports {ports:?} in the store: {e}")))?;
         Ok(VmInfo {
             dir: self.dir(&id).display().to_string(),
             id,
@@ -343,10 +348,11 @@ impl VmService {
             egress,
             guest_ip: row.get(12)?,
             tap: row.get(13)?,
+            ports,
         })
     }
 
-    const COLUMNS: &'static str = "id, name, image, kernel, vcpus, memory_mib, disk_bytes, state, pid, backend, created_at, network, guest_ip, tap, egress";
+    const COLUMNS: &'static str = "id, name, image, kernel, vcpus, memory_mib, disk_bytes, state, pid, backend, created_at, network, guest_ip, tap, egress, ports";
 
     /// Every VM by name.
     pub fn list(&self) -> Result<Vec<VmInfo>, ServiceError> {
@@ -481,6 +487,7 @@ impl VmService {
             .or_else(|| self.config.egress.clone())
             .unwrap_or_default();
         check_egress(mode, &egress)?;
+        ports::check_create(mode, &params.ports)?;
         if !params.no_start {
             // Refuse a VM that could not boot before copying its disk: the backend
             // choice (vmm, firecracker_bin, KVM, network) is the same at start.
@@ -536,12 +543,13 @@ impl VmService {
             egress,
             guest_ip,
             tap,
+            ports: params.ports,
         };
         self.store
             .conn()
             .execute(
                 &format!(
-                    "INSERT INTO vms ({}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                    "INSERT INTO vms ({}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
                     Self::COLUMNS
                 ),
                 rusqlite::params![
@@ -559,7 +567,8 @@ impl VmService {
                     info.network.name(),
                     info.guest_ip,
                     info.tap,
-                    serde_json::to_string(&info.egress).context("encode egress")?
+                    serde_json::to_string(&info.egress).context("encode egress")?,
+                    serde_json::to_string(&info.ports).context("encode ports")?
                 ],
             )
             .map_err(|e| {
@@ -779,8 +788,9 @@ impl VmService {
                 let dns =
                     network::host_nameserver().map_or("10.0.2.3".to_owned(), |ip| ip.to_string());
                 cmdline.push_str(&format!(" banger.dns={dns}"));
+                ports::check_host_free(&vm)?;
                 Some(NetSpec::User(banger_vmm::qemu::UserNet {
-                    host_forwards: Vec::new(),
+                    host_forwards: ports::host_forwards(&vm.ports),
                     // egress = "deny": slirp reaches neither the host nor the outside.
                     restrict: vm.egress == banger_api::Egress::Deny,
                     runas: runas.map(|(user, _)| user),
@@ -819,6 +829,10 @@ impl VmService {
                 .into())
             }
         };
+        // SSH is an extra: a host without ssh-keygen still boots its VMs.
+        if let Err(e) = self.install_ssh_keys(&vm, &dir.join(ROOT_DISK)) {
+            tracing::warn!(vm = name, error = %format!("{e:#}"), "ssh keys not installed; banger vm ssh will not log in");
+        }
         let spec = VmSpec {
             kernel: boot.kernel,
             initrd: Some(boot.initrd),
@@ -1127,6 +1141,7 @@ impl VmService {
             vcpus: params.vcpus,
             memory_mib: params.memory_mib,
             disk_bytes: params.disk_bytes,
+            ports: params.ports.clone(),
             ..Default::default()
         };
         let vm = tokio::task::block_in_place(|| self.create(create))?;
