@@ -13,6 +13,7 @@
 //! (threads and blocking I/O keep the static binary small).
 #![warn(missing_docs)]
 
+pub mod identity;
 pub mod net;
 pub mod proto;
 pub mod reaper;

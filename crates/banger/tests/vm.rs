@@ -1257,7 +1257,16 @@ fn resources_set_stats_filters_restart_and_prune() {
     let disk = show(&install, "r1")["disk_bytes"].as_u64().unwrap();
     let (message, _) = refusal(&install.banger(&["vm", "set", "r1", "--disk", "64MiB"]));
     assert!(message.ends_with("disks only grow"), "{message}");
-    let grown = disk + (64 << 20);
+    // QEMU disks are copy-on-write overlays: growing one is refused, saying what to do.
+    let (message, _) = refusal(&install.banger(&[
+        "vm",
+        "set",
+        "r1",
+        "--disk",
+        &(disk + (64 << 20)).to_string(),
+    ]));
+    assert!(message.contains("copy-on-write disk"), "{message}");
+    let grown = disk;
     let out = install.banger(&[
         "--json",
         "vm",

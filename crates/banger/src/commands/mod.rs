@@ -6,5 +6,6 @@ pub mod daemon;
 pub mod doctor;
 pub mod image;
 pub mod kernel;
+pub mod snapshot;
 pub mod system;
 pub mod vm;

@@ -76,7 +76,17 @@ impl VmService {
                 )));
             }
             if disk > vm.disk_bytes {
-                grow_disk(&Path::new(&vm.dir).join(ROOT_DISK), disk)
+                let raw = Path::new(&vm.dir).join(ROOT_DISK);
+                if !raw.exists() {
+                    // A QEMU VM's disk is a qcow2 overlay on the image's read-only ext4:
+                    // growing it means growing that ext4 under the overlay's data.
+                    return Err(ServiceError::bad_request(format!(
+                        "VM {:?} has a copy-on-write disk, which vm set cannot grow yet: \
+                         create the VM with --disk instead",
+                        vm.name
+                    )));
+                }
+                grow_disk(&raw, disk)
                     .with_context(|| format!("grow the disk of VM {:?}", vm.name))?;
             }
         }
@@ -117,7 +127,10 @@ impl VmService {
             memory_bytes: u64::from(vm.memory_mib) << 20,
             vcpus: vm.vcpus,
             disk_bytes: vm.disk_bytes,
-            disk_allocated_bytes: allocated_bytes(&Path::new(&vm.dir).join(ROOT_DISK)),
+            disk_allocated_bytes: ["root.qcow2", ROOT_DISK]
+                .iter()
+                .map(|disk| allocated_bytes(&Path::new(&vm.dir).join(disk)))
+                .sum(),
         })
     }
 }

@@ -1,0 +1,199 @@
+//! A VM's root disk and boot files.
+//!
+//! QEMU VMs get a qcow2 overlay (`root.qcow2`) on the image's `rootfs.ext4`, which QEMU
+//! opens read-only as the backing file: a create costs the same for a 100 MB and a 10 GB
+//! image. A disk larger than the image is an overlay on a grown copy of the image made
+//! once per size ([`grown_base`]). Firecracker takes raw disks only: `root.ext4` is a reflink where
+//! the filesystem has them, else a sparse copy ([`create_cost`] says which).
+//!
+//! The agent is never written into a disk on the host: it rides in a second initramfs
+//! archive appended to the kernel's ([`agent_initrd`]) and the init copies it into the
+//! VM's root at each boot.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context};
+
+/// The copy-on-write root disk of a QEMU VM.
+pub const OVERLAY_DISK: &str = "root.qcow2";
+/// The raw root disk of a Firecracker VM (and of VMs created before overlays).
+pub const RAW_DISK: &str = "root.ext4";
+/// The per-VM initramfs: the kernel's plus the agent.
+pub const BOOT_INITRD: &str = "boot.initrd";
+
+/// The root disk of the VM whose directory is `dir`.
+pub fn root_disk(dir: &Path) -> PathBuf {
+    let overlay = dir.join(OVERLAY_DISK);
+    if overlay.exists() {
+        overlay
+    } else {
+        dir.join(RAW_DISK)
+    }
+}
+
+/// Makes the root disk of a new VM in `dir` from the image file `base` (`base_bytes`
+/// long), `size` bytes large: an overlay unless `raw`.
+pub fn prepare_root(
+    raw: bool,
+    base: &Path,
+    base_bytes: u64,
+    dir: &Path,
+    size: u64,
+) -> anyhow::Result<PathBuf> {
+    if raw {
+        let disk = dir.join(RAW_DISK);
+        copy_disk(base, &disk)?;
+        if size > base_bytes {
+            grow_disk(&disk, size)?;
+        }
+        return Ok(disk);
+    }
+    let base = if size > base_bytes {
+        grown_base(base, size)?
+    } else {
+        base.to_owned()
+    };
+    let base = base.as_path();
+    protect_base(base)?;
+    let disk = dir.join(OVERLAY_DISK);
+    banger_vmm::qmp::create_overlay(base, &disk, Some(size)).with_context(|| {
+        format!(
+            "create the overlay {} on {}",
+            disk.display(),
+            base.display()
+        )
+    })?;
+    Ok(disk)
+}
+
+/// The image `base` grown to `size` bytes, next to it (`grown/<size>.ext4`), made once
+/// per size: banger's ext4 writer uses `sparse_super2`, which the kernel cannot resize
+/// online, so the guest cannot grow an overlay's filesystem itself. The first create of
+/// a size pays a sparse copy; later ones are overlays again. Removing the image removes
+/// its grown bases.
+fn grown_base(base: &Path, size: u64) -> anyhow::Result<PathBuf> {
+    let dir = base
+        .parent()
+        .with_context(|| format!("{} has no parent directory", base.display()))?
+        .join("grown");
+    let grown = dir.join(format!("{size}.ext4"));
+    if grown.is_file() {
+        return Ok(grown);
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let tmp = dir.join(format!(
+        ".{size}.{}.tmp",
+        hex::encode(rand::random::<[u8; 4]>())
+    ));
+    let built = copy_disk(base, &tmp).and_then(|()| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
+            .with_context(|| format!("make {} writable", tmp.display()))?;
+        grow_disk(&tmp, size)
+    });
+    if let Err(e) = built {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e.context(format!("grow {} to {size} bytes", base.display())));
+    }
+    std::fs::rename(&tmp, &grown).with_context(|| format!("publish {}", grown.display()))?;
+    Ok(grown)
+}
+
+/// Base images are read-only files: QEMU opens backing files read-only anyway, this
+/// keeps anything else of ours from writing through by mistake.
+fn protect_base(base: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(base).with_context(|| format!("stat {}", base.display()))?;
+    if meta.permissions().mode() & 0o222 != 0 {
+        std::fs::set_permissions(base, std::fs::Permissions::from_mode(0o444))
+            .with_context(|| format!("make {} read-only", base.display()))?;
+    }
+    Ok(())
+}
+
+/// Writes `<dir>/boot.initrd`: the kernel's initramfs `base` plus `agent`.
+pub fn agent_initrd(base: &Path, agent: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
+    let out = dir.join(BOOT_INITRD);
+    banger_vmm::initramfs::write_agent_initrd(base, agent, &out)
+        .with_context(|| format!("build the boot initramfs {}", out.display()))?;
+    Ok(out)
+}
+
+fn run_tool(command: &mut Command, what: &str) -> anyhow::Result<()> {
+    let out = command.output().with_context(|| format!("run {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// A copy-on-write copy where the filesystem can (reflink), a sparse one otherwise.
+pub fn copy_disk(from: &Path, to: &Path) -> anyhow::Result<()> {
+    run_tool(
+        Command::new("cp")
+            .arg("--reflink=auto")
+            .arg("--sparse=always")
+            .arg(from)
+            .arg(to),
+        "cp (copy the image's root filesystem)",
+    )
+}
+
+fn grow_disk(disk: &Path, bytes: u64) -> anyhow::Result<()> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(disk)
+        .and_then(|f| f.set_len(bytes))
+        .with_context(|| format!("grow {}", disk.display()))?;
+    run_tool(
+        Command::new("e2fsck").args(["-f", "-p"]).arg(disk),
+        "e2fsck",
+    )?;
+    run_tool(Command::new("resize2fs").arg(disk), "resize2fs")
+}
+
+/// What a `vm create` costs in disk work on this host, per backend, for `doctor`.
+pub fn create_cost(vms_dir: &Path) -> String {
+    let reflink = reflink_works(vms_dir);
+    format!(
+        "qemu: a qcow2 overlay (constant, whatever the image size); firecracker: {}",
+        match reflink {
+            Ok(true) => "a reflink of the image (constant)".to_owned(),
+            Ok(false) => format!(
+                "a full sparse copy of the image ({} has no reflinks)",
+                vms_dir.display()
+            ),
+            Err(e) => format!("unknown ({e:#})"),
+        }
+    )
+}
+
+/// Whether `cp --reflink=always` works in `dir`.
+fn reflink_works(dir: &Path) -> anyhow::Result<bool> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let probe = dir.join(format!(
+        ".reflink-probe-{}",
+        hex::encode(rand::random::<[u8; 4]>())
+    ));
+    std::fs::create_dir(&probe).with_context(|| format!("create {}", probe.display()))?;
+    let a = probe.join("a");
+    let status = std::fs::write(&a, b"banger reflink probe")
+        .context("write the reflink probe")
+        .and_then(|()| {
+            Command::new("cp")
+                .arg("--reflink=always")
+                .arg(&a)
+                .arg(probe.join("b"))
+                .stderr(std::process::Stdio::null())
+                .status()
+                .context("run cp")
+        });
+    let _ = std::fs::remove_dir_all(&probe);
+    let status = status?;
+    Ok(status.success())
+}
