@@ -47,7 +47,9 @@ pub fn backing_file(path: &Path) -> Result<Option<PathBuf>> {
     if size > MAX_BACKING_NAME {
         return Err(format_err(
             path,
-            format!("backing file name of {size} bytes exceeds MAX_BACKING_NAME ({MAX_BACKING_NAME})"),
+            format!(
+                "backing file name of {size} bytes exceeds MAX_BACKING_NAME ({MAX_BACKING_NAME})"
+            ),
         ));
     }
     use std::io::{Seek, SeekFrom};
@@ -196,10 +198,20 @@ mod tests {
             .map(|w| w[1].as_str())
             .collect();
         assert_eq!(blockdevs.len(), 6, "{args:?}");
-        assert!(blockdevs[0].starts_with("driver=file,node-name=root-layer2-file,filename=/dev/fdset/3,"), "{args:?}");
+        assert!(
+            blockdevs[0]
+                .starts_with("driver=file,node-name=root-layer2-file,filename=/dev/fdset/3,"),
+            "{args:?}"
+        );
         assert!(blockdevs[0].ends_with(",read-only=on"), "{args:?}");
-        assert!(blockdevs[1].starts_with("driver=raw,node-name=root-layer2,"), "{args:?}");
-        assert!(blockdevs[3].ends_with(",read-only=on,backing=root-layer2"), "{args:?}");
+        assert!(
+            blockdevs[1].starts_with("driver=raw,node-name=root-layer2,"),
+            "{args:?}"
+        );
+        assert!(
+            blockdevs[3].ends_with(",read-only=on,backing=root-layer2"),
+            "{args:?}"
+        );
         assert_eq!(
             blockdevs[5],
             "driver=qcow2,node-name=root,file=root-file,cache.direct=off,cache.no-flush=on,backing=root-layer1"
@@ -217,21 +229,15 @@ mod tests {
         ) {
             return;
         }
-        // A qcow2 that names itself: the walk must stop at the bound.
+        // Two qcow2 files that name each other: the walk must stop at the bound.
         let loop_disk = tmp.path().join("loop.qcow2");
+        let other = tmp.path().join("other.qcow2");
+        let (l, o) = (loop_disk.to_str().unwrap(), other.to_str().unwrap());
+        assert!(qemu_img(&["create", "-q", "-f", "qcow2", o, "1M"]));
         assert!(qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            loop_disk.to_str().unwrap(),
-            "-F",
-            "qcow2",
-            loop_disk.to_str().unwrap(),
-            "1M"
+            "create", "-q", "-f", "qcow2", "-b", o, "-F", "qcow2", l
         ]));
+        assert!(qemu_img(&["rebase", "-u", "-b", l, "-F", "qcow2", o]));
         let err = chain(&loop_disk).unwrap_err().to_string();
         assert!(err.contains("MAX_BACKING_CHAIN (16)"), "{err}");
         assert!(err.contains("loop.qcow2"), "{err}");

@@ -178,7 +178,7 @@ impl Qmp {
         use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
         let line = format!(
             "{}\n",
-            json!({ "execute": "getfd", "arguments": { "fname": name } })
+            json!({ "execute": "getfd", "arguments": { "fdname": name } })
         );
         let fds = [fd.as_fd()];
         let mut space = [0u8; rustix::cmsg_space!(ScmRights(1))];

@@ -157,6 +157,54 @@ fn grow_disk(disk: &Path, bytes: u64) -> anyhow::Result<()> {
     run_tool(Command::new("resize2fs").arg(disk), "resize2fs")
 }
 
+/// Grows the qcow2 overlay `overlay` of a stopped VM, and the ext4 in it, to `bytes`,
+/// keeping it an overlay on the same backing file. banger's ext4 uses `sparse_super2`,
+/// which only an offline resize2fs can grow, and resize2fs reads a raw file: the disk as
+/// the guest sees it is flattened into a sparse raw file next to it, grown there, then
+/// made an overlay again with `qemu-img rebase` (safe mode: only the clusters that differ
+/// from the backing file, the VM's own data and the resize's metadata, are written).
+/// The old overlay is replaced only once the new one is complete.
+pub fn grow_overlay(overlay: &Path, bytes: u64) -> anyhow::Result<()> {
+    let chain = banger_vmm::qcow2::chain(overlay)
+        .with_context(|| format!("read the backing chain of {}", overlay.display()))?;
+    let backing = chain
+        .get(1)
+        .with_context(|| format!("{} has no backing file", overlay.display()))?;
+    let dir = overlay
+        .parent()
+        .with_context(|| format!("{} has no parent directory", overlay.display()))?;
+    let tag = hex::encode(rand::random::<[u8; 4]>());
+    let flat = dir.join(format!(".grow-{tag}.raw"));
+    let next = dir.join(format!(".grow-{tag}.qcow2"));
+    let grown = (|| -> anyhow::Result<()> {
+        run_tool(
+            Command::new("qemu-img")
+                .args(["convert", "-q", "-f", "qcow2", "-O", "raw", "-S", "4k"])
+                .arg(overlay)
+                .arg(&flat),
+            "qemu-img convert (flatten the disk to grow it)",
+        )?;
+        grow_disk(&flat, bytes)?;
+        banger_vmm::qmp::create_overlay(&flat, &next, Some(bytes))
+            .context("overlay the grown disk")?;
+        run_tool(
+            Command::new("qemu-img")
+                .args(["rebase", "-q", "-f", "qcow2", "-b"])
+                .arg(&backing.path)
+                .args(["-F", backing.format])
+                .arg(&next),
+            "qemu-img rebase (back onto the image)",
+        )?;
+        std::fs::rename(&next, overlay)
+            .with_context(|| format!("replace {} with the grown overlay", overlay.display()))
+    })();
+    let _ = std::fs::remove_file(&flat);
+    if grown.is_err() {
+        let _ = std::fs::remove_file(&next);
+    }
+    grown.with_context(|| format!("grow {} to {bytes} bytes", overlay.display()))
+}
+
 /// What a `vm create` costs in disk work on this host, per backend, for `doctor`.
 pub fn create_cost(vms_dir: &Path) -> String {
     let reflink = reflink_works(vms_dir);
@@ -196,4 +244,112 @@ fn reflink_works(dir: &Path) -> anyhow::Result<bool> {
     let _ = std::fs::remove_dir_all(&probe);
     let status = status?;
     Ok(status.success())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tool(program: &str, args: &[&str]) -> std::process::Output {
+        Command::new(program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("run {program}: {e}"))
+    }
+
+    #[test]
+    fn a_grown_overlay_stays_an_overlay_whose_ext4_spans_the_new_size_and_keeps_its_files() {
+        if !banger_testkit::require(
+            Command::new("qemu-img").arg("--version").output().is_ok(),
+            "qemu-img (qemu-utils) is not installed",
+        ) {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let tree = tmp.path().join("tree");
+        std::fs::create_dir(&tree).unwrap();
+        std::fs::write(tree.join("kept"), "kept\n").unwrap();
+        let base = tmp.path().join("rootfs.ext4");
+        let base_s = base.to_str().unwrap();
+        // What banger's writer makes: sparse_super2, which only an offline resize grows.
+        let out = tool(
+            "mkfs.ext4",
+            &[
+                "-q",
+                "-F",
+                "-b",
+                "4096",
+                "-O",
+                "sparse_super2",
+                "-d",
+                tree.to_str().unwrap(),
+                base_s,
+                "16M",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let before = std::fs::read(&base).unwrap();
+        let overlay = tmp.path().join(OVERLAY_DISK);
+        banger_vmm::qmp::create_overlay(&base, &overlay, Some(16 << 20)).unwrap();
+
+        grow_overlay(&overlay, 48 << 20).unwrap();
+
+        let info = tool(
+            "qemu-img",
+            &["info", "--output=json", overlay.to_str().unwrap()],
+        );
+        let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+        assert_eq!(info["virtual-size"].as_u64(), Some(48 << 20), "{info}");
+        assert_eq!(info["backing-filename"].as_str(), Some(base_s), "{info}");
+        // Only what differs from the image went into the overlay.
+        assert!(std::fs::metadata(&overlay).unwrap().len() < 8 << 20);
+        assert_eq!(
+            std::fs::read(&base).unwrap(),
+            before,
+            "the image is untouched"
+        );
+        let flat = tmp.path().join("flat.raw");
+        let out = tool(
+            "qemu-img",
+            &[
+                "convert",
+                "-O",
+                "raw",
+                overlay.to_str().unwrap(),
+                flat.to_str().unwrap(),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let flat_s = flat.to_str().unwrap();
+        let out = tool("e2fsck", &["-fn", flat_s]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let header =
+            String::from_utf8_lossy(&tool("dumpe2fs", &["-h", flat_s]).stdout).into_owned();
+        assert!(
+            header
+                .lines()
+                .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["Block", "count:", "12288"]),
+            "{header}"
+        );
+        let kept = tool("debugfs", &["-R", "cat /kept", flat_s]);
+        assert_eq!(String::from_utf8_lossy(&kept.stdout), "kept\n");
+        let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".grow-"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
 }

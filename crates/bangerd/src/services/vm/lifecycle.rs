@@ -77,17 +77,15 @@ impl VmService {
             }
             if disk > vm.disk_bytes {
                 let raw = Path::new(&vm.dir).join(ROOT_DISK);
-                if !raw.exists() {
-                    // A QEMU VM's disk is a qcow2 overlay on the image's read-only ext4:
-                    // growing it means growing that ext4 under the overlay's data.
-                    return Err(ServiceError::bad_request(format!(
-                        "VM {:?} has a copy-on-write disk, which vm set cannot grow yet: \
-                         create the VM with --disk instead",
-                        vm.name
-                    )));
+                let overlay = Path::new(&vm.dir).join(super::disk::OVERLAY_DISK);
+                if overlay.exists() {
+                    // A QEMU VM's disk is a qcow2 overlay on the image's read-only ext4.
+                    super::disk::grow_overlay(&overlay, disk)
+                        .with_context(|| format!("grow the disk of VM {:?}", vm.name))?;
+                } else {
+                    grow_disk(&raw, disk)
+                        .with_context(|| format!("grow the disk of VM {:?}", vm.name))?;
                 }
-                grow_disk(&raw, disk)
-                    .with_context(|| format!("grow the disk of VM {:?}", vm.name))?;
             }
         }
         self.store

@@ -1412,4 +1412,3 @@ fn grow_disk(disk: &Path, bytes: u64) -> anyhow::Result<()> {
     )?;
     run_tool(Command::new("resize2fs").arg(disk), "resize2fs")
 }
-

@@ -40,6 +40,19 @@ pub(super) fn set_vcpus(vm: &VmInfo, run: bool) -> anyhow::Result<()> {
 }
 
 impl VmService {
+    /// Records paused or running for a VM whose VMM stays the same process: its pid and
+    /// pid identity are kept (set_state would forget the identity, and with it the VM).
+    fn set_run_state(&self, id: &str, state: VmState) -> anyhow::Result<()> {
+        self.store
+            .conn()
+            .execute(
+                "UPDATE vms SET state = ?1 WHERE id = ?2",
+                rusqlite::params![state.as_str(), id],
+            )
+            .context("record VM state")?;
+        Ok(())
+    }
+
     fn live(&self, name: &str) -> Result<VmInfo, ServiceError> {
         let vm = self.show(name)?;
         if !vm.state.is_running() || !vm.pid.is_some_and(super::pid_alive) {
@@ -57,7 +70,7 @@ impl VmService {
             return Ok(vm);
         }
         set_vcpus(&vm, false).with_context(|| format!("pause VM {name:?}"))?;
-        self.set_state(&vm.id, VmState::Paused, vm.pid)?;
+        self.set_run_state(&vm.id, VmState::Paused)?;
         tracing::info!(vm = name, "VM paused");
         self.show(name)
     }
@@ -70,7 +83,7 @@ impl VmService {
             return Ok(vm);
         }
         set_vcpus(&vm, true).with_context(|| format!("resume VM {name:?}"))?;
-        self.set_state(&vm.id, VmState::Running, vm.pid)?;
+        self.set_run_state(&vm.id, VmState::Running)?;
         tracing::info!(vm = name, "VM resumed");
         self.show(name)
     }
