@@ -90,7 +90,13 @@ fn json(install: &Install, args: &[&str]) -> Value {
 /// Runs `sh -c script` in VM `vm`; asserts success and returns stdout.
 fn sh(install: &Install, vm: &str, script: &str) -> String {
     let out = install.banger(&["vm", "exec", vm, "--", "sh", "-c", script]);
-    assert_eq!(out.status.code(), Some(0), "{script}: {}", stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{script}: {}; {}",
+        stderr(&out),
+        daemon_log(install)
+    );
     stdout(&out)
 }
 
