@@ -6,6 +6,12 @@
 # Firecracker is measured when it is on PATH, KVM works and this runs as root (TAP
 # networking); otherwise a skip with the reason is printed.
 #
+# Then warm starts (issue 11): cold `vm run --rm -- true` (--cold) against warm ones (restored
+# from the template the first warm-eligible run saves), their ratio (target warm <= 0.15 x
+# cold under TCG); the disk work of `vm create` (bangerd's "root disk ready" log line) for a
+# 100 MB and a 2 GB image; and 10 concurrent warm runs (total wall time, peak summed RSS of
+# their QEMU processes).
+#
 # Environment: BENCH_RUNS (default 5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,7 +58,7 @@ echo "banger vm run --rm -- true: $runs runs" >&2
 banger_times=()
 for i in $(seq "$runs"); do
   t0=$(now)
-  "$banger" vm run --rm --image bb -- true
+  "$banger" vm run --rm --cold --image bb -- true
   t1=$(now)
   banger_times+=("$(echo "$t1 - $t0" | bc)")
 done
@@ -82,6 +88,49 @@ q=$(printf '%s\n' "${bare_times[@]}" | median)
 echo "all runs: banger ${banger_times[*]} s; bare qemu ${bare_times[*]} s"
 printf 'qemu-%s  banger vm run %.2f s  bare qemu %.2f s  ratio %.3f  overhead %+.1f%% (target <= 15%%)\n' \
   "$accel" "$b" "$q" "$(echo "$b / $q" | bc -l)" "$(echo "($b / $q - 1) * 100" | bc -l)"
+
+echo "warm: one run saves the template, then $runs warm runs" >&2
+"$banger" vm run --rm --image bb -- true
+warm_times=()
+for i in $(seq "$runs"); do
+  t0=$(now)
+  "$banger" vm run --rm --image bb -- true
+  t1=$(now)
+  warm_times+=("$(echo "$t1 - $t0" | bc)")
+done
+w=$(printf '%s\n' "${warm_times[@]}" | median)
+echo "all runs: warm ${warm_times[*]} s"
+printf 'qemu-%s  cold vm run %.2f s  warm vm run %.2f s  warm/cold %.3f (target <= 0.15)\n' \
+  "$accel" "$b" "$w" "$(echo "$w / $b" | bc -l)"
+
+log=$XDG_STATE_HOME/banger/bangerd.log
+for size in 100MiB 2GiB; do
+  "$banger" image import "$work/oci:bb" --name "bb-$(echo "$size" | tr A-Z a-z)" --size "$size" >/dev/null
+  "$banger" vm create --no-start --name "disk-$(echo "$size" | tr 'A-Z' 'a-z')" --image "bb-$(echo "$size" | tr A-Z a-z)" >/dev/null
+  ms=$(grep '"root disk ready"\|root disk ready' "$log" | tail -1 | grep -o 'elapsed_ms[^0-9]*[0-9]*' | grep -o '[0-9]*$')
+  printf 'vm create disk work, %s image: %s ms (target <= 50 ms, independent of size)\n' "$size" "$ms"
+  "$banger" vm rm "disk-$(echo "$size" | tr 'A-Z' 'a-z')" >/dev/null
+done
+
+echo "10 concurrent warm runs" >&2
+peak=0
+t0=$(now)
+pids=()
+for i in $(seq 10); do
+  "$banger" vm run --rm --image bb -- true >"$work/concurrent-$i.out" 2>&1 &
+  pids+=($!)
+done
+failed=0
+while [ -n "$(jobs -rp)" ]; do
+  rss=$({ ps -C qemu-system-x86_64 -o rss=,args= || true; } | { grep -F "$work" || true; } | awk '{s+=$1} END {print s+0}')
+  if [ "$rss" -gt "$peak" ]; then peak=$rss; fi
+  sleep 0.2
+done
+for p in "${pids[@]}"; do wait "$p" || failed=$((failed + 1)); done
+t1=$(now)
+printf '10 concurrent warm runs: %.2f s total, %d failed, peak summed QEMU RSS %d MiB (state is loaded into each guest: not shared)\n' \
+  "$(echo "$t1 - $t0" | bc)" "$failed" "$((peak / 1024))"
+
 if ! command -v firecracker >/dev/null 2>&1; then
   echo "firecracker: skipped (not on PATH)"
 elif [ "$accel" != kvm ]; then

@@ -11,6 +11,7 @@ packages=(
   apache2-utils        # htpasswd, for the authenticated registry test
   busybox-static       # cpio and a static shell for initramfs work
   qemu-system-x86      # the VMM that works everywhere (TCG when KVM is unusable)
+  qemu-utils           # qemu-img: copy-on-write qcow2 overlays for VM disks
   iproute2 nftables    # TAP networking: bridge, TAP devices, NAT and guard rules (and the netns tests)
   openssh-server openssh-client  # a real sshd on 127.0.0.1 for the --host ssh:// tests
   systemd              # systemd-analyze verify for the units `system install` writes

@@ -15,6 +15,7 @@
 
 pub mod download;
 pub mod listening;
+pub mod identity;
 pub mod net;
 pub mod proto;
 pub mod reaper;

@@ -46,6 +46,16 @@ fn parse_args() -> Result<Listen, String> {
             Some("--listen") => {
                 listen = Listen::Unix(args.next().ok_or("--listen needs a path")?.into())
             }
+            Some("--refresh-identity") => {
+                // Run by the host right after a snapshot restore (see the module).
+                match banger_agent::identity::refresh_from_env() {
+                    Ok(()) => std::process::exit(0),
+                    Err(e) => {
+                        eprintln!("banger-agent: refresh identity: {e}");
+                        std::process::exit(1);
+                    }
+                }
+            }
             Some("--version") => {
                 println!("banger-agent {}", env!("CARGO_PKG_VERSION"));
                 std::process::exit(0);

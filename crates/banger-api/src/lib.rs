@@ -139,9 +139,10 @@ mod tests {
             "qemu-tcg"
         );
         assert_eq!("stopped".parse(), Ok(VmState::Stopped));
+        assert_eq!("paused".parse(), Ok(VmState::Paused));
         assert_eq!(
-            "paused".parse::<VmState>().unwrap_err().to_string(),
-            "unknown VM state \"paused\": expected \"running\" or \"stopped\""
+            "frozen".parse::<VmState>().unwrap_err().to_string(),
+            "unknown VM state \"frozen\": expected \"running\", \"stopped\" or \"paused\""
         );
         assert_eq!(
             "xen".parse::<VmBackend>().unwrap_err().to_string(),

@@ -119,6 +119,14 @@ pub struct VmCreateParams {
     /// Ports published on the host (`-p`), see [`crate::PublishedPort`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<crate::PublishedPort>,
+    /// Boot cold even where a warm template exists.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cold: bool,
+    /// Fork this snapshot (`vm.snapshot`): its image, kernel, vCPUs, memory, disk and
+    /// network, restored on a copy-on-write overlay of its own; `image`, `kernel`,
+    /// `vcpus`, `memory_mib`, `disk_bytes` and `network` must then be absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
 }
 
 wire_enum! {
@@ -129,13 +137,31 @@ wire_enum! {
         Running = "running",
         /// No VMM: created, stopped, killed or found dead.
         Stopped = "stopped",
+        /// Its VMM runs but the guest's vCPUs (and so its clock) are stopped (`vm.pause`).
+        Paused = "paused",
     }
 }
 
 impl VmState {
-    /// Whether its VMM runs.
+    /// Whether its VMM runs (the guest may be paused).
     pub fn is_running(self) -> bool {
+        matches!(self, VmState::Running | VmState::Paused)
+    }
+    /// Whether its guest runs, so its agent answers.
+    pub fn guest_runs(self) -> bool {
         self == VmState::Running
+    }
+    /// Whether its vCPUs are stopped by `vm.pause`.
+    pub fn is_paused(self) -> bool {
+        self == VmState::Paused
+    }
+    /// Whether `vm.pause` (and `vm.snapshot`) may stop its vCPUs.
+    pub fn can_pause(self) -> bool {
+        self == VmState::Running
+    }
+    /// Whether `vm.resume` has anything to resume.
+    pub fn can_resume(self) -> bool {
+        self == VmState::Paused
     }
     /// Whether `vm.start` may boot it.
     pub fn can_start(self) -> bool {
@@ -143,7 +169,7 @@ impl VmState {
     }
     /// Whether `vm.stop`/`vm.kill` have anything to stop.
     pub fn can_stop(self) -> bool {
-        self == VmState::Running
+        matches!(self, VmState::Running | VmState::Paused)
     }
 }
 
@@ -270,6 +296,95 @@ method! {
 method! {
     /// `vm.kill`: kill a VM's VMM at once, without a clean shutdown.
     VmKill = "vm.kill", NameParams => VmInfo
+}
+
+method! {
+    /// `vm.pause`: stop a running VM's vCPUs; its memory, devices and clock stay as they
+    /// are until `vm.resume`.
+    VmPause = "vm.pause", NameParams => VmInfo
+}
+
+method! {
+    /// `vm.resume`: run a paused VM's vCPUs again.
+    VmResume = "vm.resume", NameParams => VmInfo
+}
+
+method! {
+    /// `vm.snapshot`: save a running (or paused) VM's whole state and disk as a named
+    /// snapshot that `vm.create` with `from` forks; the VM runs on (a paused one stays
+    /// paused).
+    VmSnapshot = "vm.snapshot", VmSnapshotParams => SnapshotInfo
+}
+
+/// Params of `vm.snapshot`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSnapshotParams {
+    /// The VM.
+    pub name: String,
+    /// The snapshot's name; `<vm>-<6 hex>` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+}
+
+/// A saved VM state: a named snapshot, or a warm template (`template: true`, named
+/// `template-<key>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// Its name.
+    pub name: String,
+    /// Whether it is a warm template (made by bangerd, removed by `snapshot.prune`).
+    #[serde(default)]
+    pub template: bool,
+    /// The VM it was taken of (empty for templates).
+    #[serde(default)]
+    pub vm: String,
+    /// Image name (snapshots) or id (templates).
+    pub image: String,
+    /// Kernel name.
+    pub kernel: String,
+    /// Guest CPUs.
+    pub vcpus: u32,
+    /// Guest memory.
+    pub memory_mib: u32,
+    /// Root disk size.
+    pub disk_bytes: u64,
+    /// Bytes its files take on the host.
+    pub bytes: u64,
+    /// Its directory.
+    pub dir: String,
+}
+
+method! {
+    /// `snapshot.list`: named snapshots and warm templates.
+    SnapshotList = "snapshot.list", NoParams => SnapshotListResult
+}
+
+/// Result of `snapshot.list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotListResult {
+    /// By name.
+    pub snapshots: Vec<SnapshotInfo>,
+}
+
+method! {
+    /// `snapshot.rm`: delete a named snapshot no VM is forked from.
+    SnapshotRm = "snapshot.rm", NameParams => SnapshotInfo
+}
+
+method! {
+    /// `snapshot.prune`: delete every warm template no VM or snapshot layers on (they are
+    /// caches: the next first boot saves a new one). Named snapshots stay.
+    SnapshotPrune = "snapshot.prune", NoParams => SnapshotPruneResult
+}
+
+/// Result of `snapshot.prune`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotPruneResult {
+    /// Names of the removed templates.
+    pub removed: Vec<String>,
+    /// Bytes freed.
+    pub bytes_freed: u64,
 }
 
 method! {
@@ -442,6 +557,9 @@ pub struct VmRunParams {
     /// Send the workspace's changes as a patch (stream `patch`) after the command ends.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub patch: bool,
+    /// Boot cold even where a warm template exists.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cold: bool,
 }
 
 /// The payload of an `output` notification.

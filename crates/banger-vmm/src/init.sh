@@ -64,6 +64,15 @@ done
 mount -t ext4 "$root" /newroot || { echo "banger-init: mount $root failed"; finish 255; }
 if [ -n "$(arg banger.agent)" ]; then
     # The VM is a long-lived sandbox: hand PID 1 to banger's agent inside the image.
+    # The agent comes in the initramfs (a second archive banger appends), so the image
+    # stays read-only on the host: it lands in the VM's own (copy-on-write) root.
+    if [ -f /banger/agent ]; then
+        mkdir -p /newroot/.banger
+        cp /banger/agent /newroot/.banger/agent.new &&
+            chmod 0755 /newroot/.banger/agent.new &&
+            mv -f /newroot/.banger/agent.new /newroot/.banger/agent ||
+            echo "banger-init: installing the agent into the root failed"
+    fi
     umount -l /dev /sys /proc
     exec switch_root /newroot /.banger/agent
     echo "banger-init: switch_root to /.banger/agent failed"

@@ -72,6 +72,31 @@ pub fn write_initramfs(spec: &InitramfsSpec, out: &Path) -> Result<()> {
     inner.flush().ctx("write initramfs", out)
 }
 
+/// Where [`write_agent_initrd`] puts the agent in the initramfs; the init copies it into
+/// the root disk (the VM's own copy-on-write overlay) before handing PID 1 to it.
+pub const AGENT_INITRD_PATH: &str = "banger/agent";
+
+/// Writes to `out` the initramfs `base` followed by a second archive holding `agent` at
+/// [`AGENT_INITRD_PATH`]. The kernel unpacks concatenated archives in order, so `base`
+/// may be any initramfs (banger's, or a kernel's own, compressed or not), and the root
+/// filesystem image is never written to on the host.
+pub fn write_agent_initrd(base: &Path, agent: &Path, out: &Path) -> Result<()> {
+    let mut bytes = fs::read(base).ctx("read initramfs", base)?;
+    let agent_bytes = fs::read(agent).ctx("read guest agent", agent)?;
+    // The next archive must start on a 4-byte boundary; the kernel skips zero padding.
+    bytes.resize(bytes.len().div_ceil(512) * 512, 0);
+    let mut cpio = CpioWriter::new(bytes);
+    (|| -> io::Result<()> {
+        cpio.dir("banger", 0o755)?;
+        cpio.file(AGENT_INITRD_PATH, 0o755, &agent_bytes)
+    })()
+    .ctx("write agent initramfs", out)?;
+    let bytes = cpio.finish().ctx("write agent initramfs", out)?;
+    let tmp = out.with_extension("tmp");
+    fs::write(&tmp, &bytes).ctx("write agent initramfs", &tmp)?;
+    fs::rename(&tmp, out).ctx("publish agent initramfs", out)
+}
+
 /// The kernel command-line parameter that makes the init run `command` (with
 /// `/bin/sh -c`) inside the root disk. Base64 because the kernel's command line has no
 /// quoting that survives arbitrary shell text.

@@ -11,10 +11,13 @@ pub mod backend;
 pub mod confine;
 pub mod console;
 pub mod error;
+pub mod fc_snapshot;
 pub mod firecracker;
 pub mod initramfs;
 pub mod kernel;
+pub mod qcow2;
 pub mod qemu;
+pub mod qmp;
 
 pub use backend::{BackendKind, BackendPreference, NetSpec, VmSpec, Vmm};
 pub use error::{Error, Result};

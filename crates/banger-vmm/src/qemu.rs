@@ -137,8 +137,9 @@ impl Qemu {
             a.extend([
                 "-drive".into(),
                 format!(
-                    "file={},if=none,id=root,format=raw,cache=unsafe",
-                    qemu_escape(&disk.display().to_string())
+                    "file={},if=none,id=root,format={},cache=unsafe",
+                    qemu_escape(&disk.display().to_string()),
+                    crate::qmp::disk_format(disk)
                 ),
                 "-device".into(),
                 "virtio-blk-device,drive=root".into(),
@@ -147,6 +148,9 @@ impl Qemu {
         if let Some(socket) = &spec.agent_socket {
             a.extend(crate::agent::qemu_agent_args(socket));
         }
+        // A fresh VM generation ID on every start, restores included: the guest kernel
+        // reseeds its RNG when it changes (what Firecracker's snapshot docs recommend).
+        a.extend(["-device".into(), "vmgenid,guid=auto".into()]);
         match &spec.net {
             None => {}
             Some(NetSpec::User(user)) => {
@@ -230,6 +234,20 @@ fn confined_args(
                 if let Some(fd) = initrd {
                     out.extend([arg, format!("/proc/self/fd/{fd}")]);
                 }
+            }
+            "-drive"
+                if spec
+                    .root_disk
+                    .as_deref()
+                    .is_some_and(|d| crate::qmp::disk_format(d) == "qcow2") =>
+            {
+                // An overlay names its backing file, which this QEMU may not open: the
+                // whole chain goes as descriptors, one -blockdev node per layer.
+                let _ = value(&mut it);
+                let disk = spec.root_disk.as_deref().expect("checked above");
+                let chain = crate::qcow2::blockdev_args(disk, "root", 1, passed)
+                    .map_err(|e| format!("open the layers of {}: {e}", disk.display()))?;
+                out.extend(chain);
             }
             "-drive" | "-chardev" | "-netdev" => {
                 let v = value(&mut it);
@@ -364,6 +382,16 @@ impl Vmm for Qemu {
     /// its life to the caller: a daemon that owns VMs must be able to restart and re-adopt
     /// them. The child is reaped by a thread while the caller lives.
     fn spawn_detached(&self, spec: &VmSpec) -> Result<u32> {
+        self.spawn_detached_with(spec, None)
+    }
+}
+
+impl Qemu {
+    /// [`Vmm::spawn_detached`], restoring the VM state saved in `incoming` (by
+    /// [`crate::qmp::Qmp::save_state`]) instead of booting when given. The state file is
+    /// opened here and handed over as `-incoming fd:N`: QEMU's sandbox denies the spawn
+    /// an `exec:` migration needs, and a confined QEMU could not open the file anyway.
+    pub fn spawn_detached_with(&self, spec: &VmSpec, incoming: Option<&Path>) -> Result<u32> {
         use std::os::unix::process::CommandExt;
         fs::create_dir_all(&spec.run_dir).ctx("create vm run dir", &spec.run_dir)?;
         for stale in ["qmp.sock", "agent.sock"] {
@@ -387,9 +415,15 @@ impl Vmm for Qemu {
                 .map_err(|e| Error::Vm(format!("prepare QEMU to run as {}: {e}", user.name)))?,
             None => self.args(spec),
         };
+        let mut extra = Vec::new();
+        if let Some(state) = incoming {
+            let fd = passed.open(state, false).ctx("open the VM state", state)?;
+            extra = crate::qmp::incoming_args(fd);
+        }
         let mut command = Command::new(&self.binary);
         command
             .args(args)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(console)
             .stderr(stderr);
@@ -660,6 +694,7 @@ mod tests {
             arg_after(&a, "-device"),
             [
                 "virtio-blk-device,drive=root",
+                "vmgenid,guid=auto",
                 "virtio-net-device,netdev=n0"
             ]
         );

@@ -57,6 +57,11 @@ enum Command {
         #[command(subcommand)]
         command: commands::vm::VmCommand,
     },
+    /// Named VM snapshots and warm templates.
+    Snapshot {
+        #[command(subcommand)]
+        command: commands::snapshot::SnapshotCommand,
+    },
     /// The bangerd daemon.
     Daemon {
         #[command(subcommand)]
@@ -132,6 +137,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Doctor => commands::doctor::run(&mut connect()?, cli.json),
         Command::SshConfig => commands::vm_access::ssh_config(&mut connect()?, cli.json),
         Command::Version => commands::daemon::version(&endpoint()?, cli.json),
+        Command::Snapshot { command } => {
+            commands::snapshot::run(&mut connect()?, command, cli.json)
+        }
         Command::Completion { shell } => {
             let shell = match shell {
                 CompletionShell::Bash => Shell::Bash,

@@ -1250,6 +1250,12 @@ fn resources_set_stats_filters_restart_and_prune() {
         "{stats}"
     );
 
+    let guest_sh = |vm: &str, script: &str| {
+        let out = install.banger(&["vm", "exec", vm, "--", "sh", "-c", script]);
+        assert_eq!(out.status.code(), Some(0), "{script}: {}", stderr(&out));
+        stdout(&out)
+    };
+    guest_sh("r1", "echo kept > /root/kept && sync");
     assert_eq!(
         stdout(&install.banger(&["vm", "stop", "r1"])),
         "stopped r1\n"
@@ -1257,6 +1263,8 @@ fn resources_set_stats_filters_restart_and_prune() {
     let disk = show(&install, "r1")["disk_bytes"].as_u64().unwrap();
     let (message, _) = refusal(&install.banger(&["vm", "set", "r1", "--disk", "64MiB"]));
     assert!(message.ends_with("disks only grow"), "{message}");
+    // QEMU disks are copy-on-write overlays: growing one keeps it an overlay on the image.
+    let dir = PathBuf::from(show(&install, "r1")["dir"].as_str().unwrap());
     let grown = disk + (64 << 20);
     let out = install.banger(&[
         "--json",
@@ -1271,6 +1279,23 @@ fn resources_set_stats_filters_restart_and_prune() {
         &grown.to_string(),
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json", "-U"])
+        .arg(dir.join("root.qcow2"))
+        .output()
+        .unwrap();
+    let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["virtual-size"].as_u64(), Some(grown), "{info}");
+    assert!(
+        info["backing-filename"].is_string(),
+        "still an overlay: {info}"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".grow-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
     let set: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         (set["vcpus"].as_u64(), set["memory_mib"].as_u64()),
@@ -1284,6 +1309,14 @@ fn resources_set_stats_filters_restart_and_prune() {
     );
     assert_eq!(nproc("r1"), "2\n");
     assert!(guest_mem_total_kib(&install, "r1") > 400 * 1024);
+    // The guest's filesystem grew with the disk and kept its files.
+    assert_eq!(guest_sh("r1", "cat /root/kept"), "kept\n");
+    let df = guest_sh("r1", "df -k / | tail -1");
+    let total_kib: u64 = df.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(
+        total_kib * 1024 > disk + (32 << 20),
+        "{df} (disk was {disk})"
+    );
     assert_eq!(
         stdout(&install.banger(&["vm", "restart", "r1"])),
         "restarted r1\n"

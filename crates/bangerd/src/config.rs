@@ -84,6 +84,9 @@ pub struct Config {
     /// What guests may reach beyond the host: `"allow"` (default), `"deny"` or a list of
     /// IPv4 CIDRs (TAP mode only). `--egress` overrides it per VM.
     pub egress: Option<banger_api::Egress>,
+    /// Whether a VM's first boot may restore a warm template (default true); `false`
+    /// always boots cold, like `vm run --cold`.
+    pub warm_start: Option<bool>,
 }
 
 impl Config {

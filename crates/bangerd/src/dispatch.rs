@@ -8,9 +8,10 @@ use std::sync::Arc;
 use banger_api::{
     DaemonDoctor, DaemonMethods, DaemonPing, DaemonShutdown, DoctorResult, ImageCachePrune,
     ImageImport, ImageList, ImageListResult, ImagePull, ImageRm, ImageShow, KernelImport,
-    KernelList, KernelListResult, KernelRm, KernelShow, Method, MethodsResult, VmCreate, VmExec,
-    VmKill, VmList, VmListResult, VmLogs, VmPorts, VmPrune, VmRestart, VmRm, VmRun, VmSet, VmShell,
-    VmShow, VmSshConfig, VmSshProxy, VmStart, VmStats, VmStop,
+    KernelList, KernelListResult, KernelRm, KernelShow, Method, MethodsResult, SnapshotList,
+    SnapshotPrune, SnapshotRm, VmCreate, VmExec, VmKill, VmList, VmListResult, VmLogs, VmPause,
+    VmPorts, VmPrune, VmRestart, VmResume, VmRm, VmRun, VmSet, VmShell, VmShow, VmSnapshot, VmSshConfig, VmSshProxy, VmStart,
+    VmStats, VmStop,
 };
 use futures::future::BoxFuture;
 use serde_json::Value;
@@ -87,6 +88,22 @@ impl Dispatch {
         d.route::<VmKill, _, _>(
             |s, _, p| async move { blocking(move || s.vm.kill(&p.name)).await },
         );
+        d.route::<VmPause, _, _>(
+            |s, _, p| async move { blocking(move || s.vm.pause(&p.name)).await },
+        );
+        d.route::<VmResume, _, _>(
+            |s, _, p| async move { blocking(move || s.vm.resume(&p.name)).await },
+        );
+        d.route::<VmSnapshot, _, _>(
+            |s, _, p| async move { blocking(move || s.vm.snapshot(&p)).await },
+        );
+        d.route::<SnapshotList, _, _>(|s, _, _| async move { s.vm.snapshot_list() });
+        d.route::<SnapshotRm, _, _>(|s, _, p| async move {
+            blocking(move || s.vm.snapshot_rm(&p.name)).await
+        });
+        d.route::<SnapshotPrune, _, _>(|s, _, _| async move {
+            blocking(move || s.vm.snapshot_prune()).await
+        });
         d.route::<VmRm, _, _>(
             |s, _, p| async move { blocking(move || s.vm.remove(&p.name)).await },
         );

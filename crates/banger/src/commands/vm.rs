@@ -6,9 +6,9 @@ use anyhow::Context;
 use banger_api::{Egress, NetworkChoice};
 use banger_api::{
     ExecResult, NameParams, VmCreate, VmCreateParams, VmExec, VmExecParams, VmInfo, VmKill, VmList,
-    VmListParams, VmLogs, VmLogsParams, VmPrune, VmPruneParams, VmRestart, VmRm, VmRun,
-    VmRunParams, VmSet, VmSetParams, VmShell, VmShellParams, VmShow, VmStart, VmStats,
-    VmStatsResult, VmStop,
+    VmListParams, VmLogs, VmLogsParams, VmPause, VmPrune, VmPruneParams, VmRestart, VmResume, VmRm,
+    VmRun, VmRunParams, VmSet, VmSetParams, VmShell, VmShellParams, VmShow, VmSnapshot,
+    VmSnapshotParams, VmStart, VmStats, VmStatsResult, VmStop,
 };
 use clap::Subcommand;
 
@@ -67,6 +67,20 @@ pub enum VmCommand {
         /// (repeatable; HOST_IP defaults to 127.0.0.1).
         #[arg(short = 'p', long = "publish", value_parser = banger_api::PublishedPort::parse_flag)]
         publish: Vec<banger_api::PublishedPort>,
+        /// Boot cold even where a warm template of this image, kernel and machine exists.
+        #[arg(long)]
+        cold: bool,
+        /// Fork this snapshot (banger vm snapshot) instead of booting an image.
+        #[arg(long, conflicts_with_all = ["image", "kernel", "cpus", "memory", "disk", "no_start", "network", "egress", "cold"])]
+        from: Option<String>,
+    },
+    /// Save a running VM's whole state and disk as a snapshot to fork (vm create --from).
+    Snapshot {
+        /// The VM.
+        name: String,
+        /// The snapshot's name (default: <vm>-<6 hex>).
+        #[arg(long = "name")]
+        snapshot: Option<String>,
     },
     /// Boot a stopped VM.
     Start {
@@ -80,6 +94,16 @@ pub enum VmCommand {
     },
     /// Kill a VM's VMM at once (no clean shutdown; files not yet synced may be lost).
     Kill {
+        /// The VM.
+        name: String,
+    },
+    /// Stop a running VM's vCPUs (its clock stands still; memory and devices are kept).
+    Pause {
+        /// The VM.
+        name: String,
+    },
+    /// Run a paused VM's vCPUs again.
+    Resume {
         /// The VM.
         name: String,
     },
@@ -208,6 +232,9 @@ pub enum VmCommand {
         /// (repeatable; HOST_IP defaults to 127.0.0.1).
         #[arg(short = 'p', long = "publish", value_parser = banger_api::PublishedPort::parse_flag)]
         publish: Vec<banger_api::PublishedPort>,
+        /// Boot cold even where a warm template of this image, kernel and machine exists.
+        #[arg(long)]
+        cold: bool,
         #[command(flatten)]
         stdin: StdinArgs,
         /// Write the guest's bytes to this terminal as they are; by default control
@@ -328,6 +355,8 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
             network,
             egress,
             publish,
+            cold,
+            from,
         } => {
             let params = VmCreateParams {
                 name,
@@ -340,6 +369,8 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
                 network,
                 egress,
                 ports: publish,
+                cold,
+                from,
             };
             emit(json, &call::<VmCreate>(client, &params)?, |info| {
                 println!("created {} ({})", info.name, info.state)
@@ -359,6 +390,21 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
             json,
             &call::<VmKill>(client, &NameParams { name })?,
             |info| println!("killed {}", info.name),
+        )?,
+        VmCommand::Snapshot { name, snapshot } => emit(
+            json,
+            &call::<VmSnapshot>(client, &VmSnapshotParams { name, snapshot })?,
+            |info| println!("saved snapshot {} of {}", info.name, info.vm),
+        )?,
+        VmCommand::Pause { name } => emit(
+            json,
+            &call::<VmPause>(client, &NameParams { name })?,
+            |info| println!("paused {}", info.name),
+        )?,
+        VmCommand::Resume { name } => emit(
+            json,
+            &call::<VmResume>(client, &NameParams { name })?,
+            |info| println!("resumed {}", info.name),
         )?,
         VmCommand::Rm { name } => {
             emit(json, &call::<VmRm>(client, &NameParams { name })?, |info| {
@@ -478,6 +524,7 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
             network,
             egress,
             publish,
+            cold,
             stdin,
             raw,
             exports,
@@ -517,6 +564,7 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
                 disk_bytes: resources.disk,
                 stdin: mode == Mode::Pipe,
                 tty: tty_params(mode)?,
+                cold,
             };
             let upload = workspace.map(|w| -> interactive::Upload {
                 Box::new(move |input| {

@@ -74,6 +74,32 @@ pub fn diagnose(kernels: &KernelService, vms: &VmService) -> Vec<DoctorCheck> {
         check("mkfs.ext4", version_of("mkfs.ext4", "-V"), true, "apt-get install e2fsprogs"),
         check("debugfs", version_of("debugfs", "-V"), true, "apt-get install e2fsprogs"),
         check(
+            "qemu-img (copy-on-write disks)",
+            version_of("qemu-img", "--version"),
+            true,
+            "apt-get install qemu-utils",
+        ),
+        DoctorCheck {
+            name: "snapshots and warm templates".into(),
+            status: CheckStatus::Ok,
+            detail: {
+                let state = &vms.layout().state_dir;
+                let snapshots = crate::services::vm::tree_bytes(&state.join("snapshots"));
+                let templates = crate::services::vm::tree_bytes(&state.join("templates"));
+                format!(
+                    "{snapshots} bytes in snapshots, {templates} bytes in warm templates under {} (banger snapshot rm|prune)",
+                    state.display()
+                )
+            },
+            fix: None,
+        },
+        DoctorCheck {
+            name: "vm create disk cost".into(),
+            status: CheckStatus::Ok,
+            detail: crate::services::disk::create_cost(&vms.layout().vms_dir()),
+            fix: None,
+        },
+        check(
             "busybox (initramfs)",
             Path::new(banger_vmm::initramfs::DEFAULT_BUSYBOX)
                 .is_file()

@@ -641,14 +641,53 @@ impl ImageService {
 
     /// Deletes the image called `name`: its record first (so it stops being listed even if
     /// removing the files is interrupted; start-up finishes that), then its files.
+    ///
+    /// Refused while VMs use it: their disks are copy-on-write overlays on its rootfs.
     pub fn remove(&self, name: &str) -> Result<ImageInfo, ServiceError> {
         let info = self.show(name)?;
+        let users: Vec<String> = {
+            let conn = self.store.conn();
+            let mut stmt = conn
+                .prepare("SELECT name FROM vms WHERE image = ?1 ORDER BY name")
+                .context("list the VMs of an image")?;
+            let rows = stmt
+                .query_map([name], |r| r.get(0))
+                .context("list the VMs of an image")?;
+            rows.collect::<Result<_, _>>()
+                .context("list the VMs of an image")?
+        };
+        let snapshots = self.layout.state_dir.join("snapshots");
+        let snapshot_users: Vec<String> = std::fs::read_dir(&snapshots)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                std::fs::read(e.path().join("meta.json"))
+                    .ok()
+                    .and_then(|m| serde_json::from_slice::<serde_json::Value>(&m).ok())
+                    .is_some_and(|m| m["image"] == name)
+            })
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        if !snapshot_users.is_empty() {
+            return Err(ServiceError::bad_request(format!(
+                "image {name:?} is in use by snapshot(s) {}: their disks are overlays on it; remove them first (banger snapshot rm NAME)",
+                snapshot_users.join(", ")
+            )));
+        }
+        if !users.is_empty() {
+            return Err(ServiceError::bad_request(format!(
+                "image {name:?} is in use by VM(s) {}: their disks are overlays on it; remove them first (banger vm rm NAME)",
+                users.join(", ")
+            )));
+        }
         self.store
             .conn()
             .execute("DELETE FROM images WHERE id = ?1", [&info.id])
             .context("delete image record")?;
         let dir = self.layout.images_dir().join(&info.id);
         remove_any(&dir).with_context(|| format!("remove {}", dir.display()))?;
+        remove_templates_of(&self.layout.state_dir.join("templates"), &info.id);
         tracing::info!(name, id = %info.id, "image removed");
         Ok(info)
     }
@@ -1121,6 +1160,22 @@ fn registry_error(error: RegistryError) -> ServiceError {
 
 fn is_unique_violation(error: &rusqlite::Error) -> bool {
     matches!(error, rusqlite::Error::SqliteFailure(e, _) if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE)
+}
+
+/// Deletes the warm templates made from image `id` (their `meta.json` names it): no VM
+/// layers on them once the image has no VMs, and its id never comes back.
+fn remove_templates_of(templates: &Path, id: &str) {
+    for entry in std::fs::read_dir(templates).into_iter().flatten().flatten() {
+        let meta = std::fs::read(entry.path().join("meta.json")).unwrap_or_default();
+        let image = serde_json::from_slice::<serde_json::Value>(&meta)
+            .ok()
+            .and_then(|m| m["image_id"].as_str().map(str::to_owned));
+        if image.as_deref() == Some(id) {
+            if let Err(e) = remove_any(&entry.path()) {
+                tracing::warn!(dir = %entry.path().display(), error = %e, "cannot remove a template of a removed image");
+            }
+        }
+    }
 }
 
 fn remove_any(path: &Path) -> std::io::Result<()> {

@@ -2,6 +2,7 @@
 
 pub mod daemon;
 mod decode_ahead;
+pub mod disk;
 pub mod doctor;
 pub mod image;
 pub mod kernel;

@@ -76,8 +76,16 @@ impl VmService {
                 )));
             }
             if disk > vm.disk_bytes {
-                grow_disk(&Path::new(&vm.dir).join(ROOT_DISK), disk)
-                    .with_context(|| format!("grow the disk of VM {:?}", vm.name))?;
+                let raw = Path::new(&vm.dir).join(ROOT_DISK);
+                let overlay = Path::new(&vm.dir).join(super::disk::OVERLAY_DISK);
+                if overlay.exists() {
+                    // A QEMU VM's disk is a qcow2 overlay on the image's read-only ext4.
+                    super::disk::grow_overlay(&overlay, disk)
+                        .with_context(|| format!("grow the disk of VM {:?}", vm.name))?;
+                } else {
+                    grow_disk(&raw, disk)
+                        .with_context(|| format!("grow the disk of VM {:?}", vm.name))?;
+                }
             }
         }
         self.store
@@ -117,7 +125,10 @@ impl VmService {
             memory_bytes: u64::from(vm.memory_mib) << 20,
             vcpus: vm.vcpus,
             disk_bytes: vm.disk_bytes,
-            disk_allocated_bytes: allocated_bytes(&Path::new(&vm.dir).join(ROOT_DISK)),
+            disk_allocated_bytes: ["root.qcow2", ROOT_DISK]
+                .iter()
+                .map(|disk| allocated_bytes(&Path::new(&vm.dir).join(disk)))
+                .sum(),
         })
     }
 }

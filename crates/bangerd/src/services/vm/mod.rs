@@ -30,7 +30,7 @@ use banger_api::{
     ExecResult, OutputStream, TtyParams, VmBackend, VmCreateParams, VmExecParams, VmInfo,
     VmLogsParams, VmLogsResult, VmRunParams, VmShellParams, VmState, OUTPUT_NOTIFICATION,
 };
-use banger_vmm::agent::{AgentClient, ExecControl, AGENT_GUEST_PATH};
+use banger_vmm::agent::{AgentClient, ExecControl};
 use banger_vmm::backend::{self, agent_socket_in, select_backend, BackendKind, HostFacts};
 use banger_vmm::firecracker::Firecracker;
 use banger_vmm::qemu::{Accel, Qemu};
@@ -40,10 +40,17 @@ use rusqlite::OptionalExtension;
 
 use crate::config::Config;
 use crate::layout::Layout;
+use crate::services::disk;
 use crate::services::network::{self, NetworkMode, NetworkSetting, Subnet, TapCapability};
 use crate::services::{CallContext, ImageService, InputEvent, InputReceiver, KernelService};
 use crate::store::Store;
 use crate::ServiceError;
+
+mod fork;
+pub(crate) use fork::tree_bytes;
+mod identity;
+mod snapshot;
+mod template;
 
 /// How long a booting guest has to answer on its agent port. TCG on a busy 2-core host
 /// boots in about 5 s; the margin is for CI neighbours.
@@ -186,6 +193,11 @@ impl VmService {
         &self.config
     }
 
+    /// Where this daemon keeps its state.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
     /// The kernel service this one boots from.
     pub fn kernels(&self) -> &KernelService {
         &self.kernels
@@ -284,6 +296,8 @@ impl VmService {
     /// other `bgr-*` devices are left alone, since they may belong to another
     /// installation's running VMs (a user and a system daemon on one host).
     pub fn recover(&self) -> anyhow::Result<()> {
+        template::remove_partial(&template::templates_dir(&self.layout.state_dir));
+        template::remove_partial(&fork::snapshots_dir(&self.layout.state_dir));
         for vm in self.list()? {
             let running = vm.state.is_running() && self.vmm(&vm).is_some();
             if vm.state.is_running() && !running {
@@ -453,6 +467,7 @@ impl VmService {
 
     /// Creates a VM (and starts it unless `no_start`).
     pub fn create(&self, params: VmCreateParams) -> Result<VmInfo, ServiceError> {
+        let (params, from) = self.fork_params(params)?;
         let name = match params.name {
             Some(name) => name,
             None => format!("vm-{}", hex::encode(rand::random::<[u8; 3]>())),
@@ -475,7 +490,7 @@ impl VmService {
             params.kernel.as_deref(),
             self.config.default_kernel.as_deref(),
         )?;
-        let agent = self.agent_path()?;
+        self.agent_path()?;
         let setting = match params.network {
             Some(choice) => NetworkSetting::from(choice),
             None => self.config.network.unwrap_or_default(),
@@ -488,12 +503,15 @@ impl VmService {
             .unwrap_or_default();
         check_egress(mode, &egress)?;
         ports::check_create(mode, &params.ports)?;
-        if !params.no_start {
-            // Refuse a VM that could not boot before copying its disk: the backend
-            // choice (vmm, firecracker_bin, KVM, network) is the same at start.
-            let boot = self.kernels.boot_files(&kernel.name)?;
-            self.backend(&boot.kernel, mode)?;
-        }
+        // Refuse a VM that could not boot before making its disk: the backend choice
+        // (vmm, firecracker_bin, KVM, network) is the same at start. It also says which
+        // disk the VM gets (Firecracker takes raw disks only).
+        let boot = self.kernels.boot_files(&kernel.name)?;
+        let kind = match self.backend(&boot.kernel, mode) {
+            Ok(vmm) => vmm.kind(),
+            Err(e) if !params.no_start => return Err(e),
+            Err(_) => BackendKind::Qemu,
+        };
         let id = hex::encode(rand::random::<[u8; 8]>());
         let reserved = match mode {
             NetworkMode::User | NetworkMode::None => None,
@@ -502,21 +520,19 @@ impl VmService {
         let guest_ip = reserved.as_ref().map(|r| r.ip.to_string());
         let tap = reserved.as_ref().map(|_| network::tap_name(&id));
         let dir = self.dir(&id);
-        let disk = dir.join(ROOT_DISK);
         let prepared = (|| -> anyhow::Result<u64> {
             std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-            copy_disk(Path::new(&image.rootfs), &disk)?;
             let mut size = image.size_bytes;
             if let Some(wanted) = params.disk_bytes {
                 if wanted < size {
                     bail!("--disk-size {wanted} is smaller than the image's {size} bytes; disks only grow");
                 }
-                if wanted > size {
-                    grow_disk(&disk, wanted)?;
-                    size = wanted;
-                }
+                size = wanted;
             }
-            inject_agent(&disk, &agent)?;
+            let raw = kind == BackendKind::Firecracker;
+            let started = Instant::now();
+            disk::prepare_root(raw, Path::new(&image.rootfs), image.size_bytes, &dir, size)?;
+            tracing::info!(vm = %name, raw, elapsed_ms = started.elapsed().as_millis() as u64, "root disk ready");
             Ok(size)
         })();
         let disk_bytes = match prepared {
@@ -578,7 +594,7 @@ impl VmService {
         if params.no_start {
             return Ok(info);
         }
-        self.start(&name)
+        self.start_with(&name, !params.cold, from.as_deref())
     }
 
     /// The subnet of TAP networking (`bridge_address`).
@@ -749,8 +765,21 @@ impl VmService {
         })
     }
 
-    /// Boots a stopped VM and waits until its agent answers.
+    /// Boots a stopped VM and waits until its agent answers. A VM's first boot restores
+    /// the warm template of its image, kernel, agent and machine when there is one (see
+    /// [`template`]).
     pub fn start(&self, name: &str) -> Result<VmInfo, ServiceError> {
+        self.start_with(name, true, None)
+    }
+
+    /// [`VmService::start`]; `warm_allowed: false` always boots cold (`--cold`); `from`
+    /// restores that snapshot directory (a fork) instead of booting.
+    fn start_with(
+        &self,
+        name: &str,
+        warm_allowed: bool,
+        from: Option<&Path>,
+    ) -> Result<VmInfo, ServiceError> {
         let vm = self.show(name)?;
         if vm.state.is_running() && self.vmm(&vm).is_some() {
             return Ok(vm);
@@ -765,6 +794,13 @@ impl VmService {
             (_, Err(_)) => Accel::Tcg,
         };
         let dir = PathBuf::from(&vm.dir);
+        let root_disk = disk::root_disk(&dir);
+        if kind == BackendKind::Firecracker && banger_vmm::qmp::disk_format(&root_disk) != "raw" {
+            return Err(ServiceError::bad_request(format!(
+                "VM {name:?} was created for QEMU (a qcow2 overlay disk) and cannot boot under Firecracker, which takes raw disks: set vmm = \"qemu\" or recreate the VM"
+            )));
+        }
+        let initrd = disk::agent_initrd(&boot.initrd, &self.agent_path()?, &dir)?;
         let mut cmdline = format!(
             "console=ttyS0 panic=-1 quiet banger.agent=1 banger.hostname={}",
             vm.name
@@ -835,9 +871,9 @@ impl VmService {
         }
         let spec = VmSpec {
             kernel: boot.kernel,
-            initrd: Some(boot.initrd),
+            initrd: Some(initrd),
             cmdline,
-            root_disk: Some(dir.join(ROOT_DISK)),
+            root_disk: Some(root_disk),
             memory_mib: vm.memory_mib,
             vcpus: vm.vcpus,
             net,
@@ -845,6 +881,19 @@ impl VmService {
             run_dir: dir.clone(),
             agent_socket: Some(agent_socket_in(kind, &dir)),
         };
+        let backend = match (kind, accel) {
+            (BackendKind::Firecracker, _) => VmBackend::Firecracker,
+            (BackendKind::Qemu, Accel::Kvm) => VmBackend::QemuKvm,
+            (BackendKind::Qemu, Accel::Tcg) => VmBackend::QemuTcg,
+        };
+        if let Some(from) = from {
+            self.fork_start(&vm, &spec, backend, from)?;
+            return self.show(name);
+        }
+        let warm = self.warm_start(&vm, &spec, backend, warm_allowed);
+        if let template::Warm::Restored = warm {
+            return self.show(name);
+        }
         let pid = match vmm.spawn_detached(&spec) {
             Ok(pid) => pid,
             Err(e) => {
@@ -853,11 +902,6 @@ impl VmService {
                     .context(format!("start VM {name:?} with {kind}"))
                     .into());
             }
-        };
-        let backend = match (kind, accel) {
-            (BackendKind::Firecracker, _) => VmBackend::Firecracker,
-            (BackendKind::Qemu, Accel::Kvm) => VmBackend::QemuKvm,
-            (BackendKind::Qemu, Accel::Tcg) => VmBackend::QemuTcg,
         };
         // Taken at once, while the pid is surely the VMM's.
         let identity = ProcessIdentity::of(pid);
@@ -878,6 +922,9 @@ impl VmService {
                 self.set_state(&vm.id, VmState::Stopped, None)?;
                 return Err(e.context(format!("boot VM {name:?}")).into());
             }
+        }
+        if let template::Warm::ColdThenSave(key) = &warm {
+            self.save_template(&vm, key);
         }
         tracing::info!(vm = name, pid, %backend, "VM started");
         self.show(name)
@@ -925,6 +972,12 @@ impl VmService {
 
     /// The shared connection to the agent of `vm` (see [`AgentPool`]).
     fn agent(&self, vm: &VmInfo) -> Result<Arc<AgentClient>, ServiceError> {
+        if vm.state.is_paused() {
+            return Err(ServiceError::bad_request(format!(
+                "VM {:?} is paused (banger vm resume {})",
+                vm.name, vm.name
+            )));
+        }
         if !vm.state.is_running() || self.vmm(vm).is_none() {
             return Err(ServiceError::bad_request(format!(
                 "VM {:?} is not running (banger vm start {})",
@@ -941,6 +994,12 @@ impl VmService {
     /// Shuts a VM down; its disk keeps what the guest wrote.
     pub fn stop(&self, name: &str) -> Result<VmInfo, ServiceError> {
         let vm = self.show(name)?;
+        if vm.state.is_paused() {
+            // A paused guest cannot shut itself down: resume it first (else killed below).
+            if let Err(e) = snapshot::set_vcpus(&vm, true) {
+                tracing::warn!(vm = name, error = %format!("{e:#}"), "cannot resume the paused VM to stop it");
+            }
+        }
         if let Some(vmm) = self.vmm(&vm) {
             // An unknown backend (a record from a newer banger) still gets killed below.
             // The shared connection if there is one: a second one would wait behind it.
@@ -1142,6 +1201,7 @@ impl VmService {
             memory_mib: params.memory_mib,
             disk_bytes: params.disk_bytes,
             ports: params.ports.clone(),
+            cold: params.cold,
             ..Default::default()
         };
         let vm = tokio::task::block_in_place(|| self.create(create))?;
@@ -1181,6 +1241,8 @@ impl VmService {
         });
         let cleanup = tokio::task::block_in_place(|| {
             if params.rm {
+                // The disk goes with the VM: no clean shutdown to wait for.
+                self.kill(&vm.name)?;
                 self.remove(&vm.name).map(drop)
             } else {
                 self.stop(&vm.name).map(drop)
@@ -1364,18 +1426,6 @@ fn run_tool(command: &mut Command, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A copy-on-write copy where the filesystem can (reflink), a sparse one otherwise.
-fn copy_disk(from: &Path, to: &Path) -> anyhow::Result<()> {
-    run_tool(
-        Command::new("cp")
-            .arg("--reflink=auto")
-            .arg("--sparse=always")
-            .arg(from)
-            .arg(to),
-        "cp (copy the image's root filesystem)",
-    )
-}
-
 fn grow_disk(disk: &Path, bytes: u64) -> anyhow::Result<()> {
     std::fs::OpenOptions::new()
         .write(true)
@@ -1387,37 +1437,4 @@ fn grow_disk(disk: &Path, bytes: u64) -> anyhow::Result<()> {
         "e2fsck",
     )?;
     run_tool(Command::new("resize2fs").arg(disk), "resize2fs")
-}
-
-/// Writes the static agent into the VM's own disk (never into the shared image).
-fn inject_agent(disk: &Path, agent: &Path) -> anyhow::Result<()> {
-    let script = format!(
-        "mkdir /.banger\nrm {AGENT_GUEST_PATH}\nwrite {} {AGENT_GUEST_PATH}\nsif {AGENT_GUEST_PATH} mode 0100755\nsif {AGENT_GUEST_PATH} uid 0\nsif {AGENT_GUEST_PATH} gid 0\n",
-        agent.display()
-    );
-    let script_path = disk.with_extension("debugfs");
-    std::fs::write(&script_path, script).context("write debugfs script")?;
-    run_tool(
-        Command::new("debugfs")
-            .arg("-w")
-            .arg("-f")
-            .arg(&script_path)
-            .arg(disk),
-        "debugfs (inject the agent)",
-    )?;
-    let _ = std::fs::remove_file(&script_path);
-    let check = Command::new("debugfs")
-        .args(["-R", &format!("stat {AGENT_GUEST_PATH}")])
-        .arg(disk)
-        .output()
-        .context("run debugfs")?;
-    let stat = String::from_utf8_lossy(&check.stdout);
-    if !stat.contains("Mode:  0755") {
-        bail!(
-            "the agent did not land in {}: {}",
-            disk.display(),
-            String::from_utf8_lossy(&check.stderr).trim()
-        );
-    }
-    Ok(())
 }
