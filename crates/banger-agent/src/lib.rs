@@ -2,7 +2,8 @@
 //! the wire protocol the host speaks to it. Over one byte stream (a virtio-serial port
 //! under QEMU, a vsock connection under Firecracker) the host runs commands with
 //! their stdout and stderr streamed apart, stdin forwarded and the exit status returned
-//! (or on a pty, for interactive shells), uploads directories as tar streams, and powers the guest off.
+//! (or on a pty, for interactive shells), uploads directories as tar streams, reports the
+//! guest's CPU, memory and disk counters ([`stats`]), and powers the guest off.
 //! Sessions are multiplexed over the stream, each with its own flow-control window from
 //! protocol version 3 on (see [`proto`]), so one stalled session never stalls the others.
 //!
@@ -17,6 +18,7 @@ pub mod net;
 pub mod proto;
 pub mod reaper;
 pub mod server;
+pub mod stats;
 pub mod system;
 pub mod transport;
 

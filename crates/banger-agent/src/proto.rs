@@ -23,6 +23,8 @@
 //!   [`Message::Error`].
 //! - **ping**: [`Message::Ping`] → [`Message::Pong`] (carrying [`PROTOCOL_VERSION`]).
 //! - **shutdown**: [`Message::Shutdown`] → [`Message::Ack`], then the guest powers off.
+//! - **stats** (version 4): [`Message::StatsRequest`] → [`Message::Stats`] (what the guest
+//!   uses, as its kernel counts it) or [`Message::Error`].
 //!
 //! ## Flow control (version 3)
 //!
@@ -63,7 +65,11 @@ use std::path::PathBuf;
 /// Version 3 added flow control ([`Message::Hello`], [`Message::Window`]; see the module
 /// docs); a version-3 host still serves version-1 and version-2 agents without it, and a
 /// version-3 agent still serves a host that sends no `Hello` as version 2 did.
-pub const PROTOCOL_VERSION: u32 = 3;
+///
+/// Version 4 added the guest's resource counters ([`Message::StatsRequest`],
+/// [`Message::Stats`], frame kinds 60 and 61); a host asks an older agent for none (an
+/// older agent ignores an unknown kind, so the request would go unanswered).
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The oldest agent version a host of this version talks to (see [`PROTOCOL_VERSION`]).
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
@@ -73,6 +79,9 @@ pub const PTY_PROTOCOL_VERSION: u32 = 2;
 
 /// The first version whose agents understand [`Message::Hello`] and [`Message::Window`].
 pub const FLOW_PROTOCOL_VERSION: u32 = 3;
+
+/// The first version whose agents answer [`Message::StatsRequest`].
+pub const STATS_PROTOCOL_VERSION: u32 = 4;
 
 /// The window each data direction of a session starts with (see the module docs): bytes
 /// (plus [`FRAME_COST`] per frame) the sender may send before the first grant. It bounds
@@ -176,6 +185,69 @@ pub enum Message {
     /// this many more bytes (costs, see [`data_cost`]); the other side may send that much
     /// more.
     Window(u32),
+    /// Host → agent, version 4: what does the guest use? Answered by [`Message::Stats`]
+    /// (or [`Message::Error`] when the guest's counters cannot be read).
+    StatsRequest,
+    /// Agent → host, version 4: the guest's counters at the time of the request. Ends the
+    /// session. The guest is not trusted: the host treats every field as a claim.
+    Stats(GuestStats),
+}
+
+/// The guest's resource counters, as its kernel reports them (`/proc/stat`,
+/// `/proc/meminfo`, `statfs("/")`). Cumulative CPU ticks, so the host computes usage from
+/// the difference of two samples.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct GuestStats {
+    /// Ticks all CPUs spent busy since boot: the `cpu` line of `/proc/stat` without
+    /// `idle` and `iowait` (`guest` time is already inside `user`).
+    pub cpu_busy_ticks: u64,
+    /// Ticks all CPUs spent in any state since boot (busy + idle + iowait).
+    pub cpu_total_ticks: u64,
+    /// How many ticks make a second (`USER_HZ`, `sysconf(_SC_CLK_TCK)`).
+    pub ticks_per_second: u64,
+    /// Online CPUs (the `cpuN` lines of `/proc/stat`).
+    pub cpus: u64,
+    /// `MemTotal` of `/proc/meminfo`, bytes.
+    pub mem_total_bytes: u64,
+    /// `MemAvailable` of `/proc/meminfo`, bytes.
+    pub mem_available_bytes: u64,
+    /// Size of the filesystem on `/`, bytes (`f_blocks * f_frsize`).
+    pub root_total_bytes: u64,
+    /// Free bytes on `/` (`f_bfree * f_frsize`, root's reserve included).
+    pub root_free_bytes: u64,
+    /// Bytes on `/` an unprivileged user may still write (`f_bavail * f_frsize`).
+    pub root_available_bytes: u64,
+}
+
+impl GuestStats {
+    /// The fields in wire order.
+    fn fields(&self) -> [u64; 9] {
+        [
+            self.cpu_busy_ticks,
+            self.cpu_total_ticks,
+            self.ticks_per_second,
+            self.cpus,
+            self.mem_total_bytes,
+            self.mem_available_bytes,
+            self.root_total_bytes,
+            self.root_free_bytes,
+            self.root_available_bytes,
+        ]
+    }
+
+    fn from_fields(f: [u64; 9]) -> GuestStats {
+        GuestStats {
+            cpu_busy_ticks: f[0],
+            cpu_total_ticks: f[1],
+            ticks_per_second: f[2],
+            cpus: f[3],
+            mem_total_bytes: f[4],
+            mem_available_bytes: f[5],
+            root_total_bytes: f[6],
+            root_free_bytes: f[7],
+            root_available_bytes: f[8],
+        }
+    }
 }
 
 /// A terminal's size in character cells.
@@ -326,6 +398,9 @@ mod kind {
     pub const RESIZE: u8 = 16;
     pub const HELLO: u8 = 17;
     pub const WINDOW: u8 = 18;
+    // Version 4: the resource counters. Kinds 60–69 are kept for them.
+    pub const STATS_REQUEST: u8 = 60;
+    pub const STATS: u8 = 61;
 }
 
 const EXEC_FLAG_STDIN: u8 = 1;
@@ -407,6 +482,13 @@ pub fn encode_into(frame: &Frame, out: &mut Vec<u8>) {
         Message::Window(n) => {
             out.push(kind::WINDOW);
             out.extend_from_slice(&n.to_be_bytes());
+        }
+        Message::StatsRequest => out.push(kind::STATS_REQUEST),
+        Message::Stats(stats) => {
+            out.push(kind::STATS);
+            for field in stats.fields() {
+                out.extend_from_slice(&field.to_be_bytes());
+            }
         }
     }
     let len = (out.len() - start - 4) as u32;
@@ -574,6 +656,16 @@ fn decode_body(frame: &[u8]) -> Result<Frame, FrameError> {
             c.finish()?;
             Message::Window(n)
         }
+        kind::STATS_REQUEST => empty("stats-request", Message::StatsRequest)?,
+        kind::STATS => {
+            let mut c = Cursor::new("stats", body);
+            let mut fields = [0u64; 9];
+            for field in &mut fields {
+                *field = c.u64()?;
+            }
+            c.finish()?;
+            Message::Stats(GuestStats::from_fields(fields))
+        }
         other => return Err(FrameError::UnknownKind(other)),
     };
     Ok(Frame { session, msg })
@@ -664,6 +756,12 @@ impl<'a> Cursor<'a> {
     fn u32(&mut self) -> Result<u32, FrameError> {
         Ok(u32::from_be_bytes(
             self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+
+    fn u64(&mut self) -> Result<u64, FrameError> {
+        Ok(u64::from_be_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
         ))
     }
 
@@ -764,6 +862,19 @@ mod tests {
             },
             Message::Window(INITIAL_WINDOW),
             Message::Window(u32::MAX),
+            Message::StatsRequest,
+            Message::Stats(GuestStats::default()),
+            Message::Stats(GuestStats {
+                cpu_busy_ticks: 1,
+                cpu_total_ticks: u64::MAX,
+                ticks_per_second: 100,
+                cpus: 2,
+                mem_total_bytes: 256 << 20,
+                mem_available_bytes: 200 << 20,
+                root_total_bytes: 1 << 30,
+                root_free_bytes: 1 << 29,
+                root_available_bytes: (1 << 29) - 4096,
+            }),
         ]
     }
 
@@ -963,6 +1074,44 @@ mod tests {
             decode(&short),
             Err(FrameError::Malformed { kind: "window", .. })
         ));
+    }
+
+    #[test]
+    fn exact_bytes_of_stats_frames_and_short_or_long_bodies_refused() {
+        let request = encode(&Frame::new(2, Message::StatsRequest));
+        assert_eq!(request, [0, 0, 0, 5, 0, 0, 0, 2, 60]);
+        let stats = GuestStats {
+            cpu_busy_ticks: 0x0102,
+            cpus: 3,
+            ..GuestStats::default()
+        };
+        let bytes = encode(&Frame::new(2, Message::Stats(stats)));
+        // Header, kind 61, then nine u64 fields big-endian.
+        assert_eq!(bytes.len(), 4 + 4 + 1 + 9 * 8);
+        assert_eq!(bytes[8], 61);
+        assert_eq!(bytes[9..17], [0, 0, 0, 0, 0, 0, 1, 2]);
+        assert_eq!(bytes[33..41], [0, 0, 0, 0, 0, 0, 0, 3]);
+        for cut in [1, 8, 71] {
+            let mut short = bytes[..bytes.len() - cut].to_vec();
+            let len = (short.len() - 4) as u32;
+            short[..4].copy_from_slice(&len.to_be_bytes());
+            assert!(matches!(
+                decode(&short),
+                Err(FrameError::Malformed { kind: "stats", .. })
+            ));
+        }
+        let mut long = bytes.clone();
+        long.push(0);
+        let len = (long.len() - 4) as u32;
+        long[..4].copy_from_slice(&len.to_be_bytes());
+        assert!(matches!(
+            decode(&long),
+            Err(FrameError::Malformed {
+                kind: "stats",
+                reason: "trailing bytes"
+            })
+        ));
+        assert!(STATS_PROTOCOL_VERSION <= PROTOCOL_VERSION);
     }
 
     #[test]
