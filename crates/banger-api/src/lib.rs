@@ -88,10 +88,12 @@ fn quote_list(names: &[&str]) -> String {
     }
 }
 
+pub mod health;
 pub mod methods;
 pub mod rpc;
 pub mod vm;
 
+pub use health::*;
 pub use methods::*;
 pub use rpc::{
     ErrorData, ErrorKind, InputParams, Notification, NotificationMethod, Progress, Request,

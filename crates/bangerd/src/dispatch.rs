@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 
+use banger_api::VmHealth;
 use banger_api::{
     DaemonDoctor, DaemonMethods, DaemonPing, DaemonShutdown, DoctorResult, ImageCachePrune,
     ImageImport, ImageList, ImageListResult, ImagePull, ImageRm, ImageShow, KernelImport,
@@ -76,7 +77,12 @@ impl Dispatch {
         });
         d.route::<VmPrune, _, _>(|s, _, p| async move { blocking(move || s.vm.prune(&p)).await });
         d.route::<VmSet, _, _>(|s, _, p| async move { blocking(move || s.vm.set(&p)).await });
-        d.route::<VmStats, _, _>(|s, _, p| async move { s.vm.stats(&p.name) });
+        d.route::<VmStats, _, _>(
+            |s, _, p| async move { blocking(move || s.vm.stats(&p.name)).await },
+        );
+        d.route::<VmHealth, _, _>(
+            |s, _, p| async move { blocking(move || s.vm.health(&p.name)).await },
+        );
         d.route::<VmShow, _, _>(|s, _, p| async move { s.vm.show(&p.name) });
         d.route::<VmStart, _, _>(
             |s, _, p| async move { blocking(move || s.vm.start(&p.name)).await },

@@ -8,3 +8,4 @@ pub mod image;
 pub mod kernel;
 pub mod system;
 pub mod vm;
+pub mod vm_health;

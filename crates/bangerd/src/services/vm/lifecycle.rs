@@ -1,5 +1,6 @@
 //! The verbs around a VM's life that are not create/start/exec: list filters, restart,
-//! prune, set (resources of a stopped VM) and stats (what a VM uses, seen from the host).
+//! prune, set (resources of a stopped VM) and stats (what a VM uses, seen from the host;
+//! the guest's own view comes from `health.rs`).
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -95,7 +96,7 @@ impl VmService {
         self.show(&vm.name)
     }
 
-    /// What the VM uses, seen from the host.
+    /// What the VM uses, seen from the host and (while it runs) from the guest.
     pub fn stats(&self, name: &str) -> Result<VmStatsResult, ServiceError> {
         let vm = self.show(name)?;
         // Only the VM's own VMM is measured: a recorded pid reused by another process is not.
@@ -105,6 +106,11 @@ impl VmService {
             .then(|| self.vmm(&vm))
             .flatten()
             .and_then(|vmm| process_usage(vmm.pid));
+        let (guest, guest_error) = match vmm.map(|_| self.guest_usage(&vm)) {
+            Some(Ok(usage)) => (Some(usage), None),
+            Some(Err(why)) => (None, Some(why)),
+            None => (None, None),
+        };
         Ok(VmStatsResult {
             name: vm.name,
             state: if vmm.is_some() {
@@ -118,6 +124,8 @@ impl VmService {
             vcpus: vm.vcpus,
             disk_bytes: vm.disk_bytes,
             disk_allocated_bytes: allocated_bytes(&Path::new(&vm.dir).join(ROOT_DISK)),
+            guest,
+            guest_error,
         })
     }
 }

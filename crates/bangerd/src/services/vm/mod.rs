@@ -7,8 +7,10 @@
 //! network (`user`, `none`, or `tap` with its address and TAP device; see
 //! [`super::network`]) and its egress policy.
 
+mod health;
 mod lifecycle;
 
+pub use health::{GUEST_CPU_SAMPLE, GUEST_STATS_TIMEOUT, HEALTH_TIMEOUT};
 pub use lifecycle::{MAX_VCPUS, MIN_MEMORY_MIB};
 
 use crate::services::process::ProcessIdentity;
