@@ -89,11 +89,13 @@ fn quote_list(names: &[&str]) -> String {
 }
 
 pub mod health;
+pub mod kernel_pull;
 pub mod methods;
 pub mod rpc;
 pub mod vm;
 
 pub use health::*;
+pub use kernel_pull::*;
 pub use methods::*;
 pub use rpc::{
     ErrorData, ErrorKind, InputParams, Notification, NotificationMethod, Progress, Request,

@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 
-use banger_api::VmHealth;
 use banger_api::{
     DaemonDoctor, DaemonMethods, DaemonPing, DaemonShutdown, DoctorResult, ImageCachePrune,
     ImageImport, ImageList, ImageListResult, ImagePull, ImageRm, ImageShow, KernelImport,
@@ -13,6 +12,7 @@ use banger_api::{
     VmKill, VmList, VmListResult, VmLogs, VmPrune, VmRestart, VmRm, VmRun, VmSet, VmShell, VmShow,
     VmStart, VmStats, VmStop,
 };
+use banger_api::{KernelPull, VmHealth};
 use futures::future::BoxFuture;
 use serde_json::Value;
 
@@ -58,6 +58,9 @@ impl Dispatch {
         d.route::<KernelImport, _, _>(|s, _, p| async move {
             let kernels = Arc::clone(&s.kernel);
             blocking(move || kernels.import(&p)).await
+        });
+        d.route::<KernelPull, _, _>(|s, _, p| async move {
+            crate::services::kernel_pull::pull(&s.image, std::sync::Arc::clone(&s.kernel), p).await
         });
         d.route::<KernelList, _, _>(|s, _, _| async move {
             Ok(KernelListResult {

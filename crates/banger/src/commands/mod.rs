@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod doctor;
 pub mod image;
 pub mod kernel;
+pub mod kernel_pull;
 pub mod system;
 pub mod vm;
 pub mod vm_health;

@@ -5,6 +5,7 @@ mod decode_ahead;
 pub mod doctor;
 pub mod image;
 pub mod kernel;
+pub mod kernel_pull;
 pub mod network;
 pub mod privhelper;
 pub mod process;
