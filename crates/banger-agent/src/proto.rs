@@ -1111,7 +1111,7 @@ mod tests {
                 reason: "trailing bytes"
             })
         ));
-        assert!(STATS_PROTOCOL_VERSION <= PROTOCOL_VERSION);
+        const { assert!(STATS_PROTOCOL_VERSION <= PROTOCOL_VERSION) };
     }
 
     #[test]
