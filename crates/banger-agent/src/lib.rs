@@ -2,7 +2,7 @@
 //! the wire protocol the host speaks to it. Over one byte stream (a virtio-serial port
 //! under QEMU, a vsock connection under Firecracker) the host runs commands with
 //! their stdout and stderr streamed apart, stdin forwarded and the exit status returned
-//! (or on a pty, for interactive shells), uploads directories as tar streams, downloads guest paths as tar streams (version 4), and powers the guest off.
+//! (or on a pty, for interactive shells), uploads directories as tar streams, downloads guest paths as tar streams (version 4), reports the guest's CPU, memory and disk counters ([`stats`]), and powers the guest off.
 //! Sessions are multiplexed over the stream, each with its own flow-control window from
 //! protocol version 3 on (see [`proto`]), so one stalled session never stalls the others.
 //!
@@ -14,12 +14,13 @@
 #![warn(missing_docs)]
 
 pub mod download;
-pub mod listening;
 pub mod identity;
+pub mod listening;
 pub mod net;
 pub mod proto;
 pub mod reaper;
 pub mod server;
+pub mod stats;
 pub mod system;
 pub mod transport;
 

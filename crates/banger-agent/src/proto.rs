@@ -29,6 +29,8 @@
 //! - **shutdown**: [`Message::Shutdown`] → [`Message::Ack`], then the guest powers off.
 //! - **listening** (version 4): [`Message::ListSockets`] → [`Message::Sockets`], the
 //!   guest's listening TCP and bound UDP sockets (see [`crate::listening`]).
+//! - **stats** (version 4): [`Message::StatsRequest`] → [`Message::Stats`] (what the guest
+//!   uses, as its kernel counts it) or [`Message::Error`].
 //!
 //! ## Flow control (version 3)
 //!
@@ -71,8 +73,10 @@ use std::path::PathBuf;
 /// version-3 agent still serves a host that sends no `Hello` as version 2 did.
 ///
 /// Version 4 added downloads ([`Message::Download`], [`Message::DownloadData`],
-/// [`Message::DownloadEnd`], frame kinds 40–42), and [`Message::ListSockets`] and [`Message::Sockets`] (frame kinds 50 and
-/// 51); nothing else changed, so older agents are served as before, only not asked.
+/// [`Message::DownloadEnd`], frame kinds 40–42), listening sockets ([`Message::ListSockets`],
+/// [`Message::Sockets`], 50 and 51) and the guest's resource counters
+/// ([`Message::StatsRequest`], [`Message::Stats`], 60 and 61); nothing older changed, so
+/// older agents are served as before, only not asked.
 pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The oldest agent version a host of this version talks to (see [`PROTOCOL_VERSION`]).
@@ -93,6 +97,8 @@ pub const LISTEN_PROTOCOL_VERSION: u32 = 4;
 /// The most sockets one [`Message::Sockets`] carries; an agent with more sends the first
 /// this many (a guest can open any number, the host's memory is bounded).
 pub const MAX_LISTEN_SOCKETS: usize = 4096;
+/// The first version whose agents answer [`Message::StatsRequest`].
+pub const STATS_PROTOCOL_VERSION: u32 = 4;
 
 /// The window each data direction of a session starts with (see the module docs): bytes
 /// (plus [`FRAME_COST`] per frame) the sender may send before the first grant. It bounds
@@ -196,6 +202,12 @@ pub enum Message {
     /// this many more bytes (costs, see [`data_cost`]); the other side may send that much
     /// more.
     Window(u32),
+    /// Host → agent, version 4: what does the guest use? Answered by [`Message::Stats`]
+    /// (or [`Message::Error`] when the guest's counters cannot be read).
+    StatsRequest,
+    /// Agent → host, version 4: the guest's counters at the time of the request. Ends the
+    /// session. The guest is not trusted: the host treats every field as a claim.
+    Stats(GuestStats),
     /// Host → agent, version 4: send this guest path (a file, a directory with everything
     /// beneath it, or a symlink as a link) as a tar stream; opens a download session.
     Download {
@@ -237,6 +249,63 @@ pub struct ListenSocket {
     pub address: std::net::IpAddr,
     /// The local port.
     pub port: u16,
+}
+
+/// The guest's resource counters, as its kernel reports them (`/proc/stat`,
+/// `/proc/meminfo`, `statfs("/")`). Cumulative CPU ticks, so the host computes usage from
+/// the difference of two samples.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct GuestStats {
+    /// Ticks all CPUs spent busy since boot: the `cpu` line of `/proc/stat` without
+    /// `idle` and `iowait` (`guest` time is already inside `user`).
+    pub cpu_busy_ticks: u64,
+    /// Ticks all CPUs spent in any state since boot (busy + idle + iowait).
+    pub cpu_total_ticks: u64,
+    /// How many ticks make a second (`USER_HZ`, `sysconf(_SC_CLK_TCK)`).
+    pub ticks_per_second: u64,
+    /// Online CPUs (the `cpuN` lines of `/proc/stat`).
+    pub cpus: u64,
+    /// `MemTotal` of `/proc/meminfo`, bytes.
+    pub mem_total_bytes: u64,
+    /// `MemAvailable` of `/proc/meminfo`, bytes.
+    pub mem_available_bytes: u64,
+    /// Size of the filesystem on `/`, bytes (`f_blocks * f_frsize`).
+    pub root_total_bytes: u64,
+    /// Free bytes on `/` (`f_bfree * f_frsize`, root's reserve included).
+    pub root_free_bytes: u64,
+    /// Bytes on `/` an unprivileged user may still write (`f_bavail * f_frsize`).
+    pub root_available_bytes: u64,
+}
+
+impl GuestStats {
+    /// The fields in wire order.
+    fn fields(&self) -> [u64; 9] {
+        [
+            self.cpu_busy_ticks,
+            self.cpu_total_ticks,
+            self.ticks_per_second,
+            self.cpus,
+            self.mem_total_bytes,
+            self.mem_available_bytes,
+            self.root_total_bytes,
+            self.root_free_bytes,
+            self.root_available_bytes,
+        ]
+    }
+
+    fn from_fields(f: [u64; 9]) -> GuestStats {
+        GuestStats {
+            cpu_busy_ticks: f[0],
+            cpu_total_ticks: f[1],
+            ticks_per_second: f[2],
+            cpus: f[3],
+            mem_total_bytes: f[4],
+            mem_available_bytes: f[5],
+            root_total_bytes: f[6],
+            root_free_bytes: f[7],
+            root_available_bytes: f[8],
+        }
+    }
 }
 
 /// A terminal's size in character cells.
@@ -394,6 +463,9 @@ mod kind {
     // Version 4: kinds 50-59 are the listening-sockets (ports) messages.
     pub const LIST_SOCKETS: u8 = 50;
     pub const SOCKETS: u8 = 51;
+    // Version 4: the resource counters. Kinds 60–69 are kept for them.
+    pub const STATS_REQUEST: u8 = 60;
+    pub const STATS: u8 = 61;
 }
 
 const EXEC_FLAG_STDIN: u8 = 1;
@@ -475,6 +547,13 @@ pub fn encode_into(frame: &Frame, out: &mut Vec<u8>) {
         Message::Window(n) => {
             out.push(kind::WINDOW);
             out.extend_from_slice(&n.to_be_bytes());
+        }
+        Message::StatsRequest => out.push(kind::STATS_REQUEST),
+        Message::Stats(stats) => {
+            out.push(kind::STATS);
+            for field in stats.fields() {
+                out.extend_from_slice(&field.to_be_bytes());
+            }
         }
         Message::Download { path } => data(out, kind::DOWNLOAD, path.as_os_str().as_bytes()),
         Message::DownloadData(d) => data(out, kind::DOWNLOAD_DATA, d),
@@ -691,6 +770,16 @@ fn decode_body(frame: &[u8]) -> Result<Frame, FrameError> {
         }
         kind::LIST_SOCKETS => empty("list-sockets", Message::ListSockets)?,
         kind::SOCKETS => decode_sockets(body)?,
+        kind::STATS_REQUEST => empty("stats-request", Message::StatsRequest)?,
+        kind::STATS => {
+            let mut c = Cursor::new("stats", body);
+            let mut fields = [0u64; 9];
+            for field in &mut fields {
+                *field = c.u64()?;
+            }
+            c.finish()?;
+            Message::Stats(GuestStats::from_fields(fields))
+        }
         other => return Err(FrameError::UnknownKind(other)),
     };
     Ok(Frame { session, msg })
@@ -826,6 +915,12 @@ impl<'a> Cursor<'a> {
         ))
     }
 
+    fn u64(&mut self) -> Result<u64, FrameError> {
+        Ok(u64::from_be_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+
     fn u16(&mut self) -> Result<u16, FrameError> {
         Ok(u16::from_be_bytes(
             self.take(2)?.try_into().expect("2 bytes"),
@@ -943,6 +1038,19 @@ mod tests {
                     port: u16::MAX,
                 },
             ]),
+            Message::StatsRequest,
+            Message::Stats(GuestStats::default()),
+            Message::Stats(GuestStats {
+                cpu_busy_ticks: 1,
+                cpu_total_ticks: u64::MAX,
+                ticks_per_second: 100,
+                cpus: 2,
+                mem_total_bytes: 256 << 20,
+                mem_available_bytes: 200 << 20,
+                root_total_bytes: 1 << 30,
+                root_free_bytes: 1 << 29,
+                root_available_bytes: (1 << 29) - 4096,
+            }),
         ]
     }
 
@@ -1158,6 +1266,44 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn exact_bytes_of_stats_frames_and_short_or_long_bodies_refused() {
+        let request = encode(&Frame::new(2, Message::StatsRequest));
+        assert_eq!(request, [0, 0, 0, 5, 0, 0, 0, 2, 60]);
+        let stats = GuestStats {
+            cpu_busy_ticks: 0x0102,
+            cpus: 3,
+            ..GuestStats::default()
+        };
+        let bytes = encode(&Frame::new(2, Message::Stats(stats)));
+        // Header, kind 61, then nine u64 fields big-endian.
+        assert_eq!(bytes.len(), 4 + 4 + 1 + 9 * 8);
+        assert_eq!(bytes[8], 61);
+        assert_eq!(bytes[9..17], [0, 0, 0, 0, 0, 0, 1, 2]);
+        assert_eq!(bytes[33..41], [0, 0, 0, 0, 0, 0, 0, 3]);
+        for cut in [1, 8, 71] {
+            let mut short = bytes[..bytes.len() - cut].to_vec();
+            let len = (short.len() - 4) as u32;
+            short[..4].copy_from_slice(&len.to_be_bytes());
+            assert!(matches!(
+                decode(&short),
+                Err(FrameError::Malformed { kind: "stats", .. })
+            ));
+        }
+        let mut long = bytes.clone();
+        long.push(0);
+        let len = (long.len() - 4) as u32;
+        long[..4].copy_from_slice(&len.to_be_bytes());
+        assert!(matches!(
+            decode(&long),
+            Err(FrameError::Malformed {
+                kind: "stats",
+                reason: "trailing bytes"
+            })
+        ));
+        const { assert!(STATS_PROTOCOL_VERSION <= PROTOCOL_VERSION) };
     }
 
     #[test]

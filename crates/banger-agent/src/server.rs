@@ -392,6 +392,11 @@ impl Conn {
             Message::ListSockets => self
                 .out
                 .send(id, Message::Sockets(crate::listening::listening())),
+            // A few small /proc reads and one statvfs: quick enough for the reading thread.
+            Message::StatsRequest => match crate::stats::read() {
+                Ok(stats) => self.out.send(id, Message::Stats(stats)),
+                Err(e) => self.out.send(id, Message::Error(format!("stats: {e}"))),
+            },
             Message::Hello { version } => {
                 if version >= FLOW_PROTOCOL_VERSION {
                     self.flow.store(true, Ordering::SeqCst);
@@ -407,6 +412,7 @@ impl Conn {
             },
             // Agent → host messages, or the end of a session we forgot: ignore.
             Message::Pong { .. }
+            | Message::Stats(_)
             | Message::Stdout(_)
             | Message::Stderr(_)
             | Message::Exit(_)

@@ -89,12 +89,16 @@ fn quote_list(names: &[&str]) -> String {
 }
 
 pub mod copy;
+pub mod health;
+pub mod kernel_pull;
 pub mod methods;
 pub mod ports;
 pub mod rpc;
 pub mod vm;
 
 pub use copy::*;
+pub use health::*;
+pub use kernel_pull::*;
 pub use methods::*;
 pub use ports::*;
 pub use rpc::{

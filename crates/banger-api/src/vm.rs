@@ -656,7 +656,8 @@ pub struct VmSetParams {
 }
 
 method! {
-    /// `vm.stats`: what a running VM uses, seen from the host (the VMM process, the disk).
+    /// `vm.stats`: what a running VM uses, seen from the host (the VMM process, the disk)
+    /// and from the guest (CPU, memory and `/`, through its agent).
     VmStats = "vm.stats", NameParams => VmStatsResult
 }
 
@@ -681,6 +682,37 @@ pub struct VmStatsResult {
     pub disk_bytes: u64,
     /// Host bytes the root disk occupies (allocated blocks).
     pub disk_allocated_bytes: u64,
+    /// The guest's own view, from its agent; absent when stopped or when the agent could
+    /// not be asked (then `guest_error` says why).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestUsage>,
+    /// Why `guest` is absent although the VM runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_error: Option<String>,
+}
+
+/// What a running guest reports it uses (its kernel's counters, read by its agent).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuestUsage {
+    /// Busy share of all guest CPUs together over the sampling window (0 to 100), from
+    /// the difference of two `/proc/stat` samples.
+    pub cpu_percent: f64,
+    /// How long the CPU sample spanned, milliseconds (guest ticks).
+    pub cpu_sample_ms: u64,
+    /// CPUs online in the guest.
+    pub cpus: u64,
+    /// `MemTotal`, bytes.
+    pub memory_total_bytes: u64,
+    /// `MemAvailable`, bytes.
+    pub memory_available_bytes: u64,
+    /// `MemTotal - MemAvailable`, bytes.
+    pub memory_used_bytes: u64,
+    /// Size of the guest's `/` filesystem, bytes.
+    pub disk_total_bytes: u64,
+    /// Bytes in use on `/` (size minus free).
+    pub disk_used_bytes: u64,
+    /// Bytes still writable on `/` by an unprivileged user.
+    pub disk_available_bytes: u64,
 }
 
 /// How a VM is networked, as `vm.create` and `vm.run` ask for it.

@@ -24,6 +24,9 @@ use crate::cache::{BlobCache, CacheError, Lease};
 use crate::digest::Digest;
 use crate::reference::ImageRef;
 
+mod artifact;
+pub use artifact::{ResolvedArtifact, MAX_ARTIFACT_BLOBS};
+
 /// The only platform banger boots.
 const WANTED_OS: &str = "linux";
 const WANTED_ARCH: &str = "amd64";

@@ -30,9 +30,9 @@ use std::time::{Duration, Instant};
 use banger_agent::proto::{
     self, data_cost, Frame, Message, SessionId, CHUNK_SIZE, DOWNLOAD_PROTOCOL_VERSION,
     FLOW_PROTOCOL_VERSION, FRAME_COST, INITIAL_WINDOW, LISTEN_PROTOCOL_VERSION,
-    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, PTY_PROTOCOL_VERSION,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, PTY_PROTOCOL_VERSION, STATS_PROTOCOL_VERSION,
 };
-pub use banger_agent::proto::{ExecRequest, ExitStatus, WinSize};
+pub use banger_agent::proto::{ExecRequest, ExitStatus, GuestStats, WinSize};
 
 /// The virtio-serial port name the agent looks for.
 pub const AGENT_PORT_NAME: &str = banger_agent::transport::PORT_NAME;
@@ -1011,6 +1011,31 @@ impl AgentClient {
         }
     }
 
+    /// The guest's resource counters, or a failure after `timeout`. An agent older than
+    /// [`STATS_PROTOCOL_VERSION`] is not asked (it would leave the request unanswered).
+    pub fn stats(&self, timeout: Duration) -> Result<GuestStats> {
+        let version = self.shared.agent_version.load(Ordering::SeqCst);
+        if version < STATS_PROTOCOL_VERSION {
+            return Err(AgentError::Remote {
+                op: "stats".into(),
+                message: format!(
+                    "guest counters need agent protocol version {STATS_PROTOCOL_VERSION}, this \
+                     agent speaks {version} (an older banger injected it: recreate the VM)"
+                ),
+            });
+        }
+        let session = self.open();
+        session.send(Message::StatsRequest)?;
+        match session.recv_timeout("stats", timeout)? {
+            Message::Stats(stats) => Ok(stats),
+            Message::Error(message) => Err(AgentError::Remote {
+                op: "stats".into(),
+                message,
+            }),
+            other => Err(unexpected("stats", &other)),
+        }
+    }
+
     /// Asks the guest to power off and waits up to `timeout` for the agent to
     /// acknowledge. A connection that closes instead counts as success: the guest went
     /// down. (The VM process itself may take a moment longer to exit.)
@@ -1426,6 +1451,26 @@ mod tests {
         );
         assert!(err.to_string().contains("silent.sock"), "{err}");
         assert!(err.to_string().contains("no answer to CONNECT 52"), "{err}");
+    }
+
+    #[test]
+    fn an_agent_older_than_version_4_is_not_asked_for_stats() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let agent = version_1_agent(b);
+        let client = AgentClient::from_halves(
+            Box::new(a.try_clone().unwrap()),
+            Box::new(a.try_clone().unwrap()),
+        );
+        client.ping(Duration::from_secs(5)).unwrap();
+        let err = client.stats(Duration::from_secs(5)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "stats: the agent says: guest counters need agent protocol version 4, this agent \
+             speaks 1 (an older banger injected it: recreate the VM)"
+        );
+        a.shutdown(std::net::Shutdown::Both).unwrap();
+        drop(client);
+        assert_eq!(agent.join().unwrap(), [], "the request reached the agent");
     }
 
     #[test]

@@ -1169,3 +1169,41 @@ fn host_agent_downloads_a_tree_as_tar_paced_by_the_host_and_refuses_a_relative_p
     // The connection still serves commands after all of that.
     check_exec_streams_and_exit_code(&client);
 }
+
+/// The agent reports its machine's counters, the same as the kernel's own files say.
+#[test]
+fn host_agent_reports_cpu_memory_and_root_filesystem_counters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((_agent, client)) = host_agent(tmp.path()) else {
+        return;
+    };
+    let first = client.stats(Duration::from_secs(10)).unwrap();
+    client
+        .output(&sh("i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done"))
+        .unwrap();
+    let second = client.stats(Duration::from_secs(10)).unwrap();
+    let online = std::fs::read_to_string("/proc/stat")
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
+        .count() as u64;
+    assert_eq!(first.cpus, online);
+    assert_eq!(first.ticks_per_second, 100);
+    assert!(
+        second.cpu_total_ticks > first.cpu_total_ticks,
+        "{first:?} {second:?}"
+    );
+    assert!(second.cpu_busy_ticks >= first.cpu_busy_ticks);
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let total_kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    assert_eq!(first.mem_total_bytes, total_kib * 1024);
+    assert!(first.mem_available_bytes <= first.mem_total_bytes);
+    let fs = rustix::fs::statvfs("/").unwrap();
+    assert_eq!(first.root_total_bytes, fs.f_blocks * fs.f_frsize);
+    assert!(first.root_available_bytes <= first.root_free_bytes);
+    assert!(first.root_free_bytes <= first.root_total_bytes);
+}

@@ -10,9 +10,10 @@ use banger_api::{
     ImageImport, ImageList, ImageListResult, ImagePull, ImageRm, ImageShow, KernelImport,
     KernelList, KernelListResult, KernelRm, KernelShow, Method, MethodsResult, SnapshotList,
     SnapshotPrune, SnapshotRm, VmCreate, VmExec, VmKill, VmList, VmListResult, VmLogs, VmPause,
-    VmPorts, VmPrune, VmRestart, VmResume, VmRm, VmRun, VmSet, VmShell, VmShow, VmSnapshot, VmSshConfig, VmSshProxy, VmStart,
-    VmStats, VmStop,
+    VmPorts, VmPrune, VmRestart, VmResume, VmRm, VmRun, VmSet, VmShell, VmShow, VmSnapshot,
+    VmSshConfig, VmSshProxy, VmStart, VmStats, VmStop,
 };
+use banger_api::{KernelPull, VmHealth};
 use futures::future::BoxFuture;
 use serde_json::Value;
 
@@ -59,6 +60,9 @@ impl Dispatch {
             let kernels = Arc::clone(&s.kernel);
             blocking(move || kernels.import(&p)).await
         });
+        d.route::<KernelPull, _, _>(|s, _, p| async move {
+            crate::services::kernel_pull::pull(&s.image, std::sync::Arc::clone(&s.kernel), p).await
+        });
         d.route::<KernelList, _, _>(|s, _, _| async move {
             Ok(KernelListResult {
                 kernels: s.kernel.list()?,
@@ -77,7 +81,12 @@ impl Dispatch {
         });
         d.route::<VmPrune, _, _>(|s, _, p| async move { blocking(move || s.vm.prune(&p)).await });
         d.route::<VmSet, _, _>(|s, _, p| async move { blocking(move || s.vm.set(&p)).await });
-        d.route::<VmStats, _, _>(|s, _, p| async move { s.vm.stats(&p.name) });
+        d.route::<VmStats, _, _>(
+            |s, _, p| async move { blocking(move || s.vm.stats(&p.name)).await },
+        );
+        d.route::<VmHealth, _, _>(
+            |s, _, p| async move { blocking(move || s.vm.health(&p.name)).await },
+        );
         d.route::<VmShow, _, _>(|s, _, p| async move { s.vm.show(&p.name) });
         d.route::<VmStart, _, _>(
             |s, _, p| async move { blocking(move || s.vm.start(&p.name)).await },

@@ -39,6 +39,17 @@ pub enum KernelCommand {
         #[arg(long)]
         initrd: Option<std::path::PathBuf>,
     },
+    /// Fetch and import a kernel: without REF, the host distribution's cloud kernel
+    /// package through apt (what linux-image-cloud-amd64 depends on); with REF, a kernel
+    /// artifact from an OCI registry (layout: docs/kernel-artifact.md), verified like an
+    /// image's layers.
+    Pull {
+        /// An OCI reference of a kernel artifact, e.g. registry.example/kernels/cloud:6.1.
+        reference: Option<String>,
+        /// Name to import under (default: from the package or the reference).
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// List kernels, newest first.
     List,
     /// Show one kernel.
@@ -96,6 +107,9 @@ pub fn run(client: &mut Client, command: KernelCommand, json: bool) -> anyhow::R
             emit(json, &call::<KernelImport>(client, &params)?, |info| {
                 println!("imported kernel {} ({})", info.name, info.version)
             })?;
+        }
+        KernelCommand::Pull { reference, name } => {
+            super::kernel_pull::run(client, reference, name, json)?
         }
         KernelCommand::List => {
             emit(json, &call::<KernelList>(client, &NoParams {})?, |list| {

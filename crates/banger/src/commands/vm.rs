@@ -142,7 +142,14 @@ pub enum VmCommand {
         #[command(flatten)]
         resources: Resources,
     },
-    /// What a VM uses: the VMM's memory and CPU on the host, its disk.
+    /// Does a VM's guest agent answer: its ping latency; exits 1 when the VM is stopped
+    /// or the agent does not answer within 5 s (HEALTH_TIMEOUT).
+    Health {
+        /// The VM.
+        name: String,
+    },
+    /// What a VM uses: the VMM's memory and CPU on the host, its disk; and, while it
+    /// runs, the guest's CPU (over half a second), memory and `/` as the guest sees them.
     Stats {
         /// The VM.
         name: String,
@@ -465,6 +472,7 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
             };
             emit(json, &call::<VmSet>(client, &params)?, print_vm)?;
         }
+        VmCommand::Health { name } => return super::vm_health::run(client, name, json),
         VmCommand::Stats { name, watch } => loop {
             let stats = call::<VmStats>(client, &NameParams { name: name.clone() })?;
             emit(json, &stats, print_stats)?;
@@ -647,4 +655,18 @@ fn print_stats(stats: &VmStatsResult) {
         format::format_bytes(stats.disk_bytes),
         format::format_bytes(stats.disk_allocated_bytes)
     );
+    if let Some(g) = &stats.guest {
+        println!(
+            "{}  guest cpu {:.1}%  memory {} of {} used  / {} of {} used ({} available)",
+            stats.name,
+            g.cpu_percent,
+            format::format_bytes(g.memory_used_bytes),
+            format::format_bytes(g.memory_total_bytes),
+            format::format_bytes(g.disk_used_bytes),
+            format::format_bytes(g.disk_total_bytes),
+            format::format_bytes(g.disk_available_bytes)
+        );
+    } else if let Some(why) = &stats.guest_error {
+        println!("{}  guest: {why}", stats.name);
+    }
 }

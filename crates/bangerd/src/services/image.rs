@@ -159,6 +159,11 @@ impl ImageService {
         }
     }
 
+    /// The registry client (kernel pulls share it, and its in-flight downloads).
+    pub fn registry(&self) -> &RegistryClient {
+        &self.registry
+    }
+
     /// The layer cache, shared with pulls.
     pub fn cache(&self) -> &Arc<BlobCache> {
         &self.cache
@@ -1147,7 +1152,7 @@ pub fn validate_image_name(name: &str) -> Result<(), ServiceError> {
     }
 }
 
-fn registry_error(error: RegistryError) -> ServiceError {
+pub(crate) fn registry_error(error: RegistryError) -> ServiceError {
     let kind = match &error {
         RegistryError::Unauthorized { .. } => ErrorKind::Unauthorized,
         RegistryError::NotFound { .. } | RegistryError::NoMatchingPlatform { .. } => {

@@ -105,6 +105,16 @@ impl KernelService {
         Ok(())
     }
 
+    /// The biggest input file an import reads (`kernel_max_payload_bytes`).
+    pub fn max_payload(&self) -> u64 {
+        self.max_payload
+    }
+
+    /// Where kernels live (pulls stage their downloads here).
+    pub fn kernels_dir(&self) -> PathBuf {
+        self.layout.kernels_dir()
+    }
+
     fn dir(&self, name: &str) -> PathBuf {
         self.layout.kernels_dir().join(name)
     }

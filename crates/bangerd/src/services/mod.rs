@@ -6,6 +6,7 @@ pub mod disk;
 pub mod doctor;
 pub mod image;
 pub mod kernel;
+pub mod kernel_pull;
 pub mod network;
 pub mod privhelper;
 pub mod process;

@@ -1,5 +1,6 @@
 //! The verbs around a VM's life that are not create/start/exec: list filters, restart,
-//! prune, set (resources of a stopped VM) and stats (what a VM uses, seen from the host).
+//! prune, set (resources of a stopped VM) and stats (what a VM uses, seen from the host;
+//! the guest's own view comes from `health.rs`).
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -103,7 +104,7 @@ impl VmService {
         self.show(&vm.name)
     }
 
-    /// What the VM uses, seen from the host.
+    /// What the VM uses, seen from the host and (while it runs) from the guest.
     pub fn stats(&self, name: &str) -> Result<VmStatsResult, ServiceError> {
         let vm = self.show(name)?;
         // Only the VM's own VMM is measured: a recorded pid reused by another process is not.
@@ -113,6 +114,11 @@ impl VmService {
             .then(|| self.vmm(&vm))
             .flatten()
             .and_then(|vmm| process_usage(vmm.pid));
+        let (guest, guest_error) = match vmm.map(|_| self.guest_usage(&vm)) {
+            Some(Ok(usage)) => (Some(usage), None),
+            Some(Err(why)) => (None, Some(why)),
+            None => (None, None),
+        };
         Ok(VmStatsResult {
             name: vm.name,
             state: if vmm.is_some() {
@@ -129,6 +135,8 @@ impl VmService {
                 .iter()
                 .map(|disk| allocated_bytes(&Path::new(&vm.dir).join(disk)))
                 .sum(),
+            guest,
+            guest_error,
         })
     }
 }

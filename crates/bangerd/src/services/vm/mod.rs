@@ -9,10 +9,12 @@
 
 mod copy;
 mod diff;
+mod health;
 mod lifecycle;
 mod ports;
 mod ssh;
 
+pub use health::{GUEST_CPU_SAMPLE, GUEST_STATS_TIMEOUT, HEALTH_TIMEOUT};
 pub use lifecycle::{MAX_VCPUS, MIN_MEMORY_MIB};
 
 use crate::services::process::ProcessIdentity;
