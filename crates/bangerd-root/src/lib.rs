@@ -229,10 +229,16 @@ impl Helper {
             "priv.bridge.ensure" => {
                 let p: BridgeParams = params(method, value)?;
                 let (addr, prefix) = p.address.split_once('/').ok_or_else(|| {
-                    err(PrivErrorKind::BadRequest, format!("{:?} is not A.B.C.D/N", p.address))
+                    err(
+                        PrivErrorKind::BadRequest,
+                        format!("{:?} is not A.B.C.D/N", p.address),
+                    )
                 })?;
                 let host: Ipv4Addr = addr.parse().map_err(|_| {
-                    err(PrivErrorKind::BadRequest, format!("{addr:?} is not an IPv4 address"))
+                    err(
+                        PrivErrorKind::BadRequest,
+                        format!("{addr:?} is not an IPv4 address"),
+                    )
                 })?;
                 if prefix != self.subnet.prefix.to_string() || !self.subnet.contains_host(host) {
                     return Err(err(

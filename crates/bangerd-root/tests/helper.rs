@@ -171,7 +171,13 @@ fn the_helper_refuses_with_typed_errors_and_makes_a_real_tap_in_a_netns() {
         "no NAT"
     );
     let forward = Command::new("ip")
-        .args(["netns", "exec", &ns.0, "cat", "/proc/sys/net/ipv4/ip_forward"])
+        .args([
+            "netns",
+            "exec",
+            &ns.0,
+            "cat",
+            "/proc/sys/net/ipv4/ip_forward",
+        ])
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&forward.stdout), "1\n");

@@ -21,6 +21,9 @@ use crate::services::network::{self, Subnet, TapCapability};
 /// Where `bangerd-root` listens in a system install.
 pub const DEFAULT_SOCKET: &str = "/run/banger-root/bangerd-root.sock";
 
+/// The device a VMM opens to attach to its TAP.
+pub const TUN_DEVICE: &str = "/dev/net/tun";
+
 /// How long one helper call may take.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -160,6 +163,21 @@ impl TapRoute {
             .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
         let client = PrivClient::new(socket);
         match client.ping() {
+            // The helper makes the TAP ours, but the VMM still opens /dev/net/tun itself
+            // to attach to it: with a root-only node (some hosts chmod it 0600) every
+            // TAP VM would fail at boot.
+            Ok(_) if rustix::fs::access(
+                TUN_DEVICE,
+                rustix::fs::Access::READ_OK | rustix::fs::Access::WRITE_OK,
+            )
+            .is_err() =>
+            {
+                TapRoute::Unavailable(format!(
+                    "bangerd-root answers at {}, but {TUN_DEVICE} is not read-write for uid {} (its VMM attaches to the TAP through it): chmod 0666 {TUN_DEVICE}, the kernel's default",
+                    client.socket().display(),
+                    uid.as_raw()
+                ))
+            }
             Ok(_) => TapRoute::Helper(client),
             Err(e) => TapRoute::Unavailable(format!(
                 "bangerd is not root (uid {}) and bangerd-root does not answer: {e:#}",
