@@ -1,10 +1,16 @@
 //! `bangerd-root`: the only part of a system install that runs as root. An unprivileged
 //! `bangerd` asks it, over its own socket, for the few network steps that need
-//! `CAP_NET_ADMIN`. It offers a closed set of `priv.*` methods whose arguments are checked
-//! against banger's own patterns: TAP names only `bgr-<8 hex>`, the bridge only
-//! `banger0`, addresses only inside the configured subnet. Nothing takes a free-form
-//! command, path or interface name. Only the owner uid (checked with `SO_PEERCRED`) is
-//! served, and every call is logged.
+//! `CAP_NET_ADMIN`. It offers a closed set of `priv.*` methods ([`METHODS`]) whose
+//! arguments are checked against banger's own patterns: TAP names only `bgr-<8 hex>`, the
+//! bridge only `banger0`, addresses only inside the configured subnet, egress policies
+//! only as banger-api's typed `Egress`. Nothing takes a free-form command, path, rule or
+//! interface name. Only the owner uid (checked with `SO_PEERCRED`) is served, and every
+//! call is logged.
+//!
+//! The steps themselves are bangerd's own (`bangerd::services::network`: the same `ip`
+//! and `nft` scripts a root bangerd runs), so a system install and a root daemon make
+//! byte-identical rules. Linking bangerd's library costs binary size, not behaviour:
+//! only those functions run here.
 //!
 //! Wire: one JSON object per line each way, `{"id", "method", "params"}` →
 //! `{"id", "result"}` or `{"id", "error": {"kind", "message"}}`.
@@ -14,8 +20,8 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::Ipv4Addr;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::process::Command;
 
+use bangerd::services::network;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -25,6 +31,16 @@ pub const TAP_PREFIX: &str = "bgr-";
 pub const BRIDGE: &str = "banger0";
 /// Longest request line read; a longer one is refused.
 pub const MAX_LINE: usize = 64 * 1024;
+
+/// Every method, the closed set.
+pub const METHODS: &[&str] = &[
+    "priv.ping",
+    "priv.tap.create",
+    "priv.tap.delete",
+    "priv.bridge.ensure",
+    "priv.guest.admit",
+    "priv.guest.release",
+];
 
 /// Why a call was refused or failed: a closed set, on the wire as snake_case.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,29 +162,28 @@ struct TapParams {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct NoParams {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GuestParams {
+    tap: String,
+    ip: String,
+    /// Only for `priv.guest.admit`; default `allow`.
+    #[serde(default)]
+    egress: Option<banger_api::Egress>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct BridgeParams {
     /// The bridge's address with the subnet's prefix, e.g. `172.30.0.1/24`.
     address: String,
 }
 
-fn ip(args: &[&str]) -> Result<(), PrivError> {
-    let out = Command::new("ip").args(args).output().map_err(|e| {
-        err(
-            PrivErrorKind::Failed,
-            format!("run ip {}: {e}", args.join(" ")),
-        )
-    })?;
-    if !out.status.success() {
-        return Err(err(
-            PrivErrorKind::Failed,
-            format!(
-                "ip {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        ));
-    }
-    Ok(())
+/// A step that failed, as a typed error carrying the whole context chain.
+fn failed(e: anyhow::Error) -> PrivError {
+    err(PrivErrorKind::Failed, format!("{e:#}"))
 }
 
 fn params<T: serde::de::DeserializeOwned>(method: &str, value: Value) -> Result<T, PrivError> {
@@ -185,34 +200,45 @@ impl Helper {
                 format!("uid {peer_uid} is not the owner (uid {})", self.owner_uid),
             ));
         }
-        let owner = self.owner_uid.to_string();
         match method {
-            // A TAP the owner may open without privileges, attached to the bridge when
-            // there is one.
+            // Whether this helper serves the caller, and its subnet: what bangerd's
+            // TapRoute probes before choosing the helper.
+            "priv.ping" => {
+                let _: NoParams = params(method, value)?;
+                Ok(serde_json::json!({
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "subnet": format!("{}/{}", self.subnet.network, self.subnet.prefix),
+                }))
+            }
+            // A TAP the owner may open without privileges, on the isolated bridge port,
+            // up (bangerd's own network::create_tap, with the owner).
             "priv.tap.create" => {
                 let p: TapParams = params(method, value)?;
                 check_tap_name(&p.name)?;
-                ip(&["tuntap", "add", "dev", &p.name, "mode", "tap", "user", &owner])?;
-                if Path::new("/sys/class/net").join(BRIDGE).exists() {
-                    ip(&["link", "set", &p.name, "master", BRIDGE])?;
-                }
-                ip(&["link", "set", &p.name, "up"])?;
+                network::create_tap_owned(&p.name, Some(self.owner_uid)).map_err(failed)?;
                 Ok(serde_json::json!({ "name": p.name }))
             }
             "priv.tap.delete" => {
                 let p: TapParams = params(method, value)?;
                 check_tap_name(&p.name)?;
-                ip(&["link", "del", "dev", &p.name])?;
+                network::delete_tap(&p.name).map_err(failed)?;
                 Ok(serde_json::json!({ "name": p.name }))
             }
-            // The bridge `banger0` with one address of the configured subnet.
+            // The bridge `banger0` with one address of the configured subnet, then the
+            // guard rules, IPv4 forwarding and the NAT (network::ensure_bridge).
             "priv.bridge.ensure" => {
                 let p: BridgeParams = params(method, value)?;
                 let (addr, prefix) = p.address.split_once('/').ok_or_else(|| {
-                    err(PrivErrorKind::BadRequest, format!("{:?} is not A.B.C.D/N", p.address))
+                    err(
+                        PrivErrorKind::BadRequest,
+                        format!("{:?} is not A.B.C.D/N", p.address),
+                    )
                 })?;
                 let host: Ipv4Addr = addr.parse().map_err(|_| {
-                    err(PrivErrorKind::BadRequest, format!("{addr:?} is not an IPv4 address"))
+                    err(
+                        PrivErrorKind::BadRequest,
+                        format!("{addr:?} is not an IPv4 address"),
+                    )
                 })?;
                 if prefix != self.subnet.prefix.to_string() || !self.subnet.contains_host(host) {
                     return Err(err(
@@ -223,21 +249,56 @@ impl Helper {
                         ),
                     ));
                 }
-                if !Path::new("/sys/class/net").join(BRIDGE).exists() {
-                    ip(&["link", "add", BRIDGE, "type", "bridge"])?;
-                }
-                // Replace, not add: a second call with the same address is not an error.
-                ip(&["addr", "replace", &p.address, "dev", BRIDGE])?;
-                ip(&["link", "set", BRIDGE, "up"])?;
+                let subnet = network::Subnet {
+                    gateway: host,
+                    prefix: self.subnet.prefix,
+                };
+                network::ensure_bridge(subnet).map_err(failed)?;
                 Ok(serde_json::json!({ "bridge": BRIDGE, "address": p.address }))
+            }
+            // One guest's guard entries: its (TAP, MAC, address) triple and its egress
+            // chain. The egress policy is typed (allow, deny or a bounded CIDR list), so
+            // nothing free-form reaches nft.
+            "priv.guest.admit" => {
+                let p: GuestParams = params(method, value)?;
+                check_tap_name(&p.tap)?;
+                let ip = self.guest_ip(&p.ip)?;
+                let egress = p.egress.unwrap_or_default();
+                network::admit_guest(&p.tap, ip, &egress).map_err(failed)?;
+                Ok(serde_json::json!({ "tap": p.tap, "ip": p.ip }))
+            }
+            "priv.guest.release" => {
+                let p: GuestParams = params(method, value)?;
+                check_tap_name(&p.tap)?;
+                let ip = self.guest_ip(&p.ip)?;
+                network::release_guest(&p.tap, ip);
+                Ok(serde_json::json!({ "tap": p.tap, "ip": p.ip }))
             }
             other => Err(err(
                 PrivErrorKind::UnknownMethod,
-                format!(
-                    "{other:?} is not a priv method (priv.tap.create, priv.tap.delete, priv.bridge.ensure)"
-                ),
+                format!("{other:?} is not a priv method ({})", METHODS.join(", ")),
             )),
         }
+    }
+
+    /// A guest address: a host of the configured subnet.
+    fn guest_ip(&self, text: &str) -> Result<Ipv4Addr, PrivError> {
+        let ip: Ipv4Addr = text.parse().map_err(|_| {
+            err(
+                PrivErrorKind::BadRequest,
+                format!("{text:?} is not an IPv4 address"),
+            )
+        })?;
+        if !self.subnet.contains_host(ip) {
+            return Err(err(
+                PrivErrorKind::AddressOutsideSubnet,
+                format!(
+                    "guest address {ip} is not a host of the configured subnet {}/{}",
+                    self.subnet.network, self.subnet.prefix
+                ),
+            ));
+        }
+        Ok(ip)
     }
 
     /// Serves one connection: answers each line, logging every call.

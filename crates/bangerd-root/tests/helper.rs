@@ -1,6 +1,7 @@
 //! The real helper binary in a network namespace of the test's own: typed refusals for
 //! another uid, an unknown method, a TAP name outside the pattern and an address outside
-//! the subnet; a real TAP created and deleted.
+//! the subnet, a free-form egress policy; a real bridge with its NAT and guard tables, a
+//! real TAP owned by the owner uid, one guest's rules admitted and released.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -151,6 +152,85 @@ fn the_helper_refuses_with_typed_errors_and_makes_a_real_tap_in_a_netns() {
         "{text}"
     );
     assert!(text.contains("tun type tap"), "{text}");
+    // The TAP belongs to the owner (here uid 0, so `ip` names it root), so its VMM can
+    // attach; its bridge port is isolated like a root bangerd's.
+    assert!(text.contains("persist on user root"), "{text}");
+    assert!(text.contains("isolated on"), "{text}");
+
+    // The bridge came with the guard and NAT tables and forwarding on.
+    let nft = |argv: &[&str]| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns.0, "nft"])
+            .args(argv)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(
+        nft(&["list", "table", "ip", "banger"]).contains("172.30.9.0/24"),
+        "no NAT"
+    );
+    let forward = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.0,
+            "cat",
+            "/proc/sys/net/ipv4/ip_forward",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&forward.stdout), "1\n");
+
+    // Per-guest rules: only a pattern TAP, a subnet address and a typed egress policy.
+    let reply = call(&socket, "priv.ping", serde_json::json!({}));
+    assert_eq!(reply["result"]["subnet"], "172.30.9.0/24", "{reply}");
+    for (params, want) in [
+        (
+            serde_json::json!({ "tap": "bgr-0123abcd", "ip": "10.1.2.3" }),
+            "address_outside_subnet",
+        ),
+        (
+            serde_json::json!({ "tap": "bgr-0123abcd", "ip": "172.30.9.255" }),
+            "address_outside_subnet",
+        ),
+        (
+            serde_json::json!({ "tap": "eth0", "ip": "172.30.9.2" }),
+            "invalid_tap_name",
+        ),
+        (
+            serde_json::json!({ "tap": "bgr-0123abcd", "ip": "172.30.9.2", "egress": "accept; flush ruleset" }),
+            "bad_request",
+        ),
+        (
+            serde_json::json!({ "tap": "bgr-0123abcd", "ip": "172.30.9.2", "egress": ["0.0.0.0/0 accept"] }),
+            "bad_request",
+        ),
+    ] {
+        let reply = call(&socket, "priv.guest.admit", params.clone());
+        assert_eq!(kind(&reply), want, "{params}: {reply}");
+    }
+    let reply = call(
+        &socket,
+        "priv.guest.admit",
+        serde_json::json!({ "tap": "bgr-0123abcd", "ip": "172.30.9.2", "egress": ["10.0.0.0/8"] }),
+    );
+    assert!(reply["result"].is_object(), "{reply}");
+    let guard = nft(&["list", "table", "inet", "banger_guard"]);
+    assert!(
+        guard.contains("172.30.9.2 : jump egress_bgr_0123abcd"),
+        "{guard}"
+    );
+    assert!(guard.contains("ip daddr 10.0.0.0/8 accept"), "{guard}");
+    let reply = call(
+        &socket,
+        "priv.guest.release",
+        serde_json::json!({ "tap": "bgr-0123abcd", "ip": "172.30.9.2" }),
+    );
+    assert!(reply["result"].is_object(), "{reply}");
+    let guard = nft(&["list", "table", "inet", "banger_guard"]);
+    assert!(!guard.contains("egress_bgr_0123abcd"), "{guard}");
+
     let reply = call(
         &socket,
         "priv.tap.delete",

@@ -67,6 +67,9 @@ pub struct Config {
     pub vmm_user: Option<String>,
     /// Firecracker's jailer, used when bangerd is root; default `jailer` on PATH.
     pub jailer_bin: Option<PathBuf>,
+    /// The socket of `bangerd-root`, which does TAP networking's privileged steps for a
+    /// bangerd that is not root; default `/run/banger-root/bangerd-root.sock`.
+    pub root_helper_socket: Option<PathBuf>,
     /// Seconds a registry may send nothing before a pull fails; default 120.
     pub registry_read_timeout_secs: Option<u64>,
     /// Decompressed bytes one image may unpack to; default half the free space.

@@ -19,6 +19,9 @@ pub struct Install {
     pub extra_env: Vec<(String, std::ffi::OsString)>,
     /// A network namespace `banger` (and so the daemon it starts) runs in.
     pub netns: Option<String>,
+    /// A command line `banger` runs under (inside the namespace, if any), e.g. `setpriv`
+    /// to another uid: the banger binary and its arguments follow it.
+    pub wrapper: Vec<String>,
 }
 
 impl Install {
@@ -33,6 +36,7 @@ impl Install {
             dir: tempfile::tempdir().unwrap(),
             extra_env: Vec::new(),
             netns: None,
+            wrapper: Vec::new(),
         }
     }
 
@@ -68,14 +72,14 @@ impl Install {
     }
 
     pub fn banger(&self, args: &[&str]) -> Output {
-        let mut command = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_banger")]);
-                c
-            }
-            None => Command::new(env!("CARGO_BIN_EXE_banger")),
-        };
+        let mut argv: Vec<String> = Vec::new();
+        if let Some(ns) = &self.netns {
+            argv.extend(["ip", "netns", "exec", ns].map(String::from));
+        }
+        argv.extend(self.wrapper.iter().cloned());
+        argv.push(env!("CARGO_BIN_EXE_banger").to_owned());
+        let mut command = Command::new(&argv[0]);
+        command.args(&argv[1..]);
         self.env(&mut command);
         command.args(args).output().unwrap()
     }

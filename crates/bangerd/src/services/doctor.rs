@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use banger_api::{CheckStatus, DoctorCheck};
 
-use crate::services::network::{self, NetworkSetting, TapCapability};
+use crate::services::network::{self, NetworkSetting};
+use crate::services::privhelper::TapRoute;
 use crate::services::{KernelService, VmService};
 
 /// What `program arg` says of its version, or "present" when it says nothing; `None`
@@ -199,22 +200,55 @@ pub fn diagnose(kernels: &KernelService, vms: &VmService) -> Vec<DoctorCheck> {
         Err(kvm_check.detail.clone())
     };
     checks.push(kvm_check);
-    checks.extend(network_checks(tap_required));
-    checks.extend(policy_checks(vms));
-    checks.push(backend_check(vms, kvm));
+    let route = TapRoute::probe(vms.config());
+    checks.push(tap_route_check(&route));
+    checks.extend(network_checks(tap_required, &route));
+    checks.extend(policy_checks(vms, &route));
+    checks.push(backend_check(vms, kvm, &route));
     checks
 }
 
 /// The tools and privileges TAP networking needs, then whether it is possible as a whole.
-fn network_checks(tap_required: bool) -> Vec<DoctorCheck> {
+/// Who does TAP networking's privileged steps: bangerd itself (root), bangerd-root, or
+/// nobody, and why.
+fn tap_route_check(route: &TapRoute) -> DoctorCheck {
+    match route {
+        TapRoute::Direct => DoctorCheck {
+            name: "tap privileges".into(),
+            status: CheckStatus::Ok,
+            detail: "direct: bangerd is root and runs ip and nft itself".into(),
+            fix: None,
+        },
+        TapRoute::Helper(helper) => DoctorCheck {
+            name: "tap privileges".into(),
+            status: CheckStatus::Ok,
+            detail: format!(
+                "through bangerd-root at {}: it creates the bridge, NAT, guard rules and TAP devices (owned by this uid) for this unprivileged bangerd",
+                helper.socket().display()
+            ),
+            fix: None,
+        },
+        TapRoute::Unavailable(why) => DoctorCheck {
+            name: "tap privileges".into(),
+            status: CheckStatus::Optional,
+            detail: format!("unavailable: {why}"),
+            fix: Some(
+                "run bangerd as root, or start bangerd-root for this user (banger system install) and set root_helper_socket if it is not the default"
+                    .into(),
+            ),
+        },
+    }
+}
+
+fn network_checks(tap_required: bool, route: &TapRoute) -> Vec<DoctorCheck> {
     let ip = version_of("ip", "-V");
     let nat = version_of("nft", "--version").or_else(|| {
         version_of("iptables", "--version").map(|v| format!("{v} (nft is not installed)"))
     });
-    let cap = TapCapability::probe();
+    let cap = route.capability();
     let mut missing = Vec::new();
-    if !cap.root {
-        missing.push("bangerd is not root");
+    if !cap.root && !cap.helper {
+        missing.push("bangerd is not root and bangerd-root does not answer");
     }
     if !cap.tun {
         missing.push("/dev/net/tun is missing");
@@ -230,7 +264,8 @@ fn network_checks(tap_required: bool) -> Vec<DoctorCheck> {
             name: "bridge/NAT networking".into(),
             status: CheckStatus::Ok,
             detail: format!(
-                "root, /dev/net/tun, ip and NAT tools: network = \"auto\" gives VMs a TAP on bridge {} with NAT",
+                "{}, /dev/net/tun, ip and NAT tools: network = \"auto\" gives VMs a TAP on bridge {} with NAT",
+                if cap.root { "root" } else { "bangerd-root" },
                 network::BRIDGE
             ),
             fix: None,
@@ -248,7 +283,7 @@ fn network_checks(tap_required: bool) -> Vec<DoctorCheck> {
                 missing.join(", ")
             ),
             fix: Some(
-                "run bangerd as root on a host with /dev/net/tun, and apt-get install iproute2 nftables"
+                "run bangerd as root or with bangerd-root (banger system install) on a host with /dev/net/tun, and apt-get install iproute2 nftables"
                     .into(),
             ),
         }
@@ -266,10 +301,10 @@ fn network_checks(tap_required: bool) -> Vec<DoctorCheck> {
 }
 
 /// Which VMM the `vmm` setting picks on this host, or why it cannot.
-fn backend_check(vms: &VmService, kvm: Result<String, String>) -> DoctorCheck {
+fn backend_check(vms: &VmService, kvm: Result<String, String>, route: &TapRoute) -> DoctorCheck {
     let config = vms.config();
     let setting = config.vmm.unwrap_or_default();
-    let tap = network::resolve_mode(config.network.unwrap_or_default(), TapCapability::probe())
+    let tap = network::resolve_mode(config.network.unwrap_or_default(), route.capability())
         .is_ok_and(|m| m == network::NetworkMode::Tap);
     let host = banger_vmm::backend::HostFacts {
         firecracker: vms.firecracker_binary(),
@@ -302,9 +337,9 @@ fn backend_check(vms: &VmService, kvm: Result<String, String>) -> DoctorCheck {
 /// from the host, whether TAP guests are filtered, and which `egress` values each mode
 /// honours. A root daemon that cannot guard user mode fails VM starts (so "missing");
 /// an unprivileged one runs user-mode guests unguarded (so "optional", with the warning).
-fn policy_checks(vms: &VmService) -> Vec<DoctorCheck> {
+fn policy_checks(vms: &VmService, route: &TapRoute) -> Vec<DoctorCheck> {
     let config = vms.config();
-    let cap = TapCapability::probe();
+    let cap = route.capability();
     let nft = banger_vmm::backend::find_on_path("nft").is_some();
     let user = config.vmm_user_name().to_owned();
     let user_check = if !cap.root {
@@ -344,7 +379,7 @@ fn policy_checks(vms: &VmService) -> Vec<DoctorCheck> {
         detail: if cap.possible() && nft {
             format!("nft tables inet/bridge {}: no guest traffic to the host, VM-to-VM blocked (isolated bridge ports), spoofed MAC/IP dropped; egress: allow, deny or CIDR list", network::GUARD_TABLE)
         } else {
-            "TAP networking is not available here (root, /dev/net/tun and nft needed)".into()
+            "TAP networking is not available here (root or bangerd-root, /dev/net/tun and nft needed)".into()
         },
         fix: None,
     };

@@ -20,12 +20,15 @@
 //!   [`DEFAULT_BRIDGE_ADDRESS`]), NAT (masquerade) for the subnet behind it with IPv4
 //!   forwarding on, and per VM a TAP device `bgr-<first 8 hex of its id>` on the bridge.
 //!   Each VM gets the next free address of the subnet, recorded in the store, and
-//!   configures it from the kernel command line (`banger.ip=`, `banger.gw=`). Needs root
-//!   and `/dev/net/tun`; Firecracker has no other mode. The traffic rules are in
+//!   configures it from the kernel command line (`banger.ip=`, `banger.gw=`). Needs
+//!   `/dev/net/tun` and root, or, for an unprivileged bangerd, `bangerd-root` answering on
+//!   `root_helper_socket`: then every step here that needs CAP_NET_ADMIN runs in the
+//!   helper (services/privhelper.rs), which calls these same functions after checking
+//!   the names and addresses. Firecracker has no other mode. The traffic rules are in
 //!   [`tap_guard_script`] and [`admit_script`].
 //!
-//! `auto` (the default) is `tap` when bangerd runs as root and `/dev/net/tun` exists,
-//! `user` otherwise.
+//! `auto` (the default) is `tap` when bangerd runs as root (or has bangerd-root) and
+//! `/dev/net/tun` exists, `user` otherwise.
 //!
 //! Host changes go through `ip` (iproute2) and `nft`: stable command-line interfaces whose
 //! errors read well in our own messages, rather than a netlink crate's async stack for
@@ -104,20 +107,24 @@ pub struct TapCapability {
     pub root: bool,
     /// `/dev/net/tun` exists.
     pub tun: bool,
+    /// Not root, but bangerd-root answers on `root_helper_socket` and does the privileged
+    /// steps (services/privhelper.rs).
+    pub helper: bool,
 }
 
 impl TapCapability {
-    /// This process on this host.
+    /// This process on this host, without asking for a helper.
     pub fn probe() -> TapCapability {
         TapCapability {
             root: rustix::process::geteuid().is_root(),
             tun: Path::new("/dev/net/tun").exists(),
+            helper: false,
         }
     }
 
     /// Whether TAP networking can be set up.
     pub fn possible(self) -> bool {
-        self.root && self.tun
+        (self.root || self.helper) && self.tun
     }
 }
 
@@ -143,10 +150,10 @@ pub fn resolve_mode(setting: NetworkSetting, cap: TapCapability) -> anyhow::Resu
         NetworkSetting::Auto => Ok(NetworkMode::User),
         NetworkSetting::Tap if cap.possible() => Ok(NetworkMode::Tap),
         NetworkSetting::Tap => bail!(
-            "network \"tap\" needs bangerd running as root with /dev/net/tun ({}); use network \"user\", \"none\" or \"auto\"",
-            match (cap.root, cap.tun) {
-                (false, false) => "not root, no /dev/net/tun",
-                (false, true) => "not root",
+            "network \"tap\" needs bangerd running as root, or bangerd-root reachable (root_helper_socket), with /dev/net/tun ({}); use network \"user\", \"none\" or \"auto\"",
+            match (cap.root || cap.helper, cap.tun) {
+                (false, false) => "not root, no bangerd-root, no /dev/net/tun",
+                (false, true) => "not root, no bangerd-root",
                 _ => "no /dev/net/tun",
             }
         ),
@@ -322,9 +329,23 @@ fn ensure_nat(subnet: Subnet) -> anyhow::Result<()> {
 /// Creates the TAP device `name` on the bridge and brings it up. A leftover device of
 /// the same name (a crash) is reused.
 pub fn create_tap(name: &str) -> anyhow::Result<()> {
+    create_tap_owned(name, None)
+}
+
+/// [`create_tap`] for a TAP that the uid `owner` may attach to without privileges (what
+/// bangerd-root makes for an unprivileged bangerd, whose QEMU runs as that uid). A
+/// leftover device is recreated then, since its owner may be another uid.
+pub fn create_tap_owned(name: &str, owner: Option<u32>) -> anyhow::Result<()> {
+    if owner.is_some() && link_exists(name) {
+        delete_tap(name)?;
+    }
     if !link_exists(name) {
-        run("ip", &["tuntap", "add", "dev", name, "mode", "tap"], None)
-            .with_context(|| format!("create tap {name}"))?;
+        let owner = owner.map(|uid| uid.to_string());
+        let mut args = vec!["tuntap", "add", "dev", name, "mode", "tap"];
+        if let Some(uid) = &owner {
+            args.extend(["user", uid.as_str()]);
+        }
+        run("ip", &args, None).with_context(|| format!("create tap {name}"))?;
     }
     run("ip", &["link", "set", name, "master", BRIDGE], None)
         .with_context(|| format!("attach tap {name} to {BRIDGE}"))?;
@@ -577,6 +598,7 @@ mod tests {
     const ROOT_TUN: TapCapability = TapCapability {
         root: true,
         tun: true,
+        helper: false,
     };
 
     #[test]
@@ -589,10 +611,12 @@ mod tests {
             TapCapability {
                 root: false,
                 tun: true,
+                helper: false,
             },
             TapCapability {
                 root: true,
                 tun: false,
+                helper: false,
             },
         ] {
             assert_eq!(
@@ -613,15 +637,16 @@ mod tests {
             TapCapability {
                 root: false,
                 tun: true,
+                helper: false,
             },
         )
         .unwrap_err()
         .to_string();
         assert!(
-            err.starts_with("network \"tap\" needs bangerd running as root"),
+            err.starts_with("network \"tap\" needs bangerd running as root, or bangerd-root reachable (root_helper_socket)"),
             "{err}"
         );
-        assert!(err.contains("(not root)"), "{err}");
+        assert!(err.contains("(not root, no bangerd-root)"), "{err}");
     }
 
     #[test]

@@ -1,9 +1,13 @@
 //! The client side of `bangerd-root` (crates/bangerd-root): how a bangerd running as an
-//! ordinary user asks for the privileged network steps. The hook for services/network.rs:
-//! when the daemon is not root and [`PrivClient::reachable`] answers, create and delete
-//! TAPs and ensure the bridge through it instead of running `ip` itself.
+//! ordinary user asks for the privileged network steps. [`TapRoute`] is what the VM
+//! service and the doctor use: a root daemon runs `ip` and `nft` itself
+//! ([`TapRoute::Direct`]); an unprivileged one whose helper answers `priv.ping` sends
+//! each step (bridge, NAT and guard rules, TAP, per-guest rules) to it
+//! ([`TapRoute::Helper`]); otherwise TAP networking is unavailable, and the route says
+//! why.
 
 use std::io::{BufRead, BufReader, Write};
+use std::net::Ipv4Addr;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -11,11 +15,20 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde_json::Value;
 
+use crate::config::Config;
+use crate::services::network::{self, Subnet, TapCapability};
+
 /// Where `bangerd-root` listens in a system install.
 pub const DEFAULT_SOCKET: &str = "/run/banger-root/bangerd-root.sock";
 
+/// The device a VMM opens to attach to its TAP.
+pub const TUN_DEVICE: &str = "/dev/net/tun";
+
 /// How long one helper call may take.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Longest reply line read from the helper (its replies are a few hundred bytes).
+pub const MAX_REPLY: u64 = 64 * 1024;
 
 /// A connection-per-call client of the helper at one socket.
 #[derive(Debug, Clone)]
@@ -31,11 +44,20 @@ impl PrivClient {
         }
     }
 
-    /// The helper at `socket` if a connection succeeds (the doctor's and network's test).
+    /// The helper at `socket` if it answers `priv.ping` for this uid.
     pub fn reachable(socket: &Path) -> Option<PrivClient> {
-        UnixStream::connect(socket)
-            .ok()
-            .map(|_| PrivClient::new(socket))
+        let client = PrivClient::new(socket);
+        client.ping().ok().map(|_| client)
+    }
+
+    /// The socket this client calls.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Whether the helper serves this uid: its answer (`version`, `subnet`).
+    pub fn ping(&self) -> anyhow::Result<Value> {
+        self.call("priv.ping", serde_json::json!({}))
     }
 
     fn call(&self, method: &str, params: Value) -> anyhow::Result<Value> {
@@ -49,9 +71,15 @@ impl PrivClient {
             .write_all(format!("{line}\n").as_bytes())
             .with_context(what)?;
         let mut reply = String::new();
-        BufReader::new(stream)
+        BufReader::new(std::io::Read::take(stream, MAX_REPLY))
             .read_line(&mut reply)
             .with_context(what)?;
+        if !reply.ends_with('\n') {
+            bail!(
+                "{}: no whole reply line within {MAX_REPLY} bytes (MAX_REPLY)",
+                what()
+            );
+        }
         let reply: Value = serde_json::from_str(&reply).with_context(what)?;
         if let Some(error) = reply.get("error") {
             bail!(
@@ -83,5 +111,150 @@ impl PrivClient {
             serde_json::json!({ "address": address }),
         )
         .map(drop)
+    }
+
+    /// The guard entries of the guest on `tap` with address `ip` and its egress policy
+    /// (network::admit_guest, in the helper).
+    pub fn guest_admit(
+        &self,
+        tap: &str,
+        ip: Ipv4Addr,
+        egress: &banger_api::Egress,
+    ) -> anyhow::Result<()> {
+        self.call(
+            "priv.guest.admit",
+            serde_json::json!({ "tap": tap, "ip": ip.to_string(), "egress": egress }),
+        )
+        .map(drop)
+    }
+
+    /// Removes what [`PrivClient::guest_admit`] installed.
+    pub fn guest_release(&self, tap: &str, ip: Ipv4Addr) -> anyhow::Result<()> {
+        self.call(
+            "priv.guest.release",
+            serde_json::json!({ "tap": tap, "ip": ip.to_string() }),
+        )
+        .map(drop)
+    }
+}
+
+/// Who does TAP networking's privileged steps for this daemon.
+#[derive(Debug, Clone)]
+pub enum TapRoute {
+    /// bangerd is root: it runs `ip` and `nft` itself.
+    Direct,
+    /// bangerd is not root; bangerd-root answers at this socket and does them.
+    Helper(PrivClient),
+    /// Neither; why (for `doctor` and the error of a TAP start).
+    Unavailable(String),
+}
+
+impl TapRoute {
+    /// This process: root, or the helper at `root_helper_socket` (default
+    /// [`DEFAULT_SOCKET`]) when it answers `priv.ping`.
+    pub fn probe(config: &Config) -> TapRoute {
+        let uid = rustix::process::geteuid();
+        if uid.is_root() {
+            return TapRoute::Direct;
+        }
+        let socket = config
+            .root_helper_socket
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+        let client = PrivClient::new(socket);
+        match client.ping() {
+            // The helper makes the TAP ours, but the VMM still opens /dev/net/tun itself
+            // to attach to it: with a root-only node (some hosts chmod it 0600) every
+            // TAP VM would fail at boot.
+            Ok(_) if rustix::fs::access(
+                TUN_DEVICE,
+                rustix::fs::Access::READ_OK | rustix::fs::Access::WRITE_OK,
+            )
+            .is_err() =>
+            {
+                TapRoute::Unavailable(format!(
+                    "bangerd-root answers at {}, but {TUN_DEVICE} is not read-write for uid {} (its VMM attaches to the TAP through it): chmod 0666 {TUN_DEVICE}, the kernel's default",
+                    client.socket().display(),
+                    uid.as_raw()
+                ))
+            }
+            Ok(_) => TapRoute::Helper(client),
+            Err(e) => TapRoute::Unavailable(format!(
+                "bangerd is not root (uid {}) and bangerd-root does not answer: {e:#}",
+                uid.as_raw()
+            )),
+        }
+    }
+
+    /// What `network::resolve_mode` needs to know.
+    pub fn capability(&self) -> TapCapability {
+        TapCapability {
+            root: matches!(self, TapRoute::Direct),
+            helper: matches!(self, TapRoute::Helper(_)),
+            ..TapCapability::probe()
+        }
+    }
+
+    fn unavailable(&self) -> anyhow::Result<()> {
+        match self {
+            TapRoute::Unavailable(why) => bail!("TAP networking is unavailable: {why}"),
+            _ => Ok(()),
+        }
+    }
+
+    /// network::ensure_bridge, here or in the helper.
+    pub fn ensure_bridge(&self, subnet: Subnet) -> anyhow::Result<()> {
+        self.unavailable()?;
+        match self {
+            TapRoute::Helper(helper) => {
+                helper.bridge_ensure(&format!("{}/{}", subnet.gateway, subnet.prefix))
+            }
+            _ => network::ensure_bridge(subnet),
+        }
+    }
+
+    /// network::create_tap, here or in the helper (which makes it owned by this uid, so
+    /// the unprivileged VMM can attach to it).
+    pub fn create_tap(&self, name: &str) -> anyhow::Result<()> {
+        self.unavailable()?;
+        match self {
+            TapRoute::Helper(helper) => helper.tap_create(name),
+            _ => network::create_tap(name),
+        }
+    }
+
+    /// network::admit_guest, here or in the helper.
+    pub fn admit_guest(
+        &self,
+        tap: &str,
+        ip: Ipv4Addr,
+        egress: &banger_api::Egress,
+    ) -> anyhow::Result<()> {
+        self.unavailable()?;
+        match self {
+            TapRoute::Helper(helper) => helper.guest_admit(tap, ip, egress),
+            _ => network::admit_guest(tap, ip, egress),
+        }
+    }
+
+    /// network::release_guest, here or in the helper; failures are logged only, as there.
+    pub fn release_guest(&self, tap: &str, ip: Ipv4Addr) {
+        match self {
+            TapRoute::Helper(helper) => {
+                if let Err(e) = helper.guest_release(tap, ip) {
+                    tracing::warn!(%tap, %ip, error = %format!("{e:#}"), "bangerd-root could not remove a guest's rules");
+                }
+            }
+            _ => network::release_guest(tap, ip),
+        }
+    }
+
+    /// network::delete_tap, here or in the helper; a missing TAP is fine.
+    pub fn delete_tap(&self, name: &str) -> anyhow::Result<()> {
+        match self {
+            TapRoute::Helper(helper) if network::tap_exists(name) => helper.tap_delete(name),
+            TapRoute::Helper(_) => Ok(()),
+            _ => network::delete_tap(name),
+        }
     }
 }

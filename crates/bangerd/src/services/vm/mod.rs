@@ -43,7 +43,8 @@ use rusqlite::OptionalExtension;
 use crate::config::Config;
 use crate::layout::Layout;
 use crate::services::disk;
-use crate::services::network::{self, NetworkMode, NetworkSetting, Subnet, TapCapability};
+use crate::services::network::{self, NetworkMode, NetworkSetting, Subnet};
+use crate::services::privhelper::TapRoute;
 use crate::services::{CallContext, ImageService, InputEvent, InputReceiver, KernelService};
 use crate::store::Store;
 use crate::ServiceError;
@@ -300,6 +301,7 @@ impl VmService {
     pub fn recover(&self) -> anyhow::Result<()> {
         template::remove_partial(&template::templates_dir(&self.layout.state_dir));
         template::remove_partial(&fork::snapshots_dir(&self.layout.state_dir));
+        let route = TapRoute::probe(&self.config);
         for vm in self.list()? {
             let running = vm.state.is_running() && self.vmm(&vm).is_some();
             if vm.state.is_running() && !running {
@@ -311,10 +313,10 @@ impl VmService {
                     vm.tap.as_deref(),
                     vm.guest_ip.as_deref().and_then(|ip| ip.parse().ok()),
                 ) {
-                    network::release_guest(tap, ip);
+                    route.release_guest(tap, ip);
                 }
                 if let Some(tap) = vm.tap.as_deref().filter(|t| network::tap_exists(t)) {
-                    match network::delete_tap(tap) {
+                    match route.delete_tap(tap) {
                         Ok(()) => {
                             tracing::info!(vm = %vm.name, %tap, "deleted the TAP device of a VM that is not running")
                         }
@@ -497,7 +499,7 @@ impl VmService {
             Some(choice) => NetworkSetting::from(choice),
             None => self.config.network.unwrap_or_default(),
         };
-        let mode = network::resolve_mode(setting, TapCapability::probe())
+        let mode = network::resolve_mode(setting, TapRoute::probe(&self.config).capability())
             .map_err(|e| ServiceError::bad_request(format!("{e:#}")))?;
         let egress = params
             .egress
@@ -839,10 +841,13 @@ impl VmService {
                 let ip: Ipv4Addr = ip
                     .parse()
                     .with_context(|| format!("guest_ip {ip:?} of VM {name:?} in the store"))?;
-                network::ensure_bridge(subnet)
+                let route = TapRoute::probe(&self.config);
+                route
+                    .ensure_bridge(subnet)
                     .with_context(|| format!("set up the bridge for VM {name:?}"))?;
-                if let Err(e) = network::create_tap(tap)
-                    .and_then(|()| network::admit_guest(tap, ip, &vm.egress))
+                if let Err(e) = route
+                    .create_tap(tap)
+                    .and_then(|()| route.admit_guest(tap, ip, &vm.egress))
                 {
                     // It may exist half-configured (created, not on the bridge).
                     self.release_tap(&vm);
@@ -935,14 +940,18 @@ impl VmService {
     /// Deletes the VM's TAP device, if it has one; a failure is logged, not returned: the
     /// VM is stopped either way and start-up recovery retries.
     fn release_tap(&self, vm: &VmInfo) {
+        if vm.tap.is_none() {
+            return;
+        }
+        let route = TapRoute::probe(&self.config);
         if let (Some(tap), Some(ip)) = (
             vm.tap.as_deref(),
             vm.guest_ip.as_deref().and_then(|ip| ip.parse().ok()),
         ) {
-            network::release_guest(tap, ip);
+            route.release_guest(tap, ip);
         }
         if let Some(tap) = &vm.tap {
-            if let Err(e) = network::delete_tap(tap) {
+            if let Err(e) = route.delete_tap(tap) {
                 tracing::warn!(vm = %vm.name, %tap, error = %format!("{e:#}"), "cannot delete TAP device");
             }
         }
