@@ -120,7 +120,9 @@ pub fn agent_initrd(base: &Path, agent: &Path, dir: &Path) -> anyhow::Result<Pat
     Ok(out)
 }
 
-fn run_tool(command: &mut Command, what: &str) -> anyhow::Result<()> {
+/// Runs a host tool (banger's own, never a guest's); a failure names it, its status and
+/// its stderr.
+pub(crate) fn run_tool(command: &mut Command, what: &str) -> anyhow::Result<()> {
     let out = command.output().with_context(|| format!("run {what}"))?;
     if !out.status.success() {
         bail!(
@@ -144,7 +146,8 @@ pub fn copy_disk(from: &Path, to: &Path) -> anyhow::Result<()> {
     )
 }
 
-fn grow_disk(disk: &Path, bytes: u64) -> anyhow::Result<()> {
+/// Grows a raw ext4 disk file to `bytes`, and its filesystem with it (offline).
+pub(crate) fn grow_disk(disk: &Path, bytes: u64) -> anyhow::Result<()> {
     std::fs::OpenOptions::new()
         .write(true)
         .open(disk)

@@ -22,7 +22,6 @@ use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -1425,27 +1424,5 @@ fn vm_logs_tail(dir: &Path) -> String {
     .join("; ")
 }
 
-fn run_tool(command: &mut Command, what: &str) -> anyhow::Result<()> {
-    let out = command.output().with_context(|| format!("run {what}"))?;
-    if !out.status.success() {
-        bail!(
-            "{what} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-fn grow_disk(disk: &Path, bytes: u64) -> anyhow::Result<()> {
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(disk)
-        .and_then(|f| f.set_len(bytes))
-        .with_context(|| format!("grow {}", disk.display()))?;
-    run_tool(
-        Command::new("e2fsck").args(["-f", "-p"]).arg(disk),
-        "e2fsck",
-    )?;
-    run_tool(Command::new("resize2fs").arg(disk), "resize2fs")
-}
+// One way to run a host tool and one way to grow a raw disk, shared with the disk service.
+pub(super) use crate::services::disk::{grow_disk, run_tool};

@@ -94,6 +94,42 @@ impl VmService {
         result
     }
 
+    /// Writes the install's public key (as the only authorized key) and the VM's host key
+    /// into the running guest's `/.banger/ssh` (root, 0700 / 0600), through the agent.
+    fn upload_ssh_keys(
+        &self,
+        client: &banger_vmm::agent::AgentClient,
+        vm: &VmInfo,
+    ) -> anyhow::Result<()> {
+        let public = read_small(&with_extension_pub(&self.install_key()?))?;
+        let host_key = read_small(&self.host_key(vm)?)?;
+        let mut tar = tar::Builder::new(Vec::new());
+        let header = |kind: tar::EntryType, mode: u32, size: usize| {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(kind);
+            h.set_mode(mode);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_size(size as u64);
+            h.set_mtime(0);
+            h
+        };
+        let dir = GUEST_SSH_DIR.rsplit('/').next().unwrap_or("ssh");
+        let file = |path: &str| path.rsplit('/').next().unwrap_or(path).to_owned();
+        let mut h = header(tar::EntryType::Directory, 0o700, 0);
+        tar.append_data(&mut h, format!("{dir}/"), std::io::empty())?;
+        for (path, body) in [
+            (GUEST_AUTHORIZED_KEYS, &public),
+            (GUEST_HOST_KEY, &host_key),
+        ] {
+            let mut h = header(tar::EntryType::Regular, 0o600, body.len());
+            tar.append_data(&mut h, format!("{dir}/{}", file(path)), body.as_bytes())?;
+        }
+        let bytes = tar.into_inner()?;
+        client.upload_tar(&bytes[..], Path::new("/.banger"))?;
+        Ok(())
+    }
+
     /// `vm.ssh_config`: the entries of every VM (or the one named), with the host keys
     /// pinned in the install's known-hosts file, which this rewrites. A VM that never
     /// booted has no host key yet and is left out.
@@ -152,6 +188,10 @@ impl VmService {
     pub fn ssh_proxy(&self, ctx: &CallContext, name: &str) -> Result<ExecResult, ServiceError> {
         let vm = self.show(name)?;
         let client = self.agent(&vm)?;
+        // The keys travel through the agent on every connection: a qcow2 overlay (or a
+        // warm-restored VM) has no disk debugfs could have written them into before boot.
+        self.upload_ssh_keys(&client, &vm)
+            .with_context(|| format!("install the ssh keys in VM {name:?}"))?;
         let sshd = find_sshd(&client).with_context(|| format!("look for sshd in VM {name:?}"))?;
         let Some(sshd) = sshd else {
             return Err(ServiceError::bad_request(format!(
