@@ -20,14 +20,27 @@ packages=(
 sudo=""
 if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
 
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
+missing_packages() {
+  missing=()
+  for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+}
+# Two passes: installing one package can remove another that conflicts with it (a
+# backported qemu-utils goes when the distribution's qemu-system-x86 comes in), and the
+# second pass brings it back at the matching version. Still missing after that is an error.
+updated=""
+for pass in 1 2; do
+  missing_packages
+  [ ${#missing[@]} -eq 0 ] && break
   echo "setup: installing ${missing[*]}" >&2
-  $sudo apt-get update -qq
+  if [ -z "$updated" ]; then $sudo apt-get update -qq; updated=1; fi
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+done
+missing_packages
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: still not installed after two passes: ${missing[*]}" >&2
+  exit 1
 fi
 
 # Debian's docker-registry package starts a system registry on :5000; tests run their own.
