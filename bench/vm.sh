@@ -122,7 +122,13 @@ for i in $(seq 10); do
 done
 failed=0
 while [ -n "$(jobs -rp)" ]; do
-  rss=$({ ps -C qemu-system-x86_64 -o rss=,args= || true; } | { grep -F "$work" || true; } | awk '{s+=$1} END {print s+0}')
+  # Confined QEMUs get their files as descriptors, so no path of $work is in their
+  # arguments: the daemon's own VM list says which processes are this run's.
+  rss=0
+  for pid in $("$banger" --json vm list 2>/dev/null | grep -o '"pid": [0-9]*' | grep -o '[0-9]*$' || true); do
+    kib=$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null || true)
+    rss=$((rss + ${kib:-0}))
+  done
   if [ "$rss" -gt "$peak" ]; then peak=$rss; fi
   sleep 0.2
 done
