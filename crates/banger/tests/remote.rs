@@ -420,3 +420,96 @@ fn streamed_imports_are_bounded_checked_and_leave_no_staging() {
         "{kernels:?}"
     );
 }
+
+#[test]
+fn image_and_kernel_imports_stream_their_files_to_a_remote_daemon_over_real_sshd() {
+    if !banger_testkit::require(
+        Path::new("/usr/sbin/sshd").is_file() && Command::new("ssh").arg("-V").output().is_ok(),
+        "OpenSSH is not installed (scripts/setup.sh installs openssh-server)",
+    ) || !banger_testkit::require(
+        rustix::process::geteuid().is_root(),
+        "needs root (sshd, a mount namespace)",
+    ) {
+        return;
+    }
+    let Some((agent, deb)) = guest_parts() else {
+        return;
+    };
+    let remote = Install::new();
+    remote.write_config("vmm = \"qemu\"\nnetwork = \"user\"\n");
+    let sshd_dir = tempfile::tempdir().unwrap();
+    let client = {
+        let mut client = Install::new();
+        client.extra_env.push((
+            "BANGER_SSH".into(),
+            format!("ssh -F {}/ssh_config", sshd_dir.path().display()).into(),
+        ));
+        client
+    };
+    // The files, where only the client can read them.
+    let layout_dir = client.dir.path().join("layout");
+    let mut layout = OciLayoutBuilder::new(&layout_dir).unwrap();
+    layout
+        .image("v1", &[(guest::busybox_layer(), LayerCompression::Gzip)])
+        .unwrap();
+    let tarball = client.dir.path().join("saved.tar");
+    run(Command::new("skopeo")
+        .args(["--insecure-policy", "copy", "-q"])
+        .arg(format!("oci:{}:v1", layout_dir.display()))
+        .arg(format!("docker-archive:{}:fixture:v1", tarball.display())));
+    let client_deb = client.dir.path().join("kernel.deb");
+    std::fs::copy(deb, &client_deb).unwrap();
+    let sshd = start_sshd(sshd_dir.path(), &remote, agent, client.dir.path());
+    let host = format!("ssh://root@127.0.0.1:{}", sshd.port);
+    let banger = env!("CARGO_BIN_EXE_banger");
+    let call = |rest: &[&str]| {
+        let mut a = vec!["--host", &host, "--remote-banger", banger];
+        a.extend_from_slice(rest);
+        client.banger(&a)
+    };
+
+    let out = call(&[
+        "image",
+        "import",
+        tarball.to_str().unwrap(),
+        "--name",
+        "streamed",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = call(&["--json", "image", "list"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let images: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(images["images"][0]["name"], "streamed", "{images}");
+    assert_eq!(
+        images["images"][0]["reference"], "upload:saved.tar",
+        "{images}"
+    );
+
+    // A layout directory is refused, saying what to do.
+    let out = call(&["image", "import", layout_dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("docker-archive"), "{}", stderr(&out));
+
+    let out = call(&[
+        "kernel",
+        "import",
+        "cloud",
+        "--deb",
+        client_deb.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = call(&["--json", "kernel", "list"]);
+    assert!(stdout(&out).contains("\"cloud\""), "{}", stdout(&out));
+    let kernels: Vec<String> = std::fs::read_dir(remote.state_dir().join("kernels"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        kernels.iter().all(|k| !k.starts_with(".kernel-import")),
+        "{kernels:?}"
+    );
+
+    let out = call(&["daemon", "stop"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    drop(sshd);
+}
