@@ -104,7 +104,8 @@ pub struct ImagePullParams {
 
 method! {
     /// `image.import`: build an image from an OCI image layout directory or a `docker save`
-    /// tarball on the daemon's filesystem, without a registry.
+    /// tarball on the daemon's filesystem, or a tarball the caller streams, without a
+    /// registry.
     ImageImport = "image.import", ImageImportParams => ImageInfo
 }
 
@@ -112,15 +113,33 @@ method! {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImageImportParams {
-    /// Absolute path of an OCI layout directory (optionally `DIR:TAG`) or a docker-archive
-    /// tarball.
-    pub path: String,
+    /// Absolute path on the daemon's host of an OCI layout directory (optionally
+    /// `DIR:TAG`) or a docker-archive tarball. Exactly one of `path` and `stream`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// A docker-archive tarball the caller streams over its connection as this call's
+    /// `upload` notifications (a daemon on another host cannot open the caller's path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<StreamedFile>,
     /// Name to publish under; derived from the path when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// Size of the root filesystem in bytes; default max(content × 1.5, 1 GiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size_bytes: Option<u64>,
+}
+
+/// A file the caller sends over its connection while the call runs: exactly `bytes`
+/// bytes as `upload` notifications, then the upload's `eof`. The daemon writes it to a
+/// private staging file and reads that as it would a file on its own host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamedFile {
+    /// Its size: exactly this many bytes follow.
+    pub bytes: u64,
+    /// Its name on the caller's side (last path component), for messages, the recorded
+    /// reference and default names.
+    pub file_name: String,
 }
 
 /// A published image.

@@ -11,7 +11,8 @@ method! {
     KernelImport = "kernel.import", KernelImportParams => KernelInfo
 }
 
-/// Params of `kernel.import`. Exactly one of `deb` and `kernel`; all paths absolute.
+/// Params of `kernel.import`. Exactly one of `deb`, `deb_stream` and `kernel`; all paths
+/// absolute.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KernelImportParams {
@@ -20,6 +21,11 @@ pub struct KernelImportParams {
     /// A Debian `linux-image-*.deb`: kernel, config and modules in one file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deb: Option<String>,
+    /// A Debian `linux-image-*.deb` the caller streams over its connection as this call's
+    /// `upload` notifications, in place of `deb` (a daemon on another host cannot open
+    /// the caller's path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deb_stream: Option<crate::StreamedFile>,
     /// A kernel image: an x86 bzImage (`vmlinuz`) or an x86-64 ELF `vmlinux`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<String>,

@@ -123,8 +123,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         banger_client::transport::connect(&endpoint()?, true)
     };
     match cli.command {
-        Command::Image { command } => commands::image::run(&mut connect()?, command, cli.json),
-        Command::Kernel { command } => commands::kernel::run(&mut connect()?, command, cli.json),
+        // Imports stream their files to a daemon that does not share this filesystem.
+        Command::Image { command } => {
+            let endpoint = endpoint()?;
+            let mut client = banger_client::transport::connect(&endpoint, true)?;
+            commands::image::run(&mut client, command, cli.json, endpoint.is_local())
+        }
+        Command::Kernel { command } => {
+            let endpoint = endpoint()?;
+            let mut client = banger_client::transport::connect(&endpoint, true)?;
+            commands::kernel::run(&mut client, command, cli.json, endpoint.is_local())
+        }
         Command::Vm { command } => commands::vm::run(&mut connect()?, command, cli.json),
         Command::Daemon { command } => commands::daemon::run(&endpoint()?, command, cli.json),
         Command::Context { command } => commands::context::run(

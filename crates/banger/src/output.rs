@@ -49,6 +49,91 @@ pub fn call_showing_progress<M: banger_api::Method>(
     result.map_err(anyhow::Error::from)
 }
 
+/// A file the CLI streams to its daemon instead of naming its path: open, with the
+/// [`banger_api::StreamedFile`] declaring it.
+pub struct FileToStream {
+    file: std::fs::File,
+    /// What the call's params declare.
+    pub declared: banger_api::StreamedFile,
+    path: std::path::PathBuf,
+}
+
+impl FileToStream {
+    /// Opens `path` (a regular file; `what` names it in messages) to stream to `peer`.
+    pub fn open(path: &std::path::Path, what: &str, peer: &str) -> anyhow::Result<FileToStream> {
+        let file = std::fs::File::open(path)
+            .with_context(|| format!("open {what} {} to stream to {peer}", path.display()))?;
+        let meta = file
+            .metadata()
+            .with_context(|| format!("stat {what} {}", path.display()))?;
+        if !meta.is_file() {
+            anyhow::bail!(
+                "{what} {} is not a regular file: only a file can be streamed to the daemon at {peer}",
+                path.display()
+            );
+        }
+        let file_name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Ok(FileToStream {
+            file,
+            declared: banger_api::StreamedFile {
+                bytes: meta.len(),
+                file_name,
+            },
+            path: path.to_owned(),
+        })
+    }
+}
+
+/// Calls `M` while streaming `upload` as the call's `upload` notifications (exactly its
+/// declared bytes, then the end), drawing progress as [`call_showing_progress`] does.
+pub fn call_streaming<M: banger_api::Method>(
+    client: &mut Client,
+    params: &M::Params,
+    upload: FileToStream,
+    json: bool,
+) -> anyhow::Result<M::Result> {
+    let mut bars = progress::Bars::new(!json && std::io::stderr().is_terminal());
+    let result = client.call_with_input::<M>(
+        params,
+        |note| {
+            if note.method == banger_api::PROGRESS_NOTIFICATION {
+                if let Ok(p) = serde_json::from_value(note.params) {
+                    bars.update(&p);
+                }
+            }
+        },
+        |input| {
+            std::thread::Builder::new()
+                .name("banger-upload".into())
+                .spawn(move || {
+                    use std::io::Read;
+                    let FileToStream {
+                        file,
+                        declared,
+                        path,
+                    } = upload;
+                    let mut writer = banger_client::workspace::UploadWriter::new(input.clone());
+                    // Exactly what was declared: a file that grew meanwhile is cut, one
+                    // that shrank ends short (and the daemon says so).
+                    let copied = std::io::copy(&mut file.take(declared.bytes), &mut writer);
+                    if let Err(e) = copied {
+                        if input.is_done() {
+                            return;
+                        }
+                        eprintln!("banger: read {}: {e}", path.display());
+                    }
+                    let _ = writer.finish();
+                })
+                .map(drop)
+        },
+    );
+    bars.finish();
+    result.map_err(anyhow::Error::from)
+}
+
 /// Prints a failure: on stderr always (with the error kind and op_id the daemon gave), and
 /// as `{"error": …}` on stdout with `--json`.
 pub fn report_error(error: &anyhow::Error, json: bool) {

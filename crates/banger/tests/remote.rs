@@ -304,3 +304,212 @@ fn contexts_are_created_chosen_listed_and_removed_and_bad_hosts_refused() {
         "back to default: {listed}"
     );
 }
+
+/// One request then its upload lines; the reply (notifications skipped).
+fn call_streaming(conn: &mut support::Conn, request: Value, upload: &[u8]) -> Value {
+    use base64::Engine as _;
+    let mut lines = serde_json::to_vec(&request).unwrap();
+    lines.push(b'\n');
+    let id = request["id"].clone();
+    for chunk in upload.chunks(32 * 1024) {
+        let note = serde_json::json!({"jsonrpc": "2.0", "method": "upload", "params": {
+            "id": id, "data": base64::engine::general_purpose::STANDARD.encode(chunk)}});
+        lines.extend(serde_json::to_vec(&note).unwrap());
+        lines.push(b'\n');
+    }
+    let end = serde_json::json!({"jsonrpc": "2.0", "method": "upload", "params": {"id": id, "eof": true}});
+    lines.extend(serde_json::to_vec(&end).unwrap());
+    lines.push(b'\n');
+    conn.send_raw(&lines);
+    loop {
+        let value = conn.read_json();
+        if value.get("id").is_some() {
+            return value;
+        }
+    }
+}
+
+#[test]
+fn streamed_imports_are_bounded_checked_and_leave_no_staging() {
+    let install = Install::new();
+    install.write_config("kernel_max_payload_bytes = 8\n");
+    let out = install.banger(&["image", "list"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let mut conn = install.connect();
+    let refused = |reply: &Value, needle: &str| {
+        assert_eq!(reply["error"]["data"]["kind"], "bad_request", "{reply}");
+        assert!(reply["error"]["data"]["op_id"].is_string(), "{reply}");
+        let message = reply["error"]["message"].as_str().unwrap();
+        assert!(message.contains(needle), "{needle}: {message}");
+    };
+    // Declared over the limit: refused before a byte is read, naming the limit.
+    let reply = conn.call(
+        serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "image.import",
+        "params": {"stream": {"bytes": 1u64 << 40, "file_name": "huge.tar"}}}),
+    );
+    refused(&reply, "MAX_IMAGE_IMPORT_UPLOAD_BYTES");
+    refused(&reply, "huge.tar");
+    // A peer sending more than it declared.
+    let reply = call_streaming(
+        &mut conn,
+        serde_json::json!({"jsonrpc": "2.0", "id": 2, "method": "image.import",
+            "params": {"stream": {"bytes": 10, "file_name": "liar.tar"}}}),
+        &[7u8; 100],
+    );
+    refused(&reply, "declared 10 bytes");
+    // Garbage of the declared size: the archive checks refuse it, naming the input.
+    let reply = call_streaming(
+        &mut conn,
+        serde_json::json!({"jsonrpc": "2.0", "id": 3, "method": "image.import",
+            "params": {"stream": {"bytes": 5, "file_name": "junk.tar"}}}),
+        b"hello",
+    );
+    refused(&reply, "junk.tar");
+    let reply = conn.call(
+        serde_json::json!({"jsonrpc": "2.0", "id": 4, "method": "image.import",
+        "params": {"path": "/x.tar", "stream": {"bytes": 1, "file_name": "x.tar"}}}),
+    );
+    refused(&reply, "exclude each other");
+    // A .deb over kernel_max_payload_bytes, declared or streamed.
+    let reply = conn.call(
+        serde_json::json!({"jsonrpc": "2.0", "id": 5, "method": "kernel.import",
+        "params": {"name": "k", "deb_stream": {"bytes": 9, "file_name": "big.deb"}}}),
+    );
+    refused(&reply, "kernel_max_payload_bytes");
+    let reply = call_streaming(
+        &mut conn,
+        serde_json::json!({"jsonrpc": "2.0", "id": 6, "method": "kernel.import",
+            "params": {"name": "k", "deb_stream": {"bytes": 8, "file_name": "bad.deb"}}}),
+        &[1u8; 64],
+    );
+    refused(&reply, "kernel_max_payload_bytes");
+    let reply = call_streaming(
+        &mut conn,
+        serde_json::json!({"jsonrpc": "2.0", "id": 7, "method": "kernel.import",
+            "params": {"name": "k", "deb_stream": {"bytes": 8, "file_name": "bad.deb"}}}),
+        b"notadeb!",
+    );
+    assert!(
+        reply["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("bad.deb"),
+        "{reply}"
+    );
+    // Nothing staged is left behind.
+    let leftovers = |dir: std::path::PathBuf| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|e| {
+                e.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !leftovers(install.state_dir().join("staging")).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            leftovers(install.state_dir().join("staging"))
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let kernels = leftovers(install.state_dir().join("kernels"));
+    assert!(
+        kernels.iter().all(|k| !k.starts_with(".kernel-import")),
+        "{kernels:?}"
+    );
+}
+
+#[test]
+fn image_and_kernel_imports_stream_their_files_to_a_remote_daemon_over_real_sshd() {
+    if !banger_testkit::require(
+        Path::new("/usr/sbin/sshd").is_file() && Command::new("ssh").arg("-V").output().is_ok(),
+        "OpenSSH is not installed (scripts/setup.sh installs openssh-server)",
+    ) || !banger_testkit::require(
+        rustix::process::geteuid().is_root(),
+        "needs root (sshd, a mount namespace)",
+    ) {
+        return;
+    }
+    let Some((agent, deb)) = guest_parts() else {
+        return;
+    };
+    let remote = Install::new();
+    remote.write_config("vmm = \"qemu\"\nnetwork = \"user\"\n");
+    let sshd_dir = tempfile::tempdir().unwrap();
+    let client = {
+        let mut client = Install::new();
+        client.extra_env.push((
+            "BANGER_SSH".into(),
+            format!("ssh -F {}/ssh_config", sshd_dir.path().display()).into(),
+        ));
+        client
+    };
+    // The files, where only the client can read them.
+    let layout_dir = client.dir.path().join("layout");
+    let mut layout = OciLayoutBuilder::new(&layout_dir).unwrap();
+    layout
+        .image("v1", &[(guest::busybox_layer(), LayerCompression::Gzip)])
+        .unwrap();
+    let tarball = client.dir.path().join("saved.tar");
+    run(Command::new("skopeo")
+        .args(["--insecure-policy", "copy", "-q"])
+        .arg(format!("oci:{}:v1", layout_dir.display()))
+        .arg(format!("docker-archive:{}:fixture:v1", tarball.display())));
+    let client_deb = client.dir.path().join("kernel.deb");
+    std::fs::copy(deb, &client_deb).unwrap();
+    let sshd = start_sshd(sshd_dir.path(), &remote, agent, client.dir.path());
+    let host = format!("ssh://root@127.0.0.1:{}", sshd.port);
+    let banger = env!("CARGO_BIN_EXE_banger");
+    let call = |rest: &[&str]| {
+        let mut a = vec!["--host", &host, "--remote-banger", banger];
+        a.extend_from_slice(rest);
+        client.banger(&a)
+    };
+
+    let out = call(&[
+        "image",
+        "import",
+        tarball.to_str().unwrap(),
+        "--name",
+        "streamed",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = call(&["--json", "image", "list"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let images: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(images["images"][0]["name"], "streamed", "{images}");
+    assert_eq!(
+        images["images"][0]["reference"], "upload:saved.tar",
+        "{images}"
+    );
+
+    // A layout directory is refused, saying what to do.
+    let out = call(&["image", "import", layout_dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("docker-archive"), "{}", stderr(&out));
+
+    let out = call(&[
+        "kernel",
+        "import",
+        "cloud",
+        "--deb",
+        client_deb.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = call(&["--json", "kernel", "list"]);
+    assert!(stdout(&out).contains("\"cloud\""), "{}", stdout(&out));
+    let kernels: Vec<String> = std::fs::read_dir(remote.state_dir().join("kernels"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        kernels.iter().all(|k| !k.starts_with(".kernel-import")),
+        "{kernels:?}"
+    );
+
+    let out = call(&["daemon", "stop"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    drop(sshd);
+}

@@ -56,9 +56,9 @@ impl Dispatch {
         });
         d.route::<ImageShow, _, _>(|s, _, p| async move { s.image.show(&p.name) });
         d.route::<ImageRm, _, _>(|s, _, p| async move { s.image.remove(&p.name) });
-        d.route::<KernelImport, _, _>(|s, _, p| async move {
+        d.route::<KernelImport, _, _>(|s, ctx, p| async move {
             let kernels = Arc::clone(&s.kernel);
-            blocking(move || kernels.import(&p)).await
+            blocking(move || kernels.import_call(&ctx, &p)).await
         });
         d.route::<KernelPull, _, _>(|s, _, p| async move {
             crate::services::kernel_pull::pull(&s.image, std::sync::Arc::clone(&s.kernel), p).await

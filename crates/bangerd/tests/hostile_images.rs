@@ -176,7 +176,8 @@ async fn lying_diff_ids_are_refused_with_an_empty_cache() {
 
 fn import_params(path: &Path, name: &str) -> ImageImportParams {
     ImageImportParams {
-        path: path.display().to_string(),
+        path: Some(path.display().to_string()),
+        stream: None,
         name: Some(name.into()),
         size_bytes: None,
     }

@@ -144,6 +144,7 @@ fn an_oversized_kernel_payload_is_refused_naming_the_limit() {
         .import(&banger_api::KernelImportParams {
             name: "huge".into(),
             deb: Some(deb.display().to_string()),
+            deb_stream: None,
             kernel: None,
             modules: None,
             initrd: None,

@@ -11,7 +11,7 @@ use banger_client::rpc::Client;
 use clap::Subcommand;
 
 use crate::format;
-use crate::output::{call, call_showing_progress, emit};
+use crate::output::{call, call_showing_progress, call_streaming, emit, FileToStream};
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
@@ -76,7 +76,15 @@ pub enum CacheCommand {
 }
 
 /// Runs one `banger image` command.
-pub fn run(client: &mut Client, command: ImageCommand, json: bool) -> anyhow::Result<ExitCode> {
+///
+/// `local`: the daemon shares this filesystem, so `import` names the path; otherwise the
+/// CLI streams the file over the connection.
+pub fn run(
+    client: &mut Client,
+    command: ImageCommand,
+    json: bool,
+    local: bool,
+) -> anyhow::Result<ExitCode> {
     match command {
         ImageCommand::Pull {
             reference,
@@ -103,12 +111,39 @@ pub fn run(client: &mut Client, command: ImageCommand, json: bool) -> anyhow::Re
             // The daemon has its own working directory: send an absolute path.
             let path = std::path::absolute(&path)
                 .with_context(|| format!("resolve {}", path.display()))?;
-            let params = ImageImportParams {
-                path: path.display().to_string(),
-                name,
-                size_bytes: size,
+            let info = if local {
+                let params = ImageImportParams {
+                    path: Some(path.display().to_string()),
+                    stream: None,
+                    name,
+                    size_bytes: size,
+                };
+                call_showing_progress::<ImageImport>(client, &params, json)?
+            } else {
+                let peer = client.peer().to_owned();
+                // An OCI layout directory (DIR or DIR:TAG) is not streamed: refused here,
+                // saying how to make the one file that is.
+                let named_dir = path.is_dir()
+                    || (!path.exists()
+                        && path
+                            .to_str()
+                            .and_then(|p| p.rsplit_once(':'))
+                            .is_some_and(|(dir, _)| std::path::Path::new(dir).is_dir()));
+                if named_dir {
+                    anyhow::bail!(
+                        "{} is a directory (an OCI layout): only a docker-archive tarball is streamed to the daemon at {peer};                          make one (skopeo copy oci:DIR[:TAG] docker-archive:FILE.tar) and import that",
+                        path.display()
+                    );
+                }
+                let upload = FileToStream::open(&path, "image archive", &peer)?;
+                let params = ImageImportParams {
+                    path: None,
+                    stream: Some(upload.declared.clone()),
+                    name,
+                    size_bytes: size,
+                };
+                call_streaming::<ImageImport>(client, &params, upload, json)?
             };
-            let info = call_showing_progress::<ImageImport>(client, &params, json)?;
             emit(json, &info, |info| {
                 println!(
                     "imported {} as {} ({})",

@@ -10,7 +10,7 @@ use banger_api::{
 use banger_client::rpc::Client;
 use clap::Subcommand;
 
-use crate::output::{call, emit};
+use crate::output::{call, call_streaming, emit, FileToStream};
 
 #[derive(Debug, Subcommand)]
 pub enum KernelCommand {
@@ -79,7 +79,15 @@ fn print_kernel_line(info: &KernelInfo) {
 }
 
 /// Runs one `banger kernel` command.
-pub fn run(client: &mut Client, command: KernelCommand, json: bool) -> anyhow::Result<ExitCode> {
+///
+/// `local`: the daemon shares this filesystem, so `import` names paths; otherwise the CLI
+/// streams the `--deb` over the connection.
+pub fn run(
+    client: &mut Client,
+    command: KernelCommand,
+    json: bool,
+    local: bool,
+) -> anyhow::Result<ExitCode> {
     match command {
         KernelCommand::Import {
             name,
@@ -97,14 +105,40 @@ pub fn run(client: &mut Client, command: KernelCommand, json: bool) -> anyhow::R
                 })
                 .transpose()
             };
-            let params = KernelImportParams {
-                name,
-                deb: absolute(deb)?,
-                kernel: absolute(kernel)?,
-                modules: absolute(modules)?,
-                initrd: absolute(initrd)?,
+            let info = if local {
+                let params = KernelImportParams {
+                    name,
+                    deb: absolute(deb)?,
+                    deb_stream: None,
+                    kernel: absolute(kernel)?,
+                    modules: absolute(modules)?,
+                    initrd: absolute(initrd)?,
+                };
+                call::<KernelImport>(client, &params)?
+            } else {
+                let peer = client.peer().to_owned();
+                let Some(deb) = deb else {
+                    anyhow::bail!(
+                        "the daemon at {peer} is on another host: only --deb is streamed to it (--kernel, --modules and --initrd name paths it cannot read)"
+                    );
+                };
+                if kernel.is_some() || modules.is_some() || initrd.is_some() {
+                    anyhow::bail!(
+                        "the daemon at {peer} is on another host: --deb is streamed, but --kernel, --modules and --initrd name paths it cannot read; give --deb alone"
+                    );
+                }
+                let upload = FileToStream::open(&deb, "kernel package", &peer)?;
+                let params = KernelImportParams {
+                    name,
+                    deb: None,
+                    deb_stream: Some(upload.declared.clone()),
+                    kernel: None,
+                    modules: None,
+                    initrd: None,
+                };
+                call_streaming::<KernelImport>(client, &params, upload, json)?
             };
-            emit(json, &call::<KernelImport>(client, &params)?, |info| {
+            emit(json, &info, |info| {
                 println!("imported kernel {} ({})", info.name, info.version)
             })?;
         }

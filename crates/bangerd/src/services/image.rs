@@ -25,7 +25,7 @@ use futures::StreamExt;
 use rusqlite::{params, OptionalExtension};
 
 use crate::layout::Layout;
-use crate::services::{decode_ahead, CallContext};
+use crate::services::{decode_ahead, upload, CallContext};
 use crate::store::Store;
 use crate::ServiceError;
 
@@ -296,22 +296,77 @@ impl ImageService {
         ctx: &CallContext,
         params: ImageImportParams,
     ) -> Result<ImageInfo, ServiceError> {
-        let (path, tag) = split_import_path(&params.path);
-        if !path.is_absolute() {
-            return Err(ServiceError::bad_request(format!(
-                "import path {:?} must be absolute (the daemon has its own working directory)",
-                params.path
-            )));
-        }
-        let meta = std::fs::metadata(&path).map_err(|e| {
-            ServiceError::not_found(format!("cannot import {}: {e}", path.display()))
-        })?;
-        let name = match params.name.clone() {
-            Some(name) => name,
-            None => default_import_name(&path, tag.as_deref()),
+        let (name, path, tag, is_dir, reference, staged) = match (&params.path, &params.stream) {
+            (Some(_), Some(_)) => {
+                return Err(ServiceError::bad_request(
+                    "path and stream exclude each other: give one (path: on the daemon's host; stream: uploaded over the connection)",
+                ))
+            }
+            (None, None) => {
+                return Err(ServiceError::bad_request(
+                    "give path (an OCI layout directory or docker archive on the daemon's host) or stream (a docker archive uploaded over the connection)",
+                ))
+            }
+            (Some(given), None) => {
+                let (path, tag) = split_import_path(given);
+                if !path.is_absolute() {
+                    return Err(ServiceError::bad_request(format!(
+                        "import path {given:?} must be absolute (the daemon has its own working directory)"
+                    )));
+                }
+                let meta = std::fs::metadata(&path).map_err(|e| {
+                    ServiceError::not_found(format!("cannot import {}: {e}", path.display()))
+                })?;
+                let name = match params.name.clone() {
+                    Some(name) => name,
+                    None => default_import_name(&path, tag.as_deref()),
+                };
+                validate_image_name(&name)?;
+                self.ensure_name_free(&name)?;
+                (name, path, tag, meta.is_dir(), given.clone(), None)
+            }
+            (None, Some(stream)) => {
+                let name = match params.name.clone() {
+                    Some(name) => name,
+                    None => default_import_name(Path::new(&stream.file_name), None),
+                };
+                validate_image_name(&name)?;
+                // Refused before the upload is read: nothing is received for a taken
+                // name or an oversized stream.
+                self.ensure_name_free(&name)?;
+                upload::check_declared(
+                    "stream",
+                    stream,
+                    IMAGE_UPLOAD_LIMIT,
+                )?;
+                let staged = {
+                    let ctx = ctx.clone();
+                    let stream = stream.clone();
+                    let parent = self.layout.staging_dir();
+                    crate::span::spawn_blocking(move || {
+                        upload::receive_file(
+                            &ctx,
+                            "stream",
+                            &stream,
+                            IMAGE_UPLOAD_LIMIT,
+                            &parent,
+                            "upload-",
+                            "upload.tar",
+                        )
+                    })
+                    .await
+                    .map_err(|e| anyhow::anyhow!("upload task panicked: {e}"))??
+                };
+                (
+                    name,
+                    staged.path().to_owned(),
+                    None,
+                    false,
+                    format!("upload:{}", stream.file_name),
+                    Some(staged),
+                )
+            }
         };
-        validate_image_name(&name)?;
-        self.ensure_name_free(&name)?;
         // A docker archive is unpacked under staging so it is cleaned up like any build.
         let unpack_dir = self
             .layout
@@ -320,7 +375,6 @@ impl ImageService {
         let read = {
             let path = path.clone();
             let unpack_dir = unpack_dir.clone();
-            let is_dir = meta.is_dir();
             crate::span::spawn_blocking(move || {
                 if is_dir {
                     archive::read_oci_layout(&path, tag.as_deref())
@@ -331,11 +385,16 @@ impl ImageService {
             .await
             .map_err(|e| anyhow::anyhow!("import task panicked: {e}"))?
         };
+        // Its layers are unpacked under `unpack_dir` now: the tarball can go.
+        drop(staged);
         let image = match read {
             Ok(image) => image,
             Err(e) => {
                 let _ = remove_any(&unpack_dir);
-                return Err(ServiceError::bad_request(format!("{e:#}")));
+                return Err(ServiceError::bad_request(match &params.stream {
+                    Some(stream) => format!("streamed {:?}: {e:#}", stream.file_name),
+                    None => format!("{e:#}"),
+                }));
             }
         };
         let diff_ids = match diff_ids(&image.raw_config, image.layers.len()) {
@@ -361,7 +420,7 @@ impl ImageService {
         self.publish(
             built?,
             &name,
-            &params.path,
+            &reference,
             &image.manifest_digest.to_string(),
             &image.config_digest.to_string(),
         )
@@ -1182,6 +1241,12 @@ fn remove_templates_of(templates: &Path, id: &str) {
         }
     }
 }
+
+/// What a streamed `image.import` tarball may weigh.
+const IMAGE_UPLOAD_LIMIT: upload::UploadLimit = upload::UploadLimit {
+    bytes: upload::MAX_IMAGE_IMPORT_UPLOAD_BYTES,
+    name: "MAX_IMAGE_IMPORT_UPLOAD_BYTES",
+};
 
 fn remove_any(path: &Path) -> std::io::Result<()> {
     match std::fs::symlink_metadata(path) {

@@ -13,6 +13,7 @@ use banger_vmm::kernel::{import_deb, import_files, KernelDir, KernelFiles, GUEST
 use rusqlite::OptionalExtension;
 
 use crate::layout::Layout;
+use crate::services::{upload, CallContext};
 use crate::store::Store;
 use crate::ServiceError;
 
@@ -20,6 +21,11 @@ use crate::ServiceError;
 pub const INITRAMFS: &str = "initramfs.cpio";
 /// The caller's initramfs (`initrd` at import), copied into the kernel directory.
 pub const CUSTOM_INITRD: &str = "initrd.custom";
+
+/// Name prefix of the staging directory a streamed `.deb` is received into, next to the
+/// kernel dirs: one of [`banger_vmm::kernel::IMPORT_STAGING_PREFIXES`], so start-up
+/// removes what a crash leaves.
+const STREAM_STAGING_PREFIX: &str = ".kernel-import-upload-";
 
 /// `initrd` of a kernel booting banger's initramfs.
 const INITRD_BANGER: &str = "banger";
@@ -105,6 +111,14 @@ impl KernelService {
         Ok(())
     }
 
+    /// [`KernelService::max_payload`] for a streamed file.
+    fn upload_limit(&self) -> upload::UploadLimit {
+        upload::UploadLimit {
+            bytes: self.max_payload,
+            name: "kernel_max_payload_bytes",
+        }
+    }
+
     /// The biggest input file an import reads (`kernel_max_payload_bytes`).
     pub fn max_payload(&self) -> u64 {
         self.max_payload
@@ -146,6 +160,60 @@ impl KernelService {
         Ok(removed)
     }
 
+    /// [`KernelService::import`], taking a `deb_stream` from the call's upload: received
+    /// into a private staging directory under the kernels directory (removed on every
+    /// exit), then imported exactly as a `deb` on this host is. Blocking.
+    pub fn import_call(
+        &self,
+        ctx: &CallContext,
+        params: &KernelImportParams,
+    ) -> Result<KernelInfo, ServiceError> {
+        let Some(stream) = &params.deb_stream else {
+            return self.import(params);
+        };
+        if params.deb.is_some() || params.kernel.is_some() {
+            return Err(ServiceError::bad_request(
+                "deb_stream excludes deb and kernel: give one (deb_stream: a linux-image-*.deb uploaded over the connection)",
+            ));
+        }
+        if params.modules.is_some() || params.initrd.is_some() {
+            return Err(ServiceError::bad_request(
+                "deb_stream takes no modules or initrd (paths on the daemon's host): a deb brings its own modules",
+            ));
+        }
+        crate::services::vm::validate_name("kernel", &params.name)?;
+        // Refused before the upload is read.
+        upload::check_declared("deb_stream", stream, self.upload_limit())?;
+        if self.find(&params.name)?.is_some() {
+            return Err(ServiceError::already_exists(format!(
+                "a kernel named {:?} already exists",
+                params.name
+            )));
+        }
+        let staged = upload::receive_file(
+            ctx,
+            "deb_stream",
+            stream,
+            self.upload_limit(),
+            &self.layout.kernels_dir(),
+            STREAM_STAGING_PREFIX,
+            "upload.deb",
+        )?;
+        let local = KernelImportParams {
+            deb: Some(staged.path().display().to_string()),
+            deb_stream: None,
+            ..params.clone()
+        };
+        let imported = self.import(&local);
+        drop(staged);
+        imported.map_err(|e| ServiceError {
+            kind: e.kind,
+            error: e
+                .error
+                .context(format!("import streamed deb {:?}", stream.file_name)),
+        })
+    }
+
     /// Imports `params.deb`, or `params.kernel` with `params.modules`, as `params.name`:
     /// an uncompressed vmlinux, the virtio, ext4 and vsock modules (when there are any),
     /// and banger's initramfs, or a copy of `params.initrd` in its place.
@@ -155,6 +223,11 @@ impl KernelService {
         if params.modules.is_some() && params.initrd.is_some() {
             return Err(ServiceError::bad_request(
                 "modules and initrd exclude each other: modules go into banger's initramfs, which initrd replaces",
+            ));
+        }
+        if params.deb_stream.is_some() {
+            return Err(ServiceError::bad_request(
+                "deb_stream needs the caller's connection to upload over (kernel.import over RPC)",
             ));
         }
         let source = match (&params.deb, &params.kernel) {

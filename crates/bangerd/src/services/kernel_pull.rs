@@ -160,6 +160,7 @@ fn pull_apt(
     let kernel = kernels.import(&KernelImportParams {
         name,
         deb: Some(deb.display().to_string()),
+        deb_stream: None,
         kernel: None,
         modules: None,
         initrd: None,
@@ -321,6 +322,7 @@ async fn pull_oci(
         let kernel = kernels.import(&KernelImportParams {
             name,
             deb: None,
+            deb_stream: None,
             kernel: Some(kernel_path.display().to_string()),
             modules: modules.map(|m| m.display().to_string()),
             initrd: initrd.map(|i| i.display().to_string()),

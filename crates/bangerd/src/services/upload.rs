@@ -186,6 +186,201 @@ pub fn receive_into_keeping(
     Ok(total)
 }
 
+/// Most bytes one streamed `image.import` tarball may carry (`stream.bytes`); a larger one
+/// is refused before a byte is read, naming this limit.
+pub const MAX_IMAGE_IMPORT_UPLOAD_BYTES: u64 = 64 << 30;
+
+/// How often (bytes) a streamed file's receipt reports progress.
+const PROGRESS_EVERY: u64 = 8 << 20;
+
+/// A private staging directory for one streamed file, removed (with whatever it holds)
+/// when dropped: every exit path of the import that uses it.
+#[derive(Debug)]
+pub struct StagedUpload {
+    dir: std::path::PathBuf,
+    file: std::path::PathBuf,
+}
+
+impl StagedUpload {
+    /// The staged file.
+    pub fn path(&self) -> &Path {
+        &self.file
+    }
+}
+
+impl Drop for StagedUpload {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "cannot remove an upload's staging directory");
+            }
+        }
+    }
+}
+
+/// The caller's file name as one plain path component (else `fallback`): what the
+/// staged file is called, so messages about it name the caller's input.
+fn staged_name(file_name: &str, fallback: &str) -> String {
+    let plain = !file_name.is_empty()
+        && file_name.len() <= MAX_WORKSPACE_NAME
+        && file_name != "."
+        && file_name != ".."
+        && !file_name.contains('/')
+        && !file_name.contains('\0')
+        && !file_name.starts_with('.');
+    if plain {
+        file_name.to_owned()
+    } else {
+        fallback.to_owned()
+    }
+}
+
+/// The most bytes a streamed file may have, and the constant or config key that says so
+/// (named in refusals).
+#[derive(Debug, Clone, Copy)]
+pub struct UploadLimit {
+    /// Bytes.
+    pub bytes: u64,
+    /// `MAX_IMAGE_IMPORT_UPLOAD_BYTES`, `kernel_max_payload_bytes`…
+    pub name: &'static str,
+}
+
+/// Refuses a streamed file whose declared size is over `limit`, before anything is read.
+pub fn check_declared(
+    param: &str,
+    stream: &banger_api::StreamedFile,
+    limit: UploadLimit,
+) -> Result<(), ServiceError> {
+    let UploadLimit {
+        bytes: limit,
+        name: limit_name,
+    } = limit;
+    if stream.bytes > limit {
+        return Err(ServiceError::bad_request(format!(
+            "{param} {:?} is {} bytes, more than the limit of {limit} ({limit_name})",
+            stream.file_name, stream.bytes
+        )));
+    }
+    Ok(())
+}
+
+/// Receives the call's upload, which must be exactly `stream.bytes` bytes and at most
+/// `limit`, into a fresh private directory
+/// `<parent>/<prefix><random>/` (0700; the file 0600, created new): the daemon's memory
+/// holds one chunk at a time whatever the caller sends. Blocking. The directory goes
+/// when the returned guard drops, and on every failure here.
+pub fn receive_file(
+    ctx: &CallContext,
+    param: &str,
+    stream: &banger_api::StreamedFile,
+    limit: UploadLimit,
+    parent: &Path,
+    prefix: &str,
+    fallback_name: &str,
+) -> Result<StagedUpload, ServiceError> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    check_declared(param, stream, limit)?;
+    let UploadLimit {
+        bytes: limit,
+        name: limit_name,
+    } = limit;
+    std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
+    let dir = parent.join(format!(
+        "{prefix}{}",
+        hex::encode(rand::random::<[u8; 8]>())
+    ));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("create {}", dir.display()))?;
+    let staged = StagedUpload {
+        file: dir.join(staged_name(&stream.file_name, fallback_name)),
+        dir,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&staged.file)
+        .with_context(|| format!("create {}", staged.file.display()))?;
+    let input = ctx
+        .take_input()
+        .context("no connection to receive the upload from")?;
+    let mut reader = UploadReader::new(input);
+    let task = format!("upload {}", stream.file_name);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got: u64 = 0;
+    let mut reported: u64 = 0;
+    // A failure writing or syncing the staging file is the daemon's, not the caller's.
+    let mut ours = false;
+    let outcome = loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => break Err(anyhow::Error::new(e)),
+        };
+        got += n as u64;
+        if got > stream.bytes || got > limit {
+            break Err(anyhow::anyhow!(
+                "the stream passed its declared {} bytes or the limit of {limit} ({limit_name})",
+                stream.bytes
+            ));
+        }
+        if let Err(e) = file.write_all(&buf[..n]) {
+            ours = true;
+            break Err(anyhow::Error::new(e).context(format!("write {}", staged.file.display())));
+        }
+        if got - reported >= PROGRESS_EVERY {
+            reported = got;
+            ctx.progress(banger_api::Progress {
+                task: task.clone(),
+                message: "receiving".into(),
+                current: got,
+                total: Some(stream.bytes),
+                done: false,
+            });
+        }
+    };
+    ctx.restore_input(reader.into_input());
+    outcome
+        .and_then(|()| {
+            if got != stream.bytes {
+                anyhow::bail!(
+                    "the stream ended after {got} of its declared {} bytes",
+                    stream.bytes
+                );
+            }
+            file.sync_all().map_err(|e| {
+                ours = true;
+                anyhow::Error::new(e).context(format!("sync {}", staged.file.display()))
+            })
+        })
+        .map_err(|e| {
+            let kind = if ours {
+                banger_api::ErrorKind::OperationFailed
+            } else {
+                banger_api::ErrorKind::BadRequest
+            };
+            ServiceError::new(
+                kind,
+                e.context(format!(
+                    "receive {param} {:?} ({got} bytes received)",
+                    stream.file_name
+                )),
+            )
+        })?;
+    ctx.progress(banger_api::Progress {
+        task,
+        message: "received".into(),
+        current: got,
+        total: Some(stream.bytes),
+        done: true,
+    });
+    Ok(staged)
+}
+
 /// A reader that copies what it reads into `keep`.
 struct Tee<'a> {
     inner: &'a mut UploadReader,
