@@ -19,7 +19,8 @@ use anyhow::{bail, Context};
 use banger_agent::proto::{ExecRequest, ExitStatus};
 use banger_api::{ExecResult, SshHost, VmInfo, VmSshConfigParams, VmSshConfigResult};
 
-use super::{run_tool, Stdio, VmService};
+use super::exec::Stdio;
+use super::{run_tool, VmService};
 use crate::services::CallContext;
 use crate::ServiceError;
 
