@@ -494,5 +494,5 @@ fn vm_logs_tail(dir: &Path) -> String {
     .join("; ")
 }
 
-// One way to run a host tool and one way to grow a raw disk, shared with the disk service.
-pub(super) use crate::services::disk::{grow_disk, run_tool};
+// One way to grow a raw disk, shared with the disk service.
+pub(super) use crate::services::disk::grow_disk;
