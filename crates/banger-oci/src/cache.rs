@@ -50,23 +50,12 @@ pub enum CacheError {
         actual: u64,
     },
     /// A filesystem operation failed.
-    #[error("{what} {path}: {source}")]
-    Io {
-        /// The step that failed.
-        what: &'static str,
-        /// Where.
-        path: PathBuf,
-        /// Why.
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] banger_io::IoError),
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CacheError + 'a {
-    move |source| CacheError::Io {
-        what,
-        path: path.to_owned(),
-        source,
-    }
+    move |source| CacheError::Io(banger_io::IoError::new(what, path, source))
 }
 
 /// The blob cache rooted at `<cache>/oci`.
@@ -758,11 +747,11 @@ impl BlobWriter {
                     return Ok(cache.blob_path(&actual));
                 };
                 let Some(file) = file else {
-                    return Err(CacheError::Io {
-                        what: "keep uncompressed copy",
-                        path: cache.blob_path(&actual),
-                        source: io::Error::other("the copy was not written in full"),
-                    });
+                    return Err(CacheError::Io(banger_io::IoError::new(
+                        "keep uncompressed copy",
+                        cache.blob_path(&actual),
+                        io::Error::other("the copy was not written in full"),
+                    )));
                 };
                 let target = link_verified(&cache, file, &actual)?;
                 let _guard = cache.lock_leases();
@@ -772,10 +761,12 @@ impl BlobWriter {
                     actual.to_string().as_bytes(),
                     rustix::fs::XattrFlags::empty(),
                 )
-                .map_err(|errno| CacheError::Io {
-                    what: "record the uncompressed copy of",
-                    path: cache.blob_path(&of),
-                    source: errno.into(),
+                .map_err(|errno| {
+                    CacheError::Io(banger_io::IoError::new(
+                        "record the uncompressed copy of",
+                        cache.blob_path(&of),
+                        errno.into(),
+                    ))
                 })?;
                 return Ok(target);
             }
@@ -828,11 +819,11 @@ fn link_verified(
     };
     match result {
         Ok(()) | Err(rustix::io::Errno::EXIST) => Ok(target),
-        Err(errno) => Err(CacheError::Io {
-            what: "link verified blob",
-            path: target,
-            source: errno.into(),
-        }),
+        Err(errno) => Err(CacheError::Io(banger_io::IoError::new(
+            "link verified blob",
+            target,
+            errno.into(),
+        ))),
     }
 }
 

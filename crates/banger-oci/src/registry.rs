@@ -749,11 +749,11 @@ impl RegistryClient {
                 .writer(digest, Some(layer.size))
                 .map_err(|source| RegistryError::Cache {
                     digest: digest.clone(),
-                    source: CacheError::Io {
-                        what: "create blob file",
-                        path: cache.root().to_owned(),
+                    source: CacheError::Io(banger_io::IoError::new(
+                        "create blob file",
+                        cache.root().to_owned(),
                         source,
-                    },
+                    )),
                 })?;
         // File writes happen on a blocking thread so a slow disk does not stall the runtime;
         // the channel bounds how much downloaded data can queue up in memory.
@@ -862,10 +862,12 @@ fn write_blob<B: AsRef<[u8]>>(
     mut writer: crate::cache::BlobWriter,
     mut rx: tokio::sync::mpsc::Receiver<Chunk<B>>,
 ) -> Result<(), CacheError> {
-    let io = |source| CacheError::Io {
-        what: "write blob",
-        path: PathBuf::from("<unnamed>"),
-        source,
+    let io = |source| {
+        CacheError::Io(banger_io::IoError::new(
+            "write blob",
+            PathBuf::from("<unnamed>"),
+            source,
+        ))
     };
     while let Some(chunk) = rx.blocking_recv() {
         match chunk {
@@ -886,11 +888,11 @@ fn store_bytes(cache: &Arc<BlobCache>, digest: &Digest, bytes: &[u8]) -> Result<
         source,
     };
     let io = |source| {
-        cache_err(CacheError::Io {
-            what: "write blob",
-            path: cache.blob_path(digest),
+        cache_err(CacheError::Io(banger_io::IoError::new(
+            "write blob",
+            cache.blob_path(digest),
             source,
-        })
+        )))
     };
     let mut writer = cache.writer(digest, Some(bytes.len() as u64)).map_err(io)?;
     writer.write_all(bytes).map_err(io)?;

@@ -10,10 +10,10 @@ pub mod ext4;
 mod sequential;
 
 use std::fs::File;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use banger_io::IoResultExt as _;
 use banger_oci::flatten::{FlattenError, FlattenedTree};
 
 /// Smallest image we make: room for a dev session to install packages.
@@ -85,16 +85,8 @@ pub enum BuildError {
         needed: u64,
     },
     /// A file operation on the output failed.
-    #[error("{op} {}: {source}", path.display())]
-    Io {
-        /// What was being done.
-        op: &'static str,
-        /// On what.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] banger_io::IoError),
     /// Writing the filesystem failed.
     #[error("writing ext4 image {}: {source}", path.display())]
     Write {
@@ -148,18 +140,13 @@ pub fn build_ext4(
     let inodes = default_inodes.max(wanted_inodes);
 
     let partial = partial_path(out);
-    let io_err = |op, source| BuildError::Io {
-        op,
-        path: partial.clone(),
-        source,
-    };
     let _ = std::fs::remove_file(&partial);
     let file = File::options()
         .read(true)
         .write(true)
         .create_new(true)
         .open(&partial)
-        .map_err(|e| io_err("creating", e))?;
+        .ctx("creating", &partial)?;
     let started = Instant::now();
     let result = (|| {
         let source = ext4::TreeSource {
@@ -178,11 +165,7 @@ pub fn build_ext4(
                 source,
             })?;
         drop(file);
-        std::fs::rename(&partial, out).map_err(|e| BuildError::Io {
-            op: "renaming image to",
-            path: out.to_owned(),
-            source: e,
-        })?;
+        std::fs::rename(&partial, out).ctx("renaming image to", out)?;
         Ok(BuildReport {
             path: out.to_owned(),
             size_bytes: size,

@@ -1,22 +1,13 @@
 //! The one error type of this crate.
 
-use std::io;
 use std::path::PathBuf;
 
 /// Why a kernel import, an initramfs build or a VM operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A file or process operation failed.
-    #[error("{op} {}: {source}", path.display())]
-    Io {
-        /// What was being done ("open kernel package", "spawn qemu", ...).
-        op: &'static str,
-        /// On which path (the program for spawns).
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: io::Error,
-    },
+    /// A file or process operation failed (the path is the program for spawns).
+    #[error(transparent)]
+    Io(#[from] banger_io::IoError),
     /// An input file does not have the shape we expect.
     #[error("{}: {reason}", path.display())]
     Format {
@@ -62,20 +53,8 @@ pub enum Error {
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Attaches the step and path to an `io::Error`.
-pub(crate) trait IoContext<T> {
-    fn ctx(self, op: &'static str, path: impl Into<PathBuf>) -> Result<T>;
-}
-
-impl<T> IoContext<T> for io::Result<T> {
-    fn ctx(self, op: &'static str, path: impl Into<PathBuf>) -> Result<T> {
-        self.map_err(|source| Error::Io {
-            op,
-            path: path.into(),
-            source,
-        })
-    }
-}
+/// Attaches the step and path to an `io::Error`: the shared one (see [`banger_io`]).
+pub(crate) use banger_io::IoResultExt as IoContext;
 
 pub(crate) fn format_err(path: impl Into<PathBuf>, reason: impl Into<String>) -> Error {
     Error::Format {

@@ -429,10 +429,12 @@ pub fn read_response(reader: &mut impl BufRead) -> io::Result<HttpResponse> {
 /// local socket, which is less code than wiring an async HTTP stack (hyper + a Unix
 /// connector) into a crate that is otherwise synchronous.
 pub fn call(socket: &Path, req: &ApiRequest) -> Result<HttpResponse> {
-    let io_err = |source| Error::Io {
-        op: "talk to the firecracker API at",
-        path: socket.to_owned(),
-        source,
+    let io_err = |source| {
+        Error::from(banger_io::IoError::new(
+            "talk to the firecracker API at",
+            socket,
+            source,
+        ))
     };
     let mut stream = UnixStream::connect(socket).map_err(io_err)?;
     stream

@@ -69,7 +69,10 @@ pub fn write_initramfs(spec: &InitramfsSpec, out: &Path) -> Result<()> {
     })()
     .ctx("write initramfs", out)?;
     let mut inner = cpio.finish().ctx("write initramfs", out)?;
-    inner.flush().ctx("write initramfs", out)
+    inner
+        .flush()
+        .ctx("write initramfs", out)
+        .map_err(Into::into)
 }
 
 /// Where [`write_agent_initrd`] puts the agent in the initramfs; the init copies it into
@@ -94,7 +97,9 @@ pub fn write_agent_initrd(base: &Path, agent: &Path, out: &Path) -> Result<()> {
     let bytes = cpio.finish().ctx("write agent initramfs", out)?;
     let tmp = out.with_extension("tmp");
     fs::write(&tmp, &bytes).ctx("write agent initramfs", &tmp)?;
-    fs::rename(&tmp, out).ctx("publish agent initramfs", out)
+    fs::rename(&tmp, out)
+        .ctx("publish agent initramfs", out)
+        .map_err(Into::into)
 }
 
 /// The kernel command-line parameter that makes the init run `command` (with

@@ -186,7 +186,7 @@ pub fn import_files(files: &KernelFiles, dest: &Path, modules: &[&str]) -> Resul
     let stage = staging.keep();
     if let Err(e) = fs::rename(&stage, dest) {
         let _ = fs::remove_dir_all(&stage);
-        return Err(e).ctx("publish kernel dir", dest);
+        return Err(e).ctx("publish kernel dir", dest).map_err(Into::into);
     }
     KernelDir::open(dest)
 }
@@ -206,7 +206,11 @@ pub fn import_deb(deb: &Path, dest: &Path, modules: &[&str]) -> Result<KernelDir
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return Err(format_err(deb, "no boot/vmlinuz-* in the package"))
         }
-        Err(e) => return Err(e).ctx("list boot/ unpacked from", deb),
+        Err(e) => {
+            return Err(e)
+                .ctx("list boot/ unpacked from", deb)
+                .map_err(Into::into)
+        }
     };
     for entry in listing {
         let entry = entry.ctx("list boot/ unpacked from", deb)?;
@@ -259,6 +263,7 @@ fn staging_dir(dest: &Path, prefix: &str) -> Result<tempfile::TempDir> {
         .prefix(prefix)
         .tempdir_in(parent)
         .ctx("create staging dir in", parent)
+        .map_err(Into::into)
 }
 
 /// What kind of kernel image a file holds.
@@ -397,7 +402,7 @@ fn unpack_data_tar(deb: &Path, data: Box<dyn Read + '_>, into: &Path) -> Result<
 fn copy_entry(entry: &mut impl Read, to: &Path) -> Result<()> {
     let mut f = fs::File::create(to).ctx("create", to)?;
     io::copy(entry, &mut f).ctx("write", to)?;
-    f.flush().ctx("write", to)
+    f.flush().ctx("write", to).map_err(Into::into)
 }
 
 /// Copies `wanted` and the modules they depend on out of the modules tree `tree` into
@@ -428,7 +433,7 @@ fn install_modules(
         // A tree without it (hand-made, or a kernel with nothing built in that matters):
         // every wanted module must then be a file.
         Err(e) if e.kind() == io::ErrorKind::NotFound => HashSet::new(),
-        Err(e) => return Err(e).ctx("read", builtin_path),
+        Err(e) => return Err(e).ctx("read", builtin_path).map_err(Into::into),
     };
 
     let mut loaded: HashMap<String, Vec<u8>> = HashMap::new();

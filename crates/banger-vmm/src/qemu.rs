@@ -491,7 +491,10 @@ impl RunningVm for QemuVm {
     }
 
     fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
-        self.child.try_wait().ctx("wait for qemu", &self.console)
+        self.child
+            .try_wait()
+            .ctx("wait for qemu", &self.console)
+            .map_err(Into::into)
     }
 
     fn stop(&mut self, grace: Duration) -> Result<ExitStatus> {
@@ -506,7 +509,10 @@ impl RunningVm for QemuVm {
             return Ok(status);
         }
         let _ = self.child.kill();
-        self.child.wait().ctx("wait for killed qemu", &self.console)
+        self.child
+            .wait()
+            .ctx("wait for killed qemu", &self.console)
+            .map_err(Into::into)
     }
 }
 

@@ -56,17 +56,10 @@ pub const ZERO_RUN_HOLE_BLOCKS: u64 = 8;
 /// Why writing the image failed.
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
-    /// Reading the tree or writing the image failed.
-    #[error("{op} {}: {source}", path.display())]
-    Io {
-        /// What was being done.
-        op: &'static str,
-        /// The tree entry (`/`-rooted, inside the image) or the image file.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: io::Error,
-    },
+    /// Reading the tree or writing the image failed; its path is the tree entry
+    /// (`/`-rooted, inside the image) or the image file.
+    #[error(transparent)]
+    Io(#[from] banger_io::IoError),
     /// The image cannot hold the tree.
     #[error("image too small: the tree needs {needed} {what}, the image has {available}")]
     NoSpace {
@@ -162,19 +155,11 @@ pub fn write_image(
 }
 
 fn image_err(op: &'static str, source: io::Error) -> WriteError {
-    WriteError::Io {
-        op,
-        path: PathBuf::from("the image file"),
-        source,
-    }
+    WriteError::Io(banger_io::IoError::new(op, "the image file", source))
 }
 
 fn tree_err(op: &'static str, path: &[u8], source: io::Error) -> WriteError {
-    WriteError::Io {
-        op,
-        path: shown(path),
-        source,
-    }
+    WriteError::Io(banger_io::IoError::new(op, shown(path), source))
 }
 
 /// How an entry is named in errors: `/`-rooted, as inside the image.

@@ -13,7 +13,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
+
+use crate::services::tool;
 
 /// The copy-on-write root disk of a QEMU VM.
 pub const OVERLAY_DISK: &str = "root.qcow2";
@@ -120,23 +122,9 @@ pub fn agent_initrd(base: &Path, agent: &Path, dir: &Path) -> anyhow::Result<Pat
     Ok(out)
 }
 
-/// Runs a host tool (banger's own, never a guest's); a failure names it, its status and
-/// its stderr.
-pub(crate) fn run_tool(command: &mut Command, what: &str) -> anyhow::Result<()> {
-    let out = command.output().with_context(|| format!("run {what}"))?;
-    if !out.status.success() {
-        bail!(
-            "{what} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
 /// A copy-on-write copy where the filesystem can (reflink), a sparse one otherwise.
 pub fn copy_disk(from: &Path, to: &Path) -> anyhow::Result<()> {
-    run_tool(
+    tool::run(
         Command::new("cp")
             .arg("--reflink=auto")
             .arg("--sparse=always")
@@ -144,6 +132,7 @@ pub fn copy_disk(from: &Path, to: &Path) -> anyhow::Result<()> {
             .arg(to),
         "cp (copy the image's root filesystem)",
     )
+    .map(drop)
 }
 
 /// Grows a raw ext4 disk file to `bytes`, and its filesystem with it (offline).
@@ -153,11 +142,11 @@ pub(crate) fn grow_disk(disk: &Path, bytes: u64) -> anyhow::Result<()> {
         .open(disk)
         .and_then(|f| f.set_len(bytes))
         .with_context(|| format!("grow {}", disk.display()))?;
-    run_tool(
+    tool::run(
         Command::new("e2fsck").args(["-f", "-p"]).arg(disk),
         "e2fsck",
     )?;
-    run_tool(Command::new("resize2fs").arg(disk), "resize2fs")
+    tool::run(Command::new("resize2fs").arg(disk), "resize2fs").map(drop)
 }
 
 /// Grows the qcow2 overlay `overlay` of a stopped VM, and the ext4 in it, to `bytes`,
@@ -180,7 +169,7 @@ pub fn grow_overlay(overlay: &Path, bytes: u64) -> anyhow::Result<()> {
     let flat = dir.join(format!(".grow-{tag}.raw"));
     let next = dir.join(format!(".grow-{tag}.qcow2"));
     let grown = (|| -> anyhow::Result<()> {
-        run_tool(
+        tool::run(
             Command::new("qemu-img")
                 .args(["convert", "-q", "-f", "qcow2", "-O", "raw", "-S", "4k"])
                 .arg(overlay)
@@ -190,7 +179,7 @@ pub fn grow_overlay(overlay: &Path, bytes: u64) -> anyhow::Result<()> {
         grow_disk(&flat, bytes)?;
         banger_vmm::qmp::create_overlay(&flat, &next, Some(bytes))
             .context("overlay the grown disk")?;
-        run_tool(
+        tool::run(
             Command::new("qemu-img")
                 .args(["rebase", "-q", "-f", "qcow2", "-b"])
                 .arg(&backing.path)

@@ -16,6 +16,7 @@ use banger_oci::registry::LayerDescriptor;
 
 use super::image::{registry_error, ImageService};
 use super::kernel::KernelService;
+use super::tool;
 use crate::ServiceError;
 
 /// The distribution's meta package whose dependency is the cloud kernel.
@@ -104,19 +105,9 @@ fn kernel_package(depends: &str) -> Option<&str> {
         })
 }
 
+/// Runs an apt tool (see [`tool::run`]), its stdout back.
 fn run(command: &mut Command, what: &str) -> Result<String, ServiceError> {
-    let out = command
-        .output()
-        .with_context(|| format!("run {what} (is apt installed?)"))?;
-    if !out.status.success() {
-        return Err(anyhow::anyhow!(
-            "{what} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )
-        .into());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(tool::run(command, what)?)
 }
 
 fn pull_apt(

@@ -10,6 +10,7 @@ pub mod kernel_pull;
 pub mod network;
 pub mod privhelper;
 pub mod process;
+pub(crate) mod tool;
 pub mod upload;
 pub mod vm;
 

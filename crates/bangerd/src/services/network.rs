@@ -44,6 +44,8 @@ use std::str::FromStr;
 use anyhow::{bail, Context};
 use serde::Deserialize;
 
+use crate::services::tool;
+
 /// The bridge every TAP device joins.
 pub const BRIDGE: &str = "banger0";
 
@@ -233,38 +235,15 @@ pub fn guest_mac(ip: Ipv4Addr) -> String {
     format!("02:b4:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
 }
 
+/// Runs `program args`, fed `input` (see [`tool::run_with_input`]).
 fn run(program: &str, args: &[&str], input: Option<&str>) -> anyhow::Result<()> {
-    use std::io::Write;
     let what = format!("{program} {}", args.join(" "));
-    let mut command = Command::new(program);
-    command
-        .args(args)
-        .stdin(if input.is_some() {
-            std::process::Stdio::piped()
-        } else {
-            std::process::Stdio::null()
-        })
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = command
-        .spawn()
-        .with_context(|| format!("run {what} (is {program} installed?)"))?;
-    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
-        stdin
-            .write_all(text.as_bytes())
-            .with_context(|| format!("feed {what}"))?;
-    }
-    let out = child
-        .wait_with_output()
-        .with_context(|| format!("wait for {what}"))?;
-    if !out.status.success() {
-        bail!(
-            "{what} exited {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    tool::run_with_input(
+        Command::new(program).args(args),
+        &what,
+        input.map(str::as_bytes),
+    )
+    .map(drop)
 }
 
 fn link_exists(name: &str) -> bool {

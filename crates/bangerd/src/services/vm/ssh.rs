@@ -19,7 +19,9 @@ use anyhow::{bail, Context};
 use banger_agent::proto::{ExecRequest, ExitStatus};
 use banger_api::{ExecResult, SshHost, VmInfo, VmSshConfigParams, VmSshConfigResult};
 
-use super::{run_tool, Stdio, VmService};
+use super::exec::Stdio;
+use super::VmService;
+use crate::services::tool;
 use crate::services::CallContext;
 use crate::ServiceError;
 
@@ -82,14 +84,15 @@ impl VmService {
         let script_path = disk.with_extension("ssh.debugfs");
         std::fs::write(&script_path, script)
             .with_context(|| format!("write {}", script_path.display()))?;
-        let result = run_tool(
+        let result = tool::run(
             Command::new("debugfs")
                 .arg("-w")
                 .arg("-f")
                 .arg(&script_path)
                 .arg(disk),
             "debugfs (install the ssh keys)",
-        );
+        )
+        .map(drop);
         let _ = std::fs::remove_file(&script_path);
         result
     }
@@ -284,7 +287,7 @@ fn keygen(path: &Path, comment: &str) -> anyhow::Result<()> {
     if banger_vmm::backend::find_on_path("ssh-keygen").is_none() {
         bail!("ssh-keygen is not installed: ssh access to VMs needs it (apt-get install openssh-client)");
     }
-    run_tool(
+    tool::run(
         Command::new("ssh-keygen")
             .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
             .arg(path),
