@@ -56,6 +56,21 @@ fn age(cache: &BlobCache, digest: &Digest, ago: Duration) {
     .unwrap();
 }
 
+/// What a prune reports having removed.
+const fn removed(bytes: u64, blobs: u64) -> PruneTally {
+    PruneTally { bytes, blobs }
+}
+
+/// Asserts the blobs `gone` were removed and the blobs `kept` were not.
+fn assert_blobs(cache: &BlobCache, gone: &[&Digest], kept: &[&Digest]) {
+    for digest in gone {
+        assert!(!cache.blob_path(digest).exists(), "{digest} still stored");
+    }
+    for digest in kept {
+        assert!(cache.blob_path(digest).exists(), "{digest} removed");
+    }
+}
+
 fn entries(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(dir)
         .unwrap()
@@ -90,13 +105,7 @@ fn real_prune_empties_the_cache_recreates_it_and_leaves_no_aside() {
     put(&f.cache, &[2u8; 2000]);
     put(&f.cache, b"");
     let tally = f.cache.prune(FULL).unwrap();
-    assert_eq!(
-        tally,
-        PruneTally {
-            bytes: 3000,
-            blobs: 3
-        }
-    );
+    assert_eq!(tally, removed(3000, 3));
     assert!(f.cache_root.is_dir(), "cache dir must exist again");
     assert_eq!(entries(&f.cache_root), Vec::<String>::new());
     use std::os::unix::fs::PermissionsExt;
@@ -113,13 +122,7 @@ fn dry_run_reports_the_size_and_leaves_every_blob() {
     let a = put(&f.cache, &[1u8; 1234]);
     let b = put(&f.cache, &[2u8; 10]);
     let tally = f.cache.prune(DRY).unwrap();
-    assert_eq!(
-        tally,
-        PruneTally {
-            bytes: 1244,
-            blobs: 2
-        }
-    );
+    assert_eq!(tally, removed(1244, 2));
     assert_eq!(fs::read(f.cache.blob_path(&a)).unwrap(), vec![1u8; 1234]);
     assert_eq!(fs::read(f.cache.blob_path(&b)).unwrap(), vec![2u8; 10]);
 }
@@ -234,21 +237,9 @@ fn leftovers_of_a_crashed_prune_are_removed_and_counted_by_the_next_prune() {
     fs::create_dir_all(crashed.join("blobs/sha256")).unwrap();
     fs::write(crashed.join("blobs/sha256/old1"), [0u8; 4000]).unwrap();
     fs::write(crashed.join("blobs/sha256/old2"), [0u8; 96]).unwrap();
-    assert_eq!(
-        f.cache.prune(DRY).unwrap(),
-        PruneTally {
-            bytes: 4196,
-            blobs: 3
-        }
-    );
+    assert_eq!(f.cache.prune(DRY).unwrap(), removed(4196, 3));
     assert!(crashed.exists(), "a dry run removes nothing");
-    assert_eq!(
-        f.cache.prune(FULL).unwrap(),
-        PruneTally {
-            bytes: 4196,
-            blobs: 3
-        }
-    );
+    assert_eq!(f.cache.prune(FULL).unwrap(), removed(4196, 3));
     assert!(!crashed.exists());
     assert_eq!(siblings_with_marker(&f.cache_root), Vec::<String>::new());
 }
@@ -261,13 +252,7 @@ fn leftovers_are_removed_even_when_the_cache_itself_is_empty() {
         .with_file_name(format!("oci{PRUNING_MARKER}ffffffffffffffff"));
     fs::create_dir_all(&crashed).unwrap();
     fs::write(crashed.join("x"), [0u8; 10]).unwrap();
-    assert_eq!(
-        f.cache.remove_leftovers().unwrap(),
-        PruneTally {
-            bytes: 10,
-            blobs: 1
-        }
-    );
+    assert_eq!(f.cache.remove_leftovers().unwrap(), removed(10, 1));
     assert!(!crashed.exists());
 }
 
@@ -291,21 +276,10 @@ fn older_than_removes_only_blobs_unused_for_that_long() {
                 ..options
             })
             .unwrap(),
-        PruneTally {
-            bytes: 30,
-            blobs: 2
-        }
+        removed(30, 2)
     );
-    assert_eq!(
-        f.cache.prune(options).unwrap(),
-        PruneTally {
-            bytes: 30,
-            blobs: 2
-        }
-    );
-    assert!(!f.cache.blob_path(&old).exists());
-    assert!(!f.cache.blob_path(&older).exists());
-    assert!(f.cache.blob_path(&fresh).exists());
+    assert_eq!(f.cache.prune(options).unwrap(), removed(30, 2));
+    assert_blobs(&f.cache, &[&old, &older], &[&fresh]);
 }
 
 #[test]
@@ -323,17 +297,8 @@ fn keep_storage_keeps_the_most_recently_used_blobs_that_fit() {
         keep_storage_bytes: Some(700),
         ..FULL
     };
-    assert_eq!(
-        f.cache.prune(options).unwrap(),
-        PruneTally {
-            bytes: 300,
-            blobs: 2
-        }
-    );
-    assert!(!f.cache.blob_path(&a).exists());
-    assert!(!f.cache.blob_path(&b).exists());
-    assert!(f.cache.blob_path(&c).exists());
-    assert!(f.cache.blob_path(&d).exists());
+    assert_eq!(f.cache.prune(options).unwrap(), removed(300, 2));
+    assert_blobs(&f.cache, &[&a, &b], &[&c, &d]);
 }
 
 #[test]
@@ -348,15 +313,8 @@ fn a_cache_hit_counts_as_a_use_for_selective_prunes() {
         keep_storage_bytes: Some(100),
         ..FULL
     };
-    assert_eq!(
-        f.cache.prune(options).unwrap(),
-        PruneTally {
-            bytes: 100,
-            blobs: 1
-        }
-    );
-    assert!(f.cache.blob_path(&used).exists());
-    assert!(!f.cache.blob_path(&unused).exists());
+    assert_eq!(f.cache.prune(options).unwrap(), removed(100, 1));
+    assert_blobs(&f.cache, &[&unused], &[&used]);
 }
 
 #[test]
@@ -370,13 +328,7 @@ fn keep_storage_and_older_than_together_remove_only_old_blobs_until_it_fits() {
         older_than: Some(Duration::from_secs(86400)),
         ..FULL
     };
-    assert_eq!(
-        f.cache.prune(options).unwrap(),
-        PruneTally {
-            bytes: 100,
-            blobs: 1
-        }
-    );
+    assert_eq!(f.cache.prune(options).unwrap(), removed(100, 1));
     assert!(f.cache.blob_path(&young).exists());
 }
 
@@ -386,20 +338,8 @@ fn a_leased_blob_survives_a_full_prune_in_place() {
     let leased = put(&f.cache, &[1u8; 111]);
     let free = put(&f.cache, &[2u8; 222]);
     let lease = f.cache.lease([leased.clone()]);
-    assert_eq!(
-        f.cache.prune(DRY).unwrap(),
-        PruneTally {
-            bytes: 222,
-            blobs: 1
-        }
-    );
-    assert_eq!(
-        f.cache.prune(FULL).unwrap(),
-        PruneTally {
-            bytes: 222,
-            blobs: 1
-        }
-    );
+    assert_eq!(f.cache.prune(DRY).unwrap(), removed(222, 1));
+    assert_eq!(f.cache.prune(FULL).unwrap(), removed(222, 1));
     assert_eq!(
         fs::read(f.cache.blob_path(&leased)).unwrap(),
         vec![1u8; 111]
@@ -407,13 +347,7 @@ fn a_leased_blob_survives_a_full_prune_in_place() {
     assert!(!f.cache.blob_path(&free).exists());
     assert_eq!(siblings_with_marker(&f.cache_root), Vec::<String>::new());
     drop(lease);
-    assert_eq!(
-        f.cache.prune(FULL).unwrap(),
-        PruneTally {
-            bytes: 111,
-            blobs: 1
-        }
-    );
+    assert_eq!(f.cache.prune(FULL).unwrap(), removed(111, 1));
 }
 
 #[test]
@@ -440,13 +374,7 @@ fn a_lease_on_a_blob_not_yet_written_lets_its_commit_land_after_a_prune() {
     let _lease = f.cache.lease([digest.clone()]);
     let mut writer = f.cache.writer(&digest, Some(4096)).unwrap();
     writer.write_all(&content[..2048]).unwrap();
-    assert_eq!(
-        f.cache.prune(FULL).unwrap(),
-        PruneTally {
-            bytes: 10,
-            blobs: 1
-        }
-    );
+    assert_eq!(f.cache.prune(FULL).unwrap(), removed(10, 1));
     writer.write_all(&content[2048..]).unwrap();
     writer.commit().unwrap();
     assert_eq!(

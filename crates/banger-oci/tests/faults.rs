@@ -10,8 +10,8 @@ use banger_oci::reference::ImageRef;
 use banger_oci::registry::{RegistryClient, RegistryConfig, MAX_MANIFEST_BYTES};
 use banger_oci::{BlobCache, Digest};
 use banger_testkit::{
-    push_oci_layout, tar_with_files, Fault, FaultProxy, LayerCompression, OciLayoutBuilder,
-    Registry,
+    noise, push_oci_layout, tar_with_files, BuiltImage, Fault, FaultProxy, LayerCompression,
+    OciLayoutBuilder, Registry,
 };
 
 /// Read timeout of the client under test: short, so a stall fails the test quickly.
@@ -25,17 +25,26 @@ fn client() -> RegistryClient {
     })
 }
 
-/// Deterministic bytes that do not compress.
-fn noise(len: usize) -> Vec<u8> {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
+/// Seed of the layers' incompressible contents.
+const SEED: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// A registry holding `img:v1`: one gzip layer of one incompressible file `big` of `len`
+/// bytes; with the layout it was pushed from and the image built.
+fn registry_with_big_image(len: usize) -> (Registry, tempfile::TempDir, BuiltImage) {
+    let registry = Registry::start();
+    let layout = tempfile::tempdir().unwrap();
+    let mut builder = OciLayoutBuilder::new(layout.path()).unwrap();
+    let image = builder
+        .image(
+            "v1",
+            &[(
+                tar_with_files(&[("big", &noise(len, SEED))]),
+                LayerCompression::Gzip,
+            )],
+        )
+        .unwrap();
+    push_oci_layout(layout.path(), "v1", &registry, "img");
+    (registry, layout, image)
 }
 
 /// Every blob in the cache hashes to its name.
@@ -66,19 +75,7 @@ struct Setup {
 }
 
 fn setup() -> Setup {
-    let registry = Registry::start();
-    let layout = tempfile::tempdir().unwrap();
-    let mut builder = OciLayoutBuilder::new(layout.path()).unwrap();
-    let image = builder
-        .image(
-            "v1",
-            &[(
-                tar_with_files(&[("big", &noise(2 << 20))]),
-                LayerCompression::Gzip,
-            )],
-        )
-        .unwrap();
-    push_oci_layout(layout.path(), "v1", &registry, "img");
+    let (registry, layout, image) = registry_with_big_image(2 << 20);
     let proxy = FaultProxy::start(registry.port());
     Setup {
         proxy,
@@ -243,19 +240,7 @@ async fn a_full_disk_mid_pull_fails_clearly_and_the_next_pull_succeeds() {
     ) {
         return;
     }
-    let registry = Registry::start();
-    let layout = tempfile::tempdir().unwrap();
-    let mut builder = OciLayoutBuilder::new(layout.path()).unwrap();
-    let image = builder
-        .image(
-            "v1",
-            &[(
-                tar_with_files(&[("big", &noise(24 << 20))]),
-                LayerCompression::Gzip,
-            )],
-        )
-        .unwrap();
-    push_oci_layout(layout.path(), "v1", &registry, "img");
+    let (registry, _layout, image) = registry_with_big_image(24 << 20);
     let small = LoopFs::new(16);
     let cache = BlobCache::new(small.mount.path().join("oci"));
     let reference = ImageRef::parse(&registry.reference("img", "v1")).unwrap();

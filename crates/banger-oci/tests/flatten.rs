@@ -43,6 +43,67 @@ fn refused(dir: &Path, layers: &[(&[u8], &str)]) -> (FlattenError, String) {
     (err, msg)
 }
 
+/// The problem of an entry refusal, `None` for any other error.
+fn entry_problem(err: &FlattenError) -> Option<&EntryProblem> {
+    match err {
+        FlattenError::Entry { problem, .. } => Some(problem),
+        _ => None,
+    }
+}
+
+/// Asserts `err` is the size-limit refusal of a layer.
+fn assert_size_limit(err: &FlattenError) {
+    assert!(
+        matches!(
+            err,
+            FlattenError::Layer {
+                problem: LayerProblem::SizeLimit { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+/// A flattener into `staging` that refuses past `max_uncompressed_bytes`.
+fn limited_flattener(staging: &Path, max_uncompressed_bytes: u64) -> Flattener {
+    let limits = FlattenLimits {
+        max_uncompressed_bytes,
+        ..FlattenLimits::default()
+    };
+    Flattener::new(
+        staging,
+        FlattenOptions {
+            limits,
+            ..FlattenOptions::default()
+        },
+    )
+    .unwrap()
+}
+
+/// A layer blob and its media type.
+type Blob = (Vec<u8>, &'static str);
+
+/// `tar_bytes` compressed both ways, and the broken streams made of them: gzip cut in
+/// half, gzip short of its CRC/size trailer only (the tar itself complete), gzip with a
+/// flipped byte, zstd cut short, then `extra`, then a blob that is no gzip at all.
+fn broken_streams(tar_bytes: &[u8], extra: Option<Blob>) -> (Vec<u8>, Vec<u8>, Vec<Blob>) {
+    let gz = gzip(tar_bytes);
+    let zst = zstd::encode_all(tar_bytes, 3).unwrap();
+    let mut flipped = gz.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0xff;
+    let mut cases: Vec<Blob> = vec![
+        (gz[..gz.len() / 2].to_vec(), GZIP),
+        (gz[..gz.len() - 8].to_vec(), GZIP),
+        (flipped, GZIP),
+        (zst[..zst.len() - 3].to_vec(), ZSTD),
+    ];
+    cases.extend(extra);
+    cases.push((b"definitely not gzip".to_vec(), GZIP));
+    (gz, zst, cases)
+}
+
 fn base_layer() -> Vec<u8> {
     let mut l = Layer::new();
     l.dir("./", 0o755)
@@ -347,13 +408,7 @@ fn dot_dot_names_are_refused() {
         let (err, msg) = refused(tmp.path(), &[(&blob, GZIP)]);
         assert_entry_refusal(&err, &msg, &blob, name);
         assert!(
-            matches!(
-                err,
-                FlattenError::Entry {
-                    problem: EntryProblem::EscapesRoot,
-                    ..
-                }
-            ),
+            matches!(entry_problem(&err), Some(EntryProblem::EscapesRoot)),
             "{msg}"
         );
         assert!(!tmp.path().join("escape").exists() && !tmp.path().join("sibling").exists());
@@ -382,11 +437,8 @@ fn writing_through_a_symlink_that_leaves_the_root_is_refused() {
         assert_entry_refusal(&err, &msg, &l2, write);
         assert!(
             matches!(
-                err,
-                FlattenError::Entry {
-                    problem: EntryProblem::SymlinkEscapes { .. },
-                    ..
-                }
+                entry_problem(&err),
+                Some(EntryProblem::SymlinkEscapes { .. })
             ),
             "{msg}"
         );
@@ -420,13 +472,7 @@ fn symlink_loops_are_refused() {
         .gzip();
     let (err, msg) = refused(tmp.path(), &[(&blob, GZIP)]);
     assert!(
-        matches!(
-            err,
-            FlattenError::Entry {
-                problem: EntryProblem::SymlinkLoop,
-                ..
-            }
-        ),
+        matches!(entry_problem(&err), Some(EntryProblem::SymlinkLoop)),
         "{msg}"
     );
 }
@@ -446,11 +492,8 @@ fn hardlinks_to_outside_the_root_are_refused() {
         assert_entry_refusal(&err, &msg, &blob, "stolen");
         assert!(
             matches!(
-                err,
-                FlattenError::Entry {
-                    problem: EntryProblem::HardlinkTarget { .. },
-                    ..
-                }
+                entry_problem(&err),
+                Some(EntryProblem::HardlinkTarget { .. })
             ),
             "{msg}"
         );
@@ -465,19 +508,8 @@ fn gzip_bomb_over_the_limit_is_cut_off_and_staging_can_be_discarded() {
     let zeros = vec![0u8; 32 << 20];
     let blob = Layer::new().file("bomb", &zeros).gzip();
     assert!(blob.len() < 1 << 20, "compresses well: {}", blob.len());
-    let limits = FlattenLimits {
-        max_uncompressed_bytes: 8 << 20,
-        ..FlattenLimits::default()
-    };
     let staging = tmp.path().join("staging");
-    let mut f = Flattener::new(
-        &staging,
-        FlattenOptions {
-            limits,
-            ..FlattenOptions::default()
-        },
-    )
-    .unwrap();
+    let mut f = limited_flattener(&staging, 8 << 20);
     let err = f
         .apply_layer(&blob[..], GZIP, &digest_of(&blob))
         .unwrap_err();
@@ -502,32 +534,12 @@ fn gzip_bomb_over_the_limit_is_cut_off_and_staging_can_be_discarded() {
 fn limit_counts_across_layers() {
     let tmp = tempfile::tempdir().unwrap();
     let blob = Layer::new().file("f", &[7u8; 600 << 10]).gzip();
-    let limits = FlattenLimits {
-        max_uncompressed_bytes: 1 << 20,
-        ..FlattenLimits::default()
-    };
-    let mut f = Flattener::new(
-        tmp.path().join("s"),
-        FlattenOptions {
-            limits,
-            ..FlattenOptions::default()
-        },
-    )
-    .unwrap();
+    let mut f = limited_flattener(&tmp.path().join("s"), 1 << 20);
     f.apply_layer(&blob[..], GZIP, &digest_of(&blob)).unwrap();
     let err = f
         .apply_layer(&blob[..], GZIP, &digest_of(&blob))
         .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            FlattenError::Layer {
-                problem: LayerProblem::SizeLimit { .. },
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert_size_limit(&err);
 }
 
 #[test]
@@ -536,20 +548,7 @@ fn truncated_or_corrupt_streams_are_errors_naming_the_layer() {
         .file("a", &[1u8; 100_000])
         .file("b", b"b")
         .tar();
-    let gz = gzip(&tar_bytes);
-    let zst = zstd::encode_all(&tar_bytes[..], 3).unwrap();
-    let mut flipped = gz.clone();
-    let mid = flipped.len() / 2;
-    flipped[mid] ^= 0xff;
-    let cases: Vec<(Vec<u8>, &str)> = vec![
-        (gz[..gz.len() / 2].to_vec(), GZIP),
-        // Only the CRC/size trailer missing: the tar itself is complete.
-        (gz[..gz.len() - 8].to_vec(), GZIP),
-        (flipped, GZIP),
-        (zst[..zst.len() - 3].to_vec(), ZSTD),
-        (tar_bytes[..50_000].to_vec(), TAR),
-        (b"definitely not gzip".to_vec(), GZIP),
-    ];
+    let (_, _, cases) = broken_streams(&tar_bytes, Some((tar_bytes[..50_000].to_vec(), TAR)));
     for (i, (blob, media_type)) in cases.iter().enumerate() {
         let tmp = tempfile::tempdir().unwrap();
         let err = flatten(tmp.path(), &[(blob, media_type)], Privilege::Detect)
@@ -625,8 +624,7 @@ fn pipelined_decoding_gives_the_same_bytes_and_the_same_refusals() {
         .file("a", &[1u8; 3_000_000])
         .file("b", b"b")
         .tar();
-    let gz = gzip(&tar_bytes);
-    let zst = zstd::encode_all(&tar_bytes[..], 3).unwrap();
+    let (gz, zst, cases) = broken_streams(&tar_bytes, None);
     for (blob, media_type) in [
         (gz.clone(), GZIP),
         (zst.clone(), ZSTD),
@@ -649,16 +647,6 @@ fn pipelined_decoding_gives_the_same_bytes_and_the_same_refusals() {
         );
         assert_eq!(std::fs::read(tree.root.join("b")).unwrap(), b"b");
     }
-    let mut flipped = gz.clone();
-    let mid = flipped.len() / 2;
-    flipped[mid] ^= 0xff;
-    let cases: Vec<(Vec<u8>, &str)> = vec![
-        (gz[..gz.len() / 2].to_vec(), GZIP),
-        (gz[..gz.len() - 8].to_vec(), GZIP),
-        (flipped, GZIP),
-        (zst[..zst.len() - 3].to_vec(), ZSTD),
-        (b"definitely not gzip".to_vec(), GZIP),
-    ];
     for (i, (blob, media_type)) in cases.into_iter().enumerate() {
         let tmp = tempfile::tempdir().unwrap();
         let mut f = Flattener::new(tmp.path().join("staging"), options(Privilege::Detect)).unwrap();
@@ -671,32 +659,12 @@ fn pipelined_decoding_gives_the_same_bytes_and_the_same_refusals() {
     // The bomb limit counts the decoded stream the same way.
     let zeros = vec![0u8; 32 << 20];
     let bomb = Layer::new().file("bomb", &zeros).gzip();
-    let limits = FlattenLimits {
-        max_uncompressed_bytes: 8 << 20,
-        ..FlattenLimits::default()
-    };
     let tmp = tempfile::tempdir().unwrap();
-    let mut f = Flattener::new(
-        tmp.path().join("staging"),
-        FlattenOptions {
-            limits,
-            ..FlattenOptions::default()
-        },
-    )
-    .unwrap();
+    let mut f = limited_flattener(&tmp.path().join("staging"), 8 << 20);
     let err = f
         .apply_layer_pipelined(std::io::Cursor::new(bomb.clone()), GZIP, &digest_of(&bomb))
         .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            FlattenError::Layer {
-                problem: LayerProblem::SizeLimit { .. },
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert_size_limit(&err);
 }
 
 #[test]

@@ -11,8 +11,8 @@ use banger_oci::registry::{
 };
 use banger_oci::{BlobCache, Digest};
 use banger_testkit::{
-    push_oci_layout, push_oci_layout_with, tar_with_files, BuiltImage, LayerCompression as Lc,
-    OciLayoutBuilder, PushOptions, Registry,
+    noise, push_oci_layout, push_oci_layout_with, tar_with_files, BuiltImage,
+    LayerCompression as Lc, OciLayoutBuilder, PushOptions, Registry,
 };
 
 /// A client that can never find real credentials: tests must not depend on the machine's
@@ -31,21 +31,19 @@ fn new_cache() -> (tempfile::TempDir, Arc<BlobCache>) {
     (dir, cache)
 }
 
-fn parse(reference: &str) -> ImageRef {
-    ImageRef::parse(reference).unwrap()
+/// Asserts `err` is a blob refused for its digest or its size.
+fn assert_mismatch(err: &RegistryError) {
+    assert!(
+        matches!(
+            err,
+            RegistryError::DigestMismatch { .. } | RegistryError::SizeMismatch { .. }
+        ),
+        "{err:?}"
+    );
 }
 
-/// Deterministic bytes that do not compress, so "layer size" means what it says.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
+fn parse(reference: &str) -> ImageRef {
+    ImageRef::parse(reference).unwrap()
 }
 
 /// Three layers, one per compression, each with its own file.
@@ -427,13 +425,7 @@ async fn lying_blobs_are_refused_and_never_cached() {
             .fetch_blob_into_cache(&reference, layer, &cache, |_| {})
             .await
             .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                RegistryError::DigestMismatch { .. } | RegistryError::SizeMismatch { .. }
-            ),
-            "{err:?}"
-        );
+        assert_mismatch(&err);
         assert!(err.to_string().contains(&layer.digest.to_string()), "{err}");
         assert!(!cache.contains(&layer.digest));
         assert!(!cache.blob_path(&layer.digest).exists());
@@ -442,13 +434,7 @@ async fn lying_blobs_are_refused_and_never_cached() {
         .pull_to_cache(&reference, &cache, |_, _| {})
         .await
         .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            RegistryError::DigestMismatch { .. } | RegistryError::SizeMismatch { .. }
-        ),
-        "{err:?}"
-    );
+    assert_mismatch(&err);
     // The honest layer is fine.
     client
         .fetch_blob_into_cache(&reference, &image.layers[2], &cache, |_| {})

@@ -239,6 +239,20 @@ fn compress(tar: &[u8], compression: LayerCompression) -> io::Result<Vec<u8>> {
     }
 }
 
+/// Deterministic bytes that do not compress (an xorshift stream from `seed | 1`), so a
+/// layer's size means what it says.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
 /// An uncompressed tarball of regular files (`path`, `contents`), mode 0644, with parent
 /// directories created implicitly by whoever extracts it.
 pub fn tar_with_files(files: &[(&str, &[u8])]) -> Vec<u8> {

@@ -14,7 +14,9 @@ mod registry;
 mod skip;
 
 pub mod guest;
-pub use layout::{tar_with_files, BuiltImage, BuiltLayer, LayerCompression, OciLayoutBuilder};
+pub use layout::{
+    noise, tar_with_files, BuiltImage, BuiltLayer, LayerCompression, OciLayoutBuilder,
+};
 pub use proxy::{Fault, FaultProxy};
 pub use registry::{push_oci_layout, push_oci_layout_with, PushOptions, Registry};
 pub use skip::{require, skip_known, strict, SKIP_LOG_ENV, STRICT_ENV};

@@ -2,58 +2,20 @@
 //! tampered layouts, docker archives that point outside themselves, decompression bombs.
 //! Each is refused with an error naming the layer (or member), and leaves no image behind.
 
+mod common;
+
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use banger_api::{ImageImportParams, ImagePullParams};
+use banger_api::ImageImportParams;
 use banger_testkit::{
     push_oci_layout, tar_with_files, LayerCompression, OciLayoutBuilder, Registry,
 };
-use bangerd::layout::{Layout, LayoutKind};
 use bangerd::services::image::ImageLimits;
-use bangerd::services::{CallContext, ImageService};
-use bangerd::store::Store;
-
-struct Daemonless {
-    dir: tempfile::TempDir,
-    images: Arc<ImageService>,
-}
-
-fn service_with(limits: ImageLimits) -> Daemonless {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    let layout = Layout {
-        kind: LayoutKind::User,
-        config_dir: root.join("config"),
-        state_dir: root.join("state"),
-        cache_dir: root.join("cache"),
-        runtime_dir: root.join("state"),
-    };
-    std::fs::create_dir_all(&layout.state_dir).unwrap();
-    let store = Arc::new(Store::open(&layout.database()).unwrap());
-    let registry = banger_oci::registry::RegistryConfig {
-        docker_config: Some(root.join("no-docker-config.json")),
-        ..Default::default()
-    };
-    Daemonless {
-        images: Arc::new(ImageService::new(layout, store, registry).with_limits(limits)),
-        dir,
-    }
-}
-
-fn service() -> Daemonless {
-    service_with(ImageLimits::default())
-}
-
-fn pull_params(reference: String, name: &str) -> ImagePullParams {
-    ImagePullParams {
-        reference,
-        name: Some(name.into()),
-        size_bytes: None,
-    }
-}
+use bangerd::services::CallContext;
+use common::{count_entries, pull, service, service_with};
 
 fn debugfs_cat(image: &str, path: &str) -> String {
     let out = std::process::Command::new("debugfs")
@@ -62,10 +24,6 @@ fn debugfs_cat(image: &str, path: &str) -> String {
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn count_entries(dir: &Path) -> usize {
-    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
 }
 
 /// Two layers (so both the flattener's own decoding and decoding ahead are exercised).
@@ -106,10 +64,7 @@ async fn a_config_naming_another_images_diff_ids_gets_none_of_its_files() {
     let mut layout = OciLayoutBuilder::new(&dir).unwrap();
     let a = layout.image("v1", &two_layers("A")).unwrap();
     push_oci_layout(&dir, "v1", &registry, "a");
-    let ctx = CallContext::detached("t");
-    let info = env
-        .images
-        .pull(&ctx, pull_params(registry.reference("a", "v1"), "a"))
+    let info = pull(&env.images, registry.reference("a", "v1"), Some("a"))
         .await
         .unwrap();
     assert_eq!(debugfs_cat(&info.rootfs, "/secret"), "A's secret\n");
@@ -117,9 +72,7 @@ async fn a_config_naming_another_images_diff_ids_gets_none_of_its_files() {
     let diff_ids = a.layers.iter().map(|l| l.diff_id.clone()).collect();
     let b_layers = push_liar(&registry, env.dir.path(), diff_ids);
     for attempt in 0..2 {
-        let err = env
-            .images
-            .pull(&ctx, pull_params(registry.reference("b", "v1"), "b"))
+        let err = pull(&env.images, registry.reference("b", "v1"), Some("b"))
             .await
             .unwrap_err()
             .to_string();
@@ -139,9 +92,7 @@ async fn a_config_naming_another_images_diff_ids_gets_none_of_its_files() {
     assert_eq!(count_entries(&env.dir.path().join("state/staging")), 0);
     // A still builds, from its own verified copies.
     env.images.remove("a").unwrap();
-    let again = env
-        .images
-        .pull(&ctx, pull_params(registry.reference("a", "v1"), "a"))
+    let again = pull(&env.images, registry.reference("a", "v1"), Some("a"))
         .await
         .unwrap();
     assert_eq!(debugfs_cat(&again.rootfs, "/secret"), "A's secret\n");
@@ -158,12 +109,7 @@ async fn lying_diff_ids_are_refused_with_an_empty_cache() {
         banger_oci::Digest::of(b"not layer 1").to_string(),
     ];
     let b_layers = push_liar(&registry, env.dir.path(), fake);
-    let err = env
-        .images
-        .pull(
-            &CallContext::detached("t"),
-            pull_params(registry.reference("b", "v1"), "b"),
-        )
+    let err = pull(&env.images, registry.reference("b", "v1"), Some("b"))
         .await
         .unwrap_err()
         .to_string();
@@ -393,12 +339,7 @@ async fn a_decompression_bomb_is_refused_at_the_cap_and_memory_stays_bounded() {
         })
     };
     let before = shm_staging_bytes();
-    let err = env
-        .images
-        .pull(
-            &CallContext::detached("t"),
-            pull_params(registry.reference("bomb", "v1"), "bomb"),
-        )
+    let err = pull(&env.images, registry.reference("bomb", "v1"), Some("bomb"))
         .await
         .unwrap_err()
         .to_string();

@@ -1,42 +1,15 @@
 //! `image.pull` against a real `docker-registry`: crafted layers in, a checked ext4 out.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use banger_api::{ErrorKind, ImageCachePruneParams, ImagePullParams};
+use banger_api::{ErrorKind, ImageCachePruneParams};
 use banger_testkit::{push_oci_layout, LayerCompression, OciLayoutBuilder, Registry};
-use bangerd::layout::{Layout, LayoutKind};
-use bangerd::services::{CallContext, ImageService};
-use bangerd::store::Store;
-
-struct Daemonless {
-    dir: tempfile::TempDir,
-    images: Arc<ImageService>,
-}
-
-fn service() -> Daemonless {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    let layout = Layout {
-        kind: LayoutKind::User,
-        config_dir: root.join("config"),
-        state_dir: root.join("state"),
-        cache_dir: root.join("cache"),
-        runtime_dir: root.join("state"),
-    };
-    std::fs::create_dir_all(&layout.state_dir).unwrap();
-    let store = Arc::new(Store::open(&layout.database()).unwrap());
-    let registry = banger_oci::registry::RegistryConfig {
-        insecure_registries: vec![],
-        docker_config: Some(root.join("no-docker-config.json")),
-        ..Default::default()
-    };
-    Daemonless {
-        images: Arc::new(ImageService::new(layout, store, registry)),
-        dir,
-    }
-}
+use bangerd::services::CallContext;
+use common::{concurrent_pulls, count_entries, pull, service};
 
 fn header(path: &str, kind: tar::EntryType, mode: u32, uid: u64, size: u64) -> tar::Header {
     let mut h = tar::Header::new_gnu();
@@ -144,10 +117,6 @@ fn debugfs(image: &Path, request: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn count_entries(dir: &Path) -> usize {
-    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
-}
-
 /// Staging trees are removed in the background after publication: wait for it.
 fn staging_drains(dir: &Path) -> bool {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -165,18 +134,7 @@ async fn pull_publishes_an_ext4_with_the_layers_content_owners_and_modes() {
     let registry = Registry::start();
     let env = service();
     let reference = push_fixture(&registry, env.dir.path(), "fixture");
-    let info = env
-        .images
-        .pull(
-            &CallContext::detached("t"),
-            ImagePullParams {
-                reference: reference.clone(),
-                name: None,
-                size_bytes: None,
-            },
-        )
-        .await
-        .unwrap();
+    let info = pull(&env.images, reference.clone(), None).await.unwrap();
     assert_eq!(info.name, "fixture-v1");
     assert_eq!(info.reference, reference);
     assert!(info.manifest_digest.starts_with("sha256:"));
@@ -228,16 +186,7 @@ async fn pull_publishes_an_ext4_with_the_layers_content_owners_and_modes() {
     assert!(staging_drains(&env.dir.path().join("state/staging")));
 
     // Same name again: already_exists, and the first image is untouched.
-    let again = env
-        .images
-        .pull(
-            &CallContext::detached("t"),
-            ImagePullParams {
-                reference: reference.clone(),
-                name: None,
-                size_bytes: None,
-            },
-        )
+    let again = pull(&env.images, reference.clone(), None)
         .await
         .unwrap_err();
     assert_eq!(again.kind, ErrorKind::AlreadyExists);
@@ -258,18 +207,7 @@ async fn an_image_survives_a_full_cache_prune() {
     let registry = Registry::start();
     let env = service();
     let reference = push_fixture(&registry, env.dir.path(), "survivor");
-    let info = env
-        .images
-        .pull(
-            &CallContext::detached("t"),
-            ImagePullParams {
-                reference,
-                name: Some("keep".into()),
-                size_bytes: None,
-            },
-        )
-        .await
-        .unwrap();
+    let info = pull(&env.images, reference, Some("keep")).await.unwrap();
     let before = debugfs(Path::new(&info.rootfs), "cat /etc/hostname");
     let pruned = env
         .images
@@ -309,28 +247,7 @@ async fn four_concurrent_pulls_download_each_blob_once_while_prunes_loop() {
             prunes
         })
     };
-    let pulls: Vec<_> = (0..4)
-        .map(|i| {
-            let images = Arc::clone(&env.images);
-            let reference = reference.clone();
-            tokio::spawn(async move {
-                images
-                    .pull(
-                        &CallContext::detached("t"),
-                        ImagePullParams {
-                            reference,
-                            name: Some(format!("copy-{i}")),
-                            size_bytes: None,
-                        },
-                    )
-                    .await
-            })
-        })
-        .collect();
-    let mut infos = Vec::new();
-    for pull in pulls {
-        infos.push(pull.await.unwrap().unwrap());
-    }
+    let infos = concurrent_pulls(&env.images, &reference, "copy", 4).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     assert!(pruner.await.unwrap() > 0);
     for info in &infos {
@@ -345,28 +262,7 @@ async fn four_concurrent_pulls_of_one_image_download_each_blob_once() {
     let registry = Registry::start();
     let env = service();
     let (reference, layers) = push_fixture_layers(&registry, env.dir.path(), "once");
-    let pulls: Vec<_> = (0..4)
-        .map(|i| {
-            let images = Arc::clone(&env.images);
-            let reference = reference.clone();
-            tokio::spawn(async move {
-                images
-                    .pull(
-                        &CallContext::detached("t"),
-                        ImagePullParams {
-                            reference,
-                            name: Some(format!("once-{i}")),
-                            size_bytes: None,
-                        },
-                    )
-                    .await
-            })
-        })
-        .collect();
-    let mut infos = Vec::new();
-    for pull in pulls {
-        infos.push(pull.await.unwrap().unwrap());
-    }
+    let infos = concurrent_pulls(&env.images, &reference, "once", 4).await;
     let cache = env.dir.path().join("cache/oci/blobs/sha256");
     let log = registry.log();
     for layer in &layers {
@@ -385,16 +281,7 @@ async fn four_concurrent_pulls_of_one_image_download_each_blob_once() {
     }
     assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 4);
     // A rebuild from the uncompressed copies gives the same content.
-    let again = env
-        .images
-        .pull(
-            &CallContext::detached("t"),
-            ImagePullParams {
-                reference,
-                name: Some("once-again".into()),
-                size_bytes: None,
-            },
-        )
+    let again = pull(&env.images, reference, Some("once-again"))
         .await
         .unwrap();
     assert_eq!(
@@ -424,16 +311,7 @@ async fn a_refused_layer_leaves_no_image_no_staging_and_no_row() {
         .image("v1", &[(evil, LayerCompression::Gzip)])
         .unwrap();
     push_oci_layout(&layout_dir, "v1", &registry, "evil");
-    let err = env
-        .images
-        .pull(
-            &CallContext::detached("t"),
-            ImagePullParams {
-                reference: registry.reference("evil", "v1"),
-                name: None,
-                size_bytes: None,
-            },
-        )
+    let err = pull(&env.images, registry.reference("evil", "v1"), None)
         .await
         .unwrap_err();
     let message = err.to_string();
@@ -452,16 +330,7 @@ async fn a_refused_layer_leaves_no_image_no_staging_and_no_row() {
 async fn an_unauthenticated_pull_from_a_protected_registry_is_unauthorized() {
     let registry = Registry::start_with_htpasswd("alice", "s3cret");
     let env = service();
-    let err = env
-        .images
-        .pull(
-            &CallContext::detached("t"),
-            ImagePullParams {
-                reference: registry.reference("private", "v1"),
-                name: None,
-                size_bytes: None,
-            },
-        )
+    let err = pull(&env.images, registry.reference("private", "v1"), None)
         .await
         .unwrap_err();
     assert_eq!(err.kind, ErrorKind::Unauthorized);
@@ -471,30 +340,10 @@ async fn an_unauthenticated_pull_from_a_protected_registry_is_unauthorized() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_references_and_names_are_bad_requests_naming_the_input() {
     let env = service();
-    let err = env
-        .images
-        .pull(
-            &CallContext::detached("t"),
-            ImagePullParams {
-                reference: "Not A Ref!".into(),
-                name: None,
-                size_bytes: None,
-            },
-        )
-        .await
-        .unwrap_err();
+    let err = pull(&env.images, "Not A Ref!", None).await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::BadRequest);
     assert!(err.to_string().contains("Not A Ref!"), "{err}");
-    let err = env
-        .images
-        .pull(
-            &CallContext::detached("t"),
-            ImagePullParams {
-                reference: "127.0.0.1:1/x:y".into(),
-                name: Some("Bad/Name".into()),
-                size_bytes: None,
-            },
-        )
+    let err = pull(&env.images, "127.0.0.1:1/x:y", Some("Bad/Name"))
         .await
         .unwrap_err();
     assert_eq!(err.kind, ErrorKind::BadRequest);

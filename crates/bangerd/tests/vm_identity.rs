@@ -3,42 +3,19 @@
 //! process. Simulated without booting anything: the record names the pid of a process the
 //! test spawned, with the identity (start time) of a VMM that no longer exists.
 
+mod common;
+
 use std::process::{Child, Command};
 use std::sync::Arc;
 
 use bangerd::config::Config;
-use bangerd::layout::{Layout, LayoutKind};
 use bangerd::services::process::ProcessIdentity;
 use bangerd::services::{ImageService, KernelService, VmService};
-use bangerd::store::Store;
 
-struct Fixture {
-    _dir: tempfile::TempDir,
-    layout: Layout,
-    store: Arc<Store>,
-}
-
-fn fixture() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    let layout = Layout {
-        kind: LayoutKind::User,
-        config_dir: root.join("config"),
-        state_dir: root.join("state"),
-        cache_dir: root.join("cache"),
-        runtime_dir: root.join("state"),
-    };
-    std::fs::create_dir_all(&layout.state_dir).unwrap();
-    let store = Arc::new(Store::open(&layout.database()).unwrap());
-    Fixture {
-        _dir: dir,
-        layout,
-        store,
-    }
-}
+use common::{installation, Installation};
 
 /// What a freshly started daemon builds over the same store.
-fn restarted_daemon(f: &Fixture) -> VmService {
+fn restarted_daemon(f: &Installation) -> VmService {
     let images = Arc::new(ImageService::new(
         f.layout.clone(),
         Arc::clone(&f.store),
@@ -54,7 +31,7 @@ fn restarted_daemon(f: &Fixture) -> VmService {
     )
 }
 
-fn record_running_vm(f: &Fixture, name: &str, pid: u32, identity: Option<&str>) {
+fn record_running_vm(f: &Installation, name: &str, pid: u32, identity: Option<&str>) {
     let conn = f.store.conn();
     conn.execute(
         "INSERT OR IGNORE INTO kernels (name, version, created_at, initrd) VALUES ('k', '6.1', 'now', 'banger')",
@@ -99,7 +76,7 @@ fn stale_identity(pid: u32) -> String {
 /// Before: `vm list` showed the VM running and `vm kill` killed the bystander.
 #[test]
 fn a_reused_pid_is_never_signalled_and_the_vm_is_marked_stopped() {
-    let f = fixture();
+    let f = installation();
     let mut other = bystander();
     let pid = other.0.id();
     record_running_vm(&f, "reused", pid, Some(&stale_identity(pid)));
@@ -116,7 +93,7 @@ fn a_reused_pid_is_never_signalled_and_the_vm_is_marked_stopped() {
 /// `vm kill` and `vm stop` before any restart repair, on a record whose pid was reused.
 #[test]
 fn kill_and_stop_leave_a_process_that_is_not_the_vmm_alone() {
-    let f = fixture();
+    let f = installation();
     let mut other = bystander();
     let pid = other.0.id();
     record_running_vm(&f, "a", pid, Some(&stale_identity(pid)));
@@ -136,7 +113,7 @@ fn kill_and_stop_leave_a_process_that_is_not_the_vmm_alone() {
 /// A kernel package past `kernel_max_payload_bytes` is refused before anything reads it.
 #[test]
 fn an_oversized_kernel_payload_is_refused_naming_the_limit() {
-    let f = fixture();
+    let f = installation();
     let kernels = KernelService::new(f.layout.clone(), Arc::clone(&f.store)).with_max_payload(1024);
     let deb = f.layout.state_dir.join("huge.deb");
     std::fs::File::create(&deb).unwrap().set_len(4096).unwrap();
