@@ -380,8 +380,9 @@ fn vm_run_prints_the_output_returns_the_status_and_sees_the_workspace() {
     assert_eq!(stderr(&out), "to-stderr\n");
 
     // ^C while the VM boots: banger stops at once; the daemon still starts the shell, which
-    // finds its terminal hung up, and then removes the VM.
-    let mut pty = install.banger_on_pty(&["vm", "run", "--rm", "--image", "bb"], 24, 80);
+    // finds its terminal hung up, and then removes the VM. Cold: a warm restore has the
+    // shell's prompt up within the 500 ms, and the VM can come and go between two polls.
+    let mut pty = install.banger_on_pty(&["vm", "run", "--rm", "--cold", "--image", "bb"], 24, 80);
     std::thread::sleep(Duration::from_millis(500));
     pty.signal(rustix::process::Signal::Int);
     let (status, screen) = pty.wait(Duration::from_secs(10));

@@ -401,6 +401,25 @@ impl VmService {
         Ok(())
     }
 
+    /// Records that the VMM `pid` (identified by `identity`, taken right after the spawn)
+    /// runs `vm` on `backend`.
+    fn record_running(
+        &self,
+        vm: &VmInfo,
+        pid: u32,
+        backend: VmBackend,
+        identity: Option<&crate::services::process::ProcessIdentity>,
+    ) -> anyhow::Result<()> {
+        self.store
+            .conn()
+            .execute(
+                "UPDATE vms SET state = 'running', pid = ?1, backend = ?2, pid_identity = ?3 WHERE id = ?4",
+                rusqlite::params![pid, backend.as_str(), identity.map(|i| i.start.clone()), vm.id],
+            )
+            .context("record VM state")?;
+        Ok(())
+    }
+
     /// Where the static guest agent is, or why there is none a VM could run (missing, or
     /// not a static x86-64 executable).
     pub fn agent_path(&self) -> Result<PathBuf, ServiceError> {

@@ -305,13 +305,7 @@ impl VmService {
         };
         // Taken at once, while the pid is surely the VMM's.
         let identity = ProcessIdentity::of(pid);
-        self.store
-            .conn()
-            .execute(
-                "UPDATE vms SET state = 'running', pid = ?1, backend = ?2, pid_identity = ?3 WHERE id = ?4",
-                rusqlite::params![pid, backend.as_str(), identity.as_ref().map(|i| i.start.clone()), vm.id],
-            )
-            .context("record VM state")?;
+        self.record_running(&vm, pid, backend, identity.as_ref())?;
         match self.wait_for_agent(kind, &dir, pid) {
             Ok(client) => self.agents.put(&vm.id, client),
             Err(e) => {

@@ -385,13 +385,7 @@ impl VmService {
         // Taken at once, while the pid is surely the VMM's.
         let identity = crate::services::process::ProcessIdentity::of(pid);
         let ready = (|| -> anyhow::Result<()> {
-            self.store
-                .conn()
-                .execute(
-                    "UPDATE vms SET state = 'running', pid = ?1, backend = ?2, pid_identity = ?3 WHERE id = ?4",
-                    rusqlite::params![pid, backend.as_str(), identity.as_ref().map(|i| i.start.clone()), vm.id],
-                )
-                .context("record VM state")?;
+            self.record_running(vm, pid, backend, identity.as_ref())?;
             wait_restored(dir).with_context(|| format!("restore: {}", super::vm_logs_tail(dir)))?;
             let client = self.wait_for_agent(banger_vmm::BackendKind::Qemu, dir, pid)?;
             super::identity::refresh(&client, vm)
