@@ -396,32 +396,8 @@ pub fn stream(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use banger_testkit::host::git;
     use std::process::Command;
-
-    /// Runs git for the test's own setup, with no configuration from this host.
-    fn git(dir: &Path, args: &[&str]) {
-        let out = Command::new("git")
-            .arg("-C")
-            .arg(dir)
-            .args([
-                "-c",
-                "user.name=t",
-                "-c",
-                "user.email=t@t",
-                "-c",
-                "core.hooksPath=/dev/null",
-            ])
-            .args(args)
-            .env("GIT_CONFIG_NOSYSTEM", "1")
-            .env("GIT_CONFIG_GLOBAL", "/dev/null")
-            .output()
-            .expect("git runs");
-        assert!(
-            out.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
 
     fn names(listing: &Listing) -> Vec<String> {
         listing

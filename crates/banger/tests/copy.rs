@@ -7,36 +7,34 @@ mod support;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
+use std::time::{Duration, UNIX_EPOCH};
 
 use serde_json::Value;
 use support::vms::ready_install_in;
-use support::{stderr, stdout, Install};
+use support::{stderr, stdout, vm_exec_args, Install};
 
 /// User-mode networking, whoever runs the tests (root would mean TAP under `auto`).
 const QEMU_USER_NET: &str = "vmm = \"qemu\"\nnetwork = \"user\"\n";
 
-fn set_mtime(path: &Path, secs: i64) {
-    let t = rustix::fs::Timespec {
-        tv_sec: secs,
-        tv_nsec: 0,
-    };
-    let times = rustix::fs::Timestamps {
-        last_access: t,
-        last_modification: t,
-    };
-    rustix::fs::utimensat(
-        rustix::fs::CWD,
-        path,
-        &times,
-        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-    )
-    .unwrap();
+/// Sets the access and modification times of the file or directory `path` (never a link)
+/// to `secs` after the epoch.
+fn set_mtime(path: &Path, secs: u64) {
+    let t = UNIX_EPOCH + Duration::from_secs(secs);
+    fs::File::open(path)
+        .unwrap()
+        .set_times(fs::FileTimes::new().set_accessed(t).set_modified(t))
+        .unwrap();
 }
 
 fn ok(install: &Install, args: &[&str]) -> String {
     let out = install.banger(args);
     assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
     stdout(&out)
+}
+
+/// `vm exec box -- sh -c SCRIPT`, which must succeed; its stdout.
+fn box_sh(install: &Install, script: &str) -> String {
+    ok(install, &vm_exec_args("box", &["sh", "-c", script]))
 }
 
 /// 300 KiB that are not all the same (more than one flow-control window).
@@ -76,18 +74,10 @@ fn vm_cp_round_trips_a_tree_both_ways_and_a_link_to_etc_stays_a_link() {
         "copied 300.0 KiB (2 file(s), 3 dir(s), 1 link(s)) to box:/root/tree\n"
     );
     assert_eq!(
-        ok(
+        box_sh(
             &install,
-            &[
-                "vm",
-                "exec",
-                "box",
-                "--",
-                "sh",
-                "-c",
-                "cd /root/tree && stat -c '%n %a %Y' sub/x.sh empty && readlink link && \
-                 wc -c < data.bin && ls -A empty | wc -l",
-            ],
+            "cd /root/tree && stat -c '%n %a %Y' sub/x.sh empty && readlink link && \
+             wc -c < data.bin && ls -A empty | wc -l",
         ),
         "sub/x.sh 750 1600000000\nempty 755 1600000100\nsub/x.sh\n307200\n0\n"
     );
@@ -121,19 +111,11 @@ fn vm_cp_round_trips_a_tree_both_ways_and_a_link_to_etc_stays_a_link() {
     );
 
     // A hostile tree: a link to /etc, a device and a FIFO beside a file.
-    ok(
+    box_sh(
         &install,
-        &[
-            "vm",
-            "exec",
-            "box",
-            "--",
-            "sh",
-            "-c",
-            "mkdir /root/hostile && ln -s /etc /root/hostile/etc && \
-             mknod /root/hostile/null c 1 3 && mkfifo /root/hostile/fifo && \
-             echo x > /root/hostile/f",
-        ],
+        "mkdir /root/hostile && ln -s /etc /root/hostile/etc && \
+         mknod /root/hostile/null c 1 3 && mkfifo /root/hostile/fifo && \
+         echo x > /root/hostile/f",
     );
     let out_dir = tmp.join("out");
     fs::create_dir(&out_dir).unwrap();

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use banger_testkit::{push_oci_layout, LayerCompression, OciLayoutBuilder, Registry};
 use serde_json::Value;
-use support::{stderr, stdout, Install};
+use support::{assert_exit_says, stderr, stdout, Install};
 
 fn small_layer() -> Vec<u8> {
     banger_testkit::tar_with_files(&[
@@ -48,6 +48,16 @@ fn push(
     registry.reference(name, "v1")
 }
 
+/// Pushes image `tool`, one small gzip layer, made in the installation's directory.
+fn push_tool(registry: &Registry, install: &Install) -> String {
+    push(
+        registry,
+        install.dir.path(),
+        "tool",
+        &[(small_layer(), LayerCompression::Gzip)],
+    )
+}
+
 fn entries(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .map(|d| {
@@ -63,12 +73,7 @@ fn entries(dir: &Path) -> Vec<String> {
 fn pull_list_show_rm_through_the_cli() {
     let registry = Registry::start();
     let install = Install::new();
-    let reference = push(
-        &registry,
-        install.dir.path(),
-        "tool",
-        &[(small_layer(), LayerCompression::Gzip)],
-    );
+    let reference = push_tool(&registry, &install);
 
     let out = install.banger(&["image", "pull", &reference]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -113,12 +118,7 @@ fn pull_list_show_rm_through_the_cli() {
     );
 
     let again = install.banger(&["image", "pull", &reference]);
-    assert_eq!(again.status.code(), Some(1));
-    assert!(
-        stderr(&again).contains("[already_exists, op-"),
-        "{}",
-        stderr(&again)
-    );
+    assert_exit_says(&again, 1, "[already_exists, op-");
 
     let rm = install.banger(&["image", "rm", "tool-v1"]);
     assert_eq!(
@@ -295,12 +295,7 @@ fn op_ids_of(log: &str, method: &str, message: &str) -> Vec<String> {
 fn every_log_line_of_a_call_carries_its_op_id() {
     let registry = Registry::start();
     let install = Install::new();
-    let reference = push(
-        &registry,
-        install.dir.path(),
-        "tool",
-        &[(small_layer(), LayerCompression::Gzip)],
-    );
+    let reference = push_tool(&registry, &install);
     assert_eq!(
         install.banger(&["image", "pull", &reference]).status.code(),
         Some(0)

@@ -7,6 +7,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use banger_testkit::host::run_ok;
 use banger_testkit::Registry;
 use serde_json::Value;
 use sha2::Digest as _;
@@ -111,17 +112,7 @@ fn push_artifact(
 /// The cloud kernel package unpacked: (vmlinuz, modules.tgz of /lib/modules/<release>).
 fn kernel_files(deb: &Path, dir: &Path) -> (PathBuf, PathBuf) {
     let root = dir.join("deb");
-    let out = Command::new("dpkg-deb")
-        .arg("-x")
-        .arg(deb)
-        .arg(&root)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&root));
     let vmlinuz = std::fs::read_dir(root.join("boot"))
         .unwrap()
         .flatten()
@@ -140,18 +131,13 @@ fn kernel_files(deb: &Path, dir: &Path) -> (PathBuf, PathBuf) {
         .expect("a modules tree")
         .path();
     let tgz = dir.join("modules.tgz");
-    let out = Command::new("tar")
-        .arg("czf")
-        .arg(&tgz)
-        .arg("-C")
-        .arg(&release)
-        .arg(".")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new("tar")
+            .arg("czf")
+            .arg(&tgz)
+            .arg("-C")
+            .arg(&release)
+            .arg("."),
     );
     (vmlinuz, tgz)
 }

@@ -22,6 +22,9 @@ const HOST_VETH: &str = "198.18.0.1";
 const OUTSIDE: &str = "198.18.0.2";
 const OUTSIDE_2: &str = "198.18.0.3";
 
+/// QEMU with user-mode networking (slirp), whoever runs the tests.
+const QEMU_USER_NET: &str = "vmm = \"qemu\"\nnetwork = \"user\"\n";
+
 /// One HTTP server (python3 -m http.server) inside a namespace, serving `hello` with a
 /// marker; killed on drop.
 struct Server {
@@ -154,6 +157,14 @@ impl World {
     }
 }
 
+impl World {
+    /// An installation configured with `config` whose banger (and so its daemon) runs in
+    /// the host namespace.
+    fn install(&self, config: &str) -> Option<Install> {
+        ready_install_in(config, Some(&self.host), None)
+    }
+}
+
 fn which(program: &str) -> bool {
     std::env::var_os("PATH")
         .and_then(|p| p.to_str().map(str::to_owned))
@@ -163,19 +174,14 @@ fn which(program: &str) -> bool {
 /// `GET /hello` from inside VM `vm` to `addr:port`: the body when it answered, `None`
 /// when it did not (refused, dropped, timed out).
 fn fetch(install: &Install, vm: &str, addr: &str, port: u16) -> Option<String> {
-    let out = install.banger(&[
-        "vm",
-        "exec",
+    let out = busybox_sh(
+        install,
         vm,
-        "--",
-        "/bin/busybox",
-        "sh",
-        "-c",
         // nc -w bounds the connect only; timeout bounds a connection that then stalls.
         &format!(
             "printf 'GET /hello HTTP/1.0\\r\\n\\r\\n' | /bin/busybox timeout 20 /bin/busybox nc -w 5 {addr} {port}"
         ),
-    ]);
+    );
     let text = stdout(&out);
     text.contains(" 200 ")
         .then(|| text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned())
@@ -184,16 +190,11 @@ fn fetch(install: &Install, vm: &str, addr: &str, port: u16) -> Option<String> {
 /// What to look at when a guest could not reach what it should: its view and the
 /// host's rules.
 fn diagnose(install: &Install, vm: &str, host: &NetNs) -> String {
-    let guest = install.banger(&[
-        "vm",
-        "exec",
+    let guest = busybox_sh(
+        install,
         vm,
-        "--",
-        "/bin/busybox",
-        "sh",
-        "-c",
         "/bin/busybox ip addr; /bin/busybox ip route; cat /proc/net/arp",
-    ]);
+    );
     let rules = host.exec(&["nft", "list", "ruleset"]);
     format!(
         "guest:\n{}{}\nhost rules:\n{}",
@@ -203,9 +204,15 @@ fn diagnose(install: &Install, vm: &str, host: &NetNs) -> String {
     )
 }
 
+/// `vm exec VM -- /bin/busybox sh -c SCRIPT`: busybox by its path, which works whatever
+/// the guest's PATH.
+fn busybox_sh(install: &Install, vm: &str, script: &str) -> std::process::Output {
+    install.vm_exec(vm, &["/bin/busybox", "sh", "-c", script])
+}
+
 /// Runs a shell command in the guest, which must succeed.
 fn guest_sh(install: &Install, vm: &str, script: &str) -> String {
-    let out = install.banger(&["vm", "exec", vm, "--", "/bin/busybox", "sh", "-c", script]);
+    let out = busybox_sh(install, vm, script);
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -255,11 +262,7 @@ fn user_mode_reaches_the_outside_but_not_the_host() {
     ) {
         return;
     }
-    let Some(install) = ready_install_in(
-        "vmm = \"qemu\"\nnetwork = \"user\"\n",
-        Some(&world.host),
-        None,
-    ) else {
+    let Some(install) = world.install(QEMU_USER_NET) else {
         return;
     };
     create(&install, &["--name", "u"]);
@@ -320,11 +323,9 @@ fn tap_mode_reaches_the_outside_but_not_the_host_other_vms_or_with_a_spoofed_sou
     let Some(world) = World::new("npt") else {
         return;
     };
-    let Some(install) = ready_install_in(
-        "vmm = \"qemu\"\nnetwork = \"tap\"\nbridge_address = \"172.30.9.1/24\"\n",
-        Some(&world.host),
-        None,
-    ) else {
+    let Some(install) =
+        world.install("vmm = \"qemu\"\nnetwork = \"tap\"\nbridge_address = \"172.30.9.1/24\"\n")
+    else {
         return;
     };
     create(&install, &["--name", "a", "--egress", "198.18.0.2/32"]);
@@ -450,7 +451,7 @@ fn tap_mode_reaches_the_outside_but_not_the_host_other_vms_or_with_a_spoofed_sou
 
 #[test]
 fn network_none_gives_the_guest_only_loopback() {
-    let Some(install) = ready_install_in("vmm = \"qemu\"\nnetwork = \"user\"\n", None, None) else {
+    let Some(install) = ready_install_in(QEMU_USER_NET, None, None) else {
         return;
     };
     create(&install, &["--name", "n", "--network", "none"]);

@@ -63,15 +63,14 @@ fn published_port_serves_guest_http_on_the_host_and_vm_ports_lists_it() {
     ok(&out, "vm create -p");
 
     // busybox httpd forks into the background and keeps serving after the exec ends.
-    let out = install.banger(&[
-        "vm",
-        "exec",
+    let out = install.vm_exec(
         "web",
-        "--",
-        "/bin/sh",
-        "-c",
-        "echo hello-from-guest > /tmp/index.html && busybox httpd -p 8080 -h /tmp",
-    ]);
+        &[
+            "/bin/sh",
+            "-c",
+            "echo hello-from-guest > /tmp/index.html && busybox httpd -p 8080 -h /tmp",
+        ],
+    );
     ok(&out, "start httpd");
     let response = http_get(port);
     assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
@@ -191,16 +190,7 @@ fn sshd_layer() -> Vec<u8> {
     }
     dirs.sort_by_key(|d| d.len());
     let mut builder = tar::Builder::new(Vec::new());
-    let header = |kind: tar::EntryType, mode: u32, size: usize| {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(kind);
-        h.set_mode(mode);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_size(size as u64);
-        h.set_mtime(0);
-        h
-    };
+    let header = banger_testkit::guest::layer_entry_header;
     for dir in &dirs {
         let mut h = header(tar::EntryType::Directory, 0o755, 0);
         builder.append_data(&mut h, dir, &[][..]).unwrap();
@@ -328,7 +318,7 @@ fn stock_ssh_logs_in_through_the_generated_config_without_a_host_port() {
         "from",
         "$(cat /proc/sys/kernel/hostname)",
     ]);
-    assert_eq!(out.status.code(), Some(0), "vm ssh: {}", stderr(&out));
+    ok(&out, "vm ssh");
     assert_eq!(stdout(&out), "hi from sv\n");
     ok(&install.banger(&["vm", "rm", "sv"]), "vm rm");
 }

@@ -13,9 +13,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use banger_testkit::{guest, LayerCompression, OciLayoutBuilder};
 use serde_json::Value;
-use support::vms::guest_parts;
+use support::vms::{busybox_layout, guest_parts, import_busybox, import_kernel};
 use support::{bin_dir, stderr, stdout, Install, NetNs};
 
 /// The unprivileged user the daemon runs as.
@@ -122,11 +121,7 @@ fn an_unprivileged_bangerd_boots_a_tap_vm_through_bangerd_root() {
         "vmm = \"qemu\"\nnetwork = \"tap\"\nbridge_address = \"{BRIDGE_ADDRESS}\"\nroot_helper_socket = \"{}\"\n",
         socket.display()
     ));
-    let layout_dir = install.dir.path().join("layout");
-    let mut layout = OciLayoutBuilder::new(&layout_dir).unwrap();
-    layout
-        .image("v1", &[(guest::busybox_layer(), LayerCompression::Gzip)])
-        .unwrap();
+    let layout_dir = busybox_layout(&install);
     // The whole installation belongs to the daemon's user, as a system install's
     // /var/lib/banger belongs to the owner.
     let chown = Command::new("chown")
@@ -197,16 +192,8 @@ fn an_unprivileged_bangerd_boots_a_tap_vm_through_bangerd_root() {
         install.wrapper = full;
     }
 
-    let out = install.banger(&[
-        "image",
-        "import",
-        &format!("{}:v1", layout_dir.display()),
-        "--name",
-        "bb",
-    ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let out = install.banger(&["kernel", "import", "cloud", "--deb", deb.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    import_busybox(&install, &layout_dir);
+    import_kernel(&install, deb);
 
     // The daemon really is unprivileged.
     let pid = install.daemon_pid().expect("the daemon's lock file");

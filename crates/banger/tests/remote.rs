@@ -9,51 +9,33 @@ use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use banger_testkit::{guest, push_oci_layout, LayerCompression, OciLayoutBuilder, Registry};
+use banger_testkit::host::run_ok;
+use banger_testkit::{guest, LayerCompression, OciLayoutBuilder, Registry};
 use serde_json::Value;
-use support::vms::guest_parts;
-use support::{stderr, stdout, Install};
+use support::vms::{guest_parts, ready_install_in};
+use support::{assert_exit, assert_exit_says, stderr, stdout, vm_run_rm_args, Install};
 
 const PTY_TIMEOUT: Duration = Duration::from_secs(240);
 
+/// The remote side's configuration: QEMU with user networking, whoever runs the tests.
+const QEMU_USER_NET: &str = "vmm = \"qemu\"\nnetwork = \"user\"\n";
+
 /// The remote side's installation: a kernel and a busybox image `bb`, its daemon stopped
 /// (the next one starts inside sshd's namespace, through dial-stdio).
-fn remote_install(registry: &Registry, agent: &Path, deb: &Path) -> Install {
-    let mut install = Install::new();
-    install
-        .extra_env
-        .push(("BANGER_AGENT".into(), agent.into()));
-    install.write_config("vmm = \"qemu\"\nnetwork = \"user\"\n");
-    let layout_dir = install.dir.path().join("layout");
-    let mut layout = OciLayoutBuilder::new(&layout_dir).unwrap();
-    layout
-        .image("v1", &[(guest::busybox_layer(), LayerCompression::Gzip)])
-        .unwrap();
-    push_oci_layout(&layout_dir, "v1", registry, "busybox");
-    let out = install.banger(&[
-        "image",
-        "pull",
-        &registry.reference("busybox", "v1"),
-        "--name",
-        "bb",
-    ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let out = install.banger(&["kernel", "import", "cloud", "--deb", deb.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+fn remote_install(registry: &Registry) -> Install {
+    let install = ready_install_in(QEMU_USER_NET, None, Some(registry))
+        .expect("the caller found the guest parts");
     let out = install.banger(&["daemon", "stop"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     install
-}
-
-fn run(command: &mut Command) {
-    let out = command.output().unwrap();
-    assert!(out.status.success(), "{command:?}: {}", stderr(&out));
 }
 
 fn keygen(path: &Path) {
-    run(Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(path));
+    run_ok(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(path),
+    );
 }
 
 /// sshd on 127.0.0.1:PORT in a mount namespace where `hidden` is an empty tmpfs; killed
@@ -144,11 +126,11 @@ fn a_remote_daemon_over_real_sshd_runs_a_streamed_workspace_lists_images_and_giv
     if !sshd_can_run() {
         return;
     }
-    let Some((agent, deb)) = guest_parts() else {
+    let Some((agent, _)) = guest_parts() else {
         return;
     };
     let registry = Registry::start();
-    let remote = remote_install(&registry, agent, deb);
+    let remote = remote_install(&registry);
     let sshd_dir = tempfile::tempdir().unwrap();
 
     // The client: its own dirs, and a workspace the remote side cannot see.
@@ -190,19 +172,12 @@ fn a_remote_daemon_over_real_sshd_runs_a_streamed_workspace_lists_images_and_giv
     assert!(images.to_string().contains("\"bb\""), "{images}");
 
     let ws = workspace.to_str().unwrap();
-    let out = call(&[
-        "vm",
-        "run",
-        ws,
-        "--rm",
-        "--image",
-        "bb",
-        "--",
-        "sh",
-        "-c",
-        "cat FILE; exit 5",
-    ]);
-    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    let out = call(&vm_run_rm_args(
+        Some(ws),
+        &[],
+        &["sh", "-c", "cat FILE; exit 5"],
+    ));
+    assert_exit(&out, 5);
     assert_eq!(stdout(&out), "streamed, not read by the daemon\n");
 
     let out = call(&["vm", "create", "--name", "rx", "--image", "bb"]);
@@ -295,12 +270,7 @@ fn contexts_are_created_chosen_listed_and_removed_and_bad_hosts_refused() {
         .env("BANGER_SSH", "false")
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("ssh://me@big.example:2222"),
-        "{}",
-        stderr(&out)
-    );
+    assert_exit_says(&out, 1, "ssh://me@big.example:2222");
     let out = install.banger(&["context", "rm", "big"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let out = install.banger(&["--json", "context", "ls"]);
@@ -436,7 +406,7 @@ fn image_and_kernel_imports_stream_their_files_to_a_remote_daemon_over_real_sshd
         return;
     };
     let remote = Install::new();
-    remote.write_config("vmm = \"qemu\"\nnetwork = \"user\"\n");
+    remote.write_config(QEMU_USER_NET);
     let sshd_dir = tempfile::tempdir().unwrap();
     let client = {
         let mut client = Install::new();
@@ -453,10 +423,12 @@ fn image_and_kernel_imports_stream_their_files_to_a_remote_daemon_over_real_sshd
         .image("v1", &[(guest::busybox_layer(), LayerCompression::Gzip)])
         .unwrap();
     let tarball = client.dir.path().join("saved.tar");
-    run(Command::new("skopeo")
-        .args(["--insecure-policy", "copy", "-q"])
-        .arg(format!("oci:{}:v1", layout_dir.display()))
-        .arg(format!("docker-archive:{}:fixture:v1", tarball.display())));
+    run_ok(
+        Command::new("skopeo")
+            .args(["--insecure-policy", "copy", "-q"])
+            .arg(format!("oci:{}:v1", layout_dir.display()))
+            .arg(format!("docker-archive:{}:fixture:v1", tarball.display())),
+    );
     let client_deb = client.dir.path().join("kernel.deb");
     std::fs::copy(deb, &client_deb).unwrap();
     let sshd = start_sshd(sshd_dir.path(), &remote, agent, client.dir.path());

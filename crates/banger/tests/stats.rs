@@ -7,7 +7,7 @@ mod support;
 use banger_testkit::Registry;
 use serde_json::Value;
 use support::vms::ready_install_in;
-use support::{stderr, stdout, Install};
+use support::{assert_exit, assert_mem_total_is_256_mib, stderr, stdout, Install};
 
 const QEMU_USER_NET: &str = "vmm = \"qemu\"\nnetwork = \"user\"\n";
 
@@ -21,9 +21,7 @@ fn json(install: &Install, args: &[&str]) -> (Option<i32>, Value) {
 }
 
 fn exec_status(install: &Install, vm: &str, argv: &[&str]) -> Option<i32> {
-    let mut args = vec!["vm", "exec", vm, "--"];
-    args.extend(argv);
-    install.banger(&args).status.code()
+    install.vm_exec(vm, argv).status.code()
 }
 
 #[test]
@@ -34,30 +32,14 @@ fn memory_and_cpus_reach_the_guest_exit_statuses_pass_and_stats_and_health_repor
     };
 
     // --memory 256M: the guest's MemTotal is 256 MiB less what the kernel keeps.
-    let out = install.banger(&[
-        "vm",
-        "run",
-        "--rm",
-        "--image",
-        "bb",
-        "--memory",
-        "256M",
-        "--",
-        "sh",
-        "-c",
-        "cat /proc/meminfo; exit 5",
-    ]);
-    // The command's own status comes through.
-    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
-    let total: u64 = stdout(&out)
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap();
-    assert!(
-        (180 * 1024..=256 * 1024).contains(&total),
-        "MemTotal {total} KiB"
+    let out = install.vm_run_rm(
+        None,
+        &["--memory", "256M"],
+        &["sh", "-c", "cat /proc/meminfo; exit 5"],
     );
+    // The command's own status comes through.
+    assert_exit(&out, 5);
+    assert_mem_total_is_256_mib(&stdout(&out));
 
     // 125: banger failed (an image the registry does not have), before any VM.
     let missing = registry.reference("no-such-image", "v1");

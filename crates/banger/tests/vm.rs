@@ -10,10 +10,14 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use banger_testkit::host::run_ok;
 use banger_testkit::Registry;
 use serde_json::Value;
 use support::vms::{guest_parts, ready_install_in};
-use support::{stderr, stdout, Install, NetNs};
+use support::{
+    assert_exit, assert_exit_says, assert_mem_total_is_256_mib, mem_total_kib, stderr, stdout,
+    vm_run_rm_args, Install, NetNs,
+};
 
 /// The configuration of the QEMU tests: user-mode networking, whoever runs them.
 const QEMU_USER_NET: &str = "vmm = \"qemu\"\nnetwork = \"user\"\n";
@@ -32,15 +36,10 @@ fn kernel_show(install: &Install, name: &str) -> Value {
 
 /// The `lib/modules/*.ko` entries of a newc archive, as `busybox cpio -t` lists them.
 fn initramfs_modules(archive: &Path) -> Vec<String> {
-    let out = std::process::Command::new("/bin/busybox")
-        .args(["cpio", "-t", "-F"])
-        .arg(archive)
-        .output()
-        .expect("run busybox cpio");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        std::process::Command::new("/bin/busybox")
+            .args(["cpio", "-t", "-F"])
+            .arg(archive),
     );
     String::from_utf8(out.stdout)
         .unwrap()
@@ -56,9 +55,7 @@ fn run_on_kernel(install: &Install, kernel: &str, vm: &str, command: &[&str]) ->
         "vm", "create", "--name", vm, "--image", "bb", "--kernel", kernel,
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let mut args = vec!["vm", "exec", vm, "--"];
-    args.extend(command);
-    let out = install.banger(&args);
+    let out = install.vm_exec(vm, command);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let rm = install.banger(&["vm", "rm", vm]);
     assert_eq!(rm.status.code(), Some(0), "{}", stderr(&rm));
@@ -76,16 +73,11 @@ fn kernel_import_from_an_image_and_modules_tree_matches_the_deb_and_boots() {
     };
     let (_, deb) = guest_parts().unwrap();
     let unpacked = install.dir.path().join("unpacked");
-    let out = std::process::Command::new("dpkg-deb")
-        .arg("-x")
-        .arg(deb)
-        .arg(&unpacked)
-        .output()
-        .expect("run dpkg-deb");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        std::process::Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(deb)
+            .arg(&unpacked),
     );
     let cloud = kernel_show(&install, "cloud");
     let version = cloud["version"].as_str().unwrap().to_owned();
@@ -361,18 +353,11 @@ fn vm_run_prints_the_output_returns_the_status_and_sees_the_workspace() {
 
     // A command, with the workspace and a pipe on stdin.
     let out = install.banger_with_stdin(
-        &[
-            "vm",
-            "run",
-            repo.to_str().unwrap(),
-            "--rm",
-            "--image",
-            "bb",
-            "--",
-            "sh",
-            "-c",
-            "pwd; cat notes.txt; cat; echo to-stderr >&2",
-        ],
+        &vm_run_rm_args(
+            Some(repo.to_str().unwrap()),
+            &[],
+            &["sh", "-c", "pwd; cat notes.txt; cat; echo to-stderr >&2"],
+        ),
         b"from stdin\n",
     );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -429,15 +414,10 @@ fn vm_exec_stop_start_keeps_files_and_rm_leaves_nothing() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(stdout(&out), "created box (running)\n");
 
-    let out = install.banger(&[
-        "vm",
-        "exec",
+    let out = install.vm_sh(
         "box",
-        "--",
-        "sh",
-        "-c",
         "echo kept > /root/keep; echo out; echo err >&2; exit 3",
-    ]);
+    );
     assert_eq!(out.status.code(), Some(3));
     assert_eq!(stdout(&out), "out\n");
     assert_eq!(stderr(&out), "err\n");
@@ -473,12 +453,7 @@ fn vm_exec_stop_start_keeps_files_and_rm_leaves_nothing() {
     assert_eq!(stdout(&out), "kept\n", "{}", stderr(&out));
 
     let out = install.banger(&["vm", "exec", "nope", "--", "true"]);
-    assert_eq!(out.status.code(), Some(125));
-    assert!(
-        stderr(&out).contains("no VM named \"nope\" [not_found"),
-        "{}",
-        stderr(&out)
-    );
+    assert_exit_says(&out, 125, "no VM named \"nope\" [not_found");
 
     // logs: the console of the current boot; -f returns once the VM stops.
     let logs = install.banger(&["vm", "logs", "box"]);
@@ -646,15 +621,7 @@ fn check_stdin_and_pty(install: &Install, vm: &str) {
     assert!(!pty.is_raw(), "a SIGTERM left the terminal raw");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let out = install.banger(&[
-            "vm",
-            "exec",
-            vm,
-            "--",
-            "sh",
-            "-c",
-            "kill -0 $(cat /root/leader) && echo alive || echo gone",
-        ]);
+        let out = install.vm_sh(vm, "kill -0 $(cat /root/leader) && echo alive || echo gone");
         if stdout(&out) == "gone\n" {
             break;
         }
@@ -737,19 +704,10 @@ fn tap_network_gives_the_guest_its_address_and_the_bridge_and_rm_deletes_the_tap
     );
 
     // Guest side: eth0 has the assigned address and the bridge answers, by ICMP and TCP.
-    let out = install.banger(&[
-        "vm",
-        "exec",
+    let out = install.vm_exec(
         "tapbox",
-        "--",
-        "/bin/busybox",
-        "ip",
-        "-4",
-        "addr",
-        "show",
-        "dev",
-        "eth0",
-    ]);
+        &["/bin/busybox", "ip", "-4", "addr", "show", "dev", "eth0"],
+    );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(
         stdout(&out).contains("inet 172.30.9.2/24"),
@@ -869,18 +827,8 @@ fn firecracker_backend_runs_commands_and_rm_leaves_nothing() {
         return;
     }
 
-    let out = install.banger(&[
-        "vm",
-        "run",
-        "--rm",
-        "--image",
-        "bb",
-        "--",
-        "sh",
-        "-c",
-        "echo hi; exit 7",
-    ]);
-    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    let out = install.vm_run_rm(None, &[], &["sh", "-c", "echo hi; exit 7"]);
+    assert_exit(&out, 7);
     assert_eq!(stdout(&out), "hi\n");
 
     let out = install.banger(&["vm", "create", "--name", "fc", "--image", "bb"]);
@@ -889,19 +837,10 @@ fn firecracker_backend_runs_commands_and_rm_leaves_nothing() {
     assert_eq!(vm["backend"], "firecracker");
     let vm_dir = PathBuf::from(vm["dir"].as_str().unwrap());
     assert!(vm_dir.join("firecracker.log").is_file());
-    let out = install.banger(&[
-        "vm",
-        "exec",
+    let out = install.vm_exec(
         "fc",
-        "--",
-        "/bin/busybox",
-        "ping",
-        "-c",
-        "1",
-        "-W",
-        "5",
-        "172.30.10.1",
-    ]);
+        &["/bin/busybox", "ping", "-c", "1", "-W", "5", "172.30.10.1"],
+    );
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -1142,14 +1081,9 @@ fn vm_exec_paces_a_flood_to_its_caller_ends_what_a_hung_up_caller_ran_and_runs_c
 
 /// The guest's MemTotal, in KiB.
 fn guest_mem_total_kib(install: &Install, vm: &str) -> u64 {
-    let out = install.banger(&["vm", "exec", vm, "--", "cat", "/proc/meminfo"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    stdout(&out)
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no MemTotal in {}", stdout(&out)))
+    let out = install.vm_exec(vm, &["cat", "/proc/meminfo"]);
+    assert_exit(&out, 0);
+    mem_total_kib(&stdout(&out))
 }
 
 fn vm_names(install: &Install, filter: &[&str]) -> Vec<String> {
@@ -1173,54 +1107,23 @@ fn resources_set_stats_filters_restart_and_prune() {
         return;
     };
     // vm run takes the resources of vm create.
-    let out = install.banger(&[
-        "vm",
-        "run",
-        "--rm",
-        "--image",
-        "bb",
-        "--memory",
-        "256MiB",
-        "--",
-        "cat",
-        "/proc/meminfo",
-    ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let total: u64 = stdout(&out)
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap();
-    assert!(
-        (180 * 1024..=256 * 1024).contains(&total),
-        "MemTotal {total} KiB"
-    );
+    let out = install.vm_run_rm(None, &["--memory", "256MiB"], &["cat", "/proc/meminfo"]);
+    assert_exit(&out, 0);
+    assert_mem_total_is_256_mib(&stdout(&out));
 
     let out = install.banger(&[
         "vm", "create", "--name", "r1", "--image", "bb", "--cpus", "1", "--memory", "384MiB",
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let nproc = |vm: &str| {
-        let out = install.banger(&[
-            "vm",
-            "exec",
-            vm,
-            "--",
-            "sh",
-            "-c",
-            "grep -c ^processor /proc/cpuinfo",
-        ]);
-        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let out = install.vm_sh(vm, "grep -c ^processor /proc/cpuinfo");
+        assert_exit(&out, 0);
         stdout(&out)
     };
     assert_eq!(nproc("r1"), "1\n");
     // Exit statuses a script can tell apart: the command's own, 127 not found, 126 cannot
     // run (125, banger failed, is pinned in vm_exec_stop_start…).
-    let status = |argv: &[&str]| {
-        let mut args = vec!["vm", "exec", "r1", "--"];
-        args.extend(argv);
-        install.banger(&args).status.code()
-    };
+    let status = |argv: &[&str]| install.vm_exec("r1", argv).status.code();
     assert_eq!(status(&["sh", "-c", "exit 3"]), Some(3));
     assert_eq!(status(&["no-such-command"]), Some(127));
     assert_eq!(status(&["/etc"]), Some(126));
@@ -1252,7 +1155,7 @@ fn resources_set_stats_filters_restart_and_prune() {
     );
 
     let guest_sh = |vm: &str, script: &str| {
-        let out = install.banger(&["vm", "exec", vm, "--", "sh", "-c", script]);
+        let out = install.vm_sh(vm, script);
         assert_eq!(out.status.code(), Some(0), "{script}: {}", stderr(&out));
         stdout(&out)
     };

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use banger_testkit::Registry;
 use serde_json::Value;
-use support::{stderr, stdout, Install};
+use support::{assert_exit_says, stderr, stdout, Install};
 
 /// An installation configured with `config` (plus QEMU and user networking), with a
 /// kernel `cloud` and a busybox image `bb` pulled from `registry`. Under root its VMMs
@@ -238,12 +238,7 @@ fn pause_stops_the_guest_clock_and_resume_continues_it() {
     // The paused guest cannot run commands; the error says how to go on.
     let out = install.banger(&["vm", "exec", "p", "--", "true"]);
     // 125: banger failed, not the command (vm exec's exit status).
-    assert_eq!(out.status.code(), Some(125));
-    assert!(
-        stderr(&out).contains("is paused (banger vm resume p)"),
-        "{}",
-        stderr(&out)
-    );
+    assert_exit_says(&out, 125, "is paused (banger vm resume p)");
     std::thread::sleep(std::time::Duration::from_secs(6));
     let out = install.banger(&["vm", "resume", "p"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -518,10 +513,5 @@ fn snapshot_forks_have_their_own_files_and_identity_and_rm_waits_for_them() {
     let out = install.banger(&["snapshot", "rm", "snap"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let out = install.banger(&["vm", "create", "--name", "x", "--from", "snap"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("no snapshot named \"snap\""),
-        "{}",
-        stderr(&out)
-    );
+    assert_exit_says(&out, 1, "no snapshot named \"snap\"");
 }

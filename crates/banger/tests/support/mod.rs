@@ -164,6 +164,21 @@ impl Install {
         }
     }
 
+    /// `vm run [WORKSPACE] --rm --image bb [OPTIONS] -- COMMAND`, run to its end.
+    pub fn vm_run_rm(&self, workspace: Option<&str>, options: &[&str], command: &[&str]) -> Output {
+        self.banger(&vm_run_rm_args(workspace, options, command))
+    }
+
+    /// `vm exec VM -- COMMAND`, run to its end.
+    pub fn vm_exec(&self, vm: &str, command: &[&str]) -> Output {
+        self.banger(&vm_exec_args(vm, command))
+    }
+
+    /// `vm exec VM -- sh -c SCRIPT`, run to its end.
+    pub fn vm_sh(&self, vm: &str, script: &str) -> Output {
+        self.vm_exec(vm, &["sh", "-c", script])
+    }
+
     /// Writes `config.toml`.
     pub fn write_config(&self, text: &str) {
         let dir = self.dir.path().join("config/banger");
@@ -399,6 +414,64 @@ pub fn stdout(output: &Output) -> String {
 
 pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// The arguments of `vm run [WORKSPACE] --rm --image bb [OPTIONS] -- COMMAND`: a
+/// throwaway VM of the busybox image every VM test imports as `bb` (see vms.rs).
+pub fn vm_run_rm_args<'a>(
+    workspace: Option<&'a str>,
+    options: &[&'a str],
+    command: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec!["vm", "run"];
+    args.extend(workspace);
+    args.extend(["--rm", "--image", "bb"]);
+    args.extend(options);
+    args.push("--");
+    args.extend(command);
+    args
+}
+
+/// The arguments of `vm exec VM -- COMMAND`.
+pub fn vm_exec_args<'a>(vm: &'a str, command: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["vm", "exec", vm, "--"];
+    args.extend(command);
+    args
+}
+
+/// Asserts that banger exited with `code`, showing its stderr when it did not.
+#[track_caller]
+pub fn assert_exit(out: &Output, code: i32) {
+    assert_eq!(out.status.code(), Some(code), "{}", stderr(out));
+}
+
+/// Asserts that banger exited with `code` and said `needle` on stderr: how a refusal
+/// looks to the user (the status a script sees, the words a person reads).
+#[track_caller]
+pub fn assert_exit_says(out: &Output, code: i32, needle: &str) {
+    assert_eq!(out.status.code(), Some(code));
+    assert!(stderr(out).contains(needle), "{}", stderr(out));
+}
+
+/// The `MemTotal:` of a guest's /proc/meminfo, in KiB.
+#[track_caller]
+pub fn mem_total_kib(meminfo: &str) -> u64 {
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no MemTotal in {meminfo}"))
+}
+
+/// Asserts that a guest's /proc/meminfo shows the 256 MiB it was given (`--memory`), less
+/// what the kernel keeps for itself.
+#[track_caller]
+pub fn assert_mem_total_is_256_mib(meminfo: &str) {
+    let total = mem_total_kib(meminfo);
+    assert!(
+        (180 * 1024..=256 * 1024).contains(&total),
+        "MemTotal {total} KiB"
+    );
 }
 
 /// A raw line-level connection to the daemon.
