@@ -396,8 +396,16 @@ pub fn stream(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use banger_testkit::host::git;
-    use std::process::Command;
+    use banger_testkit::host::{git, git_installed};
+
+    /// Writes each `(path, contents)` below `root`, making the directories on the way.
+    fn write_files(root: &Path, files: &[(&str, &str)]) {
+        for (path, contents) in files {
+            let path = root.join(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, contents).unwrap();
+        }
+    }
 
     fn names(listing: &Listing) -> Vec<String> {
         listing
@@ -409,10 +417,7 @@ mod tests {
 
     #[test]
     fn a_hostile_repo_lists_tracked_and_unignored_files_and_runs_nothing() {
-        if !banger_testkit::require(
-            Command::new("git").arg("--version").output().is_ok(),
-            "git is not installed (apt-get install git)",
-        ) {
+        if !git_installed() {
             return;
         }
         let tmp = tempfile::tempdir().unwrap();
@@ -486,12 +491,16 @@ mod tests {
     fn an_unusable_index_still_honours_gitignore_and_says_so() {
         let tmp = tempfile::tempdir().unwrap();
         let repo = tmp.path().join("wt");
-        std::fs::create_dir_all(repo.join(".git")).unwrap();
-        std::fs::write(repo.join(".git/index"), "garbage").unwrap();
-        std::fs::write(repo.join(".git/HEAD"), "ref: refs/heads/main\n").unwrap();
-        std::fs::write(repo.join(".gitignore"), ".env\n").unwrap();
-        std::fs::write(repo.join(".env"), "TOKEN=1").unwrap();
-        std::fs::write(repo.join("a"), "a").unwrap();
+        write_files(
+            &repo,
+            &[
+                (".git/index", "garbage"),
+                (".git/HEAD", "ref: refs/heads/main\n"),
+                (".gitignore", ".env\n"),
+                (".env", "TOKEN=1"),
+                ("a", "a"),
+            ],
+        );
         let listing = list(&repo).unwrap();
         assert_eq!(listing.kind, ListingKind::GitIgnoreOnly);
         assert_eq!(names(&listing), [".gitignore", "a"]);
@@ -513,10 +522,14 @@ mod tests {
     fn a_plain_directory_lists_every_file_but_special_ones() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("plain");
-        std::fs::create_dir_all(dir.join("sub")).unwrap();
-        std::fs::write(dir.join(".gitignore"), "x\n").unwrap();
-        std::fs::write(dir.join("x"), "no git, so not ignored").unwrap();
-        std::fs::write(dir.join("sub/y"), "y").unwrap();
+        write_files(
+            &dir,
+            &[
+                (".gitignore", "x\n"),
+                ("x", "no git, so not ignored"),
+                ("sub/y", "y"),
+            ],
+        );
         let _socket = std::os::unix::net::UnixListener::bind(dir.join("s.sock")).unwrap();
         rustix::fs::mknodat(
             rustix::fs::CWD,

@@ -19,6 +19,15 @@ pub fn run_ok(command: &mut Command) -> Output {
     out
 }
 
+/// Whether git is installed; fails under BANGER_TEST_STRICT=1 where it is not, skips
+/// loudly otherwise (see [`crate::require`]).
+pub fn git_installed() -> bool {
+    crate::require(
+        Command::new("git").arg("--version").output().is_ok(),
+        "git is not installed (scripts/setup.sh installs it)",
+    )
+}
+
 /// Runs git in `dir` for the test's own set-up, reading no configuration of this host
 /// (no system or global file, no hooks) so the host's git settings cannot change a test.
 pub fn git(dir: &Path, args: &[&str]) {

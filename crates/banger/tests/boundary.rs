@@ -5,9 +5,8 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use banger_testkit::host::git;
+use banger_testkit::host::{git, git_installed};
 use banger_testkit::Registry;
 use support::vms::ready_install_in;
 use support::{assert_exit, stderr, stdout, Install};
@@ -63,10 +62,7 @@ fn hostile_repo(repo: &Path, markers: &Path) {
 
 #[test]
 fn vm_run_of_a_hostile_repo_runs_nothing_on_the_host_and_copies_what_git_would() {
-    if !banger_testkit::require(
-        Command::new("git").arg("--version").output().is_ok(),
-        "git is not installed (scripts/setup.sh installs it)",
-    ) {
+    if !git_installed() {
         return;
     }
     let registry = Registry::start();
@@ -144,7 +140,7 @@ fn a_vm_runs_under_seccomp_its_console_is_capped_and_shown_escaped_on_a_terminal
         return;
     };
     let out = install.banger(&["vm", "create", "--name", "v", "--image", "bb"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let show = install.banger(&["--json", "vm", "show", "v"]);
     let shown: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
     let pid = shown["pid"].as_u64().expect("a running VM has a pid");
@@ -167,11 +163,11 @@ fn a_vm_runs_under_seccomp_its_console_is_capped_and_shown_escaped_on_a_terminal
     let flood = "dd if=/dev/zero bs=1024 count=640 2>/dev/null | tr '\\000' x > /dev/ttyS0; \
                  printf '\\n\\033]52;c;aGVsbG8=\\007END-MARK\\n' > /dev/ttyS0";
     let out = install.banger(&["vm", "exec", "v", "--", "sh", "-c", flood]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let logs = loop {
         let out = install.banger(&["vm", "logs", "v"]);
-        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert_exit(&out, 0);
         if out.stdout.ends_with(b"END-MARK\r\n") || std::time::Instant::now() > deadline {
             break out.stdout;
         }
@@ -210,5 +206,5 @@ fn a_vm_runs_under_seccomp_its_console_is_capped_and_shown_escaped_on_a_terminal
     );
 
     let out = install.banger(&["vm", "rm", "v"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
 }

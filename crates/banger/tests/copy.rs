@@ -11,7 +11,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use serde_json::Value;
 use support::vms::ready_install_in;
-use support::{stderr, stdout, vm_exec_args, Install};
+use support::{assert_exit, assert_fails_saying, stderr, stdout, vm_exec_args, Install};
 
 /// User-mode networking, whoever runs the tests (root would mean TAP under `auto`).
 const QEMU_USER_NET: &str = "vmm = \"qemu\"\nnetwork = \"user\"\n";
@@ -130,7 +130,7 @@ fn vm_cp_round_trips_a_tree_both_ways_and_a_link_to_etc_stays_a_link() {
         "box:/root/hostile",
         out_dir.to_str().unwrap(),
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let result: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(result["vm"], "box");
     assert_eq!(result["guest_path"], "/root/hostile");
@@ -166,12 +166,7 @@ fn vm_cp_round_trips_a_tree_both_ways_and_a_link_to_etc_stays_a_link() {
 
     // A VM that `vm run PATH` did not make has no baseline to diff against.
     let out = install.banger(&["vm", "diff", "box"]);
-    assert_ne!(out.status.code(), Some(0));
-    assert!(
-        stderr(&out).contains("no workspace baseline"),
-        "{}",
-        stderr(&out)
-    );
+    assert_fails_saying(&out, "no workspace baseline");
     // Both sides in a VM, or neither: refused before any call.
     let out = install.banger(&["vm", "cp", "box:/a", "box:/b"]);
     assert!(
@@ -226,7 +221,7 @@ fn vm_run_exports_after_a_failing_command_keeps_its_status_and_diff_shows_the_ch
         "mkdir /root/art && echo built > /root/art/result.txt && echo changed > notes.txt && \
          echo new > new.txt && echo failing >&2 && exit 3",
     ]);
-    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert_exit(&out, 3);
     assert!(stderr(&out).starts_with("failing\n"), "{}", stderr(&out));
     assert_eq!(
         fs::read_to_string(exported.join("result.txt")).unwrap(),
@@ -253,7 +248,7 @@ fn vm_run_exports_after_a_failing_command_keeps_its_status_and_diff_shows_the_ch
     let out = install.banger(&[
         "vm", "run", "--rm", "--image", "bb", "--export", &nope, "--", "true",
     ]);
-    assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
+    assert_exit(&out, 125);
     assert!(stderr(&out).contains("export /nope"), "{}", stderr(&out));
     ok(&install, &["vm", "rm", "dv"]);
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use banger_testkit::{push_oci_layout, LayerCompression, OciLayoutBuilder, Registry};
 use serde_json::Value;
-use support::{assert_exit_says, stderr, stdout, Install};
+use support::{assert_exit, assert_exit_says, assert_exit_says_all, stderr, stdout, Install};
 
 fn small_layer() -> Vec<u8> {
     banger_testkit::tar_with_files(&[
@@ -76,7 +76,7 @@ fn pull_list_show_rm_through_the_cli() {
     let reference = push_tool(&registry, &install);
 
     let out = install.banger(&["image", "pull", &reference]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     assert_eq!(
         stderr(&out),
         "",
@@ -147,7 +147,7 @@ fn import_reads_an_oci_layout_and_a_docker_archive() {
         "--name",
         "from-layout",
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let info: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(info["name"], "from-layout");
     let cat = std::process::Command::new("debugfs")
@@ -172,7 +172,7 @@ fn import_reads_an_oci_layout_and_a_docker_archive() {
         .unwrap();
     assert!(copy.status.success(), "{}", stderr(&copy));
     let out = install.banger(&["image", "import", tarball.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     assert!(
         stdout(&out).starts_with(&format!("imported {} as saved (", tarball.display())),
         "{}",
@@ -191,12 +191,7 @@ fn import_reads_an_oci_layout_and_a_docker_archive() {
     }
 
     let out = install.banger(&["image", "import", "/nonexistent/layout"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("/nonexistent/layout") && stderr(&out).contains("[not_found"),
-        "{}",
-        stderr(&out)
-    );
+    assert_exit_says_all(&out, 1, &["/nonexistent/layout", "[not_found"]);
 }
 
 #[test]
@@ -253,7 +248,7 @@ fn kill_9_mid_pull_leaves_no_partial_image_and_the_pull_then_succeeds() {
 
     // Restart: nothing partial listed, staging and the orphan gone, cache only verified blobs.
     let list = install.banger(&["--json", "image", "list"]);
-    assert_eq!(list.status.code(), Some(0), "{}", stderr(&list));
+    assert_exit(&list, 0);
     let listed: Value = serde_json::from_slice(&list.stdout).unwrap();
     assert_eq!(listed["images"], Value::Array(vec![]));
     assert_eq!(entries(&staging), Vec::<String>::new());
@@ -270,7 +265,7 @@ fn kill_9_mid_pull_leaves_no_partial_image_and_the_pull_then_succeeds() {
     }
 
     let out = install.banger(&["image", "pull", &reference]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     assert!(stdout(&out).starts_with(&format!("pulled {reference} as big-v1")));
 }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::vms::ready_install_in;
-use support::{stderr, stdout, Install, NetNs};
+use support::{assert_exit, assert_fails_saying, stderr, stdout, taps_can_be_made, Install, NetNs};
 
 /// The host's veth address (TEST-NET range 198.18.0.0/15, for benchmarks: never routed).
 const HOST_VETH: &str = "198.18.0.1";
@@ -58,13 +58,8 @@ fn ok(out: std::process::Output, what: &str) {
 impl World {
     /// `None` (with the reason, strict-aware) where it cannot be built.
     fn new(tag: &str) -> Option<World> {
-        if !banger_testkit::require(
-            rustix::process::geteuid().is_root(),
-            "network namespaces need root",
-        ) || !banger_testkit::require(
-            Path::new("/dev/net/tun").exists(),
-            "/dev/net/tun is missing",
-        ) || !banger_testkit::require(which("python3"), "python3 is not installed")
+        if !taps_can_be_made("network namespaces need root")
+            || !banger_testkit::require(which("python3"), "python3 is not installed")
             || !banger_testkit::require(which("nft"), "nft is not installed")
         {
             return None;
@@ -225,7 +220,7 @@ fn guest_sh(install: &Install, vm: &str, script: &str) -> String {
 
 fn show(install: &Install, name: &str) -> Value {
     let out = install.banger(&["--json", "vm", "show", name]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -233,13 +228,13 @@ fn create(install: &Install, args: &[&str]) {
     let mut argv = vec!["vm", "create", "--image", "bb"];
     argv.extend_from_slice(args);
     let out = install.banger(&argv);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
 }
 
 fn remove_all(install: &Install, names: &[&str]) {
     for name in names {
         let out = install.banger(&["vm", "rm", name]);
-        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert_exit(&out, 0);
     }
 }
 
@@ -308,12 +303,7 @@ fn user_mode_reaches_the_outside_but_not_the_host() {
         "--egress",
         "198.18.0.2/32",
     ]);
-    assert_ne!(out.status.code(), Some(0));
-    assert!(
-        stderr(&out).contains("a CIDR allow list needs network \"tap\""),
-        "{}",
-        stderr(&out)
-    );
+    assert_fails_saying(&out, "a CIDR allow list needs network \"tap\"");
     remove_all(&install, &["u", "shut"]);
     drop(world.outside);
 }

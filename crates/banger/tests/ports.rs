@@ -9,21 +9,12 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Command;
 
-use banger_testkit::{push_oci_layout, LayerCompression, OciLayoutBuilder, Registry};
+use banger_testkit::{LayerCompression, OciLayoutBuilder, Registry};
 use serde_json::Value;
-use support::vms::ready_install_in;
-use support::{stderr, stdout, Install};
+use support::vms::{push_and_pull, ready_install_in};
+use support::{free_loopback_port, stderr, stdout, Install};
 
 const QEMU_USER_NET: &str = "vmm = \"qemu\"\nnetwork = \"user\"\n";
-
-/// A loopback port nothing listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn ok(out: &std::process::Output, what: &str) {
     assert_eq!(
@@ -55,7 +46,7 @@ fn published_port_serves_guest_http_on_the_host_and_vm_ports_lists_it() {
     let Some(install) = ready_install_in(QEMU_USER_NET, None, Some(&registry)) else {
         return;
     };
-    let port = free_port();
+    let port = free_loopback_port();
     let publish = format!("127.0.0.1:{port}:8080");
     let out = install.banger(&[
         "vm", "create", "--name", "web", "--image", "bb", "-p", &publish,
@@ -243,15 +234,7 @@ fn stock_ssh_logs_in_through_the_generated_config_without_a_host_port() {
             ],
         )
         .unwrap();
-    push_oci_layout(&layout_dir, "v1", &registry, "sshd");
-    let out = install.banger(&[
-        "image",
-        "pull",
-        &registry.reference("sshd", "v1"),
-        "--name",
-        "sshimg",
-    ]);
-    ok(&out, "image pull sshd");
+    push_and_pull(&install, &layout_dir, &registry, "sshd", "sshimg");
     ok(
         &install.banger(&["vm", "create", "--name", "sv", "--image", "sshimg"]),
         "vm create",

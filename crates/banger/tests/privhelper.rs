@@ -9,13 +9,14 @@ mod support;
 
 use std::io::Read;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::vms::{busybox_layout, guest_parts, import_busybox, import_kernel};
-use support::{bin_dir, stderr, stdout, Install, NetNs};
+use support::{
+    assert_exit, bin_dir, doctor_check, stderr, stdout, taps_can_be_made, Install, NetNs,
+};
 
 /// The unprivileged user the daemon runs as.
 const NOBODY: u32 = 65534;
@@ -58,25 +59,10 @@ fn json(out: &std::process::Output) -> Value {
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
-fn check(report: &Value, name: &str) -> Value {
-    report["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .cloned()
-        .unwrap_or_else(|| panic!("no {name} check: {report}"))
-}
-
 #[test]
 fn an_unprivileged_bangerd_boots_a_tap_vm_through_bangerd_root() {
-    if !banger_testkit::require(
-        rustix::process::geteuid().is_root(),
-        "needs root (a network namespace, bangerd-root, setpriv)",
-    ) || !banger_testkit::require(
-        Path::new("/dev/net/tun").exists(),
-        "/dev/net/tun is missing",
-    ) || !banger_testkit::require(which("nft"), "nft is not installed")
+    if !taps_can_be_made("needs root (a network namespace, bangerd-root, setpriv)")
+        || !banger_testkit::require(which("nft"), "nft is not installed")
         || !banger_testkit::require(which("setpriv"), "setpriv (util-linux) is not installed")
     {
         return;
@@ -176,9 +162,9 @@ fn an_unprivileged_bangerd_boots_a_tap_vm_through_bangerd_root() {
         );
         // Exit 1: network = "tap" is configured and cannot work.
         let out = install.banger(&["--json", "doctor"]);
-        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        assert_exit(&out, 1);
         let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-        let route = check(&report, "tap privileges");
+        let route = doctor_check(&report, "tap privileges");
         assert_eq!(route["status"], "optional", "{route}");
         assert!(
             route["detail"]
@@ -188,7 +174,7 @@ fn an_unprivileged_bangerd_boots_a_tap_vm_through_bangerd_root() {
             "{route}"
         );
         let out = install.banger(&["daemon", "stop"]);
-        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert_exit(&out, 0);
         install.wrapper = full;
     }
 
@@ -207,7 +193,7 @@ fn an_unprivileged_bangerd_boots_a_tap_vm_through_bangerd_root() {
 
     // The doctor names the route.
     let report = json(&install.banger(&["--json", "doctor"]));
-    let route = check(&report, "tap privileges");
+    let route = doctor_check(&report, "tap privileges");
     assert_eq!(route["status"], "ok", "{route}");
     assert_eq!(
         route["detail"].as_str().unwrap(),
@@ -218,7 +204,7 @@ fn an_unprivileged_bangerd_boots_a_tap_vm_through_bangerd_root() {
     );
 
     let out = install.banger(&["vm", "create", "--name", "tapbox", "--image", "bb"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let vm = json(&install.banger(&["--json", "vm", "show", "tapbox"]));
     assert_eq!(vm["network"], "tap", "{vm}");
     assert_eq!(vm["guest_ip"], "172.30.7.2", "{vm}");
@@ -226,7 +212,7 @@ fn an_unprivileged_bangerd_boots_a_tap_vm_through_bangerd_root() {
 
     // The guest answers exec and has its address.
     let out = install.banger(&["vm", "exec", "tapbox", "--", "cat", "/proc/net/fib_trie"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     assert!(stdout(&out).contains("172.30.7.2"), "{}", stdout(&out));
 
     // The host side, made by the helper: the TAP is the daemon user's, on the bridge,
@@ -249,7 +235,7 @@ fn an_unprivileged_bangerd_boots_a_tap_vm_through_bangerd_root() {
     }
 
     let out = install.banger(&["vm", "rm", "tapbox"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     assert!(
         !ns.exec(&["ip", "link", "show", &tap]).status.success(),
         "the TAP stayed after vm rm"
@@ -257,6 +243,6 @@ fn an_unprivileged_bangerd_boots_a_tap_vm_through_bangerd_root() {
     let guard = stdout(&ns.exec(&["nft", "list", "table", "inet", "banger_guard"]));
     assert!(!guard.contains(&chain), "{guard}");
     let out = install.banger(&["daemon", "stop"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     drop(helper);
 }

@@ -13,7 +13,7 @@ use banger_testkit::host::run_ok;
 use banger_testkit::{guest, LayerCompression, OciLayoutBuilder, Registry};
 use serde_json::Value;
 use support::vms::{guest_parts, ready_install_in};
-use support::{assert_exit, assert_exit_says, stderr, stdout, vm_run_rm_args, Install};
+use support::{assert_exit, assert_exit_says, free_loopback_port, stdout, vm_run_rm_args, Install};
 
 const PTY_TIMEOUT: Duration = Duration::from_secs(240);
 
@@ -52,21 +52,13 @@ impl Drop for Sshd {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn start_sshd(dir: &Path, remote: &Install, agent: &Path, hidden: &Path) -> Sshd {
     keygen(&dir.join("host_key"));
     keygen(&dir.join("client_key"));
     std::fs::copy(dir.join("client_key.pub"), dir.join("authorized_keys")).unwrap();
     // sshd insists on its privilege separation directory.
     std::fs::create_dir_all("/run/sshd").unwrap();
-    let port = free_port();
+    let port = free_loopback_port();
     let home = remote.dir.path();
     let config = format!(
         "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n\
@@ -121,12 +113,18 @@ fn sshd_can_run() -> bool {
     )
 }
 
+/// The agent and kernel of [`guest_parts`] where a real sshd can run too (`None`, and the
+/// reason said, where either is missing).
+fn sshd_and_guest_parts() -> Option<&'static (std::path::PathBuf, std::path::PathBuf)> {
+    if !sshd_can_run() {
+        return None;
+    }
+    guest_parts()
+}
+
 #[test]
 fn a_remote_daemon_over_real_sshd_runs_a_streamed_workspace_lists_images_and_gives_a_pty() {
-    if !sshd_can_run() {
-        return;
-    }
-    let Some((agent, _)) = guest_parts() else {
+    let Some((agent, _)) = sshd_and_guest_parts() else {
         return;
     };
     let registry = Registry::start();
@@ -167,7 +165,7 @@ fn a_remote_daemon_over_real_sshd_runs_a_streamed_workspace_lists_images_and_giv
     assert!(!seen.status.success(), "the remote side sees the workspace");
 
     let out = call(&["--json", "image", "list"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let images: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(images.to_string().contains("\"bb\""), "{images}");
 
@@ -181,7 +179,7 @@ fn a_remote_daemon_over_real_sshd_runs_a_streamed_workspace_lists_images_and_giv
     assert_eq!(stdout(&out), "streamed, not read by the daemon\n");
 
     let out = call(&["vm", "create", "--name", "rx", "--image", "bb"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let a = args(&[
         "vm",
         "exec",
@@ -200,9 +198,9 @@ fn a_remote_daemon_over_real_sshd_runs_a_streamed_workspace_lists_images_and_giv
     assert!(screen.contains("got-hi"), "{screen:?}");
 
     let out = call(&["vm", "rm", "rx"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let out = call(&["daemon", "stop"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     drop(sshd);
 }
 
@@ -210,7 +208,7 @@ fn a_remote_daemon_over_real_sshd_runs_a_streamed_workspace_lists_images_and_giv
 fn the_daemon_opens_no_client_path_for_a_workspace() {
     let install = Install::new();
     let out = install.banger(&["image", "list"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let mut conn = install.connect();
     let reply = conn.call(serde_json::json!({
         "jsonrpc": "2.0", "id": 1, "method": "vm.run",
@@ -235,8 +233,7 @@ fn the_daemon_opens_no_client_path_for_a_workspace() {
 fn contexts_are_created_chosen_listed_and_removed_and_bad_hosts_refused() {
     let install = Install::new();
     let out = install.banger(&["context", "create", "big", "--host", "ftp://x"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("ftp://x"), "{}", stderr(&out));
+    assert_exit_says(&out, 1, "ftp://x");
     let out = install.banger(&[
         "context",
         "create",
@@ -246,9 +243,9 @@ fn contexts_are_created_chosen_listed_and_removed_and_bad_hosts_refused() {
         "--remote-banger",
         "/opt/banger",
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let out = install.banger(&["context", "use", "big"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let out = install.banger(&["--json", "context", "ls"]);
     let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
     let big = listed["contexts"]
@@ -272,7 +269,7 @@ fn contexts_are_created_chosen_listed_and_removed_and_bad_hosts_refused() {
         .unwrap();
     assert_exit_says(&out, 1, "ssh://me@big.example:2222");
     let out = install.banger(&["context", "rm", "big"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let out = install.banger(&["--json", "context", "ls"]);
     let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
@@ -297,20 +294,14 @@ fn call_streaming(conn: &mut support::Conn, request: Value, upload: &[u8]) -> Va
     lines.extend(serde_json::to_vec(&end).unwrap());
     lines.push(b'\n');
     conn.send_raw(&lines);
-    loop {
-        let value = conn.read_json();
-        if value.get("id").is_some() {
-            return value;
-        }
-    }
+    conn.read_reply()
 }
 
 #[test]
 fn streamed_imports_are_bounded_checked_and_leave_no_staging() {
-    let install = Install::new();
-    install.write_config("kernel_max_payload_bytes = 8\n");
+    let install = Install::with_config("kernel_max_payload_bytes = 8\n");
     let out = install.banger(&["image", "list"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let mut conn = install.connect();
     let refused = |reply: &Value, needle: &str| {
         assert_eq!(reply["error"]["data"]["kind"], "bad_request", "{reply}");
@@ -399,14 +390,10 @@ fn streamed_imports_are_bounded_checked_and_leave_no_staging() {
 
 #[test]
 fn image_and_kernel_imports_stream_their_files_to_a_remote_daemon_over_real_sshd() {
-    if !sshd_can_run() {
-        return;
-    }
-    let Some((agent, deb)) = guest_parts() else {
+    let Some((agent, deb)) = sshd_and_guest_parts() else {
         return;
     };
-    let remote = Install::new();
-    remote.write_config(QEMU_USER_NET);
+    let remote = Install::with_config(QEMU_USER_NET);
     let sshd_dir = tempfile::tempdir().unwrap();
     let client = {
         let mut client = Install::new();
@@ -447,9 +434,9 @@ fn image_and_kernel_imports_stream_their_files_to_a_remote_daemon_over_real_sshd
         "--name",
         "streamed",
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let out = call(&["--json", "image", "list"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let images: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(images["images"][0]["name"], "streamed", "{images}");
     assert_eq!(
@@ -459,8 +446,7 @@ fn image_and_kernel_imports_stream_their_files_to_a_remote_daemon_over_real_sshd
 
     // A layout directory is refused, saying what to do.
     let out = call(&["image", "import", layout_dir.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("docker-archive"), "{}", stderr(&out));
+    assert_exit_says(&out, 1, "docker-archive");
 
     let out = call(&[
         "kernel",
@@ -469,7 +455,7 @@ fn image_and_kernel_imports_stream_their_files_to_a_remote_daemon_over_real_sshd
         "--deb",
         client_deb.to_str().unwrap(),
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let out = call(&["--json", "kernel", "list"]);
     assert!(stdout(&out).contains("\"cloud\""), "{}", stdout(&out));
     let kernels: Vec<String> = std::fs::read_dir(remote.state_dir().join("kernels"))
@@ -482,6 +468,6 @@ fn image_and_kernel_imports_stream_their_files_to_a_remote_daemon_over_real_sshd
     );
 
     let out = call(&["daemon", "stop"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     drop(sshd);
 }

@@ -15,8 +15,8 @@ use banger_testkit::Registry;
 use serde_json::Value;
 use support::vms::{guest_parts, ready_install_in};
 use support::{
-    assert_exit, assert_exit_says, assert_mem_total_is_256_mib, mem_total_kib, stderr, stdout,
-    vm_run_rm_args, Install, NetNs,
+    assert_exit, assert_exit_says, assert_mem_total_is_256_mib, doctor_check, mem_total_kib,
+    qemu_img_info, stderr, stdout, vm_run_rm_args, Install, NetNs,
 };
 
 /// The configuration of the QEMU tests: user-mode networking, whoever runs them.
@@ -30,8 +30,26 @@ fn ready_install(registry: &Registry) -> Option<Install> {
 /// `kernel show NAME --json`, which must succeed.
 fn kernel_show(install: &Install, name: &str) -> Value {
     let out = install.banger(&["--json", "kernel", "show", name]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `kernel import NAME --kernel KERNEL --modules MODULES`, run to its end.
+fn import_kernel_with_modules(
+    install: &Install,
+    name: &str,
+    kernel: &Path,
+    modules: &Path,
+) -> std::process::Output {
+    install.banger(&[
+        "kernel",
+        "import",
+        name,
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--modules",
+        modules.to_str().unwrap(),
+    ])
 }
 
 /// The `lib/modules/*.ko` entries of a newc archive, as `busybox cpio -t` lists them.
@@ -54,11 +72,11 @@ fn run_on_kernel(install: &Install, kernel: &str, vm: &str, command: &[&str]) ->
     let out = install.banger(&[
         "vm", "create", "--name", vm, "--image", "bb", "--kernel", kernel,
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let out = install.vm_exec(vm, command);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let rm = install.banger(&["vm", "rm", vm]);
-    assert_eq!(rm.status.code(), Some(0), "{}", stderr(&rm));
+    assert_exit(&rm, 0);
     stdout(&out)
 }
 
@@ -86,16 +104,8 @@ fn kernel_import_from_an_image_and_modules_tree_matches_the_deb_and_boots() {
 
     let vmlinuz = unpacked.join(format!("boot/vmlinuz-{version}"));
     let modules = unpacked.join(format!("lib/modules/{version}"));
-    let out = install.banger(&[
-        "kernel",
-        "import",
-        "k2",
-        "--kernel",
-        vmlinuz.to_str().unwrap(),
-        "--modules",
-        modules.to_str().unwrap(),
-    ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = import_kernel_with_modules(&install, "k2", &vmlinuz, &modules);
+    assert_exit(&out, 0);
     assert_eq!(stdout(&out), format!("imported kernel k2 ({version})\n"));
 
     // The version comes from the bzImage header here (from the file name for the .deb).
@@ -137,15 +147,7 @@ fn kernel_import_from_an_image_and_modules_tree_matches_the_deb_and_boots() {
     elf.resize(64, 0);
     elf.extend(b"Linux version 9.9.9-other (x@y) #1 SMP\n\0");
     std::fs::write(&other, elf).unwrap();
-    let out = install.banger(&[
-        "kernel",
-        "import",
-        "k4",
-        "--kernel",
-        other.to_str().unwrap(),
-        "--modules",
-        modules.to_str().unwrap(),
-    ]);
+    let out = import_kernel_with_modules(&install, "k4", &other, &modules);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         stderr(&out).starts_with(&format!(
@@ -175,7 +177,7 @@ fn kernel_import_from_an_image_and_modules_tree_matches_the_deb_and_boots() {
         "--initrd",
         cloud_dir.join("initramfs.cpio").to_str().unwrap(),
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let k3: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(k3["initrd"], "custom");
     // From the ELF's "Linux version" banner.
@@ -360,7 +362,7 @@ fn vm_run_prints_the_output_returns_the_status_and_sees_the_workspace() {
         ),
         b"from stdin\n",
     );
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     assert_eq!(stdout(&out), "/root/repo\nfrom the host\nfrom stdin\n");
     assert_eq!(stderr(&out), "to-stderr\n");
 
@@ -411,7 +413,7 @@ fn vm_exec_stop_start_keeps_files_and_rm_leaves_nothing() {
         return;
     };
     let out = install.banger(&["vm", "create", "--name", "box", "--image", "bb"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     assert_eq!(stdout(&out), "created box (running)\n");
 
     let out = install.vm_sh(
@@ -425,7 +427,7 @@ fn vm_exec_stop_start_keeps_files_and_rm_leaves_nothing() {
     // User networking: the host's first routable nameserver (QEMU's forwarder, 10.0.2.3,
     // where there is none), written over the image's dangling link.
     let out = install.banger(&["vm", "exec", "box", "--", "cat", "/etc/resolv.conf"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let resolv = stdout(&out);
     let server = resolv
         .strip_prefix("nameserver ")
@@ -457,7 +459,7 @@ fn vm_exec_stop_start_keeps_files_and_rm_leaves_nothing() {
 
     // logs: the console of the current boot; -f returns once the VM stops.
     let logs = install.banger(&["vm", "logs", "box"]);
-    assert_eq!(logs.status.code(), Some(0), "{}", stderr(&logs));
+    assert_exit(&logs, 0);
     assert!(!logs.stdout.is_empty(), "the boot wrote to the console");
     let console = std::fs::read(vm_dir.join("console.log")).unwrap();
     assert!(
@@ -521,11 +523,11 @@ fn vm_exec_stop_start_keeps_files_and_rm_leaves_nothing() {
 /// shell's status.
 fn check_stdin_and_pty(install: &Install, vm: &str) {
     let out = install.banger_with_stdin(&["vm", "exec", vm, "--", "cat"], b"a\nb\n");
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     assert_eq!(stdout(&out), "a\nb\n");
     // wc only answers once its stdin has ended.
     let out = install.banger_with_stdin(&["vm", "exec", vm, "--", "wc", "-l"], b"a\nb\n");
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     assert_eq!(stdout(&out).trim(), "2");
     // -n: nothing is forwarded, the command reads /dev/null.
     let out = install.banger_with_stdin(&["vm", "exec", "-n", vm, "--", "wc", "-c"], b"abc");
@@ -644,7 +646,7 @@ fn which(program: &str) -> Option<PathBuf> {
 
 fn show(install: &Install, name: &str) -> Value {
     let out = install.banger(&["--json", "vm", "show", name]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -677,7 +679,7 @@ fn tap_network_gives_the_guest_its_address_and_the_bridge_and_rm_deletes_the_tap
         return;
     };
     let out = install.banger(&["vm", "create", "--name", "tapbox", "--image", "bb"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let vm = show(&install, "tapbox");
     assert_eq!(vm["network"], "tap");
     assert_eq!(vm["guest_ip"], "172.30.9.2");
@@ -708,7 +710,7 @@ fn tap_network_gives_the_guest_its_address_and_the_bridge_and_rm_deletes_the_tap
         "tapbox",
         &["/bin/busybox", "ip", "-4", "addr", "show", "dev", "eth0"],
     );
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     assert!(
         stdout(&out).contains("inet 172.30.9.2/24"),
         "{}",
@@ -733,7 +735,7 @@ fn tap_network_gives_the_guest_its_address_and_the_bridge_and_rm_deletes_the_tap
 
     // A restarted daemon re-adopts the running VM and leaves its tap alone.
     let out = install.banger(&["daemon", "stop"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     ping_bridge();
     assert!(
         links_now().contains(&tap),
@@ -742,16 +744,16 @@ fn tap_network_gives_the_guest_its_address_and_the_bridge_and_rm_deletes_the_tap
 
     // stop deletes the tap; start makes it again.
     let out = install.banger(&["vm", "stop", "tapbox"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     assert!(!links_now().contains(&tap), "vm stop left {tap}");
     let out = install.banger(&["vm", "start", "tapbox"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     ping_bridge();
 
     // A VMM that died while no daemon ran: start-up marks the VM stopped and deletes its tap.
     let pid = show(&install, "tapbox")["pid"].as_i64().unwrap();
     let out = install.banger(&["daemon", "stop"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let killed = std::process::Command::new("kill")
         .args(["-9", &pid.to_string()])
         .status()
@@ -777,12 +779,12 @@ fn tap_network_gives_the_guest_its_address_and_the_bridge_and_rm_deletes_the_tap
         "bb",
         "--no-start",
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     assert_eq!(show(&install, "second")["guest_ip"], "172.30.9.3");
 
     for name in ["tapbox", "second"] {
         let out = install.banger(&["vm", "rm", name]);
-        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert_exit(&out, 0);
     }
     let links = stdout(&ns.exec(&["ip", "-o", "link", "show"]));
     assert!(!links.contains("bgr-"), "vm rm left a tap: {links}");
@@ -812,13 +814,7 @@ fn firecracker_backend_runs_commands_and_rm_leaves_nothing() {
     };
     let doctor: Value =
         serde_json::from_slice(&install.banger(&["--json", "doctor"]).stdout).unwrap();
-    let kvm = doctor["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "kvm")
-        .cloned()
-        .unwrap();
+    let kvm = doctor_check(&doctor, "kvm");
     if kvm["status"] != "ok" {
         banger_testkit::skip_known(format!(
             "KVM not usable ({})",
@@ -832,7 +828,7 @@ fn firecracker_backend_runs_commands_and_rm_leaves_nothing() {
     assert_eq!(stdout(&out), "hi\n");
 
     let out = install.banger(&["vm", "create", "--name", "fc", "--image", "bb"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let vm = show(&install, "fc");
     assert_eq!(vm["backend"], "firecracker");
     let vm_dir = PathBuf::from(vm["dir"].as_str().unwrap());
@@ -849,13 +845,13 @@ fn firecracker_backend_runs_commands_and_rm_leaves_nothing() {
         stderr(&out)
     );
     let out = install.banger(&["vm", "stop", "fc"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let out = install.banger(&["vm", "start", "fc"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let out = install.banger(&["vm", "kill", "fc"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let out = install.banger(&["vm", "rm", "fc"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     assert!(!vm_dir.exists(), "vm rm left {}", vm_dir.display());
     assert_eq!(
         qemu_processes_for(install.dir.path()),
@@ -995,7 +991,7 @@ fn vm_exec_paces_a_flood_to_its_caller_ends_what_a_hung_up_caller_ran_and_runs_c
         return;
     };
     let out = install.banger(&["vm", "create", "--name", "flood", "--image", "bb"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let daemon = install.daemon_pid().expect("bangerd runs");
     let mut failures: Vec<String> = Vec::new();
 
@@ -1075,7 +1071,7 @@ fn vm_exec_paces_a_flood_to_its_caller_ends_what_a_hung_up_caller_ran_and_runs_c
     let _ = slow.wait();
 
     let out = install.banger(&["vm", "rm", "flood"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     assert!(failures.is_empty(), "{failures:#?}");
 }
 
@@ -1090,7 +1086,7 @@ fn vm_names(install: &Install, filter: &[&str]) -> Vec<String> {
     let mut args = vec!["--json", "vm", "list"];
     args.extend(filter);
     let out = install.banger(&args);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let list: Value = serde_json::from_slice(&out.stdout).unwrap();
     list["vms"]
         .as_array()
@@ -1114,7 +1110,7 @@ fn resources_set_stats_filters_restart_and_prune() {
     let out = install.banger(&[
         "vm", "create", "--name", "r1", "--image", "bb", "--cpus", "1", "--memory", "384MiB",
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let nproc = |vm: &str| {
         let out = install.vm_sh(vm, "grep -c ^processor /proc/cpuinfo");
         assert_exit(&out, 0);
@@ -1137,7 +1133,7 @@ fn resources_set_stats_filters_restart_and_prune() {
     );
 
     let stats = install.banger(&["--json", "vm", "stats", "r1"]);
-    assert_eq!(stats.status.code(), Some(0), "{}", stderr(&stats));
+    assert_exit(&stats, 0);
     let stats: Value = serde_json::from_slice(&stats.stdout).unwrap();
     assert_eq!(stats["name"], "r1");
     assert_eq!(stats["state"], "running");
@@ -1189,13 +1185,8 @@ fn resources_set_stats_filters_restart_and_prune() {
         "--disk",
         &grown.to_string(),
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let info = std::process::Command::new("qemu-img")
-        .args(["info", "--output=json", "-U"])
-        .arg(dir.join("root.qcow2"))
-        .output()
-        .unwrap();
-    let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_exit(&out, 0);
+    let info = qemu_img_info(&dir.join("root.qcow2"));
     assert_eq!(info["virtual-size"].as_u64(), Some(grown), "{info}");
     assert!(
         info["backing-filename"].is_string(),
@@ -1244,7 +1235,7 @@ fn resources_set_stats_filters_restart_and_prune() {
         "bb",
         "--no-start",
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     assert_eq!(vm_names(&install, &["--state", "running"]), ["r1"]);
     assert_eq!(vm_names(&install, &["--state", "stopped"]), ["r2"]);
     assert_eq!(vm_names(&install, &["--image", "bb"]), ["r1", "r2"]);

@@ -40,6 +40,13 @@ impl Install {
         }
     }
 
+    /// A new installation with `config` as its `config.toml`.
+    pub fn with_config(config: &str) -> Install {
+        let install = Install::new();
+        install.write_config(config);
+        install
+    }
+
     pub fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state/banger")
     }
@@ -239,6 +246,16 @@ impl Drop for Install {
             }
         }
     }
+}
+
+/// Whether TAP devices can be made here: root (`root_for` says what needs it) and
+/// /dev/net/tun. Fails under BANGER_TEST_STRICT=1, skips loudly otherwise.
+pub fn taps_can_be_made(root_for: &str) -> bool {
+    banger_testkit::require(rustix::process::geteuid().is_root(), root_for)
+        && banger_testkit::require(
+            Path::new("/dev/net/tun").exists(),
+            "/dev/net/tun is missing",
+        )
 }
 
 /// A network namespace of the test's own (`ip netns add`), with loopback up; deleted on
@@ -449,7 +466,24 @@ pub fn assert_exit(out: &Output, code: i32) {
 /// looks to the user (the status a script sees, the words a person reads).
 #[track_caller]
 pub fn assert_exit_says(out: &Output, code: i32, needle: &str) {
+    assert_exit_says_all(out, code, &[needle]);
+}
+
+/// [`assert_exit_says`] for every one of `needles`.
+#[track_caller]
+pub fn assert_exit_says_all(out: &Output, code: i32, needles: &[&str]) {
     assert_eq!(out.status.code(), Some(code));
+    assert!(
+        needles.iter().all(|needle| stderr(out).contains(needle)),
+        "{}",
+        stderr(out)
+    );
+}
+
+/// Asserts that banger failed (any status but 0) and said `needle` on stderr.
+#[track_caller]
+pub fn assert_fails_saying(out: &Output, needle: &str) {
+    assert_ne!(out.status.code(), Some(0));
     assert!(stderr(out).contains(needle), "{}", stderr(out));
 }
 
@@ -472,6 +506,37 @@ pub fn assert_mem_total_is_256_mib(meminfo: &str) {
         (180 * 1024..=256 * 1024).contains(&total),
         "MemTotal {total} KiB"
     );
+}
+
+/// The check called `name` of a `banger --json doctor` report.
+#[track_caller]
+pub fn doctor_check(report: &serde_json::Value, name: &str) -> serde_json::Value {
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {name} check in {report}"))
+}
+
+/// A loopback port nothing listens on right now.
+pub fn free_loopback_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// What `qemu-img info` says of the disk image `path` (`-U`: while a VM has it open).
+pub fn qemu_img_info(path: &Path) -> serde_json::Value {
+    let info = Command::new("qemu-img")
+        .args(["info", "--output=json", "-U"])
+        .arg(path)
+        .output()
+        .unwrap();
+    serde_json::from_slice(&info.stdout).unwrap()
 }
 
 /// A raw line-level connection to the daemon.
@@ -519,6 +584,11 @@ impl Conn {
         let mut line = serde_json::to_vec(&request).unwrap();
         line.push(b'\n');
         self.send_raw(&line);
+        self.read_reply()
+    }
+
+    /// The next response, skipping the notifications before it.
+    pub fn read_reply(&mut self) -> serde_json::Value {
         loop {
             let value = self.read_json();
             if value.get("id").is_some() {

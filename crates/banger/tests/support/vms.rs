@@ -53,17 +53,7 @@ pub fn ready_install_in(
     install.write_config(config);
     let layout_dir = busybox_layout(&install);
     match registry {
-        Some(registry) => {
-            push_oci_layout(&layout_dir, "v1", registry, "busybox");
-            let out = install.banger(&[
-                "image",
-                "pull",
-                &registry.reference("busybox", "v1"),
-                "--name",
-                "bb",
-            ]);
-            assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-        }
+        Some(registry) => push_and_pull(&install, &layout_dir, registry, "busybox", "bb"),
         None => import_busybox(&install, &layout_dir),
     }
     import_kernel(&install, deb);
@@ -79,6 +69,31 @@ pub fn busybox_layout(install: &Install) -> PathBuf {
         .image("v1", &[(guest::busybox_layer(), LayerCompression::Gzip)])
         .unwrap();
     layout_dir
+}
+
+/// Pushes the `v1` of the OCI layout `layout_dir` to `registry` as `repo`, then pulls it
+/// from there as image `name`.
+pub fn push_and_pull(
+    install: &Install,
+    layout_dir: &Path,
+    registry: &Registry,
+    repo: &str,
+    name: &str,
+) {
+    push_oci_layout(layout_dir, "v1", registry, repo);
+    let out = install.banger(&[
+        "image",
+        "pull",
+        &registry.reference(repo, "v1"),
+        "--name",
+        name,
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "image pull {repo}: {}",
+        stderr(&out)
+    );
 }
 
 /// Imports the busybox layout `layout_dir` (see [`busybox_layout`]) as image `bb`.
