@@ -398,13 +398,17 @@ mod tests {
     use super::*;
     use banger_testkit::host::{git, git_installed};
 
-    /// Writes each `(path, contents)` below `root`, making the directories on the way.
-    fn write_files(root: &Path, files: &[(&str, &str)]) {
+    /// A temporary directory holding the tree `name`, each `(path, contents)` of `files`
+    /// written below it (directories made on the way); the tree's path.
+    fn tree(name: &str, files: &[(&str, &str)]) -> (tempfile::TempDir, PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join(name);
         for (path, contents) in files {
             let path = root.join(path);
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(path, contents).unwrap();
         }
+        (tmp, root)
     }
 
     fn names(listing: &Listing) -> Vec<String> {
@@ -489,10 +493,8 @@ mod tests {
 
     #[test]
     fn an_unusable_index_still_honours_gitignore_and_says_so() {
-        let tmp = tempfile::tempdir().unwrap();
-        let repo = tmp.path().join("wt");
-        write_files(
-            &repo,
+        let (_tmp, repo) = tree(
+            "wt",
             &[
                 (".git/index", "garbage"),
                 (".git/HEAD", "ref: refs/heads/main\n"),
@@ -520,10 +522,8 @@ mod tests {
 
     #[test]
     fn a_plain_directory_lists_every_file_but_special_ones() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("plain");
-        write_files(
-            &dir,
+        let (_tmp, dir) = tree(
+            "plain",
             &[
                 (".gitignore", "x\n"),
                 ("x", "no git, so not ignored"),
@@ -531,11 +531,12 @@ mod tests {
             ],
         );
         let _socket = std::os::unix::net::UnixListener::bind(dir.join("s.sock")).unwrap();
-        rustix::fs::mknodat(
-            rustix::fs::CWD,
+        use rustix::fs::{mknodat, FileType, Mode, CWD};
+        mknodat(
+            CWD,
             dir.join("fifo"),
-            rustix::fs::FileType::Fifo,
-            rustix::fs::Mode::from_raw_mode(0o600),
+            FileType::Fifo,
+            Mode::RUSR | Mode::WUSR,
             0,
         )
         .unwrap();

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use banger_testkit::host::{git, git_installed};
 use banger_testkit::Registry;
 use support::vms::ready_install_in;
-use support::{assert_exit, stderr, stdout, Install};
+use support::{assert_exit, assert_exit_prints, stderr, stdout, Install};
 
 /// An installation configured for QEMU with user networking plus the test's own keys,
 /// with a kernel and a busybox image `bb` pulled from `registry`.
@@ -112,8 +112,7 @@ fn vm_run_of_a_hostile_repo_runs_nothing_on_the_host_and_copies_what_git_would()
     std::fs::write(plain.join("a.txt"), "a\n").unwrap();
     let _socket = std::os::unix::net::UnixListener::bind(plain.join("p.sock")).unwrap();
     let out = install.vm_run_rm(Some(plain.to_str().unwrap()), &[], &["sh", "-c", "ls -A"]);
-    assert_exit(&out, 0);
-    assert_eq!(stdout(&out), "a.txt\n");
+    assert_exit_prints(&out, 0, "a.txt\n");
     assert!(
         stderr(&out).contains("skipped 1 special file"),
         "{}",

@@ -6,7 +6,7 @@ mod support;
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
 use serde_json::Value;
@@ -42,13 +42,10 @@ fn data() -> Vec<u8> {
     (0..300 * 1024u32).map(|i| (i * 7 % 253) as u8).collect()
 }
 
-#[test]
-fn vm_cp_round_trips_a_tree_both_ways_and_a_link_to_etc_stays_a_link() {
-    let Some(install) = ready_install_in(QEMU_USER_NET, None, None) else {
-        return;
-    };
-    let tmp = install.dir.path();
-    let tree = tmp.join("tree");
+/// The tree `vm cp` takes both ways, made in `dir`: a script of mode 0750, an empty
+/// directory, [`data`] and a relative link, with known mtimes; its path.
+fn host_tree(dir: &Path) -> PathBuf {
+    let tree = dir.join("tree");
     fs::create_dir_all(tree.join("sub")).unwrap();
     fs::create_dir_all(tree.join("empty")).unwrap();
     fs::write(tree.join("sub/x.sh"), "#!/bin/sh\necho hi\n").unwrap();
@@ -57,6 +54,16 @@ fn vm_cp_round_trips_a_tree_both_ways_and_a_link_to_etc_stays_a_link() {
     std::os::unix::fs::symlink("sub/x.sh", tree.join("link")).unwrap();
     set_mtime(&tree.join("sub/x.sh"), 1_600_000_000);
     set_mtime(&tree.join("empty"), 1_600_000_100);
+    tree
+}
+
+#[test]
+fn vm_cp_round_trips_a_tree_both_ways_and_a_link_to_etc_stays_a_link() {
+    let Some(install) = ready_install_in(QEMU_USER_NET, None, None) else {
+        return;
+    };
+    let tmp = install.dir.path();
+    let tree = host_tree(tmp);
 
     assert_eq!(
         ok(
@@ -123,13 +130,8 @@ fn vm_cp_round_trips_a_tree_both_ways_and_a_link_to_etc_stays_a_link() {
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    let out = install.banger(&[
-        "--json",
-        "vm",
-        "cp",
-        "box:/root/hostile",
-        out_dir.to_str().unwrap(),
-    ]);
+    let into = out_dir.to_str().unwrap();
+    let out = install.banger(&["--json", "vm", "cp", "box:/root/hostile", into]);
     assert_exit(&out, 0);
     let result: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(result["vm"], "box");

@@ -8,7 +8,10 @@ use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{assert_exit, assert_exit_says, doctor_check, stderr, stdout, Conn, Install};
+use support::{
+    assert_exit, assert_exit_prints, assert_exit_says, doctor_check, doctor_report, stderr, stdout,
+    Conn, Install,
+};
 
 fn start(install: &Install) {
     let out = install.banger(&["image", "cache", "prune", "--dry-run"]);
@@ -18,6 +21,17 @@ fn start(install: &Install) {
 /// A new installation whose daemon a first command has started.
 fn started() -> Install {
     let install = Install::new();
+    start(&install);
+    install
+}
+
+/// A new installation with `count` blobs of 10 bytes in its cache (3000: enough that a
+/// prune is still running while the next lines arrive), its daemon started.
+fn started_with_blobs(count: usize) -> Install {
+    let install = Install::new();
+    for i in 0..count {
+        install.blob(&format!("{i:064x}"), 10);
+    }
     start(&install);
     install
 }
@@ -34,6 +48,17 @@ fn connected() -> (Install, Conn) {
 fn assert_bad_request(response: &Value, needle: &str) {
     assert_eq!(error_kind(response), "bad_request");
     assert!(error_message(response).contains(needle), "{response}");
+}
+
+/// Asserts that `pid` (from an answer of the daemon) is the pid in its lock file.
+#[track_caller]
+fn assert_is_the_daemon_pid(install: &Install, pid: &Value) {
+    assert_eq!(pid.as_i64().unwrap(), install.daemon_pid().unwrap() as i64);
+}
+
+/// Field `key` (detail, fix) of the doctor check `name` in `report`, as text.
+fn check_text(report: &Value, name: &str, key: &str) -> String {
+    doctor_check(report, name)[key].as_str().unwrap().to_owned()
 }
 
 fn error_kind(response: &Value) -> &str {
@@ -71,10 +96,7 @@ fn first_command_starts_the_daemon_from_a_cold_state_dir() {
     let status: Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(status["running"], true);
     assert_eq!(status["daemon"]["version"], env!("CARGO_PKG_VERSION"));
-    assert_eq!(
-        status["daemon"]["pid"].as_i64().unwrap(),
-        install.daemon_pid().unwrap() as i64
-    );
+    assert_is_the_daemon_pid(&install, &status["daemon"]["pid"]);
 }
 
 #[test]
@@ -98,10 +120,7 @@ fn a_stale_socket_is_replaced() {
     start(&install);
     let mut conn = install.connect();
     let pong = conn.call(json!({"jsonrpc":"2.0","id":1,"method":"daemon.ping"}));
-    assert_eq!(
-        pong["result"]["pid"].as_i64().unwrap(),
-        install.daemon_pid().unwrap() as i64
-    );
+    assert_is_the_daemon_pid(&install, &pong["result"]["pid"]);
 }
 
 #[test]
@@ -235,12 +254,7 @@ fn many_requests_share_one_connection_in_order() {
 
 #[test]
 fn input_notifications_get_no_reply_and_requests_sent_during_a_call_keep_their_order() {
-    let install = Install::new();
-    // Enough blobs that the prune is still running while the next lines arrive.
-    for i in 0..3000 {
-        install.blob(&format!("{i:064x}"), 10);
-    }
-    start(&install);
+    let install = started_with_blobs(3000);
     let mut conn = install.connect();
     let lines = [
         json!({"jsonrpc":"2.0","id":1,"method":"image.cache.prune","params":{"dry_run":true}}),
@@ -272,11 +286,7 @@ fn input_notifications_get_no_reply_and_requests_sent_during_a_call_keep_their_o
 
 #[test]
 fn a_client_that_disconnects_mid_call_does_not_wedge_the_daemon() {
-    let install = Install::new();
-    for i in 0..3000 {
-        install.blob(&format!("{i:064x}"), 10);
-    }
-    start(&install);
+    let install = started_with_blobs(3000);
     for _ in 0..5 {
         let mut conn = install.connect();
         conn.send_raw(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"image.cache.prune\",\"params\":{\"dry_run\":true}}\n");
@@ -392,22 +402,16 @@ fn completion_scripts_are_generated_for_each_shell() {
 #[test]
 fn doctor_reports_each_requirement_with_a_fix_for_what_is_missing() {
     let install = Install::new();
-    let out = install.banger(&["--json", "doctor"]);
     // No kernel is imported in a fresh installation: that is missing, so exit 1.
-    assert_exit(&out, 1);
-    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let result = doctor_report(&install, 1);
     let by_name = |name: &str| doctor_check(&result, name);
     assert_eq!(by_name("qemu-system-x86_64")["status"], "ok");
-    assert!(by_name("qemu-system-x86_64")["detail"]
-        .as_str()
-        .unwrap()
-        .starts_with("QEMU emulator version"));
+    assert!(
+        check_text(&result, "qemu-system-x86_64", "detail").starts_with("QEMU emulator version")
+    );
     assert_eq!(by_name("mkfs.ext4")["status"], "ok");
     assert_eq!(by_name("kernel")["status"], "missing");
-    assert!(by_name("kernel")["fix"]
-        .as_str()
-        .unwrap()
-        .contains("banger kernel import"));
+    assert!(check_text(&result, "kernel", "fix").contains("banger kernel import"));
     for name in [
         "firecracker",
         "kvm",
@@ -440,16 +444,11 @@ fn doctor_says_why_a_demanded_firecracker_cannot_run() {
     let install = Install::with_config(
         "vmm = \"firecracker\"\nfirecracker_bin = \"/nonexistent/firecracker\"\nnetwork = \"user\"\n",
     );
-    let out = install.banger(&["--json", "doctor"]);
-    assert_exit(&out, 1);
-    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let result = doctor_report(&install, 1);
     let by_name = |name: &str| doctor_check(&result, name);
     // Demanded, so missing rather than optional, with the config key in the fix.
     assert_eq!(by_name("firecracker")["status"], "missing");
-    assert!(by_name("firecracker")["fix"]
-        .as_str()
-        .unwrap()
-        .contains("firecracker_bin"));
+    assert!(check_text(&result, "firecracker", "fix").contains("firecracker_bin"));
     let vmm = by_name("vmm");
     assert_eq!(vmm["status"], "missing");
     assert!(
@@ -472,8 +471,7 @@ fn start_up_removes_work_dirs_of_interrupted_kernel_imports_only() {
     // Not ours to judge: a directory that merely looks like a kernel.
     std::fs::create_dir_all(kernels.join("cloud")).unwrap();
     let out = install.banger(&["--json", "kernel", "list"]);
-    assert_exit(&out, 0);
-    assert_eq!(stdout(&out), "{\n  \"kernels\": []\n}\n");
+    assert_exit_prints(&out, 0, "{\n  \"kernels\": []\n}\n");
     let mut left: Vec<String> = std::fs::read_dir(&kernels)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -486,9 +484,7 @@ fn start_up_removes_work_dirs_of_interrupted_kernel_imports_only() {
 fn doctor_refuses_a_dynamically_linked_agent_saying_how_to_build_one() {
     // What a plain `cargo build` leaves: an executable with a dynamic loader.
     let install = Install::with_config("agent_bin = \"/bin/true\"\n");
-    let out = install.banger(&["--json", "doctor"]);
-    assert_exit(&out, 1);
-    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let result = doctor_report(&install, 1);
     let agent = doctor_check(&result, "guest agent");
     assert_eq!(agent["status"], "missing", "{agent}");
     let detail = agent["detail"].as_str().unwrap();

@@ -139,11 +139,12 @@ fn import_reads_an_oci_layout_and_a_docker_archive() {
     layout
         .image("v1", &[(small_layer(), LayerCompression::Zstd)])
         .unwrap();
+    let layout_arg = dir.to_str().unwrap();
     let out = install.banger(&[
         "--json",
         "image",
         "import",
-        dir.to_str().unwrap(),
+        layout_arg,
         "--name",
         "from-layout",
     ]);

@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::vms::ready_install_in;
-use support::{assert_exit, assert_fails_saying, stderr, stdout, taps_can_be_made, Install, NetNs};
+use support::{
+    assert_exit, assert_fails_saying, assert_succeeded, stderr, stdout, taps_can_be_made, Install,
+    NetNs,
+};
 
 /// The host's veth address (TEST-NET range 198.18.0.0/15, for benchmarks: never routed).
 const HOST_VETH: &str = "198.18.0.1";
@@ -46,15 +49,6 @@ struct World {
     _www: tempfile::TempDir,
 }
 
-fn ok(out: std::process::Output, what: &str) {
-    assert!(
-        out.status.success(),
-        "{what}: {}{}",
-        stdout(&out),
-        stderr(&out)
-    );
-}
-
 impl World {
     /// `None` (with the reason, strict-aware) where it cannot be built.
     fn new(tag: &str) -> Option<World> {
@@ -72,8 +66,8 @@ impl World {
             }
         };
         let outside = NetNs::new(&format!("{tag}o")).expect("second namespace");
-        ok(
-            host.exec(&[
+        assert_succeeded(
+            &host.exec(&[
                 "ip",
                 "link",
                 "add",
@@ -93,14 +87,14 @@ impl World {
             &["ip", "link", "set", "veth0", "up"],
             &["ip", "route", "add", "default", "via", OUTSIDE],
         ] {
-            ok(host.exec(argv), &argv.join(" "));
+            assert_succeeded(&host.exec(argv), &argv.join(" "));
         }
         for argv in [
             &["ip", "addr", "add", "198.18.0.2/24", "dev", "veth1"][..],
             &["ip", "addr", "add", "198.18.0.3/24", "dev", "veth1"],
             &["ip", "link", "set", "veth1", "up"],
         ] {
-            ok(outside.exec(argv), &argv.join(" "));
+            assert_succeeded(&outside.exec(argv), &argv.join(" "));
         }
         let www = tempfile::tempdir().unwrap();
         let mut servers = Vec::new();
@@ -208,13 +202,7 @@ fn busybox_sh(install: &Install, vm: &str, script: &str) -> std::process::Output
 /// Runs a shell command in the guest, which must succeed.
 fn guest_sh(install: &Install, vm: &str, script: &str) -> String {
     let out = busybox_sh(install, vm, script);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{script}: {}{}",
-        stdout(&out),
-        stderr(&out)
-    );
+    assert_succeeded(&out, script);
     stdout(&out)
 }
 

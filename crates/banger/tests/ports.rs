@@ -12,19 +12,9 @@ use std::process::Command;
 use banger_testkit::{LayerCompression, OciLayoutBuilder, Registry};
 use serde_json::Value;
 use support::vms::{push_and_pull, ready_install_in};
-use support::{free_loopback_port, stderr, stdout, Install};
+use support::{assert_succeeded, free_loopback_port, stderr, stdout, Install};
 
 const QEMU_USER_NET: &str = "vmm = \"qemu\"\nnetwork = \"user\"\n";
-
-fn ok(out: &std::process::Output, what: &str) {
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{what}: {}{}",
-        stdout(out),
-        stderr(out)
-    );
-}
 
 /// `GET /` on the host's `127.0.0.1:port`, the whole response.
 fn http_get(port: u16) -> String {
@@ -51,7 +41,7 @@ fn published_port_serves_guest_http_on_the_host_and_vm_ports_lists_it() {
     let out = install.banger(&[
         "vm", "create", "--name", "web", "--image", "bb", "-p", &publish,
     ]);
-    ok(&out, "vm create -p");
+    assert_succeeded(&out, "vm create -p");
 
     // busybox httpd forks into the background and keeps serving after the exec ends.
     let out = install.vm_exec(
@@ -62,7 +52,7 @@ fn published_port_serves_guest_http_on_the_host_and_vm_ports_lists_it() {
             "echo hello-from-guest > /tmp/index.html && busybox httpd -p 8080 -h /tmp",
         ],
     );
-    ok(&out, "start httpd");
+    assert_succeeded(&out, "start httpd");
     let response = http_get(port);
     assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
     assert!(
@@ -71,7 +61,7 @@ fn published_port_serves_guest_http_on_the_host_and_vm_ports_lists_it() {
     );
 
     let out = install.banger(&["--json", "vm", "ports", "web"]);
-    ok(&out, "vm ports --json");
+    assert_succeeded(&out, "vm ports --json");
     let ports: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(ports["vm"], "web");
     let listening = ports["listening"].as_array().unwrap();
@@ -106,15 +96,9 @@ fn published_port_serves_guest_http_on_the_host_and_vm_ports_lists_it() {
     );
 
     // The host port is QEMU's now: a second VM asking for it is refused, naming it.
+    let taken = format!("{port}:80");
     let out = install.banger(&[
-        "vm",
-        "create",
-        "--name",
-        "web2",
-        "--image",
-        "bb",
-        "-p",
-        &format!("{port}:80"),
+        "vm", "create", "--name", "web2", "--image", "bb", "-p", &taken,
     ]);
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
     assert!(
@@ -136,7 +120,7 @@ fn published_port_serves_guest_http_on_the_host_and_vm_ports_lists_it() {
         "{}",
         stderr(&out)
     );
-    ok(&install.banger(&["vm", "rm", "web"]), "vm rm");
+    assert_succeeded(&install.banger(&["vm", "rm", "web"]), "vm rm");
 }
 
 /// A layer with the host's sshd, the libraries `ldd` says it loads, and the accounts it
@@ -235,13 +219,13 @@ fn stock_ssh_logs_in_through_the_generated_config_without_a_host_port() {
         )
         .unwrap();
     push_and_pull(&install, &layout_dir, &registry, "sshd", "sshimg");
-    ok(
+    assert_succeeded(
         &install.banger(&["vm", "create", "--name", "sv", "--image", "sshimg"]),
         "vm create",
     );
 
     let out = install.banger(&["ssh-config"]);
-    ok(&out, "ssh-config");
+    assert_succeeded(&out, "ssh-config");
     let config = stdout(&out);
     let state = install.state_dir();
     assert!(
@@ -301,7 +285,7 @@ fn stock_ssh_logs_in_through_the_generated_config_without_a_host_port() {
         "from",
         "$(cat /proc/sys/kernel/hostname)",
     ]);
-    ok(&out, "vm ssh");
+    assert_succeeded(&out, "vm ssh");
     assert_eq!(stdout(&out), "hi from sv\n");
-    ok(&install.banger(&["vm", "rm", "sv"]), "vm rm");
+    assert_succeeded(&install.banger(&["vm", "rm", "sv"]), "vm rm");
 }

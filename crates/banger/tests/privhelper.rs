@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use support::vms::{busybox_layout, guest_parts, import_busybox, import_kernel};
 use support::{
-    assert_exit, bin_dir, doctor_check, stderr, stdout, taps_can_be_made, Install, NetNs,
+    assert_exit, bin_dir, doctor_check, doctor_report, stderr, stdout, taps_can_be_made, Install,
+    NetNs,
 };
 
 /// The unprivileged user the daemon runs as.
@@ -161,9 +162,7 @@ fn an_unprivileged_bangerd_boots_a_tap_vm_through_bangerd_root() {
             ],
         );
         // Exit 1: network = "tap" is configured and cannot work.
-        let out = install.banger(&["--json", "doctor"]);
-        assert_exit(&out, 1);
-        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let report = doctor_report(&install, 1);
         let route = doctor_check(&report, "tap privileges");
         assert_eq!(route["status"], "optional", "{route}");
         assert!(

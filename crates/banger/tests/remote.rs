@@ -13,7 +13,10 @@ use banger_testkit::host::run_ok;
 use banger_testkit::{guest, LayerCompression, OciLayoutBuilder, Registry};
 use serde_json::Value;
 use support::vms::{guest_parts, ready_install_in};
-use support::{assert_exit, assert_exit_says, free_loopback_port, stdout, vm_run_rm_args, Install};
+use support::{
+    assert_exit, assert_exit_prints, assert_exit_says, free_loopback_port, stdout, vm_run_rm_args,
+    Install,
+};
 
 const PTY_TIMEOUT: Duration = Duration::from_secs(240);
 
@@ -175,8 +178,7 @@ fn a_remote_daemon_over_real_sshd_runs_a_streamed_workspace_lists_images_and_giv
         &[],
         &["sh", "-c", "cat FILE; exit 5"],
     ));
-    assert_exit(&out, 5);
-    assert_eq!(stdout(&out), "streamed, not read by the daemon\n");
+    assert_exit_prints(&out, 5, "streamed, not read by the daemon\n");
 
     let out = call(&["vm", "create", "--name", "rx", "--image", "bb"]);
     assert_exit(&out, 0);
@@ -427,13 +429,8 @@ fn image_and_kernel_imports_stream_their_files_to_a_remote_daemon_over_real_sshd
         client.banger(&a)
     };
 
-    let out = call(&[
-        "image",
-        "import",
-        tarball.to_str().unwrap(),
-        "--name",
-        "streamed",
-    ]);
+    let tarball_arg = tarball.to_str().unwrap();
+    let out = call(&["image", "import", tarball_arg, "--name", "streamed"]);
     assert_exit(&out, 0);
     let out = call(&["--json", "image", "list"]);
     assert_exit(&out, 0);
@@ -448,13 +445,8 @@ fn image_and_kernel_imports_stream_their_files_to_a_remote_daemon_over_real_sshd
     let out = call(&["image", "import", layout_dir.to_str().unwrap()]);
     assert_exit_says(&out, 1, "docker-archive");
 
-    let out = call(&[
-        "kernel",
-        "import",
-        "cloud",
-        "--deb",
-        client_deb.to_str().unwrap(),
-    ]);
+    let deb_arg = client_deb.to_str().unwrap();
+    let out = call(&["kernel", "import", "cloud", "--deb", deb_arg]);
     assert_exit(&out, 0);
     let out = call(&["--json", "kernel", "list"]);
     assert!(stdout(&out).contains("\"cloud\""), "{}", stdout(&out));

@@ -15,8 +15,9 @@ use banger_testkit::Registry;
 use serde_json::Value;
 use support::vms::{guest_parts, ready_install_in};
 use support::{
-    assert_exit, assert_exit_says, assert_mem_total_is_256_mib, doctor_check, mem_total_kib,
-    qemu_img_info, stderr, stdout, vm_run_rm_args, Install, NetNs,
+    assert_exit, assert_exit_prints, assert_exit_says, assert_mem_total_is_256_mib,
+    assert_succeeded, doctor_check, mem_total_kib, qemu_img_info, stderr, stdout, vm_exec_args,
+    vm_run_rm_args, Install, NetNs,
 };
 
 /// The configuration of the QEMU tests: user-mode networking, whoever runs them.
@@ -105,8 +106,7 @@ fn kernel_import_from_an_image_and_modules_tree_matches_the_deb_and_boots() {
     let vmlinuz = unpacked.join(format!("boot/vmlinuz-{version}"));
     let modules = unpacked.join(format!("lib/modules/{version}"));
     let out = import_kernel_with_modules(&install, "k2", &vmlinuz, &modules);
-    assert_exit(&out, 0);
-    assert_eq!(stdout(&out), format!("imported kernel k2 ({version})\n"));
+    assert_exit_prints(&out, 0, &format!("imported kernel k2 ({version})\n"));
 
     // The version comes from the bzImage header here (from the file name for the .deb).
     let k2 = kernel_show(&install, "k2");
@@ -167,15 +167,10 @@ fn kernel_import_from_an_image_and_modules_tree_matches_the_deb_and_boots() {
 
     // The ELF alone with an initramfs of the caller's: here banger's own, copied out of the
     // cloud kernel (it loads the modules and hands over to the agent, as one must).
+    let (vmlinux, initrd) = (cloud_dir.join("vmlinux"), cloud_dir.join("initramfs.cpio"));
+    let (kernel_arg, initrd_arg) = (vmlinux.to_str().unwrap(), initrd.to_str().unwrap());
     let out = install.banger(&[
-        "--json",
-        "kernel",
-        "import",
-        "k3",
-        "--kernel",
-        cloud_dir.join("vmlinux").to_str().unwrap(),
-        "--initrd",
-        cloud_dir.join("initramfs.cpio").to_str().unwrap(),
+        "--json", "kernel", "import", "k3", "--kernel", kernel_arg, "--initrd", initrd_arg,
     ]);
     assert_exit(&out, 0);
     let k3: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -362,8 +357,7 @@ fn vm_run_prints_the_output_returns_the_status_and_sees_the_workspace() {
         ),
         b"from stdin\n",
     );
-    assert_exit(&out, 0);
-    assert_eq!(stdout(&out), "/root/repo\nfrom the host\nfrom stdin\n");
+    assert_exit_prints(&out, 0, "/root/repo\nfrom the host\nfrom stdin\n");
     assert_eq!(stderr(&out), "to-stderr\n");
 
     // ^C while the VM boots: banger stops at once; the daemon still starts the shell, which
@@ -413,8 +407,7 @@ fn vm_exec_stop_start_keeps_files_and_rm_leaves_nothing() {
         return;
     };
     let out = install.banger(&["vm", "create", "--name", "box", "--image", "bb"]);
-    assert_exit(&out, 0);
-    assert_eq!(stdout(&out), "created box (running)\n");
+    assert_exit_prints(&out, 0, "created box (running)\n");
 
     let out = install.vm_sh(
         "box",
@@ -523,8 +516,7 @@ fn vm_exec_stop_start_keeps_files_and_rm_leaves_nothing() {
 /// shell's status.
 fn check_stdin_and_pty(install: &Install, vm: &str) {
     let out = install.banger_with_stdin(&["vm", "exec", vm, "--", "cat"], b"a\nb\n");
-    assert_exit(&out, 0);
-    assert_eq!(stdout(&out), "a\nb\n");
+    assert_exit_prints(&out, 0, "a\nb\n");
     // wc only answers once its stdin has ended.
     let out = install.banger_with_stdin(&["vm", "exec", vm, "--", "wc", "-l"], b"a\nb\n");
     assert_exit(&out, 0);
@@ -538,17 +530,9 @@ fn check_stdin_and_pty(install: &Install, vm: &str) {
     assert_eq!(stdout(&out).trim(), "200000", "{}", stderr(&out));
 
     // ^C without a pty reaches the command's process group; a second one is not needed.
+    let script = "echo ready; sleep 60; echo never";
     let mut child = install
-        .banger_command(&[
-            "vm",
-            "exec",
-            "-n",
-            vm,
-            "--",
-            "sh",
-            "-c",
-            "echo ready; sleep 60; echo never",
-        ])
+        .banger_command(&["vm", "exec", "-n", vm, "--", "sh", "-c", script])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -668,14 +652,19 @@ fn tap_testable() -> Option<NetNs> {
     }
 }
 
+/// A namespace of [`tap_testable`] and an installation configured with `config` whose
+/// banger runs in it (the namespace first, so it is dropped after the installation).
+fn tap_ready(config: &str) -> Option<(NetNs, Install)> {
+    let ns = tap_testable()?;
+    let install = ready_install_in(config, Some(&ns), None)?;
+    Some((ns, install))
+}
+
 #[test]
 fn tap_network_gives_the_guest_its_address_and_the_bridge_and_rm_deletes_the_tap() {
-    let Some(ns) = tap_testable() else { return };
-    let Some(install) = ready_install_in(
-        "vmm = \"qemu\"\nnetwork = \"tap\"\nbridge_address = \"172.30.9.1/24\"\n",
-        Some(&ns),
-        None,
-    ) else {
+    let Some((ns, install)) =
+        tap_ready("vmm = \"qemu\"\nnetwork = \"tap\"\nbridge_address = \"172.30.9.1/24\"\n")
+    else {
         return;
     };
     let out = install.banger(&["vm", "create", "--name", "tapbox", "--image", "bb"]);
@@ -720,14 +709,8 @@ fn tap_network_gives_the_guest_its_address_and_the_bridge_and_rm_deletes_the_tap
     // (crates/banger/tests/netpolicy.rs checks what it can reach): the VM answering its
     // agent is what says it runs.
     let ping_bridge = || {
-        let out = install.banger(&["vm", "exec", "tapbox", "--", "/bin/busybox", "true"]);
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{}{}",
-            stdout(&out),
-            stderr(&out)
-        );
+        let out = install.vm_exec("tapbox", &["/bin/busybox", "true"]);
+        assert_succeeded(&out, "vm exec tapbox");
     };
     ping_bridge();
 
@@ -804,11 +787,8 @@ fn firecracker_backend_runs_commands_and_rm_leaves_nothing() {
         banger_testkit::skip_known("firecracker not on PATH");
         return;
     }
-    let Some(ns) = tap_testable() else { return };
-    let Some(install) = ready_install_in(
+    let Some((ns, install)) = tap_ready(
         "vmm = \"firecracker\"\nnetwork = \"tap\"\nbridge_address = \"172.30.10.1/24\"\n",
-        Some(&ns),
-        None,
     ) else {
         return;
     };
@@ -824,8 +804,7 @@ fn firecracker_backend_runs_commands_and_rm_leaves_nothing() {
     }
 
     let out = install.vm_run_rm(None, &[], &["sh", "-c", "echo hi; exit 7"]);
-    assert_exit(&out, 7);
-    assert_eq!(stdout(&out), "hi\n");
+    assert_exit_prints(&out, 7, "hi\n");
 
     let out = install.banger(&["vm", "create", "--name", "fc", "--image", "bb"]);
     assert_exit(&out, 0);
@@ -837,13 +816,7 @@ fn firecracker_backend_runs_commands_and_rm_leaves_nothing() {
         "fc",
         &["/bin/busybox", "ping", "-c", "1", "-W", "5", "172.30.10.1"],
     );
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}{}",
-        stdout(&out),
-        stderr(&out)
-    );
+    assert_succeeded(&out, "ping the bridge");
     let out = install.banger(&["vm", "stop", "fc"]);
     assert_exit(&out, 0);
     let out = install.banger(&["vm", "start", "fc"]);
@@ -1039,15 +1012,14 @@ fn vm_exec_paces_a_flood_to_its_caller_ends_what_a_hung_up_caller_ran_and_runs_c
 
     // Then a long command; it ignores SIGHUP, so only the SIGKILL after the grace ends it.
     let mut slow = install
-        .banger_command(&[
-            "vm",
-            "exec",
+        .banger_command(&vm_exec_args(
             "flood",
-            "--",
-            "sh",
-            "-c",
-            "trap '' HUP; echo $$ > /tmp/slow.pid; exec sleep 600",
-        ])
+            &[
+                "sh",
+                "-c",
+                "trap '' HUP; echo $$ > /tmp/slow.pid; exec sleep 600",
+            ],
+        ))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use banger_testkit::Registry;
 use serde_json::Value;
-use support::{assert_exit, assert_exit_says, qemu_img_info, stderr, stdout, Install};
+use support::{
+    assert_exit, assert_exit_prints, assert_exit_says, qemu_img_info, stderr, stdout, Install,
+};
 
 /// An installation configured with `config` (plus QEMU and user networking), with a
 /// kernel `cloud` and a busybox image `bb` pulled from `registry`. Under root its VMMs
@@ -97,7 +99,7 @@ fn json(install: &Install, args: &[&str]) -> Value {
 
 /// Runs `sh -c script` in VM `vm`; asserts success and returns stdout.
 fn sh(install: &Install, vm: &str, script: &str) -> String {
-    let out = install.banger(&["vm", "exec", vm, "--", "sh", "-c", script]);
+    let out = install.vm_sh(vm, script);
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -113,11 +115,8 @@ fn sha256(path: &Path) -> String {
         .arg(path)
         .output()
         .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split(' ')
-        .next()
-        .unwrap()
-        .to_owned()
+    let line = String::from_utf8_lossy(&out.stdout);
+    line.split(' ').next().unwrap().to_owned()
 }
 
 #[test]
@@ -233,8 +232,7 @@ fn pause_stops_the_guest_clock_and_resume_continues_it() {
     let wall = std::time::Instant::now();
     let before = uptime(&install, "p");
     let out = install.banger(&["vm", "pause", "p"]);
-    assert_exit(&out, 0);
-    assert_eq!(stdout(&out), "paused p\n");
+    assert_exit_prints(&out, 0, "paused p\n");
     assert_eq!(json(&install, &["vm", "show", "p"])["state"], "paused");
     // The paused guest cannot run commands; the error says how to go on.
     let out = install.banger(&["vm", "exec", "p", "--", "true"]);
@@ -389,8 +387,7 @@ fn warm_runs_restore_a_template_and_forks_get_their_own_identity_and_disk() {
     // A template that fails to restore: the run still succeeds, cold, saying why.
     std::fs::write(template.join("memory.state"), b"not a migration stream").unwrap();
     let fallback = run_true(&install, &[]);
-    assert_exit(&fallback, 3);
-    assert_eq!(stdout(&fallback), "out\n");
+    assert_exit_prints(&fallback, 3, "out\n");
     assert!(
         daemon_log(&install).contains("warm restore failed; booting cold"),
         "{}",
@@ -454,8 +451,7 @@ fn snapshot_forks_have_their_own_files_and_identity_and_rm_waits_for_them() {
     assert_exit(&out, 0);
     sh(&install, "src", "echo before > /root/state && sync");
     let out = install.banger(&["vm", "snapshot", "src", "--name", "snap"]);
-    assert_exit(&out, 0);
-    assert_eq!(stdout(&out), "saved snapshot snap of src\n");
+    assert_exit_prints(&out, 0, "saved snapshot snap of src\n");
     // The source runs on after its snapshot.
     assert_eq!(sh(&install, "src", "cat /root/state"), "before\n");
 

@@ -462,6 +462,27 @@ pub fn assert_exit(out: &Output, code: i32) {
     assert_eq!(out.status.code(), Some(code), "{}", stderr(out));
 }
 
+/// Asserts that a command exited 0, showing `what` and everything it printed when it
+/// did not.
+#[track_caller]
+pub fn assert_succeeded(out: &Output, what: &str) {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{what}: {}{}",
+        stdout(out),
+        stderr(out)
+    );
+}
+
+/// Asserts that banger exited with `code` (showing its stderr when it did not) and
+/// printed exactly `expected` on stdout.
+#[track_caller]
+pub fn assert_exit_prints(out: &Output, code: i32, expected: &str) {
+    assert_exit(out, code);
+    assert_eq!(stdout(out), expected);
+}
+
 /// Asserts that banger exited with `code` and said `needle` on stderr: how a refusal
 /// looks to the user (the status a script sees, the words a person reads).
 #[track_caller]
@@ -506,6 +527,15 @@ pub fn assert_mem_total_is_256_mib(meminfo: &str) {
         (180 * 1024..=256 * 1024).contains(&total),
         "MemTotal {total} KiB"
     );
+}
+
+/// The report of `banger --json doctor`, which must exit with `code` (1: something
+/// required is missing).
+#[track_caller]
+pub fn doctor_report(install: &Install, code: i32) -> serde_json::Value {
+    let out = install.banger(&["--json", "doctor"]);
+    assert_exit(&out, code);
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// The check called `name` of a `banger --json doctor` report.
