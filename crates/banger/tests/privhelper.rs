@@ -9,6 +9,7 @@ mod support;
 
 use std::io::Read;
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -119,6 +120,24 @@ fn an_unprivileged_bangerd_boots_a_tap_vm_through_bangerd_root() {
     assert!(chown.success());
 
     let log = install.dir.path().join("bangerd-root.log");
+    // The helper jails Firecracker with the real jailer where these machines have it
+    // (../shared/tools); without it, it offers no jail and the doctor says so.
+    let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/tools/firecracker-v1.16.1");
+    let (jailer, firecracker) = (tools.join("jailer"), tools.join("firecracker"));
+    let jails = jailer.is_file() && firecracker.is_file();
+    let mut jail_args: Vec<std::ffi::OsString> = Vec::new();
+    if jails {
+        jail_args.extend([
+            "--jail-dir".into(),
+            install.dir.path().join("jails").into(),
+            "--jailer".into(),
+            jailer.clone().into(),
+            "--firecracker".into(),
+            firecracker.into(),
+        ]);
+    } else {
+        jail_args.extend(["--jailer".into(), tools.join("absent").into()]);
+    }
     let child = Command::new("ip")
         .args(["netns", "exec", &ns.name])
         .arg(bin_dir().join("bangerd-root"))
@@ -127,8 +146,9 @@ fn an_unprivileged_bangerd_boots_a_tap_vm_through_bangerd_root() {
             &NOBODY.to_string(),
             "--subnet",
             BRIDGE_ADDRESS,
-            "--socket",
         ])
+        .args(&jail_args)
+        .arg("--socket")
         .arg(&socket)
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -201,6 +221,29 @@ fn an_unprivileged_bangerd_boots_a_tap_vm_through_bangerd_root() {
             socket.display()
         )
     );
+
+    // And whether Firecracker would run in the helper's jailer.
+    let jail = doctor_check(&report, "jailer (Firecracker's confinement)");
+    if jails {
+        assert_eq!(jail["status"], "ok", "{jail}");
+        assert_eq!(
+            jail["detail"].as_str().unwrap(),
+            format!(
+                "through bangerd-root at {}: its jailer {} runs Firecracker chrooted, in its own cgroup and under seccomp, as this uid",
+                socket.display(),
+                jailer.display()
+            )
+        );
+    } else {
+        assert_eq!(jail["status"], "optional", "{jail}");
+        assert!(
+            jail["detail"]
+                .as_str()
+                .unwrap()
+                .contains("has no jailer and firecracker"),
+            "{jail}"
+        );
+    }
 
     let out = install.banger(&["vm", "create", "--name", "tapbox", "--image", "bb"]);
     assert_exit(&out, 0);
