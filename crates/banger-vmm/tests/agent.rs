@@ -2,6 +2,8 @@
 //! through `banger_vmm::agent::AgentClient` — first as a plain host process on a Unix
 //! socket (fast, no VM), then as PID 1 of a TCG microVM behind a virtio-serial port.
 
+mod common;
+
 use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -13,8 +15,9 @@ use std::time::{Duration, Instant};
 
 use banger_vmm::agent::{self, AgentClient, AgentError, ExecRequest, ExitStatus};
 use banger_vmm::initramfs::{CpioWriter, DEFAULT_BUSYBOX};
-use banger_vmm::kernel::{self, KernelDir};
+use banger_vmm::kernel::KernelDir;
 use banger_vmm::qemu::{Accel, NetSpec, Qemu, UserNet, VmSpec};
+use common::cached_kernel;
 
 const MUSL: &str = "x86_64-unknown-linux-musl";
 
@@ -510,84 +513,23 @@ fn gone_within(pid: &str, limit: Duration) -> bool {
     true
 }
 
-/// Issue 9 through whatever transport `client` uses, asking the guest itself: a flood
-/// whose reader stalls stops writing, the agent answers other sessions meanwhile, and a
-/// reader that fails ends the flood within 5 s.
-fn check_a_stalled_flood_is_paced_and_ends_with_its_reader(client: &AgentClient, pidfile: &Path) {
-    /// As in the host test below: window, chunk and pipe, with room to spare.
-    const PACED_LIMIT: u64 = 4 << 20;
-    let guest = |script: &str| -> Option<String> {
-        let out = client.output(&sh(script)).ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-    };
-    let script = format!(
-        "echo $$ > {0}.tmp && mv {0}.tmp {0}; exec head -c 268435456 /dev/zero",
-        pidfile.display()
-    );
-    let (wrote_tx, wrote) = std::sync::mpsc::channel();
-    let (release, release_rx) = std::sync::mpsc::channel();
-    std::thread::scope(|s| {
-        let release = release;
-        let flood = s.spawn(|| {
-            let mut out = Stalled {
-                wrote: wrote_tx,
-                release: release_rx,
-                state: None,
-            };
-            client.exec(&sh(&script), None, &mut out, &mut Vec::new())
-        });
-        wrote.recv_timeout(Duration::from_secs(60)).unwrap();
-        // Answered while the flood runs.
-        let pid = guest(&format!("cat {}", pidfile.display())).expect("the guest answers");
-        let written = |when: &str| -> u64 {
-            let io = guest(&format!("cat /proc/{pid}/io")).unwrap_or_else(|| {
-                panic!("{when}: the flood (pid {pid}) is gone: it was not paced")
-            });
-            io.lines()
-                .find_map(|l| l.strip_prefix("wchar: "))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or_else(|| panic!("no wchar in /proc/{pid}/io: {io}"))
-        };
-        std::thread::sleep(Duration::from_secs(1));
-        let early = written("early");
-        std::thread::sleep(Duration::from_secs(1));
-        let late = written("late");
-        assert!(
-            late < PACED_LIMIT,
-            "the flood wrote {late} bytes for a reader that took one chunk"
-        );
-        assert_eq!(early, late, "the flood went on while nobody read");
-        release.send(false).unwrap();
-        let err = flood.join().unwrap().unwrap_err();
-        assert!(matches!(err, AgentError::Local { .. }), "{err}");
-        let hung_up = Instant::now();
-        while guest(&format!("test -d /proc/{pid}")).is_some() {
-            assert!(
-                hung_up.elapsed() < Duration::from_secs(5),
-                "the flood outlived its caller by 5 s"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    });
-}
+/// What a flood may have written for a reader that took one chunk: the window (256 KiB),
+/// one chunk in the agent, the pipe (64 KiB), with room to spare; an unpaced flood writes
+/// hundreds of MiB a second.
+const PACED_LIMIT: u64 = 4 << 20;
 
-/// Issue 9: a command's output is read only as fast as its caller takes it. The flood
-/// (bounded at 256 MiB so that a regression cannot take the machine down) stops once the
-/// window, the agent's chunk and the pipe are full; other sessions go on meanwhile; and a
-/// caller that fails its writes ends the command.
-#[test]
-fn host_agent_paces_a_flood_to_its_reader_and_serves_other_sessions_meanwhile() {
-    /// What the command may have written for a reader that took one chunk: the window
-    /// (256 KiB), one chunk in the agent, the pipe (64 KiB), with room to spare; an
-    /// unpaced flood writes hundreds of MiB a second.
-    const PACED_LIMIT: u64 = 4 << 20;
-    let tmp = tempfile::tempdir().unwrap();
-    let Some((_agent, client)) = host_agent(tmp.path()) else {
-        return;
-    };
-    let pidfile = tmp.path().join("flood.pid");
+/// Runs a flood (bounded at 256 MiB, writing its pid to `pidfile` first) through `client`
+/// for a reader that stalls after one chunk. Once it wrote: `pid()` gives its pid (and
+/// checks the agent answers meanwhile), `written(pid, when)` what it has written, which
+/// must stay under [`PACED_LIMIT`] and the same over a second; then the reader fails, the
+/// exec fails locally and `assert_gone(pid)` checks the flood ends.
+fn check_a_stalled_flood(
+    client: &AgentClient,
+    pidfile: &Path,
+    pid: impl FnOnce() -> String,
+    written: impl Fn(&str, &str) -> u64,
+    assert_gone: impl FnOnce(&str),
+) {
     let script = format!(
         "echo $$ > {0}.tmp && mv {0}.tmp {0}; exec head -c 268435456 /dev/zero",
         pidfile.display()
@@ -607,18 +549,11 @@ fn host_agent_paces_a_flood_to_its_reader_and_serves_other_sessions_meanwhile() 
             client.exec(&sh(&script), None, &mut out, &mut Vec::new())
         });
         wrote.recv_timeout(Duration::from_secs(60)).unwrap();
-        let pid = wait_for_pid(&pidfile);
-        let quick = client.output(&sh("echo quick")).unwrap();
-        assert_eq!(
-            quick.stdout,
-            b"quick
-"
-        );
-        client.ping(Duration::from_secs(10)).unwrap();
+        let pid = pid();
         std::thread::sleep(Duration::from_secs(1));
-        let early = written_by(&pid);
+        let early = written(&pid, "early");
         std::thread::sleep(Duration::from_secs(1));
-        let late = written_by(&pid);
+        let late = written(&pid, "late");
         assert!(
             late < PACED_LIMIT,
             "the flood wrote {late} bytes for a reader that took one chunk"
@@ -627,11 +562,76 @@ fn host_agent_paces_a_flood_to_its_reader_and_serves_other_sessions_meanwhile() 
         release.send(false).unwrap();
         let err = flood.join().unwrap().unwrap_err();
         assert!(matches!(err, AgentError::Local { .. }), "{err}");
-        assert!(
-            gone_within(&pid, Duration::from_secs(5)),
-            "the flood outlived its caller"
-        );
+        assert_gone(&pid);
     });
+}
+
+/// Issue 9 through whatever transport `client` uses, asking the guest itself: a flood
+/// whose reader stalls stops writing, the agent answers other sessions meanwhile, and a
+/// reader that fails ends the flood within 5 s.
+fn check_a_stalled_flood_is_paced_and_ends_with_its_reader(client: &AgentClient, pidfile: &Path) {
+    let guest = |script: &str| -> Option<String> {
+        let out = client.output(&sh(script)).ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    check_a_stalled_flood(
+        client,
+        pidfile,
+        // Answered while the flood runs.
+        || guest(&format!("cat {}", pidfile.display())).expect("the guest answers"),
+        |pid, when| {
+            let io = guest(&format!("cat /proc/{pid}/io")).unwrap_or_else(|| {
+                panic!("{when}: the flood (pid {pid}) is gone: it was not paced")
+            });
+            io.lines()
+                .find_map(|l| l.strip_prefix("wchar: "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no wchar in /proc/{pid}/io: {io}"))
+        },
+        |pid| {
+            let hung_up = Instant::now();
+            while guest(&format!("test -d /proc/{pid}")).is_some() {
+                assert!(
+                    hung_up.elapsed() < Duration::from_secs(5),
+                    "the flood outlived its caller by 5 s"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        },
+    );
+}
+
+/// Issue 9: a command's output is read only as fast as its caller takes it. The flood
+/// (bounded at 256 MiB so that a regression cannot take the machine down) stops once the
+/// window, the agent's chunk and the pipe are full; other sessions go on meanwhile; and a
+/// caller that fails its writes ends the command.
+#[test]
+fn host_agent_paces_a_flood_to_its_reader_and_serves_other_sessions_meanwhile() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((_agent, client)) = host_agent(tmp.path()) else {
+        return;
+    };
+    let pidfile = tmp.path().join("flood.pid");
+    check_a_stalled_flood(
+        &client,
+        &pidfile,
+        || {
+            let pid = wait_for_pid(&pidfile);
+            let quick = client.output(&sh("echo quick")).unwrap();
+            assert_eq!(quick.stdout, b"quick\n");
+            client.ping(Duration::from_secs(10)).unwrap();
+            pid
+        },
+        |pid, _| written_by(pid),
+        |pid| {
+            assert!(
+                gone_within(pid, Duration::from_secs(5)),
+                "the flood outlived its caller"
+            )
+        },
+    );
 }
 
 /// Issue 9: [`agent::ExecControl::hang_up`] is SIGHUP, then SIGKILL of the process group
@@ -799,37 +799,6 @@ fn host_agent_exits_on_shutdown() {
 
 // ---- the VM ----
 
-/// Downloads (once; cached under the target dir) and imports the Debian cloud kernel,
-/// exactly as tests/boot.rs does. `None` only when apt cannot download it.
-fn cached_kernel() -> Option<&'static KernelDir> {
-    static KERNEL: OnceLock<Option<KernelDir>> = OnceLock::new();
-    KERNEL
-        .get_or_init(|| {
-            let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("banger-test-kernel");
-            let script =
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/fetch-test-kernel.sh");
-            let out = Command::new(&script).arg(&cache).output().unwrap();
-            if !out.status.success() {
-                banger_testkit::require(
-                    false,
-                    format!(
-                        "cannot download a test kernel with apt: {}",
-                        String::from_utf8_lossy(&out.stderr)
-                    ),
-                );
-                return None;
-            }
-            let deb = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
-            let stem = deb.file_stem().unwrap().to_string_lossy().into_owned();
-            let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("banger-kernel-{stem}"));
-            if dir.exists() {
-                return Some(KernelDir::open(&dir).unwrap());
-            }
-            Some(kernel::import_deb(&deb, &dir, kernel::GUEST_MODULES).unwrap())
-        })
-        .as_ref()
-}
-
 /// The init of this test's initramfs: load the modules, mount the root disk and make the
 /// agent PID 1 of it with switch_root. (banger's own init.sh runs one command and keeps
 /// PID 1; an agent-mode switch belongs there eventually.)
@@ -913,20 +882,7 @@ fn agent_rootfs(dir: &Path, agent: &Path) -> PathBuf {
         staging.join(agent::AGENT_GUEST_PATH.trim_start_matches('/')),
     )
     .unwrap();
-    let image = dir.join("rootfs.ext4");
-    let out = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-d"])
-        .arg(&staging)
-        .arg(&image)
-        .arg("64M")
-        .output()
-        .expect("run mkfs.ext4");
-    assert!(
-        out.status.success(),
-        "mkfs.ext4: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    image
+    common::mkfs_ext4(dir, &staging, "64M")
 }
 
 #[test]
