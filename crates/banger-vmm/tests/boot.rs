@@ -69,17 +69,7 @@ fn import_files_from_an_unpacked_deb_matches_the_deb_import() {
     let tmp = tempfile::tempdir().unwrap();
     let from_deb = import(&deb, &tmp.path().join("a"));
     let unpacked = tmp.path().join("unpacked");
-    let out = Command::new("dpkg-deb")
-        .arg("-x")
-        .arg(&deb)
-        .arg(&unpacked)
-        .output()
-        .expect("run dpkg-deb");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::run_ok(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked));
     let version = from_deb.version();
     let files = kernel::KernelFiles {
         kernel: unpacked.join(format!("boot/vmlinuz-{version}")),

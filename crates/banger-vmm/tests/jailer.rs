@@ -14,17 +14,7 @@ use std::time::{Duration, Instant};
 use banger_vmm::firecracker::{api_socket, remove_jail_cgroups, Firecracker, Jailer};
 use banger_vmm::qemu::Accel;
 use banger_vmm::{VmSpec, Vmm};
-use common::cached_kernel;
-
-fn tool(name: &str) -> Option<PathBuf> {
-    let shared = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/tools/firecracker-v1.16.1")
-        .join(name);
-    if shared.is_file() {
-        return Some(shared);
-    }
-    banger_vmm::backend::find_on_path(name)
-}
+use common::{cached_kernel, firecracker_tool};
 
 fn get_state(api: &Path) -> String {
     let mut s = UnixStream::connect(api).unwrap();
@@ -56,7 +46,9 @@ fn the_real_jailer_runs_firecracker_in_its_jail_as_the_vmm_user() {
     ) {
         return;
     }
-    let (Some(firecracker), Some(jailer)) = (tool("firecracker"), tool("jailer")) else {
+    let (Some(firecracker), Some(jailer)) =
+        (firecracker_tool("firecracker"), firecracker_tool("jailer"))
+    else {
         banger_testkit::require(false, "no firecracker and jailer (../shared/tools or PATH)");
         return;
     };

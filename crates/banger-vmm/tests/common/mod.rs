@@ -1,6 +1,7 @@
 //! What the VM tests of banger-vmm share: the Debian cloud kernel, downloaded and
 //! imported once (kept across runs under the target dir: the import is deterministic for
-//! a given package), and ext4 root disks made from a staging directory.
+//! a given package), ext4 root disks made from a staging directory, and where the
+//! Firecracker binaries are.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -42,17 +43,45 @@ pub fn cached_kernel() -> Option<&'static KernelDir> {
 /// `dir/rootfs.ext4`, an ext4 of `size` (as mkfs.ext4 reads it: "32M") holding `staging`.
 pub fn mkfs_ext4(dir: &Path, staging: &Path, size: &str) -> PathBuf {
     let image = dir.join("rootfs.ext4");
-    let out = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-d"])
-        .arg(staging)
-        .arg(&image)
-        .arg(size)
-        .output()
-        .expect("run mkfs.ext4");
-    assert!(
-        out.status.success(),
-        "mkfs.ext4: {}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-d"])
+            .arg(staging)
+            .arg(&image)
+            .arg(size),
     );
     image
+}
+
+/// Runs `cmd`, which must succeed; what it printed on stderr says why it did not.
+pub fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Firecracker's `name` (`firecracker`, `jailer`): the release the project machines keep in
+/// ../shared/tools, else whatever PATH has.
+pub fn firecracker_tool(name: &str) -> Option<PathBuf> {
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/tools/firecracker-v1.16.1")
+        .join(name);
+    if shared.is_file() {
+        return Some(shared);
+    }
+    banger_vmm::backend::find_on_path(name)
+}
+
+/// The `firecracker` binary; `None` (a skip, or a failure under `BANGER_TEST_STRICT`) when
+/// there is none.
+pub fn require_firecracker() -> Option<PathBuf> {
+    let bin = firecracker_tool("firecracker");
+    banger_testkit::require(
+        bin.is_some(),
+        "no firecracker binary (../shared/tools or PATH)",
+    );
+    bin
 }
