@@ -473,15 +473,9 @@ fn images_grow_with_resize2fs_and_stay_clean() {
         .unwrap();
     f.set_len(3 << 30).unwrap();
     drop(f);
-    let out = std::process::Command::new("resize2fs")
-        .arg(&built.image)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "resize2fs: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    banger_testkit::command::run_ok(
+        std::process::Command::new("resize2fs").arg(&built.image),
+        "grow the image",
     );
     fsck(&built.image);
     assert!(debugfs(&built.image, "stat /f").contains("Size: 100000"));

@@ -256,6 +256,11 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
 /// An uncompressed tarball of regular files (`path`, `contents`), mode 0644, with parent
 /// directories created implicitly by whoever extracts it.
 pub fn tar_with_files(files: &[(&str, &[u8])]) -> Vec<u8> {
+    tar_with_files_at(files, 0)
+}
+
+/// [`tar_with_files`] with every file's mtime `mtime` (seconds since the epoch).
+pub fn tar_with_files_at(files: &[(&str, &[u8])], mtime: u64) -> Vec<u8> {
     let mut builder = tar::Builder::new(Vec::new());
     for (path, contents) in files {
         let mut header = tar::Header::new_gnu();
@@ -263,7 +268,7 @@ pub fn tar_with_files(files: &[(&str, &[u8])]) -> Vec<u8> {
         header.set_mode(0o644);
         header.set_uid(0);
         header.set_gid(0);
-        header.set_mtime(0);
+        header.set_mtime(mtime);
         header.set_entry_type(tar::EntryType::Regular);
         builder
             .append_data(&mut header, path, *contents)

@@ -69,7 +69,10 @@ fn import_files_from_an_unpacked_deb_matches_the_deb_import() {
     let tmp = tempfile::tempdir().unwrap();
     let from_deb = import(&deb, &tmp.path().join("a"));
     let unpacked = tmp.path().join("unpacked");
-    common::run_ok(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked));
+    banger_testkit::command::run_ok(
+        Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked),
+        "unpack the kernel package",
+    );
     let version = from_deb.version();
     let files = kernel::KernelFiles {
         kernel: unpacked.join(format!("boot/vmlinuz-{version}")),

@@ -14,7 +14,8 @@ use std::process::Command;
 use banger_oci::flatten::{FlattenOptions, FlattenedTree, Flattener, Privilege};
 use banger_oci::Digest;
 use banger_rootfs::{build_ext4, BuildOptions};
-use banger_testkit::pax::pax_record;
+use banger_testkit::command::run_ok;
+use banger_testkit::pax::{pax_header, pax_record};
 
 pub const MTIME: u64 = 1_600_000_000;
 
@@ -144,13 +145,7 @@ pub fn layer(entries: &[Ent]) -> Vec<u8> {
             for (k, v) in &pax {
                 pax_record(&mut records, k, v);
             }
-            let mut h = tar::Header::new_ustar();
-            h.set_entry_type(tar::EntryType::XHeader);
-            h.set_path("PaxHeaders/entry").unwrap();
-            h.set_size(records.len() as u64);
-            h.set_mode(0o644);
-            h.set_cksum();
-            push(&mut out, &h, &records);
+            push(&mut out, &pax_header(&records), &records);
         }
         let mut h = tar::Header::new_ustar();
         h.set_entry_type(e.kind);
@@ -256,18 +251,7 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 
 /// `e2fsck -fn` must find nothing to fix.
 pub fn fsck(image: &Path) {
-    let out = Command::new("e2fsck")
-        .args(["-fn"])
-        .arg(image)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "e2fsck -fn {}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(Command::new("e2fsck").arg("-fn").arg(image), "fsck");
 }
 
 pub fn debugfs(image: &Path, request: &str) -> String {

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+use banger_testkit::command::run_ok;
 use banger_vmm::kernel::{self, KernelDir};
 
 /// Downloads (once; cached under the target dir) the test kernel package. `None` only
@@ -49,18 +50,9 @@ pub fn mkfs_ext4(dir: &Path, staging: &Path, size: &str) -> PathBuf {
             .arg(staging)
             .arg(&image)
             .arg(size),
+        "make the root disk",
     );
     image
-}
-
-/// Runs `cmd`, which must succeed; what it printed on stderr says why it did not.
-pub fn run_ok(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Firecracker's `name` (`firecracker`, `jailer`): the release the project machines keep in
