@@ -172,19 +172,19 @@ impl PruneFs for FailingCreate {
     }
 }
 
+/// A full prune whose recreation of the cache fails (and, with `block_restore`, whose
+/// restore fails too): its error.
+fn failed_prune(cache: &BlobCache, block_restore: bool) -> PruneError {
+    cache
+        .prune_with(FULL, &FailingCreate { block_restore })
+        .unwrap_err()
+}
+
 #[test]
 fn failed_recreate_restores_the_old_cache() {
     let f = fixture();
     let digest = put(&f.cache, &[3u8; 300]);
-    let err = f
-        .cache
-        .prune_with(
-            FULL,
-            &FailingCreate {
-                block_restore: false,
-            },
-        )
-        .unwrap_err();
+    let err = failed_prune(&f.cache, false);
     assert!(matches!(err, PruneError::Recreate(_)));
     assert_eq!(
         err.to_string(),
@@ -201,15 +201,7 @@ fn failed_recreate_restores_the_old_cache() {
 fn failed_recreate_and_failed_restore_name_both_errors_and_the_aside() {
     let f = fixture();
     put(&f.cache, &[3u8; 300]);
-    let err = f
-        .cache
-        .prune_with(
-            FULL,
-            &FailingCreate {
-                block_restore: true,
-            },
-        )
-        .unwrap_err();
+    let err = failed_prune(&f.cache, true);
     let message = err.to_string();
     let asides = siblings_with_marker(&f.cache_root);
     assert_eq!(asides.len(), 1, "the old cache must still exist aside");
@@ -282,6 +274,14 @@ fn older_than_removes_only_blobs_unused_for_that_long() {
     assert_blobs(&f.cache, &[&old, &older], &[&fresh]);
 }
 
+/// A full prune that keeps the most recently used blobs up to `bytes`.
+fn keep_storage(bytes: u64) -> PruneOptions {
+    PruneOptions {
+        keep_storage_bytes: Some(bytes),
+        ..FULL
+    }
+}
+
 #[test]
 fn keep_storage_keeps_the_most_recently_used_blobs_that_fit() {
     let f = fixture();
@@ -293,11 +293,7 @@ fn keep_storage_keeps_the_most_recently_used_blobs_that_fit() {
         age(&f.cache, digest, Duration::from_secs(days * 86400));
     }
     // 700 fits d + c; b and a must go.
-    let options = PruneOptions {
-        keep_storage_bytes: Some(700),
-        ..FULL
-    };
-    assert_eq!(f.cache.prune(options).unwrap(), removed(300, 2));
+    assert_eq!(f.cache.prune(keep_storage(700)).unwrap(), removed(300, 2));
     assert_blobs(&f.cache, &[&a, &b], &[&c, &d]);
 }
 
@@ -309,11 +305,7 @@ fn a_cache_hit_counts_as_a_use_for_selective_prunes() {
     age(&f.cache, &used, Duration::from_secs(10 * 86400));
     age(&f.cache, &unused, Duration::from_secs(5 * 86400));
     assert!(f.cache.contains(&used));
-    let options = PruneOptions {
-        keep_storage_bytes: Some(100),
-        ..FULL
-    };
-    assert_eq!(f.cache.prune(options).unwrap(), removed(100, 1));
+    assert_eq!(f.cache.prune(keep_storage(100)).unwrap(), removed(100, 1));
     assert_blobs(&f.cache, &[&unused], &[&used]);
 }
 
@@ -324,9 +316,8 @@ fn keep_storage_and_older_than_together_remove_only_old_blobs_until_it_fits() {
     let young = put(&f.cache, &[2u8; 1000]);
     age(&f.cache, &old, Duration::from_secs(10 * 86400));
     let options = PruneOptions {
-        keep_storage_bytes: Some(0),
         older_than: Some(Duration::from_secs(86400)),
-        ..FULL
+        ..keep_storage(0)
     };
     assert_eq!(f.cache.prune(options).unwrap(), removed(100, 1));
     assert!(f.cache.blob_path(&young).exists());
@@ -357,9 +348,8 @@ fn a_leased_blob_survives_a_selective_prune() {
     age(&f.cache, &leased, Duration::from_secs(100 * 86400));
     let _lease = f.cache.lease([leased.clone()]);
     let options = PruneOptions {
-        keep_storage_bytes: Some(0),
         older_than: Some(Duration::from_secs(1)),
-        ..FULL
+        ..keep_storage(0)
     };
     assert_eq!(f.cache.prune(options).unwrap(), PruneTally::default());
     assert!(f.cache.blob_path(&leased).exists());

@@ -5,7 +5,7 @@
 use std::io::Write;
 
 use banger_oci::Digest;
-use banger_testkit::pax::pax_record;
+use banger_testkit::pax::{pax_header, pax_record};
 
 /// Default mtime of crafted entries: 2020-09-13.
 pub const MTIME: u64 = 1_600_000_000;
@@ -64,13 +64,9 @@ impl Layer {
             for (k, v) in spec.xattrs {
                 pax_record(&mut records, format!("SCHILY.xattr.{k}").as_bytes(), v);
             }
-            let mut pax = tar::Header::new_ustar();
-            pax.set_entry_type(tar::EntryType::XHeader);
-            pax.set_path("PaxHeaders/entry").unwrap();
-            pax.set_size(records.len() as u64);
-            pax.set_mode(0o644);
-            pax.set_cksum();
-            self.builder.append(&pax, &records[..]).unwrap();
+            self.builder
+                .append(&pax_header(&records), &records[..])
+                .unwrap();
         }
         let mut header = tar::Header::new_ustar();
         header.set_entry_type(spec.kind);
