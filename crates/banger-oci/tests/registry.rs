@@ -69,9 +69,7 @@ fn push_image(
     layers: &[(Vec<u8>, Lc)],
 ) -> (tempfile::TempDir, BuiltImage) {
     let dir = tempfile::tempdir().unwrap();
-    let mut layout = OciLayoutBuilder::new(dir.path()).unwrap();
-    let image = layout.image(tag, layers).unwrap();
-    push_oci_layout(dir.path(), tag, registry, name);
+    let image = banger_testkit::push_image(dir.path(), registry, name, tag, layers);
     (dir, image)
 }
 

@@ -8,6 +8,21 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 use sha2::{Digest as _, Sha256};
 
+/// Writes a linux/amd64 image of `layers` tagged `tag` into a new OCI layout at `dir` and
+/// pushes it to `registry` as `name:tag`.
+pub fn push_image(
+    dir: &Path,
+    registry: &crate::Registry,
+    name: &str,
+    tag: &str,
+    layers: &[(Vec<u8>, LayerCompression)],
+) -> BuiltImage {
+    let mut layout = OciLayoutBuilder::new(dir).expect("create the OCI layout");
+    let image = layout.image(tag, layers).expect("write the image");
+    crate::push_oci_layout(dir, tag, registry, name);
+    image
+}
+
 /// How a layer is stored in the layout (and therefore served by the registry).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LayerCompression {

@@ -16,6 +16,7 @@ mod skip;
 pub mod command;
 pub mod guest;
 pub mod pax;
+pub use layout::push_image;
 pub use layout::tar_with_files_at;
 pub use layout::{
     noise, tar_with_files, BuiltImage, BuiltLayer, LayerCompression, OciLayoutBuilder,
