@@ -35,6 +35,13 @@ fn put(cache: &Arc<BlobCache>, content: &[u8]) -> Digest {
     digest
 }
 
+/// [`put`], then [`age`] by `ago`.
+fn put_aged(cache: &Arc<BlobCache>, content: &[u8], ago: Duration) -> Digest {
+    let digest = put(cache, content);
+    age(cache, &digest, ago);
+    digest
+}
+
 /// Sets a blob's last use to `ago` in the past.
 fn age(cache: &BlobCache, digest: &Digest, ago: Duration) {
     let when = SystemTime::now() - ago;
@@ -251,12 +258,9 @@ fn leftovers_are_removed_even_when_the_cache_itself_is_empty() {
 #[test]
 fn older_than_removes_only_blobs_unused_for_that_long() {
     let f = fixture();
-    let old = put(&f.cache, &[1u8; 10]);
-    let older = put(&f.cache, &[2u8; 20]);
-    let fresh = put(&f.cache, &[3u8; 30]);
-    age(&f.cache, &old, Duration::from_secs(8 * 86400));
-    age(&f.cache, &older, Duration::from_secs(30 * 86400));
-    age(&f.cache, &fresh, Duration::from_secs(3600));
+    let old = put_aged(&f.cache, &[1u8; 10], Duration::from_secs(8 * 86400));
+    let older = put_aged(&f.cache, &[2u8; 20], Duration::from_secs(30 * 86400));
+    let fresh = put_aged(&f.cache, &[3u8; 30], Duration::from_secs(3600));
     let options = PruneOptions {
         older_than: Some(Duration::from_secs(7 * 86400)),
         ..FULL
@@ -300,10 +304,8 @@ fn keep_storage_keeps_the_most_recently_used_blobs_that_fit() {
 #[test]
 fn a_cache_hit_counts_as_a_use_for_selective_prunes() {
     let f = fixture();
-    let used = put(&f.cache, &[1u8; 100]);
-    let unused = put(&f.cache, &[2u8; 100]);
-    age(&f.cache, &used, Duration::from_secs(10 * 86400));
-    age(&f.cache, &unused, Duration::from_secs(5 * 86400));
+    let used = put_aged(&f.cache, &[1u8; 100], Duration::from_secs(10 * 86400));
+    let unused = put_aged(&f.cache, &[2u8; 100], Duration::from_secs(5 * 86400));
     assert!(f.cache.contains(&used));
     assert_eq!(f.cache.prune(keep_storage(100)).unwrap(), removed(100, 1));
     assert_blobs(&f.cache, &[&unused], &[&used]);
@@ -312,9 +314,8 @@ fn a_cache_hit_counts_as_a_use_for_selective_prunes() {
 #[test]
 fn keep_storage_and_older_than_together_remove_only_old_blobs_until_it_fits() {
     let f = fixture();
-    let old = put(&f.cache, &[1u8; 100]);
+    let _old = put_aged(&f.cache, &[1u8; 100], Duration::from_secs(10 * 86400));
     let young = put(&f.cache, &[2u8; 1000]);
-    age(&f.cache, &old, Duration::from_secs(10 * 86400));
     let options = PruneOptions {
         older_than: Some(Duration::from_secs(86400)),
         ..keep_storage(0)
@@ -344,8 +345,7 @@ fn a_leased_blob_survives_a_full_prune_in_place() {
 #[test]
 fn a_leased_blob_survives_a_selective_prune() {
     let f = fixture();
-    let leased = put(&f.cache, &[1u8; 111]);
-    age(&f.cache, &leased, Duration::from_secs(100 * 86400));
+    let leased = put_aged(&f.cache, &[1u8; 111], Duration::from_secs(100 * 86400));
     let _lease = f.cache.lease([leased.clone()]);
     let options = PruneOptions {
         older_than: Some(Duration::from_secs(1)),
