@@ -4,6 +4,11 @@
 use std::fmt::Display;
 use std::process::{Command, Output};
 
+/// Whether `program` is installed: it runs at all with `arg` (such as `--version`).
+pub fn installed(program: &str, arg: &str) -> bool {
+    Command::new(program).arg(arg).output().is_ok()
+}
+
 /// Runs `cmd`, which must exit 0, and returns what it printed. Otherwise a panic naming
 /// `context` (what the test was doing), the command, its status and all of its output.
 pub fn run_ok(cmd: &mut Command, context: impl Display) -> Output {

@@ -40,10 +40,7 @@ fn status_field(pid: u32, task: Option<&str>, field: &str) -> String {
 
 #[test]
 fn the_real_jailer_runs_firecracker_in_its_jail_as_the_vmm_user() {
-    if !banger_testkit::require(
-        rustix::process::geteuid().is_root(),
-        "the jailer needs root",
-    ) {
+    if !common::require_root("the jailer needs root") {
         return;
     }
     let (Some(firecracker), Some(jailer)) =

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use banger_oci::flatten::{FlattenOptions, Flattener, Privilege};
 use banger_oci::Digest;
-use banger_testkit::command::run_ok;
+use banger_testkit::command::{installed, run_ok};
 use banger_testkit::tar_with_files_at;
 use rand::{Rng, SeedableRng};
 
@@ -67,10 +67,7 @@ fn tar_of(files: &BTreeMap<String, Vec<u8>>) -> Vec<u8> {
 
 #[test]
 fn random_trees_make_clean_images_that_read_back_equal() {
-    if !banger_testkit::require(
-        Command::new("e2fsck").arg("-V").output().is_ok(),
-        "e2fsck (e2fsprogs) is needed",
-    ) {
+    if !banger_testkit::require(installed("e2fsck", "-V"), "e2fsck (e2fsprogs) is needed") {
         return;
     }
     for seed in 0..CASES {
