@@ -396,7 +396,7 @@ pub fn stream(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use banger_testkit::host::{git, git_installed};
+    use banger_testkit::command::{git, git_installed};
 
     /// A temporary directory holding the tree `name`, each `(path, contents)` of `files`
     /// written below it (directories made on the way); the tree's path.

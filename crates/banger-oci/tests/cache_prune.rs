@@ -35,6 +35,13 @@ fn put(cache: &Arc<BlobCache>, content: &[u8]) -> Digest {
     digest
 }
 
+/// [`put`], then [`age`] by `ago`.
+fn put_aged(cache: &Arc<BlobCache>, content: &[u8], ago: Duration) -> Digest {
+    let digest = put(cache, content);
+    age(cache, &digest, ago);
+    digest
+}
+
 /// Sets a blob's last use to `ago` in the past.
 fn age(cache: &BlobCache, digest: &Digest, ago: Duration) {
     let when = SystemTime::now() - ago;
@@ -172,19 +179,19 @@ impl PruneFs for FailingCreate {
     }
 }
 
+/// A full prune whose recreation of the cache fails (and, with `block_restore`, whose
+/// restore fails too): its error.
+fn failed_prune(cache: &BlobCache, block_restore: bool) -> PruneError {
+    cache
+        .prune_with(FULL, &FailingCreate { block_restore })
+        .unwrap_err()
+}
+
 #[test]
 fn failed_recreate_restores_the_old_cache() {
     let f = fixture();
     let digest = put(&f.cache, &[3u8; 300]);
-    let err = f
-        .cache
-        .prune_with(
-            FULL,
-            &FailingCreate {
-                block_restore: false,
-            },
-        )
-        .unwrap_err();
+    let err = failed_prune(&f.cache, false);
     assert!(matches!(err, PruneError::Recreate(_)));
     assert_eq!(
         err.to_string(),
@@ -201,15 +208,7 @@ fn failed_recreate_restores_the_old_cache() {
 fn failed_recreate_and_failed_restore_name_both_errors_and_the_aside() {
     let f = fixture();
     put(&f.cache, &[3u8; 300]);
-    let err = f
-        .cache
-        .prune_with(
-            FULL,
-            &FailingCreate {
-                block_restore: true,
-            },
-        )
-        .unwrap_err();
+    let err = failed_prune(&f.cache, true);
     let message = err.to_string();
     let asides = siblings_with_marker(&f.cache_root);
     assert_eq!(asides.len(), 1, "the old cache must still exist aside");
@@ -259,12 +258,9 @@ fn leftovers_are_removed_even_when_the_cache_itself_is_empty() {
 #[test]
 fn older_than_removes_only_blobs_unused_for_that_long() {
     let f = fixture();
-    let old = put(&f.cache, &[1u8; 10]);
-    let older = put(&f.cache, &[2u8; 20]);
-    let fresh = put(&f.cache, &[3u8; 30]);
-    age(&f.cache, &old, Duration::from_secs(8 * 86400));
-    age(&f.cache, &older, Duration::from_secs(30 * 86400));
-    age(&f.cache, &fresh, Duration::from_secs(3600));
+    let old = put_aged(&f.cache, &[1u8; 10], Duration::from_secs(8 * 86400));
+    let older = put_aged(&f.cache, &[2u8; 20], Duration::from_secs(30 * 86400));
+    let fresh = put_aged(&f.cache, &[3u8; 30], Duration::from_secs(3600));
     let options = PruneOptions {
         older_than: Some(Duration::from_secs(7 * 86400)),
         ..FULL
@@ -282,6 +278,14 @@ fn older_than_removes_only_blobs_unused_for_that_long() {
     assert_blobs(&f.cache, &[&old, &older], &[&fresh]);
 }
 
+/// A full prune that keeps the most recently used blobs up to `bytes`.
+fn keep_storage(bytes: u64) -> PruneOptions {
+    PruneOptions {
+        keep_storage_bytes: Some(bytes),
+        ..FULL
+    }
+}
+
 #[test]
 fn keep_storage_keeps_the_most_recently_used_blobs_that_fit() {
     let f = fixture();
@@ -293,40 +297,28 @@ fn keep_storage_keeps_the_most_recently_used_blobs_that_fit() {
         age(&f.cache, digest, Duration::from_secs(days * 86400));
     }
     // 700 fits d + c; b and a must go.
-    let options = PruneOptions {
-        keep_storage_bytes: Some(700),
-        ..FULL
-    };
-    assert_eq!(f.cache.prune(options).unwrap(), removed(300, 2));
+    assert_eq!(f.cache.prune(keep_storage(700)).unwrap(), removed(300, 2));
     assert_blobs(&f.cache, &[&a, &b], &[&c, &d]);
 }
 
 #[test]
 fn a_cache_hit_counts_as_a_use_for_selective_prunes() {
     let f = fixture();
-    let used = put(&f.cache, &[1u8; 100]);
-    let unused = put(&f.cache, &[2u8; 100]);
-    age(&f.cache, &used, Duration::from_secs(10 * 86400));
-    age(&f.cache, &unused, Duration::from_secs(5 * 86400));
+    let used = put_aged(&f.cache, &[1u8; 100], Duration::from_secs(10 * 86400));
+    let unused = put_aged(&f.cache, &[2u8; 100], Duration::from_secs(5 * 86400));
     assert!(f.cache.contains(&used));
-    let options = PruneOptions {
-        keep_storage_bytes: Some(100),
-        ..FULL
-    };
-    assert_eq!(f.cache.prune(options).unwrap(), removed(100, 1));
+    assert_eq!(f.cache.prune(keep_storage(100)).unwrap(), removed(100, 1));
     assert_blobs(&f.cache, &[&unused], &[&used]);
 }
 
 #[test]
 fn keep_storage_and_older_than_together_remove_only_old_blobs_until_it_fits() {
     let f = fixture();
-    let old = put(&f.cache, &[1u8; 100]);
+    let _old = put_aged(&f.cache, &[1u8; 100], Duration::from_secs(10 * 86400));
     let young = put(&f.cache, &[2u8; 1000]);
-    age(&f.cache, &old, Duration::from_secs(10 * 86400));
     let options = PruneOptions {
-        keep_storage_bytes: Some(0),
         older_than: Some(Duration::from_secs(86400)),
-        ..FULL
+        ..keep_storage(0)
     };
     assert_eq!(f.cache.prune(options).unwrap(), removed(100, 1));
     assert!(f.cache.blob_path(&young).exists());
@@ -353,13 +345,11 @@ fn a_leased_blob_survives_a_full_prune_in_place() {
 #[test]
 fn a_leased_blob_survives_a_selective_prune() {
     let f = fixture();
-    let leased = put(&f.cache, &[1u8; 111]);
-    age(&f.cache, &leased, Duration::from_secs(100 * 86400));
+    let leased = put_aged(&f.cache, &[1u8; 111], Duration::from_secs(100 * 86400));
     let _lease = f.cache.lease([leased.clone()]);
     let options = PruneOptions {
-        keep_storage_bytes: Some(0),
         older_than: Some(Duration::from_secs(1)),
-        ..FULL
+        ..keep_storage(0)
     };
     assert_eq!(f.cache.prune(options).unwrap(), PruneTally::default());
     assert!(f.cache.blob_path(&leased).exists());

@@ -10,8 +10,7 @@ use banger_oci::reference::ImageRef;
 use banger_oci::registry::{RegistryClient, RegistryConfig, MAX_MANIFEST_BYTES};
 use banger_oci::{BlobCache, Digest};
 use banger_testkit::{
-    noise, push_oci_layout, tar_with_files, BuiltImage, Fault, FaultProxy, LayerCompression,
-    OciLayoutBuilder, Registry,
+    noise, push_image, tar_with_files, BuiltImage, Fault, FaultProxy, LayerCompression, Registry,
 };
 
 /// Read timeout of the client under test: short, so a stall fails the test quickly.
@@ -33,17 +32,14 @@ const SEED: u64 = 0x9e37_79b9_7f4a_7c15;
 fn registry_with_big_image(len: usize) -> (Registry, tempfile::TempDir, BuiltImage) {
     let registry = Registry::start();
     let layout = tempfile::tempdir().unwrap();
-    let mut builder = OciLayoutBuilder::new(layout.path()).unwrap();
-    let image = builder
-        .image(
-            "v1",
-            &[(
-                tar_with_files(&[("big", &noise(len, SEED))]),
-                LayerCompression::Gzip,
-            )],
-        )
-        .unwrap();
-    push_oci_layout(layout.path(), "v1", &registry, "img");
+    let big = tar_with_files(&[("big", &noise(len, SEED))]);
+    let image = push_image(
+        layout.path(),
+        &registry,
+        "img",
+        "v1",
+        &[(big, LayerCompression::Gzip)],
+    );
     (registry, layout, image)
 }
 

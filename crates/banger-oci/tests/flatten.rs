@@ -37,6 +37,13 @@ fn flatten(
     f.finish()
 }
 
+/// [`flatten`] into a new temporary directory, which must succeed.
+fn flattened(layers: &[(&[u8], &str)], privilege: Privilege) -> (tempfile::TempDir, FlattenedTree) {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = flatten(tmp.path(), layers, privilege).unwrap();
+    (tmp, tree)
+}
+
 fn refused(dir: &Path, layers: &[(&[u8], &str)]) -> (FlattenError, String) {
     let err = flatten(dir, layers, Privilege::Detect).expect_err("layer must be refused");
     let msg = err.to_string();
@@ -228,7 +235,6 @@ fn the_records_hold_every_entrys_true_metadata_in_both_modes() {
 
 #[test]
 fn whiteouts_remove_lower_entries_only() {
-    let tmp = tempfile::tempdir().unwrap();
     let lower = Layer::new()
         .file("a/x", b"x")
         .file("a/y", b"y")
@@ -246,12 +252,7 @@ fn whiteouts_remove_lower_entries_only() {
         .file("a/.wh.missing", b"")
         .file("nodir/.wh.ghost", b"")
         .zstd();
-    let tree = flatten(
-        tmp.path(),
-        &[(&lower, TAR), (&upper, ZSTD)],
-        Privilege::Unprivileged,
-    )
-    .unwrap();
+    let (_tmp, tree) = flattened(&[(&lower, TAR), (&upper, ZSTD)], Privilege::Unprivileged);
     let r = &tree.root;
     assert!(!r.join("a/x").exists());
     assert_eq!(fs::read(r.join("a/y")).unwrap(), b"y");
@@ -269,7 +270,6 @@ fn whiteouts_remove_lower_entries_only() {
 
 #[test]
 fn opaque_directory_hides_lower_content_but_keeps_its_own_layer() {
-    let tmp = tempfile::tempdir().unwrap();
     let lower = Layer::new()
         .file("d/old", b"old")
         .file("d/sub/old2", b"old2")
@@ -283,12 +283,7 @@ fn opaque_directory_hides_lower_content_but_keeps_its_own_layer() {
         .file("d/.wh..wh..opq", b"")
         .file("d/after", b"after")
         .gzip();
-    let tree = flatten(
-        tmp.path(),
-        &[(&lower, GZIP), (&upper, DOCKER_GZIP)],
-        Privilege::Detect,
-    )
-    .unwrap();
+    let (_tmp, tree) = flattened(&[(&lower, GZIP), (&upper, DOCKER_GZIP)], Privilege::Detect);
     let r = &tree.root;
     assert!(!r.join("d/old").exists());
     assert!(!r.join("d/sub/old2").exists());
@@ -301,7 +296,6 @@ fn opaque_directory_hides_lower_content_but_keeps_its_own_layer() {
 
 #[test]
 fn later_layers_replace_dirs_with_files_and_back() {
-    let tmp = tempfile::tempdir().unwrap();
     let l1 = Layer::new()
         .file("p/inner", b"1")
         .file("q", b"q")
@@ -313,12 +307,7 @@ fn later_layers_replace_dirs_with_files_and_back() {
         .file("q/x", b"x")
         .file("s", b"plain")
         .gzip();
-    let tree = flatten(
-        tmp.path(),
-        &[(&l1, GZIP), (&l2, GZIP)],
-        Privilege::Unprivileged,
-    )
-    .unwrap();
+    let (_tmp, tree) = flattened(&[(&l1, GZIP), (&l2, GZIP)], Privilege::Unprivileged);
     let r = &tree.root;
     assert_eq!(fs::read(r.join("p")).unwrap(), b"now a file");
     assert!(fs::symlink_metadata(r.join("q")).unwrap().is_dir());
@@ -333,7 +322,6 @@ fn later_layers_replace_dirs_with_files_and_back() {
 
 #[test]
 fn writes_through_absolute_symlinks_resolve_inside_the_root() {
-    let tmp = tempfile::tempdir().unwrap();
     // Debian's /var/run -> /run, and a chain through a relative link.
     let l1 = Layer::new()
         .dir("run/", 0o755)
@@ -346,12 +334,7 @@ fn writes_through_absolute_symlinks_resolve_inside_the_root() {
         .file("var/run/app.pid", b"42")
         .file("lib/libc.so", b"elf")
         .gzip();
-    let tree = flatten(
-        tmp.path(),
-        &[(&l1, TAR), (&l2, GZIP)],
-        Privilege::Unprivileged,
-    )
-    .unwrap();
+    let (_tmp, tree) = flattened(&[(&l1, TAR), (&l2, GZIP)], Privilege::Unprivileged);
     let r = &tree.root;
     assert_eq!(fs::read(r.join("run/app.pid")).unwrap(), b"42");
     assert_eq!(fs::read(r.join("usr/lib/libc.so")).unwrap(), b"elf");
@@ -363,16 +346,13 @@ fn writes_through_absolute_symlinks_resolve_inside_the_root() {
 
 #[test]
 fn plain_media_type_sniffs_gzip_and_zstd() {
-    let tmp = tempfile::tempdir().unwrap();
     let g = Layer::new().file("g", b"gz").gzip();
     let z = Layer::new().file("z", b"zs").zstd();
     let t = Layer::new().file("t", b"tar").tar();
-    let tree = flatten(
-        tmp.path(),
+    let (_tmp, tree) = flattened(
         &[(&g, TAR), (&z, "application/octet-stream"), (&t, "")],
         Privilege::Detect,
-    )
-    .unwrap();
+    );
     for (name, body) in [("g", &b"gz"[..]), ("z", b"zs"), ("t", b"tar")] {
         assert_eq!(fs::read(tree.root.join(name)).unwrap(), body);
     }
@@ -564,12 +544,11 @@ fn truncated_or_corrupt_streams_are_errors_naming_the_layer() {
 
 #[test]
 fn inject_file_writes_inside_the_root_through_in_root_symlinks() {
-    let tmp = tempfile::tempdir().unwrap();
     let blob = Layer::new()
         .dir("usr/", 0o755)
         .symlink("etc", "/usr/etc")
         .gzip();
-    let mut tree = flatten(tmp.path(), &[(&blob, GZIP)], Privilege::Unprivileged).unwrap();
+    let (_tmp, mut tree) = flattened(&[(&blob, GZIP)], Privilege::Unprivileged);
     tree.inject_file(
         Path::new("/etc/banger/agent.toml"),
         b"port = 1",
@@ -607,9 +586,8 @@ fn timing_many_small_files() {
         }
     }
     let blob = l.gzip();
-    let tmp = tempfile::tempdir().unwrap();
     let start = std::time::Instant::now();
-    let tree = flatten(tmp.path(), &[(&blob, GZIP)], Privilege::Detect).unwrap();
+    let (_tmp, tree) = flattened(&[(&blob, GZIP)], Privilege::Detect);
     let took = start.elapsed();
     assert_eq!(tree.entries, 2 + 50 + 4000);
     eprintln!(

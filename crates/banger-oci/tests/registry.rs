@@ -69,9 +69,7 @@ fn push_image(
     layers: &[(Vec<u8>, Lc)],
 ) -> (tempfile::TempDir, BuiltImage) {
     let dir = tempfile::tempdir().unwrap();
-    let mut layout = OciLayoutBuilder::new(dir.path()).unwrap();
-    let image = layout.image(tag, layers).unwrap();
-    push_oci_layout(dir.path(), tag, registry, name);
+    let image = banger_testkit::push_image(dir.path(), registry, name, tag, layers);
     (dir, image)
 }
 
@@ -454,17 +452,21 @@ async fn concurrent_fetches_of_one_blob_download_it_once() {
     let layer = image.layers[0].clone();
     let (_dir, cache) = new_cache();
 
+    // What each fetch's task owns.
+    let handles = || {
+        (
+            client.clone(),
+            reference.clone(),
+            layer.clone(),
+            cache.clone(),
+        )
+    };
     // The first fetch holds its download open (blocking its worker thread in the progress
     // callback) until the second one has started, so the two really overlap.
     let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
     let first = {
-        let (client, reference, layer, cache) = (
-            client.clone(),
-            reference.clone(),
-            layer.clone(),
-            cache.clone(),
-        );
+        let (client, reference, layer, cache) = handles();
         tokio::spawn(async move {
             let mut started = Some(started_tx);
             client
@@ -480,12 +482,7 @@ async fn concurrent_fetches_of_one_blob_download_it_once() {
     };
     started_rx.await.unwrap();
     let second = {
-        let (client, reference, layer, cache) = (
-            client.clone(),
-            reference.clone(),
-            layer.clone(),
-            cache.clone(),
-        );
+        let (client, reference, layer, cache) = handles();
         tokio::spawn(async move {
             client
                 .fetch_blob_into_cache(&reference, &layer, &cache, |_| panic!("downloaded twice"))

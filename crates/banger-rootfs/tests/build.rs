@@ -3,80 +3,14 @@
 //! what the tar headers said, and the filesystem must be one e2fsck finds nothing wrong
 //! with.
 
+mod exact_support;
+
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
-use std::process::Command;
+use std::path::{Path, PathBuf};
 
-use banger_oci::flatten::{FlattenOptions, FlattenedTree, Flattener, Privilege};
-use banger_oci::Digest;
+use banger_oci::flatten::{FlattenedTree, Privilege};
 use banger_rootfs::{build_ext4, BuildError, BuildOptions, InjectFile};
-
-const MTIME: u64 = 1_600_000_000; // 0x5f5e1000
-
-struct Entry<'a> {
-    path: &'a str,
-    kind: tar::EntryType,
-    data: &'a [u8],
-    link: &'a str,
-    mode: u32,
-    uid: u64,
-    gid: u64,
-    dev: (u32, u32),
-    xattr: Option<(&'a str, &'a [u8])>,
-}
-
-const E: Entry<'static> = Entry {
-    path: "",
-    kind: tar::EntryType::Regular,
-    data: b"",
-    link: "",
-    mode: 0o644,
-    uid: 0,
-    gid: 0,
-    dev: (0, 0),
-    xattr: None,
-};
-
-fn layer(entries: &[Entry<'_>]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    for e in entries {
-        if let Some((name, value)) = e.xattr {
-            let key = format!("SCHILY.xattr.{name}");
-            let body = key.len() + value.len() + 3;
-            let mut len = body + 1;
-            while len != body + len.to_string().len() {
-                len = body + len.to_string().len();
-            }
-            let mut rec = format!("{len} {key}=").into_bytes();
-            rec.extend_from_slice(value);
-            rec.push(b'\n');
-            let mut h = tar::Header::new_ustar();
-            h.set_entry_type(tar::EntryType::XHeader);
-            h.set_path("PaxHeaders/x").unwrap();
-            h.set_size(rec.len() as u64);
-            h.set_cksum();
-            b.append(&h, &rec[..]).unwrap();
-        }
-        let mut h = tar::Header::new_ustar();
-        h.set_entry_type(e.kind);
-        h.set_path(e.path).unwrap();
-        if !e.link.is_empty() {
-            h.set_link_name(e.link).unwrap();
-        }
-        h.set_mode(e.mode);
-        h.set_uid(e.uid);
-        h.set_gid(e.gid);
-        h.set_mtime(MTIME);
-        h.set_size(e.data.len() as u64);
-        if matches!(e.kind, tar::EntryType::Char | tar::EntryType::Block) {
-            h.set_device_major(e.dev.0).unwrap();
-            h.set_device_minor(e.dev.1).unwrap();
-        }
-        h.set_cksum();
-        b.append(&h, e.data).unwrap();
-    }
-    b.into_inner().unwrap()
-}
+use exact_support::{debugfs, ent, flatten, fsck, is_root, layer, modes, posix_acl, Ent, TAR};
 
 const CAP: &[u8] =
     b"\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00";
@@ -84,152 +18,42 @@ const CAP: &[u8] =
 fn image_layers() -> Vec<Vec<u8>> {
     use tar::EntryType::*;
     let lower = layer(&[
-        Entry {
-            path: "usr/bin/",
-            kind: Directory,
-            mode: 0o755,
-            ..E
-        },
-        Entry {
-            path: "usr/bin/sudo",
-            data: b"sudo!",
-            mode: 0o4755,
-            ..E
-        },
-        Entry {
-            path: "home/dev/",
-            kind: Directory,
-            mode: 0o700,
-            uid: 1000,
-            gid: 1000,
-            ..E
-        },
-        Entry {
-            path: "home/dev/.bashrc",
-            data: b"PS1=$",
-            uid: 1000,
-            gid: 1000,
-            ..E
-        },
-        Entry {
-            path: "usr/bin/python3.11",
-            data: b"py",
-            mode: 0o755,
-            ..E
-        },
-        Entry {
-            path: "usr/bin/python3",
-            kind: Link,
-            link: "usr/bin/python3.11",
-            ..E
-        },
-        Entry {
-            path: "usr/bin/python",
-            kind: Symlink,
-            link: "python3",
-            mode: 0o777,
-            ..E
-        },
-        Entry {
-            path: "dev/null",
-            kind: Char,
-            mode: 0o666,
-            dev: (1, 3),
-            ..E
-        },
-        Entry {
-            path: "run/initctl",
-            kind: Fifo,
-            mode: 0o600,
-            ..E
-        },
-        Entry {
-            path: "usr/bin/ping",
-            data: b"ping",
-            mode: 0o755,
-            xattr: Some(("security.capability", CAP)),
-            ..E
-        },
-        Entry {
-            path: "etc/motd",
-            data: b"hi",
-            xattr: Some(("user.foo", b"bar")),
-            ..E
-        },
-        Entry {
-            path: "etc/with space",
-            data: b"spaced out",
-            mode: 0o640,
-            gid: 42,
-            ..E
-        },
-        Entry {
-            path: "etc/quo\"te",
-            data: b"quoted",
-            ..E
-        },
-        Entry {
-            path: "etc/gone",
-            data: b"bye",
-            ..E
-        },
-        Entry {
-            path: "opt/app/old",
-            data: b"old",
-            ..E
-        },
+        Ent::dir("usr/bin/"),
+        ent("usr/bin/sudo").data(b"sudo!").mode(0o4755),
+        Ent::dir("home/dev/").mode(0o700).owner(1000, 1000),
+        ent("home/dev/.bashrc").data(b"PS1=$").owner(1000, 1000),
+        ent("usr/bin/python3.11").data(b"py").mode(0o755),
+        Ent::hardlink("usr/bin/python3", "usr/bin/python3.11"),
+        Ent::symlink("usr/bin/python", "python3"),
+        ent("dev/null").kind(Char).mode(0o666).dev(1, 3),
+        ent("run/initctl").kind(Fifo).mode(0o600),
+        ent("usr/bin/ping")
+            .data(b"ping")
+            .mode(0o755)
+            .xattr(b"security.capability", CAP),
+        ent("etc/motd").data(b"hi").xattr(b"user.foo", b"bar"),
+        ent("etc/with space")
+            .data(b"spaced out")
+            .mode(0o640)
+            .owner(0, 42),
+        ent("etc/quo\"te").data(b"quoted"),
+        ent("etc/gone").data(b"bye"),
+        ent("opt/app/old").data(b"old"),
     ]);
     let upper = layer(&[
-        Entry {
-            path: "etc/.wh.gone",
-            ..E
-        },
-        Entry {
-            path: "opt/app/new",
-            data: b"new",
-            ..E
-        },
-        Entry {
-            path: "opt/app/.wh..wh..opq",
-            ..E
-        },
+        ent("etc/.wh.gone"),
+        ent("opt/app/new").data(b"new"),
+        ent("opt/app/.wh..wh..opq"),
     ]);
     vec![lower, upper]
 }
 
-fn flatten(dir: &Path, privilege: Privilege) -> FlattenedTree {
-    let mut f = Flattener::new(
-        dir.join("staging"),
-        FlattenOptions {
-            privilege,
-            ..FlattenOptions::default()
-        },
-    )
-    .unwrap();
-    for blob in image_layers() {
-        f.apply_layer(
-            &blob[..],
-            "application/vnd.oci.image.layer.v1.tar",
-            &Digest::of(&blob),
-        )
-        .unwrap();
-    }
-    f.finish().unwrap()
-}
-
-fn debugfs(image: &Path, request: &str) -> String {
-    let out = Command::new("debugfs")
-        .arg("-R")
-        .arg(request)
-        .arg(image)
-        .output()
-        .unwrap();
-    // stderr first: `cat` output has no trailing newline.
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    )
+/// [`image_layers`] flattened in a new temporary directory, and where its image goes.
+fn flattened(privilege: Privilege) -> (tempfile::TempDir, FlattenedTree, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = flatten(tmp.path().join("staging"), &image_layers(), TAR, privilege).unwrap();
+    let image = tmp.path().join("rootfs.ext4");
+    (tmp, tree, image)
 }
 
 /// `(mode, uid, gid, inode)` from `debugfs stat`.
@@ -314,9 +138,7 @@ fn check_image(image: &Path) {
 
 #[test]
 fn unprivileged_tree_gets_true_ownership_in_the_image() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut tree = flatten(tmp.path(), Privilege::Unprivileged);
-    let image = tmp.path().join("rootfs.ext4");
+    let (_tmp, mut tree, image) = flattened(Privilege::Unprivileged);
     let report = build_ext4(&mut tree, &image, &BuildOptions::default()).unwrap();
     let meta = std::fs::metadata(&image).unwrap();
     assert_eq!(meta.len(), 1 << 30, "default minimum size");
@@ -326,30 +148,12 @@ fn unprivileged_tree_gets_true_ownership_in_the_image() {
     fsck(&image);
 }
 
-/// `e2fsck -fn` must find nothing to fix.
-fn fsck(image: &Path) {
-    let out = Command::new("e2fsck")
-        .args(["-fn"])
-        .arg(image)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "e2fsck -fn {}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn privileged_tree_gives_the_same_image() {
-    if !banger_testkit::require(rustix::process::geteuid().is_root(), "needs root") {
+    if !banger_testkit::require(is_root(), "needs root") {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let mut tree = flatten(tmp.path(), Privilege::Privileged);
-    let image = tmp.path().join("rootfs.ext4");
+    let (_tmp, mut tree, image) = flattened(Privilege::Privileged);
     build_ext4(&mut tree, &image, &BuildOptions::default()).unwrap();
     check_image(&image);
     fsck(&image);
@@ -357,9 +161,7 @@ fn privileged_tree_gives_the_same_image() {
 
 #[test]
 fn injected_files_land_with_their_mode_and_owner() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut tree = flatten(tmp.path(), Privilege::Unprivileged);
-    let image = tmp.path().join("rootfs.ext4");
+    let (_tmp, mut tree, image) = flattened(Privilege::Unprivileged);
     let opts = BuildOptions {
         size_bytes: Some(1536 << 20),
         inject: vec![InjectFile {
@@ -381,9 +183,7 @@ fn injected_files_land_with_their_mode_and_owner() {
 
 #[test]
 fn too_small_a_size_is_refused_before_mkfs() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut tree = flatten(tmp.path(), Privilege::Unprivileged);
-    let image = tmp.path().join("rootfs.ext4");
+    let (_tmp, mut tree, image) = flattened(Privilege::Unprivileged);
     let err = build_ext4(
         &mut tree,
         &image,
@@ -400,9 +200,7 @@ fn too_small_a_size_is_refused_before_mkfs() {
 
 #[test]
 fn a_failed_write_names_the_entry_and_leaves_no_image() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut tree = flatten(tmp.path(), Privilege::Unprivileged);
-    let image = tmp.path().join("rootfs.ext4");
+    let (tmp, mut tree, image) = flattened(Privilege::Unprivileged);
     // An entry ext4 cannot hold: an xattr too large for one block.
     tree.metadata
         .get_mut(Path::new("etc/motd"))
@@ -430,90 +228,40 @@ fn many_files_and_every_layout_case_pass_e2fsck() {
         .map(|i| format!("usr/share/d{}/file-with-a-longish-name-{i}", i / 800))
         .collect();
     let long_target = "../".repeat(3) + &"t".repeat(80);
-    let mut acl = 2u32.to_le_bytes().to_vec();
-    for (tag, perm, id) in [
-        (1u16, 6u16, u32::MAX),
+    let acl = posix_acl(&[
+        (1, 6, u32::MAX),
         (2, 4, 1000),
         (4, 4, u32::MAX),
         (0x10, 4, u32::MAX),
         (0x20, 0, u32::MAX),
-    ] {
-        acl.extend_from_slice(&tag.to_le_bytes());
-        acl.extend_from_slice(&perm.to_le_bytes());
-        acl.extend_from_slice(&id.to_le_bytes());
-    }
-    let big_xattr = vec![b'v'; 600];
-    let mut entries: Vec<Entry<'_>> = names
+    ]);
+    let mut entries: Vec<Ent> = names
         .iter()
-        .map(|p| Entry {
-            path: p,
-            data: &body,
-            uid: 1000,
-            ..E
-        })
+        .map(|p| ent(p).data(&body).owner(1000, 0))
         .collect();
     entries.extend([
-        Entry {
-            path: "opt/elsewhere/",
-            kind: tar::EntryType::Directory,
-            mode: 0o755,
-            ..E
-        },
-        Entry {
-            path: "opt/elsewhere/linked",
-            kind: tar::EntryType::Link,
-            link: "usr/share/d0/file-with-a-longish-name-7",
-            ..E
-        },
-        Entry {
-            path: "opt/long-link",
-            kind: tar::EntryType::Symlink,
-            link: &long_target,
-            mode: 0o777,
-            ..E
-        },
-        Entry {
-            path: "dev/big",
-            kind: tar::EntryType::Block,
-            mode: 0o660,
-            dev: (259, 70000),
-            ..E
-        },
-        Entry {
-            path: "etc/big-xattr",
-            data: b"x",
-            xattr: Some(("user.big", &big_xattr)),
-            ..E
-        },
-        Entry {
-            path: "etc/acl",
-            data: b"acl",
-            xattr: Some(("system.posix_acl_access", &acl)),
-            ..E
-        },
-        Entry { path: "empty", ..E },
+        Ent::dir("opt/elsewhere/"),
+        Ent::hardlink(
+            "opt/elsewhere/linked",
+            "usr/share/d0/file-with-a-longish-name-7",
+        ),
+        Ent::symlink("opt/long-link", &long_target),
+        ent("dev/big")
+            .kind(tar::EntryType::Block)
+            .mode(0o660)
+            .dev(259, 70000),
+        ent("etc/big-xattr")
+            .data(b"x")
+            .xattr(b"user.big", &[b'v'; 600]),
+        ent("etc/acl")
+            .data(b"acl")
+            .xattr(b"system.posix_acl_access", &acl),
+        ent("empty"),
     ]);
-    let blob = layer(&entries);
-    for privilege in [Privilege::Unprivileged, Privilege::Privileged] {
-        if privilege == Privilege::Privileged
-            && !banger_testkit::require(
-                rustix::process::geteuid().is_root(),
-                "the privileged half needs root",
-            )
-        {
-            continue;
-        }
+    let layers = [layer(&entries)];
+    for privilege in modes() {
         let tmp = tempfile::tempdir().unwrap();
-        let mut f = Flattener::new(
-            tmp.path().join("staging"),
-            FlattenOptions {
-                privilege,
-                ..FlattenOptions::default()
-            },
-        )
-        .unwrap();
-        f.apply_layer(&blob[..], "", &Digest::of(&blob)).unwrap();
-        let mut tree = f.finish().unwrap();
+        let mut tree = flatten(tmp.path().join("staging"), &layers, "", privilege).unwrap();
         let image = tmp.path().join("rootfs.ext4");
         let report = build_ext4(&mut tree, &image, &BuildOptions::default()).unwrap();
         fsck(&image);

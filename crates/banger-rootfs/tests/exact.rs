@@ -42,26 +42,6 @@ fn refused(layers: &[Vec<u8>], words: &[&str]) {
 }
 
 /// A VFS POSIX ACL (`system.posix_acl_*` value) of (tag, perm, id) entries.
-fn acl(entries: &[(u16, u16, u32)]) -> Vec<u8> {
-    let mut v = 2u32.to_le_bytes().to_vec();
-    for (tag, perm, id) in entries {
-        v.extend_from_slice(&tag.to_le_bytes());
-        v.extend_from_slice(&perm.to_le_bytes());
-        v.extend_from_slice(&id.to_le_bytes());
-    }
-    v
-}
-
-fn default_acl() -> Vec<u8> {
-    acl(&[
-        (1, 7, u32::MAX),
-        (2, 5, 1000),
-        (4, 5, u32::MAX),
-        (0x10, 5, u32::MAX),
-        (0x20, 5, u32::MAX),
-    ])
-}
-
 // 1. Xattr names longer than ext4's 255 bytes.
 #[test]
 fn xattr_names_longer_than_255_bytes_are_refused_naming_the_entry() {
@@ -493,15 +473,9 @@ fn images_grow_with_resize2fs_and_stay_clean() {
         .unwrap();
     f.set_len(3 << 30).unwrap();
     drop(f);
-    let out = std::process::Command::new("resize2fs")
-        .arg(&built.image)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "resize2fs: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    banger_testkit::command::run_ok(
+        std::process::Command::new("resize2fs").arg(&built.image),
+        "grow the image",
     );
     fsck(&built.image);
     assert!(debugfs(&built.image, "stat /f").contains("Size: 100000"));

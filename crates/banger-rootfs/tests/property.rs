@@ -31,30 +31,13 @@ struct Model {
 
 impl Model {
     fn can_create(&self, path: &str) -> bool {
-        let mut at = String::new();
-        let comps: Vec<&str> = path.split('/').collect();
-        for c in &comps[..comps.len() - 1] {
-            if !at.is_empty() {
-                at.push('/');
-            }
-            at.push_str(c);
-            if matches!(self.paths.get(&at), Some(Kind::File | Kind::Other)) {
-                return false;
-            }
-        }
         // Replacing a directory by a non-directory is fine; ours never do it below.
-        true
+        !ancestors(path).any(|at| matches!(self.paths.get(at), Some(Kind::File | Kind::Other)))
     }
 
     fn add(&mut self, path: &str, kind: Kind) {
-        let mut at = String::new();
-        let comps: Vec<&str> = path.split('/').collect();
-        for c in &comps[..comps.len() - 1] {
-            if !at.is_empty() {
-                at.push('/');
-            }
-            at.push_str(c);
-            self.paths.entry(at.clone()).or_insert(Kind::Dir);
+        for at in ancestors(path) {
+            self.paths.entry(at.to_owned()).or_insert(Kind::Dir);
         }
         if kind != Kind::Dir || self.paths.get(path) != Some(&Kind::Dir) {
             self.remove(path);
@@ -67,6 +50,11 @@ impl Model {
         self.paths
             .retain(|k, _| k != path && !k.starts_with(&prefix));
     }
+}
+
+/// The directories `path` is in, outermost first: "a/b/c" gives "a", then "a/b".
+fn ancestors(path: &str) -> impl Iterator<Item = &str> {
+    path.match_indices('/').map(move |(i, _)| &path[..i])
 }
 
 fn random_path(rng: &mut StdRng) -> String {
@@ -88,22 +76,6 @@ fn random_content(rng: &mut StdRng) -> Vec<u8> {
         }
     }
     out
-}
-
-fn acl() -> Vec<u8> {
-    let mut v = 2u32.to_le_bytes().to_vec();
-    for (tag, perm, id) in [
-        (1u16, 7u16, u32::MAX),
-        (2, 5, 1000),
-        (4, 5, u32::MAX),
-        (0x10, 5, u32::MAX),
-        (0x20, 5, u32::MAX),
-    ] {
-        v.extend_from_slice(&tag.to_le_bytes());
-        v.extend_from_slice(&perm.to_le_bytes());
-        v.extend_from_slice(&id.to_le_bytes());
-    }
-    v
 }
 
 fn with_attrs(rng: &mut StdRng, mut e: Ent) -> Ent {
@@ -152,7 +124,7 @@ fn random_layers(rng: &mut StdRng) -> Vec<Vec<u8>> {
                 3 => {
                     let mut e = Ent::dir(&format!("{path}/")).mode(mode | 0o700);
                     if rng.gen_bool(0.3) {
-                        e = e.xattr(b"system.posix_acl_default", &acl());
+                        e = e.xattr(b"system.posix_acl_default", &default_acl());
                     }
                     entries.push(with_attrs(rng, e));
                     model.add(&path, Kind::Dir);

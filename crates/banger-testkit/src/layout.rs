@@ -8,6 +8,21 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 use sha2::{Digest as _, Sha256};
 
+/// Writes a linux/amd64 image of `layers` tagged `tag` into a new OCI layout at `dir` and
+/// pushes it to `registry` as `name:tag`.
+pub fn push_image(
+    dir: &Path,
+    registry: &crate::Registry,
+    name: &str,
+    tag: &str,
+    layers: &[(Vec<u8>, LayerCompression)],
+) -> BuiltImage {
+    let mut layout = OciLayoutBuilder::new(dir).expect("create the OCI layout");
+    let image = layout.image(tag, layers).expect("write the image");
+    crate::push_oci_layout(dir, tag, registry, name);
+    image
+}
+
 /// How a layer is stored in the layout (and therefore served by the registry).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LayerCompression {
@@ -256,6 +271,11 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
 /// An uncompressed tarball of regular files (`path`, `contents`), mode 0644, with parent
 /// directories created implicitly by whoever extracts it.
 pub fn tar_with_files(files: &[(&str, &[u8])]) -> Vec<u8> {
+    tar_with_files_at(files, 0)
+}
+
+/// [`tar_with_files`] with every file's mtime `mtime` (seconds since the epoch).
+pub fn tar_with_files_at(files: &[(&str, &[u8])], mtime: u64) -> Vec<u8> {
     let mut builder = tar::Builder::new(Vec::new());
     for (path, contents) in files {
         let mut header = tar::Header::new_gnu();
@@ -263,7 +283,7 @@ pub fn tar_with_files(files: &[(&str, &[u8])]) -> Vec<u8> {
         header.set_mode(0o644);
         header.set_uid(0);
         header.set_gid(0);
-        header.set_mtime(0);
+        header.set_mtime(mtime);
         header.set_entry_type(tar::EntryType::Regular);
         builder
             .append_data(&mut header, path, *contents)

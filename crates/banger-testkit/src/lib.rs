@@ -13,8 +13,11 @@ mod proxy;
 mod registry;
 mod skip;
 
+pub mod command;
 pub mod guest;
-pub mod host;
+pub mod pax;
+pub use layout::push_image;
+pub use layout::tar_with_files_at;
 pub use layout::{
     noise, tar_with_files, BuiltImage, BuiltLayer, LayerCompression, OciLayoutBuilder,
 };

@@ -31,6 +31,13 @@ pub struct InitramfsSpec {
 /// Writes the initramfs for `spec` to `out` (uncompressed newc cpio; the kernel reads it
 /// directly, and compressing ~1.5 MB would cost more boot time than it saves).
 pub fn write_initramfs(spec: &InitramfsSpec, out: &Path) -> Result<()> {
+    write_initramfs_with_init(spec, INIT_SCRIPT, out)
+}
+
+/// [`write_initramfs`] with `init` as the script run as PID 1 instead of
+/// [`INIT_SCRIPT`]: the same layout (busybox, `/dev/console`, the modules and their load
+/// list) for an init of the caller's own, such as a test's.
+pub fn write_initramfs_with_init(spec: &InitramfsSpec, init: &str, out: &Path) -> Result<()> {
     let busybox = fs::read(&spec.busybox).ctx("read busybox", &spec.busybox)?;
     let file = fs::File::create(out).ctx("create initramfs", out)?;
     let mut cpio = CpioWriter::new(BufWriter::new(file));
@@ -53,7 +60,7 @@ pub fn write_initramfs(spec: &InitramfsSpec, out: &Path) -> Result<()> {
         w.char_dev("dev/console", 0o600, 5, 1)?;
         w.file("bin/busybox", 0o755, &busybox)?;
         w.symlink("bin/sh", "busybox")?;
-        w.file("init", 0o755, INIT_SCRIPT.as_bytes())?;
+        w.file("init", 0o755, init.as_bytes())?;
         let mut load = String::new();
         if let Some(k) = &spec.kernel {
             for m in k.modules() {

@@ -2,6 +2,8 @@
 //! through `banger_vmm::agent::AgentClient` — first as a plain host process on a Unix
 //! socket (fast, no VM), then as PID 1 of a TCG microVM behind a virtio-serial port.
 
+mod common;
+
 use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -11,12 +13,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use banger_testkit::guest::MUSL;
 use banger_vmm::agent::{self, AgentClient, AgentError, ExecRequest, ExitStatus};
-use banger_vmm::initramfs::{CpioWriter, DEFAULT_BUSYBOX};
-use banger_vmm::kernel::{self, KernelDir};
+use banger_vmm::initramfs::{self, InitramfsSpec, DEFAULT_BUSYBOX};
+use banger_vmm::kernel::KernelDir;
 use banger_vmm::qemu::{Accel, NetSpec, Qemu, UserNet, VmSpec};
-
-const MUSL: &str = "x86_64-unknown-linux-musl";
+use common::cached_kernel;
 
 /// Builds the static agent once per test binary (in its own target dir: the outer
 /// `cargo test` may still hold the lock on the main one). `None` when the musl target is
@@ -26,32 +28,22 @@ fn agent_binary() -> Option<&'static Path> {
     BIN.get_or_init(|| {
         let target_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("banger-agent-build");
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let started = Instant::now();
-        let out = Command::new(cargo)
-            .current_dir(&workspace)
-            .args(["build", "-p", "banger-agent", "--release", "--target", MUSL])
-            .env("CARGO_TARGET_DIR", &target_dir)
-            // Small: no debug info, stripped.
-            .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
-            .env("CARGO_PROFILE_RELEASE_STRIP", "true")
-            .output()
-            .expect("run cargo");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        if !out.status.success() {
-            if stderr.contains("target may not be installed") {
-                banger_testkit::require(false, format!("rustup target {MUSL} is not installed"));
-                return None;
+        match banger_testkit::guest::build_guest_agent(&workspace, &target_dir) {
+            Ok(bin) => {
+                eprintln!(
+                    "agent build: {:?}, {} bytes",
+                    started.elapsed(),
+                    fs::metadata(&bin).unwrap().len()
+                );
+                Some(bin)
             }
-            panic!("cargo build banger-agent for {MUSL}:\n{stderr}");
+            Err(why) if why.contains("target may not be installed") => {
+                banger_testkit::require(false, format!("rustup target {MUSL} is not installed"));
+                None
+            }
+            Err(why) => panic!("{why}"),
         }
-        let bin = target_dir.join(MUSL).join("release/banger-agent");
-        eprintln!(
-            "agent build: {:?}, {} bytes",
-            started.elapsed(),
-            fs::metadata(&bin).unwrap().len()
-        );
-        Some(bin)
     })
     .as_deref()
 }
@@ -96,11 +88,44 @@ fn start_host_agent(dir: &Path) -> Option<(Reaped, PathBuf)> {
     Some((Reaped(child), sock))
 }
 
-/// [`start_host_agent`] and a client connected to it.
-fn host_agent(dir: &Path) -> Option<(Reaped, AgentClient)> {
-    let (child, sock) = start_host_agent(dir)?;
+/// A host agent in a temporary directory of its own, and a client connected to it.
+/// Dropped in this order: the connection, the agent (killed), the directory.
+struct HostAgent {
+    client: AgentClient,
+    agent: Reaped,
+    tmp: tempfile::TempDir,
+}
+
+impl HostAgent {
+    fn dir(&self) -> &Path {
+        self.tmp.path()
+    }
+}
+
+/// [`start_host_agent`] in a new temporary directory, and a client connected to it.
+fn host_agent() -> Option<HostAgent> {
+    let tmp = tempfile::tempdir().unwrap();
+    let (agent, sock) = start_host_agent(tmp.path())?;
     let client = AgentClient::connect(&sock, Duration::from_secs(10)).unwrap();
-    Some((child, client))
+    Some(HostAgent { client, agent, tmp })
+}
+
+/// Less than `limit` has passed since `started`; else `what` took too long.
+fn assert_within(started: Instant, limit: Duration, what: &str) {
+    let took = started.elapsed();
+    assert!(took < limit, "{what}: {took:?}");
+}
+
+/// Runs `req`, which must print `stdout` (its stderr says why not), and returns its status.
+fn assert_prints(client: &AgentClient, req: &ExecRequest, stdout: &str) -> ExitStatus {
+    let out = client.output(req).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        stdout,
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.status
 }
 
 fn sh(script: &str) -> ExecRequest {
@@ -156,16 +181,12 @@ fn check_upload_then_read(client: &AgentClient, dest: &Path) {
     std::os::unix::fs::symlink("sub/deeper/file.txt", local.path().join("link")).unwrap();
     client.upload_dir(local.path(), dest).unwrap();
 
-    let out = client
-        .output(&sh("cat sub/deeper/file.txt && cat link && ./run.sh x").cwd(dest))
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
+    let status = assert_prints(
+        client,
+        &sh("cat sub/deeper/file.txt && cat link && ./run.sh x").cwd(dest),
         "uploaded content\nuploaded content\nran x\n",
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success());
+    assert!(status.success());
 }
 
 fn check_errors_are_reported(client: &AgentClient, refused_dest: &Path) {
@@ -206,29 +227,24 @@ fn check_errors_are_reported(client: &AgentClient, refused_dest: &Path) {
 
 #[test]
 fn host_agent_streams_stdout_stderr_apart_and_returns_the_exit_code() {
-    let tmp = tempfile::tempdir().unwrap();
-    let Some((_agent, client)) = host_agent(tmp.path()) else {
-        return;
-    };
-    check_exec_streams_and_exit_code(&client);
-    let out = client
-        .output(&sh("echo $FOO; pwd").env("FOO", "bar baz").cwd(tmp.path()))
+    let Some(h) = host_agent() else { return };
+    check_exec_streams_and_exit_code(&h.client);
+    let out = h
+        .client
+        .output(&sh("echo $FOO; pwd").env("FOO", "bar baz").cwd(h.dir()))
         .unwrap();
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
-        format!("bar baz\n{}\n", tmp.path().display())
+        format!("bar baz\n{}\n", h.dir().display())
     );
-    let out = client.output(&sh("kill -TERM $$")).unwrap();
+    let out = h.client.output(&sh("kill -TERM $$")).unwrap();
     assert_eq!(out.status, ExitStatus::Signal(15));
 }
 
 #[test]
 fn host_agent_forwards_stdin_until_eof() {
-    let tmp = tempfile::tempdir().unwrap();
-    let Some((_agent, client)) = host_agent(tmp.path()) else {
-        return;
-    };
-    check_stdin_round_trip(&client);
+    let Some(h) = host_agent() else { return };
+    check_stdin_round_trip(&h.client);
 }
 
 /// What a pty printed so far, shared between the exec and the thread typing into it.
@@ -293,11 +309,8 @@ fn pty_shell(
 
 #[test]
 fn host_agent_runs_a_shell_on_a_pty_that_follows_resizes() {
-    let tmp = tempfile::tempdir().unwrap();
-    let Some((_agent, client)) = host_agent(tmp.path()) else {
-        return;
-    };
-    let (status, out) = pty_shell(&client, |control, screen| {
+    let Some(h) = host_agent() else { return };
+    let (status, out) = pty_shell(&h.client, |control, screen| {
         control.stdin(b"stty size; echo $TERM\n").unwrap();
         screen.wait_for("dumb\r\n");
         // Frames are handled in order: the resize lands before the next line is typed.
@@ -319,12 +332,9 @@ fn host_agent_runs_a_shell_on_a_pty_that_follows_resizes() {
 
 #[test]
 fn host_agent_pty_types_eof_when_stdin_ends_and_outlives_no_background_job() {
-    let tmp = tempfile::tempdir().unwrap();
-    let Some((_agent, client)) = host_agent(tmp.path()) else {
-        return;
-    };
+    let Some(h) = host_agent() else { return };
     // End of stdin is ^D at the prompt: the shell exits 0.
-    let (status, out) = pty_shell(&client, |control, _| {
+    let (status, out) = pty_shell(&h.client, |control, _| {
         control.stdin(b"echo hi\n").unwrap();
         control.close_stdin().unwrap();
     });
@@ -333,70 +343,53 @@ fn host_agent_pty_types_eof_when_stdin_ends_and_outlives_no_background_job() {
 
     // A background job keeps the pty open after the shell exits: the session still ends.
     let started = Instant::now();
-    let (status, _) = pty_shell(&client, |control, _| {
+    let (status, _) = pty_shell(&h.client, |control, _| {
         control.stdin(b"sleep 20 & exit 4\n").unwrap();
     });
     assert_eq!(status, ExitStatus::Code(4));
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "the session waited for the background job: {:?}",
-        started.elapsed()
+    assert_within(
+        started,
+        Duration::from_secs(10),
+        "the session waited for the background job",
     );
 }
 
 #[test]
 fn host_agent_unpacks_an_uploaded_directory_for_later_commands() {
-    let tmp = tempfile::tempdir().unwrap();
-    let Some((_agent, client)) = host_agent(tmp.path()) else {
-        return;
-    };
-    check_upload_then_read(&client, &tmp.path().join("work"));
+    let Some(h) = host_agent() else { return };
+    check_upload_then_read(&h.client, &h.dir().join("work"));
     assert_eq!(
-        fs::read_link(tmp.path().join("work/link")).unwrap(),
+        fs::read_link(h.dir().join("work/link")).unwrap(),
         Path::new("sub/deeper/file.txt")
     );
 }
 
 #[test]
 fn host_agent_reports_unstartable_commands_and_escaping_uploads() {
-    let tmp = tempfile::tempdir().unwrap();
-    let Some((_agent, client)) = host_agent(tmp.path()) else {
-        return;
-    };
-    check_errors_are_reported(&client, &tmp.path().join("refused"));
+    let Some(h) = host_agent() else { return };
+    check_errors_are_reported(&h.client, &h.dir().join("refused"));
 }
 
 #[test]
 fn host_agent_runs_sessions_concurrently() {
-    let tmp = tempfile::tempdir().unwrap();
-    let Some((_agent, client)) = host_agent(tmp.path()) else {
-        return;
-    };
+    let Some(h) = host_agent() else { return };
     let started = Instant::now();
     std::thread::scope(|s| {
         let slow: Vec<_> = (0..4)
             .map(|i| {
-                let client = &client;
+                let client = &h.client;
                 s.spawn(move || client.output(&sh(&format!("sleep 1; echo {i}"))).unwrap())
             })
             .collect();
         // A quick command is not held up behind the slow ones.
-        let quick = client.output(&sh("echo quick")).unwrap();
+        let quick = h.client.output(&sh("echo quick")).unwrap();
         assert_eq!(quick.stdout, b"quick\n");
-        assert!(
-            started.elapsed() < Duration::from_millis(900),
-            "{:?}",
-            started.elapsed()
-        );
+        assert_within(started, Duration::from_millis(900), "the quick command");
         for (i, h) in slow.into_iter().enumerate() {
             assert_eq!(h.join().unwrap().stdout, format!("{i}\n").as_bytes());
         }
     });
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "{:?}",
-        started.elapsed()
-    );
+    assert_within(started, Duration::from_secs(3), "the sessions");
 }
 
 #[test]
@@ -510,84 +503,23 @@ fn gone_within(pid: &str, limit: Duration) -> bool {
     true
 }
 
-/// Issue 9 through whatever transport `client` uses, asking the guest itself: a flood
-/// whose reader stalls stops writing, the agent answers other sessions meanwhile, and a
-/// reader that fails ends the flood within 5 s.
-fn check_a_stalled_flood_is_paced_and_ends_with_its_reader(client: &AgentClient, pidfile: &Path) {
-    /// As in the host test below: window, chunk and pipe, with room to spare.
-    const PACED_LIMIT: u64 = 4 << 20;
-    let guest = |script: &str| -> Option<String> {
-        let out = client.output(&sh(script)).ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-    };
-    let script = format!(
-        "echo $$ > {0}.tmp && mv {0}.tmp {0}; exec head -c 268435456 /dev/zero",
-        pidfile.display()
-    );
-    let (wrote_tx, wrote) = std::sync::mpsc::channel();
-    let (release, release_rx) = std::sync::mpsc::channel();
-    std::thread::scope(|s| {
-        let release = release;
-        let flood = s.spawn(|| {
-            let mut out = Stalled {
-                wrote: wrote_tx,
-                release: release_rx,
-                state: None,
-            };
-            client.exec(&sh(&script), None, &mut out, &mut Vec::new())
-        });
-        wrote.recv_timeout(Duration::from_secs(60)).unwrap();
-        // Answered while the flood runs.
-        let pid = guest(&format!("cat {}", pidfile.display())).expect("the guest answers");
-        let written = |when: &str| -> u64 {
-            let io = guest(&format!("cat /proc/{pid}/io")).unwrap_or_else(|| {
-                panic!("{when}: the flood (pid {pid}) is gone: it was not paced")
-            });
-            io.lines()
-                .find_map(|l| l.strip_prefix("wchar: "))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or_else(|| panic!("no wchar in /proc/{pid}/io: {io}"))
-        };
-        std::thread::sleep(Duration::from_secs(1));
-        let early = written("early");
-        std::thread::sleep(Duration::from_secs(1));
-        let late = written("late");
-        assert!(
-            late < PACED_LIMIT,
-            "the flood wrote {late} bytes for a reader that took one chunk"
-        );
-        assert_eq!(early, late, "the flood went on while nobody read");
-        release.send(false).unwrap();
-        let err = flood.join().unwrap().unwrap_err();
-        assert!(matches!(err, AgentError::Local { .. }), "{err}");
-        let hung_up = Instant::now();
-        while guest(&format!("test -d /proc/{pid}")).is_some() {
-            assert!(
-                hung_up.elapsed() < Duration::from_secs(5),
-                "the flood outlived its caller by 5 s"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    });
-}
+/// What a flood may have written for a reader that took one chunk: the window (256 KiB),
+/// one chunk in the agent, the pipe (64 KiB), with room to spare; an unpaced flood writes
+/// hundreds of MiB a second.
+const PACED_LIMIT: u64 = 4 << 20;
 
-/// Issue 9: a command's output is read only as fast as its caller takes it. The flood
-/// (bounded at 256 MiB so that a regression cannot take the machine down) stops once the
-/// window, the agent's chunk and the pipe are full; other sessions go on meanwhile; and a
-/// caller that fails its writes ends the command.
-#[test]
-fn host_agent_paces_a_flood_to_its_reader_and_serves_other_sessions_meanwhile() {
-    /// What the command may have written for a reader that took one chunk: the window
-    /// (256 KiB), one chunk in the agent, the pipe (64 KiB), with room to spare; an
-    /// unpaced flood writes hundreds of MiB a second.
-    const PACED_LIMIT: u64 = 4 << 20;
-    let tmp = tempfile::tempdir().unwrap();
-    let Some((_agent, client)) = host_agent(tmp.path()) else {
-        return;
-    };
-    let pidfile = tmp.path().join("flood.pid");
+/// Runs a flood (bounded at 256 MiB, writing its pid to `pidfile` first) through `client`
+/// for a reader that stalls after one chunk. Once it wrote: `pid()` gives its pid (and
+/// checks the agent answers meanwhile), `written(pid, when)` what it has written, which
+/// must stay under [`PACED_LIMIT`] and the same over a second; then the reader fails, the
+/// exec fails locally and `assert_gone(pid)` checks the flood ends.
+fn check_a_stalled_flood(
+    client: &AgentClient,
+    pidfile: &Path,
+    pid: impl FnOnce() -> String,
+    written: impl Fn(&str, &str) -> u64,
+    assert_gone: impl FnOnce(&str),
+) {
     let script = format!(
         "echo $$ > {0}.tmp && mv {0}.tmp {0}; exec head -c 268435456 /dev/zero",
         pidfile.display()
@@ -607,18 +539,11 @@ fn host_agent_paces_a_flood_to_its_reader_and_serves_other_sessions_meanwhile() 
             client.exec(&sh(&script), None, &mut out, &mut Vec::new())
         });
         wrote.recv_timeout(Duration::from_secs(60)).unwrap();
-        let pid = wait_for_pid(&pidfile);
-        let quick = client.output(&sh("echo quick")).unwrap();
-        assert_eq!(
-            quick.stdout,
-            b"quick
-"
-        );
-        client.ping(Duration::from_secs(10)).unwrap();
+        let pid = pid();
         std::thread::sleep(Duration::from_secs(1));
-        let early = written_by(&pid);
+        let early = written(&pid, "early");
         std::thread::sleep(Duration::from_secs(1));
-        let late = written_by(&pid);
+        let late = written(&pid, "late");
         assert!(
             late < PACED_LIMIT,
             "the flood wrote {late} bytes for a reader that took one chunk"
@@ -627,23 +552,82 @@ fn host_agent_paces_a_flood_to_its_reader_and_serves_other_sessions_meanwhile() 
         release.send(false).unwrap();
         let err = flood.join().unwrap().unwrap_err();
         assert!(matches!(err, AgentError::Local { .. }), "{err}");
-        assert!(
-            gone_within(&pid, Duration::from_secs(5)),
-            "the flood outlived its caller"
-        );
+        assert_gone(&pid);
     });
+}
+
+/// Issue 9 through whatever transport `client` uses, asking the guest itself: a flood
+/// whose reader stalls stops writing, the agent answers other sessions meanwhile, and a
+/// reader that fails ends the flood within 5 s.
+fn check_a_stalled_flood_is_paced_and_ends_with_its_reader(client: &AgentClient, pidfile: &Path) {
+    let guest = |script: &str| -> Option<String> {
+        let out = client.output(&sh(script)).ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    check_a_stalled_flood(
+        client,
+        pidfile,
+        // Answered while the flood runs.
+        || guest(&format!("cat {}", pidfile.display())).expect("the guest answers"),
+        |pid, when| {
+            let io = guest(&format!("cat /proc/{pid}/io")).unwrap_or_else(|| {
+                panic!("{when}: the flood (pid {pid}) is gone: it was not paced")
+            });
+            io.lines()
+                .find_map(|l| l.strip_prefix("wchar: "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no wchar in /proc/{pid}/io: {io}"))
+        },
+        |pid| {
+            let hung_up = Instant::now();
+            while guest(&format!("test -d /proc/{pid}")).is_some() {
+                assert!(
+                    hung_up.elapsed() < Duration::from_secs(5),
+                    "the flood outlived its caller by 5 s"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        },
+    );
+}
+
+/// Issue 9: a command's output is read only as fast as its caller takes it. The flood
+/// (bounded at 256 MiB so that a regression cannot take the machine down) stops once the
+/// window, the agent's chunk and the pipe are full; other sessions go on meanwhile; and a
+/// caller that fails its writes ends the command.
+#[test]
+fn host_agent_paces_a_flood_to_its_reader_and_serves_other_sessions_meanwhile() {
+    let Some(h) = host_agent() else { return };
+    let pidfile = h.dir().join("flood.pid");
+    check_a_stalled_flood(
+        &h.client,
+        &pidfile,
+        || {
+            let pid = wait_for_pid(&pidfile);
+            let quick = h.client.output(&sh("echo quick")).unwrap();
+            assert_eq!(quick.stdout, b"quick\n");
+            h.client.ping(Duration::from_secs(10)).unwrap();
+            pid
+        },
+        |pid, _| written_by(pid),
+        |pid| {
+            assert!(
+                gone_within(pid, Duration::from_secs(5)),
+                "the flood outlived its caller"
+            )
+        },
+    );
 }
 
 /// Issue 9: [`agent::ExecControl::hang_up`] is SIGHUP, then SIGKILL of the process group
 /// after the grace: a command that ignores SIGHUP still ends, within 5 s.
 #[test]
 fn host_agent_hang_up_sends_sighup_then_kills_what_ignores_it() {
-    let tmp = tempfile::tempdir().unwrap();
-    let Some((_agent, client)) = host_agent(tmp.path()) else {
-        return;
-    };
-    let pidfile = tmp.path().join("hup.pid");
-    let hupfile = tmp.path().join("hup.seen");
+    let Some(h) = host_agent() else { return };
+    let pidfile = h.dir().join("hup.pid");
+    let hupfile = h.dir().join("hup.seen");
     let script = format!(
         "trap 'echo hup >> {}' HUP; echo $$ > {1}.tmp && mv {1}.tmp {1};          while :; do sleep 0.1; done",
         hupfile.display(),
@@ -652,7 +636,7 @@ fn host_agent_hang_up_sends_sighup_then_kills_what_ignores_it() {
     let (control_tx, control_rx) = std::sync::mpsc::channel();
     std::thread::scope(|s| {
         let running = s.spawn(|| {
-            client.exec_with(
+            h.client.exec_with(
                 &sh(&script),
                 |control| {
                     control_tx.send(control).unwrap();
@@ -680,11 +664,8 @@ fn host_agent_hang_up_sends_sighup_then_kills_what_ignores_it() {
 /// session (the agent's reader never waits for one session's queue).
 #[test]
 fn host_agent_a_command_not_reading_its_stdin_holds_up_no_other_session() {
-    let tmp = tempfile::tempdir().unwrap();
-    let Some((_agent, client)) = host_agent(tmp.path()) else {
-        return;
-    };
-    let client = std::sync::Arc::new(client);
+    let Some(h) = host_agent() else { return };
+    let client = std::sync::Arc::new(h.client);
     let (control_tx, control_rx) = std::sync::mpsc::channel();
     let sleeper = {
         let client = client.clone();
@@ -786,49 +767,16 @@ fn connect_retrying(sock: &Path) -> std::os::unix::net::UnixStream {
 
 #[test]
 fn host_agent_exits_on_shutdown() {
-    let tmp = tempfile::tempdir().unwrap();
-    let Some((mut agent, client)) = host_agent(tmp.path()) else {
-        return;
-    };
-    client.shutdown(Duration::from_secs(5)).unwrap();
-    let status = agent
+    let Some(mut h) = host_agent() else { return };
+    h.client.shutdown(Duration::from_secs(5)).unwrap();
+    let status = h
+        .agent
         .wait_timeout(Duration::from_secs(5))
         .expect("agent exits after shutdown");
     assert!(status.success(), "{status}");
 }
 
 // ---- the VM ----
-
-/// Downloads (once; cached under the target dir) and imports the Debian cloud kernel,
-/// exactly as tests/boot.rs does. `None` only when apt cannot download it.
-fn cached_kernel() -> Option<&'static KernelDir> {
-    static KERNEL: OnceLock<Option<KernelDir>> = OnceLock::new();
-    KERNEL
-        .get_or_init(|| {
-            let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("banger-test-kernel");
-            let script =
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/fetch-test-kernel.sh");
-            let out = Command::new(&script).arg(&cache).output().unwrap();
-            if !out.status.success() {
-                banger_testkit::require(
-                    false,
-                    format!(
-                        "cannot download a test kernel with apt: {}",
-                        String::from_utf8_lossy(&out.stderr)
-                    ),
-                );
-                return None;
-            }
-            let deb = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
-            let stem = deb.file_stem().unwrap().to_string_lossy().into_owned();
-            let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("banger-kernel-{stem}"));
-            if dir.exists() {
-                return Some(KernelDir::open(&dir).unwrap());
-            }
-            Some(kernel::import_deb(&deb, &dir, kernel::GUEST_MODULES).unwrap())
-        })
-        .as_ref()
-}
 
 /// The init of this test's initramfs: load the modules, mount the root disk and make the
 /// agent PID 1 of it with switch_root. (banger's own init.sh runs one command and keeps
@@ -856,39 +804,11 @@ reboot -f
 "#;
 
 fn agent_initramfs(k: &KernelDir, out: &Path) {
-    let busybox = fs::read(DEFAULT_BUSYBOX).unwrap();
-    let mut w = CpioWriter::new(fs::File::create(out).unwrap());
-    for dir in [
-        "bin",
-        "dev",
-        "proc",
-        "sys",
-        "newroot",
-        "etc",
-        "etc/banger",
-        "lib",
-        "lib/modules",
-    ] {
-        w.dir(dir, 0o755).unwrap();
-    }
-    w.char_dev("dev/console", 0o600, 5, 1).unwrap();
-    w.file("bin/busybox", 0o755, &busybox).unwrap();
-    w.symlink("bin/sh", "busybox").unwrap();
-    w.file("init", 0o755, AGENT_INIT.as_bytes()).unwrap();
-    let mut load = String::new();
-    for m in k.modules() {
-        w.file(
-            &format!("lib/modules/{m}.ko"),
-            0o644,
-            &fs::read(k.module_path(m)).unwrap(),
-        )
-        .unwrap();
-        load.push_str(m);
-        load.push('\n');
-    }
-    w.file("etc/banger/modules.load", 0o644, load.as_bytes())
-        .unwrap();
-    w.finish().unwrap().flush().unwrap();
+    let spec = InitramfsSpec {
+        busybox: DEFAULT_BUSYBOX.into(),
+        kernel: Some(k.clone()),
+    };
+    initramfs::write_initramfs_with_init(&spec, AGENT_INIT, out).unwrap();
 }
 
 /// An ext4 root with busybox (every applet linked into /bin) and the agent, and no
@@ -913,20 +833,7 @@ fn agent_rootfs(dir: &Path, agent: &Path) -> PathBuf {
         staging.join(agent::AGENT_GUEST_PATH.trim_start_matches('/')),
     )
     .unwrap();
-    let image = dir.join("rootfs.ext4");
-    let out = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-d"])
-        .arg(&staging)
-        .arg(&image)
-        .arg("64M")
-        .output()
-        .expect("run mkfs.ext4");
-    assert!(
-        out.status.success(),
-        "mkfs.ext4: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    image
+    common::mkfs_ext4(dir, &staging, "64M")
 }
 
 #[test]
@@ -1007,14 +914,10 @@ fn tcg_vm_agent_runs_commands_uploads_and_powers_off() {
     check_errors_are_reported(&client, Path::new("/tmp/refused"));
     check_a_stalled_flood_is_paced_and_ends_with_its_reader(&client, Path::new("/tmp/flood.pid"));
 
-    let out = client
-        .output(&sh("hostname; test $$ != 1 && cat /proc/1/comm; ls -d /dev/null /dev/pts /proc/self /run /tmp"))
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
+    assert_prints(
+        &client,
+        &sh("hostname; test $$ != 1 && cat /proc/1/comm; ls -d /dev/null /dev/pts /proc/self /run /tmp"),
         "agenttest\nagent\n/dev/null\n/dev/pts\n/proc/self\n/run\n/tmp\n",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
 
     let fetch = format!(
@@ -1128,18 +1031,15 @@ impl Write for Slow {
 
 #[test]
 fn host_agent_downloads_a_tree_as_tar_paced_by_the_host_and_refuses_a_relative_path() {
-    let tmp = tempfile::tempdir().unwrap();
-    let Some((_agent, client)) = host_agent(tmp.path()) else {
-        return;
-    };
-    let tree = tmp.path().join("out");
+    let Some(h) = host_agent() else { return };
+    let tree = h.dir().join("out");
     fs::create_dir_all(tree.join("empty")).unwrap();
     // Bigger than the initial window, so the grants must flow.
     let big: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
     fs::write(tree.join("big.bin"), &big).unwrap();
     std::os::unix::fs::symlink("/etc", tree.join("etc")).unwrap();
     let mut sink = Slow(Vec::new());
-    let skipped = client.download(&tree, &mut sink).unwrap();
+    let skipped = h.client.download(&tree, &mut sink).unwrap();
     assert_eq!(skipped, 0);
     let mut archive = tar::Archive::new(&sink.0[..]);
     let mut names = Vec::new();
@@ -1158,30 +1058,29 @@ fn host_agent_downloads_a_tree_as_tar_paced_by_the_host_and_refuses_a_relative_p
         names.push(name);
     }
     assert_eq!(names, ["out", "out/big.bin", "out/empty", "out/etc"]);
-    let err = client
+    let err = h
+        .client
         .download(Path::new("relative"), &mut Vec::new())
         .unwrap_err();
     assert!(err.to_string().contains("is not absolute"), "{err}");
-    let err = client
-        .download(&tmp.path().join("missing"), &mut Vec::new())
+    let err = h
+        .client
+        .download(&h.dir().join("missing"), &mut Vec::new())
         .unwrap_err();
     assert!(err.to_string().contains("missing"), "{err}");
     // The connection still serves commands after all of that.
-    check_exec_streams_and_exit_code(&client);
+    check_exec_streams_and_exit_code(&h.client);
 }
 
 /// The agent reports its machine's counters, the same as the kernel's own files say.
 #[test]
 fn host_agent_reports_cpu_memory_and_root_filesystem_counters() {
-    let tmp = tempfile::tempdir().unwrap();
-    let Some((_agent, client)) = host_agent(tmp.path()) else {
-        return;
-    };
-    let first = client.stats(Duration::from_secs(10)).unwrap();
-    client
+    let Some(h) = host_agent() else { return };
+    let first = h.client.stats(Duration::from_secs(10)).unwrap();
+    h.client
         .output(&sh("i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done"))
         .unwrap();
-    let second = client.stats(Duration::from_secs(10)).unwrap();
+    let second = h.client.stats(Duration::from_secs(10)).unwrap();
     let online = std::fs::read_to_string("/proc/stat")
         .unwrap()
         .lines()

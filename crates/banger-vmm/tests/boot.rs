@@ -1,38 +1,18 @@
 //! End-to-end: a real Debian cloud kernel, imported by us, boots a busybox rootfs under
 //! QEMU and hands back the command's output and exit status.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use banger_vmm::initramfs::{self, InitramfsSpec, DEFAULT_BUSYBOX};
 use banger_vmm::kernel::{self, KernelDir};
 use banger_vmm::qemu::{self, Accel, Qemu, RunningVm, VmSpec};
+use common::{cached_kernel, kernel_deb};
 
-/// Downloads (once; cached under the target dir) the Debian cloud kernel package.
-/// `None` only when apt cannot download it, with the reason printed.
-fn kernel_deb() -> Option<PathBuf> {
-    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("banger-test-kernel");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/fetch-test-kernel.sh");
-    let out = Command::new(&script)
-        .arg(&cache)
-        .output()
-        .unwrap_or_else(|e| panic!("run {}: {e}", script.display()));
-    if !out.status.success() {
-        banger_testkit::require(
-            false,
-            format!(
-                "cannot download a test kernel with apt: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        );
-        return None;
-    }
-    let path = String::from_utf8(out.stdout).unwrap();
-    Some(PathBuf::from(path.trim()))
-}
-
+/// Imports `deb` into `into/kernel`, printing how long it took.
 fn import(deb: &Path, into: &Path) -> KernelDir {
     let started = Instant::now();
     let k = kernel::import_deb(deb, &into.join("kernel"), kernel::GUEST_MODULES).unwrap();
@@ -89,16 +69,9 @@ fn import_files_from_an_unpacked_deb_matches_the_deb_import() {
     let tmp = tempfile::tempdir().unwrap();
     let from_deb = import(&deb, &tmp.path().join("a"));
     let unpacked = tmp.path().join("unpacked");
-    let out = Command::new("dpkg-deb")
-        .arg("-x")
-        .arg(&deb)
-        .arg(&unpacked)
-        .output()
-        .expect("run dpkg-deb");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    banger_testkit::command::run_ok(
+        Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked),
+        "unpack the kernel package",
     );
     let version = from_deb.version();
     let files = kernel::KernelFiles {
@@ -142,43 +115,13 @@ fn import_files_from_an_unpacked_deb_matches_the_deb_import() {
     assert!(!bare.vmlinuz().exists());
 }
 
-/// The imported test kernel, shared by the tests of this binary and kept across runs
-/// under the target dir (the import is deterministic for a given package).
-fn cached_kernel() -> Option<&'static KernelDir> {
-    static KERNEL: OnceLock<Option<KernelDir>> = OnceLock::new();
-    KERNEL
-        .get_or_init(|| {
-            let deb = kernel_deb()?;
-            let stem = deb.file_stem().unwrap().to_string_lossy().into_owned();
-            let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("banger-kernel-{stem}"));
-            if dir.exists() {
-                return Some(KernelDir::open(&dir).unwrap());
-            }
-            Some(kernel::import_deb(&deb, &dir, kernel::GUEST_MODULES).unwrap())
-        })
-        .as_ref()
-}
-
 /// An ext4 image whose only content is a static busybox as /bin/sh.
 fn busybox_rootfs(dir: &Path) -> PathBuf {
     let staging = dir.join("staging");
     std::fs::create_dir_all(staging.join("bin")).unwrap();
     std::fs::copy(DEFAULT_BUSYBOX, staging.join("bin/busybox")).unwrap();
     std::os::unix::fs::symlink("busybox", staging.join("bin/sh")).unwrap();
-    let image = dir.join("rootfs.ext4");
-    let out = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-d"])
-        .arg(&staging)
-        .arg(&image)
-        .arg("32M")
-        .output()
-        .expect("run mkfs.ext4");
-    assert!(
-        out.status.success(),
-        "mkfs.ext4: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    image
+    common::mkfs_ext4(dir, &staging, "32M")
 }
 
 #[test]

@@ -4,20 +4,13 @@
 //! runs: the requests banger sends are understood and refused with Firecracker's reason
 //! where the VM's state does not allow them.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use banger_vmm::fc_snapshot;
-
-fn firecracker() -> Option<PathBuf> {
-    let shared = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/tools/firecracker-v1.16.1/firecracker");
-    if shared.is_file() {
-        return Some(shared);
-    }
-    banger_vmm::backend::find_on_path("firecracker")
-}
 
 struct Fc(Child);
 
@@ -49,8 +42,7 @@ fn start(binary: &Path, run: &Path) -> Fc {
 
 #[test]
 fn pause_snapshot_and_load_requests_reach_firecracker_and_its_refusals_name_the_request() {
-    let Some(binary) = firecracker() else {
-        banger_testkit::require(false, "no firecracker binary (../shared/tools or PATH)");
+    let Some(binary) = common::require_firecracker() else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();

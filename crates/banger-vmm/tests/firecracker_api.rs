@@ -4,6 +4,8 @@
 //! what banger sends and how it reacts, not that Firecracker accepts it: the VM tests in
 //! crates/banger/tests/vm.rs drive the real Firecracker where one can run.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -51,22 +53,38 @@ while True:
     conn.close()
 "#;
 
-/// Writes the scripted peer into `dir`: it records into `record` and refuses `fail`.
-fn fake_firecracker(dir: &Path, record: &Path, fail: &str) -> Option<PathBuf> {
+/// The scripted peer in a temporary directory of its own: `bin`, recording into `record`,
+/// and `run`, the run dir of the VM it is spawned for.
+struct Fake {
+    bin: PathBuf,
+    record: PathBuf,
+    run: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+/// Writes the scripted peer, refusing `fail`, for a VM whose run dir is named `run`.
+fn fake_firecracker(fail: &str, run: &str) -> Option<Fake> {
     if !banger_testkit::require(
         banger_vmm::backend::find_on_path("python3").is_some(),
         "python3 is not installed",
     ) {
         return None;
     }
-    let bin = dir.join("firecracker");
+    let tmp = tempfile::tempdir().unwrap();
+    let record = tmp.path().join("record.jsonl");
+    let bin = tmp.path().join("firecracker");
     let script = FAKE_API
         .replace("RECORD", &format!("{:?}", record.display().to_string()))
         .replace("FAIL", &format!("{fail:?}"));
     std::fs::write(&bin, script).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
-    Some(bin)
+    Some(Fake {
+        bin,
+        record,
+        run: tmp.path().join(run),
+        _tmp: tmp,
+    })
 }
 
 fn spec(run_dir: &Path) -> VmSpec {
@@ -86,6 +104,29 @@ fn spec(run_dir: &Path) -> VmSpec {
         agent_socket: Some(run_dir.join("vsock.sock")),
     }
 }
+
+impl Fake {
+    /// Firecracker with neither a console logger nor a jailer, the scripted peer as its
+    /// binary, spawned detached for the VM of `run`.
+    fn spawn_detached(&self) -> banger_vmm::Result<u32> {
+        Firecracker {
+            binary: self.bin.clone(),
+            console_logger: None,
+            jailer: None,
+        }
+        .spawn_detached(&spec(&self.run))
+    }
+}
+
+/// The API calls banger makes, in order: each resource, then the start.
+const CONFIG_ORDER: [&str; 6] = [
+    "/boot-source",
+    "/drives/rootfs",
+    "/machine-config",
+    "/network-interfaces/eth0",
+    "/vsock",
+    "/actions",
+];
 
 fn records(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
@@ -113,20 +154,12 @@ fn alive(pid: u32) -> bool {
 
 #[test]
 fn spawn_detached_configures_in_order_then_starts_with_logs_in_the_run_dir() {
-    let tmp = tempfile::tempdir().unwrap();
-    let record = tmp.path().join("record.jsonl");
-    let Some(bin) = fake_firecracker(tmp.path(), &record, "") else {
+    let Some(fake) = fake_firecracker("", "0123abcd") else {
         return;
     };
-    let run = tmp.path().join("0123abcd");
-    let pid = Firecracker {
-        binary: bin,
-        console_logger: None,
-        jailer: None,
-    }
-    .spawn_detached(&spec(&run))
-    .unwrap();
-    let got = records(&record);
+    let run = &fake.run;
+    let pid = fake.spawn_detached().unwrap();
+    let got = records(&fake.record);
     kill(pid);
     let argv = &got[0]["argv"];
     assert_eq!(
@@ -151,17 +184,7 @@ fn spawn_detached_configures_in_order_then_starts_with_logs_in_the_run_dir() {
         .iter()
         .map(|r| r["path"].as_str().unwrap())
         .collect();
-    assert_eq!(
-        paths,
-        [
-            "/boot-source",
-            "/drives/rootfs",
-            "/machine-config",
-            "/network-interfaces/eth0",
-            "/vsock",
-            "/actions"
-        ]
-    );
+    assert_eq!(paths, CONFIG_ORDER);
     assert!(got[1..].iter().all(|r| r["method"] == "PUT"));
     assert_eq!(got[6]["body"]["action_type"], "InstanceStart");
     assert!(
@@ -175,26 +198,17 @@ fn spawn_detached_configures_in_order_then_starts_with_logs_in_the_run_dir() {
 
 #[test]
 fn a_refused_request_fails_with_its_fault_message_and_kills_firecracker() {
-    let tmp = tempfile::tempdir().unwrap();
-    let record = tmp.path().join("record.jsonl");
-    let Some(bin) = fake_firecracker(tmp.path(), &record, "/machine-config") else {
+    let Some(fake) = fake_firecracker("/machine-config", "vm") else {
         return;
     };
-    let run = tmp.path().join("vm");
+    let run = &fake.run;
     let started = Instant::now();
-    let err = Firecracker {
-        binary: bin,
-        console_logger: None,
-        jailer: None,
-    }
-    .spawn_detached(&spec(&run))
-    .unwrap_err()
-    .to_string();
+    let err = fake.spawn_detached().unwrap_err().to_string();
     assert_eq!(
         err,
         "firecracker API PUT /machine-config: 400 Bad Request: scripted failure of /machine-config"
     );
-    let got = records(&record);
+    let got = records(&fake.record);
     assert_eq!(
         got.last().unwrap()["path"],
         "/machine-config",
@@ -220,15 +234,7 @@ fn a_refused_request_fails_with_its_fault_message_and_kills_firecracker() {
 /// which is the guest's console.
 #[test]
 fn real_firecracker_logs_to_the_log_path_from_its_first_line() {
-    let shared = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/tools/firecracker-v1.16.1/firecracker");
-    let bin = if shared.is_file() {
-        Some(shared)
-    } else {
-        banger_vmm::backend::find_on_path("firecracker")
-    };
-    let Some(bin) = bin else {
-        banger_testkit::require(false, "no firecracker binary (../shared/tools or PATH)");
+    let Some(bin) = common::require_firecracker() else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();

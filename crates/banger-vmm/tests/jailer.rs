@@ -3,51 +3,18 @@
 //! boot on a paravirtual KVM host (HOST-NOTES), so this shows what the jailer and the
 //! API can: every configuration call answered, the instance started.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use banger_vmm::firecracker::{api_socket, remove_jail_cgroups, Firecracker, Jailer};
-use banger_vmm::kernel::{self, KernelDir};
 use banger_vmm::qemu::Accel;
 use banger_vmm::{VmSpec, Vmm};
-
-fn tool(name: &str) -> Option<PathBuf> {
-    let shared = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/tools/firecracker-v1.16.1")
-        .join(name);
-    if shared.is_file() {
-        return Some(shared);
-    }
-    banger_vmm::backend::find_on_path(name)
-}
-
-/// The Debian cloud kernel, imported once (as tests/agent.rs does).
-fn cached_kernel() -> Option<&'static KernelDir> {
-    static KERNEL: OnceLock<Option<KernelDir>> = OnceLock::new();
-    KERNEL
-        .get_or_init(|| {
-            let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("banger-test-kernel");
-            let script =
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/fetch-test-kernel.sh");
-            let out = Command::new(&script).arg(&cache).output().unwrap();
-            if !out.status.success() {
-                banger_testkit::require(false, "cannot download a test kernel with apt");
-                return None;
-            }
-            let deb = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
-            let stem = deb.file_stem().unwrap().to_string_lossy().into_owned();
-            let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("banger-kernel-{stem}"));
-            if dir.exists() {
-                return Some(KernelDir::open(&dir).unwrap());
-            }
-            Some(kernel::import_deb(&deb, &dir, kernel::GUEST_MODULES).unwrap())
-        })
-        .as_ref()
-}
+use common::{cached_kernel, firecracker_tool};
 
 fn get_state(api: &Path) -> String {
     let mut s = UnixStream::connect(api).unwrap();
@@ -73,13 +40,12 @@ fn status_field(pid: u32, task: Option<&str>, field: &str) -> String {
 
 #[test]
 fn the_real_jailer_runs_firecracker_in_its_jail_as_the_vmm_user() {
-    if !banger_testkit::require(
-        rustix::process::geteuid().is_root(),
-        "the jailer needs root",
-    ) {
+    if !common::require_root("the jailer needs root") {
         return;
     }
-    let (Some(firecracker), Some(jailer)) = (tool("firecracker"), tool("jailer")) else {
+    let (Some(firecracker), Some(jailer)) =
+        (firecracker_tool("firecracker"), firecracker_tool("jailer"))
+    else {
         banger_testkit::require(false, "no firecracker and jailer (../shared/tools or PATH)");
         return;
     };

@@ -6,7 +6,7 @@ mod support;
 
 use std::path::{Path, PathBuf};
 
-use banger_testkit::host::{git, git_installed};
+use banger_testkit::command::{git, git_installed};
 use banger_testkit::Registry;
 use support::vms::ready_install_in;
 use support::{assert_exit, assert_exit_prints, stderr, stdout, Install};

@@ -7,7 +7,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use banger_testkit::host::run_ok;
+use banger_testkit::command::run_setup;
 use banger_testkit::Registry;
 use serde_json::Value;
 use sha2::Digest as _;
@@ -112,7 +112,7 @@ fn push_artifact(
 /// The cloud kernel package unpacked: (vmlinuz, modules.tgz of /lib/modules/<release>).
 fn kernel_files(deb: &Path, dir: &Path) -> (PathBuf, PathBuf) {
     let root = dir.join("deb");
-    run_ok(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&root));
+    run_setup(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&root));
     let vmlinuz = std::fs::read_dir(root.join("boot"))
         .unwrap()
         .flatten()
@@ -131,7 +131,7 @@ fn kernel_files(deb: &Path, dir: &Path) -> (PathBuf, PathBuf) {
         .expect("a modules tree")
         .path();
     let tgz = dir.join("modules.tgz");
-    run_ok(
+    run_setup(
         Command::new("tar")
             .arg("czf")
             .arg(&tgz)

@@ -122,7 +122,8 @@ fn an_unprivileged_bangerd_boots_a_tap_vm_through_bangerd_root() {
     let log = install.dir.path().join("bangerd-root.log");
     // The helper jails Firecracker with the real jailer where these machines have it
     // (../shared/tools); without it, it offers no jail and the doctor says so.
-    let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/tools/firecracker-v1.16.1");
+    let tools =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/tools/firecracker-v1.16.1");
     let (jailer, firecracker) = (tools.join("jailer"), tools.join("firecracker"));
     let jails = jailer.is_file() && firecracker.is_file();
     let mut jail_args: Vec<std::ffi::OsString> = Vec::new();

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use banger_testkit::host::run_ok;
+use banger_testkit::command::run_setup;
 use banger_testkit::{guest, LayerCompression, OciLayoutBuilder, Registry};
 use serde_json::Value;
 use support::vms::{guest_parts, ready_install_in};
@@ -34,7 +34,7 @@ fn remote_install(registry: &Registry) -> Install {
 }
 
 fn keygen(path: &Path) {
-    run_ok(
+    run_setup(
         Command::new("ssh-keygen")
             .args(["-q", "-t", "ed25519", "-N", "", "-f"])
             .arg(path),
@@ -412,7 +412,7 @@ fn image_and_kernel_imports_stream_their_files_to_a_remote_daemon_over_real_sshd
         .image("v1", &[(guest::busybox_layer(), LayerCompression::Gzip)])
         .unwrap();
     let tarball = client.dir.path().join("saved.tar");
-    run_ok(
+    run_setup(
         Command::new("skopeo")
             .args(["--insecure-policy", "copy", "-q"])
             .arg(format!("oci:{}:v1", layout_dir.display()))

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use banger_testkit::host::run_ok;
+use banger_testkit::command::run_setup;
 
 #[test]
 fn system_install_into_a_prefix_writes_units_that_systemd_analyze_verifies() {
@@ -26,7 +26,7 @@ fn system_install_into_a_prefix_writes_units_that_systemd_analyze_verifies() {
     // A fake agent: install copies whatever BANGER_AGENT names.
     let agent = prefix.path().join("agent-src");
     std::fs::write(&agent, "#!/bin/sh\n").unwrap();
-    let out = run_ok(
+    let out = run_setup(
         Command::new(banger)
             .args([
                 "--json",
@@ -72,14 +72,14 @@ fn system_install_into_a_prefix_writes_units_that_systemd_analyze_verifies() {
     );
     assert!(root.contains("--owner daemon"), "{root}");
 
-    run_ok(
+    run_setup(
         Command::new("systemd-analyze")
             .arg("verify")
             .arg(units.join("bangerd.service"))
             .arg(units.join("bangerd-root.service")),
     );
 
-    run_ok(
+    run_setup(
         Command::new(banger)
             .args(["system", "uninstall", "--prefix"])
             .arg(prefix.path()),

@@ -10,7 +10,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use banger_testkit::host::run_ok;
+use banger_testkit::command::run_setup;
 use banger_testkit::Registry;
 use serde_json::Value;
 use support::vms::{guest_parts, ready_install_in};
@@ -55,7 +55,7 @@ fn import_kernel_with_modules(
 
 /// The `lib/modules/*.ko` entries of a newc archive, as `busybox cpio -t` lists them.
 fn initramfs_modules(archive: &Path) -> Vec<String> {
-    let out = run_ok(
+    let out = run_setup(
         std::process::Command::new("/bin/busybox")
             .args(["cpio", "-t", "-F"])
             .arg(archive),
@@ -92,7 +92,7 @@ fn kernel_import_from_an_image_and_modules_tree_matches_the_deb_and_boots() {
     };
     let (_, deb) = guest_parts().unwrap();
     let unpacked = install.dir.path().join("unpacked");
-    run_ok(
+    run_setup(
         std::process::Command::new("dpkg-deb")
             .arg("-x")
             .arg(deb)

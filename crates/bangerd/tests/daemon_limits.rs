@@ -8,10 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use banger_testkit::{
-    push_oci_layout, tar_with_files, Fault, FaultProxy, LayerCompression, OciLayoutBuilder,
-    Registry,
-};
+use banger_testkit::{push_image, tar_with_files, Fault, FaultProxy, LayerCompression, Registry};
 
 /// Peak resident memory the daemon may reach in this test.
 const MAX_PEAK_RSS_KIB: u64 = 200 << 10;
@@ -93,18 +90,15 @@ impl Drop for Daemon {
 }
 
 fn push_small_image(registry: &Registry, work: &Path) -> String {
-    let mut layout = OciLayoutBuilder::new(work).unwrap();
-    let image = layout
-        .image(
-            "v1",
-            &[(
-                tar_with_files(&[("hello", b"hi\n")]),
-                LayerCompression::Gzip,
-            )],
-        )
-        .unwrap();
-    push_oci_layout(work, "v1", registry, "img");
-    image.config_digest
+    let layer = tar_with_files(&[("hello", b"hi\n")]);
+    push_image(
+        work,
+        registry,
+        "img",
+        "v1",
+        &[(layer, LayerCompression::Gzip)],
+    )
+    .config_digest
 }
 
 #[test]

@@ -8,6 +8,8 @@ use std::process::Command;
 
 use banger_oci::flatten::{FlattenOptions, Flattener, Privilege};
 use banger_oci::Digest;
+use banger_testkit::command::{installed, run_ok};
+use banger_testkit::tar_with_files_at;
 use rand::{Rng, SeedableRng};
 
 /// Trees per run; each seed is printed on failure, so a failing tree can be rebuilt.
@@ -59,26 +61,13 @@ fn random_tree(seed: u64) -> BTreeMap<String, Vec<u8>> {
 }
 
 fn tar_of(files: &BTreeMap<String, Vec<u8>>) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    for (path, data) in files {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(1_700_000_000);
-        h.set_entry_type(tar::EntryType::Regular);
-        b.append_data(&mut h, path, &data[..]).unwrap();
-    }
-    b.into_inner().unwrap()
+    let files: Vec<(&str, &[u8])> = files.iter().map(|(p, d)| (&p[..], &d[..])).collect();
+    tar_with_files_at(&files, 1_700_000_000)
 }
 
 #[test]
 fn random_trees_make_clean_images_that_read_back_equal() {
-    if !banger_testkit::require(
-        Command::new("e2fsck").arg("-V").output().is_ok(),
-        "e2fsck (e2fsprogs) is needed",
-    ) {
+    if !banger_testkit::require(installed("e2fsck", "-V"), "e2fsck (e2fsprogs) is needed") {
         return;
     }
     for seed in 0..CASES {
@@ -101,16 +90,9 @@ fn random_trees_make_clean_images_that_read_back_equal() {
         let image = dir.path().join("rootfs.ext4");
         banger_rootfs::build_ext4(&mut tree, &image, &banger_rootfs::BuildOptions::default())
             .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
-        let fsck = Command::new("e2fsck")
-            .arg("-fn")
-            .arg(&image)
-            .output()
-            .unwrap();
-        assert!(
-            fsck.status.success(),
-            "seed {seed}: e2fsck -fn: {}{}",
-            String::from_utf8_lossy(&fsck.stdout),
-            String::from_utf8_lossy(&fsck.stderr)
+        run_ok(
+            Command::new("e2fsck").arg("-fn").arg(&image),
+            format!("seed {seed}"),
         );
         // Read every file back in one debugfs run (dump each to a scratch file).
         let out = dir.path().join("out");
@@ -120,13 +102,13 @@ fn random_trees_make_clean_images_that_read_back_equal() {
             writeln!(script, "dump /{path} {}", out.join(n.to_string()).display()).unwrap();
         }
         script.flush().unwrap();
-        let dump = Command::new("debugfs")
-            .arg("-f")
-            .arg(script.path())
-            .arg(&image)
-            .output()
-            .unwrap();
-        assert!(dump.status.success(), "seed {seed}: debugfs failed");
+        run_ok(
+            Command::new("debugfs")
+                .arg("-f")
+                .arg(script.path())
+                .arg(&image),
+            format!("seed {seed}: debugfs"),
+        );
         for (n, (path, data)) in files.iter().enumerate() {
             let back = std::fs::read(out.join(n.to_string()))
                 .unwrap_or_else(|e| panic!("seed {seed}: /{path} not read back: {e}"));

@@ -15,7 +15,7 @@ use banger_testkit::{
 };
 use bangerd::services::image::ImageLimits;
 use bangerd::services::CallContext;
-use common::{count_entries, pull, service, service_with};
+use common::{count_entries, image_names, new_layout, pull, service, service_with};
 
 fn debugfs_cat(image: &str, path: &str) -> String {
     let out = std::process::Command::new("debugfs")
@@ -60,8 +60,7 @@ fn push_liar(registry: &Registry, work: &Path, diff_ids: Vec<String>) -> Vec<Str
 async fn a_config_naming_another_images_diff_ids_gets_none_of_its_files() {
     let registry = Registry::start();
     let env = service();
-    let dir = env.dir.path().join("layout-a");
-    let mut layout = OciLayoutBuilder::new(&dir).unwrap();
+    let (dir, mut layout) = new_layout(&env, "layout-a");
     let a = layout.image("v1", &two_layers("A")).unwrap();
     push_oci_layout(&dir, "v1", &registry, "a");
     let info = pull(&env.images, registry.reference("a", "v1"), Some("a"))
@@ -81,13 +80,7 @@ async fn a_config_naming_another_images_diff_ids_gets_none_of_its_files() {
             "attempt {attempt}: names B's layer and the diff_id: {err}"
         );
     }
-    let names: Vec<String> = env
-        .images
-        .list()
-        .unwrap()
-        .into_iter()
-        .map(|i| i.name)
-        .collect();
+    let names = image_names(&env);
     assert_eq!(names, ["a"], "no image b");
     assert_eq!(count_entries(&env.dir.path().join("state/staging")), 0);
     // A still builds, from its own verified copies.
@@ -135,8 +128,7 @@ fn import_params(path: &Path, name: &str) -> ImageImportParams {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tampered_layout_layer_is_refused() {
     let env = service();
-    let dir = env.dir.path().join("layout");
-    let mut layout = OciLayoutBuilder::new(&dir).unwrap();
+    let (dir, mut layout) = new_layout(&env, "layout");
     let image = layout.image("v1", &two_layers("T")).unwrap();
     let victim = &image.layers[1].digest;
     let blob = dir
@@ -239,13 +231,7 @@ async fn a_docker_archive_member_pointing_outside_is_never_opened() {
             "{target}: {err}"
         );
     }
-    let names: Vec<String> = env
-        .images
-        .list()
-        .unwrap()
-        .into_iter()
-        .map(|i| i.name)
-        .collect();
+    let names = image_names(&env);
     assert_eq!(names, ["good"]);
     assert_eq!(count_entries(&env.dir.path().join("state/staging")), 0);
 }
@@ -285,8 +271,7 @@ async fn a_decompression_bomb_is_refused_at_the_cap_and_memory_stays_bounded() {
         bomb.extend_from_slice(&zeros);
     }
     bomb.extend_from_slice(&gz(&[0u8; 1024]));
-    let dir = env.dir.path().join("layout");
-    let layout = OciLayoutBuilder::new(&dir).unwrap();
+    let (dir, layout) = new_layout(&env, "layout");
     // Built by hand: the builder would compress (and hash) 3 GiB.
     let base = tar_with_files(&[("base", b"base\n")]);
     let base_gz = gz(&base);

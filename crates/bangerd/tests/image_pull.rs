@@ -9,7 +9,7 @@ use std::sync::Arc;
 use banger_api::{ErrorKind, ImageCachePruneParams};
 use banger_testkit::{push_oci_layout, LayerCompression, OciLayoutBuilder, Registry};
 use bangerd::services::CallContext;
-use common::{concurrent_pulls, count_entries, pull, service};
+use common::{concurrent_pulls, count_entries, new_layout, pull, service};
 
 fn header(path: &str, kind: tar::EntryType, mode: u32, uid: u64, size: u64) -> tar::Header {
     let mut h = tar::Header::new_gnu();
@@ -296,8 +296,7 @@ async fn four_concurrent_pulls_of_one_image_download_each_blob_once() {
 async fn a_refused_layer_leaves_no_image_no_staging_and_no_row() {
     let registry = Registry::start();
     let env = service();
-    let layout_dir = env.dir.path().join("evil-layout");
-    let mut layout = OciLayoutBuilder::new(&layout_dir).unwrap();
+    let (layout_dir, mut layout) = new_layout(&env, "evil-layout");
     let mut b = tar::Builder::new(Vec::new());
     let mut h = tar::Header::new_gnu();
     h.as_gnu_mut().unwrap().name[..16].copy_from_slice(b"../../escape.txt");

@@ -73,13 +73,20 @@ fn stale_identity(pid: u32) -> String {
     )
 }
 
+/// An installation with VM `name` recorded running as a new bystander's pid, under the
+/// identity a dead VMM had for that pid: the pid was reused.
+fn reused_pid(name: &str) -> (Installation, Bystander) {
+    let f = installation();
+    let other = bystander();
+    let pid = other.0.id();
+    record_running_vm(&f, name, pid, Some(&stale_identity(pid)));
+    (f, other)
+}
+
 /// Before: `vm list` showed the VM running and `vm kill` killed the bystander.
 #[test]
 fn a_reused_pid_is_never_signalled_and_the_vm_is_marked_stopped() {
-    let f = installation();
-    let mut other = bystander();
-    let pid = other.0.id();
-    record_running_vm(&f, "reused", pid, Some(&stale_identity(pid)));
+    let (f, mut other) = reused_pid("reused");
     let vms = restarted_daemon(&f);
     vms.recover().unwrap();
     let vm = vms.show("reused").unwrap();
@@ -93,12 +100,9 @@ fn a_reused_pid_is_never_signalled_and_the_vm_is_marked_stopped() {
 /// `vm kill` and `vm stop` before any restart repair, on a record whose pid was reused.
 #[test]
 fn kill_and_stop_leave_a_process_that_is_not_the_vmm_alone() {
-    let f = installation();
-    let mut other = bystander();
-    let pid = other.0.id();
-    record_running_vm(&f, "a", pid, Some(&stale_identity(pid)));
+    let (f, mut other) = reused_pid("a");
     // A record from before identities were kept: the command line decides.
-    record_running_vm(&f, "b", pid, None);
+    record_running_vm(&f, "b", other.0.id(), None);
     let vms = restarted_daemon(&f);
     for name in ["a", "b"] {
         let vm = vms.kill(name).unwrap();

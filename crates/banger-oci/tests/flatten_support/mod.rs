@@ -5,6 +5,7 @@
 use std::io::Write;
 
 use banger_oci::Digest;
+use banger_testkit::pax::{pax_header, pax_record};
 
 /// Default mtime of crafted entries: 2020-09-13.
 pub const MTIME: u64 = 1_600_000_000;
@@ -61,15 +62,11 @@ impl Layer {
         if !spec.xattrs.is_empty() {
             let mut records = Vec::new();
             for (k, v) in spec.xattrs {
-                pax_record(&mut records, &format!("SCHILY.xattr.{k}"), v);
+                pax_record(&mut records, format!("SCHILY.xattr.{k}").as_bytes(), v);
             }
-            let mut pax = tar::Header::new_ustar();
-            pax.set_entry_type(tar::EntryType::XHeader);
-            pax.set_path("PaxHeaders/entry").unwrap();
-            pax.set_size(records.len() as u64);
-            pax.set_mode(0o644);
-            pax.set_cksum();
-            self.builder.append(&pax, &records[..]).unwrap();
+            self.builder
+                .append(&pax_header(&records), &records[..])
+                .unwrap();
         }
         let mut header = tar::Header::new_ustar();
         header.set_entry_type(spec.kind);
@@ -178,16 +175,4 @@ pub const DOCKER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip
 /// A digest standing in for the layer's (the flattener only uses it in messages).
 pub fn digest_of(blob: &[u8]) -> Digest {
     Digest::of(blob)
-}
-
-/// Appends one `LEN KEY=VALUE\n` PAX record; LEN counts its own digits.
-fn pax_record(out: &mut Vec<u8>, key: &str, value: &[u8]) {
-    let body = key.len() + value.len() + 3; // space, '=', newline
-    let mut len = body + 1;
-    while len != body + len.to_string().len() {
-        len = body + len.to_string().len();
-    }
-    out.extend_from_slice(format!("{len} {key}=").as_bytes());
-    out.extend_from_slice(value);
-    out.push(b'\n');
 }

@@ -11,11 +11,16 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use banger_oci::flatten::{FlattenOptions, Flattener, Privilege};
+use banger_oci::flatten::{FlattenOptions, FlattenedTree, Flattener, Privilege};
 use banger_oci::Digest;
 use banger_rootfs::{build_ext4, BuildOptions};
+use banger_testkit::command::run_ok;
+use banger_testkit::pax::{pax_header, pax_record};
 
 pub const MTIME: u64 = 1_600_000_000;
+
+/// The media type of an uncompressed layer.
+pub const TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 
 /// One tar entry; `pax` records are written as given, before the header.
 #[derive(Clone)]
@@ -100,18 +105,27 @@ impl Ent {
     }
 }
 
-/// Appends one `LEN KEY=VALUE\n` PAX record; LEN counts its own digits.
-pub fn pax_record(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
-    let body = key.len() + value.len() + 3;
-    let mut len = body + 1;
-    while len != body + len.to_string().len() {
-        len = body + len.to_string().len();
+/// A POSIX ACL xattr value (version 2) of `(tag, perm, id)` entries, as the kernel and
+/// tar store `system.posix_acl_access` and `system.posix_acl_default`.
+pub fn posix_acl(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut v = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in entries {
+        v.extend_from_slice(&tag.to_le_bytes());
+        v.extend_from_slice(&perm.to_le_bytes());
+        v.extend_from_slice(&id.to_le_bytes());
     }
-    out.extend_from_slice(format!("{len} ").as_bytes());
-    out.extend_from_slice(key);
-    out.push(b'=');
-    out.extend_from_slice(value);
-    out.push(b'\n');
+    v
+}
+
+/// A default ACL giving the owner rwx, user 1000 and the rest r-x.
+pub fn default_acl() -> Vec<u8> {
+    posix_acl(&[
+        (1, 7, u32::MAX),
+        (2, 5, 1000),
+        (4, 5, u32::MAX),
+        (0x10, 5, u32::MAX),
+        (0x20, 5, u32::MAX),
+    ])
 }
 
 /// A tar stream of `entries`, ending with the two zero blocks.
@@ -131,13 +145,7 @@ pub fn layer(entries: &[Ent]) -> Vec<u8> {
             for (k, v) in &pax {
                 pax_record(&mut records, k, v);
             }
-            let mut h = tar::Header::new_ustar();
-            h.set_entry_type(tar::EntryType::XHeader);
-            h.set_path("PaxHeaders/entry").unwrap();
-            h.set_size(records.len() as u64);
-            h.set_mode(0o644);
-            h.set_cksum();
-            push(&mut out, &h, &records);
+            push(&mut out, &pax_header(&records), &records);
         }
         let mut h = tar::Header::new_ustar();
         h.set_entry_type(e.kind);
@@ -198,11 +206,16 @@ pub struct Built {
     pub image: PathBuf,
 }
 
-/// Flattens `layers` (plain tar) and builds an image; an error is the whole chain as text.
-pub fn build(layers: &[Vec<u8>], privilege: Privilege) -> Result<Built, String> {
-    let dir = tempfile::tempdir().unwrap();
+/// Flattens `layers`, each of `media_type`, into `staging`; an error is the whole chain
+/// as text.
+pub fn flatten(
+    staging: PathBuf,
+    layers: &[Vec<u8>],
+    media_type: &str,
+    privilege: Privilege,
+) -> Result<FlattenedTree, String> {
     let mut f = Flattener::new(
-        dir.path().join("staging"),
+        staging,
         FlattenOptions {
             privilege,
             ..FlattenOptions::default()
@@ -210,14 +223,16 @@ pub fn build(layers: &[Vec<u8>], privilege: Privilege) -> Result<Built, String> 
     )
     .map_err(|e| chain(&e))?;
     for blob in layers {
-        f.apply_layer(
-            &blob[..],
-            "application/vnd.oci.image.layer.v1.tar",
-            &Digest::of(blob),
-        )
-        .map_err(|e| chain(&e))?;
+        f.apply_layer(&blob[..], media_type, &Digest::of(blob))
+            .map_err(|e| chain(&e))?;
     }
-    let mut tree = f.finish().map_err(|e| chain(&e))?;
+    f.finish().map_err(|e| chain(&e))
+}
+
+/// Flattens `layers` (plain tar) and builds an image; an error is the whole chain as text.
+pub fn build(layers: &[Vec<u8>], privilege: Privilege) -> Result<Built, String> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut tree = flatten(dir.path().join("staging"), layers, TAR, privilege)?;
     let image = dir.path().join("rootfs.ext4");
     build_ext4(&mut tree, &image, &BuildOptions::default()).map_err(|e| chain(&e))?;
     Ok(Built { dir, image })
@@ -236,18 +251,7 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 
 /// `e2fsck -fn` must find nothing to fix.
 pub fn fsck(image: &Path) {
-    let out = Command::new("e2fsck")
-        .args(["-fn"])
-        .arg(image)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "e2fsck -fn {}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(Command::new("e2fsck").arg("-fn").arg(image), "fsck");
 }
 
 pub fn debugfs(image: &Path, request: &str) -> String {

@@ -2,9 +2,11 @@
 //! directory with its store, the image service over them, and pulls through it.
 #![allow(dead_code)]
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use banger_api::{ImageInfo, ImagePullParams};
+use banger_testkit::OciLayoutBuilder;
 use bangerd::layout::{Layout, LayoutKind};
 use bangerd::services::image::ImageLimits;
 use bangerd::services::{CallContext, ImageService};
@@ -96,6 +98,23 @@ pub async fn concurrent_pulls(
         infos.push(pull.await.unwrap().unwrap());
     }
     infos
+}
+
+/// An OCI layout builder at `name` in `env`'s directory, and that directory.
+pub fn new_layout(env: &Daemonless, name: &str) -> (PathBuf, OciLayoutBuilder) {
+    let dir = env.dir.path().join(name);
+    let layout = OciLayoutBuilder::new(&dir).unwrap();
+    (dir, layout)
+}
+
+/// The names of the images `env` holds.
+pub fn image_names(env: &Daemonless) -> Vec<String> {
+    env.images
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|i| i.name)
+        .collect()
 }
 
 /// The number of entries in `dir`, 0 when it does not exist.
