@@ -408,7 +408,7 @@ fn image_and_kernel_imports_stream_their_files_to_a_remote_daemon_over_real_sshd
     // The files, where only the client can read them.
     let layout_dir = client.dir.path().join("layout");
     let mut layout = OciLayoutBuilder::new(&layout_dir).unwrap();
-    layout
+    let built = layout
         .image("v1", &[(guest::busybox_layer(), LayerCompression::Gzip)])
         .unwrap();
     let tarball = client.dir.path().join("saved.tar");
@@ -441,9 +441,27 @@ fn image_and_kernel_imports_stream_their_files_to_a_remote_daemon_over_real_sshd
         "{images}"
     );
 
-    // A layout directory is refused, saying what to do.
-    let out = call(&["image", "import", layout_dir.to_str().unwrap()]);
-    assert_exit_says(&out, 1, "docker-archive");
+    // A layout directory goes as one tar of its files, DIR:TAG choosing the image; the
+    // daemon gets the very manifest the client's layout holds.
+    let tagged = format!("{}:v1", layout_dir.display());
+    let out = call(&["image", "import", &tagged]);
+    assert_exit(&out, 0);
+    let out = call(&["--json", "image", "show", "layout-v1"]);
+    assert_exit(&out, 0);
+    let image: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(image["reference"], "upload:layout:v1", "{image}");
+    assert_eq!(image["manifest_digest"], built.manifest_digest, "{image}");
+    // A link among its blobs is refused on the client's side, naming it.
+    std::os::unix::fs::symlink("/etc/passwd", layout_dir.join("blobs/sha256/stray")).unwrap();
+    let out = call(&[
+        "image",
+        "import",
+        layout_dir.to_str().unwrap(),
+        "--name",
+        "linked",
+    ]);
+    assert_exit_says(&out, 1, "blobs/sha256/stray is not a regular file");
+    std::fs::remove_file(layout_dir.join("blobs/sha256/stray")).unwrap();
 
     let deb_arg = client_deb.to_str().unwrap();
     let out = call(&["kernel", "import", "cloud", "--deb", deb_arg]);
