@@ -14,6 +14,7 @@ mod registry;
 mod skip;
 
 pub mod command;
+pub mod firecracker;
 pub mod guest;
 pub mod pax;
 pub use layout::push_image;

@@ -560,18 +560,7 @@ impl Vmm for Firecracker {
                 (plan(spec)?, log.clone(), api.clone())
             }
         };
-        let console: Stdio = match &self.console_logger {
-            Some(logger) => logger
-                .spawn(run)
-                .ctx("start the console logger", &logger.program)?
-                .into(),
-            None => {
-                let console_path = run.join("console.log");
-                fs::File::create(&console_path)
-                    .ctx("create", &console_path)?
-                    .into()
-            }
-        };
+        let console: Stdio = console_sink(self.console_logger.as_ref(), run)?.into();
         let stderr_path = run.join("firecracker.stderr");
         let stderr = fs::File::create(&stderr_path).ctx("create", &stderr_path)?;
         let mut command = match &self.jailer {
@@ -621,6 +610,24 @@ impl Vmm for Firecracker {
         });
         Ok(pid)
     }
+}
+
+/// Where the guest's serial console (Firecracker's stdout) goes for the VM in `run`: the
+/// capping logger's pipe, else `console.log` itself.
+pub(crate) fn console_sink(
+    logger: Option<&crate::console::ConsoleLogger>,
+    run: &Path,
+) -> Result<std::os::fd::OwnedFd> {
+    Ok(match logger {
+        Some(logger) => logger
+            .spawn(run)
+            .ctx("start the console logger", &logger.program)?
+            .into(),
+        None => {
+            let path = run.join("console.log");
+            fs::File::create(&path).ctx("create", &path)?.into()
+        }
+    })
 }
 
 /// Waits for Firecracker's API socket `api`, then sends `calls` in order. `exited` says

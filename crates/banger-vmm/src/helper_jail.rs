@@ -26,8 +26,8 @@ use std::sync::Arc;
 use crate::backend::{BackendKind, VmSpec, Vmm};
 use crate::error::{Error, IoContext, Result};
 use crate::firecracker::{
-    api_socket, configure, instance_id, plan, Firecracker, JAIL_API, JAIL_DISK, JAIL_INITRD,
-    JAIL_KERNEL, JAIL_LOG, JAIL_VSOCK,
+    api_socket, configure, console_sink, instance_id, plan, Firecracker, JAIL_API, JAIL_DISK,
+    JAIL_INITRD, JAIL_KERNEL, JAIL_LOG, JAIL_VSOCK,
 };
 
 /// What the jail gets from the caller, as descriptors the caller opened.
@@ -125,16 +125,7 @@ impl Vmm for HelperJailed {
             inside.agent_socket = Some(JAIL_VSOCK.into());
         }
         let calls = plan(&inside)?;
-        let console: OwnedFd = match &self.firecracker.console_logger {
-            Some(logger) => logger
-                .spawn(run)
-                .ctx("start the console logger", &logger.program)?
-                .into(),
-            None => {
-                let path = run.join("console.log");
-                File::create(&path).ctx("create", &path)?.into()
-            }
-        };
+        let console = console_sink(self.firecracker.console_logger.as_ref(), run)?;
         let stderr_path = run.join("firecracker.stderr");
         let stderr: OwnedFd = File::create(&stderr_path)
             .ctx("create", &stderr_path)?

@@ -5,38 +5,15 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use banger_testkit::firecracker::{api_state, runs_as, status_field, under_seccomp};
 use banger_vmm::firecracker::{api_socket, remove_jail_cgroups, Firecracker, Jailer};
 use banger_vmm::qemu::Accel;
 use banger_vmm::{VmSpec, Vmm};
 use common::{cached_kernel, firecracker_tool};
-
-fn get_state(api: &Path) -> String {
-    let mut s = UnixStream::connect(api).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n\r\n")
-        .unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = s.read(&mut buf).unwrap();
-    String::from_utf8_lossy(&buf[..n]).into_owned()
-}
-
-fn status_field(pid: u32, task: Option<&str>, field: &str) -> String {
-    let path = match task {
-        Some(t) => format!("/proc/{pid}/task/{t}/status"),
-        None => format!("/proc/{pid}/status"),
-    };
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field).map(|v| v.trim().to_owned()))
-        .unwrap_or_default()
-}
 
 #[test]
 fn the_real_jailer_runs_firecracker_in_its_jail_as_the_vmm_user() {
@@ -89,9 +66,8 @@ fn the_real_jailer_runs_firecracker_in_its_jail_as_the_vmm_user() {
     // Every configuration call and InstanceStart answered, from inside the jail.
     let pid = backend.spawn_detached(&spec).unwrap();
     let check = || -> Result<(), String> {
-        let uid = status_field(pid, None, "Uid:");
-        if uid.split_whitespace().any(|u| u != user.uid.to_string()) {
-            return Err(format!("firecracker runs as {uid:?}, not {}", user.uid));
+        if !runs_as(pid, user.uid) {
+            return Err(format!("firecracker does not run as uid {}", user.uid));
         }
         let root = PathBuf::from(format!("/proc/{pid}/root"));
         if !root.join("firecracker").is_file() || !root.join("root.ext4").exists() {
@@ -104,18 +80,11 @@ fn the_real_jailer_runs_firecracker_in_its_jail_as_the_vmm_user() {
         if !jail.join("firecracker.sock").exists() {
             return Err(format!("no API socket in the jail {}", jail.display()));
         }
-        let state = get_state(&api_socket(&run));
+        let state = api_state(&api_socket(&run))?;
         if !state.contains("\"state\":\"Running\"") {
             return Err(format!("not Running: {state}"));
         }
-        let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
-            .map_err(|e| e.to_string())?
-            .map(|t| t.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        if !tasks
-            .iter()
-            .any(|t| status_field(pid, Some(t), "Seccomp:") == "2")
-        {
+        if !under_seccomp(pid)? {
             return Err("no thread of firecracker runs under seccomp".into());
         }
         Ok(())

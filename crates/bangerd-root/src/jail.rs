@@ -91,11 +91,7 @@ pub struct Jails {
 
 /// Checks an instance id: exactly [`VM_ID_LEN`] lowercase hex digits (banger's VM ids).
 pub fn check_vm_id(id: &str) -> Result<(), PrivError> {
-    let ok = id.len() == VM_ID_LEN
-        && id
-            .chars()
-            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c));
-    if ok {
+    if crate::is_lower_hex(id, VM_ID_LEN) {
         Ok(())
     } else {
         Err(err(
@@ -315,27 +311,15 @@ impl Jails {
             .map_err(|e| failed("jail firecracker", e))?;
         let root_dir =
             File::open(&root).map_err(|e| failed(format!("open {}", root.display()), e))?;
-        let take =
-            |files: &mut std::collections::HashMap<JailFile, OwnedFd>, what| files.remove(&what);
-        let kernel = take(&mut files, JailFile::Kernel).expect("checked");
-        place(
-            &kernel,
-            &root_dir,
-            &root,
-            &fc::JAIL_KERNEL[1..],
-            Some(MAX_BOOT_FILE_BYTES),
-        )?;
-        if let Some(initrd) = take(&mut files, JailFile::Initrd) {
-            place(
-                &initrd,
-                &root_dir,
-                &root,
-                &fc::JAIL_INITRD[1..],
-                Some(MAX_BOOT_FILE_BYTES),
-            )?;
-        }
-        if let Some(disk) = take(&mut files, JailFile::Disk) {
-            place(&disk, &root_dir, &root, &fc::JAIL_DISK[1..], None)?;
+        // The disk must be linked: the guest's writes land in the owner's own file.
+        for (what, name, copy_limit) in [
+            (JailFile::Kernel, fc::JAIL_KERNEL, Some(MAX_BOOT_FILE_BYTES)),
+            (JailFile::Initrd, fc::JAIL_INITRD, Some(MAX_BOOT_FILE_BYTES)),
+            (JailFile::Disk, fc::JAIL_DISK, None),
+        ] {
+            if let Some(fd) = files.remove(&what) {
+                place(&fd, &root_dir, &root, &name[1..], copy_limit)?;
+            }
         }
         // Firecracker's logger opens an existing file only; the owner reads it.
         let log = root.join(&JAIL_LOG[1..]);
@@ -347,8 +331,8 @@ impl Jails {
             .map_err(|e| failed(format!("create {}", log.display()), e))?;
         std::os::unix::fs::fchown(&log_file, Some(uid), Some(gid))
             .map_err(|e| failed(format!("chown {}", log.display()), e))?;
-        let console = take(&mut files, JailFile::Console).expect("checked");
-        let stderr = take(&mut files, JailFile::Stderr).expect("checked");
+        let console = files.remove(&JailFile::Console).expect("checked");
+        let stderr = files.remove(&JailFile::Stderr).expect("checked");
         let mut command = Command::new(&c.jailer);
         command
             .env_clear()

@@ -136,14 +136,19 @@ impl Subnet {
     }
 }
 
+/// Whether `text` is exactly `len` lowercase hex digits (banger's ids and TAP suffixes).
+pub(crate) fn is_lower_hex(text: &str, len: usize) -> bool {
+    text.len() == len
+        && text
+            .chars()
+            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+}
+
 /// Checks a TAP name: `bgr-` and exactly 8 lowercase hex digits.
 pub fn check_tap_name(name: &str) -> Result<(), PrivError> {
-    let ok = name.strip_prefix(TAP_PREFIX).is_some_and(|hex| {
-        hex.len() == 8
-            && hex
-                .chars()
-                .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
-    });
+    let ok = name
+        .strip_prefix(TAP_PREFIX)
+        .is_some_and(|hex| is_lower_hex(hex, 8));
     if ok {
         Ok(())
     } else {

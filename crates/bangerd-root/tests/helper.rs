@@ -6,10 +6,12 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
+use common::Helper;
 use serde_json::Value;
+
+mod common;
 
 struct Ns(String);
 impl Drop for Ns {
@@ -18,33 +20,15 @@ impl Drop for Ns {
     }
 }
 
-struct Helper(Child);
-impl Drop for Helper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn start(ns: &str, socket: &Path, owner_uid: u32) -> Helper {
-    let child = Command::new("ip")
-        .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_bangerd-root")])
-        .args([
-            "--owner-uid",
-            &owner_uid.to_string(),
-            "--subnet",
-            "172.30.9.1/24",
-            "--socket",
-        ])
-        .arg(socket)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while UnixStream::connect(socket).is_err() {
-        assert!(Instant::now() < deadline, "bangerd-root did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Helper(child)
+    let mut ip = Command::new("ip");
+    ip.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_bangerd-root")]);
+    common::start(
+        ip,
+        socket,
+        owner_uid,
+        &["--subnet".as_ref(), "172.30.9.1/24".as_ref()],
+    )
 }
 
 fn call(socket: &Path, method: &str, params: Value) -> Value {

@@ -10,57 +10,30 @@
 //! jailer. A guest cannot boot on a paravirtual KVM host (HOST-NOTES), so the guest's own
 //! boot is not part of it.
 
-use std::io::{BufRead, BufReader, IoSlice, Read, Write};
+use std::io::{BufRead, BufReader, IoSlice, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use banger_testkit::firecracker;
 use banger_vmm::firecracker::{api_socket, Firecracker};
 use banger_vmm::helper_jail::HelperJailed;
 use banger_vmm::qemu::Accel;
 use banger_vmm::{VmSpec, Vmm};
 use bangerd::services::privhelper::PrivClient;
+use common::Helper;
 use serde_json::Value;
+
+mod common;
 
 const VM_ID: &str = "0123456789abcdef";
 
-struct Helper(Child);
-impl Drop for Helper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn tool(name: &str) -> Option<PathBuf> {
-    let shared = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/tools/firecracker-v1.16.1")
-        .join(name);
-    shared
-        .is_file()
-        .then_some(shared)
-        .or_else(|| banger_vmm::backend::find_on_path(name))
-}
-
 fn start_helper(socket: &Path, owner_uid: u32, extra: &[&std::ffi::OsStr]) -> Helper {
-    let child = Command::new(env!("CARGO_BIN_EXE_bangerd-root"))
-        .arg("--owner-uid")
-        .arg(owner_uid.to_string())
-        .arg("--socket")
-        .arg(socket)
-        .args(extra)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while UnixStream::connect(socket).is_err() {
-        assert!(Instant::now() < deadline, "bangerd-root did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Helper(child)
+    common::start(common::helper_command(), socket, owner_uid, extra)
 }
 
 /// One request with `fds` attached, as this thread's credentials; the reply.
@@ -113,18 +86,6 @@ fn as_owner<T: Send + 'static>(uid: u32, gid: u32, f: impl FnOnce() -> T + Send 
     .unwrap()
 }
 
-fn status_field(pid: u32, task: Option<&str>, field: &str) -> String {
-    let path = match task {
-        Some(t) => format!("/proc/{pid}/task/{t}/status"),
-        None => format!("/proc/{pid}/status"),
-    };
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field).map(|v| v.trim().to_owned()))
-        .unwrap_or_default()
-}
-
 /// The test kernel's ELF vmlinux (the Debian cloud kernel, imported once).
 fn vmlinux() -> Option<PathBuf> {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
@@ -158,7 +119,10 @@ fn preconditions() -> Option<(banger_vmm::confine::VmmUser, PathBuf, PathBuf)> {
     ) {
         return None;
     }
-    let (Some(jailer), Some(firecracker)) = (tool("jailer"), tool("firecracker")) else {
+    let (Some(jailer), Some(firecracker)) = (
+        firecracker::tool("jailer"),
+        firecracker::tool("firecracker"),
+    ) else {
         banger_testkit::require(false, "no firecracker and jailer (../shared/tools or PATH)");
         return None;
     };
@@ -243,9 +207,8 @@ fn the_helper_jails_firecracker_as_the_owner_from_its_descriptors_and_cleans_up(
 
     let jail = jails.join("firecracker").join(VM_ID).join("root");
     let check = || -> Result<(), String> {
-        let uid = status_field(pid, None, "Uid:");
-        if uid.split_whitespace().any(|u| u != owner.uid.to_string()) {
-            return Err(format!("firecracker runs as {uid:?}, not {}", owner.uid));
+        if !firecracker::runs_as(pid, owner.uid) {
+            return Err(format!("firecracker does not run as uid {}", owner.uid));
         }
         let root = PathBuf::from(format!("/proc/{pid}/root"));
         if !root.join("firecracker").is_file() || root.join("etc/passwd").exists() {
@@ -264,31 +227,12 @@ fn the_helper_jails_firecracker_as_the_owner_from_its_descriptors_and_cleans_up(
             return Err(format!("firecracker.log belongs to uid {}", log.uid()));
         }
         // The API answers through the owner's run directory, and the VM was started.
-        let state = as_owner(owner.uid, owner.gid, {
-            let api = api_socket(&run);
-            move || -> Result<String, String> {
-                let mut s = UnixStream::connect(&api).map_err(|e| e.to_string())?;
-                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                s.write_all(
-                    b"GET / HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n\r\n",
-                )
-                .map_err(|e| e.to_string())?;
-                let mut buf = vec![0u8; 4096];
-                let n = s.read(&mut buf).map_err(|e| e.to_string())?;
-                Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
-            }
-        })?;
+        let api = api_socket(&run);
+        let state = as_owner(owner.uid, owner.gid, move || firecracker::api_state(&api))?;
         if !state.contains("\"state\":\"Running\"") {
             return Err(format!("not Running: {state}"));
         }
-        let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
-            .map_err(|e| e.to_string())?
-            .map(|t| t.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        if !tasks
-            .iter()
-            .any(|t| status_field(pid, Some(t), "Seccomp:") == "2")
-        {
+        if !firecracker::under_seccomp(pid)? {
             return Err("no thread of firecracker runs under seccomp".into());
         }
         // A second launch of a running id is refused.

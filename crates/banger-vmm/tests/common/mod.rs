@@ -55,16 +55,9 @@ pub fn mkfs_ext4(dir: &Path, staging: &Path, size: &str) -> PathBuf {
     image
 }
 
-/// Firecracker's `name` (`firecracker`, `jailer`): the release the project machines keep in
-/// ../shared/tools, else whatever PATH has.
+/// Firecracker's `name` (`firecracker`, `jailer`): see [`banger_testkit::firecracker::tool`].
 pub fn firecracker_tool(name: &str) -> Option<PathBuf> {
-    let shared = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/tools/firecracker-v1.16.1")
-        .join(name);
-    if shared.is_file() {
-        return Some(shared);
-    }
-    banger_vmm::backend::find_on_path(name)
+    banger_testkit::firecracker::tool(name)
 }
 
 /// The `firecracker` binary; `None` (a skip, or a failure under `BANGER_TEST_STRICT`) when

@@ -41,6 +41,26 @@ fn check(name: &str, found: Option<String>, required: bool, fix: &str) -> Doctor
     }
 }
 
+/// A check that passed, with what was found.
+fn ok_check(name: &str, detail: impl Into<String>) -> DoctorCheck {
+    DoctorCheck {
+        name: name.into(),
+        status: CheckStatus::Ok,
+        detail: detail.into(),
+        fix: None,
+    }
+}
+
+/// A check that failed without making banger unusable, with how to fix it.
+fn optional_check(name: &str, detail: impl Into<String>, fix: &str) -> DoctorCheck {
+    DoctorCheck {
+        name: name.into(),
+        status: CheckStatus::Optional,
+        detail: detail.into(),
+        fix: Some(fix.into()),
+    }
+}
+
 /// Runs every check. The KVM check boots the newest kernel briefly (bounded), because an
 /// openable /dev/kvm does not prove a Linux guest can run.
 pub fn diagnose(kernels: &KernelService, vms: &VmService) -> Vec<DoctorCheck> {
@@ -72,10 +92,7 @@ pub fn diagnose(kernels: &KernelService, vms: &VmService) -> Vec<DoctorCheck> {
             true,
             "apt-get install qemu-utils",
         ),
-        DoctorCheck {
-            name: "snapshots and warm templates".into(),
-            status: CheckStatus::Ok,
-            detail: {
+        ok_check("snapshots and warm templates", {
                 let state = &vms.layout().state_dir;
                 let snapshots = crate::services::vm::tree_bytes(&state.join("snapshots"));
                 let templates = crate::services::vm::tree_bytes(&state.join("templates"));
@@ -83,15 +100,8 @@ pub fn diagnose(kernels: &KernelService, vms: &VmService) -> Vec<DoctorCheck> {
                     "{snapshots} bytes in snapshots, {templates} bytes in warm templates under {} (banger snapshot rm|prune)",
                     state.display()
                 )
-            },
-            fix: None,
-        },
-        DoctorCheck {
-            name: "vm create disk cost".into(),
-            status: CheckStatus::Ok,
-            detail: crate::services::disk::create_cost(&vms.layout().vms_dir()),
-            fix: None,
-        },
+            }),
+        ok_check("vm create disk cost", crate::services::disk::create_cost(&vms.layout().vms_dir())),
         check(
             "busybox (initramfs)",
             Path::new(banger_vmm::initramfs::DEFAULT_BUSYBOX)
@@ -101,18 +111,13 @@ pub fn diagnose(kernels: &KernelService, vms: &VmService) -> Vec<DoctorCheck> {
             "apt-get install busybox-static",
         ),
         match config.vmm_user() {
-            Ok(user) => DoctorCheck {
-                name: "vmm user".into(),
-                status: CheckStatus::Ok,
-                detail: match user {
+            Ok(user) => ok_check("vmm user", match user {
                     Some(u) => format!(
                         "VMMs run as {} (uid {}, gid {}; vmm_user in config.toml)",
                         u.name, u.uid, u.gid
                     ),
                     None => "bangerd is not root: VMMs run as its user".into(),
-                },
-                fix: None,
-            },
+                }),
             Err(e) => DoctorCheck {
                 name: "vmm user".into(),
                 status: CheckStatus::Missing,
@@ -141,12 +146,11 @@ pub fn diagnose(kernels: &KernelService, vms: &VmService) -> Vec<DoctorCheck> {
         "apt-get download $(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image/{print $2}') && banger kernel import cloud --deb linux-image-*.deb",
     ));
     let kvm_check = if !Path::new("/dev/kvm").exists() {
-        DoctorCheck {
-            name: "kvm".into(),
-            status: CheckStatus::Optional,
-            detail: "/dev/kvm is absent: VMs run under TCG (software emulation, slower)".into(),
-            fix: Some("enable virtualisation (or nested virtualisation) for this host".into()),
-        }
+        optional_check(
+            "kvm",
+            "/dev/kvm is absent: VMs run under TCG (software emulation, slower)",
+            "enable virtualisation (or nested virtualisation) for this host",
+        )
     } else {
         match newest.and_then(|k| kernels.boot_files(&k.name).ok()) {
             None => DoctorCheck {
@@ -162,21 +166,18 @@ pub fn diagnose(kernels: &KernelService, vms: &VmService) -> Vec<DoctorCheck> {
                 Path::new(banger_vmm::initramfs::DEFAULT_BUSYBOX),
                 Duration::from_secs(15),
             ) {
-                Ok(probe) if probe.usable => DoctorCheck {
-                    name: "kvm".into(),
-                    status: CheckStatus::Ok,
-                    detail: format!("a probe guest booted under KVM ({})", probe.detail),
-                    fix: None,
-                },
-                Ok(probe) => DoctorCheck {
-                    name: "kvm".into(),
-                    status: CheckStatus::Optional,
-                    detail: format!(
+                Ok(probe) if probe.usable => ok_check(
+                    "kvm",
+                    format!("a probe guest booted under KVM ({})", probe.detail),
+                ),
+                Ok(probe) => optional_check(
+                    "kvm",
+                    format!(
                         "/dev/kvm opens but a guest does not boot ({}); VMs run under TCG",
                         probe.detail
                     ),
-                    fix: Some("use a host whose KVM runs unmodified Linux guests".into()),
-                },
+                    "use a host whose KVM runs unmodified Linux guests",
+                ),
                 Err(e) => DoctorCheck {
                     name: "kvm".into(),
                     status: CheckStatus::Optional,
@@ -214,24 +215,11 @@ fn jailer_check(vms: &VmService, firecracker_required: bool) -> DoctorCheck {
             firecracker_required,
             "install Firecracker's jailer (same release as firecracker) on PATH or set jailer_bin in config.toml; a root bangerd runs Firecracker only through it",
         ),
-        JailRoute::Helper { client, jailer } => DoctorCheck {
-            name: name.into(),
-            status: CheckStatus::Ok,
-            detail: format!(
+        JailRoute::Helper { client, jailer } => ok_check(name, format!(
                 "through bangerd-root at {}: its jailer {jailer} runs Firecracker chrooted, in its own cgroup and under seccomp, as this uid",
                 client.socket().display()
-            ),
-            fix: None,
-        },
-        JailRoute::Unjailed(why) => DoctorCheck {
-            name: name.into(),
-            status: CheckStatus::Optional,
-            detail: format!("unavailable, Firecracker would run unjailed as this uid: {why}"),
-            fix: Some(
-                "run bangerd as root, or start bangerd-root for this user (banger system install) with Firecracker's jailer and firecracker on its PATH"
-                    .into(),
-            ),
-        },
+            )),
+        JailRoute::Unjailed(why) => optional_check(name, format!("unavailable, Firecracker would run unjailed as this uid: {why}"), "run bangerd as root, or start bangerd-root for this user (banger system install) with Firecracker's jailer and firecracker on its PATH"),
     }
 }
 
@@ -240,30 +228,12 @@ fn jailer_check(vms: &VmService, firecracker_required: bool) -> DoctorCheck {
 /// nobody, and why.
 fn tap_route_check(route: &TapRoute) -> DoctorCheck {
     match route {
-        TapRoute::Direct => DoctorCheck {
-            name: "tap privileges".into(),
-            status: CheckStatus::Ok,
-            detail: "direct: bangerd is root and runs ip and nft itself".into(),
-            fix: None,
-        },
-        TapRoute::Helper(helper) => DoctorCheck {
-            name: "tap privileges".into(),
-            status: CheckStatus::Ok,
-            detail: format!(
+        TapRoute::Direct => ok_check("tap privileges", "direct: bangerd is root and runs ip and nft itself"),
+        TapRoute::Helper(helper) => ok_check("tap privileges", format!(
                 "through bangerd-root at {}: it creates the bridge, NAT, guard rules and TAP devices (owned by this uid) for this unprivileged bangerd",
                 helper.socket().display()
-            ),
-            fix: None,
-        },
-        TapRoute::Unavailable(why) => DoctorCheck {
-            name: "tap privileges".into(),
-            status: CheckStatus::Optional,
-            detail: format!("unavailable: {why}"),
-            fix: Some(
-                "run bangerd as root, or start bangerd-root for this user (banger system install) and set root_helper_socket if it is not the default"
-                    .into(),
-            ),
-        },
+            )),
+        TapRoute::Unavailable(why) => optional_check("tap privileges", format!("unavailable: {why}"), "run bangerd as root, or start bangerd-root for this user (banger system install) and set root_helper_socket if it is not the default"),
     }
 }
 
@@ -287,16 +257,11 @@ fn network_checks(tap_required: bool, route: &TapRoute) -> Vec<DoctorCheck> {
         missing.push("neither nft nor iptables");
     }
     let bridge = if missing.is_empty() {
-        DoctorCheck {
-            name: "bridge/NAT networking".into(),
-            status: CheckStatus::Ok,
-            detail: format!(
+        ok_check("bridge/NAT networking", format!(
                 "{}, /dev/net/tun, ip and NAT tools: network = \"auto\" gives VMs a TAP on bridge {} with NAT",
                 if cap.root { "root" } else { "bangerd-root" },
                 network::BRIDGE
-            ),
-            fix: None,
-        }
+            ))
     } else {
         DoctorCheck {
             name: "bridge/NAT networking".into(),
@@ -339,15 +304,13 @@ fn backend_check(vms: &VmService, kvm: Result<String, String>, route: &TapRoute)
         tap_network: tap,
     };
     match banger_vmm::backend::select_backend(setting.into(), &host) {
-        Ok(kind) => DoctorCheck {
-            name: "vmm".into(),
-            status: CheckStatus::Ok,
-            detail: format!(
+        Ok(kind) => ok_check(
+            "vmm",
+            format!(
                 "vmm = {:?} boots VMs with {kind}",
                 format!("{setting:?}").to_lowercase()
             ),
-            fix: None,
-        },
+        ),
         Err(e) => DoctorCheck {
             name: "vmm".into(),
             status: CheckStatus::Missing,
@@ -378,12 +341,7 @@ fn policy_checks(vms: &VmService, route: &TapRoute) -> Vec<DoctorCheck> {
         }
     } else {
         match (nft, config.vmm_user()) {
-            (true, Ok(Some(vmm))) => DoctorCheck {
-                name: "user-mode isolation".into(),
-                status: CheckStatus::Ok,
-                detail: format!("QEMU runs as {user} (uid {}); nft table inet {} rejects its traffic to loopback, host addresses and {}; egress: allow or deny", vmm.uid, network::GUARD_TABLE, network::BRIDGE),
-                fix: None,
-            },
+            (true, Ok(Some(vmm))) => ok_check("user-mode isolation", format!("QEMU runs as {user} (uid {}); nft table inet {} rejects its traffic to loopback, host addresses and {}; egress: allow or deny", vmm.uid, network::GUARD_TABLE, network::BRIDGE)),
             (nft, uid) => DoctorCheck {
                 name: "user-mode isolation".into(),
                 status: CheckStatus::Missing,
