@@ -194,14 +194,8 @@ mod tests {
         let mut out = Vec::new();
         plan.write_to(&mut out).unwrap();
         assert_eq!(plan.bytes, out.len() as u64);
-        let mut archive = tar::Archive::new(&out[..]);
-        let names: Vec<String> = archive
-            .entries()
-            .unwrap()
-            .map(|e| e.unwrap().path().unwrap().display().to_string())
-            .collect();
         assert_eq!(
-            names,
+            banger_testkit::tar_member_names(&out),
             [
                 "oci-layout".to_owned(),
                 "index.json".into(),

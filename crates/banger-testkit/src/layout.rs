@@ -268,6 +268,15 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// The member paths of the tar archive `tar`, in order.
+pub fn tar_member_names(tar: &[u8]) -> Vec<String> {
+    tar::Archive::new(tar)
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().display().to_string())
+        .collect()
+}
+
 /// An uncompressed tarball of regular files (`path`, `contents`), mode 0644, with parent
 /// directories created implicitly by whoever extracts it.
 pub fn tar_with_files(files: &[(&str, &[u8])]) -> Vec<u8> {

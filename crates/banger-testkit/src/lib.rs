@@ -18,6 +18,7 @@ pub mod firecracker;
 pub mod guest;
 pub mod pax;
 pub use layout::push_image;
+pub use layout::tar_member_names;
 pub use layout::tar_with_files_at;
 pub use layout::{
     noise, tar_with_files, BuiltImage, BuiltLayer, LayerCompression, OciLayoutBuilder,

@@ -36,6 +36,31 @@ fn start_helper(socket: &Path, owner_uid: u32, extra: &[&std::ffi::OsStr]) -> He
     common::start(common::helper_command(), socket, owner_uid, extra)
 }
 
+/// A helper serving `owner_uid` in `dir` (made traversable for the owner) that jails with
+/// `jailer` and `firecracker` under `dir/jails`; its socket and jail directory.
+fn jailing_helper(
+    dir: &Path,
+    owner_uid: u32,
+    jailer: &Path,
+    firecracker: &Path,
+) -> (Helper, PathBuf, PathBuf) {
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (socket, jails) = (dir.join("bangerd-root.sock"), dir.join("jails"));
+    let helper = start_helper(
+        &socket,
+        owner_uid,
+        &[
+            "--jail-dir".as_ref(),
+            jails.as_os_str(),
+            "--jailer".as_ref(),
+            jailer.as_os_str(),
+            "--firecracker".as_ref(),
+            firecracker.as_os_str(),
+        ],
+    );
+    (helper, socket, jails)
+}
+
 /// One request with `fds` attached, as this thread's credentials; the reply.
 fn call(socket: &Path, method: &str, params: Value, fds: &[BorrowedFd<'_>]) -> Value {
     use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
@@ -145,20 +170,7 @@ fn the_helper_jails_firecracker_as_the_owner_from_its_descriptors_and_cleans_up(
     };
     let Some(kernel) = vmlinux() else { return };
     let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let socket = tmp.path().join("bangerd-root.sock");
-    let jails = tmp.path().join("jails");
-    let _helper = start_helper(
-        &socket,
-        owner.uid,
-        &[
-            "--jail-dir".as_ref(),
-            jails.as_os_str(),
-            "--jailer".as_ref(),
-            jailer.as_os_str(),
-            "--firecracker".as_ref(),
-            firecracker.as_os_str(),
-        ],
-    );
+    let (_helper, socket, jails) = jailing_helper(tmp.path(), owner.uid, &jailer, &firecracker);
     // The owner's state: a run directory and a disk only it may open.
     let owner_dir = tmp.path().join("owner");
     let run = owner_dir.join(VM_ID);
@@ -166,11 +178,6 @@ fn the_helper_jails_firecracker_as_the_owner_from_its_descriptors_and_cleans_up(
     for dir in [&owner_dir, &run] {
         std::os::unix::fs::chown(dir, Some(owner.uid), Some(owner.gid)).unwrap();
     }
-    std::fs::set_permissions(
-        tmp.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
     let disk = run.join("root.ext4");
     std::fs::File::create(&disk)
         .unwrap()
@@ -287,29 +294,121 @@ fn launch_refusals_are_typed() {
         return;
     };
     let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    std::fs::set_permissions(
-        tmp.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    let socket = tmp.path().join("bangerd-root.sock");
-    let jails = tmp.path().join("jails");
-    let _helper = start_helper(
-        &socket,
-        owner.uid,
-        &[
-            "--jail-dir".as_ref(),
-            jails.as_os_str(),
-            "--jailer".as_ref(),
-            jailer.as_os_str(),
-            "--firecracker".as_ref(),
-            firecracker.as_os_str(),
-        ],
-    );
+    let (_helper, socket, jails) = jailing_helper(tmp.path(), owner.uid, &jailer, &firecracker);
     let file = tmp.path().join("file");
     std::fs::write(&file, b"not a kernel").unwrap();
     std::os::unix::fs::chown(&file, Some(owner.uid), Some(owner.gid)).unwrap();
 
+    // Each refusal: what it is, the method, the id, what `files` says, the descriptors
+    // sent (r: the file opened for reading, w: for writing, p: an O_PATH handle, d: a
+    // directory), and the kind of error.
+    type Case = (
+        &'static str,
+        &'static str,
+        &'static str,
+        &'static [&'static str],
+        &'static str,
+        &'static str,
+    );
+    const THREE: &[&str] = &["kernel", "console", "stderr"];
+    const CASES: &[Case] = &[
+        (
+            "a VM id with a path in it",
+            "priv.vmm.launch",
+            "../../etc",
+            THREE,
+            "rww",
+            "invalid_vm_id",
+        ),
+        (
+            "upper-case hex",
+            "priv.vmm.launch",
+            "0123456789ABCDEF",
+            THREE,
+            "rww",
+            "invalid_vm_id",
+        ),
+        (
+            "no descriptors",
+            "priv.vmm.launch",
+            VM_ID,
+            THREE,
+            "",
+            "bad_descriptor",
+        ),
+        (
+            "one descriptor short",
+            "priv.vmm.launch",
+            VM_ID,
+            THREE,
+            "rw",
+            "bad_descriptor",
+        ),
+        (
+            "no kernel",
+            "priv.vmm.launch",
+            VM_ID,
+            &["console", "stderr"],
+            "ww",
+            "bad_descriptor",
+        ),
+        (
+            "an O_PATH kernel",
+            "priv.vmm.launch",
+            VM_ID,
+            THREE,
+            "pww",
+            "bad_descriptor",
+        ),
+        (
+            "a directory as kernel",
+            "priv.vmm.launch",
+            VM_ID,
+            THREE,
+            "dww",
+            "bad_descriptor",
+        ),
+        (
+            "a read-only disk",
+            "priv.vmm.launch",
+            VM_ID,
+            &["kernel", "disk", "console", "stderr"],
+            "rrww",
+            "bad_descriptor",
+        ),
+        (
+            "a read-only console",
+            "priv.vmm.launch",
+            VM_ID,
+            THREE,
+            "rrw",
+            "bad_descriptor",
+        ),
+        (
+            "the kernel twice",
+            "priv.vmm.launch",
+            VM_ID,
+            &["kernel", "kernel", "console", "stderr"],
+            "rrww",
+            "bad_descriptor",
+        ),
+        (
+            "an unknown file kind",
+            "priv.vmm.launch",
+            VM_ID,
+            &["kernel", "script"],
+            "rw",
+            "bad_request",
+        ),
+        (
+            "descriptors to priv.ping",
+            "priv.ping",
+            "",
+            &[],
+            "r",
+            "bad_descriptor",
+        ),
+    ];
     let replies = as_owner(owner.uid, owner.gid, {
         let (socket, file) = (socket.clone(), file.clone());
         move || {
@@ -319,99 +418,32 @@ fn launch_refusals_are_typed() {
                 rustix::fs::open(&file, rustix::fs::OFlags::PATH, rustix::fs::Mode::empty())
                     .unwrap();
             let dir = std::fs::File::open(file.parent().unwrap()).unwrap();
-            let launch = |id: &str, files: &[&str], fds: &[BorrowedFd<'_>]| {
-                call(
-                    &socket,
-                    "priv.vmm.launch",
-                    serde_json::json!({ "id": id, "files": files }),
-                    fds,
-                )
-            };
-            let three = ["kernel", "console", "stderr"];
-            vec![
-                (
-                    "a VM id with a path in it",
-                    launch(
-                        "../../etc",
-                        &three,
-                        &[read.as_fd(), sink.as_fd(), sink.as_fd()],
-                    ),
-                ),
-                (
-                    "upper-case hex",
-                    launch(
-                        "0123456789ABCDEF",
-                        &three,
-                        &[read.as_fd(), sink.as_fd(), sink.as_fd()],
-                    ),
-                ),
-                ("no descriptors", launch(VM_ID, &three, &[])),
-                (
-                    "one descriptor short",
-                    launch(VM_ID, &three, &[read.as_fd(), sink.as_fd()]),
-                ),
-                (
-                    "no kernel",
-                    launch(VM_ID, &["console", "stderr"], &[sink.as_fd(), sink.as_fd()]),
-                ),
-                (
-                    "an O_PATH kernel",
-                    launch(VM_ID, &three, &[handle.as_fd(), sink.as_fd(), sink.as_fd()]),
-                ),
-                (
-                    "a directory as kernel",
-                    launch(VM_ID, &three, &[dir.as_fd(), sink.as_fd(), sink.as_fd()]),
-                ),
-                (
-                    "a read-only disk",
-                    launch(
-                        VM_ID,
-                        &["kernel", "disk", "console", "stderr"],
-                        &[read.as_fd(), read.as_fd(), sink.as_fd(), sink.as_fd()],
-                    ),
-                ),
-                (
-                    "a read-only console",
-                    launch(VM_ID, &three, &[read.as_fd(), read.as_fd(), sink.as_fd()]),
-                ),
-                (
-                    "the kernel twice",
-                    launch(
-                        VM_ID,
-                        &["kernel", "kernel", "console", "stderr"],
-                        &[read.as_fd(), read.as_fd(), sink.as_fd(), sink.as_fd()],
-                    ),
-                ),
-                (
-                    "an unknown file kind",
-                    launch(VM_ID, &["kernel", "script"], &[read.as_fd(), sink.as_fd()]),
-                ),
-                (
-                    "descriptors to priv.ping",
-                    call(&socket, "priv.ping", serde_json::json!({}), &[read.as_fd()]),
-                ),
-            ]
+            CASES
+                .iter()
+                .map(|(what, method, id, files, fds, _)| {
+                    let fds: Vec<BorrowedFd<'_>> = fds
+                        .chars()
+                        .map(|c| match c {
+                            'r' => read.as_fd(),
+                            'w' => sink.as_fd(),
+                            'p' => handle.as_fd(),
+                            _ => dir.as_fd(),
+                        })
+                        .collect();
+                    let params = match *method {
+                        "priv.ping" => serde_json::json!({}),
+                        _ => serde_json::json!({ "id": id, "files": files }),
+                    };
+                    (*what, call(&socket, method, params, &fds))
+                })
+                .collect::<Vec<_>>()
         }
     });
-    let kinds: Vec<(&str, String)> = replies
+    let kinds: Vec<(&str, &str)> = replies
         .iter()
-        .map(|(what, reply)| (*what, kind(reply).to_owned()))
+        .map(|(what, reply)| (*what, kind(reply)))
         .collect();
-    let expected = [
-        ("a VM id with a path in it", "invalid_vm_id"),
-        ("upper-case hex", "invalid_vm_id"),
-        ("no descriptors", "bad_descriptor"),
-        ("one descriptor short", "bad_descriptor"),
-        ("no kernel", "bad_descriptor"),
-        ("an O_PATH kernel", "bad_descriptor"),
-        ("a directory as kernel", "bad_descriptor"),
-        ("a read-only disk", "bad_descriptor"),
-        ("a read-only console", "bad_descriptor"),
-        ("the kernel twice", "bad_descriptor"),
-        ("an unknown file kind", "bad_request"),
-        ("descriptors to priv.ping", "bad_descriptor"),
-    ];
-    let expected: Vec<(&str, String)> = expected.iter().map(|(w, k)| (*w, k.to_string())).collect();
+    let expected: Vec<(&str, &str)> = CASES.iter().map(|c| (c.0, c.5)).collect();
     assert_eq!(kinds, expected, "{replies:#?}");
     // Nothing was jailed, and the refused requests left no jail behind.
     let instance = jails.join("firecracker").join(VM_ID);
