@@ -37,6 +37,26 @@ impl Resources {
     }
 }
 
+/// How a new VM is networked and booted, as `vm create` and `vm run` take it.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Boot {
+    /// Networking: user (QEMU user-mode, outbound only), tap (filtered bridge + NAT,
+    /// root), none (no network device) or auto (default: network in config.toml).
+    #[arg(long, value_parser = parse_network)]
+    network: Option<NetworkChoice>,
+    /// What the guest may reach beyond the host: allow, deny, or IPv4 CIDRs
+    /// separated by commas (tap only) (default: egress in config.toml).
+    #[arg(long, value_parser = Egress::parse_flag)]
+    egress: Option<Egress>,
+    /// Publish a guest port on the host: [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]
+    /// (repeatable; HOST_IP defaults to 127.0.0.1).
+    #[arg(short = 'p', long = "publish", value_parser = banger_api::PublishedPort::parse_flag)]
+    publish: Vec<banger_api::PublishedPort>,
+    /// Boot cold even where a warm template of this image, kernel and machine exists.
+    #[arg(long)]
+    cold: bool,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
     /// Create a VM from an image (and start it).
@@ -55,21 +75,8 @@ pub enum VmCommand {
         /// Create without starting.
         #[arg(long)]
         no_start: bool,
-        /// Networking: user (QEMU user-mode, outbound only), tap (filtered bridge + NAT,
-        /// root), none (no network device) or auto (default: network in config.toml).
-        #[arg(long, value_parser = parse_network)]
-        network: Option<NetworkChoice>,
-        /// What the guest may reach beyond the host: allow, deny, or IPv4 CIDRs
-        /// separated by commas (tap only) (default: egress in config.toml).
-        #[arg(long, value_parser = Egress::parse_flag)]
-        egress: Option<Egress>,
-        /// Publish a guest port on the host: [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]
-        /// (repeatable; HOST_IP defaults to 127.0.0.1).
-        #[arg(short = 'p', long = "publish", value_parser = banger_api::PublishedPort::parse_flag)]
-        publish: Vec<banger_api::PublishedPort>,
-        /// Boot cold even where a warm template of this image, kernel and machine exists.
-        #[arg(long)]
-        cold: bool,
+        #[command(flatten)]
+        boot: Boot,
         /// Fork this snapshot (banger vm snapshot) instead of booting an image.
         #[arg(long, conflicts_with_all = ["image", "kernel", "cpus", "memory", "disk", "no_start", "network", "egress", "cold"])]
         from: Option<String>,
@@ -229,19 +236,8 @@ pub enum VmCommand {
         rm: bool,
         #[command(flatten)]
         resources: Resources,
-        /// Networking: user, tap, none or auto (default: network in config.toml).
-        #[arg(long, value_parser = parse_network)]
-        network: Option<NetworkChoice>,
-        /// As for `vm create`.
-        #[arg(long, value_parser = Egress::parse_flag)]
-        egress: Option<Egress>,
-        /// Publish a guest port on the host: [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]
-        /// (repeatable; HOST_IP defaults to 127.0.0.1).
-        #[arg(short = 'p', long = "publish", value_parser = banger_api::PublishedPort::parse_flag)]
-        publish: Vec<banger_api::PublishedPort>,
-        /// Boot cold even where a warm template of this image, kernel and machine exists.
-        #[arg(long)]
-        cold: bool,
+        #[command(flatten)]
+        boot: Boot,
         #[command(flatten)]
         stdin: StdinArgs,
         /// Write the guest's bytes to this terminal as they are; by default control
@@ -359,10 +355,7 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
             kernel,
             resources,
             no_start,
-            network,
-            egress,
-            publish,
-            cold,
+            boot,
             from,
         } => {
             let params = VmCreateParams {
@@ -373,10 +366,10 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
                 memory_mib: resources.memory_mib(),
                 disk_bytes: resources.disk,
                 no_start,
-                network,
-                egress,
-                ports: publish,
-                cold,
+                network: boot.network,
+                egress: boot.egress,
+                ports: boot.publish,
+                cold: boot.cold,
                 from,
             };
             emit(json, &call::<VmCreate>(client, &params)?, |info| {
@@ -529,10 +522,7 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
             name,
             rm,
             resources,
-            network,
-            egress,
-            publish,
-            cold,
+            boot,
             stdin,
             raw,
             exports,
@@ -564,15 +554,15 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
                 workspace: workspace.as_ref().map(|w| w.name.clone()),
                 argv: command,
                 rm,
-                network,
-                egress,
-                ports: publish,
+                network: boot.network,
+                egress: boot.egress,
+                ports: boot.publish,
                 vcpus: resources.cpus,
                 memory_mib: resources.memory_mib(),
                 disk_bytes: resources.disk,
                 stdin: mode == Mode::Pipe,
                 tty: tty_params(mode)?,
-                cold,
+                cold: boot.cold,
             };
             let upload = workspace.map(|w| -> interactive::Upload {
                 Box::new(move |input| {
