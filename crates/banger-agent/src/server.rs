@@ -12,7 +12,7 @@
 //!
 //! After a version-3 host's [`Message::Hello`] the connection does flow control (see
 //! [`crate::proto`]): output pumps read a command's pipes only while the host has granted
-//! window ([`Credit`]), and the reading thread queues stdin and upload data without ever
+//! window ([`FlowWindow`]), and the reading thread queues stdin and upload data without ever
 //! waiting (the host sends no more than the window this side grants back as it consumes),
 //! so one stalled session never stalls the stream. Without a `Hello` it behaves as
 //! version 2: output as fast as it comes, and a full stdin or upload queue stops the
@@ -27,7 +27,7 @@ use std::path::{Component, Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -37,8 +37,8 @@ use rustix::pty::OpenptFlags;
 use rustix::termios::{SpecialCodeIndex, Winsize};
 
 use crate::proto::{
-    self, data_cost, ExecRequest, ExitStatus, Frame, FrameError, Message, SessionId, WinSize,
-    CHUNK_SIZE, FLOW_PROTOCOL_VERSION, FRAME_COST, INITIAL_WINDOW,
+    self, data_cost, ExecRequest, ExitStatus, FlowWindow, Frame, FrameError, Message, SessionId,
+    WinSize, CHUNK_SIZE, FLOW_PROTOCOL_VERSION, INITIAL_WINDOW,
 };
 use crate::reaper::Reaper;
 
@@ -93,60 +93,6 @@ impl Output {
                 *w = None;
             }
         }
-    }
-}
-
-/// The window the host granted for one session's output (stdout and stderr share it, as
-/// an SSH channel's data and extended data do). Closed when the connection ends: the
-/// pumps then drain the pipes without waiting (the frames are dropped anyway).
-struct Credit {
-    state: Mutex<(u64, bool)>,
-    cv: Condvar,
-}
-
-impl Credit {
-    fn new() -> Arc<Credit> {
-        Arc::new(Credit {
-            state: Mutex::new((u64::from(INITIAL_WINDOW), false)),
-            cv: Condvar::new(),
-        })
-    }
-
-    fn add(&self, n: u32) {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        // A host granting more than 4 GiB ahead gains nothing: saturate.
-        s.0 = s.0.saturating_add(u64::from(n));
-        self.cv.notify_all();
-    }
-
-    fn close(&self) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
-        self.cv.notify_all();
-    }
-
-    /// Waits until a frame of at least one byte fits and returns how many data bytes
-    /// (at most `max`) may be read now; [`Credit::charge`] then takes what was sent.
-    fn wait(&self, max: usize) -> usize {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            if s.1 {
-                return max;
-            }
-            if s.0 > u64::from(FRAME_COST) {
-                let room = s.0 - u64::from(FRAME_COST);
-                return max.min(usize::try_from(room).unwrap_or(usize::MAX));
-            }
-            s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
-        }
-    }
-
-    fn is_closed(&self) -> bool {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).1
-    }
-
-    fn charge(&self, len: usize) {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        s.0 = s.0.saturating_sub(u64::from(data_cost(len)));
     }
 }
 
@@ -219,8 +165,10 @@ enum Session {
     Exec {
         /// `None` once the host sent StdinEof (or never asked for stdin).
         stdin: Option<Feed<Vec<u8>>>,
-        /// The host's window for the output, with flow control.
-        credit: Option<Arc<Credit>>,
+        /// The host's window for the output, with flow control: stdout and stderr share it,
+        /// as an SSH channel's data and extended data do. Closed when the connection ends,
+        /// so the pumps then drain the pipes without waiting (the frames are dropped anyway).
+        credit: Option<Arc<FlowWindow>>,
         /// The command's process group (it leads its own).
         pgid: u32,
         /// The master side of the command's pty, when it runs on one (for Resize).
@@ -232,7 +180,7 @@ enum Session {
     },
     Download {
         /// The host's window for the tar stream.
-        credit: Arc<Credit>,
+        credit: Arc<FlowWindow>,
     },
 }
 
@@ -434,7 +382,7 @@ impl Conn {
     }
 
     /// The output window and the inbound grant of a session opened now.
-    fn flow_parts(&self, id: SessionId) -> (bool, Option<Arc<Credit>>, Option<Grant>) {
+    fn flow_parts(&self, id: SessionId) -> (bool, Option<Arc<FlowWindow>>, Option<Grant>) {
         if !self.flow.load(Ordering::SeqCst) {
             return (false, None, None);
         }
@@ -443,7 +391,7 @@ impl Conn {
             id,
             pending: 0,
         };
-        (true, Some(Credit::new()), Some(grant))
+        (true, Some(Arc::new(FlowWindow::new())), Some(grant))
     }
 
     fn start_exec(&self, id: SessionId, req: ExecRequest) -> Result<(), StartError> {
@@ -659,7 +607,7 @@ impl Conn {
         if !path.is_absolute() {
             return Err(format!("download: path {} is not absolute", path.display()));
         }
-        let credit = Credit::new();
+        let credit = Arc::new(FlowWindow::new());
         self.sessions().insert(
             id,
             Session::Download {
@@ -749,11 +697,11 @@ fn pump(
     out: &Out,
     id: SessionId,
     wrap: fn(Vec<u8>) -> Message,
-    credit: Option<&Credit>,
+    credit: Option<&FlowWindow>,
 ) {
     let mut buf = vec![0u8; CHUNK_SIZE];
     loop {
-        let room = credit.map_or(CHUNK_SIZE, |c| c.wait(CHUNK_SIZE));
+        let room = credit.map_or(CHUNK_SIZE, |c| c.wait_room(CHUNK_SIZE));
         match pipe.read(&mut buf[..room]) {
             Ok(0) => return,
             Ok(n) => {
@@ -809,7 +757,7 @@ fn pump_pty(
     exited: &Receiver<ExitStatus>,
     out: &Out,
     id: SessionId,
-    credit: Option<&Credit>,
+    credit: Option<&FlowWindow>,
 ) -> Option<ExitStatus> {
     /// How often a pump with nothing to read checks whether the command exited.
     const TICK_MS: i32 = 100;
@@ -842,7 +790,7 @@ fn pump_pty(
             }
         }
         // Waiting for window here leaves the pty's buffer full, which blocks the command.
-        let room = credit.map_or(CHUNK_SIZE, |c| c.wait(CHUNK_SIZE));
+        let room = credit.map_or(CHUNK_SIZE, |c| c.wait_room(CHUNK_SIZE));
         match master.read(&mut buf[..room]) {
             Ok(0) => break,
             Ok(n) => {
@@ -900,7 +848,7 @@ fn feed_stdin(mut pipe: impl Write, rx: Receiver<Vec<u8>>, mut grant: Option<Gra
 struct DownloadSink<'a> {
     out: &'a Out,
     id: SessionId,
-    credit: &'a Credit,
+    credit: &'a FlowWindow,
     buf: Vec<u8>,
 }
 
@@ -914,7 +862,7 @@ impl DownloadSink<'_> {
                     "the host cancelled the download (or disconnected)",
                 ));
             }
-            let n = self.credit.wait(self.buf.len() - at);
+            let n = self.credit.wait_room(self.buf.len() - at);
             self.credit.charge(n);
             self.out.send(
                 self.id,

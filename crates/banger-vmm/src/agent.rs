@@ -28,7 +28,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use banger_agent::proto::{
-    self, data_cost, Frame, Message, SessionId, CHUNK_SIZE, DOWNLOAD_PROTOCOL_VERSION,
+    self, data_cost, FlowWindow, Frame, Message, SessionId, CHUNK_SIZE, DOWNLOAD_PROTOCOL_VERSION,
     FLOW_PROTOCOL_VERSION, FRAME_COST, INITIAL_WINDOW, LISTEN_PROTOCOL_VERSION,
     MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, PTY_PROTOCOL_VERSION, STATS_PROTOCOL_VERSION,
 };
@@ -341,66 +341,19 @@ impl Inbox {
     }
 }
 
-/// The window the agent granted for one session's stdin or upload data.
-struct Window {
-    state: Mutex<(u64, bool)>,
-    cv: Condvar,
-}
-
-impl Window {
-    fn new() -> Window {
-        Window {
-            state: Mutex::new((u64::from(INITIAL_WINDOW), false)),
-            cv: Condvar::new(),
-        }
-    }
-
-    fn add(&self, n: u32) {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.0 = st.0.saturating_add(u64::from(n));
-        self.cv.notify_all();
-    }
-
-    fn close(&self) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
-        self.cv.notify_all();
-    }
-
-    /// Takes `cost` of the window, waiting up to `timeout` for it (`None`: for ever).
-    /// `Some(false)`: the session is over; `None`: timed out.
-    fn acquire(&self, cost: u32, timeout: Option<Duration>) -> Option<bool> {
-        let deadline = timeout.map(|t| Instant::now() + t);
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            if st.1 {
-                return Some(false);
-            }
-            if st.0 >= u64::from(cost) {
-                st.0 -= u64::from(cost);
-                return Some(true);
-            }
-            st = match deadline {
-                None => self.cv.wait(st).unwrap_or_else(|e| e.into_inner()),
-                Some(deadline) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return None;
-                    }
-                    self.cv
-                        .wait_timeout(st, left)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0
-                }
-            };
-        }
-    }
+/// Whether a version gate lets through an agent that has not answered a ping yet
+/// (version 0); each gate keeps the choice it was written with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unpinged {
+    Passes,
+    Refused,
 }
 
 /// A session as the reader thread sees it.
 #[derive(Clone)]
 struct Entry {
     inbox: Arc<Inbox>,
-    window: Arc<Window>,
+    window: Arc<FlowWindow>,
     /// Opened after the `Hello`: flow-controlled both ways.
     flow: bool,
 }
@@ -609,10 +562,34 @@ impl AgentClient {
         self.shared.agent_version.load(Ordering::SeqCst)
     }
 
+    /// Refuses, before anything is sent, a request the agent's protocol is older than
+    /// `needed` for: `{needs} agent protocol version {needed}, this agent speaks …`, as
+    /// the failure of `op`. An agent that has not answered a ping yet speaks version 0,
+    /// which `unpinged` lets through or refuses.
+    fn require_protocol(
+        &self,
+        needed: u32,
+        needs: &str,
+        unpinged: Unpinged,
+        op: impl FnOnce() -> String,
+    ) -> Result<()> {
+        let version = self.shared.agent_version.load(Ordering::SeqCst);
+        if version >= needed || (version == 0 && unpinged == Unpinged::Passes) {
+            return Ok(());
+        }
+        Err(AgentError::Remote {
+            op: op(),
+            message: format!(
+                "{needs} agent protocol version {needed}, this agent speaks {version} (an \
+                 older banger injected it: recreate the VM)"
+            ),
+        })
+    }
+
     fn open(&self) -> Session<'_> {
         let entry = Entry {
             inbox: Arc::default(),
-            window: Arc::new(Window::new()),
+            window: Arc::new(FlowWindow::new()),
             flow: self.shared.flow.load(Ordering::SeqCst),
         };
         let mut sessions = self
@@ -748,15 +725,8 @@ impl AgentClient {
         stderr: &mut dyn Write,
     ) -> Result<ExitStatus> {
         let op = || format!("exec {:?}", req.argv);
-        let version = self.shared.agent_version.load(Ordering::SeqCst);
-        if req.tty.is_some() && version != 0 && version < PTY_PROTOCOL_VERSION {
-            return Err(AgentError::Remote {
-                op: op(),
-                message: format!(
-                    "a pty needs agent protocol version {PTY_PROTOCOL_VERSION}, this agent speaks \
-                     {version} (an older banger injected it: recreate the VM)"
-                ),
-            });
+        if req.tty.is_some() {
+            self.require_protocol(PTY_PROTOCOL_VERSION, "a pty needs", Unpinged::Passes, op)?;
         }
         let session = self.open();
         session.send(Message::Exec(req.clone()))?;
@@ -901,16 +871,12 @@ impl AgentClient {
     /// refused here, before anything is sent, with an error saying so.
     pub fn download(&self, guest_path: &Path, sink: &mut dyn Write) -> Result<u32> {
         let op = || format!("download {}", guest_path.display());
-        let version = self.shared.agent_version.load(Ordering::SeqCst);
-        if version < DOWNLOAD_PROTOCOL_VERSION {
-            return Err(AgentError::Remote {
-                op: op(),
-                message: format!(
-                    "copying files out needs agent protocol version {DOWNLOAD_PROTOCOL_VERSION}, \
-                     this agent speaks {version} (an older banger injected it: recreate the VM)"
-                ),
-            });
-        }
+        self.require_protocol(
+            DOWNLOAD_PROTOCOL_VERSION,
+            "copying files out needs",
+            Unpinged::Refused,
+            op,
+        )?;
         let session = self.open();
         if !session.entry.flow {
             return Err(AgentError::Protocol {
@@ -989,16 +955,12 @@ impl AgentClient {
     /// them from `/proc/net`; waits up to `timeout`. An agent older than
     /// [`LISTEN_PROTOCOL_VERSION`] is refused with a message saying so.
     pub fn listening(&self, timeout: Duration) -> Result<Vec<banger_agent::proto::ListenSocket>> {
-        let version = self.shared.agent_version.load(Ordering::SeqCst);
-        if version != 0 && version < LISTEN_PROTOCOL_VERSION {
-            return Err(AgentError::Remote {
-                op: "list sockets".into(),
-                message: format!(
-                    "listing sockets needs agent protocol version {LISTEN_PROTOCOL_VERSION}, this agent speaks \
-                     {version} (an older banger injected it: recreate the VM)"
-                ),
-            });
-        }
+        self.require_protocol(
+            LISTEN_PROTOCOL_VERSION,
+            "listing sockets needs",
+            Unpinged::Passes,
+            || "list sockets".into(),
+        )?;
         let session = self.open();
         session.send(Message::ListSockets)?;
         match session.recv_timeout("list sockets", timeout)? {
@@ -1014,16 +976,12 @@ impl AgentClient {
     /// The guest's resource counters, or a failure after `timeout`. An agent older than
     /// [`STATS_PROTOCOL_VERSION`] is not asked (it would leave the request unanswered).
     pub fn stats(&self, timeout: Duration) -> Result<GuestStats> {
-        let version = self.shared.agent_version.load(Ordering::SeqCst);
-        if version < STATS_PROTOCOL_VERSION {
-            return Err(AgentError::Remote {
-                op: "stats".into(),
-                message: format!(
-                    "guest counters need agent protocol version {STATS_PROTOCOL_VERSION}, this \
-                     agent speaks {version} (an older banger injected it: recreate the VM)"
-                ),
-            });
-        }
+        self.require_protocol(
+            STATS_PROTOCOL_VERSION,
+            "guest counters need",
+            Unpinged::Refused,
+            || "stats".into(),
+        )?;
         let session = self.open();
         session.send(Message::StatsRequest)?;
         match session.recv_timeout("stats", timeout)? {
@@ -1148,7 +1106,7 @@ pub struct ExecControl {
     id: SessionId,
     done: Arc<AtomicBool>,
     /// The agent's window for stdin (used with `flow`).
-    window: Arc<Window>,
+    window: Arc<FlowWindow>,
     flow: bool,
 }
 
