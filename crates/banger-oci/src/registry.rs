@@ -647,14 +647,9 @@ impl RegistryClient {
         blob: Option<&Digest>,
         action: String,
     ) -> RegistryError {
-        if is_timeout(&error) {
-            return RegistryError::Timeout {
-                action,
-                registry: reference.registry_host().to_owned(),
-                timeout: self.read_timeout(),
-            };
-        }
-        map_oci_error(error, reference, blob, action)
+        self.timeout_or(error, reference, action, |error, action| {
+            map_oci_error(error, reference, blob, action)
+        })
     }
 
     /// [`stream_error`], telling a timeout apart from other transport failures.
@@ -665,6 +660,20 @@ impl RegistryClient {
         reference: &ImageRef,
         action: String,
     ) -> RegistryError {
+        self.timeout_or(error, reference, action, |error, action| {
+            stream_error(error, digest, reference, action)
+        })
+    }
+
+    /// [`RegistryError::Timeout`] for `action` when `error` is a timeout (anywhere in its
+    /// chain), what `otherwise` makes of it when not.
+    fn timeout_or<E: std::error::Error + 'static>(
+        &self,
+        error: E,
+        reference: &ImageRef,
+        action: String,
+        otherwise: impl FnOnce(E, String) -> RegistryError,
+    ) -> RegistryError {
         if is_timeout(&error) {
             return RegistryError::Timeout {
                 action,
@@ -672,7 +681,7 @@ impl RegistryClient {
                 timeout: self.read_timeout(),
             };
         }
-        stream_error(error, digest, reference, action)
+        otherwise(error, action)
     }
 
     /// Streams `layer` of `reference`'s repository into `cache`, verified, calling
