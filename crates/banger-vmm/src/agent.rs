@@ -961,16 +961,15 @@ impl AgentClient {
             Unpinged::Passes,
             || "list sockets".into(),
         )?;
-        let session = self.open();
-        session.send(Message::ListSockets)?;
-        match session.recv_timeout("list sockets", timeout)? {
-            Message::Sockets(sockets) => Ok(sockets),
-            Message::Error(message) => Err(AgentError::Remote {
-                op: "list sockets".into(),
-                message,
-            }),
-            other => Err(unexpected("list sockets", &other)),
-        }
+        self.ask(
+            "list sockets",
+            Message::ListSockets,
+            timeout,
+            |answer| match answer {
+                Message::Sockets(sockets) => Ok(sockets),
+                other => Err(other),
+            },
+        )
     }
 
     /// The guest's resource counters, or a failure after `timeout`. An agent older than
@@ -982,15 +981,36 @@ impl AgentClient {
             Unpinged::Refused,
             || "stats".into(),
         )?;
+        self.ask(
+            "stats",
+            Message::StatsRequest,
+            timeout,
+            |answer| match answer {
+                Message::Stats(stats) => Ok(stats),
+                other => Err(other),
+            },
+        )
+    }
+
+    /// Sends `request` on a session of its own and waits up to `timeout` for the one
+    /// answer, which `expected` takes (or hands back): the agent's error, or any other
+    /// message, fails `op`.
+    fn ask<T>(
+        &self,
+        op: &'static str,
+        request: Message,
+        timeout: Duration,
+        expected: impl FnOnce(Message) -> std::result::Result<T, Message>,
+    ) -> Result<T> {
         let session = self.open();
-        session.send(Message::StatsRequest)?;
-        match session.recv_timeout("stats", timeout)? {
-            Message::Stats(stats) => Ok(stats),
-            Message::Error(message) => Err(AgentError::Remote {
-                op: "stats".into(),
+        session.send(request)?;
+        match expected(session.recv_timeout(op, timeout)?) {
+            Ok(value) => Ok(value),
+            Err(Message::Error(message)) => Err(AgentError::Remote {
+                op: op.into(),
                 message,
             }),
-            other => Err(unexpected("stats", &other)),
+            Err(other) => Err(unexpected(op, &other)),
         }
     }
 

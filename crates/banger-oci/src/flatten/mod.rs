@@ -822,7 +822,7 @@ impl Flattener {
                 .enter(parent, true, &mut self.created)
                 .map_err(resolve_problem)?;
             self.record_created();
-            let mut real = self.resolver.real().to_vec();
+            let real = self.resolver.real().to_vec();
             mark_added(&mut self.layer_added, real.clone());
             let dir = rustix::fs::openat(
                 self.resolver.dir(),
@@ -831,14 +831,7 @@ impl Flattener {
                 Mode::empty(),
             )
             .map_err(|e| errno_problem("opening opaque directory", e))?;
-            clear_lower(
-                dir.as_fd(),
-                &mut real,
-                &self.layer_added,
-                &mut self.metadata,
-            )?;
-            self.resolver.note_removal();
-            return Ok(());
+            return self.clear_lower_of(dir, real);
         }
         if target.starts_with(b".wh.") {
             // Other `.wh..wh.` names are aufs bookkeeping (e.g. `.wh..wh.plnk`), not content.
@@ -866,13 +859,7 @@ impl Flattener {
             if is_dir {
                 let sub = open_subdir(self.resolver.dir(), target)
                     .map_err(|e| errno_problem("opening whited-out directory", e))?;
-                clear_lower(
-                    sub.as_fd(),
-                    &mut real,
-                    &self.layer_added,
-                    &mut self.metadata,
-                )?;
-                self.resolver.note_removal();
+                self.clear_lower_of(sub, real)?;
             }
             return Ok(());
         }
@@ -884,6 +871,23 @@ impl Flattener {
     }
 
     /// Records directories the resolver created implicitly (root-owned 0755, as Docker).
+    /// Removes what lower layers left below `dir`, this layer's directory `real` (see
+    /// [`clear_lower`]), and tells the resolver that entries went.
+    fn clear_lower_of(
+        &mut self,
+        dir: rustix::fd::OwnedFd,
+        mut real: Vec<u8>,
+    ) -> Result<(), EntryProblem> {
+        clear_lower(
+            dir.as_fd(),
+            &mut real,
+            &self.layer_added,
+            &mut self.metadata,
+        )?;
+        self.resolver.note_removal();
+        Ok(())
+    }
+
     fn record_created(&mut self) {
         for real in std::mem::take(&mut self.created) {
             let meta = EntryMetadata::implicit_dir(self.next_inode);
