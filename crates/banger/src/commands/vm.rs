@@ -340,6 +340,17 @@ fn exit_with(result: anyhow::Result<ExecResult>, json: bool) -> anyhow::Result<E
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }
 
+/// Calls a method that acts on the VM `name` and answers its info (`vm.start`, `vm.stop`,
+/// …), printing `{done} NAME` (or the info, with `--json`).
+fn act_on<M>(client: &mut Client, name: String, json: bool, done: &str) -> anyhow::Result<()>
+where
+    M: banger_api::Method<Params = NameParams, Result = VmInfo>,
+{
+    emit(json, &call::<M>(client, &NameParams { name })?, |info| {
+        println!("{done} {}", info.name)
+    })
+}
+
 /// `--network`: one of the closed set of [`NetworkChoice`]s.
 fn parse_network(s: &str) -> Result<NetworkChoice, String> {
     serde_json::from_value(serde_json::Value::String(s.to_owned()))
@@ -376,41 +387,17 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
                 println!("created {} ({})", info.name, info.state)
             })?;
         }
-        VmCommand::Start { name } => emit(
-            json,
-            &call::<VmStart>(client, &NameParams { name })?,
-            |info| println!("started {}", info.name),
-        )?,
-        VmCommand::Stop { name } => emit(
-            json,
-            &call::<VmStop>(client, &NameParams { name })?,
-            |info| println!("stopped {}", info.name),
-        )?,
-        VmCommand::Kill { name } => emit(
-            json,
-            &call::<VmKill>(client, &NameParams { name })?,
-            |info| println!("killed {}", info.name),
-        )?,
+        VmCommand::Start { name } => act_on::<VmStart>(client, name, json, "started")?,
+        VmCommand::Stop { name } => act_on::<VmStop>(client, name, json, "stopped")?,
+        VmCommand::Kill { name } => act_on::<VmKill>(client, name, json, "killed")?,
         VmCommand::Snapshot { name, snapshot } => emit(
             json,
             &call::<VmSnapshot>(client, &VmSnapshotParams { name, snapshot })?,
             |info| println!("saved snapshot {} of {}", info.name, info.vm),
         )?,
-        VmCommand::Pause { name } => emit(
-            json,
-            &call::<VmPause>(client, &NameParams { name })?,
-            |info| println!("paused {}", info.name),
-        )?,
-        VmCommand::Resume { name } => emit(
-            json,
-            &call::<VmResume>(client, &NameParams { name })?,
-            |info| println!("resumed {}", info.name),
-        )?,
-        VmCommand::Rm { name } => {
-            emit(json, &call::<VmRm>(client, &NameParams { name })?, |info| {
-                println!("removed {}", info.name)
-            })?
-        }
+        VmCommand::Pause { name } => act_on::<VmPause>(client, name, json, "paused")?,
+        VmCommand::Resume { name } => act_on::<VmResume>(client, name, json, "resumed")?,
+        VmCommand::Rm { name } => act_on::<VmRm>(client, name, json, "removed")?,
         VmCommand::List { state, image } => {
             let params = VmListParams {
                 state: state.map(|s| s.parse()).transpose()?,
@@ -439,11 +426,7 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
                 }
             })?;
         }
-        VmCommand::Restart { name } => emit(
-            json,
-            &call::<VmRestart>(client, &NameParams { name })?,
-            |info| println!("restarted {}", info.name),
-        )?,
+        VmCommand::Restart { name } => act_on::<VmRestart>(client, name, json, "restarted")?,
         VmCommand::Prune { all, dry_run } => {
             let result = call::<VmPrune>(client, &VmPruneParams { all, dry_run })?;
             emit(json, &result, |r| {
