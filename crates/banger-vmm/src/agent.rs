@@ -1324,6 +1324,22 @@ mod tests {
         assert!(err.to_string().contains("nope"), "{err}");
     }
 
+    /// Runs `ask` with a client that has pinged a [`version_1_agent`], then hangs up;
+    /// returns what reached the agent besides pings.
+    fn with_version_1_agent(ask: impl FnOnce(&AgentClient)) -> Vec<Message> {
+        let (a, b) = UnixStream::pair().unwrap();
+        let agent = version_1_agent(b);
+        let client = AgentClient::from_halves(
+            Box::new(a.try_clone().unwrap()),
+            Box::new(a.try_clone().unwrap()),
+        );
+        client.ping(Duration::from_secs(5)).unwrap();
+        ask(&client);
+        a.shutdown(std::net::Shutdown::Both).unwrap();
+        drop(client);
+        agent.join().unwrap()
+    }
+
     /// A stand-in for an agent of protocol version 1: answers pings, records the rest.
     fn version_1_agent(stream: UnixStream) -> std::thread::JoinHandle<Vec<Message>> {
         std::thread::spawn(move || {
@@ -1433,52 +1449,34 @@ mod tests {
 
     #[test]
     fn an_agent_older_than_version_4_is_not_asked_for_stats() {
-        let (a, b) = UnixStream::pair().unwrap();
-        let agent = version_1_agent(b);
-        let client = AgentClient::from_halves(
-            Box::new(a.try_clone().unwrap()),
-            Box::new(a.try_clone().unwrap()),
-        );
-        client.ping(Duration::from_secs(5)).unwrap();
-        let err = client.stats(Duration::from_secs(5)).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "stats: the agent says: guest counters need agent protocol version 4, this agent \
-             speaks 1 (an older banger injected it: recreate the VM)"
-        );
-        a.shutdown(std::net::Shutdown::Both).unwrap();
-        drop(client);
-        assert_eq!(agent.join().unwrap(), [], "the request reached the agent");
+        let seen = with_version_1_agent(|client| {
+            let err = client.stats(Duration::from_secs(5)).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "stats: the agent says: guest counters need agent protocol version 4, this agent \
+                 speaks 1 (an older banger injected it: recreate the VM)"
+            );
+        });
+        assert_eq!(seen, [], "the request reached the agent");
     }
 
     #[test]
     fn a_version_1_agent_is_served_but_asked_for_no_pty() {
-        let (a, b) = UnixStream::pair().unwrap();
-        let agent = version_1_agent(b);
-        let client = AgentClient::from_halves(
-            Box::new(a.try_clone().unwrap()),
-            Box::new(a.try_clone().unwrap()),
-        );
-        client.ping(Duration::from_secs(5)).unwrap();
-        let req = ExecRequest {
-            tty: Some(WinSize { rows: 24, cols: 80 }),
-            ..ExecRequest::new(["sh"])
-        };
-        let err = client
-            .exec_with(&req, |_| Ok(()), &mut Vec::new(), &mut Vec::new())
-            .unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("a pty needs agent protocol version 2"),
-            "{err}"
-        );
-        a.shutdown(std::net::Shutdown::Both).unwrap();
-        drop(client);
-        assert_eq!(
-            agent.join().unwrap(),
-            [],
-            "the refused exec reached the agent"
-        );
+        let seen = with_version_1_agent(|client| {
+            let req = ExecRequest {
+                tty: Some(WinSize { rows: 24, cols: 80 }),
+                ..ExecRequest::new(["sh"])
+            };
+            let err = client
+                .exec_with(&req, |_| Ok(()), &mut Vec::new(), &mut Vec::new())
+                .unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains("a pty needs agent protocol version 2"),
+                "{err}"
+            );
+        });
+        assert_eq!(seen, [], "the refused exec reached the agent");
     }
 
     #[test]
