@@ -785,6 +785,14 @@ fn decode_body(frame: &[u8]) -> Result<Frame, FrameError> {
             })
         }
     };
+    // A guest path: the whole body, never empty.
+    let path = |name: &'static str, reason: &'static str| {
+        if body.is_empty() {
+            Err(FrameError::Malformed { kind: name, reason })
+        } else {
+            Ok(PathBuf::from(OsString::from_vec(body.to_vec())))
+        }
+    };
     let msg = match kind {
         kind::PING => empty("ping", Message::Ping)?,
         kind::PONG => {
@@ -814,17 +822,9 @@ fn decode_body(frame: &[u8]) -> Result<Frame, FrameError> {
                 }
             })
         }
-        kind::UPLOAD => {
-            if body.is_empty() {
-                return Err(FrameError::Malformed {
-                    kind: "upload",
-                    reason: "empty destination",
-                });
-            }
-            Message::Upload {
-                dest: OsString::from_vec(body.to_vec()).into(),
-            }
-        }
+        kind::UPLOAD => Message::Upload {
+            dest: path("upload", "empty destination")?,
+        },
         kind::UPLOAD_DATA => Message::UploadData(body.to_vec()),
         kind::UPLOAD_END => empty("upload-end", Message::UploadEnd)?,
         kind::ACK => empty("ack", Message::Ack)?,
@@ -854,17 +854,9 @@ fn decode_body(frame: &[u8]) -> Result<Frame, FrameError> {
             c.finish()?;
             Message::Window(n)
         }
-        kind::DOWNLOAD => {
-            if body.is_empty() {
-                return Err(FrameError::Malformed {
-                    kind: "download",
-                    reason: "empty path",
-                });
-            }
-            Message::Download {
-                path: OsString::from_vec(body.to_vec()).into(),
-            }
-        }
+        kind::DOWNLOAD => Message::Download {
+            path: path("download", "empty path")?,
+        },
         kind::DOWNLOAD_DATA => Message::DownloadData(body.to_vec()),
         kind::DOWNLOAD_END => {
             let mut c = Cursor::new("download-end", body);

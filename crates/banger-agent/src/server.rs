@@ -568,9 +568,7 @@ impl Conn {
         let (_, _, grant) = self.flow_parts(id);
         let (tx, rx) = Feed::new(grant.is_some());
         self.sessions().insert(id, Session::Upload { data: tx });
-        let out = self.out.clone();
-        let sessions = self.sessions.clone();
-        let started = spawn_named("upload", move || {
+        self.run_session(id, "upload", move || {
             let mut reader = ChannelReader {
                 rx,
                 buf: Vec::new(),
@@ -581,23 +579,11 @@ impl Conn {
             let result = unpack_tar(&mut reader, &dest)
                 // Wait for UploadEnd, so the reply follows the host's last frame.
                 .and_then(|()| io::copy(&mut reader, &mut io::sink()).map(drop));
-            sessions
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&id);
             match result {
-                Ok(()) => out.send(id, Message::Ack),
-                Err(e) => out.send(
-                    id,
-                    Message::Error(format!("unpack upload into {}: {e}", dest.display())),
-                ),
+                Ok(()) => Message::Ack,
+                Err(e) => Message::Error(format!("unpack upload into {}: {e}", dest.display())),
             }
-        });
-        if started.is_none() {
-            self.sessions().remove(&id);
-            return Err("upload: cannot start a thread".into());
-        }
-        Ok(())
+        })
     }
 
     /// Sends `path` as a tar stream, paced by the host's window (a download always does
@@ -615,8 +601,7 @@ impl Conn {
             },
         );
         let out = self.out.clone();
-        let sessions = self.sessions.clone();
-        let started = spawn_named("download", move || {
+        self.run_session(id, "download", move || {
             let mut sink = DownloadSink {
                 out: &out,
                 id,
@@ -625,21 +610,35 @@ impl Conn {
             };
             let result = crate::download::archive_path(&path, &mut sink)
                 .and_then(|skipped| sink.send_buf().map(|()| skipped));
+            match result {
+                Ok(skipped) => Message::DownloadEnd { skipped },
+                Err(e) => Message::Error(format!("download {}: {e}", path.display())),
+            }
+        })
+    }
+
+    /// Runs the work of session `id` (registered already) on a thread named `what`: when
+    /// it ends the session is forgotten first and its answer sent after. A thread that
+    /// cannot start unregisters the session and fails the request.
+    fn run_session(
+        &self,
+        id: SessionId,
+        what: &'static str,
+        work: impl FnOnce() -> Message + Send + 'static,
+    ) -> Result<(), String> {
+        let out = self.out.clone();
+        let sessions = self.sessions.clone();
+        let started = spawn_named(what, move || {
+            let answer = work();
             sessions
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&id);
-            match result {
-                Ok(skipped) => out.send(id, Message::DownloadEnd { skipped }),
-                Err(e) => out.send(
-                    id,
-                    Message::Error(format!("download {}: {e}", path.display())),
-                ),
-            }
+            out.send(id, answer);
         });
         if started.is_none() {
             self.sessions().remove(&id);
-            return Err("download: cannot start a thread".into());
+            return Err(format!("{what}: cannot start a thread"));
         }
         Ok(())
     }

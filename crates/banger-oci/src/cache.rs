@@ -345,10 +345,8 @@ impl BlobCache {
         };
         let mut prefix = name.as_bytes().to_vec();
         prefix.extend_from_slice(PRUNING_MARKER.as_bytes());
-        let entries = match fs::read_dir(parent) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e),
+        let Some(entries) = read_dir_if_present(parent)? else {
+            return Ok(Vec::new());
         };
         let mut found = Vec::new();
         for entry in entries {
@@ -833,12 +831,20 @@ struct BlobUse {
     last_used: SystemTime,
 }
 
+/// The entries of `dir`; `None` when there is no `dir` (a cache not made yet, or
+/// removed meanwhile, holds nothing).
+fn read_dir_if_present(dir: &Path) -> io::Result<Option<fs::ReadDir>> {
+    match fs::read_dir(dir) {
+        Ok(entries) => Ok(Some(entries)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 fn list_blob_uses(root: &Path) -> io::Result<Vec<BlobUse>> {
     let dir = root.join("blobs").join("sha256");
-    let entries = match fs::read_dir(&dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e),
+    let Some(entries) = read_dir_if_present(&dir)? else {
+        return Ok(Vec::new());
     };
     let mut uses = Vec::new();
     for entry in entries {
@@ -895,10 +901,9 @@ fn aside_path(root: &Path) -> PathBuf {
 }
 
 fn has_any_entry(dir: &Path) -> io::Result<bool> {
-    match fs::read_dir(dir) {
-        Ok(mut entries) => Ok(entries.next().transpose()?.is_some()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(e),
+    match read_dir_if_present(dir)? {
+        Some(mut entries) => Ok(entries.next().transpose()?.is_some()),
+        None => Ok(false),
     }
 }
 
