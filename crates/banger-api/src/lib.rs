@@ -6,7 +6,9 @@
 #![forbid(unsafe_code)]
 
 /// Declares a [`Method`]: a unit type with its wire name, params and result.
-/// `method! { /// docs \n VmRun = "vm.run", VmRunParams => ExecResult }`
+/// `method! { /// docs \n VmRun = "vm.run", VmRunParams => ExecResult }`; several that
+/// share params and result: `method! { for NameParams => VmInfo { /// docs \n VmStart =
+/// "vm.start", … } }`.
 macro_rules! method {
     ($(#[$doc:meta])* $name:ident = $wire:literal, $params:ty => $result:ty) => {
         $(#[$doc])*
@@ -16,6 +18,9 @@ macro_rules! method {
             type Params = $params;
             type Result = $result;
         }
+    };
+    (for $params:ty => $result:ty { $($(#[$doc:meta])* $name:ident = $wire:literal,)+ }) => {
+        $(method! { $(#[$doc])* $name = $wire, $params => $result })+
     };
 }
 

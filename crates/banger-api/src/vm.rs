@@ -270,35 +270,22 @@ pub struct VmListResult {
 }
 
 method! {
-    /// `vm.show`: one VM.
-    VmShow = "vm.show", NameParams => VmInfo
-}
-
-method! {
-    /// `vm.start`: boot a stopped VM and wait for its agent.
-    VmStart = "vm.start", NameParams => VmInfo
-}
-
-method! {
-    /// `vm.stop`: shut a VM down cleanly (its disk keeps what was written), killing it if it
-    /// does not stop in time.
-    VmStop = "vm.stop", NameParams => VmInfo
-}
-
-method! {
-    /// `vm.kill`: kill a VM's VMM at once, without a clean shutdown.
-    VmKill = "vm.kill", NameParams => VmInfo
-}
-
-method! {
-    /// `vm.pause`: stop a running VM's vCPUs; its memory, devices and clock stay as they
-    /// are until `vm.resume`.
-    VmPause = "vm.pause", NameParams => VmInfo
-}
-
-method! {
-    /// `vm.resume`: run a paused VM's vCPUs again.
-    VmResume = "vm.resume", NameParams => VmInfo
+    for NameParams => VmInfo {
+        /// `vm.show`: one VM.
+        VmShow = "vm.show",
+        /// `vm.start`: boot a stopped VM and wait for its agent.
+        VmStart = "vm.start",
+        /// `vm.stop`: shut a VM down cleanly (its disk keeps what was written), killing it
+        /// if it does not stop in time.
+        VmStop = "vm.stop",
+        /// `vm.kill`: kill a VM's VMM at once, without a clean shutdown.
+        VmKill = "vm.kill",
+        /// `vm.pause`: stop a running VM's vCPUs; its memory, devices and clock stay as
+        /// they are until `vm.resume`.
+        VmPause = "vm.pause",
+        /// `vm.resume`: run a paused VM's vCPUs again.
+        VmResume = "vm.resume",
+    }
 }
 
 method! {

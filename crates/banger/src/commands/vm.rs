@@ -404,13 +404,7 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
                 image,
             };
             emit(json, &call::<VmList>(client, &params)?, |list| {
-                let width = list
-                    .vms
-                    .iter()
-                    .map(|v| v.name.len())
-                    .max()
-                    .unwrap_or(4)
-                    .max(4);
+                let width = format::name_width(list.vms.iter().map(|v| v.name.as_str()));
                 println!(
                     "{:<width$}  {:<8}  {:<9}  IMAGE",
                     "NAME", "STATE", "BACKEND"
