@@ -117,10 +117,15 @@ pub struct ImageImportParams {
     /// `DIR:TAG`) or a docker-archive tarball. Exactly one of `path` and `stream`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
-    /// A docker-archive tarball the caller streams over its connection as this call's
-    /// `upload` notifications (a daemon on another host cannot open the caller's path).
+    /// A docker-archive tarball, or an OCI layout archived as one tar, that the caller
+    /// streams over its connection as this call's `upload` notifications (a daemon on
+    /// another host cannot open the caller's path).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream: Option<StreamedFile>,
+    /// With `stream`: the tag choosing the image of a streamed OCI layout (the `TAG` of
+    /// `DIR:TAG`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
     /// Name to publish under; derived from the path when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,

@@ -11,6 +11,7 @@
 pub mod context;
 pub mod copy;
 pub mod layout;
+pub mod layout_archive;
 pub mod process;
 pub mod rpc;
 pub mod transport;

@@ -396,31 +396,19 @@ pub fn stream(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::process::Command;
+    use banger_testkit::host::{git, git_installed};
 
-    /// Runs git for the test's own setup, with no configuration from this host.
-    fn git(dir: &Path, args: &[&str]) {
-        let out = Command::new("git")
-            .arg("-C")
-            .arg(dir)
-            .args([
-                "-c",
-                "user.name=t",
-                "-c",
-                "user.email=t@t",
-                "-c",
-                "core.hooksPath=/dev/null",
-            ])
-            .args(args)
-            .env("GIT_CONFIG_NOSYSTEM", "1")
-            .env("GIT_CONFIG_GLOBAL", "/dev/null")
-            .output()
-            .expect("git runs");
-        assert!(
-            out.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    /// A temporary directory holding the tree `name`, each `(path, contents)` of `files`
+    /// written below it (directories made on the way); the tree's path.
+    fn tree(name: &str, files: &[(&str, &str)]) -> (tempfile::TempDir, PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join(name);
+        for (path, contents) in files {
+            let path = root.join(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, contents).unwrap();
+        }
+        (tmp, root)
     }
 
     fn names(listing: &Listing) -> Vec<String> {
@@ -433,10 +421,7 @@ mod tests {
 
     #[test]
     fn a_hostile_repo_lists_tracked_and_unignored_files_and_runs_nothing() {
-        if !banger_testkit::require(
-            Command::new("git").arg("--version").output().is_ok(),
-            "git is not installed (apt-get install git)",
-        ) {
+        if !git_installed() {
             return;
         }
         let tmp = tempfile::tempdir().unwrap();
@@ -508,14 +493,16 @@ mod tests {
 
     #[test]
     fn an_unusable_index_still_honours_gitignore_and_says_so() {
-        let tmp = tempfile::tempdir().unwrap();
-        let repo = tmp.path().join("wt");
-        std::fs::create_dir_all(repo.join(".git")).unwrap();
-        std::fs::write(repo.join(".git/index"), "garbage").unwrap();
-        std::fs::write(repo.join(".git/HEAD"), "ref: refs/heads/main\n").unwrap();
-        std::fs::write(repo.join(".gitignore"), ".env\n").unwrap();
-        std::fs::write(repo.join(".env"), "TOKEN=1").unwrap();
-        std::fs::write(repo.join("a"), "a").unwrap();
+        let (_tmp, repo) = tree(
+            "wt",
+            &[
+                (".git/index", "garbage"),
+                (".git/HEAD", "ref: refs/heads/main\n"),
+                (".gitignore", ".env\n"),
+                (".env", "TOKEN=1"),
+                ("a", "a"),
+            ],
+        );
         let listing = list(&repo).unwrap();
         assert_eq!(listing.kind, ListingKind::GitIgnoreOnly);
         assert_eq!(names(&listing), [".gitignore", "a"]);
@@ -535,18 +522,21 @@ mod tests {
 
     #[test]
     fn a_plain_directory_lists_every_file_but_special_ones() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("plain");
-        std::fs::create_dir_all(dir.join("sub")).unwrap();
-        std::fs::write(dir.join(".gitignore"), "x\n").unwrap();
-        std::fs::write(dir.join("x"), "no git, so not ignored").unwrap();
-        std::fs::write(dir.join("sub/y"), "y").unwrap();
+        let (_tmp, dir) = tree(
+            "plain",
+            &[
+                (".gitignore", "x\n"),
+                ("x", "no git, so not ignored"),
+                ("sub/y", "y"),
+            ],
+        );
         let _socket = std::os::unix::net::UnixListener::bind(dir.join("s.sock")).unwrap();
-        rustix::fs::mknodat(
-            rustix::fs::CWD,
+        use rustix::fs::{mknodat, FileType, Mode, CWD};
+        mknodat(
+            CWD,
             dir.join("fifo"),
-            rustix::fs::FileType::Fifo,
-            rustix::fs::Mode::from_raw_mode(0o600),
+            FileType::Fifo,
+            Mode::RUSR | Mode::WUSR,
             0,
         )
         .unwrap();

@@ -367,7 +367,12 @@ fn descriptor_digest(
 /// Reads the linux/amd64 image of the OCI layout at `dir`. With several images in
 /// `index.json`, `tag` (its `org.opencontainers.image.ref.name`) picks one.
 pub fn read_oci_layout(dir: &Path, tag: Option<&str>) -> Result<LocalImage, ArchiveError> {
-    let root = Root::open(dir, dir, false)?;
+    layout_image(&Root::open(dir, dir, false)?, dir, tag)
+}
+
+/// The image `tag` chooses (or the only one) of the OCI layout at `root`, which is the
+/// directory `dir`.
+fn layout_image(root: &Root, dir: &Path, tag: Option<&str>) -> Result<LocalImage, ArchiveError> {
     match root.open_member("oci-layout", "oci-layout") {
         Ok(_) => {}
         Err(ArchiveError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
@@ -441,7 +446,7 @@ pub fn read_oci_layout(dir: &Path, tag: Option<&str>) -> Result<LocalImage, Arch
         .ok_or_else(|| root.invalid("manifest", "no layers"))?
         .iter()
         .map(|layer| {
-            let digest = descriptor_digest(&root, layer, "layer")?;
+            let digest = descriptor_digest(root, layer, "layer")?;
             let member = blob_member(&digest);
             let (file, actual, size) = root.open_layer(&member)?;
             root.check("layer", &member, &digest, actual)?;
@@ -473,6 +478,41 @@ pub fn read_oci_layout(dir: &Path, tag: Option<&str>) -> Result<LocalImage, Arch
 /// Unpacks the docker archive `tarball` into `into` (which must be empty) and reads its
 /// first image from `manifest.json`.
 pub fn read_docker_archive(tarball: &Path, into: &Path) -> Result<LocalImage, ArchiveError> {
+    docker_image(&unpack_archive(tarball, into, true)?, into)
+}
+
+/// Unpacks `tarball` into `into` (which must be empty) and reads the image it holds: an
+/// OCI image layout archived as one tar (`oci-layout` at its top, as `skopeo copy
+/// oci-archive:` writes and `banger image import DIR` streams to a remote daemon), of which
+/// `tag` chooses the image as for [`read_oci_layout`], else a docker archive (no `tag`).
+pub fn read_image_archive(
+    tarball: &Path,
+    into: &Path,
+    tag: Option<&str>,
+) -> Result<LocalImage, ArchiveError> {
+    // Read as a layout, the unpacked tree is reopened refusing symlinked members: layout
+    // blobs may not be links at all (a docker archive's may, inside it).
+    let root = unpack_archive(tarball, into, true)?;
+    match root.open_member("oci-layout", "oci-layout") {
+        Ok(_) => {
+            drop(root);
+            layout_image(&Root::open(into, tarball, false)?, into, tag)
+        }
+        Err(ArchiveError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            if let Some(tag) = tag {
+                return Err(root.invalid(
+                    "manifest.json",
+                    format!("tag {tag:?} given, but this is a docker archive (tags name images of an OCI layout)"),
+                ));
+            }
+            docker_image(&root, into)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Unpacks the tar `tarball` into `into`, the root its members are then read from.
+fn unpack_archive(tarball: &Path, into: &Path, inner_symlinks: bool) -> Result<Root, ArchiveError> {
     let io_err = |what: &'static str, source: io::Error| ArchiveError::Io {
         archive: tarball.to_owned(),
         what,
@@ -490,8 +530,14 @@ pub fn read_docker_archive(tarball: &Path, into: &Path) -> Result<LocalImage, Ar
         });
     }
     fs::create_dir_all(into).map_err(|e| io_err("unpack directory", e))?;
-    let root = Root::open(into, tarball, true)?;
+    let root = Root::open(into, tarball, inner_symlinks)?;
     unpack(&root, io::BufReader::new(file), meta.len())?;
+    Ok(root)
+}
+
+/// The first image of the docker archive unpacked at `root` (the directory `into`), from
+/// its `manifest.json`.
+fn docker_image(root: &Root, into: &Path) -> Result<LocalImage, ArchiveError> {
     let manifest_bytes = root
         .read_small(
             "manifest",

@@ -44,21 +44,25 @@ pub fn fetch_test_kernel(workspace: &Path, cache: &Path) -> Result<PathBuf, Stri
     Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
 }
 
+/// The header of an image layer's entry of `kind`: owned by root, mtime 0 (so layers are
+/// reproducible), with `mode` and `size` (0 for directories and links).
+pub fn layer_entry_header(kind: tar::EntryType, mode: u32, size: usize) -> tar::Header {
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(kind);
+    header.set_mode(mode);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_size(size as u64);
+    header.set_mtime(0);
+    header
+}
+
 /// A layer holding a static busybox as /bin/busybox with `sh`, `cat`, `echo`… linked to it:
 /// a minimal image any kernel can run commands in.
 pub fn busybox_layer() -> Vec<u8> {
     let busybox =
         std::fs::read("/bin/busybox").expect("busybox-static is installed (/bin/busybox)");
-    let header = |kind: tar::EntryType, mode: u32, size: usize| {
-        let mut header = tar::Header::new_gnu();
-        header.set_entry_type(kind);
-        header.set_mode(mode);
-        header.set_uid(0);
-        header.set_gid(0);
-        header.set_size(size as u64);
-        header.set_mtime(0);
-        header
-    };
+    let header = layer_entry_header;
     let mut builder = tar::Builder::new(Vec::new());
     for dir in ["bin/", "root/", "tmp/", "etc/"] {
         let mut h = header(tar::EntryType::Directory, 0o755, 0);

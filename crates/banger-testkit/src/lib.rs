@@ -14,6 +14,7 @@ mod registry;
 mod skip;
 
 pub mod guest;
+pub mod host;
 pub use layout::{
     noise, tar_with_files, BuiltImage, BuiltLayer, LayerCompression, OciLayoutBuilder,
 };

@@ -83,25 +83,23 @@ pub struct Jailer {
     pub user: crate::confine::VmmUser,
 }
 
-/// Paths inside the jail (its root is `/` for Firecracker).
-const JAIL_API: &str = "/firecracker.sock";
-const JAIL_VSOCK: &str = "/vsock.sock";
-const JAIL_LOG: &str = "/firecracker.log";
-const JAIL_KERNEL: &str = "/vmlinux";
-const JAIL_INITRD: &str = "/initrd";
-const JAIL_DISK: &str = "/root.ext4";
+/// Paths inside the jail (its root is `/` for Firecracker): the API socket.
+pub const JAIL_API: &str = "/firecracker.sock";
+/// The vsock device's host socket inside the jail.
+pub const JAIL_VSOCK: &str = "/vsock.sock";
+/// Firecracker's log inside the jail.
+pub const JAIL_LOG: &str = "/firecracker.log";
+/// The kernel inside the jail.
+pub const JAIL_KERNEL: &str = "/vmlinux";
+/// The initrd inside the jail.
+pub const JAIL_INITRD: &str = "/initrd";
+/// The VM's disk inside the jail.
+pub const JAIL_DISK: &str = "/root.ext4";
 
 impl Jailer {
     /// The jail's root directory for the VM in `run`, as the jailer builds it.
     pub fn root(&self, exec_file: &Path, run: &Path) -> PathBuf {
-        let name = exec_file
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "firecracker".into());
-        run.join("jail")
-            .join(name)
-            .join(instance_id(run))
-            .join("root")
+        jail_root(&run.join("jail"), exec_file, &instance_id(run))
     }
 
     /// Fills the jail of `spec` and returns the spec as Firecracker sees it from inside.
@@ -119,13 +117,7 @@ impl Jailer {
         let chown = |path: &Path| {
             std::os::unix::fs::chown(path, Some(uid), Some(gid)).ctx("chown to the VMM user", path)
         };
-        for lib in shared_libraries(exec_file)? {
-            let inside = root.join(lib.strip_prefix("/").unwrap_or(&lib));
-            if let Some(parent) = inside.parent() {
-                fs::create_dir_all(parent).ctx("create", parent)?;
-            }
-            fs::copy(&lib, &inside).ctx("copy a library of firecracker into the jail", &lib)?;
-        }
+        copy_libraries_into(exec_file, &root)?;
         let link_or_copy = |from: &Path, to: &str| -> Result<()> {
             let dest = root.join(&to[1..]);
             if fs::hard_link(from, &dest).is_err() {
@@ -172,29 +164,76 @@ impl Jailer {
 
     /// The jailer's command line up to `--`, for Firecracker `exec_file` in `run`.
     pub fn args(&self, exec_file: &Path, run: &Path) -> Vec<std::ffi::OsString> {
-        let mut a: Vec<std::ffi::OsString> = vec![
-            "--id".into(),
-            instance_id(run).into(),
-            "--exec-file".into(),
-            exec_file.into(),
-            "--uid".into(),
-            self.user.uid.to_string().into(),
-            "--gid".into(),
-            self.user.gid.to_string().into(),
-            "--chroot-base-dir".into(),
-            run.join("jail").into(),
-        ];
-        // A cgroup of its own, at the default weight: the VM's CPU can then be accounted
-        // and limited. cgroup v2 where the unified hierarchy is mounted, else v1's cpu
-        // controller; neither, no cgroup.
-        if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-            a.extend(["--cgroup-version".into(), "2".into()]);
-            a.extend(["--cgroup".into(), "cpu.weight=100".into()]);
-        } else if Path::new("/sys/fs/cgroup/cpu/cpu.shares").exists() {
-            a.extend(["--cgroup".into(), "cpu.shares=1024".into()]);
-        }
-        a
+        jailer_args(
+            &instance_id(run),
+            exec_file,
+            (self.user.uid, self.user.gid),
+            &run.join("jail"),
+        )
     }
+}
+
+/// The jail's root directory for Firecracker `exec_file` with `--id` `id`, as the jailer
+/// builds it under `chroot_base`: `<chroot_base>/<exec_file's name>/<id>/root`.
+pub fn jail_root(chroot_base: &Path, exec_file: &Path, id: &str) -> PathBuf {
+    chroot_base
+        .join(exec_file_name(exec_file))
+        .join(id)
+        .join("root")
+}
+
+/// The name the jailer gives a jail's directory for `exec_file` (its file name).
+pub fn exec_file_name(exec_file: &Path) -> String {
+    exec_file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "firecracker".into())
+}
+
+/// The jailer's command line up to `--`: instance `id`, Firecracker `exec_file`, the
+/// `(uid, gid)` it drops to and the jails' base directory; a cgroup of its own where the
+/// host has one the jailer can use.
+pub fn jailer_args(
+    id: &str,
+    exec_file: &Path,
+    (uid, gid): (u32, u32),
+    chroot_base: &Path,
+) -> Vec<std::ffi::OsString> {
+    let mut a: Vec<std::ffi::OsString> = vec![
+        "--id".into(),
+        id.into(),
+        "--exec-file".into(),
+        exec_file.into(),
+        "--uid".into(),
+        uid.to_string().into(),
+        "--gid".into(),
+        gid.to_string().into(),
+        "--chroot-base-dir".into(),
+        chroot_base.into(),
+    ];
+    // A cgroup of its own, at the default weight: the VM's CPU can then be accounted
+    // and limited. cgroup v2 where the unified hierarchy is mounted, else v1's cpu
+    // controller; neither, no cgroup.
+    if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        a.extend(["--cgroup-version".into(), "2".into()]);
+        a.extend(["--cgroup".into(), "cpu.weight=100".into()]);
+    } else if Path::new("/sys/fs/cgroup/cpu/cpu.shares").exists() {
+        a.extend(["--cgroup".into(), "cpu.shares=1024".into()]);
+    }
+    a
+}
+
+/// Copies the loader and libraries of a dynamically linked `exec_file` into the jail
+/// `root` at their own paths (none for a static build, as upstream ships).
+pub fn copy_libraries_into(exec_file: &Path, root: &Path) -> Result<()> {
+    for lib in shared_libraries(exec_file)? {
+        let inside = root.join(lib.strip_prefix("/").unwrap_or(&lib));
+        if let Some(parent) = inside.parent() {
+            fs::create_dir_all(parent).ctx("create", parent)?;
+        }
+        fs::copy(&lib, &inside).ctx("copy a library of firecracker into the jail", &lib)?;
+    }
+    Ok(())
 }
 
 /// The loader and libraries a dynamically linked `binary` needs (`ldd`); none for a
@@ -222,13 +261,15 @@ fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
 
 /// Removes the cgroups the jailer made for the VM in `run` (they outlive the process).
 pub fn remove_jail_cgroups(exec_file: &Path, run: &Path) {
-    let name = exec_file
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "firecracker".into());
-    let id = instance_id(run);
+    remove_cgroups_of(exec_file, &instance_id(run));
+}
+
+/// Removes the cgroups the jailer made for instance `id` of `exec_file` (v2 and v1's
+/// cpu controller); an absent or still populated one is left.
+pub fn remove_cgroups_of(exec_file: &Path, id: &str) {
+    let name = exec_file_name(exec_file);
     for base in ["/sys/fs/cgroup", "/sys/fs/cgroup/cpu"] {
-        let _ = fs::remove_dir(Path::new(base).join(&name).join(&id));
+        let _ = fs::remove_dir(Path::new(base).join(&name).join(id));
     }
 }
 
@@ -465,7 +506,7 @@ pub fn call_ok(socket: &Path, req: &ApiRequest) -> Result<()> {
 
 /// Firecracker's `--id`: alphanumerics and `-`, at most 64 characters; from the run
 /// directory's name (the VM id) so its log lines say which VM they are about.
-fn instance_id(run_dir: &Path) -> String {
+pub fn instance_id(run_dir: &Path) -> String {
     let mut id: String = run_dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -564,29 +605,12 @@ impl Vmm for Firecracker {
         let spawned = self.jailer.as_ref().map_or(&self.binary, |j| &j.binary);
         let mut child = command.spawn().ctx("spawn", spawned)?;
         let pid = child.id();
-        let configured = (|| -> Result<()> {
-            let deadline = Instant::now() + API_SOCKET_TIMEOUT;
-            while UnixStream::connect(&api).is_err() {
-                if let Some(status) = child.try_wait().ctx("wait for firecracker", &api)? {
-                    return Err(Error::Vm(format!(
-                        "firecracker exited ({status}) before serving its API: {}",
-                        tail(&stderr_path)
-                    )));
-                }
-                if Instant::now() >= deadline {
-                    return Err(Error::Vm(format!(
-                        "firecracker did not create its API socket {} within {API_SOCKET_TIMEOUT:?}",
-                        api.display()
-                    )));
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            for req in &calls {
-                tracing::debug!(path = %req.path, body = %req.body, "firecracker API");
-                call_ok(&api, req)?;
-            }
-            Ok(())
-        })();
+        let configured = configure(&api, &calls, &stderr_path, || {
+            Ok(child
+                .try_wait()
+                .ctx("wait for firecracker", &api)?
+                .map(|status| status.to_string()))
+        });
         if let Err(e) = configured {
             let _ = child.kill();
             let _ = child.wait();
@@ -597,6 +621,38 @@ impl Vmm for Firecracker {
         });
         Ok(pid)
     }
+}
+
+/// Waits for Firecracker's API socket `api`, then sends `calls` in order. `exited` says
+/// whether (and how) the process ended, so a Firecracker that dies before serving its API
+/// is reported with the tail of `stderr_path` rather than as a timeout.
+pub(crate) fn configure(
+    api: &Path,
+    calls: &[ApiRequest],
+    stderr_path: &Path,
+    mut exited: impl FnMut() -> Result<Option<String>>,
+) -> Result<()> {
+    let deadline = Instant::now() + API_SOCKET_TIMEOUT;
+    while UnixStream::connect(api).is_err() {
+        if let Some(status) = exited()? {
+            return Err(Error::Vm(format!(
+                "firecracker exited ({status}) before serving its API: {}",
+                tail(stderr_path)
+            )));
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Vm(format!(
+                "firecracker did not create its API socket {} within {API_SOCKET_TIMEOUT:?}",
+                api.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for req in calls {
+        tracing::debug!(path = %req.path, body = %req.body, "firecracker API");
+        call_ok(api, req)?;
+    }
+    Ok(())
 }
 
 /// Firecracker's command-line logger options: its own log in `log`, level Info, levels

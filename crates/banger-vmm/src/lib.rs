@@ -13,6 +13,7 @@ pub mod console;
 pub mod error;
 pub mod fc_snapshot;
 pub mod firecracker;
+pub mod helper_jail;
 pub mod initramfs;
 pub mod kernel;
 pub mod qcow2;

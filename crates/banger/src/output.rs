@@ -49,10 +49,10 @@ pub fn call_showing_progress<M: banger_api::Method>(
     result.map_err(anyhow::Error::from)
 }
 
-/// A file the CLI streams to its daemon instead of naming its path: open, with the
-/// [`banger_api::StreamedFile`] declaring it.
+/// A file the CLI streams to its daemon instead of naming its path: its bytes, with the
+/// [`banger_api::StreamedFile`] declaring them.
 pub struct FileToStream {
-    file: std::fs::File,
+    source: Box<dyn std::io::Read + Send>,
     /// What the call's params declare.
     pub declared: banger_api::StreamedFile,
     path: std::path::PathBuf,
@@ -77,12 +77,42 @@ impl FileToStream {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         Ok(FileToStream {
-            file,
+            source: Box::new(file),
             declared: banger_api::StreamedFile {
                 bytes: meta.len(),
                 file_name,
             },
             path: path.to_owned(),
+        })
+    }
+
+    /// The OCI layout directory `dir` as one tar, written into the upload as it is read
+    /// (banger_client::layout_archive): its size is planned up front, so nothing is staged.
+    pub fn layout(dir: &std::path::Path) -> anyhow::Result<FileToStream> {
+        let archive = banger_client::layout_archive::LayoutArchive::plan(dir)?;
+        let file_name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let (reader, writer) = std::io::pipe().context("make the layout's upload pipe")?;
+        let declared = banger_api::StreamedFile {
+            bytes: archive.bytes,
+            file_name,
+        };
+        let shown = dir.to_owned();
+        std::thread::Builder::new()
+            .name("banger-layout-tar".into())
+            .spawn(move || {
+                // A failure cuts the stream short, which the daemon refuses; say why here.
+                if let Err(e) = archive.write_to(writer) {
+                    eprintln!("banger: {e:#}");
+                }
+            })
+            .context("start the layout's tar writer")?;
+        Ok(FileToStream {
+            source: Box::new(reader),
+            declared,
+            path: shown,
         })
     }
 }
@@ -111,14 +141,14 @@ pub fn call_streaming<M: banger_api::Method>(
                 .spawn(move || {
                     use std::io::Read;
                     let FileToStream {
-                        file,
+                        source,
                         declared,
                         path,
                     } = upload;
                     let mut writer = banger_client::workspace::UploadWriter::new(input.clone());
                     // Exactly what was declared: a file that grew meanwhile is cut, one
                     // that shrank ends short (and the daemon says so).
-                    let copied = std::io::copy(&mut file.take(declared.bytes), &mut writer);
+                    let copied = std::io::copy(&mut source.take(declared.bytes), &mut writer);
                     if let Err(e) = copied {
                         if input.is_done() {
                             return;

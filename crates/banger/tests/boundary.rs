@@ -5,65 +5,20 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use banger_testkit::{guest, push_oci_layout, LayerCompression, OciLayoutBuilder, Registry};
-use support::vms::guest_parts;
-use support::{stderr, stdout, Install};
+use banger_testkit::host::{git, git_installed};
+use banger_testkit::Registry;
+use support::vms::ready_install_in;
+use support::{assert_exit, assert_exit_prints, stderr, stdout, Install};
 
-/// An installation configured with `config` (QEMU, user networking, plus the test's
-/// own keys), with a kernel and a busybox image `bb` pulled from `registry`.
+/// An installation configured for QEMU with user networking plus the test's own keys,
+/// with a kernel and a busybox image `bb` pulled from `registry`.
 fn ready_install(registry: &Registry, extra_config: &str) -> Option<Install> {
-    let (agent, deb) = guest_parts()?;
-    let mut install = Install::new();
-    install
-        .extra_env
-        .push(("BANGER_AGENT".into(), agent.into()));
-    install.write_config(&format!(
-        "vmm = \"qemu\"\nnetwork = \"user\"\n{extra_config}"
-    ));
-    let layout_dir = install.dir.path().join("layout");
-    let mut layout = OciLayoutBuilder::new(&layout_dir).unwrap();
-    layout
-        .image("v1", &[(guest::busybox_layer(), LayerCompression::Gzip)])
-        .unwrap();
-    push_oci_layout(&layout_dir, "v1", registry, "busybox");
-    let out = install.banger(&[
-        "image",
-        "pull",
-        &registry.reference("busybox", "v1"),
-        "--name",
-        "bb",
-    ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let out = install.banger(&["kernel", "import", "cloud", "--deb", deb.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    Some(install)
-}
-
-/// git for the test's own setup, reading no configuration of this host.
-fn git(dir: &Path, args: &[&str]) {
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args([
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@t",
-            "-c",
-            "core.hooksPath=/dev/null",
-        ])
-        .args(args)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .output()
-        .expect("run git");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ready_install_in(
+        &format!("vmm = \"qemu\"\nnetwork = \"user\"\n{extra_config}"),
+        None,
+        Some(registry),
+    )
 }
 
 /// A repository whose config, attributes and hooks each try to run a command that
@@ -107,10 +62,7 @@ fn hostile_repo(repo: &Path, markers: &Path) {
 
 #[test]
 fn vm_run_of_a_hostile_repo_runs_nothing_on_the_host_and_copies_what_git_would() {
-    if !banger_testkit::require(
-        Command::new("git").arg("--version").output().is_ok(),
-        "git is not installed (scripts/setup.sh installs it)",
-    ) {
+    if !git_installed() {
         return;
     }
     let registry = Registry::start();
@@ -125,19 +77,8 @@ fn vm_run_of_a_hostile_repo_runs_nothing_on_the_host_and_copies_what_git_would()
     let _socket = std::os::unix::net::UnixListener::bind(repo.join("dev.sock")).unwrap();
 
     let list = "find . -path ./.git -prune -o -print | sort; ls -d .git 2>&1 || true";
-    let out = install.banger(&[
-        "vm",
-        "run",
-        repo.to_str().unwrap(),
-        "--rm",
-        "--image",
-        "bb",
-        "--",
-        "sh",
-        "-c",
-        list,
-    ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = install.vm_run_rm(Some(repo.to_str().unwrap()), &[], &["sh", "-c", list]);
+    assert_exit(&out, 0);
     let made: Vec<_> = std::fs::read_dir(&markers)
         .unwrap()
         .map(|e| e.unwrap().file_name())
@@ -170,20 +111,8 @@ fn vm_run_of_a_hostile_repo_runs_nothing_on_the_host_and_copies_what_git_would()
     std::fs::create_dir_all(&plain).unwrap();
     std::fs::write(plain.join("a.txt"), "a\n").unwrap();
     let _socket = std::os::unix::net::UnixListener::bind(plain.join("p.sock")).unwrap();
-    let out = install.banger(&[
-        "vm",
-        "run",
-        plain.to_str().unwrap(),
-        "--rm",
-        "--image",
-        "bb",
-        "--",
-        "sh",
-        "-c",
-        "ls -A",
-    ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert_eq!(stdout(&out), "a.txt\n");
+    let out = install.vm_run_rm(Some(plain.to_str().unwrap()), &[], &["sh", "-c", "ls -A"]);
+    assert_exit_prints(&out, 0, "a.txt\n");
     assert!(
         stderr(&out).contains("skipped 1 special file"),
         "{}",
@@ -210,7 +139,7 @@ fn a_vm_runs_under_seccomp_its_console_is_capped_and_shown_escaped_on_a_terminal
         return;
     };
     let out = install.banger(&["vm", "create", "--name", "v", "--image", "bb"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let show = install.banger(&["--json", "vm", "show", "v"]);
     let shown: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
     let pid = shown["pid"].as_u64().expect("a running VM has a pid");
@@ -233,11 +162,11 @@ fn a_vm_runs_under_seccomp_its_console_is_capped_and_shown_escaped_on_a_terminal
     let flood = "dd if=/dev/zero bs=1024 count=640 2>/dev/null | tr '\\000' x > /dev/ttyS0; \
                  printf '\\n\\033]52;c;aGVsbG8=\\007END-MARK\\n' > /dev/ttyS0";
     let out = install.banger(&["vm", "exec", "v", "--", "sh", "-c", flood]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let logs = loop {
         let out = install.banger(&["vm", "logs", "v"]);
-        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert_exit(&out, 0);
         if out.stdout.ends_with(b"END-MARK\r\n") || std::time::Instant::now() > deadline {
             break out.stdout;
         }
@@ -276,5 +205,5 @@ fn a_vm_runs_under_seccomp_its_console_is_capped_and_shown_escaped_on_a_terminal
     );
 
     let out = install.banger(&["vm", "rm", "v"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
 }

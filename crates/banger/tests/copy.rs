@@ -6,31 +6,24 @@ mod support;
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, UNIX_EPOCH};
 
 use serde_json::Value;
 use support::vms::ready_install_in;
-use support::{stderr, stdout, Install};
+use support::{assert_exit, assert_fails_saying, stderr, stdout, vm_exec_args, Install};
 
 /// User-mode networking, whoever runs the tests (root would mean TAP under `auto`).
 const QEMU_USER_NET: &str = "vmm = \"qemu\"\nnetwork = \"user\"\n";
 
-fn set_mtime(path: &Path, secs: i64) {
-    let t = rustix::fs::Timespec {
-        tv_sec: secs,
-        tv_nsec: 0,
-    };
-    let times = rustix::fs::Timestamps {
-        last_access: t,
-        last_modification: t,
-    };
-    rustix::fs::utimensat(
-        rustix::fs::CWD,
-        path,
-        &times,
-        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-    )
-    .unwrap();
+/// Sets the access and modification times of the file or directory `path` (never a link)
+/// to `secs` after the epoch.
+fn set_mtime(path: &Path, secs: u64) {
+    let t = UNIX_EPOCH + Duration::from_secs(secs);
+    fs::File::open(path)
+        .unwrap()
+        .set_times(fs::FileTimes::new().set_accessed(t).set_modified(t))
+        .unwrap();
 }
 
 fn ok(install: &Install, args: &[&str]) -> String {
@@ -39,18 +32,20 @@ fn ok(install: &Install, args: &[&str]) -> String {
     stdout(&out)
 }
 
+/// `vm exec box -- sh -c SCRIPT`, which must succeed; its stdout.
+fn box_sh(install: &Install, script: &str) -> String {
+    ok(install, &vm_exec_args("box", &["sh", "-c", script]))
+}
+
 /// 300 KiB that are not all the same (more than one flow-control window).
 fn data() -> Vec<u8> {
     (0..300 * 1024u32).map(|i| (i * 7 % 253) as u8).collect()
 }
 
-#[test]
-fn vm_cp_round_trips_a_tree_both_ways_and_a_link_to_etc_stays_a_link() {
-    let Some(install) = ready_install_in(QEMU_USER_NET, None, None) else {
-        return;
-    };
-    let tmp = install.dir.path();
-    let tree = tmp.join("tree");
+/// The tree `vm cp` takes both ways, made in `dir`: a script of mode 0750, an empty
+/// directory, [`data`] and a relative link, with known mtimes; its path.
+fn host_tree(dir: &Path) -> PathBuf {
+    let tree = dir.join("tree");
     fs::create_dir_all(tree.join("sub")).unwrap();
     fs::create_dir_all(tree.join("empty")).unwrap();
     fs::write(tree.join("sub/x.sh"), "#!/bin/sh\necho hi\n").unwrap();
@@ -59,6 +54,16 @@ fn vm_cp_round_trips_a_tree_both_ways_and_a_link_to_etc_stays_a_link() {
     std::os::unix::fs::symlink("sub/x.sh", tree.join("link")).unwrap();
     set_mtime(&tree.join("sub/x.sh"), 1_600_000_000);
     set_mtime(&tree.join("empty"), 1_600_000_100);
+    tree
+}
+
+#[test]
+fn vm_cp_round_trips_a_tree_both_ways_and_a_link_to_etc_stays_a_link() {
+    let Some(install) = ready_install_in(QEMU_USER_NET, None, None) else {
+        return;
+    };
+    let tmp = install.dir.path();
+    let tree = host_tree(tmp);
 
     assert_eq!(
         ok(
@@ -76,18 +81,10 @@ fn vm_cp_round_trips_a_tree_both_ways_and_a_link_to_etc_stays_a_link() {
         "copied 300.0 KiB (2 file(s), 3 dir(s), 1 link(s)) to box:/root/tree\n"
     );
     assert_eq!(
-        ok(
+        box_sh(
             &install,
-            &[
-                "vm",
-                "exec",
-                "box",
-                "--",
-                "sh",
-                "-c",
-                "cd /root/tree && stat -c '%n %a %Y' sub/x.sh empty && readlink link && \
-                 wc -c < data.bin && ls -A empty | wc -l",
-            ],
+            "cd /root/tree && stat -c '%n %a %Y' sub/x.sh empty && readlink link && \
+             wc -c < data.bin && ls -A empty | wc -l",
         ),
         "sub/x.sh 750 1600000000\nempty 755 1600000100\nsub/x.sh\n307200\n0\n"
     );
@@ -121,19 +118,11 @@ fn vm_cp_round_trips_a_tree_both_ways_and_a_link_to_etc_stays_a_link() {
     );
 
     // A hostile tree: a link to /etc, a device and a FIFO beside a file.
-    ok(
+    box_sh(
         &install,
-        &[
-            "vm",
-            "exec",
-            "box",
-            "--",
-            "sh",
-            "-c",
-            "mkdir /root/hostile && ln -s /etc /root/hostile/etc && \
-             mknod /root/hostile/null c 1 3 && mkfifo /root/hostile/fifo && \
-             echo x > /root/hostile/f",
-        ],
+        "mkdir /root/hostile && ln -s /etc /root/hostile/etc && \
+         mknod /root/hostile/null c 1 3 && mkfifo /root/hostile/fifo && \
+         echo x > /root/hostile/f",
     );
     let out_dir = tmp.join("out");
     fs::create_dir(&out_dir).unwrap();
@@ -141,14 +130,9 @@ fn vm_cp_round_trips_a_tree_both_ways_and_a_link_to_etc_stays_a_link() {
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    let out = install.banger(&[
-        "--json",
-        "vm",
-        "cp",
-        "box:/root/hostile",
-        out_dir.to_str().unwrap(),
-    ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let into = out_dir.to_str().unwrap();
+    let out = install.banger(&["--json", "vm", "cp", "box:/root/hostile", into]);
+    assert_exit(&out, 0);
     let result: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(result["vm"], "box");
     assert_eq!(result["guest_path"], "/root/hostile");
@@ -184,12 +168,7 @@ fn vm_cp_round_trips_a_tree_both_ways_and_a_link_to_etc_stays_a_link() {
 
     // A VM that `vm run PATH` did not make has no baseline to diff against.
     let out = install.banger(&["vm", "diff", "box"]);
-    assert_ne!(out.status.code(), Some(0));
-    assert!(
-        stderr(&out).contains("no workspace baseline"),
-        "{}",
-        stderr(&out)
-    );
+    assert_fails_saying(&out, "no workspace baseline");
     // Both sides in a VM, or neither: refused before any call.
     let out = install.banger(&["vm", "cp", "box:/a", "box:/b"]);
     assert!(
@@ -244,7 +223,7 @@ fn vm_run_exports_after_a_failing_command_keeps_its_status_and_diff_shows_the_ch
         "mkdir /root/art && echo built > /root/art/result.txt && echo changed > notes.txt && \
          echo new > new.txt && echo failing >&2 && exit 3",
     ]);
-    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert_exit(&out, 3);
     assert!(stderr(&out).starts_with("failing\n"), "{}", stderr(&out));
     assert_eq!(
         fs::read_to_string(exported.join("result.txt")).unwrap(),
@@ -271,7 +250,7 @@ fn vm_run_exports_after_a_failing_command_keeps_its_status_and_diff_shows_the_ch
     let out = install.banger(&[
         "vm", "run", "--rm", "--image", "bb", "--export", &nope, "--", "true",
     ]);
-    assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
+    assert_exit(&out, 125);
     assert!(stderr(&out).contains("export /nope"), "{}", stderr(&out));
     ok(&install, &["vm", "rm", "dv"]);
 }

@@ -8,11 +8,57 @@ use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{stderr, stdout, Install};
+use support::{
+    assert_exit, assert_exit_prints, assert_exit_says, doctor_check, doctor_report, stderr, stdout,
+    Conn, Install,
+};
 
 fn start(install: &Install) {
     let out = install.banger(&["image", "cache", "prune", "--dry-run"]);
     assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// A new installation whose daemon a first command has started.
+fn started() -> Install {
+    let install = Install::new();
+    start(&install);
+    install
+}
+
+/// A new installation with `count` blobs of 10 bytes in its cache (3000: enough that a
+/// prune is still running while the next lines arrive), its daemon started.
+fn started_with_blobs(count: usize) -> Install {
+    let install = Install::new();
+    for i in 0..count {
+        install.blob(&format!("{i:064x}"), 10);
+    }
+    start(&install);
+    install
+}
+
+/// A new installation with its daemon started, and a connection to that daemon.
+fn connected() -> (Install, Conn) {
+    let install = started();
+    let conn = install.connect();
+    (install, conn)
+}
+
+/// Asserts that the daemon refused a request as `bad_request`, saying `needle`.
+#[track_caller]
+fn assert_bad_request(response: &Value, needle: &str) {
+    assert_eq!(error_kind(response), "bad_request");
+    assert!(error_message(response).contains(needle), "{response}");
+}
+
+/// Asserts that `pid` (from an answer of the daemon) is the pid in its lock file.
+#[track_caller]
+fn assert_is_the_daemon_pid(install: &Install, pid: &Value) {
+    assert_eq!(pid.as_i64().unwrap(), install.daemon_pid().unwrap() as i64);
+}
+
+/// Field `key` (detail, fix) of the doctor check `name` in `report`, as text.
+fn check_text(report: &Value, name: &str, key: &str) -> String {
+    doctor_check(report, name)[key].as_str().unwrap().to_owned()
 }
 
 fn error_kind(response: &Value) -> &str {
@@ -38,7 +84,7 @@ fn first_command_starts_the_daemon_from_a_cold_state_dir() {
     assert!(stdout(&status).starts_with("bangerd not running"));
 
     let out = install.banger(&["image", "cache", "prune", "--dry-run"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     assert_eq!(
         stdout(&out),
         format!(
@@ -50,16 +96,12 @@ fn first_command_starts_the_daemon_from_a_cold_state_dir() {
     let status: Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(status["running"], true);
     assert_eq!(status["daemon"]["version"], env!("CARGO_PKG_VERSION"));
-    assert_eq!(
-        status["daemon"]["pid"].as_i64().unwrap(),
-        install.daemon_pid().unwrap() as i64
-    );
+    assert_is_the_daemon_pid(&install, &status["daemon"]["pid"]);
 }
 
 #[test]
 fn socket_is_mode_0600_in_a_0700_state_dir() {
-    let install = Install::new();
-    start(&install);
+    let install = started();
     let meta = std::fs::metadata(install.socket()).unwrap();
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
@@ -78,16 +120,12 @@ fn a_stale_socket_is_replaced() {
     start(&install);
     let mut conn = install.connect();
     let pong = conn.call(json!({"jsonrpc":"2.0","id":1,"method":"daemon.ping"}));
-    assert_eq!(
-        pong["result"]["pid"].as_i64().unwrap(),
-        install.daemon_pid().unwrap() as i64
-    );
+    assert_is_the_daemon_pid(&install, &pong["result"]["pid"]);
 }
 
 #[test]
 fn a_second_daemon_on_the_same_state_dir_is_refused() {
-    let install = Install::new();
-    start(&install);
+    let install = started();
     let first = install.daemon_pid().unwrap();
     let out = install.bangerd_command().output().unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -106,9 +144,7 @@ fn a_second_daemon_on_the_same_state_dir_is_refused() {
 
 #[test]
 fn a_line_that_is_not_json_gets_bad_request_and_the_connection_stays_usable() {
-    let install = Install::new();
-    start(&install);
-    let mut conn = install.connect();
+    let (install, mut conn) = connected();
     conn.send_raw(b"this is not json\n");
     let response = conn.read_json();
     assert_eq!(error_kind(&response), "bad_request");
@@ -136,9 +172,7 @@ fn a_line_that_is_not_json_gets_bad_request_and_the_connection_stays_usable() {
 
 #[test]
 fn an_unknown_method_is_named() {
-    let install = Install::new();
-    start(&install);
-    let mut conn = install.connect();
+    let (_install, mut conn) = connected();
     let response = conn.call(json!({"jsonrpc":"2.0","id":"x","method":"image.frobnicate"}));
     assert_eq!(response["id"], "x");
     assert_eq!(error_kind(&response), "unknown_method");
@@ -151,9 +185,7 @@ fn an_unknown_method_is_named() {
 
 #[test]
 fn wrong_params_are_refused_naming_the_field() {
-    let install = Install::new();
-    start(&install);
-    let mut conn = install.connect();
+    let (_install, mut conn) = connected();
     let response = conn.call(
         json!({"jsonrpc":"2.0","id":1,"method":"image.cache.prune","params":{"dry_run":"yes"}}),
     );
@@ -163,38 +195,22 @@ fn wrong_params_are_refused_naming_the_field() {
     let response = conn.call(
         json!({"jsonrpc":"2.0","id":2,"method":"image.cache.prune","params":{"dryrun":true}}),
     );
-    assert_eq!(error_kind(&response), "bad_request");
-    assert!(
-        error_message(&response).contains("unknown field `dryrun`"),
-        "{response}"
-    );
+    assert_bad_request(&response, "unknown field `dryrun`");
 }
 
 #[test]
 fn a_request_without_method_or_with_another_version_is_bad_request() {
-    let install = Install::new();
-    start(&install);
-    let mut conn = install.connect();
+    let (_install, mut conn) = connected();
     let response = conn.call(json!({"jsonrpc":"2.0","id":7}));
-    assert_eq!(error_kind(&response), "bad_request");
+    assert_bad_request(&response, "missing field `method`");
     assert_eq!(response["id"], 7);
-    assert!(
-        error_message(&response).contains("missing field `method`"),
-        "{response}"
-    );
     let response = conn.call(json!({"jsonrpc":"1.0","id":8,"method":"daemon.ping"}));
-    assert_eq!(error_kind(&response), "bad_request");
-    assert!(
-        error_message(&response).contains("unsupported jsonrpc version"),
-        "{response}"
-    );
+    assert_bad_request(&response, "unsupported jsonrpc version");
 }
 
 #[test]
 fn a_request_line_over_1_mib_is_refused_and_the_daemon_keeps_serving() {
-    let install = Install::new();
-    start(&install);
-    let mut conn = install.connect();
+    let (install, mut conn) = connected();
     let mut huge = br#"{"jsonrpc":"2.0","id":1,"method":"daemon.ping","params":{"pad":""#.to_vec();
     huge.extend(std::iter::repeat_n(b'a', 2 << 20));
     huge.extend_from_slice(b"\"}}\n");
@@ -217,9 +233,7 @@ fn a_request_line_over_1_mib_is_refused_and_the_daemon_keeps_serving() {
 
 #[test]
 fn many_requests_share_one_connection_in_order() {
-    let install = Install::new();
-    start(&install);
-    let mut conn = install.connect();
+    let (_install, mut conn) = connected();
     conn.send_raw(
         b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"daemon.ping\"}\n{\"jsonrpc\":\"2.0\",\"id\":2,\"method\":\"daemon.methods\"}\n",
     );
@@ -240,12 +254,7 @@ fn many_requests_share_one_connection_in_order() {
 
 #[test]
 fn input_notifications_get_no_reply_and_requests_sent_during_a_call_keep_their_order() {
-    let install = Install::new();
-    // Enough blobs that the prune is still running while the next lines arrive.
-    for i in 0..3000 {
-        install.blob(&format!("{i:064x}"), 10);
-    }
-    start(&install);
+    let install = started_with_blobs(3000);
     let mut conn = install.connect();
     let lines = [
         json!({"jsonrpc":"2.0","id":1,"method":"image.cache.prune","params":{"dry_run":true}}),
@@ -277,11 +286,7 @@ fn input_notifications_get_no_reply_and_requests_sent_during_a_call_keep_their_o
 
 #[test]
 fn a_client_that_disconnects_mid_call_does_not_wedge_the_daemon() {
-    let install = Install::new();
-    for i in 0..3000 {
-        install.blob(&format!("{i:064x}"), 10);
-    }
-    start(&install);
+    let install = started_with_blobs(3000);
     for _ in 0..5 {
         let mut conn = install.connect();
         conn.send_raw(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"image.cache.prune\",\"params\":{\"dry_run\":true}}\n");
@@ -310,8 +315,7 @@ fn another_uid_is_refused_with_unauthorized() {
     ) {
         return;
     }
-    let install = Install::new();
-    start(&install);
+    let install = started();
     // Open the doors the filesystem would otherwise close, to reach the uid check itself.
     for dir in [
         install.dir.path().to_owned(),
@@ -357,8 +361,7 @@ fn sigterm_lets_a_running_daemon_exit_0_and_remove_its_socket() {
 
 #[test]
 fn daemon_stop_stops_it_and_the_next_command_starts_a_new_one() {
-    let install = Install::new();
-    start(&install);
+    let install = started();
     let first = install.daemon_pid().unwrap();
     let out = install.banger(&["daemon", "stop"]);
     assert_eq!(stdout(&out), format!("bangerd stopped (pid {first})\n"));
@@ -371,19 +374,9 @@ fn daemon_stop_stops_it_and_the_next_command_starts_a_new_one() {
 fn usage_errors_exit_2_and_name_the_input() {
     let install = Install::new();
     let out = install.banger(&["image", "cache", "prune", "--keep-storage", "lots"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("invalid size \"lots\""),
-        "{}",
-        stderr(&out)
-    );
+    assert_exit_says(&out, 2, "invalid size \"lots\"");
     let out = install.banger(&["image", "cache", "prune", "--older-than", "soon"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("invalid duration \"soon\""),
-        "{}",
-        stderr(&out)
-    );
+    assert_exit_says(&out, 2, "invalid duration \"soon\"");
     let out = install.banger(&["frobnicate"]);
     assert_eq!(out.status.code(), Some(2));
 }
@@ -409,28 +402,16 @@ fn completion_scripts_are_generated_for_each_shell() {
 #[test]
 fn doctor_reports_each_requirement_with_a_fix_for_what_is_missing() {
     let install = Install::new();
-    let out = install.banger(&["--json", "doctor"]);
     // No kernel is imported in a fresh installation: that is missing, so exit 1.
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let checks = result["checks"].as_array().unwrap();
-    let by_name = |name: &str| {
-        checks
-            .iter()
-            .find(|c| c["name"] == name)
-            .unwrap_or_else(|| panic!("no {name} check in {result}"))
-    };
+    let result = doctor_report(&install, 1);
+    let by_name = |name: &str| doctor_check(&result, name);
     assert_eq!(by_name("qemu-system-x86_64")["status"], "ok");
-    assert!(by_name("qemu-system-x86_64")["detail"]
-        .as_str()
-        .unwrap()
-        .starts_with("QEMU emulator version"));
+    assert!(
+        check_text(&result, "qemu-system-x86_64", "detail").starts_with("QEMU emulator version")
+    );
     assert_eq!(by_name("mkfs.ext4")["status"], "ok");
     assert_eq!(by_name("kernel")["status"], "missing");
-    assert!(by_name("kernel")["fix"]
-        .as_str()
-        .unwrap()
-        .contains("banger kernel import"));
+    assert!(check_text(&result, "kernel", "fix").contains("banger kernel import"));
     for name in [
         "firecracker",
         "kvm",
@@ -441,7 +422,8 @@ fn doctor_reports_each_requirement_with_a_fix_for_what_is_missing() {
         "guest agent",
         "debugfs",
     ] {
-        let status = by_name(name)["status"].as_str().unwrap();
+        let check = by_name(name);
+        let status = check["status"].as_str().unwrap();
         assert!(
             ["ok", "missing", "optional"].contains(&status),
             "{name}: {status}"
@@ -459,28 +441,14 @@ fn doctor_reports_each_requirement_with_a_fix_for_what_is_missing() {
 
 #[test]
 fn doctor_says_why_a_demanded_firecracker_cannot_run() {
-    let install = Install::new();
-    install.write_config(
+    let install = Install::with_config(
         "vmm = \"firecracker\"\nfirecracker_bin = \"/nonexistent/firecracker\"\nnetwork = \"user\"\n",
     );
-    let out = install.banger(&["--json", "doctor"]);
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let by_name = |name: &str| {
-        result["checks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["name"] == name)
-            .cloned()
-            .unwrap_or_else(|| panic!("no {name} check in {result}"))
-    };
+    let result = doctor_report(&install, 1);
+    let by_name = |name: &str| doctor_check(&result, name);
     // Demanded, so missing rather than optional, with the config key in the fix.
     assert_eq!(by_name("firecracker")["status"], "missing");
-    assert!(by_name("firecracker")["fix"]
-        .as_str()
-        .unwrap()
-        .contains("firecracker_bin"));
+    assert!(check_text(&result, "firecracker", "fix").contains("firecracker_bin"));
     let vmm = by_name("vmm");
     assert_eq!(vmm["status"], "missing");
     assert!(
@@ -503,8 +471,7 @@ fn start_up_removes_work_dirs_of_interrupted_kernel_imports_only() {
     // Not ours to judge: a directory that merely looks like a kernel.
     std::fs::create_dir_all(kernels.join("cloud")).unwrap();
     let out = install.banger(&["--json", "kernel", "list"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert_eq!(stdout(&out), "{\n  \"kernels\": []\n}\n");
+    assert_exit_prints(&out, 0, "{\n  \"kernels\": []\n}\n");
     let mut left: Vec<String> = std::fs::read_dir(&kernels)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -515,19 +482,10 @@ fn start_up_removes_work_dirs_of_interrupted_kernel_imports_only() {
 
 #[test]
 fn doctor_refuses_a_dynamically_linked_agent_saying_how_to_build_one() {
-    let install = Install::new();
     // What a plain `cargo build` leaves: an executable with a dynamic loader.
-    install.write_config("agent_bin = \"/bin/true\"\n");
-    let out = install.banger(&["--json", "doctor"]);
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let agent = result["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "guest agent")
-        .cloned()
-        .unwrap();
+    let install = Install::with_config("agent_bin = \"/bin/true\"\n");
+    let result = doctor_report(&install, 1);
+    let agent = doctor_check(&result, "guest agent");
     assert_eq!(agent["status"], "missing", "{agent}");
     let detail = agent["detail"].as_str().unwrap();
     assert!(
@@ -545,5 +503,5 @@ fn doctor_refuses_a_dynamically_linked_agent_saying_how_to_build_one() {
     );
     // vm create checks the same before any disk is copied or VM booted.
     let out = install.banger(&["vm", "create", "--name", "dyn"]);
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_exit(&out, 1);
 }

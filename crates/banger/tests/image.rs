@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use banger_testkit::{push_oci_layout, LayerCompression, OciLayoutBuilder, Registry};
 use serde_json::Value;
-use support::{stderr, stdout, Install};
+use support::{assert_exit, assert_exit_says, assert_exit_says_all, stderr, stdout, Install};
 
 fn small_layer() -> Vec<u8> {
     banger_testkit::tar_with_files(&[
@@ -48,6 +48,16 @@ fn push(
     registry.reference(name, "v1")
 }
 
+/// Pushes image `tool`, one small gzip layer, made in the installation's directory.
+fn push_tool(registry: &Registry, install: &Install) -> String {
+    push(
+        registry,
+        install.dir.path(),
+        "tool",
+        &[(small_layer(), LayerCompression::Gzip)],
+    )
+}
+
 fn entries(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .map(|d| {
@@ -63,15 +73,10 @@ fn entries(dir: &Path) -> Vec<String> {
 fn pull_list_show_rm_through_the_cli() {
     let registry = Registry::start();
     let install = Install::new();
-    let reference = push(
-        &registry,
-        install.dir.path(),
-        "tool",
-        &[(small_layer(), LayerCompression::Gzip)],
-    );
+    let reference = push_tool(&registry, &install);
 
     let out = install.banger(&["image", "pull", &reference]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     assert_eq!(
         stderr(&out),
         "",
@@ -113,12 +118,7 @@ fn pull_list_show_rm_through_the_cli() {
     );
 
     let again = install.banger(&["image", "pull", &reference]);
-    assert_eq!(again.status.code(), Some(1));
-    assert!(
-        stderr(&again).contains("[already_exists, op-"),
-        "{}",
-        stderr(&again)
-    );
+    assert_exit_says(&again, 1, "[already_exists, op-");
 
     let rm = install.banger(&["image", "rm", "tool-v1"]);
     assert_eq!(
@@ -139,15 +139,16 @@ fn import_reads_an_oci_layout_and_a_docker_archive() {
     layout
         .image("v1", &[(small_layer(), LayerCompression::Zstd)])
         .unwrap();
+    let layout_arg = dir.to_str().unwrap();
     let out = install.banger(&[
         "--json",
         "image",
         "import",
-        dir.to_str().unwrap(),
+        layout_arg,
         "--name",
         "from-layout",
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let info: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(info["name"], "from-layout");
     let cat = std::process::Command::new("debugfs")
@@ -172,7 +173,7 @@ fn import_reads_an_oci_layout_and_a_docker_archive() {
         .unwrap();
     assert!(copy.status.success(), "{}", stderr(&copy));
     let out = install.banger(&["image", "import", tarball.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     assert!(
         stdout(&out).starts_with(&format!("imported {} as saved (", tarball.display())),
         "{}",
@@ -191,12 +192,7 @@ fn import_reads_an_oci_layout_and_a_docker_archive() {
     }
 
     let out = install.banger(&["image", "import", "/nonexistent/layout"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("/nonexistent/layout") && stderr(&out).contains("[not_found"),
-        "{}",
-        stderr(&out)
-    );
+    assert_exit_says_all(&out, 1, &["/nonexistent/layout", "[not_found"]);
 }
 
 #[test]
@@ -253,7 +249,7 @@ fn kill_9_mid_pull_leaves_no_partial_image_and_the_pull_then_succeeds() {
 
     // Restart: nothing partial listed, staging and the orphan gone, cache only verified blobs.
     let list = install.banger(&["--json", "image", "list"]);
-    assert_eq!(list.status.code(), Some(0), "{}", stderr(&list));
+    assert_exit(&list, 0);
     let listed: Value = serde_json::from_slice(&list.stdout).unwrap();
     assert_eq!(listed["images"], Value::Array(vec![]));
     assert_eq!(entries(&staging), Vec::<String>::new());
@@ -270,7 +266,7 @@ fn kill_9_mid_pull_leaves_no_partial_image_and_the_pull_then_succeeds() {
     }
 
     let out = install.banger(&["image", "pull", &reference]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     assert!(stdout(&out).starts_with(&format!("pulled {reference} as big-v1")));
 }
 
@@ -295,12 +291,7 @@ fn op_ids_of(log: &str, method: &str, message: &str) -> Vec<String> {
 fn every_log_line_of_a_call_carries_its_op_id() {
     let registry = Registry::start();
     let install = Install::new();
-    let reference = push(
-        &registry,
-        install.dir.path(),
-        "tool",
-        &[(small_layer(), LayerCompression::Gzip)],
-    );
+    let reference = push_tool(&registry, &install);
     assert_eq!(
         install.banger(&["image", "pull", &reference]).status.code(),
         Some(0)

@@ -7,11 +7,12 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use banger_testkit::host::run_ok;
 use banger_testkit::Registry;
 use serde_json::Value;
 use sha2::Digest as _;
 use support::vms::guest_parts;
-use support::{stderr, stdout, Install};
+use support::{assert_exit, assert_exit_says_all, stderr, stdout, Install};
 
 const ARTIFACT_TYPE: &str = "application/vnd.banger.kernel.v1";
 const KERNEL: &str = "application/vnd.banger.kernel.image.v1";
@@ -111,17 +112,7 @@ fn push_artifact(
 /// The cloud kernel package unpacked: (vmlinuz, modules.tgz of /lib/modules/<release>).
 fn kernel_files(deb: &Path, dir: &Path) -> (PathBuf, PathBuf) {
     let root = dir.join("deb");
-    let out = Command::new("dpkg-deb")
-        .arg("-x")
-        .arg(deb)
-        .arg(&root)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&root));
     let vmlinuz = std::fs::read_dir(root.join("boot"))
         .unwrap()
         .flatten()
@@ -140,18 +131,13 @@ fn kernel_files(deb: &Path, dir: &Path) -> (PathBuf, PathBuf) {
         .expect("a modules tree")
         .path();
     let tgz = dir.join("modules.tgz");
-    let out = Command::new("tar")
-        .arg("czf")
-        .arg(&tgz)
-        .arg("-C")
-        .arg(&release)
-        .arg(".")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new("tar")
+            .arg("czf")
+            .arg(&tgz)
+            .arg("-C")
+            .arg(&release)
+            .arg("."),
     );
     (vmlinuz, tgz)
 }
@@ -183,11 +169,11 @@ fn an_oci_kernel_artifact_is_pulled_verified_bounded_and_imported_like_the_deb()
 
     let install = Install::new();
     let out = install.banger(&["kernel", "import", "deb", "--deb", deb.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let deb_info = json_of(&install.banger(&["--json", "kernel", "show", "deb"]));
 
     let out = install.banger(&["--json", "kernel", "pull", &reference]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let pulled = json_of(&out);
     assert_eq!(pulled["source"], "oci");
     assert_eq!(pulled["reference"], reference.as_str());
@@ -214,7 +200,7 @@ fn an_oci_kernel_artifact_is_pulled_verified_bounded_and_imported_like_the_deb()
         "--name",
         "pinned",
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     assert!(
         stdout(&out).starts_with(&format!(
             "pulled kernel pinned ({}) from ",
@@ -253,18 +239,18 @@ fn an_oci_kernel_artifact_is_pulled_verified_bounded_and_imported_like_the_deb()
         "pull",
         &registry.reference("kernels/cloud", "odd"),
     ]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("unknown blob media type \"application/x-odd\"")
-            && stderr(&out).contains("bad_request"),
-        "{}",
-        stderr(&out)
+    assert_exit_says_all(
+        &out,
+        1,
+        &[
+            "unknown blob media type \"application/x-odd\"",
+            "bad_request",
+        ],
     );
 
     // The size bound: a kernel blob over kernel_max_payload_bytes is refused before a
     // byte of it is fetched.
-    let small = Install::new();
-    small.write_config("kernel_max_payload_bytes = 1048576\n");
+    let small = Install::with_config("kernel_max_payload_bytes = 1048576\n");
     let out = small.banger(&["kernel", "pull", &reference]);
     assert_eq!(out.status.code(), Some(1));
     let message = stderr(&out);
@@ -304,12 +290,13 @@ fn an_image_is_not_a_kernel_artifact() {
     banger_testkit::push_oci_layout(&tmp.path().join("layout"), "v1", &registry, "busybox");
     let install = Install::new();
     let out = install.banger(&["kernel", "pull", &registry.reference("busybox", "v1")]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("is not a kernel artifact")
-            && stderr(&out).contains("application/vnd.oci.image.config.v1+json"),
-        "{}",
-        stderr(&out)
+    assert_exit_says_all(
+        &out,
+        1,
+        &[
+            "is not a kernel artifact",
+            "application/vnd.oci.image.config.v1+json",
+        ],
     );
 }
 
@@ -333,7 +320,7 @@ fn without_a_reference_the_distribution_cloud_kernel_comes_through_apt() {
         );
         return;
     }
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let pulled = json_of(&out);
     assert_eq!(pulled["source"], "apt");
     let package = pulled["package"].as_str().unwrap();

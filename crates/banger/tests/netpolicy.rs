@@ -14,13 +14,19 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::vms::ready_install_in;
-use support::{stderr, stdout, Install, NetNs};
+use support::{
+    assert_exit, assert_fails_saying, assert_succeeded, stderr, stdout, taps_can_be_made, Install,
+    NetNs,
+};
 
 /// The host's veth address (TEST-NET range 198.18.0.0/15, for benchmarks: never routed).
 const HOST_VETH: &str = "198.18.0.1";
 /// The outside namespace's addresses.
 const OUTSIDE: &str = "198.18.0.2";
 const OUTSIDE_2: &str = "198.18.0.3";
+
+/// QEMU with user-mode networking (slirp), whoever runs the tests.
+const QEMU_USER_NET: &str = "vmm = \"qemu\"\nnetwork = \"user\"\n";
 
 /// One HTTP server (python3 -m http.server) inside a namespace, serving `hello` with a
 /// marker; killed on drop.
@@ -43,25 +49,11 @@ struct World {
     _www: tempfile::TempDir,
 }
 
-fn ok(out: std::process::Output, what: &str) {
-    assert!(
-        out.status.success(),
-        "{what}: {}{}",
-        stdout(&out),
-        stderr(&out)
-    );
-}
-
 impl World {
     /// `None` (with the reason, strict-aware) where it cannot be built.
     fn new(tag: &str) -> Option<World> {
-        if !banger_testkit::require(
-            rustix::process::geteuid().is_root(),
-            "network namespaces need root",
-        ) || !banger_testkit::require(
-            Path::new("/dev/net/tun").exists(),
-            "/dev/net/tun is missing",
-        ) || !banger_testkit::require(which("python3"), "python3 is not installed")
+        if !taps_can_be_made("network namespaces need root")
+            || !banger_testkit::require(which("python3"), "python3 is not installed")
             || !banger_testkit::require(which("nft"), "nft is not installed")
         {
             return None;
@@ -74,8 +66,8 @@ impl World {
             }
         };
         let outside = NetNs::new(&format!("{tag}o")).expect("second namespace");
-        ok(
-            host.exec(&[
+        assert_succeeded(
+            &host.exec(&[
                 "ip",
                 "link",
                 "add",
@@ -95,14 +87,14 @@ impl World {
             &["ip", "link", "set", "veth0", "up"],
             &["ip", "route", "add", "default", "via", OUTSIDE],
         ] {
-            ok(host.exec(argv), &argv.join(" "));
+            assert_succeeded(&host.exec(argv), &argv.join(" "));
         }
         for argv in [
             &["ip", "addr", "add", "198.18.0.2/24", "dev", "veth1"][..],
             &["ip", "addr", "add", "198.18.0.3/24", "dev", "veth1"],
             &["ip", "link", "set", "veth1", "up"],
         ] {
-            ok(outside.exec(argv), &argv.join(" "));
+            assert_succeeded(&outside.exec(argv), &argv.join(" "));
         }
         let www = tempfile::tempdir().unwrap();
         let mut servers = Vec::new();
@@ -154,6 +146,14 @@ impl World {
     }
 }
 
+impl World {
+    /// An installation configured with `config` whose banger (and so its daemon) runs in
+    /// the host namespace.
+    fn install(&self, config: &str) -> Option<Install> {
+        ready_install_in(config, Some(&self.host), None)
+    }
+}
+
 fn which(program: &str) -> bool {
     std::env::var_os("PATH")
         .and_then(|p| p.to_str().map(str::to_owned))
@@ -163,19 +163,14 @@ fn which(program: &str) -> bool {
 /// `GET /hello` from inside VM `vm` to `addr:port`: the body when it answered, `None`
 /// when it did not (refused, dropped, timed out).
 fn fetch(install: &Install, vm: &str, addr: &str, port: u16) -> Option<String> {
-    let out = install.banger(&[
-        "vm",
-        "exec",
+    let out = busybox_sh(
+        install,
         vm,
-        "--",
-        "/bin/busybox",
-        "sh",
-        "-c",
         // nc -w bounds the connect only; timeout bounds a connection that then stalls.
         &format!(
             "printf 'GET /hello HTTP/1.0\\r\\n\\r\\n' | /bin/busybox timeout 20 /bin/busybox nc -w 5 {addr} {port}"
         ),
-    ]);
+    );
     let text = stdout(&out);
     text.contains(" 200 ")
         .then(|| text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned())
@@ -184,16 +179,11 @@ fn fetch(install: &Install, vm: &str, addr: &str, port: u16) -> Option<String> {
 /// What to look at when a guest could not reach what it should: its view and the
 /// host's rules.
 fn diagnose(install: &Install, vm: &str, host: &NetNs) -> String {
-    let guest = install.banger(&[
-        "vm",
-        "exec",
+    let guest = busybox_sh(
+        install,
         vm,
-        "--",
-        "/bin/busybox",
-        "sh",
-        "-c",
         "/bin/busybox ip addr; /bin/busybox ip route; cat /proc/net/arp",
-    ]);
+    );
     let rules = host.exec(&["nft", "list", "ruleset"]);
     format!(
         "guest:\n{}{}\nhost rules:\n{}",
@@ -203,22 +193,22 @@ fn diagnose(install: &Install, vm: &str, host: &NetNs) -> String {
     )
 }
 
+/// `vm exec VM -- /bin/busybox sh -c SCRIPT`: busybox by its path, which works whatever
+/// the guest's PATH.
+fn busybox_sh(install: &Install, vm: &str, script: &str) -> std::process::Output {
+    install.vm_exec(vm, &["/bin/busybox", "sh", "-c", script])
+}
+
 /// Runs a shell command in the guest, which must succeed.
 fn guest_sh(install: &Install, vm: &str, script: &str) -> String {
-    let out = install.banger(&["vm", "exec", vm, "--", "/bin/busybox", "sh", "-c", script]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{script}: {}{}",
-        stdout(&out),
-        stderr(&out)
-    );
+    let out = busybox_sh(install, vm, script);
+    assert_succeeded(&out, script);
     stdout(&out)
 }
 
 fn show(install: &Install, name: &str) -> Value {
     let out = install.banger(&["--json", "vm", "show", name]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -226,13 +216,13 @@ fn create(install: &Install, args: &[&str]) {
     let mut argv = vec!["vm", "create", "--image", "bb"];
     argv.extend_from_slice(args);
     let out = install.banger(&argv);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
 }
 
 fn remove_all(install: &Install, names: &[&str]) {
     for name in names {
         let out = install.banger(&["vm", "rm", name]);
-        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert_exit(&out, 0);
     }
 }
 
@@ -255,11 +245,7 @@ fn user_mode_reaches_the_outside_but_not_the_host() {
     ) {
         return;
     }
-    let Some(install) = ready_install_in(
-        "vmm = \"qemu\"\nnetwork = \"user\"\n",
-        Some(&world.host),
-        None,
-    ) else {
+    let Some(install) = world.install(QEMU_USER_NET) else {
         return;
     };
     create(&install, &["--name", "u"]);
@@ -305,12 +291,7 @@ fn user_mode_reaches_the_outside_but_not_the_host() {
         "--egress",
         "198.18.0.2/32",
     ]);
-    assert_ne!(out.status.code(), Some(0));
-    assert!(
-        stderr(&out).contains("a CIDR allow list needs network \"tap\""),
-        "{}",
-        stderr(&out)
-    );
+    assert_fails_saying(&out, "a CIDR allow list needs network \"tap\"");
     remove_all(&install, &["u", "shut"]);
     drop(world.outside);
 }
@@ -320,11 +301,9 @@ fn tap_mode_reaches_the_outside_but_not_the_host_other_vms_or_with_a_spoofed_sou
     let Some(world) = World::new("npt") else {
         return;
     };
-    let Some(install) = ready_install_in(
-        "vmm = \"qemu\"\nnetwork = \"tap\"\nbridge_address = \"172.30.9.1/24\"\n",
-        Some(&world.host),
-        None,
-    ) else {
+    let Some(install) =
+        world.install("vmm = \"qemu\"\nnetwork = \"tap\"\nbridge_address = \"172.30.9.1/24\"\n")
+    else {
         return;
     };
     create(&install, &["--name", "a", "--egress", "198.18.0.2/32"]);
@@ -450,7 +429,7 @@ fn tap_mode_reaches_the_outside_but_not_the_host_other_vms_or_with_a_spoofed_sou
 
 #[test]
 fn network_none_gives_the_guest_only_loopback() {
-    let Some(install) = ready_install_in("vmm = \"qemu\"\nnetwork = \"user\"\n", None, None) else {
+    let Some(install) = ready_install_in(QEMU_USER_NET, None, None) else {
         return;
     };
     create(&install, &["--name", "n", "--network", "none"]);

@@ -9,31 +9,12 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Command;
 
-use banger_testkit::{push_oci_layout, LayerCompression, OciLayoutBuilder, Registry};
+use banger_testkit::{LayerCompression, OciLayoutBuilder, Registry};
 use serde_json::Value;
-use support::vms::ready_install_in;
-use support::{stderr, stdout, Install};
+use support::vms::{push_and_pull, ready_install_in};
+use support::{assert_succeeded, free_loopback_port, stderr, stdout, Install};
 
 const QEMU_USER_NET: &str = "vmm = \"qemu\"\nnetwork = \"user\"\n";
-
-/// A loopback port nothing listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn ok(out: &std::process::Output, what: &str) {
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{what}: {}{}",
-        stdout(out),
-        stderr(out)
-    );
-}
 
 /// `GET /` on the host's `127.0.0.1:port`, the whole response.
 fn http_get(port: u16) -> String {
@@ -55,24 +36,23 @@ fn published_port_serves_guest_http_on_the_host_and_vm_ports_lists_it() {
     let Some(install) = ready_install_in(QEMU_USER_NET, None, Some(&registry)) else {
         return;
     };
-    let port = free_port();
+    let port = free_loopback_port();
     let publish = format!("127.0.0.1:{port}:8080");
     let out = install.banger(&[
         "vm", "create", "--name", "web", "--image", "bb", "-p", &publish,
     ]);
-    ok(&out, "vm create -p");
+    assert_succeeded(&out, "vm create -p");
 
     // busybox httpd forks into the background and keeps serving after the exec ends.
-    let out = install.banger(&[
-        "vm",
-        "exec",
+    let out = install.vm_exec(
         "web",
-        "--",
-        "/bin/sh",
-        "-c",
-        "echo hello-from-guest > /tmp/index.html && busybox httpd -p 8080 -h /tmp",
-    ]);
-    ok(&out, "start httpd");
+        &[
+            "/bin/sh",
+            "-c",
+            "echo hello-from-guest > /tmp/index.html && busybox httpd -p 8080 -h /tmp",
+        ],
+    );
+    assert_succeeded(&out, "start httpd");
     let response = http_get(port);
     assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
     assert!(
@@ -81,7 +61,7 @@ fn published_port_serves_guest_http_on_the_host_and_vm_ports_lists_it() {
     );
 
     let out = install.banger(&["--json", "vm", "ports", "web"]);
-    ok(&out, "vm ports --json");
+    assert_succeeded(&out, "vm ports --json");
     let ports: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(ports["vm"], "web");
     let listening = ports["listening"].as_array().unwrap();
@@ -116,15 +96,9 @@ fn published_port_serves_guest_http_on_the_host_and_vm_ports_lists_it() {
     );
 
     // The host port is QEMU's now: a second VM asking for it is refused, naming it.
+    let taken = format!("{port}:80");
     let out = install.banger(&[
-        "vm",
-        "create",
-        "--name",
-        "web2",
-        "--image",
-        "bb",
-        "-p",
-        &format!("{port}:80"),
+        "vm", "create", "--name", "web2", "--image", "bb", "-p", &taken,
     ]);
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
     assert!(
@@ -146,7 +120,7 @@ fn published_port_serves_guest_http_on_the_host_and_vm_ports_lists_it() {
         "{}",
         stderr(&out)
     );
-    ok(&install.banger(&["vm", "rm", "web"]), "vm rm");
+    assert_succeeded(&install.banger(&["vm", "rm", "web"]), "vm rm");
 }
 
 /// A layer with the host's sshd, the libraries `ldd` says it loads, and the accounts it
@@ -191,16 +165,7 @@ fn sshd_layer() -> Vec<u8> {
     }
     dirs.sort_by_key(|d| d.len());
     let mut builder = tar::Builder::new(Vec::new());
-    let header = |kind: tar::EntryType, mode: u32, size: usize| {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(kind);
-        h.set_mode(mode);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_size(size as u64);
-        h.set_mtime(0);
-        h
-    };
+    let header = banger_testkit::guest::layer_entry_header;
     for dir in &dirs {
         let mut h = header(tar::EntryType::Directory, 0o755, 0);
         builder.append_data(&mut h, dir, &[][..]).unwrap();
@@ -253,22 +218,14 @@ fn stock_ssh_logs_in_through_the_generated_config_without_a_host_port() {
             ],
         )
         .unwrap();
-    push_oci_layout(&layout_dir, "v1", &registry, "sshd");
-    let out = install.banger(&[
-        "image",
-        "pull",
-        &registry.reference("sshd", "v1"),
-        "--name",
-        "sshimg",
-    ]);
-    ok(&out, "image pull sshd");
-    ok(
+    push_and_pull(&install, &layout_dir, &registry, "sshd", "sshimg");
+    assert_succeeded(
         &install.banger(&["vm", "create", "--name", "sv", "--image", "sshimg"]),
         "vm create",
     );
 
     let out = install.banger(&["ssh-config"]);
-    ok(&out, "ssh-config");
+    assert_succeeded(&out, "ssh-config");
     let config = stdout(&out);
     let state = install.state_dir();
     assert!(
@@ -328,7 +285,7 @@ fn stock_ssh_logs_in_through_the_generated_config_without_a_host_port() {
         "from",
         "$(cat /proc/sys/kernel/hostname)",
     ]);
-    assert_eq!(out.status.code(), Some(0), "vm ssh: {}", stderr(&out));
+    assert_succeeded(&out, "vm ssh");
     assert_eq!(stdout(&out), "hi from sv\n");
-    ok(&install.banger(&["vm", "rm", "sv"]), "vm rm");
+    assert_succeeded(&install.banger(&["vm", "rm", "sv"]), "vm rm");
 }

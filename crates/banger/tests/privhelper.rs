@@ -9,14 +9,15 @@ mod support;
 
 use std::io::Read;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use banger_testkit::{guest, LayerCompression, OciLayoutBuilder};
 use serde_json::Value;
-use support::vms::guest_parts;
-use support::{bin_dir, stderr, stdout, Install, NetNs};
+use support::vms::{busybox_layout, guest_parts, import_busybox, import_kernel};
+use support::{
+    assert_exit, bin_dir, doctor_check, doctor_report, stderr, stdout, taps_can_be_made, Install,
+    NetNs,
+};
 
 /// The unprivileged user the daemon runs as.
 const NOBODY: u32 = 65534;
@@ -59,25 +60,10 @@ fn json(out: &std::process::Output) -> Value {
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
-fn check(report: &Value, name: &str) -> Value {
-    report["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .cloned()
-        .unwrap_or_else(|| panic!("no {name} check: {report}"))
-}
-
 #[test]
 fn an_unprivileged_bangerd_boots_a_tap_vm_through_bangerd_root() {
-    if !banger_testkit::require(
-        rustix::process::geteuid().is_root(),
-        "needs root (a network namespace, bangerd-root, setpriv)",
-    ) || !banger_testkit::require(
-        Path::new("/dev/net/tun").exists(),
-        "/dev/net/tun is missing",
-    ) || !banger_testkit::require(which("nft"), "nft is not installed")
+    if !taps_can_be_made("needs root (a network namespace, bangerd-root, setpriv)")
+        || !banger_testkit::require(which("nft"), "nft is not installed")
         || !banger_testkit::require(which("setpriv"), "setpriv (util-linux) is not installed")
     {
         return;
@@ -122,11 +108,7 @@ fn an_unprivileged_bangerd_boots_a_tap_vm_through_bangerd_root() {
         "vmm = \"qemu\"\nnetwork = \"tap\"\nbridge_address = \"{BRIDGE_ADDRESS}\"\nroot_helper_socket = \"{}\"\n",
         socket.display()
     ));
-    let layout_dir = install.dir.path().join("layout");
-    let mut layout = OciLayoutBuilder::new(&layout_dir).unwrap();
-    layout
-        .image("v1", &[(guest::busybox_layer(), LayerCompression::Gzip)])
-        .unwrap();
+    let layout_dir = busybox_layout(&install);
     // The whole installation belongs to the daemon's user, as a system install's
     // /var/lib/banger belongs to the owner.
     let chown = Command::new("chown")
@@ -180,10 +162,8 @@ fn an_unprivileged_bangerd_boots_a_tap_vm_through_bangerd_root() {
             ],
         );
         // Exit 1: network = "tap" is configured and cannot work.
-        let out = install.banger(&["--json", "doctor"]);
-        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-        let route = check(&report, "tap privileges");
+        let report = doctor_report(&install, 1);
+        let route = doctor_check(&report, "tap privileges");
         assert_eq!(route["status"], "optional", "{route}");
         assert!(
             route["detail"]
@@ -193,20 +173,12 @@ fn an_unprivileged_bangerd_boots_a_tap_vm_through_bangerd_root() {
             "{route}"
         );
         let out = install.banger(&["daemon", "stop"]);
-        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert_exit(&out, 0);
         install.wrapper = full;
     }
 
-    let out = install.banger(&[
-        "image",
-        "import",
-        &format!("{}:v1", layout_dir.display()),
-        "--name",
-        "bb",
-    ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let out = install.banger(&["kernel", "import", "cloud", "--deb", deb.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    import_busybox(&install, &layout_dir);
+    import_kernel(&install, deb);
 
     // The daemon really is unprivileged.
     let pid = install.daemon_pid().expect("the daemon's lock file");
@@ -220,7 +192,7 @@ fn an_unprivileged_bangerd_boots_a_tap_vm_through_bangerd_root() {
 
     // The doctor names the route.
     let report = json(&install.banger(&["--json", "doctor"]));
-    let route = check(&report, "tap privileges");
+    let route = doctor_check(&report, "tap privileges");
     assert_eq!(route["status"], "ok", "{route}");
     assert_eq!(
         route["detail"].as_str().unwrap(),
@@ -231,7 +203,7 @@ fn an_unprivileged_bangerd_boots_a_tap_vm_through_bangerd_root() {
     );
 
     let out = install.banger(&["vm", "create", "--name", "tapbox", "--image", "bb"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let vm = json(&install.banger(&["--json", "vm", "show", "tapbox"]));
     assert_eq!(vm["network"], "tap", "{vm}");
     assert_eq!(vm["guest_ip"], "172.30.7.2", "{vm}");
@@ -239,7 +211,7 @@ fn an_unprivileged_bangerd_boots_a_tap_vm_through_bangerd_root() {
 
     // The guest answers exec and has its address.
     let out = install.banger(&["vm", "exec", "tapbox", "--", "cat", "/proc/net/fib_trie"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     assert!(stdout(&out).contains("172.30.7.2"), "{}", stdout(&out));
 
     // The host side, made by the helper: the TAP is the daemon user's, on the bridge,
@@ -262,7 +234,7 @@ fn an_unprivileged_bangerd_boots_a_tap_vm_through_bangerd_root() {
     }
 
     let out = install.banger(&["vm", "rm", "tapbox"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     assert!(
         !ns.exec(&["ip", "link", "show", &tap]).status.success(),
         "the TAP stayed after vm rm"
@@ -270,6 +242,6 @@ fn an_unprivileged_bangerd_boots_a_tap_vm_through_bangerd_root() {
     let guard = stdout(&ns.exec(&["nft", "list", "table", "inet", "banger_guard"]));
     assert!(!guard.contains(&chain), "{guard}");
     let out = install.banger(&["daemon", "stop"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     drop(helper);
 }

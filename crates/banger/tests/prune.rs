@@ -3,13 +3,13 @@
 mod support;
 
 use serde_json::{json, Value};
-use support::{stderr, stdout, Install};
+use support::{assert_exit, stdout, Install};
 
 fn prune(install: &Install, args: &[&str]) -> String {
     let mut all = vec!["image", "cache", "prune"];
     all.extend_from_slice(args);
     let out = install.banger(&all);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     stdout(&out)
 }
 

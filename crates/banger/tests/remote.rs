@@ -9,51 +9,36 @@ use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use banger_testkit::{guest, push_oci_layout, LayerCompression, OciLayoutBuilder, Registry};
+use banger_testkit::host::run_ok;
+use banger_testkit::{guest, LayerCompression, OciLayoutBuilder, Registry};
 use serde_json::Value;
-use support::vms::guest_parts;
-use support::{stderr, stdout, Install};
+use support::vms::{guest_parts, ready_install_in};
+use support::{
+    assert_exit, assert_exit_prints, assert_exit_says, free_loopback_port, stdout, vm_run_rm_args,
+    Install,
+};
 
 const PTY_TIMEOUT: Duration = Duration::from_secs(240);
 
+/// The remote side's configuration: QEMU with user networking, whoever runs the tests.
+const QEMU_USER_NET: &str = "vmm = \"qemu\"\nnetwork = \"user\"\n";
+
 /// The remote side's installation: a kernel and a busybox image `bb`, its daemon stopped
 /// (the next one starts inside sshd's namespace, through dial-stdio).
-fn remote_install(registry: &Registry, agent: &Path, deb: &Path) -> Install {
-    let mut install = Install::new();
-    install
-        .extra_env
-        .push(("BANGER_AGENT".into(), agent.into()));
-    install.write_config("vmm = \"qemu\"\nnetwork = \"user\"\n");
-    let layout_dir = install.dir.path().join("layout");
-    let mut layout = OciLayoutBuilder::new(&layout_dir).unwrap();
-    layout
-        .image("v1", &[(guest::busybox_layer(), LayerCompression::Gzip)])
-        .unwrap();
-    push_oci_layout(&layout_dir, "v1", registry, "busybox");
-    let out = install.banger(&[
-        "image",
-        "pull",
-        &registry.reference("busybox", "v1"),
-        "--name",
-        "bb",
-    ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let out = install.banger(&["kernel", "import", "cloud", "--deb", deb.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+fn remote_install(registry: &Registry) -> Install {
+    let install = ready_install_in(QEMU_USER_NET, None, Some(registry))
+        .expect("the caller found the guest parts");
     let out = install.banger(&["daemon", "stop"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     install
-}
-
-fn run(command: &mut Command) {
-    let out = command.output().unwrap();
-    assert!(out.status.success(), "{command:?}: {}", stderr(&out));
 }
 
 fn keygen(path: &Path) {
-    run(Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(path));
+    run_ok(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(path),
+    );
 }
 
 /// sshd on 127.0.0.1:PORT in a mount namespace where `hidden` is an empty tmpfs; killed
@@ -70,21 +55,13 @@ impl Drop for Sshd {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn start_sshd(dir: &Path, remote: &Install, agent: &Path, hidden: &Path) -> Sshd {
     keygen(&dir.join("host_key"));
     keygen(&dir.join("client_key"));
     std::fs::copy(dir.join("client_key.pub"), dir.join("authorized_keys")).unwrap();
     // sshd insists on its privilege separation directory.
     std::fs::create_dir_all("/run/sshd").unwrap();
-    let port = free_port();
+    let port = free_loopback_port();
     let home = remote.dir.path();
     let config = format!(
         "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n\
@@ -139,16 +116,22 @@ fn sshd_can_run() -> bool {
     )
 }
 
+/// The agent and kernel of [`guest_parts`] where a real sshd can run too (`None`, and the
+/// reason said, where either is missing).
+fn sshd_and_guest_parts() -> Option<&'static (std::path::PathBuf, std::path::PathBuf)> {
+    if !sshd_can_run() {
+        return None;
+    }
+    guest_parts()
+}
+
 #[test]
 fn a_remote_daemon_over_real_sshd_runs_a_streamed_workspace_lists_images_and_gives_a_pty() {
-    if !sshd_can_run() {
-        return;
-    }
-    let Some((agent, deb)) = guest_parts() else {
+    let Some((agent, _)) = sshd_and_guest_parts() else {
         return;
     };
     let registry = Registry::start();
-    let remote = remote_install(&registry, agent, deb);
+    let remote = remote_install(&registry);
     let sshd_dir = tempfile::tempdir().unwrap();
 
     // The client: its own dirs, and a workspace the remote side cannot see.
@@ -185,28 +168,20 @@ fn a_remote_daemon_over_real_sshd_runs_a_streamed_workspace_lists_images_and_giv
     assert!(!seen.status.success(), "the remote side sees the workspace");
 
     let out = call(&["--json", "image", "list"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let images: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(images.to_string().contains("\"bb\""), "{images}");
 
     let ws = workspace.to_str().unwrap();
-    let out = call(&[
-        "vm",
-        "run",
-        ws,
-        "--rm",
-        "--image",
-        "bb",
-        "--",
-        "sh",
-        "-c",
-        "cat FILE; exit 5",
-    ]);
-    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
-    assert_eq!(stdout(&out), "streamed, not read by the daemon\n");
+    let out = call(&vm_run_rm_args(
+        Some(ws),
+        &[],
+        &["sh", "-c", "cat FILE; exit 5"],
+    ));
+    assert_exit_prints(&out, 5, "streamed, not read by the daemon\n");
 
     let out = call(&["vm", "create", "--name", "rx", "--image", "bb"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let a = args(&[
         "vm",
         "exec",
@@ -225,9 +200,9 @@ fn a_remote_daemon_over_real_sshd_runs_a_streamed_workspace_lists_images_and_giv
     assert!(screen.contains("got-hi"), "{screen:?}");
 
     let out = call(&["vm", "rm", "rx"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let out = call(&["daemon", "stop"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     drop(sshd);
 }
 
@@ -235,7 +210,7 @@ fn a_remote_daemon_over_real_sshd_runs_a_streamed_workspace_lists_images_and_giv
 fn the_daemon_opens_no_client_path_for_a_workspace() {
     let install = Install::new();
     let out = install.banger(&["image", "list"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let mut conn = install.connect();
     let reply = conn.call(serde_json::json!({
         "jsonrpc": "2.0", "id": 1, "method": "vm.run",
@@ -260,8 +235,7 @@ fn the_daemon_opens_no_client_path_for_a_workspace() {
 fn contexts_are_created_chosen_listed_and_removed_and_bad_hosts_refused() {
     let install = Install::new();
     let out = install.banger(&["context", "create", "big", "--host", "ftp://x"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("ftp://x"), "{}", stderr(&out));
+    assert_exit_says(&out, 1, "ftp://x");
     let out = install.banger(&[
         "context",
         "create",
@@ -271,9 +245,9 @@ fn contexts_are_created_chosen_listed_and_removed_and_bad_hosts_refused() {
         "--remote-banger",
         "/opt/banger",
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let out = install.banger(&["context", "use", "big"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let out = install.banger(&["--json", "context", "ls"]);
     let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
     let big = listed["contexts"]
@@ -295,14 +269,9 @@ fn contexts_are_created_chosen_listed_and_removed_and_bad_hosts_refused() {
         .env("BANGER_SSH", "false")
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("ssh://me@big.example:2222"),
-        "{}",
-        stderr(&out)
-    );
+    assert_exit_says(&out, 1, "ssh://me@big.example:2222");
     let out = install.banger(&["context", "rm", "big"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let out = install.banger(&["--json", "context", "ls"]);
     let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
@@ -327,20 +296,14 @@ fn call_streaming(conn: &mut support::Conn, request: Value, upload: &[u8]) -> Va
     lines.extend(serde_json::to_vec(&end).unwrap());
     lines.push(b'\n');
     conn.send_raw(&lines);
-    loop {
-        let value = conn.read_json();
-        if value.get("id").is_some() {
-            return value;
-        }
-    }
+    conn.read_reply()
 }
 
 #[test]
 fn streamed_imports_are_bounded_checked_and_leave_no_staging() {
-    let install = Install::new();
-    install.write_config("kernel_max_payload_bytes = 8\n");
+    let install = Install::with_config("kernel_max_payload_bytes = 8\n");
     let out = install.banger(&["image", "list"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let mut conn = install.connect();
     let refused = |reply: &Value, needle: &str| {
         assert_eq!(reply["error"]["data"]["kind"], "bad_request", "{reply}");
@@ -429,14 +392,10 @@ fn streamed_imports_are_bounded_checked_and_leave_no_staging() {
 
 #[test]
 fn image_and_kernel_imports_stream_their_files_to_a_remote_daemon_over_real_sshd() {
-    if !sshd_can_run() {
-        return;
-    }
-    let Some((agent, deb)) = guest_parts() else {
+    let Some((agent, deb)) = sshd_and_guest_parts() else {
         return;
     };
-    let remote = Install::new();
-    remote.write_config("vmm = \"qemu\"\nnetwork = \"user\"\n");
+    let remote = Install::with_config(QEMU_USER_NET);
     let sshd_dir = tempfile::tempdir().unwrap();
     let client = {
         let mut client = Install::new();
@@ -453,10 +412,12 @@ fn image_and_kernel_imports_stream_their_files_to_a_remote_daemon_over_real_sshd
         .image("v1", &[(guest::busybox_layer(), LayerCompression::Gzip)])
         .unwrap();
     let tarball = client.dir.path().join("saved.tar");
-    run(Command::new("skopeo")
-        .args(["--insecure-policy", "copy", "-q"])
-        .arg(format!("oci:{}:v1", layout_dir.display()))
-        .arg(format!("docker-archive:{}:fixture:v1", tarball.display())));
+    run_ok(
+        Command::new("skopeo")
+            .args(["--insecure-policy", "copy", "-q"])
+            .arg(format!("oci:{}:v1", layout_dir.display()))
+            .arg(format!("docker-archive:{}:fixture:v1", tarball.display())),
+    );
     let client_deb = client.dir.path().join("kernel.deb");
     std::fs::copy(deb, &client_deb).unwrap();
     let sshd = start_sshd(sshd_dir.path(), &remote, agent, client.dir.path());
@@ -468,16 +429,11 @@ fn image_and_kernel_imports_stream_their_files_to_a_remote_daemon_over_real_sshd
         client.banger(&a)
     };
 
-    let out = call(&[
-        "image",
-        "import",
-        tarball.to_str().unwrap(),
-        "--name",
-        "streamed",
-    ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let tarball_arg = tarball.to_str().unwrap();
+    let out = call(&["image", "import", tarball_arg, "--name", "streamed"]);
+    assert_exit(&out, 0);
     let out = call(&["--json", "image", "list"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let images: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(images["images"][0]["name"], "streamed", "{images}");
     assert_eq!(
@@ -487,17 +443,11 @@ fn image_and_kernel_imports_stream_their_files_to_a_remote_daemon_over_real_sshd
 
     // A layout directory is refused, saying what to do.
     let out = call(&["image", "import", layout_dir.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("docker-archive"), "{}", stderr(&out));
+    assert_exit_says(&out, 1, "docker-archive");
 
-    let out = call(&[
-        "kernel",
-        "import",
-        "cloud",
-        "--deb",
-        client_deb.to_str().unwrap(),
-    ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let deb_arg = client_deb.to_str().unwrap();
+    let out = call(&["kernel", "import", "cloud", "--deb", deb_arg]);
+    assert_exit(&out, 0);
     let out = call(&["--json", "kernel", "list"]);
     assert!(stdout(&out).contains("\"cloud\""), "{}", stdout(&out));
     let kernels: Vec<String> = std::fs::read_dir(remote.state_dir().join("kernels"))
@@ -510,6 +460,6 @@ fn image_and_kernel_imports_stream_their_files_to_a_remote_daemon_over_real_sshd
     );
 
     let out = call(&["daemon", "stop"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     drop(sshd);
 }

@@ -7,7 +7,7 @@ mod support;
 use banger_testkit::Registry;
 use serde_json::Value;
 use support::vms::ready_install_in;
-use support::{stderr, stdout, Install};
+use support::{assert_exit, assert_mem_total_is_256_mib, stderr, stdout, Install};
 
 const QEMU_USER_NET: &str = "vmm = \"qemu\"\nnetwork = \"user\"\n";
 
@@ -20,10 +20,20 @@ fn json(install: &Install, args: &[&str]) -> (Option<i32>, Value) {
     (out.status.code(), value)
 }
 
+/// The keys of the JSON object `value`, sorted.
+fn sorted_keys(value: &Value) -> Vec<&str> {
+    let mut keys: Vec<&str> = value
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
+    keys.sort();
+    keys
+}
+
 fn exec_status(install: &Install, vm: &str, argv: &[&str]) -> Option<i32> {
-    let mut args = vec!["vm", "exec", vm, "--"];
-    args.extend(argv);
-    install.banger(&args).status.code()
+    install.vm_exec(vm, argv).status.code()
 }
 
 #[test]
@@ -34,35 +44,19 @@ fn memory_and_cpus_reach_the_guest_exit_statuses_pass_and_stats_and_health_repor
     };
 
     // --memory 256M: the guest's MemTotal is 256 MiB less what the kernel keeps.
-    let out = install.banger(&[
-        "vm",
-        "run",
-        "--rm",
-        "--image",
-        "bb",
-        "--memory",
-        "256M",
-        "--",
-        "sh",
-        "-c",
-        "cat /proc/meminfo; exit 5",
-    ]);
-    // The command's own status comes through.
-    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
-    let total: u64 = stdout(&out)
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap();
-    assert!(
-        (180 * 1024..=256 * 1024).contains(&total),
-        "MemTotal {total} KiB"
+    let out = install.vm_run_rm(
+        None,
+        &["--memory", "256M"],
+        &["sh", "-c", "cat /proc/meminfo; exit 5"],
     );
+    // The command's own status comes through.
+    assert_exit(&out, 5);
+    assert_mem_total_is_256_mib(&stdout(&out));
 
     // 125: banger failed (an image the registry does not have), before any VM.
     let missing = registry.reference("no-such-image", "v1");
     let out = install.banger(&["vm", "run", "--rm", "--image", &missing, "--", "true"]);
-    assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
+    assert_exit(&out, 125);
     assert!(stderr(&out).contains("no-such-image"), "{}", stderr(&out));
 
     // vm set --cpus 2 on a stopped VM; the next boot has two CPUs.
@@ -77,7 +71,7 @@ fn memory_and_cpus_reach_the_guest_exit_statuses_pass_and_stats_and_health_repor
         "1",
         "--no-start",
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let (code, health) = json(&install, &["vm", "health", "s1"]);
     assert_eq!(code, Some(1));
     assert_eq!(health["status"], "stopped");
@@ -91,7 +85,7 @@ fn memory_and_cpus_reach_the_guest_exit_statuses_pass_and_stats_and_health_repor
     assert!(stats.get("guest").is_none() && stats.get("guest_error").is_none());
 
     let out = install.banger(&["vm", "set", "s1", "--cpus", "2", "--memory", "320MiB"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     assert_eq!(
         stdout(&install.banger(&["vm", "start", "s1"])),
         "started s1\n"
@@ -110,18 +104,11 @@ fn memory_and_cpus_reach_the_guest_exit_statuses_pass_and_stats_and_health_repor
 
     // Stats: the host's view and the guest's, with the documented fields.
     let out = install.banger(&["vm", "exec", "s1", "--", "sh", "-c", "echo x > /root/f"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let (code, stats) = json(&install, &["vm", "stats", "s1"]);
     assert_eq!(code, Some(0), "{stats}");
-    let mut keys: Vec<&str> = stats
-        .as_object()
-        .unwrap()
-        .keys()
-        .map(|k| k.as_str())
-        .collect();
-    keys.sort();
     assert_eq!(
-        keys,
+        sorted_keys(&stats),
         [
             "disk_allocated_bytes",
             "disk_bytes",
@@ -139,15 +126,8 @@ fn memory_and_cpus_reach_the_guest_exit_statuses_pass_and_stats_and_health_repor
     assert_eq!(stats["vcpus"], 2);
     assert_eq!(stats["memory_bytes"], 320u64 << 20);
     let guest = &stats["guest"];
-    let mut guest_keys: Vec<&str> = guest
-        .as_object()
-        .unwrap()
-        .keys()
-        .map(|k| k.as_str())
-        .collect();
-    guest_keys.sort();
     assert_eq!(
-        guest_keys,
+        sorted_keys(guest),
         [
             "cpu_percent",
             "cpu_sample_ms",
@@ -215,7 +195,7 @@ fn memory_and_cpus_reach_the_guest_exit_statuses_pass_and_stats_and_health_repor
     rustix::process::kill_process(pid, rustix::process::Signal::Stop).unwrap();
     let out = install.banger(&["vm", "health", "s1"]);
     rustix::process::kill_process(pid, rustix::process::Signal::Cont).unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_exit(&out, 1);
     assert_eq!(
         stdout(&out),
         "s1 unresponsive: the agent of VM \"s1\" did not answer a ping within HEALTH_TIMEOUT (5s)\n"
@@ -227,5 +207,5 @@ fn memory_and_cpus_reach_the_guest_exit_statuses_pass_and_stats_and_health_repor
     );
 
     let out = install.banger(&["vm", "rm", "s1"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
 }

@@ -4,6 +4,8 @@
 use std::path::Path;
 use std::process::Command;
 
+use banger_testkit::host::run_ok;
+
 #[test]
 fn system_install_into_a_prefix_writes_units_that_systemd_analyze_verifies() {
     let banger = Path::new(env!("CARGO_BIN_EXE_banger"));
@@ -24,24 +26,19 @@ fn system_install_into_a_prefix_writes_units_that_systemd_analyze_verifies() {
     // A fake agent: install copies whatever BANGER_AGENT names.
     let agent = prefix.path().join("agent-src");
     std::fs::write(&agent, "#!/bin/sh\n").unwrap();
-    let out = Command::new(banger)
-        .args([
-            "--json",
-            "system",
-            "install",
-            "--owner",
-            "daemon",
-            "--no-start",
-            "--prefix",
-        ])
-        .arg(prefix.path())
-        .env("BANGER_AGENT", &agent)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        Command::new(banger)
+            .args([
+                "--json",
+                "system",
+                "install",
+                "--owner",
+                "daemon",
+                "--no-start",
+                "--prefix",
+            ])
+            .arg(prefix.path())
+            .env("BANGER_AGENT", &agent),
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["started"], false, "{report}");
@@ -75,27 +72,17 @@ fn system_install_into_a_prefix_writes_units_that_systemd_analyze_verifies() {
     );
     assert!(root.contains("--owner daemon"), "{root}");
 
-    let verify = Command::new("systemd-analyze")
-        .arg("verify")
-        .arg(units.join("bangerd.service"))
-        .arg(units.join("bangerd-root.service"))
-        .output()
-        .unwrap();
-    assert!(
-        verify.status.success(),
-        "systemd-analyze verify: {}",
-        String::from_utf8_lossy(&verify.stderr)
+    run_ok(
+        Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(units.join("bangerd.service"))
+            .arg(units.join("bangerd-root.service")),
     );
 
-    let out = Command::new(banger)
-        .args(["system", "uninstall", "--prefix"])
-        .arg(prefix.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new(banger)
+            .args(["system", "uninstall", "--prefix"])
+            .arg(prefix.path()),
     );
     assert!(!units.join("bangerd.service").exists());
     assert!(!prefix.path().join("bin/bangerd").exists());

@@ -10,10 +10,15 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use banger_testkit::host::run_ok;
 use banger_testkit::Registry;
 use serde_json::Value;
 use support::vms::{guest_parts, ready_install_in};
-use support::{stderr, stdout, Install, NetNs};
+use support::{
+    assert_exit, assert_exit_prints, assert_exit_says, assert_mem_total_is_256_mib,
+    assert_succeeded, doctor_check, mem_total_kib, qemu_img_info, stderr, stdout, vm_exec_args,
+    vm_run_rm_args, Install, NetNs,
+};
 
 /// The configuration of the QEMU tests: user-mode networking, whoever runs them.
 const QEMU_USER_NET: &str = "vmm = \"qemu\"\nnetwork = \"user\"\n";
@@ -26,21 +31,34 @@ fn ready_install(registry: &Registry) -> Option<Install> {
 /// `kernel show NAME --json`, which must succeed.
 fn kernel_show(install: &Install, name: &str) -> Value {
     let out = install.banger(&["--json", "kernel", "show", name]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `kernel import NAME --kernel KERNEL --modules MODULES`, run to its end.
+fn import_kernel_with_modules(
+    install: &Install,
+    name: &str,
+    kernel: &Path,
+    modules: &Path,
+) -> std::process::Output {
+    install.banger(&[
+        "kernel",
+        "import",
+        name,
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--modules",
+        modules.to_str().unwrap(),
+    ])
 }
 
 /// The `lib/modules/*.ko` entries of a newc archive, as `busybox cpio -t` lists them.
 fn initramfs_modules(archive: &Path) -> Vec<String> {
-    let out = std::process::Command::new("/bin/busybox")
-        .args(["cpio", "-t", "-F"])
-        .arg(archive)
-        .output()
-        .expect("run busybox cpio");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        std::process::Command::new("/bin/busybox")
+            .args(["cpio", "-t", "-F"])
+            .arg(archive),
     );
     String::from_utf8(out.stdout)
         .unwrap()
@@ -55,13 +73,11 @@ fn run_on_kernel(install: &Install, kernel: &str, vm: &str, command: &[&str]) ->
     let out = install.banger(&[
         "vm", "create", "--name", vm, "--image", "bb", "--kernel", kernel,
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let mut args = vec!["vm", "exec", vm, "--"];
-    args.extend(command);
-    let out = install.banger(&args);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
+    let out = install.vm_exec(vm, command);
+    assert_exit(&out, 0);
     let rm = install.banger(&["vm", "rm", vm]);
-    assert_eq!(rm.status.code(), Some(0), "{}", stderr(&rm));
+    assert_exit(&rm, 0);
     stdout(&out)
 }
 
@@ -76,16 +92,11 @@ fn kernel_import_from_an_image_and_modules_tree_matches_the_deb_and_boots() {
     };
     let (_, deb) = guest_parts().unwrap();
     let unpacked = install.dir.path().join("unpacked");
-    let out = std::process::Command::new("dpkg-deb")
-        .arg("-x")
-        .arg(deb)
-        .arg(&unpacked)
-        .output()
-        .expect("run dpkg-deb");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        std::process::Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(deb)
+            .arg(&unpacked),
     );
     let cloud = kernel_show(&install, "cloud");
     let version = cloud["version"].as_str().unwrap().to_owned();
@@ -94,17 +105,8 @@ fn kernel_import_from_an_image_and_modules_tree_matches_the_deb_and_boots() {
 
     let vmlinuz = unpacked.join(format!("boot/vmlinuz-{version}"));
     let modules = unpacked.join(format!("lib/modules/{version}"));
-    let out = install.banger(&[
-        "kernel",
-        "import",
-        "k2",
-        "--kernel",
-        vmlinuz.to_str().unwrap(),
-        "--modules",
-        modules.to_str().unwrap(),
-    ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert_eq!(stdout(&out), format!("imported kernel k2 ({version})\n"));
+    let out = import_kernel_with_modules(&install, "k2", &vmlinuz, &modules);
+    assert_exit_prints(&out, 0, &format!("imported kernel k2 ({version})\n"));
 
     // The version comes from the bzImage header here (from the file name for the .deb).
     let k2 = kernel_show(&install, "k2");
@@ -145,15 +147,7 @@ fn kernel_import_from_an_image_and_modules_tree_matches_the_deb_and_boots() {
     elf.resize(64, 0);
     elf.extend(b"Linux version 9.9.9-other (x@y) #1 SMP\n\0");
     std::fs::write(&other, elf).unwrap();
-    let out = install.banger(&[
-        "kernel",
-        "import",
-        "k4",
-        "--kernel",
-        other.to_str().unwrap(),
-        "--modules",
-        modules.to_str().unwrap(),
-    ]);
+    let out = import_kernel_with_modules(&install, "k4", &other, &modules);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         stderr(&out).starts_with(&format!(
@@ -173,17 +167,12 @@ fn kernel_import_from_an_image_and_modules_tree_matches_the_deb_and_boots() {
 
     // The ELF alone with an initramfs of the caller's: here banger's own, copied out of the
     // cloud kernel (it loads the modules and hands over to the agent, as one must).
+    let (vmlinux, initrd) = (cloud_dir.join("vmlinux"), cloud_dir.join("initramfs.cpio"));
+    let (kernel_arg, initrd_arg) = (vmlinux.to_str().unwrap(), initrd.to_str().unwrap());
     let out = install.banger(&[
-        "--json",
-        "kernel",
-        "import",
-        "k3",
-        "--kernel",
-        cloud_dir.join("vmlinux").to_str().unwrap(),
-        "--initrd",
-        cloud_dir.join("initramfs.cpio").to_str().unwrap(),
+        "--json", "kernel", "import", "k3", "--kernel", kernel_arg, "--initrd", initrd_arg,
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let k3: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(k3["initrd"], "custom");
     // From the ELF's "Linux version" banner.
@@ -361,22 +350,14 @@ fn vm_run_prints_the_output_returns_the_status_and_sees_the_workspace() {
 
     // A command, with the workspace and a pipe on stdin.
     let out = install.banger_with_stdin(
-        &[
-            "vm",
-            "run",
-            repo.to_str().unwrap(),
-            "--rm",
-            "--image",
-            "bb",
-            "--",
-            "sh",
-            "-c",
-            "pwd; cat notes.txt; cat; echo to-stderr >&2",
-        ],
+        &vm_run_rm_args(
+            Some(repo.to_str().unwrap()),
+            &[],
+            &["sh", "-c", "pwd; cat notes.txt; cat; echo to-stderr >&2"],
+        ),
         b"from stdin\n",
     );
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert_eq!(stdout(&out), "/root/repo\nfrom the host\nfrom stdin\n");
+    assert_exit_prints(&out, 0, "/root/repo\nfrom the host\nfrom stdin\n");
     assert_eq!(stderr(&out), "to-stderr\n");
 
     // ^C while the VM boots: banger stops at once; the daemon still starts the shell, which
@@ -426,18 +407,12 @@ fn vm_exec_stop_start_keeps_files_and_rm_leaves_nothing() {
         return;
     };
     let out = install.banger(&["vm", "create", "--name", "box", "--image", "bb"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert_eq!(stdout(&out), "created box (running)\n");
+    assert_exit_prints(&out, 0, "created box (running)\n");
 
-    let out = install.banger(&[
-        "vm",
-        "exec",
+    let out = install.vm_sh(
         "box",
-        "--",
-        "sh",
-        "-c",
         "echo kept > /root/keep; echo out; echo err >&2; exit 3",
-    ]);
+    );
     assert_eq!(out.status.code(), Some(3));
     assert_eq!(stdout(&out), "out\n");
     assert_eq!(stderr(&out), "err\n");
@@ -445,7 +420,7 @@ fn vm_exec_stop_start_keeps_files_and_rm_leaves_nothing() {
     // User networking: the host's first routable nameserver (QEMU's forwarder, 10.0.2.3,
     // where there is none), written over the image's dangling link.
     let out = install.banger(&["vm", "exec", "box", "--", "cat", "/etc/resolv.conf"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let resolv = stdout(&out);
     let server = resolv
         .strip_prefix("nameserver ")
@@ -473,16 +448,11 @@ fn vm_exec_stop_start_keeps_files_and_rm_leaves_nothing() {
     assert_eq!(stdout(&out), "kept\n", "{}", stderr(&out));
 
     let out = install.banger(&["vm", "exec", "nope", "--", "true"]);
-    assert_eq!(out.status.code(), Some(125));
-    assert!(
-        stderr(&out).contains("no VM named \"nope\" [not_found"),
-        "{}",
-        stderr(&out)
-    );
+    assert_exit_says(&out, 125, "no VM named \"nope\" [not_found");
 
     // logs: the console of the current boot; -f returns once the VM stops.
     let logs = install.banger(&["vm", "logs", "box"]);
-    assert_eq!(logs.status.code(), Some(0), "{}", stderr(&logs));
+    assert_exit(&logs, 0);
     assert!(!logs.stdout.is_empty(), "the boot wrote to the console");
     let console = std::fs::read(vm_dir.join("console.log")).unwrap();
     assert!(
@@ -546,11 +516,10 @@ fn vm_exec_stop_start_keeps_files_and_rm_leaves_nothing() {
 /// shell's status.
 fn check_stdin_and_pty(install: &Install, vm: &str) {
     let out = install.banger_with_stdin(&["vm", "exec", vm, "--", "cat"], b"a\nb\n");
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert_eq!(stdout(&out), "a\nb\n");
+    assert_exit_prints(&out, 0, "a\nb\n");
     // wc only answers once its stdin has ended.
     let out = install.banger_with_stdin(&["vm", "exec", vm, "--", "wc", "-l"], b"a\nb\n");
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     assert_eq!(stdout(&out).trim(), "2");
     // -n: nothing is forwarded, the command reads /dev/null.
     let out = install.banger_with_stdin(&["vm", "exec", "-n", vm, "--", "wc", "-c"], b"abc");
@@ -561,17 +530,9 @@ fn check_stdin_and_pty(install: &Install, vm: &str) {
     assert_eq!(stdout(&out).trim(), "200000", "{}", stderr(&out));
 
     // ^C without a pty reaches the command's process group; a second one is not needed.
+    let script = "echo ready; sleep 60; echo never";
     let mut child = install
-        .banger_command(&[
-            "vm",
-            "exec",
-            "-n",
-            vm,
-            "--",
-            "sh",
-            "-c",
-            "echo ready; sleep 60; echo never",
-        ])
+        .banger_command(&["vm", "exec", "-n", vm, "--", "sh", "-c", script])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -646,15 +607,7 @@ fn check_stdin_and_pty(install: &Install, vm: &str) {
     assert!(!pty.is_raw(), "a SIGTERM left the terminal raw");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let out = install.banger(&[
-            "vm",
-            "exec",
-            vm,
-            "--",
-            "sh",
-            "-c",
-            "kill -0 $(cat /root/leader) && echo alive || echo gone",
-        ]);
+        let out = install.vm_sh(vm, "kill -0 $(cat /root/leader) && echo alive || echo gone");
         if stdout(&out) == "gone\n" {
             break;
         }
@@ -677,7 +630,7 @@ fn which(program: &str) -> Option<PathBuf> {
 
 fn show(install: &Install, name: &str) -> Value {
     let out = install.banger(&["--json", "vm", "show", name]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -699,18 +652,23 @@ fn tap_testable() -> Option<NetNs> {
     }
 }
 
+/// A namespace of [`tap_testable`] and an installation configured with `config` whose
+/// banger runs in it (the namespace first, so it is dropped after the installation).
+fn tap_ready(config: &str) -> Option<(NetNs, Install)> {
+    let ns = tap_testable()?;
+    let install = ready_install_in(config, Some(&ns), None)?;
+    Some((ns, install))
+}
+
 #[test]
 fn tap_network_gives_the_guest_its_address_and_the_bridge_and_rm_deletes_the_tap() {
-    let Some(ns) = tap_testable() else { return };
-    let Some(install) = ready_install_in(
-        "vmm = \"qemu\"\nnetwork = \"tap\"\nbridge_address = \"172.30.9.1/24\"\n",
-        Some(&ns),
-        None,
-    ) else {
+    let Some((ns, install)) =
+        tap_ready("vmm = \"qemu\"\nnetwork = \"tap\"\nbridge_address = \"172.30.9.1/24\"\n")
+    else {
         return;
     };
     let out = install.banger(&["vm", "create", "--name", "tapbox", "--image", "bb"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let vm = show(&install, "tapbox");
     assert_eq!(vm["network"], "tap");
     assert_eq!(vm["guest_ip"], "172.30.9.2");
@@ -737,20 +695,11 @@ fn tap_network_gives_the_guest_its_address_and_the_bridge_and_rm_deletes_the_tap
     );
 
     // Guest side: eth0 has the assigned address and the bridge answers, by ICMP and TCP.
-    let out = install.banger(&[
-        "vm",
-        "exec",
+    let out = install.vm_exec(
         "tapbox",
-        "--",
-        "/bin/busybox",
-        "ip",
-        "-4",
-        "addr",
-        "show",
-        "dev",
-        "eth0",
-    ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        &["/bin/busybox", "ip", "-4", "addr", "show", "dev", "eth0"],
+    );
+    assert_exit(&out, 0);
     assert!(
         stdout(&out).contains("inet 172.30.9.2/24"),
         "{}",
@@ -760,14 +709,8 @@ fn tap_network_gives_the_guest_its_address_and_the_bridge_and_rm_deletes_the_tap
     // (crates/banger/tests/netpolicy.rs checks what it can reach): the VM answering its
     // agent is what says it runs.
     let ping_bridge = || {
-        let out = install.banger(&["vm", "exec", "tapbox", "--", "/bin/busybox", "true"]);
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{}{}",
-            stdout(&out),
-            stderr(&out)
-        );
+        let out = install.vm_exec("tapbox", &["/bin/busybox", "true"]);
+        assert_succeeded(&out, "vm exec tapbox");
     };
     ping_bridge();
 
@@ -775,7 +718,7 @@ fn tap_network_gives_the_guest_its_address_and_the_bridge_and_rm_deletes_the_tap
 
     // A restarted daemon re-adopts the running VM and leaves its tap alone.
     let out = install.banger(&["daemon", "stop"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     ping_bridge();
     assert!(
         links_now().contains(&tap),
@@ -784,16 +727,16 @@ fn tap_network_gives_the_guest_its_address_and_the_bridge_and_rm_deletes_the_tap
 
     // stop deletes the tap; start makes it again.
     let out = install.banger(&["vm", "stop", "tapbox"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     assert!(!links_now().contains(&tap), "vm stop left {tap}");
     let out = install.banger(&["vm", "start", "tapbox"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     ping_bridge();
 
     // A VMM that died while no daemon ran: start-up marks the VM stopped and deletes its tap.
     let pid = show(&install, "tapbox")["pid"].as_i64().unwrap();
     let out = install.banger(&["daemon", "stop"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let killed = std::process::Command::new("kill")
         .args(["-9", &pid.to_string()])
         .status()
@@ -819,12 +762,12 @@ fn tap_network_gives_the_guest_its_address_and_the_bridge_and_rm_deletes_the_tap
         "bb",
         "--no-start",
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     assert_eq!(show(&install, "second")["guest_ip"], "172.30.9.3");
 
     for name in ["tapbox", "second"] {
         let out = install.banger(&["vm", "rm", name]);
-        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert_exit(&out, 0);
     }
     let links = stdout(&ns.exec(&["ip", "-o", "link", "show"]));
     assert!(!links.contains("bgr-"), "vm rm left a tap: {links}");
@@ -844,23 +787,14 @@ fn firecracker_backend_runs_commands_and_rm_leaves_nothing() {
         banger_testkit::skip_known("firecracker not on PATH");
         return;
     }
-    let Some(ns) = tap_testable() else { return };
-    let Some(install) = ready_install_in(
+    let Some((ns, install)) = tap_ready(
         "vmm = \"firecracker\"\nnetwork = \"tap\"\nbridge_address = \"172.30.10.1/24\"\n",
-        Some(&ns),
-        None,
     ) else {
         return;
     };
     let doctor: Value =
         serde_json::from_slice(&install.banger(&["--json", "doctor"]).stdout).unwrap();
-    let kvm = doctor["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "kvm")
-        .cloned()
-        .unwrap();
+    let kvm = doctor_check(&doctor, "kvm");
     if kvm["status"] != "ok" {
         banger_testkit::skip_known(format!(
             "KVM not usable ({})",
@@ -869,54 +803,28 @@ fn firecracker_backend_runs_commands_and_rm_leaves_nothing() {
         return;
     }
 
-    let out = install.banger(&[
-        "vm",
-        "run",
-        "--rm",
-        "--image",
-        "bb",
-        "--",
-        "sh",
-        "-c",
-        "echo hi; exit 7",
-    ]);
-    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
-    assert_eq!(stdout(&out), "hi\n");
+    let out = install.vm_run_rm(None, &[], &["sh", "-c", "echo hi; exit 7"]);
+    assert_exit_prints(&out, 7, "hi\n");
 
     let out = install.banger(&["vm", "create", "--name", "fc", "--image", "bb"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let vm = show(&install, "fc");
     assert_eq!(vm["backend"], "firecracker");
     let vm_dir = PathBuf::from(vm["dir"].as_str().unwrap());
     assert!(vm_dir.join("firecracker.log").is_file());
-    let out = install.banger(&[
-        "vm",
-        "exec",
+    let out = install.vm_exec(
         "fc",
-        "--",
-        "/bin/busybox",
-        "ping",
-        "-c",
-        "1",
-        "-W",
-        "5",
-        "172.30.10.1",
-    ]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}{}",
-        stdout(&out),
-        stderr(&out)
+        &["/bin/busybox", "ping", "-c", "1", "-W", "5", "172.30.10.1"],
     );
+    assert_succeeded(&out, "ping the bridge");
     let out = install.banger(&["vm", "stop", "fc"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let out = install.banger(&["vm", "start", "fc"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let out = install.banger(&["vm", "kill", "fc"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let out = install.banger(&["vm", "rm", "fc"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     assert!(!vm_dir.exists(), "vm rm left {}", vm_dir.display());
     assert_eq!(
         qemu_processes_for(install.dir.path()),
@@ -1056,7 +964,7 @@ fn vm_exec_paces_a_flood_to_its_caller_ends_what_a_hung_up_caller_ran_and_runs_c
         return;
     };
     let out = install.banger(&["vm", "create", "--name", "flood", "--image", "bb"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let daemon = install.daemon_pid().expect("bangerd runs");
     let mut failures: Vec<String> = Vec::new();
 
@@ -1104,15 +1012,14 @@ fn vm_exec_paces_a_flood_to_its_caller_ends_what_a_hung_up_caller_ran_and_runs_c
 
     // Then a long command; it ignores SIGHUP, so only the SIGKILL after the grace ends it.
     let mut slow = install
-        .banger_command(&[
-            "vm",
-            "exec",
+        .banger_command(&vm_exec_args(
             "flood",
-            "--",
-            "sh",
-            "-c",
-            "trap '' HUP; echo $$ > /tmp/slow.pid; exec sleep 600",
-        ])
+            &[
+                "sh",
+                "-c",
+                "trap '' HUP; echo $$ > /tmp/slow.pid; exec sleep 600",
+            ],
+        ))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -1136,27 +1043,22 @@ fn vm_exec_paces_a_flood_to_its_caller_ends_what_a_hung_up_caller_ran_and_runs_c
     let _ = slow.wait();
 
     let out = install.banger(&["vm", "rm", "flood"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     assert!(failures.is_empty(), "{failures:#?}");
 }
 
 /// The guest's MemTotal, in KiB.
 fn guest_mem_total_kib(install: &Install, vm: &str) -> u64 {
-    let out = install.banger(&["vm", "exec", vm, "--", "cat", "/proc/meminfo"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    stdout(&out)
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no MemTotal in {}", stdout(&out)))
+    let out = install.vm_exec(vm, &["cat", "/proc/meminfo"]);
+    assert_exit(&out, 0);
+    mem_total_kib(&stdout(&out))
 }
 
 fn vm_names(install: &Install, filter: &[&str]) -> Vec<String> {
     let mut args = vec!["--json", "vm", "list"];
     args.extend(filter);
     let out = install.banger(&args);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let list: Value = serde_json::from_slice(&out.stdout).unwrap();
     list["vms"]
         .as_array()
@@ -1173,54 +1075,23 @@ fn resources_set_stats_filters_restart_and_prune() {
         return;
     };
     // vm run takes the resources of vm create.
-    let out = install.banger(&[
-        "vm",
-        "run",
-        "--rm",
-        "--image",
-        "bb",
-        "--memory",
-        "256MiB",
-        "--",
-        "cat",
-        "/proc/meminfo",
-    ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let total: u64 = stdout(&out)
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap();
-    assert!(
-        (180 * 1024..=256 * 1024).contains(&total),
-        "MemTotal {total} KiB"
-    );
+    let out = install.vm_run_rm(None, &["--memory", "256MiB"], &["cat", "/proc/meminfo"]);
+    assert_exit(&out, 0);
+    assert_mem_total_is_256_mib(&stdout(&out));
 
     let out = install.banger(&[
         "vm", "create", "--name", "r1", "--image", "bb", "--cpus", "1", "--memory", "384MiB",
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let nproc = |vm: &str| {
-        let out = install.banger(&[
-            "vm",
-            "exec",
-            vm,
-            "--",
-            "sh",
-            "-c",
-            "grep -c ^processor /proc/cpuinfo",
-        ]);
-        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let out = install.vm_sh(vm, "grep -c ^processor /proc/cpuinfo");
+        assert_exit(&out, 0);
         stdout(&out)
     };
     assert_eq!(nproc("r1"), "1\n");
     // Exit statuses a script can tell apart: the command's own, 127 not found, 126 cannot
     // run (125, banger failed, is pinned in vm_exec_stop_start…).
-    let status = |argv: &[&str]| {
-        let mut args = vec!["vm", "exec", "r1", "--"];
-        args.extend(argv);
-        install.banger(&args).status.code()
-    };
+    let status = |argv: &[&str]| install.vm_exec("r1", argv).status.code();
     assert_eq!(status(&["sh", "-c", "exit 3"]), Some(3));
     assert_eq!(status(&["no-such-command"]), Some(127));
     assert_eq!(status(&["/etc"]), Some(126));
@@ -1234,7 +1105,7 @@ fn resources_set_stats_filters_restart_and_prune() {
     );
 
     let stats = install.banger(&["--json", "vm", "stats", "r1"]);
-    assert_eq!(stats.status.code(), Some(0), "{}", stderr(&stats));
+    assert_exit(&stats, 0);
     let stats: Value = serde_json::from_slice(&stats.stdout).unwrap();
     assert_eq!(stats["name"], "r1");
     assert_eq!(stats["state"], "running");
@@ -1252,7 +1123,7 @@ fn resources_set_stats_filters_restart_and_prune() {
     );
 
     let guest_sh = |vm: &str, script: &str| {
-        let out = install.banger(&["vm", "exec", vm, "--", "sh", "-c", script]);
+        let out = install.vm_sh(vm, script);
         assert_eq!(out.status.code(), Some(0), "{script}: {}", stderr(&out));
         stdout(&out)
     };
@@ -1286,13 +1157,8 @@ fn resources_set_stats_filters_restart_and_prune() {
         "--disk",
         &grown.to_string(),
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let info = std::process::Command::new("qemu-img")
-        .args(["info", "--output=json", "-U"])
-        .arg(dir.join("root.qcow2"))
-        .output()
-        .unwrap();
-    let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_exit(&out, 0);
+    let info = qemu_img_info(&dir.join("root.qcow2"));
     assert_eq!(info["virtual-size"].as_u64(), Some(grown), "{info}");
     assert!(
         info["backing-filename"].is_string(),
@@ -1341,7 +1207,7 @@ fn resources_set_stats_filters_restart_and_prune() {
         "bb",
         "--no-start",
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     assert_eq!(vm_names(&install, &["--state", "running"]), ["r1"]);
     assert_eq!(vm_names(&install, &["--state", "stopped"]), ["r2"]);
     assert_eq!(vm_names(&install, &["--image", "bb"]), ["r1", "r2"]);

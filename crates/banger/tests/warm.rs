@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use banger_testkit::Registry;
 use serde_json::Value;
-use support::{stderr, stdout, Install};
+use support::{
+    assert_exit, assert_exit_prints, assert_exit_says, qemu_img_info, stderr, stdout, Install,
+};
 
 /// An installation configured with `config` (plus QEMU and user networking), with a
 /// kernel `cloud` and a busybox image `bb` pulled from `registry`. Under root its VMMs
@@ -32,6 +34,14 @@ fn ready_install(registry: &Registry, config: &str) -> Option<Install> {
         None,
         Some(registry),
     )
+}
+
+/// A registry and a [`ready_install`] of it with no extra configuration (the registry
+/// first, so it is dropped after the installation, as a test's own locals would be).
+fn ready() -> Option<(Registry, Install)> {
+    let registry = Registry::start();
+    let install = ready_install(&registry, "")?;
+    Some((registry, install))
 }
 
 /// The uid of banger-vmm, the user a root daemon's VMMs run as.
@@ -89,7 +99,7 @@ fn json(install: &Install, args: &[&str]) -> Value {
 
 /// Runs `sh -c script` in VM `vm`; asserts success and returns stdout.
 fn sh(install: &Install, vm: &str, script: &str) -> String {
-    let out = install.banger(&["vm", "exec", vm, "--", "sh", "-c", script]);
+    let out = install.vm_sh(vm, script);
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -105,17 +115,13 @@ fn sha256(path: &Path) -> String {
         .arg(path)
         .output()
         .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split(' ')
-        .next()
-        .unwrap()
-        .to_owned()
+    let line = String::from_utf8_lossy(&out.stdout);
+    line.split(' ').next().unwrap().to_owned()
 }
 
 #[test]
 fn vm_disks_are_overlays_on_a_read_only_image_that_grow_and_keep_the_image_alive() {
-    let registry = Registry::start();
-    let Some(install) = ready_install(&registry, "") else {
+    let Some((_registry, install)) = ready() else {
         return;
     };
     let image = json(&install, &["image", "show", "bb"]);
@@ -134,18 +140,13 @@ fn vm_disks_are_overlays_on_a_read_only_image_that_grow_and_keep_the_image_alive
         "--disk-size",
         &grown.to_string(),
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let vm = json(&install, &["vm", "show", "big"]);
     let dir = PathBuf::from(vm["dir"].as_str().unwrap());
     assert!(dir.join("root.qcow2").is_file(), "an overlay disk");
     assert_confined(&install, "big");
     assert!(!dir.join("root.ext4").exists(), "no copy of the image");
-    let info = std::process::Command::new("qemu-img")
-        .args(["info", "--output=json", "-U"])
-        .arg(dir.join("root.qcow2"))
-        .output()
-        .unwrap();
-    let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+    let info = qemu_img_info(&dir.join("root.qcow2"));
     assert_eq!(info["virtual-size"].as_u64(), Some(grown));
     // On the image grown once to that size, next to the image.
     let grown_base = rootfs.parent().unwrap().join(format!("grown/{grown}.ext4"));
@@ -174,7 +175,7 @@ fn vm_disks_are_overlays_on_a_read_only_image_that_grow_and_keep_the_image_alive
 
     // A second VM on the same image does not see the first one's files.
     let out = install.banger(&["vm", "create", "--name", "other", "--image", "bb"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     assert_eq!(
         sh(
             &install,
@@ -206,7 +207,7 @@ fn vm_disks_are_overlays_on_a_read_only_image_that_grow_and_keep_the_image_alive
     assert_eq!(sh(&install, "big", "cat /etc/written"), "data\n");
     assert_eq!(install.banger(&["vm", "rm", "big"]).status.code(), Some(0));
     let out = install.banger(&["image", "rm", "bb"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     assert!(!rootfs.exists());
 }
 
@@ -221,32 +222,25 @@ fn uptime(install: &Install, vm: &str) -> f64 {
 
 #[test]
 fn pause_stops_the_guest_clock_and_resume_continues_it() {
-    let registry = Registry::start();
-    let Some(install) = ready_install(&registry, "") else {
+    let Some((_registry, install)) = ready() else {
         return;
     };
     let out = install.banger(&["vm", "create", "--name", "p", "--image", "bb"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
 
     assert_confined(&install, "p");
     let wall = std::time::Instant::now();
     let before = uptime(&install, "p");
     let out = install.banger(&["vm", "pause", "p"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert_eq!(stdout(&out), "paused p\n");
+    assert_exit_prints(&out, 0, "paused p\n");
     assert_eq!(json(&install, &["vm", "show", "p"])["state"], "paused");
     // The paused guest cannot run commands; the error says how to go on.
     let out = install.banger(&["vm", "exec", "p", "--", "true"]);
     // 125: banger failed, not the command (vm exec's exit status).
-    assert_eq!(out.status.code(), Some(125));
-    assert!(
-        stderr(&out).contains("is paused (banger vm resume p)"),
-        "{}",
-        stderr(&out)
-    );
+    assert_exit_says(&out, 125, "is paused (banger vm resume p)");
     std::thread::sleep(std::time::Duration::from_secs(6));
     let out = install.banger(&["vm", "resume", "p"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     assert_eq!(json(&install, &["vm", "show", "p"])["state"], "running");
     let after = uptime(&install, "p");
     let wall_s = wall.elapsed().as_secs_f64();
@@ -266,7 +260,7 @@ fn pause_stops_the_guest_clock_and_resume_continues_it() {
     // A paused VM still stops (it is resumed for a clean shutdown).
     assert_eq!(install.banger(&["vm", "pause", "p"]).status.code(), Some(0));
     let out = install.banger(&["vm", "rm", "p"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
 }
 
 /// The complete templates under the installation's state directory, and any leftovers.
@@ -298,13 +292,12 @@ fn run_true(install: &Install, extra: &[&str]) -> std::process::Output {
 
 #[test]
 fn warm_runs_restore_a_template_and_forks_get_their_own_identity_and_disk() {
-    let registry = Registry::start();
-    let Some(install) = ready_install(&registry, "") else {
+    let Some((_registry, install)) = ready() else {
         return;
     };
     // First run: cold, and the template is saved.
     let cold = run_true(&install, &[]);
-    assert_eq!(cold.status.code(), Some(3), "{}", stderr(&cold));
+    assert_exit(&cold, 3);
     assert_eq!(
         (stdout(&cold).as_str(), stderr(&cold).as_str()),
         ("out\n", "err\n")
@@ -323,7 +316,7 @@ fn warm_runs_restore_a_template_and_forks_get_their_own_identity_and_disk() {
     }
     // Second run: restored, same output and status.
     let warm = run_true(&install, &[]);
-    assert_eq!(warm.status.code(), Some(3), "{}", stderr(&warm));
+    assert_exit(&warm, 3);
     assert_eq!(
         (stdout(&warm).as_str(), stderr(&warm).as_str()),
         ("out\n", "err\n")
@@ -338,7 +331,7 @@ fn warm_runs_restore_a_template_and_forks_get_their_own_identity_and_disk() {
     );
     // --cold boots the old way.
     let again = run_true(&install, &["--cold"]);
-    assert_eq!(again.status.code(), Some(3), "{}", stderr(&again));
+    assert_exit(&again, 3);
     assert_eq!(
         daemon_log(&install)
             .matches("VM restored from a warm template")
@@ -350,7 +343,7 @@ fn warm_runs_restore_a_template_and_forks_get_their_own_identity_and_disk() {
     let template_disk = sha256(&template.join("disk.qcow2"));
     for vm in ["fork-a", "fork-b"] {
         let out = install.banger(&["vm", "create", "--name", vm, "--image", "bb"]);
-        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert_exit(&out, 0);
     }
     assert_eq!(
         daemon_log(&install)
@@ -394,8 +387,7 @@ fn warm_runs_restore_a_template_and_forks_get_their_own_identity_and_disk() {
     // A template that fails to restore: the run still succeeds, cold, saying why.
     std::fs::write(template.join("memory.state"), b"not a migration stream").unwrap();
     let fallback = run_true(&install, &[]);
-    assert_eq!(fallback.status.code(), Some(3), "{}", stderr(&fallback));
-    assert_eq!(stdout(&fallback), "out\n");
+    assert_exit_prints(&fallback, 3, "out\n");
     assert!(
         daemon_log(&install).contains("warm restore failed; booting cold"),
         "{}",
@@ -407,7 +399,7 @@ fn warm_runs_restore_a_template_and_forks_get_their_own_identity_and_disk() {
         b"not a migration stream"
     );
     let warm = run_true(&install, &[]);
-    assert_eq!(warm.status.code(), Some(3), "{}", stderr(&warm));
+    assert_exit(&warm, 3);
     assert_eq!(
         daemon_log(&install)
             .matches("VM restored from a warm template")
@@ -424,8 +416,7 @@ fn warm_runs_restore_a_template_and_forks_get_their_own_identity_and_disk() {
 
 #[test]
 fn a_half_written_template_is_removed_at_start_up_and_never_restored() {
-    let registry = Registry::start();
-    let Some(install) = ready_install(&registry, "") else {
+    let Some((_registry, install)) = ready() else {
         return;
     };
     // What a daemon killed with -9 while saving leaves: a temporary directory.
@@ -443,7 +434,7 @@ fn a_half_written_template_is_removed_at_start_up_and_never_restored() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let out = run_true(&install, &[]);
-    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert_exit(&out, 3);
     assert!(!leftover.exists(), "start-up removed the half template");
     let (complete, partial) = templates(&install);
     assert_eq!((complete.len(), partial.len()), (1, 0));
@@ -457,17 +448,16 @@ fn snapshot_forks_have_their_own_files_and_identity_and_rm_waits_for_them() {
         return;
     };
     let out = install.banger(&["vm", "create", "--name", "src", "--image", "bb"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     sh(&install, "src", "echo before > /root/state && sync");
     let out = install.banger(&["vm", "snapshot", "src", "--name", "snap"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert_eq!(stdout(&out), "saved snapshot snap of src\n");
+    assert_exit_prints(&out, 0, "saved snapshot snap of src\n");
     // The source runs on after its snapshot.
     assert_eq!(sh(&install, "src", "cat /root/state"), "before\n");
 
     for vm in ["fa", "fb"] {
         let out = install.banger(&["vm", "create", "--name", vm, "--from", "snap"]);
-        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert_exit(&out, 0);
     }
     assert_confined(&install, "fa");
     let random = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'";
@@ -510,18 +500,12 @@ fn snapshot_forks_have_their_own_files_and_identity_and_rm_waits_for_them() {
             .collect::<Vec<_>>()
     );
     let out = install.banger(&["snapshot", "rm", "snap"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("is in use"), "{}", stderr(&out));
+    assert_exit_says(&out, 1, "is in use");
     for vm in ["fa", "fb", "src"] {
         assert_eq!(install.banger(&["vm", "rm", vm]).status.code(), Some(0));
     }
     let out = install.banger(&["snapshot", "rm", "snap"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_exit(&out, 0);
     let out = install.banger(&["vm", "create", "--name", "x", "--from", "snap"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("no snapshot named \"snap\""),
-        "{}",
-        stderr(&out)
-    );
+    assert_exit_says(&out, 1, "no snapshot named \"snap\"");
 }

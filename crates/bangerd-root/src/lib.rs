@@ -12,12 +12,21 @@
 //! byte-identical rules. Linking bangerd's library costs binary size, not behaviour:
 //! only those functions run here.
 //!
+//! One method is not a network step: `priv.vmm.launch` ([`jail`]) runs the Firecracker
+//! jailer, with the helper's own configured binaries, for files the caller hands over as
+//! open descriptors.
+//!
 //! Wire: one JSON object per line each way, `{"id", "method", "params"}` →
-//! `{"id", "result"}` or `{"id", "error": {"kind", "message"}}`.
+//! `{"id", "result"}` or `{"id", "error": {"kind", "message"}}`. A request may carry file
+//! descriptors (`SCM_RIGHTS`, at most [`jail::MAX_FDS`]) sent with its line; only
+//! `priv.vmm.launch` takes any.
 #![forbid(unsafe_code)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+pub mod jail;
+
+use std::io::{BufRead, BufReader, IoSliceMut, Read, Write};
 use std::net::Ipv4Addr;
+use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 
@@ -40,6 +49,7 @@ pub const METHODS: &[&str] = &[
     "priv.bridge.ensure",
     "priv.guest.admit",
     "priv.guest.release",
+    "priv.vmm.launch",
 ];
 
 /// Why a call was refused or failed: a closed set, on the wire as snake_case.
@@ -56,6 +66,13 @@ pub enum PrivErrorKind {
     InvalidTapName,
     /// An address outside the configured subnet.
     AddressOutsideSubnet,
+    /// An instance id that is not a VM id (16 lowercase hex digits).
+    InvalidVmId,
+    /// A descriptor missing, unexpected, of the wrong kind or opened without the right
+    /// access.
+    BadDescriptor,
+    /// The helper was started without what the method needs (no jailer or firecracker).
+    NotConfigured,
     /// The step itself failed (`ip` said why).
     Failed,
 }
@@ -70,7 +87,7 @@ pub struct PrivError {
     pub message: String,
 }
 
-fn err(kind: PrivErrorKind, message: impl Into<String>) -> PrivError {
+pub(crate) fn err(kind: PrivErrorKind, message: impl Into<String>) -> PrivError {
     PrivError {
         kind,
         message: message.into(),
@@ -138,12 +155,16 @@ pub fn check_tap_name(name: &str) -> Result<(), PrivError> {
 }
 
 /// The helper's fixed configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Helper {
     /// The only uid served.
     pub owner_uid: u32,
+    /// The owner's primary gid: the group a jailed Firecracker runs with.
+    pub owner_gid: u32,
     /// Addresses the bridge may get.
     pub subnet: Subnet,
+    /// Firecracker's jails; `None` where the helper found no jailer or firecracker.
+    pub jails: Option<jail::Jails>,
 }
 
 #[derive(Deserialize)]
@@ -186,18 +207,47 @@ fn failed(e: anyhow::Error) -> PrivError {
     err(PrivErrorKind::Failed, format!("{e:#}"))
 }
 
-fn params<T: serde::de::DeserializeOwned>(method: &str, value: Value) -> Result<T, PrivError> {
+pub(crate) fn params<T: serde::de::DeserializeOwned>(
+    method: &str,
+    value: Value,
+) -> Result<T, PrivError> {
     serde_json::from_value(value)
         .map_err(|e| err(PrivErrorKind::BadRequest, format!("{method}: {e}")))
 }
 
 impl Helper {
-    /// Runs one call from `peer_uid`.
+    /// Runs one call from `peer_uid` that came without descriptors.
     pub fn call(&self, peer_uid: u32, method: &str, value: Value) -> Result<Value, PrivError> {
+        self.call_with_fds(peer_uid, method, value, Vec::new())
+    }
+
+    /// Runs one call from `peer_uid` with the descriptors `fds` that came with it.
+    pub fn call_with_fds(
+        &self,
+        peer_uid: u32,
+        method: &str,
+        value: Value,
+        fds: Vec<OwnedFd>,
+    ) -> Result<Value, PrivError> {
         if peer_uid != self.owner_uid {
             return Err(err(
                 PrivErrorKind::Unauthorized,
                 format!("uid {peer_uid} is not the owner (uid {})", self.owner_uid),
+            ));
+        }
+        if method == "priv.vmm.launch" {
+            let jails = self.jails.as_ref().ok_or_else(|| {
+                err(
+                    PrivErrorKind::NotConfigured,
+                    "bangerd-root has no jailer and firecracker (--jailer, --firecracker, or both on its PATH)",
+                )
+            })?;
+            return jails.launch((self.owner_uid, self.owner_gid), value, fds);
+        }
+        if !fds.is_empty() {
+            return Err(err(
+                PrivErrorKind::BadDescriptor,
+                format!("{method} takes no descriptors; {} came with it", fds.len()),
             ));
         }
         match method {
@@ -208,6 +258,8 @@ impl Helper {
                 Ok(serde_json::json!({
                     "version": env!("CARGO_PKG_VERSION"),
                     "subnet": format!("{}/{}", self.subnet.network, self.subnet.prefix),
+                    // Where priv.vmm.launch jails, or null: what doctor reports.
+                    "jailer": self.jails.as_ref().map(|j| &j.config.jailer),
                 }))
             }
             // A TAP the owner may open without privileges, on the isolated bridge port,
@@ -309,7 +361,12 @@ impl Helper {
         let Ok(mut writer) = stream.try_clone() else {
             return;
         };
-        let mut reader = BufReader::new(stream).take(u64::MAX);
+        let mut reader = BufReader::new(FdReader {
+            stream,
+            fds: Vec::new(),
+            truncated: false,
+        })
+        .take(u64::MAX);
         loop {
             let mut line = Vec::new();
             reader.set_limit(MAX_LINE as u64 + 1);
@@ -331,7 +388,18 @@ impl Helper {
                         "error": err(PrivErrorKind::BadRequest, format!("invalid request: {e}")),
                     }),
                     Ok(req) => {
-                        let outcome = self.call(peer, &req.method, req.params.clone());
+                        // The descriptors that came with this line (the caller waits for
+                        // each reply, so none belong to a later one).
+                        let inner = reader.get_mut().get_mut();
+                        let fds = std::mem::take(&mut inner.fds);
+                        let outcome = if std::mem::take(&mut inner.truncated) {
+                            Err(err(
+                                PrivErrorKind::BadDescriptor,
+                                format!("more than {} descriptors (MAX_FDS)", jail::MAX_FDS),
+                            ))
+                        } else {
+                            self.call_with_fds(peer, &req.method, req.params.clone(), fds)
+                        };
                         // Every call, allowed or not, leaves a line in the journal.
                         match &outcome {
                             Ok(_) => eprintln!(
@@ -359,6 +427,44 @@ impl Helper {
                 return;
             }
         }
+    }
+}
+
+/// The connection's byte stream, keeping the descriptors that arrive with it.
+struct FdReader {
+    stream: UnixStream,
+    fds: Vec<OwnedFd>,
+    /// The kernel dropped descriptors that did not fit [`jail::MAX_FDS`].
+    truncated: bool,
+}
+
+/// `MSG_CTRUNC`: ancillary data was cut to the buffer (not in rustix 0.38's flag set).
+const MSG_CTRUNC: u32 = 0x8;
+
+impl Read for FdReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+        let mut space = [0u8; rustix::cmsg_space!(ScmRights(jail::MAX_FDS))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let got = rustix::net::recvmsg(
+            &self.stream,
+            &mut [IoSliceMut::new(buf)],
+            &mut control,
+            RecvFlags::CMSG_CLOEXEC,
+        )?;
+        for message in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(fds) = message {
+                self.fds.extend(fds);
+            }
+        }
+        if got.flags.bits() & MSG_CTRUNC != 0 {
+            self.truncated = true;
+        }
+        if self.fds.len() > jail::MAX_FDS {
+            self.truncated = true;
+            self.fds.clear();
+        }
+        Ok(got.bytes)
     }
 }
 

@@ -1,6 +1,6 @@
-//! `bangerd-root --owner USER|--owner-uid UID [--socket PATH] [--subnet A.B.C.D/N]`: serves
-//! the `priv.*` methods (see the library docs) to the owner uid only, one thread per
-//! connection.
+//! `bangerd-root --owner USER|--owner-uid UID [--socket PATH] [--subnet A.B.C.D/N]
+//! [--jail-dir DIR] [--jailer PATH] [--firecracker PATH]`: serves the `priv.*` methods (see
+//! the library docs) to the owner uid only, one thread per connection.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -24,40 +24,100 @@ struct Args {
     /// The subnet bridge addresses must lie in (bangerd's bridge_address).
     #[arg(long, default_value = "172.30.0.1/24")]
     subnet: String,
+    /// Where Firecracker jails are made: root's, on the filesystem of the owner's VM disks
+    /// (they are hard-linked in).
+    #[arg(long, default_value = "/var/lib/banger-root/jail")]
+    jail_dir: PathBuf,
+    /// Firecracker's jailer; default `jailer` on this process's PATH.
+    #[arg(long)]
+    jailer: Option<PathBuf>,
+    /// The Firecracker the jailer runs; default `firecracker` on this process's PATH.
+    #[arg(long)]
+    firecracker: Option<PathBuf>,
 }
 
-fn uid_of(user: &str) -> anyhow::Result<u32> {
+/// The (uid, primary gid) of `user`, or of the user with uid `uid`, from /etc/passwd.
+fn passwd_entry(user: Option<&str>, uid: Option<u32>) -> anyhow::Result<Option<(u32, u32)>> {
     let passwd = std::fs::read_to_string("/etc/passwd").context("read /etc/passwd")?;
     for line in passwd.lines() {
-        let mut fields = line.split(':');
-        if fields.next() == Some(user) {
-            let uid = fields.nth(1).context("a passwd line without a uid")?;
-            return uid
-                .parse()
-                .with_context(|| format!("uid {uid:?} of {user}"));
+        let fields: Vec<&str> = line.split(':').collect();
+        let [name, _, line_uid, line_gid, ..] = fields[..] else {
+            continue;
+        };
+        let parsed = || -> anyhow::Result<(u32, u32)> {
+            Ok((
+                line_uid
+                    .parse()
+                    .with_context(|| format!("uid {line_uid:?} of {name}"))?,
+                line_gid
+                    .parse()
+                    .with_context(|| format!("gid {line_gid:?} of {name}"))?,
+            ))
+        };
+        if user == Some(name)
+            || (user.is_none() && uid.map(|u| u.to_string()).as_deref() == Some(line_uid))
+        {
+            return parsed().map(Some);
         }
     }
-    bail!("no user {user:?} in /etc/passwd")
+    Ok(None)
+}
+
+/// A binary given on the command line, or found on PATH.
+fn binary(given: Option<PathBuf>, name: &str) -> Option<PathBuf> {
+    match given {
+        Some(path) => path.is_file().then_some(path),
+        None => banger_vmm::backend::find_on_path(name),
+    }
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let owner_uid = match (&args.owner, args.owner_uid) {
-        (Some(user), _) => uid_of(user)?,
-        (None, Some(uid)) => uid,
+    let (owner_uid, owner_gid) = match (&args.owner, args.owner_uid) {
+        (Some(user), _) => passwd_entry(Some(user), None)?
+            .with_context(|| format!("no user {user:?} in /etc/passwd"))?,
+        // A uid without a passwd entry keeps its own number as its group.
+        (None, Some(uid)) => passwd_entry(None, Some(uid))?.unwrap_or((uid, uid)),
         (None, None) => bail!("--owner USER or --owner-uid UID is required"),
+    };
+    let jails = match (
+        binary(args.jailer.clone(), "jailer"),
+        binary(args.firecracker.clone(), "firecracker"),
+    ) {
+        (Some(jailer), Some(firecracker)) => Some(bangerd_root::jail::Jails::new(
+            bangerd_root::jail::JailConfig {
+                dir: args.jail_dir.clone(),
+                firecracker,
+                jailer,
+            },
+        )),
+        _ => None,
     };
     let subnet = bangerd_root::Subnet::parse(&args.subnet)
         .map_err(|e| anyhow::anyhow!("--subnet: {}", e.message))?;
     let listener = bangerd_root::bind(&args.socket, owner_uid)?;
     eprintln!(
-        "bangerd-root {}: serving uid {owner_uid} on {} (subnet {}/{})",
+        "bangerd-root {}: serving uid {owner_uid} on {} (subnet {}/{}; {})",
         env!("CARGO_PKG_VERSION"),
         args.socket.display(),
         subnet.network,
-        subnet.prefix
+        subnet.prefix,
+        match &jails {
+            Some(j) => format!(
+                "jails in {} with {} and {}",
+                j.config.dir.display(),
+                j.config.jailer.display(),
+                j.config.firecracker.display()
+            ),
+            None => "no jailer and firecracker: priv.vmm.launch refuses".into(),
+        }
     );
-    let helper = std::sync::Arc::new(bangerd_root::Helper { owner_uid, subnet });
+    let helper = std::sync::Arc::new(bangerd_root::Helper {
+        owner_uid,
+        owner_gid,
+        subnet,
+        jails,
+    });
     for stream in listener.incoming() {
         match stream {
             Ok(stream) => {

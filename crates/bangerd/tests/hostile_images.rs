@@ -124,6 +124,7 @@ fn import_params(path: &Path, name: &str) -> ImageImportParams {
     ImageImportParams {
         path: Some(path.display().to_string()),
         stream: None,
+        tag: None,
         name: Some(name.into()),
         size_bytes: None,
     }

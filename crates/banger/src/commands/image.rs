@@ -26,8 +26,9 @@ pub enum ImageCommand {
         #[arg(long, value_name = "SIZE", value_parser = format::parse_size)]
         size: Option<u64>,
     },
-    /// Build an image from an OCI layout directory (DIR or DIR:TAG) or a `docker save`
-    /// tarball, without a registry.
+    /// Build an image from an OCI layout directory (DIR or DIR:TAG), an OCI archive
+    /// (FILE or FILE:TAG) or a `docker save` tarball, without a registry. A remote daemon
+    /// gets the file, or the directory as one tar, streamed over the connection.
     Import {
         /// The layout directory or tarball.
         path: std::path::PathBuf,
@@ -115,30 +116,30 @@ pub fn run(
                 let params = ImageImportParams {
                     path: Some(path.display().to_string()),
                     stream: None,
+                    tag: None,
                     name,
                     size_bytes: size,
                 };
                 call_showing_progress::<ImageImport>(client, &params, json)?
             } else {
                 let peer = client.peer().to_owned();
-                // An OCI layout directory (DIR or DIR:TAG) is not streamed: refused here,
-                // saying how to make the one file that is.
-                let named_dir = path.is_dir()
-                    || (!path.exists()
-                        && path
-                            .to_str()
-                            .and_then(|p| p.rsplit_once(':'))
-                            .is_some_and(|(dir, _)| std::path::Path::new(dir).is_dir()));
-                if named_dir {
-                    anyhow::bail!(
-                        "{} is a directory (an OCI layout): only a docker-archive tarball is streamed to the daemon at {peer};                          make one (skopeo copy oci:DIR[:TAG] docker-archive:FILE.tar) and import that",
-                        path.display()
-                    );
-                }
-                let upload = FileToStream::open(&path, "image archive", &peer)?;
+                // An OCI layout directory (DIR, or DIR:TAG as skopeo names one) goes as
+                // one tar of its files; any other path as the file it is.
+                let (layout_dir, tag) = match path.to_str().and_then(|p| p.rsplit_once(':')) {
+                    _ if path.is_dir() => (Some(path.clone()), None),
+                    Some((dir, tag)) if !path.exists() && std::path::Path::new(dir).is_dir() => {
+                        (Some(dir.into()), Some(tag.to_owned()))
+                    }
+                    _ => (None, None),
+                };
+                let upload = match &layout_dir {
+                    Some(dir) => FileToStream::layout(dir)?,
+                    None => FileToStream::open(&path, "image archive", &peer)?,
+                };
                 let params = ImageImportParams {
                     path: None,
                     stream: Some(upload.declared.clone()),
+                    tag,
                     name,
                     size_bytes: size,
                 };

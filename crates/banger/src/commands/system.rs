@@ -163,9 +163,11 @@ pub fn bangerd_root_unit(prefix: &Path, owner: &str) -> String {
          ExecStart={bin}/bangerd-root --owner {owner}\n\
          RuntimeDirectory=banger-root\n\
          RuntimeDirectoryMode=0755\n\
-         CapabilityBoundingSet=CAP_NET_ADMIN CAP_SYS_ADMIN CAP_SYS_CHROOT CAP_MKNOD CAP_CHOWN CAP_SETUID CAP_SETGID CAP_DAC_OVERRIDE CAP_FOWNER\n\
+         StateDirectory=banger-root\n\
+         StateDirectoryMode=0711\n\
+         CapabilityBoundingSet=CAP_NET_ADMIN CAP_SYS_ADMIN CAP_SYS_CHROOT CAP_MKNOD CAP_CHOWN CAP_SETUID CAP_SETGID CAP_DAC_OVERRIDE CAP_DAC_READ_SEARCH CAP_FOWNER\n\
          ProtectSystem=strict\n\
-         ReadWritePaths={root_rt} /var/lib/banger\n\
+         ReadWritePaths={root_rt} /var/lib/banger /var/lib/banger-root\n\
          ProtectHome=yes\n\
          PrivateTmp=yes\n\
          Restart=on-failure\n\

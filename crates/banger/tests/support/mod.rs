@@ -40,6 +40,13 @@ impl Install {
         }
     }
 
+    /// A new installation with `config` as its `config.toml`.
+    pub fn with_config(config: &str) -> Install {
+        let install = Install::new();
+        install.write_config(config);
+        install
+    }
+
     pub fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state/banger")
     }
@@ -164,6 +171,21 @@ impl Install {
         }
     }
 
+    /// `vm run [WORKSPACE] --rm --image bb [OPTIONS] -- COMMAND`, run to its end.
+    pub fn vm_run_rm(&self, workspace: Option<&str>, options: &[&str], command: &[&str]) -> Output {
+        self.banger(&vm_run_rm_args(workspace, options, command))
+    }
+
+    /// `vm exec VM -- COMMAND`, run to its end.
+    pub fn vm_exec(&self, vm: &str, command: &[&str]) -> Output {
+        self.banger(&vm_exec_args(vm, command))
+    }
+
+    /// `vm exec VM -- sh -c SCRIPT`, run to its end.
+    pub fn vm_sh(&self, vm: &str, script: &str) -> Output {
+        self.vm_exec(vm, &["sh", "-c", script])
+    }
+
     /// Writes `config.toml`.
     pub fn write_config(&self, text: &str) {
         let dir = self.dir.path().join("config/banger");
@@ -224,6 +246,16 @@ impl Drop for Install {
             }
         }
     }
+}
+
+/// Whether TAP devices can be made here: root (`root_for` says what needs it) and
+/// /dev/net/tun. Fails under BANGER_TEST_STRICT=1, skips loudly otherwise.
+pub fn taps_can_be_made(root_for: &str) -> bool {
+    banger_testkit::require(rustix::process::geteuid().is_root(), root_for)
+        && banger_testkit::require(
+            Path::new("/dev/net/tun").exists(),
+            "/dev/net/tun is missing",
+        )
 }
 
 /// A network namespace of the test's own (`ip netns add`), with loopback up; deleted on
@@ -401,6 +433,142 @@ pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// The arguments of `vm run [WORKSPACE] --rm --image bb [OPTIONS] -- COMMAND`: a
+/// throwaway VM of the busybox image every VM test imports as `bb` (see vms.rs).
+pub fn vm_run_rm_args<'a>(
+    workspace: Option<&'a str>,
+    options: &[&'a str],
+    command: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec!["vm", "run"];
+    args.extend(workspace);
+    args.extend(["--rm", "--image", "bb"]);
+    args.extend(options);
+    args.push("--");
+    args.extend(command);
+    args
+}
+
+/// The arguments of `vm exec VM -- COMMAND`.
+pub fn vm_exec_args<'a>(vm: &'a str, command: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["vm", "exec", vm, "--"];
+    args.extend(command);
+    args
+}
+
+/// Asserts that banger exited with `code`, showing its stderr when it did not.
+#[track_caller]
+pub fn assert_exit(out: &Output, code: i32) {
+    assert_eq!(out.status.code(), Some(code), "{}", stderr(out));
+}
+
+/// Asserts that a command exited 0, showing `what` and everything it printed when it
+/// did not.
+#[track_caller]
+pub fn assert_succeeded(out: &Output, what: &str) {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{what}: {}{}",
+        stdout(out),
+        stderr(out)
+    );
+}
+
+/// Asserts that banger exited with `code` (showing its stderr when it did not) and
+/// printed exactly `expected` on stdout.
+#[track_caller]
+pub fn assert_exit_prints(out: &Output, code: i32, expected: &str) {
+    assert_exit(out, code);
+    assert_eq!(stdout(out), expected);
+}
+
+/// Asserts that banger exited with `code` and said `needle` on stderr: how a refusal
+/// looks to the user (the status a script sees, the words a person reads).
+#[track_caller]
+pub fn assert_exit_says(out: &Output, code: i32, needle: &str) {
+    assert_exit_says_all(out, code, &[needle]);
+}
+
+/// [`assert_exit_says`] for every one of `needles`.
+#[track_caller]
+pub fn assert_exit_says_all(out: &Output, code: i32, needles: &[&str]) {
+    assert_eq!(out.status.code(), Some(code));
+    assert!(
+        needles.iter().all(|needle| stderr(out).contains(needle)),
+        "{}",
+        stderr(out)
+    );
+}
+
+/// Asserts that banger failed (any status but 0) and said `needle` on stderr.
+#[track_caller]
+pub fn assert_fails_saying(out: &Output, needle: &str) {
+    assert_ne!(out.status.code(), Some(0));
+    assert!(stderr(out).contains(needle), "{}", stderr(out));
+}
+
+/// The `MemTotal:` of a guest's /proc/meminfo, in KiB.
+#[track_caller]
+pub fn mem_total_kib(meminfo: &str) -> u64 {
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no MemTotal in {meminfo}"))
+}
+
+/// Asserts that a guest's /proc/meminfo shows the 256 MiB it was given (`--memory`), less
+/// what the kernel keeps for itself.
+#[track_caller]
+pub fn assert_mem_total_is_256_mib(meminfo: &str) {
+    let total = mem_total_kib(meminfo);
+    assert!(
+        (180 * 1024..=256 * 1024).contains(&total),
+        "MemTotal {total} KiB"
+    );
+}
+
+/// The report of `banger --json doctor`, which must exit with `code` (1: something
+/// required is missing).
+#[track_caller]
+pub fn doctor_report(install: &Install, code: i32) -> serde_json::Value {
+    let out = install.banger(&["--json", "doctor"]);
+    assert_exit(&out, code);
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The check called `name` of a `banger --json doctor` report.
+#[track_caller]
+pub fn doctor_check(report: &serde_json::Value, name: &str) -> serde_json::Value {
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {name} check in {report}"))
+}
+
+/// A loopback port nothing listens on right now.
+pub fn free_loopback_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// What `qemu-img info` says of the disk image `path` (`-U`: while a VM has it open).
+pub fn qemu_img_info(path: &Path) -> serde_json::Value {
+    let info = Command::new("qemu-img")
+        .args(["info", "--output=json", "-U"])
+        .arg(path)
+        .output()
+        .unwrap();
+    serde_json::from_slice(&info.stdout).unwrap()
+}
+
 /// A raw line-level connection to the daemon.
 pub struct Conn {
     reader: BufReader<UnixStream>,
@@ -446,6 +614,11 @@ impl Conn {
         let mut line = serde_json::to_vec(&request).unwrap();
         line.push(b'\n');
         self.send_raw(&line);
+        self.read_reply()
+    }
+
+    /// The next response, skipping the notifications before it.
+    pub fn read_reply(&mut self) -> serde_json::Value {
         loop {
             let value = self.read_json();
             if value.get("id").is_some() {

@@ -51,31 +51,65 @@ pub fn ready_install_in(
         .push(("BANGER_AGENT".into(), agent.into()));
     install.netns = netns.map(|ns| ns.name.clone());
     install.write_config(config);
+    let layout_dir = busybox_layout(&install);
+    match registry {
+        Some(registry) => push_and_pull(&install, &layout_dir, registry, "busybox", "bb"),
+        None => import_busybox(&install, &layout_dir),
+    }
+    import_kernel(&install, deb);
+    Some(install)
+}
+
+/// Writes the busybox image, tagged `v1`, as an OCI layout in the installation's
+/// `layout/`; returns that directory.
+pub fn busybox_layout(install: &Install) -> PathBuf {
     let layout_dir = install.dir.path().join("layout");
     let mut layout = OciLayoutBuilder::new(&layout_dir).unwrap();
     layout
         .image("v1", &[(guest::busybox_layer(), LayerCompression::Gzip)])
         .unwrap();
-    let out = match registry {
-        Some(registry) => {
-            push_oci_layout(&layout_dir, "v1", registry, "busybox");
-            install.banger(&[
-                "image",
-                "pull",
-                &registry.reference("busybox", "v1"),
-                "--name",
-                "bb",
-            ])
-        }
-        None => install.banger(&[
-            "image",
-            "import",
-            &format!("{}:v1", layout_dir.display()),
-            "--name",
-            "bb",
-        ]),
-    };
+    layout_dir
+}
+
+/// Pushes the `v1` of the OCI layout `layout_dir` to `registry` as `repo`, then pulls it
+/// from there as image `name`.
+pub fn push_and_pull(
+    install: &Install,
+    layout_dir: &Path,
+    registry: &Registry,
+    repo: &str,
+    name: &str,
+) {
+    push_oci_layout(layout_dir, "v1", registry, repo);
+    let out = install.banger(&[
+        "image",
+        "pull",
+        &registry.reference(repo, "v1"),
+        "--name",
+        name,
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "image pull {repo}: {}",
+        stderr(&out)
+    );
+}
+
+/// Imports the busybox layout `layout_dir` (see [`busybox_layout`]) as image `bb`.
+pub fn import_busybox(install: &Install, layout_dir: &Path) {
+    let out = install.banger(&[
+        "image",
+        "import",
+        &format!("{}:v1", layout_dir.display()),
+        "--name",
+        "bb",
+    ]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+/// Imports the kernel package `deb` as kernel `cloud`.
+pub fn import_kernel(install: &Install, deb: &Path) {
     let out = install.banger(&["kernel", "import", "cloud", "--deb", deb.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(
@@ -83,5 +117,4 @@ pub fn ready_install_in(
         "{}",
         stdout(&out)
     );
-    Some(install)
 }

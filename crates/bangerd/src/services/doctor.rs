@@ -6,7 +6,7 @@ use std::time::Duration;
 use banger_api::{CheckStatus, DoctorCheck};
 
 use crate::services::network::{self, NetworkSetting};
-use crate::services::privhelper::TapRoute;
+use crate::services::privhelper::{JailRoute, TapRoute};
 use crate::services::{KernelService, VmService};
 
 /// What `program arg` says of its version, or "present" when it says nothing; `None`
@@ -63,15 +63,7 @@ pub fn diagnose(kernels: &KernelService, vms: &VmService) -> Vec<DoctorCheck> {
             firecracker_required,
             "install firecracker (v1.8 or later: ACPI device discovery) on PATH or set firecracker_bin in config.toml; it is used where KVM works, QEMU otherwise",
         ),
-        check(
-            "jailer (Firecracker under a root bangerd)",
-            vms.jailer_binary().and_then(|bin| {
-                let version = version_of(bin.to_str()?, "--version")?;
-                Some(format!("{version} ({})", bin.display()))
-            }),
-            firecracker_required && rustix::process::geteuid().is_root(),
-            "install Firecracker's jailer (same release as firecracker) on PATH or set jailer_bin in config.toml; a root bangerd runs Firecracker only through it",
-        ),
+        jailer_check(vms, firecracker_required),
         check("mkfs.ext4", version_of("mkfs.ext4", "-V"), true, "apt-get install e2fsprogs"),
         check("debugfs", version_of("debugfs", "-V"), true, "apt-get install e2fsprogs"),
         check(
@@ -206,6 +198,41 @@ pub fn diagnose(kernels: &KernelService, vms: &VmService) -> Vec<DoctorCheck> {
     checks.extend(policy_checks(vms, &route));
     checks.push(backend_check(vms, kvm, &route));
     checks
+}
+
+/// Who jails Firecracker: this root daemon with its `jailer_bin`, bangerd-root with its
+/// own jailer (priv.vmm.launch), or nobody (Firecracker then runs unjailed as this uid).
+fn jailer_check(vms: &VmService, firecracker_required: bool) -> DoctorCheck {
+    let name = "jailer (Firecracker's confinement)";
+    match JailRoute::probe(vms.config()) {
+        JailRoute::Direct => check(
+            name,
+            vms.jailer_binary().and_then(|bin| {
+                let version = version_of(bin.to_str()?, "--version")?;
+                Some(format!("direct: bangerd is root and runs {version} ({})", bin.display()))
+            }),
+            firecracker_required,
+            "install Firecracker's jailer (same release as firecracker) on PATH or set jailer_bin in config.toml; a root bangerd runs Firecracker only through it",
+        ),
+        JailRoute::Helper { client, jailer } => DoctorCheck {
+            name: name.into(),
+            status: CheckStatus::Ok,
+            detail: format!(
+                "through bangerd-root at {}: its jailer {jailer} runs Firecracker chrooted, in its own cgroup and under seccomp, as this uid",
+                client.socket().display()
+            ),
+            fix: None,
+        },
+        JailRoute::Unjailed(why) => DoctorCheck {
+            name: name.into(),
+            status: CheckStatus::Optional,
+            detail: format!("unavailable, Firecracker would run unjailed as this uid: {why}"),
+            fix: Some(
+                "run bangerd as root, or start bangerd-root for this user (banger system install) with Firecracker's jailer and firecracker on its PATH"
+                    .into(),
+            ),
+        },
+    }
 }
 
 /// The tools and privileges TAP networking needs, then whether it is possible as a whole.

@@ -296,6 +296,11 @@ impl ImageService {
             "give path (an OCI layout directory or docker archive on the daemon's host) or stream (a docker archive uploaded over the connection)",
         )?;
         let (name, path, tag, is_dir, reference, staged) = match given {
+            OneOf::First(_) if params.tag.is_some() => {
+                return Err(ServiceError::bad_request(
+                    "tag goes with stream only: give a path as DIR:TAG (or FILE:TAG)",
+                ))
+            }
             OneOf::First(given) => {
                 let (path, tag) = split_import_path(given);
                 if !path.is_absolute() {
@@ -317,7 +322,9 @@ impl ImageService {
             OneOf::Second(stream) => {
                 let name = match params.name.clone() {
                     Some(name) => name,
-                    None => default_import_name(Path::new(&stream.file_name), None),
+                    None => {
+                        default_import_name(Path::new(&stream.file_name), params.tag.as_deref())
+                    }
                 };
                 validate_image_name(&name)?;
                 // Refused before the upload is read: nothing is received for a taken
@@ -345,9 +352,12 @@ impl ImageService {
                 (
                     name,
                     staged.path().to_owned(),
-                    None,
+                    params.tag.clone(),
                     false,
-                    format!("upload:{}", stream.file_name),
+                    match &params.tag {
+                        Some(tag) => format!("upload:{}:{tag}", stream.file_name),
+                        None => format!("upload:{}", stream.file_name),
+                    },
                     Some(staged),
                 )
             }
@@ -364,7 +374,7 @@ impl ImageService {
                 if is_dir {
                     archive::read_oci_layout(&path, tag.as_deref())
                 } else {
-                    archive::read_docker_archive(&path, &unpack_dir)
+                    archive::read_image_archive(&path, &unpack_dir, tag.as_deref())
                 }
             })
             .await
@@ -1129,10 +1139,11 @@ fn sync_dir(dir: &Path) -> anyhow::Result<()> {
 }
 
 fn split_import_path(input: &str) -> (PathBuf, Option<String>) {
-    // `DIR:TAG` as skopeo writes it; a path that exists as given wins over the split.
+    // `DIR:TAG` as skopeo writes it (or `FILE:TAG` of an OCI archive); a path that
+    // exists as given wins over the split.
     if !Path::new(input).exists() {
         if let Some((dir, tag)) = input.rsplit_once(':') {
-            if !tag.contains('/') && Path::new(dir).is_dir() {
+            if !tag.contains('/') && Path::new(dir).exists() {
                 return (PathBuf::from(dir), Some(tag.to_owned()));
             }
         }

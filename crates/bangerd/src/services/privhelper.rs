@@ -4,10 +4,13 @@
 //! ([`TapRoute::Direct`]); an unprivileged one whose helper answers `priv.ping` sends
 //! each step (bridge, NAT and guard rules, TAP, per-guest rules) to it
 //! ([`TapRoute::Helper`]); otherwise TAP networking is unavailable, and the route says
-//! why.
+//! why. The same client launches Firecracker in its jailer for an unprivileged daemon
+//! ([`PrivClient`] is a [`banger_vmm::helper_jail::JailLauncher`]): the jail's files go
+//! to the helper as open descriptors, never as paths.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -44,6 +47,16 @@ impl PrivClient {
         }
     }
 
+    /// The helper at config `root_helper_socket`, default [`DEFAULT_SOCKET`].
+    pub fn configured(config: &Config) -> Self {
+        PrivClient::new(
+            config
+                .root_helper_socket
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
+        )
+    }
+
     /// The helper at `socket` if it answers `priv.ping` for this uid.
     pub fn reachable(socket: &Path) -> Option<PrivClient> {
         let client = PrivClient::new(socket);
@@ -61,14 +74,43 @@ impl PrivClient {
     }
 
     fn call(&self, method: &str, params: Value) -> anyhow::Result<Value> {
+        self.call_with_fds(method, params, &[])
+    }
+
+    /// One call whose request line carries `fds` (`SCM_RIGHTS`, sent with its first byte).
+    fn call_with_fds(
+        &self,
+        method: &str,
+        params: Value,
+        fds: &[BorrowedFd<'_>],
+    ) -> anyhow::Result<Value> {
+        use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
         let what = || format!("{method} on {}", self.socket.display());
         let mut stream = UnixStream::connect(&self.socket).with_context(what)?;
         stream
             .set_read_timeout(Some(CALL_TIMEOUT))
             .with_context(what)?;
         let line = serde_json::json!({ "id": 1, "method": method, "params": params });
+        let line = format!("{line}\n");
+        let mut space = vec![0u8; rustix::cmsg_space!(ScmRights(fds.len()))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+            bail!(
+                "{}: {} descriptors do not fit one message",
+                what(),
+                fds.len()
+            );
+        }
+        let sent = rustix::net::sendmsg(
+            &stream,
+            &[std::io::IoSlice::new(line.as_bytes())],
+            &mut control,
+            SendFlags::empty(),
+        )
+        .with_context(what)?;
+        // The descriptors went with the first byte; the rest of a long line follows.
         stream
-            .write_all(format!("{line}\n").as_bytes())
+            .write_all(&line.as_bytes()[sent..])
             .with_context(what)?;
         let mut reply = String::new();
         BufReader::new(std::io::Read::take(stream, MAX_REPLY))
@@ -138,6 +180,46 @@ impl PrivClient {
     }
 }
 
+impl banger_vmm::helper_jail::JailLauncher for PrivClient {
+    fn launch(
+        &self,
+        id: &str,
+        files: banger_vmm::helper_jail::JailFiles,
+    ) -> Result<banger_vmm::helper_jail::Jailed, String> {
+        let mut names = vec!["kernel"];
+        let mut fds = vec![files.kernel.as_fd()];
+        if let Some(initrd) = &files.initrd {
+            names.push("initrd");
+            fds.push(initrd.as_fd());
+        }
+        if let Some(disk) = &files.disk {
+            names.push("disk");
+            fds.push(disk.as_fd());
+        }
+        names.extend(["console", "stderr"]);
+        fds.extend([files.console.as_fd(), files.stderr.as_fd()]);
+        let reply = self
+            .call_with_fds(
+                "priv.vmm.launch",
+                serde_json::json!({ "id": id, "files": names }),
+                &fds,
+            )
+            .map_err(|e| format!("{e:#}"))?;
+        let pid = reply["pid"]
+            .as_u64()
+            .and_then(|p| u32::try_from(p).ok())
+            .filter(|p| *p > 1)
+            .ok_or_else(|| format!("priv.vmm.launch answered no pid: {reply}"))?;
+        let root = reply["root"]
+            .as_str()
+            .ok_or_else(|| format!("priv.vmm.launch answered no jail root: {reply}"))?;
+        Ok(banger_vmm::helper_jail::Jailed {
+            pid,
+            root: root.into(),
+        })
+    }
+}
+
 /// Who does TAP networking's privileged steps for this daemon.
 #[derive(Debug, Clone)]
 pub enum TapRoute {
@@ -157,11 +239,7 @@ impl TapRoute {
         if uid.is_root() {
             return TapRoute::Direct;
         }
-        let socket = config
-            .root_helper_socket
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
-        let client = PrivClient::new(socket);
+        let client = PrivClient::configured(config);
         match client.ping() {
             // The helper makes the TAP ours, but the VMM still opens /dev/net/tun itself
             // to attach to it: with a root-only node (some hosts chmod it 0600) every
@@ -255,6 +333,50 @@ impl TapRoute {
             TapRoute::Helper(helper) if network::tap_exists(name) => helper.tap_delete(name),
             TapRoute::Helper(_) => Ok(()),
             _ => network::delete_tap(name),
+        }
+    }
+}
+
+/// Who runs Firecracker's jailer for this daemon.
+#[derive(Debug, Clone)]
+pub enum JailRoute {
+    /// bangerd is root: it runs the jailer itself (`jailer_bin`).
+    Direct,
+    /// bangerd is not root; bangerd-root answers and runs its own `jailer` (its path, on
+    /// the helper's side) through `priv.vmm.launch`.
+    Helper {
+        /// The helper.
+        client: PrivClient,
+        /// The jailer it runs.
+        jailer: String,
+    },
+    /// Nobody can: Firecracker runs unjailed, as this uid; why.
+    Unjailed(String),
+}
+
+impl JailRoute {
+    /// This process: root, or the helper when it answers `priv.ping` with a jailer.
+    pub fn probe(config: &Config) -> JailRoute {
+        let uid = rustix::process::geteuid();
+        if uid.is_root() {
+            return JailRoute::Direct;
+        }
+        let client = PrivClient::configured(config);
+        match client.ping() {
+            Ok(reply) => match reply["jailer"].as_str() {
+                Some(jailer) => JailRoute::Helper {
+                    jailer: jailer.to_owned(),
+                    client,
+                },
+                None => JailRoute::Unjailed(format!(
+                    "bangerd-root at {} has no jailer and firecracker (its --jailer, --firecracker or PATH)",
+                    client.socket().display()
+                )),
+            },
+            Err(e) => JailRoute::Unjailed(format!(
+                "bangerd is not root (uid {}) and bangerd-root does not answer: {e:#}",
+                uid.as_raw()
+            )),
         }
     }
 }

@@ -11,13 +11,14 @@ use banger_api::{VmBackend, VmInfo, VmState};
 use banger_vmm::agent::AgentClient;
 use banger_vmm::backend::{self, agent_socket_in, select_backend, BackendKind, HostFacts};
 use banger_vmm::firecracker::Firecracker;
+use banger_vmm::helper_jail::HelperJailed;
 use banger_vmm::qemu::{Accel, Qemu};
 use banger_vmm::{NetSpec, VmSpec, Vmm};
 
 use super::{check_egress, pid_alive, ports, template, vm_logs_tail, VmService, ROOT_DISK};
 use crate::services::disk;
 use crate::services::network::{self, NetworkMode};
-use crate::services::privhelper::TapRoute;
+use crate::services::privhelper::{JailRoute, TapRoute};
 use crate::services::process::ProcessIdentity;
 use crate::ServiceError;
 
@@ -118,28 +119,45 @@ impl VmService {
         })?;
         let console_logger = self.console_logger();
         let run_as = self.config.vmm_user().map_err(ServiceError::bad_request)?;
-        Ok(match (kind, firecracker) {
-            (BackendKind::Firecracker, Some(binary)) => {
-                // A root daemon's Firecracker runs in its jailer (banger_vmm::firecracker::Jailer).
-                let jailer = match run_as {
-                    Some(user) => Some(banger_vmm::firecracker::Jailer {
-                        binary: self.jailer_binary().ok_or_else(|| {
-                            ServiceError::bad_request(match &self.config.jailer_bin {
-                                Some(path) => format!(
-                                    "bangerd runs as root, so Firecracker runs in its jailer, but jailer_bin = {:?} (config.toml) is not a file",
-                                    path
-                                ),
-                                None => "bangerd runs as root, so Firecracker runs in its jailer, which is not on PATH: install it next to firecracker (same release) or set jailer_bin in config.toml".into(),
-                            })
-                        })?,
-                        user,
+        Ok(match (kind, firecracker, run_as.clone()) {
+            // An unprivileged daemon's Firecracker runs in bangerd-root's jailer, when the
+            // helper has one (banger_vmm::helper_jail); else unjailed, as this uid.
+            (BackendKind::Firecracker, Some(binary), None) => {
+                let firecracker = Firecracker {
+                    binary,
+                    console_logger,
+                    jailer: None,
+                };
+                match JailRoute::probe(&self.config) {
+                    JailRoute::Helper { client, .. } => Box::new(HelperJailed {
+                        firecracker,
+                        launcher: std::sync::Arc::new(client),
                     }),
-                    None => None,
+                    JailRoute::Direct => Box::new(firecracker),
+                    JailRoute::Unjailed(why) => {
+                        tracing::warn!(%why, "Firecracker runs unjailed (banger doctor)");
+                        Box::new(firecracker)
+                    }
+                }
+            }
+            // A root daemon's Firecracker runs in its own jailer (banger_vmm::firecracker::Jailer).
+            (BackendKind::Firecracker, Some(binary), Some(user)) => {
+                let jailer = banger_vmm::firecracker::Jailer {
+                    binary: self.jailer_binary().ok_or_else(|| {
+                        ServiceError::bad_request(match &self.config.jailer_bin {
+                            Some(path) => format!(
+                                "bangerd runs as root, so Firecracker runs in its jailer, but jailer_bin = {:?} (config.toml) is not a file",
+                                path
+                            ),
+                            None => "bangerd runs as root, so Firecracker runs in its jailer, which is not on PATH: install it next to firecracker (same release) or set jailer_bin in config.toml".into(),
+                        })
+                    })?,
+                    user,
                 };
                 Box::new(Firecracker {
                     binary,
                     console_logger,
-                    jailer,
+                    jailer: Some(jailer),
                 })
             }
             _ => Box::new(Qemu {
