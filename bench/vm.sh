@@ -17,10 +17,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${BENCH_RUNS:-5}
 
+. bench/lib.sh
 ./scripts/setup.sh >/dev/null
-cargo build --release -q -p banger -p bangerd
-cargo build --release -q -p banger-agent --target x86_64-unknown-linux-musl
-cp target/x86_64-unknown-linux-musl/release/banger-agent target/release/banger-agent
+build_release
 banger=$PWD/target/release/banger
 
 work=$(mktemp -d)
@@ -37,22 +36,13 @@ trap cleanup EXIT
 
 deb=$(./scripts/fetch-test-kernel.sh target/kernel)
 "$banger" kernel import bench --deb "$deb" >/dev/null
-mkdir -p "$work/rootfs/bin" "$work/rootfs/root" "$work/rootfs/tmp"
-cp /bin/busybox "$work/rootfs/bin/busybox"
-for applet in $(/bin/busybox --list); do
-  [ "$applet" = busybox ] || ln -s busybox "$work/rootfs/bin/$applet"
-done
-umoci init --layout "$work/oci" >/dev/null
-umoci new --image "$work/oci:bb" >/dev/null
-umoci insert --image "$work/oci:bb" "$work/rootfs" / >/dev/null
+build_busybox_oci "$work"
 "$banger" image import "$work/oci:bb" --name bb >/dev/null
 
 kernel_dir=$XDG_STATE_HOME/banger/kernels/bench
 rootfs=$("$banger" --json image show bb | sed -n 's/.*"rootfs": "\(.*\)".*/\1/p')
 accel=$("$banger" --json doctor | tr -d '\n' | grep -o '"name": "kvm",[^}]*"status": "ok"' >/dev/null && echo kvm || echo tcg)
 
-now() { date +%s.%N; }
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 # Runs the command after the first argument $runs times, appending each run's wall time in
 # seconds to the array the first argument names.
 time_runs() {
