@@ -228,6 +228,57 @@ pub const MAX_FRAME_LEN: u32 = 4 << 20;
 /// 32 KiB is also the most a virtio-serial port moves per `write`.
 pub const CHUNK_SIZE: usize = 32 * 1024;
 
+/// Where a [`ChunkWriter`] sends one session's data: a chunk of at most [`CHUNK_SIZE`]
+/// bytes at a time, paced and framed as that direction of the session needs.
+pub trait ChunkSink {
+    /// Sends `chunk` (never empty) as the session's next data; it may take the bytes,
+    /// leaving `chunk` empty.
+    fn send_chunk(&mut self, chunk: &mut Vec<u8>) -> io::Result<()>;
+}
+
+/// A session's data stream as a [`Write`]: what is written is gathered into chunks of
+/// [`CHUNK_SIZE`] bytes, each handed to the sink once full; `flush` sends the rest. The
+/// agent's downloads and the host's uploads send through one.
+pub struct ChunkWriter<S> {
+    /// Where the chunks go.
+    pub sink: S,
+    chunk: Vec<u8>,
+}
+
+impl<S: ChunkSink> ChunkWriter<S> {
+    /// A writer with an empty chunk.
+    pub fn new(sink: S) -> ChunkWriter<S> {
+        ChunkWriter {
+            sink,
+            chunk: Vec::with_capacity(CHUNK_SIZE),
+        }
+    }
+
+    fn send(&mut self) -> io::Result<()> {
+        if self.chunk.is_empty() {
+            return Ok(());
+        }
+        self.sink.send_chunk(&mut self.chunk)?;
+        self.chunk.clear();
+        Ok(())
+    }
+}
+
+impl<S: ChunkSink> Write for ChunkWriter<S> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min(CHUNK_SIZE - self.chunk.len());
+        self.chunk.extend_from_slice(&data[..n]);
+        if self.chunk.len() == CHUNK_SIZE {
+            self.send()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.send()
+    }
+}
+
 /// The bytes before a frame's body: the length, the session and the kind.
 const HEADER_LEN: usize = 4 + 4 + 1;
 

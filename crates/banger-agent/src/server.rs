@@ -37,8 +37,8 @@ use rustix::pty::OpenptFlags;
 use rustix::termios::{SpecialCodeIndex, Winsize};
 
 use crate::proto::{
-    self, data_cost, ExecRequest, ExitStatus, FlowWindow, Frame, FrameError, Message, SessionId,
-    WinSize, CHUNK_SIZE, FLOW_PROTOCOL_VERSION, INITIAL_WINDOW,
+    self, data_cost, ChunkSink, ChunkWriter, ExecRequest, ExitStatus, FlowWindow, Frame,
+    FrameError, Message, SessionId, WinSize, CHUNK_SIZE, FLOW_PROTOCOL_VERSION, INITIAL_WINDOW,
 };
 use crate::reaper::Reaper;
 
@@ -602,14 +602,13 @@ impl Conn {
         );
         let out = self.out.clone();
         self.run_session(id, "download", move || {
-            let mut sink = DownloadSink {
+            let mut sink = ChunkWriter::new(DownloadSink {
                 out: &out,
                 id,
                 credit: &credit,
-                buf: Vec::with_capacity(CHUNK_SIZE),
-            };
+            });
             let result = crate::download::archive_path(&path, &mut sink)
-                .and_then(|skipped| sink.send_buf().map(|()| skipped));
+                .and_then(|skipped| sink.flush().map(|()| skipped));
             match result {
                 Ok(skipped) => Message::DownloadEnd { skipped },
                 Err(e) => Message::Error(format!("download {}: {e}", path.display())),
@@ -848,44 +847,25 @@ struct DownloadSink<'a> {
     out: &'a Out,
     id: SessionId,
     credit: &'a FlowWindow,
-    buf: Vec<u8>,
 }
 
-impl DownloadSink<'_> {
-    fn send_buf(&mut self) -> io::Result<()> {
+impl ChunkSink for DownloadSink<'_> {
+    fn send_chunk(&mut self, chunk: &mut Vec<u8>) -> io::Result<()> {
         let mut at = 0;
-        while at < self.buf.len() {
+        while at < chunk.len() {
             if self.credit.is_closed() {
                 return Err(io::Error::new(
                     io::ErrorKind::ConnectionAborted,
                     "the host cancelled the download (or disconnected)",
                 ));
             }
-            let n = self.credit.wait_room(self.buf.len() - at);
+            let n = self.credit.wait_room(chunk.len() - at);
             self.credit.charge(n);
-            self.out.send(
-                self.id,
-                Message::DownloadData(self.buf[at..at + n].to_vec()),
-            );
+            self.out
+                .send(self.id, Message::DownloadData(chunk[at..at + n].to_vec()));
             at += n;
         }
-        self.buf.clear();
         Ok(())
-    }
-}
-
-impl Write for DownloadSink<'_> {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let n = data.len().min(CHUNK_SIZE - self.buf.len());
-        self.buf.extend_from_slice(&data[..n]);
-        if self.buf.len() == CHUNK_SIZE {
-            self.send_buf()?;
-        }
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.send_buf()
     }
 }
 

@@ -28,9 +28,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use banger_agent::proto::{
-    self, data_cost, FlowWindow, Frame, Message, SessionId, CHUNK_SIZE, DOWNLOAD_PROTOCOL_VERSION,
-    FLOW_PROTOCOL_VERSION, FRAME_COST, INITIAL_WINDOW, LISTEN_PROTOCOL_VERSION,
-    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, PTY_PROTOCOL_VERSION, STATS_PROTOCOL_VERSION,
+    self, data_cost, ChunkSink, ChunkWriter, FlowWindow, Frame, Message, SessionId, CHUNK_SIZE,
+    DOWNLOAD_PROTOCOL_VERSION, FLOW_PROTOCOL_VERSION, FRAME_COST, INITIAL_WINDOW,
+    LISTEN_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, PTY_PROTOCOL_VERSION,
+    STATS_PROTOCOL_VERSION,
 };
 pub use banger_agent::proto::{ExecRequest, ExitStatus, GuestStats, WinSize};
 
@@ -923,20 +924,19 @@ impl AgentClient {
     fn upload_with(
         &self,
         guest_dest: &Path,
-        produce: impl FnOnce(&mut UploadSink<'_>) -> io::Result<()>,
+        produce: impl FnOnce(&mut ChunkWriter<UploadSink<'_>>) -> io::Result<()>,
     ) -> Result<()> {
         let op = || format!("upload to {}", guest_dest.display());
         let session = self.open();
         session.send(Message::Upload {
             dest: guest_dest.to_owned(),
         })?;
-        let mut sink = UploadSink {
+        let mut sink = ChunkWriter::new(UploadSink {
             session: &session,
-            buf: Vec::with_capacity(CHUNK_SIZE),
             failure: None,
-        };
+        });
         let produced = produce(&mut sink);
-        if let Some(e) = sink.failure.take() {
+        if let Some(e) = sink.sink.failure.take() {
             return Err(e);
         }
         produced.map_err(|source| AgentError::Local {
@@ -1044,18 +1044,14 @@ impl Drop for AgentClient {
 /// agent's reason, when the agent already refused the upload.
 struct UploadSink<'a> {
     session: &'a Session<'a>,
-    buf: Vec<u8>,
     failure: Option<AgentError>,
 }
 
-impl UploadSink<'_> {
-    fn send_buf(&mut self) -> io::Result<()> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
+impl ChunkSink for UploadSink<'_> {
+    fn send_chunk(&mut self, chunk: &mut Vec<u8>) -> io::Result<()> {
         /// How often an upload waiting for window looks for the agent's refusal.
         const REFUSAL_CHECK: Duration = Duration::from_millis(100);
-        let cost = data_cost(self.buf.len());
+        let cost = data_cost(chunk.len());
         loop {
             // A refusal (bad destination, an entry escaping it) arrives while we stream.
             match self.session.try_recv() {
@@ -1079,32 +1075,19 @@ impl UploadSink<'_> {
                 None => {}
             }
         }
-        let data = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK_SIZE));
+        let data = std::mem::replace(chunk, Vec::with_capacity(CHUNK_SIZE));
         if let Err(e) = self.session.send(Message::UploadData(data)) {
             return Err(self.fail(e));
         }
         Ok(())
     }
+}
 
+impl UploadSink<'_> {
     fn fail(&mut self, e: AgentError) -> io::Error {
         let err = io::Error::other(e.to_string());
         self.failure = Some(e);
         err
-    }
-}
-
-impl Write for UploadSink<'_> {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let n = data.len().min(CHUNK_SIZE - self.buf.len());
-        self.buf.extend_from_slice(&data[..n]);
-        if self.buf.len() == CHUNK_SIZE {
-            self.send_buf()?;
-        }
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.send_buf()
     }
 }
 
