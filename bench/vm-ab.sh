@@ -22,10 +22,9 @@ cd "$(dirname "$0")/.."
 runs=${BENCH_RUNS:-5}
 rev=${BENCH_BASELINE:-0e1a317}
 
+. bench/lib.sh
 ./scripts/setup.sh >/dev/null
-cargo build --release -q -p banger -p bangerd
-cargo build --release -q -p banger-agent --target x86_64-unknown-linux-musl
-cp target/x86_64-unknown-linux-musl/release/banger-agent target/release/banger-agent
+build_release
 
 base_src=$PWD/target/bench-baseline/$rev
 if [ ! -x "$base_src/target/release/banger" ] || [ ! -x "$base_src/target/release/banger-agent" ]; then
@@ -33,10 +32,7 @@ if [ ! -x "$base_src/target/release/banger" ] || [ ! -x "$base_src/target/releas
   if [ ! -d "$base_src" ]; then
     git worktree add -q --detach "$base_src" "$rev"
   fi
-  (cd "$base_src" &&
-    cargo build --release -q -p banger -p bangerd &&
-    cargo build --release -q -p banger-agent --target x86_64-unknown-linux-musl &&
-    cp target/x86_64-unknown-linux-musl/release/banger-agent target/release/banger-agent)
+  (cd "$base_src" && build_release)
 fi
 
 work=$(mktemp -d)
@@ -51,14 +47,7 @@ cleanup() {
 trap cleanup EXIT
 
 deb=$(./scripts/fetch-test-kernel.sh target/kernel)
-mkdir -p "$work/rootfs/bin" "$work/rootfs/root" "$work/rootfs/tmp"
-cp /bin/busybox "$work/rootfs/bin/busybox"
-for applet in $(/bin/busybox --list); do
-  [ "$applet" = busybox ] || ln -s busybox "$work/rootfs/bin/$applet"
-done
-umoci init --layout "$work/oci" >/dev/null
-umoci new --image "$work/oci:bb" >/dev/null
-umoci insert --image "$work/oci:bb" "$work/rootfs" / >/dev/null
+build_busybox_oci "$work"
 # The workspace: 400 small files in 20 directories, no git.
 for d in $(seq 20); do
   mkdir -p "$work/ws/d$d"
@@ -84,9 +73,6 @@ EOF
 }
 setup_side a "$base_src/target/release/banger"
 setup_side b "$PWD/target/release/banger"
-
-now() { date +%s.%N; }
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
 # One timed cold run on `side` with the workspace `ws` ("" for none).
 timed() {

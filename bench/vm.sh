@@ -17,10 +17,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${BENCH_RUNS:-5}
 
+. bench/lib.sh
 ./scripts/setup.sh >/dev/null
-cargo build --release -q -p banger -p bangerd
-cargo build --release -q -p banger-agent --target x86_64-unknown-linux-musl
-cp target/x86_64-unknown-linux-musl/release/banger-agent target/release/banger-agent
+build_release
 banger=$PWD/target/release/banger
 
 work=$(mktemp -d)
@@ -37,31 +36,30 @@ trap cleanup EXIT
 
 deb=$(./scripts/fetch-test-kernel.sh target/kernel)
 "$banger" kernel import bench --deb "$deb" >/dev/null
-mkdir -p "$work/rootfs/bin" "$work/rootfs/root" "$work/rootfs/tmp"
-cp /bin/busybox "$work/rootfs/bin/busybox"
-for applet in $(/bin/busybox --list); do
-  [ "$applet" = busybox ] || ln -s busybox "$work/rootfs/bin/$applet"
-done
-umoci init --layout "$work/oci" >/dev/null
-umoci new --image "$work/oci:bb" >/dev/null
-umoci insert --image "$work/oci:bb" "$work/rootfs" / >/dev/null
+build_busybox_oci "$work"
 "$banger" image import "$work/oci:bb" --name bb >/dev/null
 
 kernel_dir=$XDG_STATE_HOME/banger/kernels/bench
 rootfs=$("$banger" --json image show bb | sed -n 's/.*"rootfs": "\(.*\)".*/\1/p')
 accel=$("$banger" --json doctor | tr -d '\n' | grep -o '"name": "kvm",[^}]*"status": "ok"' >/dev/null && echo kvm || echo tcg)
 
-now() { date +%s.%N; }
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+# Runs the command after the first argument $runs times, appending each run's wall time in
+# seconds to the array the first argument names.
+time_runs() {
+  local -n times_out=$1
+  shift
+  local i t0 t1
+  for i in $(seq "$runs"); do
+    t0=$(now)
+    "$@"
+    t1=$(now)
+    times_out+=("$(echo "$t1 - $t0" | bc)")
+  done
+}
 
 echo "banger vm run --rm -- true: $runs runs" >&2
 banger_times=()
-for i in $(seq "$runs"); do
-  t0=$(now)
-  "$banger" vm run --rm --cold --image bb -- true
-  t1=$(now)
-  banger_times+=("$(echo "$t1 - $t0" | bc)")
-done
+time_runs banger_times "$banger" vm run --rm --cold --image bb -- true
 
 echo "bare qemu boot of the same kernel + initramfs + rootfs: $runs runs" >&2
 cmd=$(printf 'true' | base64)
@@ -92,12 +90,7 @@ printf 'qemu-%s  banger vm run %.2f s  bare qemu %.2f s  ratio %.3f  overhead %+
 echo "warm: one run saves the template, then $runs warm runs" >&2
 "$banger" vm run --rm --image bb -- true
 warm_times=()
-for i in $(seq "$runs"); do
-  t0=$(now)
-  "$banger" vm run --rm --image bb -- true
-  t1=$(now)
-  warm_times+=("$(echo "$t1 - $t0" | bc)")
-done
+time_runs warm_times "$banger" vm run --rm --image bb -- true
 w=$(printf '%s\n' "${warm_times[@]}" | median)
 echo "all runs: warm ${warm_times[*]} s"
 printf 'qemu-%s  cold vm run %.2f s  warm vm run %.2f s  warm/cold %.3f (target <= 0.15)\n' \
@@ -149,12 +142,7 @@ else
   printf 'vmm = "firecracker"\nnetwork = "tap"\n' >"$work/config/banger/config.toml"
   "$banger" daemon stop >/dev/null 2>&1 || true
   fc_times=()
-  for i in $(seq "$runs"); do
-    t0=$(now)
-    "$banger" vm run --rm --image bb -- true
-    t1=$(now)
-    fc_times+=("$(echo "$t1 - $t0" | bc)")
-  done
+  time_runs fc_times "$banger" vm run --rm --image bb -- true
   f=$(printf '%s\n' "${fc_times[@]}" | median)
   echo "all runs: banger on firecracker ${fc_times[*]} s"
   printf 'firecracker  banger vm run %.2f s  (qemu-%s bare boot %.2f s)\n' "$f" "$accel" "$q"

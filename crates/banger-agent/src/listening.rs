@@ -100,26 +100,26 @@ fn parse_address(hex: &str) -> Option<IpAddr> {
 mod tests {
     use super::*;
 
+    /// `address:port` of each socket found, in order.
+    fn addresses(found: &[ListenSocket]) -> Vec<String> {
+        found
+            .iter()
+            .map(|s| format!("{}:{}", s.address, s.port))
+            .collect()
+    }
+
     #[test]
     fn tcp_tables_give_listening_sockets_only() {
         let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
    0: 00000000:0050 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0\n\
    1: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 2 1 0 100 0 0 10 0\n\
    2: 0F02000A:0016 0202000A:C350 01 00000000:00000000 00:00000000 00000000     0        0 3 1 0 100 0 0 10 0\n";
-        let found = parse_table(tcp, SocketProtocol::Tcp);
-        let shown: Vec<String> = found
-            .iter()
-            .map(|s| format!("{}:{}", s.address, s.port))
-            .collect();
+        let shown = addresses(&parse_table(tcp, SocketProtocol::Tcp));
         assert_eq!(shown, ["0.0.0.0:80", "127.0.0.1:8080"]);
         let tcp6 = "  sl  local_address                         remote_address                        st\n\
    0: 00000000000000000000000000000000:0016 00000000000000000000000000000000:0000 0A 0 0 0 0\n\
    1: 00000000000000000000000001000000:0277 00000000000000000000000000000000:0000 0A 0 0 0 0\n";
-        let found = parse_table(tcp6, SocketProtocol::Tcp);
-        let shown: Vec<String> = found
-            .iter()
-            .map(|s| format!("{}:{}", s.address, s.port))
-            .collect();
+        let shown = addresses(&parse_table(tcp6, SocketProtocol::Tcp));
         assert_eq!(shown, [":::22", "::1:631"]);
     }
 

@@ -116,6 +116,110 @@ pub fn data_cost(len: usize) -> u32 {
         .saturating_add(FRAME_COST)
 }
 
+/// One data direction's window as its sender keeps it: what the receiver has granted
+/// (starting at [`INITIAL_WINDOW`]) and whether the session is over. The agent keeps one
+/// per session for its output, the host one per session for stdin and uploads; a closed
+/// window never blocks, so a sender notices the end instead of waiting for grants that
+/// will not come.
+#[derive(Debug)]
+pub struct FlowWindow {
+    /// Granted bytes not yet spent, and whether the session is over.
+    state: std::sync::Mutex<(u64, bool)>,
+    cv: std::sync::Condvar,
+}
+
+impl Default for FlowWindow {
+    fn default() -> FlowWindow {
+        FlowWindow {
+            state: std::sync::Mutex::new((u64::from(INITIAL_WINDOW), false)),
+            cv: std::sync::Condvar::new(),
+        }
+    }
+}
+
+impl FlowWindow {
+    /// A window of [`INITIAL_WINDOW`], open.
+    pub fn new() -> FlowWindow {
+        FlowWindow::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, bool)> {
+        // A panicked holder left only counters behind: they are still meaningful.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A grant of `n` more bytes ([`Message::Window`]).
+    pub fn add(&self, n: u32) {
+        let mut st = self.lock();
+        // A receiver granting more than 4 GiB ahead gains nothing: saturate.
+        st.0 = st.0.saturating_add(u64::from(n));
+        self.cv.notify_all();
+    }
+
+    /// The session is over: wakes every waiting sender.
+    pub fn close(&self) {
+        self.lock().1 = true;
+        self.cv.notify_all();
+    }
+
+    /// Whether [`FlowWindow::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.lock().1
+    }
+
+    /// Waits until a frame of at least one byte fits and returns how many data bytes (at
+    /// most `max`) may go in it now; `max` once closed. [`FlowWindow::charge`] then takes
+    /// what was sent.
+    pub fn wait_room(&self, max: usize) -> usize {
+        let mut st = self.lock();
+        loop {
+            if st.1 {
+                return max;
+            }
+            if st.0 > u64::from(FRAME_COST) {
+                let room = st.0 - u64::from(FRAME_COST);
+                return max.min(usize::try_from(room).unwrap_or(usize::MAX));
+            }
+            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Takes what a frame of `len` data bytes costs ([`data_cost`]).
+    pub fn charge(&self, len: usize) {
+        let mut st = self.lock();
+        st.0 = st.0.saturating_sub(u64::from(data_cost(len)));
+    }
+
+    /// Takes `cost` of the window, waiting up to `timeout` for it (`None`: for ever).
+    /// `Some(false)`: the session is over; `None`: timed out.
+    pub fn acquire(&self, cost: u32, timeout: Option<std::time::Duration>) -> Option<bool> {
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        let mut st = self.lock();
+        loop {
+            if st.1 {
+                return Some(false);
+            }
+            if st.0 >= u64::from(cost) {
+                st.0 -= u64::from(cost);
+                return Some(true);
+            }
+            st = match deadline {
+                None => self.cv.wait(st).unwrap_or_else(|e| e.into_inner()),
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        return None;
+                    }
+                    self.cv
+                        .wait_timeout(st, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+        }
+    }
+}
+
 /// The largest `len` a receiver accepts. Senders cut data into [`CHUNK_SIZE`] pieces,
 /// far below it; the margin is for exec requests with long argument lists.
 pub const MAX_FRAME_LEN: u32 = 4 << 20;
@@ -123,6 +227,57 @@ pub const MAX_FRAME_LEN: u32 = 4 << 20;
 /// How much data senders put into one `Stdin`/`Stdout`/`Stderr`/`UploadData` frame.
 /// 32 KiB is also the most a virtio-serial port moves per `write`.
 pub const CHUNK_SIZE: usize = 32 * 1024;
+
+/// Where a [`ChunkWriter`] sends one session's data: a chunk of at most [`CHUNK_SIZE`]
+/// bytes at a time, paced and framed as that direction of the session needs.
+pub trait ChunkSink {
+    /// Sends `chunk` (never empty) as the session's next data; it may take the bytes,
+    /// leaving `chunk` empty.
+    fn send_chunk(&mut self, chunk: &mut Vec<u8>) -> io::Result<()>;
+}
+
+/// A session's data stream as a [`Write`]: what is written is gathered into chunks of
+/// [`CHUNK_SIZE`] bytes, each handed to the sink once full; `flush` sends the rest. The
+/// agent's downloads and the host's uploads send through one.
+pub struct ChunkWriter<S> {
+    /// Where the chunks go.
+    pub sink: S,
+    chunk: Vec<u8>,
+}
+
+impl<S: ChunkSink> ChunkWriter<S> {
+    /// A writer with an empty chunk.
+    pub fn new(sink: S) -> ChunkWriter<S> {
+        ChunkWriter {
+            sink,
+            chunk: Vec::with_capacity(CHUNK_SIZE),
+        }
+    }
+
+    fn send(&mut self) -> io::Result<()> {
+        if self.chunk.is_empty() {
+            return Ok(());
+        }
+        self.sink.send_chunk(&mut self.chunk)?;
+        self.chunk.clear();
+        Ok(())
+    }
+}
+
+impl<S: ChunkSink> Write for ChunkWriter<S> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min(CHUNK_SIZE - self.chunk.len());
+        self.chunk.extend_from_slice(&data[..n]);
+        if self.chunk.len() == CHUNK_SIZE {
+            self.send()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.send()
+    }
+}
 
 /// The bytes before a frame's body: the length, the session and the kind.
 const HEADER_LEN: usize = 4 + 4 + 1;
@@ -681,6 +836,14 @@ fn decode_body(frame: &[u8]) -> Result<Frame, FrameError> {
             })
         }
     };
+    // A guest path: the whole body, never empty.
+    let path = |name: &'static str, reason: &'static str| {
+        if body.is_empty() {
+            Err(FrameError::Malformed { kind: name, reason })
+        } else {
+            Ok(PathBuf::from(OsString::from_vec(body.to_vec())))
+        }
+    };
     let msg = match kind {
         kind::PING => empty("ping", Message::Ping)?,
         kind::PONG => {
@@ -710,17 +873,9 @@ fn decode_body(frame: &[u8]) -> Result<Frame, FrameError> {
                 }
             })
         }
-        kind::UPLOAD => {
-            if body.is_empty() {
-                return Err(FrameError::Malformed {
-                    kind: "upload",
-                    reason: "empty destination",
-                });
-            }
-            Message::Upload {
-                dest: OsString::from_vec(body.to_vec()).into(),
-            }
-        }
+        kind::UPLOAD => Message::Upload {
+            dest: path("upload", "empty destination")?,
+        },
         kind::UPLOAD_DATA => Message::UploadData(body.to_vec()),
         kind::UPLOAD_END => empty("upload-end", Message::UploadEnd)?,
         kind::ACK => empty("ack", Message::Ack)?,
@@ -750,17 +905,9 @@ fn decode_body(frame: &[u8]) -> Result<Frame, FrameError> {
             c.finish()?;
             Message::Window(n)
         }
-        kind::DOWNLOAD => {
-            if body.is_empty() {
-                return Err(FrameError::Malformed {
-                    kind: "download",
-                    reason: "empty path",
-                });
-            }
-            Message::Download {
-                path: OsString::from_vec(body.to_vec()).into(),
-            }
-        }
+        kind::DOWNLOAD => Message::Download {
+            path: path("download", "empty path")?,
+        },
         kind::DOWNLOAD_DATA => Message::DownloadData(body.to_vec()),
         kind::DOWNLOAD_END => {
             let mut c = Cursor::new("download-end", body);

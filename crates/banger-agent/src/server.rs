@@ -12,7 +12,7 @@
 //!
 //! After a version-3 host's [`Message::Hello`] the connection does flow control (see
 //! [`crate::proto`]): output pumps read a command's pipes only while the host has granted
-//! window ([`Credit`]), and the reading thread queues stdin and upload data without ever
+//! window ([`FlowWindow`]), and the reading thread queues stdin and upload data without ever
 //! waiting (the host sends no more than the window this side grants back as it consumes),
 //! so one stalled session never stalls the stream. Without a `Hello` it behaves as
 //! version 2: output as fast as it comes, and a full stdin or upload queue stops the
@@ -27,7 +27,7 @@ use std::path::{Component, Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -37,8 +37,8 @@ use rustix::pty::OpenptFlags;
 use rustix::termios::{SpecialCodeIndex, Winsize};
 
 use crate::proto::{
-    self, data_cost, ExecRequest, ExitStatus, Frame, FrameError, Message, SessionId, WinSize,
-    CHUNK_SIZE, FLOW_PROTOCOL_VERSION, FRAME_COST, INITIAL_WINDOW,
+    self, data_cost, ChunkSink, ChunkWriter, ExecRequest, ExitStatus, FlowWindow, Frame,
+    FrameError, Message, SessionId, WinSize, CHUNK_SIZE, FLOW_PROTOCOL_VERSION, INITIAL_WINDOW,
 };
 use crate::reaper::Reaper;
 
@@ -93,60 +93,6 @@ impl Output {
                 *w = None;
             }
         }
-    }
-}
-
-/// The window the host granted for one session's output (stdout and stderr share it, as
-/// an SSH channel's data and extended data do). Closed when the connection ends: the
-/// pumps then drain the pipes without waiting (the frames are dropped anyway).
-struct Credit {
-    state: Mutex<(u64, bool)>,
-    cv: Condvar,
-}
-
-impl Credit {
-    fn new() -> Arc<Credit> {
-        Arc::new(Credit {
-            state: Mutex::new((u64::from(INITIAL_WINDOW), false)),
-            cv: Condvar::new(),
-        })
-    }
-
-    fn add(&self, n: u32) {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        // A host granting more than 4 GiB ahead gains nothing: saturate.
-        s.0 = s.0.saturating_add(u64::from(n));
-        self.cv.notify_all();
-    }
-
-    fn close(&self) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
-        self.cv.notify_all();
-    }
-
-    /// Waits until a frame of at least one byte fits and returns how many data bytes
-    /// (at most `max`) may be read now; [`Credit::charge`] then takes what was sent.
-    fn wait(&self, max: usize) -> usize {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            if s.1 {
-                return max;
-            }
-            if s.0 > u64::from(FRAME_COST) {
-                let room = s.0 - u64::from(FRAME_COST);
-                return max.min(usize::try_from(room).unwrap_or(usize::MAX));
-            }
-            s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
-        }
-    }
-
-    fn is_closed(&self) -> bool {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).1
-    }
-
-    fn charge(&self, len: usize) {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        s.0 = s.0.saturating_sub(u64::from(data_cost(len)));
     }
 }
 
@@ -219,8 +165,10 @@ enum Session {
     Exec {
         /// `None` once the host sent StdinEof (or never asked for stdin).
         stdin: Option<Feed<Vec<u8>>>,
-        /// The host's window for the output, with flow control.
-        credit: Option<Arc<Credit>>,
+        /// The host's window for the output, with flow control: stdout and stderr share it,
+        /// as an SSH channel's data and extended data do. Closed when the connection ends,
+        /// so the pumps then drain the pipes without waiting (the frames are dropped anyway).
+        credit: Option<Arc<FlowWindow>>,
         /// The command's process group (it leads its own).
         pgid: u32,
         /// The master side of the command's pty, when it runs on one (for Resize).
@@ -232,7 +180,7 @@ enum Session {
     },
     Download {
         /// The host's window for the tar stream.
-        credit: Arc<Credit>,
+        credit: Arc<FlowWindow>,
     },
 }
 
@@ -434,7 +382,7 @@ impl Conn {
     }
 
     /// The output window and the inbound grant of a session opened now.
-    fn flow_parts(&self, id: SessionId) -> (bool, Option<Arc<Credit>>, Option<Grant>) {
+    fn flow_parts(&self, id: SessionId) -> (bool, Option<Arc<FlowWindow>>, Option<Grant>) {
         if !self.flow.load(Ordering::SeqCst) {
             return (false, None, None);
         }
@@ -443,7 +391,7 @@ impl Conn {
             id,
             pending: 0,
         };
-        (true, Some(Credit::new()), Some(grant))
+        (true, Some(Arc::new(FlowWindow::new())), Some(grant))
     }
 
     fn start_exec(&self, id: SessionId, req: ExecRequest) -> Result<(), StartError> {
@@ -620,9 +568,7 @@ impl Conn {
         let (_, _, grant) = self.flow_parts(id);
         let (tx, rx) = Feed::new(grant.is_some());
         self.sessions().insert(id, Session::Upload { data: tx });
-        let out = self.out.clone();
-        let sessions = self.sessions.clone();
-        let started = spawn_named("upload", move || {
+        self.run_session(id, "upload", move || {
             let mut reader = ChannelReader {
                 rx,
                 buf: Vec::new(),
@@ -633,23 +579,11 @@ impl Conn {
             let result = unpack_tar(&mut reader, &dest)
                 // Wait for UploadEnd, so the reply follows the host's last frame.
                 .and_then(|()| io::copy(&mut reader, &mut io::sink()).map(drop));
-            sessions
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&id);
             match result {
-                Ok(()) => out.send(id, Message::Ack),
-                Err(e) => out.send(
-                    id,
-                    Message::Error(format!("unpack upload into {}: {e}", dest.display())),
-                ),
+                Ok(()) => Message::Ack,
+                Err(e) => Message::Error(format!("unpack upload into {}: {e}", dest.display())),
             }
-        });
-        if started.is_none() {
-            self.sessions().remove(&id);
-            return Err("upload: cannot start a thread".into());
-        }
-        Ok(())
+        })
     }
 
     /// Sends `path` as a tar stream, paced by the host's window (a download always does
@@ -659,7 +593,7 @@ impl Conn {
         if !path.is_absolute() {
             return Err(format!("download: path {} is not absolute", path.display()));
         }
-        let credit = Credit::new();
+        let credit = Arc::new(FlowWindow::new());
         self.sessions().insert(
             id,
             Session::Download {
@@ -667,31 +601,43 @@ impl Conn {
             },
         );
         let out = self.out.clone();
-        let sessions = self.sessions.clone();
-        let started = spawn_named("download", move || {
-            let mut sink = DownloadSink {
+        self.run_session(id, "download", move || {
+            let mut sink = ChunkWriter::new(DownloadSink {
                 out: &out,
                 id,
                 credit: &credit,
-                buf: Vec::with_capacity(CHUNK_SIZE),
-            };
+            });
             let result = crate::download::archive_path(&path, &mut sink)
-                .and_then(|skipped| sink.send_buf().map(|()| skipped));
+                .and_then(|skipped| sink.flush().map(|()| skipped));
+            match result {
+                Ok(skipped) => Message::DownloadEnd { skipped },
+                Err(e) => Message::Error(format!("download {}: {e}", path.display())),
+            }
+        })
+    }
+
+    /// Runs the work of session `id` (registered already) on a thread named `what`: when
+    /// it ends the session is forgotten first and its answer sent after. A thread that
+    /// cannot start unregisters the session and fails the request.
+    fn run_session(
+        &self,
+        id: SessionId,
+        what: &'static str,
+        work: impl FnOnce() -> Message + Send + 'static,
+    ) -> Result<(), String> {
+        let out = self.out.clone();
+        let sessions = self.sessions.clone();
+        let started = spawn_named(what, move || {
+            let answer = work();
             sessions
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&id);
-            match result {
-                Ok(skipped) => out.send(id, Message::DownloadEnd { skipped }),
-                Err(e) => out.send(
-                    id,
-                    Message::Error(format!("download {}: {e}", path.display())),
-                ),
-            }
+            out.send(id, answer);
         });
         if started.is_none() {
             self.sessions().remove(&id);
-            return Err("download: cannot start a thread".into());
+            return Err(format!("{what}: cannot start a thread"));
         }
         Ok(())
     }
@@ -749,11 +695,11 @@ fn pump(
     out: &Out,
     id: SessionId,
     wrap: fn(Vec<u8>) -> Message,
-    credit: Option<&Credit>,
+    credit: Option<&FlowWindow>,
 ) {
     let mut buf = vec![0u8; CHUNK_SIZE];
     loop {
-        let room = credit.map_or(CHUNK_SIZE, |c| c.wait(CHUNK_SIZE));
+        let room = credit.map_or(CHUNK_SIZE, |c| c.wait_room(CHUNK_SIZE));
         match pipe.read(&mut buf[..room]) {
             Ok(0) => return,
             Ok(n) => {
@@ -809,7 +755,7 @@ fn pump_pty(
     exited: &Receiver<ExitStatus>,
     out: &Out,
     id: SessionId,
-    credit: Option<&Credit>,
+    credit: Option<&FlowWindow>,
 ) -> Option<ExitStatus> {
     /// How often a pump with nothing to read checks whether the command exited.
     const TICK_MS: i32 = 100;
@@ -842,7 +788,7 @@ fn pump_pty(
             }
         }
         // Waiting for window here leaves the pty's buffer full, which blocks the command.
-        let room = credit.map_or(CHUNK_SIZE, |c| c.wait(CHUNK_SIZE));
+        let room = credit.map_or(CHUNK_SIZE, |c| c.wait_room(CHUNK_SIZE));
         match master.read(&mut buf[..room]) {
             Ok(0) => break,
             Ok(n) => {
@@ -900,45 +846,26 @@ fn feed_stdin(mut pipe: impl Write, rx: Receiver<Vec<u8>>, mut grant: Option<Gra
 struct DownloadSink<'a> {
     out: &'a Out,
     id: SessionId,
-    credit: &'a Credit,
-    buf: Vec<u8>,
+    credit: &'a FlowWindow,
 }
 
-impl DownloadSink<'_> {
-    fn send_buf(&mut self) -> io::Result<()> {
+impl ChunkSink for DownloadSink<'_> {
+    fn send_chunk(&mut self, chunk: &mut Vec<u8>) -> io::Result<()> {
         let mut at = 0;
-        while at < self.buf.len() {
+        while at < chunk.len() {
             if self.credit.is_closed() {
                 return Err(io::Error::new(
                     io::ErrorKind::ConnectionAborted,
                     "the host cancelled the download (or disconnected)",
                 ));
             }
-            let n = self.credit.wait(self.buf.len() - at);
+            let n = self.credit.wait_room(chunk.len() - at);
             self.credit.charge(n);
-            self.out.send(
-                self.id,
-                Message::DownloadData(self.buf[at..at + n].to_vec()),
-            );
+            self.out
+                .send(self.id, Message::DownloadData(chunk[at..at + n].to_vec()));
             at += n;
         }
-        self.buf.clear();
         Ok(())
-    }
-}
-
-impl Write for DownloadSink<'_> {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let n = data.len().min(CHUNK_SIZE - self.buf.len());
-        self.buf.extend_from_slice(&data[..n]);
-        if self.buf.len() == CHUNK_SIZE {
-            self.send_buf()?;
-        }
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.send_buf()
     }
 }
 

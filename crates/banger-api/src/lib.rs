@@ -6,7 +6,9 @@
 #![forbid(unsafe_code)]
 
 /// Declares a [`Method`]: a unit type with its wire name, params and result.
-/// `method! { /// docs \n VmRun = "vm.run", VmRunParams => ExecResult }`
+/// `method! { /// docs \n VmRun = "vm.run", VmRunParams => ExecResult }`; several that
+/// share params and result: `method! { for NameParams => VmInfo { /// docs \n VmStart =
+/// "vm.start", … } }`.
 macro_rules! method {
     ($(#[$doc:meta])* $name:ident = $wire:literal, $params:ty => $result:ty) => {
         $(#[$doc])*
@@ -16,6 +18,9 @@ macro_rules! method {
             type Params = $params;
             type Result = $result;
         }
+    };
+    (for $params:ty => $result:ty { $($(#[$doc:meta])* $name:ident = $wire:literal,)+ }) => {
+        $(method! { $(#[$doc])* $name = $wire, $params => $result })+
     };
 }
 
@@ -59,6 +64,60 @@ macro_rules! wire_enum {
                 }
             }
         }
+    };
+}
+
+/// Declares a struct whose body may name a group of fields several params share as
+/// `..group,` (`..vm_sizing`, `..vm_network`, `..exec_input`): the group's fields, docs and
+/// serde attributes stand there, in place, so each struct keeps its own field order on the
+/// wire and `deny_unknown_fields` still sees every field (serde's `flatten` would lose both).
+/// Other fields are written out as usual.
+macro_rules! params_struct {
+    ($(#[$meta:meta])* pub struct $name:ident { $($body:tt)* }) => {
+        params_struct!(@fields [$(#[$meta])* pub struct $name] [] $($body)*);
+    };
+    (@fields [$($head:tt)*] [$($done:tt)*]) => {
+        $($head)* { $($done)* }
+    };
+    (@fields $head:tt [$($done:tt)*] ..vm_sizing, $($rest:tt)*) => {
+        params_struct!(@fields $head [$($done)*
+            /// CPUs; a new VM gets 2.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub vcpus: Option<u32>,
+            /// Memory in MiB; a new VM gets 1024.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub memory_mib: Option<u32>,
+            /// Root disk size in bytes; a new VM gets the image's size. It only grows.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub disk_bytes: Option<u64>,
+        ] $($rest)*);
+    };
+    (@fields $head:tt [$($done:tt)*] ..vm_network, $($rest:tt)*) => {
+        params_struct!(@fields $head [$($done)*
+            /// `user`, `tap`, `none` or `auto`; default: config `network`.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub network: Option<$crate::NetworkChoice>,
+            /// `allow`, `deny` or a list of IPv4 CIDRs; default: config `egress`.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub egress: Option<$crate::Egress>,
+            /// Ports published on the host (`-p`), see [`crate::PublishedPort`].
+            #[serde(default, skip_serializing_if = "Vec::is_empty")]
+            pub ports: Vec<$crate::PublishedPort>,
+        ] $($rest)*);
+    };
+    (@fields $head:tt [$($done:tt)*] ..exec_input, $($rest:tt)*) => {
+        params_struct!(@fields $head [$($done)*
+            /// The caller forwards stdin as `input` notifications; without it (and without
+            /// `tty`) the command reads `/dev/null`.
+            #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+            pub stdin: bool,
+            /// Run the command on a pty of this terminal (implies `stdin`).
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub tty: Option<$crate::TtyParams>,
+        ] $($rest)*);
+    };
+    (@fields $head:tt [$($done:tt)*] $(#[$field_meta:meta])* pub $field:ident: $ty:ty, $($rest:tt)*) => {
+        params_struct!(@fields $head [$($done)* $(#[$field_meta])* pub $field: $ty,] $($rest)*);
     };
 }
 

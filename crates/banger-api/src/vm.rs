@@ -91,48 +91,34 @@ method! {
     VmCreate = "vm.create", VmCreateParams => VmInfo
 }
 
-/// Params of `vm.create`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VmCreateParams {
-    /// `[a-z0-9][a-z0-9-]{0,63}`; generated when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    /// Image name; default: config `default_image`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub image: Option<String>,
-    /// Kernel name; default: config `default_kernel`, else the newest import.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kernel: Option<String>,
-    /// CPUs (default 2).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vcpus: Option<u32>,
-    /// Memory in MiB (default 1024).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub memory_mib: Option<u32>,
-    /// Root disk size in bytes; default the image's size. Only grows.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub disk_bytes: Option<u64>,
-    /// Create without starting.
-    #[serde(default)]
-    pub no_start: bool,
-    /// `user`, `tap`, `none` or `auto`; default: config `network`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub network: Option<NetworkChoice>,
-    /// `allow`, `deny` or a list of IPv4 CIDRs; default: config `egress`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub egress: Option<Egress>,
-    /// Ports published on the host (`-p`), see [`crate::PublishedPort`].
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub ports: Vec<crate::PublishedPort>,
-    /// Boot cold even where a warm template exists.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub cold: bool,
-    /// Fork this snapshot (`vm.snapshot`): its image, kernel, vCPUs, memory, disk and
-    /// network, restored on a copy-on-write overlay of its own; `image`, `kernel`,
-    /// `vcpus`, `memory_mib`, `disk_bytes` and `network` must then be absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub from: Option<String>,
+params_struct! {
+    /// Params of `vm.create`.
+    #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct VmCreateParams {
+        /// `[a-z0-9][a-z0-9-]{0,63}`; generated when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub name: Option<String>,
+        /// Image name; default: config `default_image`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub image: Option<String>,
+        /// Kernel name; default: config `default_kernel`, else the newest import.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub kernel: Option<String>,
+        ..vm_sizing,
+        /// Create without starting.
+        #[serde(default)]
+        pub no_start: bool,
+        ..vm_network,
+        /// Boot cold even where a warm template exists.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        pub cold: bool,
+        /// Fork this snapshot (`vm.snapshot`): its image, kernel, vCPUs, memory, disk and
+        /// network, restored on a copy-on-write overlay of its own; `image`, `kernel`,
+        /// `vcpus`, `memory_mib`, `disk_bytes` and `network` must then be absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub from: Option<String>,
+    }
 }
 
 wire_enum! {
@@ -284,35 +270,22 @@ pub struct VmListResult {
 }
 
 method! {
-    /// `vm.show`: one VM.
-    VmShow = "vm.show", NameParams => VmInfo
-}
-
-method! {
-    /// `vm.start`: boot a stopped VM and wait for its agent.
-    VmStart = "vm.start", NameParams => VmInfo
-}
-
-method! {
-    /// `vm.stop`: shut a VM down cleanly (its disk keeps what was written), killing it if it
-    /// does not stop in time.
-    VmStop = "vm.stop", NameParams => VmInfo
-}
-
-method! {
-    /// `vm.kill`: kill a VM's VMM at once, without a clean shutdown.
-    VmKill = "vm.kill", NameParams => VmInfo
-}
-
-method! {
-    /// `vm.pause`: stop a running VM's vCPUs; its memory, devices and clock stay as they
-    /// are until `vm.resume`.
-    VmPause = "vm.pause", NameParams => VmInfo
-}
-
-method! {
-    /// `vm.resume`: run a paused VM's vCPUs again.
-    VmResume = "vm.resume", NameParams => VmInfo
+    for NameParams => VmInfo {
+        /// `vm.show`: one VM.
+        VmShow = "vm.show",
+        /// `vm.start`: boot a stopped VM and wait for its agent.
+        VmStart = "vm.start",
+        /// `vm.stop`: shut a VM down cleanly (its disk keeps what was written), killing it
+        /// if it does not stop in time.
+        VmStop = "vm.stop",
+        /// `vm.kill`: kill a VM's VMM at once, without a clean shutdown.
+        VmKill = "vm.kill",
+        /// `vm.pause`: stop a running VM's vCPUs; its memory, devices and clock stay as
+        /// they are until `vm.resume`.
+        VmPause = "vm.pause",
+        /// `vm.resume`: run a paused VM's vCPUs again.
+        VmResume = "vm.resume",
+    }
 }
 
 method! {
@@ -406,24 +379,20 @@ method! {
     VmExec = "vm.exec", VmExecParams => ExecResult
 }
 
-/// Params of `vm.exec`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VmExecParams {
-    /// The VM.
-    pub name: String,
-    /// Program and arguments.
-    pub argv: Vec<String>,
-    /// Working directory in the guest (default `/root`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cwd: Option<String>,
-    /// The caller forwards stdin as `input` notifications; without it (and without `tty`)
-    /// the command reads `/dev/null`.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub stdin: bool,
-    /// Run the command on a pty of this terminal (implies `stdin`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tty: Option<TtyParams>,
+params_struct! {
+    /// Params of `vm.exec`.
+    #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct VmExecParams {
+        /// The VM.
+        pub name: String,
+        /// Program and arguments.
+        pub argv: Vec<String>,
+        /// Working directory in the guest (default `/root`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub cwd: Option<String>,
+        ..exec_input,
+    }
 }
 
 /// The caller's terminal, for a command run on a pty.
@@ -504,68 +473,49 @@ method! {
     VmRun = "vm.run", VmRunParams => ExecResult
 }
 
-/// Params of `vm.run`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VmRunParams {
-    /// Image name or reference (pulled when no image has that name); default: config
-    /// `default_image`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub image: Option<String>,
-    /// VM name; generated when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    /// Absolute path of a workspace to copy to `/root/<basename>` (tracked and untracked,
-    /// not ignored, files of a git repository; every file otherwise).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub path: Option<String>,
-    /// A workspace the client streams: once the request is sent, its tar archive follows
-    /// as `upload` notifications (then one with `eof`), unpacked into `/root/<workspace>`
-    /// (a single plain name, no `/`). The daemon reads no client path for it, so this
-    /// works against a system or a remote daemon alike.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub workspace: Option<String>,
-    /// Program and arguments; empty or absent: an interactive login shell, which always
-    /// gets the forwarded stdin.
-    #[serde(default)]
-    pub argv: Vec<String>,
-    /// Delete the VM afterwards.
-    #[serde(default)]
-    pub rm: bool,
-    /// As in `vm.create`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub network: Option<NetworkChoice>,
-    /// As in `vm.create`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub egress: Option<Egress>,
-    /// As in `vm.create`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub ports: Vec<crate::PublishedPort>,
-    /// As in `vm.create`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vcpus: Option<u32>,
-    /// As in `vm.create`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub memory_mib: Option<u32>,
-    /// As in `vm.create`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub disk_bytes: Option<u64>,
-    /// As in `vm.exec`.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub stdin: bool,
-    /// As in `vm.exec`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tty: Option<TtyParams>,
-    /// Absolute guest paths sent back as `download` notifications (stream `export`,
-    /// `index` into this list) after the command ends, failed or not, before the VM stops.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub exports: Vec<String>,
-    /// Send the workspace's changes as a patch (stream `patch`) after the command ends.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub patch: bool,
-    /// Boot cold even where a warm template exists.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub cold: bool,
+params_struct! {
+    /// Params of `vm.run`.
+    #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct VmRunParams {
+        /// Image name or reference (pulled when no image has that name); default: config
+        /// `default_image`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub image: Option<String>,
+        /// VM name; generated when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub name: Option<String>,
+        /// Absolute path of a workspace to copy to `/root/<basename>` (tracked and untracked,
+        /// not ignored, files of a git repository; every file otherwise).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub path: Option<String>,
+        /// A workspace the client streams: once the request is sent, its tar archive follows
+        /// as `upload` notifications (then one with `eof`), unpacked into `/root/<workspace>`
+        /// (a single plain name, no `/`). The daemon reads no client path for it, so this
+        /// works against a system or a remote daemon alike.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub workspace: Option<String>,
+        /// Program and arguments; empty or absent: an interactive login shell, which always
+        /// gets the forwarded stdin.
+        #[serde(default)]
+        pub argv: Vec<String>,
+        /// Delete the VM afterwards.
+        #[serde(default)]
+        pub rm: bool,
+        ..vm_network,
+        ..vm_sizing,
+        ..exec_input,
+        /// Absolute guest paths sent back as `download` notifications (stream `export`,
+        /// `index` into this list) after the command ends, failed or not, before the VM stops.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub exports: Vec<String>,
+        /// Send the workspace's changes as a patch (stream `patch`) after the command ends.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        pub patch: bool,
+        /// Boot cold even where a warm template exists.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        pub cold: bool,
+    }
 }
 
 /// The payload of an `output` notification.
@@ -644,21 +594,15 @@ method! {
     VmSet = "vm.set", VmSetParams => VmInfo
 }
 
-/// Params of `vm.set`: what to change; absent fields stay as they are.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VmSetParams {
-    /// The VM.
-    pub name: String,
-    /// CPUs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vcpus: Option<u32>,
-    /// Memory in MiB.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub memory_mib: Option<u32>,
-    /// Root disk size in bytes; at least the current size.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub disk_bytes: Option<u64>,
+params_struct! {
+    /// Params of `vm.set`: what to change; absent fields stay as they are.
+    #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct VmSetParams {
+        /// The VM.
+        pub name: String,
+        ..vm_sizing,
+    }
 }
 
 method! {
@@ -946,5 +890,148 @@ mod egress_tests {
         assert_eq!(n, NetworkChoice::None);
         assert!(serde_json::from_str::<NetworkChoice>("\"bridge\"").is_err());
         assert_eq!(serde_json::to_value(VmNetwork::Tap).unwrap(), "tap");
+    }
+}
+
+#[cfg(test)]
+mod params_wire_tests {
+    use super::*;
+
+    fn full_create() -> VmCreateParams {
+        VmCreateParams {
+            name: Some("n".into()),
+            image: Some("i".into()),
+            kernel: Some("k".into()),
+            vcpus: Some(3),
+            memory_mib: Some(512),
+            disk_bytes: Some(1 << 30),
+            no_start: true,
+            network: Some(NetworkChoice::Tap),
+            egress: Some(Egress::Deny),
+            ports: vec![crate::PublishedPort::parse_flag("8080:80").unwrap()],
+            cold: true,
+            from: Some("s".into()),
+        }
+    }
+
+    fn full_run() -> VmRunParams {
+        VmRunParams {
+            image: Some("i".into()),
+            name: Some("n".into()),
+            path: Some("/w".into()),
+            workspace: Some("w".into()),
+            argv: vec!["true".into()],
+            rm: true,
+            network: Some(NetworkChoice::None),
+            egress: Some(Egress::Allow),
+            ports: vec![crate::PublishedPort::parse_flag("8080:80").unwrap()],
+            vcpus: Some(4),
+            memory_mib: Some(2048),
+            disk_bytes: Some(2 << 30),
+            stdin: true,
+            tty: Some(TtyParams {
+                rows: 24,
+                cols: 80,
+                term: Some("vt100".into()),
+            }),
+            exports: vec!["/out".into()],
+            patch: true,
+            cold: true,
+        }
+    }
+
+    fn full_set() -> VmSetParams {
+        VmSetParams {
+            name: "n".into(),
+            vcpus: Some(1),
+            memory_mib: Some(256),
+            disk_bytes: Some(3 << 30),
+        }
+    }
+
+    /// The exact wire JSON, full and empty, so the field groups `params_struct!` writes
+    /// stay in the order and with the skip rules the structs had when written out.
+    #[test]
+    fn vm_params_keep_their_wire_json_byte_for_byte() {
+        let port = r#"[{"host_ip":"127.0.0.1","host_port":8080,"guest_port":80,"protocol":"tcp"}]"#;
+        let cases: [(String, String); 6] = [
+            (
+                serde_json::to_string(&full_create()).unwrap(),
+                format!(
+                    r#"{{"name":"n","image":"i","kernel":"k","vcpus":3,"memory_mib":512,"disk_bytes":1073741824,"no_start":true,"network":"tap","egress":"deny","ports":{port},"cold":true,"from":"s"}}"#
+                ),
+            ),
+            (
+                serde_json::to_string(&VmCreateParams::default()).unwrap(),
+                r#"{"no_start":false}"#.into(),
+            ),
+            (
+                serde_json::to_string(&full_run()).unwrap(),
+                format!(
+                    r#"{{"image":"i","name":"n","path":"/w","workspace":"w","argv":["true"],"rm":true,"network":"none","egress":"allow","ports":{port},"vcpus":4,"memory_mib":2048,"disk_bytes":2147483648,"stdin":true,"tty":{{"rows":24,"cols":80,"term":"vt100"}},"exports":["/out"],"patch":true,"cold":true}}"#
+                ),
+            ),
+            (
+                serde_json::to_string(&VmRunParams::default()).unwrap(),
+                r#"{"argv":[],"rm":false}"#.into(),
+            ),
+            (
+                serde_json::to_string(&full_set()).unwrap(),
+                r#"{"name":"n","vcpus":1,"memory_mib":256,"disk_bytes":3221225472}"#.into(),
+            ),
+            (
+                serde_json::to_string(&VmSetParams::default()).unwrap(),
+                r#"{"name":""}"#.into(),
+            ),
+        ];
+        for (got, want) in cases {
+            assert_eq!(got, want);
+        }
+    }
+
+    #[test]
+    fn vm_params_read_back_what_they_write() {
+        let create = full_create();
+        let json = serde_json::to_string(&create).unwrap();
+        assert_eq!(
+            serde_json::from_str::<VmCreateParams>(&json).unwrap(),
+            create
+        );
+        let run = full_run();
+        let json = serde_json::to_string(&run).unwrap();
+        assert_eq!(serde_json::from_str::<VmRunParams>(&json).unwrap(), run);
+        let set = full_set();
+        let json = serde_json::to_string(&set).unwrap();
+        assert_eq!(serde_json::from_str::<VmSetParams>(&json).unwrap(), set);
+        assert_eq!(
+            serde_json::from_str::<VmCreateParams>("{}").unwrap(),
+            VmCreateParams::default()
+        );
+        assert_eq!(
+            serde_json::from_str::<VmRunParams>("{}").unwrap(),
+            VmRunParams::default()
+        );
+    }
+
+    #[test]
+    fn vm_params_still_refuse_unknown_fields() {
+        for (json, field) in [
+            (r#"{"vcpu":2}"#, "vcpu"),
+            (r#"{"kernel":"k","imgae":"i"}"#, "imgae"),
+        ] {
+            let err = serde_json::from_str::<VmCreateParams>(json)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("unknown field `{field}`")), "{err}");
+        }
+        // vm.run takes no kernel: the shared groups must not bring one in.
+        let err = serde_json::from_str::<VmRunParams>(r#"{"kernel":"k"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `kernel`"), "{err}");
+        let err = serde_json::from_str::<VmSetParams>(r#"{"name":"n","network":"tap"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `network`"), "{err}");
     }
 }

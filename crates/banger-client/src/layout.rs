@@ -31,6 +31,19 @@ pub struct Layout {
     pub runtime_dir: PathBuf,
 }
 
+/// Declares path accessors of [`Layout`]: `name => dir / "file"` is
+/// `pub fn name(&self) -> PathBuf { self.dir.join("file") }`, with the docs given.
+macro_rules! paths {
+    ($($(#[$doc:meta])* $name:ident => $dir:ident / $file:literal,)*) => {
+        $(
+            $(#[$doc])*
+            pub fn $name(&self) -> PathBuf {
+                self.$dir.join($file)
+            }
+        )*
+    };
+}
+
 impl Layout {
     /// The per-user layout from the environment: `$XDG_CONFIG_HOME/banger` (else
     /// `~/.config/banger`), `$XDG_STATE_HOME/banger` (else `~/.local/state/banger`) and
@@ -83,45 +96,27 @@ impl Layout {
         })
     }
 
-    /// `config.toml`.
-    pub fn config_file(&self) -> PathBuf {
-        self.config_dir.join("config.toml")
-    }
-    /// The daemon's socket.
-    pub fn socket(&self) -> PathBuf {
-        self.runtime_dir.join("bangerd.sock")
-    }
-    /// Held (flock) by the live daemon; holds its pid.
-    pub fn lock_file(&self) -> PathBuf {
-        self.runtime_dir.join("bangerd.lock")
-    }
-    /// The daemon's log.
-    pub fn log_file(&self) -> PathBuf {
-        self.state_dir.join("bangerd.log")
-    }
-    /// The SQLite database.
-    pub fn database(&self) -> PathBuf {
-        self.state_dir.join("banger.db")
-    }
-    /// Published images, one directory each.
-    pub fn images_dir(&self) -> PathBuf {
-        self.state_dir.join("images")
-    }
-    /// Imported kernels, one directory each.
-    pub fn kernels_dir(&self) -> PathBuf {
-        self.state_dir.join("kernels")
-    }
-    /// VMs, one directory each.
-    pub fn vms_dir(&self) -> PathBuf {
-        self.state_dir.join("vms")
-    }
-    /// Work in progress (flattening, building); emptied at start-up.
-    pub fn staging_dir(&self) -> PathBuf {
-        self.state_dir.join("staging")
-    }
-    /// The OCI layer cache, `<cache>/oci`; blobs live at `blobs/sha256/<hex>` below it.
-    pub fn oci_cache_dir(&self) -> PathBuf {
-        self.cache_dir.join("oci")
+    paths! {
+        /// `config.toml`.
+        config_file => config_dir / "config.toml",
+        /// The daemon's socket.
+        socket => runtime_dir / "bangerd.sock",
+        /// Held (flock) by the live daemon; holds its pid.
+        lock_file => runtime_dir / "bangerd.lock",
+        /// The daemon's log.
+        log_file => state_dir / "bangerd.log",
+        /// The SQLite database.
+        database => state_dir / "banger.db",
+        /// Published images, one directory each.
+        images_dir => state_dir / "images",
+        /// Imported kernels, one directory each.
+        kernels_dir => state_dir / "kernels",
+        /// VMs, one directory each.
+        vms_dir => state_dir / "vms",
+        /// Work in progress (flattening, building); emptied at start-up.
+        staging_dir => state_dir / "staging",
+        /// The OCI layer cache, `<cache>/oci`; blobs live at `blobs/sha256/<hex>` below it.
+        oci_cache_dir => cache_dir / "oci",
     }
 }
 

@@ -345,10 +345,8 @@ impl BlobCache {
         };
         let mut prefix = name.as_bytes().to_vec();
         prefix.extend_from_slice(PRUNING_MARKER.as_bytes());
-        let entries = match fs::read_dir(parent) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e),
+        let Some(entries) = read_dir_if_present(parent)? else {
+            return Ok(Vec::new());
         };
         let mut found = Vec::new();
         for entry in entries {
@@ -833,12 +831,20 @@ struct BlobUse {
     last_used: SystemTime,
 }
 
+/// The entries of `dir`; `None` when there is no `dir` (a cache not made yet, or
+/// removed meanwhile, holds nothing).
+fn read_dir_if_present(dir: &Path) -> io::Result<Option<fs::ReadDir>> {
+    match fs::read_dir(dir) {
+        Ok(entries) => Ok(Some(entries)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 fn list_blob_uses(root: &Path) -> io::Result<Vec<BlobUse>> {
     let dir = root.join("blobs").join("sha256");
-    let entries = match fs::read_dir(&dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e),
+    let Some(entries) = read_dir_if_present(&dir)? else {
+        return Ok(Vec::new());
     };
     let mut uses = Vec::new();
     for entry in entries {
@@ -895,10 +901,9 @@ fn aside_path(root: &Path) -> PathBuf {
 }
 
 fn has_any_entry(dir: &Path) -> io::Result<bool> {
-    match fs::read_dir(dir) {
-        Ok(mut entries) => Ok(entries.next().transpose()?.is_some()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(e),
+    match read_dir_if_present(dir)? {
+        Some(mut entries) => Ok(entries.next().transpose()?.is_some()),
+        None => Ok(false),
     }
 }
 
@@ -979,7 +984,7 @@ fn walk_dir(
     visit: Visit,
     on_file: &mut dyn FnMut(&Path, &OsStr, u64),
 ) -> io::Result<()> {
-    use rustix::fs::{FileType, StatxFlags};
+    use rustix::fs::FileType;
 
     let mut entries: Vec<(u64, FileType, std::ffi::CString)> = Vec::new();
     for entry in rustix::fs::Dir::read_from(&dir)? {
@@ -995,51 +1000,81 @@ fn walk_dir(
         return visit_large_dir(&dir, path, entries, visit, on_file);
     }
     for (_, file_type, name) in entries {
-        let stat = match rustix::fs::statx(
-            &dir,
-            name.as_c_str(),
-            AtFlags::SYMLINK_NOFOLLOW,
-            StatxFlags::TYPE | StatxFlags::SIZE,
+        if let Some((size, is_dir)) = stat_entry(&dir, &name, file_type)? {
+            visit_entry(&dir, path, &name, size, is_dir, visit, on_file)?;
+        }
+    }
+    Ok(())
+}
+
+/// The size of `name` in `dir` and whether it is a directory (`file_type` from readdir,
+/// or the inode's own type where readdir says Unknown); `None` when it is gone already.
+fn stat_entry(
+    dir: &rustix::fd::OwnedFd,
+    name: &std::ffi::CStr,
+    file_type: rustix::fs::FileType,
+) -> io::Result<Option<(u64, bool)>> {
+    use rustix::fs::{FileType, StatxFlags};
+
+    let stat = match rustix::fs::statx(
+        dir,
+        name,
+        AtFlags::SYMLINK_NOFOLLOW,
+        StatxFlags::TYPE | StatxFlags::SIZE,
+    ) {
+        Ok(stat) => stat,
+        Err(rustix::io::Errno::NOENT) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let is_dir = if file_type == FileType::Unknown {
+        FileType::from_raw_mode(stat.stx_mode.into()) == FileType::Directory
+    } else {
+        file_type == FileType::Directory
+    };
+    Ok(Some((stat.stx_size, is_dir)))
+}
+
+/// One entry of `dir` (at `path`), stat'ed: a directory is walked (and removed after,
+/// for [`Visit::Remove`]); a file is removed (for [`Visit::Remove`]) and reported to
+/// `on_file` with `size`. An entry gone meanwhile is not ours to count: skipped.
+fn visit_entry(
+    dir: &rustix::fd::OwnedFd,
+    path: &Path,
+    name: &std::ffi::CStr,
+    size: u64,
+    is_dir: bool,
+    visit: Visit,
+    on_file: &mut dyn FnMut(&Path, &OsStr, u64),
+) -> io::Result<()> {
+    let os_name = OsStr::from_bytes(name.to_bytes());
+    if is_dir {
+        let child = match rustix::fs::openat(
+            dir,
+            name,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::empty(),
         ) {
-            Ok(stat) => stat,
-            Err(rustix::io::Errno::NOENT) => continue,
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::NOENT) => return Ok(()),
             Err(e) => return Err(e.into()),
         };
-        let is_dir = if file_type == FileType::Unknown {
-            FileType::from_raw_mode(stat.stx_mode.into()) == FileType::Directory
-        } else {
-            file_type == FileType::Directory
-        };
-        let os_name = OsStr::from_bytes(name.to_bytes());
-        if is_dir {
-            let child = match rustix::fs::openat(
-                &dir,
-                name.as_c_str(),
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-                Mode::empty(),
-            ) {
-                Ok(fd) => fd,
-                Err(rustix::io::Errno::NOENT) => continue,
-                Err(e) => return Err(e.into()),
-            };
-            walk_dir(child, &path.join(os_name), visit, on_file)?;
-            if visit == Visit::Remove {
-                match rustix::fs::unlinkat(&dir, name.as_c_str(), AtFlags::REMOVEDIR) {
-                    Ok(()) | Err(rustix::io::Errno::NOENT) => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            continue;
-        }
+        walk_dir(child, &path.join(os_name), visit, on_file)?;
         if visit == Visit::Remove {
-            match rustix::fs::unlinkat(&dir, name.as_c_str(), AtFlags::empty()) {
-                Ok(()) => {}
-                Err(rustix::io::Errno::NOENT) => continue,
+            match rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR) {
+                Ok(()) | Err(rustix::io::Errno::NOENT) => {}
                 Err(e) => return Err(e.into()),
             }
         }
-        on_file(path, os_name, stat.stx_size);
+        return Ok(());
     }
+    if visit == Visit::Remove {
+        match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::NOENT) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    on_file(path, os_name, size);
     Ok(())
 }
 
@@ -1061,8 +1096,6 @@ fn visit_large_dir(
     visit: Visit,
     on_file: &mut dyn FnMut(&Path, &OsStr, u64),
 ) -> io::Result<()> {
-    use rustix::fs::{FileType, StatxFlags};
-
     let workers = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .clamp(2, 8);
@@ -1080,22 +1113,9 @@ fn visit_large_dir(
                         chunks.iter().enumerate().skip(worker).step_by(workers)
                     {
                         for (offset, (_, file_type, name)) in chunk.iter().enumerate() {
-                            let stat = match rustix::fs::statx(
-                                dir,
-                                name.as_c_str(),
-                                AtFlags::SYMLINK_NOFOLLOW,
-                                StatxFlags::TYPE | StatxFlags::SIZE,
-                            ) {
-                                Ok(stat) => stat,
-                                Err(rustix::io::Errno::NOENT) => continue,
-                                Err(e) => return Err(io::Error::from(e)),
-                            };
-                            let is_dir = if *file_type == FileType::Unknown {
-                                FileType::from_raw_mode(stat.stx_mode.into()) == FileType::Directory
-                            } else {
-                                *file_type == FileType::Directory
-                            };
-                            found.push((chunk_index, offset, stat.stx_size, is_dir));
+                            if let Some((size, is_dir)) = stat_entry(dir, name, *file_type)? {
+                                found.push((chunk_index, offset, size, is_dir));
+                            }
                         }
                     }
                     Ok(found)
@@ -1115,36 +1135,7 @@ fn visit_large_dir(
     found.sort_unstable_by_key(|(chunk_index, offset, _, _)| (*chunk_index, *offset));
     for (chunk_index, offset, size, is_dir) in found {
         let name = &chunks[chunk_index][offset].2;
-        let os_name = OsStr::from_bytes(name.to_bytes());
-        if is_dir {
-            let child = match rustix::fs::openat(
-                dir,
-                name.as_c_str(),
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-                Mode::empty(),
-            ) {
-                Ok(fd) => fd,
-                Err(rustix::io::Errno::NOENT) => continue,
-                Err(e) => return Err(e.into()),
-            };
-            walk_dir(child, &path.join(os_name), visit, on_file)?;
-            if visit == Visit::Remove {
-                match rustix::fs::unlinkat(dir, name.as_c_str(), AtFlags::REMOVEDIR) {
-                    Ok(()) | Err(rustix::io::Errno::NOENT) => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            continue;
-        }
-        if visit == Visit::Remove {
-            match rustix::fs::unlinkat(dir, name.as_c_str(), AtFlags::empty()) {
-                Ok(()) => {}
-                // Gone already: not ours to count.
-                Err(rustix::io::Errno::NOENT) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        on_file(path, os_name, size);
+        visit_entry(dir, path, name, size, is_dir, visit, on_file)?;
     }
     Ok(())
 }

@@ -378,20 +378,12 @@ impl RegistryClient {
     /// Resolves `reference` to its linux/amd64 image: manifest (picked from an index or
     /// manifest list when there is one), configuration and layer list.
     pub async fn resolve(&self, reference: &ImageRef) -> Result<ResolvedImage, RegistryError> {
-        let (client, auth) = self.client_for(reference).await?;
-        let authorization = self.authorization(&client, &auth, reference).await?;
-        let body = self
-            .fetch_manifest(reference, reference, authorization.as_deref(), "manifest")
-            .await?;
-        let top_digest = Digest::of(&body);
-        if let Some(pinned) = reference.digest() {
-            if pinned != top_digest {
-                return Err(RegistryError::DigestMismatch {
-                    digest: pinned,
-                    actual: top_digest.to_string(),
-                });
-            }
-        }
+        let TopManifest {
+            client,
+            authorization,
+            body,
+            digest: top_digest,
+        } = self.fetch_top_manifest(reference).await?;
 
         let (manifest_digest, index_digest, manifest) = match parse_manifest(&body, reference)? {
             Manifest::Image(manifest) => (top_digest, None, manifest),
@@ -403,13 +395,7 @@ impl RegistryClient {
                     .await?;
                 // oci-client checks this too; a manifest is small, so check it ourselves
                 // rather than trust that it always will.
-                let actual = Digest::of(&child);
-                if actual != entry {
-                    return Err(RegistryError::DigestMismatch {
-                        digest: entry,
-                        actual: actual.to_string(),
-                    });
-                }
+                expect_digest(&entry, &Digest::of(&child))?;
                 match parse_manifest(&child, reference)? {
                     Manifest::Image(manifest) => (entry, Some(top_digest), manifest),
                     Manifest::Index(_) => {
@@ -449,13 +435,7 @@ impl RegistryClient {
         let raw_config = self
             .fetch_config(&client, reference, config_desc, &config_digest, config_size)
             .await?;
-        let actual = Digest::of(&raw_config);
-        if actual != config_digest {
-            return Err(RegistryError::DigestMismatch {
-                digest: config_digest,
-                actual: actual.to_string(),
-            });
-        }
+        expect_digest(&config_digest, &Digest::of(&raw_config))?;
         let config: oci_spec::image::ImageConfiguration =
             serde_json::from_slice(&raw_config).map_err(|e| invalid(reference, "config", e))?;
         // A single-platform image has no index to choose from; refuse a foreign one here
@@ -639,6 +619,30 @@ impl RegistryClient {
         Ok(body)
     }
 
+    /// The manifest `reference` names, fetched with the client and authorization its
+    /// repository needs (kept for what the manifest leads to); its digest must be the one
+    /// `reference` pins, if it pins one.
+    pub(super) async fn fetch_top_manifest(
+        &self,
+        reference: &ImageRef,
+    ) -> Result<TopManifest, RegistryError> {
+        let (client, auth) = self.client_for(reference).await?;
+        let authorization = self.authorization(&client, &auth, reference).await?;
+        let body = self
+            .fetch_manifest(reference, reference, authorization.as_deref(), "manifest")
+            .await?;
+        let digest = Digest::of(&body);
+        if let Some(pinned) = reference.digest() {
+            expect_digest(&pinned, &digest)?;
+        }
+        Ok(TopManifest {
+            client,
+            authorization,
+            body,
+            digest,
+        })
+    }
+
     /// [`map_oci_error`], telling a timeout apart from other transport failures.
     fn map_transport(
         &self,
@@ -647,14 +651,9 @@ impl RegistryClient {
         blob: Option<&Digest>,
         action: String,
     ) -> RegistryError {
-        if is_timeout(&error) {
-            return RegistryError::Timeout {
-                action,
-                registry: reference.registry_host().to_owned(),
-                timeout: self.read_timeout(),
-            };
-        }
-        map_oci_error(error, reference, blob, action)
+        self.timeout_or(error, reference, action, |error, action| {
+            map_oci_error(error, reference, blob, action)
+        })
     }
 
     /// [`stream_error`], telling a timeout apart from other transport failures.
@@ -665,6 +664,20 @@ impl RegistryClient {
         reference: &ImageRef,
         action: String,
     ) -> RegistryError {
+        self.timeout_or(error, reference, action, |error, action| {
+            stream_error(error, digest, reference, action)
+        })
+    }
+
+    /// [`RegistryError::Timeout`] for `action` when `error` is a timeout (anywhere in its
+    /// chain), what `otherwise` makes of it when not.
+    fn timeout_or<E: std::error::Error + 'static>(
+        &self,
+        error: E,
+        reference: &ImageRef,
+        action: String,
+        otherwise: impl FnOnce(E, String) -> RegistryError,
+    ) -> RegistryError {
         if is_timeout(&error) {
             return RegistryError::Timeout {
                 action,
@@ -672,7 +685,7 @@ impl RegistryClient {
                 timeout: self.read_timeout(),
             };
         }
-        stream_error(error, digest, reference, action)
+        otherwise(error, action)
     }
 
     /// Streams `layer` of `reference`'s repository into `cache`, verified, calling
@@ -945,6 +958,27 @@ fn registry_status_error(
 }
 
 /// Whether a timeout is anywhere in `error`'s chain.
+/// A reference's own manifest and what fetched it (see
+/// [`RegistryClient::fetch_top_manifest`]).
+pub(super) struct TopManifest {
+    pub(super) client: oci_client::Client,
+    pub(super) authorization: Option<String>,
+    pub(super) body: Vec<u8>,
+    pub(super) digest: Digest,
+}
+
+/// Content fetched by the digest `expected` hashes to `actual`, or a
+/// [`RegistryError::DigestMismatch`] saying what it hashed to.
+fn expect_digest(expected: &Digest, actual: &Digest) -> Result<(), RegistryError> {
+    if actual == expected {
+        return Ok(());
+    }
+    Err(RegistryError::DigestMismatch {
+        digest: expected.clone(),
+        actual: actual.to_string(),
+    })
+}
+
 fn is_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut current = Some(error);
     while let Some(e) = current {

@@ -332,19 +332,24 @@ fn reopen_direct(file: &File) -> io::Result<File> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn writes_land_at_their_offsets_with_gaps_zeroed() {
+    /// A 64 MiB sparse file to write into, in a directory the caller keeps alive: on a
+    /// disk-backed tempdir O_DIRECT works, elsewhere the writer's fallback is exercised.
+    fn scratch_image() -> (tempfile::TempDir, File) {
         let dir = tempfile::tempdir().unwrap();
-        // A disk-backed file where O_DIRECT works, and whatever tempdir gives otherwise.
-        let path = dir.path().join("img");
         let file = File::options()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
-            .open(&path)
+            .open(dir.path().join("img"))
             .unwrap();
         file.set_len(64 << 20).unwrap();
+        (dir, file)
+    }
+
+    #[test]
+    fn writes_land_at_their_offsets_with_gaps_zeroed() {
+        let (_dir, file) = scratch_image();
         let mut w = SequentialWriter::new(&file, 8192).unwrap();
         w.write_at(8192, b"first").unwrap();
         let big: Vec<u8> = (0..(CHUNK * 2 + 123)).map(|i| (i % 251) as u8).collect();
@@ -373,16 +378,7 @@ mod tests {
 
     #[test]
     fn zero_runs_become_holes_and_short_ones_stay() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("img");
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        file.set_len(64 << 20).unwrap();
+        let (_dir, file) = scratch_image();
         let block = |b: u8, n: usize| vec![b; n * 4096];
         // data 2, zeros 3 (kept), data 1, zeros 20 (hole), data 1, zeros past a buffer
         // boundary (hole), data 1, then trailing zeros (hole).

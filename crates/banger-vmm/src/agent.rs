@@ -28,9 +28,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use banger_agent::proto::{
-    self, data_cost, Frame, Message, SessionId, CHUNK_SIZE, DOWNLOAD_PROTOCOL_VERSION,
-    FLOW_PROTOCOL_VERSION, FRAME_COST, INITIAL_WINDOW, LISTEN_PROTOCOL_VERSION,
-    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, PTY_PROTOCOL_VERSION, STATS_PROTOCOL_VERSION,
+    self, data_cost, ChunkSink, ChunkWriter, FlowWindow, Frame, Message, SessionId, CHUNK_SIZE,
+    DOWNLOAD_PROTOCOL_VERSION, FLOW_PROTOCOL_VERSION, FRAME_COST, INITIAL_WINDOW,
+    LISTEN_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, PTY_PROTOCOL_VERSION,
+    STATS_PROTOCOL_VERSION,
 };
 pub use banger_agent::proto::{ExecRequest, ExitStatus, GuestStats, WinSize};
 
@@ -341,66 +342,19 @@ impl Inbox {
     }
 }
 
-/// The window the agent granted for one session's stdin or upload data.
-struct Window {
-    state: Mutex<(u64, bool)>,
-    cv: Condvar,
-}
-
-impl Window {
-    fn new() -> Window {
-        Window {
-            state: Mutex::new((u64::from(INITIAL_WINDOW), false)),
-            cv: Condvar::new(),
-        }
-    }
-
-    fn add(&self, n: u32) {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.0 = st.0.saturating_add(u64::from(n));
-        self.cv.notify_all();
-    }
-
-    fn close(&self) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
-        self.cv.notify_all();
-    }
-
-    /// Takes `cost` of the window, waiting up to `timeout` for it (`None`: for ever).
-    /// `Some(false)`: the session is over; `None`: timed out.
-    fn acquire(&self, cost: u32, timeout: Option<Duration>) -> Option<bool> {
-        let deadline = timeout.map(|t| Instant::now() + t);
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            if st.1 {
-                return Some(false);
-            }
-            if st.0 >= u64::from(cost) {
-                st.0 -= u64::from(cost);
-                return Some(true);
-            }
-            st = match deadline {
-                None => self.cv.wait(st).unwrap_or_else(|e| e.into_inner()),
-                Some(deadline) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return None;
-                    }
-                    self.cv
-                        .wait_timeout(st, left)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0
-                }
-            };
-        }
-    }
+/// Whether a version gate lets through an agent that has not answered a ping yet
+/// (version 0); each gate keeps the choice it was written with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unpinged {
+    Passes,
+    Refused,
 }
 
 /// A session as the reader thread sees it.
 #[derive(Clone)]
 struct Entry {
     inbox: Arc<Inbox>,
-    window: Arc<Window>,
+    window: Arc<FlowWindow>,
     /// Opened after the `Hello`: flow-controlled both ways.
     flow: bool,
 }
@@ -609,10 +563,34 @@ impl AgentClient {
         self.shared.agent_version.load(Ordering::SeqCst)
     }
 
+    /// Refuses, before anything is sent, a request the agent's protocol is older than
+    /// `needed` for: `{needs} agent protocol version {needed}, this agent speaks …`, as
+    /// the failure of `op`. An agent that has not answered a ping yet speaks version 0,
+    /// which `unpinged` lets through or refuses.
+    fn require_protocol(
+        &self,
+        needed: u32,
+        needs: &str,
+        unpinged: Unpinged,
+        op: impl FnOnce() -> String,
+    ) -> Result<()> {
+        let version = self.shared.agent_version.load(Ordering::SeqCst);
+        if version >= needed || (version == 0 && unpinged == Unpinged::Passes) {
+            return Ok(());
+        }
+        Err(AgentError::Remote {
+            op: op(),
+            message: format!(
+                "{needs} agent protocol version {needed}, this agent speaks {version} (an \
+                 older banger injected it: recreate the VM)"
+            ),
+        })
+    }
+
     fn open(&self) -> Session<'_> {
         let entry = Entry {
             inbox: Arc::default(),
-            window: Arc::new(Window::new()),
+            window: Arc::new(FlowWindow::new()),
             flow: self.shared.flow.load(Ordering::SeqCst),
         };
         let mut sessions = self
@@ -748,15 +726,8 @@ impl AgentClient {
         stderr: &mut dyn Write,
     ) -> Result<ExitStatus> {
         let op = || format!("exec {:?}", req.argv);
-        let version = self.shared.agent_version.load(Ordering::SeqCst);
-        if req.tty.is_some() && version != 0 && version < PTY_PROTOCOL_VERSION {
-            return Err(AgentError::Remote {
-                op: op(),
-                message: format!(
-                    "a pty needs agent protocol version {PTY_PROTOCOL_VERSION}, this agent speaks \
-                     {version} (an older banger injected it: recreate the VM)"
-                ),
-            });
+        if req.tty.is_some() {
+            self.require_protocol(PTY_PROTOCOL_VERSION, "a pty needs", Unpinged::Passes, op)?;
         }
         let session = self.open();
         session.send(Message::Exec(req.clone()))?;
@@ -901,16 +872,12 @@ impl AgentClient {
     /// refused here, before anything is sent, with an error saying so.
     pub fn download(&self, guest_path: &Path, sink: &mut dyn Write) -> Result<u32> {
         let op = || format!("download {}", guest_path.display());
-        let version = self.shared.agent_version.load(Ordering::SeqCst);
-        if version < DOWNLOAD_PROTOCOL_VERSION {
-            return Err(AgentError::Remote {
-                op: op(),
-                message: format!(
-                    "copying files out needs agent protocol version {DOWNLOAD_PROTOCOL_VERSION}, \
-                     this agent speaks {version} (an older banger injected it: recreate the VM)"
-                ),
-            });
-        }
+        self.require_protocol(
+            DOWNLOAD_PROTOCOL_VERSION,
+            "copying files out needs",
+            Unpinged::Refused,
+            op,
+        )?;
         let session = self.open();
         if !session.entry.flow {
             return Err(AgentError::Protocol {
@@ -957,20 +924,19 @@ impl AgentClient {
     fn upload_with(
         &self,
         guest_dest: &Path,
-        produce: impl FnOnce(&mut UploadSink<'_>) -> io::Result<()>,
+        produce: impl FnOnce(&mut ChunkWriter<UploadSink<'_>>) -> io::Result<()>,
     ) -> Result<()> {
         let op = || format!("upload to {}", guest_dest.display());
         let session = self.open();
         session.send(Message::Upload {
             dest: guest_dest.to_owned(),
         })?;
-        let mut sink = UploadSink {
+        let mut sink = ChunkWriter::new(UploadSink {
             session: &session,
-            buf: Vec::with_capacity(CHUNK_SIZE),
             failure: None,
-        };
+        });
         let produced = produce(&mut sink);
-        if let Some(e) = sink.failure.take() {
+        if let Some(e) = sink.sink.failure.take() {
             return Err(e);
         }
         produced.map_err(|source| AgentError::Local {
@@ -989,50 +955,62 @@ impl AgentClient {
     /// them from `/proc/net`; waits up to `timeout`. An agent older than
     /// [`LISTEN_PROTOCOL_VERSION`] is refused with a message saying so.
     pub fn listening(&self, timeout: Duration) -> Result<Vec<banger_agent::proto::ListenSocket>> {
-        let version = self.shared.agent_version.load(Ordering::SeqCst);
-        if version != 0 && version < LISTEN_PROTOCOL_VERSION {
-            return Err(AgentError::Remote {
-                op: "list sockets".into(),
-                message: format!(
-                    "listing sockets needs agent protocol version {LISTEN_PROTOCOL_VERSION}, this agent speaks \
-                     {version} (an older banger injected it: recreate the VM)"
-                ),
-            });
-        }
-        let session = self.open();
-        session.send(Message::ListSockets)?;
-        match session.recv_timeout("list sockets", timeout)? {
-            Message::Sockets(sockets) => Ok(sockets),
-            Message::Error(message) => Err(AgentError::Remote {
-                op: "list sockets".into(),
-                message,
-            }),
-            other => Err(unexpected("list sockets", &other)),
-        }
+        self.require_protocol(
+            LISTEN_PROTOCOL_VERSION,
+            "listing sockets needs",
+            Unpinged::Passes,
+            || "list sockets".into(),
+        )?;
+        self.ask(
+            "list sockets",
+            Message::ListSockets,
+            timeout,
+            |answer| match answer {
+                Message::Sockets(sockets) => Ok(sockets),
+                other => Err(other),
+            },
+        )
     }
 
     /// The guest's resource counters, or a failure after `timeout`. An agent older than
     /// [`STATS_PROTOCOL_VERSION`] is not asked (it would leave the request unanswered).
     pub fn stats(&self, timeout: Duration) -> Result<GuestStats> {
-        let version = self.shared.agent_version.load(Ordering::SeqCst);
-        if version < STATS_PROTOCOL_VERSION {
-            return Err(AgentError::Remote {
-                op: "stats".into(),
-                message: format!(
-                    "guest counters need agent protocol version {STATS_PROTOCOL_VERSION}, this \
-                     agent speaks {version} (an older banger injected it: recreate the VM)"
-                ),
-            });
-        }
+        self.require_protocol(
+            STATS_PROTOCOL_VERSION,
+            "guest counters need",
+            Unpinged::Refused,
+            || "stats".into(),
+        )?;
+        self.ask(
+            "stats",
+            Message::StatsRequest,
+            timeout,
+            |answer| match answer {
+                Message::Stats(stats) => Ok(stats),
+                other => Err(other),
+            },
+        )
+    }
+
+    /// Sends `request` on a session of its own and waits up to `timeout` for the one
+    /// answer, which `expected` takes (or hands back): the agent's error, or any other
+    /// message, fails `op`.
+    fn ask<T>(
+        &self,
+        op: &'static str,
+        request: Message,
+        timeout: Duration,
+        expected: impl FnOnce(Message) -> std::result::Result<T, Message>,
+    ) -> Result<T> {
         let session = self.open();
-        session.send(Message::StatsRequest)?;
-        match session.recv_timeout("stats", timeout)? {
-            Message::Stats(stats) => Ok(stats),
-            Message::Error(message) => Err(AgentError::Remote {
-                op: "stats".into(),
+        session.send(request)?;
+        match expected(session.recv_timeout(op, timeout)?) {
+            Ok(value) => Ok(value),
+            Err(Message::Error(message)) => Err(AgentError::Remote {
+                op: op.into(),
                 message,
             }),
-            other => Err(unexpected("stats", &other)),
+            Err(other) => Err(unexpected(op, &other)),
         }
     }
 
@@ -1066,18 +1044,14 @@ impl Drop for AgentClient {
 /// agent's reason, when the agent already refused the upload.
 struct UploadSink<'a> {
     session: &'a Session<'a>,
-    buf: Vec<u8>,
     failure: Option<AgentError>,
 }
 
-impl UploadSink<'_> {
-    fn send_buf(&mut self) -> io::Result<()> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
+impl ChunkSink for UploadSink<'_> {
+    fn send_chunk(&mut self, chunk: &mut Vec<u8>) -> io::Result<()> {
         /// How often an upload waiting for window looks for the agent's refusal.
         const REFUSAL_CHECK: Duration = Duration::from_millis(100);
-        let cost = data_cost(self.buf.len());
+        let cost = data_cost(chunk.len());
         loop {
             // A refusal (bad destination, an entry escaping it) arrives while we stream.
             match self.session.try_recv() {
@@ -1101,32 +1075,19 @@ impl UploadSink<'_> {
                 None => {}
             }
         }
-        let data = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK_SIZE));
+        let data = std::mem::replace(chunk, Vec::with_capacity(CHUNK_SIZE));
         if let Err(e) = self.session.send(Message::UploadData(data)) {
             return Err(self.fail(e));
         }
         Ok(())
     }
+}
 
+impl UploadSink<'_> {
     fn fail(&mut self, e: AgentError) -> io::Error {
         let err = io::Error::other(e.to_string());
         self.failure = Some(e);
         err
-    }
-}
-
-impl Write for UploadSink<'_> {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let n = data.len().min(CHUNK_SIZE - self.buf.len());
-        self.buf.extend_from_slice(&data[..n]);
-        if self.buf.len() == CHUNK_SIZE {
-            self.send_buf()?;
-        }
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.send_buf()
     }
 }
 
@@ -1148,7 +1109,7 @@ pub struct ExecControl {
     id: SessionId,
     done: Arc<AtomicBool>,
     /// The agent's window for stdin (used with `flow`).
-    window: Arc<Window>,
+    window: Arc<FlowWindow>,
     flow: bool,
 }
 
@@ -1346,6 +1307,22 @@ mod tests {
         assert!(err.to_string().contains("nope"), "{err}");
     }
 
+    /// Runs `ask` with a client that has pinged a [`version_1_agent`], then hangs up;
+    /// returns what reached the agent besides pings.
+    fn with_version_1_agent(ask: impl FnOnce(&AgentClient)) -> Vec<Message> {
+        let (a, b) = UnixStream::pair().unwrap();
+        let agent = version_1_agent(b);
+        let client = AgentClient::from_halves(
+            Box::new(a.try_clone().unwrap()),
+            Box::new(a.try_clone().unwrap()),
+        );
+        client.ping(Duration::from_secs(5)).unwrap();
+        ask(&client);
+        a.shutdown(std::net::Shutdown::Both).unwrap();
+        drop(client);
+        agent.join().unwrap()
+    }
+
     /// A stand-in for an agent of protocol version 1: answers pings, records the rest.
     fn version_1_agent(stream: UnixStream) -> std::thread::JoinHandle<Vec<Message>> {
         std::thread::spawn(move || {
@@ -1455,52 +1432,34 @@ mod tests {
 
     #[test]
     fn an_agent_older_than_version_4_is_not_asked_for_stats() {
-        let (a, b) = UnixStream::pair().unwrap();
-        let agent = version_1_agent(b);
-        let client = AgentClient::from_halves(
-            Box::new(a.try_clone().unwrap()),
-            Box::new(a.try_clone().unwrap()),
-        );
-        client.ping(Duration::from_secs(5)).unwrap();
-        let err = client.stats(Duration::from_secs(5)).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "stats: the agent says: guest counters need agent protocol version 4, this agent \
-             speaks 1 (an older banger injected it: recreate the VM)"
-        );
-        a.shutdown(std::net::Shutdown::Both).unwrap();
-        drop(client);
-        assert_eq!(agent.join().unwrap(), [], "the request reached the agent");
+        let seen = with_version_1_agent(|client| {
+            let err = client.stats(Duration::from_secs(5)).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "stats: the agent says: guest counters need agent protocol version 4, this agent \
+                 speaks 1 (an older banger injected it: recreate the VM)"
+            );
+        });
+        assert_eq!(seen, [], "the request reached the agent");
     }
 
     #[test]
     fn a_version_1_agent_is_served_but_asked_for_no_pty() {
-        let (a, b) = UnixStream::pair().unwrap();
-        let agent = version_1_agent(b);
-        let client = AgentClient::from_halves(
-            Box::new(a.try_clone().unwrap()),
-            Box::new(a.try_clone().unwrap()),
-        );
-        client.ping(Duration::from_secs(5)).unwrap();
-        let req = ExecRequest {
-            tty: Some(WinSize { rows: 24, cols: 80 }),
-            ..ExecRequest::new(["sh"])
-        };
-        let err = client
-            .exec_with(&req, |_| Ok(()), &mut Vec::new(), &mut Vec::new())
-            .unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("a pty needs agent protocol version 2"),
-            "{err}"
-        );
-        a.shutdown(std::net::Shutdown::Both).unwrap();
-        drop(client);
-        assert_eq!(
-            agent.join().unwrap(),
-            [],
-            "the refused exec reached the agent"
-        );
+        let seen = with_version_1_agent(|client| {
+            let req = ExecRequest {
+                tty: Some(WinSize { rows: 24, cols: 80 }),
+                ..ExecRequest::new(["sh"])
+            };
+            let err = client
+                .exec_with(&req, |_| Ok(()), &mut Vec::new(), &mut Vec::new())
+                .unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains("a pty needs agent protocol version 2"),
+                "{err}"
+            );
+        });
+        assert_eq!(seen, [], "the refused exec reached the agent");
     }
 
     #[test]

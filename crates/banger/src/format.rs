@@ -53,6 +53,12 @@ pub fn parse_duration(input: &str) -> Result<Duration, String> {
         .map_err(|e| format!("invalid duration {input:?}: {e} (examples: 30m, 12h, 7d)"))
 }
 
+/// The width of a table's NAME column: its longest name, and never narrower than the
+/// `NAME` header itself.
+pub fn name_width<'a>(names: impl IntoIterator<Item = &'a str>) -> usize {
+    names.into_iter().map(str::len).max().unwrap_or(4).max(4)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -170,6 +170,19 @@ pub fn vmm_user_ids(config: &Config) -> Option<(u32, u32)> {
 mod tests {
     use super::*;
 
+    /// Loads `text` as a config.toml file, the way the daemon reads one.
+    fn load(text: &str) -> anyhow::Result<Config> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(&path)
+    }
+
+    /// The whole error chain of loading `text`, which must fail.
+    fn load_error(text: &str) -> String {
+        format!("{:#}", load(text).unwrap_err())
+    }
+
     #[test]
     fn missing_file_is_default() {
         let dir = tempfile::tempdir().unwrap();
@@ -181,23 +194,13 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("config.toml");
-        std::fs::write(&path, "insecure_registry = [\"a\"]\n").unwrap();
-        let err = format!("{:#}", Config::load(&path).unwrap_err());
+        let err = load_error("insecure_registry = [\"a\"]\n");
         assert!(err.contains("unknown field `insecure_registry`"), "{err}");
     }
 
     #[test]
     fn vmm_network_and_bridge_keys_parse_and_bad_values_are_named() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("config.toml");
-        std::fs::write(
-            &path,
-            "vmm = \"firecracker\"\nfirecracker_bin = \"/opt/fc/firecracker\"\nnetwork = \"tap\"\nbridge_address = \"172.31.7.1/24\"\n",
-        )
-        .unwrap();
-        let config = Config::load(&path).unwrap();
+        let config = load("vmm = \"firecracker\"\nfirecracker_bin = \"/opt/fc/firecracker\"\nnetwork = \"tap\"\nbridge_address = \"172.31.7.1/24\"\n").unwrap();
         assert_eq!(config.vmm, Some(VmmSetting::Firecracker));
         assert_eq!(
             config.firecracker_bin.as_deref(),
@@ -205,58 +208,41 @@ mod tests {
         );
         assert_eq!(config.network, Some(NetworkSetting::Tap));
         assert_eq!(config.bridge_address.as_deref(), Some("172.31.7.1/24"));
-        std::fs::write(&path, "vmm = \"xen\"\n").unwrap();
-        let err = format!("{:#}", Config::load(&path).unwrap_err());
+        let err = load_error("vmm = \"xen\"\n");
         assert!(err.contains("unknown variant `xen`"), "{err}");
         assert!(err.contains("vmm"), "{err}");
-        std::fs::write(&path, "network = \"bridge\"\n").unwrap();
-        let err = format!("{:#}", Config::load(&path).unwrap_err());
+        let err = load_error("network = \"bridge\"\n");
         assert!(err.contains("unknown variant `bridge`"), "{err}");
     }
 
     #[test]
     fn console_log_max_parses_and_a_tiny_cap_is_refused_naming_the_key() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("config.toml");
         assert_eq!(Config::default().console_log_max(), 1 << 20);
-        std::fs::write(&path, "console_log_max = 65536\n").unwrap();
-        assert_eq!(Config::load(&path).unwrap().console_log_max(), 65536);
-        std::fs::write(&path, "console_log_max = 100\n").unwrap();
-        let err = format!("{:#}", Config::load(&path).unwrap_err());
+        assert_eq!(
+            load("console_log_max = 65536\n").unwrap().console_log_max(),
+            65536
+        );
+        let err = load_error("console_log_max = 100\n");
         assert!(err.contains("console_log_max = 100"), "{err}");
     }
 
     #[test]
     fn egress_vmm_user_and_network_none_parse_and_bad_egress_is_named() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("config.toml");
-        std::fs::write(
-            &path,
-            "network = \"none\"\negress = [\"10.0.0.0/8\"]\nvmm_user = \"vmm\"\n",
-        )
-        .unwrap();
-        let config = Config::load(&path).unwrap();
+        let config =
+            load("network = \"none\"\negress = [\"10.0.0.0/8\"]\nvmm_user = \"vmm\"\n").unwrap();
         assert_eq!(config.network, Some(NetworkSetting::None));
         assert_eq!(
             config.egress.map(|e| e.to_string()).as_deref(),
             Some("10.0.0.0/8")
         );
         assert_eq!(config.vmm_user.as_deref(), Some("vmm"));
-        std::fs::write(&path, "egress = \"sometimes\"\n").unwrap();
-        let err = format!("{:#}", Config::load(&path).unwrap_err());
+        let err = load_error("egress = \"sometimes\"\n");
         assert!(err.contains("egress \"sometimes\""), "{err}");
     }
 
     #[test]
     fn system_layout_and_insecure_registries_parse() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("config.toml");
-        std::fs::write(
-            &path,
-            "layout = \"system\"\ninsecure_registries = [\"reg:5000\"]\n",
-        )
-        .unwrap();
-        let config = Config::load(&path).unwrap();
+        let config = load("layout = \"system\"\ninsecure_registries = [\"reg:5000\"]\n").unwrap();
         assert_eq!(config.layout, Some(LayoutKind::System));
         assert_eq!(config.insecure_registries, vec!["reg:5000".to_string()]);
     }

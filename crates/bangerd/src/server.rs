@@ -21,7 +21,6 @@ use banger_api::{
     SignalParams, INPUT_NOTIFICATION, MAX_REQUEST_LINE, RESIZE_NOTIFICATION, SIGNAL_NOTIFICATION,
     UPLOAD_NOTIFICATION,
 };
-use base64::Engine as _;
 use serde_json::Value;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -335,20 +334,12 @@ fn client_input(bytes: &[u8], call_id: &Value) -> ClientInput {
         Some(INPUT_NOTIFICATION) => serde_json::from_value::<InputParams>(params)
             .map_err(|e| e.to_string())
             .and_then(|p| {
-                if &p.id != call_id {
-                    return Ok(None);
-                }
-                let mut events = Vec::new();
-                if let Some(data) = p.data {
-                    let bytes = base64::engine::general_purpose::STANDARD
-                        .decode(data)
-                        .map_err(|e| format!("data is not base64: {e}"))?;
-                    events.push(InputEvent::Data(bytes));
-                }
-                if p.eof {
-                    events.push(InputEvent::Eof);
-                }
-                Ok(Some(events))
+                crate::services::upload::stream_events(
+                    p,
+                    call_id,
+                    InputEvent::Data,
+                    InputEvent::Eof,
+                )
             }),
         Some(RESIZE_NOTIFICATION) => serde_json::from_value::<ResizeParams>(params)
             .map_err(|e| e.to_string())
@@ -687,6 +678,17 @@ mod tests {
             ),
             ClientInput::Events(vec![InputEvent::Data(b"hi\n".to_vec()), InputEvent::Eof])
         );
+        // An upload's bytes and end are events of their own, not stdin.
+        assert_eq!(
+            client_input(
+                br#"{"jsonrpc":"2.0","method":"upload","params":{"id":7,"data":"aGkK","eof":true}}"#,
+                &id
+            ),
+            ClientInput::Events(vec![
+                InputEvent::Upload(b"hi\n".to_vec()),
+                InputEvent::UploadEnd
+            ])
+        );
         assert_eq!(
             client_input(
                 br#"{"method":"resize","params":{"id":7,"rows":50,"cols":132}}"#,
@@ -716,6 +718,8 @@ mod tests {
         for dropped in [
             &br#"{"method":"input","params":{"id":6,"data":"aGkK"}}"#[..],
             br#"{"method":"input","params":{"id":7,"data":"not base64!"}}"#,
+            br#"{"method":"upload","params":{"id":7,"data":"not base64!"}}"#,
+            br#"{"method":"upload","params":{"id":6,"data":"aGkK"}}"#,
             br#"{"method":"resize","params":{"id":7,"rows":-1,"cols":80}}"#,
             br#"{"method":"input","params":{"id":7,"stdin":"x"}}"#,
         ] {

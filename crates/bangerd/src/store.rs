@@ -141,6 +141,23 @@ impl Store {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// The one text column `sql` selects, every row of it; a failure says it was trying
+    /// to `what` (e.g. `list image ids`).
+    pub fn strings(
+        &self,
+        what: &str,
+        sql: &str,
+        params: impl rusqlite::Params,
+    ) -> anyhow::Result<Vec<String>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(sql).with_context(|| what.to_owned())?;
+        let rows = stmt
+            .query_map(params, |row| row.get(0))
+            .with_context(|| what.to_owned())?;
+        rows.collect::<Result<_, _>>()
+            .with_context(|| what.to_owned())
+    }
+
     /// The schema version in the database.
     pub fn schema_version(&self) -> anyhow::Result<i64> {
         current_version(&self.conn())

@@ -822,7 +822,7 @@ impl Flattener {
                 .enter(parent, true, &mut self.created)
                 .map_err(resolve_problem)?;
             self.record_created();
-            let mut real = self.resolver.real().to_vec();
+            let real = self.resolver.real().to_vec();
             mark_added(&mut self.layer_added, real.clone());
             let dir = rustix::fs::openat(
                 self.resolver.dir(),
@@ -831,14 +831,7 @@ impl Flattener {
                 Mode::empty(),
             )
             .map_err(|e| errno_problem("opening opaque directory", e))?;
-            clear_lower(
-                dir.as_fd(),
-                &mut real,
-                &self.layer_added,
-                &mut self.metadata,
-            )?;
-            self.resolver.note_removal();
-            return Ok(());
+            return self.clear_lower_of(dir, real);
         }
         if target.starts_with(b".wh.") {
             // Other `.wh..wh.` names are aufs bookkeeping (e.g. `.wh..wh.plnk`), not content.
@@ -864,20 +857,9 @@ impl Flattener {
                 .get(&real)
                 .is_some_and(|m| m.kind == EntryKind::Directory);
             if is_dir {
-                let sub = rustix::fs::openat(
-                    self.resolver.dir(),
-                    target,
-                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )
-                .map_err(|e| errno_problem("opening whited-out directory", e))?;
-                clear_lower(
-                    sub.as_fd(),
-                    &mut real,
-                    &self.layer_added,
-                    &mut self.metadata,
-                )?;
-                self.resolver.note_removal();
+                let sub = open_subdir(self.resolver.dir(), target)
+                    .map_err(|e| errno_problem("opening whited-out directory", e))?;
+                self.clear_lower_of(sub, real)?;
             }
             return Ok(());
         }
@@ -889,6 +871,23 @@ impl Flattener {
     }
 
     /// Records directories the resolver created implicitly (root-owned 0755, as Docker).
+    /// Removes what lower layers left below `dir`, this layer's directory `real` (see
+    /// [`clear_lower`]), and tells the resolver that entries went.
+    fn clear_lower_of(
+        &mut self,
+        dir: rustix::fd::OwnedFd,
+        mut real: Vec<u8>,
+    ) -> Result<(), EntryProblem> {
+        clear_lower(
+            dir.as_fd(),
+            &mut real,
+            &self.layer_added,
+            &mut self.metadata,
+        )?;
+        self.resolver.note_removal();
+        Ok(())
+    }
+
     fn record_created(&mut self) {
         for real in std::mem::take(&mut self.created) {
             let meta = EntryMetadata::implicit_dir(self.next_inode);
@@ -1146,22 +1145,14 @@ fn remove_any(
     name: &[u8],
     is_dir: Option<bool>,
 ) -> Result<bool, EntryProblem> {
-    let is_dir = match is_dir {
-        Some(d) => d,
-        None => match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(st) => FileType::from_raw_mode(st.st_mode) == FileType::Directory,
-            Err(Errno::NOENT) => return Ok(false),
-            Err(e) => return Err(errno_problem("stat before removal", e)),
-        },
+    let is_dir = match is_directory(dir, name, is_dir) {
+        Ok(d) => d,
+        Err(Errno::NOENT) => return Ok(false),
+        Err(e) => return Err(errno_problem("stat before removal", e)),
     };
     if is_dir {
-        let sub = rustix::fs::openat(
-            dir,
-            name,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| errno_problem("opening directory for removal", e))?;
+        let sub = open_subdir(dir, name)
+            .map_err(|e| errno_problem("opening directory for removal", e))?;
         for (child, child_is_dir) in
             list(sub.as_fd()).map_err(|e| errno_problem("listing directory for removal", e))?
         {
@@ -1177,6 +1168,26 @@ fn remove_any(
         }
     }
     Ok(true)
+}
+
+/// Whether `dir/name` is a directory: `known` when [`list`] could tell from `d_type`,
+/// else from a stat of the entry itself (not what a symlink points at).
+fn is_directory(dir: BorrowedFd<'_>, name: &[u8], known: Option<bool>) -> rustix::io::Result<bool> {
+    match known {
+        Some(d) => Ok(d),
+        None => rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
+            .map(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory),
+    }
+}
+
+/// Opens the directory `dir/name` for listing, refusing a symlink in its place.
+fn open_subdir(dir: BorrowedFd<'_>, name: &[u8]) -> rustix::io::Result<rustix::fd::OwnedFd> {
+    rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
 }
 
 /// Lists a directory's names (without `.`/`..`) and whether each is a directory, when
@@ -1213,20 +1224,10 @@ fn clear_lower(
         let len = real.len();
         join(real, name);
         if added.contains(real.as_slice()) {
-            let is_dir = match is_dir {
-                Some(d) => d,
-                None => rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
-                    .map(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory)
-                    .map_err(|e| errno_problem("stat", e))?,
-            };
+            let is_dir = is_directory(dir, name, is_dir).map_err(|e| errno_problem("stat", e))?;
             if is_dir {
-                let sub = rustix::fs::openat(
-                    dir,
-                    name,
-                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )
-                .map_err(|e| errno_problem("opening directory", e))?;
+                let sub =
+                    open_subdir(dir, name).map_err(|e| errno_problem("opening directory", e))?;
                 clear_lower(sub.as_fd(), real, added, metadata)?;
             }
         } else {

@@ -52,20 +52,11 @@ impl RegistryClient {
         &self,
         reference: &ImageRef,
     ) -> Result<ResolvedArtifact, RegistryError> {
-        let (client, auth) = self.client_for(reference).await?;
-        let authorization = self.authorization(&client, &auth, reference).await?;
-        let body = self
-            .fetch_manifest(reference, reference, authorization.as_deref(), "manifest")
-            .await?;
-        let manifest_digest = Digest::of(&body);
-        if let Some(pinned) = reference.digest() {
-            if pinned != manifest_digest {
-                return Err(RegistryError::DigestMismatch {
-                    digest: pinned,
-                    actual: manifest_digest.to_string(),
-                });
-            }
-        }
+        let super::TopManifest {
+            body,
+            digest: manifest_digest,
+            ..
+        } = self.fetch_top_manifest(reference).await?;
         let manifest = match parse_manifest(&body, reference)? {
             Manifest::Image(manifest) => manifest,
             Manifest::Index(_) => {

@@ -117,12 +117,8 @@ pub fn run(
             }
             let out = serde_json::json!({ "contexts": rows });
             emit(json, &out, |_| {
-                let width = rows
-                    .iter()
-                    .filter_map(|r| r["name"].as_str().map(str::len))
-                    .max()
-                    .unwrap_or(4)
-                    .max(4);
+                let width =
+                    crate::format::name_width(rows.iter().filter_map(|r| r["name"].as_str()));
                 println!("  {:<width$}  HOST", "NAME");
                 for row in &rows {
                     let mark = if row["current"] == true { "*" } else { " " };

@@ -35,6 +35,33 @@ fn ping(endpoint: &Endpoint) -> Option<banger_api::PingResult> {
         .and_then(|mut c| c.call::<DaemonPing>(&NoParams {}).ok())
 }
 
+/// Prints `daemon status` (`{"running", <where>, "daemon"}` with `--json`) for the
+/// daemon that answered the ping, if one did, at `place`; exits 1 when none did, so
+/// scripts can test for a running daemon. Local and remote differ only in where it is.
+fn report_status(
+    ping: Option<banger_api::PingResult>,
+    (where_key, where_value): (&str, serde_json::Value),
+    place: &str,
+    not_running: &str,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut status = serde_json::json!({ "running": ping.is_some() });
+    status[where_key] = where_value;
+    status["daemon"] = serde_json::json!(ping);
+    emit(json, &status, |_| match &ping {
+        Some(p) => println!(
+            "bangerd {} running (pid {}, up {}s) on {place}",
+            p.version, p.pid, p.uptime_seconds
+        ),
+        None => println!("{not_running}"),
+    })?;
+    Ok(if ping.is_some() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 /// Runs one `banger daemon` command.
 pub fn run(endpoint: &Endpoint, command: DaemonCommand, json: bool) -> anyhow::Result<ExitCode> {
     if let DaemonCommand::DialStdio { no_start } = command {
@@ -56,27 +83,15 @@ pub fn run(endpoint: &Endpoint, command: DaemonCommand, json: bool) -> anyhow::R
     match command {
         DaemonCommand::DialStdio { .. } => unreachable!("handled above"),
         DaemonCommand::Status => {
-            let ping = ping(endpoint);
-            let status = serde_json::json!({
-                "running": ping.is_some(),
-                "socket": layout.socket(),
-                "daemon": ping,
-            });
-            emit(json, &status, |_| match &ping {
-                Some(p) => println!(
-                    "bangerd {} running (pid {}, up {}s) on {}",
-                    p.version,
-                    p.pid,
-                    p.uptime_seconds,
-                    layout.socket().display()
-                ),
-                None => println!("bangerd not running ({})", layout.socket().display()),
-            })?;
-            Ok(if ping.is_some() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            let socket = layout.socket();
+            let place = socket.display().to_string();
+            report_status(
+                ping(endpoint),
+                ("socket", serde_json::json!(socket)),
+                &place,
+                &format!("bangerd not running ({place})"),
+                json,
+            )
         }
         DaemonCommand::Stop => {
             let mut stopped = None;
@@ -101,26 +116,13 @@ pub fn run(endpoint: &Endpoint, command: DaemonCommand, json: bool) -> anyhow::R
 fn run_remote(endpoint: &Endpoint, command: DaemonCommand, json: bool) -> anyhow::Result<ExitCode> {
     let where_ = endpoint.describe();
     match command {
-        DaemonCommand::Status => {
-            let ping = ping(endpoint);
-            let status = serde_json::json!({
-                "running": ping.is_some(),
-                "host": where_,
-                "daemon": ping,
-            });
-            emit(json, &status, |_| match &ping {
-                Some(p) => println!(
-                    "bangerd {} running (pid {}, up {}s) on {where_}",
-                    p.version, p.pid, p.uptime_seconds
-                ),
-                None => println!("bangerd not running on {where_}"),
-            })?;
-            Ok(if ping.is_some() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
-        }
+        DaemonCommand::Status => report_status(
+            ping(endpoint),
+            ("host", serde_json::json!(where_)),
+            &where_,
+            &format!("bangerd not running on {where_}"),
+            json,
+        ),
         DaemonCommand::Stop => {
             let mut stopped = None;
             if let Ok(mut client) = transport::connect(endpoint, false) {

@@ -208,12 +208,7 @@ pub fn run(
 }
 
 fn print_image_table(images: &[banger_api::ImageInfo]) {
-    let width = images
-        .iter()
-        .map(|i| i.name.len())
-        .max()
-        .unwrap_or(4)
-        .max(4);
+    let width = crate::format::name_width(images.iter().map(|i| i.name.as_str()));
     println!(
         "{:<width$}  {:>9}  {:<20}  REFERENCE",
         "NAME", "SIZE", "CREATED"

@@ -27,13 +27,8 @@ pub fn run(client: &mut Client, command: SnapshotCommand, json: bool) -> anyhow:
     match command {
         SnapshotCommand::List => {
             emit(json, &call::<SnapshotList>(client, &NoParams {})?, |list| {
-                let width = list
-                    .snapshots
-                    .iter()
-                    .map(|s| s.name.len())
-                    .max()
-                    .unwrap_or(4)
-                    .max(4);
+                let width =
+                    crate::format::name_width(list.snapshots.iter().map(|s| s.name.as_str()));
                 println!("{:<width$}  {:>10}  VM", "NAME", "SIZE");
                 for s in &list.snapshots {
                     println!(

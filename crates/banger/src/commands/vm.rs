@@ -37,6 +37,26 @@ impl Resources {
     }
 }
 
+/// How a new VM is networked and booted, as `vm create` and `vm run` take it.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Boot {
+    /// Networking: user (QEMU user-mode, outbound only), tap (filtered bridge + NAT,
+    /// root), none (no network device) or auto (default: network in config.toml).
+    #[arg(long, value_parser = parse_network)]
+    network: Option<NetworkChoice>,
+    /// What the guest may reach beyond the host: allow, deny, or IPv4 CIDRs
+    /// separated by commas (tap only) (default: egress in config.toml).
+    #[arg(long, value_parser = Egress::parse_flag)]
+    egress: Option<Egress>,
+    /// Publish a guest port on the host: [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]
+    /// (repeatable; HOST_IP defaults to 127.0.0.1).
+    #[arg(short = 'p', long = "publish", value_parser = banger_api::PublishedPort::parse_flag)]
+    publish: Vec<banger_api::PublishedPort>,
+    /// Boot cold even where a warm template of this image, kernel and machine exists.
+    #[arg(long)]
+    cold: bool,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
     /// Create a VM from an image (and start it).
@@ -55,21 +75,8 @@ pub enum VmCommand {
         /// Create without starting.
         #[arg(long)]
         no_start: bool,
-        /// Networking: user (QEMU user-mode, outbound only), tap (filtered bridge + NAT,
-        /// root), none (no network device) or auto (default: network in config.toml).
-        #[arg(long, value_parser = parse_network)]
-        network: Option<NetworkChoice>,
-        /// What the guest may reach beyond the host: allow, deny, or IPv4 CIDRs
-        /// separated by commas (tap only) (default: egress in config.toml).
-        #[arg(long, value_parser = Egress::parse_flag)]
-        egress: Option<Egress>,
-        /// Publish a guest port on the host: [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]
-        /// (repeatable; HOST_IP defaults to 127.0.0.1).
-        #[arg(short = 'p', long = "publish", value_parser = banger_api::PublishedPort::parse_flag)]
-        publish: Vec<banger_api::PublishedPort>,
-        /// Boot cold even where a warm template of this image, kernel and machine exists.
-        #[arg(long)]
-        cold: bool,
+        #[command(flatten)]
+        boot: Boot,
         /// Fork this snapshot (banger vm snapshot) instead of booting an image.
         #[arg(long, conflicts_with_all = ["image", "kernel", "cpus", "memory", "disk", "no_start", "network", "egress", "cold"])]
         from: Option<String>,
@@ -229,19 +236,8 @@ pub enum VmCommand {
         rm: bool,
         #[command(flatten)]
         resources: Resources,
-        /// Networking: user, tap, none or auto (default: network in config.toml).
-        #[arg(long, value_parser = parse_network)]
-        network: Option<NetworkChoice>,
-        /// As for `vm create`.
-        #[arg(long, value_parser = Egress::parse_flag)]
-        egress: Option<Egress>,
-        /// Publish a guest port on the host: [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]
-        /// (repeatable; HOST_IP defaults to 127.0.0.1).
-        #[arg(short = 'p', long = "publish", value_parser = banger_api::PublishedPort::parse_flag)]
-        publish: Vec<banger_api::PublishedPort>,
-        /// Boot cold even where a warm template of this image, kernel and machine exists.
-        #[arg(long)]
-        cold: bool,
+        #[command(flatten)]
+        boot: Boot,
         #[command(flatten)]
         stdin: StdinArgs,
         /// Write the guest's bytes to this terminal as they are; by default control
@@ -344,6 +340,17 @@ fn exit_with(result: anyhow::Result<ExecResult>, json: bool) -> anyhow::Result<E
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }
 
+/// Calls a method that acts on the VM `name` and answers its info (`vm.start`, `vm.stop`,
+/// …), printing `{done} NAME` (or the info, with `--json`).
+fn act_on<M>(client: &mut Client, name: String, json: bool, done: &str) -> anyhow::Result<()>
+where
+    M: banger_api::Method<Params = NameParams, Result = VmInfo>,
+{
+    emit(json, &call::<M>(client, &NameParams { name })?, |info| {
+        println!("{done} {}", info.name)
+    })
+}
+
 /// `--network`: one of the closed set of [`NetworkChoice`]s.
 fn parse_network(s: &str) -> Result<NetworkChoice, String> {
     serde_json::from_value(serde_json::Value::String(s.to_owned()))
@@ -359,10 +366,7 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
             kernel,
             resources,
             no_start,
-            network,
-            egress,
-            publish,
-            cold,
+            boot,
             from,
         } => {
             let params = VmCreateParams {
@@ -373,64 +377,34 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
                 memory_mib: resources.memory_mib(),
                 disk_bytes: resources.disk,
                 no_start,
-                network,
-                egress,
-                ports: publish,
-                cold,
+                network: boot.network,
+                egress: boot.egress,
+                ports: boot.publish,
+                cold: boot.cold,
                 from,
             };
             emit(json, &call::<VmCreate>(client, &params)?, |info| {
                 println!("created {} ({})", info.name, info.state)
             })?;
         }
-        VmCommand::Start { name } => emit(
-            json,
-            &call::<VmStart>(client, &NameParams { name })?,
-            |info| println!("started {}", info.name),
-        )?,
-        VmCommand::Stop { name } => emit(
-            json,
-            &call::<VmStop>(client, &NameParams { name })?,
-            |info| println!("stopped {}", info.name),
-        )?,
-        VmCommand::Kill { name } => emit(
-            json,
-            &call::<VmKill>(client, &NameParams { name })?,
-            |info| println!("killed {}", info.name),
-        )?,
+        VmCommand::Start { name } => act_on::<VmStart>(client, name, json, "started")?,
+        VmCommand::Stop { name } => act_on::<VmStop>(client, name, json, "stopped")?,
+        VmCommand::Kill { name } => act_on::<VmKill>(client, name, json, "killed")?,
         VmCommand::Snapshot { name, snapshot } => emit(
             json,
             &call::<VmSnapshot>(client, &VmSnapshotParams { name, snapshot })?,
             |info| println!("saved snapshot {} of {}", info.name, info.vm),
         )?,
-        VmCommand::Pause { name } => emit(
-            json,
-            &call::<VmPause>(client, &NameParams { name })?,
-            |info| println!("paused {}", info.name),
-        )?,
-        VmCommand::Resume { name } => emit(
-            json,
-            &call::<VmResume>(client, &NameParams { name })?,
-            |info| println!("resumed {}", info.name),
-        )?,
-        VmCommand::Rm { name } => {
-            emit(json, &call::<VmRm>(client, &NameParams { name })?, |info| {
-                println!("removed {}", info.name)
-            })?
-        }
+        VmCommand::Pause { name } => act_on::<VmPause>(client, name, json, "paused")?,
+        VmCommand::Resume { name } => act_on::<VmResume>(client, name, json, "resumed")?,
+        VmCommand::Rm { name } => act_on::<VmRm>(client, name, json, "removed")?,
         VmCommand::List { state, image } => {
             let params = VmListParams {
                 state: state.map(|s| s.parse()).transpose()?,
                 image,
             };
             emit(json, &call::<VmList>(client, &params)?, |list| {
-                let width = list
-                    .vms
-                    .iter()
-                    .map(|v| v.name.len())
-                    .max()
-                    .unwrap_or(4)
-                    .max(4);
+                let width = format::name_width(list.vms.iter().map(|v| v.name.as_str()));
                 println!(
                     "{:<width$}  {:<8}  {:<9}  IMAGE",
                     "NAME", "STATE", "BACKEND"
@@ -446,11 +420,7 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
                 }
             })?;
         }
-        VmCommand::Restart { name } => emit(
-            json,
-            &call::<VmRestart>(client, &NameParams { name })?,
-            |info| println!("restarted {}", info.name),
-        )?,
+        VmCommand::Restart { name } => act_on::<VmRestart>(client, name, json, "restarted")?,
         VmCommand::Prune { all, dry_run } => {
             let result = call::<VmPrune>(client, &VmPruneParams { all, dry_run })?;
             emit(json, &result, |r| {
@@ -529,10 +499,7 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
             name,
             rm,
             resources,
-            network,
-            egress,
-            publish,
-            cold,
+            boot,
             stdin,
             raw,
             exports,
@@ -564,15 +531,15 @@ pub fn run(client: &mut Client, command: VmCommand, json: bool) -> anyhow::Resul
                 workspace: workspace.as_ref().map(|w| w.name.clone()),
                 argv: command,
                 rm,
-                network,
-                egress,
-                ports: publish,
+                network: boot.network,
+                egress: boot.egress,
+                ports: boot.publish,
                 vcpus: resources.cpus,
                 memory_mib: resources.memory_mib(),
                 disk_bytes: resources.disk,
                 stdin: mode == Mode::Pipe,
                 tty: tty_params(mode)?,
-                cold,
+                cold: boot.cold,
             };
             let upload = workspace.map(|w| -> interactive::Upload {
                 Box::new(move |input| {

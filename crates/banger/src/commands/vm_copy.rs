@@ -4,10 +4,10 @@
 
 use std::collections::HashMap;
 use std::ffi::OsString;
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -161,17 +161,25 @@ fn copy_in(
             .and_then(Result::ok)
             .unwrap_or_default();
         println!(
-            "copied {} ({} file(s), {} dir(s), {} link(s)) to {}:{}{}",
-            format_bytes(stats.bytes),
-            stats.files,
-            stats.dirs,
-            stats.symlinks,
+            "copied {} to {}:{}{}",
+            copied_summary(&stats),
             result.vm,
             result.guest_path,
             skipped_note(stats.skipped)
         );
     }
     Ok(result)
+}
+
+/// What a copy carried, as both directions report it: `1.0 KiB (2 file(s), 1 dir(s), 0 link(s))`.
+fn copied_summary(stats: &CopyStats) -> String {
+    format!(
+        "{} ({} file(s), {} dir(s), {} link(s))",
+        format_bytes(stats.bytes),
+        stats.files,
+        stats.dirs,
+        stats.symlinks
+    )
 }
 
 fn skipped_note(skipped: u64) -> String {
@@ -236,11 +244,8 @@ fn copy_out(
     }
     if !json {
         println!(
-            "copied {} ({} file(s), {} dir(s), {} link(s)) from {}:{} to {}{}",
-            format_bytes(stats.bytes),
-            stats.files,
-            stats.dirs,
-            stats.symlinks,
+            "copied {} from {}:{} to {}{}",
+            copied_summary(&stats),
             result.vm,
             result.guest_path,
             shown.display(),
@@ -248,31 +253,6 @@ fn copy_out(
         );
     }
     Ok(result)
-}
-
-/// Reads a stream of chunks from a channel (the notifications' data).
-struct ChannelReader {
-    rx: Receiver<Vec<u8>>,
-    buf: Vec<u8>,
-    at: usize,
-}
-
-impl Read for ChannelReader {
-    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-        while self.at == self.buf.len() {
-            match self.rx.recv() {
-                Ok(b) => {
-                    self.buf = b;
-                    self.at = 0;
-                }
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = out.len().min(self.buf.len() - self.at);
-        out[..n].copy_from_slice(&self.buf[self.at..self.at + n]);
-        self.at += n;
-        Ok(n)
-    }
 }
 
 /// Where one download stream goes.
@@ -319,14 +299,7 @@ impl Downloads {
         let (tx, rx) = sync_channel::<Vec<u8>>(8);
         let thread = std::thread::Builder::new()
             .name("banger-extract".into())
-            .spawn(move || {
-                let reader = ChannelReader {
-                    rx,
-                    buf: Vec::new(),
-                    at: 0,
-                };
-                copy::extract(reader, &target)
-            })
+            .spawn(move || copy::extract(copy::ChannelReader::new(rx), &target))
             .ok();
         self.insert(
             stream,

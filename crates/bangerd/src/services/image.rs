@@ -25,7 +25,7 @@ use futures::StreamExt;
 use rusqlite::{params, OptionalExtension};
 
 use crate::layout::Layout;
-use crate::services::{decode_ahead, upload, CallContext};
+use crate::services::{decode_ahead, exactly_one, upload, CallContext, OneOf};
 use crate::store::Store;
 use crate::ServiceError;
 
@@ -196,16 +196,9 @@ impl ImageService {
                 removed += 1;
             }
         }
-        let known: Vec<String> = {
-            let conn = self.store.conn();
-            let mut stmt = conn
-                .prepare("SELECT id FROM images")
-                .context("list image ids")?;
-            let ids = stmt
-                .query_map([], |row| row.get(0))
-                .context("list image ids")?;
-            ids.collect::<Result<_, _>>().context("list image ids")?
-        };
+        let known = self
+            .store
+            .strings("list image ids", "SELECT id FROM images", [])?;
         if let Ok(entries) = std::fs::read_dir(self.layout.images_dir()) {
             for entry in entries {
                 let entry = entry.context("read images dir")?;
@@ -296,23 +289,19 @@ impl ImageService {
         ctx: &CallContext,
         params: ImageImportParams,
     ) -> Result<ImageInfo, ServiceError> {
-        let (name, path, tag, is_dir, reference, staged) = match (&params.path, &params.stream) {
-            (Some(_), Some(_)) => {
-                return Err(ServiceError::bad_request(
-                    "path and stream exclude each other: give one (path: on the daemon's host; stream: uploaded over the connection)",
-                ))
-            }
-            (None, None) => {
-                return Err(ServiceError::bad_request(
-                    "give path (an OCI layout directory or docker archive on the daemon's host) or stream (a docker archive uploaded over the connection)",
-                ))
-            }
-            (Some(_), None) if params.tag.is_some() => {
+        let given = exactly_one(
+            &params.path,
+            &params.stream,
+            "path and stream exclude each other: give one (path: on the daemon's host; stream: uploaded over the connection)",
+            "give path (an OCI layout directory or docker archive on the daemon's host) or stream (a docker archive uploaded over the connection)",
+        )?;
+        let (name, path, tag, is_dir, reference, staged) = match given {
+            OneOf::First(_) if params.tag.is_some() => {
                 return Err(ServiceError::bad_request(
                     "tag goes with stream only: give a path as DIR:TAG (or FILE:TAG)",
                 ))
             }
-            (Some(given), None) => {
+            OneOf::First(given) => {
                 let (path, tag) = split_import_path(given);
                 if !path.is_absolute() {
                     return Err(ServiceError::bad_request(format!(
@@ -330,20 +319,18 @@ impl ImageService {
                 self.ensure_name_free(&name)?;
                 (name, path, tag, meta.is_dir(), given.clone(), None)
             }
-            (None, Some(stream)) => {
+            OneOf::Second(stream) => {
                 let name = match params.name.clone() {
                     Some(name) => name,
-                    None => default_import_name(Path::new(&stream.file_name), params.tag.as_deref()),
+                    None => {
+                        default_import_name(Path::new(&stream.file_name), params.tag.as_deref())
+                    }
                 };
                 validate_image_name(&name)?;
                 // Refused before the upload is read: nothing is received for a taken
                 // name or an oversized stream.
                 self.ensure_name_free(&name)?;
-                upload::check_declared(
-                    "stream",
-                    stream,
-                    IMAGE_UPLOAD_LIMIT,
-                )?;
+                upload::check_declared("stream", stream, IMAGE_UPLOAD_LIMIT)?;
                 let staged = {
                     let ctx = ctx.clone();
                     let stream = stream.clone();
@@ -717,17 +704,11 @@ impl ImageService {
     /// Refused while VMs use it: their disks are copy-on-write overlays on its rootfs.
     pub fn remove(&self, name: &str) -> Result<ImageInfo, ServiceError> {
         let info = self.show(name)?;
-        let users: Vec<String> = {
-            let conn = self.store.conn();
-            let mut stmt = conn
-                .prepare("SELECT name FROM vms WHERE image = ?1 ORDER BY name")
-                .context("list the VMs of an image")?;
-            let rows = stmt
-                .query_map([name], |r| r.get(0))
-                .context("list the VMs of an image")?;
-            rows.collect::<Result<_, _>>()
-                .context("list the VMs of an image")?
-        };
+        let users = self.store.strings(
+            "list the VMs of an image",
+            "SELECT name FROM vms WHERE image = ?1 ORDER BY name",
+            [name],
+        )?;
         let snapshots = self.layout.state_dir.join("snapshots");
         let snapshot_users: Vec<String> = std::fs::read_dir(&snapshots)
             .into_iter()

@@ -13,7 +13,7 @@ use banger_vmm::kernel::{import_deb, import_files, KernelDir, KernelFiles, GUEST
 use rusqlite::OptionalExtension;
 
 use crate::layout::Layout;
-use crate::services::{upload, CallContext};
+use crate::services::{exactly_one, upload, CallContext, OneOf};
 use crate::store::Store;
 use crate::ServiceError;
 
@@ -230,28 +230,26 @@ impl KernelService {
                 "deb_stream needs the caller's connection to upload over (kernel.import over RPC)",
             ));
         }
-        let source = match (&params.deb, &params.kernel) {
-            (Some(_), Some(_)) => {
-                return Err(ServiceError::bad_request(
-                    "deb and kernel exclude each other: give one (deb: a linux-image-*.deb; kernel: a bzImage or vmlinux)",
-                ))
-            }
-            (None, None) => {
-                return Err(ServiceError::bad_request(
-                    "give deb (a linux-image-*.deb) or kernel (a bzImage or vmlinux)",
-                ))
-            }
-            (Some(_), None) if params.modules.is_some() => {
+        let given = exactly_one(
+            &params.deb,
+            &params.kernel,
+            "deb and kernel exclude each other: give one (deb: a linux-image-*.deb; kernel: a bzImage or vmlinux)",
+            "give deb (a linux-image-*.deb) or kernel (a bzImage or vmlinux)",
+        )?;
+        let source = match given {
+            OneOf::First(_) if params.modules.is_some() => {
                 return Err(ServiceError::bad_request(
                     "modules goes with kernel: a deb brings its own modules",
                 ))
             }
-            (Some(deb), None) => Source::Deb(input_path("deb", deb, "kernel package", false)?),
-            (None, Some(kernel)) => Source::Files(KernelFiles {
+            OneOf::First(deb) => Source::Deb(input_path("deb", deb, "kernel package", false)?),
+            OneOf::Second(kernel) => Source::Files(KernelFiles {
                 kernel: input_path("kernel", kernel, "kernel image", false)?.to_owned(),
                 config: None,
                 modules: match &params.modules {
-                    Some(m) => Some(input_path("modules", m, "modules directory", true)?.to_owned()),
+                    Some(m) => {
+                        Some(input_path("modules", m, "modules directory", true)?.to_owned())
+                    }
                     None => None,
                 },
                 version: None,

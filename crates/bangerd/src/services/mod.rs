@@ -25,6 +25,31 @@ pub use image::ImageService;
 pub use kernel::KernelService;
 pub use vm::VmService;
 
+/// Which of two params that exclude each other a caller gave (see [`exactly_one`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OneOf<A, B> {
+    /// The first one.
+    First(A),
+    /// The second one.
+    Second(B),
+}
+
+/// The one of `first` and `second` the caller gave; both or neither is a `bad_request`
+/// saying `both` or `neither` (each names the params and what they are for).
+pub(crate) fn exactly_one<'a, A, B>(
+    first: &'a Option<A>,
+    second: &'a Option<B>,
+    both: &str,
+    neither: &str,
+) -> Result<OneOf<&'a A, &'a B>, crate::ServiceError> {
+    match (first, second) {
+        (Some(_), Some(_)) => Err(crate::ServiceError::bad_request(both)),
+        (None, None) => Err(crate::ServiceError::bad_request(neither)),
+        (Some(a), None) => Ok(OneOf::First(a)),
+        (None, Some(b)) => Ok(OneOf::Second(b)),
+    }
+}
+
 /// Every service of one daemon.
 #[derive(Debug)]
 pub struct Services {

@@ -31,18 +31,31 @@ pub const MAX_WORKSPACE_NAME: usize = 255;
 /// for another call, `Err` when malformed.
 pub fn events(params: Value, call_id: &Value) -> Result<Option<Vec<InputEvent>>, String> {
     let params: UploadParams = serde_json::from_value(params).map_err(|e| e.to_string())?;
+    stream_events(params, call_id, InputEvent::Upload, InputEvent::UploadEnd)
+}
+
+/// The events of one notification carrying the next bytes of a stream (`input` for a
+/// command's stdin, `upload` for the call's uploaded stream; both have `InputParams`'
+/// shape) for the call `call_id`: its base64 `data` decoded as a `data` event, then
+/// `end` when it says `eof`. `Ok(None)` when it is for another call, `Err` when malformed.
+pub fn stream_events(
+    params: UploadParams,
+    call_id: &Value,
+    data: fn(Vec<u8>) -> InputEvent,
+    end: InputEvent,
+) -> Result<Option<Vec<InputEvent>>, String> {
     if &params.id != call_id {
         return Ok(None);
     }
     let mut events = Vec::new();
-    if let Some(data) = params.data {
+    if let Some(encoded) = params.data {
         let bytes = base64::engine::general_purpose::STANDARD
-            .decode(data)
+            .decode(encoded)
             .map_err(|e| format!("data is not base64: {e}"))?;
-        events.push(InputEvent::Upload(bytes));
+        events.push(data(bytes));
     }
     if params.eof {
-        events.push(InputEvent::UploadEnd);
+        events.push(end);
     }
     Ok(Some(events))
 }

@@ -398,7 +398,10 @@ fn send_patch(
             let mut sink = ChannelWriter { tx };
             client.download(Path::new(&guest), &mut sink)
         });
-        let parsed = diff::diff(&vm_dir.join(BASELINE_TAR), ChannelReader::new(rx));
+        let parsed = diff::diff(
+            &vm_dir.join(BASELINE_TAR),
+            banger_client::copy::ChannelReader::new(rx),
+        );
         // The parser stopped early (an error): the downloader's sends fail and it ends.
         let downloaded = downloader
             .join()
@@ -428,41 +431,6 @@ impl Write for ChannelWriter {
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
-    }
-}
-
-struct ChannelReader {
-    rx: std::sync::mpsc::Receiver<Vec<u8>>,
-    buf: Vec<u8>,
-    at: usize,
-}
-
-impl ChannelReader {
-    fn new(rx: std::sync::mpsc::Receiver<Vec<u8>>) -> Self {
-        ChannelReader {
-            rx,
-            buf: Vec::new(),
-            at: 0,
-        }
-    }
-}
-
-impl Read for ChannelReader {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        while self.at == self.buf.len() {
-            match self.rx.recv() {
-                Ok(b) => {
-                    self.buf = b;
-                    self.at = 0;
-                }
-                // The download ended (its outcome is the downloader's result).
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = out.len().min(self.buf.len() - self.at);
-        out[..n].copy_from_slice(&self.buf[self.at..self.at + n]);
-        self.at += n;
-        Ok(n)
     }
 }
 
