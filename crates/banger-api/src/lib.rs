@@ -161,8 +161,8 @@ pub use kernel_pull::*;
 pub use methods::*;
 pub use ports::*;
 pub use rpc::{
-    ErrorData, ErrorKind, InputParams, Notification, NotificationMethod, Progress, Request,
-    ResizeParams, Response, RpcError, Signal, SignalParams, INPUT_NOTIFICATION,
+    ErrorData, ErrorKind, InputParams, JsonRpcVersion, Notification, NotificationMethod, Progress,
+    Request, ResizeParams, Response, RpcError, Signal, SignalParams, INPUT_NOTIFICATION,
     OUTPUT_NOTIFICATION, PROGRESS_NOTIFICATION, RESIZE_NOTIFICATION, SIGNAL_NOTIFICATION,
 };
 pub use rpc::{UploadParams, DOWNLOAD_NOTIFICATION, UPLOAD_CHUNK, UPLOAD_NOTIFICATION};

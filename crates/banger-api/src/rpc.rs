@@ -3,11 +3,25 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+wire_enum! {
+    /// The protocol's `jsonrpc` member: JSON-RPC 2.0 is the only version spoken.
+    "jsonrpc version", JsonRpcVersion {
+        /// `"2.0"`.
+        V2 = "2.0",
+    }
+}
+
+impl Default for JsonRpcVersion {
+    fn default() -> Self {
+        JsonRpcVersion::V2
+    }
+}
+
 /// A request line sent by the client.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Request {
     /// Always `"2.0"`.
-    pub jsonrpc: String,
+    pub jsonrpc: JsonRpcVersion,
     /// Echoed back in the response. Numbers or strings.
     pub id: Value,
     /// Method name, e.g. `daemon.ping`.
@@ -21,7 +35,7 @@ impl Request {
     /// A request with the given id, method and params.
     pub fn new(id: u64, method: &str, params: Value) -> Self {
         Request {
-            jsonrpc: "2.0".into(),
+            jsonrpc: JsonRpcVersion::V2,
             id: Value::from(id),
             method: method.into(),
             params,
@@ -33,7 +47,7 @@ impl Request {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Response {
     /// Always `"2.0"`.
-    pub jsonrpc: String,
+    pub jsonrpc: JsonRpcVersion,
     /// The request's id, or null when the request could not be read.
     pub id: Value,
     /// The method's result on success.
@@ -48,7 +62,7 @@ impl Response {
     /// A success response.
     pub fn ok(id: Value, result: Value) -> Self {
         Response {
-            jsonrpc: "2.0".into(),
+            jsonrpc: JsonRpcVersion::V2,
             id,
             result: Some(result),
             error: None,
@@ -57,7 +71,7 @@ impl Response {
     /// A failure response.
     pub fn err(id: Value, error: RpcError) -> Self {
         Response {
-            jsonrpc: "2.0".into(),
+            jsonrpc: JsonRpcVersion::V2,
             id,
             result: None,
             error: Some(error),
@@ -70,7 +84,7 @@ impl Response {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Notification {
     /// Always `"2.0"`.
-    pub jsonrpc: String,
+    pub jsonrpc: JsonRpcVersion,
     /// Notification name.
     pub method: NotificationMethod,
     /// Its payload.

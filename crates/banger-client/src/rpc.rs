@@ -96,7 +96,7 @@ impl InputSender {
             return Ok(());
         }
         let note = Notification {
-            jsonrpc: "2.0".into(),
+            jsonrpc: banger_api::JsonRpcVersion::V2,
             method,
             params,
         };

@@ -533,6 +533,16 @@ impl Connection {
         queued: &mut VecDeque<LineResult>,
     ) -> Response {
         let id = value.get("id").cloned().unwrap_or(Value::Null);
+        // Said before the envelope is decoded, so the refusal names the version.
+        let version = value.get("jsonrpc").cloned().unwrap_or(Value::Null);
+        if version.as_str() != Some(banger_api::JsonRpcVersion::V2.as_str()) {
+            return self.refuse(
+                id,
+                ServiceError::bad_request(format!(
+                    "unsupported jsonrpc version {version}; expected \"2.0\""
+                )),
+            );
+        }
         let request: Request = match serde_json::from_value(value) {
             Ok(request) => request,
             Err(e) => {
@@ -542,15 +552,6 @@ impl Connection {
                 )
             }
         };
-        if request.jsonrpc != "2.0" {
-            return self.refuse(
-                id,
-                ServiceError::bad_request(format!(
-                    "unsupported jsonrpc version {:?}; expected \"2.0\"",
-                    request.jsonrpc
-                )),
-            );
-        }
         let op_id = self.op_id();
         let (input_tx, input_rx) = mpsc::channel(INPUT_QUEUE);
         let ctx = CallContext::new(op_id.clone(), Some(tx.clone()))

@@ -140,15 +140,16 @@ pub fn bangerd_unit(prefix: &Path, owner: &str) -> String {
          ProtectControlGroups=yes\n\
          RestrictSUIDSGID=yes\n\
          LockPersonality=yes\n\
-         Restart=on-failure\n\
-         \n\
-         [Install]\n\
-         WantedBy=multi-user.target\n",
+         {tail}",
         bin = bin.display(),
         agent = agent.display(),
         rw = STATE_DIRS.join(" "),
+        tail = UNIT_TAIL,
     )
 }
+
+/// How both units end: restarted when they fail, started at boot.
+const UNIT_TAIL: &str = "Restart=on-failure\n\n[Install]\nWantedBy=multi-user.target\n";
 
 /// The `bangerd-root` unit: root, but only the capabilities TAP/bridge/NAT setup and the
 /// Firecracker jailer need.
@@ -170,12 +171,10 @@ pub fn bangerd_root_unit(prefix: &Path, owner: &str) -> String {
          ReadWritePaths={root_rt} /var/lib/banger /var/lib/banger-root\n\
          ProtectHome=yes\n\
          PrivateTmp=yes\n\
-         Restart=on-failure\n\
-         \n\
-         [Install]\n\
-         WantedBy=multi-user.target\n",
+         {tail}",
         bin = prefix.join("bin").display(),
         root_rt = ROOT_RUNTIME_DIR,
+        tail = UNIT_TAIL,
     )
 }
 

@@ -179,7 +179,7 @@ impl CallContext {
             return Ok(());
         };
         let note = Notification {
-            jsonrpc: "2.0".into(),
+            jsonrpc: banger_api::JsonRpcVersion::V2,
             method,
             params,
         };
@@ -196,7 +196,7 @@ impl CallContext {
     pub fn notify(&self, method: banger_api::NotificationMethod, params: serde_json::Value) {
         let Some(sink) = &self.progress else { return };
         let note = Notification {
-            jsonrpc: "2.0".into(),
+            jsonrpc: banger_api::JsonRpcVersion::V2,
             method,
             params,
         };
