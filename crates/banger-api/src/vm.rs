@@ -485,8 +485,9 @@ params_struct! {
         /// VM name; generated when absent.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub name: Option<String>,
-        /// Absolute path of a workspace to copy to `/root/<basename>` (tracked and untracked,
-        /// not ignored, files of a git repository; every file otherwise).
+        /// Refused with `bad_request` when set: it named a workspace directory on the
+        /// daemon's host, which the daemon no longer opens for a client (use `workspace`).
+        /// Kept so that an old client gets that error rather than "unknown field".
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub path: Option<String>,
         /// A workspace the client streams: once the request is sent, its tar archive follows
