@@ -235,33 +235,26 @@ impl TapRoute {
     /// This process: root, or the helper at `root_helper_socket` (default
     /// [`DEFAULT_SOCKET`]) when it answers `priv.ping`.
     pub fn probe(config: &Config) -> TapRoute {
-        let uid = rustix::process::geteuid();
-        if uid.is_root() {
-            return TapRoute::Direct;
+        let (client, _) = match HelperAnswer::probe(config) {
+            HelperAnswer::Root => return TapRoute::Direct,
+            HelperAnswer::Silent(why) => return TapRoute::Unavailable(why),
+            HelperAnswer::Answered(client, ping) => (client, ping),
+        };
+        // The helper makes the TAP ours, but the VMM still opens /dev/net/tun itself to
+        // attach to it: with a root-only node (some hosts chmod it 0600) every TAP VM
+        // would fail at boot.
+        let tun = rustix::fs::access(
+            TUN_DEVICE,
+            rustix::fs::Access::READ_OK | rustix::fs::Access::WRITE_OK,
+        );
+        if tun.is_err() {
+            return TapRoute::Unavailable(format!(
+                "bangerd-root answers at {}, but {TUN_DEVICE} is not read-write for uid {} (its VMM attaches to the TAP through it): chmod 0666 {TUN_DEVICE}, the kernel's default",
+                client.socket().display(),
+                rustix::process::geteuid().as_raw()
+            ));
         }
-        let client = PrivClient::configured(config);
-        match client.ping() {
-            // The helper makes the TAP ours, but the VMM still opens /dev/net/tun itself
-            // to attach to it: with a root-only node (some hosts chmod it 0600) every
-            // TAP VM would fail at boot.
-            Ok(_) if rustix::fs::access(
-                TUN_DEVICE,
-                rustix::fs::Access::READ_OK | rustix::fs::Access::WRITE_OK,
-            )
-            .is_err() =>
-            {
-                TapRoute::Unavailable(format!(
-                    "bangerd-root answers at {}, but {TUN_DEVICE} is not read-write for uid {} (its VMM attaches to the TAP through it): chmod 0666 {TUN_DEVICE}, the kernel's default",
-                    client.socket().display(),
-                    uid.as_raw()
-                ))
-            }
-            Ok(_) => TapRoute::Helper(client),
-            Err(e) => TapRoute::Unavailable(format!(
-                "bangerd is not root (uid {}) and bangerd-root does not answer: {e:#}",
-                uid.as_raw()
-            )),
-        }
+        TapRoute::Helper(client)
     }
 
     /// What `network::resolve_mode` needs to know.
@@ -357,13 +350,10 @@ pub enum JailRoute {
 impl JailRoute {
     /// This process: root, or the helper when it answers `priv.ping` with a jailer.
     pub fn probe(config: &Config) -> JailRoute {
-        let uid = rustix::process::geteuid();
-        if uid.is_root() {
-            return JailRoute::Direct;
-        }
-        let client = PrivClient::configured(config);
-        match client.ping() {
-            Ok(reply) => match reply["jailer"].as_str() {
+        match HelperAnswer::probe(config) {
+            HelperAnswer::Root => JailRoute::Direct,
+            HelperAnswer::Silent(why) => JailRoute::Unjailed(why),
+            HelperAnswer::Answered(client, ping) => match ping["jailer"].as_str() {
                 Some(jailer) => JailRoute::Helper {
                     jailer: jailer.to_owned(),
                     client,
@@ -373,7 +363,29 @@ impl JailRoute {
                     client.socket().display()
                 )),
             },
-            Err(e) => JailRoute::Unjailed(format!(
+        }
+    }
+}
+
+/// What asking for the helper found: this process is root (it needs none), the helper
+/// answered `priv.ping` (with that answer), or it did not, and why.
+enum HelperAnswer {
+    Root,
+    Answered(PrivClient, Value),
+    Silent(String),
+}
+
+impl HelperAnswer {
+    /// Pings the helper at `root_helper_socket` unless this process is root.
+    fn probe(config: &Config) -> HelperAnswer {
+        let uid = rustix::process::geteuid();
+        if uid.is_root() {
+            return HelperAnswer::Root;
+        }
+        let client = PrivClient::configured(config);
+        match client.ping() {
+            Ok(ping) => HelperAnswer::Answered(client, ping),
+            Err(e) => HelperAnswer::Silent(format!(
                 "bangerd is not root (uid {}) and bangerd-root does not answer: {e:#}",
                 uid.as_raw()
             )),
