@@ -11,12 +11,6 @@ wire_enum! {
     }
 }
 
-impl Default for JsonRpcVersion {
-    fn default() -> Self {
-        JsonRpcVersion::V2
-    }
-}
-
 /// A request line sent by the client.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Request {

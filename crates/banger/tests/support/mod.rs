@@ -550,6 +550,17 @@ pub fn doctor_check(report: &serde_json::Value, name: &str) -> serde_json::Value
         .unwrap_or_else(|| panic!("no {name} check in {report}"))
 }
 
+/// Asserts that the check called `name` of a doctor report has `status` and says `needle`.
+#[track_caller]
+pub fn assert_doctor_says(report: &serde_json::Value, name: &str, status: &str, needle: &str) {
+    let check = doctor_check(report, name);
+    assert_eq!(check["status"], status, "{check}");
+    assert!(
+        check["detail"].as_str().unwrap().contains(needle),
+        "{check}"
+    );
+}
+
 /// A loopback port nothing listens on right now.
 pub fn free_loopback_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
