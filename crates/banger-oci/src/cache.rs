@@ -1009,6 +1009,9 @@ fn walk_dir(
 
 /// The size of `name` in `dir` and whether it is a directory (`file_type` from readdir,
 /// or the inode's own type where readdir says Unknown); `None` when it is gone already.
+// Inlined: called once per cache entry (100,000s in a prune); as a call it cost the
+// prune bench 5-10 % against rm -rf.
+#[inline(always)]
 fn stat_entry(
     dir: &rustix::fd::OwnedFd,
     name: &std::ffi::CStr,
@@ -1037,6 +1040,8 @@ fn stat_entry(
 /// One entry of `dir` (at `path`), stat'ed: a directory is walked (and removed after,
 /// for [`Visit::Remove`]); a file is removed (for [`Visit::Remove`]) and reported to
 /// `on_file` with `size`. An entry gone meanwhile is not ours to count: skipped.
+// Inlined for the same reason as stat_entry.
+#[inline(always)]
 fn visit_entry(
     dir: &rustix::fd::OwnedFd,
     path: &Path,
