@@ -22,6 +22,8 @@ pub const SYSTEM_UNIT_DIR: &str = "/etc/systemd/system";
 const STATE_DIRS: [&str; 3] = ["/var/lib/banger", "/var/cache/banger", "/run/banger"];
 /// The helper's runtime directory (its socket).
 const ROOT_RUNTIME_DIR: &str = "/run/banger-root";
+/// The helper's state: the Firecracker jails it makes (its `--jail-dir` default).
+const ROOT_STATE_DIR: &str = "/var/lib/banger-root";
 
 #[derive(Debug, Subcommand)]
 pub enum SystemCommand {
@@ -168,12 +170,13 @@ pub fn bangerd_root_unit(prefix: &Path, owner: &str) -> String {
          StateDirectoryMode=0711\n\
          CapabilityBoundingSet=CAP_NET_ADMIN CAP_SYS_ADMIN CAP_SYS_CHROOT CAP_MKNOD CAP_CHOWN CAP_SETUID CAP_SETGID CAP_DAC_OVERRIDE CAP_DAC_READ_SEARCH CAP_FOWNER\n\
          ProtectSystem=strict\n\
-         ReadWritePaths={root_rt} /var/lib/banger /var/lib/banger-root\n\
+         ReadWritePaths={root_rt} /var/lib/banger {root_state}\n\
          ProtectHome=yes\n\
          PrivateTmp=yes\n\
          {tail}",
         bin = prefix.join("bin").display(),
         root_rt = ROOT_RUNTIME_DIR,
+        root_state = ROOT_STATE_DIR,
         tail = UNIT_TAIL,
     )
 }
@@ -307,7 +310,12 @@ fn uninstall(prefix: &Path, purge: bool) -> anyhow::Result<Report> {
     }
     let _ = std::fs::remove_dir(prefix.join("lib/banger"));
     if purge {
-        for dir in ["/var/lib/banger", "/var/cache/banger", "/etc/banger"] {
+        for dir in [
+            "/var/lib/banger",
+            "/var/cache/banger",
+            "/etc/banger",
+            ROOT_STATE_DIR,
+        ] {
             match std::fs::remove_dir_all(dir) {
                 Ok(()) => report.done.push(format!("purged {dir}")),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -316,7 +324,7 @@ fn uninstall(prefix: &Path, purge: bool) -> anyhow::Result<Report> {
         }
     } else {
         report.done.push(
-            "kept /var/lib/banger, /var/cache/banger and /etc/banger (--purge deletes them)".into(),
+            "kept /var/lib/banger, /var/cache/banger, /etc/banger and /var/lib/banger-root (--purge deletes them)".into(),
         );
     }
     Ok(report)
