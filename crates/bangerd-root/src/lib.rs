@@ -40,6 +40,12 @@ pub const TAP_PREFIX: &str = "bgr-";
 pub const BRIDGE: &str = "banger0";
 /// Longest request line read; a longer one is refused.
 pub const MAX_LINE: usize = 64 * 1024;
+/// Connections served at once; one more is answered `too_many_connections` and closed, so a
+/// caller cannot pin an unbounded number of the helper's threads.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a connection may stay silent between requests before it is closed (the
+/// default of `--idle-timeout-secs`).
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Every method, the closed set.
 pub const METHODS: &[&str] = &[
@@ -73,6 +79,8 @@ pub enum PrivErrorKind {
     BadDescriptor,
     /// The helper was started without what the method needs (no jailer or firecracker).
     NotConfigured,
+    /// [`MAX_CONNECTIONS`] connections are open already.
+    TooManyConnections,
     /// The step itself failed (`ip` said why).
     Failed,
 }
@@ -170,6 +178,8 @@ pub struct Helper {
     pub subnet: Subnet,
     /// Firecracker's jails; `None` where the helper found no jailer or firecracker.
     pub jails: Option<jail::Jails>,
+    /// How long a connection may be silent between requests ([`IDLE_TIMEOUT`] by default).
+    pub idle_timeout: std::time::Duration,
 }
 
 #[derive(Deserialize)]
@@ -366,6 +376,10 @@ impl Helper {
         let Ok(mut writer) = stream.try_clone() else {
             return;
         };
+        // A silent connection is closed rather than holding its thread forever.
+        if stream.set_read_timeout(Some(self.idle_timeout)).is_err() {
+            return;
+        }
         let mut reader = BufReader::new(FdReader {
             stream,
             fds: Vec::new(),
@@ -470,6 +484,37 @@ impl Read for FdReader {
             self.fds.clear();
         }
         Ok(got.bytes)
+    }
+}
+
+/// Accepts connections on `listener` for ever, serving each on its own thread, at most
+/// [`MAX_CONNECTIONS`] at once: one more is told `too_many_connections` and closed.
+pub fn run(helper: std::sync::Arc<Helper>, listener: UnixListener) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let open = std::sync::Arc::new(AtomicUsize::new(0));
+    for stream in listener.incoming() {
+        let mut stream = match stream {
+            Ok(stream) => stream,
+            Err(e) => {
+                eprintln!("bangerd-root: accept: {e}");
+                continue;
+            }
+        };
+        if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            open.fetch_sub(1, Ordering::SeqCst);
+            let e = err(
+                PrivErrorKind::TooManyConnections,
+                format!("{MAX_CONNECTIONS} connections are open already (MAX_CONNECTIONS)"),
+            );
+            eprintln!("bangerd-root: refused a connection: {}", e.message);
+            let _ = writeln!(stream, "{}", serde_json::json!({ "id": null, "error": e }));
+            continue;
+        }
+        let (helper, open) = (std::sync::Arc::clone(&helper), std::sync::Arc::clone(&open));
+        std::thread::spawn(move || {
+            helper.serve(stream);
+            open.fetch_sub(1, Ordering::SeqCst);
+        });
     }
 }
 

@@ -34,6 +34,9 @@ struct Args {
     /// The Firecracker the jailer runs; default `firecracker` on this process's PATH.
     #[arg(long)]
     firecracker: Option<PathBuf>,
+    /// Seconds a connection may stay silent between requests before it is closed.
+    #[arg(long, default_value_t = bangerd_root::IDLE_TIMEOUT.as_secs())]
+    idle_timeout_secs: u64,
 }
 
 /// The (uid, primary gid) of `user`, or of the user with uid `uid`, from /etc/passwd.
@@ -117,15 +120,8 @@ fn main() -> anyhow::Result<()> {
         owner_gid,
         subnet,
         jails,
+        idle_timeout: std::time::Duration::from_secs(args.idle_timeout_secs.max(1)),
     });
-    for stream in listener.incoming() {
-        match stream {
-            Ok(stream) => {
-                let helper = std::sync::Arc::clone(&helper);
-                std::thread::spawn(move || helper.serve(stream));
-            }
-            Err(e) => eprintln!("bangerd-root: accept: {e}"),
-        }
-    }
+    bangerd_root::run(helper, listener);
     Ok(())
 }

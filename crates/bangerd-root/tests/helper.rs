@@ -227,3 +227,55 @@ fn the_helper_refuses_with_typed_errors_and_makes_a_real_tap_in_a_netns() {
         .unwrap();
     assert!(!gone.status.success(), "the TAP stayed");
 }
+
+#[test]
+fn connections_are_bounded_in_number_and_in_silence() {
+    if !banger_testkit::require(
+        rustix::process::geteuid().is_root(),
+        "bangerd-root hands its socket to the owner (chown): needs root",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("bangerd-root.sock");
+    let _helper = common::start(
+        common::helper_command(),
+        &socket,
+        0,
+        &["--idle-timeout-secs".as_ref(), "2".as_ref()],
+    );
+    // The start-up probe's connections are gone before counting.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let held: Vec<UnixStream> = (0..bangerd_root::MAX_CONNECTIONS)
+        .map(|_| UnixStream::connect(&socket).unwrap())
+        .collect();
+    // One more is told why and closed.
+    let extra = UnixStream::connect(&socket).unwrap();
+    extra
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut reply = String::new();
+    BufReader::new(extra)
+        .read_line(&mut reply)
+        .expect("an answer to the connection over the limit");
+    let reply: Value = serde_json::from_str(&reply).unwrap();
+    assert_eq!(kind(&reply), "too_many_connections", "{reply}");
+    // A silent connection is closed after the idle timeout, which frees its place.
+    let started = std::time::Instant::now();
+    held[0]
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut rest = String::new();
+    let read = BufReader::new(&held[0]).read_line(&mut rest).unwrap();
+    assert_eq!((read, rest.as_str()), (0, ""));
+    let waited = started.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_millis(1500)
+            && waited < std::time::Duration::from_secs(10),
+        "closed after {waited:?}"
+    );
+    drop(held);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let reply = call(&socket, "priv.ping", serde_json::json!({}));
+    assert!(reply["result"]["version"].is_string(), "{reply}");
+}
