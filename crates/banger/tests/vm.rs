@@ -661,6 +661,87 @@ fn tap_ready(config: &str) -> Option<(NetNs, Install)> {
 }
 
 #[test]
+fn tap_vms_publish_tcp_ports_through_the_daemon_again_after_a_restart_and_refuse_udp() {
+    let Some((ns, install)) =
+        tap_ready("vmm = \"qemu\"\nnetwork = \"tap\"\nbridge_address = \"172.30.9.1/24\"\n")
+    else {
+        return;
+    };
+    let out = install.banger(&[
+        "vm",
+        "create",
+        "--name",
+        "dns",
+        "--image",
+        "bb",
+        "-p",
+        "5353:53/udp",
+    ]);
+    assert_exit_says(&out, 1, "network \"tap\" publishes TCP ports only");
+    let out = install.banger(&[
+        "vm",
+        "create",
+        "--name",
+        "web",
+        "--image",
+        "bb",
+        "-p",
+        "127.0.0.1:18080:8080",
+    ]);
+    assert_exit(&out, 0);
+    // busybox httpd forks into the background and keeps serving after the exec ends.
+    let out = install.vm_exec(
+        "web",
+        &[
+            "/bin/sh",
+            "-c",
+            "echo hello-from-guest > /tmp/index.html && busybox httpd -p 8080 -h /tmp",
+        ],
+    );
+    assert_succeeded(&out, "start httpd");
+    // The host side is the namespace's loopback, where the daemon listens.
+    // bash's /dev/tcp: the host's busybox wget crashes in a namespace without DNS.
+    let get = || {
+        ns.exec(&[
+            "timeout",
+            "30",
+            "bash",
+            "-c",
+            "exec 3<>/dev/tcp/127.0.0.1/18080 && printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' >&3 && sed -n '/^\\r$/,$p' <&3 | tail -n +2",
+        ])
+    };
+    let got = get();
+    assert_exit(&got, 0);
+    assert_eq!(stdout(&got), "hello-from-guest\n");
+    // The same host port is refused to a second VM, naming it.
+    let out = install.banger(&[
+        "vm",
+        "create",
+        "--name",
+        "web2",
+        "--image",
+        "bb",
+        "-p",
+        "127.0.0.1:18080:80",
+    ]);
+    assert_exit_says(&out, 1, "host port 127.0.0.1:18080/tcp is not free");
+    // A restarted daemon listens again for the VM it re-adopts.
+    assert_exit(&install.banger(&["daemon", "stop"]), 0);
+    assert_exit(&install.banger(&["vm", "list"]), 0);
+    let got = get();
+    assert_exit(&got, 0);
+    assert_eq!(stdout(&got), "hello-from-guest\n");
+    // A stopped VM publishes nothing.
+    assert_exit(&install.banger(&["vm", "stop", "web"]), 0);
+    let got = get();
+    assert!(
+        !got.status.success() && !stdout(&got).contains("hello-from-guest"),
+        "the port still answered after vm stop: {}",
+        stdout(&got)
+    );
+}
+
+#[test]
 fn tap_network_gives_the_guest_its_address_and_the_bridge_and_rm_deletes_the_tap() {
     let Some((ns, install)) =
         tap_ready("vmm = \"qemu\"\nnetwork = \"tap\"\nbridge_address = \"172.30.9.1/24\"\n")

@@ -23,6 +23,7 @@ mod run;
 mod ssh;
 mod start;
 mod stop;
+mod tap_ports;
 
 pub use health::{GUEST_CPU_SAMPLE, GUEST_STATS_TIMEOUT, HEALTH_TIMEOUT};
 pub use lifecycle::{MAX_VCPUS, MIN_MEMORY_MIB};
@@ -75,6 +76,8 @@ pub struct VmService {
     pending_ips: Mutex<HashSet<Ipv4Addr>>,
     /// The agent connection of each running VM, shared by all of its calls.
     agents: AgentPool,
+    /// The relays of TAP VMs' published ports.
+    tap_ports: tap_ports::TapPorts,
 }
 
 /// One agent connection per running VM, kept open and shared by every call on it: the
@@ -247,6 +250,7 @@ impl VmService {
             kvm: OnceLock::new(),
             pending_ips: Mutex::default(),
             agents: AgentPool::default(),
+            tap_ports: tap_ports::TapPorts::default(),
         }
     }
 
@@ -268,6 +272,15 @@ impl VmService {
             if vm.state.is_running() && !running {
                 self.set_state(&vm.id, VmState::Stopped, None)?;
                 tracing::info!(vm = %vm.name, "VM found dead at start-up; marked stopped");
+            }
+            if running && vm.tap.is_some() && !vm.ports.is_empty() {
+                // The relays of a re-adopted TAP VM's published ports died with the old
+                // daemon: listen again.
+                if let Some(ip) = vm.guest_ip.as_deref().and_then(|ip| ip.parse().ok()) {
+                    if let Err(e) = self.tap_ports.publish(&vm.id, ip, &vm.ports) {
+                        tracing::warn!(vm = %vm.name, error = %format!("{e:#}"), "cannot publish the ports of a re-adopted VM");
+                    }
+                }
             }
             if !running {
                 if let (Some(tap), Some(ip)) = (

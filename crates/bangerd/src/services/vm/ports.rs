@@ -1,5 +1,6 @@
 //! Published ports (`vm.create`/`vm.run` `ports`) and `vm.ports`: checking a VM's list,
-//! turning it into slirp `hostfwd`s (user mode), refusing a host port that is taken
+//! turning it into slirp `hostfwd`s (user mode; TAP VMs' TCP ports are relayed by
+//! [`super::tap_ports`]), refusing a host port that is taken
 //! before the VMM starts, and joining what the guest's agent says listens with what is
 //! published.
 
@@ -36,10 +37,13 @@ pub(super) fn check_create(mode: NetworkMode, ports: &[PublishedPort]) -> Result
             }
             Ok(())
         }
-        NetworkMode::Tap => Err(ServiceError::bad_request(format!(
-            "-p {}: publishing ports is implemented for network \"user\" only so far; use --network user",
-            ports[0]
-        ))),
+        // The daemon relays TCP itself (tap_ports); UDP has no relay.
+        NetworkMode::Tap => match ports.iter().find(|p| p.protocol == PortProtocol::Udp) {
+            Some(p) => Err(ServiceError::bad_request(format!(
+                "-p {p}: network \"tap\" publishes TCP ports only; use --network user for UDP"
+            ))),
+            None => Ok(()),
+        },
     }
 }
 

@@ -248,6 +248,7 @@ impl VmService {
                 }))
             }
             (NetworkMode::Tap, Some(ip), Some(tap)) => {
+                ports::check_host_free(&vm)?;
                 let subnet = self.subnet()?;
                 let ip: Ipv4Addr = ip
                     .parse()
@@ -259,6 +260,8 @@ impl VmService {
                 if let Err(e) = route
                     .create_tap(tap)
                     .and_then(|()| route.admit_guest(tap, ip, &vm.egress))
+                    // Bound before the VMM starts, so a taken host port fails the start.
+                    .and_then(|()| self.tap_ports.publish(&vm.id, ip, &vm.ports))
                 {
                     // It may exist half-configured (created, not on the bridge).
                     self.release_tap(&vm);
@@ -348,6 +351,7 @@ impl VmService {
         if vm.tap.is_none() {
             return;
         }
+        self.tap_ports.unpublish(&vm.id);
         let route = TapRoute::probe(&self.config);
         if let (Some(tap), Some(ip)) = (
             vm.tap.as_deref(),
