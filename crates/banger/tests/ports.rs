@@ -43,16 +43,7 @@ fn published_port_serves_guest_http_on_the_host_and_vm_ports_lists_it() {
     ]);
     assert_succeeded(&out, "vm create -p");
 
-    // busybox httpd forks into the background and keeps serving after the exec ends.
-    let out = install.vm_exec(
-        "web",
-        &[
-            "/bin/sh",
-            "-c",
-            "echo hello-from-guest > /tmp/index.html && busybox httpd -p 8080 -h /tmp",
-        ],
-    );
-    assert_succeeded(&out, "start httpd");
+    install.start_guest_httpd("web");
     let response = http_get(port);
     assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
     assert!(

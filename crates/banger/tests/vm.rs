@@ -689,16 +689,7 @@ fn tap_vms_publish_tcp_ports_through_the_daemon_again_after_a_restart_and_refuse
         "127.0.0.1:18080:8080",
     ]);
     assert_exit(&out, 0);
-    // busybox httpd forks into the background and keeps serving after the exec ends.
-    let out = install.vm_exec(
-        "web",
-        &[
-            "/bin/sh",
-            "-c",
-            "echo hello-from-guest > /tmp/index.html && busybox httpd -p 8080 -h /tmp",
-        ],
-    );
-    assert_succeeded(&out, "start httpd");
+    install.start_guest_httpd("web");
     // The host side is the namespace's loopback, where the daemon listens.
     // bash's /dev/tcp: the host's busybox wget crashes in a namespace without DNS.
     let get = || {

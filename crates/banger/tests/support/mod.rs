@@ -181,6 +181,20 @@ impl Install {
         self.banger(&vm_exec_args(vm, command))
     }
 
+    /// Starts busybox httpd on port 8080 of `vm`, serving `/index.html` =
+    /// `hello-from-guest\n`; it forks into the background and keeps serving after the exec.
+    pub fn start_guest_httpd(&self, vm: &str) {
+        let out = self.vm_exec(
+            vm,
+            &[
+                "/bin/sh",
+                "-c",
+                "echo hello-from-guest > /tmp/index.html && busybox httpd -p 8080 -h /tmp",
+            ],
+        );
+        assert_succeeded(&out, "start httpd");
+    }
+
     /// `vm exec VM -- sh -c SCRIPT`, run to its end.
     pub fn vm_sh(&self, vm: &str, script: &str) -> Output {
         self.vm_exec(vm, &["sh", "-c", script])
