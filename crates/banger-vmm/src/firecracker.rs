@@ -142,19 +142,10 @@ impl Jailer {
         fs::File::create(&log).ctx("create", &log)?;
         chown(&log)?;
         // The host-side names, unchanged for every caller.
-        let mut links = vec![
-            (api_socket(run), JAIL_API),
-            (run.join("firecracker.log"), JAIL_LOG),
-        ];
-        if let Some(socket) = &spec.agent_socket {
-            links.push((socket.clone(), JAIL_VSOCK));
+        if spec.agent_socket.is_some() {
             inside.agent_socket = Some(JAIL_VSOCK.into());
         }
-        for (outside, name) in links {
-            let _ = fs::remove_file(&outside);
-            std::os::unix::fs::symlink(root.join(&name[1..]), &outside)
-                .ctx("link into the jail", &outside)?;
-        }
+        link_run_dir_into_jail(spec, &root)?;
         if let Some(NetSpec::Tap { ifname, .. }) = &spec.net {
             crate::confine::give_tap(ifname, uid, gid)
                 .map_err(|e| Error::Vm(format!("hand TAP {ifname} to the VMM user: {e}")))?;
@@ -188,6 +179,26 @@ pub fn exec_file_name(exec_file: &Path) -> String {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "firecracker".into())
+}
+
+/// Makes the run directory's `firecracker.sock`, `firecracker.log` and (with an agent)
+/// `vsock.sock` of `spec` symlinks to their places in the jail `root`, so every other
+/// caller reaches them where it always did.
+pub(crate) fn link_run_dir_into_jail(spec: &VmSpec, root: &Path) -> Result<()> {
+    let run = &spec.run_dir;
+    let mut links = vec![
+        (api_socket(run), JAIL_API),
+        (run.join("firecracker.log"), JAIL_LOG),
+    ];
+    if let Some(socket) = &spec.agent_socket {
+        links.push((socket.clone(), JAIL_VSOCK));
+    }
+    for (outside, name) in links {
+        let _ = fs::remove_file(&outside);
+        std::os::unix::fs::symlink(root.join(&name[1..]), &outside)
+            .ctx("link into the jail", &outside)?;
+    }
+    Ok(())
 }
 
 /// The jailer's command line up to `--`: instance `id`, Firecracker `exec_file`, the

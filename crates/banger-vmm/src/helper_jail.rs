@@ -26,8 +26,8 @@ use std::sync::Arc;
 use crate::backend::{BackendKind, VmSpec, Vmm};
 use crate::error::{Error, IoContext, Result};
 use crate::firecracker::{
-    api_socket, configure, console_sink, instance_id, plan, Firecracker, JAIL_API, JAIL_DISK,
-    JAIL_INITRD, JAIL_KERNEL, JAIL_LOG, JAIL_VSOCK,
+    api_socket, configure, console_sink, instance_id, link_run_dir_into_jail, plan, Firecracker,
+    JAIL_DISK, JAIL_INITRD, JAIL_KERNEL, JAIL_VSOCK,
 };
 
 /// What the jail gets from the caller, as descriptors the caller opened.
@@ -146,19 +146,7 @@ impl Vmm for HelperJailed {
             .map_err(|e| Error::Vm(format!("bangerd-root could not jail firecracker {id}: {e}")))?;
         // The host-side names, unchanged for every caller (as a root daemon's jail has).
         let api = api_socket(run);
-        let mut links = vec![
-            (api.clone(), JAIL_API),
-            (run.join("firecracker.log"), JAIL_LOG),
-        ];
-        if let Some(socket) = &spec.agent_socket {
-            links.push((socket.clone(), JAIL_VSOCK));
-        }
-        let linked = links.iter().try_for_each(|(outside, name)| -> Result<()> {
-            let _ = fs::remove_file(outside);
-            std::os::unix::fs::symlink(jailed.root.join(&name[1..]), outside)
-                .ctx("link into the jail", outside)?;
-            Ok(())
-        });
+        let linked = link_run_dir_into_jail(spec, &jailed.root);
         let pid = jailed.pid;
         let configured =
             linked.and_then(|()| configure(&api, &calls, &stderr_path, || Ok(ended(pid))));
