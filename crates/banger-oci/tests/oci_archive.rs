@@ -26,19 +26,17 @@ fn an_oci_archive_reads_as_its_layout_and_the_tag_chooses_the_image() {
     let tmp = tempfile::tempdir().unwrap();
     let mut layout = OciLayoutBuilder::new(&tmp.path().join("layout")).unwrap();
     let a = layout
-        .build_image(
-            "amd64",
+        .image(
+            "a",
             &[(tar_with_files(&[("a", b"first")]), LayerCompression::Gzip)],
         )
         .unwrap();
     let b = layout
-        .build_image(
-            "amd64",
+        .image(
+            "b",
             &[(tar_with_files(&[("b", b"second")]), LayerCompression::None)],
         )
         .unwrap();
-    layout.tag_image("a", &a).unwrap();
-    layout.tag_image("b", &b).unwrap();
     let tarball = tmp.path().join("image.tar");
     archive_dir(layout.dir(), &tarball);
 
@@ -68,12 +66,11 @@ fn a_linked_blob_in_an_oci_archive_is_refused_and_a_docker_archive_takes_no_tag(
     let tmp = tempfile::tempdir().unwrap();
     let mut layout = OciLayoutBuilder::new(&tmp.path().join("layout")).unwrap();
     let image = layout
-        .build_image(
-            "amd64",
+        .image(
+            "latest",
             &[(tar_with_files(&[("a", b"first")]), LayerCompression::None)],
         )
         .unwrap();
-    layout.tag_image("latest", &image).unwrap();
     // The layer's blob becomes a link to a copy of itself, inside the archive.
     let blobs = layout.dir().join("blobs/sha256");
     let hex = image.layers[0].digest.strip_prefix("sha256:").unwrap();
