@@ -267,17 +267,8 @@ pub fn extract(reader: impl Read, target: &Target) -> anyhow::Result<CopyStats> 
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 clear_non_dir(&dir, &name, &shown)?;
-                let fd = rustix::fs::openat(
-                    &dir,
-                    name.as_os_str(),
-                    OFlags::WRONLY
-                        | OFlags::CREATE
-                        | OFlags::EXCL
-                        | OFlags::NOFOLLOW
-                        | OFlags::CLOEXEC,
-                    Mode::from_raw_mode(0o600),
-                )
-                .with_context(|| format!("create {}", shown.display()))?;
+                let fd = banger_io::beneath::create_new_file_at(&dir, name.as_os_str())
+                    .with_context(|| format!("create {}", shown.display()))?;
                 let mut file = fs::File::from(fd);
                 copy_bounded(&mut entry, &mut file, &mut stats, &shown)?;
                 rustix::fs::fchmod(&file, Mode::from_raw_mode(mode))

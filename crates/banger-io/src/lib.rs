@@ -2,12 +2,17 @@
 //! that failed and the path it failed on, shown as `{op} {path}: {source}`, and
 //! [`IoResultExt::ctx`], which attaches both to an `io::Result`. The crates' own error
 //! enums wrap it (`#[error(transparent)] Io(#[from] banger_io::IoError)`), so every
-//! failed file operation reads the same way.
+//! failed file operation reads the same way. Beside it, [`beneath`]: how the extractors
+//! create a file whose name hostile input chose; and [`tar_entry`]: the header of a tar
+//! entry banger writes itself.
 
 #![forbid(unsafe_code)]
 
 use std::io;
 use std::path::PathBuf;
+
+pub mod beneath;
+pub mod tar_entry;
 
 /// A file or process operation that failed: what was being done, on what, and why.
 #[derive(Debug, thiserror::Error)]

@@ -660,17 +660,8 @@ fn unpack(root: &Root, tar: impl Read, archive_len: u64) -> Result<(), ArchiveEr
                     )));
                 }
                 let _ = rustix::fs::unlinkat(&dir, *leaf, rustix::fs::AtFlags::empty());
-                let fd = rustix::fs::openat(
-                    &dir,
-                    *leaf,
-                    OFlags::WRONLY
-                        | OFlags::CREATE
-                        | OFlags::EXCL
-                        | OFlags::NOFOLLOW
-                        | OFlags::CLOEXEC,
-                    Mode::from_raw_mode(0o600),
-                )
-                .map_err(|e| io(e.into()))?;
+                let fd = banger_io::beneath::create_new_file_at(&dir, *leaf)
+                    .map_err(|e| io(e.into()))?;
                 let mut out = File::from(fd);
                 io::copy(&mut (&mut entry).take(size), &mut out).map_err(io)?;
             }

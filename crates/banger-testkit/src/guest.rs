@@ -46,16 +46,7 @@ pub fn fetch_test_kernel(workspace: &Path, cache: &Path) -> Result<PathBuf, Stri
 
 /// The header of an image layer's entry of `kind`: owned by root, mtime 0 (so layers are
 /// reproducible), with `mode` and `size` (0 for directories and links).
-pub fn layer_entry_header(kind: tar::EntryType, mode: u32, size: usize) -> tar::Header {
-    let mut header = tar::Header::new_gnu();
-    header.set_entry_type(kind);
-    header.set_mode(mode);
-    header.set_uid(0);
-    header.set_gid(0);
-    header.set_size(size as u64);
-    header.set_mtime(0);
-    header
-}
+pub use banger_io::tar_entry::root_owned_header as layer_entry_header;
 
 /// A layer holding a static busybox as /bin/busybox with `sh`, `cat`, `echo`… linked to it:
 /// a minimal image any kernel can run commands in.

@@ -1098,14 +1098,7 @@ fn create_excl(
     name: &[u8],
     removed: &mut bool,
 ) -> Result<OwnedFd, EntryProblem> {
-    let open = || {
-        rustix::fs::openat(
-            dir,
-            name,
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o600),
-        )
-    };
+    let open = || banger_io::beneath::create_new_file_at(dir, name);
     match open() {
         Ok(fd) => Ok(fd),
         Err(Errno::EXIST) => {

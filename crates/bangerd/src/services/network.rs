@@ -368,14 +368,18 @@ pub fn create_tap_owned(name: &str, owner: Option<u32>) -> anyhow::Result<()> {
 /// - `bridge forward`: no frame from one banger TAP to another (with port isolation).
 pub fn tap_guard_script() -> String {
     let t = GUARD_TABLE;
+    let inet_base = emptied_base_chains(
+        "inet",
+        "map egress { type ipv4_addr : verdict; }",
+        &["input", "forward"],
+    );
+    let bridge_base = emptied_base_chains(
+        "bridge",
+        "set guests { type ifname . ether_addr . ipv4_addr; }",
+        &["prerouting", "forward"],
+    );
     format!(
-        "table inet {t} {{\n\
-         \tmap egress {{ type ipv4_addr : verdict; }}\n\
-         \tchain input {{ type filter hook input priority filter; policy accept; }}\n\
-         \tchain forward {{ type filter hook forward priority filter; policy accept; }}\n\
-         }}\n\
-         flush chain inet {t} input\n\
-         flush chain inet {t} forward\n\
+        "{inet_base}\
          table inet {t} {{\n\
          \tchain input {{\n\
          \t\tiifname \"{BRIDGE}\" ct state established,related accept\n\
@@ -389,13 +393,7 @@ pub fn tap_guard_script() -> String {
          \t\tiifname \"{BRIDGE}\" drop\n\
          \t}}\n\
          }}\n\
-         table bridge {t} {{\n\
-         \tset guests {{ type ifname . ether_addr . ipv4_addr; }}\n\
-         \tchain prerouting {{ type filter hook prerouting priority filter; policy accept; }}\n\
-         \tchain forward {{ type filter hook forward priority filter; policy accept; }}\n\
-         }}\n\
-         flush chain bridge {t} prerouting\n\
-         flush chain bridge {t} forward\n\
+         {bridge_base}\
          table bridge {t} {{\n\
          \tchain prerouting {{\n\
          \t\tiifname != \"{TAP_PREFIX}*\" accept\n\
@@ -408,6 +406,25 @@ pub fn tap_guard_script() -> String {
          \t}}\n\
          }}\n"
     )
+}
+
+/// The guard's `family` table with `declaration` (its map or set) and the filter `hooks`,
+/// each a base chain of the hook's name, declared (which creates them the first time and
+/// changes nothing after) and then flushed, so that the rules the script adds next replace
+/// those of an earlier run instead of stacking on them.
+fn emptied_base_chains(family: &str, declaration: &str, hooks: &[&str]) -> String {
+    let t = GUARD_TABLE;
+    let mut script = format!("table {family} {t} {{\n\t{declaration}\n");
+    for hook in hooks {
+        script += &format!(
+            "\tchain {hook} {{ type filter hook {hook} priority filter; policy accept; }}\n"
+        );
+    }
+    script += "}\n";
+    for hook in hooks {
+        script += &format!("flush chain {family} {t} {hook}\n");
+    }
+    script
 }
 
 /// The egress chain of the VM on TAP `tap`.

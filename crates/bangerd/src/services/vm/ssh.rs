@@ -107,16 +107,7 @@ impl VmService {
         let public = read_small(&with_extension_pub(&self.install_key()?))?;
         let host_key = read_small(&self.host_key(vm)?)?;
         let mut tar = tar::Builder::new(Vec::new());
-        let header = |kind: tar::EntryType, mode: u32, size: usize| {
-            let mut h = tar::Header::new_gnu();
-            h.set_entry_type(kind);
-            h.set_mode(mode);
-            h.set_uid(0);
-            h.set_gid(0);
-            h.set_size(size as u64);
-            h.set_mtime(0);
-            h
-        };
+        let header = banger_io::tar_entry::root_owned_header;
         let dir = GUEST_SSH_DIR.rsplit('/').next().unwrap_or("ssh");
         let file = |path: &str| path.rsplit('/').next().unwrap_or(path).to_owned();
         let mut h = header(tar::EntryType::Directory, 0o700, 0);
