@@ -260,8 +260,7 @@ impl Conn {
             ),
             Message::Exec(req) => {
                 if self.live(id) {
-                    self.out
-                        .send(id, Message::Error(format!("session {id} is in use")));
+                    self.refuse_in_use(id);
                 } else if let Err(e) = self.start_exec(id, req) {
                     match e.exit_code {
                         // As a shell does: the reason on stderr, the conventional status.
@@ -289,21 +288,9 @@ impl Conn {
                     *stdin = None; // the feeder closes the pipe when the queue drains
                 }
             }
-            Message::Upload { dest } => {
-                if self.live(id) {
-                    self.out
-                        .send(id, Message::Error(format!("session {id} is in use")));
-                } else if let Err(e) = self.start_upload(id, dest) {
-                    self.out.send(id, Message::Error(e));
-                }
-            }
+            Message::Upload { dest } => self.start_transfer(id, || self.start_upload(id, dest)),
             Message::Download { path } => {
-                if self.live(id) {
-                    self.out
-                        .send(id, Message::Error(format!("session {id} is in use")));
-                } else if let Err(e) = self.start_download(id, path) {
-                    self.out.send(id, Message::Error(e));
-                }
+                self.start_transfer(id, || self.start_download(id, path))
             }
             Message::Resize(size) => {
                 if let Some(Session::Exec { pty: Some(pty), .. }) = self.sessions().get(&id) {
@@ -379,6 +366,23 @@ impl Conn {
 
     fn live(&self, id: SessionId) -> bool {
         self.sessions().contains_key(&id)
+    }
+
+    /// Tells the host that session `id` already runs something: an id names one session
+    /// at a time, and a second request on it is refused rather than mixed in.
+    fn refuse_in_use(&self, id: SessionId) {
+        self.out
+            .send(id, Message::Error(format!("session {id} is in use")));
+    }
+
+    /// Starts an upload or a download on session `id` with `start`, unless the session is
+    /// in use; either refusal reaches the host as the session's error.
+    fn start_transfer(&self, id: SessionId, start: impl FnOnce() -> Result<(), String>) {
+        if self.live(id) {
+            self.refuse_in_use(id);
+        } else if let Err(e) = start() {
+            self.out.send(id, Message::Error(e));
+        }
     }
 
     /// The output window and the inbound grant of a session opened now.

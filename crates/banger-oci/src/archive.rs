@@ -167,6 +167,25 @@ pub struct LocalImage {
 }
 
 /// A directory members are opened beneath.
+/// A bound on the size of a member read whole, and the constant's name errors give it.
+#[derive(Debug, Clone, Copy)]
+struct MemberLimit {
+    bytes: u64,
+    name: &'static str,
+}
+
+/// Manifests and indexes, as the registry client bounds them.
+const MANIFEST_LIMIT: MemberLimit = MemberLimit {
+    bytes: MAX_MANIFEST_BYTES,
+    name: "MAX_MANIFEST_BYTES",
+};
+
+/// Image configurations, as the registry client bounds them.
+const CONFIG_LIMIT: MemberLimit = MemberLimit {
+    bytes: MAX_CONFIG_BYTES,
+    name: "MAX_CONFIG_BYTES",
+};
+
 struct Root {
     fd: OwnedFd,
     /// For messages: the layout directory or the archive file.
@@ -246,8 +265,10 @@ impl Root {
         &self,
         what: &'static str,
         member: &str,
-        limit: u64,
-        limit_name: &'static str,
+        MemberLimit {
+            bytes: limit,
+            name: limit_name,
+        }: MemberLimit,
     ) -> Result<Vec<u8>, ArchiveError> {
         let file = self.open_member(what, member)?;
         let mut bytes = Vec::new();
@@ -275,6 +296,18 @@ impl Root {
         serde_json::from_slice(bytes).map_err(|e| self.invalid(what, e))
     }
 
+    /// The `manifests` of the image index `bytes`, read as `what`.
+    fn index_manifests(
+        &self,
+        what: &'static str,
+        bytes: &[u8],
+    ) -> Result<Vec<Value>, ArchiveError> {
+        match self.parse(what, bytes)?["manifests"].take() {
+            Value::Array(manifests) => Ok(manifests),
+            _ => Err(self.invalid(what, "no manifests")),
+        }
+    }
+
     fn invalid(&self, what: &'static str, reason: impl std::fmt::Display) -> ArchiveError {
         ArchiveError::Invalid {
             archive: self.name.clone(),
@@ -288,12 +321,11 @@ impl Root {
         &self,
         what: &'static str,
         descriptor: &Value,
-        limit: u64,
-        limit_name: &'static str,
+        limit: MemberLimit,
     ) -> Result<(Digest, Vec<u8>), ArchiveError> {
         let digest = descriptor_digest(self, descriptor, what)?;
         let member = blob_member(&digest);
-        let bytes = self.read_small(what, &member, limit, limit_name)?;
+        let bytes = self.read_small(what, &member, limit)?;
         self.check(what, &member, &digest, Digest::of(&bytes))?;
         if let Some(expected) = descriptor["size"].as_u64() {
             if expected != bytes.len() as u64 {
@@ -382,16 +414,8 @@ fn layout_image(root: &Root, dir: &Path, tag: Option<&str>) -> Result<LocalImage
         }
         Err(e) => return Err(e),
     }
-    let index_bytes = root.read_small(
-        "index",
-        "index.json",
-        MAX_MANIFEST_BYTES,
-        "MAX_MANIFEST_BYTES",
-    )?;
-    let index = root.parse("index.json", &index_bytes)?;
-    let manifests = index["manifests"]
-        .as_array()
-        .ok_or_else(|| root.invalid("index.json", "no manifests"))?;
+    let index_bytes = root.read_small("index", "index.json", MANIFEST_LIMIT)?;
+    let manifests = root.index_manifests("index.json", &index_bytes)?;
     let chosen = match tag {
         Some(tag) => manifests
             .iter()
@@ -412,35 +436,19 @@ fn layout_image(root: &Root, dir: &Path, tag: Option<&str>) -> Result<LocalImage
         if !INDEX_TYPES.contains(&media_type) {
             break;
         }
-        let (_, bytes) = root.read_blob(
-            "index",
-            &descriptor,
-            MAX_MANIFEST_BYTES,
-            "MAX_MANIFEST_BYTES",
-        )?;
-        let nested = root.parse("image index", &bytes)?;
-        let entries = nested["manifests"]
-            .as_array()
-            .ok_or_else(|| root.invalid("image index", "no manifests"))?;
+        let (_, bytes) = root.read_blob("index", &descriptor, MANIFEST_LIMIT)?;
+        let entries = root.index_manifests("image index", &bytes)?;
         descriptor = entries
             .iter()
             .find(|m| m["platform"]["os"] == "linux" && m["platform"]["architecture"] == "amd64")
             .cloned()
             .ok_or_else(|| root.invalid("image index", "no linux/amd64 image"))?;
     }
-    let (manifest_digest, manifest_bytes) = root.read_blob(
-        "manifest",
-        &descriptor,
-        MAX_MANIFEST_BYTES,
-        "MAX_MANIFEST_BYTES",
-    )?;
+    let (manifest_digest, manifest_bytes) =
+        root.read_blob("manifest", &descriptor, MANIFEST_LIMIT)?;
     let manifest = root.parse("manifest", &manifest_bytes)?;
-    let (config_digest, raw_config) = root.read_blob(
-        "config",
-        &manifest["config"],
-        MAX_CONFIG_BYTES,
-        "MAX_CONFIG_BYTES",
-    )?;
+    let (config_digest, raw_config) =
+        root.read_blob("config", &manifest["config"], CONFIG_LIMIT)?;
     let layers = manifest["layers"]
         .as_array()
         .ok_or_else(|| root.invalid("manifest", "no layers"))?
@@ -539,12 +547,7 @@ fn unpack_archive(tarball: &Path, into: &Path, inner_symlinks: bool) -> Result<R
 /// its `manifest.json`.
 fn docker_image(root: &Root, into: &Path) -> Result<LocalImage, ArchiveError> {
     let manifest_bytes = root
-        .read_small(
-            "manifest",
-            "manifest.json",
-            MAX_MANIFEST_BYTES,
-            "MAX_MANIFEST_BYTES",
-        )
+        .read_small("manifest", "manifest.json", MANIFEST_LIMIT)
         .map_err(|e| match e {
             ArchiveError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => {
                 root.invalid("manifest.json", "missing: not a docker archive")
@@ -559,8 +562,7 @@ fn docker_image(root: &Root, into: &Path) -> Result<LocalImage, ArchiveError> {
     let config_name = entry["Config"]
         .as_str()
         .ok_or_else(|| root.invalid("manifest.json", "entry has no Config"))?;
-    let raw_config =
-        root.read_small("config", config_name, MAX_CONFIG_BYTES, "MAX_CONFIG_BYTES")?;
+    let raw_config = root.read_small("config", config_name, CONFIG_LIMIT)?;
     let config_digest = Digest::of(&raw_config);
     // `<hex>.json` (classic) and `blobs/sha256/<hex>` (docker 25+) name the digest.
     if let Some(named) = named_digest(config_name) {
