@@ -289,9 +289,7 @@ impl Conn {
                 }
             }
             Message::Upload { dest } => self.start_transfer(id, || self.start_upload(id, dest)),
-            Message::Download { path } => {
-                self.start_transfer(id, || self.start_download(id, path))
-            }
+            Message::Download { path } => self.start_transfer(id, || self.start_download(id, path)),
             Message::Resize(size) => {
                 if let Some(Session::Exec { pty: Some(pty), .. }) = self.sessions().get(&id) {
                     // Setting the size on the master sends SIGWINCH to the pty's foreground

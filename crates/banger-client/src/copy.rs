@@ -465,6 +465,12 @@ mod tests {
         b.append(&h, data).unwrap();
     }
 
+    /// Extracts the archive `bytes`, whose root is `name`, to `dest` as `banger vm cp`
+    /// resolves it.
+    fn extract_named(bytes: &[u8], dest: &Path, name: &str) -> anyhow::Result<CopyStats> {
+        extract(bytes, &Target::resolve(dest, OsStr::new(name)).unwrap())
+    }
+
     fn tar_of(entries: &[(tar::EntryType, &str, &str, &[u8])]) -> Vec<u8> {
         let mut b = tar::Builder::new(Vec::new());
         for (kind, name, link, data) in entries {
@@ -500,11 +506,7 @@ mod tests {
 
         // Into a missing path: the tree becomes it.
         let dest = tmp.path().join("copy");
-        let got = extract(
-            &bytes[..],
-            &Target::resolve(&dest, OsStr::new("src")).unwrap(),
-        )
-        .unwrap();
+        let got = extract_named(&bytes, &dest, "src").unwrap();
         assert_eq!(got, sent);
         assert_eq!(fs::read(dest.join("sub/x.sh")).unwrap(), b"#!/bin/sh\n");
         let meta = fs::metadata(dest.join("sub/x.sh")).unwrap();
@@ -526,11 +528,7 @@ mod tests {
         // Into an existing directory: under the source's name.
         let into = tmp.path().join("into");
         fs::create_dir(&into).unwrap();
-        extract(
-            &bytes[..],
-            &Target::resolve(&into, OsStr::new("src")).unwrap(),
-        )
-        .unwrap();
+        extract_named(&bytes, &into, "src").unwrap();
         assert_eq!(fs::read(into.join("src/sub/x.sh")).unwrap(), b"#!/bin/sh\n");
     }
 
@@ -550,11 +548,7 @@ mod tests {
             (tar::EntryType::Regular, "out/etc/passwd", "", b"owned"),
         ]);
         let dest = tmp.path().join("dest");
-        let err = extract(
-            &bytes[..],
-            &Target::resolve(&dest, OsStr::new("out")).unwrap(),
-        )
-        .unwrap_err();
+        let err = extract_named(&bytes, &dest, "out").unwrap_err();
         assert!(
             format!("{err:#}").contains("without following links"),
             "{err:#}"
@@ -567,7 +561,6 @@ mod tests {
     fn dotdot_absolute_and_second_roots_are_refused_devices_and_hardlinks_skipped() {
         let tmp = tempfile::tempdir().unwrap();
         let dest = tmp.path().join("d");
-        let target = || Target::resolve(&dest, OsStr::new("out")).unwrap();
         for (bad, why) in [
             ("out/../../evil", "escapes"),
             ("/etc/evil", "escapes"),
@@ -577,7 +570,7 @@ mod tests {
                 (tar::EntryType::Directory, "out", "", b""),
                 (tar::EntryType::Regular, bad, "", b"x"),
             ]);
-            let err = extract(&bytes[..], &target()).unwrap_err();
+            let err = extract_named(&bytes, &dest, "out").unwrap_err();
             assert!(format!("{err:#}").contains(why), "{bad}: {err:#}");
         }
         assert!(!tmp.path().join("evil").exists());
@@ -589,11 +582,7 @@ mod tests {
             (tar::EntryType::Regular, "out/suid", "", b"x"),
         ]);
         let dest = tmp.path().join("fresh");
-        let stats = extract(
-            &bytes[..],
-            &Target::resolve(&dest, OsStr::new("out")).unwrap(),
-        )
-        .unwrap();
+        let stats = extract_named(&bytes, &dest, "out").unwrap();
         assert_eq!((stats.skipped, stats.files), (3, 1));
         assert!(!dest.join("tty").exists() && !dest.join("hard").exists());
         // Set-id bits never reach the host.

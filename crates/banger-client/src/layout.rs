@@ -118,6 +118,18 @@ impl Layout {
         /// The OCI layer cache, `<cache>/oci`; blobs live at `blobs/sha256/<hex>` below it.
         oci_cache_dir => cache_dir / "oci",
     }
+
+    /// The daemon's log, opened for appending, its private state directory made first:
+    /// bangerd writes it through tracing, and the client that starts bangerd points the
+    /// new process's stderr at it to keep what it prints before tracing is up.
+    pub fn open_log(&self) -> anyhow::Result<std::fs::File> {
+        crate::process::create_private_dir(&self.state_dir)?;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_file())
+            .with_context(|| format!("open the daemon's log {}", self.log_file().display()))
+    }
 }
 
 /// The `layout` key of `config.toml`, if the file exists. Only that key is read here: the

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::layout::{Layout, LayoutKind};
-use crate::process::{create_private_dir, pid_alive};
+use crate::process::pid_alive;
 use anyhow::{bail, Context};
 use banger_api::{
     DaemonPing, DaemonShutdown, InputParams, Method, NoParams, Notification, NotificationMethod,
@@ -373,13 +373,8 @@ fn bangerd_path() -> PathBuf {
 }
 
 fn start_daemon(layout: &Layout) -> anyhow::Result<()> {
-    create_private_dir(&layout.state_dir)?;
     // bangerd logs through tracing once it is up; this catches what it prints before that.
-    let early_log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(layout.log_file())
-        .with_context(|| format!("open {}", layout.log_file().display()))?;
+    let early_log = layout.open_log()?;
     let program = bangerd_path();
     let mut command = Command::new(&program);
     if layout.kind == LayoutKind::System {

@@ -948,6 +948,25 @@ enum Visit {
     Remove,
 }
 
+/// The directory `name` in `dir`, not following a link; `None` when it is gone (another
+/// prune, or the daemon, removed it mid-walk).
+#[inline(always)]
+fn open_dir_if_present<P: rustix::path::Arg>(
+    dir: impl AsFd,
+    name: P,
+) -> io::Result<Option<rustix::fd::OwnedFd>> {
+    match rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+    ) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(rustix::io::Errno::NOENT) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Walks `root` with directory file descriptors, reporting every non-directory entry's
 /// size, and in [`Visit::Remove`] mode unlinking each one (and then the directories).
 ///
@@ -959,14 +978,8 @@ fn walk_tree(
     visit: Visit,
     on_file: &mut dyn FnMut(&Path, &OsStr, u64),
 ) -> io::Result<()> {
-    let dir = match rustix::fs::open(
-        root,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-        Mode::empty(),
-    ) {
-        Ok(fd) => fd,
-        Err(rustix::io::Errno::NOENT) => return Ok(()),
-        Err(e) => return Err(e.into()),
+    let Some(dir) = open_dir_if_present(CWD, root)? else {
+        return Ok(());
     };
     walk_dir(dir, root, visit, on_file)?;
     if visit == Visit::Remove {
@@ -1053,15 +1066,8 @@ fn visit_entry(
 ) -> io::Result<()> {
     let os_name = OsStr::from_bytes(name.to_bytes());
     if is_dir {
-        let child = match rustix::fs::openat(
-            dir,
-            name,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-            Mode::empty(),
-        ) {
-            Ok(fd) => fd,
-            Err(rustix::io::Errno::NOENT) => return Ok(()),
-            Err(e) => return Err(e.into()),
+        let Some(child) = open_dir_if_present(dir, name)? else {
+            return Ok(());
         };
         walk_dir(child, &path.join(os_name), visit, on_file)?;
         if visit == Visit::Remove {

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use bangerd::layout::Layout;
-use bangerd::server::{create_private_dir, Server};
+use bangerd::server::Server;
 use bangerd::services::{DaemonService, ImageService, KernelService, Services, VmService};
 use bangerd::store::Store;
 use clap::Parser;
@@ -53,12 +53,7 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let layout = Layout::resolve(args.system)?;
-    create_private_dir(&layout.state_dir)?;
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(layout.log_file())
-        .with_context(|| format!("open log {}", layout.log_file().display()))?;
+    let log = layout.open_log()?;
     tracing_subscriber::fmt()
         .with_writer(Mutex::new(log))
         .with_ansi(false)
