@@ -128,9 +128,14 @@ pub trait Vmm {
     /// Which backend this is.
     fn kind(&self) -> BackendKind;
 
+    /// The VMM's program.
+    fn binary(&self) -> &Path;
+
     /// The VMM's version line (`QEMU emulator version 7.2.x`, `Firecracker v1.x`), by
-    /// running its binary.
-    fn version(&self) -> Result<String>;
+    /// running its binary: both answer `--version`.
+    fn version(&self) -> Result<String> {
+        version_line(self.binary(), "--version")
+    }
 
     /// Starts the VM in a session of its own and returns the VMM's pid once the guest was
     /// told to boot (not once it is up). The process outlives the caller, so a daemon

@@ -537,8 +537,8 @@ impl Vmm for Firecracker {
         BackendKind::Firecracker
     }
 
-    fn version(&self) -> Result<String> {
-        crate::backend::version_line(&self.binary, "--version")
+    fn binary(&self) -> &Path {
+        &self.binary
     }
 
     fn spawn_detached(&self, spec: &VmSpec) -> Result<u32> {

@@ -89,8 +89,8 @@ impl Vmm for HelperJailed {
         BackendKind::Firecracker
     }
 
-    fn version(&self) -> Result<String> {
-        self.firecracker.version()
+    fn binary(&self) -> &std::path::Path {
+        &self.firecracker.binary
     }
 
     fn spawn_detached(&self, spec: &VmSpec) -> Result<u32> {

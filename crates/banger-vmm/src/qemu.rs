@@ -374,8 +374,8 @@ impl Vmm for Qemu {
         BackendKind::Qemu
     }
 
-    fn version(&self) -> Result<String> {
-        crate::backend::version_line(&self.binary, "--version")
+    fn binary(&self) -> &Path {
+        &self.binary
     }
 
     /// Starts QEMU for `spec` in a session of its own and returns its pid, without tying

@@ -213,11 +213,9 @@ impl Dispatch {
     }
 }
 
-/// Runs a blocking service call (VMM processes, debugfs, agent I/O) off the async workers.
+/// Runs a blocking service call off the async workers ([`crate::span::blocking`]).
 async fn blocking<T: Send + 'static>(
     call: impl FnOnce() -> Result<T, ServiceError> + Send + 'static,
 ) -> Result<T, ServiceError> {
-    crate::span::spawn_blocking(call)
-        .await
-        .map_err(|e| anyhow::anyhow!("service task panicked: {e}"))?
+    crate::span::blocking("service", call).await
 }

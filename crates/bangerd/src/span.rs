@@ -17,6 +17,18 @@ where
     tokio::task::spawn_blocking(move || span.in_scope(work))
 }
 
+/// Runs the blocking part of a service call (VMM processes, debugfs, agent I/O, a kernel
+/// download) off the async workers, inside the caller's span; a panic in it becomes the
+/// call's error, naming `task`.
+pub async fn blocking<T: Send + 'static>(
+    task: &'static str,
+    call: impl FnOnce() -> Result<T, crate::ServiceError> + Send + 'static,
+) -> Result<T, crate::ServiceError> {
+    spawn_blocking(call)
+        .await
+        .map_err(|e| anyhow::anyhow!("{task} task panicked: {e}"))?
+}
+
 /// A named thread (`std::thread::Builder`), inside the caller's span.
 pub fn spawn_thread<T, F>(name: &str, work: F) -> std::io::Result<std::thread::JoinHandle<T>>
 where

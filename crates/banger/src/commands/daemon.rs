@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 
 use banger_api::{DaemonPing, DaemonShutdown, NoParams};
-use banger_client::rpc::{self, Client};
+use banger_client::rpc;
 use banger_client::{transport, Endpoint, Layout};
 use clap::Subcommand;
 
@@ -62,87 +62,78 @@ fn report_status(
     })
 }
 
-/// Runs one `banger daemon` command.
+/// Runs one `banger daemon` command. Status and stop work on any endpoint; they differ
+/// only in how the daemon's place is named and in whether its pid can be watched.
 pub fn run(endpoint: &Endpoint, command: DaemonCommand, json: bool) -> anyhow::Result<ExitCode> {
-    if let DaemonCommand::DialStdio { no_start } = command {
-        let Endpoint::Local(layout) = endpoint else {
-            anyhow::bail!(
-                "daemon dial-stdio joins this host's own daemon; it takes no --host or context"
-            );
-        };
-        return dial_stdio(layout, !no_start);
-    }
-    if !endpoint.is_local() {
-        return run_remote(endpoint, command, json);
-    }
-    let Endpoint::Local(layout) = endpoint else {
-        let describe = endpoint.describe();
-        anyhow::bail!("daemon status/stop need a layout's daemon, not {describe}");
-    };
-    let layout: &Layout = layout;
-    match command {
-        DaemonCommand::DialStdio { .. } => unreachable!("handled above"),
-        DaemonCommand::Status => {
-            let socket = layout.socket();
-            let place = socket.display().to_string();
-            report_status(
-                ping(endpoint),
-                ("socket", serde_json::json!(socket)),
-                &place,
-                &format!("bangerd not running ({place})"),
-                json,
-            )
+    // A local daemon is named by its socket; another host's by that host.
+    let (where_key, place, not_running) = match endpoint {
+        Endpoint::Local(layout) => {
+            let place = layout.socket().display().to_string();
+            let not_running = format!("bangerd not running ({place})");
+            ("socket", place, not_running)
         }
+        remote => {
+            let place = remote.describe();
+            let not_running = format!("bangerd not running on {place}");
+            ("host", place, not_running)
+        }
+    };
+    let where_value = match endpoint {
+        Endpoint::Local(layout) => serde_json::json!(layout.socket()),
+        _ => serde_json::json!(place),
+    };
+    match command {
+        DaemonCommand::DialStdio { no_start } => {
+            let Endpoint::Local(layout) = endpoint else {
+                anyhow::bail!(
+                    "daemon dial-stdio joins this host's own daemon; it takes no --host or context"
+                );
+            };
+            dial_stdio(layout, !no_start)
+        }
+        DaemonCommand::Status => report_status(
+            ping(endpoint),
+            (where_key, where_value),
+            &place,
+            &not_running,
+            json,
+        ),
         DaemonCommand::Stop => {
-            let mut stopped = None;
-            if let Ok(mut client) = Client::connect(&layout.socket()) {
-                if let Ok(ping) = client.call::<DaemonPing>(&NoParams {}) {
-                    rpc::stop_daemon(&mut client, ping.pid)?;
-                    stopped = Some(ping.pid);
-                }
+            let stopped = stop(endpoint)?;
+            let mut result = serde_json::json!({ "stopped": stopped.is_some(), "pid": stopped });
+            let own_layout = matches!(endpoint, Endpoint::Local(_));
+            if !own_layout {
+                result[where_key] = where_value;
             }
-            let result = serde_json::json!({ "stopped": stopped.is_some(), "pid": stopped });
-            emit(json, &result, |_| match stopped {
-                Some(pid) => println!("bangerd stopped (pid {pid})"),
-                None => println!("bangerd was not running"),
+            emit(json, &result, |_| match (stopped, own_layout) {
+                (Some(pid), true) => println!("bangerd stopped (pid {pid})"),
+                (Some(pid), false) => println!("bangerd on {place} asked to stop (pid {pid})"),
+                (None, true) => println!("bangerd was not running"),
+                (None, false) => println!("bangerd was not running on {place}"),
             })?;
             Ok(ExitCode::SUCCESS)
         }
     }
 }
 
-/// `daemon status` and `daemon stop` of a daemon on another host: its pid means nothing
-/// here, so stopping asks and does not wait for the process.
-fn run_remote(endpoint: &Endpoint, command: DaemonCommand, json: bool) -> anyhow::Result<ExitCode> {
-    let where_ = endpoint.describe();
-    match command {
-        DaemonCommand::Status => report_status(
-            ping(endpoint),
-            ("host", serde_json::json!(where_)),
-            &where_,
-            &format!("bangerd not running on {where_}"),
-            json,
-        ),
-        DaemonCommand::Stop => {
-            let mut stopped = None;
-            if let Ok(mut client) = transport::connect(endpoint, false) {
-                if let Ok(ping) = client.call::<DaemonPing>(&NoParams {}) {
-                    client
-                        .call::<DaemonShutdown>(&NoParams {})
-                        .map_err(anyhow::Error::from)?;
-                    stopped = Some(ping.pid);
-                }
-            }
-            let result =
-                serde_json::json!({ "stopped": stopped.is_some(), "pid": stopped, "host": where_ });
-            emit(json, &result, |_| match stopped {
-                Some(pid) => println!("bangerd on {where_} asked to stop (pid {pid})"),
-                None => println!("bangerd was not running on {where_}"),
-            })?;
-            Ok(ExitCode::SUCCESS)
-        }
-        DaemonCommand::DialStdio { .. } => unreachable!("handled by run"),
+/// Stops the daemon at `endpoint` if one answers, returning its pid. The pid of a daemon
+/// on this host is watched until the process is gone; another host's means nothing here,
+/// so that one is only asked.
+fn stop(endpoint: &Endpoint) -> anyhow::Result<Option<u32>> {
+    let Ok(mut client) = transport::connect(endpoint, false) else {
+        return Ok(None);
+    };
+    let Ok(ping) = client.call::<DaemonPing>(&NoParams {}) else {
+        return Ok(None);
+    };
+    if endpoint.is_local() {
+        rpc::stop_daemon(&mut client, ping.pid)?;
+    } else {
+        client
+            .call::<DaemonShutdown>(&NoParams {})
+            .map_err(anyhow::Error::from)?;
     }
+    Ok(Some(ping.pid))
 }
 
 /// Copies stdin to the daemon's socket and the socket to stdout, unbuffered, until the

@@ -321,6 +321,16 @@ impl Write for Publishing<'_> {
 mod tests {
     use super::*;
 
+    /// Polls `done` until it holds, failing the test naming `what` after `seconds`: the
+    /// decoder and the commit run on threads of their own.
+    fn wait_until(what: &str, seconds: u64, mut done: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "waited for {what}");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
     fn gzip(data: &[u8]) -> Vec<u8> {
         let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         enc.write_all(data).unwrap();
@@ -384,18 +394,15 @@ mod tests {
         let mut ahead = start(&cache, jobs, CAPS);
         let copy = ahead.take(0).unwrap();
         drop(ahead);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        loop {
+        wait_until("the decoder stops", 30, || {
             let progress = copy.progress.lock().unwrap();
-            if let Some(end) = &progress.end {
-                assert!(end.is_err(), "stopped, not finished");
-                assert!(progress.available < decoded_len);
-                break;
-            }
-            drop(progress);
-            assert!(std::time::Instant::now() < deadline, "decoder did not stop");
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+            let Some(end) = &progress.end else {
+                return false;
+            };
+            assert!(end.is_err(), "stopped, not finished");
+            assert!(progress.available < decoded_len);
+            true
+        });
     }
 
     #[test]
@@ -424,11 +431,9 @@ mod tests {
             assert!(read == *plain, "followed bytes equal the layer");
         }
         // The commit follows the readers' end: wait for it.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !layers.iter().all(|l| cache.contains(&Digest::of(l))) {
-            assert!(std::time::Instant::now() < deadline, "copies not committed");
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        wait_until("the copies are committed", 10, || {
+            layers.iter().all(|l| cache.contains(&Digest::of(l)))
+        });
     }
 
     #[test]

@@ -17,6 +17,7 @@ use banger_oci::registry::LayerDescriptor;
 use super::image::{registry_error, ImageService};
 use super::kernel::KernelService;
 use super::tool;
+use crate::span::blocking;
 use crate::ServiceError;
 
 /// The distribution's meta package whose dependency is the cloud kernel.
@@ -51,17 +52,9 @@ pub async fn pull(
         crate::services::vm::validate_name("kernel", name)?;
     }
     match params.reference.clone() {
-        None => blocking(move || pull_apt(&kernels, params.name)).await,
+        None => blocking("kernel pull", move || pull_apt(&kernels, params.name)).await,
         Some(reference) => pull_oci(images, kernels, &reference, params.name).await,
     }
-}
-
-async fn blocking<T: Send + 'static>(
-    call: impl FnOnce() -> Result<T, ServiceError> + Send + 'static,
-) -> Result<T, ServiceError> {
-    crate::span::spawn_blocking(call)
-        .await
-        .map_err(|e| anyhow::anyhow!("kernel pull task panicked: {e}"))?
 }
 
 /// A kernel name from free text: lowercase letters, digits and `-`, at most 64.
@@ -270,7 +263,7 @@ async fn pull_oci(
     let cache = Arc::clone(cache);
     let manifest_digest = artifact.manifest_digest.to_string();
     let reference = reference.to_owned();
-    blocking(move || {
+    blocking("kernel pull", move || {
         let stage = staging(&kernels)?;
         let copy_out = |blob: &LayerDescriptor, file: &str| -> Result<PathBuf, ServiceError> {
             let path = stage.path().join(file);
