@@ -36,15 +36,16 @@ impl NetConfig {
         let Some(ip) = c.get("banger.ip") else {
             return Ok(None);
         };
-        let (addr, prefix) = ip.split_once('/').unwrap_or((ip, "24"));
-        let addr: Ipv4Addr = addr
-            .parse()
-            .map_err(|e| format!("banger.ip={ip}: address: {e}"))?;
-        let prefix: u8 = prefix
-            .parse()
-            .ok()
-            .filter(|p| *p <= 32)
-            .ok_or_else(|| format!("banger.ip={ip}: prefix is not 0..=32"))?;
+        // A bare address is on a /24, the host bridge's and QEMU user networking's size.
+        let with_prefix = if ip.contains('/') {
+            ip.to_owned()
+        } else {
+            format!("{ip}/24")
+        };
+        let net: ipnet::Ipv4Net = with_prefix.parse().map_err(|_| {
+            format!("banger.ip={ip}: not an IPv4 address with a prefix 0..=32 (a.b.c.d/n)")
+        })?;
+        let (addr, prefix) = (net.addr(), net.prefix_len());
         let parse = |key: &str| -> Result<Option<Ipv4Addr>, String> {
             c.get(key)
                 .map(|v| v.parse().map_err(|e| format!("{key}={v}: {e}")))

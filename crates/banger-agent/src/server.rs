@@ -456,15 +456,7 @@ impl Conn {
             }
             // The reaper always answers for a registered child; a closed channel would
             // mean the reaper died, which only a bug can do.
-            let status = exited.recv();
-            sessions
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&id);
-            match status {
-                Ok(status) => out.send(id, Message::Exit(status)),
-                Err(_) => out.send(id, Message::Error("lost the command's exit status".into())),
-            }
+            end_command(&sessions, &out, id, exited.recv().ok());
         });
         Ok(())
     }
@@ -548,14 +540,7 @@ impl Conn {
         let sessions = self.sessions.clone();
         spawn_named("pty-output", move || {
             let status = pump_pty(&reader, &exited, &out, id, credit.as_deref());
-            sessions
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&id);
-            match status {
-                Some(status) => out.send(id, Message::Exit(status)),
-                None => out.send(id, Message::Error("lost the command's exit status".into())),
-            }
+            end_command(&sessions, &out, id, status);
         });
         Ok(())
     }
@@ -743,6 +728,20 @@ fn open_pty(size: WinSize) -> io::Result<(OwnedFd, OwnedFd)> {
     )?;
     rustix::termios::tcsetwinsize(&slave, winsize(size))?;
     Ok((master, slave))
+}
+
+/// Ends command session `id` once its output is drained: forgets the session (its id may
+/// be used again from now on), then tells the host how the command ended. `None` means
+/// the reaper lost the status, which only a bug can do.
+fn end_command(sessions: &Sessions, out: &Out, id: SessionId, status: Option<ExitStatus>) {
+    sessions
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&id);
+    match status {
+        Some(status) => out.send(id, Message::Exit(status)),
+        None => out.send(id, Message::Error("lost the command's exit status".into())),
+    }
 }
 
 /// Copies a pty command's output into `Stdout` frames until it has exited and its output

@@ -757,15 +757,17 @@ impl std::str::FromStr for Cidr {
     type Err = String;
     /// `a.b.c.d/n`, or a bare address (a /32).
     fn from_str(s: &str) -> Result<Cidr, String> {
-        let (addr, prefix) = s.split_once('/').unwrap_or((s, "32"));
-        let addr: std::net::Ipv4Addr = addr
-            .parse()
-            .map_err(|_| format!("egress {s:?}: not an IPv4 address or CIDR (a.b.c.d/n)"))?;
-        let prefix: u8 = prefix
-            .parse()
-            .ok()
-            .filter(|p| *p <= 32)
-            .ok_or_else(|| format!("egress {s:?}: the prefix must be 0..=32"))?;
+        let with_prefix = if s.contains('/') {
+            s.to_owned()
+        } else {
+            format!("{s}/32")
+        };
+        let net: ipnet::Ipv4Net = with_prefix.parse().map_err(|_| {
+            format!(
+                "egress {s:?}: not an IPv4 address or CIDR (a.b.c.d/n; the prefix must be 0..=32)"
+            )
+        })?;
+        let (addr, prefix) = (net.addr(), net.prefix_len());
         let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
         if u32::from(addr) & !mask != 0 {
             return Err(format!(
