@@ -556,13 +556,7 @@ impl Conn {
         let (tx, rx) = Feed::new(grant.is_some());
         self.sessions().insert(id, Session::Upload { data: tx });
         self.run_session(id, "upload", move || {
-            let mut reader = ChannelReader {
-                rx,
-                buf: Vec::new(),
-                pos: 0,
-                eof: false,
-                grant,
-            };
+            let mut reader = upload_reader(rx, grant);
             let result = unpack_tar(&mut reader, &dest)
                 // Wait for UploadEnd, so the reply follows the host's last frame.
                 .and_then(|()| io::copy(&mut reader, &mut io::sink()).map(drop));
@@ -870,45 +864,22 @@ impl ChunkSink for DownloadSink<'_> {
     }
 }
 
-/// Reads an upload's stream out of the frames the connection thread queues.
-struct ChannelReader {
-    rx: Receiver<Option<Vec<u8>>>,
-    buf: Vec<u8>,
-    pos: usize,
-    /// The end marker arrived: every later read is the end too.
-    eof: bool,
-    /// With flow control: grants the host window for every piece taken.
-    grant: Option<Grant>,
-}
-
-impl Read for ChannelReader {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        while self.pos == self.buf.len() {
-            if self.eof {
-                return Ok(0);
+/// Reads an upload's stream out of the frames the connection thread queues (`None`: the
+/// host's end marker), granting the host window for every piece taken when the session
+/// does flow control.
+fn upload_reader(rx: Receiver<Option<Vec<u8>>>, mut grant: Option<Grant>) -> impl Read {
+    banger_io::chunks::ChunkReader::new(move || match rx.recv() {
+        Ok(piece) => {
+            if let (Some(g), Some(data)) = (&mut grant, &piece) {
+                g.took(data.len());
             }
-            match self.rx.recv() {
-                Ok(Some(data)) => {
-                    if let Some(g) = &mut self.grant {
-                        g.took(data.len());
-                    }
-                    self.buf = data;
-                    self.pos = 0;
-                }
-                Ok(None) => self.eof = true,
-                Err(_) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::ConnectionAborted,
-                        "the host disconnected before the upload ended",
-                    ))
-                }
-            }
+            Ok(piece)
         }
-        let n = out.len().min(self.buf.len() - self.pos);
-        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
-    }
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "the host disconnected before the upload ended",
+        )),
+    })
 }
 
 /// Unpacks the tar stream `reader` into `dest` (created if missing), refusing, with an
@@ -1129,13 +1100,7 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted);
     }
 
-    fn reader(rx: Receiver<Option<Vec<u8>>>) -> ChannelReader {
-        ChannelReader {
-            rx,
-            buf: Vec::new(),
-            pos: 0,
-            eof: false,
-            grant: None,
-        }
+    fn reader(rx: Receiver<Option<Vec<u8>>>) -> impl Read {
+        upload_reader(rx, None)
     }
 }

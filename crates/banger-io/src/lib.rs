@@ -3,8 +3,8 @@
 //! [`IoResultExt::ctx`], which attaches both to an `io::Result`. The crates' own error
 //! enums wrap it (`#[error(transparent)] Io(#[from] banger_io::IoError)`), so every
 //! failed file operation reads the same way. Beside it, [`beneath`]: how the extractors
-//! create a file whose name hostile input chose; and [`tar_entry`]: the header of a tar
-//! entry banger writes itself.
+//! create a file whose name hostile input chose; [`tar_entry`]: the header of a tar entry
+//! banger writes itself; and [`chunks`]: a reader over a stream that arrives in pieces.
 
 #![forbid(unsafe_code)]
 
@@ -12,6 +12,7 @@ use std::io;
 use std::path::PathBuf;
 
 pub mod beneath;
+pub mod chunks;
 pub mod tar_entry;
 
 /// A file or process operation that failed: what was being done, on what, and why.

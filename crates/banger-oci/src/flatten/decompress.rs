@@ -112,12 +112,8 @@ const PIPE_CHUNKS: usize = 8;
 const PIPE_CHUNK: usize = 1 << 20;
 
 /// The decompressed stream of a layer, produced by a thread of its own.
-pub(crate) struct BackgroundDecoded {
-    chunks: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
-    current: Vec<u8>,
-    position: usize,
-    finished: bool,
-}
+pub(crate) type BackgroundDecoded =
+    banger_io::chunks::ChunkReader<Box<dyn FnMut() -> io::Result<Option<Vec<u8>>> + Send>>;
 
 /// Starts decoding `blob` on a new thread (compression chosen as in [`open`]). Dropping the
 /// returned reader stops the thread at its next chunk.
@@ -185,41 +181,8 @@ pub(crate) fn decode_in_background<R: Read + Send + 'static>(
             }
         }
     });
-    BackgroundDecoded {
-        chunks,
-        current: Vec::new(),
-        position: 0,
-        finished: false,
-    }
-}
-
-impl Read for BackgroundDecoded {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.position == self.current.len() {
-            if self.finished {
-                return Ok(0);
-            }
-            match self.chunks.recv() {
-                Ok(Ok(chunk)) => {
-                    self.current = chunk;
-                    self.position = 0;
-                }
-                Ok(Err(e)) => {
-                    self.finished = true;
-                    return Err(e);
-                }
-                // The thread ends by dropping its sender after the last chunk.
-                Err(_) => {
-                    self.finished = true;
-                    return Ok(0);
-                }
-            }
-        }
-        let n = buf.len().min(self.current.len() - self.position);
-        buf[..n].copy_from_slice(&self.current[self.position..self.position + n]);
-        self.position += n;
-        Ok(n)
-    }
+    // The thread ends by dropping its sender after the last chunk.
+    banger_io::chunks::ChunkReader::new(Box::new(move || chunks.recv().ok().transpose()))
 }
 
 /// Counts decompressed bytes against what is left of the image's budget and fails the
