@@ -18,10 +18,10 @@ use futures::future::BoxFuture;
 use serde_json::Value;
 
 use crate::services::{CallContext, SharedServices};
-use crate::ServiceError;
+use crate::{ServiceError, ServiceResult};
 
 type Handler = Arc<
-    dyn Fn(SharedServices, CallContext, Value) -> BoxFuture<'static, Result<Value, ServiceError>>
+    dyn Fn(SharedServices, CallContext, Value) -> BoxFuture<'static, ServiceResult<Value>>
         + Send
         + Sync,
 >;
@@ -166,7 +166,7 @@ impl Dispatch {
     where
         M: Method,
         F: Fn(SharedServices, CallContext, M::Params) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<M::Result, ServiceError>> + Send + 'static,
+        Fut: Future<Output = ServiceResult<M::Result>> + Send + 'static,
     {
         let handler = Arc::new(handler);
         let erased: Handler = Arc::new(move |services, ctx, raw: Value| {
@@ -202,7 +202,7 @@ impl Dispatch {
         ctx: CallContext,
         method: &str,
         params: Value,
-    ) -> Result<Value, ServiceError> {
+    ) -> ServiceResult<Value> {
         match self.handlers.get(method) {
             Some(handler) => handler(services, ctx, params).await,
             None => Err(ServiceError::new(
@@ -215,7 +215,7 @@ impl Dispatch {
 
 /// Runs a blocking service call off the async workers ([`crate::span::blocking`]).
 async fn blocking<T: Send + 'static>(
-    call: impl FnOnce() -> Result<T, ServiceError> + Send + 'static,
-) -> Result<T, ServiceError> {
+    call: impl FnOnce() -> ServiceResult<T> + Send + 'static,
+) -> ServiceResult<T> {
     crate::span::blocking("service", call).await
 }

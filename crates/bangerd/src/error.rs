@@ -2,6 +2,9 @@
 
 use banger_api::ErrorKind;
 
+/// What every service method returns.
+pub type ServiceResult<T> = Result<T, ServiceError>;
+
 /// A failed service call.
 #[derive(Debug, thiserror::Error)]
 #[error("{error:#}")]

@@ -14,5 +14,5 @@ pub mod services;
 pub mod span;
 pub mod store;
 
-pub use error::ServiceError;
+pub use error::{ServiceError, ServiceResult};
 pub use layout::Layout;

@@ -27,7 +27,7 @@ use rusqlite::{params, OptionalExtension};
 use crate::layout::Layout;
 use crate::services::{decode_ahead, exactly_one, upload, CallContext, OneOf};
 use crate::store::Store;
-use crate::ServiceError;
+use crate::{ServiceError, ServiceResult};
 
 /// Layers downloaded at once by one pull.
 const PARALLEL_LAYER_FETCHES: usize = 3;
@@ -220,7 +220,7 @@ impl ImageService {
         &self,
         ctx: &CallContext,
         params: ImagePullParams,
-    ) -> Result<ImageInfo, ServiceError> {
+    ) -> ServiceResult<ImageInfo> {
         let reference = ImageRef::parse(&params.reference).map_err(ServiceError::bad_request)?;
         let name = params
             .name
@@ -258,7 +258,7 @@ impl ImageService {
             .iter()
             .map(|layer| self.fetch_layer(ctx, &reference, layer))
             .collect();
-        let results: Vec<Result<(), ServiceError>> = futures::stream::iter(fetches)
+        let results: Vec<ServiceResult<()>> = futures::stream::iter(fetches)
             .buffer_unordered(PARALLEL_LAYER_FETCHES)
             .collect()
             .await;
@@ -288,7 +288,7 @@ impl ImageService {
         &self,
         ctx: &CallContext,
         params: ImageImportParams,
-    ) -> Result<ImageInfo, ServiceError> {
+    ) -> ServiceResult<ImageInfo> {
         let given = exactly_one(
             &params.path,
             &params.stream,
@@ -426,7 +426,7 @@ impl ImageService {
         ctx: &CallContext,
         reference: &ImageRef,
         layer: &LayerDescriptor,
-    ) -> Result<(), ServiceError> {
+    ) -> ServiceResult<()> {
         let task = layer.digest.to_string();
         let total = Some(layer.size);
         let outcome = self
@@ -464,7 +464,7 @@ impl ImageService {
         layers: Vec<LayerSource>,
         raw_config: &[u8],
         size_bytes: Option<u64>,
-    ) -> Result<BuiltImage, ServiceError> {
+    ) -> ServiceResult<BuiltImage> {
         let id = hex::encode(rand::random::<[u8; 8]>());
         let staging = self.layout.staging_dir().join(&id);
         let compressed: u64 = layers
@@ -553,7 +553,7 @@ impl ImageService {
         reference: &str,
         manifest_digest: &str,
         config_digest: &str,
-    ) -> Result<ImageInfo, ServiceError> {
+    ) -> ServiceResult<ImageInfo> {
         let images = self.layout.images_dir();
         std::fs::create_dir_all(&images).with_context(|| format!("create {}", images.display()))?;
         let final_dir = images.join(&built.id);
@@ -611,7 +611,7 @@ impl ImageService {
         Ok(info)
     }
 
-    fn ensure_name_free(&self, name: &str) -> Result<(), ServiceError> {
+    fn ensure_name_free(&self, name: &str) -> ServiceResult<()> {
         if self.find(name)?.is_some() {
             return Err(ServiceError::already_exists(format!(
                 "an image named {name:?} already exists (remove it with `banger image rm {name}` or pick --name)"
@@ -620,7 +620,7 @@ impl ImageService {
         Ok(())
     }
 
-    fn find(&self, name: &str) -> Result<Option<ImageInfo>, ServiceError> {
+    fn find(&self, name: &str) -> ServiceResult<Option<ImageInfo>> {
         let conn = self.store.conn();
         let row = conn
             .query_row(
@@ -657,11 +657,7 @@ impl ImageService {
 
     /// The image called `wanted`, else the one `wanted` pulls under its default name,
     /// pulling it when it is not there yet (what `vm run --image` takes).
-    pub async fn find_or_pull(
-        &self,
-        ctx: &CallContext,
-        wanted: &str,
-    ) -> Result<ImageInfo, ServiceError> {
+    pub async fn find_or_pull(&self, ctx: &CallContext, wanted: &str) -> ServiceResult<ImageInfo> {
         if let Some(image) = self.find(wanted)? {
             return Ok(image);
         }
@@ -678,7 +674,7 @@ impl ImageService {
     }
 
     /// Every image, by name.
-    pub fn list(&self) -> Result<Vec<ImageInfo>, ServiceError> {
+    pub fn list(&self) -> ServiceResult<Vec<ImageInfo>> {
         let conn = self.store.conn();
         let mut stmt = conn
             .prepare(
@@ -693,7 +689,7 @@ impl ImageService {
     }
 
     /// The image called `name`.
-    pub fn show(&self, name: &str) -> Result<ImageInfo, ServiceError> {
+    pub fn show(&self, name: &str) -> ServiceResult<ImageInfo> {
         self.find(name)?
             .ok_or_else(|| ServiceError::not_found(format!("no image named {name:?}")))
     }
@@ -702,7 +698,7 @@ impl ImageService {
     /// removing the files is interrupted; start-up finishes that), then its files.
     ///
     /// Refused while VMs use it: their disks are copy-on-write overlays on its rootfs.
-    pub fn remove(&self, name: &str) -> Result<ImageInfo, ServiceError> {
+    pub fn remove(&self, name: &str) -> ServiceResult<ImageInfo> {
         let info = self.show(name)?;
         let users = self.store.strings(
             "list the VMs of an image",
@@ -755,7 +751,7 @@ impl ImageService {
     pub async fn prune_oci_cache(
         &self,
         params: ImageCachePruneParams,
-    ) -> Result<ImageCachePruneResult, ServiceError> {
+    ) -> ServiceResult<ImageCachePruneResult> {
         self.prune_oci_cache_with(params, RealFs).await
     }
 
@@ -764,7 +760,7 @@ impl ImageService {
         &self,
         params: ImageCachePruneParams,
         fs_ops: impl PruneFs + Send + 'static,
-    ) -> Result<ImageCachePruneResult, ServiceError> {
+    ) -> ServiceResult<ImageCachePruneResult> {
         let options = PruneOptions {
             dry_run: params.dry_run,
             keep_storage_bytes: params.keep_storage_bytes,
@@ -1110,7 +1106,7 @@ fn decode_ahead(
 /// The config's `rootfs.diff_ids`, one per layer. Every layer is verified against its
 /// diff_id as it is applied, so a config without them (or with a different count) is
 /// refused rather than trusted.
-fn diff_ids(raw_config: &[u8], layers: usize) -> Result<Vec<Digest>, ServiceError> {
+fn diff_ids(raw_config: &[u8], layers: usize) -> ServiceResult<Vec<Digest>> {
     let config: serde_json::Value = serde_json::from_slice(raw_config)
         .map_err(|e| ServiceError::bad_request(format!("image config is not JSON: {e}")))?;
     let ids = config["rootfs"]["diff_ids"].as_array().ok_or_else(|| {
@@ -1183,7 +1179,7 @@ fn default_import_name(path: &Path, tag: Option<&str>) -> String {
 }
 
 /// Image names are used in paths and command lines: keep them boring.
-pub fn validate_image_name(name: &str) -> Result<(), ServiceError> {
+pub fn validate_image_name(name: &str) -> ServiceResult<()> {
     let mut bytes = name.bytes();
     let valid = name.len() <= 64
         && bytes

@@ -15,7 +15,7 @@ use rusqlite::OptionalExtension;
 use crate::layout::Layout;
 use crate::services::{exactly_one, upload, CallContext, OneOf};
 use crate::store::Store;
-use crate::ServiceError;
+use crate::{ServiceError, ServiceResult};
 
 /// The initramfs banger builds, inside a kernel directory.
 pub const INITRAMFS: &str = "initramfs.cpio";
@@ -60,12 +60,7 @@ enum Source<'a> {
 }
 
 /// `params.<param>` as an absolute path that exists (a file, or a directory when `dir`).
-fn input_path<'a>(
-    param: &str,
-    value: &'a str,
-    what: &str,
-    dir: bool,
-) -> Result<&'a Path, ServiceError> {
+fn input_path<'a>(param: &str, value: &'a str, what: &str, dir: bool) -> ServiceResult<&'a Path> {
     let path = Path::new(value);
     if !path.is_absolute() {
         return Err(ServiceError::bad_request(format!(
@@ -99,7 +94,7 @@ impl KernelService {
     }
 
     /// Refuses an input file bigger than the payload limit, naming it and the limit.
-    fn check_payload(&self, param: &str, path: &Path) -> Result<(), ServiceError> {
+    fn check_payload(&self, param: &str, path: &Path) -> ServiceResult<()> {
         let size = std::fs::metadata(path).map_or(0, |m| m.len());
         if size > self.max_payload {
             return Err(ServiceError::bad_request(format!(
@@ -167,7 +162,7 @@ impl KernelService {
         &self,
         ctx: &CallContext,
         params: &KernelImportParams,
-    ) -> Result<KernelInfo, ServiceError> {
+    ) -> ServiceResult<KernelInfo> {
         let Some(stream) = &params.deb_stream else {
             return self.import(params);
         };
@@ -217,7 +212,7 @@ impl KernelService {
     /// Imports `params.deb`, or `params.kernel` with `params.modules`, as `params.name`:
     /// an uncompressed vmlinux, the virtio, ext4 and vsock modules (when there are any),
     /// and banger's initramfs, or a copy of `params.initrd` in its place.
-    pub fn import(&self, params: &KernelImportParams) -> Result<KernelInfo, ServiceError> {
+    pub fn import(&self, params: &KernelImportParams) -> ServiceResult<KernelInfo> {
         crate::services::vm::validate_name("kernel", &params.name)?;
         // Combinations first: they are wrong whatever the paths hold.
         if params.modules.is_some() && params.initrd.is_some() {
@@ -340,7 +335,7 @@ impl KernelService {
         Ok(info)
     }
 
-    fn find(&self, name: &str) -> Result<Option<KernelInfo>, ServiceError> {
+    fn find(&self, name: &str) -> ServiceResult<Option<KernelInfo>> {
         let row = self
             .store
             .conn()
@@ -368,7 +363,7 @@ impl KernelService {
     }
 
     /// Every kernel, newest first.
-    pub fn list(&self) -> Result<Vec<KernelInfo>, ServiceError> {
+    pub fn list(&self) -> ServiceResult<Vec<KernelInfo>> {
         let conn = self.store.conn();
         let mut stmt = conn
             .prepare(
@@ -400,13 +395,13 @@ impl KernelService {
     }
 
     /// The kernel called `name`.
-    pub fn show(&self, name: &str) -> Result<KernelInfo, ServiceError> {
+    pub fn show(&self, name: &str) -> ServiceResult<KernelInfo> {
         self.find(name)?
             .ok_or_else(|| ServiceError::not_found(format!("no kernel named {name:?}")))
     }
 
     /// Deletes a kernel that no VM uses.
-    pub fn remove(&self, name: &str) -> Result<KernelInfo, ServiceError> {
+    pub fn remove(&self, name: &str) -> ServiceResult<KernelInfo> {
         let info = self.show(name)?;
         let users: i64 = self
             .store
@@ -429,11 +424,7 @@ impl KernelService {
     }
 
     /// The kernel to boot: `name`, else `default`, else the newest import.
-    pub fn resolve(
-        &self,
-        name: Option<&str>,
-        default: Option<&str>,
-    ) -> Result<KernelInfo, ServiceError> {
+    pub fn resolve(&self, name: Option<&str>, default: Option<&str>) -> ServiceResult<KernelInfo> {
         match name.or(default) {
             Some(name) => self.show(name),
             None => self.list()?.into_iter().next().ok_or_else(|| {
@@ -445,7 +436,7 @@ impl KernelService {
     }
 
     /// Boot files of the kernel called `name`.
-    pub fn boot_files(&self, name: &str) -> Result<BootFiles, ServiceError> {
+    pub fn boot_files(&self, name: &str) -> ServiceResult<BootFiles> {
         let info = self.show(name)?;
         let dir = self.dir(name);
         let kernel = KernelDir::open(&dir).with_context(|| format!("open kernel {name:?}"))?;

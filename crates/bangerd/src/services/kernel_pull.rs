@@ -18,7 +18,7 @@ use super::image::{registry_error, ImageService};
 use super::kernel::KernelService;
 use super::tool;
 use crate::span::blocking;
-use crate::ServiceError;
+use crate::{ServiceError, ServiceResult};
 
 /// The distribution's meta package whose dependency is the cloud kernel.
 pub const KERNEL_META_PACKAGE: &str = "linux-image-cloud-amd64";
@@ -47,7 +47,7 @@ pub async fn pull(
     images: &ImageService,
     kernels: Arc<KernelService>,
     params: KernelPullParams,
-) -> Result<KernelPullResult, ServiceError> {
+) -> ServiceResult<KernelPullResult> {
     if let Some(name) = &params.name {
         crate::services::vm::validate_name("kernel", name)?;
     }
@@ -75,7 +75,7 @@ fn name_from(text: &str) -> String {
 }
 
 /// A temp directory under the kernels directory (removed on drop, and at start-up).
-fn staging(kernels: &KernelService) -> Result<tempfile::TempDir, ServiceError> {
+fn staging(kernels: &KernelService) -> ServiceResult<tempfile::TempDir> {
     let dir = kernels.kernels_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     Ok(tempfile::Builder::new()
@@ -99,14 +99,11 @@ fn kernel_package(depends: &str) -> Option<&str> {
 }
 
 /// Runs an apt tool (see [`tool::run`]), its stdout back.
-fn run(command: &mut Command, what: &str) -> Result<String, ServiceError> {
+fn run(command: &mut Command, what: &str) -> ServiceResult<String> {
     Ok(tool::run(command, what)?)
 }
 
-fn pull_apt(
-    kernels: &KernelService,
-    name: Option<String>,
-) -> Result<KernelPullResult, ServiceError> {
+fn pull_apt(kernels: &KernelService, name: Option<String>) -> ServiceResult<KernelPullResult> {
     let depends = run(
         Command::new("apt-cache").args(["depends", KERNEL_META_PACKAGE]),
         &format!("apt-cache depends {KERNEL_META_PACKAGE}"),
@@ -165,7 +162,7 @@ struct KernelBlobs {
     initrd: Option<LayerDescriptor>,
 }
 
-fn classify(reference: &str, blobs: &[LayerDescriptor]) -> Result<KernelBlobs, ServiceError> {
+fn classify(reference: &str, blobs: &[LayerDescriptor]) -> ServiceResult<KernelBlobs> {
     let (mut kernel, mut modules, mut initrd) = (None, None, None);
     for blob in blobs {
         let slot = match blob.media_type.as_str() {
@@ -202,7 +199,7 @@ async fn pull_oci(
     kernels: Arc<KernelService>,
     reference: &str,
     name: Option<String>,
-) -> Result<KernelPullResult, ServiceError> {
+) -> ServiceResult<KernelPullResult> {
     let parsed = ImageRef::parse(reference).map_err(ServiceError::bad_request)?;
     let artifact = images
         .registry()
@@ -265,7 +262,7 @@ async fn pull_oci(
     let reference = reference.to_owned();
     blocking("kernel pull", move || {
         let stage = staging(&kernels)?;
-        let copy_out = |blob: &LayerDescriptor, file: &str| -> Result<PathBuf, ServiceError> {
+        let copy_out = |blob: &LayerDescriptor, file: &str| -> ServiceResult<PathBuf> {
             let path = stage.path().join(file);
             let mut from = cache
                 .open(&blob.digest)

@@ -8,6 +8,7 @@
 //! ([`PrivClient`] is a [`banger_vmm::helper_jail::JailLauncher`]): the jail's files go
 //! to the helper as open descriptors, never as paths.
 
+use banger_api::Egress;
 use std::io::{BufRead, BufReader, Write};
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -157,12 +158,7 @@ impl PrivClient {
 
     /// The guard entries of the guest on `tap` with address `ip` and its egress policy
     /// (network::admit_guest, in the helper).
-    pub fn guest_admit(
-        &self,
-        tap: &str,
-        ip: Ipv4Addr,
-        egress: &banger_api::Egress,
-    ) -> anyhow::Result<()> {
+    pub fn guest_admit(&self, tap: &str, ip: Ipv4Addr, egress: &Egress) -> anyhow::Result<()> {
         self.call(
             "priv.guest.admit",
             serde_json::json!({ "tap": tap, "ip": ip.to_string(), "egress": egress }),
@@ -295,12 +291,7 @@ impl TapRoute {
     }
 
     /// network::admit_guest, here or in the helper.
-    pub fn admit_guest(
-        &self,
-        tap: &str,
-        ip: Ipv4Addr,
-        egress: &banger_api::Egress,
-    ) -> anyhow::Result<()> {
+    pub fn admit_guest(&self, tap: &str, ip: Ipv4Addr, egress: &Egress) -> anyhow::Result<()> {
         self.unavailable()?;
         match self {
             TapRoute::Helper(helper) => helper.guest_admit(tap, ip, egress),

@@ -19,7 +19,7 @@ use base64::Engine as _;
 use serde_json::Value;
 
 use crate::services::{CallContext, InputEvent, InputReceiver};
-use crate::ServiceError;
+use crate::{ServiceError, ServiceResult};
 
 /// Most bytes one uploaded stream may carry; more is refused, naming this limit.
 pub const MAX_UPLOAD_BYTES: u64 = 64 << 30;
@@ -61,7 +61,7 @@ pub fn stream_events(
 }
 
 /// Checks `vm.run`'s `workspace`: one plain path component, the directory under /root.
-pub fn check_workspace_name(name: &str) -> Result<(), ServiceError> {
+pub fn check_workspace_name(name: &str) -> ServiceResult<()> {
     let plain = !name.is_empty()
         && name.len() <= MAX_WORKSPACE_NAME
         && name != "."
@@ -263,7 +263,7 @@ pub fn check_declared(
     param: &str,
     stream: &banger_api::StreamedFile,
     limit: UploadLimit,
-) -> Result<(), ServiceError> {
+) -> ServiceResult<()> {
     let UploadLimit {
         bytes: limit,
         name: limit_name,
@@ -290,7 +290,7 @@ pub fn receive_file(
     parent: &Path,
     prefix: &str,
     fallback_name: &str,
-) -> Result<StagedUpload, ServiceError> {
+) -> ServiceResult<StagedUpload> {
     use std::io::Write;
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     check_declared(param, stream, limit)?;

@@ -26,11 +26,11 @@ use super::diff::{self, BASELINE_META, BASELINE_TAR, MAX_BASELINE_BYTES};
 use super::VmService;
 use crate::services::upload::UploadReader;
 use crate::services::CallContext;
-use crate::ServiceError;
+use crate::{ServiceError, ServiceResult};
 
 /// An absolute guest path with no `..` (the guest resolves it; this only keeps requests
 /// meaningful), or `bad_request` naming `what`.
-fn guest_path(what: &str, path: &str) -> Result<PathBuf, ServiceError> {
+fn guest_path(what: &str, path: &str) -> ServiceResult<PathBuf> {
     let p = Path::new(path);
     if !p.is_absolute() || p.components().any(|c| c == Component::ParentDir) || path.contains('\0')
     {
@@ -190,11 +190,7 @@ fn rewrite(
 impl VmService {
     /// `vm.cp.in`: unpacks the caller's uploaded tar stream at `params.dest` in the guest
     /// (into it when it is an existing directory, else as it).
-    pub fn copy_in(
-        &self,
-        ctx: &CallContext,
-        params: &VmCpInParams,
-    ) -> Result<VmCpResult, ServiceError> {
+    pub fn copy_in(&self, ctx: &CallContext, params: &VmCpInParams) -> ServiceResult<VmCpResult> {
         let dest = guest_path("dest", &params.dest)?;
         let vm = self.show(&params.name)?;
         let client = self.agent(&vm)?;
@@ -252,11 +248,7 @@ impl VmService {
 
     /// `vm.cp.out`: sends `params.src` from the guest as `download` notifications
     /// (stream `copy`).
-    pub fn copy_out(
-        &self,
-        ctx: &CallContext,
-        params: &VmCpOutParams,
-    ) -> Result<VmCpResult, ServiceError> {
+    pub fn copy_out(&self, ctx: &CallContext, params: &VmCpOutParams) -> ServiceResult<VmCpResult> {
         let src = guest_path("src", &params.src)?;
         let vm = self.show(&params.name)?;
         let client = self.agent(&vm)?;
@@ -284,7 +276,7 @@ impl VmService {
     }
 
     /// Checks `vm.run`'s exports before anything starts.
-    pub(super) fn check_exports(exports: &[String]) -> Result<(), ServiceError> {
+    pub(super) fn check_exports(exports: &[String]) -> ServiceResult<()> {
         if exports.len() > MAX_EXPORTS {
             return Err(ServiceError::bad_request(format!(
                 "{} exports, at most {MAX_EXPORTS} (MAX_EXPORTS)",
@@ -299,11 +291,7 @@ impl VmService {
 
     /// `vm.diff`: the workspace's changes since `vm.run` uploaded it, sent as `download`
     /// notifications (stream `patch`).
-    pub fn diff(
-        &self,
-        ctx: &CallContext,
-        params: &NameParams,
-    ) -> Result<VmDiffResult, ServiceError> {
+    pub fn diff(&self, ctx: &CallContext, params: &NameParams) -> ServiceResult<VmDiffResult> {
         let vm = self.show(&params.name)?;
         let dir = PathBuf::from(&vm.dir);
         let workspace = baseline_workspace(&dir)

@@ -16,7 +16,7 @@ use super::{check_egress, lifecycle, now, ports, validate_name, VmService, NO_BA
 use crate::services::disk;
 use crate::services::network::{self, NetworkMode, NetworkSetting};
 use crate::services::privhelper::TapRoute;
-use crate::ServiceError;
+use crate::{ServiceError, ServiceResult};
 
 /// Releases an address reserved by [`VmService::allocate_guest_ip`] once the create is over
 /// (recorded or failed).
@@ -34,7 +34,7 @@ impl Drop for PendingIp<'_> {
 
 impl VmService {
     /// Creates a VM (and starts it unless `no_start`).
-    pub fn create(&self, params: VmCreateParams) -> Result<VmInfo, ServiceError> {
+    pub fn create(&self, params: VmCreateParams) -> ServiceResult<VmInfo> {
         let (params, from) = self.fork_params(params)?;
         let name = match params.name {
             Some(name) => name,
@@ -169,7 +169,7 @@ impl VmService {
     /// up against a concurrent create.
     /// The lowest address of the subnet that no VM has and no create in progress holds;
     /// held until the returned guard drops.
-    fn allocate_guest_ip(&self) -> Result<PendingIp<'_>, ServiceError> {
+    fn allocate_guest_ip(&self) -> ServiceResult<PendingIp<'_>> {
         let subnet = self.subnet()?;
         let recorded = self.list()?;
         let mut pending = self.pending_ips.lock().unwrap_or_else(|p| p.into_inner());

@@ -11,7 +11,7 @@ use banger_vmm::agent::{AgentClient, ExecControl};
 
 use super::{OutputWriter, VmService};
 use crate::services::{CallContext, InputEvent, InputReceiver};
-use crate::ServiceError;
+use crate::{ServiceError, ServiceResult};
 
 /// The interactive shell of `vm.shell` (and of `vm.run` without a command): a login
 /// shell, bash where the image has it (what people expect at a prompt), else the POSIX sh
@@ -36,11 +36,7 @@ pub(super) struct Stdio {
 
 impl VmService {
     /// Runs a command in a running VM, streaming its output to the caller.
-    pub fn exec(
-        &self,
-        ctx: &CallContext,
-        params: &VmExecParams,
-    ) -> Result<ExecResult, ServiceError> {
+    pub fn exec(&self, ctx: &CallContext, params: &VmExecParams) -> ServiceResult<ExecResult> {
         if params.argv.is_empty() {
             return Err(ServiceError::bad_request("no command given"));
         }
@@ -55,11 +51,7 @@ impl VmService {
     }
 
     /// Runs the interactive login shell in a running VM, fed by the caller's input.
-    pub fn shell(
-        &self,
-        ctx: &CallContext,
-        params: &VmShellParams,
-    ) -> Result<ExecResult, ServiceError> {
+    pub fn shell(&self, ctx: &CallContext, params: &VmShellParams) -> ServiceResult<ExecResult> {
         let vm = self.show(&params.name)?;
         let client = self.agent(&vm)?;
         let stdio = Stdio {
@@ -78,7 +70,7 @@ impl VmService {
         argv: &[String],
         cwd: &str,
         stdio: Stdio,
-    ) -> Result<ExecResult, ServiceError> {
+    ) -> ServiceResult<ExecResult> {
         let mut request = ExecRequest::new(argv.iter().map(String::as_str));
         request.cwd = Some(PathBuf::from(cwd));
         request.stdin = stdio.stdin || stdio.tty.is_some();

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::template::{self, ORIGIN};
 use super::{validate_name, VmService};
-use crate::ServiceError;
+use crate::{ServiceError, ServiceResult};
 
 /// Where named snapshots live.
 pub(super) fn snapshots_dir(state_dir: &Path) -> PathBuf {
@@ -52,7 +52,7 @@ pub(crate) fn tree_bytes(dir: &Path) -> u64 {
 
 impl VmService {
     /// `vm.snapshot`.
-    pub fn snapshot(&self, params: &VmSnapshotParams) -> Result<SnapshotInfo, ServiceError> {
+    pub fn snapshot(&self, params: &VmSnapshotParams) -> ServiceResult<SnapshotInfo> {
         let vm = self.show(&params.name)?;
         if !vm.state.is_running() || !vm.pid.is_some_and(super::pid_alive) {
             return Err(ServiceError::bad_request(format!(
@@ -102,7 +102,7 @@ impl VmService {
     }
 
     /// The snapshot directory of `name` and what it holds.
-    fn find_snapshot(&self, name: &str) -> Result<(PathBuf, SnapshotMeta), ServiceError> {
+    fn find_snapshot(&self, name: &str) -> ServiceResult<(PathBuf, SnapshotMeta)> {
         let dir = snapshots_dir(&self.layout.state_dir).join(name);
         let meta = std::fs::read(dir.join(template::META))
             .ok()
@@ -115,7 +115,7 @@ impl VmService {
     pub(super) fn fork_params(
         &self,
         mut params: VmCreateParams,
-    ) -> Result<(VmCreateParams, Option<PathBuf>), ServiceError> {
+    ) -> ServiceResult<(VmCreateParams, Option<PathBuf>)> {
         let Some(from) = params.from.take() else {
             return Ok((params, None));
         };
@@ -149,7 +149,7 @@ impl VmService {
         spec: &VmSpec,
         backend: VmBackend,
         from: &Path,
-    ) -> Result<(), ServiceError> {
+    ) -> ServiceResult<()> {
         if backend == VmBackend::Firecracker {
             return Err(ServiceError::bad_request(
                 "forks restore under QEMU only: set vmm = \"qemu\"",
@@ -179,7 +179,7 @@ impl VmService {
     }
 
     /// `snapshot.list`.
-    pub fn snapshot_list(&self) -> Result<SnapshotListResult, ServiceError> {
+    pub fn snapshot_list(&self) -> ServiceResult<SnapshotListResult> {
         let mut snapshots = Vec::new();
         let root = snapshots_dir(&self.layout.state_dir);
         for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
@@ -223,7 +223,7 @@ impl VmService {
     }
 
     /// `snapshot.rm`: refused while a VM or another snapshot layers on it.
-    pub fn snapshot_rm(&self, name: &str) -> Result<SnapshotInfo, ServiceError> {
+    pub fn snapshot_rm(&self, name: &str) -> ServiceResult<SnapshotInfo> {
         let (dir, meta) = self.find_snapshot(name)?;
         if self.origins().iter().any(|o| o == &dir) {
             return Err(ServiceError::bad_request(format!(
@@ -236,7 +236,7 @@ impl VmService {
     }
 
     /// `snapshot.prune`: removes the warm templates nothing layers on.
-    pub fn snapshot_prune(&self) -> Result<SnapshotPruneResult, ServiceError> {
+    pub fn snapshot_prune(&self) -> ServiceResult<SnapshotPruneResult> {
         let origins = self.origins();
         let mut removed = Vec::new();
         let mut bytes_freed = 0;

@@ -8,7 +8,7 @@ use banger_api::{GuestUsage, HealthStatus, VmHealthResult, VmInfo, VmState};
 use banger_vmm::agent::{AgentClient, GuestStats};
 
 use super::{agent_channel, VmService};
-use crate::ServiceError;
+use crate::ServiceResult;
 
 /// How long a VM's agent has to answer a health ping (connecting included) before the VM
 /// counts as unresponsive.
@@ -23,7 +23,7 @@ pub const GUEST_CPU_SAMPLE: Duration = Duration::from_millis(500);
 
 impl VmService {
     /// Pings the agent of VM `name` within [`HEALTH_TIMEOUT`] and times the answer.
-    pub fn health(&self, name: &str) -> Result<VmHealthResult, ServiceError> {
+    pub fn health(&self, name: &str) -> ServiceResult<VmHealthResult> {
         let vm = self.show(name)?;
         let timeout_ms = HEALTH_TIMEOUT.as_millis() as u64;
         let result = |status, error: Option<String>| VmHealthResult {

@@ -11,7 +11,7 @@ use banger_api::{
 };
 
 use super::{grow_disk, VmService, ROOT_DISK};
-use crate::ServiceError;
+use crate::{ServiceError, ServiceResult};
 
 /// Smallest memory a VM may be given (the agent and a shell need a little).
 pub const MIN_MEMORY_MIB: u32 = 64;
@@ -20,7 +20,7 @@ pub const MAX_VCPUS: u32 = 64;
 
 impl VmService {
     /// The VMs matching `filter`, by name.
-    pub fn list_matching(&self, filter: &VmListParams) -> Result<Vec<VmInfo>, ServiceError> {
+    pub fn list_matching(&self, filter: &VmListParams) -> ServiceResult<Vec<VmInfo>> {
         Ok(self
             .list()?
             .into_iter()
@@ -30,13 +30,13 @@ impl VmService {
     }
 
     /// Stops the VM cleanly, then boots it again.
-    pub fn restart(&self, name: &str) -> Result<VmInfo, ServiceError> {
+    pub fn restart(&self, name: &str) -> ServiceResult<VmInfo> {
         self.stop(name)?;
         self.start(name)
     }
 
     /// Removes stopped VMs (every VM with `all`), or says which it would.
-    pub fn prune(&self, params: &VmPruneParams) -> Result<VmPruneResult, ServiceError> {
+    pub fn prune(&self, params: &VmPruneParams) -> ServiceResult<VmPruneResult> {
         let mut removed = Vec::new();
         let mut bytes_freed = 0;
         for vm in self.list()? {
@@ -60,7 +60,7 @@ impl VmService {
     }
 
     /// Changes the CPUs, memory or disk size of a stopped VM; the next boot uses them.
-    pub fn set(&self, params: &VmSetParams) -> Result<VmInfo, ServiceError> {
+    pub fn set(&self, params: &VmSetParams) -> ServiceResult<VmInfo> {
         let vm = self.show(&params.name)?;
         if vm.state.is_running() && self.vmm(&vm).is_some() {
             return Err(ServiceError::bad_request(format!(
@@ -105,7 +105,7 @@ impl VmService {
     }
 
     /// What the VM uses, seen from the host and (while it runs) from the guest.
-    pub fn stats(&self, name: &str) -> Result<VmStatsResult, ServiceError> {
+    pub fn stats(&self, name: &str) -> ServiceResult<VmStatsResult> {
         let vm = self.show(name)?;
         // Only the VM's own VMM is measured: a recorded pid reused by another process is not.
         let vmm = vm
@@ -142,10 +142,7 @@ impl VmService {
 }
 
 /// Refuses CPU and memory counts no VM can boot with, naming the limit.
-pub(super) fn validate_resources(
-    vcpus: Option<u32>,
-    memory_mib: Option<u32>,
-) -> Result<(), ServiceError> {
+pub(super) fn validate_resources(vcpus: Option<u32>, memory_mib: Option<u32>) -> ServiceResult<()> {
     if let Some(vcpus) = vcpus {
         if !(1..=MAX_VCPUS).contains(&vcpus) {
             return Err(ServiceError::bad_request(format!(

@@ -9,17 +9,13 @@ use banger_api::{OutputStream, VmLogsParams, VmLogsResult};
 
 use super::{OutputWriter, VmService};
 use crate::services::CallContext;
-use crate::ServiceError;
+use crate::ServiceResult;
 
 impl VmService {
     /// Sends the console log of `params.name` to the caller as `output` on `stdout`; with
     /// `follow`, keeps sending what the console writes until the VM is no longer running
     /// or the caller hangs up.
-    pub fn logs(
-        &self,
-        ctx: &CallContext,
-        params: &VmLogsParams,
-    ) -> Result<VmLogsResult, ServiceError> {
+    pub fn logs(&self, ctx: &CallContext, params: &VmLogsParams) -> ServiceResult<VmLogsResult> {
         use std::os::unix::fs::MetadataExt;
         let vm = self.show(&params.name)?;
         let path = Path::new(&vm.dir).join(banger_vmm::console::CONSOLE_LOG);

@@ -50,7 +50,7 @@ use crate::services::privhelper::TapRoute;
 use crate::services::process::ProcessIdentity;
 use crate::services::{CallContext, ImageService, KernelService};
 use crate::store::Store;
-use crate::ServiceError;
+use crate::{ServiceError, ServiceResult};
 
 mod fork;
 pub(crate) use fork::tree_bytes;
@@ -145,7 +145,7 @@ impl AgentPool {
 /// everything or nothing out, but has no per-destination filter of its own, and the
 /// host's output guard matches one user shared by every user-mode VM, so a per-VM CIDR
 /// list needs TAP mode.
-fn check_egress(mode: NetworkMode, egress: &banger_api::Egress) -> Result<(), ServiceError> {
+fn check_egress(mode: NetworkMode, egress: &banger_api::Egress) -> ServiceResult<()> {
     if mode == NetworkMode::User && matches!(egress, banger_api::Egress::Only(_)) {
         return Err(ServiceError::bad_request(format!(
             "egress {egress}: a CIDR allow list needs network \"tap\"; network \"user\" enforces only \"allow\" or \"deny\""
@@ -172,7 +172,7 @@ impl VmService {
 }
 
 /// Names of VMs and kernels appear in paths, hostnames and command lines.
-pub fn validate_name(what: &str, name: &str) -> Result<(), ServiceError> {
+pub fn validate_name(what: &str, name: &str) -> ServiceResult<()> {
     let mut bytes = name.bytes();
     let valid = name.len() <= 64
         && bytes
@@ -347,7 +347,7 @@ impl VmService {
     const COLUMNS: &'static str = "id, name, image, kernel, vcpus, memory_mib, disk_bytes, state, pid, backend, created_at, network, guest_ip, tap, egress, ports";
 
     /// Every VM by name.
-    pub fn list(&self) -> Result<Vec<VmInfo>, ServiceError> {
+    pub fn list(&self) -> ServiceResult<Vec<VmInfo>> {
         let conn = self.store.conn();
         let mut stmt = conn
             .prepare(&format!("SELECT {} FROM vms ORDER BY name", Self::COLUMNS))
@@ -357,7 +357,7 @@ impl VmService {
     }
 
     /// The VM called `name`.
-    pub fn show(&self, name: &str) -> Result<VmInfo, ServiceError> {
+    pub fn show(&self, name: &str) -> ServiceResult<VmInfo> {
         let conn = self.store.conn();
         conn.query_row(
             &format!("SELECT {} FROM vms WHERE name = ?1", Self::COLUMNS),
@@ -435,7 +435,7 @@ impl VmService {
 
     /// Where the static guest agent is, or why there is none a VM could run (missing, or
     /// not a static x86-64 executable).
-    pub fn agent_path(&self) -> Result<PathBuf, ServiceError> {
+    pub fn agent_path(&self) -> ServiceResult<PathBuf> {
         let candidates = [
             self.config.agent_bin.clone(),
             std::env::var_os("BANGER_AGENT").map(PathBuf::from),
@@ -463,7 +463,7 @@ impl VmService {
     }
 
     /// The subnet of TAP networking (`bridge_address`).
-    fn subnet(&self) -> Result<Subnet, ServiceError> {
+    fn subnet(&self) -> ServiceResult<Subnet> {
         self.config
             .bridge_address
             .as_deref()
@@ -473,7 +473,7 @@ impl VmService {
     }
 
     /// The shared connection to the agent of `vm` (see [`AgentPool`]).
-    fn agent(&self, vm: &VmInfo) -> Result<Arc<AgentClient>, ServiceError> {
+    fn agent(&self, vm: &VmInfo) -> ServiceResult<Arc<AgentClient>> {
         if vm.state.is_paused() {
             return Err(ServiceError::bad_request(format!(
                 "VM {:?} is paused (banger vm resume {})",

@@ -12,13 +12,13 @@ use banger_vmm::backend::HostForward;
 
 use super::VmService;
 use crate::services::network::NetworkMode;
-use crate::ServiceError;
+use crate::{ServiceError, ServiceResult};
 
 /// How long the agent has to list the guest's sockets.
 const LISTEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Refuses a list of ports the VM's network mode cannot publish.
-pub(super) fn check_create(mode: NetworkMode, ports: &[PublishedPort]) -> Result<(), ServiceError> {
+pub(super) fn check_create(mode: NetworkMode, ports: &[PublishedPort]) -> ServiceResult<()> {
     banger_api::check_published(ports).map_err(ServiceError::bad_request)?;
     if ports.is_empty() {
         return Ok(());
@@ -63,7 +63,7 @@ pub(super) fn host_forwards(ports: &[PublishedPort]) -> Vec<HostForward> {
 /// otherwise exit at start with its own less clear message (or, for a port taken by
 /// another of banger's VMs, the same). A port freed between this check and QEMU's bind is
 /// reported by QEMU's failure.
-pub(super) fn check_host_free(vm: &VmInfo) -> Result<(), ServiceError> {
+pub(super) fn check_host_free(vm: &VmInfo) -> ServiceResult<()> {
     for p in &vm.ports {
         let addr = p.host_addr();
         let taken = match p.protocol {
@@ -89,7 +89,7 @@ fn bind_tcp(addr: SocketAddr) -> std::io::Result<()> {
 impl VmService {
     /// `vm.ports`: the guest's listening sockets, each with the host addresses publishing
     /// it, and the VM's published ports.
-    pub fn ports(&self, name: &str) -> Result<VmPortsResult, ServiceError> {
+    pub fn ports(&self, name: &str) -> ServiceResult<VmPortsResult> {
         let vm = self.show(name)?;
         let client = self.agent(&vm)?;
         let sockets = client

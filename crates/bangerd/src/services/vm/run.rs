@@ -10,16 +10,12 @@ use banger_api::{ExecResult, VmCreateParams, VmRunParams};
 use super::exec::{Stdio, LOGIN_SHELL};
 use super::{copy, VmService};
 use crate::services::CallContext;
-use crate::ServiceError;
+use crate::{ServiceError, ServiceResult};
 
 impl VmService {
     /// Creates and starts a VM, copies the workspace in, runs the command, stops the VM
     /// (removing it with `rm`).
-    pub async fn run(
-        &self,
-        ctx: &CallContext,
-        params: VmRunParams,
-    ) -> Result<ExecResult, ServiceError> {
+    pub async fn run(&self, ctx: &CallContext, params: VmRunParams) -> ServiceResult<ExecResult> {
         // The workspace comes over the connection; no client path is opened here.
         if let Some(path) = &params.path {
             return Err(ServiceError::bad_request(format!(
@@ -52,7 +48,7 @@ impl VmService {
             ..Default::default()
         };
         let vm = tokio::task::block_in_place(|| self.create(create))?;
-        let result = tokio::task::block_in_place(|| -> Result<ExecResult, ServiceError> {
+        let result = tokio::task::block_in_place(|| -> ServiceResult<ExecResult> {
             let client = self.agent(&self.show(&vm.name)?)?;
             let mut cwd = "/root".to_owned();
             if let Some(name) = &params.workspace {

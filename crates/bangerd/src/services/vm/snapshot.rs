@@ -8,7 +8,7 @@ use anyhow::Context;
 use banger_api::{VmBackend, VmInfo, VmState};
 
 use super::VmService;
-use crate::ServiceError;
+use crate::{ServiceError, ServiceResult};
 
 /// The QMP socket QEMU serves in a VM's directory.
 pub(super) fn qmp_socket(dir: &Path) -> std::path::PathBuf {
@@ -53,7 +53,7 @@ impl VmService {
         Ok(())
     }
 
-    fn live(&self, name: &str) -> Result<VmInfo, ServiceError> {
+    fn live(&self, name: &str) -> ServiceResult<VmInfo> {
         let vm = self.show(name)?;
         if !vm.state.is_running() || !vm.pid.is_some_and(super::pid_alive) {
             return Err(ServiceError::bad_request(format!(
@@ -64,7 +64,7 @@ impl VmService {
     }
 
     /// Stops the vCPUs of a running VM (`vm.pause`); pausing a paused VM does nothing.
-    pub fn pause(&self, name: &str) -> Result<VmInfo, ServiceError> {
+    pub fn pause(&self, name: &str) -> ServiceResult<VmInfo> {
         let vm = self.live(name)?;
         if vm.state.is_paused() {
             return Ok(vm);
@@ -77,7 +77,7 @@ impl VmService {
 
     /// Runs the vCPUs of a paused VM again (`vm.resume`); resuming a running VM does
     /// nothing.
-    pub fn resume(&self, name: &str) -> Result<VmInfo, ServiceError> {
+    pub fn resume(&self, name: &str) -> ServiceResult<VmInfo> {
         let vm = self.live(name)?;
         if !vm.state.can_resume() {
             return Ok(vm);

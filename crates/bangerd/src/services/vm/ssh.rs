@@ -23,7 +23,7 @@ use super::exec::Stdio;
 use super::VmService;
 use crate::services::tool;
 use crate::services::CallContext;
-use crate::ServiceError;
+use crate::{ServiceError, ServiceResult};
 
 /// The guest directory holding what the guest's sshd is given.
 const GUEST_SSH_DIR: &str = "/.banger/ssh";
@@ -127,10 +127,7 @@ impl VmService {
     /// `vm.ssh_config`: the entries of every VM (or the one named), with the host keys
     /// pinned in the install's known-hosts file, which this rewrites. A VM that never
     /// booted has no host key yet and is left out.
-    pub fn ssh_config(
-        &self,
-        params: &VmSshConfigParams,
-    ) -> Result<VmSshConfigResult, ServiceError> {
+    pub fn ssh_config(&self, params: &VmSshConfigParams) -> ServiceResult<VmSshConfigResult> {
         let identity = self.install_key()?;
         let every = self.list()?;
         let mut hosts = Vec::new();
@@ -179,7 +176,7 @@ impl VmService {
 
     /// `vm.ssh_proxy`: finds sshd in the guest, then runs `sshd -i` with the caller's
     /// input as the connection's client half (see the module docs).
-    pub fn ssh_proxy(&self, ctx: &CallContext, name: &str) -> Result<ExecResult, ServiceError> {
+    pub fn ssh_proxy(&self, ctx: &CallContext, name: &str) -> ServiceResult<ExecResult> {
         let vm = self.show(name)?;
         let client = self.agent(&vm)?;
         // The keys travel through the agent on every connection: a qcow2 overlay (or a

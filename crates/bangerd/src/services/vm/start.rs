@@ -20,7 +20,7 @@ use crate::services::disk;
 use crate::services::network::{self, NetworkMode};
 use crate::services::privhelper::{JailRoute, TapRoute};
 use crate::services::process::ProcessIdentity;
-use crate::ServiceError;
+use crate::{ServiceError, ServiceResult};
 
 /// How long a booting guest has to answer on its agent port. TCG on a busy 2-core host
 /// boots in about 5 s; the margin is for CI neighbours.
@@ -95,11 +95,7 @@ impl VmService {
     }
 
     /// The VMM for a VM networked with `mode`, per the `vmm` setting and the host.
-    pub(super) fn backend(
-        &self,
-        kernel: &Path,
-        mode: NetworkMode,
-    ) -> Result<Box<dyn Vmm>, ServiceError> {
+    pub(super) fn backend(&self, kernel: &Path, mode: NetworkMode) -> ServiceResult<Box<dyn Vmm>> {
         let preference: banger_vmm::BackendPreference = self.config.vmm.unwrap_or_default().into();
         let firecracker = self.firecracker_binary();
         let host = HostFacts {
@@ -183,7 +179,7 @@ impl VmService {
     /// Boots a stopped VM and waits until its agent answers. A VM's first boot restores
     /// the warm template of its image, kernel, agent and machine when there is one (see
     /// [`template`]).
-    pub fn start(&self, name: &str) -> Result<VmInfo, ServiceError> {
+    pub fn start(&self, name: &str) -> ServiceResult<VmInfo> {
         self.start_with(name, true, None)
     }
 
@@ -194,7 +190,7 @@ impl VmService {
         name: &str,
         warm_allowed: bool,
         from: Option<&Path>,
-    ) -> Result<VmInfo, ServiceError> {
+    ) -> ServiceResult<VmInfo> {
         let vm = self.show(name)?;
         if vm.state.is_running() && self.vmm(&vm).is_some() {
             return Ok(vm);

@@ -9,14 +9,14 @@ use anyhow::Context;
 use banger_api::{VmInfo, VmState};
 
 use super::{agent_channel, snapshot, VmService};
-use crate::ServiceError;
+use crate::ServiceResult;
 
 /// How long a clean shutdown may take before the VMM is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl VmService {
     /// Shuts a VM down; its disk keeps what the guest wrote.
-    pub fn stop(&self, name: &str) -> Result<VmInfo, ServiceError> {
+    pub fn stop(&self, name: &str) -> ServiceResult<VmInfo> {
         let vm = self.show(name)?;
         if vm.state.is_paused() {
             // A paused guest cannot shut itself down: resume it first (else killed below).
@@ -57,7 +57,7 @@ impl VmService {
 
     /// Kills the VMM at once: for a guest that does not answer. Files the guest had not
     /// synced may be lost.
-    pub fn kill(&self, name: &str) -> Result<VmInfo, ServiceError> {
+    pub fn kill(&self, name: &str) -> ServiceResult<VmInfo> {
         let vm = self.show(name)?;
         self.agents.forget(&vm.id);
         if let Some(vmm) = self.vmm(&vm) {
@@ -73,7 +73,7 @@ impl VmService {
     }
 
     /// Stops and deletes a VM with all its files.
-    pub fn remove(&self, name: &str) -> Result<VmInfo, ServiceError> {
+    pub fn remove(&self, name: &str) -> ServiceResult<VmInfo> {
         let vm = self.stop(name)?;
         self.store
             .conn()
