@@ -25,4 +25,4 @@ pub use layout::{
 };
 pub use proxy::{Fault, FaultProxy};
 pub use registry::{push_oci_layout, push_oci_layout_with, PushOptions, Registry};
-pub use skip::{require, skip_known, strict, SKIP_LOG_ENV, STRICT_ENV};
+pub use skip::{require, require_root, skip_known, strict, SKIP_LOG_ENV, STRICT_ENV};

@@ -230,8 +230,7 @@ fn the_helper_refuses_with_typed_errors_and_makes_a_real_tap_in_a_netns() {
 
 #[test]
 fn connections_are_bounded_in_number_and_in_silence() {
-    if !banger_testkit::require(
-        rustix::process::geteuid().is_root(),
+    if !banger_testkit::require_root(
         "bangerd-root hands its socket to the owner (chown): needs root",
     ) {
         return;

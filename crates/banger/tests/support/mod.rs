@@ -265,7 +265,7 @@ impl Drop for Install {
 /// Whether TAP devices can be made here: root (`root_for` says what needs it) and
 /// /dev/net/tun. Fails under BANGER_TEST_STRICT=1, skips loudly otherwise.
 pub fn taps_can_be_made(root_for: &str) -> bool {
-    banger_testkit::require(rustix::process::geteuid().is_root(), root_for)
+    banger_testkit::require_root(root_for)
         && banger_testkit::require(
             Path::new("/dev/net/tun").exists(),
             "/dev/net/tun is missing",
