@@ -21,7 +21,8 @@ pub use layout::push_image;
 pub use layout::tar_member_names;
 pub use layout::tar_with_files_at;
 pub use layout::{
-    noise, tar_with_files, BuiltImage, BuiltLayer, LayerCompression, OciLayoutBuilder,
+    noise, one_file_layer, tar_with_files, BuiltImage, BuiltLayer, LayerCompression,
+    OciLayoutBuilder,
 };
 pub use proxy::{Fault, FaultProxy};
 pub use registry::{push_oci_layout, push_oci_layout_with, PushOptions, Registry};
