@@ -15,6 +15,7 @@ mod skip;
 
 pub mod command;
 pub mod firecracker;
+pub mod git_diff;
 pub mod guest;
 pub mod pax;
 pub use layout::push_image;
