@@ -176,6 +176,12 @@ impl Install {
         self.banger(&vm_run_rm_args(workspace, options, command))
     }
 
+    /// `vm create --name NAME --image bb [OPTIONS]`, run to its end.
+    pub fn vm_create(&self, name: &str, options: &[&str]) -> Output {
+        let args = [&["vm", "create", "--name", name, "--image", "bb"], options].concat();
+        self.banger(&args)
+    }
+
     /// `vm exec VM -- COMMAND`, run to its end.
     pub fn vm_exec(&self, vm: &str, command: &[&str]) -> Output {
         self.banger(&vm_exec_args(vm, command))
