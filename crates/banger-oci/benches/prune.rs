@@ -47,6 +47,18 @@ fn settle() {
     }
 }
 
+/// Runs the standard tool's step and ours each after [`settle`]: in the order given in
+/// round 0, the other way round in round 1, so neither always goes first.
+fn settled_in_turn(round: u32, mut steps: [Box<dyn FnMut() + '_>; 2]) {
+    if round == 1 {
+        steps.reverse();
+    }
+    for step in &mut steps {
+        settle();
+        step();
+    }
+}
+
 fn time(f: impl FnOnce()) -> Duration {
     let start = Instant::now();
     f();
@@ -124,49 +136,34 @@ fn main() {
     for round in 0..2 {
         build_tree(&ours);
         build_tree(&theirs);
-        let mut steps: Vec<Box<dyn FnMut()>> = vec![
-            Box::new(|| {
-                settle();
-                du = du.min(time(|| run_tool("du", &[Path::new("-sb"), &theirs])));
-            }),
-            Box::new(|| {
-                settle();
-                let d = time(|| {
-                    cache
-                        .prune(PruneOptions {
-                            dry_run: true,
-                            ..Default::default()
-                        })
-                        .unwrap();
-                });
-                dry = dry.min(d);
-            }),
-        ];
-        if round == 1 {
-            steps.reverse();
-        }
-        for step in &mut steps {
-            step();
-        }
-        drop(steps);
-        let mut steps: Vec<Box<dyn FnMut()>> = vec![
-            Box::new(|| {
-                settle();
-                rm = rm.min(time(|| run_tool("rm", &[Path::new("-rf"), &theirs])));
-            }),
-            Box::new(|| {
-                settle();
-                let (p, u) = timed_prune(&cache);
-                prune = prune.min(p);
-                usable = usable.min(u);
-            }),
-        ];
-        if round == 1 {
-            steps.reverse();
-        }
-        for step in &mut steps {
-            step();
-        }
+        settled_in_turn(
+            round,
+            [
+                Box::new(|| du = du.min(time(|| run_tool("du", &[Path::new("-sb"), &theirs])))),
+                Box::new(|| {
+                    let d = time(|| {
+                        cache
+                            .prune(PruneOptions {
+                                dry_run: true,
+                                ..Default::default()
+                            })
+                            .unwrap();
+                    });
+                    dry = dry.min(d);
+                }),
+            ],
+        );
+        settled_in_turn(
+            round,
+            [
+                Box::new(|| rm = rm.min(time(|| run_tool("rm", &[Path::new("-rf"), &theirs])))),
+                Box::new(|| {
+                    let (p, u) = timed_prune(&cache);
+                    prune = prune.min(p);
+                    usable = usable.min(u);
+                }),
+            ],
+        );
     }
     println!(
         "prune      {:>8.1} ms   rm -rf {:>8.1} ms   ratio {:.3} (target <= 1.05)",

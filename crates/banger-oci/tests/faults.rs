@@ -230,10 +230,7 @@ async fn oversized_manifests_and_configs_are_cut_off_at_their_limit() {
 /// The cache on a small filesystem that fills mid-pull (root: a loop mount).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_mid_pull_fails_clearly_and_the_next_pull_succeeds() {
-    if !banger_testkit::require(
-        rustix::process::geteuid().is_root(),
-        "a loop-mounted filesystem needs root",
-    ) {
+    if !banger_testkit::require_root("a loop-mounted filesystem needs root") {
         return;
     }
     let (registry, _layout, image) = registry_with_big_image(24 << 20);

@@ -37,6 +37,27 @@ fn flatten(
     f.finish()
 }
 
+/// The bytes of the regular file `path` of the flattened `tree`.
+fn contents_in(tree: &FlattenedTree, path: &str) -> Vec<u8> {
+    fs::read(tree.root.join(path)).unwrap()
+}
+
+/// Whether anything stands at `path` of the flattened `tree` (links followed).
+fn exists_in(tree: &FlattenedTree, path: &str) -> bool {
+    tree.root.join(path).exists()
+}
+
+/// A layer of regular files each holding its own file name (`a/y` holds `y`): a lower
+/// layer whose survivors a test knows by name and contents.
+fn files_holding_their_names(paths: &[&str]) -> Layer {
+    let mut layer = Layer::new();
+    for path in paths {
+        let name = path.rsplit('/').next().unwrap();
+        layer.file(path, name.as_bytes());
+    }
+    layer
+}
+
 /// [`flatten`] into a new temporary directory, which must succeed.
 fn flattened(layers: &[(&[u8], &str)], privilege: Privilege) -> (tempfile::TempDir, FlattenedTree) {
     let tmp = tempfile::tempdir().unwrap();
@@ -109,6 +130,15 @@ fn broken_streams(tar_bytes: &[u8], extra: Option<Blob>) -> (Vec<u8>, Vec<u8>, V
     cases.extend(extra);
     cases.push((b"definitely not gzip".to_vec(), GZIP));
     (gz, zst, cases)
+}
+
+/// A tar of the file `a`, `len` bytes (a stream of it can be cut in the middle of `a`),
+/// then a small `b`.
+fn big_file_then_small_tar(len: usize) -> Vec<u8> {
+    Layer::new()
+        .file("a", &vec![1u8; len])
+        .file("b", b"b")
+        .tar()
 }
 
 fn base_layer() -> Vec<u8> {
@@ -235,32 +265,26 @@ fn the_records_hold_every_entrys_true_metadata_in_both_modes() {
 
 #[test]
 fn whiteouts_remove_lower_entries_only() {
-    let lower = Layer::new()
-        .file("a/x", b"x")
-        .file("a/y", b"y")
-        .file("b/z", b"z")
-        .file("c", b"c")
-        .tar();
+    let lower = files_holding_their_names(&["a/x", "a/y", "b/z", "c"]).tar();
     let upper = Layer::new()
-        .file("a/.wh.x", b"")
-        .file(".wh.b", b"")
+        .whiteout("a/x")
+        .whiteout("b")
         // Same-layer entries survive their whiteout, in either order.
         .file("c", b"new c")
-        .file(".wh.c", b"")
-        .file(".wh.d", b"")
+        .whiteout("c")
+        .whiteout("d")
         .file("d", b"d")
-        .file("a/.wh.missing", b"")
-        .file("nodir/.wh.ghost", b"")
+        .whiteout("a/missing")
+        .whiteout("nodir/ghost")
         .zstd();
     let (_tmp, tree) = flattened(&[(&lower, TAR), (&upper, ZSTD)], Privilege::Unprivileged);
-    let r = &tree.root;
-    assert!(!r.join("a/x").exists());
-    assert_eq!(fs::read(r.join("a/y")).unwrap(), b"y");
-    assert!(!r.join("b").exists());
-    assert_eq!(fs::read(r.join("c")).unwrap(), b"new c");
-    assert_eq!(fs::read(r.join("d")).unwrap(), b"d");
-    assert!(!r.join("a/.wh.x").exists() && !r.join(".wh.b").exists());
-    assert!(!r.join("nodir").exists(), "a whiteout creates nothing");
+    assert!(!exists_in(&tree, "a/x"));
+    assert_eq!(contents_in(&tree, "a/y"), b"y");
+    assert!(!exists_in(&tree, "b"));
+    assert_eq!(contents_in(&tree, "c"), b"new c");
+    assert_eq!(contents_in(&tree, "d"), b"d");
+    assert!(!exists_in(&tree, "a/.wh.x") && !exists_in(&tree, ".wh.b"));
+    assert!(!exists_in(&tree, "nodir"), "a whiteout creates nothing");
     assert!(
         !tree.metadata.contains_key(Path::new("b/z")),
         "side table follows removals"
@@ -270,28 +294,23 @@ fn whiteouts_remove_lower_entries_only() {
 
 #[test]
 fn opaque_directory_hides_lower_content_but_keeps_its_own_layer() {
-    let lower = Layer::new()
-        .file("d/old", b"old")
-        .file("d/sub/old2", b"old2")
-        .file("d2/keep", b"keep")
-        .gzip();
+    let lower = files_holding_their_names(&["d/old", "d/sub/old2", "d2/keep"]).gzip();
     // Entries before and after the marker, and in a subdirectory, all belong to the layer.
     let upper = Layer::new()
         .dir("d/", 0o755)
         .file("d/new", b"new")
         .file("d/sub/new2", b"new2")
-        .file("d/.wh..wh..opq", b"")
+        .opaque("d")
         .file("d/after", b"after")
         .gzip();
     let (_tmp, tree) = flattened(&[(&lower, GZIP), (&upper, DOCKER_GZIP)], Privilege::Detect);
-    let r = &tree.root;
-    assert!(!r.join("d/old").exists());
-    assert!(!r.join("d/sub/old2").exists());
-    assert_eq!(fs::read(r.join("d/new")).unwrap(), b"new");
-    assert_eq!(fs::read(r.join("d/sub/new2")).unwrap(), b"new2");
-    assert_eq!(fs::read(r.join("d/after")).unwrap(), b"after");
-    assert_eq!(fs::read(r.join("d2/keep")).unwrap(), b"keep");
-    assert!(!r.join("d/.wh..wh..opq").exists());
+    assert!(!exists_in(&tree, "d/old"));
+    assert!(!exists_in(&tree, "d/sub/old2"));
+    assert_eq!(contents_in(&tree, "d/new"), b"new");
+    assert_eq!(contents_in(&tree, "d/sub/new2"), b"new2");
+    assert_eq!(contents_in(&tree, "d/after"), b"after");
+    assert_eq!(contents_in(&tree, "d2/keep"), b"keep");
+    assert!(!exists_in(&tree, "d/.wh..wh..opq"));
 }
 
 #[test]
@@ -308,12 +327,11 @@ fn later_layers_replace_dirs_with_files_and_back() {
         .file("s", b"plain")
         .gzip();
     let (_tmp, tree) = flattened(&[(&l1, GZIP), (&l2, GZIP)], Privilege::Unprivileged);
-    let r = &tree.root;
-    assert_eq!(fs::read(r.join("p")).unwrap(), b"now a file");
-    assert!(fs::symlink_metadata(r.join("q")).unwrap().is_dir());
-    assert_eq!(fs::read(r.join("q/x")).unwrap(), b"x");
+    assert_eq!(contents_in(&tree, "p"), b"now a file");
+    assert!(fs::symlink_metadata(tree.root.join("q")).unwrap().is_dir());
+    assert_eq!(contents_in(&tree, "q/x"), b"x");
     assert!(
-        fs::symlink_metadata(r.join("s")).unwrap().is_file(),
+        fs::symlink_metadata(tree.root.join("s")).unwrap().is_file(),
         "symlink replaced, not written through"
     );
     assert!(!tree.metadata.contains_key(Path::new("p/inner")));
@@ -335,13 +353,15 @@ fn writes_through_absolute_symlinks_resolve_inside_the_root() {
         .file("lib/libc.so", b"elf")
         .gzip();
     let (_tmp, tree) = flattened(&[(&l1, TAR), (&l2, GZIP)], Privilege::Unprivileged);
-    let r = &tree.root;
-    assert_eq!(fs::read(r.join("run/app.pid")).unwrap(), b"42");
-    assert_eq!(fs::read(r.join("usr/lib/libc.so")).unwrap(), b"elf");
+    assert_eq!(contents_in(&tree, "run/app.pid"), b"42");
+    assert_eq!(contents_in(&tree, "usr/lib/libc.so"), b"elf");
     // The side table is keyed by the real location, which is what the builder patches.
     assert!(tree.metadata.contains_key(Path::new("run/app.pid")));
     assert!(tree.metadata.contains_key(Path::new("usr/lib/libc.so")));
-    assert_eq!(fs::read_link(r.join("var/run")).unwrap(), Path::new("/run"));
+    assert_eq!(
+        fs::read_link(tree.root.join("var/run")).unwrap(),
+        Path::new("/run")
+    );
 }
 
 #[test]
@@ -354,7 +374,7 @@ fn plain_media_type_sniffs_gzip_and_zstd() {
         Privilege::Detect,
     );
     for (name, body) in [("g", &b"gz"[..]), ("z", b"zs"), ("t", b"tar")] {
-        assert_eq!(fs::read(tree.root.join(name)).unwrap(), body);
+        assert_eq!(contents_in(&tree, name), body);
     }
 }
 
@@ -524,10 +544,7 @@ fn limit_counts_across_layers() {
 
 #[test]
 fn truncated_or_corrupt_streams_are_errors_naming_the_layer() {
-    let tar_bytes = Layer::new()
-        .file("a", &[1u8; 100_000])
-        .file("b", b"b")
-        .tar();
+    let tar_bytes = big_file_then_small_tar(100_000);
     let (_, _, cases) = broken_streams(&tar_bytes, Some((tar_bytes[..50_000].to_vec(), TAR)));
     for (i, (blob, media_type)) in cases.iter().enumerate() {
         let tmp = tempfile::tempdir().unwrap();
@@ -557,10 +574,7 @@ fn inject_file_writes_inside_the_root_through_in_root_symlinks() {
         0,
     )
     .unwrap();
-    assert_eq!(
-        fs::read(tree.root.join("usr/etc/banger/agent.toml")).unwrap(),
-        b"port = 1"
-    );
+    assert_eq!(contents_in(&tree, "usr/etc/banger/agent.toml"), b"port = 1");
     assert_eq!(
         tree.metadata[Path::new("usr/etc/banger/agent.toml")].mode,
         0o600
@@ -598,10 +612,7 @@ fn timing_many_small_files() {
 
 #[test]
 fn pipelined_decoding_gives_the_same_bytes_and_the_same_refusals() {
-    let tar_bytes = Layer::new()
-        .file("a", &[1u8; 3_000_000])
-        .file("b", b"b")
-        .tar();
+    let tar_bytes = big_file_then_small_tar(3_000_000);
     let (gz, zst, cases) = broken_streams(&tar_bytes, None);
     for (blob, media_type) in [
         (gz.clone(), GZIP),
@@ -619,11 +630,8 @@ fn pipelined_decoding_gives_the_same_bytes_and_the_same_refusals() {
             .unwrap();
         assert_eq!(stats.entries, 2);
         let tree = f.finish().unwrap();
-        assert_eq!(
-            std::fs::read(tree.root.join("a")).unwrap(),
-            vec![1u8; 3_000_000]
-        );
-        assert_eq!(std::fs::read(tree.root.join("b")).unwrap(), b"b");
+        assert_eq!(contents_in(&tree, "a"), vec![1u8; 3_000_000]);
+        assert_eq!(contents_in(&tree, "b"), b"b");
     }
     for (i, (blob, media_type)) in cases.into_iter().enumerate() {
         let tmp = tempfile::tempdir().unwrap();

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use banger_oci::archive::read_image_archive;
-use banger_testkit::{tar_with_files, LayerCompression, OciLayoutBuilder};
+use banger_testkit::{one_file_layer, tar_with_files, LayerCompression, OciLayoutBuilder};
 
 /// `dir` as a tar at `to`, members relative to `dir`, links kept as links.
 fn archive_dir(dir: &Path, to: &Path) {
@@ -17,25 +17,26 @@ fn archive_dir(dir: &Path, to: &Path) {
     builder.finish().unwrap();
 }
 
+/// A temporary directory and an empty OCI layout in its `layout`, the rest of it free for
+/// the archive and what is unpacked from it.
+fn temp_layout() -> (tempfile::TempDir, OciLayoutBuilder) {
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = OciLayoutBuilder::new(&tmp.path().join("layout")).unwrap();
+    (tmp, layout)
+}
+
 fn layer_digests(image: &banger_oci::archive::LocalImage) -> Vec<String> {
     image.layers.iter().map(|l| l.digest.to_string()).collect()
 }
 
 #[test]
 fn an_oci_archive_reads_as_its_layout_and_the_tag_chooses_the_image() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut layout = OciLayoutBuilder::new(&tmp.path().join("layout")).unwrap();
+    let (tmp, mut layout) = temp_layout();
     let a = layout
-        .image(
-            "a",
-            &[(tar_with_files(&[("a", b"first")]), LayerCompression::Gzip)],
-        )
+        .image("a", &one_file_layer("a", b"first", LayerCompression::Gzip))
         .unwrap();
     let b = layout
-        .image(
-            "b",
-            &[(tar_with_files(&[("b", b"second")]), LayerCompression::None)],
-        )
+        .image("b", &one_file_layer("b", b"second", LayerCompression::None))
         .unwrap();
     let tarball = tmp.path().join("image.tar");
     archive_dir(layout.dir(), &tarball);
@@ -63,12 +64,11 @@ fn an_oci_archive_reads_as_its_layout_and_the_tag_chooses_the_image() {
 
 #[test]
 fn a_linked_blob_in_an_oci_archive_is_refused_and_a_docker_archive_takes_no_tag() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut layout = OciLayoutBuilder::new(&tmp.path().join("layout")).unwrap();
+    let (tmp, mut layout) = temp_layout();
     let image = layout
         .image(
             "latest",
-            &[(tar_with_files(&[("a", b"first")]), LayerCompression::None)],
+            &one_file_layer("a", b"first", LayerCompression::None),
         )
         .unwrap();
     // The layer's blob becomes a link to a copy of itself, inside the archive.

@@ -11,7 +11,7 @@ use banger_oci::registry::{
 };
 use banger_oci::{BlobCache, Digest};
 use banger_testkit::{
-    noise, push_oci_layout, push_oci_layout_with, tar_with_files, BuiltImage,
+    noise, one_file_layer, push_oci_layout, push_oci_layout_with, tar_with_files, BuiltImage,
     LayerCompression as Lc, OciLayoutBuilder, PushOptions, Registry,
 };
 
@@ -183,23 +183,21 @@ async fn pulls_gzip_zstd_and_plain_layers_into_the_cache_once() {
     assert_eq!(outcome, FetchOutcome::AlreadyCached);
 }
 
+/// An untagged image in `layout` for `arch`, its one layer the file `arch` holding that
+/// name, so the images of one index differ.
+fn arch_image(layout: &OciLayoutBuilder, arch: &str, compression: Lc) -> BuiltImage {
+    layout
+        .build_image(arch, &one_file_layer("arch", arch.as_bytes(), compression))
+        .unwrap()
+}
+
 #[tokio::test]
 async fn multi_platform_index_resolves_to_amd64() {
     let registry = Registry::start();
     let dir = tempfile::tempdir().unwrap();
     let mut layout = OciLayoutBuilder::new(dir.path()).unwrap();
-    let amd64 = layout
-        .build_image(
-            "amd64",
-            &[(tar_with_files(&[("arch", b"amd64")]), Lc::Gzip)],
-        )
-        .unwrap();
-    let arm64 = layout
-        .build_image(
-            "arm64",
-            &[(tar_with_files(&[("arch", b"arm64")]), Lc::Zstd)],
-        )
-        .unwrap();
+    let amd64 = arch_image(&layout, "amd64", Lc::Gzip);
+    let arm64 = arch_image(&layout, "arm64", Lc::Zstd);
     let index = layout
         .index("multi", &[arm64.clone(), amd64.clone()])
         .unwrap();
@@ -297,10 +295,7 @@ async fn zstd_recompression_by_skopeo_is_understood() {
     let dir = tempfile::tempdir().unwrap();
     let mut layout = OciLayoutBuilder::new(dir.path()).unwrap();
     layout
-        .image(
-            "z",
-            &[(tar_with_files(&[("f", &noise(10_000, 9))]), Lc::None)],
-        )
+        .image("z", &one_file_layer("f", &noise(10_000, 9), Lc::None))
         .unwrap();
     let options = PushOptions {
         zstd: true,

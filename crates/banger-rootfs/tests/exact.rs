@@ -160,40 +160,59 @@ fn sparse_expect(m: &Mount, path: &str, size: usize, chunks: &[(usize, u8, usize
     );
 }
 
+/// The bytes of a sparse file's `chunks` (offset, byte, length) back to back: what an
+/// archive member of it stores.
+fn chunk_bytes(chunks: &[(usize, u8, usize)]) -> Vec<u8> {
+    chunks
+        .iter()
+        .flat_map(|&(_, byte, len)| vec![byte; len])
+        .collect()
+}
+
+/// GNU tar's PAX sparse 1.0 member `stored` for the file `real` of `size` bytes holding
+/// `chunks`: the map (count, then offset and length of each, a line each) padded to a
+/// block, then the chunks' bytes; the records in GNU tar's order.
+fn gnu_sparse_1_0(stored: &str, real: &str, size: usize, chunks: &[(usize, u8, usize)]) -> Ent {
+    let mut map = format!("{}\n", chunks.len());
+    for (at, _, len) in chunks {
+        map.push_str(&format!("{at}\n{len}\n"));
+    }
+    let mut data = map.into_bytes();
+    data.resize(data.len().next_multiple_of(512), 0);
+    data.extend(chunk_bytes(chunks));
+    ent(stored)
+        .data(&data)
+        .pax("GNU.sparse.major", b"1")
+        .pax("GNU.sparse.minor", b"0")
+        .pax("GNU.sparse.name", real.as_bytes())
+        .pax("GNU.sparse.realsize", size.to_string().as_bytes())
+}
+
+/// GNU tar's PAX sparse 0.1 member `stored` for the file `real` of `size` bytes holding
+/// `chunks`: the chunks' bytes, the map in `GNU.sparse.map` (offset,length,…).
+fn gnu_sparse_0_1(stored: &str, real: &str, size: usize, chunks: &[(usize, u8, usize)]) -> Ent {
+    let map: Vec<String> = chunks
+        .iter()
+        .map(|(at, _, len)| format!("{at},{len}"))
+        .collect();
+    ent(stored)
+        .data(&chunk_bytes(chunks))
+        .pax("GNU.sparse.size", size.to_string().as_bytes())
+        .pax("GNU.sparse.numblocks", chunks.len().to_string().as_bytes())
+        .pax("GNU.sparse.map", map.join(",").as_bytes())
+        .pax("GNU.sparse.name", real.as_bytes())
+}
+
 // 6. GNU tar's PAX sparse formats (1.0 is GNU tar's default in pax archives; 0.1 older).
 #[test]
 fn gnu_pax_sparse_files_land_as_the_real_file_with_holes() {
-    let mut v1 = b"2\n0\n4096\n1048576\n4096\n".to_vec();
-    v1.resize(512, 0);
-    v1.extend_from_slice(&[b'A'; 4096]);
-    v1.extend_from_slice(&[b'B'; 4096]);
-    let one = ent("s/GNUSparseFile.77/one")
-        .data(&v1)
-        .pax("GNU.sparse.major", b"1")
-        .pax("GNU.sparse.minor", b"0")
-        .pax("GNU.sparse.name", b"s/one")
-        .pax("GNU.sparse.realsize", b"2097152");
-    let mut v01 = vec![b'C'; 1000];
-    v01.extend_from_slice(&[b'D'; 3000]);
-    let zero_one = ent("s/GNUSparseFile.78/two")
-        .data(&v01)
-        .pax("GNU.sparse.size", b"3000000")
-        .pax("GNU.sparse.numblocks", b"2")
-        .pax("GNU.sparse.map", b"0,1000,2000000,3000")
-        .pax("GNU.sparse.name", b"s/two");
+    let one_chunks = [(0, b'A', 4096), (1 << 20, b'B', 4096)];
+    let two_chunks = [(0, b'C', 1000), (2_000_000, b'D', 3000)];
+    let one = gnu_sparse_1_0("s/GNUSparseFile.77/one", "s/one", 2 << 20, &one_chunks);
+    let zero_one = gnu_sparse_0_1("s/GNUSparseFile.78/two", "s/two", 3_000_000, &two_chunks);
     accepted(&[layer(&[Ent::dir("s/"), one, zero_one])], |m, _| {
-        sparse_expect(
-            m,
-            "s/one",
-            2 << 20,
-            &[(0, b'A', 4096), (1 << 20, b'B', 4096)],
-        );
-        sparse_expect(
-            m,
-            "s/two",
-            3_000_000,
-            &[(0, b'C', 1000), (2_000_000, b'D', 3000)],
-        );
+        sparse_expect(m, "s/one", 2 << 20, &one_chunks);
+        sparse_expect(m, "s/two", 3_000_000, &two_chunks);
         let names: Vec<_> = std::fs::read_dir(m.path("s"))
             .unwrap()
             .map(|e| e.unwrap().file_name())

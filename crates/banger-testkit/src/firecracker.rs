@@ -1,6 +1,7 @@
 //! Firecracker in tests: where the binaries are (the release these machines keep in
-//! ../shared/tools, else PATH), its API's state, and what /proc says about the process a
-//! jail runs (its uid, whether a thread is under seccomp).
+//! ../shared/tools, else PATH), the VM the jail tests hand it (feature `vmm`), its API's
+//! state, and what /proc says about the process a jail runs (its uid, whether a thread is
+//! under seccomp).
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -19,6 +20,25 @@ pub fn tool(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?)
         .map(|dir| dir.join(name))
         .find(|path| path.is_file())
+}
+
+/// The VM the jail tests launch (banger-vmm's jailer, bangerd-root's `priv.vmm.launch`):
+/// `kernel` with a serial console, `disk` as its root disk, 256 MiB and one vCPU under KVM,
+/// no network, its agent's vsock socket in `run_dir`.
+#[cfg(feature = "vmm")]
+pub fn vm_spec(kernel: PathBuf, disk: &Path, run_dir: &Path) -> banger_vmm::VmSpec {
+    banger_vmm::VmSpec {
+        kernel,
+        initrd: None,
+        cmdline: "console=ttyS0".into(),
+        root_disk: Some(disk.to_owned()),
+        memory_mib: 256,
+        vcpus: 1,
+        net: None,
+        accel: banger_vmm::backend::Accel::Kvm,
+        run_dir: run_dir.to_owned(),
+        agent_socket: Some(run_dir.join("vsock.sock")),
+    }
 }
 
 /// The body of `GET /` on the API socket `api` (the instance's `state` is in it), or why

@@ -277,6 +277,17 @@ pub fn tar_member_names(tar: &[u8]) -> Vec<String> {
         .collect()
 }
 
+/// The layers of an image of one layer holding one file, `path` with `contents`, stored
+/// with `compression`: what a test passes [`OciLayoutBuilder::image`] (or `build_image`)
+/// when its images need only be told apart.
+pub fn one_file_layer(
+    path: &str,
+    contents: &[u8],
+    compression: LayerCompression,
+) -> [(Vec<u8>, LayerCompression); 1] {
+    [(tar_with_files(&[(path, contents)]), compression)]
+}
+
 /// An uncompressed tarball of regular files (`path`, `contents`), mode 0644, with parent
 /// directories created implicitly by whoever extracts it.
 pub fn tar_with_files(files: &[(&str, &[u8])]) -> Vec<u8> {

@@ -15,14 +15,16 @@ mod skip;
 
 pub mod command;
 pub mod firecracker;
+pub mod git_diff;
 pub mod guest;
 pub mod pax;
 pub use layout::push_image;
 pub use layout::tar_member_names;
 pub use layout::tar_with_files_at;
 pub use layout::{
-    noise, tar_with_files, BuiltImage, BuiltLayer, LayerCompression, OciLayoutBuilder,
+    noise, one_file_layer, tar_with_files, BuiltImage, BuiltLayer, LayerCompression,
+    OciLayoutBuilder,
 };
 pub use proxy::{Fault, FaultProxy};
 pub use registry::{push_oci_layout, push_oci_layout_with, PushOptions, Registry};
-pub use skip::{require, skip_known, strict, SKIP_LOG_ENV, STRICT_ENV};
+pub use skip::{require, require_root, skip_known, strict, SKIP_LOG_ENV, STRICT_ENV};

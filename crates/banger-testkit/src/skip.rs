@@ -35,6 +35,12 @@ pub fn require(cond: bool, why: impl Display) -> bool {
     false
 }
 
+/// [`require`] that this test runs as root (uid 0), `why` saying what needs it.
+#[track_caller]
+pub fn require_root(why: impl Display) -> bool {
+    require(rustix::process::geteuid().is_root(), why)
+}
+
 /// Skips for a reason no machine of this project can remedy (say, KVM that cannot boot
 /// Linux); logged like any skip but never a failure, strict or not.
 #[track_caller]

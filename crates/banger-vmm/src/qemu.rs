@@ -767,10 +767,7 @@ mod tests {
     #[test]
     fn boot_files_reach_an_unprivileged_vmm_whatever_their_mode() {
         use std::os::unix::fs::PermissionsExt;
-        if !banger_testkit::require(
-            rustix::process::geteuid().is_root(),
-            "dropping to another user needs root",
-        ) {
+        if !banger_testkit::require_root("dropping to another user needs root") {
             return;
         }
         let nobody = crate::confine::VmmUser {

@@ -9,15 +9,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use banger_testkit::firecracker::{api_state, runs_as, status_field, under_seccomp};
+use banger_testkit::firecracker::{api_state, runs_as, status_field, under_seccomp, vm_spec};
 use banger_vmm::firecracker::{api_socket, remove_jail_cgroups, Firecracker, Jailer};
-use banger_vmm::qemu::Accel;
-use banger_vmm::{VmSpec, Vmm};
+use banger_vmm::Vmm;
 use common::{cached_kernel, firecracker_tool};
 
 #[test]
 fn the_real_jailer_runs_firecracker_in_its_jail_as_the_vmm_user() {
-    if !common::require_root("the jailer needs root") {
+    if !banger_testkit::require_root("the jailer needs root") {
         return;
     }
     let (Some(firecracker), Some(jailer)) =
@@ -43,18 +42,7 @@ fn the_real_jailer_runs_firecracker_in_its_jail_as_the_vmm_user() {
         .unwrap()
         .set_len(64 << 20)
         .unwrap();
-    let spec = VmSpec {
-        kernel: k.ensure_vmlinux().unwrap(),
-        initrd: None,
-        cmdline: "console=ttyS0".into(),
-        root_disk: Some(disk.clone()),
-        memory_mib: 256,
-        vcpus: 1,
-        net: None,
-        accel: Accel::Kvm,
-        run_dir: run.clone(),
-        agent_socket: Some(run.join("vsock.sock")),
-    };
+    let spec = vm_spec(k.ensure_vmlinux().unwrap(), &disk, &run);
     let backend = Firecracker {
         binary: firecracker.clone(),
         console_logger: None,

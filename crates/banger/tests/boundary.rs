@@ -138,7 +138,7 @@ fn a_vm_runs_under_seccomp_its_console_is_capped_and_shown_escaped_on_a_terminal
     let Some(install) = ready_install(&registry, &format!("console_log_max = {CAP}\n")) else {
         return;
     };
-    let out = install.banger(&["vm", "create", "--name", "v", "--image", "bb"]);
+    let out = install.vm_create("v", &[]);
     assert_exit(&out, 0);
     let show = install.banger(&["--json", "vm", "show", "v"]);
     let shown: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();

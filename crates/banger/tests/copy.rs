@@ -9,6 +9,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
+use banger_testkit::git_diff;
 use serde_json::Value;
 use support::vms::ready_install_in;
 use support::{assert_exit, assert_fails_saying, stderr, stdout, vm_exec_args, Install};
@@ -179,19 +180,15 @@ fn vm_cp_round_trips_a_tree_both_ways_and_a_link_to_etc_stays_a_link() {
     ok(&install, &["vm", "rm", "box"]);
 }
 
-/// The patch the run below makes, in `git diff` form.
-const PATCH: &str = "diff --git a/new.txt b/new.txt\n\
-new file mode 100644\n\
---- /dev/null\n\
-+++ b/new.txt\n\
-@@ -0,0 +1 @@\n\
-+new\n\
-diff --git a/notes.txt b/notes.txt\n\
---- a/notes.txt\n\
-+++ b/notes.txt\n\
-@@ -1 +1 @@\n\
--from the host\n\
-+changed\n";
+/// The patch the run below makes, in `git diff` form: new.txt added, notes.txt's one line
+/// changed.
+fn expected_patch() -> String {
+    format!(
+        "{}{}@@ -1 +1 @@\n-from the host\n+changed\n",
+        git_diff::new_file("new.txt", "new"),
+        git_diff::changed_file_header("notes.txt"),
+    )
+}
 
 #[test]
 fn vm_run_exports_after_a_failing_command_keeps_its_status_and_diff_shows_the_changes() {
@@ -229,11 +226,11 @@ fn vm_run_exports_after_a_failing_command_keeps_its_status_and_diff_shows_the_ch
         fs::read_to_string(exported.join("result.txt")).unwrap(),
         "built\n"
     );
-    assert_eq!(fs::read_to_string(&patch).unwrap(), PATCH);
+    assert_eq!(fs::read_to_string(&patch).unwrap(), expected_patch());
 
     // The VM stopped with its disk; started again, its workspace still differs.
     ok(&install, &["vm", "start", "dv"]);
-    assert_eq!(ok(&install, &["vm", "diff", "dv"]), PATCH);
+    assert_eq!(ok(&install, &["vm", "diff", "dv"]), expected_patch());
     let diff: Value = serde_json::from_str(&ok(&install, &["--json", "vm", "diff", "dv"])).unwrap();
     assert_eq!(diff["workspace"], "/root/repo");
     assert_eq!(
@@ -244,7 +241,7 @@ fn vm_run_exports_after_a_failing_command_keeps_its_status_and_diff_shows_the_ch
         ),
         (1.into(), 1.into(), 0.into())
     );
-    assert_eq!(diff["patch"], PATCH);
+    assert_eq!(diff["patch"], expected_patch());
     // An export that does not exist fails a successful command with 125, naming it.
     let nope = format!("/nope:{}", tmp.join("nope").display());
     let out = install.banger(&[

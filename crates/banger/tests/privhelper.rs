@@ -241,7 +241,7 @@ fn an_unprivileged_bangerd_boots_a_tap_vm_through_bangerd_root() {
         );
     }
 
-    let out = install.banger(&["vm", "create", "--name", "tapbox", "--image", "bb"]);
+    let out = install.vm_create("tapbox", &[]);
     assert_exit(&out, 0);
     let vm = json(&install.banger(&["--json", "vm", "show", "tapbox"]));
     assert_eq!(vm["network"], "tap", "{vm}");

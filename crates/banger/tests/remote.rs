@@ -110,10 +110,7 @@ fn sshd_can_run() -> bool {
     banger_testkit::require(
         Path::new("/usr/sbin/sshd").is_file() && Command::new("ssh").arg("-V").output().is_ok(),
         "OpenSSH is not installed (scripts/setup.sh installs openssh-server)",
-    ) && banger_testkit::require(
-        rustix::process::geteuid().is_root(),
-        "needs root (sshd, a mount namespace)",
-    )
+    ) && banger_testkit::require_root("needs root (sshd, a mount namespace)")
 }
 
 /// The agent and kernel of [`guest_parts`] where a real sshd can run too (`None`, and the

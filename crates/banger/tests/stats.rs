@@ -60,17 +60,7 @@ fn memory_and_cpus_reach_the_guest_exit_statuses_pass_and_stats_and_health_repor
     assert!(stderr(&out).contains("no-such-image"), "{}", stderr(&out));
 
     // vm set --cpus 2 on a stopped VM; the next boot has two CPUs.
-    let out = install.banger(&[
-        "vm",
-        "create",
-        "--name",
-        "s1",
-        "--image",
-        "bb",
-        "--cpus",
-        "1",
-        "--no-start",
-    ]);
+    let out = install.vm_create("s1", &["--cpus", "1", "--no-start"]);
     assert_exit(&out, 0);
     let (code, health) = json(&install, &["vm", "health", "s1"]);
     assert_eq!(code, Some(1));

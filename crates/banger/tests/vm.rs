@@ -22,6 +22,9 @@ use support::{
 
 /// The configuration of the QEMU tests: user-mode networking, whoever runs them.
 const QEMU_USER_NET: &str = "vmm = \"qemu\"\nnetwork = \"user\"\n";
+/// QEMU on TAP devices behind the bridge 172.30.9.1/24.
+const QEMU_TAP_NET: &str =
+    "vmm = \"qemu\"\nnetwork = \"tap\"\nbridge_address = \"172.30.9.1/24\"\n";
 
 /// An installation with a kernel and a busybox image pulled from a registry.
 fn ready_install(registry: &Registry) -> Option<Install> {
@@ -406,7 +409,7 @@ fn vm_exec_stop_start_keeps_files_and_rm_leaves_nothing() {
     let Some(install) = ready_install(&registry) else {
         return;
     };
-    let out = install.banger(&["vm", "create", "--name", "box", "--image", "bb"]);
+    let out = install.vm_create("box", &[]);
     assert_exit_prints(&out, 0, "created box (running)\n");
 
     let out = install.vm_sh(
@@ -662,32 +665,12 @@ fn tap_ready(config: &str) -> Option<(NetNs, Install)> {
 
 #[test]
 fn tap_vms_publish_tcp_ports_through_the_daemon_again_after_a_restart_and_refuse_udp() {
-    let Some((ns, install)) =
-        tap_ready("vmm = \"qemu\"\nnetwork = \"tap\"\nbridge_address = \"172.30.9.1/24\"\n")
-    else {
+    let Some((ns, install)) = tap_ready(QEMU_TAP_NET) else {
         return;
     };
-    let out = install.banger(&[
-        "vm",
-        "create",
-        "--name",
-        "dns",
-        "--image",
-        "bb",
-        "-p",
-        "5353:53/udp",
-    ]);
+    let out = install.vm_create("dns", &["-p", "5353:53/udp"]);
     assert_exit_says(&out, 1, "network \"tap\" publishes TCP ports only");
-    let out = install.banger(&[
-        "vm",
-        "create",
-        "--name",
-        "web",
-        "--image",
-        "bb",
-        "-p",
-        "127.0.0.1:18080:8080",
-    ]);
+    let out = install.vm_create("web", &["-p", "127.0.0.1:18080:8080"]);
     assert_exit(&out, 0);
     install.start_guest_httpd("web");
     // The host side is the namespace's loopback, where the daemon listens.
@@ -705,16 +688,7 @@ fn tap_vms_publish_tcp_ports_through_the_daemon_again_after_a_restart_and_refuse
     assert_exit(&got, 0);
     assert_eq!(stdout(&got), "hello-from-guest\n");
     // The same host port is refused to a second VM, naming it.
-    let out = install.banger(&[
-        "vm",
-        "create",
-        "--name",
-        "web2",
-        "--image",
-        "bb",
-        "-p",
-        "127.0.0.1:18080:80",
-    ]);
+    let out = install.vm_create("web2", &["-p", "127.0.0.1:18080:80"]);
     assert_exit_says(&out, 1, "host port 127.0.0.1:18080/tcp is not free");
     // A restarted daemon listens again for the VM it re-adopts.
     assert_exit(&install.banger(&["daemon", "stop"]), 0);
@@ -734,12 +708,10 @@ fn tap_vms_publish_tcp_ports_through_the_daemon_again_after_a_restart_and_refuse
 
 #[test]
 fn tap_network_gives_the_guest_its_address_and_the_bridge_and_rm_deletes_the_tap() {
-    let Some((ns, install)) =
-        tap_ready("vmm = \"qemu\"\nnetwork = \"tap\"\nbridge_address = \"172.30.9.1/24\"\n")
-    else {
+    let Some((ns, install)) = tap_ready(QEMU_TAP_NET) else {
         return;
     };
-    let out = install.banger(&["vm", "create", "--name", "tapbox", "--image", "bb"]);
+    let out = install.vm_create("tapbox", &[]);
     assert_exit(&out, 0);
     let vm = show(&install, "tapbox");
     assert_eq!(vm["network"], "tap");
@@ -825,15 +797,7 @@ fn tap_network_gives_the_guest_its_address_and_the_bridge_and_rm_deletes_the_tap
     );
 
     // A second VM gets the next address.
-    let out = install.banger(&[
-        "vm",
-        "create",
-        "--name",
-        "second",
-        "--image",
-        "bb",
-        "--no-start",
-    ]);
+    let out = install.vm_create("second", &["--no-start"]);
     assert_exit(&out, 0);
     assert_eq!(show(&install, "second")["guest_ip"], "172.30.9.3");
 
@@ -878,7 +842,7 @@ fn firecracker_backend_runs_commands_and_rm_leaves_nothing() {
     let out = install.vm_run_rm(None, &[], &["sh", "-c", "echo hi; exit 7"]);
     assert_exit_prints(&out, 7, "hi\n");
 
-    let out = install.banger(&["vm", "create", "--name", "fc", "--image", "bb"]);
+    let out = install.vm_create("fc", &[]);
     assert_exit(&out, 0);
     let vm = show(&install, "fc");
     assert_eq!(vm["backend"], "firecracker");
@@ -916,7 +880,7 @@ fn firecracker_demanded_but_missing_fails_start_naming_the_config_key() {
     ) else {
         return;
     };
-    let out = install.banger(&["vm", "create", "--name", "nofc", "--image", "bb"]);
+    let out = install.vm_create("nofc", &[]);
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
     let err = stderr(&out);
     assert!(
@@ -1035,7 +999,7 @@ fn vm_exec_paces_a_flood_to_its_caller_ends_what_a_hung_up_caller_ran_and_runs_c
     let Some(install) = ready_install(&registry) else {
         return;
     };
-    let out = install.banger(&["vm", "create", "--name", "flood", "--image", "bb"]);
+    let out = install.vm_create("flood", &[]);
     assert_exit(&out, 0);
     let daemon = install.daemon_pid().expect("bangerd runs");
     let mut failures: Vec<String> = Vec::new();
@@ -1270,15 +1234,7 @@ fn resources_set_stats_filters_restart_and_prune() {
     );
     assert_eq!(nproc("r1"), "2\n");
 
-    let out = install.banger(&[
-        "vm",
-        "create",
-        "--name",
-        "r2",
-        "--image",
-        "bb",
-        "--no-start",
-    ]);
+    let out = install.vm_create("r2", &["--no-start"]);
     assert_exit(&out, 0);
     assert_eq!(vm_names(&install, &["--state", "running"]), ["r1"]);
     assert_eq!(vm_names(&install, &["--state", "stopped"]), ["r2"]);

@@ -130,16 +130,7 @@ fn vm_disks_are_overlays_on_a_read_only_image_that_grow_and_keep_the_image_alive
     let before = sha256(&rootfs);
 
     let grown: u64 = image_bytes + (512 << 20);
-    let out = install.banger(&[
-        "vm",
-        "create",
-        "--name",
-        "big",
-        "--image",
-        "bb",
-        "--disk-size",
-        &grown.to_string(),
-    ]);
+    let out = install.vm_create("big", &["--disk-size", &grown.to_string()]);
     assert_exit(&out, 0);
     let vm = json(&install, &["vm", "show", "big"]);
     let dir = PathBuf::from(vm["dir"].as_str().unwrap());
@@ -174,7 +165,7 @@ fn vm_disks_are_overlays_on_a_read_only_image_that_grow_and_keep_the_image_alive
     assert_eq!(sha256(&rootfs), before, "the image file is untouched");
 
     // A second VM on the same image does not see the first one's files.
-    let out = install.banger(&["vm", "create", "--name", "other", "--image", "bb"]);
+    let out = install.vm_create("other", &[]);
     assert_exit(&out, 0);
     assert_eq!(
         sh(
@@ -225,7 +216,7 @@ fn pause_stops_the_guest_clock_and_resume_continues_it() {
     let Some((_registry, install)) = ready() else {
         return;
     };
-    let out = install.banger(&["vm", "create", "--name", "p", "--image", "bb"]);
+    let out = install.vm_create("p", &[]);
     assert_exit(&out, 0);
 
     assert_confined(&install, "p");
@@ -342,7 +333,7 @@ fn warm_runs_restore_a_template_and_forks_get_their_own_identity_and_disk() {
     // Two forks of the template: their own RNG, hostname and disk.
     let template_disk = sha256(&template.join("disk.qcow2"));
     for vm in ["fork-a", "fork-b"] {
-        let out = install.banger(&["vm", "create", "--name", vm, "--image", "bb"]);
+        let out = install.vm_create(vm, &[]);
         assert_exit(&out, 0);
     }
     assert_eq!(
@@ -447,7 +438,7 @@ fn snapshot_forks_have_their_own_files_and_identity_and_rm_waits_for_them() {
     let Some(install) = ready_install(&registry, "warm_start = false\n") else {
         return;
     };
-    let out = install.banger(&["vm", "create", "--name", "src", "--image", "bb"]);
+    let out = install.vm_create("src", &[]);
     assert_exit(&out, 0);
     sh(&install, "src", "echo before > /root/state && sync");
     let out = install.banger(&["vm", "snapshot", "src", "--name", "snap"]);

@@ -6,7 +6,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Output};
 
 use common::Helper;
 use serde_json::Value;
@@ -14,6 +14,16 @@ use serde_json::Value;
 mod common;
 
 struct Ns(String);
+impl Ns {
+    /// `argv` run inside the namespace, to its end.
+    fn exec(&self, argv: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.0])
+            .args(argv)
+            .output()
+            .unwrap()
+    }
+}
 impl Drop for Ns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
@@ -38,6 +48,13 @@ fn call(socket: &Path, method: &str, params: Value) -> Value {
     let mut reply = String::new();
     BufReader::new(stream).read_line(&mut reply).unwrap();
     serde_json::from_str(&reply).unwrap()
+}
+
+/// [`call`] that must succeed: its reply has a `result`.
+#[track_caller]
+fn call_ok(socket: &Path, method: &str, params: Value) {
+    let reply = call(socket, method, params);
+    assert!(reply["result"].is_object(), "{reply}");
 }
 
 fn kind(reply: &Value) -> &str {
@@ -105,31 +122,17 @@ fn the_helper_refuses_with_typed_errors_and_makes_a_real_tap_in_a_netns() {
     );
     assert_eq!(kind(&reply), "bad_request", "{reply}");
 
-    let reply = call(
+    call_ok(
         &socket,
         "priv.bridge.ensure",
         serde_json::json!({ "address": "172.30.9.1/24" }),
     );
-    assert!(reply["result"].is_object(), "{reply}");
-    let reply = call(
+    call_ok(
         &socket,
         "priv.tap.create",
         serde_json::json!({ "name": "bgr-0123abcd" }),
     );
-    assert!(reply["result"].is_object(), "{reply}");
-    let link = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns.0,
-            "ip",
-            "-d",
-            "link",
-            "show",
-            "bgr-0123abcd",
-        ])
-        .output()
-        .unwrap();
+    let link = ns.exec(&["ip", "-d", "link", "show", "bgr-0123abcd"]);
     let text = String::from_utf8_lossy(&link.stdout);
     assert!(
         link.status.success() && text.contains("master banger0"),
@@ -143,27 +146,14 @@ fn the_helper_refuses_with_typed_errors_and_makes_a_real_tap_in_a_netns() {
 
     // The bridge came with the guard and NAT tables and forwarding on.
     let nft = |argv: &[&str]| {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &ns.0, "nft"])
-            .args(argv)
-            .output()
-            .unwrap();
+        let out = ns.exec(&[&["nft"], argv].concat());
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     assert!(
         nft(&["list", "table", "ip", "banger"]).contains("172.30.9.0/24"),
         "no NAT"
     );
-    let forward = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns.0,
-            "cat",
-            "/proc/sys/net/ipv4/ip_forward",
-        ])
-        .output()
-        .unwrap();
+    let forward = ns.exec(&["cat", "/proc/sys/net/ipv4/ip_forward"]);
     assert_eq!(String::from_utf8_lossy(&forward.stdout), "1\n");
 
     // Per-guest rules: only a pattern TAP, a subnet address and a typed egress policy.
@@ -194,44 +184,37 @@ fn the_helper_refuses_with_typed_errors_and_makes_a_real_tap_in_a_netns() {
         let reply = call(&socket, "priv.guest.admit", params.clone());
         assert_eq!(kind(&reply), want, "{params}: {reply}");
     }
-    let reply = call(
+    call_ok(
         &socket,
         "priv.guest.admit",
         serde_json::json!({ "tap": "bgr-0123abcd", "ip": "172.30.9.2", "egress": ["10.0.0.0/8"] }),
     );
-    assert!(reply["result"].is_object(), "{reply}");
     let guard = nft(&["list", "table", "inet", "banger_guard"]);
     assert!(
         guard.contains("172.30.9.2 : jump egress_bgr_0123abcd"),
         "{guard}"
     );
     assert!(guard.contains("ip daddr 10.0.0.0/8 accept"), "{guard}");
-    let reply = call(
+    call_ok(
         &socket,
         "priv.guest.release",
         serde_json::json!({ "tap": "bgr-0123abcd", "ip": "172.30.9.2" }),
     );
-    assert!(reply["result"].is_object(), "{reply}");
     let guard = nft(&["list", "table", "inet", "banger_guard"]);
     assert!(!guard.contains("egress_bgr_0123abcd"), "{guard}");
 
-    let reply = call(
+    call_ok(
         &socket,
         "priv.tap.delete",
         serde_json::json!({ "name": "bgr-0123abcd" }),
     );
-    assert!(reply["result"].is_object(), "{reply}");
-    let gone = Command::new("ip")
-        .args(["netns", "exec", &ns.0, "ip", "link", "show", "bgr-0123abcd"])
-        .output()
-        .unwrap();
+    let gone = ns.exec(&["ip", "link", "show", "bgr-0123abcd"]);
     assert!(!gone.status.success(), "the TAP stayed");
 }
 
 #[test]
 fn connections_are_bounded_in_number_and_in_silence() {
-    if !banger_testkit::require(
-        rustix::process::geteuid().is_root(),
+    if !banger_testkit::require_root(
         "bangerd-root hands its socket to the owner (chown): needs root",
     ) {
         return;

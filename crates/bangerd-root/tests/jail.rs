@@ -22,8 +22,7 @@ use std::time::{Duration, Instant};
 use banger_testkit::firecracker;
 use banger_vmm::firecracker::{api_socket, Firecracker};
 use banger_vmm::helper_jail::HelperJailed;
-use banger_vmm::qemu::Accel;
-use banger_vmm::{VmSpec, Vmm};
+use banger_vmm::Vmm;
 use bangerd::services::privhelper::PrivClient;
 use common::Helper;
 use serde_json::Value;
@@ -138,10 +137,7 @@ fn vmlinux() -> Option<PathBuf> {
 
 /// The owner (the `banger-vmm` user scripts/setup.sh makes), the jailer and Firecracker.
 fn preconditions() -> Option<(banger_vmm::confine::VmmUser, PathBuf, PathBuf)> {
-    if !banger_testkit::require(
-        rustix::process::geteuid().is_root(),
-        "the jailer needs root",
-    ) {
+    if !banger_testkit::require_root("the jailer needs root") {
         return None;
     }
     let (Some(jailer), Some(firecracker)) = (
@@ -186,18 +182,7 @@ fn the_helper_jails_firecracker_as_the_owner_from_its_descriptors_and_cleans_up(
     std::os::unix::fs::chown(&disk, Some(owner.uid), Some(owner.gid)).unwrap();
     std::fs::set_permissions(&disk, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
 
-    let spec = VmSpec {
-        kernel,
-        initrd: None,
-        cmdline: "console=ttyS0".into(),
-        root_disk: Some(disk.clone()),
-        memory_mib: 256,
-        vcpus: 1,
-        net: None,
-        accel: Accel::Kvm,
-        run_dir: run.clone(),
-        agent_socket: Some(run.join("vsock.sock")),
-    };
+    let spec = firecracker::vm_spec(kernel, &disk, &run);
     let backend = HelperJailed {
         firecracker: Firecracker {
             binary: firecracker.clone(),

@@ -100,6 +100,22 @@ impl Layer {
         })
     }
 
+    /// The whiteout of `path` (`.wh.` before its last component, an empty file): it hides
+    /// `path` in the layers below.
+    pub fn whiteout(&mut self, path: &str) -> &mut Self {
+        let marker = match path.rsplit_once('/') {
+            Some((dir, name)) => format!("{dir}/.wh.{name}"),
+            None => format!(".wh.{path}"),
+        };
+        self.file(&marker, b"")
+    }
+
+    /// The opaque marker of directory `dir` (`dir/.wh..wh..opq`): it hides what the layers
+    /// below hold in `dir`.
+    pub fn opaque(&mut self, dir: &str) -> &mut Self {
+        self.file(&format!("{dir}/.wh..wh..opq"), b"")
+    }
+
     pub fn file_with(
         &mut self,
         path: &str,

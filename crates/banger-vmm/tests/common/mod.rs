@@ -70,9 +70,3 @@ pub fn require_firecracker() -> Option<PathBuf> {
     );
     bin
 }
-
-/// Whether this test runs as root; a skip (or a failure under `BANGER_TEST_STRICT`) saying
-/// `why` it needs to when not.
-pub fn require_root(why: &str) -> bool {
-    banger_testkit::require(rustix::process::geteuid().is_root(), why)
-}

@@ -176,6 +176,12 @@ impl Install {
         self.banger(&vm_run_rm_args(workspace, options, command))
     }
 
+    /// `vm create --name NAME --image bb [OPTIONS]`, run to its end.
+    pub fn vm_create(&self, name: &str, options: &[&str]) -> Output {
+        let args = [&["vm", "create", "--name", name, "--image", "bb"], options].concat();
+        self.banger(&args)
+    }
+
     /// `vm exec VM -- COMMAND`, run to its end.
     pub fn vm_exec(&self, vm: &str, command: &[&str]) -> Output {
         self.banger(&vm_exec_args(vm, command))
@@ -265,7 +271,7 @@ impl Drop for Install {
 /// Whether TAP devices can be made here: root (`root_for` says what needs it) and
 /// /dev/net/tun. Fails under BANGER_TEST_STRICT=1, skips loudly otherwise.
 pub fn taps_can_be_made(root_for: &str) -> bool {
-    banger_testkit::require(rustix::process::geteuid().is_root(), root_for)
+    banger_testkit::require_root(root_for)
         && banger_testkit::require(
             Path::new("/dev/net/tun").exists(),
             "/dev/net/tun is missing",

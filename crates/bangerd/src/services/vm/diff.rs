@@ -297,6 +297,7 @@ pub fn diff(baseline_tar: &Path, current: impl Read) -> anyhow::Result<(String, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use banger_testkit::git_diff;
 
     fn tar_of(root: Option<&str>, files: &[(&str, u32, &[u8])]) -> Vec<u8> {
         let mut b = tar::Builder::new(Vec::new());
@@ -351,8 +352,8 @@ mod tests {
                 deleted: 1
             }
         );
-        assert_eq!(
-            patch,
+        // In path order; new.txt's section and notes.txt's header are git's usual ones.
+        let expected = [
             "diff --git a/blob.bin b/blob.bin\n\
              new file mode 100644\n\
              Binary files /dev/null and b/blob.bin differ\n\
@@ -361,25 +362,20 @@ mod tests {
              --- a/gone.txt\n\
              +++ /dev/null\n\
              @@ -1 +0,0 @@\n\
-             -bye\n\
-             diff --git a/new.txt b/new.txt\n\
-             new file mode 100644\n\
-             --- /dev/null\n\
-             +++ b/new.txt\n\
-             @@ -0,0 +1 @@\n\
-             +fresh\n\
-             diff --git a/notes.txt b/notes.txt\n\
-             --- a/notes.txt\n\
-             +++ b/notes.txt\n\
-             @@ -1,3 +1,3 @@\n \
+             -bye\n",
+            &git_diff::new_file("new.txt", "fresh"),
+            &git_diff::changed_file_header("notes.txt"),
+            "@@ -1,3 +1,3 @@\n \
              one\n\
              -two\n\
              +2\n \
              three\n\
              diff --git a/run.sh b/run.sh\n\
              old mode 100644\n\
-             new mode 100755\n"
-        );
+             new mode 100755\n",
+        ]
+        .concat();
+        assert_eq!(patch, expected);
     }
 
     #[test]
