@@ -667,6 +667,15 @@ fn spawn_named<T: Send + 'static>(
     }
 }
 
+/// Sends `message`, `n` bytes of a command's output, charging them to the host's window
+/// when the session does flow control (the reader waited for that room before reading).
+fn send_charged(out: &Out, id: SessionId, credit: Option<&FlowWindow>, message: Message, n: usize) {
+    if let Some(c) = credit {
+        c.charge(n);
+    }
+    out.send(id, message)
+}
+
 /// Copies a command's output into frames until the pipe closes. Write failures are not
 /// its business (the connection is going away); it keeps draining so the command never
 /// blocks on a full pipe. With flow control it reads only as much as the host's window
@@ -683,12 +692,7 @@ fn pump(
         let room = credit.map_or(CHUNK_SIZE, |c| c.wait_room(CHUNK_SIZE));
         match pipe.read(&mut buf[..room]) {
             Ok(0) => return,
-            Ok(n) => {
-                if let Some(c) = credit {
-                    c.charge(n);
-                }
-                out.send(id, wrap(buf[..n].to_vec()))
-            }
+            Ok(n) => send_charged(out, id, credit, wrap(buf[..n].to_vec()), n),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 eprintln!("banger-agent: read command output: {e}");
@@ -786,12 +790,7 @@ fn pump_pty(
         let room = credit.map_or(CHUNK_SIZE, |c| c.wait_room(CHUNK_SIZE));
         match master.read(&mut buf[..room]) {
             Ok(0) => break,
-            Ok(n) => {
-                if let Some(c) = credit {
-                    c.charge(n);
-                }
-                out.send(id, Message::Stdout(buf[..n].to_vec()))
-            }
+            Ok(n) => send_charged(out, id, credit, Message::Stdout(buf[..n].to_vec()), n),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             // EIO: every process holding the slave has closed it.
             Err(e) if e.raw_os_error() == Some(libc::EIO) => break,

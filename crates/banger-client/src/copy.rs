@@ -406,39 +406,8 @@ fn copy_bounded(
 /// handed from the connection's thread to the one unpacking or comparing them); the
 /// stream ends when every sender is gone, and how the download ended is the sender's
 /// business, not this reader's.
-pub struct ChannelReader {
-    rx: std::sync::mpsc::Receiver<Vec<u8>>,
-    buf: Vec<u8>,
-    at: usize,
-}
-
-impl ChannelReader {
-    /// A reader of what `rx` receives, in order.
-    pub fn new(rx: std::sync::mpsc::Receiver<Vec<u8>>) -> Self {
-        ChannelReader {
-            rx,
-            buf: Vec::new(),
-            at: 0,
-        }
-    }
-}
-
-impl Read for ChannelReader {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        while self.at == self.buf.len() {
-            match self.rx.recv() {
-                Ok(b) => {
-                    self.buf = b;
-                    self.at = 0;
-                }
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = out.len().min(self.buf.len() - self.at);
-        out[..n].copy_from_slice(&self.buf[self.at..self.at + n]);
-        self.at += n;
-        Ok(n)
-    }
+pub fn channel_reader(rx: std::sync::mpsc::Receiver<Vec<u8>>) -> impl Read + Send {
+    banger_io::chunks::ChunkReader::new(move || Ok(rx.recv().ok()))
 }
 
 #[cfg(test)]

@@ -299,7 +299,7 @@ impl Downloads {
         let (tx, rx) = sync_channel::<Vec<u8>>(8);
         let thread = std::thread::Builder::new()
             .name("banger-extract".into())
-            .spawn(move || copy::extract(copy::ChannelReader::new(rx), &target))
+            .spawn(move || copy::extract(copy::channel_reader(rx), &target))
             .ok();
         self.insert(
             stream,

@@ -388,7 +388,7 @@ fn send_patch(
         });
         let parsed = diff::diff(
             &vm_dir.join(BASELINE_TAR),
-            banger_client::copy::ChannelReader::new(rx),
+            banger_client::copy::channel_reader(rx),
         );
         // The parser stopped early (an error): the downloader's sends fail and it ends.
         let downloaded = downloader
