@@ -681,37 +681,36 @@ mod tests {
     #[test]
     fn args_wire_disk_net_console_and_exit_on_reboot() {
         let a = Qemu::default().args(&spec(Accel::Tcg, "console=ttyS0"));
-        assert_eq!(arg_after(&a, "-M"), ["microvm"]);
-        assert_eq!(arg_after(&a, "-accel"), ["tcg"]);
-        assert_eq!(arg_after(&a, "-cpu"), ["max"]);
-        assert_eq!(arg_after(&a, "-m"), ["512M"]);
-        assert_eq!(arg_after(&a, "-smp"), ["2"]);
+        let expected: &[(&str, &[&str])] = &[
+            ("-M", &["microvm"]),
+            ("-accel", &["tcg"]),
+            ("-cpu", &["max"]),
+            ("-m", &["512M"]),
+            ("-smp", &["2"]),
+            (
+                "-sandbox",
+                &["on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"],
+            ),
+            (
+                "-drive",
+                &["file=/images/a,,b.ext4,if=none,id=root,format=raw,cache=unsafe"],
+            ),
+            (
+                "-device",
+                &[
+                    "virtio-blk-device,drive=root",
+                    "vmgenid,guid=auto",
+                    "virtio-net-device,netdev=n0",
+                ],
+            ),
+            ("-netdev", &["user,id=n0,hostfwd=tcp:127.0.0.1:2222-:22"]),
+            ("-chardev", &["file,id=con0,path=/run/vm1/console.log"]),
+        ];
+        for (flag, values) in expected {
+            assert_eq!(arg_after(&a, flag), *values, "{flag}");
+        }
         assert!(a.contains(&"-no-reboot".to_string()));
         assert!(a.contains(&"-nodefaults".to_string()));
-        assert_eq!(
-            arg_after(&a, "-sandbox"),
-            ["on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
-        );
-        assert_eq!(
-            arg_after(&a, "-drive"),
-            ["file=/images/a,,b.ext4,if=none,id=root,format=raw,cache=unsafe"]
-        );
-        assert_eq!(
-            arg_after(&a, "-device"),
-            [
-                "virtio-blk-device,drive=root",
-                "vmgenid,guid=auto",
-                "virtio-net-device,netdev=n0"
-            ]
-        );
-        assert_eq!(
-            arg_after(&a, "-netdev"),
-            ["user,id=n0,hostfwd=tcp:127.0.0.1:2222-:22"]
-        );
-        assert_eq!(
-            arg_after(&a, "-chardev"),
-            ["file,id=con0,path=/run/vm1/console.log"]
-        );
         let append = arg_after(&a, "-append")[0];
         assert!(append.starts_with("console=ttyS0 "), "{append}");
         assert!(append.contains(" reboot=t"), "{append}");
