@@ -51,9 +51,18 @@ pub struct KernelInfo {
     pub created_at: String,
     /// Where its files are.
     pub dir: String,
-    /// Which initramfs VMs boot with: `banger` (built by banger at import) or `custom`
-    /// (the one given at import).
-    pub initrd: String,
+    /// Which initramfs its VMs boot with.
+    pub initrd: KernelInitrd,
+}
+
+wire_enum! {
+    /// Which initramfs a kernel's VMs boot with.
+    "kernel initramfs", KernelInitrd {
+        /// Built by banger at import (its agent, the kernel's modules).
+        Banger = "banger",
+        /// The one given at import (`kernel.import` `initrd`), used as it is.
+        Custom = "custom",
+    }
 }
 
 method! {
@@ -893,6 +902,16 @@ mod egress_tests {
         assert_eq!(n, NetworkChoice::None);
         assert!(serde_json::from_str::<NetworkChoice>("\"bridge\"").is_err());
         assert_eq!(serde_json::to_value(VmNetwork::Tap).unwrap(), "tap");
+    }
+
+    #[test]
+    fn a_kernels_initramfs_is_a_closed_set_on_the_wire_and_in_the_store() {
+        assert_eq!(serde_json::to_value(KernelInitrd::Custom).unwrap(), "custom");
+        let k: KernelInitrd = serde_json::from_str("\"banger\"").unwrap();
+        assert_eq!(k, KernelInitrd::Banger);
+        assert!(serde_json::from_str::<KernelInitrd>("\"mine\"").is_err());
+        let err = "mine".parse::<KernelInitrd>().unwrap_err().to_string();
+        assert!(err.contains("kernel initramfs") && err.contains("\"mine\""), "{err}");
     }
 }
 

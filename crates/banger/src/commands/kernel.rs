@@ -67,7 +67,7 @@ pub enum KernelCommand {
 fn print_kernel_line(info: &KernelInfo) {
     // Only the unusual case is worth a column: a custom initramfs breaks `vm exec` if it
     // does not start the agent.
-    let custom = if info.initrd == "custom" {
+    let custom = if info.initrd == banger_api::KernelInitrd::Custom {
         "  custom initrd"
     } else {
         ""

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use anyhow::Context;
-use banger_api::{KernelImportParams, KernelInfo};
+use banger_api::{KernelImportParams, KernelInfo, KernelInitrd};
 use banger_vmm::initramfs::{write_initramfs, InitramfsSpec, DEFAULT_BUSYBOX};
 use banger_vmm::kernel::{import_deb, import_files, KernelDir, KernelFiles, GUEST_MODULES};
 use rusqlite::OptionalExtension;
@@ -27,10 +27,8 @@ pub const CUSTOM_INITRD: &str = "initrd.custom";
 /// removes what a crash leaves.
 const STREAM_STAGING_PREFIX: &str = ".kernel-import-upload-";
 
-/// `initrd` of a kernel booting banger's initramfs.
-const INITRD_BANGER: &str = "banger";
-/// `initrd` of a kernel booting the one given at import.
-const INITRD_CUSTOM: &str = "custom";
+/// The columns [`kernel_from_row`] reads, in its order.
+const KERNEL_COLUMNS: &str = "name, version, created_at, initrd";
 
 /// Imports and keeps guest kernels.
 #[derive(Debug)]
@@ -319,17 +317,21 @@ impl KernelService {
             created_at: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
             dir: dest.display().to_string(),
             initrd: if custom_initrd.is_some() {
-                INITRD_CUSTOM
+                KernelInitrd::Custom
             } else {
-                INITRD_BANGER
-            }
-            .to_owned(),
+                KernelInitrd::Banger
+            },
         };
         self.store
             .conn()
             .execute(
                 "INSERT INTO kernels (name, version, created_at, initrd) VALUES (?1, ?2, ?3, ?4)",
-                rusqlite::params![info.name, info.version, info.created_at, info.initrd],
+                rusqlite::params![
+                    info.name,
+                    info.version,
+                    info.created_at,
+                    info.initrd.as_str()
+                ],
             )
             .context("record kernel")?;
         Ok(info)
@@ -340,57 +342,39 @@ impl KernelService {
             .store
             .conn()
             .query_row(
-                "SELECT name, version, created_at, initrd FROM kernels WHERE name = ?1",
+                &format!("SELECT {KERNEL_COLUMNS} FROM kernels WHERE name = ?1"),
                 [name],
-                |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, String>(3)?,
-                    ))
-                },
+                |r| self.kernel_from_row(r),
             )
             .optional()
             .context("look up kernel")?;
-        Ok(row.map(|(name, version, created_at, initrd)| KernelInfo {
+        Ok(row)
+    }
+
+    /// A kernel's record, from a row of [`KERNEL_COLUMNS`].
+    fn kernel_from_row(&self, row: &rusqlite::Row<'_>) -> rusqlite::Result<KernelInfo> {
+        let name: String = row.get(0)?;
+        Ok(KernelInfo {
             dir: self.dir(&name).display().to_string(),
             name,
-            version,
-            created_at,
-            initrd,
-        }))
+            version: row.get(1)?,
+            created_at: row.get(2)?,
+            initrd: super::vm::parse_column(row, 3)?,
+        })
     }
 
     /// Every kernel, newest first.
     pub fn list(&self) -> ServiceResult<Vec<KernelInfo>> {
         let conn = self.store.conn();
         let mut stmt = conn
-            .prepare(
-                "SELECT name, version, created_at, initrd FROM kernels ORDER BY created_at DESC, name",
-            )
+            .prepare(&format!(
+                "SELECT {KERNEL_COLUMNS} FROM kernels ORDER BY created_at DESC, name"
+            ))
             .context("list kernels")?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?,
-                ))
-            })
+        let kernels = stmt
+            .query_map([], |r| self.kernel_from_row(r))
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
             .context("list kernels")?;
-        let mut kernels = Vec::new();
-        for row in rows {
-            let (name, version, created_at, initrd) = row.context("list kernels")?;
-            kernels.push(KernelInfo {
-                dir: self.dir(&name).display().to_string(),
-                name,
-                version,
-                created_at,
-                initrd,
-            });
-        }
         Ok(kernels)
     }
 
@@ -444,10 +428,9 @@ impl KernelService {
             kernel: kernel
                 .ensure_vmlinux()
                 .with_context(|| format!("vmlinux of kernel {name:?}"))?,
-            initrd: dir.join(if info.initrd == INITRD_CUSTOM {
-                CUSTOM_INITRD
-            } else {
-                INITRAMFS
+            initrd: dir.join(match info.initrd {
+                KernelInitrd::Custom => CUSTOM_INITRD,
+                KernelInitrd::Banger => INITRAMFS,
             }),
         })
     }

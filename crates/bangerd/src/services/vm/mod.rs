@@ -219,7 +219,10 @@ pub use banger_client::process::pid_alive;
 const NO_BACKEND: &str = "none";
 
 /// A text column holding one of a closed set's names.
-fn parse_column<T: std::str::FromStr>(row: &rusqlite::Row<'_>, index: usize) -> rusqlite::Result<T>
+pub(crate) fn parse_column<T: std::str::FromStr>(
+    row: &rusqlite::Row<'_>,
+    index: usize,
+) -> rusqlite::Result<T>
 where
     T::Err: std::error::Error + Send + Sync + 'static,
 {
