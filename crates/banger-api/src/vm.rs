@@ -906,12 +906,18 @@ mod egress_tests {
 
     #[test]
     fn a_kernels_initramfs_is_a_closed_set_on_the_wire_and_in_the_store() {
-        assert_eq!(serde_json::to_value(KernelInitrd::Custom).unwrap(), "custom");
+        assert_eq!(
+            serde_json::to_value(KernelInitrd::Custom).unwrap(),
+            "custom"
+        );
         let k: KernelInitrd = serde_json::from_str("\"banger\"").unwrap();
         assert_eq!(k, KernelInitrd::Banger);
         assert!(serde_json::from_str::<KernelInitrd>("\"mine\"").is_err());
         let err = "mine".parse::<KernelInitrd>().unwrap_err().to_string();
-        assert!(err.contains("kernel initramfs") && err.contains("\"mine\""), "{err}");
+        assert!(
+            err.contains("kernel initramfs") && err.contains("\"mine\""),
+            "{err}"
+        );
     }
 }
 

@@ -371,6 +371,31 @@ fn daemon_stop_stops_it_and_the_next_command_starts_a_new_one() {
 }
 
 #[test]
+fn status_and_stop_reach_a_daemon_named_by_its_socket() {
+    let install = started();
+    let pid = install.daemon_pid().unwrap();
+    let host = format!("unix://{}", install.socket().display());
+    let out = install.banger(&["--host", &host, "--json", "daemon", "status"]);
+    assert_exit(&out, 0);
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["running"], true);
+    assert_eq!(status["host"], host);
+    assert_is_the_daemon_pid(&install, &status["daemon"]["pid"]);
+
+    // The socket is on this host: stop waits until the process is gone.
+    let out = install.banger(&["--host", &host, "daemon", "stop"]);
+    assert_exit(&out, 0);
+    assert_eq!(
+        stdout(&out),
+        format!("bangerd on {host} stopped (pid {pid})\n")
+    );
+    assert!(support::process_gone(pid));
+    let out = install.banger(&["--host", &host, "daemon", "status"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(stdout(&out), format!("bangerd not running on {host}\n"));
+}
+
+#[test]
 fn usage_errors_exit_2_and_name_the_input() {
     let install = Install::new();
     let out = install.banger(&["image", "cache", "prune", "--keep-storage", "lots"]);

@@ -105,11 +105,14 @@ pub fn run(endpoint: &Endpoint, command: DaemonCommand, json: bool) -> anyhow::R
             if !own_layout {
                 result[where_key] = where_value;
             }
-            emit(json, &result, |_| match (stopped, own_layout) {
-                (Some(pid), true) => println!("bangerd stopped (pid {pid})"),
-                (Some(pid), false) => println!("bangerd on {place} asked to stop (pid {pid})"),
-                (None, true) => println!("bangerd was not running"),
-                (None, false) => println!("bangerd was not running on {place}"),
+            // Only a daemon on this host was watched until it was gone.
+            let on_this_host = endpoint.is_local();
+            emit(json, &result, |_| match stopped {
+                Some(pid) if own_layout => println!("bangerd stopped (pid {pid})"),
+                Some(pid) if on_this_host => println!("bangerd on {place} stopped (pid {pid})"),
+                Some(pid) => println!("bangerd on {place} asked to stop (pid {pid})"),
+                None if own_layout => println!("bangerd was not running"),
+                None => println!("bangerd was not running on {place}"),
             })?;
             Ok(ExitCode::SUCCESS)
         }
