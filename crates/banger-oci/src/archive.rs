@@ -24,7 +24,7 @@ use rustix::fs::{FileType, Mode, OFlags, ResolveFlags};
 use serde_json::Value;
 
 use crate::digest::Digest;
-use crate::registry::{MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES};
+use crate::registry::{NamedLimit, CONFIG_LIMIT, MANIFEST_LIMIT};
 
 const INDEX_TYPES: [&str; 2] = [
     "application/vnd.oci.image.index.v1+json",
@@ -167,25 +167,6 @@ pub struct LocalImage {
 }
 
 /// A directory members are opened beneath.
-/// A bound on the size of a member read whole, and the constant's name errors give it.
-#[derive(Debug, Clone, Copy)]
-struct MemberLimit {
-    bytes: u64,
-    name: &'static str,
-}
-
-/// Manifests and indexes, as the registry client bounds them.
-const MANIFEST_LIMIT: MemberLimit = MemberLimit {
-    bytes: MAX_MANIFEST_BYTES,
-    name: "MAX_MANIFEST_BYTES",
-};
-
-/// Image configurations, as the registry client bounds them.
-const CONFIG_LIMIT: MemberLimit = MemberLimit {
-    bytes: MAX_CONFIG_BYTES,
-    name: "MAX_CONFIG_BYTES",
-};
-
 struct Root {
     fd: OwnedFd,
     /// For messages: the layout directory or the archive file.
@@ -265,10 +246,10 @@ impl Root {
         &self,
         what: &'static str,
         member: &str,
-        MemberLimit {
+        NamedLimit {
             bytes: limit,
             name: limit_name,
-        }: MemberLimit,
+        }: NamedLimit,
     ) -> Result<Vec<u8>, ArchiveError> {
         let file = self.open_member(what, member)?;
         let mut bytes = Vec::new();
@@ -321,7 +302,7 @@ impl Root {
         &self,
         what: &'static str,
         descriptor: &Value,
-        limit: MemberLimit,
+        limit: NamedLimit,
     ) -> Result<(Digest, Vec<u8>), ArchiveError> {
         let digest = descriptor_digest(self, descriptor, what)?;
         let member = blob_member(&digest);

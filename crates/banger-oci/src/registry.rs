@@ -43,6 +43,27 @@ pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
 /// 4 MiB too. The body is cut there, whatever Content-Length says.
 pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
 
+/// A size bound on a document read whole, and the constant's name errors give it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NamedLimit {
+    /// The bound in bytes.
+    pub bytes: u64,
+    /// The constant it comes from, as errors name it.
+    pub name: &'static str,
+}
+
+/// [`MAX_MANIFEST_BYTES`], named: manifests and image indexes, from a registry or an archive.
+pub const MANIFEST_LIMIT: NamedLimit = NamedLimit {
+    bytes: MAX_MANIFEST_BYTES,
+    name: "MAX_MANIFEST_BYTES",
+};
+
+/// [`MAX_CONFIG_BYTES`], named: image configurations, from a registry or an archive.
+pub const CONFIG_LIMIT: NamedLimit = NamedLimit {
+    bytes: MAX_CONFIG_BYTES,
+    name: "MAX_CONFIG_BYTES",
+};
+
 /// Error bodies are only read for their message.
 const MAX_ERROR_BODY_BYTES: u64 = 64 << 10;
 
@@ -428,8 +449,8 @@ impl RegistryClient {
             return Err(RegistryError::TooLarge {
                 reference: reference.to_string(),
                 what: "config",
-                limit: MAX_CONFIG_BYTES,
-                limit_name: "MAX_CONFIG_BYTES",
+                limit: CONFIG_LIMIT.bytes,
+                limit_name: CONFIG_LIMIT.name,
             });
         }
         let raw_config = self
@@ -566,8 +587,8 @@ impl RegistryClient {
         let too_large = || RegistryError::TooLarge {
             reference: reference.to_string(),
             what,
-            limit: MAX_MANIFEST_BYTES,
-            limit_name: "MAX_MANIFEST_BYTES",
+            limit: MANIFEST_LIMIT.bytes,
+            limit_name: MANIFEST_LIMIT.name,
         };
         if response
             .content_length()

@@ -22,8 +22,8 @@ where
 /// call's error, naming `task`.
 pub async fn blocking<T: Send + 'static>(
     task: &'static str,
-    call: impl FnOnce() -> Result<T, crate::ServiceError> + Send + 'static,
-) -> Result<T, crate::ServiceError> {
+    call: impl FnOnce() -> crate::ServiceResult<T> + Send + 'static,
+) -> crate::ServiceResult<T> {
     spawn_blocking(call)
         .await
         .map_err(|e| anyhow::anyhow!("{task} task panicked: {e}"))?
