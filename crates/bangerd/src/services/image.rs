@@ -335,7 +335,7 @@ impl ImageService {
                     let ctx = ctx.clone();
                     let stream = stream.clone();
                     let parent = self.layout.staging_dir();
-                    crate::span::spawn_blocking(move || {
+                    crate::span::blocking("upload", move || {
                         upload::receive_file(
                             &ctx,
                             "stream",
@@ -346,8 +346,7 @@ impl ImageService {
                             "upload.tar",
                         )
                     })
-                    .await
-                    .map_err(|e| anyhow::anyhow!("upload task panicked: {e}"))??
+                    .await?
                 };
                 (
                     name,
@@ -768,10 +767,12 @@ impl ImageService {
         };
         let cache = Arc::clone(&self.cache);
         // Removing 100,000 files takes seconds: keep it off the async workers.
-        let tally = crate::span::spawn_blocking(move || cache.prune_with(options, &fs_ops))
-            .await
-            .map_err(|e| anyhow::anyhow!("prune task panicked: {e}"))?
-            .map_err(anyhow::Error::from)?;
+        let tally = crate::span::blocking("prune", move || {
+            Ok(cache
+                .prune_with(options, &fs_ops)
+                .map_err(anyhow::Error::from)?)
+        })
+        .await?;
         Ok(ImageCachePruneResult {
             bytes_freed: tally.bytes,
             blobs_freed: tally.blobs,
