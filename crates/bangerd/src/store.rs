@@ -158,6 +158,21 @@ impl Store {
             .with_context(|| what.to_owned())
     }
 
+    /// The one row `sql` selects, read by `row`, or `None` when there is none; a failure
+    /// says it was trying to `what` (e.g. `look up image`).
+    pub fn optional_row<T>(
+        &self,
+        what: &str,
+        sql: &str,
+        params: impl rusqlite::Params,
+        row: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> anyhow::Result<Option<T>> {
+        self.conn()
+            .query_row(sql, params, row)
+            .optional()
+            .with_context(|| what.to_owned())
+    }
+
     /// The schema version in the database.
     pub fn schema_version(&self) -> anyhow::Result<i64> {
         current_version(&self.conn())

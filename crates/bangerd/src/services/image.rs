@@ -22,7 +22,7 @@ use banger_oci::reference::{default_image_name, ImageRef};
 use banger_oci::registry::{LayerDescriptor, RegistryClient, RegistryConfig, RegistryError};
 use banger_oci::{BlobCache, Digest, PruneOptions};
 use futures::StreamExt;
-use rusqlite::{params, OptionalExtension};
+use rusqlite::params;
 
 use crate::layout::Layout;
 use crate::services::{decode_ahead, exactly_one, upload, CallContext, OneOf};
@@ -620,17 +620,13 @@ impl ImageService {
     }
 
     fn find(&self, name: &str) -> ServiceResult<Option<ImageInfo>> {
-        let conn = self.store.conn();
-        let row = conn
-            .query_row(
-                "SELECT id, name, reference, manifest_digest, config_digest, size_bytes, created_at
-                 FROM images WHERE name = ?1",
-                [name],
-                |row| self.row_to_info(row),
-            )
-            .optional()
-            .context("look up image")?;
-        Ok(row)
+        Ok(self.store.optional_row(
+            "look up image",
+            "SELECT id, name, reference, manifest_digest, config_digest, size_bytes, created_at
+             FROM images WHERE name = ?1",
+            [name],
+            |row| self.row_to_info(row),
+        )?)
     }
 
     fn row_to_info(&self, row: &rusqlite::Row<'_>) -> rusqlite::Result<ImageInfo> {

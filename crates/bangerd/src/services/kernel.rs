@@ -10,7 +10,6 @@ use anyhow::Context;
 use banger_api::{KernelImportParams, KernelInfo, KernelInitrd};
 use banger_vmm::initramfs::{write_initramfs, InitramfsSpec, DEFAULT_BUSYBOX};
 use banger_vmm::kernel::{import_deb, import_files, KernelDir, KernelFiles, GUEST_MODULES};
-use rusqlite::OptionalExtension;
 
 use crate::layout::Layout;
 use crate::services::{exactly_one, upload, CallContext, OneOf};
@@ -338,17 +337,12 @@ impl KernelService {
     }
 
     fn find(&self, name: &str) -> ServiceResult<Option<KernelInfo>> {
-        let row = self
-            .store
-            .conn()
-            .query_row(
-                &format!("SELECT {KERNEL_COLUMNS} FROM kernels WHERE name = ?1"),
-                [name],
-                |r| self.kernel_from_row(r),
-            )
-            .optional()
-            .context("look up kernel")?;
-        Ok(row)
+        Ok(self.store.optional_row(
+            "look up kernel",
+            &format!("SELECT {KERNEL_COLUMNS} FROM kernels WHERE name = ?1"),
+            [name],
+            |r| self.kernel_from_row(r),
+        )?)
     }
 
     /// A kernel's record, from a row of [`KERNEL_COLUMNS`].

@@ -361,15 +361,14 @@ impl VmService {
 
     /// The VM called `name`.
     pub fn show(&self, name: &str) -> ServiceResult<VmInfo> {
-        let conn = self.store.conn();
-        conn.query_row(
-            &format!("SELECT {} FROM vms WHERE name = ?1", Self::COLUMNS),
-            [name],
-            |r| self.row(r),
-        )
-        .optional()
-        .context("look up VM")?
-        .ok_or_else(|| ServiceError::not_found(format!("no VM named {name:?}")))
+        self.store
+            .optional_row(
+                "look up VM",
+                &format!("SELECT {} FROM vms WHERE name = ?1", Self::COLUMNS),
+                [name],
+                |r| self.row(r),
+            )?
+            .ok_or_else(|| ServiceError::not_found(format!("no VM named {name:?}")))
     }
 
     /// The VM's own VMM, if it still runs: the recorded pid only counts while the process
